@@ -1,0 +1,1 @@
+"""Python stubs generated from proto/ by proto/generate.py (do not edit by hand)."""

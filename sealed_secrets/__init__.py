@@ -1,0 +1,1 @@
+"""sealed_secrets: CoCo sealed secrets and attestation-gated key release."""
