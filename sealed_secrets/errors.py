@@ -66,3 +66,47 @@ class TamperedCiphertext(SealedSecretError):
 
 class ProviderError(SealedSecretError):
     """The provider backend (KMS, KBS) failed for a reason other than the above."""
+
+
+# --- resolver and transport (sealed_secrets.resolver, .kbs_client, .evidence, .cdh_client) ---
+# Callers branch on the class, never on the text. KbsError carries the HTTP status and the
+# RFC 7807 problem type the broker sent (both safe to log).
+
+
+class ResolverError(SealedSecretError):
+    """Bad resolver spec, bad resource URI or unreadable/corrupt offline-fs file."""
+
+
+class KbsError(SealedSecretError):
+    """A resource could not be obtained from the key broker (KBS, offline-fs or CDH)."""
+
+    def __init__(
+        self, message: str, *, status: int | None = None, problem_type: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.problem_type = problem_type
+
+
+class Unauthorized(KbsError):
+    """401: the broker did not accept our session or token, even after re-attesting."""
+
+
+class PolicyDenied(KbsError):
+    """403: attestation succeeded but the resource policy refused this resource."""
+
+
+class ResourceNotFound(KbsError):
+    """404: the broker (or the offline-fs file set) holds no such resource."""
+
+
+class KbsUnavailable(KbsError):
+    """5xx, timeout or connection failure: retrying later may succeed."""
+
+
+class BadResponse(KbsError):
+    """The broker answered, but the answer is malformed (bad JSON, bad or tampered JWE)."""
+
+
+class AttestationError(KbsError):
+    """Evidence could not be produced (AA) or the broker rejected it during /attest."""

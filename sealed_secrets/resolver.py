@@ -1,0 +1,287 @@
+"""The one front door for secrets: resource URIs and sealed strings → bytes.
+
+The CSI node plugin and the CLIs only ever see ``Resolver``; which broker sits behind it
+(offline-fs files, a KBS reached with AA evidence, or a CDH socket) is a deployment choice
+expressed as a spec string. Resources are cached briefly (bounded in time, count and bytes)
+because one pod start may ask for the same signing key and volume key several times, and
+every KBS round trip may cost an attestation.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import urllib.parse
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any, Protocol, runtime_checkable
+
+from sealed_secrets.errors import ResolverError
+from sealed_secrets.resource_uri import parse_resource_uri
+
+log = logging.getLogger(__name__)
+
+SEALED_PREFIX = "sealed."
+DEFAULT_MAX_ENTRIES = 256
+DEFAULT_MAX_BYTES = 4 * 1024 * 1024
+
+
+@runtime_checkable
+class Resolver(Protocol):
+    """What consumers use: fetch a resource or unseal a sealed secret."""
+
+    def get_resource(self, uri: str) -> bytes: ...
+
+    def unseal(self, sealed: str) -> bytes: ...
+
+
+class ResourceSource(Protocol):
+    """A broker that can fetch one resource (offline-fs, KBS client, CDH client)."""
+
+    def get_resource(self, uri: str) -> bytes: ...
+
+
+def is_sealed(value: str | bytes) -> bool:
+    """True if ``value`` claims to be a sealed secret (``sealed.`` prefix, as kata checks).
+
+    Deliberately prefix-only: a malformed sealed string must fail loudly in ``unseal`` rather
+    than be passed through as if it were plaintext.
+    """
+    if isinstance(value, bytes):
+        return value.startswith(SEALED_PREFIX.encode())
+    return isinstance(value, str) and value.startswith(SEALED_PREFIX)
+
+
+class ResourceCache:
+    """Thread-safe LRU cache bounded by TTL, entry count and total bytes.
+
+    Bounded in time so a rotated or revoked resource is picked up; bounded in size so a
+    misbehaving caller cannot pin unbounded secret material in memory.
+    """
+
+    def __init__(
+        self,
+        ttl: float,
+        *,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if ttl < 0 or max_entries < 0 or max_bytes < 0:
+            raise ResolverError("cache bounds must be non-negative")
+        self.ttl = float(ttl)
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._items: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self._bytes = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.ttl > 0 and self.max_entries > 0 and self.max_bytes > 0
+
+    def __len__(self) -> int:
+        with self._lock:
+            self._expire(self._clock())
+            return len(self._items)
+
+    @property
+    def total_bytes(self) -> int:
+        return self._bytes
+
+    def __repr__(self) -> str:  # keys are URIs (not secret) but keep reprs minimal anyway
+        return f"ResourceCache(ttl={self.ttl}, entries={len(self._items)})"
+
+    def _drop(self, key: str) -> None:
+        _, value = self._items.pop(key)
+        self._bytes -= len(value)
+
+    def _expire(self, now: float) -> None:
+        for key in [k for k, (exp, _) in self._items.items() if exp <= now]:
+            self._drop(key)
+
+    def get(self, key: str) -> bytes | None:
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if item[0] <= self._clock():
+                self._drop(key)
+                return None
+            self._items.move_to_end(key)
+            return item[1]
+
+    def put(self, key: str, value: bytes) -> None:
+        if not self.enabled or len(value) > self.max_bytes:
+            return
+        with self._lock:
+            now = self._clock()
+            if key in self._items:
+                self._drop(key)
+            self._expire(now)
+            while self._items and (
+                len(self._items) >= self.max_entries or self._bytes + len(value) > self.max_bytes
+            ):
+                self._drop(next(iter(self._items)))
+            self._items[key] = (now + self.ttl, value)
+            self._bytes += len(value)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+            self._bytes = 0
+
+
+class CachingResolver:
+    """Resolver over a ResourceSource; sealed strings are opened by ``unseal_secret``.
+
+    Signature keys and vault payloads are fetched through ``self.get_resource`` so they share
+    the cache and the broker's access policy.
+    """
+
+    def __init__(
+        self,
+        source: ResourceSource,
+        *,
+        cache_ttl: float = 60.0,
+        max_entries: int = DEFAULT_MAX_ENTRIES,
+        max_bytes: int = DEFAULT_MAX_BYTES,
+        clock: Callable[[], float] = time.monotonic,
+        verify: bool = True,
+        allow_unsigned: bool = False,
+        key_dir: str | None = None,
+    ) -> None:
+        self.source = source
+        self.cache = ResourceCache(
+            cache_ttl, max_entries=max_entries, max_bytes=max_bytes, clock=clock
+        )
+        self.verify = verify
+        self.allow_unsigned = allow_unsigned
+        self.key_dir = key_dir
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(source={self.source!r}, cache={self.cache!r})"
+
+    def get_resource(self, uri: str) -> bytes:
+        key = str(parse_resource_uri(uri))  # host-free canonical form; validates early
+        cached = self.cache.get(key)
+        if cached is not None:
+            log.debug("resource cache hit uri=%s", key)
+            return cached
+        value = self.source.get_resource(key)
+        self.cache.put(key, value)
+        log.info("resource fetched uri=%s source=%s", key, type(self.source).__name__)
+        return value
+
+    def unseal(self, sealed: str) -> bytes:
+        from sealed_secrets.unseal import unseal_secret  # owned by the format package
+
+        return unseal_secret(
+            sealed,
+            get_resource=self.get_resource,
+            verify=self.verify,
+            allow_unsigned=self.allow_unsigned,
+            key_dir=self.key_dir,
+        )
+
+    def clear_cache(self) -> None:
+        self.cache.clear()
+
+
+class CdhResolver(CachingResolver):
+    """Resolver delegating to a Confidential Data Hub, which verifies and unseals itself."""
+
+    def unseal(self, sealed: str) -> bytes:
+        if not is_sealed(sealed):
+            from sealed_secrets.errors import SealedSecretError
+
+            raise SealedSecretError("value is not a sealed secret (missing 'sealed.' prefix)")
+        return self.source.unseal(sealed)  # type: ignore[attr-defined]
+
+
+_RESOLVER_OPTS = {"max_entries", "max_bytes", "clock", "verify", "allow_unsigned", "key_dir"}
+_KBS_OPTS = {"evidence_provider", "ca", "timeout", "tee_key_type", "retries", "aa"}
+_CDH_OPTS = {"timeout"}
+
+
+def _split(opts: dict[str, Any], allowed: set[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = set(opts) - allowed - _RESOLVER_OPTS
+    if unknown:
+        raise ResolverError(f"unknown resolver options: {sorted(unknown)}")
+    return (
+        {k: v for k, v in opts.items() if k in _RESOLVER_OPTS},
+        {k: v for k, v in opts.items() if k in allowed},
+    )
+
+
+def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingResolver:
+    common, kbs_opts = _split(opts, _KBS_OPTS)
+    parts = urllib.parse.urlsplit(rest)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ResolverError("kbs resolver spec needs an http(s) URL: kbs:https://host:port?aa=...")
+    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
+    unknown = set(query) - {"aa", "ca", "timeout", "tee_key_type", "retries"}
+    if unknown:
+        raise ResolverError(f"unknown kbs resolver spec parameters: {sorted(unknown)}")
+    for key, value in query.items():
+        kbs_opts.setdefault(key, value)
+    for key, conv in (("timeout", float), ("retries", int)):
+        if key in kbs_opts:
+            try:
+                kbs_opts[key] = conv(kbs_opts[key])
+            except (TypeError, ValueError):
+                raise ResolverError(f"kbs resolver option {key} is not a number") from None
+    base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    aa = kbs_opts.pop("aa", None)
+    if "evidence_provider" not in kbs_opts:
+        if not aa:
+            raise ResolverError("kbs resolver needs aa=unix:///path/attestation-agent.sock")
+        from sealed_secrets.evidence import AaEvidenceProvider
+
+        kbs_opts["evidence_provider"] = AaEvidenceProvider(aa)
+    from sealed_secrets.kbs_client import KbsClient
+
+    client = KbsClient(base_url, **kbs_opts)
+    return CachingResolver(client, cache_ttl=cache_ttl, **common)
+
+
+def _build_cdh(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingResolver:
+    common, cdh_opts = _split(opts, _CDH_OPTS)
+    if not rest:
+        raise ResolverError("cdh resolver spec needs a target: cdh:unix:///path/cdh.sock")
+    from sealed_secrets.cdh_client import CdhClient
+
+    client = CdhClient(rest, **cdh_opts)
+    return CdhResolver(client, cache_ttl=cache_ttl, **common)
+
+
+def build_resolver(spec: str, *, cache_ttl: float = 60.0, **opts: Any) -> Resolver:
+    """Build a resolver from a spec string (see docs/architecture.md).
+
+    ``offline-fs:/a.json[,/b.json]`` (``offline-fs:`` alone = CoCo default files),
+    ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem``,
+    ``cdh:unix:///run/confidential-containers/cdh.sock``.
+    Options: cache bounds (``max_entries``, ``max_bytes``), unseal policy (``verify``,
+    ``allow_unsigned``, ``key_dir``) and broker options (``ca``, ``timeout``, ``retries``,
+    ``tee_key_type``, ``evidence_provider``).
+    """
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ResolverError(
+            "resolver spec must look like offline-fs:/path.json, kbs:URL or cdh:TARGET"
+        )
+    kind, _, rest = spec.partition(":")
+    kind = kind.strip().lower()
+    if kind == "offline-fs":
+        from sealed_secrets.offline_fs import OfflineFsKbc
+
+        common, _ = _split(opts, set())
+        paths = [p.strip() for p in rest.split(",") if p.strip()]
+        source = OfflineFsKbc(paths) if paths else OfflineFsKbc.from_environment()
+        return CachingResolver(source, cache_ttl=cache_ttl, **common)
+    if kind == "kbs":
+        return _build_kbs(rest, cache_ttl, opts)
+    if kind == "cdh":
+        return _build_cdh(rest, cache_ttl, opts)
+    raise ResolverError(f"unknown resolver kind: {kind!r} (use offline-fs, kbs or cdh)")

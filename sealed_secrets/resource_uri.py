@@ -1,0 +1,72 @@
+"""CoCo resource URIs: ``kbs[+plugin]://[host[:port]]/seg/seg/...[?query]``.
+
+The host part is ignored (CDH does the same): which broker answers is the resolver's
+configuration, not the secret's. Segments are validated strictly because they become both
+KBS URL paths and offline-fs keys; a ``..`` segment must never reach either.
+"""
+
+from __future__ import annotations
+
+import re
+import urllib.parse
+from dataclasses import dataclass
+
+from sealed_secrets.errors import ResolverError
+
+DEFAULT_PLUGIN = "resource"
+_SEGMENT = re.compile(r"^[A-Za-z0-9._\-]+$")
+_PLUGIN = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
+
+
+@dataclass(frozen=True)
+class ResourceUri:
+    """A parsed resource URI; ``segments`` are the path parts after the host."""
+
+    plugin: str
+    segments: tuple[str, ...]
+    query: str = ""
+    host: str = ""
+
+    @property
+    def path(self) -> str:
+        """``repo/type/tag``: the offline-fs key and the KBS resource path."""
+        return "/".join(self.segments)
+
+    def kbs_path(self) -> str:
+        """The KBS v0 endpoint path, e.g. ``/kbs/v0/resource/repo/type/tag``."""
+        return f"/kbs/v0/{self.plugin}/{self.path}"
+
+    def __str__(self) -> str:
+        scheme = "kbs" if self.plugin == DEFAULT_PLUGIN else f"kbs+{self.plugin}"
+        query = f"?{self.query}" if self.query else ""
+        return f"{scheme}:///{self.path}{query}"
+
+
+def parse_resource_uri(uri: str) -> ResourceUri:
+    """Parse and validate; raises ResolverError with a message naming the problem."""
+    if not isinstance(uri, str) or not uri:
+        raise ResolverError("resource URI is empty")
+    if len(uri) > 2048:
+        raise ResolverError("resource URI is too long")
+    parts = urllib.parse.urlsplit(uri)
+    scheme = parts.scheme.lower()
+    if scheme == "kbs":
+        plugin = DEFAULT_PLUGIN
+    elif scheme.startswith("kbs+"):
+        plugin = scheme[4:]
+        if not _PLUGIN.match(plugin):
+            raise ResolverError(f"resource URI has an invalid plugin name: {plugin!r}")
+    else:
+        raise ResolverError("resource URI must start with kbs:// or kbs+<plugin>://")
+    if parts.fragment:
+        raise ResolverError("resource URI must not have a fragment")
+    raw = parts.path
+    if not raw.startswith("/"):
+        raise ResolverError("resource URI has no path")
+    segments = tuple(raw[1:].split("/"))
+    for seg in segments:
+        if seg in ("", ".", "..") or not _SEGMENT.match(seg):
+            raise ResolverError(f"resource URI has an invalid path segment: {seg!r}")
+    if plugin == DEFAULT_PLUGIN and len(segments) != 3:
+        raise ResolverError("kbs resource URI must have exactly three segments: repo/type/tag")
+    return ResourceUri(plugin=plugin, segments=segments, query=parts.query, host=parts.netloc)
