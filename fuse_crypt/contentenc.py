@@ -1,0 +1,204 @@
+"""File contents: the 18-byte header, 4096-byte blocks, holes and size maths.
+
+Layout (gocryptfs v2): ``00 02 || fileID(16)`` then blocks of ``nonce(16) || body``
+where the body is AEAD(plain block) with AAD ``uint64_BE(blockNo) || fileID``.  Binding
+the block number and file ID stops an attacker from moving blocks within or between
+files.  An all-zero, full-length cipher block is a hole (sparse file) and reads as
+4096 zero bytes.
+
+The batch functions are the hot path of the FUSE daemon: one ``os.urandom`` for all
+nonces of a request, AEAD writes straight into one preallocated buffer via
+``encrypt_into``/``decrypt_into``, no per-block intermediate objects beyond the AAD.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+
+from cryptography.exceptions import InvalidTag
+
+from .cryptocore import CryptoCore
+from .errors import CorruptDataError
+
+HEADER_LEN = 18
+CURRENT_VERSION = 2
+FILE_ID_LEN = 16
+PLAIN_BS = 4096
+NONCE_LEN = 16
+TAG_LEN = 16
+BLOCK_OVERHEAD = NONCE_LEN + TAG_LEN
+CIPHER_BS = PLAIN_BS + BLOCK_OVERHEAD  # 4128
+
+_VERSION_BYTES = struct.pack(">H", CURRENT_VERSION)
+_ZERO_NONCE = bytes(NONCE_LEN)
+_ZERO_FILE_ID = bytes(FILE_ID_LEN)
+_ZERO_CIPHER_BLOCK = bytes(CIPHER_BS)
+_pack_q = struct.Struct(">Q").pack
+
+
+class ContentEnc:
+    """Block encryption for one master key (via its :class:`CryptoCore`)."""
+
+    def __init__(self, core: CryptoCore) -> None:
+        self.core = core
+        # AES-GCM: the library's *_into methods write into our buffer directly.
+        # AES-SIV has no *_into, so it goes through the generic raw calls.
+        self._gcm = core.gcm
+
+    def __repr__(self) -> str:
+        return f"ContentEnc({self.core!r})"
+
+    # -- header ---------------------------------------------------------------
+
+    def new_header(self) -> tuple[bytes, bytes]:
+        file_id = os.urandom(FILE_ID_LEN)
+        return _VERSION_BYTES + file_id, file_id
+
+    def parse_header(self, header: bytes) -> bytes:
+        if len(header) != HEADER_LEN:
+            raise CorruptDataError("file header has wrong length")
+        header = bytes(header)
+        if header[:2] != _VERSION_BYTES:
+            raise CorruptDataError("file header: unsupported on-disk version")
+        file_id = header[2:]
+        if file_id == _ZERO_FILE_ID:
+            raise CorruptDataError("file header: all-zero file ID")
+        return file_id
+
+    # -- blocks ---------------------------------------------------------------
+
+    def encrypt_blocks(self, first_block: int, plaintext: bytes, file_id: bytes) -> bytes:
+        """Encrypt consecutive plaintext blocks starting at ``first_block``.
+
+        Every block gets a fresh random nonce, also when rewriting an existing block,
+        so (key, nonce) pairs never repeat.
+        """
+        n = len(plaintext)
+        if n == 0:
+            return b""
+        if first_block < 0:
+            raise ValueError("negative block number")
+        if len(file_id) != FILE_ID_LEN:
+            raise ValueError("file ID must be 16 bytes")
+        file_id = bytes(file_id)
+        nblocks = -(-n // PLAIN_BS)
+        nonces = os.urandom(NONCE_LEN * nblocks)
+        out = bytearray(n + BLOCK_OVERHEAD * nblocks)
+        outv = memoryview(out)
+        pv = memoryview(plaintext)
+        gcm = self._gcm
+        o = 0
+        for i in range(nblocks):
+            p = i * PLAIN_BS
+            chunk = pv[p : p + PLAIN_BS]
+            nonce = nonces[i * NONCE_LEN : (i + 1) * NONCE_LEN]
+            aad = _pack_q(first_block + i) + file_id
+            outv[o : o + NONCE_LEN] = nonce
+            o += NONCE_LEN
+            end = o + len(chunk) + TAG_LEN
+            if gcm is not None:
+                gcm.encrypt_into(nonce, chunk, aad, outv[o:end])
+            else:
+                outv[o:end] = self.core.encrypt_raw(nonce, chunk, aad)
+            o = end
+        return bytes(out)
+
+    def decrypt_blocks(self, first_block: int, ciphertext: bytes, file_id: bytes) -> bytes:
+        """Decrypt consecutive cipher blocks; holes become 4096 zero bytes.
+
+        Raises CorruptDataError on any authentication failure, an all-zero nonce in a
+        non-hole block, or a trailing block too short to hold any plaintext.
+        """
+        c = len(ciphertext)
+        if c == 0:
+            return b""
+        if first_block < 0:
+            raise ValueError("negative block number")
+        if len(file_id) != FILE_ID_LEN:
+            raise ValueError("file ID must be 16 bytes")
+        file_id = bytes(file_id)
+        nblocks = -(-c // CIPHER_BS)
+        last_len = c - (nblocks - 1) * CIPHER_BS
+        if last_len <= BLOCK_OVERHEAD:
+            raise CorruptDataError(f"block {first_block + nblocks - 1}: truncated cipher block")
+        out = bytearray(c - BLOCK_OVERHEAD * nblocks)  # zero-filled: holes need no write
+        outv = memoryview(out)
+        cv = memoryview(ciphertext)
+        gcm = self._gcm
+        o = 0
+        block_no = first_block
+        try:
+            for i in range(nblocks):
+                s = i * CIPHER_BS
+                blk = cv[s : s + CIPHER_BS]
+                nonce = bytes(blk[:NONCE_LEN])
+                plen = len(blk) - BLOCK_OVERHEAD
+                block_no = first_block + i
+                if nonce == _ZERO_NONCE:
+                    # A hole is cheap to recognise: real blocks have random nonces, so
+                    # the full comparison only runs when the nonce is already zero.
+                    if len(blk) == CIPHER_BS and blk.tobytes() == _ZERO_CIPHER_BLOCK:
+                        o += plen
+                        continue
+                    raise CorruptDataError(f"block {block_no}: all-zero nonce")
+                aad = _pack_q(block_no) + file_id
+                body = blk[NONCE_LEN:]
+                if gcm is not None:
+                    gcm.decrypt_into(nonce, body, aad, outv[o : o + plen])
+                else:
+                    outv[o : o + plen] = self.core.decrypt_raw(nonce, body, aad)
+                o += plen
+        except InvalidTag:
+            raise CorruptDataError(f"block {block_no}: authentication failed") from None
+        return bytes(out)
+
+    # -- size and offset maths ------------------------------------------------
+
+    def cipher_size(self, plain_size: int) -> int:
+        if plain_size < 0:
+            raise ValueError("negative size")
+        if plain_size == 0:
+            return 0
+        return HEADER_LEN + plain_size + BLOCK_OVERHEAD * (-(-plain_size // PLAIN_BS))
+
+    def plain_size(self, cipher_size: int, *, strict: bool = True) -> int:
+        """Plaintext size for a cipher file size.
+
+        ``strict`` raises CorruptDataError for sizes no write can produce (a partial
+        header, or a last block without room for one plaintext byte).  With
+        ``strict=False`` it mirrors gocryptfs, which reports such torn files with a
+        best-effort size instead of failing ``stat``.
+        """
+        if cipher_size < 0:
+            raise ValueError("negative size")
+        if cipher_size == 0:
+            return 0
+        if cipher_size < HEADER_LEN:
+            if strict:
+                raise CorruptDataError("file shorter than its header")
+            return 0
+        if cipher_size == HEADER_LEN:
+            return 0
+        body = cipher_size - HEADER_LEN
+        rem = body % CIPHER_BS
+        if 1 <= rem <= BLOCK_OVERHEAD:
+            if strict:
+                raise CorruptDataError("truncated last cipher block")
+            body = body - rem + BLOCK_OVERHEAD + 1
+        nblocks = -(-body // CIPHER_BS)
+        return body - BLOCK_OVERHEAD * nblocks
+
+    @staticmethod
+    def block_range(offset: int, length: int) -> tuple[int, int]:
+        """Blocks touched by ``[offset, offset+length)``: (first, last exclusive)."""
+        if offset < 0 or length < 0:
+            raise ValueError("negative offset or length")
+        first = offset // PLAIN_BS
+        if length == 0:
+            return first, first
+        return first, -(-(offset + length) // PLAIN_BS)
+
+    @staticmethod
+    def cipher_offset(block_no: int) -> int:
+        return HEADER_LEN + block_no * CIPHER_BS
