@@ -1,0 +1,254 @@
+"""The ``fuse-crypt`` subcommands: init, mount, unmount, passwd, info.
+
+Each function takes the parsed argparse namespace and returns an exit code, or raises
+CliError for the one-line message + exit code path in ``main``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from fuse_crypt import daemon
+from fuse_crypt.cli import confio, passinput
+from fuse_crypt.cli.exitcodes import (
+    CIPHERDIR,
+    INIT,
+    MOUNTPOINT,
+    PASSWORD_INCORRECT,
+    SCRYPT_PARAMS,
+    USAGE,
+    CliError,
+)
+
+SCRYPT_LOGN_MIN = 10
+SCRYPT_LOGN_MAX = 28
+DIRIV_NAME = "gocryptfs.diriv"
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr)
+
+
+def _cipherdir(path: str) -> str:
+    p = os.path.abspath(path)
+    if not os.path.exists(p):
+        raise CliError(f"cipher directory {p} does not exist", CIPHERDIR)
+    if not os.path.isdir(p):
+        raise CliError(f"cipher directory {p} is not a directory", CIPHERDIR)
+    return p
+
+
+def _check_scryptn(logn: int | None) -> None:
+    if logn is not None and not SCRYPT_LOGN_MIN <= logn <= SCRYPT_LOGN_MAX:
+        raise CliError(
+            f"--scryptn must be between {SCRYPT_LOGN_MIN} and {SCRYPT_LOGN_MAX}", SCRYPT_PARAMS
+        )
+
+
+def _unlock(conf: Any, password: bytes) -> bytes:
+    from fuse_crypt.errors import WrongKeyError
+
+    try:
+        return conf.unlock(password)
+    except WrongKeyError:
+        raise CliError("password incorrect", PASSWORD_INCORRECT) from None
+
+
+def _check_master_key(cipherdir: str, key: bytes, conf: Any | None) -> None:
+    from fuse_crypt.cli.keycheck import verify_master_key
+
+    if verify_master_key(cipherdir, key, conf) is False:
+        raise CliError("master key incorrect: it does not decrypt this volume", PASSWORD_INCORRECT)
+
+
+# --------------------------------------------------------------------------- init
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from fuse_crypt.configfile import ConfFile, format_master_key
+
+    _check_scryptn(args.scryptn)
+    cdir = _cipherdir(args.cipherdir)
+    try:
+        entries = os.listdir(cdir)
+    except OSError as e:
+        raise CliError(f"cannot list {cdir}: {e.strerror}", CIPHERDIR) from None
+    if entries:
+        raise CliError(f"cipher directory {cdir} is not empty", CIPHERDIR)
+    master_key = passinput.read_master_key(args.masterkey) if args.masterkey else None
+    password = passinput.read_password(args.passfile, prompt="Choose a password: ", confirm=True)
+    logn = args.scryptn if args.scryptn is not None else 16
+    conf, master_key = ConfFile.create(password, scrypt_logn=logn, master_key=master_key)
+    data = conf.dumps()
+    # diriv first: a conf without its root diriv would look like a valid, broken volume.
+    if "DirIV" in conf.feature_flags:
+        from fuse_crypt.nametransform import NameTransform
+
+        diriv = os.path.join(cdir, DIRIV_NAME)
+        try:
+            fd = os.open(diriv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
+            try:
+                os.write(fd, NameTransform.new_dir_iv())
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.chmod(diriv, 0o444)
+        except OSError as e:
+            raise CliError(f"cannot create {diriv}: {e.strerror}", INIT) from None
+    confio.write_conf_atomic(cdir, data)
+    _say(f"fuse-crypt: created gocryptfs-compatible volume in {cdir}")
+    if sys.stdout.isatty():
+        print(
+            "Your master key is:\n\n    "
+            + format_master_key(master_key)
+            + "\n\nIf the gocryptfs.conf file becomes corrupted or you ever forget your "
+            "password,\nthere is only one hope for recovery: this master key. "
+            "Print it to a piece of\npaper and store it in a drawer."
+        )
+    else:
+        _say("fuse-crypt: not running on a terminal, suppressing master key display")
+    return 0
+
+
+# --------------------------------------------------------------------------- mount
+
+
+def _prepare_mountpoint(path: str) -> str:
+    mp = os.path.abspath(path)
+    if daemon.is_dead_mount(mp):
+        try:
+            daemon.cleanup_stale_mount(mp)
+        except daemon.DaemonError as e:
+            raise CliError(f"stale mount at {mp}: {e}", MOUNTPOINT) from None
+        _say(f"fuse-crypt: cleaned up a dead mount at {mp}")
+    if not os.path.exists(mp):
+        raise CliError(f"mountpoint {mp} does not exist", MOUNTPOINT)
+    if not os.path.isdir(mp):
+        raise CliError(f"mountpoint {mp} is not a directory", MOUNTPOINT)
+    if daemon.find_mount(mp) is not None:
+        raise CliError(f"mountpoint {mp} is already mounted", MOUNTPOINT)
+    try:
+        if os.listdir(mp):
+            raise CliError(f"mountpoint {mp} is not empty", MOUNTPOINT)
+    except OSError as e:
+        raise CliError(f"mountpoint {mp}: {e.strerror}", MOUNTPOINT) from None
+    return mp
+
+
+def _load_keys(args: argparse.Namespace, cdir: str) -> tuple[Any | None, bytes]:
+    """(conf or None, master key), unlocked before any fork so errors reach the user."""
+    if args.masterkey:
+        key = passinput.read_master_key(args.masterkey)
+        conf = confio.load_conf(cdir) if os.path.lexists(confio.conf_path(cdir)) else None
+        _check_master_key(cdir, key, conf)
+        return conf, key
+    conf = confio.load_conf(cdir)
+    password = passinput.read_password(args.passfile)
+    return conf, _unlock(conf, password)
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    from fuse_crypt.cli.mountrun import MountSpec, print_ready, run_foreground, run_in_daemon
+
+    cdir = _cipherdir(args.cipherdir)
+    mp = _prepare_mountpoint(args.mountpoint)
+    if os.path.realpath(mp) == os.path.realpath(cdir) or os.path.realpath(mp).startswith(
+        os.path.realpath(cdir) + os.sep
+    ):
+        raise CliError("mountpoint must not be inside the cipher directory", MOUNTPOINT)
+    conf, key = _load_keys(args, cdir)
+    spec = MountSpec(
+        cipherdir=cdir,
+        mountpoint=mp,
+        master_key=key,
+        conf=conf,
+        read_only=args.ro,
+        allow_other=args.allow_other,
+        metrics_addr=args.metrics_addr,
+        quiet=args.quiet,
+    )
+    if args.foreground:
+        return run_foreground(spec)
+    try:
+        daemon.run_daemonized(lambda notifier: run_in_daemon(spec, notifier))
+    except daemon.DaemonError as e:
+        raise CliError(str(e), e.code) from None
+    print_ready(spec)
+    return 0
+
+
+# --------------------------------------------------------------------------- unmount
+
+
+def cmd_unmount(args: argparse.Namespace) -> int:
+    mp = os.path.abspath(args.mountpoint)
+    try:
+        daemon.unmount(mp, lazy_fallback=True)
+    except daemon.DaemonError as e:
+        raise CliError(str(e), e.code) from None
+    return 0
+
+
+# --------------------------------------------------------------------------- passwd
+
+
+def cmd_passwd(args: argparse.Namespace) -> int:
+    _check_scryptn(args.scryptn)
+    cdir = _cipherdir(args.cipherdir)
+    conf = confio.load_conf(cdir)
+    if args.masterkey:
+        if args.passfile:
+            raise CliError("--passfile and --masterkey are mutually exclusive", USAGE)
+        key = passinput.read_master_key(args.masterkey)
+        _check_master_key(cdir, key, conf)
+    else:
+        old = passinput.read_password(args.passfile, prompt="Old password: ", what="old password")
+        key = _unlock(conf, old)
+    new = passinput.read_password(
+        args.new_passfile, prompt="New password: ", confirm=True, what="new password"
+    )
+    new_conf = conf.rewrap(key, new, scrypt_logn=args.scryptn)
+    data = new_conf.dumps()
+    if args.masterkey:
+        bak = confio.backup_conf(cdir)
+        _say(f"fuse-crypt: saved the old config as {bak}")
+    confio.write_conf_atomic(cdir, data)
+    _say("fuse-crypt: password changed")
+    return 0
+
+
+# --------------------------------------------------------------------------- info
+
+
+def _content_algo(flags: tuple[str, ...]) -> str:
+    if "XChaCha20Poly1305" in flags:
+        return "XChaCha20-Poly1305"
+    if "AESSIV" in flags:
+        return "AES-SIV-512"
+    return "AES-GCM-256"
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    cdir = _cipherdir(args.cipherdir)
+    conf = confio.load_conf(cdir)  # validates: unknown flags / corruption are refused
+    flags = tuple(conf.feature_flags)
+    lines = [
+        ("Creator", conf.creator or "(not recorded)"),
+        ("FeatureFlags", " ".join(flags)),
+        ("EncryptedKey", f"{len(conf.encrypted_key)}B"),
+        (
+            "ScryptObject",
+            f"Salt={len(conf.salt)}B N={conf.scrypt_n} R={conf.scrypt_r} "
+            f"P={conf.scrypt_p} KeyLen={conf.key_len}",
+        ),
+    ]
+    if "LongNameMax" in flags:
+        lines.append(("LongNameMax", str(conf.long_name_max)))
+    lines.append(("contentEncryption", _content_algo(flags)))
+    width = max(len(k) for k, _ in lines) + 2
+    for k, v in lines:
+        print(f"{k + ':':<{width}}{v}")
+    return 0

@@ -1,0 +1,33 @@
+"""Exit codes of ``fuse-crypt``: gocryptfs's numbers where gocryptfs has one.
+
+Scripts written for gocryptfs (e.g. "12 means wrong password") keep working.
+"""
+
+from __future__ import annotations
+
+USAGE = 1
+CIPHERDIR = 6
+INIT = 7
+READ_PASSWORD = 9
+MOUNTPOINT = 10
+OTHER = 11
+PASSWORD_INCORRECT = 12
+SCRYPT_PARAMS = 13
+MASTERKEY = 14
+SIGINT = 15
+FORK_CHILD = 17
+FUSE_MOUNT = 19
+PASSWORD_EMPTY = 22
+CONFIG = 23
+WRITE_CONF = 24
+
+
+class CliError(Exception):
+    """A user-facing failure: printed as one ``fuse-crypt: ...`` line, then exit ``code``.
+
+    The message must never contain a password or key.
+    """
+
+    def __init__(self, message: str, code: int = OTHER) -> None:
+        super().__init__(message)
+        self.code = code

@@ -1,0 +1,81 @@
+"""Running the FUSE frontend for ``fuse-crypt mount``, in the foreground or as a daemon.
+
+The key is already unlocked when we get here (the parent did it before forking), so the
+only failures left are mount-level ones: FUSE refusing the mount point, the metrics port
+being taken, or the filesystem dying.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from fuse_crypt.cli.exitcodes import FUSE_MOUNT, CliError
+from fuse_crypt.daemon import Notifier
+
+
+@dataclass
+class MountSpec:
+    cipherdir: str
+    mountpoint: str
+    master_key: bytes = field(repr=False)
+    conf: Any | None
+    read_only: bool = False
+    allow_other: bool = False
+    metrics_addr: str | None = None
+    quiet: bool = False
+
+
+def _serve(spec: MountSpec, on_ready: Any) -> None:
+    from fuse_crypt.backend.local import LocalDirBackend
+    from fuse_crypt.fusefrontend import serve
+
+    backend: Any = LocalDirBackend(spec.cipherdir)
+    if spec.metrics_addr:
+        from fuse_crypt.cli import metrics
+
+        metrics.start(
+            spec.metrics_addr,
+            cipherdir=spec.cipherdir,
+            mountpoint=spec.mountpoint,
+            read_only=spec.read_only,
+        )
+        metrics.instrument_content()
+        backend = metrics.InstrumentedBackend(backend)
+    try:
+        serve(
+            backend,
+            spec.master_key,
+            spec.conf,
+            spec.mountpoint,
+            read_only=spec.read_only,
+            foreground=True,
+            on_ready=on_ready,
+            allow_other=spec.allow_other,
+        )
+    except RuntimeError as e:
+        # mfusepy raises RuntimeError(errno) when libfuse refuses the mount.
+        raise CliError(f"cannot mount {spec.mountpoint}: FUSE refused ({e})", FUSE_MOUNT) from None
+
+
+def run_foreground(spec: MountSpec) -> int:
+    def ready() -> None:
+        if not spec.quiet:
+            print("Filesystem mounted and ready.", flush=True)
+
+    try:
+        _serve(spec, ready)
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+def run_in_daemon(spec: MountSpec, notifier: Notifier) -> int:
+    _serve(spec, notifier.ready)
+    return 0
+
+
+def print_ready(spec: MountSpec) -> None:
+    if not spec.quiet:
+        print("Filesystem mounted and ready.", file=sys.stdout, flush=True)
