@@ -1,0 +1,146 @@
+{{/*
+Names. Kept to 63 characters because they end up in labels and DNS names.
+*/}}
+{{- define "coco-csi.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{- define "coco-csi.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "coco-csi.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Common labels; selectorLabels are the immutable subset used by selectors. */}}
+{{- define "coco-csi.labels" -}}
+helm.sh/chart: {{ include "coco-csi.chart" . }}
+{{ include "coco-csi.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: coco-csi
+{{- end -}}
+
+{{- define "coco-csi.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "coco-csi.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end -}}
+
+{{- define "coco-csi.nodeSelectorLabels" -}}
+{{ include "coco-csi.selectorLabels" . }}
+app.kubernetes.io/component: node
+{{- end -}}
+
+{{- define "coco-csi.controllerSelectorLabels" -}}
+{{ include "coco-csi.selectorLabels" . }}
+app.kubernetes.io/component: controller
+{{- end -}}
+
+{{- define "coco-csi.nodeServiceAccountName" -}}
+{{- default (printf "%s-node" (include "coco-csi.fullname" .)) .Values.node.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "coco-csi.controllerServiceAccountName" -}}
+{{- default (printf "%s-controller" (include "coco-csi.fullname" .)) .Values.controller.serviceAccount.name -}}
+{{- end -}}
+
+{{- define "coco-csi.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{/*
+Socket layout. The plugin listens on /csi/csi.sock inside the pod; on the host that file is
+<kubeletRootDir>/plugins/<socketDirName>/csi.sock, which is what the registrar tells kubelet.
+Both sides come from these helpers so they cannot drift apart.
+*/}}
+{{- define "coco-csi.kubeletRootDir" -}}
+{{- .Values.kubeletRootDir | trimSuffix "/" -}}
+{{- end -}}
+
+{{- define "coco-csi.pluginDir" -}}
+{{- printf "%s/plugins/%s" (include "coco-csi.kubeletRootDir" .) .Values.node.socketDirName -}}
+{{- end -}}
+
+{{- define "coco-csi.socketMountDir" -}}/csi{{- end -}}
+{{- define "coco-csi.socketPath" -}}{{ include "coco-csi.socketMountDir" . }}/csi.sock{{- end -}}
+{{- define "coco-csi.endpoint" -}}unix://{{ include "coco-csi.socketPath" . }}{{- end -}}
+
+{{/*
+Directory of a unix:// socket URL, for mounting it from the (guest) host.
+*/}}
+{{- define "coco-csi.socketUrlDir" -}}
+{{- $path := trimPrefix "unix://" . -}}
+{{- dir $path -}}
+{{- end -}}
+
+{{/*
+Path inside the node container of the KBS CA certificate (when a ConfigMap is given).
+*/}}
+{{- define "coco-csi.kbsCaPath" -}}
+/etc/coco-csi/kbs-ca/{{ .Values.resolver.kbs.caConfigMap.key }}
+{{- end -}}
+
+{{- define "coco-csi.offlineFsPath" -}}/etc/coco-csi/offline-fs/resources.json{{- end -}}
+
+{{/*
+The --resolver SPEC, in the forms sealed_secrets.build_resolver understands:
+  kbs:<url>?aa=<socket>[&ca=<path>] | cdh:<socket> | offline-fs:<path>
+*/}}
+{{- define "coco-csi.resolverSpec" -}}
+{{- $r := .Values.resolver -}}
+{{- if eq $r.kind "kbs" -}}
+{{- $spec := printf "kbs:%s?aa=%s" $r.kbs.url $r.kbs.aaSocket -}}
+{{- if $r.kbs.caConfigMap.name -}}
+{{- $spec = printf "%s&ca=%s" $spec (include "coco-csi.kbsCaPath" .) -}}
+{{- end -}}
+{{- $spec -}}
+{{- else if eq $r.kind "cdh" -}}
+{{- printf "cdh:%s" $r.cdh.socket -}}
+{{- else if eq $r.kind "offline-fs" -}}
+{{- printf "offline-fs:%s" (include "coco-csi.offlineFsPath" .) -}}
+{{- else -}}
+{{- fail (printf "resolver.kind %q is not one of kbs, cdh, offline-fs" $r.kind) -}}
+{{- end -}}
+{{- end -}}
+
+{{/*
+Host directory holding the in-guest AA or CDH socket (empty for offline-fs).
+*/}}
+{{- define "coco-csi.guestSocketDir" -}}
+{{- $r := .Values.resolver -}}
+{{- if eq $r.kind "kbs" -}}
+{{- include "coco-csi.socketUrlDir" $r.kbs.aaSocket -}}
+{{- else if eq $r.kind "cdh" -}}
+{{- include "coco-csi.socketUrlDir" $r.cdh.socket -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Chart-wide consistency checks that JSON Schema cannot express. */}}
+{{- define "coco-csi.validate" -}}
+{{- if and .Values.storageClass.create (not .Values.controller.enabled) -}}
+{{- fail "storageClass.create=true needs controller.enabled=true: the external-provisioner in the controller is what creates volumes for the StorageClass" -}}
+{{- end -}}
+{{- if and .Values.storageClass.create (not (has "Persistent" .Values.csiDriver.volumeLifecycleModes)) -}}
+{{- fail "storageClass.create=true needs \"Persistent\" in csiDriver.volumeLifecycleModes" -}}
+{{- end -}}
+{{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
+{{- fail "metrics.serviceMonitor.enabled=true needs metrics.service.enabled=true: the ServiceMonitor selects that Service" -}}
+{{- end -}}
+{{- $ports := list .Values.node.metricsPort .Values.node.healthPort .Values.node.registrarHealthPort -}}
+{{- if ne (len (uniq $ports)) 3 -}}
+{{- fail "node.metricsPort, node.healthPort and node.registrarHealthPort must be different ports" -}}
+{{- end -}}
+{{- if eq .Values.controller.healthPort .Values.controller.provisionerHttpPort -}}
+{{- fail "controller.healthPort and controller.provisionerHttpPort must be different ports" -}}
+{{- end -}}
+{{- end -}}
