@@ -55,15 +55,17 @@ def read_passfile(path: str) -> bytes:
     from fuse_crypt.configfile import read_passfile as _read
     from fuse_crypt.errors import FuseCryptError
 
+    try:  # open it ourselves first so an unreadable file is a READ_PASSWORD (9) error
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        raise CliError(f"cannot read password file {path}: {e.strerror}", READ_PASSWORD) from None
     try:
         pw = _read(path)
-    except FileNotFoundError:
-        raise CliError(f"passfile {path}: no such file", READ_PASSWORD) from None
-    except OSError as e:
-        raise CliError(f"passfile {path}: {e.strerror}", READ_PASSWORD) from None
     except (FuseCryptError, ValueError) as e:
-        # Their message describes the file's shape (e.g. "empty first line"), not its content.
-        raise CliError(f"passfile {path}: {e}", PASSWORD_EMPTY) from None
+        # The message describes the file's shape (e.g. "first line is empty"), not its content.
+        code = PASSWORD_EMPTY if "empty" in str(e) else READ_PASSWORD
+        raise CliError(str(e), code) from None
     return _check(pw, f"password from {path}")
 
 

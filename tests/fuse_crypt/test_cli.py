@@ -1,0 +1,511 @@
+"""The ``fuse-crypt`` command line: exit codes, one-line errors, conf safety, passwd.
+
+Every command runs as a real subprocess (``python -m fuse_crypt.cli``). Where a second
+implementation helps prove a result, Debian's gocryptfs 2.3 is the judge: it must accept
+the confs we write and our password changes, and the volumes it writes are what our
+master-key check is tested against. Tests that need a live mount skip until the FUSE
+frontend is importable.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import os
+import re
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FC = [sys.executable, "-m", "fuse_crypt.cli"]
+PASSWORD = "test password one"
+NEW_PASSWORD = "another test password"
+HEX64 = re.compile(r"[0-9a-f]{8}(-?[0-9a-f]{8}){7}")
+
+have_gocryptfs = pytest.mark.skipif(
+    shutil.which("gocryptfs") is None, reason="gocryptfs (Debian package) not installed"
+)
+
+
+def _frontend_available() -> bool:
+    try:
+        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
+    except ImportError:
+        return False
+
+
+needs_frontend = pytest.mark.skipif(
+    not _frontend_available(), reason="fuse_crypt.fusefrontend.serve not available yet"
+)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def fc(
+    *args: str | Path, stdin: str | None = None, timeout: float = 90
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FC, *map(str, args)],
+        input=stdin if stdin is not None else "",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The CLI failed with ``code`` and said so in exactly one prefixed stderr line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fuse-crypt: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def is_mounted(path: Path) -> bool:
+    target = str(path)
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split(" ")[4] == target for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    for argv in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(argv, capture_output=True, check=False)
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    p = tmp_path / "passfile"
+    p.write_text(PASSWORD + "\n")
+    return p
+
+
+@pytest.fixture
+def new_passfile(tmp_path: Path) -> Path:
+    p = tmp_path / "new_passfile"
+    p.write_text(NEW_PASSWORD + "\n")
+    return p
+
+
+@pytest.fixture
+def volume(tmp_path: Path, passfile: Path) -> Path:
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
+    assert proc.returncode == 0, proc.stderr
+    return cipher
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    yield m
+    force_unmount(m)
+
+
+@pytest.fixture
+def gocryptfs_volume(tmp_path: Path, passfile: Path) -> Iterator[Path]:
+    """A gocryptfs-made volume holding one file, a symlink and a subdirectory."""
+    if shutil.which("gocryptfs") is None:
+        pytest.skip("gocryptfs (Debian package) not installed")
+    cipher = tmp_path / "gc-cipher"
+    view = tmp_path / "gc-view"
+    cipher.mkdir()
+    view.mkdir()
+    subprocess.run(
+        ["gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", passfile, cipher],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(
+        ["gocryptfs", "-q", "-passfile", passfile, cipher, view], check=True, capture_output=True
+    )
+    try:
+        (view / "sub").mkdir()
+        (view / "sub" / "data.txt").write_bytes(b"written by gocryptfs\n" * 100)
+        os.symlink("sub/data.txt", view / "link")
+    finally:
+        force_unmount(view)
+    yield cipher
+
+
+def conf_master_key(cipher: Path, password: str) -> bytes:
+    from fuse_crypt.configfile import ConfFile
+
+    return ConfFile.loads((cipher / "gocryptfs.conf").read_bytes()).unlock(password.encode())
+
+
+# --------------------------------------------------------------------------- init / info
+
+
+def test_init_writes_gocryptfs_layout_and_no_master_key_off_tty(
+    tmp_path: Path, passfile: Path
+) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
+    assert proc.returncode == 0, proc.stderr
+    conf = cipher / "gocryptfs.conf"
+    diriv = cipher / "gocryptfs.diriv"
+    assert sorted(os.listdir(cipher)) == ["gocryptfs.conf", "gocryptfs.diriv"]
+    assert stat.S_IMODE(conf.stat().st_mode) == 0o400
+    assert stat.S_IMODE(diriv.stat().st_mode) == 0o444
+    assert len(diriv.read_bytes()) == 16
+    # Not a TTY: the master key must not be printed anywhere.
+    key = conf_master_key(cipher, PASSWORD)
+    assert key.hex() not in (proc.stdout + proc.stderr).replace("-", "")
+    assert not HEX64.search(proc.stdout + proc.stderr)
+
+
+def test_info_matches_gocryptfs_info_fields(volume: Path) -> None:
+    proc = fc("info", volume)
+    assert proc.returncode == 0, proc.stderr
+    out = dict(
+        (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in proc.stdout.splitlines())
+    )
+    assert out["FeatureFlags"] == "HKDF GCMIV128 DirIV EMENames LongNames Raw64"
+    assert out["EncryptedKey"] == "64B"
+    assert out["ScryptObject"] == "Salt=32B N=1024 R=8 P=1 KeyLen=32"
+    assert out["contentEncryption"] == "AES-GCM-256"
+    if shutil.which("gocryptfs"):
+        theirs = subprocess.run(
+            ["gocryptfs", "-info", volume], capture_output=True, text=True, check=True
+        ).stdout
+        for key in ("FeatureFlags", "EncryptedKey", "ScryptObject", "contentEncryption"):
+            their_line = next(line for line in theirs.splitlines() if line.startswith(key + ":"))
+            assert their_line.split(":", 1)[1].strip() == out[key]
+
+
+def test_init_refuses_non_empty_cipherdir(tmp_path: Path, passfile: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    (cipher / "precious").write_text("keep me")
+    msg = assert_one_line_error(fc("init", "--scryptn", "10", "--passfile", passfile, cipher), 6)
+    assert "not empty" in msg
+    assert os.listdir(cipher) == ["precious"]
+    assert (cipher / "precious").read_text() == "keep me"
+
+
+def test_init_missing_cipherdir(tmp_path: Path, passfile: Path) -> None:
+    msg = assert_one_line_error(
+        fc("init", "--scryptn", "10", "--passfile", passfile, tmp_path / "nope"), 6
+    )
+    assert "does not exist" in msg
+
+
+def test_init_rejects_bad_scryptn(tmp_path: Path, passfile: Path) -> None:
+    (tmp_path / "c").mkdir()
+    assert_one_line_error(fc("init", "--scryptn", "9", "--passfile", passfile, tmp_path / "c"), 13)
+    assert os.listdir(tmp_path / "c") == []
+
+
+def test_init_reads_password_line_from_stdin(tmp_path: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    proc = fc("init", "--scryptn", "10", cipher, stdin="from stdin\nignored\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len(conf_master_key(cipher, "from stdin")) == 32
+
+
+def test_init_empty_password_is_refused(tmp_path: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    assert_one_line_error(fc("init", "--scryptn", "10", cipher, stdin="\n"), 22)
+    assert os.listdir(cipher) == []
+
+
+def test_init_around_given_master_key(tmp_path: Path, passfile: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    key_hex = "f2a477e3-5823f5e0-20f65889-9c23ae02-a7b64d4f-8484db51-7998f19b-c6e289d6"
+    proc = fc(
+        "init",
+        "--scryptn",
+        "10",
+        "--masterkey",
+        "stdin",
+        "--passfile",
+        passfile,
+        cipher,
+        stdin=key_hex + "\n",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert conf_master_key(cipher, PASSWORD).hex() == key_hex.replace("-", "")
+    assert key_hex not in proc.stdout + proc.stderr
+
+
+def test_usage_errors_are_one_line_exit_1(tmp_path: Path) -> None:
+    msg = assert_one_line_error(fc("mount", "--no-such-flag", tmp_path, tmp_path), 1)
+    assert "--no-such-flag" in msg
+    assert_one_line_error(fc("frobnicate"), 1)
+    assert_one_line_error(fc("mount", tmp_path), 1)
+
+
+# --------------------------------------------------------------------------- mount errors
+
+
+def test_wrong_password_refused_before_mounting(volume: Path, mnt: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("not the password\n")
+    proc = fc("mount", "--passfile", bad, volume, mnt)
+    msg = assert_one_line_error(proc, 12)
+    assert "password incorrect" in msg
+    assert "not the password" not in proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_wrong_password_from_stdin(volume: Path, mnt: Path) -> None:
+    assert_one_line_error(fc("mount", volume, mnt, stdin="nope\n"), 12)
+    assert not is_mounted(mnt)
+
+
+def test_wrong_master_key_is_detected(gocryptfs_volume: Path, mnt: Path) -> None:
+    wrong = os.urandom(32).hex()
+    proc = fc("mount", "--masterkey", "stdin", gocryptfs_volume, mnt, stdin=wrong + "\n")
+    msg = assert_one_line_error(proc, 12)
+    assert "master key incorrect" in msg
+    assert wrong not in proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_malformed_master_key_is_not_echoed(volume: Path, mnt: Path) -> None:
+    secretish = "deadbeef" * 7 + "zz"
+    proc = fc("mount", "--masterkey", secretish, volume, mnt)
+    assert "64 hex digits" in assert_one_line_error(proc, 14)
+    assert secretish not in proc.stderr
+
+
+def test_passfile_and_masterkey_are_exclusive(volume: Path, mnt: Path, passfile: Path) -> None:
+    assert_one_line_error(
+        fc("mount", "--passfile", passfile, "--masterkey", "00" * 32, volume, mnt), 1
+    )
+
+
+@pytest.mark.parametrize(
+    "mutate",
+    [
+        pytest.param(lambda d: b"{ this is not json", id="garbage"),
+        pytest.param(lambda d: d.replace(b'"Raw64"', b'"Raw64",\n\t\t"Bogus"'), id="unknown-flag"),
+        pytest.param(lambda d: d.replace(b'"Version": 2', b'"Version": 3'), id="version-3"),
+        pytest.param(lambda d: d[: len(d) // 2], id="truncated"),
+    ],
+)
+def test_bad_conf_refused_and_never_rewritten(
+    volume: Path, mnt: Path, passfile: Path, new_passfile: Path, mutate
+) -> None:
+    conf = volume / "gocryptfs.conf"
+    os.chmod(conf, 0o600)
+    conf.write_bytes(mutate(conf.read_bytes()))
+    os.chmod(conf, 0o400)
+    before = sha256(conf)
+    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 23)
+    assert not is_mounted(mnt)
+    assert_one_line_error(fc("info", volume), 23)
+    assert_one_line_error(
+        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume), 23
+    )
+    assert_one_line_error(
+        fc("passwd", "--masterkey", "00" * 32, "--new-passfile", new_passfile, volume), 23
+    )
+    assert sha256(conf) == before
+    assert sorted(os.listdir(volume)) == ["gocryptfs.conf", "gocryptfs.diriv"]
+
+
+def test_missing_conf(volume: Path, mnt: Path, passfile: Path) -> None:
+    (volume / "gocryptfs.conf").unlink()
+    assert "gocryptfs.conf" in assert_one_line_error(
+        fc("mount", "--passfile", passfile, volume, mnt), 23
+    )
+
+
+def test_missing_mountpoint(volume: Path, passfile: Path, tmp_path: Path) -> None:
+    msg = assert_one_line_error(fc("mount", "--passfile", passfile, volume, tmp_path / "nope"), 10)
+    assert "does not exist" in msg
+
+
+def test_non_empty_mountpoint(volume: Path, passfile: Path, mnt: Path) -> None:
+    (mnt / "file").write_text("x")
+    assert "not empty" in assert_one_line_error(
+        fc("mount", "--passfile", passfile, volume, mnt), 10
+    )
+    assert not is_mounted(mnt)
+
+
+def test_missing_cipherdir(tmp_path: Path, passfile: Path, mnt: Path) -> None:
+    assert_one_line_error(fc("mount", "--passfile", passfile, tmp_path / "nope", mnt), 6)
+
+
+def test_missing_passfile(volume: Path, mnt: Path, tmp_path: Path) -> None:
+    msg = assert_one_line_error(fc("mount", "--passfile", tmp_path / "nofile", volume, mnt), 9)
+    assert "nofile" in msg
+
+
+def test_mountpoint_inside_cipherdir(volume: Path, passfile: Path) -> None:
+    inner = volume / "inner"
+    inner.mkdir()
+    assert_one_line_error(fc("mount", "--passfile", passfile, volume, inner), 10)
+
+
+def test_unmount_not_mounted(tmp_path: Path) -> None:
+    assert "not mounted" in assert_one_line_error(fc("unmount", tmp_path), 10)
+
+
+# --------------------------------------------------------------------------- passwd
+
+
+@have_gocryptfs
+def test_passwd_new_works_old_fails_with_gocryptfs_as_judge(
+    volume: Path, passfile: Path, new_passfile: Path, tmp_path: Path, mnt: Path
+) -> None:
+    key_before = conf_master_key(volume, PASSWORD)
+    proc = fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume)
+    assert proc.returncode == 0, proc.stderr
+    assert conf_master_key(volume, NEW_PASSWORD) == key_before
+    assert stat.S_IMODE((volume / "gocryptfs.conf").stat().st_mode) == 0o400
+    assert not (volume / "gocryptfs.conf.tmp").exists()
+    # Ours refuses the old password (before any fork) ...
+    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 12)
+    # ... and gocryptfs agrees about both.
+    gc = ["gocryptfs", "-q", "-passfile"]
+    old = subprocess.run([*gc, passfile, volume, mnt], capture_output=True, check=False)
+    assert old.returncode == 12
+    new = subprocess.run([*gc, new_passfile, volume, mnt], capture_output=True, check=False)
+    assert new.returncode == 0, new.stderr
+    force_unmount(mnt)
+
+
+def test_passwd_wrong_old_password_changes_nothing(
+    volume: Path, new_passfile: Path, tmp_path: Path
+) -> None:
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    before = sha256(volume / "gocryptfs.conf")
+    assert_one_line_error(
+        fc("passwd", "--passfile", bad, "--new-passfile", new_passfile, volume), 12
+    )
+    assert sha256(volume / "gocryptfs.conf") == before
+
+
+def test_passwd_both_passwords_on_stdin_and_scryptn(volume: Path) -> None:
+    proc = fc("passwd", "--scryptn", "11", volume, stdin=f"{PASSWORD}\n{NEW_PASSWORD}\n")
+    assert proc.returncode == 0, proc.stderr
+    assert len(conf_master_key(volume, NEW_PASSWORD)) == 32
+    assert "N=2048" in fc("info", volume).stdout
+
+
+def test_passwd_keeps_a_fresh_salt(volume: Path, passfile: Path, tmp_path: Path) -> None:
+    from fuse_crypt.configfile import ConfFile
+
+    before = ConfFile.loads((volume / "gocryptfs.conf").read_bytes())
+    same = tmp_path / "same"
+    same.write_text(PASSWORD + "\n")
+    assert fc("passwd", "--passfile", passfile, "--new-passfile", same, volume).returncode == 0
+    after = ConfFile.loads((volume / "gocryptfs.conf").read_bytes())
+    assert after.salt != before.salt
+    assert after.encrypted_key != before.encrypted_key
+    assert after.feature_flags == before.feature_flags
+
+
+@have_gocryptfs
+def test_passwd_master_key_reset(gocryptfs_volume: Path, new_passfile: Path, mnt: Path) -> None:
+    key = conf_master_key(gocryptfs_volume, PASSWORD)
+    conf = gocryptfs_volume / "gocryptfs.conf"
+    before = sha256(conf)
+    # A wrong key is caught against the volume's own ciphertext; nothing is written.
+    wrong = fc(
+        "passwd",
+        "--masterkey",
+        "stdin",
+        "--new-passfile",
+        new_passfile,
+        gocryptfs_volume,
+        stdin=os.urandom(32).hex() + "\n",
+    )
+    assert_one_line_error(wrong, 12)
+    assert sha256(conf) == before
+    assert not (gocryptfs_volume / "gocryptfs.conf.bak").exists()
+    ok = fc(
+        "passwd",
+        "--masterkey",
+        "stdin",
+        "--new-passfile",
+        new_passfile,
+        gocryptfs_volume,
+        stdin=key.hex() + "\n",
+    )
+    assert ok.returncode == 0, ok.stderr
+    assert sha256(gocryptfs_volume / "gocryptfs.conf.bak") == before
+    assert conf_master_key(gocryptfs_volume, NEW_PASSWORD) == key
+    proc = subprocess.run(
+        ["gocryptfs", "-q", "-passfile", new_passfile, gocryptfs_volume, mnt],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    try:
+        assert (mnt / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
+    finally:
+        force_unmount(mnt)
+
+
+# --------------------------------------------------------------------------- mount happy path
+
+
+@needs_frontend
+def test_mount_returns_when_live_and_unmount(volume: Path, passfile: Path, mnt: Path) -> None:
+    proc = fc("mount", "--passfile", passfile, volume, mnt, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert is_mounted(mnt)
+    # Usable immediately: no sleep between `mount` returning and the first write.
+    (mnt / "now").write_bytes(b"immediately usable")
+    assert (mnt / "now").read_bytes() == b"immediately usable"
+    assert fc("unmount", mnt).returncode == 0
+    assert not is_mounted(mnt)
+    assert "now" not in os.listdir(volume)
+
+
+@needs_frontend
+def test_mount_with_master_key_on_stdin(volume: Path, passfile: Path, mnt: Path) -> None:
+    key = conf_master_key(volume, PASSWORD)
+    proc = fc("mount", "--masterkey", "stdin", volume, mnt, stdin=key.hex() + "\n")
+    assert proc.returncode == 0, proc.stderr
+    try:
+        (mnt / "f").write_text("via master key")
+    finally:
+        assert fc("unmount", mnt).returncode == 0
+    proc = fc("mount", "--passfile", passfile, volume, mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert (mnt / "f").read_text() == "via master key"
+
+
+@needs_frontend
+def test_passwd_then_mount_with_new_password(
+    volume: Path, passfile: Path, new_passfile: Path, mnt: Path
+) -> None:
+    assert fc("mount", "--passfile", passfile, volume, mnt).returncode == 0
+    (mnt / "kept").write_text("survives passwd")
+    assert fc("unmount", mnt).returncode == 0
+    assert (
+        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume).returncode == 0
+    )
+    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 12)
+    assert not is_mounted(mnt)
+    proc = fc("mount", "--passfile", new_passfile, volume, mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert (mnt / "kept").read_text() == "survives passwd"
