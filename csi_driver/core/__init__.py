@@ -1,0 +1,1 @@
+"""Plain-Python driver core (no gRPC): node publishing and controller volume allocation."""

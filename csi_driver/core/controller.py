@@ -1,0 +1,224 @@
+"""Controller core: the `coco` StorageClass's volumes as subdirectories of a local root.
+
+The controller runs outside the TEE and never sees a key: it only allocates ciphertext
+directories and passes the StorageClass's key resource *reference* on to the node in
+volume_context. The gocryptfs volume itself is initialised by the node plugin, inside the
+guest, on first publish.
+
+Capacity is recorded and checked against the backing filesystem's free space but not
+enforced per volume (a plain directory has no quota); a block or object backend would
+enforce it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import re
+import shutil
+import threading
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+from coco_proto import csi_pb2
+from csi_driver import errors
+from csi_driver.constants import (
+    CTX_CIPHER_DIR,
+    PARAM_KEY_RESOURCE,
+    RESERVED_PREFIX,
+)
+from csi_driver.core.volcap import unsupported_reason
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CAPACITY = 1 << 30  # 1 GiB when the claim asks for nothing specific
+MAX_NAME_BYTES = 1024
+_BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
+_KEY_URI = re.compile(r"^kbs(\+[a-z0-9][a-z0-9_-]*)?:///[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
+KNOWN_PARAMETERS = frozenset({PARAM_KEY_RESOURCE})
+INDEX_DIR = ".coco-csi"
+
+
+@dataclass
+class VolumeRecord:
+    volume_id: str
+    name: str
+    capacity_bytes: int
+    parameters: dict[str, str] = field(default_factory=dict)
+
+    def context(self, root: str) -> dict[str, str]:
+        ctx = {CTX_CIPHER_DIR: os.path.join(root, self.volume_id)}
+        if PARAM_KEY_RESOURCE in self.parameters:
+            ctx[PARAM_KEY_RESOURCE] = self.parameters[PARAM_KEY_RESOURCE]
+        return ctx
+
+
+class LocalBackend:
+    """Volume allocation under ``root``; index in ``root/.coco-csi/volumes.json``."""
+
+    def __init__(self, root: str, *, default_key_resource: str | None = None) -> None:
+        self.root = os.path.abspath(root)
+        self.default_key_resource = default_key_resource
+        os.makedirs(os.path.join(self.root, INDEX_DIR), mode=0o700, exist_ok=True)
+        self._index_path = os.path.join(self.root, INDEX_DIR, "volumes.json")
+        self._lock_path = os.path.join(self.root, INDEX_DIR, "lock")
+        self._lock = threading.Lock()
+
+    # -- index (file-locked so two controller replicas cannot race) -----------------------
+
+    def _locked(self):  # type: ignore[no-untyped-def]
+        backend = self
+
+        class _Ctx:
+            def __enter__(self) -> dict[str, VolumeRecord]:
+                backend._lock.acquire()
+                self.fd = os.open(backend._lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(self.fd, fcntl.LOCK_EX)
+                return backend._load()
+
+            def __exit__(self, *exc: object) -> None:
+                fcntl.flock(self.fd, fcntl.LOCK_UN)
+                os.close(self.fd)
+                backend._lock.release()
+
+        return _Ctx()
+
+    def _load(self) -> dict[str, VolumeRecord]:
+        try:
+            with open(self._index_path, encoding="utf-8") as f:
+                doc = json.load(f)
+        except FileNotFoundError:
+            return {}
+        return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
+
+    def _store(self, vols: Mapping[str, VolumeRecord]) -> None:
+        tmp = self._index_path + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump({"volumes": [asdict(v) for v in vols.values()]}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._index_path)
+
+    # -- operations ----------------------------------------------------------------------
+
+    def free_bytes(self) -> int:
+        st = os.statvfs(self.root)
+        return st.f_bavail * st.f_frsize
+
+    def _check_parameters(self, parameters: Mapping[str, str]) -> dict[str, str]:
+        params = {k: v for k, v in parameters.items() if not k.startswith(RESERVED_PREFIX)}
+        unknown = sorted(set(params) - KNOWN_PARAMETERS)
+        if unknown:
+            raise errors.InvalidArgument(f"unknown StorageClass parameters: {', '.join(unknown)}")
+        if PARAM_KEY_RESOURCE not in params:
+            if not self.default_key_resource:
+                raise errors.InvalidArgument(
+                    f"StorageClass parameter {PARAM_KEY_RESOURCE} (kbs:///repo/type/tag) "
+                    "is required"
+                )
+            params[PARAM_KEY_RESOURCE] = self.default_key_resource
+        if not _KEY_URI.match(params[PARAM_KEY_RESOURCE]):
+            raise errors.InvalidArgument(
+                f"{PARAM_KEY_RESOURCE} must look like kbs:///repo/type/tag"
+            )
+        return params
+
+    @staticmethod
+    def _capacity(required: int, limit: int) -> int:
+        if required < 0 or limit < 0:
+            raise errors.InvalidArgument("capacity_range values must not be negative")
+        if limit and required > limit:
+            raise errors.InvalidArgument("capacity_range.required_bytes exceeds limit_bytes")
+        if required:
+            return required
+        return min(DEFAULT_CAPACITY, limit) if limit else DEFAULT_CAPACITY
+
+    def create(
+        self,
+        name: str,
+        capabilities: Sequence[csi_pb2.VolumeCapability],
+        parameters: Mapping[str, str],
+        *,
+        required_bytes: int = 0,
+        limit_bytes: int = 0,
+        has_content_source: bool = False,
+    ) -> tuple[VolumeRecord, dict[str, str]]:
+        """CreateVolume; idempotent by name. Returns the record and its volume_context."""
+        if not name:
+            raise errors.InvalidArgument("name is required")
+        if len(name.encode()) > MAX_NAME_BYTES or _BANNED.search(name):
+            raise errors.InvalidArgument("name is too long or contains control characters")
+        if not capabilities:
+            raise errors.InvalidArgument("volume_capabilities is required")
+        for cap in capabilities:
+            reason = unsupported_reason(cap)
+            if reason:
+                raise errors.InvalidArgument(reason)
+        if has_content_source:
+            raise errors.InvalidArgument(
+                "volume content sources (clone/snapshot) are not supported"
+            )
+        params = self._check_parameters(parameters)
+        capacity = self._capacity(required_bytes, limit_bytes)
+        with self._locked() as vols:
+            for rec in vols.values():
+                if rec.name != name:
+                    continue
+                fits = rec.capacity_bytes >= required_bytes and (
+                    not limit_bytes or rec.capacity_bytes <= limit_bytes
+                )
+                if not fits or rec.parameters != params:
+                    raise errors.AlreadyExists(
+                        f"volume {name!r} exists with a different capacity or parameters"
+                    )
+                os.makedirs(os.path.join(self.root, rec.volume_id), mode=0o700, exist_ok=True)
+                return rec, rec.context(self.root)
+            if capacity > self.free_bytes():
+                raise errors.OutOfRange(
+                    f"requested {capacity} bytes but the backend has only {self.free_bytes()} free"
+                )
+            rec = VolumeRecord(f"coco-{uuid.uuid4().hex}", name, capacity, params)
+            os.mkdir(os.path.join(self.root, rec.volume_id), 0o700)
+            vols[rec.volume_id] = rec
+            self._store(vols)
+        log.info(
+            "created volume", extra={"fields": {"volume_id": rec.volume_id, "bytes": capacity}}
+        )
+        return rec, rec.context(self.root)
+
+    def delete(self, volume_id: str) -> None:
+        """DeleteVolume; unknown ids are OK (idempotent)."""
+        if not volume_id:
+            raise errors.InvalidArgument("volume_id is required")
+        with self._locked() as vols:
+            rec = vols.pop(volume_id, None)
+            if rec is None:
+                return
+            path = os.path.join(self.root, volume_id)
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            self._store(vols)
+        log.info("deleted volume", extra={"fields": {"volume_id": volume_id}})
+
+    def get(self, volume_id: str) -> VolumeRecord | None:
+        with self._locked() as vols:
+            return vols.get(volume_id)
+
+    def validate(
+        self, volume_id: str, capabilities: Sequence[csi_pb2.VolumeCapability]
+    ) -> str | None:
+        """ValidateVolumeCapabilities: None if all confirmed, else why not."""
+        if not volume_id:
+            raise errors.InvalidArgument("volume_id is required")
+        if not capabilities:
+            raise errors.InvalidArgument("volume_capabilities is required")
+        if self.get(volume_id) is None:
+            raise errors.NotFound(f"volume {volume_id} does not exist")
+        for cap in capabilities:
+            reason = unsupported_reason(cap)
+            if reason:
+                return reason
+        return None

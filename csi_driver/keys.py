@@ -1,0 +1,164 @@
+"""Per-volume keys, derived or unsealed inside the guest.
+
+Two sources, in this order:
+
+1. an explicit per-volume passphrase carried as a *sealed* secret (NodePublishVolume
+   ``secrets["passphrase"]`` or ``volume_context["passphrase"]``); the guest unseals it. A
+   plaintext passphrase is refused: it would have passed through the host and etcd in clear.
+2. a KBS key resource named by the StorageClass parameter ``keyResource``
+   (``kbs:///repo/type/tag``). One resource serves every volume of the class; each volume
+   gets a distinct 256-bit key via HKDF-SHA256 with the volume id as ``info``, so learning
+   one volume's key reveals nothing about another's and the KBS holds a single secret.
+
+Inline ephemeral volumes without either source get a random key: their data dies with the
+pod, so nothing needs to reopen them.
+
+The resulting secret is the gocryptfs *password*, which wraps the volume's random master key
+in ``gocryptfs.conf``. Derived passwords are 256-bit random, so scrypt's brute-force hardening
+buys nothing and a low cost (logN 10) keeps publishing fast; human passphrases keep logN 16.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+from csi_driver import errors
+from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
+
+HKDF_SALT = b"coco-csi volume key v1"
+MIN_ROOT_KEY_BYTES = 16
+DERIVED_SCRYPT_LOGN = 10
+PASSPHRASE_SCRYPT_LOGN = 16
+
+
+class Resolver(Protocol):
+    """The sealed_secrets resolver contract (docs/architecture.md)."""
+
+    def get_resource(self, uri: str) -> bytes: ...
+
+    def unseal(self, sealed: str) -> bytes: ...
+
+
+@dataclass(frozen=True)
+class VolumeKey:
+    """The secret that opens one volume; its repr never shows the secret."""
+
+    password: bytes = field(repr=False)
+    source: str  # "kbs-derived" | "sealed-passphrase" | "ephemeral-random"
+    scrypt_logn: int
+
+    def __repr__(self) -> str:
+        return f"VolumeKey(source={self.source}, scrypt_logn={self.scrypt_logn})"
+
+
+def is_sealed(value: str) -> bool:
+    """True for CoCo sealed-secret strings; falls back to the prefix test if the
+    sealed_secrets package is not importable (only the prefix decides which path we take)."""
+    try:
+        from sealed_secrets.resolver import is_sealed as _is_sealed
+    except ImportError:
+        return value.startswith("sealed.")
+    return bool(_is_sealed(value))
+
+
+def derive_volume_password(root_key: bytes, volume_id: str) -> bytes:
+    """HKDF-SHA256(root_key, salt, info=volume_id) → 32 bytes, hex-encoded as the password.
+
+    Hex keeps the password a single text line (gocryptfs reads the first line of a passfile).
+    """
+    if len(root_key) < MIN_ROOT_KEY_BYTES:
+        raise errors.FailedPrecondition(
+            f"key resource is too short to derive volume keys (need >= {MIN_ROOT_KEY_BYTES} bytes)"
+        )
+    hkdf = HKDF(algorithm=hashes.SHA256(), length=32, salt=HKDF_SALT, info=volume_id.encode())
+    return hkdf.derive(root_key).hex().encode("ascii")
+
+
+def _map_resolver_error(exc: Exception, what: str) -> errors.CsiError:
+    """Turn a sealed_secrets failure into the CSI code kubelet reacts to sensibly."""
+    name = type(exc).__name__
+    names = {c.__name__ for c in type(exc).__mro__}
+    msg = f"{what}: {name}: {exc}"
+    if names & {"KbsUnavailable", "AttestationError"}:
+        return errors.Unavailable(msg)  # transient: kubelet retries
+    if names & {"Unauthorized", "PolicyDenied", "BadSignature", "UnknownKid", "WrongKey"}:
+        return errors.PermissionDenied(msg)
+    if "ResourceNotFound" in names:
+        return errors.FailedPrecondition(msg)
+    if names & {"MalformedSecret", "UnsupportedVersion", "UnsupportedType", "UnknownProvider"}:
+        return errors.InvalidArgument(msg)
+    return errors.FailedPrecondition(msg)
+
+
+def _check_key_resource(uri: str) -> str:
+    if not uri.startswith(("kbs:///", "kbs+")):
+        raise errors.InvalidArgument(f"{PARAM_KEY_RESOURCE} must be a kbs:/// resource URI")
+    return uri
+
+
+def _unseal(resolver: Resolver | None, value: str, what: str) -> bytes:
+    if resolver is None:
+        raise errors.FailedPrecondition(f"{what} is sealed but no key resolver is configured")
+    try:
+        return resolver.unseal(value)
+    except Exception as exc:  # resolver raises SealedSecretError subclasses
+        raise _map_resolver_error(exc, f"cannot unseal {what}") from None
+
+
+def resolve_volume_key(
+    volume_id: str,
+    volume_context: Mapping[str, str],
+    secrets: Mapping[str, str],
+    resolver: Resolver | None,
+    *,
+    ephemeral: bool = False,
+) -> VolumeKey:
+    """Pick the key source for a NodePublishVolume request and produce the volume's password."""
+    for where, source in (("secrets", secrets), ("volume_context", volume_context)):
+        value = source.get(PARAM_PASSPHRASE)
+        if value is None:
+            continue
+        if not is_sealed(value):
+            raise errors.InvalidArgument(
+                f"{where}[{PARAM_PASSPHRASE}] must be a sealed secret (sealed.*); "
+                "a plaintext passphrase would be visible outside the TEE"
+            )
+        password = _unseal(resolver, value, f"{where}[{PARAM_PASSPHRASE}]")
+        password = password.split(b"\n", 1)[0]
+        if not password:
+            raise errors.InvalidArgument(f"{where}[{PARAM_PASSPHRASE}] unseals to an empty value")
+        return VolumeKey(password, "sealed-passphrase", PASSPHRASE_SCRYPT_LOGN)
+
+    for where, source in (("secrets", secrets), ("volume_context", volume_context)):
+        ref = source.get(PARAM_KEY_RESOURCE)
+        if ref is None:
+            continue
+        if is_sealed(ref):
+            ref = _unseal(resolver, ref, f"{where}[{PARAM_KEY_RESOURCE}]").decode(
+                "utf-8", "replace"
+            )
+        uri = _check_key_resource(ref.strip())
+        if resolver is None:
+            raise errors.FailedPrecondition("volume needs a KBS key but no resolver is configured")
+        try:
+            root = resolver.get_resource(uri)
+        except Exception as exc:
+            raise _map_resolver_error(exc, f"cannot fetch key resource {uri}") from None
+        return VolumeKey(
+            derive_volume_password(root, volume_id), "kbs-derived", DERIVED_SCRYPT_LOGN
+        )
+
+    if ephemeral:
+        return VolumeKey(
+            os.urandom(32).hex().encode("ascii"), "ephemeral-random", DERIVED_SCRYPT_LOGN
+        )
+    raise errors.InvalidArgument(
+        f"volume has no key source: set the StorageClass parameter {PARAM_KEY_RESOURCE} "
+        f"or a sealed {PARAM_PASSPHRASE}"
+    )

@@ -1,0 +1,195 @@
+"""Mounters: how one volume's ciphertext directory becomes a plaintext FUSE mount.
+
+A Mounter knows its tool's command line; the MountSupervisor owns process lifetime. Keys go
+to the daemon on stdin only (never argv, never a file), so they do not show in
+/proc/*/cmdline or on disk. Two implementations share the gocryptfs on-disk format:
+
+* ``fuse-crypt`` (default): this project's daemon, `fuse-crypt mount --masterkey stdin`;
+  the node plugin unwraps the master key from gocryptfs.conf itself, so a wrong key is
+  reported before any process starts.
+* ``gocryptfs``: Debian's gocryptfs 2.3 as-is (password on stdin via -passfile /dev/stdin).
+
+Staging for block devices would add a third kind whose mount source is a device; the
+interface is per cipher location, not per directory, to leave room for that.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from abc import ABC, abstractmethod
+
+from csi_driver import errors
+from csi_driver.keys import VolumeKey
+
+CONF_NAME = "gocryptfs.conf"
+INIT_TIMEOUT = 60.0
+
+
+def _tool(name: str) -> str:
+    """Prefer the tool next to our interpreter (the venv), then $PATH."""
+    local = os.path.join(os.path.dirname(sys.executable), name)
+    if os.access(local, os.X_OK):
+        return local
+    found = shutil.which(name)
+    if not found:
+        raise errors.FailedPrecondition(f"{name} is not installed")
+    return found
+
+
+def _tail(text: str, lines: int = 3) -> str:
+    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    return " | ".join(kept[-lines:])[:400]
+
+
+class Mounter(ABC):
+    """One FUSE implementation of the gocryptfs format."""
+
+    name: str
+    fs_type: str  # fstype in /proc/self/mountinfo
+
+    def is_initialised(self, cipher_dir: str) -> bool:
+        return os.path.exists(os.path.join(cipher_dir, CONF_NAME))
+
+    def ensure_initialised(self, cipher_dir: str, key: VolumeKey) -> bool:
+        """Create gocryptfs.conf on first use; never touch an existing one. True if created."""
+        if self.is_initialised(cipher_dir):
+            return False
+        leftovers = [n for n in os.listdir(cipher_dir) if not n.startswith(".coco-csi")]
+        if leftovers:
+            raise errors.FailedPrecondition(
+                f"backing directory {cipher_dir} is not empty but has no {CONF_NAME}; "
+                "refusing to initialise over existing data"
+            )
+        self._init(cipher_dir, key)
+        if not self.is_initialised(cipher_dir):
+            raise errors.MountError(f"{self.name} init did not create {CONF_NAME}")
+        return True
+
+    def _run_init(self, argv: list[str], stdin: bytes, cipher_dir: str) -> None:
+        try:
+            res = subprocess.run(argv, input=stdin, capture_output=True, timeout=INIT_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            raise errors.MountError(f"{self.name} init timed out for {cipher_dir}") from None
+        if res.returncode != 0:
+            detail = _tail(res.stderr.decode("utf-8", "replace"))
+            raise errors.MountError(f"{self.name} init failed for {cipher_dir}: {detail}")
+
+    @abstractmethod
+    def _init(self, cipher_dir: str, key: VolumeKey) -> None: ...
+
+    @abstractmethod
+    def command(
+        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+    ) -> list[str]:
+        """argv of a foreground mount daemon that reads its key from stdin."""
+
+    @abstractmethod
+    def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
+        """What to write to the daemon's stdin (raises WrongVolumeKey if checkable)."""
+
+    def failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
+        return errors.MountError(
+            f"{self.name} exited with code {returncode} for {cipher_dir}: {log_tail}"
+        )
+
+
+class GocryptfsMounter(Mounter):
+    """Debian's gocryptfs binary (2.3): -passfile /dev/stdin for both init and mount."""
+
+    name = "gocryptfs"
+    fs_type = "fuse.gocryptfs"
+    EXIT_PASSWORD_INCORRECT = 12
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary
+
+    def _bin(self) -> str:
+        return self.binary or _tool("gocryptfs")
+
+    def _init(self, cipher_dir: str, key: VolumeKey) -> None:
+        argv = [self._bin(), "-init", "-q", "-scryptn", str(key.scrypt_logn)]
+        argv += ["-passfile", "/dev/stdin", "--", cipher_dir]
+        self._run_init(argv, key.password, cipher_dir)
+
+    def command(
+        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+    ) -> list[str]:
+        argv = [self._bin(), "-fg", "-nosyslog", "-q", "-passfile", "/dev/stdin"]
+        if readonly:
+            argv.append("-ro")
+        if allow_other:
+            argv.append("-allow_other")
+        return [*argv, "--", cipher_dir, target]
+
+    def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
+        return key.password
+
+    def failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
+        if returncode == self.EXIT_PASSWORD_INCORRECT:
+            return errors.WrongVolumeKey(f"the volume key does not open {cipher_dir}")
+        return super().failure(returncode, log_tail, cipher_dir)
+
+
+class FuseCryptMounter(Mounter):
+    """This project's `fuse-crypt` daemon, fed the unwrapped master key on stdin."""
+
+    name = "fuse-crypt"
+    fs_type = "fuse.fuse-crypt"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary
+
+    def _bin(self) -> str:
+        return self.binary or _tool("fuse-crypt")
+
+    def _init(self, cipher_dir: str, key: VolumeKey) -> None:
+        argv = [self._bin(), "init", "--passfile", "/dev/stdin"]
+        argv += ["--scryptn", str(key.scrypt_logn), cipher_dir]
+        self._run_init(argv, key.password, cipher_dir)
+
+    def command(
+        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+    ) -> list[str]:
+        argv = [self._bin(), "mount", "--foreground", "--masterkey", "stdin"]
+        if readonly:
+            argv.append("--ro")
+        if allow_other:
+            argv.append("--allow-other")
+        return [*argv, cipher_dir, target]
+
+    def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
+        from fuse_crypt.configfile import ConfFile, format_master_key
+        from fuse_crypt.errors import FuseCryptError, WrongKeyError
+
+        try:
+            with open(os.path.join(cipher_dir, CONF_NAME), "rb") as f:
+                conf = ConfFile.loads(f.read())
+            master = conf.unlock(key.password)
+        except WrongKeyError:
+            raise errors.WrongVolumeKey(f"the volume key does not open {cipher_dir}") from None
+        except FuseCryptError as exc:
+            raise errors.FailedPrecondition(
+                f"unusable {CONF_NAME} in {cipher_dir}: {type(exc).__name__}: {exc}"
+            ) from None
+        except OSError as exc:
+            raise errors.NotFound(
+                f"cannot read {CONF_NAME} in {cipher_dir}: {exc.strerror}"
+            ) from None
+        return (format_master_key(master) + "\n").encode("ascii")
+
+
+MOUNTERS: dict[str, type[Mounter]] = {
+    FuseCryptMounter.name: FuseCryptMounter,
+    GocryptfsMounter.name: GocryptfsMounter,
+}
+DEFAULT_MOUNTER = FuseCryptMounter.name
+
+
+def make_mounter(name: str) -> Mounter:
+    try:
+        return MOUNTERS[name]()
+    except KeyError:
+        raise ValueError(f"unknown mounter {name!r} (choose from {', '.join(MOUNTERS)})") from None

@@ -1,0 +1,80 @@
+"""Node service (thin): protobuf ↔ NodeCore."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from coco_proto import csi_pb2, csi_pb2_grpc
+from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.rpc import csi_rpc
+
+RPC = csi_pb2.NodeServiceCapability.RPC.Type
+Unit = csi_pb2.VolumeUsage.Unit
+
+
+class NodeServicer(csi_pb2_grpc.NodeServicer):
+    def __init__(self, core: NodeCore) -> None:
+        self.core = core
+        self.metrics = core.metrics
+
+    @csi_rpc("NodeGetCapabilities")
+    def NodeGetCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
+        caps = [
+            csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
+            for t in (RPC.GET_VOLUME_STATS,)
+        ]
+        return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
+
+    @csi_rpc("NodeGetInfo")
+    def NodeGetInfo(self, request, context: grpc.ServicerContext):  # noqa: N802
+        return csi_pb2.NodeGetInfoResponse(
+            node_id=self.core.node_id, max_volumes_per_node=self.core.max_volumes
+        )
+
+    @csi_rpc("NodePublishVolume")
+    def NodePublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+        start = time.perf_counter()
+        req = PublishRequest(
+            volume_id=request.volume_id,
+            target_path=request.target_path,
+            capability=request.volume_capability if request.HasField("volume_capability") else None,
+            readonly=request.readonly,
+            secrets=dict(request.secrets),
+            volume_context=dict(request.volume_context),
+            staging_target_path=request.staging_target_path,
+        )
+        try:
+            self.core.publish(req)
+        except Exception:
+            self.metrics.publishes.labels("error").inc()
+            raise
+        self.metrics.publishes.labels("ok").inc()
+        self.metrics.publish_seconds.observe(time.perf_counter() - start)
+        return csi_pb2.NodePublishVolumeResponse()
+
+    @csi_rpc("NodeUnpublishVolume")
+    def NodeUnpublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+        self.core.unpublish(request.volume_id, request.target_path)
+        return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @csi_rpc("NodeGetVolumeStats")
+    def NodeGetVolumeStats(self, request, context: grpc.ServicerContext):  # noqa: N802
+        st = self.core.stats(request.volume_id, request.volume_path)
+        return csi_pb2.NodeGetVolumeStatsResponse(
+            usage=[
+                csi_pb2.VolumeUsage(
+                    unit=Unit.BYTES,
+                    total=st.bytes_total,
+                    available=st.bytes_available,
+                    used=st.bytes_used,
+                ),
+                csi_pb2.VolumeUsage(
+                    unit=Unit.INODES,
+                    total=st.inodes_total,
+                    available=st.inodes_available,
+                    used=st.inodes_used,
+                ),
+            ]
+        )

@@ -1,0 +1,305 @@
+"""Mount supervisor: one foreground daemon per published volume, watched and restarted.
+
+Daemons run in their own session so they outlive the node plugin: a plugin upgrade or crash
+must not take every pod's volume down with it. A restarted plugin re-adopts them by pid
+(see core/node.py recovery). While the plugin holds a volume's key in memory (it does for
+everything it mounted itself), a daemon that dies is cleaned up and restarted with backoff;
+an adopted daemon that dies is only cleaned up (its key is gone with the old plugin), so
+kubelet's next NodePublishVolume mounts it afresh instead of hitting ENOTCONN.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from csi_driver import errors, mountinfo
+from csi_driver.keys import VolumeKey
+from csi_driver.mounter import Mounter
+
+log = logging.getLogger(__name__)
+
+READY_TIMEOUT = 30.0
+STOP_TIMEOUT = 10.0
+MAX_RESTARTS = 3
+RESTART_WINDOW = 60.0
+
+
+@dataclass
+class MountHandle:
+    """A supervised mount daemon serving ``target``."""
+
+    target: str
+    cipher_dir: str
+    mounter: str
+    readonly: bool
+    pid: int
+    proc: subprocess.Popen[bytes] | None = None  # None for daemons adopted after a restart
+    key: VolumeKey | None = field(default=None, repr=False)
+    stopping: bool = False
+    dead: bool = False
+    restarts: list[float] = field(default_factory=list)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def pid_serves(pid: int, target: str) -> bool:
+    """Guards against pid reuse: the process's argv must name the mount target."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except OSError:
+        return False
+    return os.fsencode(target) in argv
+
+
+class MountSupervisor:
+    """Starts, stops, adopts and watches mount daemons."""
+
+    def __init__(
+        self,
+        mounters: dict[str, Mounter],
+        log_dir: str,
+        *,
+        allow_other: bool = True,
+        on_change: Callable[[], None] | None = None,
+        on_restart: Callable[[], None] | None = None,
+        monitor_interval: float = 0.5,
+    ) -> None:
+        self.mounters = mounters
+        self.log_dir = log_dir
+        self.allow_other = allow_other
+        self.on_change = on_change or (lambda: None)
+        self.on_restart = on_restart or (lambda: None)
+        self._handles: dict[str, MountHandle] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        os.makedirs(log_dir, mode=0o700, exist_ok=True)
+        self._thread = threading.Thread(
+            target=self._monitor, args=(monitor_interval,), name="mount-monitor", daemon=True
+        )
+        self._thread.start()
+
+    # -- queries -------------------------------------------------------------------------
+
+    def get(self, target: str) -> MountHandle | None:
+        with self._lock:
+            return self._handles.get(target)
+
+    def handles(self) -> list[MountHandle]:
+        with self._lock:
+            return list(self._handles.values())
+
+    def log_path(self, target: str) -> str:
+        digest = hashlib.sha256(target.encode()).hexdigest()[:16]
+        return os.path.join(self.log_dir, f"mount-{digest}.log")
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(
+        self, target: str, cipher_dir: str, mounter_name: str, key: VolumeKey, *, readonly: bool
+    ) -> MountHandle:
+        """Spawn the daemon and return once the kernel mount is live (or raise)."""
+        mounter = self.mounters[mounter_name]
+        proc = self._spawn(mounter, target, cipher_dir, key, readonly)
+        handle = MountHandle(
+            target, cipher_dir, mounter_name, readonly, proc.pid, proc=proc, key=key
+        )
+        with self._lock:
+            self._handles[target] = handle
+        return handle
+
+    def _spawn(
+        self, mounter: Mounter, target: str, cipher_dir: str, key: VolumeKey, readonly: bool
+    ) -> subprocess.Popen[bytes]:
+        stdin_data = mounter.stdin_for(cipher_dir, key)
+        argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
+        logf = open(self.log_path(target), "ab")  # noqa: SIM115 - handed to the child
+        start_offset = logf.tell()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.PIPE,
+                stdout=logf,
+                stderr=logf,
+                start_new_session=True,
+                close_fds=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        finally:
+            logf.close()
+        try:
+            assert proc.stdin is not None
+            proc.stdin.write(stdin_data)
+            proc.stdin.close()
+        except BrokenPipeError:
+            pass
+        self._wait_ready(proc, mounter, target, cipher_dir, start_offset)
+        return proc
+
+    def _log_tail(self, target: str, offset: int) -> str:
+        try:
+            with open(self.log_path(target), "rb") as f:
+                f.seek(offset)
+                text = f.read(64 * 1024).decode("utf-8", "replace")
+        except OSError:
+            return ""
+        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        return " | ".join(kept[-3:])[:400]
+
+    def _wait_ready(
+        self,
+        proc: subprocess.Popen[bytes],
+        mounter: Mounter,
+        target: str,
+        cipher_dir: str,
+        log_offset: int,
+    ) -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        delay = 0.001
+        while True:
+            entry = mountinfo.mount_entry(target)
+            if entry is not None and entry.fs_type.startswith("fuse"):
+                return
+            rc = proc.poll()
+            if rc is not None:
+                raise mounter.failure(rc, self._log_tail(target, log_offset), cipher_dir)
+            if time.monotonic() > deadline:
+                self._kill(proc.pid)
+                proc.wait(timeout=STOP_TIMEOUT)
+                raise errors.MountError(
+                    f"{mounter.name} did not mount {target} within {READY_TIMEOUT:.0f}s"
+                )
+            time.sleep(delay)
+            delay = min(delay * 1.5, 0.02)
+
+    def adopt(
+        self, target: str, cipher_dir: str, mounter_name: str, pid: int, *, readonly: bool
+    ) -> MountHandle:
+        """Take over a daemon started by a previous plugin instance."""
+        handle = MountHandle(target, cipher_dir, mounter_name, readonly, pid)
+        with self._lock:
+            self._handles[target] = handle
+        return handle
+
+    def forget(self, target: str) -> None:
+        with self._lock:
+            self._handles.pop(target, None)
+
+    def stop(self, target: str) -> None:
+        """Unmount ``target`` and make sure its daemon is gone; idempotent."""
+        with self._lock:
+            handle = self._handles.get(target)
+            if handle is not None:
+                handle.stopping = True
+        if mountinfo.mount_entry(target) is not None:
+            try:
+                mountinfo.unmount(target)
+            except OSError:
+                log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
+                mountinfo.unmount(target, lazy=True)
+        if handle is not None:
+            self._reap(handle)
+        self.forget(target)
+
+    def _reap(self, handle: MountHandle) -> None:
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while time.monotonic() < deadline:
+            if handle.proc is not None:
+                if handle.proc.poll() is not None:
+                    return
+            elif not pid_alive(handle.pid) or not pid_serves(handle.pid, handle.target):
+                return
+            time.sleep(0.005)
+        self._kill(handle.pid)
+        if handle.proc is not None:
+            handle.proc.wait(timeout=STOP_TIMEOUT)
+
+    @staticmethod
+    def _kill(pid: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+    def shutdown(self, *, unmount: bool = False) -> None:
+        """Stop watching; with ``unmount`` also stop every daemon (tests, demo)."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if unmount:
+            for handle in self.handles():
+                try:
+                    self.stop(handle.target)
+                except OSError as exc:
+                    log.error(
+                        "unmount failed", extra={"fields": {"target": handle.target, "err": exc}}
+                    )
+
+    # -- monitoring ----------------------------------------------------------------------
+
+    def _alive(self, handle: MountHandle) -> bool:
+        if handle.proc is not None:
+            return handle.proc.poll() is None
+        return pid_alive(handle.pid) and pid_serves(handle.pid, handle.target)
+
+    def _monitor(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            for handle in self.handles():
+                if handle.stopping or handle.dead or self._alive(handle):
+                    continue
+                try:
+                    self._recover(handle)
+                except Exception:  # never let the watcher die
+                    log.exception(
+                        "mount recovery failed", extra={"fields": {"target": handle.target}}
+                    )
+
+    def _recover(self, handle: MountHandle) -> None:
+        fields = {"target": handle.target, "pid": handle.pid}
+        log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
+        if mountinfo.mount_entry(handle.target) is not None:
+            mountinfo.unmount(handle.target, lazy=True)
+        now = time.monotonic()
+        handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
+        if handle.key is None or len(handle.restarts) >= MAX_RESTARTS:
+            handle.dead = True
+            log.error("mount left down; next NodePublishVolume remounts", extra={"fields": fields})
+            self.on_change()
+            return
+        with self._lock:
+            if handle.stopping:
+                return
+        handle.restarts.append(now)
+        time.sleep(min(0.2 * 2 ** len(handle.restarts), 5.0))
+        mounter = self.mounters[handle.mounter]
+        try:
+            proc = self._spawn(
+                mounter, handle.target, handle.cipher_dir, handle.key, handle.readonly
+            )
+        except errors.CsiError as exc:
+            log.error("mount restart failed", extra={"fields": {**fields, "err": exc}})
+            return
+        handle.proc, handle.pid = proc, proc.pid
+        self.on_restart()
+        log.info(
+            "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}
+        )
+        self.on_change()
