@@ -1,0 +1,349 @@
+"""Open files: the per-inode table, and content read / write / truncate.
+
+State is keyed by the backing inode, not by the FUSE handle or path, because hard
+links and several opens of one file share one ciphertext: they must share one
+readers-writer lock (block read-modify-write is not atomic) and one cached file ID.
+Per-handle state is just (backend handle, inode entry, path for log lines).
+
+Write and truncate follow gocryptfs (``file.go``, ``file_allocate_truncate.go``) so
+the on-disk result is what gocryptfs itself would produce: partial blocks are
+rewritten with a fresh nonce, a write beyond EOF first zero-pads the old last block
+and leaves the blocks in between as holes, and a header-only file gets a new file ID.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+from typing import Any
+
+from ..backend.base import StorageBackend
+from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
+from ..errors import CorruptDataError
+from .rwlock import RWLock
+
+log = logging.getLogger("fuse_crypt.fusefrontend")
+
+_ZERO_BLOCK = bytes(PLAIN_BS)
+FALLOC_FL_KEEP_SIZE = 0x01
+
+
+class InodeEntry:
+    """Shared state of one backing inode while at least one handle is open."""
+
+    __slots__ = ("file_id", "key", "lock", "refs")
+
+    def __init__(self, key: tuple[int, int]) -> None:
+        self.key = key
+        self.lock = RWLock()
+        self.file_id: bytes | None = None
+        self.refs = 0
+
+
+class OpenFile:
+    """One FUSE file handle."""
+
+    __slots__ = ("entry", "handle", "path", "writable")
+
+    def __init__(self, handle: Any, entry: InodeEntry, path: str, writable: bool) -> None:
+        self.handle = handle
+        self.entry = entry
+        self.path = path
+        self.writable = writable
+
+
+def _eio(path: str, what: str, block: int | None = None) -> OSError:
+    if block is None:
+        log.warning("event=corrupt_data path=%s what=%s", path, what)
+    else:
+        log.warning("event=corrupt_block path=%s block=%d what=%s", path, block, what)
+    return OSError(errno.EIO, "corrupt ciphertext")
+
+
+class FileTable:
+    """Open-file table plus the content algorithms that need it."""
+
+    def __init__(self, backend: StorageBackend, enc: ContentEnc) -> None:
+        self.backend = backend
+        self.enc = enc
+        self._lock = threading.Lock()
+        self._inodes: dict[tuple[int, int], InodeEntry] = {}
+        self._handles: dict[int, OpenFile] = {}
+        self._next_fh = 1
+
+    # -- table ------------------------------------------------------------------------
+
+    def open(self, cpath: str, flags: int, mode: int, plain_path: str, writable: bool) -> int:
+        """Open ``cpath`` in the backend and register a handle; returns the FUSE fh."""
+        handle = self.backend.open(cpath, flags, mode)
+        try:
+            st = self.backend.fstat(handle)
+        except BaseException:
+            self.backend.close(handle)
+            raise
+        key = (st.dev, st.ino)
+        with self._lock:
+            entry = self._inodes.get(key)
+            if entry is None:
+                entry = self._inodes[key] = InodeEntry(key)
+            entry.refs += 1
+            fh = self._next_fh
+            self._next_fh += 1
+            self._handles[fh] = OpenFile(handle, entry, plain_path, writable)
+        return fh
+
+    def get(self, fh: int) -> OpenFile:
+        of = self._handles.get(fh)
+        if of is None:
+            raise OSError(errno.EBADF, "unknown file handle")
+        return of
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            of = self._handles.pop(fh, None)
+            if of is None:
+                return
+            entry = of.entry
+            entry.refs -= 1
+            if entry.refs == 0:
+                self._inodes.pop(entry.key, None)
+        self.backend.close(of.handle)
+
+    def close_all(self) -> None:
+        with self._lock:
+            handles = list(self._handles.values())
+            self._handles.clear()
+            self._inodes.clear()
+        for of in handles:
+            with contextlib.suppress(OSError):
+                self.backend.close(of.handle)
+
+    def open_count(self) -> int:
+        return len(self._handles)
+
+    # -- helpers (caller holds the inode lock) -------------------------------------------
+
+    def _file_id(self, of: OpenFile) -> bytes | None:
+        """Cached file ID, reading the header if needed; None for an empty file."""
+        fid = of.entry.file_id
+        if fid is not None:
+            return fid
+        hdr = self.backend.pread(of.handle, HEADER_LEN, 0)
+        if not hdr:
+            return None
+        try:
+            fid = self.enc.parse_header(hdr)
+        except CorruptDataError:
+            raise _eio(of.path, "header") from None
+        of.entry.file_id = fid
+        return fid
+
+    def _read_blocks(self, of: OpenFile, fid: bytes, first: int, count: int) -> bytes:
+        data = self.backend.pread(of.handle, count * CIPHER_BS, HEADER_LEN + first * CIPHER_BS)
+        if not data:
+            return b""
+        try:
+            return self.enc.decrypt_blocks(first, data, fid)
+        except CorruptDataError:
+            raise _eio(of.path, "block", first) from None
+
+    def _new_header(self, of: OpenFile) -> bytes:
+        hdr, fid = self.enc.new_header()
+        self.backend.pwrite(of.handle, hdr, 0)
+        of.entry.file_id = fid
+        return fid
+
+    # -- read ---------------------------------------------------------------------------
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        of = self.get(fh)
+        if size <= 0:
+            return b""
+        first = offset // PLAIN_BS
+        last = -(-(offset + size) // PLAIN_BS)
+        lock = of.entry.lock
+        lock.acquire_read()
+        try:
+            fid = of.entry.file_id
+            if fid is None and first == 0:
+                # Cold start at offset 0: header and blocks in one pread.
+                buf = self.backend.pread(of.handle, HEADER_LEN + last * CIPHER_BS, 0)
+                if len(buf) <= HEADER_LEN:
+                    if 0 < len(buf) < HEADER_LEN:
+                        raise _eio(of.path, "truncated header")
+                    return b""
+                try:
+                    fid = self.enc.parse_header(buf[:HEADER_LEN])
+                except CorruptDataError:
+                    raise _eio(of.path, "header") from None
+                of.entry.file_id = fid
+                data = memoryview(buf)[HEADER_LEN:]
+            else:
+                if fid is None:
+                    fid = self._file_id(of)
+                    if fid is None:
+                        return b""
+                data = self.backend.pread(
+                    of.handle, (last - first) * CIPHER_BS, HEADER_LEN + first * CIPHER_BS
+                )
+                if not data:
+                    return b""
+            try:
+                plain = self.enc.decrypt_blocks(first, data, fid)
+            except CorruptDataError as e:
+                raise _eio(of.path, str(e), first) from None
+        finally:
+            lock.release_read()
+        skip = offset - first * PLAIN_BS
+        if skip == 0 and len(plain) <= size:
+            return plain
+        return plain[skip : skip + size]
+
+    # -- write --------------------------------------------------------------------------
+
+    def write(self, fh: int, data: bytes, offset: int) -> int:
+        of = self.get(fh)
+        if not of.writable:
+            raise OSError(errno.EBADF, "handle not open for writing")
+        if not data:
+            return 0
+        lock = of.entry.lock
+        lock.acquire_write()
+        try:
+            self._write_locked(of, data, offset)
+        finally:
+            lock.release_write()
+        return len(data)
+
+    def _pad_last_block(self, of: OpenFile, fid: bytes, psize: int) -> None:
+        """writePadHole/zeroPad: fill the partial last block up to 4096 bytes so the
+        blocks after it can be holes."""
+        lb = psize // PLAIN_BS
+        old = self._read_blocks(of, fid, lb, 1)
+        padded = old + _ZERO_BLOCK[len(old) :]
+        self.backend.pwrite(
+            of.handle, self.enc.encrypt_blocks(lb, padded, fid), HEADER_LEN + lb * CIPHER_BS
+        )
+
+    def _write_locked(self, of: OpenFile, data: bytes, offset: int) -> None:
+        backend = self.backend
+        csize = backend.fstat(of.handle).size
+        if csize <= HEADER_LEN:
+            # Empty or header-only: always a fresh file ID (audit: file ID poisoning).
+            fid = self._new_header(of)
+            psize = 0
+        else:
+            fid = self._file_id(of)
+            assert fid is not None
+            psize = self.enc.plain_size(csize, strict=False)
+        if offset > psize and psize % PLAIN_BS and offset // PLAIN_BS > psize // PLAIN_BS:
+            self._pad_last_block(of, fid, psize)
+            psize = (psize // PLAIN_BS + 1) * PLAIN_BS
+
+        n = len(data)
+        first = offset // PLAIN_BS
+        end = offset + n
+        last = -(-end // PLAIN_BS)
+        head = offset - first * PLAIN_BS
+        tail_end = end - (last - 1) * PLAIN_BS  # bytes of the last block we cover
+        need_first = head > 0 and first * PLAIN_BS < psize
+        need_last = tail_end < PLAIN_BS and end < psize
+        if last - first == 1:
+            if need_first or need_last:
+                old = self._read_blocks(of, fid, first, 1)
+                prefix = old[:head]
+                if len(prefix) < head:
+                    prefix += bytes(head - len(prefix))
+                buf = prefix + data + old[tail_end:]
+            elif head:
+                buf = bytes(head) + data
+            else:
+                buf = data
+        else:
+            parts: list[bytes] = []
+            if head:
+                prefix = self._read_blocks(of, fid, first, 1)[:head] if need_first else b""
+                if len(prefix) < head:
+                    prefix += bytes(head - len(prefix))
+                parts.append(prefix)
+            parts.append(data)
+            if need_last:
+                parts.append(self._read_blocks(of, fid, last - 1, 1)[tail_end:])
+            buf = b"".join(parts) if len(parts) > 1 else data
+        ct = self.enc.encrypt_blocks(first, buf, fid)
+        backend.pwrite(of.handle, ct, HEADER_LEN + first * CIPHER_BS)
+
+    # -- truncate / fallocate -------------------------------------------------------------
+
+    def truncate(self, fh: int, size: int) -> None:
+        of = self.get(fh)
+        if size < 0:
+            raise OSError(errno.EINVAL, "negative size")
+        lock = of.entry.lock
+        lock.acquire_write()
+        try:
+            self._truncate_locked(of, size)
+        finally:
+            lock.release_write()
+
+    def _truncate_locked(self, of: OpenFile, size: int) -> None:
+        backend = self.backend
+        csize = backend.fstat(of.handle).size
+        if size == 0:
+            if csize:
+                backend.ftruncate(of.handle, 0)
+            of.entry.file_id = None
+            return
+        psize = self.enc.plain_size(csize, strict=False)
+        if size == psize and csize > HEADER_LEN:
+            return
+        if size < psize:
+            fid = self._file_id(of)
+            assert fid is not None
+            lb, rem = divmod(size, PLAIN_BS)
+            keep = self._read_blocks(of, fid, lb, 1)[:rem] if rem else b""
+            backend.ftruncate(of.handle, HEADER_LEN + lb * CIPHER_BS)
+            if rem:
+                backend.pwrite(
+                    of.handle, self.enc.encrypt_blocks(lb, keep, fid), HEADER_LEN + lb * CIPHER_BS
+                )
+            return
+        # Grow.
+        if size % PLAIN_BS:
+            # One zero byte at size-1: the write path pads the old last block and
+            # leaves any blocks in between as holes (or does RMW within the block).
+            self._write_locked(of, b"\0", size - 1)
+            return
+        if csize <= HEADER_LEN:
+            fid = self._new_header(of)
+        else:
+            fid = self._file_id(of)
+            assert fid is not None
+            if psize % PLAIN_BS:
+                self._pad_last_block(of, fid, psize)
+        backend.ftruncate(of.handle, self.enc.cipher_size(size))
+
+    def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
+        of = self.get(fh)
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise OSError(errno.EOPNOTSUPP, "only plain allocation is supported")
+        if mode & FALLOC_FL_KEEP_SIZE:
+            return  # reservation only: an optimisation we may skip
+        lock = of.entry.lock
+        lock.acquire_write()
+        try:
+            csize = self.backend.fstat(of.handle).size
+            if offset + length > self.enc.plain_size(csize, strict=False):
+                self._truncate_locked(of, offset + length)
+        finally:
+            lock.release_write()
+
+    # -- attributes -----------------------------------------------------------------------
+
+    def fstat(self, fh: int) -> Any:
+        return self.backend.fstat(self.get(fh).handle)
+
+    def fsync(self, fh: int, datasync: bool) -> None:
+        self.backend.fsync(self.get(fh).handle, datasync)

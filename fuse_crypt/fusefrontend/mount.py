@@ -1,0 +1,226 @@
+"""``serve()``: mount a volume with libfuse3 (via mfusepy) and run the request loop.
+
+Readiness: libfuse calls ``init`` after ``mount(2)`` but *before* the kernel accepts
+requests, so ``on_ready`` fires from a watcher thread once ``init`` ran and the
+mount point really shows a different device than its parent (a stat there then
+goes through our own, already running, loop).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from . import _libfuse  # noqa: F401  (selects libfuse3 before mfusepy loads)
+
+import mfusepy  # isort: skip
+
+from ..backend.base import StorageBackend
+from ..configfile import ConfFile
+from ..contentenc import ContentEnc
+from ..cryptocore import CryptoCore
+from ..errors import (
+    ConfigError,
+    CorruptDataError,
+    FuseCryptError,
+    InvalidNameError,
+    NameTooLongError,
+)
+from ..nametransform import NameTransform
+from .operations import MAX_IO, CryptOperations
+
+log = logging.getLogger("fuse_crypt.fusefrontend")
+
+_READ_AHEAD_KB = 1024
+
+
+class CryptFUSE(mfusepy.FUSE):
+    """mfusepy's FUSE with three fixes we need.
+
+    * errors: our typed exceptions become errno values here, in one place, and
+      unexpected exceptions are logged without their arguments (which may hold
+      plaintext) and answered with EIO;
+    * ``rename`` passes renameat2 flags (mfusepy drops them, which would turn
+      RENAME_NOREPLACE into a silent overwrite);
+    * ``truncate`` passes the file handle (ftruncate on an unlinked open file).
+    """
+
+    def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> int:
+        try:
+            return func(*args, **kwargs) or 0
+        except OSError as e:
+            if isinstance(e.errno, int) and e.errno > 0:
+                return -e.errno
+            log.error("event=bad_errno op=%s", func.__name__)
+            return -errno.EIO
+        except CorruptDataError:
+            log.warning("event=corrupt_data op=%s path=%s", func.__name__, _path_arg(args))
+            return -errno.EIO
+        except NameTooLongError:
+            return -errno.ENAMETOOLONG
+        except InvalidNameError:
+            return -errno.EINVAL
+        except Exception as e:
+            if func.__name__.startswith("init"):
+                raise
+            log.error(
+                "event=internal_error op=%s path=%s error=%s",
+                func.__name__,
+                _path_arg(args),
+                type(e).__name__,
+                exc_info=log.isEnabledFor(logging.DEBUG),
+            )
+            return -errno.EIO
+        except BaseException as e:
+            self._FUSE__critical_exception = e  # what mfusepy re-raises after the loop
+            log.critical("event=fatal op=%s error=%s", func.__name__, type(e).__name__)
+            mfusepy.fuse_exit()
+            return -errno.EFAULT
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        return self.operations.rename(
+            old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
+        )
+
+    def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
+        fh = fip.contents.fh if fip else None
+        p = None if path is None else path.decode(self.encoding, self.errors)
+        return self.operations.truncate(p, length, fh)
+
+
+def _path_arg(args: tuple[Any, ...]) -> str:
+    if args and isinstance(args[0], bytes):
+        return args[0].decode("utf-8", "backslashreplace")
+    return "-"
+
+
+def _tune_readahead(mountpoint: str) -> None:
+    """Raise the mount's readahead window (default 128 KiB) so sequential reads
+    arrive as 1 MiB requests: per-request overhead dominates in Python.  Best effort
+    (needs root and sysfs); failure only costs throughput."""
+    try:
+        dev = os.stat(mountpoint).st_dev
+        path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
+        with open(path, "w") as f:
+            f.write(str(_READ_AHEAD_KB))
+    except OSError as e:
+        log.debug("event=readahead_not_tuned errno=%s", e.errno)
+
+
+def _watch_ready(
+    ops: CryptOperations,
+    mountpoint: str,
+    done: threading.Event,
+    on_ready: Callable[[], None] | None,
+) -> None:
+    while not ops.initialized.wait(0.05):
+        if done.is_set():
+            return
+    while not done.is_set():
+        try:
+            if os.path.ismount(mountpoint):
+                break
+        except OSError:
+            pass
+        done.wait(0.01)
+    else:
+        return
+    _tune_readahead(mountpoint)
+    log.info("event=mounted mountpoint=%s", mountpoint)
+    if on_ready is not None:
+        try:
+            on_ready()
+        except Exception as e:
+            log.error("event=on_ready_failed error=%s", type(e).__name__)
+
+
+def build_operations(
+    backend: StorageBackend,
+    master_key: bytes,
+    conf: ConfFile | None,
+    *,
+    read_only: bool = False,
+) -> tuple[CryptOperations, CryptoCore]:
+    """Keys and name options from the conf (or gocryptfs defaults for a bare
+    master key) → the Operations object; checks the root dir IV up front so a
+    wrong cipher directory fails before anything is mounted."""
+    if conf is not None:
+        core = conf.new_core(master_key)
+        nt = conf.name_transform(core)
+        use_diriv = conf.has("DirIV")
+    else:
+        core = CryptoCore(master_key)
+        nt = NameTransform(core)
+        use_diriv = True
+    ops = CryptOperations(backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only)
+    try:
+        ops.paths.dir_iv("")
+    except (CorruptDataError, OSError) as e:
+        core.wipe()
+        raise ConfigError("cipher directory has no valid root gocryptfs.diriv") from e
+    return ops, core
+
+
+def serve(
+    backend: StorageBackend,
+    master_key: bytes,
+    conf: ConfFile | None,
+    mountpoint: str,
+    *,
+    read_only: bool = False,
+    foreground: bool = True,
+    fsname: str = "fuse-crypt",
+    on_ready: Callable[[], None] | None = None,
+    allow_other: bool = False,
+) -> None:
+    """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM).
+
+    ``foreground`` is accepted for the contract; this call always runs the loop in
+    the calling process (daemonizing a threaded Python process is the CLI's job,
+    done before keys are loaded).  Raises ``ConfigError`` for an unusable cipher
+    directory and ``OSError`` if the mount point is unusable or libfuse fails.
+    The caller keeps ownership of ``backend``.
+    """
+    del foreground
+    mountpoint = os.path.abspath(mountpoint)
+    if not os.path.isdir(mountpoint):
+        raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
+    if mfusepy.fuse_version_major != 3:
+        raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
+    ops, core = build_operations(backend, master_key, conf, read_only=read_only)
+    options: dict[str, Any] = {
+        "fsname": fsname,
+        "subtype": "fuse-crypt",
+        "max_read": MAX_IO,
+    }
+    if read_only:
+        options["ro"] = True
+    if allow_other:
+        # The daemon runs as root for other users: let the kernel check modes.
+        options["allow_other"] = True
+        options["default_permissions"] = True
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_ready,
+        args=(ops, mountpoint, done, on_ready),
+        name="fuse-crypt-ready",
+        daemon=True,
+    )
+    watcher.start()
+    log.info("event=mounting mountpoint=%s read_only=%s", mountpoint, read_only)
+    try:
+        CryptFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+    except RuntimeError as e:
+        raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
+    finally:
+        done.set()
+        ops.files.close_all()
+        core.wipe()
+        with contextlib.suppress(RuntimeError):
+            watcher.join(1.0)
+        log.info("event=unmounted mountpoint=%s", mountpoint)

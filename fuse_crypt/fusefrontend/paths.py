@@ -1,0 +1,178 @@
+"""Plaintext paths → cipher paths: dir IVs, name encryption, long names, caches.
+
+The kernel hands the high-level FUSE API full plaintext paths, so every operation
+starts here.  Encrypting a name costs an EME call and every directory needs its IV
+read from the backend, which would dominate small-file workloads; both results are
+cached.  A name's cipher form depends only on its own directory's IV, so cached
+entries stay correct until a directory is removed or renamed (its path may then
+map to a different IV); those operations call :meth:`PathMapper.invalidate`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import threading
+
+from ..backend.base import StorageBackend
+from ..errors import CorruptDataError, InvalidNameError, NameTooLongError
+from ..nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+
+log = logging.getLogger("fuse_crypt.fusefrontend")
+
+_CACHE_MAX = 8192
+_ZERO_IV = bytes(16)
+
+
+def join(cdir: str, name: str) -> str:
+    """Join a cipher directory path and an on-disk name ("" is the root)."""
+    return f"{cdir}/{name}" if cdir else name
+
+
+def split_plain(path: str) -> tuple[str, str]:
+    """'/a/b' -> ('/a', 'b'); '/b' -> ('/', 'b')."""
+    parent, _, name = path.rpartition("/")
+    return parent or "/", name
+
+
+class PathMapper:
+    """Maps plaintext FUSE paths to backend cipher paths for one volume.
+
+    ``nt`` is None for ``PlaintextNames`` volumes (names stored as-is, no dir IVs).
+    ``use_diriv`` is False for deterministic-name volumes (IV = 16 zero bytes).
+    """
+
+    def __init__(
+        self, backend: StorageBackend, nt: NameTransform | None, *, use_diriv: bool = True
+    ) -> None:
+        self.backend = backend
+        self.nt = nt
+        self.use_diriv = use_diriv and nt is not None
+        self._ivs: dict[str, bytes] = {}
+        self._paths: dict[str, str] = {"/": ""}
+        self._gen = 0
+        self._lock = threading.Lock()
+
+    # -- caches -------------------------------------------------------------------
+
+    def invalidate(self) -> None:
+        """Forget all cached IVs and paths (after rmdir / directory rename)."""
+        with self._lock:
+            self._gen += 1
+            self._ivs.clear()
+            self._paths.clear()
+            self._paths["/"] = ""
+
+    def _remember(self, gen: int, plain: str, cpath: str) -> None:
+        with self._lock:
+            if gen != self._gen:
+                return  # an invalidation raced with us; the result may be stale
+            if len(self._paths) >= _CACHE_MAX:
+                self._paths.clear()
+                self._paths["/"] = ""
+            self._paths[plain] = cpath
+
+    def dir_iv(self, cdir: str) -> bytes:
+        """IV of cipher directory ``cdir`` (EIO-worthy CorruptDataError if bad)."""
+        if not self.use_diriv:
+            return _ZERO_IV
+        iv = self._ivs.get(cdir)
+        if iv is not None:
+            return iv
+        gen = self._gen
+        try:
+            data = self.backend.read_small_file(join(cdir, DIRIV_NAME), 64)
+        except FileNotFoundError:
+            log.warning("event=missing_diriv cdir=%s", cdir or "/")
+            raise CorruptDataError("directory has no dir IV") from None
+        iv = NameTransform.check_dir_iv(data)
+        with self._lock:
+            if gen == self._gen:
+                if len(self._ivs) >= _CACHE_MAX:
+                    self._ivs.clear()
+                self._ivs[cdir] = iv
+        return iv
+
+    # -- encryption -----------------------------------------------------------------
+
+    def encrypt_name(self, cdir: str, name: str) -> tuple[str, str | None]:
+        """(on-disk name, full cName for a ``.name`` file or None) of ``name`` in
+        cipher directory ``cdir``."""
+        nt = self.nt
+        if nt is None:
+            if len(name.encode("utf-8", "surrogateescape")) > 255:
+                raise NameTooLongError("file name longer than 255 bytes")
+            if cdir == "" and name == CONF_NAME:
+                raise OSError(errno.EPERM, "reserved name")
+            return name, None
+        return nt.disk_name(name, self.dir_iv(cdir))
+
+    def cipher_path(self, plain: str) -> str:
+        """Cipher path of an existing or to-be-created plaintext path."""
+        c = self._paths.get(plain)
+        if c is not None:
+            return c
+        gen = self._gen
+        parent, name = split_plain(plain)
+        cparent = self.cipher_path(parent)
+        disk, _ = self.encrypt_name(cparent, name)
+        c = join(cparent, disk)
+        self._remember(gen, plain, c)
+        return c
+
+    def cipher_parent_and_name(self, plain: str) -> tuple[str, str, str | None]:
+        """(cipher parent dir, on-disk name, long cName or None) for creating ``plain``."""
+        parent, name = split_plain(plain)
+        cparent = self.cipher_path(parent)
+        disk, long_cname = self.encrypt_name(cparent, name)
+        return cparent, disk, long_cname
+
+    # -- long-name side files ---------------------------------------------------------
+
+    def remove_long_name(self, cpath: str) -> None:
+        cdir, _, disk = cpath.rpartition("/")
+        if NameTransform.is_long_name_file(disk):
+            with contextlib.suppress(FileNotFoundError):
+                self.backend.unlink(join(cdir, NameTransform.long_name_companion(disk)))
+
+    # -- directory listings -------------------------------------------------------------
+
+    def list_dir(self, plain_dir: str, cdir: str) -> list[tuple[str, int, int]]:
+        """(plain name, inode, type bits) of the entries in ``cdir``; reserved files
+        hidden, undecryptable names skipped with a log line (one bad entry must not
+        hide the rest)."""
+        entries = self.backend.scandir(cdir)
+        nt = self.nt
+        if nt is None:
+            return [tuple(e) for e in entries if not (cdir == "" and e.name == CONF_NAME)]  # type: ignore[misc]
+        iv = self.dir_iv(cdir)
+        out: list[tuple[str, int, int]] = []
+        gen = self._gen
+        prefix = plain_dir if plain_dir.endswith("/") else plain_dir + "/"
+        remember: list[tuple[str, str]] = []
+        for disk, ino, typ in entries:
+            if disk.startswith("gocryptfs."):
+                if not nt.is_long_name_file(disk):
+                    continue  # diriv, conf, .name files, temporaries
+                try:
+                    content = self.backend.read_small_file(
+                        join(cdir, NameTransform.long_name_companion(disk)), 4096
+                    )
+                    cname = nt.read_long_name(disk, content)
+                except (OSError, InvalidNameError):
+                    log.warning("event=bad_long_name cdir=%s entry=%s", cdir or "/", disk)
+                    continue
+            else:
+                cname = disk
+            try:
+                plain = nt.decrypt_name(cname, iv)
+            except InvalidNameError:
+                log.warning("event=undecryptable_name cdir=%s entry=%s", cdir or "/", disk)
+                continue
+            out.append((plain, ino, typ))
+            remember.append((prefix + plain, join(cdir, disk)))
+        with self._lock:
+            if gen == self._gen and len(self._paths) + len(remember) < _CACHE_MAX:
+                self._paths.update(remember)
+        return out

@@ -1,0 +1,190 @@
+"""Fixtures for real FUSE mounts of fuse_crypt volumes.
+
+A mount runs ``serve()`` in a child Python process (not a thread of pytest): a bug
+that wedges the daemon then cannot wedge the test runner, libfuse's signal handlers
+stay out of pytest, and the child's stderr (structured log lines) can be asserted
+on.  The master key reaches the child over stdin, as the CSI node plugin does it.
+
+Usable from any test module under tests/fuse_crypt:
+
+* ``make_volume(path, **create_kwargs) -> Volume``: a fresh cipher directory with a
+  ``gocryptfs.conf`` (scrypt logN 10) and a root dir IV.
+* ``volume`` fixture: one fresh volume in ``tmp_path``.
+* ``mount_factory`` fixture: ``mount_factory(volume, read_only=False, use_conf=True)``
+  returns a live :class:`Mount`; every mount is unmounted at teardown.
+* ``mnt`` fixture: ``volume`` mounted read-write.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+PASSWORD = b"test password for fuse_crypt"
+MOUNT_TIMEOUT = 20.0
+
+_SERVE_SCRIPT = r"""
+import json, logging, os, sys
+args = json.loads(sys.argv[1])
+key = bytes.fromhex(sys.stdin.readline().strip())
+logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                    format="%(levelname)s %(name)s %(message)s")
+from fuse_crypt.backend import LocalDirBackend
+from fuse_crypt.configfile import ConfFile
+from fuse_crypt.fusefrontend import serve
+conf = ConfFile.read(os.path.join(args["cipherdir"], "gocryptfs.conf")) if args["use_conf"] else None
+def ready():
+    print("READY", flush=True)
+serve(LocalDirBackend(args["cipherdir"]), key, conf, args["mountpoint"],
+      read_only=args["read_only"], on_ready=ready)
+"""
+
+
+def fuse_available() -> str | None:
+    """Reason FUSE mounts cannot run here, or None."""
+    if not os.path.exists("/dev/fuse"):
+        return "/dev/fuse missing"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 missing (apt fuse3)"
+    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
+        return "no access to /dev/fuse"
+    return None
+
+
+@dataclasses.dataclass
+class Volume:
+    cipherdir: Path
+    master_key: bytes
+    password: bytes = PASSWORD
+
+
+@dataclasses.dataclass
+class Mount:
+    volume: Volume
+    path: Path
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+
+    def log(self) -> str:
+        """The daemon's log output so far."""
+        return self.stderr_path.read_text(errors="replace")
+
+    def unmount(self) -> int | None:
+        """Unmount and wait for the daemon; returns its exit code."""
+        if self.proc.poll() is None:
+            subprocess.run(["fusermount3", "-u", str(self.path)], capture_output=True)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        if os.path.ismount(self.path):
+            subprocess.run(["fusermount3", "-uz", str(self.path)], capture_output=True)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        return self.proc.returncode
+
+
+def make_volume(path: Path, **create_kwargs: object) -> Volume:
+    """Create a cipher directory like ``gocryptfs -init`` (logN 10 for speed)."""
+    from fuse_crypt.configfile import ConfFile
+    from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+
+    path.mkdir(parents=True, exist_ok=True)
+    create_kwargs.setdefault("scrypt_logn", 10)
+    conf, key = ConfFile.create(PASSWORD, **create_kwargs)  # type: ignore[arg-type]
+    conf.write(str(path / CONF_NAME))
+    if conf.has("DirIV"):
+        diriv = path / DIRIV_NAME
+        diriv.write_bytes(NameTransform.new_dir_iv())
+        diriv.chmod(0o444)
+    return Volume(path, key)
+
+
+def start_mount(
+    volume: Volume,
+    mountpoint: Path,
+    *,
+    read_only: bool = False,
+    use_conf: bool = True,
+    log_dir: Path | None = None,
+) -> Mount:
+    """Start a daemon and wait until the mount is live (or fail with its log)."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    stderr_path = (log_dir or mountpoint.parent) / f"{mountpoint.name}.log"
+    args = {
+        "cipherdir": str(volume.cipherdir),
+        "mountpoint": str(mountpoint),
+        "read_only": read_only,
+        "use_conf": use_conf,
+    }
+    with open(stderr_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _SERVE_SCRIPT, json.dumps(args)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=err,
+        )
+    assert proc.stdin is not None and proc.stdout is not None
+    proc.stdin.write(volume.master_key.hex().encode() + b"\n")
+    proc.stdin.close()
+    m = Mount(volume, mountpoint, proc, stderr_path)
+    deadline = time.monotonic() + MOUNT_TIMEOUT
+    os.set_blocking(proc.stdout.fileno(), False)
+    buf = b""
+    while time.monotonic() < deadline:
+        chunk = proc.stdout.read()
+        if chunk:
+            buf += chunk
+        if b"READY" in buf:
+            assert os.path.ismount(mountpoint)
+            return m
+        if proc.poll() is not None:
+            break
+        time.sleep(0.02)
+    m.unmount()
+    raise RuntimeError(f"mount did not become ready; daemon log:\n{m.log()}")
+
+
+@pytest.fixture
+def need_fuse() -> None:
+    reason = fuse_available()
+    if reason:
+        pytest.skip(reason)
+
+
+@pytest.fixture
+def volume(tmp_path: Path) -> Volume:
+    return make_volume(tmp_path / "cipher")
+
+
+@pytest.fixture
+def mount_factory(tmp_path: Path, need_fuse: None) -> Iterator[Callable[..., Mount]]:
+    mounts: list[Mount] = []
+    counter = [0]
+
+    def factory(vol: Volume, **kwargs: object) -> Mount:
+        counter[0] += 1
+        m = start_mount(vol, tmp_path / f"mnt{counter[0]}", **kwargs)  # type: ignore[arg-type]
+        mounts.append(m)
+        return m
+
+    yield factory
+    for m in reversed(mounts):
+        with contextlib.suppress(Exception):
+            m.unmount()
+
+
+@pytest.fixture
+def mnt(volume: Volume, mount_factory: Callable[..., Mount]) -> Mount:
+    return mount_factory(volume)
