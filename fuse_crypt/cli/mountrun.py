@@ -11,7 +11,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from fuse_crypt.cli.exitcodes import FUSE_MOUNT, CliError
+from fuse_crypt.cli.exitcodes import CONFIG, FUSE_MOUNT, CliError
 from fuse_crypt.daemon import Notifier
 
 
@@ -29,6 +29,7 @@ class MountSpec:
 
 def _serve(spec: MountSpec, on_ready: Any) -> None:
     from fuse_crypt.backend.local import LocalDirBackend
+    from fuse_crypt.errors import ConfigError
     from fuse_crypt.fusefrontend import serve
 
     backend: Any = LocalDirBackend(spec.cipherdir)
@@ -54,9 +55,11 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             on_ready=on_ready,
             allow_other=spec.allow_other,
         )
-    except RuntimeError as e:
-        # mfusepy raises RuntimeError(errno) when libfuse refuses the mount.
-        raise CliError(f"cannot mount {spec.mountpoint}: FUSE refused ({e})", FUSE_MOUNT) from None
+    except ConfigError as e:
+        raise CliError(str(e), CONFIG) from None
+    except OSError as e:
+        reason = e.strerror or str(e)
+        raise CliError(f"cannot mount {spec.mountpoint}: {reason}", FUSE_MOUNT) from None
 
 
 def run_foreground(spec: MountSpec) -> int:

@@ -1,0 +1,344 @@
+"""Mount daemon lifecycle through the real ``fuse-crypt`` command.
+
+Daemonizing, the readiness pipe (success and failure), read-only mounts, SIGTERM,
+SIGKILL leaving a dead mount that ``unmount`` or the next ``mount`` cleans up, tampered
+ciphertext answering EIO, and the Prometheus endpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import importlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+FC = [sys.executable, "-m", "fuse_crypt.cli"]
+PASSWORD = "lifecycle test password"
+
+
+def _frontend_available() -> bool:
+    try:
+        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
+    except ImportError:
+        return False
+
+
+pytestmark = [
+    pytest.mark.skipif(not _frontend_available(), reason="fuse_crypt.fusefrontend not available"),
+    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
+    pytest.mark.timeout(120),
+]
+
+
+def fc(*args: str | Path, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*FC, *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fuse-crypt: "), proc.stderr
+    return lines[0]
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split(" ")[4] == str(path) for line in f)
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """PIDs of fuse-crypt processes whose command line names this (unique) mount point."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fuse_crypt.cli" in argv and str(mountpoint).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def stat_errno(path: Path) -> int:
+    try:
+        os.stat(path)
+    except OSError as e:
+        return e.errno
+    return 0
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    p = tmp_path / "passfile"
+    p.write_text(PASSWORD + "\n")
+    return p
+
+
+@pytest.fixture
+def volume(tmp_path: Path, passfile: Path) -> Path:
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
+    assert proc.returncode == 0, proc.stderr
+    return cipher
+
+
+@pytest.fixture
+def mnt(tmp_path: Path) -> Iterator[Path]:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    yield m
+    for pid in daemon_pids(m):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    for argv in (["fusermount3", "-u", str(m)], ["fusermount3", "-u", "-z", str(m)]):
+        if is_mounted(m):
+            subprocess.run(argv, capture_output=True, check=False)
+
+
+def mount(volume: Path, mnt: Path, passfile: Path, *extra: str) -> None:
+    proc = fc("mount", "--passfile", passfile, *extra, volume, mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert is_mounted(mnt)
+
+
+# --------------------------------------------------------------------------- daemon
+
+
+def test_daemon_detaches_and_holds_no_caller_pipes(volume: Path, mnt: Path, passfile: Path) -> None:
+    # capture_output=True would hang until timeout if the daemon kept our stdout/stderr.
+    t0 = time.monotonic()
+    mount(volume, mnt, passfile)
+    assert time.monotonic() - t0 < 30
+    pids = daemon_pids(mnt)
+    assert len(pids) == 1
+    with open(f"/proc/{pids[0]}/stat", encoding="ascii") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    assert int(fields[3]) == pids[0] or int(fields[1]) != os.getpid()  # own session, detached
+    assert fc("unmount", mnt).returncode == 0
+    assert wait_for(lambda: not daemon_pids(mnt)), "daemon did not exit after unmount"
+
+
+def test_read_only_mount(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    (mnt / "existing").write_text("before ro")
+    assert fc("unmount", mnt).returncode == 0
+    mount(volume, mnt, passfile, "--ro")
+    assert (mnt / "existing").read_text() == "before ro"
+    for action in (
+        lambda: (mnt / "new").write_text("x"),
+        lambda: (mnt / "existing").write_text("changed"),
+        lambda: (mnt / "dir").mkdir(),
+        lambda: (mnt / "existing").unlink(),
+        lambda: os.rename(mnt / "existing", mnt / "renamed"),
+    ):
+        with pytest.raises(OSError) as info:
+            action()
+        assert info.value.errno == errno.EROFS
+    assert (mnt / "existing").read_text() == "before ro"
+
+
+def test_already_mounted_is_refused(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    msg = one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
+    assert "already mounted" in msg
+    assert len(daemon_pids(mnt)) == 1
+
+
+def test_child_failure_is_reported_through_readiness_pipe(
+    volume: Path, mnt: Path, passfile: Path
+) -> None:
+    # Occupy a port so the daemon child fails after the fork, before mounting.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = sock.getsockname()[1]
+        proc = fc(
+            "mount", "--passfile", passfile, "--metrics-addr", f"127.0.0.1:{port}", volume, mnt
+        )
+    msg = one_line_error(proc, 11)
+    assert "metrics" in msg and "in use" in msg
+    assert not is_mounted(mnt)
+    assert wait_for(lambda: not daemon_pids(mnt))
+
+
+def test_missing_root_diriv_fails_cleanly(volume: Path, mnt: Path, passfile: Path) -> None:
+    (volume / "gocryptfs.diriv").unlink()
+    proc = fc("mount", "--passfile", passfile, volume, mnt)
+    assert proc.returncode != 0
+    assert len(proc.stderr.strip().splitlines()) == 1 and "diriv" in proc.stderr
+    assert not is_mounted(mnt)
+
+
+def test_sigterm_unmounts_cleanly(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    (mnt / "f").write_text("data")
+    (pid,) = daemon_pids(mnt)
+    os.kill(pid, signal.SIGTERM)
+    assert wait_for(lambda: not is_mounted(mnt)), "SIGTERM did not unmount"
+    assert wait_for(lambda: not daemon_pids(mnt))
+    mount(volume, mnt, passfile)
+    assert (mnt / "f").read_text() == "data"
+
+
+# --------------------------------------------------------------------------- dead mounts
+
+
+def _kill_daemon(mnt: Path) -> None:
+    (pid,) = daemon_pids(mnt)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(lambda: stat_errno(mnt) == errno.ENOTCONN), "no dead mount after SIGKILL"
+    assert is_mounted(mnt)
+
+
+def test_sigkill_then_unmount_cleans_dead_mount(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    (mnt / "f").write_text("before the crash")
+    _kill_daemon(mnt)
+    proc = fc("unmount", mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert not is_mounted(mnt)
+    assert stat_errno(mnt) == 0
+    mount(volume, mnt, passfile)
+    assert (mnt / "f").read_text() == "before the crash"
+
+
+def test_sigkill_then_mount_again_cleans_up_first(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    (mnt / "f").write_text("still here")
+    _kill_daemon(mnt)
+    proc = fc("mount", "--passfile", passfile, volume, mnt)
+    assert proc.returncode == 0, proc.stderr
+    assert (mnt / "f").read_text() == "still here"
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        assert sum(line.split(" ")[4] == str(mnt) for line in f) == 1, "stacked mounts left"
+
+
+def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -> None:
+    proc = subprocess.Popen(
+        [*FC, "mount", "--foreground", "--passfile", str(passfile), str(volume), str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "Filesystem mounted and ready."
+        assert is_mounted(mnt)
+        (mnt / "fg").write_text("foreground")
+        proc.kill()
+        proc.wait(10)
+        assert wait_for(lambda: stat_errno(mnt) == errno.ENOTCONN)
+        assert fc("unmount", mnt).returncode == 0
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+# --------------------------------------------------------------------------- integrity, metrics
+
+
+def _cipher_files(volume: Path) -> list[Path]:
+    return [
+        p
+        for p in volume.rglob("*")
+        if p.is_file() and not p.name.startswith("gocryptfs.") and p.stat().st_size > 18
+    ]
+
+
+def test_tampered_block_reads_as_eio(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    data = os.urandom(3 * 4096)
+    (mnt / "victim").write_bytes(data)
+    assert fc("unmount", mnt).returncode == 0
+    (cfile,) = _cipher_files(volume)
+    raw = bytearray(cfile.read_bytes())
+    raw[18 + 4128 + 100] ^= 0x01  # one bit in block 1's ciphertext
+    os.chmod(cfile, 0o600)
+    cfile.write_bytes(bytes(raw))
+    mount(volume, mnt, passfile)
+    with open(mnt / "victim", "rb") as f:
+        assert f.read(4096) == data[:4096]  # block 0 is intact
+        with pytest.raises(OSError) as info:
+            f.read(4096)
+        assert info.value.errno == errno.EIO
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
+
+
+def test_metrics_endpoint(volume: Path, mnt: Path, passfile: Path) -> None:
+    port = _free_port()
+    mount(volume, mnt, passfile, "--metrics-addr", f"127.0.0.1:{port}")
+    payload = os.urandom(10000)
+    (mnt / "m").write_bytes(payload)
+    with open(mnt / "m", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        assert f.read() == payload
+    m = _scrape(port)
+    info = [k for k in m if k.startswith("fuse_crypt_mount_info{")]
+    assert info and f'mountpoint="{mnt}"' in info[0]
+    assert m["fuse_crypt_uptime_seconds"] > 0
+    assert m["fuse_crypt_cipher_bytes_written_total"] >= 10000 + 18 + 3 * 32
+    assert m["fuse_crypt_blocks_encrypted_total"] >= 3
+    assert m["fuse_crypt_auth_failures_total"] == 0
+    assert any(k.startswith("fuse_crypt_backend_ops_total{") for k in m)
+    # Corrupt the file behind the daemon's back: the failure is counted and is EIO.
+    (cfile,) = _cipher_files(volume)
+    raw = bytearray(cfile.read_bytes())
+    raw[40] ^= 0xFF
+    os.chmod(cfile, 0o600)
+    cfile.write_bytes(bytes(raw))
+    with open(mnt / "m", "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        with pytest.raises(OSError) as e:
+            f.read()
+        assert e.value.errno == errno.EIO
+    m = _scrape(port)
+    assert m["fuse_crypt_auth_failures_total"] >= 1
+    assert m["fuse_crypt_blocks_decrypted_total"] >= 3
