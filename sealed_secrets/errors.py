@@ -110,3 +110,7 @@ class BadResponse(KbsError):
 
 class AttestationError(KbsError):
     """Evidence could not be produced (AA) or the broker rejected it during /attest."""
+
+
+class TlsError(KbsError):
+    """The broker's TLS certificate did not verify against the configured CA."""

@@ -202,7 +202,16 @@ class CdhResolver(CachingResolver):
 
 
 _RESOLVER_OPTS = {"max_entries", "max_bytes", "clock", "verify", "allow_unsigned", "key_dir"}
-_KBS_OPTS = {"evidence_provider", "ca", "timeout", "tee_key_type", "retries", "aa"}
+_KBS_OPTS = {
+    "evidence_provider",
+    "ca",
+    "timeout",
+    "tee_key_type",
+    "retries",
+    "backoff",
+    "refresh_margin",
+    "aa",
+}
 _CDH_OPTS = {"timeout"}
 
 

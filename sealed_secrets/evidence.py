@@ -1,0 +1,158 @@
+"""TEE evidence for the KBS handshake, obtained from the Attestation Agent over gRPC.
+
+The KBS binds a session to a TEE key by asking the guest to put
+``HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"}))`` into the hardware report data
+(coco-interfaces.md 6.4). Computing that digest here, with the same canonicalisation the
+broker uses (RFC 8785), is what makes a stolen session useless without the TEE private key.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from typing import Any, Protocol
+
+import grpc
+import rfc8785
+
+from sealed_secrets.errors import AttestationError, ResolverError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_AA_SOCKET = "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
+DEFAULT_HASH = "sha384"
+SUPPORTED_HASHES = ("sha256", "sha384", "sha512")
+
+
+def _digest(hash_alg: str, data: bytes) -> bytes:
+    if hash_alg not in SUPPORTED_HASHES:
+        raise AttestationError(f"unsupported report-data hash algorithm: {hash_alg!r}")
+    return hashlib.new(hash_alg, data).digest()
+
+
+def canonical_runtime_data(
+    nonce: str, tee_pubkey: dict[str, Any], additional_evidence: str | None = ""
+) -> bytes:
+    """JCS bytes of the structure bound into the primary evidence.
+
+    ``additional_evidence=None`` gives the two-member form used for additional devices.
+    """
+    doc: dict[str, Any] = {"nonce": nonce, "tee-pubkey": tee_pubkey}
+    if additional_evidence is not None:
+        doc["additional-evidence"] = additional_evidence
+    return rfc8785.dumps(doc)
+
+
+def report_data_binding(
+    nonce: str,
+    tee_pubkey: dict[str, Any],
+    additional_evidence: str | None = "",
+    hash_alg: str = DEFAULT_HASH,
+) -> bytes:
+    """Digest that must appear as the TEE report data for this nonce and key."""
+    return _digest(hash_alg, canonical_runtime_data(nonce, tee_pubkey, additional_evidence))
+
+
+class EvidenceProvider(Protocol):
+    """Source of TEE evidence (the AA in production; anything compatible in tests)."""
+
+    def tee_type(self) -> str: ...
+
+    def primary_evidence(self, report_data: bytes) -> bytes: ...
+
+    def additional_evidence(self, report_data: bytes) -> str: ...
+
+
+def grpc_target(target: str) -> str:
+    """Accept ``unix:///abs``, ``unix:/abs``, a bare absolute path, or ``host:port``."""
+    if not target:
+        raise ResolverError("empty gRPC target")
+    if target.startswith("/"):
+        return f"unix://{target}"
+    if target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return target
+    if ":" in target:
+        return target
+    raise ResolverError(f"gRPC target must be unix:///path or host:port, got {target!r}")
+
+
+class AaEvidenceProvider:
+    """EvidenceProvider backed by a CoCo Attestation Agent (gRPC build)."""
+
+    def __init__(self, target: str = DEFAULT_AA_SOCKET, *, timeout: float = 30.0) -> None:
+        self.target = grpc_target(target)
+        self.timeout = timeout
+        self._channel: grpc.Channel | None = None
+        self._stub: Any = None
+
+    def __repr__(self) -> str:
+        return f"AaEvidenceProvider(target={self.target!r})"
+
+    def _get_stub(self) -> Any:
+        if self._stub is None:
+            from coco_proto import attestation_agent_pb2_grpc
+
+            self._channel = grpc.insecure_channel(self.target)
+            self._stub = attestation_agent_pb2_grpc.AttestationAgentServiceStub(self._channel)
+        return self._stub
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close()
+        self._channel = None
+        self._stub = None
+
+    def _call(self, rpc: str, request: Any) -> Any:
+        try:
+            return getattr(self._get_stub(), rpc)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            code = exc.code() if hasattr(exc, "code") else None
+            name = code.name if code is not None else "UNKNOWN"
+            log.warning("aa call failed rpc=%s target=%s code=%s", rpc, self.target, name)
+            err = AttestationError(f"attestation agent {rpc} failed: code={name}")
+            err.grpc_code = code  # type: ignore[attr-defined]
+            raise err from None
+
+    def tee_type(self) -> str:
+        from coco_proto import attestation_agent_pb2 as pb
+
+        tee = self._call("GetTeeType", pb.GetTeeTypeRequest()).tee
+        if not tee:
+            raise AttestationError("attestation agent reported an empty TEE type")
+        return str(tee).lower()
+
+    def primary_evidence(self, report_data: bytes) -> bytes:
+        from coco_proto import attestation_agent_pb2 as pb
+
+        evidence = self._call("GetEvidence", pb.GetEvidenceRequest(RuntimeData=report_data))
+        if not evidence.Evidence:
+            raise AttestationError("attestation agent returned empty evidence")
+        return bytes(evidence.Evidence)
+
+    def additional_evidence(self, report_data: bytes) -> str:
+        """Evidence of additional devices as a JSON string, ``""`` if there are none.
+
+        Older AAs lack the RPC; UNIMPLEMENTED is treated as "no additional devices".
+        """
+        from coco_proto import attestation_agent_pb2 as pb
+
+        try:
+            resp = self._call(
+                "GetAdditionalEvidence", pb.GetAdditionalEvidenceRequest(RuntimeData=report_data)
+            )
+        except AttestationError as exc:
+            if getattr(exc, "grpc_code", None) == grpc.StatusCode.UNIMPLEMENTED:
+                return ""
+            raise
+        raw = bytes(resp.Evidence)
+        if not raw:
+            return ""
+        try:
+            text = raw.decode("utf-8")
+            json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise AttestationError(
+                "attestation agent returned non-JSON additional evidence"
+            ) from None
+        return text

@@ -1,0 +1,79 @@
+"""The TEE key pair of one KBS session and decryption of KBS resource responses.
+
+The KBS encrypts each resource to the ``tee-pubkey`` bound into the attestation evidence, as
+a flattened JWE (coco-interfaces.md 6.5). The private key is created per attestation, lives
+only in this object and never leaves the guest; only the public JWK is sent.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from jwcrypto import jwe, jwk
+from jwcrypto.common import JWException
+
+from sealed_secrets.errors import BadResponse, ResolverError
+
+EC_ALG = "ECDH-ES+A256KW"
+RSA_ALG = "RSA-OAEP-256"
+ENC = "A256GCM"
+_MEMBERS = ("protected", "encrypted_key", "iv", "ciphertext", "tag")
+
+
+class TeeKeyPair:
+    """Ephemeral key pair whose public half is the KBS ``tee-pubkey``."""
+
+    def __init__(self, key_type: str = "ec", *, rsa_bits: int = 2048) -> None:
+        key_type = key_type.lower()
+        if key_type == "ec":
+            self._key = jwk.JWK.generate(kty="EC", crv="P-256")
+            self.alg = EC_ALG
+        elif key_type == "rsa":
+            self._key = jwk.JWK.generate(kty="RSA", size=rsa_bits)
+            self.alg = RSA_ALG
+        else:
+            raise ResolverError(f"tee key type must be 'ec' or 'rsa', not {key_type!r}")
+        self.key_type = key_type
+
+    def __repr__(self) -> str:
+        return f"TeeKeyPair(key_type={self.key_type!r}, alg={self.alg!r})"
+
+    def public_jwk(self) -> dict[str, Any]:
+        """The JWK sent as ``tee-pubkey`` (public members plus ``alg``)."""
+        pub = json.loads(self._key.export_public())
+        pub.pop("kid", None)
+        pub["alg"] = self.alg
+        return pub
+
+    def decrypt(self, response: Any) -> bytes:
+        """Open a KBS flattened-JSON JWE; raise BadResponse on any deviation or tampering."""
+        if not isinstance(response, dict):
+            raise BadResponse("KBS resource response is not a JSON object")
+        for member in _MEMBERS:
+            if not isinstance(response.get(member), str):
+                raise BadResponse(f"KBS resource response lacks JWE member {member!r}")
+        try:
+            header = json.loads(jwe.base64url_decode(response["protected"]))
+        except (ValueError, TypeError):
+            raise BadResponse("KBS resource response has an unreadable protected header") from None
+        if not isinstance(header, dict):
+            raise BadResponse("KBS resource response has an unreadable protected header")
+        if header.get("alg") != self.alg or header.get("enc") != ENC:
+            raise BadResponse(
+                f"KBS resource response uses alg={header.get('alg')!r} enc={header.get('enc')!r},"
+                f" expected alg={self.alg!r} enc={ENC!r}"
+            )
+        if "zip" in header:
+            raise BadResponse("KBS resource response must not be compressed")
+        flat = {m: response[m] for m in _MEMBERS}
+        if "aad" in response:
+            flat["aad"] = response["aad"]
+        try:
+            token = jwe.JWE(algs=[self.alg, ENC])
+            token.deserialize(json.dumps(flat), key=self._key)
+            return bytes(token.payload)
+        except (JWException, ValueError, TypeError, KeyError) as exc:
+            raise BadResponse(
+                f"KBS resource response failed to decrypt ({type(exc).__name__})"
+            ) from None

@@ -1,0 +1,44 @@
+"""Shared wiring for tests: a KBS peer plus an AA peer on a short unix-socket path."""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from collections.abc import Iterator
+from typing import Any
+
+from tests.peers.aa_server import AaServer
+from tests.peers.kbs_server import KbsServer
+
+RESOURCES = {
+    "default/key/1": b"\x01kbs-resource-one\x00\xff",
+    "default/key/2": b"second-resource-value-abcdef",
+    "default/sealed-secret/test": b"unsealed_secret_value",
+    "denied/key/1": b"never-released-value",
+}
+
+
+@contextlib.contextmanager
+def short_tmpdir(prefix: str = "cc") -> Iterator[str]:
+    """unix socket paths are limited to 107 bytes; pytest's tmp_path may be longer."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def kbs_and_aa(
+    resources: dict[str, bytes] | None = None, *, tls: bool = False, **kbs_kwargs: Any
+) -> Iterator[tuple[KbsServer, AaServer]]:
+    with short_tmpdir() as d:
+        kbs = KbsServer(
+            RESOURCES if resources is None else resources,
+            tls_dir=d if tls else None,
+            deny=kbs_kwargs.pop("deny", ["denied/*"]),
+            **kbs_kwargs,
+        )
+        with kbs, AaServer(f"{d}/aa.sock") as aa:
+            yield kbs, aa

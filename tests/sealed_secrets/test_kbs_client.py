@@ -1,0 +1,324 @@
+"""KBS protocol v0.4.0 client against the KBS and AA test peers (real HTTP, real gRPC)."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from sealed_secrets.errors import (
+    AttestationError,
+    BadResponse,
+    KbsUnavailable,
+    PolicyDenied,
+    ResourceNotFound,
+    TlsError,
+    Unauthorized,
+)
+from sealed_secrets.evidence import (
+    AaEvidenceProvider,
+    canonical_runtime_data,
+    report_data_binding,
+)
+from sealed_secrets.kbs_client import KbsClient
+from sealed_secrets.resolver import build_resolver
+from tests.peers.aa_server import AaServer
+from tests.peers.harness import RESOURCES, kbs_and_aa, short_tmpdir
+from tests.peers.kbs_server import KbsServer
+
+R1 = "kbs:///default/key/1"
+
+
+def client_for(kbs: KbsServer, aa: AaServer, **kw: Any) -> KbsClient:
+    kw.setdefault("retries", 0)
+    if kbs.ca_path and "ca" not in kw:
+        kw["ca"] = kbs.ca_path
+    return KbsClient(kbs.url, evidence_provider=AaEvidenceProvider(aa.target), **kw)
+
+
+@pytest.fixture
+def peers() -> Iterator[tuple[KbsServer, AaServer]]:
+    with kbs_and_aa() as pair:
+        yield pair
+
+
+# --- the derived vector of coco-interfaces.md 6.4 ------------------------------------------
+
+VECTOR_NONCE = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+VECTOR_JWK = {
+    "kty": "EC",
+    "crv": "P-256",
+    "alg": "ECDH-ES+A256KW",
+    "x": "4jH376AuwTUCIx65AJ_56D7SZzWf7sGcEA7_Csq21UM",
+    "y": "rjdceysnSa5ZfzWOPGCURMUuHndxBAGUu4ISTIVN0yA",
+}
+
+
+def test_jcs_binding_derived_vector() -> None:
+    canonical = canonical_runtime_data(VECTOR_NONCE, VECTOR_JWK, "")
+    assert canonical == (
+        b'{"additional-evidence":"","nonce":"AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA=",'
+        b'"tee-pubkey":{"alg":"ECDH-ES+A256KW","crv":"P-256","kty":"EC",'
+        b'"x":"4jH376AuwTUCIx65AJ_56D7SZzWf7sGcEA7_Csq21UM",'
+        b'"y":"rjdceysnSa5ZfzWOPGCURMUuHndxBAGUu4ISTIVN0yA"}}'
+    )
+    digest = report_data_binding(VECTOR_NONCE, VECTOR_JWK, "")
+    assert digest.hex() == (
+        "edb9dfa98e7ebfb03ff01812b502429cfd0c76ae1943e251e910bbc7cbff66e9"
+        "8d80fbc548caeca7d8315573c22305d2"
+    )
+    assert base64.b64encode(digest).decode() == (
+        "7bnfqY5+v7A/8BgStQJCnP0Mdq4ZQ+JR6RC7x8v/ZumNgPvFSMrsp9gxVXPCIwXS"
+    )
+    # additional devices bind the two-member form
+    two = canonical_runtime_data(VECTOR_NONCE, VECTOR_JWK, None)
+    assert two.startswith(b'{"nonce":') and b"additional-evidence" not in two
+    assert report_data_binding(VECTOR_NONCE, VECTOR_JWK, None) == hashlib.sha384(two).digest()
+
+
+def test_sample_evidence_from_aa_peer_matches_vector() -> None:
+    with short_tmpdir() as d, AaServer(f"{d}/aa.sock") as aa:
+        provider = AaEvidenceProvider(aa.target)
+        digest = report_data_binding(VECTOR_NONCE, VECTOR_JWK, "")
+        assert provider.tee_type() == "sample"
+        assert provider.primary_evidence(digest) == (
+            b'{"svn": "1", "report_data": '
+            b'"7bnfqY5+v7A/8BgStQJCnP0Mdq4ZQ+JR6RC7x8v/ZumNgPvFSMrsp9gxVXPCIwXS"}'
+        )
+        assert provider.additional_evidence(b"x") == ""
+        provider.close()
+
+
+# --- full flow ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+def test_full_flow_via_aa_evidence(key_type: str, peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa, tee_key_type=key_type)
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+    assert kbs.calls["auth"] == 1 and kbs.calls["attest_ok"] == 1
+    assert aa.calls["GetEvidence"] == 1
+    assert len(aa.runtime_data[0]) == 48  # SHA-384 report data by default
+
+
+def test_token_reused_across_resources(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa)
+    for _ in range(3):
+        assert client.get_resource("kbs:///default/key/1") == RESOURCES["default/key/1"]
+        assert client.get_resource("kbs:///default/key/2") == RESOURCES["default/key/2"]
+    assert kbs.calls["attest"] == 1 and kbs.calls["auth"] == 1
+    assert kbs.calls["resource"] == 6
+    headers = set(kbs.state.seen_auth_headers)
+    assert len(headers) == 1 and next(iter(headers)).startswith("Bearer ")
+
+
+def test_reattests_when_kbs_forgets_session_and_token(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa)
+    client.get_resource(R1)
+    kbs.expire_all()
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+    assert kbs.calls["attest_ok"] == 2
+    assert kbs.calls["resource"] == 3  # one 401, then the retry with the fresh token
+
+
+def test_reattests_before_token_exp() -> None:
+    with kbs_and_aa(token_ttl=0.6) as (kbs, aa):
+        client = client_for(kbs, aa, refresh_margin=0.1)
+        client.get_resource(R1)
+        client.get_resource(R1)
+        assert kbs.calls["attest_ok"] == 1
+        time.sleep(0.6)
+        assert client.get_resource(R1) == RESOURCES["default/key/1"]
+        assert kbs.calls["attest_ok"] == 2
+        assert kbs.calls["resource"] == 3  # re-attested proactively: no 401 round trip
+
+
+def test_expired_session_cookie_with_valid_token_still_works() -> None:
+    with kbs_and_aa(session_timeout=0.3) as (kbs, aa):
+        client = client_for(kbs, aa)
+        client.get_resource(R1)
+        time.sleep(0.4)
+        client.get_resource(R1)
+        assert kbs.calls["attest_ok"] == 1
+
+
+def test_session_timeout_between_auth_and_attest_fails_cleanly() -> None:
+    with kbs_and_aa(session_timeout=0.2) as (kbs, aa):
+        kbs.inject("attest", "delay", 0.4)
+        client = client_for(kbs, aa)
+        with pytest.raises(AttestationError) as info:
+            client.get_resource(R1)
+        assert info.value.status == 401 and info.value.problem_type.endswith("ExpiredCookie")
+
+
+def test_selected_hash_algorithm_is_honoured() -> None:
+    with kbs_and_aa(selected_hash="sha512") as (kbs, aa):
+        client = client_for(kbs, aa)
+        assert client.get_resource(R1) == RESOURCES["default/key/1"]
+        assert len(aa.runtime_data[0]) == 64
+
+
+# --- error classes ----------------------------------------------------------------------------
+
+
+def test_policy_denied_is_403(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa)
+    with pytest.raises(PolicyDenied) as info:
+        client.get_resource("kbs:///denied/key/1")
+    assert info.value.status == 403 and info.value.problem_type.endswith("/PolicyDeny")
+    assert kbs.calls["attest"] == 1  # a policy refusal is not retried by re-attesting
+
+
+def test_missing_resource_is_404(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    with pytest.raises(ResourceNotFound) as info:
+        client_for(kbs, aa).get_resource("kbs:///default/key/404")
+    assert info.value.status == 404
+
+
+def test_persistent_401_is_unauthorized_after_one_reattest(
+    peers: tuple[KbsServer, AaServer],
+) -> None:
+    kbs, aa = peers
+    kbs.inject("resource", "status", 401, count=2)
+    with pytest.raises(Unauthorized) as info:
+        client_for(kbs, aa).get_resource(R1)
+    assert info.value.status == 401
+    assert kbs.calls["attest_ok"] == 2
+
+
+def test_attestation_rejected_when_evidence_does_not_bind(
+    peers: tuple[KbsServer, AaServer],
+) -> None:
+    kbs, aa = peers
+    aa.tamper = True
+    with pytest.raises(AttestationError) as info:
+        client_for(kbs, aa).get_resource(R1)
+    assert info.value.status == 401 and "VerificationFailed" in str(info.value)
+    assert kbs.calls["attest_ok"] == 0
+
+
+def test_aa_unreachable_is_attestation_error(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, _ = peers
+    client = KbsClient(
+        kbs.url, evidence_provider=AaEvidenceProvider("unix:///nonexistent/aa.sock", timeout=2)
+    )
+    with pytest.raises(AttestationError, match="UNAVAILABLE"):
+        client.get_resource(R1)
+
+
+@pytest.mark.parametrize("status", [500, 502, 503])
+def test_server_errors_are_unavailable(status: int, peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    kbs.inject("resource", "status", status)
+    with pytest.raises(KbsUnavailable) as info:
+        client_for(kbs, aa).get_resource(R1)
+    assert info.value.status == status
+
+
+def test_transient_5xx_is_retried(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    kbs.inject("auth", "status", 503)
+    kbs.inject("resource", "status", 502)
+    client = client_for(kbs, aa, retries=2, backoff=0.01)
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+    assert kbs.calls["auth"] == 2 and kbs.calls["resource"] == 2
+
+
+def test_timeout_is_unavailable(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa, timeout=0.3)
+    client.get_resource(R1)
+    kbs.inject("resource", "delay", 1.0)
+    started = time.monotonic()
+    with pytest.raises(KbsUnavailable, match="timed out"):
+        client.get_resource(R1)
+    assert time.monotonic() - started < 0.9
+
+
+def test_connection_refused_is_unavailable(peers: tuple[KbsServer, AaServer]) -> None:
+    _, aa = peers
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    client = KbsClient(
+        f"http://127.0.0.1:{port}", evidence_provider=AaEvidenceProvider(aa.target), retries=0
+    )
+    with pytest.raises(KbsUnavailable, match="unreachable"):
+        client.get_resource(R1)
+
+
+@pytest.mark.parametrize("key_type", ["ec", "rsa"])
+@pytest.mark.parametrize("kind", ["tag", "ciphertext", "protected", "alg", "missing"])
+def test_bad_jwe_is_bad_response(
+    kind: str, key_type: str, peers: tuple[KbsServer, AaServer]
+) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa, tee_key_type=key_type)
+    kbs.inject("resource", "bad_jwe", kind)
+    with pytest.raises(BadResponse):
+        client.get_resource(R1)
+    # the client stays usable: the next, intact response decrypts
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+
+
+def test_non_json_resource_is_bad_response(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    kbs.inject("resource", "not_json")
+    with pytest.raises(BadResponse, match="not JSON"):
+        client_for(kbs, aa).get_resource(R1)
+
+
+def test_bad_uri_never_reaches_kbs(peers: tuple[KbsServer, AaServer]) -> None:
+    from sealed_secrets.errors import ResolverError
+
+    kbs, aa = peers
+    with pytest.raises(ResolverError):
+        client_for(kbs, aa).get_resource("kbs:///default/../etc")
+    assert sum(kbs.calls.values()) == 0
+
+
+# --- TLS -------------------------------------------------------------------------------------
+
+
+def test_tls_with_configured_ca() -> None:
+    with kbs_and_aa(tls=True) as (kbs, aa):
+        assert kbs.url.startswith("https://")
+        assert client_for(kbs, aa).get_resource(R1) == RESOURCES["default/key/1"]
+
+
+def test_tls_fails_without_the_ca(tmp_path: Any) -> None:
+    with kbs_and_aa(tls=True) as (kbs, aa):
+        system = KbsClient(kbs.url, evidence_provider=AaEvidenceProvider(aa.target), retries=0)
+        with pytest.raises(TlsError):
+            system.get_resource(R1)
+        with short_tmpdir() as other:
+            from tests.peers.kbs_server import make_tls_material
+
+            wrong_ca, _, _ = make_tls_material(other)
+            wrong = client_for(kbs, aa, ca=wrong_ca)
+            with pytest.raises(TlsError):
+                wrong.get_resource(R1)
+        assert kbs.calls["auth"] == 0
+
+
+# --- through the resolver ----------------------------------------------------------------------
+
+
+def test_build_resolver_kbs_spec_with_tls_and_cache() -> None:
+    with kbs_and_aa(tls=True) as (kbs, aa):
+        r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&ca={kbs.ca_path}", cache_ttl=30)
+        assert r.get_resource(R1) == RESOURCES["default/key/1"]
+        assert r.get_resource("kbs://ignored-host/default/key/1") == RESOURCES["default/key/1"]
+        assert kbs.calls["resource"] == 1
+        with pytest.raises(PolicyDenied):
+            r.get_resource("kbs:///denied/key/1")
