@@ -125,6 +125,17 @@ Host directory holding the in-guest AA or CDH socket (empty for offline-fs).
 {{- end -}}
 {{- end -}}
 
+{{/* The backend volume source: backend.volume when given, else backend.hostPath. */}}
+{{- define "coco-csi.backendVolume" -}}
+{{- if .Values.backend.volume -}}
+{{- toYaml .Values.backend.volume -}}
+{{- else -}}
+hostPath:
+  path: {{ .Values.backend.hostPath }}
+  type: DirectoryOrCreate
+{{- end -}}
+{{- end -}}
+
 {{/* Chart-wide consistency checks that JSON Schema cannot express. */}}
 {{- define "coco-csi.validate" -}}
 {{- if and .Values.storageClass.create (not .Values.controller.enabled) -}}

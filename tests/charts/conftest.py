@@ -1,0 +1,108 @@
+"""Shared rendering helpers for the chart tests.
+
+The chart is rendered by the real Helm v4 engine that the ``helm-python-sdk`` wheel bundles
+(``libhelm_c``, no ``helm`` binary, no cluster), so template errors, schema validation and
+``fail`` calls behave exactly as in ``helm install``/``helm template``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="helm-python-sdk (bundled Helm engine) missing")
+
+REPO = Path(__file__).resolve().parents[2]
+CHART_DIR = REPO / "charts" / "coco-csi"
+RELEASE = "coco-csi"
+NAMESPACE = "coco-system"
+KUBE_VERSION = "1.32.0"
+
+Manifest = dict[str, Any]
+
+
+@pytest.fixture(scope="session")
+def chart() -> Iterator[Any]:
+    loaded = helm.Chart.load(CHART_DIR)
+    try:
+        yield loaded
+    finally:
+        loaded.close()
+
+
+def render_raw(chart: Any, values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path → rendered text, as `helm template` would produce it."""
+    return chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def parse_manifests(rendered: dict[str, str]) -> list[Manifest]:
+    docs: list[Manifest] = []
+    for path, text in sorted(rendered.items()):
+        if path.endswith("NOTES.txt"):
+            continue
+        for doc in yaml.safe_load_all(text):
+            if doc:
+                doc.setdefault("__source__", path)
+                docs.append(doc)
+    return docs
+
+
+@pytest.fixture(scope="session")
+def render(chart: Any) -> Callable[..., list[Manifest]]:
+    def _render(values: dict[str, Any] | None = None) -> list[Manifest]:
+        return parse_manifests(render_raw(chart, values))
+
+    return _render
+
+
+def strip_source(doc: Manifest) -> Manifest:
+    return {k: v for k, v in doc.items() if k != "__source__"}
+
+
+def only(docs: list[Manifest], kind: str, name_part: str = "") -> Manifest:
+    found = [d for d in docs if d["kind"] == kind and name_part in d["metadata"]["name"]]
+    assert len(found) == 1, f"expected one {kind} matching {name_part!r}, got {len(found)}"
+    return found[0]
+
+
+def container(workload: Manifest, name: str) -> dict[str, Any]:
+    for c in workload["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == name:
+            return c
+    raise AssertionError(f"no container {name!r} in {workload['metadata']['name']}")
+
+
+def host_path_of(workload: Manifest, volume_name: str) -> str:
+    for v in workload["spec"]["template"]["spec"]["volumes"]:
+        if v["name"] == volume_name:
+            return v["hostPath"]["path"]
+    raise AssertionError(f"no volume {volume_name!r}")
+
+
+def mount_of(c: dict[str, Any], volume_name: str) -> dict[str, Any]:
+    for m in c.get("volumeMounts", []):
+        if m["name"] == volume_name:
+            return m
+    raise AssertionError(f"container {c['name']} does not mount {volume_name!r}")
+
+
+def arg_value(c: dict[str, Any], flag: str) -> str:
+    """Value of ``--flag=value`` in a container's args (exactly one occurrence)."""
+    values = [a.split("=", 1)[1] for a in c["args"] if a.startswith(flag + "=")]
+    assert len(values) == 1, f"{c['name']}: expected one {flag}=..., got {values}"
+    return values[0]
+
+
+def walk(node: Any, path: str = "") -> Iterator[tuple[str, Any]]:
+    """Every (dotted path, value) pair in a manifest, leaves and containers alike."""
+    yield path, node
+    if isinstance(node, dict):
+        for k, v in node.items():
+            yield from walk(v, f"{path}.{k}" if path else str(k))
+    elif isinstance(node, list):
+        for i, v in enumerate(node):
+            yield from walk(v, f"{path}[{i}]")

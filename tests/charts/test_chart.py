@@ -1,0 +1,850 @@
+"""Offline tests of the coco-csi Helm chart.
+
+Rendering and linting use the real Helm v4 engine bundled in ``helm-python-sdk``; every
+rendered object is validated against the Kubernetes 1.32 OpenAPI schemas in strict mode by
+``kubernetes-validate``. No cluster is contacted.
+"""
+
+from __future__ import annotations
+
+import ast
+import os
+import posixpath
+import re
+import shutil
+import subprocess
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from .conftest import (
+    CHART_DIR,
+    KUBE_VERSION,
+    NAMESPACE,
+    REPO,
+    Manifest,
+    arg_value,
+    container,
+    helm,
+    host_path_of,
+    mount_of,
+    only,
+    render_raw,
+    strip_source,
+    walk,
+)
+
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+# Value sets that between them switch every template branch on at least once.
+EVERYTHING_ON: dict[str, Any] = {
+    "node": {
+        "runtimeClassName": "kata-qemu-tdx",
+        "extraArgs": ["--log-level=debug"],
+        "podAnnotations": {"example.com/a": "b"},
+        "podLabels": {"team": "storage"},
+        "affinity": {
+            "nodeAffinity": {
+                "requiredDuringSchedulingIgnoredDuringExecution": {
+                    "nodeSelectorTerms": [
+                        {
+                            "matchExpressions": [
+                                {"key": "tee", "operator": "In", "values": ["tdx", "snp"]}
+                            ]
+                        }
+                    ]
+                }
+            }
+        },
+    },
+    "controller": {"replicas": 2, "extraArgs": ["--log-level=debug"]},
+    "imagePullSecrets": ["regcred"],
+    "resolver": {
+        "kind": "kbs",
+        "kbs": {
+            "url": "https://kbs.example:8080",
+            "caConfigMap": {"name": "kbs-ca", "key": "ca.pem"},
+        },
+    },
+    "storageClass": {
+        "isDefault": True,
+        "reclaimPolicy": "Retain",
+        "volumeBindingMode": "WaitForFirstConsumer",
+        "nodePublishSecret": {"name": "${pvc.name}-sealed", "namespace": "${pvc.namespace}"},
+    },
+    "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
+}
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "default": {},
+    "everything-on": EVERYTHING_ON,
+    "cdh": {"resolver": {"kind": "cdh"}},
+    "offline-fs-demo": {"resolver": {"kind": "offline-fs"}},
+    "ephemeral-only": {
+        "controller": {"enabled": False},
+        "storageClass": {"create": False},
+        "csiDriver": {"volumeLifecycleModes": ["Ephemeral"], "fsGroupPolicy": "None"},
+        "metrics": {"service": {"enabled": False}},
+    },
+    "microk8s": {"kubeletRootDir": "/var/snap/microk8s/common/var/lib/kubelet/"},
+    "shared-backend": {
+        "backend": {
+            "mountPath": "/srv/coco",
+            "volume": {"persistentVolumeClaim": {"claimName": "coco-backend"}},
+        },
+    },
+}
+DEFAULT_KINDS = Counter(
+    {
+        "CSIDriver": 1,
+        "DaemonSet": 1,
+        "Deployment": 1,
+        "StorageClass": 1,
+        "ServiceAccount": 2,
+        "ClusterRole": 1,
+        "ClusterRoleBinding": 1,
+        "Role": 1,
+        "RoleBinding": 1,
+        "Service": 1,
+    }
+)
+
+
+def _architecture_driver_name() -> str:
+    text = (REPO / "docs" / "architecture.md").read_text()
+    m = re.search(r"Driver name: `([^`]+)`", text)
+    assert m, "docs/architecture.md no longer states the driver name"
+    return m.group(1)
+
+
+def _csi_driver_constants() -> dict[str, str]:
+    """String constants of csi_driver/constants.py, read with ast (no import side effects)."""
+    path = REPO / "csi_driver" / "constants.py"
+    if not path.exists():
+        return {}
+    found: dict[str, str] = {}
+    for node in ast.parse(path.read_text()).body:
+        if (
+            isinstance(node, ast.Assign)
+            and len(node.targets) == 1
+            and isinstance(node.targets[0], ast.Name)
+            and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str)
+        ):
+            found[node.targets[0].id] = node.value.value
+    return found
+
+
+def _node(docs: list[Manifest]) -> Manifest:
+    return only(docs, "DaemonSet", "-node")
+
+
+def _controller(docs: list[Manifest]) -> Manifest:
+    return only(docs, "Deployment", "-controller")
+
+
+# --- the engine itself --------------------------------------------------------------------
+
+
+def test_chart_metadata(chart: Any) -> None:
+    meta = chart.metadata
+    assert meta["apiVersion"] == "v2"
+    assert meta["name"] == "coco-csi" == CHART_DIR.name
+    assert meta["type"] == "application"
+    assert chart.schema is not None, "values.schema.json must ship with the chart"
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_lint_strict_is_clean(case: str) -> None:
+    report = helm.lint(
+        CHART_DIR,
+        VALUE_SETS[case],
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{KUBE_VERSION}",
+    )
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+def test_lint_reports_problems() -> None:
+    # Guards the guard: the same lint call must flag a chart problem, or "clean" means nothing.
+    report = helm.lint(
+        CHART_DIR,
+        {"storageClass": {"reclaimPolicy": "Recycle"}},
+        strict=True,
+        namespace=NAMESPACE,
+        kube_version=f"v{KUBE_VERSION}",
+    )
+    assert any("/storageClass/reclaimPolicy" in e for e in report["errors"]), report
+
+
+# --- Kubernetes schema validation ----------------------------------------------------------
+
+
+def _validate(doc: Manifest) -> None:
+    kubernetes_validate.validate(strip_source(doc), KUBE_VERSION, strict=True)
+
+
+def _check_service_monitor(sm: Manifest, docs: list[Manifest]) -> None:
+    """No ServiceMonitor schema ships with kubernetes-validate (it is a CRD), so check the
+    fields Prometheus Operator needs and that it really selects the metrics Service."""
+    assert sm["apiVersion"] == "monitoring.coreos.com/v1"
+    svc = only(docs, "Service", "-node-metrics")
+    labels = svc["metadata"]["labels"]
+    for k, v in sm["spec"]["selector"]["matchLabels"].items():
+        assert labels.get(k) == v, f"ServiceMonitor selector {k}={v} misses the Service"
+    assert sm["spec"]["namespaceSelector"]["matchNames"] == [svc["metadata"]["namespace"]]
+    port_names = {p["name"] for p in svc["spec"]["ports"]}
+    for ep in sm["spec"]["endpoints"]:
+        assert ep["port"] in port_names
+        assert re.fullmatch(r"[0-9]+(ms|s|m|h)", ep["interval"])
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_every_object_validates_against_kubernetes_1_32_strict(render, case: str) -> None:
+    docs = render(VALUE_SETS[case])
+    assert docs
+    for doc in docs:
+        if doc["kind"] == "ServiceMonitor":
+            _check_service_monitor(doc, docs)
+            continue
+        try:
+            _validate(doc)
+        except kubernetes_validate.ValidationError as e:
+            path = ".".join(str(p) for p in e.path)
+            pytest.fail(f"{case}: {doc['__source__']} {doc['kind']}: {path}: {e.message}")
+
+
+def test_strict_validation_catches_an_unknown_field(render) -> None:
+    # Guards the guard: a typo'd field must not pass the strict schemas.
+    ds = strip_source(_node(render()))
+    ds["spec"]["template"]["spec"]["containers"][0]["mountPropogation"] = "Bidirectional"
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(ds, KUBE_VERSION, strict=True)
+
+
+def test_default_render_has_exactly_the_expected_kinds(render) -> None:
+    assert Counter(d["kind"] for d in render()) == DEFAULT_KINDS
+
+
+def test_namespaced_objects_land_in_the_release_namespace(render) -> None:
+    cluster_scoped = {"CSIDriver", "StorageClass", "ClusterRole", "ClusterRoleBinding"}
+    for doc in render(EVERYTHING_ON):
+        if doc["kind"] in cluster_scoped:
+            assert "namespace" not in doc["metadata"], doc["kind"]
+        else:
+            assert doc["metadata"]["namespace"] == NAMESPACE, doc["kind"]
+
+
+# --- CSIDriver -----------------------------------------------------------------------------
+
+
+def test_csidriver_name_matches_the_driver(render) -> None:
+    csidriver = only(render(), "CSIDriver")
+    name = csidriver["metadata"]["name"]
+    assert name == _architecture_driver_name()
+    constant = _csi_driver_constants().get("DRIVER_NAME")
+    if constant is not None:  # csi_driver/constants.py is the code-side source of truth
+        assert name == constant
+    # The StorageClass must point at the same driver.
+    assert only(render(), "StorageClass")["provisioner"] == name
+
+
+def test_csidriver_fields(render) -> None:
+    spec = only(render(), "CSIDriver")["spec"]
+    assert spec["attachRequired"] is False
+    assert spec["podInfoOnMount"] is True
+    assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]
+    assert spec["fsGroupPolicy"] == "File"
+    assert spec["requiresRepublish"] is False
+    spec2 = only(
+        render({"csiDriver": {"fsGroupPolicy": "None", "requiresRepublish": True}}), "CSIDriver"
+    )["spec"]
+    assert spec2["fsGroupPolicy"] == "None" and spec2["requiresRepublish"] is True
+
+
+# --- node plugin ---------------------------------------------------------------------------
+
+
+def test_node_plugin_has_fuse_bidirectional_and_privileged(render) -> None:
+    ds = _node(render())
+    plugin = container(ds, "coco-csi")
+    assert plugin["securityContext"]["privileged"] is True
+    fuse = mount_of(plugin, "fuse-device")
+    assert fuse["mountPath"] == "/dev/fuse"
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["fuse-device"]["hostPath"] == {"path": "/dev/fuse", "type": "CharDevice"}
+    pods = mount_of(plugin, "mountpoint-dir")
+    assert pods["mountPath"] == "/var/lib/kubelet/pods"
+    assert pods["mountPropagation"] == "Bidirectional"
+    assert host_path_of(ds, "mountpoint-dir") == "/var/lib/kubelet/pods"
+    # Only the plugin container may be privileged or propagate mounts back to the host.
+    for c in ds["spec"]["template"]["spec"]["containers"]:
+        if c["name"] == "coco-csi":
+            continue
+        assert not c.get("securityContext", {}).get("privileged", False), c["name"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        for m in c.get("volumeMounts", []):
+            assert m.get("mountPropagation", "None") != "Bidirectional", (c["name"], m)
+
+
+def test_node_plugin_command_line_follows_the_cli_contract(render) -> None:
+    plugin = container(_node(render()), "coco-csi")
+    assert plugin["args"][0] == "node"
+    assert arg_value(plugin, "--endpoint") == "unix:///csi/csi.sock"
+    assert arg_value(plugin, "--node-id") == "$(NODE_NAME)"
+    env = {e["name"]: e for e in plugin["env"]}
+    assert env["NODE_NAME"]["valueFrom"]["fieldRef"]["fieldPath"] == "spec.nodeName"
+    assert arg_value(plugin, "--state-dir") == mount_of(plugin, "state-dir")["mountPath"]
+    assert arg_value(plugin, "--backend-root") == mount_of(plugin, "backend")["mountPath"]
+    assert arg_value(plugin, "--resolver").startswith("kbs:")
+
+
+def test_metrics_port_is_consistent_end_to_end(render) -> None:
+    docs = render({"node": {"metricsPort": 9100}})
+    plugin = container(_node(docs), "coco-csi")
+    assert arg_value(plugin, "--metrics-addr") == ":9100"
+    ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    assert ports["metrics"] == 9100
+    svc = only(docs, "Service", "-node-metrics")
+    (svc_port,) = svc["spec"]["ports"]
+    assert svc_port["port"] == 9100 and svc_port["targetPort"] == "metrics"
+    assert svc["spec"]["clusterIP"] == "None"
+    pod_labels = _node(docs)["spec"]["template"]["metadata"]["labels"]
+    for k, v in svc["spec"]["selector"].items():
+        assert pod_labels.get(k) == v, "metrics Service does not select the node pods"
+
+
+@pytest.mark.parametrize("case", ["default", "microk8s"])
+def test_sidecar_sockets_line_up(render, case: str) -> None:
+    values = VALUE_SETS[case]
+    kubelet_dir = values.get("kubeletRootDir", "/var/lib/kubelet").rstrip("/")
+    ds = _node(render(values))
+    plugin = container(ds, "coco-csi")
+    registrar = container(ds, "node-driver-registrar")
+    probe = container(ds, "liveness-probe")
+
+    endpoint = arg_value(plugin, "--endpoint")
+    assert endpoint.startswith("unix://")
+    socket_in_pod = endpoint.removeprefix("unix://")
+    sock_dir, sock_name = posixpath.split(socket_in_pod)
+    # All three containers see the same socket-dir at the endpoint's directory.
+    for c in (plugin, registrar, probe):
+        assert mount_of(c, "socket-dir")["mountPath"] == sock_dir, c["name"]
+    for c in (registrar, probe):
+        assert arg_value(c, "--csi-address") == socket_in_pod, c["name"]
+    # What the registrar tells kubelet is the host path of that very socket.
+    reg_path = arg_value(registrar, "--kubelet-registration-path")
+    host_dir = host_path_of(ds, "socket-dir")
+    assert reg_path == posixpath.join(host_dir, sock_name)
+    assert host_dir.startswith(kubelet_dir + "/plugins/")
+    assert host_path_of(ds, "registration-dir") == kubelet_dir + "/plugins_registry"
+    assert mount_of(registrar, "registration-dir")["mountPath"] == "/registration"
+    pods = mount_of(plugin, "mountpoint-dir")
+    assert pods["mountPath"] == host_path_of(ds, "mountpoint-dir") == kubelet_dir + "/pods"
+
+
+def test_health_endpoints_are_wired(render) -> None:
+    ds = _node(render())
+    plugin = container(ds, "coco-csi")
+    probe = container(ds, "liveness-probe")
+    registrar = container(ds, "node-driver-registrar")
+    ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
+    # The plugin's livenessProbe hits the livenessprobe sidecar (same pod network).
+    assert plugin["livenessProbe"]["httpGet"]["port"] == "healthz"
+    assert arg_value(probe, "--http-endpoint") == f":{ports['healthz']}"
+    reg_ports = {p["name"]: p["containerPort"] for p in registrar["ports"]}
+    assert registrar["livenessProbe"]["httpGet"]["port"] == "registrar-hz"
+    assert arg_value(registrar, "--http-endpoint") == f":{reg_ports['registrar-hz']}"
+    assert len(set(ports.values()) | set(reg_ports.values())) == 3
+
+
+def test_port_collisions_are_refused(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError, match="must be different ports"):
+        render_raw(chart, {"node": {"metricsPort": 9808}})
+
+
+def test_runtime_class_is_configurable_and_only_on_the_node_plugin(render) -> None:
+    assert "runtimeClassName" not in _node(render())["spec"]["template"]["spec"]
+    docs = render({"node": {"runtimeClassName": "kata-qemu-tdx"}})
+    assert _node(docs)["spec"]["template"]["spec"]["runtimeClassName"] == "kata-qemu-tdx"
+    assert "runtimeClassName" not in _controller(docs)["spec"]["template"]["spec"]
+
+
+def test_node_service_account_has_no_api_access(render) -> None:
+    docs = render(EVERYTHING_ON)
+    ds = _node(docs)
+    sa_name = ds["spec"]["template"]["spec"]["serviceAccountName"]
+    assert ds["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
+    sa = only(docs, "ServiceAccount", "-node")
+    assert sa["metadata"]["name"] == sa_name and sa["automountServiceAccountToken"] is False
+    for b in (d for d in docs if d["kind"] in ("RoleBinding", "ClusterRoleBinding")):
+        assert sa_name not in {s["name"] for s in b["subjects"]}, b["metadata"]["name"]
+
+
+# --- resolver ------------------------------------------------------------------------------
+
+
+def test_kbs_resolver_uses_the_configured_aa_socket(render) -> None:
+    sock = "unix:///run/coco/aa/attestation-agent.sock"
+    ds = _node(render({"resolver": {"kbs": {"aaSocket": sock, "url": "https://kbs:8080"}}}))
+    plugin = container(ds, "coco-csi")
+    assert arg_value(plugin, "--resolver") == f"kbs:https://kbs:8080?aa={sock}"
+    m = mount_of(plugin, "guest-sockets")
+    assert m["mountPath"] == "/run/coco/aa" == host_path_of(ds, "guest-sockets")
+    assert m["readOnly"] is True
+
+
+def test_kbs_ca_configmap_is_mounted_and_passed(render) -> None:
+    ds = _node(render(EVERYTHING_ON))
+    plugin = container(ds, "coco-csi")
+    spec = arg_value(plugin, "--resolver")
+    assert spec.endswith("&ca=/etc/coco-csi/kbs-ca/ca.pem")
+    assert mount_of(plugin, "kbs-ca")["mountPath"] == "/etc/coco-csi/kbs-ca"
+    vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "kbs-ca")
+    assert vol["configMap"]["name"] == "kbs-ca"
+
+
+def test_cdh_resolver(render) -> None:
+    ds = _node(render(VALUE_SETS["cdh"]))
+    plugin = container(ds, "coco-csi")
+    assert arg_value(plugin, "--resolver") == "cdh:unix:///run/confidential-containers/cdh.sock"
+    assert host_path_of(ds, "guest-sockets") == "/run/confidential-containers"
+
+
+def test_offline_fs_resolver_reads_a_node_file_and_warns(chart: Any, render) -> None:
+    ds = _node(render(VALUE_SETS["offline-fs-demo"]))
+    plugin = container(ds, "coco-csi")
+    path = "/etc/coco-csi/offline-fs/resources.json"
+    assert arg_value(plugin, "--resolver") == f"offline-fs:{path}"
+    assert mount_of(plugin, "offline-fs") == {
+        "name": "offline-fs",
+        "mountPath": path,
+        "readOnly": True,
+    }
+    vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "offline-fs")
+    assert vol["hostPath"]["type"] == "File"
+    assert "guest-sockets" not in {m["name"] for m in plugin["volumeMounts"]}
+    notes = render_raw(chart, VALUE_SETS["offline-fs-demo"])["coco-csi/templates/NOTES.txt"]
+    assert "WARNING: resolver.kind=offline-fs" in notes
+
+
+def test_controller_never_gets_key_material_or_attestation(render) -> None:
+    for case in ("default", "everything-on", "cdh", "offline-fs-demo"):
+        dep = _controller(render(VALUE_SETS[case]))
+        spec = dep["spec"]["template"]["spec"]
+        for c in spec["containers"]:
+            assert not any(a.startswith("--resolver") for a in c["args"]), (case, c["name"])
+        names = {v["name"] for v in spec["volumes"]}
+        assert names == {"socket-dir", "backend"}, (case, names)
+        assert spec["volumes"][0]["emptyDir"] == {}
+
+
+# --- controller ----------------------------------------------------------------------------
+
+
+def test_controller_and_provisioner(render) -> None:
+    docs = render({"controller": {"replicas": 2}})
+    dep = _controller(docs)
+    assert dep["spec"]["replicas"] == 2
+    plugin = container(dep, "coco-csi")
+    assert plugin["args"][0] == "controller"
+    assert arg_value(plugin, "--endpoint") == "unix:///csi/csi.sock"
+    backend_root = arg_value(plugin, "--backend-root")
+    assert mount_of(plugin, "backend")["mountPath"] == backend_root
+    prov = container(dep, "csi-provisioner")
+    assert arg_value(prov, "--csi-address") == "/csi/csi.sock"
+    assert arg_value(prov, "--leader-election") == "true"
+    assert arg_value(prov, "--leader-election-namespace") == NAMESPACE
+    assert mount_of(prov, "socket-dir")["mountPath"] == "/csi"
+    # The node plugin mounts the same backend at the same path.
+    ds = _node(docs)
+    assert mount_of(container(ds, "coco-csi"), "backend")["mountPath"] == backend_root
+    assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
+
+
+def test_provisioner_rbac_is_least_privilege(render) -> None:
+    docs = render()
+    dep = _controller(docs)
+    sa_name = dep["spec"]["template"]["spec"]["serviceAccountName"]
+    roles = [d for d in docs if d["kind"] in ("Role", "ClusterRole")]
+    for role in roles:
+        for rule in role["rules"]:
+            assert "*" not in rule["verbs"] and "*" not in rule["resources"], role
+            assert "*" not in rule["apiGroups"], role
+            assert "secrets" not in rule["resources"], "nothing here may read Secrets"
+            assert "pods" not in rule["resources"], role
+    cluster = only(docs, "ClusterRole")
+    granted = {
+        (g, r): set(rule["verbs"])
+        for rule in cluster["rules"]
+        for g in rule["apiGroups"]
+        for r in rule["resources"]
+    }
+    assert granted == {
+        ("", "persistentvolumes"): {"get", "list", "watch", "create", "patch", "delete"},
+        ("", "persistentvolumeclaims"): {"get", "list", "watch", "update"},
+        ("storage.k8s.io", "storageclasses"): {"get", "list", "watch"},
+        ("storage.k8s.io", "csinodes"): {"get", "list", "watch"},
+        ("", "nodes"): {"get", "list", "watch"},
+        ("", "events"): {"list", "watch", "create", "update", "patch"},
+    }
+    role = only(docs, "Role")
+    assert role["metadata"]["namespace"] == NAMESPACE
+    assert [(r["apiGroups"], r["resources"]) for r in role["rules"]] == [
+        (["coordination.k8s.io"], ["leases"])
+    ]
+    for binding in (only(docs, "ClusterRoleBinding"), only(docs, "RoleBinding")):
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": sa_name, "namespace": NAMESPACE}
+        ]
+        target = only(docs, binding["roleRef"]["kind"])
+        assert binding["roleRef"]["name"] == target["metadata"]["name"]
+
+
+# --- StorageClass, toggles -----------------------------------------------------------------
+
+
+def test_storageclass(render) -> None:
+    sc = only(render(), "StorageClass")
+    assert sc["metadata"]["name"] == "coco"
+    assert sc["reclaimPolicy"] == "Delete"
+    params = sc["parameters"]
+    assert params == {"keyResource": "kbs:///default/coco-csi/volume-key"}
+    key_param = _csi_driver_constants().get("PARAM_KEY_RESOURCE")
+    if key_param is not None:  # the parameter name the driver reads
+        assert key_param in params
+    assert "annotations" not in sc["metadata"]
+
+
+def _mount_capability() -> Any:
+    csi_pb2 = pytest.importorskip("coco_proto.csi_pb2")
+    cap = csi_pb2.VolumeCapability()
+    cap.mount.SetInParent()
+    cap.access_mode.mode = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+    return cap
+
+
+@pytest.mark.parametrize("case", ["default", "everything-on"])
+def test_storageclass_parameters_are_accepted_by_the_driver(render, tmp_path, case) -> None:
+    """Cross-check with the real controller core: what external-provisioner would send for
+    this StorageClass must provision a volume (unknown parameters are InvalidArgument)."""
+    try:
+        from csi_driver.core.controller import LocalBackend
+    except ImportError as exc:
+        pytest.skip(f"csi_driver controller core not importable: {exc}")
+    sc = only(render(VALUE_SETS[case]), "StorageClass")
+    # The provisioner consumes the secret-reference keys itself and, with
+    # --extra-create-metadata, adds the claim's identity under the reserved prefix.
+    params = {k: v for k, v in sc["parameters"].items() if "-secret-" not in k} | {
+        "csi.storage.k8s.io/pvc/name": "data",
+        "csi.storage.k8s.io/pvc/namespace": "apps",
+        "csi.storage.k8s.io/pv/name": "pvc-1234",
+    }
+    backend = LocalBackend(str(tmp_path))
+    rec, ctx = backend.create("pvc-1234", [_mount_capability()], params)
+    assert (tmp_path / rec.volume_id).is_dir()
+    assert ctx.get("keyResource") == sc["parameters"]["keyResource"]
+
+
+def _self_signed_ca_pem() -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test kbs ca")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+@pytest.mark.parametrize("case", ["default", "everything-on", "cdh", "offline-fs-demo"])
+def test_resolver_spec_is_accepted_by_sealed_secrets(render, tmp_path, case) -> None:
+    """Cross-check with the real sealed_secrets.build_resolver (construction only: no
+    attestation agent, KBS or CDH is contacted)."""
+    try:
+        from sealed_secrets.resolver import build_resolver
+    except ImportError as exc:
+        pytest.skip(f"sealed_secrets.resolver not importable: {exc}")
+    plugin = container(_node(render(VALUE_SETS[case])), "coco-csi")
+    spec = arg_value(plugin, "--resolver")
+    if "&ca=" in spec:
+        # The CA path in the spec is where the ConfigMap is mounted; swap in a real PEM file
+        # at a host path because the test cannot create /etc/coco-csi/.
+        ca_path = spec.rsplit("&ca=", 1)[1]
+        mount = mount_of(plugin, "kbs-ca")["mountPath"]
+        assert posixpath.dirname(ca_path) == mount
+        local = tmp_path / "ca.pem"
+        local.write_bytes(_self_signed_ca_pem())
+        spec = spec.replace(ca_path, str(local))
+    try:
+        resolver = build_resolver(spec)
+    except ImportError as exc:
+        pytest.skip(f"resolver backend for {case} not available yet: {exc}")
+    assert hasattr(resolver, "get_resource") and hasattr(resolver, "unseal")
+
+
+def test_storageclass_sealed_secret_reference(render) -> None:
+    sc = only(render(EVERYTHING_ON), "StorageClass")
+    assert sc["parameters"]["csi.storage.k8s.io/node-publish-secret-name"] == "${pvc.name}-sealed"
+    assert sc["parameters"]["csi.storage.k8s.io/node-publish-secret-namespace"] == (
+        "${pvc.namespace}"
+    )
+    assert sc["reclaimPolicy"] == "Retain"
+    assert sc["volumeBindingMode"] == "WaitForFirstConsumer"
+    assert sc["metadata"]["annotations"] == {"storageclass.kubernetes.io/is-default-class": "true"}
+
+
+def test_storageclass_toggle(render) -> None:
+    docs = render({"storageClass": {"create": False}})
+    assert "StorageClass" not in {d["kind"] for d in docs}
+    assert Counter(d["kind"] for d in docs) == DEFAULT_KINDS - Counter({"StorageClass": 1})
+
+
+def test_servicemonitor_only_when_enabled(render) -> None:
+    assert "ServiceMonitor" not in {d["kind"] for d in render()}
+    docs = render({"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "p"}}}})
+    sm = only(docs, "ServiceMonitor")
+    assert sm["metadata"]["labels"]["release"] == "p"
+    _check_service_monitor(sm, docs)
+
+
+def test_metrics_service_toggle_and_dependency(chart: Any, render) -> None:
+    assert "Service" not in {
+        d["kind"] for d in render({"metrics": {"service": {"enabled": False}}})
+    }
+    with pytest.raises(helm.HelmRenderError, match="needs metrics.service.enabled=true"):
+        render_raw(
+            chart, {"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}
+        )
+
+
+def test_ephemeral_only_install_has_no_controller(render) -> None:
+    kinds = Counter(d["kind"] for d in render(VALUE_SETS["ephemeral-only"]))
+    assert kinds == Counter({"CSIDriver": 1, "DaemonSet": 1, "ServiceAccount": 1})
+
+
+def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
+    with pytest.raises(helm.HelmRenderError) as err:
+        render_raw(chart, {"controller": {"enabled": False}})
+    assert "storageClass.create=true needs controller.enabled=true" in str(err.value)
+
+
+# --- schema --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        (
+            {"resolver": {"kind": "vault"}},
+            "at '/resolver/kind': value must be one of 'kbs', 'cdh', 'offline-fs'",
+        ),
+        ({"csiDriver": {"fsGroupPolicy": "Everything"}}, "/csiDriver/fsGroupPolicy"),
+        (
+            {"csiDriver": {"volumeLifecycleModes": ["Persistent", "Persistent"]}},
+            "/csiDriver/volumeLifecycleModes",
+        ),
+        ({"node": {"metricsPort": 70000}}, "/node/metricsPort"),
+        ({"kubeletRootDir": "var/lib/kubelet"}, "/kubeletRootDir"),
+        ({"resolver": {"kbs": {"aaSocket": "/run/aa.sock"}}}, "/resolver/kbs/aaSocket"),
+        ({"storageClass": {"reclaimPolicy": "Recycle"}}, "/storageClass/reclaimPolicy"),
+        ({"resolvr": {"kind": "kbs"}}, "resolvr"),
+        ({"storageClass": {"nodePublishSecret": {"name": "x"}}}, "/storageClass/nodePublishSecret"),
+    ],
+    ids=[
+        "resolver-kind",
+        "fsgrouppolicy",
+        "duplicate-modes",
+        "port",
+        "relative-dir",
+        "aa-socket-not-unix-url",
+        "reclaim",
+        "typo-key",
+        "secret-without-namespace",
+    ],
+)
+def test_schema_rejects_bad_values_with_a_clear_error(chart: Any, values, expected: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(chart.merge_values(values))
+    assert expected in str(err.value)
+    # helm install/template applies the same schema before rendering anything.
+    with pytest.raises(helm.HelmValuesError):
+        render_raw(chart, values)
+
+
+def test_schema_accepts_every_value_set(chart: Any) -> None:
+    for values in VALUE_SETS.values():
+        chart.validate_schema(chart.merge_values(values))
+
+
+def test_values_yaml_and_schema_describe_the_same_keys(chart: Any) -> None:
+    schema = chart.schema
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+
+    def check(node: dict[str, Any], value: Any, path: str) -> None:
+        props = node.get("properties")
+        if props is None:
+            return
+        assert isinstance(value, dict), path
+        missing = set(props) - set(value) - {"global"}
+        assert not missing, f"{path or '<root>'}: schema keys without a default {missing}"
+        for k, v in value.items():
+            assert k in props, f"{path}.{k} has no schema"
+            check(props[k], v, f"{path}.{k}" if path else k)
+
+    check(schema, defaults, "")
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+PLAINTEXT_KEYS = [
+    "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",  # hex master key
+    "hunter2",
+    "kbs://kbs.example/default/key/1",  # host form: the key would come from elsewhere
+    "sealed.eyJhbGciOi.eyJ2ZXJzaW9u.sig",  # even sealed values belong in a Secret
+]
+
+
+@pytest.mark.parametrize("value", PLAINTEXT_KEYS)
+def test_schema_refuses_anything_but_a_kbs_reference_as_key(chart: Any, value: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/storageClass/keyResource"):
+        render_raw(chart, {"storageClass": {"keyResource": value}})
+
+
+@pytest.mark.parametrize(
+    "volume",
+    [
+        {"secret": {"secretName": "keys"}},
+        {"configMap": {"name": "keys"}},
+        {"projected": {"sources": []}},
+    ],
+    ids=["secret", "configMap", "projected"],
+)
+def test_backend_cannot_be_fed_from_a_secret_or_configmap(chart: Any, volume) -> None:
+    with pytest.raises(helm.HelmValuesError, match="/backend/volume"):
+        render_raw(chart, {"backend": {"volume": volume}})
+
+
+@pytest.mark.parametrize("arg", ["--masterkey=00112233", "--passphrase=x", "--secret-file=/k"])
+def test_extra_args_cannot_carry_keys(chart: Any, arg: str) -> None:
+    with pytest.raises(helm.HelmValuesError, match="extraArgs"):
+        render_raw(chart, {"node": {"extraArgs": [arg]}})
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_no_secret_material_is_templated(render, case: str) -> None:
+    docs = render(VALUE_SETS[case])
+    kinds = {d["kind"] for d in docs}
+    assert not kinds & {"Secret", "ConfigMap", "SealedSecret"}, kinds
+    for doc in docs:
+        for path, value in walk(strip_source(doc)):
+            leaf = path.rsplit(".", 1)[-1]
+            assert leaf not in {"data", "stringData", "binaryData"}, (doc["kind"], path)
+            if leaf == "env":
+                for e in value:  # only downward-API values, never literals
+                    assert set(e) == {"name", "valueFrom"}, e
+                    assert "secretKeyRef" not in e["valueFrom"], e
+            if isinstance(value, str):
+                assert not value.startswith("sealed."), (doc["kind"], path)
+                assert not re.search(r"\b[0-9a-fA-F]{64}\b", value), (doc["kind"], path)
+                assert "BEGIN" not in value, (doc["kind"], path)
+    sc = [d for d in docs if d["kind"] == "StorageClass"]
+    for s in sc:
+        assert s["parameters"]["keyResource"].startswith("kbs:///")
+
+
+# --- NOTES, docs, versions, CLI ------------------------------------------------------------
+
+
+def test_notes(chart: Any) -> None:
+    notes = render_raw(chart)["coco-csi/templates/NOTES.txt"]
+    assert "CSI driver: coco.csi.confidentialcontainers.org" in notes
+    assert "storageClassName: coco" in notes
+    assert "WARNING" not in notes
+    warned = render_raw(chart, {"node": {"runtimeClassName": "kata-qemu-tdx"}})
+    assert "WARNING: node.runtimeClassName=kata-qemu-tdx" in warned["coco-csi/templates/NOTES.txt"]
+
+
+def _schema_paths(node: dict[str, Any], path: str = "") -> list[str]:
+    props = node.get("properties")
+    if not props:
+        return [path]
+    out: list[str] = []
+    for k, v in props.items():
+        if k == "global":
+            continue
+        out += _schema_paths(v, f"{path}.{k}" if path else k)
+    return out
+
+
+def test_readme_documents_every_value(chart: Any) -> None:
+    readme = (CHART_DIR / "README.md").read_text()
+    missing = [p for p in _schema_paths(chart.schema) if f"`{p}`" not in readme]
+    assert not missing, f"charts/coco-csi/README.md values table lacks {missing}"
+    assert "helm install" in readme
+
+
+def _version(tag: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in tag.lstrip("v").split("."))
+
+
+def test_sidecar_versions_are_csi_1_12_era(chart: Any) -> None:
+    sc = chart.values["sidecars"]
+    prov = _version(sc["provisioner"]["image"]["tag"])
+    assert prov[0] == 5, "external-provisioner v5.x (RBAC above is written for it)"
+    assert _version(sc["nodeDriverRegistrar"]["image"]["tag"]) >= (2, 13, 0)
+    assert _version(sc["livenessProbe"]["image"]["tag"]) >= (2, 15, 0)
+    for s in ("provisioner", "nodeDriverRegistrar", "livenessProbe"):
+        assert sc[s]["image"]["repository"].startswith("registry.k8s.io/sig-storage/")
+
+
+def _coco_csi_help(sub: str) -> str | None:
+    exe = shutil.which("coco-csi", path=str(REPO / ".venv" / "bin")) or shutil.which("coco-csi")
+    if exe is None:
+        return None
+    proc = subprocess.run(
+        [exe, sub, "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
+    )
+    if proc.returncode != 0:
+        return None
+    return proc.stdout
+
+
+@pytest.mark.parametrize("sub", ["node", "controller"])
+def test_rendered_flags_exist_in_the_coco_csi_cli(render, sub: str) -> None:
+    help_text = _coco_csi_help(sub)
+    if help_text is None:
+        pytest.skip("coco-csi CLI (csi_driver.cli) is not available yet")
+    docs = render()
+    workload = _node(docs) if sub == "node" else _controller(docs)
+    flags = {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}
+    missing = [f for f in sorted(flags) if f not in help_text]
+    assert not missing, f"coco-csi {sub} does not know {missing}"
+
+
+def test_docs_deploy_exists_and_names_the_chart() -> None:
+    text = (REPO / "docs" / "deploy.md").read_text()
+    assert "charts/coco-csi" in text and "runtimeClassName" in text
+    assert Path(CHART_DIR / "values.schema.json").is_file()
