@@ -86,7 +86,14 @@ def _int_field(obj: dict[str, object], key: str, what: str) -> int:
 
 
 def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, key_len: int) -> bytes:
-    return Scrypt(salt=salt, length=key_len, n=n, r=r, p=p).derive(password)
+    try:
+        return Scrypt(salt=salt, length=key_len, n=n, r=r, p=p).derive(password)
+    except MemoryError:
+        # The conf sits on untrusted storage; huge N is refused here with a clear
+        # message instead of an opaque crash.
+        raise ConfigError(
+            f"gocryptfs.conf: scrypt N={n} R={r} needs more memory than is available"
+        ) from None
 
 
 def _check_password(password: bytes) -> bytes:
@@ -244,8 +251,8 @@ class ConfFile:
             raise ConfigError("gocryptfs.conf: scrypt N must be a power of two in 2^10..2^28")
         if r < SCRYPT_R or p < SCRYPT_P or r * p >= 2**30:
             raise ConfigError("gocryptfs.conf: scrypt R/P out of range")
-        if key_len < KEY_LEN or key_len > 1024 or (not use_hkdf and key_len != KEY_LEN):
-            raise ConfigError("gocryptfs.conf: scrypt KeyLen out of range")
+        if key_len != KEY_LEN:  # gocryptfs refuses < 32 and its key setup panics on > 32
+            raise ConfigError("gocryptfs.conf: scrypt KeyLen must be 32")
         return cls(
             feature_flags=flags,
             scrypt_n=n,

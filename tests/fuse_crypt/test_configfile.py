@@ -197,6 +197,7 @@ def test_bad_json(data: bytes, needle: str) -> None:
         ({"Scrypt_R": 4}, "R/P"),
         ({"Scrypt_P": 0}, "R/P"),
         ({"Scrypt_KeyLen": 16}, "KeyLen"),
+        ({"Scrypt_KeyLen": 64}, "KeyLen"),
         ({"Creator": 5}, "Creator"),
     ],
 )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -22,6 +23,7 @@ import pytest
 from fuse_crypt.configfile import ConfFile, format_master_key, parse_master_key
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from fuse_crypt.cryptocore import INFO_EME, INFO_GCM, CryptoCore, hkdf_sha256
+from fuse_crypt.errors import ConfigError
 from fuse_crypt.nametransform import (
     CONF_NAME,
     DIRIV_NAME,
@@ -282,6 +284,9 @@ class CipherTreeWriter:
         self._make_diriv(cipher, "")
 
     def _make_diriv(self, cdir: Path, rel: str) -> None:
+        if self.nt.deterministic:
+            self.dir_ivs[rel] = bytes(16)  # no diriv files; names use a zero IV
+            return
         iv = self.nt.new_dir_iv()
         (cdir / DIRIV_NAME).write_bytes(iv)
         os.chmod(cdir / DIRIV_NAME, 0o444)
@@ -393,11 +398,36 @@ def test_decrypt_volume_written_by_gocryptfs(tmp_path: Path, passfile: Path) -> 
     assert raw[HEADER_LEN : HEADER_LEN + 3 * CIPHER_BS] == bytes(3 * CIPHER_BS)
 
 
+def _variant_conf(variant: str) -> tuple[ConfFile, bytes]:
+    """Confs for every variant we can write; the non-Raw64 and non-HKDF ones are built
+    by editing flags (gocryptfs 2.3 -init can no longer create them, but mounts them)."""
+    if variant == "aessiv":
+        return ConfFile.create(PASSWORD, scrypt_logn=10, aessiv=True)
+    if variant == "deterministic":
+        return ConfFile.create(PASSWORD, scrypt_logn=10, deterministic_names=True)
+    if variant == "longnamemax":
+        return ConfFile.create(PASSWORD, scrypt_logn=10, long_name_max=100)
+    conf, mk = ConfFile.create(PASSWORD, scrypt_logn=10)
+    if variant == "no-raw64":
+        flags = tuple(f for f in conf.feature_flags if f != "Raw64")
+        conf = dataclasses.replace(conf, feature_flags=flags)
+    elif variant == "no-hkdf":
+        flags = tuple(f for f in conf.feature_flags if f not in ("HKDF", "Raw64"))
+        conf = dataclasses.replace(conf, feature_flags=flags).rewrap(mk, PASSWORD)
+        assert len(conf.encrypted_key) == 60
+    return ConfFile.loads(conf.dumps()), mk
+
+
 @needs_gocryptfs
-def test_gocryptfs_mounts_volume_written_by_us(tmp_path: Path, passfile: Path) -> None:
+@pytest.mark.parametrize(
+    "variant", ["default", "aessiv", "deterministic", "longnamemax", "no-raw64", "no-hkdf"]
+)
+def test_gocryptfs_mounts_volume_written_by_us(
+    tmp_path: Path, passfile: Path, variant: str
+) -> None:
     cipher = tmp_path / "cipher"
     cipher.mkdir()
-    conf, mk = ConfFile.create(PASSWORD, scrypt_logn=10)
+    conf, mk = _variant_conf(variant)
     conf.write(str(cipher / CONF_NAME))
     assert (os.stat(cipher / CONF_NAME).st_mode & 0o777) == 0o400
 
@@ -429,8 +459,13 @@ def test_gocryptfs_mounts_volume_written_by_us(tmp_path: Path, passfile: Path) -
         # and gocryptfs can write into our volume, which we then read back
         (mnt / "sub" / "from-gocryptfs").write_bytes(b"written by gocryptfs")
 
-    tree, _ = CipherTreeReader(cipher, PASSWORD).walk()
+    reader = CipherTreeReader(cipher, PASSWORD)
+    tree, _ = reader.walk()
     assert tree["sub/from-gocryptfs"] == ("file", b"written by gocryptfs")
+    long_disk = reader.cipher_path(LONG_NAME).name
+    assert reader.nt.is_long_name_file(long_disk)
+    if variant == "no-raw64":
+        assert long_disk.endswith("=")
 
 
 @needs_gocryptfs
@@ -458,8 +493,8 @@ def test_gocryptfs_accepts_our_password_change(tmp_path: Path, passfile: Path) -
 @needs_gocryptfs
 @pytest.mark.parametrize(
     "init_args",
-    [["-deterministic-names"], ["-aessiv"], ["-longnamemax", "100"], ["-raw64=false"]],
-    ids=["deterministic", "aessiv", "longnamemax", "no-raw64"],
+    [["-deterministic-names"], ["-aessiv"], ["-longnamemax", "100"]],
+    ids=["deterministic", "aessiv", "longnamemax"],
 )
 def test_decrypt_gocryptfs_variants(tmp_path: Path, passfile: Path, init_args: list[str]) -> None:
     cipher = tmp_path / "cipher"
@@ -490,3 +525,26 @@ def test_decrypt_gocryptfs_variants(tmp_path: Path, passfile: Path, init_args: l
     if "-longnamemax" in init_args:
         assert reader.nt.longname_max == 100
         assert reader.nt.is_long_name_file(reader.cipher_path("dir/" + "n" * 120).name)
+
+
+@needs_gocryptfs
+@pytest.mark.parametrize(
+    ("init_args", "needle"),
+    [(["-xchacha"], "XChaCha20Poly1305"), (["-plaintextnames"], "PlaintextNames")],
+)
+def test_unsupported_gocryptfs_variants_are_refused_clearly(
+    tmp_path: Path, passfile: Path, init_args: list[str], needle: str
+) -> None:
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    init = subprocess.run(
+        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
+        + [str(cipher)],
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+    if init.returncode != 0:
+        pytest.skip(f"gocryptfs refused {init_args}: {init.stderr.strip()}")
+    with pytest.raises(ConfigError, match=f"{needle}.*not supported"):
+        ConfFile.read(str(cipher / CONF_NAME))
