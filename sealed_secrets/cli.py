@@ -1,0 +1,314 @@
+"""`sealed-secret`: keygen, seal (vault | envelope), unseal and verify, CoCo-`secret`-like flags.
+
+Output is meant for pipes: the sealed string (or the plaintext) alone on stdout, every
+notice on stderr. Any failure is one line `sealed-secret: error: …` on stderr and a non-zero
+exit (1 for operational errors, 2 for usage errors, as argparse does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+from sealed_secrets import keys
+from sealed_secrets.errors import SealedSecretError
+
+PROG = "sealed-secret"
+MAX_PLAINTEXT = 512 * 1024  # sealed strings must fit a Secret value / env var comfortably
+DEFAULT_RESOLVER_ENV = "SEALED_SECRET_RESOLVER"
+
+
+class CliError(Exception):
+    """A user-facing failure with a one-line message."""
+
+
+def _json_arg(text: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError("must be a JSON object") from None
+    if not isinstance(obj, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object")
+    return obj
+
+
+def _read_input(path: str | None, *, limit: int, what: str) -> bytes:
+    try:
+        if path in (None, "-"):
+            data = sys.stdin.buffer.read(limit + 1)
+        else:
+            with open(path, "rb") as f:
+                data = f.read(limit + 1)
+    except OSError as exc:
+        raise CliError(f"cannot read {what} {path}: {exc.strerror}") from None
+    if len(data) > limit:
+        raise CliError(f"{what} is larger than {limit} bytes")
+    return data
+
+
+def _read_sealed(args: argparse.Namespace) -> str:
+    if getattr(args, "sealed", None):
+        return args.sealed.strip()
+    raw = _read_input(args.file_path, limit=1 << 20, what="sealed secret")
+    try:
+        return raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise CliError("sealed secret input is not ASCII text") from None
+
+
+def _write_out(data: bytes, path: str | None) -> None:
+    if path in (None, "-"):
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+
+
+def _signing(args: argparse.Namespace) -> Any:
+    return keys.load_signing_key(args.signing_jwk_path)
+
+
+# --- subcommands -------------------------------------------------------------------------
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    os.makedirs(args.output_dir, exist_ok=True)
+    if args.sealing:
+        from sealed_secrets.providers import asym
+
+        key = asym.generate_keypair(args.sealing)
+        kid = args.kid or "sealing"
+    else:
+        kid = args.kid or keys.DEFAULT_SIGNING_KID
+        key = keys.generate_signing_key(kid)
+    priv, pub = keys.write_keypair(key, args.output_dir, kid)
+    print(f"wrote {priv} (keep secret) and {pub}", file=sys.stderr)
+
+
+def cmd_seal_vault(args: argparse.Namespace) -> None:
+    from sealed_secrets.seal import seal_vault
+
+    sealed = seal_vault(
+        args.resource_uri,
+        args.provider,
+        signing_key=_signing(args),
+        signing_kid=args.signing_kid,
+        provider_settings=args.provider_settings,
+        annotations=args.annotations,
+    )
+    print("Warning: Secrets must be provisioned to provider separately.", file=sys.stderr)
+    print(sealed)
+
+
+def cmd_seal_envelope(args: argparse.Namespace) -> None:
+    from sealed_secrets.seal import seal_envelope
+
+    plaintext = _read_input(args.file_path, limit=MAX_PLAINTEXT, what="plaintext file")
+    signing_key = _signing(args)
+    common: dict[str, Any] = {
+        "key_id": args.key_id,
+        "signing_key": signing_key,
+        "signing_kid": args.signing_kid,
+        "wrap_type": args.wrap_type,
+    }
+    if args.kms == "asym":
+        from sealed_secrets.providers import asym
+
+        pub = asym.load_public_key(
+            _read_input(args.public_key, limit=64 * 1024, what="public key file")
+        )
+        sealed = seal_envelope(plaintext, provider=asym.NAME, public_key=pub, **common)
+    else:
+        from sealed_secrets.providers import aliyun
+
+        settings = {
+            "client_type": "sts_token",
+            "token_path": args.guest_token_path,
+            "region_id": args.region_id,
+        }
+        if args.kms_instance_id:
+            settings["kms_instance_id"] = args.kms_instance_id
+        if args.endpoint:
+            settings["endpoint"] = args.endpoint
+        creds = (
+            aliyun.Credentials.from_file(args.credential_file)
+            if args.credential_file
+            else aliyun.Credentials.from_env()
+        )
+        if creds is None:
+            raise CliError(
+                "aliyun sealing needs --credential-file or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET"
+            )
+        client = aliyun.make_client(settings, credentials=creds, ca=args.ca)
+        sealed = seal_envelope(
+            plaintext, provider="aliyun", kms_client=client, provider_settings=settings, **common
+        )
+    print(sealed)
+
+
+def _resolver(args: argparse.Namespace) -> Any:
+    spec = args.resolver or os.environ.get(DEFAULT_RESOLVER_ENV)
+    if not spec:
+        return None
+    from sealed_secrets.resolver import build_resolver
+
+    return build_resolver(spec, cache_ttl=60.0)
+
+
+def cmd_unseal(args: argparse.Namespace) -> None:
+    from sealed_secrets.unseal import unseal_secret
+
+    sealed = _read_sealed(args)
+    resolver = _resolver(args)
+    options = {"aliyun": {"credential_dir": args.aliyun_credential_dir}}
+    if args.aliyun_credential_dir is None:
+        options = {}
+    plaintext = unseal_secret(
+        sealed,
+        get_resource=resolver.get_resource if resolver is not None else None,
+        verify=not args.skip_verification,
+        allow_unsigned=args.allow_unsigned,
+        key_dir=args.key_path,
+        provider_options=options,
+    )
+    out = args.output
+    if out is None and args.file_path not in (None, "-"):
+        out = f"{args.file_path}.unsealed"  # CoCo `secret unseal` behaviour
+    _write_out(plaintext, out)
+    if out not in (None, "-"):
+        print(f"unsealed to {out}", file=sys.stderr)
+
+
+def cmd_verify(args: argparse.Namespace) -> None:
+    from sealed_secrets import jws
+    from sealed_secrets import payload as pl
+    from sealed_secrets.unseal import decode
+
+    sealed = _read_sealed(args)
+    if args.public_key:
+        parsed = jws.parse(sealed)
+        key = keys.parse_jwk(
+            _read_input(args.public_key, limit=64 * 1024, what="public key file"),
+            what="public key file",
+        )
+        jws.verify(parsed, keys.check_es256(keys.public_jwk(key), what="public key file"))
+        secret = pl.loads(parsed.payload)
+    else:
+        resolver = _resolver(args)
+        parsed, secret = decode(
+            sealed,
+            get_resource=resolver.get_resource if resolver is not None else None,
+            key_dir=args.key_path,
+        )
+    info = {"kid": parsed.kid, "verified": True, **secret.to_json()}
+    if isinstance(secret, pl.EnvelopeSecret):  # ciphertext is noise to a human reader
+        for name in ("encrypted_key", "encrypted_data", "iv"):
+            info[name] = f"<{len(getattr(secret, name))} base64 chars>"
+    print(json.dumps(info, indent=2))
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog=PROG, description="Seal, unseal and verify CoCo sealed secrets (sealed.<jws>)."
+    )
+    sub = p.add_subparsers(dest="command", required=True)
+
+    kg = sub.add_parser("keygen", help="generate an ES256 signing key pair (or a sealing pair)")
+    kg.add_argument(
+        "--kid", help=f"key id and file name prefix (default {keys.DEFAULT_SIGNING_KID})"
+    )
+    kg.add_argument("--output-dir", default=".", help="directory for <kid>-private/public.json")
+    kg.add_argument(
+        "--sealing",
+        type=str.upper,
+        choices=["EC", "RSA"],
+        help="generate a coco-csi-asym sealing key pair instead (private half goes to KBS)",
+    )
+    kg.set_defaults(func=cmd_keygen)
+
+    seal = sub.add_parser("seal", help="produce a signed sealed string on stdout")
+    seal.add_argument("--signing-kid", required=True, help="kid written into the JWS header")
+    seal.add_argument("--signing-jwk-path", required=True, help="private ES256 JWK file")
+    ss = seal.add_subparsers(dest="kind", required=True)
+
+    v = ss.add_parser("vault", help="seal a reference to a value held by the provider")
+    v.add_argument("-r", "--resource-uri", required=True, help="kbs:///repo/type/tag or name")
+    v.add_argument("-p", "--provider", required=True, help="kbs | aliyun")
+    v.add_argument("--provider-settings", type=_json_arg, default={}, metavar="JSON")
+    v.add_argument("-a", "--annotations", type=_json_arg, default={}, metavar="JSON")
+    v.set_defaults(func=cmd_seal_vault)
+
+    e = ss.add_parser("envelope", help="encrypt a value under a provider-wrapped data key")
+    e.add_argument("-k", "--key-id", required=True, help="KMS key id / kbs:// URI of private key")
+    e.add_argument("-f", "--file-path", help="plaintext file (default: stdin)")
+    e.add_argument("--wrap-type", choices=["A256GCM", "A256CTR"], default="A256GCM")
+    kms = e.add_subparsers(dest="kms", required=True)
+    a = kms.add_parser("asym", aliases=["coco-csi-asym"], help="wrap to a public key (offline)")
+    a.add_argument("--public-key", required=True, help="recipient public JWK or PEM file")
+    a.set_defaults(func=cmd_seal_envelope, kms="asym")
+    ali = kms.add_parser("ali", aliases=["aliyun"], help="wrap with Alibaba Cloud KMS")
+    ali.add_argument("--region-id", required=True)
+    ali.add_argument("--kms-instance-id", help="KMS instance (endpoint <id>.cryptoservice…)")
+    ali.add_argument("--endpoint", help="KMS endpoint host[:port] override")
+    ali.add_argument(
+        "--guest-token-path",
+        required=True,
+        help="path of the AK:SK:STS file *inside the guest* (written into provider_settings)",
+    )
+    ali.add_argument("--credential-file", help="local AK:SK[:STS] file used to seal")
+    ali.add_argument("--ca", help="CA bundle for the KMS endpoint")
+    ali.set_defaults(func=cmd_seal_envelope, kms="ali")
+
+    u = sub.add_parser("unseal", help="verify and unseal (needs access to the key broker)")
+    u.add_argument("sealed", nargs="?", help="sealed string (default: -f or stdin)")
+    u.add_argument("-f", "--file-path", help="file holding the sealed string (- for stdin)")
+    u.add_argument("-o", "--output", help="output file (default <file>.unsealed or stdout)")
+    u.add_argument("-k", "--key-path", help="directory of verification keys named by kid")
+    u.add_argument(
+        "--resolver",
+        help=f"offline-fs:/f.json | kbs:URL?aa=… | cdh:unix://… (env {DEFAULT_RESOLVER_ENV})",
+    )
+    u.add_argument("-s", "--skip-verification", action="store_true")
+    u.add_argument("--allow-unsigned", action="store_true", help="accept legacy fakejwsheader")
+    u.add_argument("--aliyun-credential-dir", help="in-guest aliyun credential directory")
+    u.set_defaults(func=cmd_unseal)
+
+    ver = sub.add_parser("verify", help="check the signature and print the payload metadata")
+    ver.add_argument("sealed", nargs="?", help="sealed string (default: -f or stdin)")
+    ver.add_argument("-f", "--file-path", help="file holding the sealed string (- for stdin)")
+    ver.add_argument("-k", "--key-path", help="directory of verification keys named by kid")
+    ver.add_argument("--public-key", help="verify with this public JWK instead of kid lookup")
+    ver.add_argument("--resolver", help="resolver spec for kbs:// kids")
+    ver.set_defaults(func=cmd_verify)
+    return p
+
+
+def _die(msg: str, code: int = 1) -> NoReturn:
+    print(f"{PROG}: error: {msg}", file=sys.stderr)
+    raise SystemExit(code)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (SealedSecretError, CliError) as exc:
+        _die(f"{type(exc).__name__}: {exc}" if isinstance(exc, SealedSecretError) else str(exc))
+    except OSError as exc:
+        _die(f"{exc.strerror or 'I/O error'}")
+    except KeyboardInterrupt:
+        _die("interrupted", 130)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
