@@ -32,6 +32,7 @@ from .conftest import (
     host_path_of,
     mount_of,
     only,
+    parse_manifests,
     render_raw,
     strip_source,
     walk,
@@ -224,6 +225,50 @@ def test_strict_validation_catches_an_unknown_field(render) -> None:
     ds["spec"]["template"]["spec"]["containers"][0]["mountPropogation"] = "Bidirectional"
     with pytest.raises(kubernetes_validate.ValidationError):
         kubernetes_validate.validate(ds, KUBE_VERSION, strict=True)
+
+
+OVERLAYS = sorted((CHART_DIR / "values").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS, ids=[o.name for o in OVERLAYS])
+def test_platform_overlays_lint_and_validate(render, overlay: Path) -> None:
+    values = yaml.safe_load(overlay.read_text())
+    report = helm.lint(
+        CHART_DIR, values, strict=True, namespace=NAMESPACE, kube_version=f"v{KUBE_VERSION}"
+    )
+    assert report["errors"] == [], report
+    for doc in render(values):
+        if doc["kind"] != "ServiceMonitor":
+            _validate(doc)
+
+
+def test_packaged_chart_renders_the_same(chart: Any, tmp_path: Path) -> None:
+    archive = helm.package(CHART_DIR, destination=tmp_path)
+    with helm.Chart.load(archive) as packaged:
+        assert packaged.schema == chart.schema
+        assert render_raw(packaged, EVERYTHING_ON) == render_raw(chart, EVERYTHING_ON)
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_object_names_are_unique_and_valid(render, case: str) -> None:
+    seen: set[tuple[str, str, str]] = set()
+    for doc in render(VALUE_SETS[case]):
+        meta = doc["metadata"]
+        key = (doc["kind"], meta.get("namespace", ""), meta["name"])
+        assert key not in seen, f"duplicate object {key}"
+        seen.add(key)
+        assert len(meta["name"]) <= 253
+        for k, v in meta.get("labels", {}).items():
+            assert re.fullmatch(r"(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?", v), (k, v)
+            assert len(v) <= 63, (k, v)
+
+
+def test_long_release_names_are_shortened(chart: Any) -> None:
+    name = "a-very-long-release-name-that-goes-on-and-on-x"
+    rendered = chart.render(values={}, name=name, namespace=NAMESPACE)
+    for doc in parse_manifests(rendered):
+        if doc["kind"] in ("DaemonSet", "Deployment", "Service", "ServiceAccount"):
+            assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
 
 
 def test_default_render_has_exactly_the_expected_kinds(render) -> None:

@@ -1,5 +1,7 @@
 {{/*
-Names. Kept to 63 characters because they end up in labels and DNS names.
+Names. The name part is kept to 63 characters (it is a label value); the full name to 45, so
+that it plus the longest suffix used on a DNS-label-limited object ("-node-metrics", a
+Service) stays within 63.
 */}}
 {{- define "coco-csi.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
@@ -7,13 +9,13 @@ Names. Kept to 63 characters because they end up in labels and DNS names.
 
 {{- define "coco-csi.fullname" -}}
 {{- if .Values.fullnameOverride -}}
-{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- .Values.fullnameOverride | trunc 45 | trimSuffix "-" -}}
 {{- else -}}
 {{- $name := default .Chart.Name .Values.nameOverride -}}
 {{- if contains $name .Release.Name -}}
-{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- .Release.Name | trunc 45 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 45 | trimSuffix "-" -}}
 {{- end -}}
 {{- end -}}
 {{- end -}}
