@@ -219,7 +219,11 @@ class NameTransform:
     def encrypt_symlink(self, target: str) -> str:
         if target == "":
             return ""
-        return self.b64encode(self._core.seal(_fs_bytes(target), _AAD_ZERO))
+        try:
+            raw = _fs_bytes(target)
+        except UnicodeEncodeError:
+            raise InvalidNameError("symlink target is not encodable") from None
+        return self.b64encode(self._core.seal(raw, _AAD_ZERO))
 
     def decrypt_symlink(self, stored: str) -> str:
         """Raises CorruptDataError: a bad link target is tampered data (EIO)."""
@@ -236,7 +240,12 @@ class NameTransform:
     def encrypt_xattr_name(self, name: str) -> str:
         if name == "" or "\0" in name:
             raise InvalidNameError("invalid xattr name")
-        raw = _fs_bytes(name)
+        try:
+            raw = _fs_bytes(name)
+        except UnicodeEncodeError:
+            raise InvalidNameError("xattr name is not encodable") from None
+        if len(raw) > 2047:  # EME limit; Linux caps xattr names at 255 bytes anyway
+            raise NameTooLongError("xattr name too long")
         enc = self._core.eme_encrypt(XATTR_NAME_IV, pad16(raw))
         return XATTR_STORE_PREFIX + self.b64encode(enc)
 

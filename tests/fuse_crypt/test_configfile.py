@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fuse_crypt.configfile import (
     DEFAULT_FLAGS,
@@ -313,3 +316,40 @@ def test_master_key_text() -> None:
 def test_all_errors_share_base() -> None:
     for cls in (ConfigError, WrongKeyError, BadInputError):
         assert issubclass(cls, FuseCryptError)
+
+
+_json_scalars = st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20)
+_json = st.recursive(
+    _json_scalars,
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=8), kids, max_size=4)
+    ),
+    max_leaves=12,
+)
+_BASE_CONF = ConfFile.create(PW, scrypt_logn=10, master_key=bytes(32))[0].dumps()
+_FIELDS = ["Creator", "EncryptedKey", "ScryptObject", "Version", "FeatureFlags", "LongNameMax"]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    base_idx=st.integers(0, len(_FIELDS) - 1),
+    value=_json,
+    sub=st.sampled_from(["Salt", "N", "R", "P", "KeyLen", None]),
+)
+def test_mutated_conf_only_raises_config_error(
+    base_idx: int, value: object, sub: str | None
+) -> None:
+    obj = json.loads(_BASE_CONF)
+    if sub is not None:
+        obj["ScryptObject"][sub] = value
+    else:
+        obj[_FIELDS[base_idx]] = value
+    with contextlib.suppress(ConfigError):
+        ConfFile.loads(json.dumps(obj).encode())
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=300))
+def test_random_bytes_conf_only_raises_config_error(data: bytes) -> None:
+    with pytest.raises(ConfigError):
+        ConfFile.loads(data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import struct
 
@@ -240,3 +241,17 @@ def test_batch_equals_blockwise(gcm_ce: ContentEnc) -> None:
         gcm_ce.decrypt_blocks(i, ct[i * CIPHER_BS : (i + 1) * CIPHER_BS], fid) for i in range(6)
     ]
     assert b"".join(pieces) == data
+
+
+@settings(max_examples=100, deadline=None)
+@given(blob=st.binary(max_size=2 * CIPHER_BS + 50), first=st.integers(0, 10))
+def test_garbage_ciphertext_only_raises_corrupt(blob: bytes, first: int) -> None:
+    ce = ContentEnc(CryptoCore(MK))
+    try:
+        out = ce.decrypt_blocks(first, blob, bytes(range(16)))
+    except CorruptDataError:
+        return
+    # only holes (or nothing) can "decrypt" without the key
+    assert out == bytes(len(out))
+    with contextlib.suppress(CorruptDataError):
+        ce.parse_header(blob[:HEADER_LEN])

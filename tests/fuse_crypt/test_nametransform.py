@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import os
 
@@ -271,3 +272,42 @@ def test_xattr_value_tamper(nt: NameTransform) -> None:
 def test_repr_has_no_secrets(nt: NameTransform) -> None:
     assert "raw64=True" in repr(nt)
     assert bytes(range(32)).hex() not in repr(nt)
+
+
+def test_unencodable_strings_are_typed_errors(nt: NameTransform) -> None:
+    lone = "\ud800"  # not a surrogateescape byte, cannot reach the disk
+    with pytest.raises(InvalidNameError):
+        nt.encrypt_name(lone, IV)
+    with pytest.raises(InvalidNameError):
+        nt.encrypt_symlink(lone)
+    with pytest.raises(InvalidNameError):
+        nt.encrypt_xattr_name(lone)
+    with pytest.raises(NameTooLongError):
+        nt.encrypt_xattr_name("x" * 3000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(text=st.text(max_size=400))
+def test_garbage_names_only_raise_typed_errors(text: str) -> None:
+    """Whatever the (untrusted) storage lists, decryption fails only with our errors."""
+    nt = NameTransform(CORE)
+    for fn in (
+        lambda: nt.decrypt_name(text, IV),
+        lambda: nt.decrypt_xattr_name("user.gocryptfs." + text),
+        lambda: nt.read_long_name("gocryptfs.longname.x", text.encode("utf-8", "replace")),
+    ):
+        with contextlib.suppress(InvalidNameError):
+            fn()
+    with contextlib.suppress(CorruptDataError):
+        nt.decrypt_symlink(text)
+
+
+@settings(max_examples=100, deadline=None)
+@given(raw=st.integers(1, 16).flatmap(lambda m: st.binary(min_size=16 * m, max_size=16 * m)))
+def test_random_ciphertext_names_only_raise_invalid_name(raw: bytes) -> None:
+    nt = NameTransform(CORE)
+    try:
+        name = nt.decrypt_name(nt.b64encode(raw), IV)
+    except InvalidNameError:
+        return
+    assert nt.encrypt_name(name, IV) == nt.b64encode(raw)  # decrypts only to valid names
