@@ -46,10 +46,11 @@ def _checked(step: str, proc: subprocess.CompletedProcess[bytes]) -> None:
 def _plain_files() -> dict[str, bytes]:
     return {
         "hello.txt": f"Hello from inside the TEE! {MARKER}-hello\n".encode(),
-        "projects/2026/q4/plan.md": f"# Plan\n{MARKER}-nested\n".encode() * 3,
+        "projects/year-2026/fourth-quarter/quarterly-plan.md": f"# Plan\n{MARKER}-nested\n".encode()
+        * 3,
         f"projects/{LONG_NAME}": f"long name content {MARKER}-long\n".encode(),
         "blocks.bin": (f"{MARKER}-blocks ".encode() * 800)[:10000],  # 3 blocks, last short
-        "empty": b"",
+        "empty-file": b"",
     }
 
 
@@ -93,7 +94,7 @@ def _verify_tree(mnt: str, files: dict[str, bytes], link_target: str) -> None:
     if os.readlink(os.path.join(mnt, "latest-plan")) != link_target:
         raise DemoFailure("symlink target differs")
     with open(os.path.join(mnt, "latest-plan"), "rb") as f:
-        if f.read() != files["projects/2026/q4/plan.md"]:
+        if f.read() != files["projects/year-2026/fourth-quarter/quarterly-plan.md"]:
             raise DemoFailure("reading through the symlink gives different content")
     if LONG_NAME not in os.listdir(os.path.join(mnt, "projects")):
         raise DemoFailure("long name missing from the directory listing")
@@ -101,7 +102,10 @@ def _verify_tree(mnt: str, files: dict[str, bytes], link_target: str) -> None:
 
 def _check_no_plaintext(cipher: str, files: dict[str, bytes], link_target: str) -> int:
     needles = [MARKER.encode(), b"Hello from inside", link_target.encode()]
+    # Every path component too; all are >= 8 bytes so random base64 cannot match by chance.
     needles += [part.encode() for rel in files for part in rel.split("/")]
+    if any(len(n) < 8 for n in needles):
+        raise DemoFailure("demo bug: plaintext markers must be at least 8 bytes")
     needles += [b"latest-plan"]
     scanned = 0
     for rel, st in _walk_backing(cipher):
@@ -121,14 +125,39 @@ def _check_no_plaintext(cipher: str, files: dict[str, bytes], link_target: str) 
     return scanned
 
 
+def _describe(name: str, full: str, st: os.stat_result) -> str:
+    if os.path.islink(full):
+        return "symlink, encrypted target"
+    if os.path.isdir(full):
+        return "directory"
+    if name == "gocryptfs.conf":
+        return f"{st.st_size} B  config: flags + password-wrapped master key"
+    if name == "gocryptfs.diriv":
+        return f"{st.st_size} B  this directory's name IV"
+    if name.startswith("gocryptfs.longname.") and name.endswith(".name"):
+        return f"{st.st_size} B  full encrypted long name"
+    if name.startswith("gocryptfs.longname."):
+        return f"{st.st_size} B  file with a hashed long name"
+    return f"{st.st_size} B"
+
+
+def _show_tree(cipher: str, rel: str = "", depth: int = 0) -> int:
+    shown = 0
+    here = os.path.join(cipher, rel)
+    for name in sorted(os.listdir(here)):
+        full = os.path.join(here, name)
+        st = os.lstat(full)
+        label = ("  " * depth) + _short(name, 40 - 2 * depth)
+        print(f"           {label:<42} {_describe(name, full, st)}")
+        shown += 1
+        if os.path.isdir(full) and not os.path.islink(full):
+            shown += _show_tree(cipher, os.path.join(rel, name), depth + 1)
+    return shown
+
+
 def _show_backing(cipher: str) -> None:
     print("         backing directory (all that storage ever sees):")
-    shown = 0
-    for rel, st in _walk_backing(cipher):
-        kind = "link" if os.path.islink(os.path.join(cipher, rel)) else f"{st.st_size:>6} B"
-        print(f"           {_short(rel):<48} {kind}")
-        shown += 1
-    print(f"           ({shown} entries; directories hold their own gocryptfs.diriv)")
+    _show_tree(cipher)
     with open(os.path.join(cipher, "gocryptfs.conf"), "rb") as f:
         conf_text = f.read()
     if b"EncryptedKey" not in conf_text:
@@ -137,17 +166,18 @@ def _show_backing(cipher: str) -> None:
         (
             (st.st_size, rel)
             for rel, st in _walk_backing(cipher)
-            if not rel.startswith("gocryptfs.") and os.path.isfile(os.path.join(cipher, rel))
+            if not os.path.basename(rel).startswith("gocryptfs.")
+            and os.path.isfile(os.path.join(cipher, rel))
         ),
         default=None,
     )
     if biggest:
         with open(os.path.join(cipher, biggest[1]), "rb") as f:
-            head = f.read(32)
+            head = f.read(24)
         print(f"         first bytes of {_short(os.path.basename(biggest[1]), 30)}:")
-        print(f"           {_hexdump(head)}")
-        print("           (00 02 = format version, then the 16-byte random file ID, then")
-        print("            per-4-KiB-block nonce | AES-256-GCM ciphertext | tag)")
+        print(f"           {_hexdump(head, 24)}")
+        print("           00 02 = format version, then a random 16-byte file ID, then")
+        print("           per 4 KiB block: 16-byte nonce | AES-256-GCM ciphertext | 16-byte tag")
 
 
 def _gocryptfs_crosscheck(cipher: str, passfile: str, work: str, data: bytes) -> str:
@@ -187,7 +217,7 @@ def run_demo(*, keep: bool = False) -> int:
     os.write(fd, secrets.token_urlsafe(24).encode() + b"\n")
     os.close(fd)
     files = _plain_files()
-    link_target = "projects/2026/q4/plan.md"
+    link_target = "projects/year-2026/fourth-quarter/quarterly-plan.md"
     print("fuse-crypt demo: a gocryptfs-compatible encrypted volume, end to end")
     print(f"  work dir {work}")
     try:

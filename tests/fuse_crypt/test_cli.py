@@ -509,3 +509,11 @@ def test_passwd_then_mount_with_new_password(
     proc = fc("mount", "--passfile", new_passfile, volume, mnt)
     assert proc.returncode == 0, proc.stderr
     assert (mnt / "kept").read_text() == "survives passwd"
+
+
+@needs_frontend
+def test_demo_runs_end_to_end() -> None:
+    proc = subprocess.run([*FC, "demo"], capture_output=True, text=True, timeout=120, check=False)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.rstrip().endswith("demo OK")
+    assert "no plaintext name, content or link target" in proc.stdout
