@@ -285,8 +285,15 @@ class ConfFile:
         if self.has("LongNameMax"):
             obj["LongNameMax"] = self.long_name_max
         text = json.dumps(obj, indent="\t", ensure_ascii=False)
-        # Go escapes <, > and & in strings; only Creator could contain them.
-        text = text.replace("<", "\\u003c").replace(">", "\\u003e").replace("&", "\\u0026")
+        # Go escapes <, >, & and U+2028/2029 in strings; only Creator could hold them.
+        for ch, esc in (
+            ("<", "\\u003c"),
+            (">", "\\u003e"),
+            ("&", "\\u0026"),
+            ("\u2028", "\\u2028"),
+            ("\u2029", "\\u2029"),
+        ):
+            text = text.replace(ch, esc)
         return text.encode("utf-8") + b"\n"
 
     # -- key wrap -------------------------------------------------------------

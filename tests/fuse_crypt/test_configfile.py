@@ -353,3 +353,10 @@ def test_mutated_conf_only_raises_config_error(
 def test_random_bytes_conf_only_raises_config_error(data: bytes) -> None:
     with pytest.raises(ConfigError):
         ConfFile.loads(data)
+
+
+def test_dumps_escapes_like_go() -> None:
+    conf, _ = ConfFile.create(PW, scrypt_logn=10, creator="a<b>&c\u2028\u00fc")
+    text = conf.dumps()
+    assert b'"Creator": "a\\u003cb\\u003e\\u0026c\\u2028\xc3\xbc"' in text
+    assert ConfFile.loads(text) == conf
