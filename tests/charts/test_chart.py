@@ -62,6 +62,7 @@ EVERYTHING_ON: dict[str, Any] = {
         },
     },
     "controller": {"replicas": 2, "extraArgs": ["--log-level=debug"]},
+    "backend": {"volume": {"persistentVolumeClaim": {"claimName": "coco-backend"}}},
     "imagePullSecrets": ["regcred"],
     "resolver": {
         "kind": "kbs",
@@ -492,7 +493,7 @@ def test_controller_never_gets_key_material_or_attestation(render) -> None:
 
 
 def test_controller_and_provisioner(render) -> None:
-    docs = render({"controller": {"replicas": 2}})
+    docs = render(EVERYTHING_ON)
     dep = _controller(docs)
     assert dep["spec"]["replicas"] == 2
     plugin = container(dep, "coco-csi")
@@ -686,6 +687,16 @@ def test_ephemeral_only_install_has_no_controller(render) -> None:
     assert kinds == Counter({"CSIDriver": 1, "DaemonSet": 1, "ServiceAccount": 1})
 
 
+def test_replicated_controller_needs_shared_backend(chart: Any, render) -> None:
+    with pytest.raises(helm.HelmRenderError, match="needs a shared backend.volume"):
+        render_raw(chart, {"controller": {"replicas": 2}})
+    shared = {"persistentVolumeClaim": {"claimName": "coco-backend"}}
+    docs = render({"controller": {"replicas": 2}, "backend": {"volume": shared}})
+    for workload in (_controller(docs), _node(docs)):
+        vols = {v["name"]: v for v in workload["spec"]["template"]["spec"]["volumes"]}
+        assert vols["backend"] == {"name": "backend", **shared}
+
+
 def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
     with pytest.raises(helm.HelmRenderError) as err:
         render_raw(chart, {"controller": {"enabled": False}})
@@ -710,6 +721,8 @@ def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
         ({"node": {"metricsPort": 70000}}, "/node/metricsPort"),
         ({"kubeletRootDir": "var/lib/kubelet"}, "/kubeletRootDir"),
         ({"resolver": {"kbs": {"aaSocket": "/run/aa.sock"}}}, "/resolver/kbs/aaSocket"),
+        ({"resolver": {"kbs": {"aaSocket": "unix:///a.sock&ca=/x"}}}, "/resolver/kbs/aaSocket"),
+        ({"resolver": {"kbs": {"url": "https://kbs?aa=x"}}}, "/resolver/kbs/url"),
         ({"storageClass": {"reclaimPolicy": "Recycle"}}, "/storageClass/reclaimPolicy"),
         ({"resolvr": {"kind": "kbs"}}, "resolvr"),
         ({"storageClass": {"nodePublishSecret": {"name": "x"}}}, "/storageClass/nodePublishSecret"),
@@ -721,6 +734,8 @@ def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
         "port",
         "relative-dir",
         "aa-socket-not-unix-url",
+        "aa-socket-injects-query",
+        "kbs-url-with-query",
         "reclaim",
         "typo-key",
         "secret-without-namespace",

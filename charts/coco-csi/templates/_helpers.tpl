@@ -149,6 +149,9 @@ hostPath:
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled=true needs metrics.service.enabled=true: the ServiceMonitor selects that Service" -}}
 {{- end -}}
+{{- if and .Values.controller.enabled (gt (int .Values.controller.replicas) 1) (not .Values.backend.volume) -}}
+{{- fail "controller.replicas > 1 needs a shared backend.volume (e.g. an RWX PVC): with backend.hostPath each replica would allocate volumes on its own node" -}}
+{{- end -}}
 {{- $ports := list .Values.node.metricsPort .Values.node.healthPort .Values.node.registrarHealthPort -}}
 {{- if ne (len (uniq $ports)) 3 -}}
 {{- fail "node.metricsPort, node.healthPort and node.registrarHealthPort must be different ports" -}}
