@@ -42,9 +42,6 @@ class ContentEnc:
 
     def __init__(self, core: CryptoCore) -> None:
         self.core = core
-        # AES-GCM: the library's *_into methods write into our buffer directly.
-        # AES-SIV has no *_into, so it goes through the generic raw calls.
-        self._gcm = core.gcm
 
     def __repr__(self) -> str:
         return f"ContentEnc({self.core!r})"
@@ -87,7 +84,10 @@ class ContentEnc:
         out = bytearray(n + BLOCK_OVERHEAD * nblocks)
         outv = memoryview(out)
         pv = memoryview(plaintext)
-        gcm = self._gcm
+        # AES-GCM: the library's *_into methods write straight into our buffer.
+        # AES-SIV has none and goes through the generic raw calls.  Looked up per
+        # call (not cached) so that CryptoCore.wipe() takes effect here too.
+        gcm = self.core.gcm
         o = 0
         for i in range(nblocks):
             p = i * PLAIN_BS
@@ -125,7 +125,10 @@ class ContentEnc:
         out = bytearray(c - BLOCK_OVERHEAD * nblocks)  # zero-filled: holes need no write
         outv = memoryview(out)
         cv = memoryview(ciphertext)
-        gcm = self._gcm
+        # AES-GCM: the library's *_into methods write straight into our buffer.
+        # AES-SIV has none and goes through the generic raw calls.  Looked up per
+        # call (not cached) so that CryptoCore.wipe() takes effect here too.
+        gcm = self.core.gcm
         o = 0
         block_no = first_block
         try:

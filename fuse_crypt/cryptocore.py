@@ -71,13 +71,14 @@ class CryptoCore:
             self.encrypt_raw = lambda nonce, data, aad: siv_enc(data, [aad, nonce])
             self.decrypt_raw = lambda nonce, data, aad: siv_dec(data, [aad, nonce])
             self._aead: object | None = siv
+            self.gcm: AESGCM | None = None
         else:
             gcm_key = hkdf_sha256(master_key, INFO_GCM) if use_hkdf else bytes(master_key)
             gcm = AESGCM(gcm_key)
             self.encrypt_raw = gcm.encrypt
             self.decrypt_raw = gcm.decrypt
             self._aead = gcm
-        self.gcm: AESGCM | None = None if aessiv else gcm
+            self.gcm = gcm
 
     def __repr__(self) -> str:
         return f"CryptoCore(algorithm={self.algorithm!r}, hkdf={self.use_hkdf}, keys=<hidden>)"

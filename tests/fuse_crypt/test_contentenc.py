@@ -255,3 +255,15 @@ def test_garbage_ciphertext_only_raises_corrupt(blob: bytes, first: int) -> None
     assert out == bytes(len(out))
     with contextlib.suppress(CorruptDataError):
         ce.parse_header(blob[:HEADER_LEN])
+
+
+def test_wipe_of_core_disables_content_crypto() -> None:
+    core = CryptoCore(os.urandom(32))
+    ce = ContentEnc(core)
+    fid = os.urandom(16)
+    ct = ce.encrypt_blocks(0, b"data", fid)
+    core.wipe()
+    with pytest.raises(CorruptDataError):
+        ce.decrypt_blocks(0, ct, fid)
+    with pytest.raises(CorruptDataError):
+        ce.encrypt_blocks(0, b"data", fid)
