@@ -202,3 +202,28 @@ def test_wipe_drops_keys() -> None:
 def test_rejects_wrong_key_length() -> None:
     with pytest.raises(ValueError):
         CryptoCore(bytes(16))
+
+
+def test_eme_is_thread_safe() -> None:
+    """FUSE serves requests from several threads; one EME instance serves them all."""
+    import threading
+
+    key = os.urandom(32)
+    eme = EME(key)
+    inputs = [(os.urandom(16), os.urandom(16 * (1 + i % 8))) for i in range(64)]
+    expected = [_ref_eme(key, t, d, True) for t, d in inputs]
+    errors: list[str] = []
+
+    def worker() -> None:
+        for _ in range(20):
+            for (t, d), want in zip(inputs, expected, strict=True):
+                if eme.encrypt(t, d) != want or eme.decrypt(t, want) != d:
+                    errors.append("mismatch")
+                    return
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert errors == []
