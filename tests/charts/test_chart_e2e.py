@@ -1,0 +1,259 @@
+"""The chart's rendered command lines, run for real.
+
+The node and controller containers' args are taken from the rendered chart, their in-container
+paths are mapped into a temporary directory (as the hostPath/emptyDir mounts would), and the
+real ``coco-csi`` processes are started. The test then plays kubelet and external-provisioner
+over the rendered socket: GetPluginInfo must name the CSIDriver object, the StorageClass
+parameters must provision a volume, and the published volume must be a working encrypted
+mount whose backend holds no plaintext. No cluster; FUSE and gRPC are real.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .conftest import arg_value, container, mount_of, only
+
+grpc = pytest.importorskip("grpc")
+csi_pb2 = pytest.importorskip("coco_proto.csi_pb2")
+csi_pb2_grpc = pytest.importorskip("coco_proto.csi_pb2_grpc")
+
+REPO = Path(__file__).resolve().parents[2]
+NODE_NAME = "tdx-node-1"
+SECRET_TEXT = b"only the TEE may read this line\n"
+
+
+def _fuse_skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "needs root for FUSE mounts"
+    try:
+        os.close(os.open("/dev/fuse", os.O_RDWR))
+    except OSError as exc:
+        return f"/dev/fuse unusable: {exc.strerror}"
+    if shutil.which("fusermount3") is None:
+        return "fusermount3 missing (Debian package fuse3)"
+    return None
+
+
+def _coco_csi() -> str:
+    exe = REPO / ".venv" / "bin" / "coco-csi"
+    if exe.exists():
+        return str(exe)
+    found = shutil.which("coco-csi")
+    if found is None:
+        pytest.skip("coco-csi console script not installed")
+    return found
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _map_args(args: list[str], mapping: dict[str, str], env: dict[str, str]) -> list[str]:
+    """Rewrite in-container paths to their temp-dir stand-ins, and expand $(VAR) the way
+    kubelet does for container args."""
+    out = []
+    for a in args:
+        for var, value in env.items():
+            a = a.replace(f"$({var})", value)
+        # longest prefixes first so /csi does not shadow /csi-something
+        for src in sorted(mapping, key=len, reverse=True):
+            a = a.replace(src, mapping[src])
+        out.append(a)
+    return out
+
+
+class Proc:
+    def __init__(self, argv: list[str], log: Path) -> None:
+        self.log = log
+        self._f = log.open("wb")
+        self.p = subprocess.Popen(argv, stdout=self._f, stderr=subprocess.STDOUT)
+
+    def wait_socket(self, path: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.p.poll() is not None:
+                raise AssertionError(f"plugin exited {self.p.returncode}: {self.log.read_text()}")
+            if os.path.exists(path):
+                return
+            time.sleep(0.05)
+        raise AssertionError(f"no socket at {path}: {self.log.read_text()}")
+
+    def stop(self) -> None:
+        if self.p.poll() is None:
+            self.p.send_signal(signal.SIGTERM)
+            try:
+                self.p.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait(timeout=10)
+        self._f.close()
+
+
+@pytest.fixture
+def sockroot() -> Iterator[Path]:
+    # unix socket paths are limited to 108 bytes: keep this one short.
+    d = Path(tempfile.mkdtemp(prefix="cch", dir="/tmp"))
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _unmount_under(root: Path) -> None:
+    with open("/proc/self/mountinfo") as f:
+        points = [line.split()[4] for line in f]
+    for mp in sorted(points, key=len, reverse=True):
+        if mp.startswith(str(root) + "/"):
+            subprocess.run(["fusermount3", "-u", "-z", mp], capture_output=True, check=False)
+
+
+def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot: Path) -> None:
+    reason = _fuse_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    exe = _coco_csi()
+    metrics_port = _free_port()
+    docs = render({"resolver": {"kind": "offline-fs"}, "node": {"metricsPort": metrics_port}})
+    ds = only(docs, "DaemonSet", "-node")
+    dep = only(docs, "Deployment", "-controller")
+    sc = only(docs, "StorageClass")
+    csidriver = only(docs, "CSIDriver")
+    node_c = container(ds, "coco-csi")
+    ctrl_c = container(dep, "coco-csi")
+
+    # The offline-fs resources file the demo image would carry: the key StorageClass names.
+    key_ref = sc["parameters"]["keyResource"]
+    resources = tmp_path / "resources.json"
+    resources.write_text(
+        json.dumps({key_ref.removeprefix("kbs:///"): base64.b64encode(os.urandom(32)).decode()})
+    )
+    backend = tmp_path / "backend"  # shared by both, like the backend volume
+    backend.mkdir()
+    node_map = {
+        mount_of(node_c, "socket-dir")["mountPath"]: str(sockroot / "node"),
+        mount_of(node_c, "state-dir")["mountPath"]: str(tmp_path / "state"),
+        mount_of(node_c, "backend")["mountPath"]: str(backend),
+        mount_of(node_c, "offline-fs")["mountPath"]: str(resources),
+    }
+    ctrl_map = {
+        mount_of(ctrl_c, "socket-dir")["mountPath"]: str(sockroot / "ctrl"),
+        mount_of(ctrl_c, "backend")["mountPath"]: str(backend),
+    }
+    for d in (sockroot / "node", sockroot / "ctrl"):
+        d.mkdir()
+    env = {"NODE_NAME": NODE_NAME}
+    node_argv = [exe, *_map_args(node_c["args"], node_map, env)]
+    ctrl_argv = [exe, *_map_args(ctrl_c["args"], ctrl_map, env)]
+    node_sock = arg_value({"name": "n", "args": node_argv}, "--endpoint").removeprefix("unix://")
+    ctrl_sock = arg_value({"name": "c", "args": ctrl_argv}, "--endpoint").removeprefix("unix://")
+
+    procs: list[Proc] = []
+    channels: list[Any] = []
+    target = tmp_path / "pods" / "uid-1" / "volumes" / "data" / "mount"
+    try:
+        node = Proc(node_argv, tmp_path / "node.log")
+        procs.append(node)
+        ctrl = Proc(ctrl_argv, tmp_path / "ctrl.log")
+        procs.append(ctrl)
+        node.wait_socket(node_sock)
+        ctrl.wait_socket(ctrl_sock)
+        nch = grpc.insecure_channel(f"unix://{node_sock}")
+        cch = grpc.insecure_channel(f"unix://{ctrl_sock}")
+        channels += [nch, cch]
+        grpc.channel_ready_future(nch).result(timeout=15)
+        grpc.channel_ready_future(cch).result(timeout=15)
+
+        # What node-driver-registrar and kubelet learn.
+        info = csi_pb2_grpc.IdentityStub(nch).GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+        assert info.name == csidriver["metadata"]["name"]
+        assert info.vendor_version
+        ctrl_info = csi_pb2_grpc.IdentityStub(cch).GetPluginInfo(csi_pb2.GetPluginInfoRequest())
+        assert ctrl_info.name == sc["provisioner"]
+        node_info = csi_pb2_grpc.NodeStub(nch).NodeGetInfo(csi_pb2.NodeGetInfoRequest())
+        assert node_info.node_id == NODE_NAME
+
+        # The rendered metrics port serves Prometheus text.
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert r.status == 200 and b"# TYPE" in r.read()
+
+        # external-provisioner: StorageClass parameters (+ --extra-create-metadata keys).
+        cap = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        params = dict(sc["parameters"]) | {
+            "csi.storage.k8s.io/pvc/name": "data",
+            "csi.storage.k8s.io/pvc/namespace": "apps",
+            "csi.storage.k8s.io/pv/name": "pvc-e2e",
+        }
+        vol = (
+            csi_pb2_grpc.ControllerStub(cch)
+            .CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-e2e", volume_capabilities=[cap], parameters=params
+                ),
+                timeout=60,
+            )
+            .volume
+        )
+        assert (backend / vol.volume_id).is_dir()
+
+        # kubelet: publish with the PV's volume context plus pod info (podInfoOnMount).
+        ctx = dict(vol.volume_context) | {
+            "csi.storage.k8s.io/pod.name": "app",
+            "csi.storage.k8s.io/pod.namespace": "apps",
+            "csi.storage.k8s.io/pod.uid": "uid-1",
+            "csi.storage.k8s.io/serviceAccount.name": "default",
+            "csi.storage.k8s.io/ephemeral": "false",
+        }
+        target.parent.mkdir(parents=True)
+        nstub = csi_pb2_grpc.NodeStub(nch)
+        nstub.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=vol.volume_id,
+                target_path=str(target),
+                volume_capability=cap,
+                volume_context=ctx,
+            ),
+            timeout=120,
+        )
+        (target / "note.txt").write_bytes(SECRET_TEXT)
+        assert (target / "note.txt").read_bytes() == SECRET_TEXT
+        blob = b"".join(p.read_bytes() for p in (backend / vol.volume_id).rglob("*") if p.is_file())
+        assert blob and SECRET_TEXT.strip() not in blob
+        assert not any("note" in p.name for p in (backend / vol.volume_id).rglob("*"))
+
+        nstub.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(target)),
+            timeout=60,
+        )
+        assert not os.path.ismount(target)
+        csi_pb2_grpc.ControllerStub(cch).DeleteVolume(
+            csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=60
+        )
+        assert not (backend / vol.volume_id).exists()
+    finally:
+        for ch in channels:
+            ch.close()
+        for p in procs:
+            p.stop()
+        with contextlib.suppress(OSError):
+            _unmount_under(tmp_path)
