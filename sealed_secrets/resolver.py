@@ -14,7 +14,7 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, Protocol, runtime_checkable
 
 from sealed_secrets.errors import ResolverError
@@ -152,6 +152,7 @@ class CachingResolver:
         verify: bool = True,
         allow_unsigned: bool = False,
         key_dir: str | None = None,
+        provider_options: Mapping[str, Mapping[str, Any]] | None = None,
     ) -> None:
         self.source = source
         self.cache = ResourceCache(
@@ -160,6 +161,7 @@ class CachingResolver:
         self.verify = verify
         self.allow_unsigned = allow_unsigned
         self.key_dir = key_dir
+        self.provider_options = provider_options
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(source={self.source!r}, cache={self.cache!r})"
@@ -178,12 +180,16 @@ class CachingResolver:
     def unseal(self, sealed: str) -> bytes:
         from sealed_secrets.unseal import unseal_secret  # owned by the format package
 
+        extra: dict[str, Any] = {}
+        if self.provider_options is not None:  # guest-side KMS settings (credential dirs)
+            extra["provider_options"] = self.provider_options
         return unseal_secret(
             sealed,
             get_resource=self.get_resource,
             verify=self.verify,
             allow_unsigned=self.allow_unsigned,
             key_dir=self.key_dir,
+            **extra,
         )
 
     def clear_cache(self) -> None:
@@ -201,7 +207,15 @@ class CdhResolver(CachingResolver):
         return self.source.unseal(sealed)  # type: ignore[attr-defined]
 
 
-_RESOLVER_OPTS = {"max_entries", "max_bytes", "clock", "verify", "allow_unsigned", "key_dir"}
+_RESOLVER_OPTS = {
+    "max_entries",
+    "max_bytes",
+    "clock",
+    "verify",
+    "allow_unsigned",
+    "key_dir",
+    "provider_options",
+}
 _KBS_OPTS = {
     "evidence_provider",
     "ca",
@@ -273,8 +287,9 @@ def build_resolver(spec: str, *, cache_ttl: float = 60.0, **opts: Any) -> Resolv
     ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem``,
     ``cdh:unix:///run/confidential-containers/cdh.sock``.
     Options: cache bounds (``max_entries``, ``max_bytes``), unseal policy (``verify``,
-    ``allow_unsigned``, ``key_dir``) and broker options (``ca``, ``timeout``, ``retries``,
-    ``tee_key_type``, ``evidence_provider``).
+    ``allow_unsigned``, ``key_dir``, ``provider_options``) and broker options (``ca``,
+    ``timeout``, ``retries``, ``backoff``, ``refresh_margin``, ``tee_key_type``,
+    ``evidence_provider``).
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ResolverError(

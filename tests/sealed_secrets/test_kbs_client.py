@@ -322,3 +322,35 @@ def test_build_resolver_kbs_spec_with_tls_and_cache() -> None:
         assert kbs.calls["resource"] == 1
         with pytest.raises(PolicyDenied):
             r.get_resource("kbs:///denied/key/1")
+
+
+VECTOR_A = (
+    "sealed.eyJiNjQiOnRydWUsImFsZyI6IkVTMjU2Iiwia2lkIjoia2JzOi8vL2RlZmF1bHQvc2lnbmluZy1rZXkv"
+    "c2VhbGVkLXNlY3JldCJ9.eyJ2ZXJzaW9uIjoiMC4xLjAiLCJ0eXBlIjoidmF1bHQiLCJuYW1lIjoia2JzOi8vL2R"
+    "lZmF1bHQvc2VhbGVkLXNlY3JldC90ZXN0IiwicHJvdmlkZXIiOiJrYnMiLCJwcm92aWRlcl9zZXR0aW5ncyI6e30s"
+    "ImFubm90YXRpb25zIjp7fX0.ZI2fTv5ramHqHQa9DKBFD5hlJ_Mjf6cEIcpsNGshpyhEiKklML0abfH600TD7LAFHf"
+    "53oDIJmEcVsDtJ20UafQ"
+)
+KATA_JWK = (
+    b'{"alg":"ES256","crv":"P-256","kid":"sealed-secret-test-key","kty":"EC","use":"sig",'
+    b'"x":"4jH376AuwTUCIx65AJ_56D7SZzWf7sGcEA7_Csq21UM",'
+    b'"y":"rjdceysnSa5ZfzWOPGCURMUuHndxBAGUu4ISTIVN0yA"}'
+)
+
+
+def test_unseal_vector_a_through_kbs_end_to_end() -> None:
+    pytest.importorskip("sealed_secrets.unseal", reason="sealed_secrets.unseal not written yet")
+
+    resources = dict(RESOURCES)
+    resources["default/signing-key/sealed-secret"] = KATA_JWK
+    with kbs_and_aa(resources) as (kbs, aa):
+        r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}", cache_ttl=30)
+        assert r.unseal(VECTOR_A) == RESOURCES["default/sealed-secret/test"]
+        assert r.unseal(VECTOR_A) == RESOURCES["default/sealed-secret/test"]
+        assert kbs.calls["attest"] == 1
+        assert kbs.calls["resource"] == 2  # signing key + value, then both from the cache
+        # the signing key is gated by the KBS policy like any other resource
+        kbs.state.deny.append("default/signing-key/*")
+        r2 = build_resolver(f"kbs:{kbs.url}?aa={aa.target}", cache_ttl=30)
+        with pytest.raises(PolicyDenied):
+            r2.unseal(VECTOR_A)
