@@ -246,6 +246,38 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
             timeout=60,
         )
         assert not os.path.ismount(target)
+        # The inline ephemeral volume from NOTES.txt / README: volumeAttributes only, no
+        # controller; its ciphertext lives under the rendered state dir.
+        eph_target = tmp_path / "pods" / "uid-2" / "volumes" / "secure" / "mount"
+        eph_target.parent.mkdir(parents=True)
+        eph_id = "csi-" + "ab" * 32
+        nstub.NodePublishVolume(
+            csi_pb2.NodePublishVolumeRequest(
+                volume_id=eph_id,
+                target_path=str(eph_target),
+                volume_capability=cap,
+                volume_context={
+                    "keyResource": key_ref,
+                    "csi.storage.k8s.io/pod.name": "app2",
+                    "csi.storage.k8s.io/pod.namespace": "apps",
+                    "csi.storage.k8s.io/pod.uid": "uid-2",
+                    "csi.storage.k8s.io/serviceAccount.name": "default",
+                    "csi.storage.k8s.io/ephemeral": "true",
+                },
+            ),
+            timeout=120,
+        )
+        (eph_target / "scratch").write_bytes(SECRET_TEXT)
+        state_dir = Path(node_map[mount_of(node_c, "state-dir")["mountPath"]])
+        eph_files = [p for p in state_dir.rglob("*") if p.is_file()]
+        assert any(eph_id in str(p) for p in eph_files), "ephemeral ciphertext not in state dir"
+        assert not any(SECRET_TEXT.strip() in p.read_bytes() for p in eph_files)
+        nstub.NodeUnpublishVolume(
+            csi_pb2.NodeUnpublishVolumeRequest(volume_id=eph_id, target_path=str(eph_target)),
+            timeout=60,
+        )
+        assert not os.path.ismount(eph_target)
+
         csi_pb2_grpc.ControllerStub(cch).DeleteVolume(
             csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id), timeout=60
         )
