@@ -37,11 +37,50 @@ _ZERO_CIPHER_BLOCK = bytes(CIPHER_BS)
 _pack_q = struct.Struct(">Q").pack
 
 
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_MMAP_THRESHOLD = 4 << 20  # serve buffers up to 4 MiB from the heap
+_TRIM_THRESHOLD = 32 << 20  # keep up to 32 MiB of freed heap instead of returning it
+_allocator_tuned: bool | None = None
+
+
+def tune_allocator() -> bool:
+    """Stop glibc from mmap()ing and unmapping every I/O-sized buffer.
+
+    By default glibc serves allocations >= 128 KiB with a fresh mmap and returns them
+    to the kernel on free, so each 128 KiB..1 MiB request buffer costs one page fault
+    per 4 KiB page (measured ~4-5 us per block: more than the AES-GCM itself).
+    Raising the mmap and trim thresholds lets those buffers be reused from the heap,
+    which more than doubles batch throughput.  Process-wide, idempotent, skipped when
+    the user already tunes malloc via the environment or libc has no ``mallopt``.
+    Returns whether the tuning is in effect.
+    """
+    global _allocator_tuned
+    if _allocator_tuned is not None:
+        return _allocator_tuned
+    _allocator_tuned = False
+    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")):
+        return False
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
+    _allocator_tuned = bool(
+        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
+    )
+    return _allocator_tuned
+
+
 class ContentEnc:
     """Block encryption for one master key (via its :class:`CryptoCore`)."""
 
     def __init__(self, core: CryptoCore) -> None:
         self.core = core
+        tune_allocator()
 
     def __repr__(self) -> str:
         return f"ContentEnc({self.core!r})"
