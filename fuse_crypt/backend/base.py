@@ -278,10 +278,20 @@ class StorageBackend(abc.ABC):
         Object store: a ranged GET; sparse regions of spill files read as zeros.
         """
 
+    def pread_into(self, handle: Any, buf: memoryview, offset: int) -> int:
+        """Fill ``buf`` from ``offset``; returns the byte count (short only at EOF).
+
+        The frontend's hot read path uses this with recycled buffers so a 1 MiB
+        request allocates nothing.  Default: :meth:`pread` plus a copy.
+        """
+        data = self.pread(handle, len(buf), offset)
+        buf[: len(data)] = data
+        return len(data)
+
     @abc.abstractmethod
     def pwrite(self, handle: Any, data: bytes, offset: int) -> int:
-        """Write all of ``data`` at ``offset`` (extending with a hole if beyond EOF)
-        and return ``len(data)``."""
+        """Write all of ``data`` (any bytes-like object) at ``offset`` (extending
+        with a hole if beyond EOF) and return ``len(data)``."""
 
     @abc.abstractmethod
     def ftruncate(self, handle: Any, size: int) -> None:

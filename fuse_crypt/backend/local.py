@@ -247,6 +247,16 @@ class LocalDirBackend(StorageBackend):
             got += len(more)
         return b"".join(parts)
 
+    def pread_into(self, handle: int, buf: memoryview, offset: int) -> int:
+        want = len(buf)
+        got = os.preadv(handle, [buf], offset)
+        while 0 < got < want:  # short read before EOF: finish it
+            more = os.preadv(handle, [buf[got:]], offset + got)
+            if more <= 0:
+                break
+            got += more
+        return got
+
     @staticmethod
     def _write_all(fd: int, data: bytes, offset: int) -> int:
         n = os.pwrite(fd, data, offset)

@@ -22,12 +22,15 @@ from typing import Any
 from ..backend.base import StorageBackend
 from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from ..errors import CorruptDataError
+from .blockio import BlockCrypt, BufferPool
 from .rwlock import RWLock
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
 _ZERO_BLOCK = bytes(PLAIN_BS)
 FALLOC_FL_KEEP_SIZE = 0x01
+#: Largest read/write request we ask the kernel for (needs FUSE_MAX_PAGES, 4.20+).
+MAX_IO = 1 << 20
 
 
 class InodeEntry:
@@ -68,6 +71,10 @@ class FileTable:
     def __init__(self, backend: StorageBackend, enc: ContentEnc) -> None:
         self.backend = backend
         self.enc = enc
+        self.bc = BlockCrypt(enc)
+        # Sized for the largest FUSE request (MAX_IO, possibly unaligned: +1 block).
+        self._cpool = BufferPool(HEADER_LEN + (MAX_IO // PLAIN_BS + 1) * CIPHER_BS)
+        self._ppool = BufferPool((MAX_IO // PLAIN_BS + 1) * PLAIN_BS)
         self._lock = threading.Lock()
         self._inodes: dict[tuple[int, int], InodeEntry] = {}
         self._handles: dict[int, OpenFile] = {}
@@ -157,57 +164,80 @@ class FileTable:
 
     # -- read ---------------------------------------------------------------------------
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
+    def read_into(self, fh: int, out: memoryview, offset: int) -> int:
+        """Decrypt ``len(out)`` plaintext bytes at ``offset`` into ``out`` (e.g.
+        libfuse's reply buffer); returns the count (short at EOF).  All blocks of
+        the request come from one pread and one batch decrypt."""
         of = self.get(fh)
+        size = len(out)
         if size <= 0:
-            return b""
+            return 0
         first = offset // PLAIN_BS
-        last = -(-(offset + size) // PLAIN_BS)
+        nblk = -(-(offset + size) // PLAIN_BS) - first
+        clen = nblk * CIPHER_BS
+        cbuf = self._cpool.get(HEADER_LEN + clen)
+        pbuf: bytearray | None = None
+        cmv = memoryview(cbuf)
+        backend = self.backend
         lock = of.entry.lock
         lock.acquire_read()
         try:
             fid = of.entry.file_id
             if fid is None and first == 0:
                 # Cold start at offset 0: header and blocks in one pread.
-                buf = self.backend.pread(of.handle, HEADER_LEN + last * CIPHER_BS, 0)
-                if len(buf) <= HEADER_LEN:
-                    if 0 < len(buf) < HEADER_LEN:
+                got = backend.pread_into(of.handle, cmv[: HEADER_LEN + clen], 0)
+                if got <= HEADER_LEN:
+                    if got:
                         raise _eio(of.path, "truncated header")
-                    return b""
+                    return 0
                 try:
-                    fid = self.enc.parse_header(buf[:HEADER_LEN])
+                    fid = self.enc.parse_header(bytes(cmv[:HEADER_LEN]))
                 except CorruptDataError:
                     raise _eio(of.path, "header") from None
                 of.entry.file_id = fid
-                data = memoryview(buf)[HEADER_LEN:]
+                ct = cmv[HEADER_LEN:got]
             else:
                 if fid is None:
                     fid = self._file_id(of)
                     if fid is None:
-                        return b""
-                data = self.backend.pread(
-                    of.handle, (last - first) * CIPHER_BS, HEADER_LEN + first * CIPHER_BS
-                )
-                if not data:
-                    return b""
+                        return 0
+                got = backend.pread_into(of.handle, cmv[:clen], HEADER_LEN + first * CIPHER_BS)
+                if not got:
+                    return 0
+                ct = cmv[:got]
+            skip = offset - first * PLAIN_BS
             try:
-                plain = self.enc.decrypt_blocks(first, data, fid)
+                if skip == 0 and nblk * PLAIN_BS == size:
+                    return self.bc.decrypt_into(first, ct, fid, out)
+                pbuf = self._ppool.get(nblk * PLAIN_BS)
+                pmv = memoryview(pbuf)
+                n = self.bc.decrypt_into(first, ct, fid, pmv)
             except CorruptDataError as e:
                 raise _eio(of.path, str(e), first) from None
+            m = min(size, n - skip)
+            if m <= 0:
+                return 0
+            out[:m] = pmv[skip : skip + m]
+            return m
         finally:
             lock.release_read()
-        skip = offset - first * PLAIN_BS
-        if skip == 0 and len(plain) <= size:
-            return plain
-        return plain[skip : skip + size]
+            self._cpool.put(cbuf)
+            if pbuf is not None:
+                self._ppool.put(pbuf)
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        """Convenience form of :meth:`read_into` returning bytes."""
+        buf = bytearray(max(size, 0))
+        n = self.read_into(fh, memoryview(buf), offset)
+        return bytes(buf[:n])
 
     # -- write --------------------------------------------------------------------------
 
-    def write(self, fh: int, data: bytes, offset: int) -> int:
+    def write(self, fh: int, data: bytes | memoryview, offset: int) -> int:
         of = self.get(fh)
         if not of.writable:
             raise OSError(errno.EBADF, "handle not open for writing")
-        if not data:
+        if not len(data):
             return 0
         lock = of.entry.lock
         lock.acquire_write()
@@ -227,7 +257,7 @@ class FileTable:
             of.handle, self.enc.encrypt_blocks(lb, padded, fid), HEADER_LEN + lb * CIPHER_BS
         )
 
-    def _write_locked(self, of: OpenFile, data: bytes, offset: int) -> None:
+    def _write_locked(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
         backend = self.backend
         csize = backend.fstat(of.handle).size
         if csize <= HEADER_LEN:
@@ -246,34 +276,42 @@ class FileTable:
         first = offset // PLAIN_BS
         end = offset + n
         last = -(-end // PLAIN_BS)
+        nblk = last - first
         head = offset - first * PLAIN_BS
         tail_end = end - (last - 1) * PLAIN_BS  # bytes of the last block we cover
         need_first = head > 0 and first * PLAIN_BS < psize
         need_last = tail_end < PLAIN_BS and end < psize
-        if last - first == 1:
-            if need_first or need_last:
-                old = self._read_blocks(of, fid, first, 1)
-                prefix = old[:head]
-                if len(prefix) < head:
-                    prefix += bytes(head - len(prefix))
-                buf = prefix + data + old[tail_end:]
-            elif head:
-                buf = bytes(head) + data
+        pbuf: bytearray | None = None
+        cbuf = self._cpool.get(nblk * CIPHER_BS)
+        try:
+            if head == 0 and not need_last:
+                plain: bytes | memoryview = data
             else:
-                buf = data
-        else:
-            parts: list[bytes] = []
-            if head:
-                prefix = self._read_blocks(of, fid, first, 1)[:head] if need_first else b""
-                if len(prefix) < head:
-                    prefix += bytes(head - len(prefix))
-                parts.append(prefix)
-            parts.append(data)
-            if need_last:
-                parts.append(self._read_blocks(of, fid, last - 1, 1)[tail_end:])
-            buf = b"".join(parts) if len(parts) > 1 else data
-        ct = self.enc.encrypt_blocks(first, buf, fid)
-        backend.pwrite(of.handle, ct, HEADER_LEN + first * CIPHER_BS)
+                # Read-modify-write of the partial first and/or last block.
+                pbuf = self._ppool.get(nblk * PLAIN_BS)
+                pm = memoryview(pbuf)
+                old_first = self._read_blocks(of, fid, first, 1) if need_first else b""
+                if head:
+                    keep = old_first[:head]
+                    pm[: len(keep)] = keep
+                    if len(keep) < head:
+                        pm[len(keep) : head] = _ZERO_BLOCK[: head - len(keep)]
+                pm[head : head + n] = data
+                tail = b""
+                if need_last:
+                    old_last = old_first if nblk == 1 and need_first else None
+                    if old_last is None:
+                        old_last = self._read_blocks(of, fid, last - 1, 1)
+                    tail = old_last[tail_end:]
+                    pm[head + n : head + n + len(tail)] = tail
+                plain = pm[: head + n + len(tail)]
+            cm = memoryview(cbuf)
+            clen = self.bc.encrypt_into(first, memoryview(plain), fid, cm)
+            backend.pwrite(of.handle, cm[:clen], HEADER_LEN + first * CIPHER_BS)
+        finally:
+            self._cpool.put(cbuf)
+            if pbuf is not None:
+                self._ppool.put(pbuf)
 
     # -- truncate / fallocate -------------------------------------------------------------
 

@@ -24,14 +24,12 @@ from ..backend.base import RENAME_EXCHANGE, Stat, StorageBackend
 from ..contentenc import ContentEnc
 from ..errors import CorruptDataError
 from ..nametransform import DIRIV_NAME, NameTransform
-from .files import FileTable
+from .files import MAX_IO, FileTable
 from .paths import PathMapper, join
 from .xattrs import XattrMapper
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
-#: Largest read/write request we ask the kernel for (needs FUSE_MAX_PAGES, 4.20+).
-MAX_IO = 1 << 20
 #: Kernel attribute / entry / negative-lookup cache lifetime, like gocryptfs.
 CACHE_TIMEOUT = 1.0
 
@@ -434,7 +432,11 @@ class CryptOperations(mfusepy.Operations):
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         return self.files.read(fh, size, offset)
 
-    def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+    def read_into(self, fh: int, out: memoryview, offset: int) -> int:
+        """Hot path used by :class:`.mount.CryptFUSE`: decrypt into libfuse's buffer."""
+        return self.files.read_into(fh, out, offset)
+
+    def write(self, path: str | None, data: bytes | memoryview, offset: int, fh: int) -> int:
         return self.files.write(fh, data, offset)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
