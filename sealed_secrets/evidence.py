@@ -16,7 +16,7 @@ from typing import Any, Protocol
 import grpc
 import rfc8785
 
-from sealed_secrets.errors import AttestationError, ResolverError
+from sealed_secrets.errors import AttestationError, ResolverError, SealedSecretError
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ class AaEvidenceProvider:
         self._stub: Any = None
 
     def __repr__(self) -> str:
-        return f"AaEvidenceProvider(target={self.target!r})"
+        return f"{type(self).__name__}(target={self.target!r})"
 
     def _get_stub(self) -> Any:
         if self._stub is None:
@@ -156,3 +156,31 @@ class AaEvidenceProvider:
                 "attestation agent returned non-JSON additional evidence"
             ) from None
         return text
+
+
+class AaTokenProvider(AaEvidenceProvider):
+    """TokenProvider: the AA runs the KBS handshake itself and hands over token and key.
+
+    ``GetToken("kbs")`` returns ``{"token": "<JWT>", "tee_keypair": "<PEM private key>"}``
+    (GC ``attestation-agent/src/token/kbs.rs``); the key decrypts the KBS resource JWEs.
+    """
+
+    def get_token(self) -> tuple[str, Any]:
+        from coco_proto import attestation_agent_pb2 as pb
+        from sealed_secrets.jwe import TeeKeyPair
+
+        resp = self._call("GetToken", pb.GetTokenRequest(TokenType="kbs"))
+        try:
+            doc = json.loads(bytes(resp.Token))
+            token, pem = doc["token"], doc["tee_keypair"]
+            if not isinstance(token, str) or not token or not isinstance(pem, str):
+                raise TypeError
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+            raise AttestationError("attestation agent GetToken reply is malformed") from None
+        try:
+            key = TeeKeyPair.from_pem(pem)
+        except SealedSecretError:
+            raise AttestationError(
+                "attestation agent GetToken reply has a bad tee_keypair"
+            ) from None
+        return token, key

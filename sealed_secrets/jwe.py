@@ -36,6 +36,27 @@ class TeeKeyPair:
             raise ResolverError(f"tee key type must be 'ec' or 'rsa', not {key_type!r}")
         self.key_type = key_type
 
+    @classmethod
+    def from_pem(cls, pem: bytes | str) -> TeeKeyPair:
+        """Adopt a private key handed over in PEM (the AA's ``tee_keypair``)."""
+        data = pem.encode("ascii") if isinstance(pem, str) else pem
+        try:
+            key = jwk.JWK.from_pem(data)
+        except (ValueError, TypeError, JWException):
+            raise BadResponse("TEE key pair is not a PEM private key") from None
+        if not key.has_private:
+            raise BadResponse("TEE key pair PEM holds no private key")
+        self = cls.__new__(cls)
+        self._key = key
+        kty = json.loads(key.export_public()).get("kty")
+        if kty == "EC":
+            self.key_type, self.alg = "ec", EC_ALG
+        elif kty == "RSA":
+            self.key_type, self.alg = "rsa", RSA_ALG
+        else:
+            raise BadResponse(f"TEE key pair has unsupported type {kty}")
+        return self
+
     def __repr__(self) -> str:
         return f"TeeKeyPair(key_type={self.key_type!r}, alg={self.alg!r})"
 

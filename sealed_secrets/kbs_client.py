@@ -18,7 +18,7 @@ import threading
 import time
 import urllib.parse
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import requests
 
@@ -102,14 +102,26 @@ class _Reattest(Exception):
         self.detail = detail
 
 
+class TokenProvider(Protocol):
+    """Source of a ready attestation token plus the TEE key it is bound to (AA GetToken)."""
+
+    def get_token(self) -> tuple[str, TeeKeyPair]: ...
+
+
 class KbsClient:
-    """Fetch KBS resources, attesting with evidence from an EvidenceProvider (the AA)."""
+    """Fetch KBS resources with an attestation token.
+
+    The token comes either from our own RCAR handshake with evidence from an
+    EvidenceProvider (the AA's GetEvidence), or ready-made from a TokenProvider (the AA's
+    GetToken("kbs"), where the AA runs the handshake), as CoCo's kbs_protocol offers both.
+    """
 
     def __init__(
         self,
         url: str,
         *,
-        evidence_provider: EvidenceProvider,
+        evidence_provider: EvidenceProvider | None = None,
+        token_provider: TokenProvider | None = None,
         ca: str | None = None,
         timeout: float = 10.0,
         retries: int = 2,
@@ -138,7 +150,10 @@ class KbsClient:
         if self.tee_key_type not in ("ec", "rsa"):
             raise ResolverError(f"tee_key_type must be 'ec' or 'rsa', not {tee_key_type!r}")
         self.refresh_margin = refresh_margin
+        if (evidence_provider is None) == (token_provider is None):
+            raise ResolverError("KbsClient needs exactly one of evidence_provider, token_provider")
         self.evidence_provider = evidence_provider
+        self.token_provider = token_provider
         self._clock = clock
         self._http = requests.Session()
         self._http.trust_env = False  # no proxies or netrc credentials from the environment
@@ -254,8 +269,14 @@ class KbsClient:
         return session_id, nonce, hash_alg
 
     def _attest(self) -> _Token:
+        if self.token_provider is not None:
+            value, key = self.token_provider.get_token()
+            self.attestations += 1
+            log.info("kbs token from provider url=%s key=%s", self.base_url, key.alg)
+            return _Token(value, key, _token_expiry(value))
         started = time.monotonic()
         provider = self.evidence_provider
+        assert provider is not None
         tee = provider.tee_type()
         session_id, nonce, hash_alg = self._auth(tee)
         key = TeeKeyPair(self.tee_key_type)

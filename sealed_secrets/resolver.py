@@ -218,6 +218,8 @@ _RESOLVER_OPTS = {
 }
 _KBS_OPTS = {
     "evidence_provider",
+    "token_provider",
+    "attest",
     "ca",
     "timeout",
     "tee_key_type",
@@ -245,7 +247,7 @@ def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingReso
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ResolverError("kbs resolver spec needs an http(s) URL: kbs:https://host:port?aa=...")
     query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    unknown = set(query) - {"aa", "ca", "timeout", "tee_key_type", "retries"}
+    unknown = set(query) - {"aa", "ca", "timeout", "tee_key_type", "retries", "attest"}
     if unknown:
         raise ResolverError(f"unknown kbs resolver spec parameters: {sorted(unknown)}")
     for key, value in query.items():
@@ -258,12 +260,18 @@ def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingReso
                 raise ResolverError(f"kbs resolver option {key} is not a number") from None
     base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
     aa = kbs_opts.pop("aa", None)
-    if "evidence_provider" not in kbs_opts:
+    attest = kbs_opts.pop("attest", "evidence")
+    if attest not in ("evidence", "token"):
+        raise ResolverError("kbs resolver attest= must be 'evidence' or 'token'")
+    if "evidence_provider" not in kbs_opts and "token_provider" not in kbs_opts:
         if not aa:
             raise ResolverError("kbs resolver needs aa=unix:///path/attestation-agent.sock")
-        from sealed_secrets.evidence import AaEvidenceProvider
+        from sealed_secrets.evidence import AaEvidenceProvider, AaTokenProvider
 
-        kbs_opts["evidence_provider"] = AaEvidenceProvider(aa)
+        if attest == "token":
+            kbs_opts["token_provider"] = AaTokenProvider(aa)
+        else:
+            kbs_opts["evidence_provider"] = AaEvidenceProvider(aa)
     from sealed_secrets.kbs_client import KbsClient
 
     client = KbsClient(base_url, **kbs_opts)
@@ -284,12 +292,13 @@ def build_resolver(spec: str, *, cache_ttl: float = 60.0, **opts: Any) -> Resolv
     """Build a resolver from a spec string (see docs/architecture.md).
 
     ``offline-fs:/a.json[,/b.json]`` (``offline-fs:`` alone = CoCo default files),
-    ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem``,
+    ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem`` (add
+    ``&attest=token`` to let the AA run the handshake via GetToken("kbs")),
     ``cdh:unix:///run/confidential-containers/cdh.sock``.
     Options: cache bounds (``max_entries``, ``max_bytes``), unseal policy (``verify``,
     ``allow_unsigned``, ``key_dir``, ``provider_options``) and broker options (``ca``,
     ``timeout``, ``retries``, ``backoff``, ``refresh_margin``, ``tee_key_type``,
-    ``evidence_provider``).
+    ``evidence_provider``, ``token_provider``).
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ResolverError(

@@ -2,23 +2,85 @@
 
 GetEvidence returns ``{"svn":"1","report_data":"<standard base64 of RuntimeData>"}`` (the
 sample attester's JSON, coco-interfaces.md 5), GetTeeType returns ``sample`` and
-GetAdditionalEvidence returns empty evidence (no additional devices). Faults can be queued
-per RPC as gRPC status codes.
+GetAdditionalEvidence returns empty evidence (no additional devices). GetToken("kbs") runs
+the KBS v0.4.0 handshake against ``kbs_url`` itself (urllib + cryptography, independent of the
+product client) and returns ``{"token": ..., "tee_keypair": "<PEM>"}`` as the AA does.
+Faults can be queued per RPC as gRPC status codes.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
+import ssl
 import threading
+import urllib.request
 from collections import Counter
 from concurrent import futures
 from typing import Any
 
 import grpc
+import rfc8785
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from coco_proto import attestation_agent_pb2 as pb
 from coco_proto import attestation_agent_pb2_grpc as pb_grpc
+
+
+def _b64u(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def kbs_handshake(url: str, ca: str | None, tee: str, svn: str) -> dict[str, str]:
+    """RCAR against a KBS as the AA's kbs token getter does; returns token + PEM key."""
+    ctx = ssl.create_default_context(cafile=ca) if url.startswith("https") else None
+
+    def post(path: str, body: dict[str, Any], cookie: str | None = None) -> tuple[Any, Any]:
+        req = urllib.request.Request(
+            url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})},
+        )
+        with urllib.request.urlopen(req, context=ctx, timeout=10) as resp:
+            return json.loads(resp.read()), resp.headers
+
+    challenge, headers = post(
+        "/kbs/v0/auth",
+        {
+            "version": "0.4.0",
+            "tee": tee,
+            "extra-params": {"supported-hash-algorithms": ["sha256", "sha384", "sha512"]},
+        },
+    )
+    cookie = headers["Set-Cookie"].split(";", 1)[0]
+    extra = challenge.get("extra-params")
+    alg = extra.get("selected-hash-algorithm", "sha384") if isinstance(extra, dict) else "sha384"
+    key = ec.generate_private_key(ec.SECP256R1())
+    nums = key.public_key().public_numbers()
+    jwk = {
+        "kty": "EC",
+        "crv": "P-256",
+        "alg": "ECDH-ES+A256KW",
+        "x": _b64u(nums.x.to_bytes(32, "big")),
+        "y": _b64u(nums.y.to_bytes(32, "big")),
+    }
+    nonce = challenge["nonce"]
+    binding = rfc8785.dumps({"additional-evidence": "", "nonce": nonce, "tee-pubkey": jwk})
+    report = hashlib.new(alg, binding).digest()
+    evidence = {"svn": svn, "report_data": base64.b64encode(report).decode()}
+    attest = {
+        "runtime-data": {"nonce": nonce, "tee-pubkey": jwk},
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+    }
+    result, _ = post("/kbs/v0/attest", attest, cookie)
+    pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return {"token": result["token"], "tee_keypair": pem}
 
 
 class _Servicer(pb_grpc.AttestationAgentServiceServicer):
@@ -49,6 +111,18 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
         self._enter("GetAdditionalEvidence", context)
         return pb.GetEvidenceResponse(Evidence=b"")
 
+    def GetToken(self, request: Any, context: grpc.ServicerContext) -> Any:
+        self._enter("GetToken", context)
+        if request.TokenType != "kbs" or not self.peer.kbs_url:
+            context.abort(grpc.StatusCode.INTERNAL, f"unsupported token type {request.TokenType}")
+        try:
+            reply = kbs_handshake(self.peer.kbs_url, self.peer.kbs_ca, self.peer.tee, self.peer.svn)
+        except Exception as exc:  # report any handshake failure as the AA would
+            context.abort(grpc.StatusCode.INTERNAL, f"get token failed: {type(exc).__name__}")
+        if self.peer.bad_token_reply:
+            reply = {"token": reply["token"], "tee_keypair": "not a pem"}
+        return pb.GetTokenResponse(Token=json.dumps(reply).encode())
+
     def GetTeeType(self, request: Any, context: grpc.ServicerContext) -> Any:
         self._enter("GetTeeType", context)
         return pb.GetTeeTypeResponse(tee=self.peer.tee)
@@ -61,8 +135,19 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
 class AaServer:
     """Run the AA peer on ``unix://<socket_path>``; use as a context manager."""
 
-    def __init__(self, socket_path: str, *, tee: str = "sample", svn: str = "1") -> None:
+    def __init__(
+        self,
+        socket_path: str,
+        *,
+        tee: str = "sample",
+        svn: str = "1",
+        kbs_url: str | None = None,
+        kbs_ca: str | None = None,
+    ) -> None:
         self.socket_path = socket_path
+        self.kbs_url = kbs_url  # for GetToken("kbs"), like [token_configs.kbs] url
+        self.kbs_ca = kbs_ca
+        self.bad_token_reply = False
         self.tee = tee
         self.svn = svn
         self.tamper = False  # True: report_data no longer binds the runtime data

@@ -354,3 +354,34 @@ def test_unseal_vector_a_through_kbs_end_to_end() -> None:
         r2 = build_resolver(f"kbs:{kbs.url}?aa={aa.target}", cache_ttl=30)
         with pytest.raises(PolicyDenied):
             r2.unseal(VECTOR_A)
+
+
+# --- token mode: the AA runs the handshake (GetToken "kbs") -------------------------------------
+
+
+def test_token_from_aa_get_token() -> None:
+    with kbs_and_aa(tls=True) as (kbs, aa):
+        aa.kbs_url, aa.kbs_ca = kbs.url, kbs.ca_path
+        r = build_resolver(
+            f"kbs:{kbs.url}?aa={aa.target}&ca={kbs.ca_path}&attest=token", cache_ttl=0
+        )
+        assert r.get_resource(R1) == RESOURCES["default/key/1"]
+        assert r.get_resource("kbs:///default/key/2") == RESOURCES["default/key/2"]
+        assert aa.calls["GetToken"] == 1 and aa.calls["GetEvidence"] == 0
+        assert kbs.calls["attest_ok"] == 1
+        kbs.expire_all()  # token rejected → a fresh token from the AA
+        assert r.get_resource(R1) == RESOURCES["default/key/1"]
+        assert aa.calls["GetToken"] == 2
+        with pytest.raises(PolicyDenied):
+            r.get_resource("kbs:///denied/key/1")
+
+
+def test_token_mode_failures_are_attestation_errors() -> None:
+    with kbs_and_aa() as (kbs, aa):
+        r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&attest=token&retries=0")
+        with pytest.raises(AttestationError, match="GetToken failed"):
+            r.get_resource(R1)  # AA has no KBS configured
+        aa.kbs_url = kbs.url
+        aa.bad_token_reply = True
+        with pytest.raises(AttestationError, match="tee_keypair"):
+            r.get_resource(R1)

@@ -175,3 +175,24 @@ def test_offline_fs_and_cdh_paths_leak_nothing(
     text = t.all()
     assert "offline-fs" in text and "cdh" in text
     assert_clean(text, [SECRET, SECRET2])
+
+
+def test_aa_token_mode_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    t = Transcript(caplog)
+    with kbs_and_aa(RES) as (kbs, aa):
+        aa.kbs_url = kbs.url
+        r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&attest=token&retries=0")
+        assert t.run(lambda: r.get_resource("kbs:///default/key/1")) == SECRET
+        client = r.source  # type: ignore[attr-defined]
+        leaked: list[bytes | str] = [SECRET, SECRET2, *client_secrets(client)]
+        t.run(lambda: r.get_resource("kbs:///denied/key/1"))
+        kbs.inject("resource", "bad_jwe", "tag")
+        t.run(lambda: r.get_resource("kbs:///default/key/2"))
+        aa.bad_token_reply = True
+        kbs.expire_all()
+        t.run(lambda: r.get_resource("kbs:///default/key/2"))
+        t.texts += [repr(r), repr(client._token)]
+    text = t.all()
+    assert "kbs token from provider" in text and "tee_keypair" in text
+    assert_clean(text, leaked)
