@@ -154,9 +154,13 @@ class _Handler(BaseHTTPRequestHandler):
         except KmsError as e:
             self._reply(
                 e.status,
-                {"RequestId": request_id, "HostId": "kms.fake", "Code": e.code,
-                 "Message": e.message},
-            )  # fmt: skip
+                {
+                    "RequestId": request_id,
+                    "HostId": "kms.fake",
+                    "Code": e.code,
+                    "Message": e.message,
+                },
+            )
             return
         result["RequestId"] = request_id
         self._reply(200, result)

@@ -59,8 +59,11 @@ def guest(tmp_path: Path, kms: Any, key_dir: str) -> dict[str, Any]:
         "kms_instance_id": "kst-test",
         "endpoint": kms.endpoint,
     }
-    return {"settings": settings, "options": {"aliyun": {"credential_dir": str(cred_dir)}},
-            "key_dir": key_dir}  # fmt: skip
+    return {
+        "settings": settings,
+        "options": {"aliyun": {"credential_dir": str(cred_dir)}},
+        "key_dir": key_dir,
+    }
 
 
 @pytest.fixture()
@@ -109,10 +112,13 @@ def test_envelope_roundtrip_via_signed_sdk_requests(kms: Any, guest: dict[str, A
 def test_vault_text_and_binary(kms: Any, guest: dict[str, Any]) -> None:
     for name, want in (("db-password", PLAINTEXT), ("tls-key", b"\x00\x01bin")):
         sealed = seal.seal_vault(
-            name, "aliyun", signing_key=SIGNING, signing_kid="test-key",
+            name,
+            "aliyun",
+            signing_key=SIGNING,
+            signing_kid="test-key",
             provider_settings=guest["settings"],
             annotations={"version_stage": "ACSCurrent", "version_id": ""},
-        )  # fmt: skip
+        )
         assert unseal(sealed, guest) == want
     assert kms.state.requests[-1]["query"]["SecretName"] == "tls-key"
     assert kms.state.requests[-1]["query"]["VersionStage"] == "ACSCurrent"
@@ -137,10 +143,14 @@ def test_failures_are_typed(kms: Any, guest: dict[str, Any], tmp_path: Path) -> 
         unseal(_resign(sealed, encrypted_key=base64.b64encode(bytes(blob)).decode()), guest)
     kms.state.add_key("key-other")
     other = seal.seal_envelope(
-        PLAINTEXT, provider="aliyun", key_id="key-other", signing_key=SIGNING,
-        signing_kid="test-key", kms_client=sealer_client(kms, guest["settings"]),
+        PLAINTEXT,
+        provider="aliyun",
+        key_id="key-other",
+        signing_key=SIGNING,
+        signing_kid="test-key",
+        kms_client=sealer_client(kms, guest["settings"]),
         provider_settings=guest["settings"],
-    )  # fmt: skip
+    )
     swapped = _resign(sealed, encrypted_key=json.loads(jws.parse(other).payload)["encrypted_key"])
     with pytest.raises(WrongKey):  # decrypts, but under a key other than the signed key_id
         unseal(swapped, guest)
@@ -158,8 +168,13 @@ def test_failures_are_typed(kms: Any, guest: dict[str, Any], tmp_path: Path) -> 
         unseal(_resign(sealed, provider_settings={"token_path": str(tmp_path / "none")}), guest)
     with pytest.raises(MalformedSecret):
         unseal(_resign(sealed, provider_settings={"token_path": None}), guest)
-    vault = seal.seal_vault("missing", "aliyun", signing_key=SIGNING, signing_kid="test-key",
-                            provider_settings=guest["settings"])  # fmt: skip
+    vault = seal.seal_vault(
+        "missing",
+        "aliyun",
+        signing_key=SIGNING,
+        signing_kid="test-key",
+        provider_settings=guest["settings"],
+    )
     with pytest.raises(ProviderError, match="not found"):
         unseal(vault, guest)
 
@@ -179,8 +194,9 @@ def test_untrusted_tls_and_unreachable_endpoint(
             unseal(moved, guest)
         trusting = {"aliyun": {"credential_dir": str(other_dir)}}
         with pytest.raises(ProviderError, match="no response"):  # CA file name is per instance
-            unseal_secret(moved, get_resource=None, key_dir=guest["key_dir"],
-                          provider_options=trusting)  # fmt: skip
+            unseal_secret(
+                moved, get_resource=None, key_dir=guest["key_dir"], provider_options=trusting
+            )
     dead = _resign(sealed, provider_settings={"endpoint": "127.0.0.1:1"})
     with pytest.raises(ProviderError):
         unseal(dead, guest)
@@ -219,12 +235,16 @@ def test_no_credentials_or_plaintext_in_errors_or_logs(
         texts += [str(err.value), repr(err.value), str(err.value.__cause__)]
     with pytest.raises(SealedSecretError) as err:  # sealing with bad credentials
         seal.seal_envelope(
-            PLAINTEXT, provider="aliyun", key_id=KEY_ID, signing_key=SIGNING,
-            signing_kid="test-key", provider_settings=guest["settings"],
-            kms_client=aliyun.make_client(guest["settings"],
-                                          credentials=aliyun.Credentials(AK, SK + "x", STS),
-                                          ca=kms.ca_path),
-        )  # fmt: skip
+            PLAINTEXT,
+            provider="aliyun",
+            key_id=KEY_ID,
+            signing_key=SIGNING,
+            signing_kid="test-key",
+            provider_settings=guest["settings"],
+            kms_client=aliyun.make_client(
+                guest["settings"], credentials=aliyun.Credentials(AK, SK + "x", STS), ca=kms.ca_path
+            ),
+        )
     texts.append(str(err.value))
     texts.append(repr(aliyun.Credentials(AK, SK, STS)))
     texts += [r.getMessage() for r in caplog.records]

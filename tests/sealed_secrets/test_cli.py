@@ -66,14 +66,28 @@ def test_keygen_layout_matches_coco(work: Path) -> None:
 
 def test_envelope_pipe_roundtrip(work: Path) -> None:
     pub = str(work / "keys/sealing-public.json")
-    r = run(*seal_args(work), "envelope", "-k", "kbs:///default/sealing-key/asym", "asym",
-            "--public-key", pub, stdin=SECRET.encode())  # fmt: skip
+    r = run(
+        *seal_args(work),
+        "envelope",
+        "-k",
+        "kbs:///default/sealing-key/asym",
+        "asym",
+        "--public-key",
+        pub,
+        stdin=SECRET.encode(),
+    )
     assert r.returncode == 0, r.stderr
     sealed = r.stdout.decode().strip()
     assert r.stdout.decode() == sealed + "\n" and sealed.startswith("sealed.")
     assert SECRET.encode() not in r.stdout + r.stderr
-    r = run("unseal", "-k", str(work / "vk"), "--resolver", f"offline-fs:{work / 'res.json'}",
-            stdin=sealed.encode())  # fmt: skip
+    r = run(
+        "unseal",
+        "-k",
+        str(work / "vk"),
+        "--resolver",
+        f"offline-fs:{work / 'res.json'}",
+        stdin=sealed.encode(),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == SECRET.encode()  # exact bytes, nothing else on stdout
     r = run("verify", "-k", str(work / "vk"), sealed)
@@ -83,12 +97,27 @@ def test_envelope_pipe_roundtrip(work: Path) -> None:
 
 def test_unseal_file_writes_dot_unsealed_like_coco(work: Path) -> None:
     (work / "plain").write_text(SECRET)
-    r = run(*seal_args(work), "envelope", "-k", "kbs:///default/sealing-key/asym",
-            "-f", str(work / "plain"), "coco-csi-asym",
-            "--public-key", str(work / "keys/sealing-public.json"))  # fmt: skip
+    r = run(
+        *seal_args(work),
+        "envelope",
+        "-k",
+        "kbs:///default/sealing-key/asym",
+        "-f",
+        str(work / "plain"),
+        "coco-csi-asym",
+        "--public-key",
+        str(work / "keys/sealing-public.json"),
+    )
     (work / "s").write_bytes(r.stdout)
-    r = run("unseal", "-f", str(work / "s"), "-k", str(work / "vk"),
-            "--resolver", f"offline-fs:{work / 'res.json'}")  # fmt: skip
+    r = run(
+        "unseal",
+        "-f",
+        str(work / "s"),
+        "-k",
+        str(work / "vk"),
+        "--resolver",
+        f"offline-fs:{work / 'res.json'}",
+    )
     assert r.returncode == 0, r.stderr
     assert (work / "s.unsealed").read_text() == SECRET
     assert os.stat(work / "s.unsealed").st_mode & 0o777 == 0o600
@@ -98,8 +127,14 @@ def test_unseal_file_writes_dot_unsealed_like_coco(work: Path) -> None:
 def test_vault_seal_and_vector_a(work: Path) -> None:
     r = run(*seal_args(work), "vault", "-r", "kbs:///default/app/db", "-p", "kbs")
     assert r.returncode == 0 and b"provisioned to provider separately" in r.stderr
-    r = run("unseal", "-k", str(work / "vk"), "--resolver", f"offline-fs:{work / 'res.json'}",
-            r.stdout.decode().strip())  # fmt: skip
+    r = run(
+        "unseal",
+        "-k",
+        str(work / "vk"),
+        "--resolver",
+        f"offline-fs:{work / 'res.json'}",
+        r.stdout.decode().strip(),
+    )
     assert r.stdout == SECRET.encode()
     env = {**os.environ, "SEALED_SECRET_RESOLVER": f"offline-fs:{work / 'res.json'}"}
     r2 = subprocess.run([str(EXE), "unseal", VECTOR_A], capture_output=True, env=env, check=False)
@@ -145,7 +180,7 @@ def test_legacy_and_skip_flags(work: Path) -> None:
             ],
             b"KeyFormatError",
         ),
-    ],  # fmt: skip
+    ],
 )
 def test_errors_are_one_line_nonzero(args: list[str], needle: bytes) -> None:
     r = run(*args)
@@ -165,9 +200,17 @@ def test_usage_errors_exit_2(work: Path) -> None:
 
 def test_wrong_sealing_key_error_has_no_secret(work: Path) -> None:
     (work / "plain").write_text(SECRET)
-    r = run(*seal_args(work), "envelope", "-k", "kbs:///default/sealing-key/asym",
-            "-f", str(work / "plain"), "asym",
-            "--public-key", str(work / "keys/sealing-public.json"))  # fmt: skip
+    r = run(
+        *seal_args(work),
+        "envelope",
+        "-k",
+        "kbs:///default/sealing-key/asym",
+        "-f",
+        str(work / "plain"),
+        "asym",
+        "--public-key",
+        str(work / "keys/sealing-public.json"),
+    )
     other = work / "other"
     assert run("keygen", "--sealing", "ec", "--output-dir", str(other)).returncode == 0
     res = json.loads((work / "res.json").read_text())
@@ -175,8 +218,14 @@ def test_wrong_sealing_key_error_has_no_secret(work: Path) -> None:
         (other / "sealing-private.json").read_bytes()
     ).decode()
     (work / "res2.json").write_text(json.dumps(res))
-    r = run("unseal", "-k", str(work / "vk"), "--resolver", f"offline-fs:{work / 'res2.json'}",
-            r.stdout.decode().strip())  # fmt: skip
+    r = run(
+        "unseal",
+        "-k",
+        str(work / "vk"),
+        "--resolver",
+        f"offline-fs:{work / 'res2.json'}",
+        r.stdout.decode().strip(),
+    )
     assert r.returncode == 1 and b"WrongKey" in r.stderr
     d = json.loads((other / "sealing-private.json").read_text())["d"]
     assert SECRET.encode() not in r.stderr and d.encode() not in r.stderr

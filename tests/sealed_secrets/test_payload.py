@@ -36,9 +36,17 @@ def test_envelope_fixture_parses_and_reserialises_in_coco_order() -> None:
     assert secret.wrap_type == "A256GCM" and secret.provider == "aliyun"
     out = pl.dumps(secret)
     assert list(json.loads(out)) == [
-        "version", "type", "key_id", "encrypted_key", "encrypted_data",
-        "wrap_type", "iv", "provider", "provider_settings", "annotations",
-    ]  # fmt: skip
+        "version",
+        "type",
+        "key_id",
+        "encrypted_key",
+        "encrypted_data",
+        "wrap_type",
+        "iv",
+        "provider",
+        "provider_settings",
+        "annotations",
+    ]
     assert json.loads(out) == json.loads(ENVELOPE_1)
     # placeholder values are kept as strings and only fail when actually decoded
     with pytest.raises(BadBase64):

@@ -231,9 +231,11 @@ def test_every_failure_category_has_its_own_type(key_dir: str) -> None:
         (resign(good, lambda o: None, kid="kbs:///default/keys/missing"), UnknownKid),
         (resign(good, lambda o: None, kid="../test-key"), UnknownKid),
         (sealed_asym(asym.generate_keypair("EC")), WrongKey),
-        (resign(good, lambda o: o.__setitem__("encrypted_data", _flip_b64(o["encrypted_data"]))),
-         TamperedCiphertext),
-    ]  # fmt: skip
+        (
+            resign(good, lambda o: o.__setitem__("encrypted_data", _flip_b64(o["encrypted_data"]))),
+            TamperedCiphertext,
+        ),
+    ]
     for sealed, exc in cases:
         with pytest.raises(exc):
             unseal_secret(sealed, get_resource=b, key_dir=key_dir)
@@ -318,12 +320,14 @@ def test_no_secret_material_in_errors_or_logs(
         (good[:-2] + "AA", broker()),
         (resign(good, lambda o: None, kid="nokid"), broker()),
         (good, broker(other)),
-        (resign(good, lambda o: o.__setitem__("encrypted_data", _flip_b64(o["encrypted_data"]))),
-         broker()),
+        (
+            resign(good, lambda o: o.__setitem__("encrypted_data", _flip_b64(o["encrypted_data"]))),
+            broker(),
+        ),
         (resign(good, lambda o: o.__setitem__("iv", "AAAA")), broker()),
         (VECTOR_C, broker()),
         (VECTOR_B, broker()),
-    ]  # fmt: skip
+    ]
     texts: list[str] = []
     for sealed, b in failing:
         with pytest.raises(SealedSecretError) as err:
