@@ -197,7 +197,11 @@ class CachingResolver:
 
 
 class CdhResolver(CachingResolver):
-    """Resolver delegating to a Confidential Data Hub, which verifies and unseals itself."""
+    """Resolver delegating to a Confidential Data Hub, which verifies and unseals itself.
+
+    ``verify``/``allow_unsigned``/``key_dir`` do not apply here: CDH's own configuration
+    (``skip_sealed_secret_verification``) decides, so this process never sees signing keys.
+    """
 
     def unseal(self, sealed: str) -> bytes:
         if not is_sealed(sealed):

@@ -253,6 +253,7 @@ def _jwt_verify(key: ec.EllipticCurvePrivateKey, token: str) -> dict[str, Any] |
 
 class _Handler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body are separate writes
     server: _HttpServer
 
     def log_message(self, format: str, *args: Any) -> None:  # quiet test output

@@ -385,3 +385,15 @@ def test_token_mode_failures_are_attestation_errors() -> None:
         aa.bad_token_reply = True
         with pytest.raises(AttestationError, match="tee_keypair"):
             r.get_resource(R1)
+
+
+def test_concurrent_callers_share_one_attestation(peers: tuple[KbsServer, AaServer]) -> None:
+    import concurrent.futures
+
+    kbs, aa = peers
+    client = client_for(kbs, aa)
+    uris = [f"kbs:///default/key/{1 + i % 2}" for i in range(16)]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(client.get_resource, uris))
+    assert results == [RESOURCES[u.removeprefix("kbs:///")] for u in uris]
+    assert kbs.calls["attest"] == 1 and kbs.calls["resource"] == 16
