@@ -112,28 +112,23 @@ def _path_arg(args: tuple[Any, ...]) -> str:
     return "-"
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
 
 
 def _tune_malloc() -> None:
-    """Keep 1 MiB request buffers on the heap instead of fresh mmaps.
+    """Bound glibc's per-thread arenas.
 
-    libfuse's high-level API mallocs a reply buffer of the request size for every
-    read, and glibc serves >=128 KiB with mmap/munmap: 256 page faults per MiB,
-    which cost as much CPU as the decryption.  A fixed mmap threshold above
-    MAX_IO plus a trim threshold keep those buffers recycled; two arenas bound how
-    much freed memory the (GIL-serialised anyway) worker threads can hoard.
-    glibc only; a no-op elsewhere."""
+    ContentEnc() already raises the mmap/trim thresholds (contentenc.tune_allocator)
+    so libfuse's per-read 1 MiB reply buffers are recycled instead of page-faulted
+    in.  With one arena per libfuse worker thread, each arena would then hoard its
+    own freed buffers; two arenas are plenty because Python serialises the workers
+    on the GIL anyway, and keep the daemon's RSS small.  glibc only."""
     try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
     mallopt(_M_ARENA_MAX, 2)
-    mallopt(_M_MMAP_THRESHOLD, 4 * MAX_IO)
-    mallopt(_M_TRIM_THRESHOLD, 8 * MAX_IO)
 
 
 def _tune_readahead(mountpoint: str) -> None:

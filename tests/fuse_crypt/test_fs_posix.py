@@ -1,0 +1,587 @@
+"""POSIX behaviour of a real fuse_crypt mount, checked on both sides.
+
+Every test works in its own directory of one shared mount (mounting costs a Python
+start-up) and asserts the plaintext result *and* what landed in the cipher
+directory: names encrypted (recomputed independently with the crypto layer),
+contents never stored in plaintext, gocryptfs layout (header, holes, sizes, dir IVs,
+long-name files).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import os
+import random
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fuse_crypt.configfile import ConfFile
+from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
+from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+
+from .conftest import Mount, Volume, fuse_available, make_volume, start_mount
+
+pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+
+
+class Crypto:
+    """Independent view of the volume through the pure crypto layers."""
+
+    def __init__(self, vol: Volume) -> None:
+        conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
+        core = conf.new_core(vol.master_key)
+        self.nt: NameTransform = conf.name_transform(core)
+        self.enc = ContentEnc(core)
+        self.root = vol.cipherdir
+
+    def cpath(self, rel: str) -> Path:
+        cur = self.root
+        for part in rel.split("/"):
+            iv = (cur / DIRIV_NAME).read_bytes()
+            disk, _ = self.nt.disk_name(part, iv)
+            cur = cur / disk
+        return cur
+
+    def decrypt_file(self, cpath: Path) -> bytes:
+        data = cpath.read_bytes()
+        if len(data) <= HEADER_LEN:
+            return b""
+        fid = self.enc.parse_header(data[:HEADER_LEN])
+        return self.enc.decrypt_blocks(0, data[HEADER_LEN:], fid)
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Mount, Crypto]]:
+    base = tmp_path_factory.mktemp("posix")
+    vol = make_volume(base / "cipher")
+    m = start_mount(vol, base / "mnt")
+    try:
+        yield m, Crypto(vol)
+    finally:
+        m.unmount()
+
+
+@pytest.fixture
+def d(shared: tuple[Mount, Crypto], request: pytest.FixtureRequest) -> Path:
+    """A fresh plaintext directory for this test."""
+    m, _ = shared
+    p = m.path / request.node.name.replace("[", "_").replace("]", "")
+    p.mkdir()
+    return p
+
+
+@pytest.fixture
+def cr(shared: tuple[Mount, Crypto]) -> Crypto:
+    return shared[1]
+
+
+def rel(m: Mount, p: Path) -> str:
+    return str(p.relative_to(m.path))
+
+
+@pytest.fixture
+def m(shared: tuple[Mount, Crypto]) -> Mount:
+    return shared[0]
+
+
+# -- contents -----------------------------------------------------------------------
+
+
+def test_create_write_read_and_ciphertext(m: Mount, cr: Crypto, d: Path) -> None:
+    secret = b"top secret plaintext " * 500  # 10500 bytes, 3 blocks
+    f = d / "hello.txt"
+    f.write_bytes(secret)
+    assert f.read_bytes() == secret
+    assert f.stat().st_size == len(secret)
+    c = cr.cpath(rel(m, f))
+    assert c.exists(), "name must be the gocryptfs EME name"
+    assert "hello" not in " ".join(os.listdir(c.parent))
+    raw = c.read_bytes()
+    assert len(raw) == cr.enc.cipher_size(len(secret)) == 18 + 10500 + 3 * 32
+    assert b"top secret" not in raw
+    assert raw[:2] == b"\x00\x02"
+    assert cr.decrypt_file(c) == secret
+
+
+def test_empty_file_has_no_header_then_first_write_creates_one(
+    m: Mount, cr: Crypto, d: Path
+) -> None:
+    f = d / "empty"
+    f.touch()
+    c = cr.cpath(rel(m, f))
+    assert c.stat().st_size == 0 and f.stat().st_size == 0
+    assert f.read_bytes() == b""
+    with open(f, "r+b") as fh:
+        fh.write(b"x")
+    assert c.stat().st_size == 18 + 1 + 32
+    assert f.read_bytes() == b"x"
+
+
+def test_header_only_file_is_empty_and_gets_new_file_id(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "hdr"
+    f.write_bytes(b"abc")
+    c = cr.cpath(rel(m, f))
+    old_header = c.read_bytes()[:HEADER_LEN]
+    os.truncate(c, HEADER_LEN)  # crash leftover: header without blocks
+    os.utime(c)  # let the kernel's cached attrs expire via a new open below
+    fd = os.open(f, os.O_RDWR)
+    try:
+        assert os.fstat(fd).st_size == 0
+        os.pwrite(fd, b"new content", 0)
+    finally:
+        os.close(fd)
+    raw = c.read_bytes()
+    assert raw[:HEADER_LEN] != old_header, "a header-only file must get a fresh file ID"
+    assert cr.decrypt_file(c) == b"new content"
+    assert f.read_bytes() == b"new content"
+
+
+def test_writes_at_any_offset_match_a_model(m: Mount, cr: Crypto, d: Path) -> None:
+    rng = random.Random(1234)
+    f = d / "model"
+    model = bytearray()
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        for step in range(80):
+            op = rng.random()
+            if op < 0.7:
+                off = rng.randrange(0, 40000)
+                data = rng.randbytes(rng.choice([1, 17, 4095, 4096, 4097, rng.randrange(1, 12000)]))
+                os.pwrite(fd, data, off)
+                if off > len(model):
+                    model.extend(bytes(off - len(model)))
+                model[off : off + len(data)] = data
+            else:
+                size = rng.randrange(0, 50000)
+                os.ftruncate(fd, size)
+                del model[size:]
+                model.extend(bytes(size - len(model)))
+            if step % 8 == 7:
+                assert os.fstat(fd).st_size == len(model)
+                assert os.pread(fd, len(model) + 10, 0) == bytes(model)
+                c = cr.cpath(rel(m, f))
+                assert c.stat().st_size == cr.enc.cipher_size(len(model))
+                assert cr.decrypt_file(c) == bytes(model)
+        # Unaligned reads across block boundaries.
+        for _ in range(20):
+            off = rng.randrange(0, len(model) + 100)
+            n = rng.randrange(1, 9000)
+            assert os.pread(fd, n, off) == bytes(model[off : off + n])
+    finally:
+        os.close(fd)
+
+
+def test_append_mode(d: Path) -> None:
+    f = d / "log"
+    f.write_bytes(b"a" * 5000)
+    with open(f, "ab") as fh:
+        fh.write(b"bbb")
+    assert f.read_bytes() == b"a" * 5000 + b"bbb"
+
+
+def test_o_trunc(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "t"
+    f.write_bytes(b"x" * 9000)
+    with open(f, "wb") as fh:  # O_TRUNC
+        fh.write(b"short")
+    assert f.read_bytes() == b"short"
+    assert cr.decrypt_file(cr.cpath(rel(m, f))) == b"short"
+
+
+@pytest.mark.parametrize(
+    ("start", "new"),
+    [
+        (10000, 9000),  # shrink within last block
+        (10000, 8192),  # shrink to a block boundary
+        (10000, 0),  # to zero: the header disappears too
+        (5000, 6000),  # grow within the last block
+        (5000, 3 * 4096),  # grow beyond, aligned: holes
+        (5000, 20000),  # grow beyond, unaligned
+        (0, 4096 * 4),  # grow an empty file: header + holes
+        (0, 10),
+    ],
+)
+def test_truncate(m: Mount, cr: Crypto, d: Path, start: int, new: int) -> None:
+    f = d / "tr"
+    data = os.urandom(start)
+    f.write_bytes(data)
+    os.truncate(f, new)
+    expect = data[:new] + bytes(max(0, new - start))
+    assert f.stat().st_size == new
+    assert f.read_bytes() == expect
+    c = cr.cpath(rel(m, f))
+    assert c.stat().st_size == cr.enc.cipher_size(new)
+    assert cr.decrypt_file(c) == expect
+
+
+def test_grow_leaves_holes_on_disk(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "holes"
+    f.write_bytes(b"x" * 100)
+    os.truncate(f, 4 * PLAIN_BS)
+    raw = cr.cpath(rel(m, f)).read_bytes()
+    blocks = [raw[HEADER_LEN + i * CIPHER_BS : HEADER_LEN + (i + 1) * CIPHER_BS] for i in range(4)]
+    assert blocks[0] != bytes(CIPHER_BS)  # zero-padded, re-encrypted
+    assert blocks[1] == blocks[2] == blocks[3] == bytes(CIPHER_BS)  # holes
+
+
+def test_sparse_write_like_gocryptfs(m: Mount, cr: Crypto, d: Path) -> None:
+    """Sheet §7 (V): 1 byte at offset 12293 of a new file -> 12440 cipher bytes,
+    blocks 0-2 all-zero holes, block 3 = 38 bytes."""
+    f = d / "sparse"
+    with open(f, "wb") as fh:
+        fh.seek(12293)
+        fh.write(b"X")
+    raw = cr.cpath(rel(m, f)).read_bytes()
+    assert len(raw) == 12440
+    assert raw[HEADER_LEN : HEADER_LEN + 3 * CIPHER_BS] == bytes(3 * CIPHER_BS)
+    assert len(raw) - (HEADER_LEN + 3 * CIPHER_BS) == 38
+    assert f.read_bytes() == bytes(12293) + b"X"
+
+
+def test_file_larger_than_4gib(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "huge"
+    off = 5 << 30
+    with open(f, "wb") as fh:
+        fh.write(b"head")
+        fh.seek(off)
+        fh.write(b"tail at five gib")
+    assert f.stat().st_size == off + 16
+    with open(f, "rb") as fh:
+        fh.seek(off - 3)
+        assert fh.read(100) == b"\0\0\0tail at five gib"
+        fh.seek(1 << 32)  # well inside the hole
+        assert fh.read(8192) == bytes(8192)
+        assert fh.read(0) == b""
+        fh.seek(0)
+        assert fh.read(4) == b"head"
+    c = cr.cpath(rel(m, f))
+    st = c.stat()
+    assert st.st_size == cr.enc.cipher_size(off + 16)
+    assert st.st_blocks * 512 < 1 << 20, "holes must stay sparse on disk"
+
+
+def test_read_past_eof(d: Path) -> None:
+    f = d / "small"
+    f.write_bytes(b"abc")
+    fd = os.open(f, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100, 3) == b""
+        assert os.pread(fd, 100, 100000) == b""
+        assert os.pread(fd, 2, 1) == b"bc"
+    finally:
+        os.close(fd)
+
+
+# -- directories ----------------------------------------------------------------------
+
+
+def test_mkdir_creates_diriv_and_rmdir_cleans_up(m: Mount, cr: Crypto, d: Path) -> None:
+    sub = d / "sub"
+    sub.mkdir(mode=0o750)
+    c = cr.cpath(rel(m, sub))
+    diriv = c / DIRIV_NAME
+    assert diriv.stat().st_size == 16 and stat.S_IMODE(diriv.stat().st_mode) == 0o444
+    assert stat.S_IMODE(c.stat().st_mode) == 0o750 & ~_umask()
+    assert os.listdir(sub) == []
+    (sub / "f").write_bytes(b"1")
+    with pytest.raises(OSError) as ei:
+        sub.rmdir()
+    assert ei.value.errno == errno.ENOTEMPTY
+    (sub / "f").unlink()
+    sub.rmdir()
+    assert not c.exists()
+    assert not [n for n in os.listdir(c.parent) if n.startswith("gocryptfs.diriv.rmdir")]
+    sub.mkdir()  # same name again: a new IV, caches must not serve the old one
+    (sub / "again").write_bytes(b"ok")
+    assert (sub / "again").read_bytes() == b"ok"
+    assert (c / DIRIV_NAME).read_bytes() != b""
+
+
+def test_mkdir_restrictive_mode(d: Path) -> None:
+    sub = d / "ro"
+    sub.mkdir(mode=0o500)
+    assert stat.S_IMODE(sub.stat().st_mode) == 0o500
+    assert os.listdir(sub) == []
+
+
+def test_readdir_hides_reserved_and_skips_undecryptable(m: Mount, cr: Crypto, d: Path) -> None:
+    names = {"a", "b c", "ünïcødé", "x" * 255}
+    for n in names:
+        (d / n).write_bytes(n.encode())
+    cdir = cr.cpath(rel(m, d))
+    (cdir / "bm90LWEtdmFsaWQtbmFtZQ").write_bytes(b"junk")  # valid b64, wrong length
+    (cdir / "gocryptfs.longname.bogus").write_bytes(b"junk")  # no .name file
+    assert set(os.listdir(d)) == names
+    assert "undecryptable_name" in m.log() and "bad_long_name" in m.log()
+    assert "ünïcødé" not in m.log()
+    on_disk = set(os.listdir(cdir))
+    assert DIRIV_NAME in on_disk and not (names & on_disk)
+    root_listing = os.listdir(m.path)
+    assert CONF_NAME not in root_listing and DIRIV_NAME not in root_listing
+
+
+def test_long_names(m: Mount, cr: Crypto, d: Path) -> None:
+    long_file = "f" * 200
+    long_dir = "D" * 230
+    (d / long_file).write_bytes(b"long")
+    (d / long_dir).mkdir()
+    (d / long_dir / "inner").write_bytes(b"in")
+    cdir = cr.cpath(rel(m, d))
+    disk = sorted(os.listdir(cdir))
+    longs = [n for n in disk if NameTransform.is_long_name_file(n)]
+    assert len(longs) == 2
+    for n in longs:
+        content = (cdir / (n + ".name")).read_bytes()
+        assert cr.nt.read_long_name(n, content)  # hash matches the full cName
+        assert len(n) <= 255
+    assert sorted(os.listdir(d)) == sorted([long_file, long_dir])
+    assert (d / long_dir / "inner").read_bytes() == b"in"
+    # rename long -> short -> long, across directories
+    (d / "short").mkdir()
+    os.rename(d / long_file, d / "short" / "s")
+    remaining = [n for n in os.listdir(cdir) if n.startswith("gocryptfs.longname.")]
+    assert len(remaining) == 2, "only the long directory and its .name file remain"
+    os.rename(d / "short" / "s", d / "short" / ("g" * 240))
+    csub = cr.cpath(rel(m, d / "short"))
+    assert len([n for n in os.listdir(csub) if n.endswith(".name")]) == 1
+    assert (d / "short" / ("g" * 240)).read_bytes() == b"long"
+    (d / "short" / ("g" * 240)).unlink()
+    assert [n for n in os.listdir(csub) if n != DIRIV_NAME] == []
+    (d / long_dir / "inner").unlink()
+    (d / long_dir).rmdir()
+    assert sorted(n for n in os.listdir(cdir) if n.startswith("gocryptfs.longname")) == []
+
+
+def test_name_too_long(d: Path) -> None:
+    with pytest.raises(OSError) as ei:
+        (d / ("n" * 256)).write_bytes(b"")
+    assert ei.value.errno == errno.ENAMETOOLONG
+
+
+# -- rename / unlink / links ------------------------------------------------------------
+
+
+def test_rename_files_and_dirs(m: Mount, cr: Crypto, d: Path) -> None:
+    (d / "a").write_bytes(b"A")
+    (d / "b").write_bytes(b"B")
+    (d / "x").mkdir()
+    (d / "y").mkdir()
+    os.rename(d / "a", d / "a2")
+    assert (d / "a2").read_bytes() == b"A" and not (d / "a").exists()
+    os.rename(d / "a2", d / "b")  # over an existing file
+    assert (d / "b").read_bytes() == b"A"
+    os.rename(d / "b", d / "x" / "moved")  # across directories
+    assert (d / "x" / "moved").read_bytes() == b"A"
+    os.rename(d / "x", d / "x2")  # directory with contents
+    assert (d / "x2" / "moved").read_bytes() == b"A"
+    (d / "x2" / "new").write_bytes(b"N")  # path caches follow the rename
+    os.rename(d / "x2", d / "y")  # over an empty directory (which holds a diriv)
+    assert (d / "y" / "new").read_bytes() == b"N"
+    assert sorted(os.listdir(d)) == ["y"]
+    (d / "z").mkdir()
+    (d / "z" / "keep").write_bytes(b"k")
+    with pytest.raises(OSError) as ei:
+        os.rename(d / "y", d / "z")
+    assert ei.value.errno in (errno.ENOTEMPTY, errno.EEXIST)
+    assert (d / "z" / "keep").read_bytes() == b"k"
+    assert cr.decrypt_file(cr.cpath(rel(m, d / "y" / "moved"))) == b"A"
+
+
+def test_rename_noreplace_and_exchange(d: Path) -> None:
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    at_fdcwd = -100
+    (d / "p").write_bytes(b"P")
+    (d / "q").write_bytes(b"Q")
+    rc = libc.renameat2(at_fdcwd, bytes(d / "p"), at_fdcwd, bytes(d / "q"), 1)
+    assert rc == -1 and ctypes.get_errno() == errno.EEXIST
+    assert (d / "q").read_bytes() == b"Q"
+    rc = libc.renameat2(at_fdcwd, bytes(d / "p"), at_fdcwd, bytes(d / "q"), 2)
+    assert rc == 0
+    assert (d / "p").read_bytes() == b"Q" and (d / "q").read_bytes() == b"P"
+
+
+def test_unlink_and_open_unlinked_file(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "gone"
+    f.write_bytes(b"still readable" * 400)
+    c = cr.cpath(rel(m, f))
+    fd = os.open(f, os.O_RDWR)
+    try:
+        f.unlink()
+        assert not f.exists() and not c.exists()
+        assert os.listdir(d) == []
+        assert os.pread(fd, 14, 0) == b"still readable"
+        os.pwrite(fd, b"STILL", 0)
+        assert os.pread(fd, 5, 0) == b"STILL"
+        os.ftruncate(fd, 3)
+        assert os.fstat(fd).st_size == 3
+    finally:
+        os.close(fd)
+
+
+def test_symlinks_are_encrypted(m: Mount, cr: Crypto, d: Path) -> None:
+    targets = {"rel": "status.txt", "abs": "/a/b/c/d", "long": "t/" * 150 + "end"}
+    (d / "status.txt").write_bytes(b"It works!\n")
+    for name, target in targets.items():
+        os.symlink(target, d / name)
+    for name, target in targets.items():
+        assert os.readlink(d / name) == target
+        assert os.lstat(d / name).st_size == len(target)
+        stored = os.readlink(cr.cpath(rel(m, d / name)))
+        assert target not in stored and stored != target
+        assert cr.nt.decrypt_symlink(stored) == target
+    assert (d / "rel").read_bytes() == b"It works!\n"
+
+
+def test_hard_links(m: Mount, cr: Crypto, d: Path) -> None:
+    (d / "orig").write_bytes(b"shared")
+    (d / "sub").mkdir()
+    os.link(d / "orig", d / "sub" / "other")
+    a, b = os.stat(d / "orig"), os.stat(d / "sub" / "other")
+    assert a.st_nlink == b.st_nlink == 2 and a.st_ino == b.st_ino
+    with open(d / "sub" / "other", "r+b") as fh:
+        fh.write(b"SH")
+    assert (d / "orig").read_bytes() == b"SHared"
+    assert (
+        cr.cpath(rel(m, d / "orig")).stat().st_ino
+        == cr.cpath(rel(m, d / "sub/other")).stat().st_ino
+    )
+    os.link(d / "orig", d / ("L" * 210))
+    os.unlink(d / "orig")
+    assert (d / ("L" * 210)).read_bytes() == b"SHared"
+
+
+# -- metadata ---------------------------------------------------------------------------
+
+
+def test_chmod_chown_utimens(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "meta"
+    f.write_bytes(b"m")
+    os.chmod(f, 0o604)
+    assert stat.S_IMODE(f.stat().st_mode) == 0o604
+    c = cr.cpath(rel(m, f))
+    assert stat.S_IMODE(c.stat().st_mode) == 0o604
+    if os.geteuid() == 0:
+        os.chown(f, 4321, 8765)
+        assert (f.stat().st_uid, f.stat().st_gid) == (4321, 8765)
+        assert (c.stat().st_uid, c.stat().st_gid) == (4321, 8765)
+    os.utime(f, ns=(1_111_111_111_123_456_789, 1_222_222_222_987_654_321))
+    st = f.stat()
+    assert st.st_atime_ns == 1_111_111_111_123_456_789
+    assert st.st_mtime_ns == 1_222_222_222_987_654_321
+    # UTIME_OMIT for atime via touch -m
+    subprocess.run(["touch", "-m", "-d", "@2000000000", str(f)], check=True)
+    st = f.stat()
+    assert st.st_atime_ns == 1_111_111_111_123_456_789
+    assert st.st_mtime_ns == 2_000_000_000 * 10**9
+    os.utime(d)  # directories too, to "now"
+    os.chmod(d, 0o755)
+
+
+def test_statfs_fsync_access(d: Path) -> None:
+    sv = os.statvfs(d)
+    assert sv.f_namemax == 255 and sv.f_blocks > 0 and sv.f_bsize > 0
+    f = d / "sync"
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, b"durable")
+        os.fsync(fd)
+        os.fdatasync(fd)
+    finally:
+        os.close(fd)
+    dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+    assert os.access(f, os.R_OK | os.W_OK)
+    assert not os.access(f, os.X_OK)
+    os.chmod(f, 0o750)
+    assert os.access(f, os.X_OK)
+    assert not os.access(d / "missing", os.F_OK)
+
+
+def test_xattrs_encrypted(m: Mount, cr: Crypto, d: Path) -> None:
+    f = d / "x"
+    f.write_bytes(b"")
+    os.setxattr(f, "user.comment", b"secret xattr")
+    os.setxattr(f, "user.empty", b"")
+    assert os.getxattr(f, "user.comment") == b"secret xattr"
+    assert os.getxattr(f, "user.empty") == b""
+    assert sorted(os.listxattr(f)) == ["user.comment", "user.empty"]
+    with pytest.raises(FileExistsError):
+        os.setxattr(f, "user.comment", b"x", os.XATTR_CREATE)
+    c = cr.cpath(rel(m, f))
+    stored = os.listxattr(c)
+    assert len(stored) == 2 and all(s.startswith("user.gocryptfs.") for s in stored)
+    enc_name = cr.nt.encrypt_xattr_name("user.comment")
+    raw = os.getxattr(c, enc_name)
+    assert len(raw) == 44 and b"secret" not in raw  # sheet §15: 16 + 12 + 16
+    os.removexattr(f, "user.comment")
+    assert os.listxattr(f) == ["user.empty"]
+    with pytest.raises(OSError) as ei:
+        os.getxattr(f, "user.comment")
+    assert ei.value.errno == errno.ENODATA
+    (d / "sd").mkdir()
+    os.setxattr(d / "sd", "user.dir", b"on a directory")
+    assert os.getxattr(d / "sd", "user.dir") == b"on a directory"
+
+
+# -- read-only mounts ---------------------------------------------------------------------
+
+
+def test_read_only_mount_refuses_every_write(tmp_path: Path, mount_factory: object) -> None:
+    vol = make_volume(tmp_path / "rocipher")
+    rw = mount_factory(vol)  # type: ignore[operator]
+    (rw.path / "f").write_bytes(b"content")
+    (rw.path / "dir").mkdir()
+    os.symlink("f", rw.path / "l")
+    os.setxattr(rw.path / "f", "user.a", b"1")
+    rw.unmount()
+    ro = mount_factory(vol, read_only=True)  # type: ignore[operator]
+    p = ro.path
+    assert (p / "f").read_bytes() == b"content"
+    assert os.getxattr(p / "f", "user.a") == b"1"
+    before = sorted(os.listdir(vol.cipherdir))
+    attempts = [
+        lambda: open(p / "f", "r+b"),
+        lambda: open(p / "new", "wb"),
+        lambda: os.mkdir(p / "d2"),
+        lambda: os.rmdir(p / "dir"),
+        lambda: os.unlink(p / "f"),
+        lambda: os.rename(p / "f", p / "g"),
+        lambda: os.symlink("x", p / "l2"),
+        lambda: os.link(p / "f", p / "h"),
+        lambda: os.chmod(p / "f", 0o600),
+        lambda: os.chown(p / "f", 1, 1),
+        lambda: os.utime(p / "f", ns=(1, 1)),
+        lambda: os.truncate(p / "f", 0),
+        lambda: os.setxattr(p / "f", "user.b", b"2"),
+        lambda: os.removexattr(p / "f", "user.a"),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as ei:
+            attempt()
+        assert ei.value.errno == errno.EROFS
+    assert sorted(os.listdir(vol.cipherdir)) == before
+    assert (p / "f").read_bytes() == b"content"
+
+
+def test_master_key_mount_without_conf(tmp_path: Path, mount_factory: object) -> None:
+    vol = make_volume(tmp_path / "mk")
+    a = mount_factory(vol)  # type: ignore[operator]
+    (a.path / "f").write_bytes(b"via conf")
+    a.unmount()
+    b = mount_factory(vol, use_conf=False)  # type: ignore[operator]
+    assert (b.path / "f").read_bytes() == b"via conf"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
