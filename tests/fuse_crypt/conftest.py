@@ -42,7 +42,8 @@ logging.basicConfig(level=logging.INFO, stream=sys.stderr,
 from fuse_crypt.backend import LocalDirBackend
 from fuse_crypt.configfile import ConfFile
 from fuse_crypt.fusefrontend import serve
-conf = ConfFile.read(os.path.join(args["cipherdir"], "gocryptfs.conf")) if args["use_conf"] else None
+conf_path = os.path.join(args["cipherdir"], "gocryptfs.conf")
+conf = ConfFile.read(conf_path) if args["use_conf"] else None
 def ready():
     print("READY", flush=True)
 serve(LocalDirBackend(args["cipherdir"]), key, conf, args["mountpoint"],

@@ -549,8 +549,8 @@ def test_read_only_mount_refuses_every_write(tmp_path: Path, mount_factory: obje
     assert os.getxattr(p / "f", "user.a") == b"1"
     before = sorted(os.listdir(vol.cipherdir))
     attempts = [
-        lambda: open(p / "f", "r+b"),
-        lambda: open(p / "new", "wb"),
+        lambda: os.close(os.open(p / "f", os.O_RDWR)),
+        lambda: os.close(os.open(p / "new", os.O_WRONLY | os.O_CREAT, 0o644)),
         lambda: os.mkdir(p / "d2"),
         lambda: os.rmdir(p / "dir"),
         lambda: os.unlink(p / "f"),
