@@ -21,6 +21,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import requests
+import urllib3
 
 from sealed_secrets.errors import (
     AttestationError,
@@ -188,12 +189,12 @@ class KbsClient:
             finally:
                 resp.close()
         except requests.exceptions.SSLError:
-            log.warning("kbs tls verification failed url=%s ca=%s", url, self.ca or "system")
+            log.warning("kbs tls verification failed url=%s ca=%s", url, self.ca or "default")
             raise TlsError(f"KBS TLS verification failed for {url}") from None
-        except requests.exceptions.Timeout:
+        except (requests.exceptions.Timeout, urllib3.exceptions.TimeoutError):
             log.warning("kbs timeout method=%s url=%s timeout=%s", method, url, self.timeout)
             raise KbsUnavailable(f"KBS timed out: {method} {url}") from None
-        except (requests.exceptions.RequestException, OSError) as exc:
+        except (requests.exceptions.RequestException, urllib3.exceptions.HTTPError, OSError) as exc:
             log.warning("kbs unreachable url=%s error=%s", url, type(exc).__name__)
             raise KbsUnavailable(f"KBS unreachable: {url} ({type(exc).__name__})") from None
         if len(body) > MAX_RESPONSE_BYTES:

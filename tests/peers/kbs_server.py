@@ -195,7 +195,7 @@ class Session:
 
 @dataclass
 class Fault:
-    kind: str  # "status" | "delay" | "bad_jwe" | "not_json"
+    kind: str  # "status" | "delay" | "slow_body" | "bad_jwe" | "not_json"
     value: Any = None
 
 
@@ -451,6 +451,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         value = state.resources.get(rpath)
         if value is None:
             raise KbsError(404, "ResourceNotFound", f"resource {rpath} not found")
+        if fault is not None and fault.kind == "slow_body":  # headers now, body too late
+            body = json.dumps(jwe_encrypt(value, pubkey)).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.flush()
+            time.sleep(float(fault.value))
+            self.wfile.write(body)
+            return
         if fault is not None and fault.kind == "not_json":
             self._send(200, b"<html>oops</html>", "text/html")
             return

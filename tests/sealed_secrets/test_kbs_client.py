@@ -245,6 +245,16 @@ def test_timeout_is_unavailable(peers: tuple[KbsServer, AaServer]) -> None:
     assert time.monotonic() - started < 0.9
 
 
+def test_body_read_timeout_is_unavailable(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+    client = client_for(kbs, aa, timeout=0.3)
+    client.get_resource(R1)
+    kbs.inject("resource", "slow_body", 1.0)
+    with pytest.raises(KbsUnavailable, match="timed out"):
+        client.get_resource(R1)
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+
+
 def test_connection_refused_is_unavailable(peers: tuple[KbsServer, AaServer]) -> None:
     _, aa = peers
     with socket.socket() as s:
