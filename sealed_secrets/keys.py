@@ -18,7 +18,7 @@ from pathlib import Path
 from jwcrypto import jwk
 from jwcrypto.common import JWException
 
-from sealed_secrets.errors import KeyFormatError, SealedSecretError, UnknownKid
+from sealed_secrets.errors import KeyFormatError, ResolverError, ResourceNotFound, UnknownKid
 
 DEFAULT_KEY_DIR = "/run/confidential-containers/cdh/sealed-secret"
 DEFAULT_SIGNING_KID = "sealed-signing"
@@ -79,10 +79,8 @@ def load_verification_key(
             raise UnknownKid(f"kid {kid!r} is a KBS resource but no resolver is configured")
         try:
             data = get_resource(kid)
-        except SealedSecretError as exc:
-            if type(exc).__name__ in ("ResourceNotFound", "ResolverError"):
-                raise UnknownKid(f"no verification key at {kid!r}") from None
-            raise
+        except (ResourceNotFound, ResolverError):
+            raise UnknownKid(f"no verification key at {kid!r}") from None
         what = f"verification key {kid!r}"
     else:
         path = _kid_path(kid, key_dir or DEFAULT_KEY_DIR)

@@ -25,7 +25,7 @@ from sealed_secrets.errors import (
     KeyFormatError,
     MalformedSecret,
     ProviderError,
-    SealedSecretError,
+    ResourceNotFound,
     UnknownKid,
     WrongKey,
 )
@@ -103,10 +103,8 @@ def _private_key(secret: EnvelopeSecret, get_resource: Callable[[str], bytes] | 
         raise ProviderError(f"{NAME} needs a resolver to fetch the private key")
     try:
         data = get_resource(secret.key_id)
-    except SealedSecretError as exc:
-        if type(exc).__name__ == "ResourceNotFound":
-            raise UnknownKid(f"no sealing private key at {secret.key_id!r}") from None
-        raise
+    except ResourceNotFound:
+        raise UnknownKid(f"no sealing private key at {secret.key_id!r}") from None
     return parse_jwk(data, what=f"sealing private key {secret.key_id!r}", private=True)
 
 
