@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import logging
 import os
 import pathlib
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sealed_secrets.errors import ResolverError, ResourceNotFound
 from sealed_secrets.offline_fs import EXTRA_FILES_ENV, OfflineFsKbc
@@ -145,3 +148,25 @@ def test_plugin_uri_rejected_by_offline_fs(tmp_path: pathlib.Path) -> None:
     kbc = OfflineFsKbc([write(tmp_path / "a.json", {"a/b/c": b64(b"A")})])
     with pytest.raises(ResolverError):
         kbc.get_resource("kbs+plugin:///a/b/c")
+
+
+SEG = st.text(alphabet="abcXYZ019._-", min_size=1, max_size=8).filter(
+    lambda s: s not in (".", "..")
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=60))
+def test_uri_parser_only_raises_resolver_error(text: str) -> None:
+    for candidate in (text, "kbs:///" + text, "kbs+p://h/" + text):
+        with contextlib.suppress(ResolverError):
+            parse_resource_uri(candidate)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.tuples(SEG, SEG, SEG), st.sampled_from(["", "host", "h:8080"]))
+def test_uri_canonical_form_roundtrips(segs: tuple[str, str, str], host: str) -> None:
+    u = parse_resource_uri(f"kbs://{host}/{'/'.join(segs)}")
+    assert u.segments == segs
+    again = parse_resource_uri(str(u))
+    assert (again.plugin, again.segments, again.query) == (u.plugin, u.segments, u.query)
