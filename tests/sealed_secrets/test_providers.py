@@ -346,3 +346,29 @@ def test_no_secret_material_in_errors_or_logs(
     for s in secrets:
         assert s not in blob
     assert "my-private-junk" not in blob
+
+
+# --- through the real KBS protocol (attestation via the AA peer) ------------------------
+
+
+def test_unseal_through_attested_kbs_resolver(key_dir: str) -> None:
+    """Signing key, sealing private key and vault value all come from KBS after attestation."""
+    harness = pytest.importorskip("tests.peers.harness")
+    from sealed_secrets.errors import PolicyDenied
+    from sealed_secrets.resolver import build_resolver
+
+    resources = {
+        "default/signing-key/sealed-secret": PUBLIC_JWK,
+        "default/sealed-secret/test": PLAINTEXT,
+        "default/sealing-key/asym": EC_PAIR.export_private().encode(),
+        "denied/sealing-key/asym": EC_PAIR.export_private().encode(),
+    }
+    with harness.kbs_and_aa(resources) as (kbs, aa):
+        resolver = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&retries=0", key_dir=key_dir)
+        assert resolver.unseal(VECTOR_A) == PLAINTEXT
+        assert resolver.unseal(sealed_asym(EC_PAIR)) == PLAINTEXT
+        denied = resign(
+            sealed_asym(), lambda o: o.__setitem__("key_id", "kbs:///denied/sealing-key/asym")
+        )
+        with pytest.raises(PolicyDenied):
+            resolver.unseal(denied)
