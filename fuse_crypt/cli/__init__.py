@@ -92,6 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _dispatch(args: argparse.Namespace) -> int:
     from fuse_crypt.cli import commands
 
+    commands.set_quiet(bool(getattr(args, "quiet", False)))
     both = getattr(args, "passfile", None) and getattr(args, "masterkey", None)
     if both and args.command in ("mount", "passwd"):
         raise CliError("--passfile and --masterkey are mutually exclusive", USAGE)

@@ -28,8 +28,18 @@ SCRYPT_LOGN_MAX = 28
 DIRIV_NAME = "gocryptfs.diriv"
 
 
+_quiet = False
+
+
+def set_quiet(quiet: bool) -> None:
+    """``-q``: informational lines off; errors are still printed by ``main``."""
+    global _quiet
+    _quiet = quiet
+
+
 def _say(msg: str) -> None:
-    print(msg, file=sys.stderr)
+    if not _quiet:
+        print(msg, file=sys.stderr)
 
 
 def _cipherdir(path: str) -> str:

@@ -11,6 +11,7 @@ Only counts and sizes are exported: never names, paths below the mount, or keys.
 from __future__ import annotations
 
 import functools
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -136,38 +137,63 @@ class InstrumentedBackend:
         return f"InstrumentedBackend({self._inner!r})"
 
 
-def instrument_content() -> None:
-    """Count block crypto in this process by wrapping ContentEnc's two batch methods.
+_inside = threading.local()
 
-    Only ever called inside a mount daemon started with --metrics-addr, so the library
-    class is untouched everywhere else.
-    """
-    from fuse_crypt.contentenc import ContentEnc
+
+def _count_dec(nbytes_ct: int, nbytes_plain: int) -> None:
+    BLOCKS_DECRYPTED.inc(-(-nbytes_ct // _CIPHER_BS))
+    PLAIN_BYTES_READ.inc(nbytes_plain)
+
+
+def _count_enc(nbytes_plain: int) -> None:
+    BLOCKS_ENCRYPTED.inc(-(-nbytes_plain // _PLAIN_BS))
+    PLAIN_BYTES_WRITTEN.inc(nbytes_plain)
+
+
+def _wrap(cls: Any, name: str, counter: Callable[[Any, Any], None]) -> None:
+    """Replace ``cls.name`` by a counting wrapper (outermost call counts once)."""
     from fuse_crypt.errors import CorruptDataError
 
-    if getattr(ContentEnc, "_fuse_crypt_metrics", False):
+    orig = getattr(cls, name, None)
+    if orig is None or getattr(orig, "_fuse_crypt_counted", False):
         return
-    dec = ContentEnc.decrypt_blocks
-    enc = ContentEnc.encrypt_blocks
 
-    @functools.wraps(dec)
-    def decrypt_blocks(self: Any, first_block: int, ciphertext: bytes, file_id: bytes) -> bytes:
+    @functools.wraps(orig)
+    def wrapper(self: Any, *args: Any) -> Any:
+        outer = not getattr(_inside, "active", False)
+        _inside.active = True
         try:
-            out = dec(self, first_block, ciphertext, file_id)
+            out = orig(self, *args)
         except CorruptDataError:
-            AUTH_FAILURES.inc()
+            if outer:
+                AUTH_FAILURES.inc()
             raise
-        BLOCKS_DECRYPTED.inc(-(-len(ciphertext) // _CIPHER_BS))
-        PLAIN_BYTES_READ.inc(len(out))
+        finally:
+            if outer:
+                _inside.active = False
+        if outer:
+            counter(args, out)
         return out
 
-    @functools.wraps(enc)
-    def encrypt_blocks(self: Any, first_block: int, plaintext: bytes, file_id: bytes) -> bytes:
-        out = enc(self, first_block, plaintext, file_id)
-        BLOCKS_ENCRYPTED.inc(-(-len(plaintext) // _PLAIN_BS))
-        PLAIN_BYTES_WRITTEN.inc(len(plaintext))
-        return out
+    wrapper._fuse_crypt_counted = True  # type: ignore[attr-defined]
+    setattr(cls, name, wrapper)
 
-    ContentEnc.decrypt_blocks = decrypt_blocks  # type: ignore[method-assign]
-    ContentEnc.encrypt_blocks = encrypt_blocks  # type: ignore[method-assign]
-    ContentEnc._fuse_crypt_metrics = True  # type: ignore[attr-defined]
+
+def instrument_content() -> None:
+    """Count block crypto in this process by wrapping the content-crypto entry points.
+
+    Wraps ContentEnc's batch methods and, if present, the frontend's zero-copy
+    BlockCrypt adapter (its hot path bypasses ContentEnc). Only ever called inside a
+    mount daemon started with --metrics-addr, so the classes are untouched elsewhere.
+    """
+    from fuse_crypt.contentenc import ContentEnc
+
+    # args = (first_block, data, file_id[, out]); out = bytes or a length
+    _wrap(ContentEnc, "decrypt_blocks", lambda a, out: _count_dec(len(a[1]), len(out)))
+    _wrap(ContentEnc, "encrypt_blocks", lambda a, out: _count_enc(len(a[1])))
+    try:
+        from fuse_crypt.fusefrontend.blockio import BlockCrypt
+    except ImportError:
+        return
+    _wrap(BlockCrypt, "decrypt_into", lambda a, out: _count_dec(len(a[1]), int(out)))
+    _wrap(BlockCrypt, "encrypt_into", lambda a, out: _count_enc(len(a[1])))

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fuse_crypt.cli.exitcodes import CONFIG, FUSE_MOUNT, CliError
-from fuse_crypt.daemon import Notifier
+from fuse_crypt.daemon import Notifier, find_mount
 
 
 @dataclass
@@ -44,6 +44,13 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
         )
         metrics.instrument_content()
         backend = metrics.InstrumentedBackend(backend)
+    live = False
+
+    def ready() -> None:
+        nonlocal live
+        live = True
+        on_ready()
+
     try:
         serve(
             backend,
@@ -52,12 +59,16 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             spec.mountpoint,
             read_only=spec.read_only,
             foreground=True,
-            on_ready=on_ready,
+            on_ready=ready,
             allow_other=spec.allow_other,
         )
     except ConfigError as e:
         raise CliError(str(e), CONFIG) from None
     except OSError as e:
+        if live and find_mount(spec.mountpoint) is None:
+            # libfuse reports a loop ended by SIGINT/SIGTERM/SIGHUP (or fusermount -u
+            # racing the loop) as a failure; the mount is gone, so this was a shutdown.
+            return
         reason = e.strerror or str(e)
         raise CliError(f"cannot mount {spec.mountpoint}: {reason}", FUSE_MOUNT) from None
 

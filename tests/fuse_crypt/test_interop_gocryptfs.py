@@ -361,3 +361,46 @@ def test_volume_from_gocryptfs_long_names_on_disk(
         assert (root / LONG_255).read_text() == "theirs"
         assert (root / LONG_200).read_text() == "ours"
         assert sorted(os.listdir(root)) == sorted([LONG_200, LONG_255, "s" * 175])
+
+
+@pytest.mark.parametrize(
+    "init_args",
+    [["-aessiv"], ["-deterministic-names"], ["-longnamemax", "100"]],
+    ids=["aessiv", "deterministic-names", "longnamemax-100"],
+)
+def test_gocryptfs_variants_both_ways(
+    tmp_path: Path, passfile: Path, mnt: Path, init_args: list[str]
+) -> None:
+    """Non-default gocryptfs 2.3 volumes: fuse-crypt reads theirs, they read our writes."""
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    subprocess.run(
+        ["gocryptfs", "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
+        + ["--", str(cipher)],
+        check=True,
+        capture_output=True,
+    )
+    info = subprocess.run([*FC, "info", str(cipher)], capture_output=True, text=True, check=False)
+    assert info.returncode == 0, info.stderr
+
+    def fill(root: Path, tag: str) -> None:
+        (root / tag / "sub").mkdir(parents=True)
+        (root / tag / "sub" / LONG_200).write_bytes(_blob(9000, 1))
+        (root / tag / "small").write_bytes(b"x")
+        os.symlink("sub/" + LONG_200, root / tag / "link")
+        with open(root / tag / "sparse", "wb") as f:
+            f.seek(20000)
+            f.write(b"end")
+
+    with gocryptfs_mount(cipher, mnt, passfile) as root:
+        fill(root, "theirs")
+    with fuse_crypt_mount(cipher, mnt, passfile) as root:
+        fill(root, "ours")
+        ours = snapshot(root)
+    with gocryptfs_mount(cipher, mnt, passfile) as root:
+        assert snapshot(root) == ours
+    assert {k.split("/", 1)[1] for k in ours if k.startswith("ours/")} == {
+        k.split("/", 1)[1] for k in ours if k.startswith("theirs/")
+    }
+    assert ours["ours/sub/" + LONG_200][3] == ours["theirs/sub/" + LONG_200][3]
+    _gocryptfs_fsck(cipher, passfile)

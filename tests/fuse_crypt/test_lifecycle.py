@@ -266,6 +266,31 @@ def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -
             proc.wait()
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
+def test_foreground_signal_unmounts_and_exits_0(
+    volume: Path, mnt: Path, passfile: Path, sig: int
+) -> None:
+    proc = subprocess.Popen(
+        [*FC, "mount", "-f", "--passfile", str(passfile), str(volume), str(mnt)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "Filesystem mounted and ready."
+        (mnt / "f").write_text("flushed before exit")
+        proc.send_signal(sig)
+        assert proc.wait(20) == 0, proc.stderr.read() if proc.stderr else ""
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    mount(volume, mnt, passfile)
+    assert (mnt / "f").read_text() == "flushed before exit"
+
+
 # --------------------------------------------------------------------------- integrity, metrics
 
 
