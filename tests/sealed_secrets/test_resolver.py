@@ -204,3 +204,26 @@ def test_unseal_vector_a_signed_through_offline_fs(tmp_path: pathlib.Path) -> No
     r = build_resolver(f"offline-fs:{a}")
     assert r.unseal(vector_a) == SECRET
     assert r.unseal(vector_a) == SECRET  # second time the key and value come from cache
+
+
+def test_offline_fs_default_files_from_environment(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    extra = offline_file(tmp_path, {"default/key/9": b"from-env"})
+    monkeypatch.setenv("OFFLINE_FS_KBC_EXTRA_FILE_PATH", extra)
+    r = build_resolver("offline-fs:")
+    assert r.get_resource("kbs:///default/key/9") == b"from-env"
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["attest=bogus", "timeout=abc", "retries=x"],
+)
+def test_bad_kbs_spec_parameters(query: str) -> None:
+    with pytest.raises(ResolverError):
+        build_resolver(f"kbs:https://127.0.0.1:1?aa=unix:///x.sock&{query}")
+
+
+def test_kbs_spec_missing_ca_file() -> None:
+    with pytest.raises(ResolverError, match="CA file not found"):
+        build_resolver("kbs:https://127.0.0.1:1?aa=unix:///x.sock&ca=/nonexistent/ca.pem")
