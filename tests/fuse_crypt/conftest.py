@@ -13,6 +13,8 @@ Usable from any test module under tests/fuse_crypt:
 * ``mount_factory`` fixture: ``mount_factory(volume, read_only=False, use_conf=True)``
   returns a live :class:`Mount`; every mount is unmounted at teardown.
 * ``mnt`` fixture: ``volume`` mounted read-write.
+* ``CipherView(volume)``: cipher paths and decryption via the crypto layers only,
+  for assertions on the ciphertext side.
 """
 
 from __future__ import annotations
@@ -94,6 +96,42 @@ class Mount:
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
+
+
+class CipherView:
+    """Independent view of a volume through the pure crypto layers (not the FUSE
+    frontend): where a plaintext path lives on disk and what a cipher file holds."""
+
+    def __init__(self, vol: Volume) -> None:
+        from fuse_crypt.configfile import ConfFile
+        from fuse_crypt.contentenc import ContentEnc
+        from fuse_crypt.nametransform import CONF_NAME
+
+        conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
+        core = conf.new_core(vol.master_key)
+        self.nt = conf.name_transform(core)
+        self.enc = ContentEnc(core)
+        self.root = vol.cipherdir
+
+    def cpath(self, rel: str) -> Path:
+        """Cipher path of plaintext path ``rel`` (relative to the mount root)."""
+        from fuse_crypt.nametransform import DIRIV_NAME
+
+        cur = self.root
+        for part in rel.split("/"):
+            iv = (cur / DIRIV_NAME).read_bytes()
+            disk, _ = self.nt.disk_name(part, iv)
+            cur = cur / disk
+        return cur
+
+    def decrypt_file(self, cpath: Path) -> bytes:
+        from fuse_crypt.contentenc import HEADER_LEN
+
+        data = cpath.read_bytes()
+        if len(data) <= HEADER_LEN:
+            return b""
+        fid = self.enc.parse_header(data[:HEADER_LEN])
+        return self.enc.decrypt_blocks(0, data[HEADER_LEN:], fid)
 
 
 def make_volume(path: Path, **create_kwargs: object) -> Volume:

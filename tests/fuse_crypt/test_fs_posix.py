@@ -21,39 +21,13 @@ from pathlib import Path
 
 import pytest
 
-from fuse_crypt.configfile import ConfFile
-from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
+from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
 
-from .conftest import Mount, Volume, fuse_available, make_volume, start_mount
+from .conftest import CipherView as Crypto
+from .conftest import Mount, fuse_available, make_volume, start_mount
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
-
-
-class Crypto:
-    """Independent view of the volume through the pure crypto layers."""
-
-    def __init__(self, vol: Volume) -> None:
-        conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
-        core = conf.new_core(vol.master_key)
-        self.nt: NameTransform = conf.name_transform(core)
-        self.enc = ContentEnc(core)
-        self.root = vol.cipherdir
-
-    def cpath(self, rel: str) -> Path:
-        cur = self.root
-        for part in rel.split("/"):
-            iv = (cur / DIRIV_NAME).read_bytes()
-            disk, _ = self.nt.disk_name(part, iv)
-            cur = cur / disk
-        return cur
-
-    def decrypt_file(self, cpath: Path) -> bytes:
-        data = cpath.read_bytes()
-        if len(data) <= HEADER_LEN:
-            return b""
-        fid = self.enc.parse_header(data[:HEADER_LEN])
-        return self.enc.decrypt_blocks(0, data[HEADER_LEN:], fid)
 
 
 @pytest.fixture(scope="module")
