@@ -7,6 +7,9 @@ being taken, or the filesystem dying.
 
 from __future__ import annotations
 
+import logging
+import logging.handlers
+import os
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,11 +76,38 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
         raise CliError(f"cannot mount {spec.mountpoint}: {reason}", FUSE_MOUNT) from None
 
 
+def _setup_logging(*, daemon: bool) -> None:
+    """Where the frontend's log lines go: stderr in the foreground (the CSI node plugin
+    captures it), syslog for a daemon (its stderr is /dev/null), like gocryptfs.
+
+    FUSE_CRYPT_LOG_LEVEL (default WARNING) picks the level.
+    """
+    level = os.environ.get("FUSE_CRYPT_LOG_LEVEL", "WARNING").upper()
+    root = logging.getLogger("fuse_crypt")
+    root.setLevel(getattr(logging, level, logging.WARNING))
+    handler: logging.Handler
+    if daemon:
+        if not os.path.exists("/dev/log"):
+            root.addHandler(logging.NullHandler())
+            return
+        try:
+            handler = logging.handlers.SysLogHandler(address="/dev/log")
+        except OSError:
+            root.addHandler(logging.NullHandler())
+            return
+        handler.setFormatter(logging.Formatter(f"fuse-crypt[{os.getpid()}]: %(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("fuse-crypt: %(levelname)s %(message)s"))
+    root.addHandler(handler)
+
+
 def run_foreground(spec: MountSpec) -> int:
     def ready() -> None:
         if not spec.quiet:
             print("Filesystem mounted and ready.", flush=True)
 
+    _setup_logging(daemon=False)
     try:
         _serve(spec, ready)
     except KeyboardInterrupt:
@@ -86,6 +116,7 @@ def run_foreground(spec: MountSpec) -> int:
 
 
 def run_in_daemon(spec: MountSpec, notifier: Notifier) -> int:
+    _setup_logging(daemon=True)
     _serve(spec, notifier.ready)
     return 0
 

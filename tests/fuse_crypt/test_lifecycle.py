@@ -167,6 +167,15 @@ def test_read_only_mount(volume: Path, mnt: Path, passfile: Path) -> None:
     assert (mnt / "existing").read_text() == "before ro"
 
 
+def test_allow_other_reaches_the_kernel(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile, "--allow-other")
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        (line,) = [ln for ln in f if ln.split(" ")[4] == str(mnt)]
+    super_opts = line.rstrip("\n").split(" - ", 1)[1].split(" ")[2]
+    assert "allow_other" in super_opts.split(",")
+    assert "default_permissions" in super_opts.split(",")
+
+
 def test_already_mounted_is_refused(volume: Path, mnt: Path, passfile: Path) -> None:
     mount(volume, mnt, passfile)
     msg = one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
