@@ -251,3 +251,41 @@ def test_no_credentials_or_plaintext_in_errors_or_logs(
     blob = "\n".join(texts)
     for secret in (SK, GUEST_SK, STS, PLAINTEXT.decode(), dek_b64):
         assert secret not in blob
+
+
+def test_cli_and_kubectl_plugin_seal_with_aliyun(
+    kms: Any, guest: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from sealed_secrets import cli, kubectl_plugin
+
+    (tmp_path / "signing.json").write_text(SIGNING.export_private())
+    (tmp_path / "sealer-creds").write_text(f"{AK}:{SK}:{STS}")
+    (tmp_path / "plain").write_bytes(PLAINTEXT)
+    s = guest["settings"]
+    cli.main([
+        "seal", "--signing-kid", "test-key", "--signing-jwk-path", str(tmp_path / "signing.json"),
+        "envelope", "-k", KEY_ID, "-f", str(tmp_path / "plain"), "ali",
+        "--region-id", s["region_id"], "--kms-instance-id", s["kms_instance_id"],
+        "--endpoint", s["endpoint"], "--guest-token-path", s["token_path"],
+        "--credential-file", str(tmp_path / "sealer-creds"), "--ca", kms.ca_path,
+    ])  # fmt: skip
+    sealed = capsys.readouterr().out.strip()
+    assert unseal(sealed, guest) == PLAINTEXT
+    cli.main([
+        "unseal", "-k", guest["key_dir"], "--aliyun-credential-dir",
+        guest["options"]["aliyun"]["credential_dir"], sealed,
+    ])  # fmt: skip
+    assert capsys.readouterr().out.encode() == PLAINTEXT
+
+    kubectl_plugin.main([
+        "db", f"--from-literal=password={PLAINTEXT.decode()}", "--dry-run=client", "-o", "json",
+        "--signing-kid", "test-key", "--signing-jwk-path", str(tmp_path / "signing.json"),
+        "--provider", "aliyun", "--key-id", KEY_ID, "--region-id", s["region_id"],
+        "--kms-instance-id", s["kms_instance_id"], "--kms-endpoint", s["endpoint"],
+        "--guest-token-path", s["token_path"],
+        "--kms-credential-file", str(tmp_path / "sealer-creds"), "--kms-ca", kms.ca_path,
+    ])  # fmt: skip
+    out = capsys.readouterr().out
+    assert PLAINTEXT.decode() not in out
+    value = base64.b64decode(json.loads(out)["data"]["password"]).decode()
+    assert unseal(value, guest) == PLAINTEXT
