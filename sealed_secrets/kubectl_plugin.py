@@ -82,7 +82,7 @@ def gather_values(
             key, sep, path = one.partition("=")
             if not sep:
                 key, path = "", one
-            elif not key:
+            if (sep and not key) or not path:
                 raise PluginError(f"key names or file paths cannot be empty: {one!r}")
             p = Path(path)
             if p.is_dir():

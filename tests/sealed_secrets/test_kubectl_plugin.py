@@ -222,6 +222,9 @@ def test_bare_dry_run_and_output_name(env: dict[str, Any], capsys: pytest.Captur
     assert code == 1 and "DNS subdomain" in err
     code, out, err = run_main(["s2", "--dry-run=client", *env["seal"]], capsys)
     assert code == 1 and "no values" in err
+    for bad in ("--from-file=k=", "--from-file==x", "--from-file=/nonexistent/f"):
+        code, out, err = run_main(["s2", bad, "--dry-run=client", *env["seal"]], capsys)
+        assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
 
 
 @pytest.fixture()
@@ -270,6 +273,10 @@ def test_create_against_fake_apiserver_sends_only_sealed_strings(
     )
     assert r.returncode == 1
     assert r.stderr == b'error: from server (AlreadyExists): secrets "app" already exists\n'
+    r = kubectl("create", "sealedsecret", "viaenv", "--from-literal=x=y", "-o", "name",
+                *env["seal"], extra_env={"KUBECONFIG": cfg})  # fmt: skip
+    assert r.returncode == 0 and r.stdout == b"secret/viaenv\n"  # $KUBECONFIG is honoured
+    assert ("ns1", "viaenv") in apiserver.store
     r = kubectl(
         "create",
         "sealedsecret",
