@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import errno
 import stat as stat_mod
 from typing import Any, NamedTuple
 
@@ -186,6 +187,15 @@ class StorageBackend(abc.ABC):
         Object store: a zero-byte object with the target in user-metadata and a
         symlink marker in its mode.
         """
+
+    def mknod(self, path: str, mode: int, dev: int = 0) -> None:
+        """Create a FIFO, socket or device node (``mode`` includes the type bits).
+
+        Object store: unsupported by default (EPERM); special files have no
+        meaning in a bucket.
+        """
+        del path, mode, dev
+        raise OSError(errno.EPERM, "special files are not supported by this backend")
 
     @abc.abstractmethod
     def readlink(self, path: str) -> str:

@@ -141,6 +141,9 @@ class LocalDirBackend(StorageBackend):
     def symlink(self, target: str, path: str) -> None:
         os.symlink(target, _check(path), dir_fd=self._rfd)
 
+    def mknod(self, path: str, mode: int, dev: int = 0) -> None:
+        os.mknod(_check(path), mode, dev, dir_fd=self._rfd)
+
     def readlink(self, path: str) -> str:
         return os.readlink(_check(path), dir_fd=self._rfd)
 

@@ -95,6 +95,12 @@ class CryptFUSE(mfusepy.FUSE):
         data = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
         return self.operations.write(None, data.cast("B"), offset, fip.contents.fh)
 
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        # mfusepy inspects the signature of operations.create on every call.
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        return 0
+
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
@@ -210,7 +216,8 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
 ) -> None:
-    """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM).
+    """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
+    all of these return normally).
 
     ``foreground`` is accepted for the contract; this call always runs the loop in
     the calling process (daemonizing a threaded Python process is the CLI's job,
@@ -249,7 +256,11 @@ def serve(
     try:
         CryptFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
     except RuntimeError as e:
-        raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
+        # libfuse3 reports a loop ended by SIGINT/SIGTERM/SIGHUP as exit code 8;
+        # that is an orderly shutdown if we were mounted and the mount is gone.
+        if not (ops.initialized.is_set() and not os.path.ismount(mountpoint)):
+            raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
+        log.info("event=stopped_by_signal mountpoint=%s", mountpoint)
     finally:
         done.set()
         ops.files.close_all()

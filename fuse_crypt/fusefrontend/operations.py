@@ -352,6 +352,22 @@ class CryptOperations(mfusepy.Operations):
             raise
         return 0
 
+    def mknod(self, path: str, mode: int, dev: int) -> int:
+        """FIFOs, sockets and (as root) device nodes; names encrypted as usual, the
+        node itself carries no content to encrypt."""
+        self._rw()
+        if stat_mod.S_ISREG(mode):
+            self.release(path, self.create(path, mode, os.O_EXCL))
+            return 0
+        _, cpath, created_name = self._begin_create(path)
+        try:
+            self.backend.mknod(cpath, mode, dev)
+            self._chown_to_caller(cpath)
+        except BaseException:
+            self._abort_create(cpath, created_name)
+            raise
+        return 0
+
     def link(self, target: str, source: str) -> int:
         """Create hard link ``target`` to existing ``source`` (mfusepy order)."""
         self._rw()

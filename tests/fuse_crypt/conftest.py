@@ -119,7 +119,8 @@ class CipherView:
 
         cur = self.root
         for part in rel.split("/"):
-            iv = (cur / DIRIV_NAME).read_bytes()
+            ivf = cur / DIRIV_NAME
+            iv = ivf.read_bytes() if not self.nt.deterministic else bytes(16)
             disk, _ = self.nt.disk_name(part, iv)
             cur = cur / disk
         return cur

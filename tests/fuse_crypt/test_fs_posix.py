@@ -14,6 +14,7 @@ import ctypes.util
 import errno
 import os
 import random
+import shutil
 import stat
 import subprocess
 from collections.abc import Iterator
@@ -559,3 +560,115 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_mknod_fifo(m: Mount, cr: Crypto, d: Path) -> None:
+    os.mkfifo(d / "pipe", 0o640)
+    assert stat.S_ISFIFO(os.lstat(d / "pipe").st_mode)
+    assert stat.S_ISFIFO(os.lstat(cr.cpath(rel(m, d / "pipe"))).st_mode)
+    os.mknod(d / "regular", 0o600 | stat.S_IFREG)
+    assert (d / "regular").read_bytes() == b""
+    assert sorted(os.listdir(d)) == ["pipe", "regular"]
+
+
+# -- lifecycle, variants, interop ------------------------------------------------------
+
+
+def test_sigterm_unmounts_cleanly(tmp_path: Path, mount_factory: object) -> None:
+    vol = make_volume(tmp_path / "sig")
+    mt = mount_factory(vol)  # type: ignore[operator]
+    (mt.path / "f").write_bytes(b"x")
+    mt.proc.terminate()
+    assert mt.proc.wait(15) == 0
+    assert not os.path.ismount(mt.path)
+    assert "event=unmounted" in mt.log()
+
+
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {"deterministic_names": True},
+        {"long_name_max": 62},
+        {"aessiv": True},
+    ],
+    ids=["deterministic", "longnamemax62", "aessiv"],
+)
+def test_volume_variants(tmp_path: Path, mount_factory: object, variant: dict) -> None:
+    vol = make_volume(tmp_path / "var", **variant)
+    mt = mount_factory(vol)  # type: ignore[operator]
+    p = mt.path
+    (p / "dir").mkdir()
+    data = os.urandom(3 * PLAIN_BS + 7)
+    (p / "dir" / ("n" * 80)).write_bytes(data)
+    with open(p / "dir" / ("n" * 80), "r+b") as fh:
+        fh.seek(5000)
+        fh.write(b"patch")
+    data = data[:5000] + b"patch" + data[5005:]
+    os.rename(p / "dir", p / "dir2")
+    os.symlink("target", p / "dir2" / "l")
+    (p / "gone").mkdir()
+    (p / "gone").rmdir()
+    assert (p / "dir2" / ("n" * 80)).read_bytes() == data
+    assert os.readlink(p / "dir2" / "l") == "target"
+    assert sorted(os.listdir(p)) == ["dir2"]
+    cv = Crypto(vol)
+    assert cv.decrypt_file(cv.cpath("dir2/" + "n" * 80)) == data
+    has_diriv = (cv.cpath("dir2") / DIRIV_NAME).exists()
+    assert has_diriv == (not variant.get("deterministic_names"))
+    longs = [n for n in os.listdir(cv.cpath("dir2")) if n.startswith("gocryptfs.longname.")]
+    assert bool(longs) == (variant.get("long_name_max") == 62)
+
+
+def _gocryptfs_mount(cipher: Path, mnt: Path, password: bytes, *extra: str) -> None:
+    pw = cipher.parent / "pw"
+    pw.write_bytes(password + b"\n")
+    mnt.mkdir(exist_ok=True)
+    subprocess.run(
+        ["gocryptfs", "-q", *extra, "-passfile", str(pw), str(cipher), str(mnt)],
+        check=True,
+        capture_output=True,
+    )
+
+
+@pytest.mark.skipif(shutil.which("gocryptfs") is None, reason="gocryptfs not installed")
+def test_interop_with_gocryptfs(tmp_path: Path, mount_factory: object) -> None:
+    """What we write gocryptfs reads, and the other way round (holes, truncate,
+    long names, symlinks, xattrs)."""
+    vol = make_volume(tmp_path / "io")
+    ours = mount_factory(vol)  # type: ignore[operator]
+    p = ours.path
+    blob = os.urandom(10000)
+    (p / "f").write_bytes(blob)
+    os.truncate(p / "f", 9000)
+    with open(p / "sparse", "wb") as fh:
+        fh.seek(3 * PLAIN_BS + 5)
+        fh.write(b"Z")
+    (p / "d").mkdir()
+    (p / "d" / ("ü" * 100)).write_bytes(b"long")
+    os.symlink("/a/b/c/d", p / "abs")
+    os.setxattr(p / "f", "user.comment", b"secret xattr")
+    ours.unmount()
+    g = tmp_path / "gmnt"
+    _gocryptfs_mount(vol.cipherdir, g, vol.password)
+    try:
+        assert (g / "f").read_bytes() == blob[:9000]
+        assert (g / "sparse").read_bytes() == bytes(3 * PLAIN_BS + 5) + b"Z"
+        assert (g / "d" / ("ü" * 100)).read_bytes() == b"long"
+        assert os.readlink(g / "abs") == "/a/b/c/d"
+        assert os.getxattr(g / "f", "user.comment") == b"secret xattr"
+        (g / "from_go").write_bytes(blob * 3)
+        with open(g / "from_go", "r+b") as fh:
+            fh.truncate(20001)
+        (g / "go_dir").mkdir()
+        (g / "go_dir" / ("y" * 220)).write_bytes(b"y")
+        os.symlink("rel/target", g / "go_link")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(g)], check=True)
+    again = mount_factory(vol)  # type: ignore[operator]
+    q = again.path
+    assert (q / "from_go").read_bytes() == (blob * 3)[:20001]
+    assert os.listdir(q / "go_dir") == ["y" * 220]
+    assert os.readlink(q / "go_link") == "rel/target"
+    assert sorted(os.listdir(q)) == sorted(
+        ["f", "sparse", "d", "abs", "from_go", "go_dir", "go_link"]
+    )
