@@ -11,7 +11,7 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
 
 from sealed_secrets import keys
@@ -106,24 +106,23 @@ def cmd_seal_vault(args: argparse.Namespace) -> None:
     print(sealed)
 
 
-def cmd_seal_envelope(args: argparse.Namespace) -> None:
+def _envelope_sealer(args: argparse.Namespace) -> Callable[[bytes], str]:
+    """Build `plaintext -> sealed string` once (keys loaded, KMS client made) for many values."""
     from sealed_secrets.seal import seal_envelope
 
-    plaintext = _read_input(args.file_path, limit=MAX_PLAINTEXT, what="plaintext file")
-    signing_key = _signing(args)
     common: dict[str, Any] = {
         "key_id": args.key_id,
-        "signing_key": signing_key,
+        "signing_key": _signing(args),
         "signing_kid": args.signing_kid,
         "wrap_type": args.wrap_type,
     }
     if args.kms == "asym":
         from sealed_secrets.providers import asym
 
-        pub = asym.load_public_key(
+        common["public_key"] = asym.load_public_key(
             _read_input(args.public_key, limit=64 * 1024, what="public key file")
         )
-        sealed = seal_envelope(plaintext, provider=asym.NAME, public_key=pub, **common)
+        common["provider"] = asym.NAME
     else:
         from sealed_secrets.providers import aliyun
 
@@ -145,11 +144,93 @@ def cmd_seal_envelope(args: argparse.Namespace) -> None:
             raise CliError(
                 "aliyun sealing needs --credential-file or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET"
             )
-        client = aliyun.make_client(settings, credentials=creds, ca=args.ca)
-        sealed = seal_envelope(
-            plaintext, provider="aliyun", kms_client=client, provider_settings=settings, **common
-        )
-    print(sealed)
+        common["kms_client"] = aliyun.make_client(settings, credentials=creds, ca=args.ca)
+        common["provider_settings"] = settings
+        common["provider"] = "aliyun"
+    return lambda plaintext: seal_envelope(plaintext, **common)
+
+
+def cmd_seal_envelope(args: argparse.Namespace) -> None:
+    plaintext = _read_input(args.file_path, limit=MAX_PLAINTEXT, what="plaintext file")
+    print(_envelope_sealer(args)(plaintext))
+
+
+_SERVER_FIELDS = ("uid", "resourceVersion", "generation", "managedFields", "selfLink")
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def _already_sealed(value: bytes) -> bool:
+    """Only a structurally valid sealed string counts; a password "sealed.x" is still sealed."""
+    from sealed_secrets import jws
+
+    if not value.startswith(b"sealed.") or not value.isascii():
+        return False
+    try:
+        jws.parse(value.decode("ascii"))
+    except SealedSecretError:
+        return False
+    return True
+
+
+def seal_manifest_doc(doc: Any, sealer: Callable[[bytes], str]) -> dict[str, Any]:
+    """Seal every value of a v1 Secret (data and stringData); already sealed values are kept.
+
+    Mirrors kubeseal's input handling: server-side metadata and the last-applied annotation
+    (which would hold the plaintext) are stripped.
+    """
+    import base64
+    import binascii
+
+    if not isinstance(doc, dict) or doc.get("kind") != "Secret" or doc.get("apiVersion") != "v1":
+        raise CliError("input is not a v1 Secret manifest")
+    meta = dict(doc.get("metadata") or {})
+    if not meta.get("name"):
+        raise CliError("input Secret has no metadata.name")
+    for name in _SERVER_FIELDS:
+        meta.pop(name, None)
+    meta["creationTimestamp"] = None
+    annotations = dict(meta.get("annotations") or {})
+    annotations.pop(_LAST_APPLIED, None)
+    if annotations:
+        meta["annotations"] = annotations
+    else:
+        meta.pop("annotations", None)
+    values: dict[str, bytes] = {}
+    for key, b64 in (doc.get("data") or {}).items():
+        try:
+            values[key] = base64.b64decode(str(b64), validate=True)
+        except (binascii.Error, ValueError):
+            raise CliError(f"data[{key}] is not valid base64") from None
+    for key, text in (doc.get("stringData") or {}).items():
+        values[key] = str(text).encode()  # stringData wins, as on the API server
+    if not values:
+        raise CliError(f"Secret {meta['name']} has no data to seal")
+    sealed = {k: v.decode() if _already_sealed(v) else sealer(v) for k, v in sorted(values.items())}
+    out: dict[str, Any] = {"apiVersion": "v1", "kind": "Secret", "metadata": meta}
+    out["data"] = {k: base64.b64encode(v.encode()).decode() for k, v in sealed.items()}
+    for name in ("type", "immutable"):
+        if name in doc:
+            out[name] = doc[name]
+    return out
+
+
+def cmd_seal_manifest(args: argparse.Namespace) -> None:
+    import yaml
+
+    raw = _read_input(args.file_path, limit=4 * 1024 * 1024, what="Secret manifest")
+    try:
+        docs = [d for d in yaml.safe_load_all(raw) if d is not None]
+    except yaml.YAMLError:
+        raise CliError("input is not valid YAML/JSON") from None
+    if not docs:
+        raise CliError("input holds no Secret manifest")
+    sealer = _envelope_sealer(args)
+    sealed = [seal_manifest_doc(d, sealer) for d in docs]
+    if args.output == "json":
+        text = "\n".join(json.dumps(d, indent=4) for d in sealed) + "\n"
+    else:
+        text = "---\n".join(yaml.safe_dump(d, sort_keys=True) for d in sealed)
+    sys.stdout.write(text)
 
 
 def _resolver(args: argparse.Namespace) -> Any:
@@ -216,6 +297,24 @@ def cmd_verify(args: argparse.Namespace) -> None:
 # --- parser ------------------------------------------------------------------------------
 
 
+def _provider_parsers(kms: Any, func: Callable[[argparse.Namespace], None]) -> None:
+    a = kms.add_parser("asym", aliases=["coco-csi-asym"], help="wrap to a public key (offline)")
+    a.add_argument("--public-key", required=True, help="recipient public JWK or PEM file")
+    a.set_defaults(func=func, kms="asym")
+    ali = kms.add_parser("ali", aliases=["aliyun"], help="wrap with Alibaba Cloud KMS")
+    ali.add_argument("--region-id", required=True)
+    ali.add_argument("--kms-instance-id", help="KMS instance (endpoint <id>.cryptoservice…)")
+    ali.add_argument("--endpoint", help="KMS endpoint host[:port] override")
+    ali.add_argument(
+        "--guest-token-path",
+        required=True,
+        help="path of the AK:SK:STS file *inside the guest* (written into provider_settings)",
+    )
+    ali.add_argument("--credential-file", help="local AK:SK[:STS] file used to seal")
+    ali.add_argument("--ca", help="CA bundle for the KMS endpoint")
+    ali.set_defaults(func=func, kms="ali")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=PROG, description="Seal, unseal and verify CoCo sealed secrets (sealed.<jws>)."
@@ -252,21 +351,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("-f", "--file-path", help="plaintext file (default: stdin)")
     e.add_argument("--wrap-type", choices=["A256GCM", "A256CTR"], default="A256GCM")
     kms = e.add_subparsers(dest="kms", required=True)
-    a = kms.add_parser("asym", aliases=["coco-csi-asym"], help="wrap to a public key (offline)")
-    a.add_argument("--public-key", required=True, help="recipient public JWK or PEM file")
-    a.set_defaults(func=cmd_seal_envelope, kms="asym")
-    ali = kms.add_parser("ali", aliases=["aliyun"], help="wrap with Alibaba Cloud KMS")
-    ali.add_argument("--region-id", required=True)
-    ali.add_argument("--kms-instance-id", help="KMS instance (endpoint <id>.cryptoservice…)")
-    ali.add_argument("--endpoint", help="KMS endpoint host[:port] override")
-    ali.add_argument(
-        "--guest-token-path",
-        required=True,
-        help="path of the AK:SK:STS file *inside the guest* (written into provider_settings)",
+    _provider_parsers(kms, cmd_seal_envelope)
+
+    m = ss.add_parser(
+        "manifest", help="seal every value of a v1 Secret manifest (kubeseal-style pipe)"
     )
-    ali.add_argument("--credential-file", help="local AK:SK[:STS] file used to seal")
-    ali.add_argument("--ca", help="CA bundle for the KMS endpoint")
-    ali.set_defaults(func=cmd_seal_envelope, kms="ali")
+    m.add_argument("-k", "--key-id", required=True, help="KMS key id / kbs:// URI of private key")
+    m.add_argument("-f", "--file-path", help="Secret YAML/JSON (default: stdin)")
+    m.add_argument("-o", "--output", choices=["yaml", "json"], default="yaml")
+    m.add_argument("--wrap-type", choices=["A256GCM", "A256CTR"], default="A256GCM")
+    mk = m.add_subparsers(dest="kms", required=True)
+    _provider_parsers(mk, cmd_seal_manifest)
 
     u = sub.add_parser("unseal", help="verify and unseal (needs access to the key broker)")
     u.add_argument("sealed", nargs="?", help="sealed string (default: -f or stdin)")

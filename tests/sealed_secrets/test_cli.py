@@ -5,11 +5,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -229,3 +231,59 @@ def test_wrong_sealing_key_error_has_no_secret(work: Path) -> None:
     assert r.returncode == 1 and b"WrongKey" in r.stderr
     d = json.loads((other / "sealing-private.json").read_text())["d"]
     assert SECRET.encode() not in r.stderr and d.encode() not in r.stderr
+
+
+def test_seal_manifest_kubeseal_style_pipe(work: Path) -> None:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl not installed")
+    made = subprocess.run(
+        [kubectl, "create", "secret", "generic", "web", f"--from-literal=token={SECRET}",
+         "--from-literal=user=admin", "-n", "ns1", "--dry-run=client", "-o", "yaml"],
+        capture_output=True, env={**os.environ, "KUBECONFIG": "/nonexistent"}, check=True,
+    )  # fmt: skip
+    r = run(*seal_args(work), "manifest", "-k", "kbs:///default/sealing-key/asym", "asym",
+            "--public-key", str(work / "keys/sealing-public.json"), stdin=made.stdout)  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert SECRET.encode() not in r.stdout and base64.b64encode(SECRET.encode()) not in r.stdout
+    obj = yaml.safe_load(r.stdout)
+    import kubernetes_validate
+
+    kubernetes_validate.validate(obj, "1.32", strict=True)
+    assert obj["metadata"] == {"name": "web", "namespace": "ns1", "creationTimestamp": None}
+    sealed = {k: base64.b64decode(v).decode() for k, v in obj["data"].items()}
+    res = f"offline-fs:{work / 'res.json'}"
+    for key, want in (("token", SECRET.encode()), ("user", b"admin")):
+        out = run("unseal", "-k", str(work / "vk"), "--resolver", res, sealed[key])
+        assert out.stdout == want
+    # re-running keeps already sealed values untouched (idempotent in a GitOps loop)
+    again = run(*seal_args(work), "manifest", "-k", "kbs:///default/sealing-key/asym", "asym",
+                "--public-key", str(work / "keys/sealing-public.json"), stdin=r.stdout)  # fmt: skip
+    assert yaml.safe_load(again.stdout)["data"] == obj["data"]
+
+
+def test_seal_manifest_strips_plaintext_carriers() -> None:
+    from sealed_secrets.cli import CliError, seal_manifest_doc
+
+    doc = {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": {
+            "name": "s",
+            "uid": "u",
+            "resourceVersion": "9",
+            "annotations": {"kubectl.kubernetes.io/last-applied-configuration": SECRET, "a": "b"},
+        },
+        "data": {"x": base64.b64encode(b"old").decode()},
+        "stringData": {"x": "new", "y": "why", "z": "sealed.not-really"},
+        "type": "Opaque",
+    }
+    seen: list[bytes] = []
+    out = seal_manifest_doc(doc, lambda v: seen.append(v) or "sealed.fake")
+    # stringData overrides data, as on the server; "sealed."-prefixed plaintext is still sealed
+    assert sorted(seen) == [b"new", b"sealed.not-really", b"why"]
+    assert out["metadata"] == {"name": "s", "annotations": {"a": "b"}, "creationTimestamp": None}
+    assert SECRET not in json.dumps(out) and out["type"] == "Opaque"
+    for bad in ({"kind": "ConfigMap", "apiVersion": "v1"}, {**doc, "data": {"x": "!!"}}):
+        with pytest.raises(CliError):
+            seal_manifest_doc(bad, lambda v: "sealed.x")
