@@ -376,3 +376,22 @@ def test_metrics_endpoint(volume: Path, mnt: Path, passfile: Path) -> None:
     m = _scrape(port)
     assert m["fuse_crypt_auth_failures_total"] >= 1
     assert m["fuse_crypt_blocks_decrypted_total"] >= 3
+
+
+def test_mountpoint_with_space_and_backslash(volume: Path, passfile: Path, tmp_path: Path) -> None:
+    from fuse_crypt.daemon import find_mount, is_live_mount
+
+    odd = tmp_path / "mount point\\with odd\tchars"
+    odd.mkdir()
+    try:
+        proc = fc("mount", "--passfile", passfile, volume, odd)
+        assert proc.returncode == 0, proc.stderr
+        entry = find_mount(str(odd))  # mountinfo escapes these as \040 \134 \011
+        assert entry is not None and entry.fstype.startswith("fuse")
+        assert is_live_mount(str(odd))
+        (odd / "x").write_text("ok")
+        assert fc("unmount", odd).returncode == 0
+        assert find_mount(str(odd)) is None
+    finally:
+        if find_mount(str(odd)) is not None:
+            subprocess.run(["fusermount3", "-u", "-z", str(odd)], capture_output=True, check=False)
