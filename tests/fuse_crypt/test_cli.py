@@ -517,3 +517,66 @@ def test_demo_runs_end_to_end() -> None:
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.rstrip().endswith("demo OK")
     assert "no plaintext name, content or link target" in proc.stdout
+
+
+def _run_on_pty(argv: list[str], answers: list[str], timeout: float = 60) -> tuple[int, str]:
+    """Run ``argv`` with a pseudo-terminal as stdin/stdout/stderr, answering prompts."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child
+        os.execv(argv[0], argv)
+    out = b""
+    pending = list(answers)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([fd], [], [], 0.5)
+            if ready:
+                try:
+                    chunk = os.read(fd, 4096)
+                except OSError:
+                    break  # EIO: child closed the terminal
+                if not chunk:
+                    break
+                out += chunk
+                if pending and chunk.rstrip().endswith(b":"):
+                    os.write(fd, pending.pop(0).encode() + b"\n")
+        _, status = os.waitpid(pid, 0)
+    finally:
+        os.close(fd)
+    return os.waitstatus_to_exitcode(status), out.decode(errors="replace")
+
+
+def test_init_on_a_terminal_asks_twice_and_shows_master_key(tmp_path: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    code, out = _run_on_pty([*FC, "init", "--scryptn", "10", str(cipher)], ["tty pw", "tty pw"])
+    assert code == 0, out
+    assert "Repeat:" in out
+    assert "tty pw" not in out  # no echo
+    shown = HEX64.search(out)
+    assert shown is not None, out
+    assert shown.group(0).replace("-", "") == conf_master_key(cipher, "tty pw").hex()
+
+
+def test_init_on_a_terminal_rejects_mismatch(tmp_path: Path) -> None:
+    cipher = tmp_path / "c"
+    cipher.mkdir()
+    code, out = _run_on_pty([*FC, "init", "--scryptn", "10", str(cipher)], ["one", "two"])
+    assert code == 9, out
+    assert "do not match" in out
+    assert os.listdir(cipher) == []
+
+
+@needs_frontend
+def test_mount_with_master_key_after_conf_loss(gocryptfs_volume: Path, mnt: Path) -> None:
+    """gocryptfs pain point: the conf is gone, only the master key is left."""
+    key = conf_master_key(gocryptfs_volume, PASSWORD)
+    (gocryptfs_volume / "gocryptfs.conf").unlink()
+    proc = fc("mount", "--ro", "--masterkey", "stdin", gocryptfs_volume, mnt, stdin=key.hex())
+    assert proc.returncode == 0, proc.stderr
+    assert (mnt / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
+    assert os.readlink(mnt / "link") == "sub/data.txt"
