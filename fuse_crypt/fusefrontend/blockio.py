@@ -37,7 +37,7 @@ _ZERO_PLAIN_BLOCK = bytes(PLAIN_BS)
 class BufferPool:
     """Recycled bytearrays of one size; bounded so idle memory stays small."""
 
-    def __init__(self, size: int, max_free: int = 4) -> None:
+    def __init__(self, size: int, max_free: int = 2) -> None:
         self.size = size
         self.max_free = max_free
         self._free: list[bytearray] = []

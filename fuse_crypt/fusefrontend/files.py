@@ -79,6 +79,9 @@ class FileTable:
         self._inodes: dict[tuple[int, int], InodeEntry] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = 1
+        #: Bumped by every read/write (racy increments are fine: only "did it
+        #: change" matters, for the idle-time malloc trim).
+        self.io_count = 0
 
     # -- table ------------------------------------------------------------------------
 
@@ -172,6 +175,7 @@ class FileTable:
         size = len(out)
         if size <= 0:
             return 0
+        self.io_count += 1
         first = offset // PLAIN_BS
         nblk = -(-(offset + size) // PLAIN_BS) - first
         clen = nblk * CIPHER_BS
@@ -239,6 +243,7 @@ class FileTable:
             raise OSError(errno.EBADF, "handle not open for writing")
         if not len(data):
             return 0
+        self.io_count += 1
         lock = of.entry.lock
         lock.acquire_write()
         try:

@@ -119,6 +119,7 @@ def _path_arg(args: tuple[Any, ...]) -> str:
 
 
 _M_ARENA_MAX = -8
+_TRIM_INTERVAL = 2.0
 
 
 def _tune_malloc() -> None:
@@ -175,6 +176,29 @@ def _watch_ready(
             on_ready()
         except Exception as e:
             log.error("event=on_ready_failed error=%s", type(e).__name__)
+    _housekeeping(ops, done)
+
+
+def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
+    """Give freed I/O buffers back to the kernel once a burst of I/O is over.
+
+    The raised malloc trim threshold (needed for throughput) means glibc keeps
+    freed 1 MiB buffers; after a parallel burst that is ~20 MiB of idle RSS.  Trim
+    only when the daemon went quiet, so busy periods never pay for page faults."""
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim.argtypes = [ctypes.c_size_t]
+    last = ops.files.io_count
+    dirty = False
+    while not done.wait(_TRIM_INTERVAL):
+        now = ops.files.io_count
+        if now != last:
+            last, dirty = now, True
+        elif dirty:
+            trim(0)
+            dirty = False
 
 
 def build_operations(
@@ -237,6 +261,9 @@ def serve(
         "fsname": fsname,
         "subtype": "fuse-crypt",
         "max_read": MAX_IO,
+        # Each libfuse worker owns a 1 MiB receive buffer; Python runs one request
+        # at a time anyway (GIL), so idle workers beyond a few only cost memory.
+        "max_idle_threads": 4,
     }
     if read_only:
         options["ro"] = True

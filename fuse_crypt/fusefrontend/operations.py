@@ -79,9 +79,6 @@ class CryptOperations(mfusepy.Operations):
             conn_info.max_write = MAX_IO
             if hasattr(conn_info, "max_read"):
                 conn_info.max_read = MAX_IO
-            if hasattr(conn_info, "max_background"):
-                conn_info.max_background = max(conn_info.max_background, 64)
-                conn_info.congestion_threshold = max(conn_info.congestion_threshold, 48)
         if config_3 is not None:
             config_3.entry_timeout = CACHE_TIMEOUT
             config_3.attr_timeout = CACHE_TIMEOUT
