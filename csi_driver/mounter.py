@@ -49,6 +49,10 @@ class Mounter(ABC):
 
     name: str
     fs_type: str  # fstype in /proc/self/mountinfo
+    # Printed by the foreground daemon once it serves requests. The kernel mount shows up in
+    # mountinfo earlier: go-fuse (gocryptfs) still opens a file in its own mount after that
+    # (its epoll hack), and a request racing with it can deadlock the mount.
+    READY_LINE = b"Filesystem mounted and ready."
 
     def is_initialised(self, cipher_dir: str) -> bool:
         return os.path.exists(os.path.join(cipher_dir, CONF_NAME))
@@ -117,7 +121,7 @@ class GocryptfsMounter(Mounter):
     def command(
         self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
     ) -> list[str]:
-        argv = [self._bin(), "-fg", "-nosyslog", "-q", "-passfile", "/dev/stdin"]
+        argv = [self._bin(), "-fg", "-nosyslog", "-passfile", "/dev/stdin"]
         if readonly:
             argv.append("-ro")
         if allow_other:

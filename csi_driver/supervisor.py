@@ -157,6 +157,15 @@ class MountSupervisor:
         self._wait_ready(proc, mounter, target, cipher_dir, start_offset)
         return proc
 
+    @staticmethod
+    def _said_ready(log_path: str, offset: int, line: bytes) -> bool:
+        try:
+            with open(log_path, "rb") as f:
+                f.seek(offset)
+                return line in f.read(256 * 1024)
+        except OSError:
+            return False
+
     def _log_tail(self, target: str, offset: int) -> str:
         try:
             with open(self.log_path(target), "rb") as f:
@@ -177,10 +186,12 @@ class MountSupervisor:
     ) -> None:
         deadline = time.monotonic() + READY_TIMEOUT
         delay = 0.001
+        log_path = self.log_path(target)
         while True:
-            entry = mountinfo.mount_entry(target)
-            if entry is not None and entry.fs_type.startswith("fuse"):
-                return
+            if self._said_ready(log_path, log_offset, mounter.READY_LINE):
+                entry = mountinfo.mount_entry(target)
+                if entry is not None and entry.fs_type.startswith("fuse"):
+                    return
             rc = proc.poll()
             if rc is not None:
                 raise mounter.failure(rc, self._log_tail(target, log_offset), cipher_dir)

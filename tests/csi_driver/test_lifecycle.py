@@ -1,0 +1,199 @@
+"""Mount lifecycle: plugin restarts, crashed daemons, stale ENOTCONN mounts."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import subprocess
+import time
+
+import grpc
+import pytest
+
+from coco_proto import csi_pb2
+from csi_driver import mountinfo
+from csi_driver.client import CsiClient
+from csi_driver.core.controller import LocalBackend
+from csi_driver.core.node import NodeCore
+from csi_driver.server import start_node
+from csi_driver.supervisor import pid_alive
+
+from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
+from .helpers import mount_capability
+
+DATA = b"survives restarts\n"
+
+
+def _volume(backend: LocalBackend, name: str) -> tuple[str, dict[str, str]]:
+    rec, ctx = backend.create(name, [mount_capability()], {"keyResource": KEY_RESOURCE})
+    return rec.volume_id, ctx
+
+
+def _publish(client: CsiClient, vid: str, ctx: dict[str, str], target: str) -> None:
+    client.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vid,
+            target_path=target,
+            volume_capability=mount_capability(),
+            volume_context=ctx,
+        )
+    )
+
+
+def _unpublish(client: CsiClient, vid: str, target: str) -> None:
+    client.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vid, target_path=target)
+    )
+
+
+def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture
+def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-untyped-def]
+    backend = LocalBackend(str(tmp_path / "backend"))
+    plugins = []
+
+    def start(mounter: str = "gocryptfs") -> tuple[CsiClient, NodeCore]:
+        core = make_node(tmp_path, keys, mounter)
+        plugin = start_node(f"unix://{sockdir}/node.sock", core)
+        plugins.append(plugin)
+        return CsiClient(f"unix://{sockdir}/node.sock"), core
+
+    yield backend, start, tmp_path
+    for p in plugins:
+        p.stop(unmount=True)
+    cleanup_mounts(str(tmp_path))
+
+
+def test_restarted_plugin_adopts_live_mounts(world) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, core = start()
+    vols = [_volume(backend, f"pvc-{i}") for i in range(2)]
+    targets = [str(tmp / f"t{i}") for i in range(2)]
+    for (vid, ctx), t in zip(vols, targets, strict=True):
+        _publish(client, vid, ctx, t)
+        pathlib.Path(t, "f").write_bytes(DATA)
+    pids = sorted(p.pid for p in core.publications())
+    client.close()
+    # The plugin goes away (upgrade, crash); the mounts must keep working meanwhile.
+    core.supervisor.shutdown()
+    for t in targets:
+        assert pathlib.Path(t, "f").read_bytes() == DATA
+
+    client2, core2 = start()
+    assert sorted(p.pid for p in core2.publications()) == pids
+    for (vid, ctx), t in zip(vols, targets, strict=True):
+        _publish(client2, vid, ctx, t)  # kubelet re-publishing: idempotent, no new daemon
+    assert sorted(p.pid for p in core2.publications()) == pids
+    stats = client2.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=vols[0][0], volume_path=targets[0])
+    )
+    assert stats.usage
+    for (vid, _ctx), t in zip(vols, targets, strict=True):
+        _unpublish(client2, vid, t)
+        assert not os.path.exists(t)
+    assert _wait(lambda: not any(pid_alive(p) for p in pids))  # adopted daemons stopped
+
+
+def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, core = start()
+    vid, ctx = _volume(backend, "pvc")
+    target = str(tmp / "t")
+    _publish(client, vid, ctx, target)
+    pathlib.Path(target, "f").write_bytes(DATA)
+    pid = core.publications()[0].pid
+    core.supervisor.shutdown()  # plugin gone, daemon left running
+    os.kill(pid, signal.SIGKILL)
+    assert _wait(lambda: mountinfo.is_dead_mount(target))
+
+    client2, core2 = start()  # recovery cleans the ENOTCONN mount
+    assert not mountinfo.is_dead_mount(target)
+    assert mountinfo.mount_entry(target) is None
+    _publish(client2, vid, ctx, target)  # kubelet's retry succeeds
+    assert pathlib.Path(target, "f").read_bytes() == DATA
+    _unpublish(client2, vid, target)
+    assert not os.path.exists(target)
+
+
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt"])
+def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, core = start(mounter)
+    vid, ctx = _volume(backend, "pvc")
+    target = str(tmp / "t")
+    _publish(client, vid, ctx, target)
+    pathlib.Path(target, "f").write_bytes(DATA)
+    old = core.publications()[0].pid
+    os.kill(old, signal.SIGKILL)
+
+    def restarted() -> bool:
+        h = core.supervisor.get(target)
+        return bool(
+            h
+            and h.pid != old
+            and not mountinfo.is_dead_mount(target)
+            and mountinfo.mount_entry(target)
+        )
+
+    assert _wait(restarted, 15)
+    assert pathlib.Path(target, "f").read_bytes() == DATA
+    assert core.metrics.mount_restarts._value.get() == 1
+    _unpublish(client, vid, target)
+
+
+def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, _core = start()
+    vid, ctx = _volume(backend, "pvc")
+    target = tmp / "t"
+    target.mkdir()
+    # A gocryptfs mount of an unrelated volume that then dies: ENOTCONN at the target.
+    other = tmp / "other"
+    other.mkdir()
+    subprocess.run(
+        ["gocryptfs", "-init", "-q", "-scryptn", "10", "-passfile", "/dev/stdin", str(other)],
+        input=b"pw",
+        check=True,
+    )
+    proc = subprocess.Popen(
+        ["gocryptfs", "-fg", "-q", "-passfile", "/dev/stdin", str(other), str(target)],
+        stdin=subprocess.PIPE,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(b"pw")
+    proc.stdin.close()
+    assert _wait(lambda: mountinfo.mount_entry(str(target)) is not None)
+    proc.kill()
+    proc.wait()
+    assert _wait(lambda: mountinfo.is_dead_mount(str(target)))
+    _publish(client, vid, ctx, str(target))
+    pathlib.Path(target, "f").write_bytes(DATA)
+    assert pathlib.Path(target, "f").read_bytes() == DATA
+
+
+def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, _core = start()
+    vid, ctx = _volume(backend, "pvc")
+    target = tmp / "t"
+    target.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(target)], check=True)
+    try:
+        with pytest.raises(grpc.RpcError) as info:
+            _publish(client, vid, ctx, str(target))
+        assert info.value.code() == grpc.StatusCode.ALREADY_EXISTS
+        with pytest.raises(grpc.RpcError) as info:
+            _unpublish(client, vid, str(target))
+        assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert os.path.ismount(target)
+    finally:
+        subprocess.run(["umount", str(target)], check=True)
