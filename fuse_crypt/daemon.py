@@ -317,8 +317,6 @@ def run_daemonized(
 
 def describe_exception(e: BaseException) -> str:
     """One readable line for an unexpected exception (type + first line, no traceback)."""
-    if type(e).__name__ == "CliError":
-        return str(e)
     if isinstance(e, OSError) and e.strerror:
         where = f": {e.filename}" if e.filename else ""
         return f"{e.strerror}{where}"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from fuse_crypt.cli.exitcodes import CONFIG, OTHER, PASSWORD_INCORRECT, SIGINT, USAGE, CliError
+from fuse_crypt.daemon import DaemonError
 
 PROG = "fuse-crypt"
 
@@ -125,7 +126,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     debug = os.environ.get("FUSE_CRYPT_DEBUG") == "1"
     try:
         return _dispatch(args)
-    except CliError as e:
+    except DaemonError as e:  # CliError and the daemon helpers' errors
         return _fail(str(e), e.code)
     except KeyboardInterrupt:
         return _fail("interrupted", SIGINT)

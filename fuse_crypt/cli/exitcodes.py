@@ -5,6 +5,8 @@ Scripts written for gocryptfs (e.g. "12 means wrong password") keep working.
 
 from __future__ import annotations
 
+from fuse_crypt.daemon import DaemonError
+
 USAGE = 1
 CIPHERDIR = 6
 INIT = 7
@@ -22,12 +24,12 @@ CONFIG = 23
 WRITE_CONF = 24
 
 
-class CliError(Exception):
+class CliError(DaemonError):
     """A user-facing failure: printed as one ``fuse-crypt: ...`` line, then exit ``code``.
 
-    The message must never contain a password or key.
+    A DaemonError, so one raised inside a mount daemon travels up the readiness pipe with
+    its code intact. The message must never contain a password or key.
     """
 
     def __init__(self, message: str, code: int = OTHER) -> None:
-        super().__init__(message)
-        self.code = code
+        super().__init__(message, code)
