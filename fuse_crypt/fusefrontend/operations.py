@@ -381,10 +381,10 @@ class CryptOperations(mfusepy.Operations):
         self._rw()
         backend = self.backend
         cold = self.paths.cipher_path(old)
+        is_dir = backend.lstat(cold).is_dir  # ENOENT before creating any .name file
         _, cnew, created_name = self._begin_create(new)
         if cold == cnew:
             return 0
-        is_dir = backend.lstat(cold).is_dir
         try:
             try:
                 backend.rename(cold, cnew, flags)

@@ -108,11 +108,13 @@ class PathMapper:
             return name, None
         return nt.disk_name(name, self.dir_iv(cdir))
 
-    def cipher_path(self, plain: str) -> str:
+    def cipher_path(self, plain: str | None) -> str:
         """Cipher path of an existing or to-be-created plaintext path."""
         c = self._paths.get(plain)
         if c is not None:
             return c
+        if plain is None:  # nullpath_ok: an unlinked-but-open file has no path
+            raise OSError(errno.ENOENT, "no path")
         gen = self._gen
         parent, name = split_plain(plain)
         cparent = self.cipher_path(parent)

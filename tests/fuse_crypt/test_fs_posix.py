@@ -672,3 +672,20 @@ def test_interop_with_gocryptfs(tmp_path: Path, mount_factory: object) -> None:
     assert sorted(os.listdir(q)) == sorted(
         ["f", "sparse", "d", "abs", "from_go", "go_dir", "go_link"]
     )
+
+
+def test_failed_rename_leaves_no_long_name_file(m: Mount, cr: Crypto, d: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        os.rename(d / "missing", d / ("m" * 200))
+    assert [n for n in os.listdir(cr.cpath(rel(m, d))) if n != DIRIV_NAME] == []
+
+
+def test_large_directory_listing(m: Mount, cr: Crypto, d: Path) -> None:
+    names = {f"entry-{i:04d}" + ("-" + "x" * 190 if i % 10 == 0 else "") for i in range(400)}
+    for n in names:
+        os.close(os.open(d / n, os.O_CREAT | os.O_WRONLY, 0o644))
+    assert set(os.listdir(d)) == names
+    with os.scandir(d) as it:
+        kinds = {e.name: e.is_file(follow_symlinks=False) for e in it}
+    assert all(kinds.values()) and set(kinds) == names
+    assert len(os.listdir(cr.cpath(rel(m, d)))) == 400 + 40 + 1  # + .name files + diriv
