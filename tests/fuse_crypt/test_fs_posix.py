@@ -689,3 +689,35 @@ def test_large_directory_listing(m: Mount, cr: Crypto, d: Path) -> None:
         kinds = {e.name: e.is_file(follow_symlinks=False) for e in it}
     assert all(kinds.values()) and set(kinds) == names
     assert len(os.listdir(cr.cpath(rel(m, d)))) == 400 + 40 + 1  # + .name files + diriv
+
+
+def test_serve_rejects_bad_mountpoint_and_cipherdir(tmp_path: Path) -> None:
+    from fuse_crypt.backend import LocalDirBackend
+    from fuse_crypt.errors import ConfigError
+    from fuse_crypt.fusefrontend import serve
+
+    vol = make_volume(tmp_path / "c")
+    backend = LocalDirBackend(str(vol.cipherdir))
+    called: list[bool] = []
+    with pytest.raises(OSError) as ei:
+        serve(
+            backend,
+            vol.master_key,
+            None,
+            str(tmp_path / "nope"),
+            on_ready=lambda: called.append(True),
+        )
+    assert ei.value.errno == errno.ENOTDIR
+    (vol.cipherdir / DIRIV_NAME).unlink()
+    (tmp_path / "mp").mkdir()
+    with pytest.raises(ConfigError):
+        serve(
+            backend,
+            vol.master_key,
+            None,
+            str(tmp_path / "mp"),
+            on_ready=lambda: called.append(True),
+        )
+    assert not called and not os.path.ismount(tmp_path / "mp")
+    assert vol.master_key.hex() not in repr(ei.value)
+    backend.destroy()
