@@ -227,6 +227,7 @@ def _read_message(fd: int, pid: int, timeout: float | None) -> bytes:
         if not ready:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
+            _child_exit_reason(pid)  # reap it if it goes within a second
             raise DaemonError(
                 f"mount did not become ready within {timeout:.0f}s; daemon stopped",
                 EXIT_FUSE_MOUNT,

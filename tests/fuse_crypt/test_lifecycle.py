@@ -395,3 +395,78 @@ def test_mountpoint_with_space_and_backslash(volume: Path, passfile: Path, tmp_p
     finally:
         if find_mount(str(odd)) is not None:
             subprocess.run(["fusermount3", "-u", "-z", str(odd)], capture_output=True, check=False)
+
+
+# --------------------------------------------------------------------------- readiness protocol
+
+
+def _daemonized(body, timeout: float = 20.0) -> None:
+    from fuse_crypt.daemon import run_daemonized
+
+    run_daemonized(body, timeout=timeout)
+
+
+def test_protocol_ready_returns(tmp_path: Path) -> None:
+    marker = tmp_path / "child-ran"
+
+    def body(notifier) -> int:
+        marker.write_text(str(os.getpid()))
+        notifier.ready()
+        return 0
+
+    _daemonized(body)
+    assert wait_for(marker.exists)
+    assert int(marker.read_text()) != os.getpid()
+
+
+def test_protocol_error_keeps_code_and_message() -> None:
+    from fuse_crypt.cli.exitcodes import CliError
+    from fuse_crypt.daemon import DaemonError
+
+    def body(notifier) -> int:
+        raise CliError("config file broken\nsecond line folded", 23)
+
+    with pytest.raises(DaemonError) as info:
+        _daemonized(body)
+    assert info.value.code == 23
+    assert str(info.value) == "config file broken second line folded"
+
+
+def test_protocol_silent_death_reports_status() -> None:
+    from fuse_crypt.daemon import DaemonError
+
+    def body(notifier) -> int:
+        os._exit(5)
+
+    with pytest.raises(DaemonError) as info:
+        _daemonized(body)
+    assert info.value.code == 19
+    assert "exited with status 5" in str(info.value)
+
+
+def test_protocol_return_without_ready() -> None:
+    from fuse_crypt.daemon import DaemonError
+
+    with pytest.raises(DaemonError) as info:
+        _daemonized(lambda notifier: 0)
+    assert info.value.code == 19
+    assert "before the mount became ready" in str(info.value)
+
+
+def test_protocol_timeout_stops_child(tmp_path: Path) -> None:
+    from fuse_crypt.daemon import DaemonError
+
+    pidfile = tmp_path / "pid"
+
+    def body(notifier) -> int:
+        pidfile.write_text(str(os.getpid()))
+        time.sleep(30)
+        return 0
+
+    t0 = time.monotonic()
+    with pytest.raises(DaemonError) as info:
+        _daemonized(body, timeout=1.0)
+    assert time.monotonic() - t0 < 10
+    assert "did not become ready" in str(info.value)
+    pid = int(pidfile.read_text())
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5)
