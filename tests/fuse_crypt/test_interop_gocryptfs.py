@@ -129,6 +129,9 @@ def modify(root: Path) -> None:
     shutil.rmtree(root / "a" / "b" / "c")
     os.symlink(LONG_TARGET[:100], root / "link-new")
     os.setxattr(root / "hl-a", "user.added", b"later")
+    with open(root / "a" / "b" / "hl-b", "r+b") as f:  # through the other hard link
+        f.seek(4090)
+        f.write(b"via the second link")
     os.removexattr(root / "a" / "renamed", "user.big")
     (root / "restricted" / LONG_UTF8).write_bytes(b"")
 
@@ -276,6 +279,8 @@ def _round_trip(
         modify(root)
         modified = snapshot(root)
     assert modified != written
+    assert modified["hl-a"][3] == modified["a/b/hl-b"][3] != written["hl-a"][3]
+    assert modified["a/b/hl-b"][5] == {"user.added": b"later"}
     with writer(cipher, mnt, passfile) as root:
         assert snapshot(root) == modified
         assert (root / "a" / "b" / "size-4097").read_bytes() == _blob(4097, 4)[:1]
