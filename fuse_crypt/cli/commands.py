@@ -7,6 +7,7 @@ CliError for the one-line message + exit code path in ``main``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from typing import Any
@@ -108,15 +109,20 @@ def cmd_init(args: argparse.Namespace) -> int:
             os.chmod(diriv, 0o444)
         except OSError as e:
             raise CliError(f"cannot create {diriv}: {e.strerror}", INIT) from None
-    confio.write_conf_atomic(cdir, data)
+    try:
+        confio.write_conf_atomic(cdir, data)
+    except CliError:
+        # Leave the directory as we found it (empty), so init can simply be retried.
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(cdir, DIRIV_NAME))
+        raise
     _say(f"fuse-crypt: created gocryptfs-compatible volume in {cdir}")
     if sys.stdout.isatty():
         print(
-            "Your master key is:\n\n    "
+            "Master key (shown once, only on a terminal):\n\n    "
             + format_master_key(master_key)
-            + "\n\nIf the gocryptfs.conf file becomes corrupted or you ever forget your "
-            "password,\nthere is only one hope for recovery: this master key. "
-            "Print it to a piece of\npaper and store it in a drawer."
+            + "\n\nKeep it offline. It mounts the volume (--masterkey) and resets the "
+            "password\n(passwd --masterkey) when gocryptfs.conf or the password is lost."
         )
     else:
         _say("fuse-crypt: not running on a terminal, suppressing master key display")
