@@ -41,6 +41,23 @@ log = logging.getLogger("fuse_crypt.fusefrontend")
 _READ_AHEAD_KB = 1024
 
 
+_tls = threading.local()
+
+
+def _pin_thread_state() -> None:
+    """Keep this libfuse worker's Python thread state alive between callbacks.
+
+    ctypes runs each callback from a foreign (libfuse) thread inside
+    PyGILState_Ensure/Release; when the thread has no state of its own, a new
+    PyThreadState is created and destroyed around *every* request (tens of
+    microseconds, which dominated small-file latency).  One extra Ensure that is
+    never released keeps it.  libfuse (3.14 default) never retires idle workers,
+    so the pinned states do not accumulate."""
+    if threading.get_ident() != threading.main_thread().ident:
+        ctypes.pythonapi.PyGILState_Ensure()
+    _tls.pinned = True
+
+
 class CryptFUSE(mfusepy.FUSE):
     """mfusepy's FUSE with three fixes we need.
 
@@ -53,6 +70,8 @@ class CryptFUSE(mfusepy.FUSE):
     """
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> int:
+        if not getattr(_tls, "pinned", False):
+            _pin_thread_state()
         try:
             return func(*args, **kwargs) or 0
         except OSError as e:
@@ -261,9 +280,6 @@ def serve(
         "fsname": fsname,
         "subtype": "fuse-crypt",
         "max_read": MAX_IO,
-        # Each libfuse worker owns a 1 MiB receive buffer; Python runs one request
-        # at a time anyway (GIL), so idle workers beyond a few only cost memory.
-        "max_idle_threads": 4,
     }
     if read_only:
         options["ro"] = True
