@@ -1,0 +1,176 @@
+"""Controller plugin: CreateVolume/DeleteVolume/ValidateVolumeCapabilities over a real socket."""
+
+from __future__ import annotations
+
+import os
+
+import grpc
+
+from coco_proto import csi_pb2
+from csi_driver.core.controller import DEFAULT_CAPACITY, LocalBackend
+
+from .conftest import KEY_RESOURCE, Env
+from .helpers import Mode, expect_code, mount_capability
+
+
+def _req(name: str = "pvc", **kw) -> csi_pb2.CreateVolumeRequest:  # type: ignore[no-untyped-def]
+    params = kw.pop("parameters", {"keyResource": KEY_RESOURCE})
+    return csi_pb2.CreateVolumeRequest(
+        name=name,
+        volume_capabilities=kw.pop("caps", [mount_capability()]),
+        parameters=params,
+        **kw,
+    )
+
+
+def test_create_allocates_directory_and_context(env: Env) -> None:
+    vol = env.ctrl.controller.CreateVolume(
+        _req(capacity_range=csi_pb2.CapacityRange(required_bytes=5 << 20))
+    ).volume
+    assert vol.volume_id.startswith("coco-")
+    assert vol.capacity_bytes == 5 << 20
+    assert vol.volume_context["keyResource"] == KEY_RESOURCE
+    path = vol.volume_context["cipherDir"]
+    assert path == os.path.join(env.backend.root, vol.volume_id) and os.path.isdir(path)
+    assert os.listdir(path) == []  # initialised by the node, inside the guest
+
+
+def test_create_is_idempotent_by_name(env: Env) -> None:
+    a = env.ctrl.controller.CreateVolume(_req()).volume
+    b = env.ctrl.controller.CreateVolume(_req()).volume
+    assert a.volume_id == b.volume_id and a.capacity_bytes == DEFAULT_CAPACITY
+    c = env.ctrl.controller.CreateVolume(_req("other")).volume
+    assert c.volume_id != a.volume_id
+    # Same name, larger requirement or other key → ALREADY_EXISTS; nothing new allocated.
+    expect_code(
+        grpc.StatusCode.ALREADY_EXISTS,
+        env.ctrl.controller.CreateVolume,
+        _req(capacity_range=csi_pb2.CapacityRange(required_bytes=2 * DEFAULT_CAPACITY)),
+    )
+    expect_code(
+        grpc.StatusCode.ALREADY_EXISTS,
+        env.ctrl.controller.CreateVolume,
+        _req(parameters={"keyResource": "kbs:///other/key/res"}),
+    )
+    entries = [n for n in os.listdir(env.backend.root) if not n.startswith(".")]
+    assert sorted(entries) == sorted([a.volume_id, c.volume_id])
+
+
+def test_create_survives_controller_restart(env: Env) -> None:
+    a = env.ctrl.controller.CreateVolume(_req()).volume
+    again = LocalBackend(env.backend.root)
+    rec, _ctx = again.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+    assert rec.volume_id == a.volume_id
+
+
+def test_create_argument_errors(env: Env) -> None:
+    call = env.ctrl.controller.CreateVolume
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, _req(""))
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, _req(caps=[]))
+    block = csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=Mode.SINGLE_NODE_WRITER),
+    )
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, _req(caps=[block]))
+    expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        call,
+        _req(caps=[mount_capability(Mode.MULTI_NODE_MULTI_WRITER)]),
+    )
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, _req(parameters={}))
+    expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT, call, _req(parameters={"keyResource": "https://x/y"})
+    )
+    expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        call,
+        _req(parameters={"keyResource": KEY_RESOURCE, "bogus": "1"}),
+    )
+    expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        call,
+        _req(capacity_range=csi_pb2.CapacityRange(required_bytes=10, limit_bytes=5)),
+    )
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, _req("bad\x01name"))
+    src = _req()
+    src.volume_content_source.volume.volume_id = "x"
+    expect_code(grpc.StatusCode.INVALID_ARGUMENT, call, src)
+    expect_code(
+        grpc.StatusCode.OUT_OF_RANGE,
+        call,
+        _req(capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 62)),
+    )
+    assert [n for n in os.listdir(env.backend.root) if not n.startswith(".")] == []
+
+
+def test_reserved_parameters_are_ignored_and_default_key_applies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(str(tmp_path / "b"), default_key_resource="kbs:///d/k/root")
+    rec, ctx = backend.create(
+        "pvc",
+        [mount_capability()],
+        {"csi.storage.k8s.io/pvc/name": "claim", "csi.storage.k8s.io/pvc/namespace": "ns"},
+    )
+    assert ctx["keyResource"] == "kbs:///d/k/root"
+    assert rec.parameters == {"keyResource": "kbs:///d/k/root"}
+
+
+def test_limit_caps_default_capacity(env: Env) -> None:
+    vol = env.ctrl.controller.CreateVolume(
+        _req(capacity_range=csi_pb2.CapacityRange(limit_bytes=1 << 20))
+    ).volume
+    assert vol.capacity_bytes == 1 << 20
+
+
+def test_delete_is_idempotent_and_releases_directory(env: Env) -> None:
+    vol = env.ctrl.controller.CreateVolume(_req()).volume
+    path = vol.volume_context["cipherDir"]
+    with open(os.path.join(path, "ciphertext"), "wb") as f:
+        f.write(b"x")
+    env.ctrl.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    assert not os.path.exists(path)
+    env.ctrl.controller.DeleteVolume(csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id))
+    expect_code(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        env.ctrl.controller.DeleteVolume,
+        csi_pb2.DeleteVolumeRequest(),
+    )
+    # The name is free again.
+    again = env.ctrl.controller.CreateVolume(_req()).volume
+    assert again.volume_id != vol.volume_id
+
+
+def test_validate_volume_capabilities(env: Env) -> None:
+    vol = env.ctrl.controller.CreateVolume(_req()).volume
+    call = env.ctrl.controller.ValidateVolumeCapabilities
+    ok = call(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id,
+            volume_capabilities=[mount_capability(Mode.MULTI_NODE_READER_ONLY)],
+        )
+    )
+    assert ok.HasField("confirmed")
+    no = call(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id,
+            volume_capabilities=[mount_capability(Mode.MULTI_NODE_MULTI_WRITER)],
+        )
+    )
+    assert not no.HasField("confirmed") and "MULTI_NODE_MULTI_WRITER" in no.message
+    expect_code(
+        grpc.StatusCode.NOT_FOUND,
+        call,
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id="coco-missing", volume_capabilities=[mount_capability()]
+        ),
+    )
+
+
+def test_unimplemented_rpcs(env: Env) -> None:
+    expect_code(
+        grpc.StatusCode.UNIMPLEMENTED, env.ctrl.controller.ListVolumes, csi_pb2.ListVolumesRequest()
+    )
+    expect_code(
+        grpc.StatusCode.UNIMPLEMENTED,
+        env.node.node.NodeStageVolume,
+        csi_pb2.NodeStageVolumeRequest(),
+    )
