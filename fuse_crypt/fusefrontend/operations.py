@@ -132,7 +132,7 @@ class CryptOperations(mfusepy.Operations):
                 self.backend.write_small_file_excl(
                     join(cparent, NameTransform.long_name_companion(disk)),
                     long_cname.encode("ascii"),
-                    0o400,
+                    0o444,  # like gocryptfs 2.3
                 )
                 created = True
             except FileExistsError:

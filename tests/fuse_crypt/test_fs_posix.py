@@ -313,6 +313,7 @@ def test_long_names(m: Mount, cr: Crypto, d: Path) -> None:
     assert len(longs) == 2
     for n in longs:
         content = (cdir / (n + ".name")).read_bytes()
+        assert stat.S_IMODE((cdir / (n + ".name")).stat().st_mode) == 0o444
         assert cr.nt.read_long_name(n, content)  # hash matches the full cName
         assert len(n) <= 255
     assert sorted(os.listdir(d)) == sorted([long_file, long_dir])
