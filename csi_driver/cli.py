@@ -63,8 +63,9 @@ def _run_node(args: argparse.Namespace) -> int:
     from csi_driver.core.node import NodeCore
     from csi_driver.metrics import Metrics
     from csi_driver.resolver import build
-    from csi_driver.server import start_node
+    from csi_driver.server import socket_path, start_node
 
+    socket_path(args.endpoint)  # reject a bad endpoint before touching anything
     resolver = build(args.resolver) if args.resolver else None
     if resolver is None:
         log.warning("no --resolver: Probe reports not ready and keyed volumes cannot publish")
@@ -90,8 +91,9 @@ def _run_node(args: argparse.Namespace) -> int:
 def _run_controller(args: argparse.Namespace) -> int:
     from csi_driver.core.controller import LocalBackend
     from csi_driver.metrics import Metrics
-    from csi_driver.server import start_controller
+    from csi_driver.server import socket_path, start_controller
 
+    socket_path(args.endpoint)
     metrics = Metrics()
     backend = LocalBackend(args.backend_root, default_key_resource=args.default_key_resource)
     if args.metrics_addr:
