@@ -202,7 +202,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
 def cmd_unmount(args: argparse.Namespace) -> int:
     mp = os.path.abspath(args.mountpoint)
     try:
-        daemon.unmount(mp, lazy_fallback=True)
+        # Lazy detach only for dead mounts: a live, busy mount must fail loudly (like
+        # fusermount3 -u) rather than vanish while files are still open in it.
+        daemon.unmount(mp, lazy_fallback=daemon.is_dead_mount(mp))
     except daemon.DaemonError as e:
         raise CliError(str(e), e.code) from None
     return 0

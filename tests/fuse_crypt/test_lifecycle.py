@@ -176,6 +176,17 @@ def test_allow_other_reaches_the_kernel(volume: Path, mnt: Path, passfile: Path)
     assert "default_permissions" in super_opts.split(",")
 
 
+def test_unmount_of_a_busy_live_mount_fails_loudly(volume: Path, mnt: Path, passfile: Path) -> None:
+    mount(volume, mnt, passfile)
+    (mnt / "open").write_text("held open")
+    with open(mnt / "open", encoding="utf-8") as held:
+        msg = one_line_error(fc("unmount", mnt), 10)
+        assert "busy" in msg.lower()
+        assert is_mounted(mnt) and held.read() == "held open"
+    assert fc("unmount", mnt).returncode == 0
+    assert not is_mounted(mnt)
+
+
 def test_already_mounted_is_refused(volume: Path, mnt: Path, passfile: Path) -> None:
     mount(volume, mnt, passfile)
     msg = one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
