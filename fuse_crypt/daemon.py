@@ -299,6 +299,12 @@ def run_daemonized(
     os.close(wfd)
     try:
         msg = _read_message(rfd, pid, timeout)
+    except KeyboardInterrupt:
+        # The user gave up waiting: do not leave a mount appearing behind their back.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        _child_exit_reason(pid)
+        raise
     finally:
         os.close(rfd)
     if msg == READY_MSG:
