@@ -10,8 +10,9 @@ Usable from any test module under tests/fuse_crypt:
 * ``make_volume(path, **create_kwargs) -> Volume``: a fresh cipher directory with a
   ``gocryptfs.conf`` (scrypt logN 10) and a root dir IV.
 * ``volume`` fixture: one fresh volume in ``tmp_path``.
-* ``mount_factory`` fixture: ``mount_factory(volume, read_only=False, use_conf=True)``
-  returns a live :class:`Mount`; every mount is unmounted at teardown.
+* ``mount_factory`` fixture: ``mount_factory(volume, read_only=False, use_conf=True,
+  allow_other=False, mountpoint=None)`` returns a live :class:`Mount`; every mount
+  is unmounted at teardown.
 * ``mnt`` fixture: ``volume`` mounted read-write.
 * ``CipherView(volume)``: cipher paths and decryption via the crypto layers only,
   for assertions on the ciphertext side.
@@ -49,7 +50,7 @@ conf = ConfFile.read(conf_path) if args["use_conf"] else None
 def ready():
     print("READY", flush=True)
 serve(LocalDirBackend(args["cipherdir"]), key, conf, args["mountpoint"],
-      read_only=args["read_only"], on_ready=ready)
+      read_only=args["read_only"], allow_other=args["allow_other"], on_ready=ready)
 """
 
 
@@ -157,6 +158,7 @@ def start_mount(
     *,
     read_only: bool = False,
     use_conf: bool = True,
+    allow_other: bool = False,
     log_dir: Path | None = None,
 ) -> Mount:
     """Start a daemon and wait until the mount is live (or fail with its log)."""
@@ -167,6 +169,7 @@ def start_mount(
         "mountpoint": str(mountpoint),
         "read_only": read_only,
         "use_conf": use_conf,
+        "allow_other": allow_other,
     }
     with open(stderr_path, "wb") as err:
         proc = subprocess.Popen(
@@ -213,9 +216,10 @@ def mount_factory(tmp_path: Path, need_fuse: None) -> Iterator[Callable[..., Mou
     mounts: list[Mount] = []
     counter = [0]
 
-    def factory(vol: Volume, **kwargs: object) -> Mount:
+    def factory(vol: Volume, mountpoint: Path | None = None, **kwargs: object) -> Mount:
         counter[0] += 1
-        m = start_mount(vol, tmp_path / f"mnt{counter[0]}", **kwargs)  # type: ignore[arg-type]
+        mp = mountpoint or tmp_path / f"mnt{counter[0]}"
+        m = start_mount(vol, mp, log_dir=tmp_path, **kwargs)  # type: ignore[arg-type]
         mounts.append(m)
         return m
 

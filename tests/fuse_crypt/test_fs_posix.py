@@ -17,6 +17,7 @@ import random
 import shutil
 import stat
 import subprocess
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,7 +27,7 @@ from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
 
 from .conftest import CipherView as Crypto
-from .conftest import Mount, fuse_available, make_volume, start_mount
+from .conftest import Mount, Volume, fuse_available, make_volume, start_mount
 
 pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
@@ -722,3 +723,49 @@ def test_serve_rejects_bad_mountpoint_and_cipherdir(tmp_path: Path) -> None:
     assert not called and not os.path.ismount(tmp_path / "mp")
     assert vol.master_key.hex() not in repr(ei.value)
     backend.destroy()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_allow_other_creates_as_caller(tmp_path: Path, mount_factory: object) -> None:
+    vol = make_volume(tmp_path / "ao")
+    # The other user must be able to reach the mount point (pytest's tmp is 0700).
+    public = Path(tempfile.mkdtemp(prefix="fc-ao-", dir="/tmp"))
+    os.chmod(public, 0o755)
+    mt = mount_factory(vol, mountpoint=public / "m", allow_other=True)  # type: ignore[operator]
+    try:
+        _allow_other_checks(vol, mt)
+    finally:
+        mt.unmount()
+        shutil.rmtree(public, ignore_errors=True)
+
+
+def _allow_other_checks(vol: Volume, mt: Mount) -> None:
+    shared_dir = mt.path / "shared"
+    shared_dir.mkdir(mode=0o777)
+    os.chmod(shared_dir, 0o777)
+    (mt.path / "private").write_bytes(b"root only")
+    os.chmod(mt.path / "private", 0o600)
+    script = (
+        "import os, sys\n"
+        "os.setgid(4242); os.setuid(4242)\n"
+        "p = sys.argv[1]\n"
+        "open(p + '/shared/mine', 'wb').write(b'user data')\n"
+        "os.mkdir(p + '/shared/mydir')\n"
+        "try:\n"
+        "    open(p + '/private', 'rb')\n"
+        "    print('READ-OK')\n"
+        "except PermissionError:\n"
+        "    print('EACCES')\n"
+    )
+    r = subprocess.run(
+        ["python3", "-c", script, str(mt.path)], capture_output=True, text=True, timeout=30
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "EACCES"  # default_permissions: the kernel checks modes
+    cv = Crypto(vol)
+    for name in ("mine", "mydir"):
+        st = os.stat(mt.path / "shared" / name)
+        assert (st.st_uid, st.st_gid) == (4242, 4242)
+        cst = cv.cpath(f"shared/{name}").stat()
+        assert (cst.st_uid, cst.st_gid) == (4242, 4242)
+    assert (mt.path / "shared" / "mine").read_bytes() == b"user data"
