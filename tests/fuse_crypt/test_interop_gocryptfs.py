@@ -409,3 +409,61 @@ def test_gocryptfs_variants_both_ways(
     }
     assert ours["ours/sub/" + LONG_200][3] == ours["theirs/sub/" + LONG_200][3]
     _gocryptfs_fsck(cipher, passfile)
+
+
+def _random_edits(root: Path, models: dict[str, bytearray], rng: random.Random, n: int) -> None:
+    """Apply ``n`` random writes / truncates / appends to files under ``root`` and to
+    in-memory models of them (offsets chosen around 4 KiB block edges on purpose)."""
+    edges = [0, 1, 4095, 4096, 4097, 8191, 8192, 12288, 20000]
+    for _ in range(n):
+        name = rng.choice(sorted(models))
+        model = models[name]
+        path = root / name
+        op = rng.random()
+        if op < 0.6:
+            off = max(0, rng.choice(edges) + rng.randint(-3, 3))
+            data = rng.randbytes(rng.choice([1, 15, 4096, 5000, 9000]))
+            with open(path, "r+b") as f:
+                f.seek(off)
+                f.write(data)
+            if off > len(model):
+                model.extend(bytes(off - len(model)))
+            model[off : off + len(data)] = data
+        elif op < 0.8:
+            size = max(0, rng.choice(edges) + rng.randint(-2, 2))
+            os.truncate(path, size)
+            del model[size:]
+            model.extend(bytes(size - len(model)))
+        else:
+            data = rng.randbytes(rng.randint(1, 6000))
+            with open(path, "ab") as f:
+                f.write(data)
+            model.extend(data)
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_edits_agree_both_ways(tmp_path: Path, passfile: Path, mnt: Path, seed: int) -> None:
+    """Read-modify-write, holes and truncation: each side edits what the other wrote."""
+    cipher = tmp_path / "cipher"
+    cipher.mkdir()
+    proc = subprocess.run(
+        [*FC, "init", "--scryptn", "10", "--passfile", str(passfile), str(cipher)],
+        capture_output=True,
+        check=False,
+    )
+    assert proc.returncode == 0
+    rng = random.Random(seed)
+    models = {f"f{i}": bytearray() for i in range(3)}
+    for rnd, mounter in enumerate([fuse_crypt_mount, gocryptfs_mount, fuse_crypt_mount]):
+        with mounter(cipher, mnt, passfile) as root:
+            for name, model in models.items():
+                if rnd == 0:
+                    (root / name).write_bytes(b"")
+                assert (root / name).read_bytes() == bytes(model), (rnd, name)
+            _random_edits(root, models, rng, 25)
+            for name, model in models.items():
+                assert (root / name).read_bytes() == bytes(model), (rnd, name)
+    with gocryptfs_mount(cipher, mnt, passfile) as root:
+        for name, model in models.items():
+            assert (root / name).read_bytes() == bytes(model)
+    _gocryptfs_fsck(cipher, passfile)
