@@ -169,6 +169,10 @@ def _load_keys(args: argparse.Namespace, cdir: str) -> tuple[Any | None, bytes]:
 def cmd_mount(args: argparse.Namespace) -> int:
     from fuse_crypt.cli.mountrun import MountSpec, print_ready, run_foreground, run_in_daemon
 
+    if args.metrics_addr:
+        from fuse_crypt.cli.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)  # a typo is a usage error, before any unlock or fork
     cdir = _cipherdir(args.cipherdir)
     mp = _prepare_mountpoint(args.mountpoint)
     if os.path.realpath(mp) == os.path.realpath(cdir) or os.path.realpath(mp).startswith(

@@ -580,3 +580,12 @@ def test_mount_with_master_key_after_conf_loss(gocryptfs_volume: Path, mnt: Path
     assert proc.returncode == 0, proc.stderr
     assert (mnt / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
     assert os.readlink(mnt / "link") == "sub/data.txt"
+
+
+def test_bad_metrics_addr_is_a_usage_error(volume: Path, passfile: Path, mnt: Path) -> None:
+    for bad in ("localhost", "host:port", "127.0.0.1:0", "127.0.0.1:70000"):
+        msg = assert_one_line_error(
+            fc("mount", "--passfile", passfile, "--metrics-addr", bad, volume, mnt), 1
+        )
+        assert "HOST:PORT" in msg
+    assert not is_mounted(mnt)
