@@ -38,7 +38,7 @@ from .operations import CryptOperations
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
-_READ_AHEAD_KB = 1024
+_READ_AHEAD_KB = 2048
 
 
 _tls = threading.local()
@@ -159,8 +159,10 @@ def _tune_malloc() -> None:
 
 def _tune_readahead(mountpoint: str) -> None:
     """Raise the mount's readahead window (default 128 KiB) so sequential reads
-    arrive as 1 MiB requests: per-request overhead dominates in Python.  Best effort
-    (needs root and sysfs); failure only costs throughput."""
+    arrive as 1 MiB requests (per-request overhead dominates in Python) with a
+    second one in flight, overlapping its backing pread with our decryption.
+    2 MiB measured best: 4 MiB adds ~10 MiB peak RSS for no clear gain.  Best
+    effort (needs root and writable sysfs); failure only costs throughput."""
     try:
         dev = os.stat(mountpoint).st_dev
         path = f"/sys/class/bdi/{os.major(dev)}:{os.minor(dev)}/read_ahead_kb"
