@@ -10,7 +10,8 @@ is ready) for the same, already initialised volumes, plus the same for `fuse-cry
 
 Targets: publish p50 <= 1.5x the gocryptfs-alone mount p50; <= 40 MiB RSS per mounted volume.
 
-Run: .venv/bin/python bench/csi_publish.py [--volumes 50] [--mounters gocryptfs,fuse-crypt]
+Run: .venv/bin/python bench/csi_publish.py [--volumes 50]
+         [--mounters gocryptfs,fuse-crypt,fuse-crypt-prefork]
 """
 
 from __future__ import annotations
@@ -58,19 +59,19 @@ def mem_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
-def daemons_of(tag: str) -> list[int]:
-    out = []
+def daemons_of(state_dir: str) -> list[int]:
+    """Mount daemons (pids from the plugin's state file) plus its zygote, if any."""
+    with open(os.path.join(state_dir, "node-state.json"), encoding="utf-8") as f:
+        pids = [p["pid"] for p in json.load(f)["publications"]]
     for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open(f"/proc/{d}/cmdline", "rb") as f:
-                cmd = f.read()
-        except OSError:
-            continue
-        if tag.encode() in cmd and b"csi_driver.cli" not in cmd:
-            out.append(int(d))
-    return out
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if b"csi_driver.zygote" in f.read():
+                        pids.append(int(d))
+            except OSError:
+                continue
+    return pids
 
 
 def baseline(tool: str, vols: list[tuple[str, str]], root: bytes, work: str) -> list[float]:
@@ -142,7 +143,7 @@ def run_plugin(mounter: str, vols, ctxs, work: str, res: str) -> dict[str, float
                 os.listdir(target)
                 lat.append(time.perf_counter() - t0)
             plugin_rss, plugin_pss = mem_kib(plugin.pid)
-            daemons = daemons_of(os.path.join(work, "pods", mounter))
+            daemons = daemons_of(state)
             d_mem = [mem_kib(p) for p in daemons]
             for (vid, _), target in zip(vols, targets, strict=True):
                 t0 = time.perf_counter()
@@ -173,7 +174,7 @@ def run_plugin(mounter: str, vols, ctxs, work: str, res: str) -> dict[str, float
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--volumes", type=int, default=50)
-    ap.add_argument("--mounters", default="gocryptfs,fuse-crypt")
+    ap.add_argument("--mounters", default="gocryptfs,fuse-crypt,fuse-crypt-prefork")
     ap.add_argument("--json", action="store_true", help="also print the figures as JSON")
     args = ap.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
@@ -208,7 +209,7 @@ def main() -> int:
             )
         base = {"gocryptfs": baseline("gocryptfs", vols, root, work)}
         mounters = [m for m in args.mounters.split(",") if m]
-        if "fuse-crypt" in mounters:
+        if any(m.startswith("fuse-crypt") for m in mounters):
             base["fuse-crypt"] = baseline("fuse-crypt", vols, root, work)
         results = {m: run_plugin(m, vols, ctxs, work, res) for m in mounters}
         g50 = statistics.median(base["gocryptfs"])
@@ -218,21 +219,22 @@ def main() -> int:
         )
         for tool, times in base.items():
             print(
-                f"  {tool + ' alone (mount)':32s} p50 {statistics.median(times) * 1e3:7.1f} ms"
+                f"  {tool + ' alone (mount)':40s} p50 {statistics.median(times) * 1e3:7.1f} ms"
                 f"  p99 {pct(times, 99) * 1e3:7.1f} ms"
             )
         for m, r in results.items():
             print(
-                f"  {'NodePublishVolume [' + m + ']':32s} p50 {r['p50'] * 1e3:7.1f} ms"
+                f"  {'NodePublishVolume [' + m + ']':40s} p50 {r['p50'] * 1e3:7.1f} ms"
                 f"  p99 {r['p99'] * 1e3:7.1f} ms  (unpublish p50 "
                 f"{r['unpublish_p50'] * 1e3:.1f} ms)"
             )
         print("  ratios (target: publish p50 <= 1.5x gocryptfs-alone p50; <= 40 MiB/volume):")
         for m, r in results.items():
-            own = statistics.median(base.get(m, base["gocryptfs"]))
+            tool = "fuse-crypt" if m.startswith("fuse-crypt") else "gocryptfs"
+            own = statistics.median(base[tool])
             print(
                 f"    [{m}] publish p50 / gocryptfs p50 = {r['p50'] / g50:.2f}x"
-                f"   publish p50 / {m}-alone p50 = {r['p50'] / own:.2f}x"
+                f"   publish p50 / {tool}-alone p50 = {r['p50'] / own:.2f}x"
             )
             print(
                 f"    [{m}] plugin RSS {r['plugin_rss_mib']:.1f} MiB; with {r['daemons']} "

@@ -33,6 +33,7 @@ class Publication:
     access_mode: int
     pid: int
     ephemeral: bool = False
+    pid_start: int = 0  # /proc start time of pid: survives pid reuse checks
 
 
 class StateStore:

@@ -15,7 +15,6 @@ import hashlib
 import logging
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -23,7 +22,7 @@ from dataclasses import dataclass, field
 
 from csi_driver import errors, mountinfo
 from csi_driver.keys import VolumeKey
-from csi_driver.mounter import Mounter
+from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +41,7 @@ class MountHandle:
     mounter: str
     readonly: bool
     pid: int
-    proc: subprocess.Popen[bytes] | None = None  # None for daemons adopted after a restart
+    proc: Proc | None = None
     key: VolumeKey | None = field(default=None, repr=False)
     stopping: bool = False
     dead: bool = False
@@ -63,8 +62,10 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
-def pid_serves(pid: int, target: str) -> bool:
-    """Guards against pid reuse: the process's argv must name the mount target."""
+def pid_serves(pid: int, target: str, start_time: int = 0) -> bool:
+    """Guards against pid reuse: same start time if known, else argv names the target."""
+    if start_time:
+        return proc_start_time(pid) == start_time
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
@@ -131,29 +132,15 @@ class MountSupervisor:
 
     def _spawn(
         self, mounter: Mounter, target: str, cipher_dir: str, key: VolumeKey, readonly: bool
-    ) -> subprocess.Popen[bytes]:
+    ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
-        logf = open(self.log_path(target), "ab")  # noqa: SIM115 - handed to the child
-        start_offset = logf.tell()
+        log_path = self.log_path(target)
         try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.PIPE,
-                stdout=logf,
-                stderr=logf,
-                start_new_session=True,
-                close_fds=True,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
-        finally:
-            logf.close()
-        try:
-            assert proc.stdin is not None
-            proc.stdin.write(stdin_data)
-            proc.stdin.close()
-        except BrokenPipeError:
-            pass
+            start_offset = os.path.getsize(log_path)
+        except FileNotFoundError:
+            start_offset = 0
+        proc = mounter.spawn(argv, stdin_data, log_path)
         self._wait_ready(proc, mounter, target, cipher_dir, start_offset)
         return proc
 
@@ -178,7 +165,7 @@ class MountSupervisor:
 
     def _wait_ready(
         self,
-        proc: subprocess.Popen[bytes],
+        proc: Proc,
         mounter: Mounter,
         target: str,
         cipher_dir: str,
@@ -207,8 +194,8 @@ class MountSupervisor:
     def adopt(
         self, target: str, cipher_dir: str, mounter_name: str, pid: int, *, readonly: bool
     ) -> MountHandle:
-        """Take over a daemon started by a previous plugin instance."""
-        handle = MountHandle(target, cipher_dir, mounter_name, readonly, pid)
+        """Take over a daemon started by a previous plugin instance (watched by pid)."""
+        handle = MountHandle(target, cipher_dir, mounter_name, readonly, pid, proc=PidProcess(pid))
         with self._lock:
             self._handles[target] = handle
         return handle
@@ -239,7 +226,7 @@ class MountSupervisor:
             if handle.proc is not None:
                 if handle.proc.poll() is not None:
                     return
-            elif not pid_alive(handle.pid) or not pid_serves(handle.pid, handle.target):
+            elif not pid_alive(handle.pid):
                 return
             time.sleep(0.005)
         self._kill(handle.pid)
@@ -255,6 +242,8 @@ class MountSupervisor:
         """Stop watching; with ``unmount`` also stop every daemon (tests, demo)."""
         self._stop.set()
         self._thread.join(timeout=5)
+        for mounter in self.mounters.values():
+            mounter.close()
         if unmount:
             for handle in self.handles():
                 try:
@@ -269,7 +258,7 @@ class MountSupervisor:
     def _alive(self, handle: MountHandle) -> bool:
         if handle.proc is not None:
             return handle.proc.poll() is None
-        return pid_alive(handle.pid) and pid_serves(handle.pid, handle.target)
+        return pid_alive(handle.pid)
 
     def _monitor(self, interval: float) -> None:
         while not self._stop.wait(interval):

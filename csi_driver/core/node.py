@@ -28,7 +28,7 @@ from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
-from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
+from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter, proc_start_time
 from csi_driver.state import Publication, StateStore
 from csi_driver.supervisor import MountSupervisor, pid_alive, pid_serves
 
@@ -176,7 +176,7 @@ class NodeCore:
                         log.error(
                             "cannot clean dead mount", extra={"fields": {**fields, "err": exc}}
                         )
-                elif pid_alive(pub.pid) and pid_serves(pub.pid, target):
+                elif pid_alive(pub.pid) and pid_serves(pub.pid, target, pub.pid_start):
                     self.supervisor.adopt(
                         target, pub.cipher_dir, pub.mounter, pub.pid, readonly=pub.readonly
                     )
@@ -272,6 +272,7 @@ class NodeCore:
                 int(mode),
                 handle.pid,
                 ephemeral,
+                proc_start_time(handle.pid),
             )
             with self._lock:
                 self._pubs[target] = pub

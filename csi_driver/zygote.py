@@ -1,0 +1,178 @@
+"""A pre-forking launcher for `fuse-crypt mount` daemons.
+
+Why: a `fuse-crypt` daemon spends ~300 ms importing Python modules (mfusepy, cryptography,
+fuse_crypt) before it mounts anything; gocryptfs, a Go binary, mounts in ~30 ms. The zygote
+imports all of that once; each mount is then a fork of it running exactly
+``fuse_crypt.cli.main(["mount", "--foreground", "--masterkey", "stdin", ...])`` — the same CLI
+code path as the exec mounter, minus the interpreter start-up.
+
+Protocol (a private socketpair between the node plugin and its zygote, inside the guest):
+one JSON request per datagram ``{"argv": [...], "log": PATH, "stdin": HEX}`` → reply
+``{"pid": N}`` or ``{"error": "..."}``. The key travels only over that socketpair and a pipe
+into the daemon's stdin. Daemons are double-forked into their own session, so they are
+neither the zygote's nor the plugin's children and outlive both.
+
+The zygote is single-threaded (forking is only safe that way) and exits when the plugin
+closes its end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+from typing import Any
+
+MAX_MSG = 64 * 1024
+
+
+def _warm_up() -> None:
+    """Import everything `fuse-crypt mount` needs, without starting threads."""
+    import fuse_crypt.backend.local  # noqa: F401
+    import fuse_crypt.cli
+    import fuse_crypt.cli.commands  # noqa: F401
+    import fuse_crypt.cli.mountrun  # noqa: F401
+    import fuse_crypt.configfile  # noqa: F401
+    import fuse_crypt.fusefrontend  # noqa: F401
+
+    fuse_crypt.cli.build_parser()
+
+
+def _daemon(argv: list[str], log_path: str, stdin_data: bytes) -> None:
+    """In the grandchild: wire fds, run the CLI, never return."""
+    code = 1
+    try:
+        r, w = os.pipe()
+        os.write(w, stdin_data)
+        os.close(w)
+        os.dup2(r, 0)
+        os.close(r)
+        logfd = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        os.dup2(logfd, 1)
+        os.dup2(logfd, 2)
+        os.close(logfd)
+        sys.stdin = open(0, encoding="utf-8", closefd=False)  # noqa: SIM115
+        sys.stdout = open(1, "w", encoding="utf-8", closefd=False, buffering=1)  # noqa: SIM115
+        sys.stderr = open(2, "w", encoding="utf-8", closefd=False, buffering=1)  # noqa: SIM115
+        os.environ["PYTHONUNBUFFERED"] = "1"
+        from fuse_crypt.cli import main
+
+        code = int(main(argv) or 0)
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else 1
+    except BaseException:
+        code = 1
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(code)
+
+
+def _launch(req: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
+    argv = [str(a) for a in req["argv"]]
+    stdin_data = bytes.fromhex(req["stdin"])
+    rd, wr = os.pipe()
+    child = os.fork()
+    if child == 0:  # first child: new session, fork the daemon, report its pid, exit
+        try:
+            conn.close()
+            os.close(rd)
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                os.close(wr)
+                _daemon(argv, req["log"], stdin_data)
+            os.write(wr, str(daemon).encode())
+        finally:
+            os._exit(0)
+    os.close(wr)
+    with os.fdopen(rd, "rb") as f:
+        data = f.read()
+    os.waitpid(child, 0)
+    if not data:
+        return {"error": "fork failed"}
+    return {"pid": int(data)}
+
+
+def serve(fd: int) -> int:
+    """Zygote main loop on an inherited SOCK_SEQPACKET fd."""
+    conn = socket.socket(fileno=fd)
+    _warm_up()
+    conn.send(b'{"ready": true}')
+    while True:
+        msg = conn.recv(MAX_MSG)
+        if not msg:
+            return 0
+        try:
+            reply = _launch(json.loads(msg), conn)
+        except Exception as exc:  # reply, never die: the plugin decides
+            reply = {"error": f"{type(exc).__name__}"}
+        conn.send(json.dumps(reply).encode())
+
+
+class ZygoteClient:
+    """The plugin side: starts the zygote lazily, restarts it if it died."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def _start(self) -> socket.socket:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "csi_driver.zygote", str(theirs.fileno())],
+            pass_fds=(theirs.fileno(),),
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        theirs.close()
+        ours.settimeout(60)
+        hello = ours.recv(MAX_MSG)
+        if not hello:
+            raise OSError("mount zygote failed to start")
+        ours.settimeout(30)
+        return ours
+
+    def spawn(self, argv: list[str], log_path: str, stdin_data: bytes) -> int:
+        """Fork a daemon running ``fuse_crypt.cli.main(argv)``; returns its pid."""
+        req = json.dumps({"argv": argv, "log": log_path, "stdin": stdin_data.hex()}).encode()
+        with self._lock:
+            for attempt in (1, 2):
+                if self._sock is None or (self._proc is not None and self._proc.poll() is not None):
+                    self._sock = self._start()
+                try:
+                    self._sock.send(req)
+                    reply = self._sock.recv(MAX_MSG)
+                except OSError:
+                    reply = b""
+                if reply:
+                    break
+                self._sock = None  # zygote died: start a fresh one and retry once
+                if attempt == 2:
+                    raise OSError("mount zygote is not answering")
+        doc = json.loads(reply)
+        if "pid" not in doc:
+            raise OSError(f"mount zygote: {doc.get('error', 'unknown error')}")
+        return int(doc["pid"])
+
+    def close(self) -> None:
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            if self._proc is not None:
+                try:
+                    self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self._proc.kill()
+                self._proc = None
+
+
+if __name__ == "__main__":
+    sys.exit(serve(int(sys.argv[1])))
