@@ -265,9 +265,15 @@ class FileTable:
     def _write_locked(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
         backend = self.backend
         csize = backend.fstat(of.handle).size
+        header = b""
         if csize <= HEADER_LEN:
             # Empty or header-only: always a fresh file ID (audit: file ID poisoning).
-            fid = self._new_header(of)
+            if offset < PLAIN_BS:
+                # Goes out together with block 0 in one pwrite below.
+                header, fid = self.enc.new_header()
+                of.entry.file_id = fid
+            else:
+                fid = self._new_header(of)
             psize = 0
         else:
             fid = self._file_id(of)
@@ -287,7 +293,7 @@ class FileTable:
         need_first = head > 0 and first * PLAIN_BS < psize
         need_last = tail_end < PLAIN_BS and end < psize
         pbuf: bytearray | None = None
-        cbuf = self._cpool.get(nblk * CIPHER_BS)
+        cbuf = self._cpool.get(HEADER_LEN + nblk * CIPHER_BS)
         try:
             if head == 0 and not need_last:
                 plain: bytes | memoryview = data
@@ -311,8 +317,13 @@ class FileTable:
                     pm[head + n : head + n + len(tail)] = tail
                 plain = pm[: head + n + len(tail)]
             cm = memoryview(cbuf)
-            clen = self.bc.encrypt_into(first, memoryview(plain), fid, cm)
-            backend.pwrite(of.handle, cm[:clen], HEADER_LEN + first * CIPHER_BS)
+            if header:  # first == 0: header and block 0 in one pwrite
+                cm[:HEADER_LEN] = header
+                clen = self.bc.encrypt_into(0, memoryview(plain), fid, cm[HEADER_LEN:])
+                backend.pwrite(of.handle, cm[: HEADER_LEN + clen], 0)
+            else:
+                clen = self.bc.encrypt_into(first, memoryview(plain), fid, cm)
+                backend.pwrite(of.handle, cm[:clen], HEADER_LEN + first * CIPHER_BS)
         finally:
             self._cpool.put(cbuf)
             if pbuf is not None:
