@@ -292,7 +292,7 @@ MOUNTERS: dict[str, type[Mounter]] = {
     FuseCryptPreforkMounter.name: FuseCryptPreforkMounter,
     GocryptfsMounter.name: GocryptfsMounter,
 }
-DEFAULT_MOUNTER = FuseCryptMounter.name
+DEFAULT_MOUNTER = FuseCryptPreforkMounter.name
 
 
 def make_mounter(name: str) -> Mounter:

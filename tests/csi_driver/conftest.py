@@ -163,7 +163,7 @@ def env(tmp_path: pathlib.Path, sockdir: str, keys: Keys) -> Iterator[Env]:
     yield from _env(tmp_path, sockdir, keys, "gocryptfs")
 
 
-@pytest.fixture(params=["gocryptfs", "fuse-crypt"])
+@pytest.fixture(params=["gocryptfs", "fuse-crypt", "fuse-crypt-prefork"])
 def any_env(request: pytest.FixtureRequest, tmp_path: pathlib.Path, sockdir: str, keys: Keys):
     """Plugins with each mounter in turn."""
     yield from _env(tmp_path, sockdir, keys, request.param)

@@ -23,7 +23,7 @@ from .helpers import mount_capability
 EXE = [sys.executable, "-m", "csi_driver.cli"]
 
 
-@pytest.mark.parametrize("mounter", ["fuse-crypt", "gocryptfs"])
+@pytest.mark.parametrize("mounter", ["fuse-crypt-prefork", "fuse-crypt", "gocryptfs"])
 def test_demo(mounter: str) -> None:
     res = subprocess.run(
         [*EXE, "demo", "--mounter", mounter], capture_output=True, text=True, timeout=300

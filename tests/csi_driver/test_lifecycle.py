@@ -73,9 +73,10 @@ def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-
     cleanup_mounts(str(tmp_path))
 
 
-def test_restarted_plugin_adopts_live_mounts(world) -> None:  # type: ignore[no-untyped-def]
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
+def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
     backend, start, tmp = world
-    client, core = start()
+    client, core = start(mounter)
     vols = [_volume(backend, f"pvc-{i}") for i in range(2)]
     targets = [str(tmp / f"t{i}") for i in range(2)]
     for (vid, ctx), t in zip(vols, targets, strict=True):
@@ -88,7 +89,7 @@ def test_restarted_plugin_adopts_live_mounts(world) -> None:  # type: ignore[no-
     for t in targets:
         assert pathlib.Path(t, "f").read_bytes() == DATA
 
-    client2, core2 = start()
+    client2, core2 = start(mounter)
     assert sorted(p.pid for p in core2.publications()) == pids
     for (vid, ctx), t in zip(vols, targets, strict=True):
         _publish(client2, vid, ctx, t)  # kubelet re-publishing: idempotent, no new daemon
@@ -124,7 +125,7 @@ def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # 
     assert not os.path.exists(target)
 
 
-@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt"])
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt", "fuse-crypt-prefork"])
 def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
     backend, start, tmp = world
     client, core = start(mounter)
