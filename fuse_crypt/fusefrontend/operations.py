@@ -38,6 +38,8 @@ _UTIME_OMIT = (1 << 30) - 2
 _WRITE_ACC = os.O_WRONLY | os.O_RDWR
 _PASS_FLAGS = os.O_SYNC | os.O_DSYNC
 _DIR_FH_BIT = 1 << 62
+#: Entries per listing that get READDIRPLUS attributes (about one reply page).
+_PLUS_ENTRIES = 64
 
 
 def _erofs() -> OSError:
@@ -146,22 +148,33 @@ class CryptOperations(mfusepy.Operations):
 
     # -- attributes --------------------------------------------------------------------
 
-    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
-        st = self.files.fstat(fh) if fh else self.backend.lstat(self.paths.cipher_path(path))
+    def stat(self, path: str | None, fh: int | None = None) -> tuple[Stat, int]:
+        """Backend attributes plus the *plaintext* size (what getattr reports)."""
+        if fh and not fh & _DIR_FH_BIT:
+            st = self.files.fstat(fh)
+            cpath = None
+        else:
+            if path is None:
+                path = self._dir_path(path, fh or 0)
+            cpath = self.paths.cipher_path(path)
+            st = self.backend.lstat(cpath)
+        return st, self._plain_size(st, cpath)
+
+    def _plain_size(self, st: Stat, cpath: str | None) -> int:
         mode = st.mode
         if stat_mod.S_ISREG(mode):
-            size = self.enc.plain_size(st.size, strict=False)
-        elif stat_mod.S_ISLNK(mode):
-            size = self._symlink_size(path, st)
-        else:
-            size = st.size
-        return self._attrs(st, size)
+            return self.enc.plain_size(st.size, strict=False)
+        if stat_mod.S_ISLNK(mode) and cpath is not None:
+            # Symlink size = length of the decrypted target, as gocryptfs reports.
+            try:
+                return len(os.fsencode(self.nt.decrypt_symlink(self.backend.readlink(cpath))))
+            except (OSError, CorruptDataError):
+                return st.size
+        return st.size
 
-    def _symlink_size(self, path: str, st: Stat) -> int:
-        try:
-            return len(os.fsencode(self.readlink(path)))
-        except (OSError, CorruptDataError):
-            return st.size
+    def getattr(self, path: str | None, fh: int | None = None) -> dict[str, int]:
+        st, size = self.stat(path, fh)
+        return self._attrs(st, size)
 
     def readlink(self, path: str) -> str:
         stored = self.backend.readlink(self.paths.cipher_path(path))
@@ -245,14 +258,42 @@ class CryptOperations(mfusepy.Operations):
         return path
 
     def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        # use_ino is on, so every entry needs its inode number (glibc drops d_ino 0).
+        """mfusepy form of :meth:`readdir_entries` (without attributes)."""
+        return [
+            (name, {"st_ino": ino, "st_mode": typ}, 0)
+            for name, _st, _size, ino, typ in self.readdir_entries(path, fh, plus=False)
+        ]
+
+    def readdir_entries(
+        self, path: str | None, fh: int, *, plus: bool
+    ) -> list[tuple[str, Stat | None, int, int, int]]:
+        """(name, Stat or None, plaintext size, inode, type bits) per entry.
+
+        Inode numbers are always filled (use_ino is on, and glibc drops entries
+        with d_ino 0).  With ``plus`` (READDIRPLUS) the first entries also carry
+        full attributes, saving the kernel a LOOKUP round trip each.  Only the
+        first ones: the kernel uses READDIRPLUS for the first reply page only
+        (FUSE_READDIRPLUS_AUTO), so stat'ing a whole large directory up front
+        would be wasted work."""
         path = self._dir_path(path, fh)
         cdir = self.paths.cipher_path(path)
-        me = self.backend.lstat(cdir).ino
-        out = [(".", {"st_ino": me, "st_mode": stat_mod.S_IFDIR}, 0)]
-        out.append(("..", {"st_ino": 1, "st_mode": stat_mod.S_IFDIR}, 0))
-        for name, ino, typ in self.paths.list_dir(path, cdir):
-            out.append((name, {"st_ino": ino, "st_mode": typ}, 0))
+        me = self.backend.lstat(cdir)
+        out: list[tuple[str, Stat | None, int, int, int]] = [
+            (".", me if plus else None, me.size, me.ino, stat_mod.S_IFDIR),
+            ("..", None, 0, 1, stat_mod.S_IFDIR),
+        ]
+        lstat = self.backend.lstat
+        for name, disk, ino, typ in self.paths.list_dir(path, cdir):
+            st: Stat | None = None
+            size = 0
+            if plus and len(out) < _PLUS_ENTRIES:
+                cpath = join(cdir, disk)
+                try:
+                    st = lstat(cpath)
+                except FileNotFoundError:
+                    continue  # removed while listing
+                size = self._plain_size(st, cpath)
+            out.append((name, st, size, ino, typ))
         return out
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:

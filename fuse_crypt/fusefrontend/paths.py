@@ -140,16 +140,20 @@ class PathMapper:
 
     # -- directory listings -------------------------------------------------------------
 
-    def list_dir(self, plain_dir: str, cdir: str) -> list[tuple[str, int, int]]:
-        """(plain name, inode, type bits) of the entries in ``cdir``; reserved files
-        hidden, undecryptable names skipped with a log line (one bad entry must not
-        hide the rest)."""
+    def list_dir(self, plain_dir: str, cdir: str) -> list[tuple[str, str, int, int]]:
+        """(plain name, on-disk name, inode, type bits) of the entries in ``cdir``;
+        reserved files hidden, undecryptable names skipped with a log line (one bad
+        entry must not hide the rest)."""
         entries = self.backend.scandir(cdir)
         nt = self.nt
         if nt is None:
-            return [tuple(e) for e in entries if not (cdir == "" and e.name == CONF_NAME)]  # type: ignore[misc]
+            return [
+                (e.name, e.name, e.ino, e.type)
+                for e in entries
+                if not (cdir == "" and e.name == CONF_NAME)
+            ]
         iv = self.dir_iv(cdir)
-        out: list[tuple[str, int, int]] = []
+        out: list[tuple[str, str, int, int]] = []
         gen = self._gen
         prefix = plain_dir if plain_dir.endswith("/") else plain_dir + "/"
         remember: list[tuple[str, str]] = []
@@ -172,7 +176,7 @@ class PathMapper:
             except InvalidNameError:
                 log.warning("event=undecryptable_name cdir=%s entry=%s", cdir or "/", disk)
                 continue
-            out.append((plain, ino, typ))
+            out.append((plain, disk, ino, typ))
             remember.append((prefix + plain, join(cdir, disk)))
         with self._lock:
             if gen == self._gen and len(self._paths) + len(remember) < _CACHE_MAX:
