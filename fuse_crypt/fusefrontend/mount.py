@@ -128,9 +128,12 @@ class CryptFUSE(mfusepy.FUSE):
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
-        plus = bool(flags & _FUSE_READDIR_PLUS)
+        # READDIRPLUS attributes are not produced: libfuse's high-level API only
+        # passes them on for offset-based listings (it buffers offset-0 listings
+        # as plain dirents), and the kernel asks for "plus" on the first reply
+        # page only; one LOOKUP per stat'ed entry, like without readdirplus.
         p = None if path is None else path.decode(self.encoding, self.errors)
-        entries = self.operations.readdir_entries(p, fip.contents.fh, plus=plus)
+        entries = self.operations.readdir_entries(p, fip.contents.fh, plus=False)
         enc, errs = self.encoding, self.errors
         for name, st, size, ino, typ in entries:
             cst = mfusepy.c_stat()
@@ -162,7 +165,6 @@ class CryptFUSE(mfusepy.FUSE):
         return self.operations.truncate(p, length, fh)
 
 
-_FUSE_READDIR_PLUS = 1
 _FUSE_FILL_DIR_PLUS = 2
 _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
 
