@@ -128,23 +128,16 @@ class CryptFUSE(mfusepy.FUSE):
     def readdir_fuse_3(
         self, path: bytes | None, buf: Any, filler: Any, offset: int, fip: Any, flags: int
     ) -> int:
-        # READDIRPLUS attributes are not produced: libfuse's high-level API only
-        # passes them on for offset-based listings (it buffers offset-0 listings
-        # as plain dirents), and the kernel asks for "plus" on the first reply
-        # page only; one LOOKUP per stat'ed entry, like without readdirplus.
+        # No READDIRPLUS attributes: libfuse's high-level API only passes them on
+        # for offset-based listings, and the kernel asks for "plus" on the first
+        # reply page only; the entries carry inode and type, as getdents needs.
         p = None if path is None else path.decode(self.encoding, self.errors)
-        entries = self.operations.readdir_entries(p, fip.contents.fh, plus=False)
         enc, errs = self.encoding, self.errors
-        for name, st, size, ino, typ in entries:
-            cst = mfusepy.c_stat()
-            if st is not None:
-                _fill_stat(cst, st, size)
-                fill_flags = _FUSE_FILL_DIR_PLUS
-            else:
-                cst.st_ino = ino
-                cst.st_mode = typ
-                fill_flags = 0
-            if filler(buf, name.encode(enc, errs), cst, 0, fill_flags) != 0:
+        cst = mfusepy.c_stat()
+        for name, ino, typ in self.operations.readdir_entries(p, fip.contents.fh):
+            cst.st_ino = ino
+            cst.st_mode = typ
+            if filler(buf, name.encode(enc, errs), cst, 0, 0) != 0:
                 break
         return 0
 
@@ -165,7 +158,6 @@ class CryptFUSE(mfusepy.FUSE):
         return self.operations.truncate(p, length, fh)
 
 
-_FUSE_FILL_DIR_PLUS = 2
 _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
 
 

@@ -38,8 +38,6 @@ _UTIME_OMIT = (1 << 30) - 2
 _WRITE_ACC = os.O_WRONLY | os.O_RDWR
 _PASS_FLAGS = os.O_SYNC | os.O_DSYNC
 _DIR_FH_BIT = 1 << 62
-#: Entries per listing that get READDIRPLUS attributes (about one reply page).
-_PLUS_ENTRIES = 64
 
 
 def _erofs() -> OSError:
@@ -258,42 +256,19 @@ class CryptOperations(mfusepy.Operations):
         return path
 
     def readdir(self, path: str | None, fh: int) -> list[tuple[str, dict[str, int], int]]:
-        """mfusepy form of :meth:`readdir_entries` (without attributes)."""
+        """mfusepy form of :meth:`readdir_entries`."""
         return [
             (name, {"st_ino": ino, "st_mode": typ}, 0)
-            for name, _st, _size, ino, typ in self.readdir_entries(path, fh, plus=False)
+            for name, ino, typ in self.readdir_entries(path, fh)
         ]
 
-    def readdir_entries(
-        self, path: str | None, fh: int, *, plus: bool
-    ) -> list[tuple[str, Stat | None, int, int, int]]:
-        """(name, Stat or None, plaintext size, inode, type bits) per entry.
-
-        Inode numbers are always filled (use_ino is on, and glibc drops entries
-        with d_ino 0).  With ``plus`` (READDIRPLUS) the first entries also carry
-        full attributes, saving the kernel a LOOKUP round trip each.  Only the
-        first ones: the kernel uses READDIRPLUS for the first reply page only
-        (FUSE_READDIRPLUS_AUTO), so stat'ing a whole large directory up front
-        would be wasted work."""
+    def readdir_entries(self, path: str | None, fh: int) -> list[tuple[str, int, int]]:
+        """(name, inode, type bits) per entry, ``.`` and ``..`` first.  Inode
+        numbers are always filled: use_ino is on, and glibc drops d_ino 0."""
         path = self._dir_path(path, fh)
         cdir = self.paths.cipher_path(path)
-        me = self.backend.lstat(cdir)
-        out: list[tuple[str, Stat | None, int, int, int]] = [
-            (".", me if plus else None, me.size, me.ino, stat_mod.S_IFDIR),
-            ("..", None, 0, 1, stat_mod.S_IFDIR),
-        ]
-        lstat = self.backend.lstat
-        for name, disk, ino, typ in self.paths.list_dir(path, cdir):
-            st: Stat | None = None
-            size = 0
-            if plus and len(out) < _PLUS_ENTRIES:
-                cpath = join(cdir, disk)
-                try:
-                    st = lstat(cpath)
-                except FileNotFoundError:
-                    continue  # removed while listing
-                size = self._plain_size(st, cpath)
-            out.append((name, st, size, ino, typ))
+        out = [(".", self.backend.lstat(cdir).ino, stat_mod.S_IFDIR), ("..", 1, stat_mod.S_IFDIR)]
+        out.extend((name, ino, typ) for name, _disk, ino, typ in self.paths.list_dir(path, cdir))
         return out
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
