@@ -71,7 +71,7 @@ def daemons_of(state_dir: str) -> list[int]:
                         pids.append(int(d))
             except OSError:
                 continue
-    return pids
+    return sorted(set(pids))  # zygote-forked daemons carry the zygote's cmdline too
 
 
 def baseline(tool: str, vols: list[tuple[str, str]], root: bytes, work: str) -> list[float]:

@@ -298,6 +298,12 @@ class MountSupervisor:
             log.error("mount restart failed", extra={"fields": {**fields, "err": exc}})
             return
         handle.proc, handle.pid = proc, proc.pid
+        with self._lock:
+            stopping = handle.stopping
+        if stopping:  # unpublished while we were restarting: undo
+            mountinfo.unmount(handle.target, lazy=True)
+            self._reap(handle)
+            return
         self.on_restart()
         log.info(
             "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}

@@ -9,8 +9,8 @@ code path as the exec mounter, minus the interpreter start-up.
 Protocol (a private socketpair between the node plugin and its zygote, inside the guest):
 one JSON request per datagram ``{"argv": [...], "log": PATH, "stdin": HEX}`` → reply
 ``{"pid": N}`` or ``{"error": "..."}``. The key travels only over that socketpair and a pipe
-into the daemon's stdin. Daemons are double-forked into their own session, so they are
-neither the zygote's nor the plugin's children and outlive both.
+into the daemon's stdin. Daemons get their own session, so they outlive the zygote and the
+plugin (they are re-parented when the zygote exits); the zygote reaps those that exit.
 
 The zygote is single-threaded (forking is only safe that way) and exits when the plugin
 closes its end.
@@ -76,27 +76,23 @@ def _daemon(argv: list[str], log_path: str, stdin_data: bytes) -> None:
 def _launch(req: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
     argv = [str(a) for a in req["argv"]]
     stdin_data = bytes.fromhex(req["stdin"])
-    rd, wr = os.pipe()
-    child = os.fork()
-    if child == 0:  # first child: new session, fork the daemon, report its pid, exit
+    pid = os.fork()
+    if pid == 0:  # the daemon: own session, so it outlives the zygote and the plugin
         try:
             conn.close()
-            os.close(rd)
             os.setsid()
-            daemon = os.fork()
-            if daemon == 0:
-                os.close(wr)
-                _daemon(argv, req["log"], stdin_data)
-            os.write(wr, str(daemon).encode())
         finally:
-            os._exit(0)
-    os.close(wr)
-    with os.fdopen(rd, "rb") as f:
-        data = f.read()
-    os.waitpid(child, 0)
-    if not data:
-        return {"error": "fork failed"}
-    return {"pid": int(data)}
+            _daemon(argv, req["log"], stdin_data)
+    return {"pid": pid}
+
+
+def _reap() -> None:
+    """Collect exited daemons (they are our children until we exit)."""
+    try:
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+    except ChildProcessError:
+        pass
 
 
 def serve(fd: int) -> int:
@@ -104,8 +100,13 @@ def serve(fd: int) -> int:
     conn = socket.socket(fileno=fd)
     _warm_up()
     conn.send(b'{"ready": true}')
+    conn.settimeout(1.0)
     while True:
-        msg = conn.recv(MAX_MSG)
+        _reap()
+        try:
+            msg = conn.recv(MAX_MSG)
+        except TimeoutError:
+            continue
         if not msg:
             return 0
         try:

@@ -235,47 +235,13 @@ class NodeCore:
         with self._lock_for(self._target_locks, target):
             if self._reuse_existing(req.volume_id, target, readonly, mode):
                 return
-            self._check_conflicts(req.volume_id, target, readonly)
-            cipher_dir = self._locate(req, ctx, ephemeral)
-            try:
-                key = resolve_volume_key(
-                    req.volume_id, ctx, dict(req.secrets or {}), self.resolver, ephemeral=ephemeral
-                )
-                mounter = self.mounters[self.mounter_name]
-                with self._lock_for(self._volume_locks, req.volume_id):
-                    if mounter.ensure_initialised(cipher_dir, key):
-                        log.info(
-                            "initialised volume",
-                            extra={
-                                "fields": {"volume_id": req.volume_id, "key_source": key.source}
-                            },
-                        )
-                created = self._make_target(target)
-                try:
-                    handle = self.supervisor.start(
-                        target, cipher_dir, self.mounter_name, key, readonly=readonly
-                    )
-                except BaseException:
-                    if created:
-                        self._remove_target(target)
-                    raise
-            except BaseException:
-                if ephemeral:
-                    shutil.rmtree(cipher_dir, ignore_errors=True)
-                raise
-            pub = Publication(
-                req.volume_id,
-                target,
-                cipher_dir,
-                self.mounter_name,
-                readonly,
-                int(mode),
-                handle.pid,
-                ephemeral,
-                proc_start_time(handle.pid),
-            )
-            with self._lock:
-                self._pubs[target] = pub
+            # The volume lock makes "check conflicts, init, mount, record" atomic per volume,
+            # so two targets of one volume cannot both pass the single-writer check.
+            with self._lock_for(self._volume_locks, req.volume_id):
+                self._check_conflicts(req.volume_id, target, readonly)
+                pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral)
+                with self._lock:
+                    self._pubs[target] = pub
             self._save()
             log.info(
                 "published",
@@ -285,10 +251,56 @@ class NodeCore:
                         "target": target,
                         "readonly": readonly,
                         "mounter": self.mounter_name,
-                        "pid": handle.pid,
+                        "pid": pub.pid,
                     }
                 },
             )
+
+    def _mount_new(
+        self,
+        req: PublishRequest,
+        ctx: Mapping[str, str],
+        target: str,
+        readonly: bool,
+        mode: int,
+        ephemeral: bool,
+    ) -> Publication:
+        """Locate, key, initialise if new, create the target and start the daemon."""
+        cipher_dir = self._locate(req, ctx, ephemeral)
+        try:
+            key = resolve_volume_key(
+                req.volume_id, ctx, dict(req.secrets or {}), self.resolver, ephemeral=ephemeral
+            )
+            mounter = self.mounters[self.mounter_name]
+            if mounter.ensure_initialised(cipher_dir, key):
+                log.info(
+                    "initialised volume",
+                    extra={"fields": {"volume_id": req.volume_id, "key_source": key.source}},
+                )
+            created = self._make_target(target)
+            try:
+                handle = self.supervisor.start(
+                    target, cipher_dir, self.mounter_name, key, readonly=readonly
+                )
+            except BaseException:
+                if created:
+                    self._remove_target(target)
+                raise
+        except BaseException:
+            if ephemeral:
+                shutil.rmtree(cipher_dir, ignore_errors=True)
+            raise
+        return Publication(
+            req.volume_id,
+            target,
+            cipher_dir,
+            self.mounter_name,
+            readonly,
+            mode,
+            handle.pid,
+            ephemeral,
+            proc_start_time(handle.pid),
+        )
 
     def _reuse_existing(self, volume_id: str, target: str, readonly: bool, mode: int) -> bool:
         """True if an identical publication is already live (idempotent OK)."""
