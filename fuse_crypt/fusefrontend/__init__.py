@@ -1,8 +1,16 @@
 """The FUSE filesystem: plaintext paths and contents over a ciphertext backend.
 
-Modules: :mod:`.paths` (plain → cipher paths, dir IVs, long names), :mod:`.files`
-(open-file table, block read/write/truncate), :mod:`.xattrs`, :mod:`.operations`
-(the mfusepy Operations class) and :mod:`.mount` (``serve``).
+Modules, one job each:
+
+* :mod:`.paths` -- plaintext path -> cipher path (dir IVs, EME names, long names),
+  with caches invalidated on rmdir / directory rename;
+* :mod:`.files` -- open-file table keyed by backing inode (RW lock + cached file ID
+  per inode), block read / write with read-modify-write, holes, truncate;
+* :mod:`.blockio` -- batch block crypto into recycled buffers (hot path);
+* :mod:`.rwlock` -- the per-inode readers-writer lock;
+* :mod:`.xattrs` -- encrypted xattr names and values;
+* :mod:`.operations` -- the mfusepy ``Operations`` class tying them together;
+* :mod:`.mount` -- ``serve()``: libfuse3 options, readiness, tuning, error mapping.
 """
 
 from . import _libfuse  # noqa: F401  (must precede any mfusepy import)
