@@ -451,6 +451,7 @@ def test_chmod_chown_utimens(m: Mount, cr: Crypto, d: Path) -> None:
     st = f.stat()
     assert st.st_atime_ns == 1_111_111_111_123_456_789
     assert st.st_mtime_ns == 1_222_222_222_987_654_321
+    assert c.stat().st_mtime_ns == 1_222_222_222_987_654_321  # stored on the cipher file
     # UTIME_OMIT for atime via touch -m
     subprocess.run(["touch", "-m", "-d", "@2000000000", str(f)], check=True)
     st = f.stat()
