@@ -82,6 +82,7 @@ class FileTable:
         #: Bumped by every read/write (racy increments are fine: only "did it
         #: change" matters, for the idle-time malloc trim).
         self.io_count = 0
+        self._prealloc = True
 
     # -- table ------------------------------------------------------------------------
 
@@ -252,6 +253,21 @@ class FileTable:
             lock.release_write()
         return len(data)
 
+    def _preallocate(self, of: OpenFile, offset: int, length: int) -> None:
+        """Reserve the range first (like gocryptfs): running out of space then fails
+        the write cleanly instead of leaving a torn, undecryptable block.  Turned
+        off for good when the backend cannot do it."""
+        if not self._prealloc:
+            return
+        try:
+            self.backend.fallocate(of.handle, FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                self._prealloc = False
+                log.info("event=prealloc_disabled errno=%s", e.errno)
+                return
+            raise
+
     def _pad_last_block(self, of: OpenFile, fid: bytes, psize: int) -> None:
         """writePadHole/zeroPad: fill the partial last block up to 4096 bytes so the
         blocks after it can be holes."""
@@ -320,10 +336,13 @@ class FileTable:
             if header:  # first == 0: header and block 0 in one pwrite
                 cm[:HEADER_LEN] = header
                 clen = self.bc.encrypt_into(0, memoryview(plain), fid, cm[HEADER_LEN:])
+                self._preallocate(of, 0, HEADER_LEN + clen)
                 backend.pwrite(of.handle, cm[: HEADER_LEN + clen], 0)
             else:
                 clen = self.bc.encrypt_into(first, memoryview(plain), fid, cm)
-                backend.pwrite(of.handle, cm[:clen], HEADER_LEN + first * CIPHER_BS)
+                coff = HEADER_LEN + first * CIPHER_BS
+                self._preallocate(of, coff, clen)
+                backend.pwrite(of.handle, cm[:clen], coff)
         finally:
             self._cpool.put(cbuf)
             if pbuf is not None:

@@ -198,3 +198,37 @@ def test_other_files_keep_working_and_log_is_clean(damaged: tuple[Mount, Volume]
     assert MARKER.decode() not in log
     assert "xattr plaintext" not in log and "/secret/link/target" not in log
     assert vol.master_key.hex() not in log.lower()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
+def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: object) -> None:
+    """A full backing store fails the write with ENOSPC; what was written before
+    stays readable (space is reserved before blocks are written, so no torn
+    cipher block is left behind)."""
+    import subprocess
+
+    small = tmp_path / "small"
+    small.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
+    try:
+        vol = make_volume(small / "cipher")
+        m = mount_factory(vol)  # type: ignore[operator]
+        keep = os.urandom(100_000)
+        (m.path / "keep").write_bytes(keep)
+        fd = os.open(m.path / "keep", os.O_WRONLY)
+        try:
+            with pytest.raises(OSError) as ei:
+                for i in range(64):  # far more than fits
+                    os.pwrite(fd, os.urandom(64 * 1024), 100_000 + i * 64 * 1024)
+            assert ei.value.errno == errno.ENOSPC
+        finally:
+            os.close(fd)
+        data = (m.path / "keep").read_bytes()
+        assert data[:100_000] == keep
+        assert len(data) >= 100_000
+        (m.path / "keep").unlink()
+        (m.path / "after").write_bytes(b"space again")
+        assert (m.path / "after").read_bytes() == b"space again"
+        m.unmount()
+    finally:
+        subprocess.run(["umount", "-l", str(small)], check=False)
