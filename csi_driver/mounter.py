@@ -151,6 +151,9 @@ class Mounter(ABC):
             pass  # it died at once; the supervisor reads why from the log
         return proc
 
+    def warm(self) -> None:  # noqa: B027 - optional hook
+        """Prepare helpers ahead of the first publish (the zygote); called at plugin start."""
+
     def close(self) -> None:  # noqa: B027 - optional hook, most mounters hold nothing
         """Release helper processes (the zygote); mounts are unaffected."""
 
@@ -282,6 +285,9 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
             return PidProcess(self._zygote.spawn(argv, log_path, stdin_data))
         except OSError as exc:
             raise errors.MountError(f"{self.name}: {exc}") from None
+
+    def warm(self) -> None:
+        self._zygote.warm()
 
     def close(self) -> None:
         self._zygote.close()

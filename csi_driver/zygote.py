@@ -123,6 +123,7 @@ class ZygoteClient:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
+        self._closed = False
 
     def _start(self) -> socket.socket:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -139,6 +140,15 @@ class ZygoteClient:
             raise OSError("mount zygote failed to start")
         ours.settimeout(30)
         return ours
+
+    def warm(self) -> None:
+        """Start the zygote now rather than on the first mount (best effort)."""
+        with self._lock:
+            if self._sock is None and not self._closed:
+                try:
+                    self._sock = self._start()
+                except OSError:
+                    self._sock = None
 
     def spawn(self, argv: list[str], log_path: str, stdin_data: bytes) -> int:
         """Fork a daemon running ``fuse_crypt.cli.main(argv)``; returns its pid."""
@@ -164,6 +174,7 @@ class ZygoteClient:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._sock is not None:
                 self._sock.close()
                 self._sock = None

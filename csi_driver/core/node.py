@@ -108,6 +108,10 @@ class NodeCore:
             monitor_interval=monitor_interval,
         )
         self.recover()
+        # Warm mount helpers (fuse-crypt-prefork's zygote) off the request path.
+        threading.Thread(
+            target=self.mounters[mounter].warm, name="mounter-warm", daemon=True
+        ).start()
 
     # -- helpers -------------------------------------------------------------------------
 

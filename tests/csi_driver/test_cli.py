@@ -66,7 +66,9 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_node(tmp: pathlib.Path, keys: Keys, sock: str, port: int) -> subprocess.Popen[bytes]:
+def _start_node(
+    tmp: pathlib.Path, keys: Keys, sock: str, port: int, mounter: str = "gocryptfs"
+) -> subprocess.Popen[bytes]:
     log = open(tmp / "node.log", "ab")  # noqa: SIM115 - owned by the child
     proc = subprocess.Popen(
         [
@@ -98,8 +100,9 @@ def _start_node(tmp: pathlib.Path, keys: Keys, sock: str, port: int) -> subproce
     return proc
 
 
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
 def test_node_process_kill9_keeps_mounts_and_metrics(
-    tmp_path: pathlib.Path, sockdir: str, keys: Keys
+    tmp_path: pathlib.Path, sockdir: str, keys: Keys, mounter: str
 ) -> None:
     sock = f"{sockdir}/node.sock"
     port = _free_port()
@@ -115,7 +118,7 @@ def test_node_process_kill9_keeps_mounts_and_metrics(
         volume_context={**ctx, "csi.storage.k8s.io/serviceAccount.tokens": "tok-SECRET-123"},
         secrets={"passphrase": sealed},
     )
-    proc = _start_node(tmp_path, keys, sock, port)
+    proc = _start_node(tmp_path, keys, sock, port, mounter)
     proc2 = None
     try:
         with CsiClient(f"unix://{sock}") as c:
@@ -131,7 +134,7 @@ def test_node_process_kill9_keeps_mounts_and_metrics(
         proc.wait(timeout=10)
         assert pathlib.Path(target, "f").read_bytes() == b"data"  # mount outlives the plugin
 
-        proc2 = _start_node(tmp_path, keys, sock, _free_port())
+        proc2 = _start_node(tmp_path, keys, sock, _free_port(), mounter)
         with CsiClient(f"unix://{sock}") as c:
             c.node.NodePublishVolume(req)  # kubelet's periodic republish: idempotent
             assert pathlib.Path(target, "f").read_bytes() == b"data"

@@ -198,3 +198,19 @@ def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no
         assert os.path.ismount(target)
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
+    backend, start, tmp = world
+    client, core = start("fuse-crypt-prefork")
+    vid, ctx = _volume(backend, "a")
+    _publish(client, vid, ctx, str(tmp / "a"))
+    zygote = core.mounters["fuse-crypt-prefork"]._zygote._proc  # type: ignore[attr-defined]
+    assert zygote is not None
+    zygote.kill()
+    zygote.wait()
+    assert pathlib.Path(tmp / "a").is_mount()  # its daemon does not depend on the zygote
+    vid2, ctx2 = _volume(backend, "b")
+    _publish(client, vid2, ctx2, str(tmp / "b"))  # a fresh zygote serves the next mount
+    pathlib.Path(tmp / "b" / "f").write_bytes(DATA)
+    assert pathlib.Path(tmp / "b" / "f").read_bytes() == DATA
