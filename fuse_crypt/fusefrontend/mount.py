@@ -59,14 +59,18 @@ def _pin_thread_state() -> None:
 
 
 class CryptFUSE(mfusepy.FUSE):
-    """mfusepy's FUSE with three fixes we need.
+    """mfusepy's FUSE with the fixes and fast paths we need.
 
     * errors: our typed exceptions become errno values here, in one place, and
       unexpected exceptions are logged without their arguments (which may hold
       plaintext) and answered with EIO;
+    * worker threads keep their Python thread state (:func:`_pin_thread_state`);
     * ``rename`` passes renameat2 flags (mfusepy drops them, which would turn
       RENAME_NOREPLACE into a silent overwrite);
-    * ``truncate`` passes the file handle (ftruncate on an unlinked open file).
+    * ``truncate`` passes the file handle (ftruncate on an unlinked open file);
+    * ``read``/``write`` work on libfuse's buffers directly, ``getattr`` and
+      ``readdir`` fill libfuse's structs directly, ``create`` skips mfusepy's
+      per-call signature inspection.
     """
 
     def _wrapper(self, func: Any, *args: Any, **kwargs: Any) -> int:
