@@ -1,11 +1,13 @@
 """``LocalDirBackend``: ciphertext in a directory of a local (or host-shared) filesystem.
 
-All calls resolve relative to one directory fd opened at construction (``*at``
-syscalls), so renaming or replacing the cipher directory's *path* after mount
-cannot redirect I/O, and the last path component is never followed if it is a
-symlink.  Intermediate components are resolved by the kernel; they are the
-directories the frontend itself just looked up, which is the same trust level
-gocryptfs has without ``-sharedstorage``.
+The storage is untrusted (the host controls it), so no symlink planted in it may
+ever be followed: calls resolve relative to one directory fd opened at
+construction (renaming or replacing the cipher directory's *path* later cannot
+redirect I/O); the parent directory of every path is opened with ``openat2``
+``RESOLVE_BENEATH | RESOLVE_NO_SYMLINKS`` (or, where the kernel lacks openat2, by
+walking components with ``O_NOFOLLOW``, as gocryptfs does), and the last component
+is handled with ``*at`` calls that never follow it either.  A directory swapped for
+a symlink therefore yields ELOOP instead of writes somewhere else in the guest.
 """
 
 from __future__ import annotations
@@ -16,6 +18,8 @@ import ctypes.util
 import errno
 import os
 import stat as stat_mod
+from collections.abc import Callable
+from typing import Any
 
 from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
 
@@ -33,6 +37,21 @@ if _renameat2 is not None:
 _fallocate = getattr(_libc, "fallocate64", None) or getattr(_libc, "fallocate", None)
 if _fallocate is not None:
     _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+_SYS_OPENAT2 = 437  # same number on every Linux architecture
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC | os.O_NOFOLLOW
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
+
+
+_syscall = _libc.syscall
+_syscall.restype = ctypes.c_long
+_HOW = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
 
 
 def _to_stat(st: os.stat_result) -> Stat:
@@ -72,7 +91,51 @@ class LocalDirBackend(StorageBackend):
         # O_PATH: usable as dirfd for every *at call and for fstatfs, but grants no
         # read access by itself.
         self._rfd = os.open(self.root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        self._proc = f"/proc/self/fd/{self._rfd}/"
+        self._openat2 = True
+
+    # -- safe resolution ------------------------------------------------------------
+
+    def _open_dir(self, rel: str) -> int:
+        """O_PATH fd of directory ``rel`` (below the root), never via a symlink."""
+        if self._openat2:
+            fd = _syscall(
+                ctypes.c_long(_SYS_OPENAT2),
+                ctypes.c_long(self._rfd),
+                ctypes.c_char_p(os.fsencode(rel)),
+                ctypes.byref(_HOW),
+                ctypes.c_size_t(ctypes.sizeof(_HOW)),
+            )
+            if fd >= 0:
+                return fd
+            err = ctypes.get_errno()
+            if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp without openat2
+                raise OSError(err, os.strerror(err))
+            self._openat2 = False
+        fd = self._rfd
+        try:
+            for comp in rel.split("/"):
+                nfd = os.open(comp, _DIR_FLAGS, dir_fd=fd)
+                if fd != self._rfd:
+                    os.close(fd)
+                fd = nfd
+        except BaseException:
+            if fd != self._rfd:
+                os.close(fd)
+            raise
+        return fd
+
+    def _parent(self, path: str) -> tuple[int, str]:
+        """(fd of the parent directory, last component) for a checked path.
+        The caller must ``_done(fd)`` it."""
+        p = _check(path)
+        parent, sep, name = p.rpartition("/")
+        if not sep:
+            return self._rfd, p
+        return self._open_dir(parent), name
+
+    def _done(self, fd: int) -> None:
+        if fd != self._rfd:
+            os.close(fd)
 
     def __repr__(self) -> str:
         return f"LocalDirBackend(root={self.root!r})"
@@ -80,17 +143,28 @@ class LocalDirBackend(StorageBackend):
     # -- metadata ---------------------------------------------------------------
 
     def lstat(self, path: str) -> Stat:
-        return _to_stat(os.stat(_check(path), dir_fd=self._rfd, follow_symlinks=False))
+        fd, name = self._parent(path)
+        try:
+            return _to_stat(os.stat(name, dir_fd=fd, follow_symlinks=False))
+        finally:
+            self._done(fd)
+
+    def _open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        pfd, name = self._parent(path)
+        try:
+            return os.open(name, flags | _O_BASE, mode, dir_fd=pfd)
+        finally:
+            self._done(pfd)
 
     def listdir(self, path: str) -> list[str]:
-        fd = os.open(_check(path), os.O_RDONLY | os.O_DIRECTORY | _O_BASE, dir_fd=self._rfd)
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             return os.listdir(fd)
         finally:
             os.close(fd)
 
     def scandir(self, path: str) -> list[DirEntry]:
-        fd = os.open(_check(path), os.O_RDONLY | os.O_DIRECTORY | _O_BASE, dir_fd=self._rfd)
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             out = []
             with os.scandir(fd) as it:
@@ -109,49 +183,83 @@ class LocalDirBackend(StorageBackend):
             os.close(fd)
 
     def mkdir(self, path: str, mode: int) -> None:
-        os.mkdir(_check(path), mode, dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            os.mkdir(name, mode, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def rmdir(self, path: str) -> None:
-        os.rmdir(_check(path), dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            os.rmdir(name, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def unlink(self, path: str) -> None:
-        os.unlink(_check(path), dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            os.unlink(name, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def rename(self, old: str, new: str, flags: int = 0) -> None:
-        o, n = _check(old), _check(new)
-        if flags == 0:
-            os.rename(o, n, src_dir_fd=self._rfd, dst_dir_fd=self._rfd)
-            return
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or _renameat2 is None:
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (flags and _renameat2 is None):
             raise OSError(errno.EINVAL, "unsupported rename flags")
-        rc = _renameat2(self._rfd, os.fsencode(o), self._rfd, os.fsencode(n), flags)
-        if rc != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, os.strerror(e))
+        ofd, oname = self._parent(old)
+        try:
+            nfd, nname = self._parent(new)
+            try:
+                if flags == 0:
+                    os.rename(oname, nname, src_dir_fd=ofd, dst_dir_fd=nfd)
+                    return
+                assert _renameat2 is not None
+                rc = _renameat2(ofd, os.fsencode(oname), nfd, os.fsencode(nname), flags)
+                if rc != 0:
+                    e = ctypes.get_errno()
+                    raise OSError(e, os.strerror(e))
+            finally:
+                self._done(nfd)
+        finally:
+            self._done(ofd)
 
     def link(self, src: str, dst: str) -> None:
-        os.link(
-            _check(src),
-            _check(dst),
-            src_dir_fd=self._rfd,
-            dst_dir_fd=self._rfd,
-            follow_symlinks=False,
-        )
+        sfd, sname = self._parent(src)
+        try:
+            dfd, dname = self._parent(dst)
+            try:
+                os.link(sname, dname, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
+            finally:
+                self._done(dfd)
+        finally:
+            self._done(sfd)
 
     def symlink(self, target: str, path: str) -> None:
-        os.symlink(target, _check(path), dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            os.symlink(target, name, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def mknod(self, path: str, mode: int, dev: int = 0) -> None:
-        os.mknod(_check(path), mode, dev, dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            os.mknod(name, mode, dev, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def readlink(self, path: str) -> str:
-        return os.readlink(_check(path), dir_fd=self._rfd)
+        fd, name = self._parent(path)
+        try:
+            return os.readlink(name, dir_fd=fd)
+        finally:
+            self._done(fd)
 
     def chmod(self, path: str, mode: int) -> None:
         # fchmodat(AT_SYMLINK_NOFOLLOW) is not available; chmod through an O_PATH fd
         # of the object itself instead (a symlink there gives EOPNOTSUPP, never its
         # target).
-        fd = os.open(_check(path), os.O_PATH | _O_BASE, dir_fd=self._rfd)
+        fd = self._open(path, os.O_PATH)
         try:
             if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
                 raise OSError(errno.EOPNOTSUPP, "chmod on a symlink")
@@ -160,17 +268,24 @@ class LocalDirBackend(StorageBackend):
             os.close(fd)
 
     def chown(self, path: str, uid: int, gid: int) -> None:
-        os.chown(_check(path), uid, gid, dir_fd=self._rfd, follow_symlinks=False)
+        fd, name = self._parent(path)
+        try:
+            os.chown(name, uid, gid, dir_fd=fd, follow_symlinks=False)
+        finally:
+            self._done(fd)
 
     def utimens(self, path: str, atime_ns: int | None, mtime_ns: int | None) -> None:
-        p = _check(path)
         if atime_ns is None and mtime_ns is None:
             return
-        if atime_ns is None or mtime_ns is None:
-            st = os.stat(p, dir_fd=self._rfd, follow_symlinks=False)
-            atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
-            mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
-        os.utime(p, ns=(atime_ns, mtime_ns), dir_fd=self._rfd, follow_symlinks=False)
+        fd, name = self._parent(path)
+        try:
+            if atime_ns is None or mtime_ns is None:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                atime_ns = st.st_atime_ns if atime_ns is None else atime_ns
+                mtime_ns = st.st_mtime_ns if mtime_ns is None else mtime_ns
+            os.utime(name, ns=(atime_ns, mtime_ns), dir_fd=fd, follow_symlinks=False)
+        finally:
+            self._done(fd)
 
     def statfs(self) -> dict[str, int]:
         sv = os.statvfs(self._rfd)
@@ -188,25 +303,32 @@ class LocalDirBackend(StorageBackend):
 
     # -- extended attributes ------------------------------------------------------
 
-    def _xpath(self, path: str) -> str:
-        return self._proc + _check(path)
+    # Python has no *xattrat(); a path through the parent's /proc/self/fd entry plus
+    # follow_symlinks=False on the last component is the symlink-proof equivalent.
+
+    def _xattr(self, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+        fd, name = self._parent(path)
+        try:
+            return fn(f"/proc/self/fd/{fd}/{name}", *args, follow_symlinks=False)
+        finally:
+            self._done(fd)
 
     def getxattr(self, path: str, name: str) -> bytes:
-        return os.getxattr(self._xpath(path), name, follow_symlinks=False)
+        return self._xattr(path, os.getxattr, name)
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int = 0) -> None:
-        os.setxattr(self._xpath(path), name, value, flags, follow_symlinks=False)
+        self._xattr(path, os.setxattr, name, value, flags)
 
     def listxattr(self, path: str) -> list[str]:
-        return os.listxattr(self._xpath(path), follow_symlinks=False)
+        return self._xattr(path, os.listxattr)
 
     def removexattr(self, path: str, name: str) -> None:
-        os.removexattr(self._xpath(path), name, follow_symlinks=False)
+        self._xattr(path, os.removexattr, name)
 
     # -- small whole files ------------------------------------------------------------
 
     def read_small_file(self, path: str, max_size: int = 1 << 20) -> bytes:
-        fd = os.open(_check(path), os.O_RDONLY | _O_BASE, dir_fd=self._rfd)
+        fd = self._open(path, os.O_RDONLY)
         try:
             data = os.read(fd, max_size + 1)
             if len(data) > max_size:
@@ -216,24 +338,27 @@ class LocalDirBackend(StorageBackend):
             os.close(fd)
 
     def write_small_file_excl(self, path: str, data: bytes, mode: int) -> None:
-        p = _check(path)
-        fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BASE, mode, dir_fd=self._rfd)
+        pfd, name = self._parent(path)
         try:
-            self._write_all(fd, data, 0)
-            os.fsync(fd)
-        except BaseException:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BASE, mode, dir_fd=pfd)
+            try:
+                self._write_all(fd, data, 0)
+                os.fsync(fd)
+            except BaseException:
+                os.close(fd)
+                with contextlib.suppress(OSError):
+                    os.unlink(name, dir_fd=pfd)
+                raise
             os.close(fd)
-            with contextlib.suppress(OSError):
-                os.unlink(p, dir_fd=self._rfd)
-            raise
-        os.close(fd)
+        finally:
+            self._done(pfd)
 
     # -- file handles -------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
         if flags & os.O_APPEND:
             raise OSError(errno.EINVAL, "O_APPEND is not allowed on backend handles")
-        return os.open(_check(path), flags | _O_BASE, mode, dir_fd=self._rfd)
+        return self._open(path, flags, mode)
 
     def pread(self, handle: int, size: int, offset: int) -> bytes:
         data = os.pread(handle, size, offset)
@@ -299,7 +424,7 @@ class LocalDirBackend(StorageBackend):
         os.close(handle)
 
     def fsyncdir(self, path: str) -> None:
-        fd = os.open(_check(path), os.O_RDONLY | os.O_DIRECTORY | _O_BASE, dir_fd=self._rfd)
+        fd = self._open(path, os.O_RDONLY | os.O_DIRECTORY)
         try:
             os.fsync(fd)
         finally:

@@ -255,3 +255,50 @@ def test_default_scandir_and_pread_into() -> None:
             t.close(h)
         finally:
             t.destroy()
+
+
+@pytest.mark.parametrize("openat2", [True, False], ids=["openat2", "component-walk"])
+def test_planted_symlinks_are_never_followed(tmp_path: Path, openat2: bool) -> None:
+    """The host may swap a cipher directory for a symlink to anywhere in the
+    guest; every call must then fail instead of touching the target."""
+    root = tmp_path / "root"
+    outside = tmp_path / "outside"
+    root.mkdir()
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"guest file")
+    (root / "d").mkdir()
+    (root / "d" / "sub").mkdir()
+    be = LocalDirBackend(str(root))
+    be._openat2 = openat2
+    try:
+        be.write_small_file_excl("d/sub/ok", b"1", 0o644)  # works before the swap
+        (root / "d" / "sub" / "ok").unlink()
+        (root / "d" / "sub").rmdir()
+        (root / "d").rmdir()
+        os.symlink(outside, root / "d")  # absolute, points out of the root
+        os.symlink("../outside", root / "r")  # relative escape
+        for parent in ("d", "r"):
+            attempts = [
+                lambda p=parent: be.lstat(f"{p}/victim"),
+                lambda p=parent: be.listdir(f"{p}"),
+                lambda p=parent: be.read_small_file(f"{p}/victim"),
+                lambda p=parent: be.write_small_file_excl(f"{p}/planted", b"x", 0o644),
+                lambda p=parent: be.mkdir(f"{p}/newdir", 0o755),
+                lambda p=parent: be.unlink(f"{p}/victim"),
+                lambda p=parent: be.chmod(f"{p}/victim", 0o777),
+                lambda p=parent: be.utimens(f"{p}/victim", 1, 1),
+                lambda p=parent: be.getxattr(f"{p}/victim", "user.x"),
+                lambda p=parent: be.open(f"{p}/victim", os.O_RDWR),
+                lambda p=parent: be.rename(f"{p}/victim", "stolen"),
+                lambda p=parent: be.link(f"{p}/victim", "hard"),
+            ]
+            for attempt in attempts:
+                with pytest.raises(OSError) as ei:
+                    attempt()
+                assert ei.value.errno in (errno.ELOOP, errno.ENOTDIR, errno.EXDEV)
+        assert sorted(os.listdir(outside)) == ["victim"]
+        assert (outside / "victim").read_bytes() == b"guest file"
+        assert stat.S_IMODE((outside / "victim").stat().st_mode) != 0o777
+        assert sorted(os.listdir(root)) == ["d", "r"]
+    finally:
+        be.destroy()

@@ -232,3 +232,30 @@ def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: object) -> None:
         m.unmount()
     finally:
         subprocess.run(["umount", "-l", str(small)], check=False)
+
+
+def test_directory_swapped_for_symlink_is_not_followed(
+    tmp_path: Path, mount_factory: object
+) -> None:
+    """The host swaps a cipher directory for a symlink into the guest (with a
+    copied diriv so names still encrypt).  While the kernel still believes the
+    directory exists, writes through it must fail, and nothing may land outside."""
+    vol = make_volume(tmp_path / "swap")
+    m = mount_factory(vol)  # type: ignore[operator]
+    (m.path / "dir").mkdir()
+    (m.path / "dir" / "f").write_bytes(b"inside")
+    cdir = CipherView(vol).cpath("dir")
+    outside = tmp_path / "guest"
+    outside.mkdir()
+    os.rename(cdir, tmp_path / "parked")
+    (outside / DIRIV_NAME).write_bytes((tmp_path / "parked" / DIRIV_NAME).read_bytes())
+    os.symlink(outside, cdir)
+    for attempt in (
+        lambda: (m.path / "dir" / "new").write_bytes(b"leak"),
+        lambda: os.mkdir(m.path / "dir" / "newdir"),
+        lambda: os.symlink("x", m.path / "dir" / "ln"),
+    ):
+        with pytest.raises(OSError):
+            attempt()
+    assert os.listdir(outside) == [DIRIV_NAME]
+    assert (m.path / "ok").write_bytes(b"rest works") == 10
