@@ -260,10 +260,13 @@ class StorageBackend(abc.ABC):
         """
 
     @abc.abstractmethod
-    def write_small_file_excl(self, path: str, data: bytes, mode: int) -> None:
-        """Create ``path`` exclusively (EEXIST if present) with ``data`` and ``mode``,
-        durably (fsync) before returning: a diriv lost in a crash loses every name
-        in its directory.
+    def write_small_file_excl(
+        self, path: str, data: bytes, mode: int, *, sync: bool = True
+    ) -> None:
+        """Create ``path`` exclusively (EEXIST if present) with ``data`` and ``mode``;
+        with ``sync`` also durably (fsync) before returning.  The frontend passes
+        ``sync=False`` for dir IVs and ``.name`` files like gocryptfs (an fsync per
+        mkdir costs milliseconds) and syncs a directory's IV in ``fsyncdir``.
 
         Object store: PUT with ``If-None-Match: *``.
         """

@@ -51,7 +51,7 @@ class _OpenHow(ctypes.Structure):
 
 _syscall = _libc.syscall
 _syscall.restype = ctypes.c_long
-_HOW = _OpenHow(_DIR_FLAGS, 0, _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+_RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
 
 
 def _to_stat(st: os.stat_result) -> Stat:
@@ -95,22 +95,32 @@ class LocalDirBackend(StorageBackend):
 
     # -- safe resolution ------------------------------------------------------------
 
+    def _openat2_beneath(self, rel: str, flags: int, mode: int) -> int | None:
+        """openat2(root, rel, RESOLVE_BENEATH|NO_SYMLINKS); None if unavailable."""
+        if not flags & os.O_CREAT:
+            mode = 0  # openat2 rejects a mode without O_CREAT
+        how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, _RESOLVE)
+        fd = _syscall(
+            ctypes.c_long(_SYS_OPENAT2),
+            ctypes.c_long(self._rfd),
+            ctypes.c_char_p(os.fsencode(rel)),
+            ctypes.byref(how),
+            ctypes.c_size_t(ctypes.sizeof(how)),
+        )
+        if fd >= 0:
+            return fd
+        err = ctypes.get_errno()
+        if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp without openat2
+            raise OSError(err, os.strerror(err))
+        self._openat2 = False
+        return None
+
     def _open_dir(self, rel: str) -> int:
         """O_PATH fd of directory ``rel`` (below the root), never via a symlink."""
         if self._openat2:
-            fd = _syscall(
-                ctypes.c_long(_SYS_OPENAT2),
-                ctypes.c_long(self._rfd),
-                ctypes.c_char_p(os.fsencode(rel)),
-                ctypes.byref(_HOW),
-                ctypes.c_size_t(ctypes.sizeof(_HOW)),
-            )
-            if fd >= 0:
+            fd = self._openat2_beneath(rel, _DIR_FLAGS, 0)
+            if fd is not None:
                 return fd
-            err = ctypes.get_errno()
-            if err not in (errno.ENOSYS, errno.EPERM):  # EPERM: seccomp without openat2
-                raise OSError(err, os.strerror(err))
-            self._openat2 = False
         fd = self._rfd
         try:
             for comp in rel.split("/"):
@@ -150,6 +160,12 @@ class LocalDirBackend(StorageBackend):
             self._done(fd)
 
     def _open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """open() of the object at ``path`` in one openat2 call where possible
+        (the hot path for file opens); no symlink anywhere is ever followed."""
+        if self._openat2:
+            fd = self._openat2_beneath(_check(path), flags, mode)
+            if fd is not None:
+                return fd
         pfd, name = self._parent(path)
         try:
             return os.open(name, flags | _O_BASE, mode, dir_fd=pfd)
@@ -337,13 +353,16 @@ class LocalDirBackend(StorageBackend):
         finally:
             os.close(fd)
 
-    def write_small_file_excl(self, path: str, data: bytes, mode: int) -> None:
+    def write_small_file_excl(
+        self, path: str, data: bytes, mode: int, *, sync: bool = True
+    ) -> None:
         pfd, name = self._parent(path)
         try:
             fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BASE, mode, dir_fd=pfd)
             try:
                 self._write_all(fd, data, 0)
-                os.fsync(fd)
+                if sync:
+                    os.fsync(fd)
             except BaseException:
                 os.close(fd)
                 with contextlib.suppress(OSError):

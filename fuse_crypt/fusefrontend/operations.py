@@ -133,6 +133,7 @@ class CryptOperations(mfusepy.Operations):
                     join(cparent, NameTransform.long_name_companion(disk)),
                     long_cname.encode("ascii"),
                     0o444,  # like gocryptfs 2.3
+                    sync=False,
                 )
                 created = True
             except FileExistsError:
@@ -272,7 +273,16 @@ class CryptOperations(mfusepy.Operations):
         return out
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
-        self.backend.fsyncdir(self.paths.cipher_path(self._dir_path(path, fh)))
+        """Also makes the directory's IV durable: mkdir writes it without fsync
+        (like gocryptfs), and an IV lost in a crash loses every name below it."""
+        cdir = self.paths.cipher_path(self._dir_path(path, fh))
+        if self.use_diriv:
+            h = self.backend.open(join(cdir, DIRIV_NAME), os.O_RDONLY)
+            try:
+                self.backend.fsync(h)
+            finally:
+                self.backend.close(h)
+        self.backend.fsyncdir(cdir)
         return 0
 
     def mkdir(self, path: str, mode: int) -> int:
@@ -286,7 +296,7 @@ class CryptOperations(mfusepy.Operations):
                 backend.mkdir(cpath, stat_mod.S_IMODE(mode) | 0o700)
                 try:
                     backend.write_small_file_excl(
-                        join(cpath, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444
+                        join(cpath, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444, sync=False
                     )
                     if stat_mod.S_IMODE(mode) & 0o700 != 0o700:
                         backend.chmod(cpath, stat_mod.S_IMODE(mode))

@@ -16,8 +16,8 @@ import logging
 import threading
 
 from ..backend.base import StorageBackend
-from ..errors import CorruptDataError, InvalidNameError, NameTooLongError
-from ..nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+from ..errors import CorruptDataError, InvalidNameError
+from ..nametransform import DIRIV_NAME, NameTransform
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
@@ -39,16 +39,16 @@ def split_plain(path: str) -> tuple[str, str]:
 class PathMapper:
     """Maps plaintext FUSE paths to backend cipher paths for one volume.
 
-    ``nt`` is None for ``PlaintextNames`` volumes (names stored as-is, no dir IVs).
     ``use_diriv`` is False for deterministic-name volumes (IV = 16 zero bytes).
+    PlaintextNames volumes are refused by configfile, so names are always encrypted.
     """
 
     def __init__(
-        self, backend: StorageBackend, nt: NameTransform | None, *, use_diriv: bool = True
+        self, backend: StorageBackend, nt: NameTransform, *, use_diriv: bool = True
     ) -> None:
         self.backend = backend
         self.nt = nt
-        self.use_diriv = use_diriv and nt is not None
+        self.use_diriv = use_diriv
         self._ivs: dict[str, bytes] = {}
         self._paths: dict[str, str] = {"/": ""}
         self._gen = 0
@@ -99,14 +99,7 @@ class PathMapper:
     def encrypt_name(self, cdir: str, name: str) -> tuple[str, str | None]:
         """(on-disk name, full cName for a ``.name`` file or None) of ``name`` in
         cipher directory ``cdir``."""
-        nt = self.nt
-        if nt is None:
-            if len(name.encode("utf-8", "surrogateescape")) > 255:
-                raise NameTooLongError("file name longer than 255 bytes")
-            if cdir == "" and name == CONF_NAME:
-                raise OSError(errno.EPERM, "reserved name")
-            return name, None
-        return nt.disk_name(name, self.dir_iv(cdir))
+        return self.nt.disk_name(name, self.dir_iv(cdir))
 
     def cipher_path(self, plain: str | None) -> str:
         """Cipher path of an existing or to-be-created plaintext path."""
@@ -146,12 +139,6 @@ class PathMapper:
         entry must not hide the rest)."""
         entries = self.backend.scandir(cdir)
         nt = self.nt
-        if nt is None:
-            return [
-                (e.name, e.name, e.ino, e.type)
-                for e in entries
-                if not (cdir == "" and e.name == CONF_NAME)
-            ]
         iv = self.dir_iv(cdir)
         out: list[tuple[str, str, int, int]] = []
         gen = self._gen
