@@ -189,7 +189,7 @@ class MountSupervisor:
                     f"{mounter.name} did not mount {target} within {READY_TIMEOUT:.0f}s"
                 )
             time.sleep(delay)
-            delay = min(delay * 1.5, 0.004)
+            delay = min(delay * 1.5, 0.002)
 
     def adopt(
         self, target: str, cipher_dir: str, mounter_name: str, pid: int, *, readonly: bool

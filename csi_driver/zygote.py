@@ -2,9 +2,9 @@
 
 Why: a `fuse-crypt` daemon spends ~300 ms importing Python modules (mfusepy, cryptography,
 fuse_crypt) before it mounts anything; gocryptfs, a Go binary, mounts in ~30 ms. The zygote
-imports all of that once; each mount is then a fork of it running exactly
-``fuse_crypt.cli.main(["mount", "--foreground", "--masterkey", "stdin", ...])`` — the same CLI
-code path as the exec mounter, minus the interpreter start-up.
+imports all of that once and keeps one child forked ahead; each mount is then that child
+running exactly ``fuse_crypt.cli.main(["mount", "--foreground", "--masterkey", "stdin", ...])``
+— the same CLI code path as the exec mounter, minus interpreter start-up and fork.
 
 Protocol (a private socketpair between the node plugin and its zygote, inside the guest):
 one JSON request per datagram ``{"argv": [...], "log": PATH, "stdin": HEX}`` → reply
@@ -34,6 +34,7 @@ def _warm_up() -> None:
     import fuse_crypt.backend.local  # noqa: F401
     import fuse_crypt.cli
     import fuse_crypt.cli.commands  # noqa: F401
+    import fuse_crypt.cli.keycheck  # noqa: F401
     import fuse_crypt.cli.mountrun  # noqa: F401
     import fuse_crypt.configfile  # noqa: F401
     import fuse_crypt.fusefrontend  # noqa: F401
@@ -73,17 +74,43 @@ def _daemon(argv: list[str], log_path: str, stdin_data: bytes) -> None:
             os._exit(code)
 
 
-def _launch(req: dict[str, Any], conn: socket.socket) -> dict[str, Any]:
-    argv = [str(a) for a in req["argv"]]
-    stdin_data = bytes.fromhex(req["stdin"])
-    pid = os.fork()
-    if pid == 0:  # the daemon: own session, so it outlives the zygote and the plugin
-        try:
-            conn.close()
-            os.setsid()
-        finally:
-            _daemon(argv, req["log"], stdin_data)
-    return {"pid": pid}
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while chunk := os.read(fd, MAX_MSG):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+class _Spare:
+    """A child forked *ahead* of the next request, so forking is off the publish path.
+
+    It blocks reading its request from a pipe; the zygote writes the request and closes the
+    pipe. If the zygote goes away first, the read returns nothing and the spare just exits.
+    """
+
+    def __init__(self, conn: socket.socket) -> None:
+        rd, self.wr = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            code = 0
+            try:
+                conn.close()
+                os.close(self.wr)
+                data = _read_all(rd)
+                os.close(rd)
+                if data:
+                    req = json.loads(data)
+                    os.setsid()  # own session: outlives the zygote and the plugin
+                    _daemon([str(a) for a in req["argv"]], req["log"], bytes.fromhex(req["stdin"]))
+            except BaseException:
+                code = 1
+            os._exit(code)
+        os.close(rd)
+
+    def launch(self, msg: bytes) -> int:
+        os.write(self.wr, msg)
+        os.close(self.wr)
+        return self.pid
 
 
 def _reap() -> None:
@@ -99,6 +126,7 @@ def serve(fd: int) -> int:
     """Zygote main loop on an inherited SOCK_SEQPACKET fd."""
     conn = socket.socket(fileno=fd)
     _warm_up()
+    spare = _Spare(conn)
     conn.send(b'{"ready": true}')
     conn.settimeout(1.0)
     while True:
@@ -110,10 +138,12 @@ def serve(fd: int) -> int:
         if not msg:
             return 0
         try:
-            reply = _launch(json.loads(msg), conn)
+            json.loads(msg)  # reject garbage here rather than in the child
+            reply: dict[str, Any] = {"pid": spare.launch(msg)}
         except Exception as exc:  # reply, never die: the plugin decides
             reply = {"error": f"{type(exc).__name__}"}
         conn.send(json.dumps(reply).encode())
+        spare = _Spare(conn)  # fork the next one while the daemon mounts
 
 
 class ZygoteClient:
