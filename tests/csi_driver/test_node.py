@@ -418,3 +418,19 @@ def test_publish_creates_missing_parents_and_handles_existing_empty_target(env: 
     os.makedirs(target)  # csi-sanity style: the CO pre-creates the target directory
     env.node.node.NodePublishVolume(publish_request(vol, target))
     assert os.path.ismount(target)
+
+
+def test_target_path_with_spaces_and_mountinfo_escapes(env: Env) -> None:
+    """mountinfo escapes spaces as \\040; lookups must still find the mount."""
+    vol = create_volume(env)
+    target = str(env.tmp / "pod with space" / "vol\ttab" / "mount")
+    env.node.node.NodePublishVolume(publish_request(vol, target))
+    assert os.path.ismount(target)
+    env.node.node.NodePublishVolume(publish_request(vol, target))  # found again: idempotent
+    env.node.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=target)
+    )
+    env.node.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=target)
+    )
+    assert not os.path.exists(target)
