@@ -86,6 +86,12 @@ def _tool(name: str) -> str:
     return found
 
 
+def _checked(binary: str) -> str:
+    if not os.access(binary, os.X_OK):
+        raise errors.FailedPrecondition(f"{binary} is not installed or not executable")
+    return binary
+
+
 def _tail(text: str, lines: int = 3) -> str:
     kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
     return " | ".join(kept[-lines:])[:400]
@@ -151,6 +157,17 @@ class Mounter(ABC):
             pass  # it died at once; the supervisor reads why from the log
         return proc
 
+    def unavailable(self) -> str | None:
+        """Why this mounter cannot work here (for Probe), or None."""
+        try:
+            self._bin()
+        except errors.CsiError as exc:
+            return str(exc)
+        return None
+
+    @abstractmethod
+    def _bin(self) -> str: ...
+
     def warm(self) -> None:  # noqa: B027 - optional hook
         """Prepare helpers ahead of the first publish (the zygote); called at plugin start."""
 
@@ -184,7 +201,7 @@ class GocryptfsMounter(Mounter):
         self.binary = binary
 
     def _bin(self) -> str:
-        return self.binary or _tool("gocryptfs")
+        return _checked(self.binary) if self.binary else _tool("gocryptfs")
 
     def _init(self, cipher_dir: str, key: VolumeKey) -> None:
         argv = [self._bin(), "-init", "-q", "-scryptn", str(key.scrypt_logn)]
@@ -220,7 +237,7 @@ class FuseCryptMounter(Mounter):
         self.binary = binary
 
     def _bin(self) -> str:
-        return self.binary or _tool("fuse-crypt")
+        return _checked(self.binary) if self.binary else _tool("fuse-crypt")
 
     def _init(self, cipher_dir: str, key: VolumeKey) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]

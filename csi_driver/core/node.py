@@ -147,7 +147,8 @@ class NodeCore:
     # -- identity ------------------------------------------------------------------------
 
     def probe(self) -> tuple[bool, str]:
-        """Ready only if FUSE works here and a key resolver is configured."""
+        """Ready only if FUSE works here, a key resolver is configured and the mounter's
+        tool is installed."""
         try:
             fd = os.open("/dev/fuse", os.O_RDWR)
             os.close(fd)
@@ -155,6 +156,9 @@ class NodeCore:
             return False, f"/dev/fuse unusable: {exc.strerror}"
         if self.resolver is None:
             return False, "no key resolver configured"
+        missing = self.mounters[self.mounter_name].unavailable()
+        if missing:
+            return False, missing
         return True, "ready"
 
     # -- restart recovery ----------------------------------------------------------------

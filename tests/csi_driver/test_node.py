@@ -434,3 +434,22 @@ def test_target_path_with_spaces_and_mountinfo_escapes(env: Env) -> None:
         csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=target)
     )
     assert not os.path.exists(target)
+
+
+def test_probe_not_ready_when_mounter_tool_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from csi_driver.core.node import NodeCore
+    from csi_driver.mounter import GocryptfsMounter
+
+    missing = GocryptfsMounter(binary=str(tmp_path / "no-such-gocryptfs"))
+    core = NodeCore(
+        "n",
+        str(tmp_path / "s"),
+        object(),
+        mounter="gocryptfs",  # type: ignore[arg-type]
+        mounters={"gocryptfs": missing},
+    )
+    try:
+        ready, reason = core.probe()
+        assert not ready and "not installed" in reason
+    finally:
+        core.shutdown()
