@@ -118,9 +118,17 @@ class PathMapper:
 
     def cipher_parent_and_name(self, plain: str) -> tuple[str, str, str | None]:
         """(cipher parent dir, on-disk name, long cName or None) for creating ``plain``."""
+        cached = self._paths.get(plain)
+        if cached is not None and not cached.rpartition("/")[2].startswith("gocryptfs."):
+            # The kernel looked the name up just before creating it: reuse that
+            # (only long names need the full cName, so they take the slow path).
+            cparent, _, disk = cached.rpartition("/")
+            return cparent, disk, None
+        gen = self._gen
         parent, name = split_plain(plain)
         cparent = self.cipher_path(parent)
         disk, long_cname = self.encrypt_name(cparent, name)
+        self._remember(gen, plain, join(cparent, disk))
         return cparent, disk, long_cname
 
     # -- long-name side files ---------------------------------------------------------
