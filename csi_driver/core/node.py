@@ -279,6 +279,15 @@ class NodeCore:
                 req.volume_id, ctx, dict(req.secrets or {}), self.resolver, ephemeral=ephemeral
             )
             mounter = self.mounters[self.mounter_name]
+            if key.source == "ephemeral-random" and mounter.is_initialised(cipher_dir):
+                # Its random key died with the plugin instance that made it: the old data is
+                # unreadable by anyone, so start the scratch volume afresh.
+                log.warning(
+                    "re-creating ephemeral volume whose key is gone",
+                    extra={"fields": {"volume_id": req.volume_id}},
+                )
+                shutil.rmtree(cipher_dir)
+                os.makedirs(cipher_dir, mode=0o700)
             if mounter.ensure_initialised(cipher_dir, key):
                 log.info(
                     "initialised volume",

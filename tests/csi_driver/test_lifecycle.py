@@ -214,3 +214,22 @@ def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
     _publish(client, vid2, ctx2, str(tmp / "b"))  # a fresh zygote serves the next mount
     pathlib.Path(tmp / "b" / "f").write_bytes(DATA)
     assert pathlib.Path(tmp / "b" / "f").read_bytes() == DATA
+
+
+def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:  # type: ignore[no-untyped-def]
+    _backend, start, tmp = world
+    client, core = start()
+    target = str(tmp / "eph")
+    ctx = {"csi.storage.k8s.io/ephemeral": "true"}
+    _publish(client, "csi-abc123", ctx, target)
+    pathlib.Path(target, "f").write_bytes(DATA)
+    pid = core.publications()[0].pid
+    core.supervisor.shutdown()
+    os.kill(pid, signal.SIGKILL)  # plugin and daemon gone: the random key is lost
+    assert _wait(lambda: mountinfo.is_dead_mount(target))
+    client2, core2 = start()
+    _publish(client2, "csi-abc123", ctx, target)  # kubelet's retry: a fresh scratch volume
+    assert os.listdir(target) == []
+    pathlib.Path(target, "g").write_bytes(DATA)
+    _unpublish(client2, "csi-abc123", target)
+    assert not os.path.exists(os.path.join(core2.ephemeral_root, "csi-abc123"))
