@@ -84,6 +84,11 @@ def load_verification_key(
         what = f"verification key {kid!r}"
     else:
         path = _kid_path(kid, key_dir or DEFAULT_KEY_DIR)
+        if not path.exists():
+            # CDH names the file after the kid; `sealed-secret keygen` writes
+            # `<kid>-public.json`, so a key directory filled by keygen works as it is.
+            keygen_name = path.with_name(f"{path.name}-public.json")
+            path = keygen_name if keygen_name.exists() else path
         try:
             with open(path, "rb") as f:
                 data = f.read(MAX_KEY_BYTES + 1)

@@ -287,3 +287,23 @@ def test_seal_manifest_strips_plaintext_carriers() -> None:
     for bad in ({"kind": "ConfigMap", "apiVersion": "v1"}, {**doc, "data": {"x": "!!"}}):
         with pytest.raises(CliError):
             seal_manifest_doc(bad, lambda v: "sealed.x")
+
+
+def test_keygen_output_dir_is_a_usable_key_dir(work: Path) -> None:
+    """A directory written by `keygen` verifies as it is: `<kid>-public.json` is found."""
+    r = run(
+        *seal_args(work),
+        "vault",
+        "-r",
+        "kbs:///default/app/db",
+        "-p",
+        "kbs",
+    )
+    assert r.returncode == 0, r.stderr
+    sealed = r.stdout.decode().strip()
+    r = run("verify", "-k", str(work / "keys"), sealed)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["verified"]
+    (work / "other").mkdir()
+    r = run("verify", "-k", str(work / "other"), sealed)
+    assert r.returncode == 1 and b"UnknownKid" in r.stderr
