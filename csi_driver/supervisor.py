@@ -20,9 +20,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from csi_driver import errors, mountinfo
+from csi_driver import errors
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
+from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,8 @@ class MountSupervisor:
         log_path = self.log_path(target)
         while True:
             if self._said_ready(log_path, log_offset, mounter.READY_LINE):
-                entry = mountinfo.mount_entry(target)
-                if entry is not None and entry.fs_type.startswith("fuse"):
+                entry = mounttable.find_mount(target, resolve=True)
+                if entry is not None and entry.fstype.startswith("fuse"):
                     return
             rc = proc.poll()
             if rc is not None:
@@ -210,12 +211,12 @@ class MountSupervisor:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mountinfo.mount_entry(target) is not None:
+        if mounttable.find_mount(target, resolve=True) is not None:
             try:
-                mountinfo.unmount(target)
+                mounttable.detach(target)
             except OSError:
                 log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
-                mountinfo.unmount(target, lazy=True)
+                mounttable.detach(target, lazy=True)
         if handle is not None:
             self._reap(handle)
         self.forget(target)
@@ -275,8 +276,8 @@ class MountSupervisor:
     def _recover(self, handle: MountHandle) -> None:
         fields = {"target": handle.target, "pid": handle.pid}
         log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
-        if mountinfo.mount_entry(handle.target) is not None:
-            mountinfo.unmount(handle.target, lazy=True)
+        if mounttable.find_mount(handle.target, resolve=True) is not None:
+            mounttable.detach(handle.target, lazy=True)
         now = time.monotonic()
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
         if handle.key is None or len(handle.restarts) >= MAX_RESTARTS:
@@ -301,7 +302,7 @@ class MountSupervisor:
         with self._lock:
             stopping = handle.stopping
         if stopping:  # unpublished while we were restarting: undo
-            mountinfo.unmount(handle.target, lazy=True)
+            mounttable.detach(handle.target, lazy=True)
             self._reap(handle)
             return
         self.on_restart()

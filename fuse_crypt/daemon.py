@@ -1,4 +1,4 @@
-"""Mount daemon plumbing: fork-with-readiness, mount table queries, stale-mount cleanup.
+"""Mount daemon plumbing: fork-with-readiness, unmount with exit codes, stale-mount cleanup.
 
 Why a readiness pipe: ``fuse-crypt mount`` must only return once the kernel mount is
 live (or with the real reason it failed), so scripts and the CSI node plugin can use the
@@ -16,16 +16,39 @@ and ``unmount`` clean such dead mounts first.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import select
-import shutil
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+
+# Mount table queries live in mounttable (shared with the CSI driver); re-exported here
+# because the CLI, the demo and tests have always imported them from the daemon module.
+from fuse_crypt.mounttable import (
+    MountEntry,
+    UnmountError,
+    detach,
+    find_mount,
+    is_dead_mount,
+    is_live_mount,
+    mount_entries,
+)
+
+__all__ = [
+    "DaemonError",
+    "MountEntry",
+    "Notifier",
+    "cleanup_stale_mount",
+    "describe_exception",
+    "find_mount",
+    "is_dead_mount",
+    "is_live_mount",
+    "mount_entries",
+    "run_daemonized",
+    "unmount",
+    "wait_until",
+]
 
 READY_MSG = b"READY\n"
 _ERROR_PREFIX = b"ERROR "
@@ -46,88 +69,7 @@ class DaemonError(Exception):
         self.code = code
 
 
-# --------------------------------------------------------------------------- mount table
-
-
-@dataclass(frozen=True)
-class MountEntry:
-    """One line of /proc/self/mountinfo, reduced to what we need."""
-
-    mountpoint: str
-    fstype: str
-    source: str
-    options: str
-
-
-def _unescape_mountinfo(field: str) -> str:
-    # The kernel escapes space, tab, newline and backslash as \ooo octal.
-    out: list[str] = []
-    i = 0
-    while i < len(field):
-        if field[i] == "\\" and i + 3 < len(field) and field[i + 1 : i + 4].isdigit():
-            out.append(chr(int(field[i + 1 : i + 4], 8)))
-            i += 4
-        else:
-            out.append(field[i])
-            i += 1
-    return "".join(out)
-
-
-def mount_entries(mountinfo: str = "/proc/self/mountinfo") -> list[MountEntry]:
-    """All mounts visible to this process, in mount order."""
-    entries: list[MountEntry] = []
-    with open(mountinfo, encoding="utf-8", errors="surrogateescape") as f:
-        for line in f:
-            left, sep, right = line.rstrip("\n").partition(" - ")
-            if not sep:
-                continue
-            lparts = left.split(" ")
-            rparts = right.split(" ")
-            if len(lparts) < 6 or len(rparts) < 2:
-                continue
-            entries.append(
-                MountEntry(
-                    mountpoint=_unescape_mountinfo(lparts[4]),
-                    fstype=rparts[0],
-                    source=_unescape_mountinfo(rparts[1]),
-                    options=lparts[5],
-                )
-            )
-    return entries
-
-
-def find_mount(path: str) -> MountEntry | None:
-    """The topmost mount whose mount point is exactly ``path`` (no stat: works when dead)."""
-    target = os.path.abspath(path)
-    found: MountEntry | None = None
-    for entry in mount_entries():
-        if entry.mountpoint == target:
-            found = entry
-    return found
-
-
-def is_dead_mount(path: str) -> bool:
-    """True if ``path`` is a FUSE mount whose daemon is gone (stat gives ENOTCONN)."""
-    try:
-        os.stat(path)
-    except OSError as e:
-        return e.errno == errno.ENOTCONN
-    return False
-
-
-def is_live_mount(path: str) -> bool:
-    """True if ``path`` is a mount point in the table and answers stat."""
-    return find_mount(path) is not None and not is_dead_mount(path)
-
-
 # --------------------------------------------------------------------------- unmount
-
-
-def _run_quiet(argv: list[str]) -> tuple[int, str]:
-    if shutil.which(argv[0]) is None:
-        return 127, f"{argv[0]} not found"
-    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
-    return proc.returncode, (proc.stderr or proc.stdout).strip()
 
 
 def unmount(path: str, *, lazy_fallback: bool = True) -> None:
@@ -138,21 +80,16 @@ def unmount(path: str, *, lazy_fallback: bool = True) -> None:
     mp = os.path.abspath(path)
     if find_mount(mp) is None:
         raise DaemonError(f"{mp} is not mounted", EXIT_MOUNTPOINT)
-    attempts = [["fusermount3", "-u", mp]]
-    if lazy_fallback:
-        attempts += [["fusermount3", "-u", "-z", mp], ["umount", "-l", mp]]
     last = ""
-    for argv in attempts:
-        rc, msg = _run_quiet(argv)
-        if rc == 0 and find_mount(mp) is None:
+    for lazy in (False, True) if lazy_fallback else (False,):
+        try:
+            detach(mp, lazy=lazy)
+        except UnmountError as e:
+            last = e.reason
+        if find_mount(mp) is None:
             return
-        if rc == 0:
-            # Stacked mounts: one layer went away, another remains; try again.
-            continue
-        last = msg.splitlines()[-1] if msg else f"{argv[0]} exited {rc}"
-    if find_mount(mp) is None:
-        return
-    raise DaemonError(f"cannot unmount {mp}: {last}", EXIT_MOUNTPOINT)
+        # Still there: it was busy, or stacked mounts lost only their top layer.
+    raise DaemonError(f"cannot unmount {mp}: {last or 'mount point still in use'}", EXIT_MOUNTPOINT)
 
 
 def cleanup_stale_mount(path: str) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from coco_proto import csi_pb2
-from csi_driver import errors, mountinfo
+from csi_driver import errors
 from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
 from csi_driver.keys import Resolver, resolve_volume_key
@@ -31,6 +31,7 @@ from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter, proc_start_time
 from csi_driver.state import Publication, StateStore
 from csi_driver.supervisor import MountSupervisor, pid_alive, pid_serves
+from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
 
@@ -133,11 +134,11 @@ class NodeCore:
 
     @staticmethod
     def _live(target: str) -> bool:
-        entry = mountinfo.mount_entry(target)
+        entry = mounttable.find_mount(target, resolve=True)
         return (
             entry is not None
-            and entry.fs_type.startswith("fuse")
-            and not mountinfo.is_dead_mount(target)
+            and entry.fstype.startswith("fuse")
+            and not mounttable.is_dead_mount(target)
         )
 
     def publications(self) -> list[Publication]:
@@ -168,17 +169,17 @@ class NodeCore:
         loaded = self._store.load()
         if not loaded:
             return
-        mounts = mountinfo.read_mounts()
+        mounts = mounttable.mounts_by_point()
         for target, pub in loaded.items():
             fields = {"volume_id": pub.volume_id, "target": target}
             entry = mounts.get(target)
-            if entry is not None and entry.fs_type.startswith("fuse"):
-                if mountinfo.is_dead_mount(target):
+            if entry is not None and entry.fstype.startswith("fuse"):
+                if mounttable.is_dead_mount(target):
                     log.warning(
                         "cleaning dead mount left by previous run", extra={"fields": fields}
                     )
                     try:
-                        mountinfo.unmount(target, lazy=True)
+                        mounttable.detach(target, lazy=True)
                     except OSError as exc:
                         log.error(
                             "cannot clean dead mount", extra={"fields": {**fields, "err": exc}}
@@ -323,11 +324,11 @@ class NodeCore:
         with self._lock:
             pub = self._pubs.get(target)
         if pub is None:
-            entry = mountinfo.mount_entry(target)
+            entry = mounttable.find_mount(target, resolve=True)
             if entry is None:
                 return False
-            if mountinfo.is_dead_mount(target):
-                mountinfo.unmount(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
+            if mounttable.is_dead_mount(target):
+                mounttable.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
                 return False
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
         if pub.volume_id != volume_id:
@@ -391,11 +392,11 @@ class NodeCore:
                 pub = self._pubs.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
-            entry = mountinfo.mount_entry(target)
-            foreign = entry is not None and entry.fs_type not in self._our_fs_types()
-            if pub is None and foreign and not mountinfo.is_dead_mount(target):
+            entry = mounttable.find_mount(target, resolve=True)
+            foreign = entry is not None and entry.fstype not in self._our_fs_types()
+            if pub is None and foreign and not mounttable.is_dead_mount(target):
                 raise errors.FailedPrecondition(
-                    f"target_path {target} is a {entry.fs_type} mount this driver did not make"
+                    f"target_path {target} is a {entry.fstype} mount this driver did not make"
                 )
             try:
                 self.supervisor.stop(target)
@@ -411,7 +412,7 @@ class NodeCore:
 
     @staticmethod
     def _remove_target(target: str) -> None:
-        if mountinfo.mount_entry(target) is not None:
+        if mounttable.find_mount(target, resolve=True) is not None:
             raise errors.Internal(f"{target} is still mounted; not removing it")
         try:
             os.rmdir(target)

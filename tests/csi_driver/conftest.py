@@ -18,12 +18,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from csi_driver import mountinfo
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 from csi_driver.core.node import NodeCore
 from csi_driver.metrics import Metrics
 from csi_driver.server import Plugin, start_controller, start_node
+from fuse_crypt import mounttable
 
 KEY_RESOURCE = "kbs:///default/coco-csi/volume-root"
 PASS_RESOURCE = "kbs:///default/passphrases/vol"
@@ -55,10 +55,10 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 def cleanup_mounts(root: str) -> None:
     """Lazy-unmount anything still mounted under ``root`` (a failed test must not leak)."""
-    for mp in sorted(mountinfo.read_mounts(), key=len, reverse=True):
+    for mp in sorted(mounttable.mounts_by_point(), key=len, reverse=True):
         if mp.startswith(root.rstrip("/") + "/"):
             with contextlib.suppress(OSError):
-                mountinfo.unmount(mp, lazy=True)
+                mounttable.detach(mp, lazy=True)
 
 
 @dataclass

@@ -12,12 +12,12 @@ import grpc
 import pytest
 
 from coco_proto import csi_pb2
-from csi_driver import mountinfo
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 from csi_driver.core.node import NodeCore
 from csi_driver.server import start_node
 from csi_driver.supervisor import pid_alive
+from fuse_crypt import mounttable
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
 from .helpers import mount_capability
@@ -114,11 +114,11 @@ def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # 
     pid = core.publications()[0].pid
     core.supervisor.shutdown()  # plugin gone, daemon left running
     os.kill(pid, signal.SIGKILL)
-    assert _wait(lambda: mountinfo.is_dead_mount(target))
+    assert _wait(lambda: mounttable.is_dead_mount(target))
 
     client2, core2 = start()  # recovery cleans the ENOTCONN mount
-    assert not mountinfo.is_dead_mount(target)
-    assert mountinfo.mount_entry(target) is None
+    assert not mounttable.is_dead_mount(target)
+    assert mounttable.find_mount(target, resolve=True) is None
     _publish(client2, vid, ctx, target)  # kubelet's retry succeeds
     assert pathlib.Path(target, "f").read_bytes() == DATA
     _unpublish(client2, vid, target)
@@ -141,8 +141,8 @@ def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # typ
         return bool(
             h
             and h.pid != old
-            and not mountinfo.is_dead_mount(target)
-            and mountinfo.mount_entry(target)
+            and not mounttable.is_dead_mount(target)
+            and mounttable.find_mount(target, resolve=True)
         )
 
     assert _wait(restarted, 15)
@@ -172,10 +172,10 @@ def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> N
     assert proc.stdin is not None
     proc.stdin.write(b"pw")
     proc.stdin.close()
-    assert _wait(lambda: mountinfo.mount_entry(str(target)) is not None)
+    assert _wait(lambda: mounttable.find_mount(str(target), resolve=True) is not None)
     proc.kill()
     proc.wait()
-    assert _wait(lambda: mountinfo.is_dead_mount(str(target)))
+    assert _wait(lambda: mounttable.is_dead_mount(str(target)))
     _publish(client, vid, ctx, str(target))
     pathlib.Path(target, "f").write_bytes(DATA)
     assert pathlib.Path(target, "f").read_bytes() == DATA
@@ -226,7 +226,7 @@ def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:
     pid = core.publications()[0].pid
     core.supervisor.shutdown()
     os.kill(pid, signal.SIGKILL)  # plugin and daemon gone: the random key is lost
-    assert _wait(lambda: mountinfo.is_dead_mount(target))
+    assert _wait(lambda: mounttable.is_dead_mount(target))
     client2, core2 = start()
     _publish(client2, "csi-abc123", ctx, target)  # kubelet's retry: a fresh scratch volume
     assert os.listdir(target) == []
