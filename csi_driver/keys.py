@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from csi_driver import errors
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
+from sealed_secrets.resolver import is_sealed
 
 HKDF_SALT = b"coco-csi volume key v1"
 MIN_ROOT_KEY_BYTES = 16
@@ -55,16 +56,6 @@ class VolumeKey:
 
     def __repr__(self) -> str:
         return f"VolumeKey(source={self.source}, scrypt_logn={self.scrypt_logn})"
-
-
-def is_sealed(value: str) -> bool:
-    """True for CoCo sealed-secret strings; falls back to the prefix test if the
-    sealed_secrets package is not importable (only the prefix decides which path we take)."""
-    try:
-        from sealed_secrets.resolver import is_sealed as _is_sealed
-    except ImportError:
-        return value.startswith("sealed.")
-    return bool(_is_sealed(value))
 
 
 def derive_volume_password(root_key: bytes, volume_id: str) -> bytes:

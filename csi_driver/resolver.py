@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from csi_driver.keys import Resolver
+from sealed_secrets.errors import SealedSecretError
+from sealed_secrets.resolver import build_resolver
 
 
 class ResolverSpecError(ValueError):
@@ -10,12 +12,11 @@ class ResolverSpecError(ValueError):
 
 
 def build(spec: str) -> Resolver:
-    """``offline-fs:/path.json``, ``kbs:https://...``, ``cdh:unix:///...`` → Resolver."""
-    try:
-        from sealed_secrets.resolver import build_resolver
-    except ImportError as exc:  # pragma: no cover - only while sealed_secrets is incomplete
-        raise ResolverSpecError(f"sealed_secrets.resolver is unavailable: {exc}") from None
+    """``offline-fs:/path.json``, ``kbs:https://...``, ``cdh:unix:///...`` → Resolver.
+
+    Wrapped so the CLI can print one line and exit instead of a traceback at start-up.
+    """
     try:
         return build_resolver(spec)
-    except Exception as exc:
+    except (SealedSecretError, ValueError, OSError) as exc:
         raise ResolverSpecError(f"bad --resolver {spec!r}: {type(exc).__name__}: {exc}") from None
