@@ -16,6 +16,7 @@ from typing import Any, NoReturn
 
 from sealed_secrets import keys
 from sealed_secrets.errors import SealedSecretError
+from sealed_secrets.sealing_options import aliyun_envelope_options
 
 PROG = "sealed-secret"
 MAX_PLAINTEXT = 512 * 1024  # sealed strings must fit a Secret value / env var comfortably
@@ -124,28 +125,19 @@ def _envelope_sealer(args: argparse.Namespace) -> Callable[[bytes], str]:
         )
         common["provider"] = asym.NAME
     else:
-        from sealed_secrets.providers import aliyun
-
-        settings = {
-            "client_type": "sts_token",
-            "token_path": args.guest_token_path,
-            "region_id": args.region_id,
-        }
-        if args.kms_instance_id:
-            settings["kms_instance_id"] = args.kms_instance_id
-        if args.endpoint:
-            settings["endpoint"] = args.endpoint
-        creds = (
-            aliyun.Credentials.from_file(args.credential_file)
-            if args.credential_file
-            else aliyun.Credentials.from_env()
+        aliyun = aliyun_envelope_options(
+            region_id=args.region_id,
+            guest_token_path=args.guest_token_path,
+            kms_instance_id=args.kms_instance_id,
+            endpoint=args.endpoint,
+            credential_file=args.credential_file,
+            ca=args.ca,
         )
-        if creds is None:
+        if aliyun is None:
             raise CliError(
                 "aliyun sealing needs --credential-file or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET"
             )
-        common["kms_client"] = aliyun.make_client(settings, credentials=creds, ca=args.ca)
-        common["provider_settings"] = settings
+        common.update(aliyun)
         common["provider"] = "aliyun"
     return lambda plaintext: seal_envelope(plaintext, **common)
 

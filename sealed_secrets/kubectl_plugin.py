@@ -26,6 +26,7 @@ import yaml
 
 from sealed_secrets import keys
 from sealed_secrets.errors import SealedSecretError
+from sealed_secrets.sealing_options import aliyun_envelope_options
 
 PROG = "kubectl-create-sealedsecret"
 KEY_RE = re.compile(r"[-._a-zA-Z0-9]+")
@@ -158,28 +159,19 @@ def seal_all(args: argparse.Namespace, values: dict[str, bytes], refs: dict[str,
                 raise PluginError("--public-key is required for provider coco-csi-asym")
             common["public_key"] = asym.load_public_key(_read_file(Path(pub_path)))
         else:
-            from sealed_secrets.providers import aliyun
-
             if not args.region_id or not args.guest_token_path:
                 raise PluginError("aliyun needs --region-id and --guest-token-path")
-            settings = {
-                "client_type": "sts_token",
-                "token_path": args.guest_token_path,
-                "region_id": args.region_id,
-            }
-            if args.kms_instance_id:
-                settings["kms_instance_id"] = args.kms_instance_id
-            if args.kms_endpoint:
-                settings["endpoint"] = args.kms_endpoint
-            creds = (
-                aliyun.Credentials.from_file(args.kms_credential_file)
-                if args.kms_credential_file
-                else aliyun.Credentials.from_env()
+            aliyun = aliyun_envelope_options(
+                region_id=args.region_id,
+                guest_token_path=args.guest_token_path,
+                kms_instance_id=args.kms_instance_id,
+                endpoint=args.kms_endpoint,
+                credential_file=args.kms_credential_file,
+                ca=args.kms_ca,
             )
-            if creds is None:
+            if aliyun is None:
                 raise PluginError("aliyun sealing needs --kms-credential-file or ALIBABA_CLOUD_*")
-            common["kms_client"] = aliyun.make_client(settings, credentials=creds, ca=args.kms_ca)
-            common["provider_settings"] = settings
+            common.update(aliyun)
         for name, plaintext in values.items():
             sealed[name] = seal_envelope(plaintext, provider=args.provider, **common)
     for name, uri in refs.items():
