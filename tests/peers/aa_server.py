@@ -14,10 +14,7 @@ import base64
 import hashlib
 import json
 import ssl
-import threading
 import urllib.request
-from collections import Counter
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -27,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from coco_proto import attestation_agent_pb2 as pb
 from coco_proto import attestation_agent_pb2_grpc as pb_grpc
+from tests.peers.grpc_unix import UnixGrpcPeer
 
 
 def _b64u(data: bytes) -> str:
@@ -87,16 +85,8 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
     def __init__(self, peer: AaServer) -> None:
         self.peer = peer
 
-    def _enter(self, rpc: str, context: grpc.ServicerContext) -> None:
-        with self.peer.lock:
-            self.peer.calls[rpc] += 1
-            queue = self.peer.faults.get(rpc)
-            code = queue.pop(0) if queue else None
-        if code is not None:
-            context.abort(code, "injected fault")
-
     def GetEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetEvidence", context)
+        self.peer.enter("GetEvidence", context)
         with self.peer.lock:
             self.peer.runtime_data.append(bytes(request.RuntimeData))
         evidence = {
@@ -108,11 +98,11 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
         return pb.GetEvidenceResponse(Evidence=json.dumps(evidence).encode())
 
     def GetAdditionalEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetAdditionalEvidence", context)
+        self.peer.enter("GetAdditionalEvidence", context)
         return pb.GetEvidenceResponse(Evidence=b"")
 
     def GetToken(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetToken", context)
+        self.peer.enter("GetToken", context)
         if request.TokenType != "kbs" or not self.peer.kbs_url:
             context.abort(grpc.StatusCode.INTERNAL, f"unsupported token type {request.TokenType}")
         try:
@@ -124,15 +114,15 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
         return pb.GetTokenResponse(Token=json.dumps(reply).encode())
 
     def GetTeeType(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetTeeType", context)
+        self.peer.enter("GetTeeType", context)
         return pb.GetTeeTypeResponse(tee=self.peer.tee)
 
     def GetAdditionalTees(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetAdditionalTees", context)
+        self.peer.enter("GetAdditionalTees", context)
         return pb.GetAdditionalTeesResponse(additional_tees=[])
 
 
-class AaServer:
+class AaServer(UnixGrpcPeer):
     """Run the AA peer on ``unix://<socket_path>``; use as a context manager."""
 
     def __init__(
@@ -144,42 +134,14 @@ class AaServer:
         kbs_url: str | None = None,
         kbs_ca: str | None = None,
     ) -> None:
-        self.socket_path = socket_path
+        super().__init__(socket_path)
         self.kbs_url = kbs_url  # for GetToken("kbs"), like [token_configs.kbs] url
         self.kbs_ca = kbs_ca
         self.bad_token_reply = False
         self.tee = tee
         self.svn = svn
         self.tamper = False  # True: report_data no longer binds the runtime data
-        self.lock = threading.Lock()
-        self.calls: Counter = Counter()
-        self.faults: dict[str, list[grpc.StatusCode]] = {}
         self.runtime_data: list[bytes] = []
-        self._server: grpc.Server | None = None
 
-    @property
-    def target(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    def inject(self, rpc: str, code: grpc.StatusCode, count: int = 1) -> None:
-        with self.lock:
-            self.faults.setdefault(rpc, []).extend([code] * count)
-
-    def start(self) -> AaServer:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    def _register(self, server: grpc.Server) -> None:
         pb_grpc.add_AttestationAgentServiceServicer_to_server(_Servicer(self), server)
-        server.add_insecure_port(self.target)
-        server.start()
-        self._server = server
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop(grace=None).wait(5)
-        self._server = None
-
-    def __enter__(self) -> AaServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -16,25 +16,19 @@ base64(key-uuid ‖ nonce ‖ AES-256-GCM): opaque to clients, as in the real se
 from __future__ import annotations
 
 import base64
-import datetime
 import hashlib
 import hmac
-import ipaddress
 import json
 import os
-import ssl
-import threading
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-from cryptography.x509.oid import NameOID
+
+from tests.peers.tls import ServedHttp, make_server_tls
 
 
 def _quote(s: str) -> str:
@@ -42,52 +36,15 @@ def _quote(s: str) -> str:
 
 
 def make_tls(dirpath: str, ca_name: str = "PrivateKmsCA_kst-test.pem") -> tuple[str, str, str]:
-    """Self-signed CA + server cert for 127.0.0.1 → (ca_path, cert_path, key_path)."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name_x = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake KMS CA")])
-    ca = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name_x)
-        .issuer_name(ca_name_x)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(ca_key, hashes.SHA256())
+    """A CA (named as the KMS instance CA file) + server cert → (ca_path, cert, key)."""
+    return make_server_tls(
+        dirpath,
+        ca_cn="fake KMS CA",
+        ca_file=ca_name,
+        cert_file="kms-server.pem",
+        key_file="kms-server.key",
+        key_ids=False,
     )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name_x)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    ca_path = os.path.join(dirpath, ca_name)
-    cert_path = os.path.join(dirpath, "kms-server.pem")
-    key_path = os.path.join(dirpath, "kms-server.key")
-    with open(ca_path, "wb") as f:
-        f.write(ca.public_bytes(serialization.Encoding.PEM))
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return ca_path, cert_path, key_path
 
 
 class KmsError(Exception):
@@ -267,16 +224,12 @@ class FakeKms:
         self.state = KmsState()
         self._httpd = _Server(("127.0.0.1", 0), _Handler)
         self._httpd.state = self.state
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(cert, key)
-        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
-        self.endpoint = f"127.0.0.1:{self._httpd.server_address[1]}"
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._served = ServedHttp(self._httpd, (cert, key))
+        self.endpoint = f"127.0.0.1:{self._served.port}"
 
     def __enter__(self) -> FakeKms:
-        self._thread.start()
+        self._served.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._served.stop()

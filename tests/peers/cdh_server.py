@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-import threading
-import time
 import urllib.parse
-from collections import Counter
-from concurrent import futures
 from typing import Any
 
 import grpc
@@ -28,6 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from coco_proto import confidential_data_hub_pb2 as pb
 from coco_proto import confidential_data_hub_pb2_grpc as pb_grpc
+from tests.peers.grpc_unix import UnixGrpcPeer
 
 
 class CdhFailure(Exception):
@@ -53,16 +50,6 @@ def _resource_key(uri: str) -> str:
 class _Cdh(pb_grpc.SealedSecretServiceServicer, pb_grpc.GetResourceServiceServicer):
     def __init__(self, peer: CdhServer) -> None:
         self.peer = peer
-
-    def _enter(self, rpc: str, context: grpc.ServicerContext) -> None:
-        with self.peer.lock:
-            self.peer.calls[rpc] += 1
-            queue = self.peer.faults.get(rpc)
-            fault = queue.pop(0) if queue else None
-        if isinstance(fault, float | int):
-            time.sleep(fault)
-        elif fault is not None:
-            context.abort(fault, "injected fault")
 
     def _get(self, uri: str) -> bytes:
         key = _resource_key(uri)
@@ -108,14 +95,14 @@ class _Cdh(pb_grpc.SealedSecretServiceServicer, pb_grpc.GetResourceServiceServic
         return self._get(payload["name"])
 
     def GetResource(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("GetResource", context)
+        self.peer.enter("GetResource", context)
         try:
             return pb.GetResourceResponse(Resource=self._get(request.ResourcePath))
         except CdhFailure as exc:
             context.abort(grpc.StatusCode.INTERNAL, f"[CDH] [ERROR]: {exc}")
 
     def UnsealSecret(self, request: Any, context: grpc.ServicerContext) -> Any:
-        self._enter("UnsealSecret", context)
+        self.peer.enter("UnsealSecret", context)
         try:
             plaintext = self._unseal(bytes(request.secret).decode("utf-8"))
         except (CdhFailure, ValueError, KeyError, TypeError, UnicodeDecodeError) as exc:
@@ -123,46 +110,17 @@ class _Cdh(pb_grpc.SealedSecretServiceServicer, pb_grpc.GetResourceServiceServic
         return pb.UnsealSecretOutput(plaintext=plaintext)
 
 
-class CdhServer:
+class CdhServer(UnixGrpcPeer):
     """Run the CDH peer on ``unix://<socket_path>``; use as a context manager."""
 
     def __init__(
         self, socket_path: str, resources: dict[str, bytes], *, skip_verification: bool = False
     ) -> None:
-        self.socket_path = socket_path
+        super().__init__(socket_path)
         self.resources = dict(resources)
         self.skip_verification = skip_verification
-        self.lock = threading.Lock()
-        self.calls: Counter = Counter()
-        self.faults: dict[str, list[Any]] = {}
-        self._server: grpc.Server | None = None
 
-    @property
-    def target(self) -> str:
-        return f"unix://{self.socket_path}"
-
-    def inject(self, rpc: str, fault: grpc.StatusCode | float, count: int = 1) -> None:
-        """Queue a status code (abort) or a delay in seconds for an RPC."""
-        with self.lock:
-            self.faults.setdefault(rpc, []).extend([fault] * count)
-
-    def start(self) -> CdhServer:
-        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    def _register(self, server: grpc.Server) -> None:
         servicer = _Cdh(self)
         pb_grpc.add_SealedSecretServiceServicer_to_server(servicer, server)
         pb_grpc.add_GetResourceServiceServicer_to_server(servicer, server)
-        server.add_insecure_port(self.target)
-        server.start()
-        self._server = server
-        return self
-
-    def stop(self) -> None:
-        if self._server is not None:
-            self._server.stop(grace=None).wait(5)
-        self._server = None
-
-    def __enter__(self) -> CdhServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

@@ -16,15 +16,12 @@ Implements /kbs/v0/auth, /attest and GET /resource/<repo>/<type>/<tag> with:
 from __future__ import annotations
 
 import base64
-import datetime
 import fnmatch
 import hashlib
 import http.server
-import ipaddress
 import json
 import os
 import secrets
-import ssl
 import struct
 import threading
 import time
@@ -34,13 +31,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import rfc8785
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.concatkdf import ConcatKDFHash
 from cryptography.hazmat.primitives.keywrap import aes_key_wrap
-from cryptography.x509.oid import NameOID
+
+from tests.peers.tls import ServedHttp, make_server_tls
 
 ERROR_PREFIX = "https://github.com/confidential-containers/kbs/errors/"
 COOKIE = "kbs-session-id"
@@ -122,62 +119,7 @@ def jwe_encrypt(plaintext: bytes, tee_pubkey: dict[str, Any]) -> dict[str, str]:
 
 def make_tls_material(directory: str) -> tuple[str, str, str]:
     """Create a CA and a server cert for 127.0.0.1/localhost; returns (ca, cert, key) paths."""
-    now = datetime.datetime.now(datetime.UTC)
-    ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test-kbs-ca")])
-    ca_cert = (
-        x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(
-            x509.KeyUsage(False, False, False, False, False, True, True, False, False), True
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
-            ),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(
-            x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), False
-        )
-        .sign(ca_key, hashes.SHA256())
-    )
-    paths = tuple(os.path.join(directory, n) for n in ("ca.pem", "server.pem", "server.key"))
-    with open(paths[0], "wb") as f:
-        f.write(ca_cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths[1], "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(paths[2], "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return paths  # type: ignore[return-value]
+    return make_server_tls(directory, ca_cn="test-kbs-ca")
 
 
 # --- the server ---------------------------------------------------------------------------
@@ -522,8 +464,7 @@ class KbsServer:
         )
         self.tls_dir = tls_dir
         self.ca_path: str | None = None
-        self._httpd: _HttpServer | None = None
-        self._thread: threading.Thread | None = None
+        self._served: ServedHttp | None = None
 
     @property
     def calls(self) -> Counter:
@@ -531,9 +472,9 @@ class KbsServer:
 
     @property
     def url(self) -> str:
-        assert self._httpd is not None
+        assert self._served is not None
         scheme = "https" if self.tls_dir else "http"
-        return f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
+        return f"{scheme}://127.0.0.1:{self._served.port}"
 
     def inject(self, endpoint: str, kind: str, value: Any = None, count: int = 1) -> None:
         """Queue ``count`` faults for an endpoint (auth, attest, resource or *)."""
@@ -551,29 +492,18 @@ class KbsServer:
     def start(self) -> KbsServer:
         httpd = _HttpServer(("127.0.0.1", 0), _Handler)
         httpd.state = self.state
+        tls = None
         if self.tls_dir:
-            ca, cert, key = make_tls_material(self.tls_dir)
-            self.ca_path = ca
-            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            ctx.load_cert_chain(cert, key)
-            # handshake in the handler thread, so a stalled client cannot block accept()
-            httpd.socket = ctx.wrap_socket(
-                httpd.socket, server_side=True, do_handshake_on_connect=False
-            )
-        self._httpd = httpd
-        self._thread = threading.Thread(
-            target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self._thread.start()
+            self.ca_path, cert, key = make_tls_material(self.tls_dir)
+            tls = (cert, key)
+        self._served = ServedHttp(httpd, tls, lazy_handshake=True, poll_interval=0.05)
+        self._served.start()
         return self
 
     def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
-        self._httpd = None
+        if self._served is not None:
+            self._served.stop()
+        self._served = None
 
     def __enter__(self) -> KbsServer:
         return self.start()

@@ -14,59 +14,18 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime
-import ipaddress
 import json
-import os
 import re
-import ssl
-import threading
 import urllib.parse
 import uuid
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
+from tests.peers.tls import ServedHttp, make_server_tls
 
 _SECRETS = re.compile(r"^/api/v1/namespaces/([a-z0-9-]+)/secrets(?:/([^/]+))?$")
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _KEY = re.compile(r"[-._a-zA-Z0-9]+")
-
-
-def _self_signed(dirpath: str) -> tuple[str, str]:
-    now = datetime.datetime.now(datetime.UTC)
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fake-kube-apiserver")])
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    cert_path = os.path.join(dirpath, "apiserver.crt")
-    key_path = os.path.join(dirpath, "apiserver.key")
-    with open(cert_path, "wb") as f:
-        f.write(cert.public_bytes(serialization.Encoding.PEM))
-    with open(key_path, "wb") as f:
-        f.write(
-            key.private_bytes(
-                serialization.Encoding.PEM,
-                serialization.PrivateFormat.PKCS8,
-                serialization.NoEncryption(),
-            )
-        )
-    return cert_path, key_path
 
 
 def status(code: int, reason: str, message: str, details: dict | None = None) -> dict[str, Any]:
@@ -255,18 +214,21 @@ class FakeKubeApiserver:
     """HTTPS on 127.0.0.1:<random>; ``write_kubeconfig`` points a client at it."""
 
     def __init__(self, tls_dir: str, *, token: str = "test-bearer-token") -> None:
-        self.cert_path, key_path = _self_signed(tls_dir)
-        self._httpd = _Server(("127.0.0.1", 0), _Handler)
-        self._httpd.token = token
-        self._httpd.namespaces = {"default", "kube-system", "ns1"}
-        self._httpd.store = {}
-        self._httpd.requests = []
-        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        ctx.load_cert_chain(self.cert_path, key_path)
-        self._httpd.socket = ctx.wrap_socket(self._httpd.socket, server_side=True)
-        self.url = f"https://127.0.0.1:{self._httpd.server_address[1]}"
+        self.ca_path, cert, key = make_server_tls(
+            tls_dir,
+            ca_cn="fake-kube-apiserver-ca",
+            cert_file="apiserver.crt",
+            key_file="apiserver.key",
+        )
+        httpd = _Server(("127.0.0.1", 0), _Handler)
+        httpd.token = token
+        httpd.namespaces = {"default", "kube-system", "ns1"}
+        httpd.store = {}
+        httpd.requests = []
+        self._httpd = httpd
+        self._served = ServedHttp(httpd, (cert, key))
+        self.url = f"https://127.0.0.1:{self._served.port}"
         self.token = token
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
 
     @property
     def store(self) -> dict[tuple[str, str], dict[str, Any]]:
@@ -279,7 +241,7 @@ class FakeKubeApiserver:
     def write_kubeconfig(
         self, path: str, *, namespace: str = "ns1", token: str | None = None
     ) -> str:
-        with open(self.cert_path, "rb") as f:
+        with open(self.ca_path, "rb") as f:
             ca = base64.b64encode(f.read()).decode()
         cfg = {
             "apiVersion": "v1",
@@ -302,9 +264,8 @@ class FakeKubeApiserver:
         return path
 
     def __enter__(self) -> FakeKubeApiserver:
-        self._thread.start()
+        self._served.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._served.stop()
