@@ -34,7 +34,11 @@ _VERSION_BYTES = struct.pack(">H", CURRENT_VERSION)
 _ZERO_NONCE = bytes(NONCE_LEN)
 _ZERO_FILE_ID = bytes(FILE_ID_LEN)
 _ZERO_CIPHER_BLOCK = bytes(CIPHER_BS)
+_ZERO_PLAIN_BLOCK = bytes(PLAIN_BS)
 _pack_q = struct.Struct(">Q").pack
+
+#: Anything exposing the buffer protocol (bytes, bytearray, memoryview, ctypes arrays).
+Buffer = bytes | bytearray | memoryview
 
 
 _M_TRIM_THRESHOLD = -1
@@ -113,34 +117,8 @@ class ContentEnc:
         n = len(plaintext)
         if n == 0:
             return b""
-        if first_block < 0:
-            raise ValueError("negative block number")
-        if len(file_id) != FILE_ID_LEN:
-            raise ValueError("file ID must be 16 bytes")
-        file_id = bytes(file_id)
-        nblocks = -(-n // PLAIN_BS)
-        nonces = os.urandom(NONCE_LEN * nblocks)
-        out = bytearray(n + BLOCK_OVERHEAD * nblocks)
-        outv = memoryview(out)
-        pv = memoryview(plaintext)
-        # AES-GCM: the library's *_into methods write straight into our buffer.
-        # AES-SIV has none and goes through the generic raw calls.  Looked up per
-        # call (not cached) so that CryptoCore.wipe() takes effect here too.
-        gcm = self.core.gcm
-        o = 0
-        for i in range(nblocks):
-            p = i * PLAIN_BS
-            chunk = pv[p : p + PLAIN_BS]
-            nonce = nonces[i * NONCE_LEN : (i + 1) * NONCE_LEN]
-            aad = _pack_q(first_block + i) + file_id
-            outv[o : o + NONCE_LEN] = nonce
-            o += NONCE_LEN
-            end = o + len(chunk) + TAG_LEN
-            if gcm is not None:
-                gcm.encrypt_into(nonce, chunk, aad, outv[o:end])
-            else:
-                outv[o:end] = self.core.encrypt_raw(nonce, chunk, aad)
-            o = end
+        out = bytearray(n + BLOCK_OVERHEAD * -(-n // PLAIN_BS))
+        self.encrypt_blocks_into(first_block, plaintext, file_id, out)
         return bytes(out)
 
     def decrypt_blocks(self, first_block: int, ciphertext: bytes, file_id: bytes) -> bytes:
@@ -152,48 +130,115 @@ class ContentEnc:
         c = len(ciphertext)
         if c == 0:
             return b""
+        # max(): a truncated last block is refused by decrypt_blocks_into.
+        out = bytearray(max(0, c - BLOCK_OVERHEAD * -(-c // CIPHER_BS)))
+        self.decrypt_blocks_into(first_block, ciphertext, file_id, out)
+        return bytes(out)
+
+    def encrypt_blocks_into(
+        self, first_block: int, plaintext: Buffer, file_id: bytes, out: Buffer
+    ) -> int:
+        """:meth:`encrypt_blocks` into a caller-provided writable buffer (for example a
+        recycled one, or libfuse's own); returns the ciphertext length written.
+
+        Exists so the FUSE hot path needs no per-request allocation while the block
+        rules stay here, in one place.  ``out`` must hold the whole ciphertext.
+        """
+        pv = memoryview(plaintext).cast("B")
+        n = len(pv)
+        if n == 0:
+            return 0
+        if first_block < 0:
+            raise ValueError("negative block number")
+        if len(file_id) != FILE_ID_LEN:
+            raise ValueError("file ID must be 16 bytes")
+        file_id = bytes(file_id)
+        nblocks = -(-n // PLAIN_BS)
+        total = n + BLOCK_OVERHEAD * nblocks
+        outv = memoryview(out).cast("B")
+        if len(outv) < total:
+            raise ValueError("output buffer too small")
+        nonces = os.urandom(NONCE_LEN * nblocks)
+        # AES-GCM: the library's *_into methods write straight into our buffer.
+        # AES-SIV has none and goes through the generic raw calls.  Looked up per
+        # call (not cached) so that CryptoCore.wipe() takes effect here too.
+        gcm = self.core.gcm
+        enc = gcm.encrypt_into if gcm is not None else None
+        p = 0
+        o = 0
+        k = 0
+        for block_no in range(first_block, first_block + nblocks):
+            chunk = pv[p : p + PLAIN_BS]
+            nonce = nonces[k : k + NONCE_LEN]
+            k += NONCE_LEN
+            aad = _pack_q(block_no) + file_id
+            outv[o : o + NONCE_LEN] = nonce
+            o += NONCE_LEN
+            end = o + len(chunk) + TAG_LEN
+            if enc is not None:
+                enc(nonce, chunk, aad, outv[o:end])
+            else:
+                outv[o:end] = self.core.encrypt_raw(nonce, bytes(chunk), aad)
+            o = end
+            p += PLAIN_BS
+        return o
+
+    def decrypt_blocks_into(
+        self, first_block: int, ciphertext: Buffer, file_id: bytes, out: Buffer
+    ) -> int:
+        """:meth:`decrypt_blocks` into a caller-provided writable buffer (which may hold
+        old data: holes are written as zeros); returns the plaintext length.
+
+        On CorruptDataError ``out`` may hold a partial result that must not be used.
+        """
+        cv = memoryview(ciphertext).cast("B")
+        c = len(cv)
+        if c == 0:
+            return 0
         if first_block < 0:
             raise ValueError("negative block number")
         if len(file_id) != FILE_ID_LEN:
             raise ValueError("file ID must be 16 bytes")
         file_id = bytes(file_id)
         nblocks = -(-c // CIPHER_BS)
-        last_len = c - (nblocks - 1) * CIPHER_BS
-        if last_len <= BLOCK_OVERHEAD:
+        if c - (nblocks - 1) * CIPHER_BS <= BLOCK_OVERHEAD:
             raise CorruptDataError(f"block {first_block + nblocks - 1}: truncated cipher block")
-        out = bytearray(c - BLOCK_OVERHEAD * nblocks)  # zero-filled: holes need no write
-        outv = memoryview(out)
-        cv = memoryview(ciphertext)
-        # AES-GCM: the library's *_into methods write straight into our buffer.
-        # AES-SIV has none and goes through the generic raw calls.  Looked up per
-        # call (not cached) so that CryptoCore.wipe() takes effect here too.
-        gcm = self.core.gcm
+        outv = memoryview(out).cast("B")
+        if len(outv) < c - BLOCK_OVERHEAD * nblocks:
+            raise ValueError("output buffer too small")
+        gcm = self.core.gcm  # per call, see encrypt_blocks_into
+        dec = gcm.decrypt_into if gcm is not None else None
+        s = 0
         o = 0
         block_no = first_block
         try:
-            for i in range(nblocks):
-                s = i * CIPHER_BS
-                blk = cv[s : s + CIPHER_BS]
-                nonce = bytes(blk[:NONCE_LEN])
-                plen = len(blk) - BLOCK_OVERHEAD
-                block_no = first_block + i
+            for block_no in range(first_block, first_block + nblocks):
+                e = s + CIPHER_BS
+                if e > c:
+                    e = c
+                plen = e - s - BLOCK_OVERHEAD
+                nonce = cv[s : s + NONCE_LEN]
                 if nonce == _ZERO_NONCE:
                     # A hole is cheap to recognise: real blocks have random nonces, so
                     # the full comparison only runs when the nonce is already zero.
-                    if len(blk) == CIPHER_BS and blk.tobytes() == _ZERO_CIPHER_BLOCK:
-                        o += plen
+                    if e - s == CIPHER_BS and cv[s:e] == _ZERO_CIPHER_BLOCK:
+                        outv[o : o + PLAIN_BS] = _ZERO_PLAIN_BLOCK
+                        s = e
+                        o += PLAIN_BS
                         continue
                     raise CorruptDataError(f"block {block_no}: all-zero nonce")
                 aad = _pack_q(block_no) + file_id
-                body = blk[NONCE_LEN:]
-                if gcm is not None:
-                    gcm.decrypt_into(nonce, body, aad, outv[o : o + plen])
+                if dec is not None:
+                    dec(nonce, cv[s + NONCE_LEN : e], aad, outv[o : o + plen])
                 else:
-                    outv[o : o + plen] = self.core.decrypt_raw(nonce, body, aad)
+                    outv[o : o + plen] = self.core.decrypt_raw(
+                        bytes(nonce), bytes(cv[s + NONCE_LEN : e]), aad
+                    )
+                s = e
                 o += plen
         except InvalidTag:
             raise CorruptDataError(f"block {block_no}: authentication failed") from None
-        return bytes(out)
+        return o
 
     # -- size and offset maths ------------------------------------------------
 

@@ -278,3 +278,42 @@ def test_allocator_tuning_active_on_glibc() -> None:
     if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
         pytest.skip("malloc tuning only applies to glibc without user overrides")
     assert tune_allocator() is True
+
+
+def test_into_variants_match_and_overwrite_dirty_buffers(ce: ContentEnc) -> None:
+    """The *_into forms the FUSE hot path uses: same result as the bytes forms, and a
+    recycled buffer's old contents never leak into the output (holes included)."""
+    fid = os.urandom(16)
+    plain = os.urandom(2 * PLAIN_BS + 100)
+    cbuf = bytearray(b"\xaa" * (len(plain) + 3 * BLOCK_OVERHEAD + 7))
+    n = ce.encrypt_blocks_into(5, memoryview(plain), fid, cbuf)
+    assert n == len(plain) + 3 * BLOCK_OVERHEAD
+    assert cbuf[n:] == b"\xaa" * 7
+    assert ce.decrypt_blocks(5, bytes(cbuf[:n]), fid) == plain
+    # A hole in the middle must come out as zeros even in a dirty buffer.
+    ct = bytearray(cbuf[:n])
+    ct[CIPHER_BS : 2 * CIPHER_BS] = bytes(CIPHER_BS)
+    pbuf = bytearray(b"\xbb" * (len(plain) + 5))
+    m = ce.decrypt_blocks_into(5, memoryview(ct), fid, memoryview(pbuf))
+    assert m == len(plain)
+    expect = plain[:PLAIN_BS] + bytes(PLAIN_BS) + plain[2 * PLAIN_BS :]
+    assert bytes(pbuf[:m]) == expect == ce.decrypt_blocks(5, bytes(ct), fid)
+    assert ce.encrypt_blocks_into(0, b"", fid, bytearray()) == 0
+    assert ce.decrypt_blocks_into(0, b"", fid, bytearray()) == 0
+
+
+def test_into_variants_reject_small_buffers_and_tampering(ce: ContentEnc) -> None:
+    fid = os.urandom(16)
+    ct = ce.encrypt_blocks(0, os.urandom(PLAIN_BS), fid)
+    with pytest.raises(ValueError):
+        ce.encrypt_blocks_into(0, os.urandom(PLAIN_BS), fid, bytearray(CIPHER_BS - 1))
+    with pytest.raises(ValueError):
+        ce.decrypt_blocks_into(0, ct, fid, bytearray(PLAIN_BS - 1))
+    bad = bytearray(ct)
+    bad[-1] ^= 1
+    with pytest.raises(CorruptDataError):
+        ce.decrypt_blocks_into(0, bad, fid, bytearray(PLAIN_BS))
+    with pytest.raises(CorruptDataError):
+        ce.decrypt_blocks_into(1, ct, fid, bytearray(PLAIN_BS))
+    with pytest.raises(CorruptDataError):
+        ce.decrypt_blocks_into(0, ct[:BLOCK_OVERHEAD], fid, bytearray(PLAIN_BS))
