@@ -10,20 +10,27 @@ frontend is importable.
 from __future__ import annotations
 
 import hashlib
-import importlib
-import importlib.util
 import os
 import re
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-FC = [sys.executable, "-m", "fuse_crypt.cli"]
+from tests.fuse_crypt.cli_helpers import (
+    FC,
+    assert_one_line_error,
+    fc,
+    force_unmount,
+    frontend_available,
+    init_volume,
+    is_mounted,
+    write_passfile,
+)
+
 PASSWORD = "test password one"
 NEW_PASSWORD = "another test password"
 HEX64 = re.compile(r"[0-9a-f]{8}(-?[0-9a-f]{8}){7}")
@@ -33,82 +40,31 @@ have_gocryptfs = pytest.mark.skipif(
 )
 
 
-def _frontend_available() -> bool:
-    try:
-        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
-    except ImportError:
-        return False
-
-
 needs_frontend = pytest.mark.skipif(
-    not _frontend_available(), reason="fuse_crypt.fusefrontend.serve not available yet"
+    not frontend_available(), reason="fuse_crypt.fusefrontend.serve not available yet"
 )
 
 
 # --------------------------------------------------------------------------- helpers
 
 
-def fc(
-    *args: str | Path, stdin: str | None = None, timeout: float = 90
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FC, *map(str, args)],
-        input=stdin if stdin is not None else "",
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    """The CLI failed with ``code`` and said so in exactly one prefixed stderr line."""
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith("fuse-crypt: "), lines[0]
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
 def sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def is_mounted(path: Path) -> bool:
-    target = str(path)
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split(" ")[4] == target for line in f)
-
-
-def force_unmount(path: Path) -> None:
-    for argv in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)]):
-        if not is_mounted(path):
-            return
-        subprocess.run(argv, capture_output=True, check=False)
-
-
 @pytest.fixture
 def passfile(tmp_path: Path) -> Path:
-    p = tmp_path / "passfile"
-    p.write_text(PASSWORD + "\n")
-    return p
+    return write_passfile(tmp_path / "passfile", PASSWORD)
 
 
 @pytest.fixture
 def new_passfile(tmp_path: Path) -> Path:
-    p = tmp_path / "new_passfile"
-    p.write_text(NEW_PASSWORD + "\n")
-    return p
+    return write_passfile(tmp_path / "new_passfile", NEW_PASSWORD)
 
 
 @pytest.fixture
 def volume(tmp_path: Path, passfile: Path) -> Path:
-    cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
-    assert proc.returncode == 0, proc.stderr
-    return cipher
+    return init_volume(tmp_path / "cipher", passfile)
 
 
 @pytest.fixture
@@ -427,28 +383,13 @@ def test_passwd_master_key_reset(gocryptfs_volume: Path, new_passfile: Path, mnt
     key = conf_master_key(gocryptfs_volume, PASSWORD)
     conf = gocryptfs_volume / "gocryptfs.conf"
     before = sha256(conf)
+    argv = ["passwd", "--masterkey", "stdin", "--new-passfile", new_passfile, gocryptfs_volume]
     # A wrong key is caught against the volume's own ciphertext; nothing is written.
-    wrong = fc(
-        "passwd",
-        "--masterkey",
-        "stdin",
-        "--new-passfile",
-        new_passfile,
-        gocryptfs_volume,
-        stdin=os.urandom(32).hex() + "\n",
-    )
+    wrong = fc(*argv, stdin=os.urandom(32).hex() + "\n")
     assert_one_line_error(wrong, 12)
     assert sha256(conf) == before
     assert not (gocryptfs_volume / "gocryptfs.conf.bak").exists()
-    ok = fc(
-        "passwd",
-        "--masterkey",
-        "stdin",
-        "--new-passfile",
-        new_passfile,
-        gocryptfs_volume,
-        stdin=key.hex() + "\n",
-    )
+    ok = fc(*argv, stdin=key.hex() + "\n")
     assert ok.returncode == 0, ok.stderr
     assert sha256(gocryptfs_volume / "gocryptfs.conf.bak") == before
     assert conf_master_key(gocryptfs_volume, NEW_PASSWORD) == key

@@ -12,33 +12,32 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib
 import os
 import random
 import shutil
 import stat
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-FC = [sys.executable, "-m", "fuse_crypt.cli"]
+from tests.fuse_crypt.cli_helpers import (
+    FC,
+    force_unmount,
+    frontend_available,
+    init_volume,
+    is_mounted,
+    write_passfile,
+)
+
 PASSWORD = "interop test password"
 MIB = 1 << 20
 
 
-def _frontend_available() -> bool:
-    try:
-        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
-    except ImportError:
-        return False
-
-
 pytestmark = [
     pytest.mark.skipif(shutil.which("gocryptfs") is None, reason="gocryptfs not installed"),
-    pytest.mark.skipif(not _frontend_available(), reason="fuse_crypt.fusefrontend not available"),
+    pytest.mark.skipif(not frontend_available(), reason="fuse_crypt.fusefrontend not available"),
     pytest.mark.timeout(300),
 ]
 
@@ -205,11 +204,6 @@ def read_sparse(root: Path) -> None:
 # --------------------------------------------------------------------------- mounts
 
 
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split(" ")[4] == str(path) for line in f)
-
-
 def unmount(path: Path) -> None:
     subprocess.run(["fusermount3", "-u", str(path)], check=True, capture_output=True)
     assert not is_mounted(path)
@@ -251,9 +245,7 @@ Mounter = Callable[[Path, Path, Path], contextlib.AbstractContextManager[Path]]
 
 @pytest.fixture
 def passfile(tmp_path: Path) -> Path:
-    p = tmp_path / "passfile"
-    p.write_text(PASSWORD + "\n")
-    return p
+    return write_passfile(tmp_path / "passfile", PASSWORD)
 
 
 @pytest.fixture
@@ -261,8 +253,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     m = tmp_path / "mnt"
     m.mkdir()
     yield m
-    if is_mounted(m):
-        subprocess.run(["fusermount3", "-u", "-z", str(m)], capture_output=True, check=False)
+    force_unmount(m)
 
 
 def _round_trip(
@@ -320,15 +311,7 @@ def test_gocryptfs_writes_fuse_crypt_reads(tmp_path: Path, passfile: Path, mnt: 
 
 
 def test_fuse_crypt_writes_gocryptfs_reads(tmp_path: Path, passfile: Path, mnt: Path) -> None:
-    cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    proc = subprocess.run(
-        [*FC, "init", "--scryptn", "10", "--passfile", str(passfile), str(cipher)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
+    cipher = init_volume(tmp_path / "cipher", passfile)
     with fuse_crypt_mount(cipher, mnt, passfile) as root, open(root / "holes", "wb") as f:
         f.truncate(4 * MIB)
         f.seek(4 * MIB - 1)
@@ -345,14 +328,7 @@ def test_volume_from_gocryptfs_long_names_on_disk(
     tmp_path: Path, passfile: Path, mnt: Path
 ) -> None:
     """Both implementations store a >175-byte name as longname + .name, readable by the other."""
-    cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    proc = subprocess.run(
-        [*FC, "init", "--scryptn", "10", "--passfile", str(passfile), str(cipher)],
-        capture_output=True,
-        check=False,
-    )
-    assert proc.returncode == 0
+    cipher = init_volume(tmp_path / "cipher", passfile)
     with fuse_crypt_mount(cipher, mnt, passfile) as root:
         (root / LONG_200).write_text("ours")
         (root / ("s" * 175)).write_text("short enough")
@@ -444,14 +420,7 @@ def _random_edits(root: Path, models: dict[str, bytearray], rng: random.Random, 
 @pytest.mark.parametrize("seed", [1, 2])
 def test_random_edits_agree_both_ways(tmp_path: Path, passfile: Path, mnt: Path, seed: int) -> None:
     """Read-modify-write, holes and truncation: each side edits what the other wrote."""
-    cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    proc = subprocess.run(
-        [*FC, "init", "--scryptn", "10", "--passfile", str(passfile), str(cipher)],
-        capture_output=True,
-        check=False,
-    )
-    assert proc.returncode == 0
+    cipher = init_volume(tmp_path / "cipher", passfile)
     rng = random.Random(seed)
     models = {f"f{i}": bytearray() for i in range(3)}
     for rnd, mounter in enumerate([fuse_crypt_mount, gocryptfs_mount, fuse_crypt_mount]):

@@ -9,12 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import importlib
 import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -22,45 +20,25 @@ from pathlib import Path
 
 import pytest
 
-FC = [sys.executable, "-m", "fuse_crypt.cli"]
+from tests.fuse_crypt.cli_helpers import (
+    FC,
+    assert_one_line_error,
+    fc,
+    force_unmount,
+    frontend_available,
+    init_volume,
+    is_mounted,
+    write_passfile,
+)
+
 PASSWORD = "lifecycle test password"
 
 
-def _frontend_available() -> bool:
-    try:
-        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
-    except ImportError:
-        return False
-
-
 pytestmark = [
-    pytest.mark.skipif(not _frontend_available(), reason="fuse_crypt.fusefrontend not available"),
+    pytest.mark.skipif(not frontend_available(), reason="fuse_crypt.fusefrontend not available"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
     pytest.mark.timeout(120),
 ]
-
-
-def fc(*args: str | Path, stdin: str = "", timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [*FC, *map(str, args)],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-
-
-def one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    assert proc.returncode == code, (proc.returncode, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("fuse-crypt: "), proc.stderr
-    return lines[0]
-
-
-def is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        return any(line.split(" ")[4] == str(path) for line in f)
 
 
 def wait_for(pred, timeout: float = 10.0) -> bool:
@@ -98,18 +76,12 @@ def stat_errno(path: Path) -> int:
 
 @pytest.fixture
 def passfile(tmp_path: Path) -> Path:
-    p = tmp_path / "passfile"
-    p.write_text(PASSWORD + "\n")
-    return p
+    return write_passfile(tmp_path / "passfile", PASSWORD)
 
 
 @pytest.fixture
 def volume(tmp_path: Path, passfile: Path) -> Path:
-    cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
-    assert proc.returncode == 0, proc.stderr
-    return cipher
+    return init_volume(tmp_path / "cipher", passfile)
 
 
 @pytest.fixture
@@ -120,9 +92,7 @@ def mnt(tmp_path: Path) -> Iterator[Path]:
     for pid in daemon_pids(m):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
-    for argv in (["fusermount3", "-u", str(m)], ["fusermount3", "-u", "-z", str(m)]):
-        if is_mounted(m):
-            subprocess.run(argv, capture_output=True, check=False)
+    force_unmount(m)
 
 
 def mount(volume: Path, mnt: Path, passfile: Path, *extra: str) -> None:
@@ -180,7 +150,7 @@ def test_unmount_of_a_busy_live_mount_fails_loudly(volume: Path, mnt: Path, pass
     mount(volume, mnt, passfile)
     (mnt / "open").write_text("held open")
     with open(mnt / "open", encoding="utf-8") as held:
-        msg = one_line_error(fc("unmount", mnt), 10)
+        msg = assert_one_line_error(fc("unmount", mnt), 10)
         assert "busy" in msg.lower()
         assert is_mounted(mnt) and held.read() == "held open"
     assert fc("unmount", mnt).returncode == 0
@@ -189,7 +159,7 @@ def test_unmount_of_a_busy_live_mount_fails_loudly(volume: Path, mnt: Path, pass
 
 def test_already_mounted_is_refused(volume: Path, mnt: Path, passfile: Path) -> None:
     mount(volume, mnt, passfile)
-    msg = one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
+    msg = assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
     assert "already mounted" in msg
     assert len(daemon_pids(mnt)) == 1
 
@@ -205,7 +175,7 @@ def test_child_failure_is_reported_through_readiness_pipe(
         proc = fc(
             "mount", "--passfile", passfile, "--metrics-addr", f"127.0.0.1:{port}", volume, mnt
         )
-    msg = one_line_error(proc, 11)
+    msg = assert_one_line_error(proc, 11)
     assert "metrics" in msg and "in use" in msg
     assert not is_mounted(mnt)
     assert wait_for(lambda: not daemon_pids(mnt))
@@ -263,9 +233,13 @@ def test_sigkill_then_mount_again_cleans_up_first(volume: Path, mnt: Path, passf
         assert sum(line.split(" ")[4] == str(mnt) for line in f) == 1, "stacked mounts left"
 
 
-def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -> None:
+@contextlib.contextmanager
+def foreground_mount(
+    flag: str, volume: Path, mnt: Path, passfile: Path
+) -> Iterator[subprocess.Popen[str]]:
+    """``fuse-crypt mount <flag>`` running in the foreground, past its ready line."""
     proc = subprocess.Popen(
-        [*FC, "mount", "--foreground", "--passfile", str(passfile), str(volume), str(mnt)],
+        [*FC, "mount", flag, "--passfile", str(passfile), str(volume), str(mnt)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -273,6 +247,15 @@ def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "Filesystem mounted and ready."
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -> None:
+    with foreground_mount("--foreground", volume, mnt, passfile) as proc:
         assert is_mounted(mnt)
         (mnt / "fg").write_text("foreground")
         proc.kill()
@@ -280,33 +263,17 @@ def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -
         assert wait_for(lambda: stat_errno(mnt) == errno.ENOTCONN)
         assert fc("unmount", mnt).returncode == 0
         assert not is_mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_foreground_signal_unmounts_and_exits_0(
     volume: Path, mnt: Path, passfile: Path, sig: int
 ) -> None:
-    proc = subprocess.Popen(
-        [*FC, "mount", "-f", "--passfile", str(passfile), str(volume), str(mnt)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert proc.stdout is not None
-        assert proc.stdout.readline().strip() == "Filesystem mounted and ready."
+    with foreground_mount("-f", volume, mnt, passfile) as proc:
         (mnt / "f").write_text("flushed before exit")
         proc.send_signal(sig)
         assert proc.wait(20) == 0, proc.stderr.read() if proc.stderr else ""
         assert not is_mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
     mount(volume, mnt, passfile)
     assert (mnt / "f").read_text() == "flushed before exit"
 

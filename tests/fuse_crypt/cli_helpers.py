@@ -1,0 +1,71 @@
+"""Helpers for tests that drive the real ``fuse-crypt`` command as a subprocess.
+
+Shared by the CLI, lifecycle and gocryptfs interop tests. Mount checks read
+/proc/self/mountinfo directly rather than through fuse_crypt's own mount table code,
+so a bug there cannot hide itself from the tests.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+FC = [sys.executable, "-m", "fuse_crypt.cli"]
+
+
+def frontend_available() -> bool:
+    """Mount tests skip until the FUSE frontend exists (it is built in parallel)."""
+    try:
+        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
+    except ImportError:
+        return False
+
+
+def fc(*args: str | Path, stdin: str = "", timeout: float = 90) -> subprocess.CompletedProcess[str]:
+    """Run ``fuse-crypt`` with ``args``; stdin is closed after ``stdin`` (never the tty)."""
+    return subprocess.run(
+        [*FC, *map(str, args)],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> str:
+    """The CLI failed with ``code`` and said so in exactly one prefixed stderr line."""
+    assert proc.returncode == code, (proc.returncode, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("fuse-crypt: "), lines[0]
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def write_passfile(path: Path, password: str) -> Path:
+    path.write_text(password + "\n")
+    return path
+
+
+def init_volume(cipher: Path, passfile: Path) -> Path:
+    """A fresh ``fuse-crypt init`` volume (scrypt logN 10, to keep tests fast)."""
+    cipher.mkdir()
+    proc = fc("init", "--scryptn", "10", "--passfile", passfile, cipher)
+    assert proc.returncode == 0, proc.stderr
+    return cipher
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo", encoding="utf-8") as f:
+        return any(line.split(" ")[4] == str(path) for line in f)
+
+
+def force_unmount(path: Path) -> None:
+    """Teardown: unmount ``path`` if still mounted, lazily if a plain unmount is refused."""
+    for argv in (["fusermount3", "-u", str(path)], ["fusermount3", "-u", "-z", str(path)]):
+        if not is_mounted(path):
+            return
+        subprocess.run(argv, capture_output=True, check=False)
