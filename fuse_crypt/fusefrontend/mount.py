@@ -40,6 +40,14 @@ log = logging.getLogger("fuse_crypt.fusefrontend")
 
 _READ_AHEAD_KB = 2048
 
+#: libfuse worker threads.  libfuse 3.14's own defaults are max_threads=10 and
+#: max_idle_threads=UINT_MAX ("never retire"), but 3.14 then rejects its own idle
+#: default with "Ignoring invalid max threads value 4294967295" on every mount.
+#: Passing both explicitly keeps the same behaviour without the noise: with
+#: max_idle == max_threads idle workers are never retired either, which
+#: :func:`_pin_thread_state` relies on (a retired thread would leak its state).
+_MAX_THREADS = 10
+
 
 _tls = threading.local()
 
@@ -52,7 +60,8 @@ def _pin_thread_state() -> None:
     PyThreadState is created and destroyed around *every* request (tens of
     microseconds, which dominated small-file latency).  One extra Ensure that is
     never released keeps it.  libfuse (3.14 default) never retires idle workers,
-    so the pinned states do not accumulate."""
+    so the pinned states do not accumulate (serve() sets max_idle_threads equal to
+    max_threads to keep it that way)."""
     if threading.get_ident() != threading.main_thread().ident:
         ctypes.pythonapi.PyGILState_Ensure()
     _tls.pinned = True
@@ -330,6 +339,8 @@ def serve(
         "fsname": fsname,
         "subtype": "fuse-crypt",
         "max_read": MAX_IO,
+        "max_threads": _MAX_THREADS,
+        "max_idle_threads": _MAX_THREADS,
     }
     if read_only:
         options["ro"] = True

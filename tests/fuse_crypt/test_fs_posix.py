@@ -587,6 +587,13 @@ def test_sigterm_unmounts_cleanly(tmp_path: Path, mount_factory: object) -> None
     assert "event=unmounted" in mt.log()
 
 
+def test_mount_prints_no_libfuse_thread_warning(mnt: Mount) -> None:
+    """libfuse 3.14 complains about its own idle-thread default unless serve() passes
+    explicit max_threads/max_idle_threads; the daemon's stderr must stay clean."""
+    (mnt.path / "f").write_bytes(b"x" * 5000)
+    assert "Ignoring invalid max threads" not in mnt.log()
+
+
 @pytest.mark.parametrize(
     "variant",
     [
