@@ -27,6 +27,8 @@ from typing import Any
 
 import pytest
 
+from tests.fuse_env import fuse_skip_reason
+
 from .conftest import arg_value, container, mount_of, only
 
 grpc = pytest.importorskip("grpc")
@@ -36,18 +38,6 @@ csi_pb2_grpc = pytest.importorskip("coco_proto.csi_pb2_grpc")
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "tdx-node-1"
 SECRET_TEXT = b"only the TEE may read this line\n"
-
-
-def _fuse_skip_reason() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for FUSE mounts"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse unusable: {exc.strerror}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 missing (Debian package fuse3)"
-    return None
 
 
 def _coco_csi() -> str:
@@ -124,7 +114,7 @@ def _unmount_under(root: Path) -> None:
 
 
 def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot: Path) -> None:
-    reason = _fuse_skip_reason()
+    reason = fuse_skip_reason()
     if reason:
         pytest.skip(reason)
     exe = _coco_csi()

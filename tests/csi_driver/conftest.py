@@ -24,6 +24,7 @@ from csi_driver.core.node import NodeCore
 from csi_driver.metrics import Metrics
 from csi_driver.server import Plugin, start_controller, start_node
 from fuse_crypt import mounttable
+from tests.fuse_env import fuse_skip_reason
 
 KEY_RESOURCE = "kbs:///default/coco-csi/volume-root"
 PASS_RESOURCE = "kbs:///default/passphrases/vol"
@@ -31,20 +32,8 @@ SIGNING_KID = "kbs:///default/signing-key/csi-test"
 PASSPHRASE = b"correct horse battery staple"
 
 
-def _fuse_usable() -> str | None:
-    if os.geteuid() != 0:
-        return "needs root for FUSE mounts with allow_other"
-    try:
-        os.close(os.open("/dev/fuse", os.O_RDWR))
-    except OSError as exc:
-        return f"/dev/fuse unusable: {exc.strerror}"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 missing (Debian package fuse3)"
-    return None
-
-
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    reason = _fuse_usable()
+    reason = fuse_skip_reason("FUSE mounts with allow_other")
     if reason is None:
         return
     here = pathlib.Path(__file__).parent
