@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from ..backend.base import StorageBackend
+from ..backend.base import Stat, StorageBackend
 from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from ..errors import CorruptDataError
 from .blockio import BlockCrypt, BufferPool
@@ -36,25 +36,35 @@ MAX_IO = 1 << 20
 class InodeEntry:
     """Shared state of one backing inode while at least one handle is open."""
 
-    __slots__ = ("file_id", "key", "lock", "refs")
+    __slots__ = ("csize", "file_id", "key", "lock", "refs")
 
-    def __init__(self, key: tuple[int, int]) -> None:
+    def __init__(self, key: tuple[int, int], csize: int | None = None) -> None:
         self.key = key
         self.lock = RWLock()
         self.file_id: bytes | None = None
         self.refs = 0
+        #: Cipher file size as last seen or produced by us (None: ask the backend).
+        #: Every content change goes through this table under the inode's write
+        #: lock, so it stays exact without an fstat per write (the backing files of
+        #: a mounted volume are not changed behind our back, as for gocryptfs).
+        self.csize = csize
 
 
 class OpenFile:
     """One FUSE file handle."""
 
-    __slots__ = ("entry", "handle", "path", "writable")
+    __slots__ = ("entry", "handle", "open_stat", "path", "writable")
 
-    def __init__(self, handle: Any, entry: InodeEntry, path: str, writable: bool) -> None:
+    def __init__(
+        self, handle: Any, entry: InodeEntry, path: str, writable: bool, open_stat: Stat | None
+    ) -> None:
         self.handle = handle
         self.entry = entry
         self.path = path
         self.writable = writable
+        #: The backend's attributes from open(), handed out once by fstat(): right
+        #: after a create libfuse asks for them, and they cannot have changed yet.
+        self.open_stat = open_stat
 
 
 def _eio(path: str, what: str, block: int | None = None) -> OSError:
@@ -86,8 +96,20 @@ class FileTable:
 
     # -- table ------------------------------------------------------------------------
 
-    def open(self, cpath: str, flags: int, mode: int, plain_path: str, writable: bool) -> int:
-        """Open ``cpath`` in the backend and register a handle; returns the FUSE fh."""
+    def open(
+        self,
+        cpath: str,
+        flags: int,
+        mode: int,
+        plain_path: str,
+        writable: bool,
+        *,
+        keep_stat: bool = False,
+    ) -> int:
+        """Open ``cpath`` in the backend and register a handle; returns the FUSE fh.
+
+        ``keep_stat`` (for create) lets the first :meth:`fstat` of the handle reuse
+        the attributes read here instead of asking the backend again."""
         handle = self.backend.open(cpath, flags, mode)
         try:
             st = self.backend.fstat(handle)
@@ -98,11 +120,13 @@ class FileTable:
         with self._lock:
             entry = self._inodes.get(key)
             if entry is None:
-                entry = self._inodes[key] = InodeEntry(key)
+                entry = self._inodes[key] = InodeEntry(key, st.size)
             entry.refs += 1
             fh = self._next_fh
             self._next_fh += 1
-            self._handles[fh] = OpenFile(handle, entry, plain_path, writable)
+            self._handles[fh] = OpenFile(
+                handle, entry, plain_path, writable, st if keep_stat else None
+            )
         return fh
 
     def get(self, fh: int) -> OpenFile:
@@ -160,9 +184,28 @@ class FileTable:
         except CorruptDataError:
             raise _eio(of.path, "block", first) from None
 
+    def _csize(self, of: OpenFile) -> int:
+        csize = of.entry.csize
+        if csize is None:
+            csize = of.entry.csize = self.backend.fstat(of.handle).size
+        return csize
+
+    def _pwrite(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
+        """Backend pwrite that keeps the cached cipher size exact (caller holds the
+        write lock; on failure the cache is dropped by the public method)."""
+        self.backend.pwrite(of.handle, data, offset)
+        entry = of.entry
+        end = offset + len(data)
+        if entry.csize is not None and end > entry.csize:
+            entry.csize = end
+
+    def _ftruncate(self, of: OpenFile, size: int) -> None:
+        self.backend.ftruncate(of.handle, size)
+        of.entry.csize = size
+
     def _new_header(self, of: OpenFile) -> bytes:
         hdr, fid = self.enc.new_header()
-        self.backend.pwrite(of.handle, hdr, 0)
+        self._pwrite(of, hdr, 0)
         of.entry.file_id = fid
         return fid
 
@@ -249,6 +292,9 @@ class FileTable:
         lock.acquire_write()
         try:
             self._write_locked(of, data, offset)
+        except BaseException:
+            of.entry.csize = None  # a failed write may have changed the size partly
+            raise
         finally:
             lock.release_write()
         return len(data)
@@ -274,13 +320,10 @@ class FileTable:
         lb = psize // PLAIN_BS
         old = self._read_blocks(of, fid, lb, 1)
         padded = old + _ZERO_BLOCK[len(old) :]
-        self.backend.pwrite(
-            of.handle, self.enc.encrypt_blocks(lb, padded, fid), HEADER_LEN + lb * CIPHER_BS
-        )
+        self._pwrite(of, self.enc.encrypt_blocks(lb, padded, fid), HEADER_LEN + lb * CIPHER_BS)
 
     def _write_locked(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
-        backend = self.backend
-        csize = backend.fstat(of.handle).size
+        csize = self._csize(of)
         header = b""
         if csize <= HEADER_LEN:
             # Empty or header-only: always a fresh file ID (audit: file ID poisoning).
@@ -337,12 +380,12 @@ class FileTable:
                 cm[:HEADER_LEN] = header
                 clen = self.bc.encrypt_into(0, memoryview(plain), fid, cm[HEADER_LEN:])
                 self._preallocate(of, 0, HEADER_LEN + clen)
-                backend.pwrite(of.handle, cm[: HEADER_LEN + clen], 0)
+                self._pwrite(of, cm[: HEADER_LEN + clen], 0)
             else:
                 clen = self.bc.encrypt_into(first, memoryview(plain), fid, cm)
                 coff = HEADER_LEN + first * CIPHER_BS
                 self._preallocate(of, coff, clen)
-                backend.pwrite(of.handle, cm[:clen], coff)
+                self._pwrite(of, cm[:clen], coff)
         finally:
             self._cpool.put(cbuf)
             if pbuf is not None:
@@ -358,15 +401,17 @@ class FileTable:
         lock.acquire_write()
         try:
             self._truncate_locked(of, size)
+        except BaseException:
+            of.entry.csize = None
+            raise
         finally:
             lock.release_write()
 
     def _truncate_locked(self, of: OpenFile, size: int) -> None:
-        backend = self.backend
-        csize = backend.fstat(of.handle).size
+        csize = self._csize(of)
         if size == 0:
             if csize:
-                backend.ftruncate(of.handle, 0)
+                self._ftruncate(of, 0)
             of.entry.file_id = None
             return
         psize = self.enc.plain_size(csize, strict=False)
@@ -377,11 +422,10 @@ class FileTable:
             assert fid is not None
             lb, rem = divmod(size, PLAIN_BS)
             keep = self._read_blocks(of, fid, lb, 1)[:rem] if rem else b""
-            backend.ftruncate(of.handle, HEADER_LEN + lb * CIPHER_BS)
+            self._ftruncate(of, HEADER_LEN + lb * CIPHER_BS)
             if rem:
-                backend.pwrite(
-                    of.handle, self.enc.encrypt_blocks(lb, keep, fid), HEADER_LEN + lb * CIPHER_BS
-                )
+                ct = self.enc.encrypt_blocks(lb, keep, fid)
+                self._pwrite(of, ct, HEADER_LEN + lb * CIPHER_BS)
             return
         # Grow.
         if size % PLAIN_BS:
@@ -396,7 +440,7 @@ class FileTable:
             assert fid is not None
             if psize % PLAIN_BS:
                 self._pad_last_block(of, fid, psize)
-        backend.ftruncate(of.handle, self.enc.cipher_size(size))
+        self._ftruncate(of, self.enc.cipher_size(size))
 
     def fallocate(self, fh: int, mode: int, offset: int, length: int) -> None:
         of = self.get(fh)
@@ -407,16 +451,24 @@ class FileTable:
         lock = of.entry.lock
         lock.acquire_write()
         try:
-            csize = self.backend.fstat(of.handle).size
+            csize = self._csize(of)
             if offset + length > self.enc.plain_size(csize, strict=False):
                 self._truncate_locked(of, offset + length)
+        except BaseException:
+            of.entry.csize = None
+            raise
         finally:
             lock.release_write()
 
     # -- attributes -----------------------------------------------------------------------
 
-    def fstat(self, fh: int) -> Any:
-        return self.backend.fstat(self.get(fh).handle)
+    def fstat(self, fh: int) -> Stat:
+        of = self.get(fh)
+        st = of.open_stat
+        if st is not None:
+            of.open_stat = None
+            return st
+        return self.backend.fstat(of.handle)
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.backend.fsync(self.get(fh).handle, datasync)

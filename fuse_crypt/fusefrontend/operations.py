@@ -441,7 +441,7 @@ class CryptOperations(mfusepy.Operations):
         _, cpath, created_name = self._begin_create(path)
         try:
             bflags = os.O_RDWR | os.O_CREAT | (flags & (os.O_EXCL | _PASS_FLAGS))
-            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), path, True)
+            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), path, True, keep_stat=True)
         except BaseException:
             self._abort_create(cpath, created_name)
             raise
