@@ -49,9 +49,37 @@ class _OpenHow(ctypes.Structure):
     _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64), ("resolve", ctypes.c_uint64)]
 
 
-_syscall = _libc.syscall
-_syscall.restype = ctypes.c_long
+# A typed prototype of syscall(2) for openat2: ctypes then converts plain ints and
+# bytes in C instead of building c_long/c_char_p wrappers per call (a few us per
+# open, paid twice per created file).
+_openat2_call = ctypes.CFUNCTYPE(
+    ctypes.c_long,
+    ctypes.c_long,
+    ctypes.c_int,
+    ctypes.c_char_p,
+    ctypes.c_void_p,
+    ctypes.c_size_t,
+    use_errno=True,
+)(("syscall", _libc))
 _RESOLVE = _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS
+_HOW_SIZE = ctypes.sizeof(_OpenHow)
+#: Prebuilt open_how structs by (flags, mode): read-only for the kernel, so sharing
+#: them between threads is safe; bounded because modes come from callers.
+_how_cache: dict[tuple[int, int], tuple[_OpenHow, int]] = {}
+_HOW_CACHE_MAX = 256
+
+
+def _open_how(flags: int, mode: int) -> tuple[_OpenHow, int]:
+    """(open_how, its address) for (flags, mode); the caller keeps the tuple alive
+    for the duration of the syscall (another thread may clear the cache)."""
+    hit = _how_cache.get((flags, mode))
+    if hit is None:
+        how = _OpenHow(flags, mode, _RESOLVE)
+        hit = (how, ctypes.addressof(how))
+        if len(_how_cache) >= _HOW_CACHE_MAX:
+            _how_cache.clear()
+        _how_cache[(flags, mode)] = hit
+    return hit
 
 
 def _to_stat(st: os.stat_result) -> Stat:
@@ -99,14 +127,8 @@ class LocalDirBackend(StorageBackend):
         """openat2(root, rel, RESOLVE_BENEATH|NO_SYMLINKS); None if unavailable."""
         if not flags & os.O_CREAT:
             mode = 0  # openat2 rejects a mode without O_CREAT
-        how = _OpenHow(flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode, _RESOLVE)
-        fd = _syscall(
-            ctypes.c_long(_SYS_OPENAT2),
-            ctypes.c_long(self._rfd),
-            ctypes.c_char_p(os.fsencode(rel)),
-            ctypes.byref(how),
-            ctypes.c_size_t(ctypes.sizeof(how)),
-        )
+        how = _open_how(flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
+        fd = _openat2_call(_SYS_OPENAT2, self._rfd, os.fsencode(rel), how[1], _HOW_SIZE)
         if fd >= 0:
             return fd
         err = ctypes.get_errno()
