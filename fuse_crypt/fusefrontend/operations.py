@@ -287,6 +287,7 @@ class CryptOperations(mfusepy.Operations):
 
     def mkdir(self, path: str, mode: int) -> int:
         self._rw()
+        gen = self.paths.generation
         _, cpath, created_name = self._begin_create(path)
         backend = self.backend
         try:
@@ -294,10 +295,9 @@ class CryptOperations(mfusepy.Operations):
                 # The diriv must be writable into the new directory even if the
                 # requested mode forbids it; the mode is restored afterwards.
                 backend.mkdir(cpath, stat_mod.S_IMODE(mode) | 0o700)
+                iv = NameTransform.new_dir_iv()
                 try:
-                    backend.write_small_file_excl(
-                        join(cpath, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444, sync=False
-                    )
+                    backend.write_small_file_excl(join(cpath, DIRIV_NAME), iv, 0o444, sync=False)
                     if stat_mod.S_IMODE(mode) & 0o700 != 0o700:
                         backend.chmod(cpath, stat_mod.S_IMODE(mode))
                 except BaseException:
@@ -306,6 +306,8 @@ class CryptOperations(mfusepy.Operations):
             else:
                 backend.mkdir(cpath, stat_mod.S_IMODE(mode))
             self._chown_to_caller(cpath)
+            if self.use_diriv:
+                self.paths.seed_dir_iv(cpath, iv, gen)
         except BaseException:
             self._abort_create(cpath, created_name)
             raise

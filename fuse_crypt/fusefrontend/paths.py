@@ -94,6 +94,26 @@ class PathMapper:
                 self._ivs[cdir] = iv
         return iv
 
+    @property
+    def generation(self) -> int:
+        """Bumped by :meth:`invalidate`; read it before a change whose result is
+        then handed to :meth:`seed_dir_iv`."""
+        return self._gen
+
+    def seed_dir_iv(self, cdir: str, iv: bytes, gen: int) -> None:
+        """Remember the IV we just wrote for a new directory, so the first lookup
+        inside it (right after mkdir, typically) does not read it back.  Skipped if
+        an rmdir/rename invalidated the caches since ``gen`` was read."""
+        if not self.use_diriv:
+            return
+        iv = NameTransform.check_dir_iv(iv)
+        with self._lock:
+            if gen != self._gen:
+                return
+            if len(self._ivs) >= _CACHE_MAX:
+                self._ivs.clear()
+            self._ivs[cdir] = iv
+
     # -- encryption -----------------------------------------------------------------
 
     def encrypt_name(self, cdir: str, name: str) -> tuple[str, str | None]:
