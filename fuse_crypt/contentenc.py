@@ -80,6 +80,15 @@ def tune_allocator() -> bool:
     return _allocator_tuned
 
 
+def _checked_block_args(first_block: int, file_id: bytes) -> bytes:
+    """Both directions refuse the same impossible arguments; returns the file ID as bytes."""
+    if first_block < 0:
+        raise ValueError("negative block number")
+    if len(file_id) != FILE_ID_LEN:
+        raise ValueError("file ID must be 16 bytes")
+    return bytes(file_id)
+
+
 class ContentEnc:
     """Block encryption for one master key (via its :class:`CryptoCore`)."""
 
@@ -149,11 +158,7 @@ class ContentEnc:
         n = len(pv)
         if n == 0:
             return 0
-        if first_block < 0:
-            raise ValueError("negative block number")
-        if len(file_id) != FILE_ID_LEN:
-            raise ValueError("file ID must be 16 bytes")
-        file_id = bytes(file_id)
+        file_id = _checked_block_args(first_block, file_id)
         nblocks = -(-n // PLAIN_BS)
         total = n + BLOCK_OVERHEAD * nblocks
         outv = memoryview(out).cast("B")
@@ -196,11 +201,7 @@ class ContentEnc:
         c = len(cv)
         if c == 0:
             return 0
-        if first_block < 0:
-            raise ValueError("negative block number")
-        if len(file_id) != FILE_ID_LEN:
-            raise ValueError("file ID must be 16 bytes")
-        file_id = bytes(file_id)
+        file_id = _checked_block_args(first_block, file_id)
         nblocks = -(-c // CIPHER_BS)
         if c - (nblocks - 1) * CIPHER_BS <= BLOCK_OVERHEAD:
             raise CorruptDataError(f"block {first_block + nblocks - 1}: truncated cipher block")
