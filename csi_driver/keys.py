@@ -21,7 +21,7 @@ buys nothing and a low cost (logN 10) keeps publishing fast; human passphrases k
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -43,7 +43,7 @@ class Resolver(Protocol):
 
     def get_resource(self, uri: str) -> bytes: ...
 
-    def unseal(self, sealed: str) -> bytes: ...
+    def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -93,11 +93,13 @@ def _check_key_resource(uri: str) -> str:
     return uri
 
 
-def _unseal(resolver: Resolver | None, value: str, what: str) -> bytes:
+def _unseal(
+    resolver: Resolver | None, value: str, what: str, allowed_kids: Collection[str]
+) -> bytes:
     if resolver is None:
         raise errors.FailedPrecondition(f"{what} is sealed but no key resolver is configured")
     try:
-        return resolver.unseal(value)
+        return resolver.unseal(value, allowed_kids=allowed_kids)
     except Exception as exc:  # resolver raises SealedSecretError subclasses
         raise _map_resolver_error(exc, f"cannot unseal {what}") from None
 
@@ -109,8 +111,13 @@ def resolve_volume_key(
     resolver: Resolver | None,
     *,
     ephemeral: bool = False,
+    allowed_kids: Collection[str] = (),
 ) -> VolumeKey:
-    """Pick the key source for a NodePublishVolume request and produce the volume's password."""
+    """Pick the key source for a NodePublishVolume request and produce the volume's password.
+
+    ``allowed_kids``: the KBS signing-key kids (exact or ``/``-ended prefixes) a sealed value
+    may name; from the node's measured configuration. The default allows none.
+    """
     for where, source in (("secrets", secrets), ("volume_context", volume_context)):
         value = source.get(PARAM_PASSPHRASE)
         if value is None:
@@ -120,7 +127,7 @@ def resolve_volume_key(
                 f"{where}[{PARAM_PASSPHRASE}] must be a sealed secret (sealed.*); "
                 "a plaintext passphrase would be visible outside the TEE"
             )
-        password = _unseal(resolver, value, f"{where}[{PARAM_PASSPHRASE}]")
+        password = _unseal(resolver, value, f"{where}[{PARAM_PASSPHRASE}]", allowed_kids)
         password = password.split(b"\n", 1)[0]
         if not password:
             raise errors.InvalidArgument(f"{where}[{PARAM_PASSPHRASE}] unseals to an empty value")
@@ -131,7 +138,7 @@ def resolve_volume_key(
         if ref is None:
             continue
         if is_sealed(ref):
-            ref = _unseal(resolver, ref, f"{where}[{PARAM_KEY_RESOURCE}]").decode(
+            ref = _unseal(resolver, ref, f"{where}[{PARAM_KEY_RESOURCE}]", allowed_kids).decode(
                 "utf-8", "replace"
             )
         uri = _check_key_resource(ref.strip())

@@ -8,8 +8,10 @@ exit (1 for operational errors, 2 for usage errors, as argparse does).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn
@@ -61,14 +63,47 @@ def _read_sealed(args: argparse.Namespace) -> str:
         raise CliError("sealed secret input is not ASCII text") from None
 
 
-def _write_out(data: bytes, path: str | None) -> None:
+def _refuse_existing(path: str) -> None:
+    """Fail early (before any KBS round trip) if an output path is already taken."""
+    if os.path.lexists(path):
+        raise CliError(
+            f"refusing to write {path}: it already exists (or is a symlink); "
+            "remove it or pass --force to replace it atomically"
+        )
+
+
+def _write_out(data: bytes, path: str | None, *, force: bool = False) -> None:
+    """Write plaintext to stdout or to a *new* 0600 file, never through a symlink.
+
+    ``force`` replaces an existing entry atomically: the data goes to a fresh temporary file
+    in the same directory, which is then renamed over the target. rename() replaces a
+    symlink itself, so the file it pointed to is never touched.
+    """
     if path in (None, "-"):
         sys.stdout.buffer.write(data)
         sys.stdout.buffer.flush()
         return
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
+    target = path
+    if force:
+        directory, name = os.path.split(path)
+        target = os.path.join(directory, f".{name}.{os.urandom(6).hex()}.tmp")
+    try:
+        fd = keys.create_new_file(target, 0o600)
+    except FileExistsError:
+        _refuse_existing(path)
+        raise CliError(f"refusing to write {path}: it already exists") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        if force:
+            os.replace(target, path)
+    except BaseException:
+        if force:
+            with contextlib.suppress(OSError):
+                os.unlink(target)
+        raise
 
 
 def _signing(args: argparse.Namespace) -> Any:
@@ -149,6 +184,62 @@ def cmd_seal_envelope(args: argparse.Namespace) -> None:
 
 _SERVER_FIELDS = ("uid", "resourceVersion", "generation", "managedFields", "selfLink")
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+_SECRET_KEY = re.compile(r"[-._a-zA-Z0-9]{1,253}")
+
+
+def _yaml_kind(value: Any) -> str:
+    """How YAML read a scalar, for an error that tells the user what to quote."""
+    import datetime
+
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean (yes/no/on/off/true/false)"
+    if isinstance(value, int | float):
+        return "a number (e.g. 0123 is octal 83, 1e3 is 1000.0)"
+    if isinstance(value, datetime.date):
+        return "a timestamp"
+    if isinstance(value, bytes):
+        return "binary (!!binary)"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, dict):
+        return "a map"
+    return type(value).__name__
+
+
+def _string_map(doc: dict[str, Any], field: str) -> dict[str, str]:
+    """``data``/``stringData`` as Kubernetes stores it: a map of valid keys to strings.
+
+    The API server refuses any other value (a number or boolean in stringData is a decoding
+    error), so this refuses it too rather than sealing a YAML-coerced value such as "83" for
+    ``0123`` or "True" for ``yes``. Values never appear in the message.
+    """
+    value = doc.get(field)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CliError(f"{field} must be a map of key: string, not {_yaml_kind(value)}")
+    out: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or not _SECRET_KEY.fullmatch(key):
+            shown = repr(key) if isinstance(key, str) else _yaml_kind(key)
+            raise CliError(f"{field} key {shown} is not a valid Secret key ([-._a-zA-Z0-9]+)")
+        if not isinstance(item, str):
+            raise CliError(
+                f"{field}[{key}] is {_yaml_kind(item)}, not a string; the API server would "
+                "refuse it. Quote the value in the YAML"
+            )
+        out[key] = item
+    return out
+
+
+def _mapping(value: Any, what: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise CliError(f"{what} must be a map, not {_yaml_kind(value)}")
+    return dict(value)
 
 
 def _already_sealed(value: bytes) -> bool:
@@ -175,26 +266,26 @@ def seal_manifest_doc(doc: Any, sealer: Callable[[bytes], str]) -> dict[str, Any
 
     if not isinstance(doc, dict) or doc.get("kind") != "Secret" or doc.get("apiVersion") != "v1":
         raise CliError("input is not a v1 Secret manifest")
-    meta = dict(doc.get("metadata") or {})
-    if not meta.get("name"):
+    meta = _mapping(doc.get("metadata"), "metadata")
+    if not meta.get("name") or not isinstance(meta["name"], str):
         raise CliError("input Secret has no metadata.name")
     for name in _SERVER_FIELDS:
         meta.pop(name, None)
     meta["creationTimestamp"] = None
-    annotations = dict(meta.get("annotations") or {})
+    annotations = _mapping(meta.get("annotations"), "metadata.annotations")
     annotations.pop(_LAST_APPLIED, None)
     if annotations:
         meta["annotations"] = annotations
     else:
         meta.pop("annotations", None)
     values: dict[str, bytes] = {}
-    for key, b64 in (doc.get("data") or {}).items():
+    for key, b64 in _string_map(doc, "data").items():
         try:
-            values[key] = base64.b64decode(str(b64), validate=True)
+            values[key] = base64.b64decode(b64, validate=True)
         except (binascii.Error, ValueError):
             raise CliError(f"data[{key}] is not valid base64") from None
-    for key, text in (doc.get("stringData") or {}).items():
-        values[key] = str(text).encode()  # stringData wins, as on the API server
+    for key, text in _string_map(doc, "stringData").items():
+        values[key] = text.encode()  # stringData wins, as on the API server
     if not values:
         raise CliError(f"Secret {meta['name']} has no data to seal")
     sealed = {k: v.decode() if _already_sealed(v) else sealer(v) for k, v in sorted(values.items())}
@@ -206,14 +297,45 @@ def seal_manifest_doc(doc: Any, sealer: Callable[[bytes], str]) -> dict[str, Any
     return out
 
 
+def _yaml_where(exc: Any) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f" (line {mark.line + 1})" if mark is not None else ""
+
+
+def _no_duplicates_loader() -> Any:
+    """A SafeLoader that refuses duplicate map keys (kubectl's strict decoding does too;
+    PyYAML would silently keep the last one, sealing a value the user may not expect)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def construct_mapping(self, node: Any, deep: bool = False) -> Any:
+            seen: set[Any] = set()
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=deep)
+                try:
+                    dup = key in seen
+                    seen.add(key)
+                except TypeError:  # unhashable key: let PyYAML report it
+                    continue
+                if dup:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, "duplicate key in a map", key_node.start_mark
+                    )
+            return super().construct_mapping(node, deep=deep)
+
+    return Loader
+
+
 def cmd_seal_manifest(args: argparse.Namespace) -> None:
     import yaml
 
     raw = _read_input(args.file_path, limit=4 * 1024 * 1024, what="Secret manifest")
     try:
-        docs = [d for d in yaml.safe_load_all(raw) if d is not None]
-    except yaml.YAMLError:
-        raise CliError("input is not valid YAML/JSON") from None
+        docs = [d for d in yaml.load_all(raw, Loader=_no_duplicates_loader()) if d is not None]
+    except yaml.YAMLError as exc:
+        raise CliError(f"input is not valid YAML/JSON{_yaml_where(exc)}") from None
+    except RecursionError:
+        raise CliError("input YAML is nested too deeply") from None
     if not docs:
         raise CliError("input holds no Secret manifest")
     sealer = _envelope_sealer(args)
@@ -238,6 +360,11 @@ def cmd_unseal(args: argparse.Namespace) -> None:
     from sealed_secrets.unseal import unseal_secret
 
     sealed = _read_sealed(args)
+    out = args.output
+    if out is None and args.file_path not in (None, "-"):
+        out = f"{args.file_path}.unsealed"  # CoCo `secret unseal` behaviour
+    if out not in (None, "-") and not args.force:
+        _refuse_existing(out)
     resolver = _resolver(args)
     options = {"aliyun": {"credential_dir": args.aliyun_credential_dir}}
     if args.aliyun_credential_dir is None:
@@ -249,11 +376,9 @@ def cmd_unseal(args: argparse.Namespace) -> None:
         allow_unsigned=args.allow_unsigned,
         key_dir=args.key_path,
         provider_options=options,
+        allowed_kids=args.allowed_kid,
     )
-    out = args.output
-    if out is None and args.file_path not in (None, "-"):
-        out = f"{args.file_path}.unsealed"  # CoCo `secret unseal` behaviour
-    _write_out(plaintext, out)
+    _write_out(plaintext, out, force=args.force)
     if out not in (None, "-"):
         print(f"unsealed to {out}", file=sys.stderr)
 
@@ -278,6 +403,7 @@ def cmd_verify(args: argparse.Namespace) -> None:
             sealed,
             get_resource=resolver.get_resource if resolver is not None else None,
             key_dir=args.key_path,
+            allowed_kids=args.allowed_kid,
         )
     info = {"kid": parsed.kid, "verified": True, **secret.to_json()}
     if isinstance(secret, pl.EnvelopeSecret):  # ciphertext is noise to a human reader
@@ -305,6 +431,17 @@ def _provider_parsers(kms: Any, func: Callable[[argparse.Namespace], None]) -> N
     ali.add_argument("--credential-file", help="local AK:SK[:STS] file used to seal")
     ali.add_argument("--ca", help="CA bundle for the KMS endpoint")
     ali.set_defaults(func=func, kms="ali")
+
+
+def _allowed_kid_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--allowed-kid",
+        action="append",
+        default=[],
+        metavar="KID",
+        help="KBS signing-key kid this command may fetch through --resolver: exact "
+        "kbs:///repo/type/tag or a prefix ending in / (repeatable; default: none)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,12 +495,22 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("unseal", help="verify and unseal (needs access to the key broker)")
     u.add_argument("sealed", nargs="?", help="sealed string (default: -f or stdin)")
     u.add_argument("-f", "--file-path", help="file holding the sealed string (- for stdin)")
-    u.add_argument("-o", "--output", help="output file (default <file>.unsealed or stdout)")
+    u.add_argument(
+        "-o",
+        "--output",
+        help="output file, created new with mode 0600 (default <file>.unsealed or stdout)",
+    )
+    u.add_argument(
+        "--force",
+        action="store_true",
+        help="replace an existing output file atomically (never writes through a symlink)",
+    )
     u.add_argument("-k", "--key-path", help="directory of verification keys named by kid")
     u.add_argument(
         "--resolver",
         help=f"offline-fs:/f.json | kbs:URL?aa=… | cdh:unix://… (env {DEFAULT_RESOLVER_ENV})",
     )
+    _allowed_kid_arg(u)
     u.add_argument("-s", "--skip-verification", action="store_true")
     u.add_argument("--allow-unsigned", action="store_true", help="accept legacy fakejwsheader")
     u.add_argument("--aliyun-credential-dir", help="in-guest aliyun credential directory")
@@ -375,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
     ver.add_argument("-k", "--key-path", help="directory of verification keys named by kid")
     ver.add_argument("--public-key", help="verify with this public JWK instead of kid lookup")
     ver.add_argument("--resolver", help="resolver spec for kbs:// kids")
+    _allowed_kid_arg(ver)
     ver.set_defaults(func=cmd_verify)
     return p
 

@@ -49,6 +49,16 @@ class UnknownKid(SealedSecretError):
     """No verification key could be found for the header's `kid`."""
 
 
+class UnsealFailed(BadSignature):
+    """The signature stage failed: one class and one message for every cause.
+
+    Raised for a kid the guest does not allow, a key resource that is missing or denied by
+    the KBS policy, a key of the wrong kind and a signature that does not verify, so that
+    whoever hands the guest a sealed string (the host, kubelet, the API server) cannot use
+    the answer to probe which resources exist or what the broker's policy releases.
+    """
+
+
 class KeyFormatError(SealedSecretError):
     """A key file or KBS key resource is not a usable JWK/PEM of the expected kind."""
 

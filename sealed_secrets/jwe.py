@@ -13,12 +13,14 @@ from typing import Any
 from jwcrypto import jwe, jwk
 from jwcrypto.common import JWException
 
-from sealed_secrets.errors import BadResponse, ResolverError
+from sealed_secrets.errors import BadResponse, ResolverError, SealedSecretError
+from sealed_secrets.jws import b64url_decode
 
 EC_ALG = "ECDH-ES+A256KW"
 RSA_ALG = "RSA-OAEP-256"
 ENC = "A256GCM"
 _MEMBERS = ("protected", "encrypted_key", "iv", "ciphertext", "tag")
+MAX_PROTECTED = 4096  # an ECDH-ES header with its epk is ~250 characters
 
 
 class TeeKeyPair:
@@ -74,27 +76,33 @@ class TeeKeyPair:
         for member in _MEMBERS:
             if not isinstance(response.get(member), str):
                 raise BadResponse(f"KBS resource response lacks JWE member {member!r}")
+            try:  # one spelling only, as for sealed strings: no padding, no spare bits
+                b64url_decode(response[member], what=f"JWE member {member}")
+            except SealedSecretError as exc:
+                raise BadResponse(f"KBS resource response: {exc}") from None
+        if "aad" in response:
+            raise BadResponse("KBS resource response must not carry JWE aad")
+        if len(response["protected"]) > MAX_PROTECTED:
+            raise BadResponse("KBS resource response has an oversized protected header")
         try:
             header = json.loads(jwe.base64url_decode(response["protected"]))
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):
             raise BadResponse("KBS resource response has an unreadable protected header") from None
         if not isinstance(header, dict):
             raise BadResponse("KBS resource response has an unreadable protected header")
         if header.get("alg") != self.alg or header.get("enc") != ENC:
             raise BadResponse(
-                f"KBS resource response uses alg={header.get('alg')!r} enc={header.get('enc')!r},"
-                f" expected alg={self.alg!r} enc={ENC!r}"
+                f"KBS resource response uses alg={str(header.get('alg'))[:40]!r} "
+                f"enc={str(header.get('enc'))[:40]!r}, expected alg={self.alg!r} enc={ENC!r}"
             )
         if "zip" in header:
             raise BadResponse("KBS resource response must not be compressed")
         flat = {m: response[m] for m in _MEMBERS}
-        if "aad" in response:
-            flat["aad"] = response["aad"]
         try:
             token = jwe.JWE(algs=[self.alg, ENC])
             token.deserialize(json.dumps(flat), key=self._key)
             return bytes(token.payload)
-        except (JWException, ValueError, TypeError, KeyError) as exc:
+        except (JWException, ValueError, TypeError, KeyError, RecursionError) as exc:
             raise BadResponse(
                 f"KBS resource response failed to decrypt ({type(exc).__name__})"
             ) from None

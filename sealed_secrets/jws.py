@@ -3,8 +3,16 @@
 CoCo (guest-components >= v0.18.0) signs the secret JSON as a compact JWS and prefixes it with
 `sealed.`. Parsing is deliberately stricter than a generic JOSE library: every section must be
 *canonical* unpadded base64url, because base64 has spare bits in the last character and a
-lenient decoder would accept a modified string that still verifies. A sealed string therefore
-has exactly one spelling, and a one-character change is always detected.
+lenient decoder would accept a modified string that still verifies. So the header and payload
+have exactly one spelling, and a one-character change of the string as given is detected.
+
+ECDSA itself is malleable: if (r, s) verifies, so does (r, n - s), and anyone can compute that
+twin without the key. It is accepted on purpose, because CoCo's signers may emit either form
+and rejecting high-S would refuse genuine strings. The twin carries the same header and
+payload, i.e. the same authenticated content, so nothing gains from it as long as nothing
+uses the signature bytes (or the whole string) as an identity: caches are keyed by resource
+URI, and no code here dedups, caches or compares sealed strings by their bytes. Strings this
+module signs are low-S, so they are the canonical member of each pair.
 
 The legacy unsigned form (`sealed.fakejwsheader.<payload>.fakesignature`, GC <= v0.17.0) is
 recognised so that callers can decide (``allow_unsigned``) instead of failing with a confusing
@@ -45,6 +53,8 @@ LEGACY_SIGNATURE = "fakesignature"
 MAX_SEALED_LEN = 1 << 20
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
 _SIG_LEN = 64  # P-256: 32-byte r ‖ 32-byte s
+# Order of the P-256 group: (r, s) and (r, P256_ORDER - s) are both valid signatures.
+P256_ORDER = 0xFFFFFFFF00000000FFFFFFFFFFFFFFFFBCE6FAADA7179E84F3B9CAC2FC632551
 
 
 def b64url_encode(data: bytes) -> str:
@@ -202,6 +212,8 @@ def sign(payload: bytes, key: jwk.JWK, kid: str) -> str:
     payload_b64 = b64url_encode(payload)
     signing_input = f"{header_b64}.{payload_b64}".encode("ascii")
     r, s = decode_dss_signature(priv.sign(signing_input, ec.ECDSA(hashes.SHA256())))
+    if s > P256_ORDER // 2:  # emit the low-S twin (see the module docstring)
+        s = P256_ORDER - s
     sig = r.to_bytes(32, "big") + s.to_bytes(32, "big")
     return f"{PREFIX}{header_b64}.{payload_b64}.{b64url_encode(sig)}"
 

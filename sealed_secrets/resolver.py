@@ -14,10 +14,10 @@ import threading
 import time
 import urllib.parse
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from typing import Any, Protocol, runtime_checkable
 
-from sealed_secrets.errors import ResolverError
+from sealed_secrets.errors import ResolverError, SealedSecretError, UnsealFailed
 from sealed_secrets.resource_uri import parse_resource_uri
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ class Resolver(Protocol):
 
     def get_resource(self, uri: str) -> bytes: ...
 
-    def unseal(self, sealed: str) -> bytes: ...
+    def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes: ...
 
 
 class ResourceSource(Protocol):
@@ -177,7 +177,12 @@ class CachingResolver:
         log.info("resource fetched uri=%s source=%s", key, type(self.source).__name__)
         return value
 
-    def unseal(self, sealed: str) -> bytes:
+    def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes:
+        """Verify and open ``sealed``; only KBS signing-key kids in ``allowed_kids`` are used.
+
+        The caller passes the allow-list from its own (measured) configuration; the default
+        allows no KBS kid, so only key-directory kids verify.
+        """
         from sealed_secrets.unseal import unseal_secret  # owned by the format package
 
         extra: dict[str, Any] = {}
@@ -189,6 +194,7 @@ class CachingResolver:
             verify=self.verify,
             allow_unsigned=self.allow_unsigned,
             key_dir=self.key_dir,
+            allowed_kids=allowed_kids,
             **extra,
         )
 
@@ -201,13 +207,23 @@ class CdhResolver(CachingResolver):
 
     ``verify``/``allow_unsigned``/``key_dir`` do not apply here: CDH's own configuration
     (``skip_sealed_secret_verification``) decides, so this process never sees signing keys.
+    The kid gate does apply: CDH would fetch any ``kbs://`` kid with its attestation, so a
+    string whose kid the caller does not allow never reaches CDH.
     """
 
-    def unseal(self, sealed: str) -> bytes:
-        if not is_sealed(sealed):
-            from sealed_secrets.errors import SealedSecretError
+    def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes:
+        from sealed_secrets import jws
+        from sealed_secrets.keys import check_allowed_kids, is_local_kid, kid_allowed
+        from sealed_secrets.unseal import UNSEAL_FAILED
 
+        if not is_sealed(sealed):
             raise SealedSecretError("value is not a sealed secret (missing 'sealed.' prefix)")
+        allowed = check_allowed_kids(allowed_kids)
+        parsed = jws.parse(sealed)
+        kid = parsed.kid
+        if kid is not None and not is_local_kid(kid) and not kid_allowed(kid, allowed):
+            log.debug("sealed secret verification failed cause=kid-not-allowed")
+            raise UnsealFailed(UNSEAL_FAILED)
         return self.source.unseal(sealed)  # type: ignore[attr-defined]
 
 
@@ -225,6 +241,9 @@ _KBS_OPTS = {
     "token_provider",
     "attest",
     "ca",
+    "ca_pem",
+    "cert_sha256",
+    "insecure_http",
     "timeout",
     "tee_key_type",
     "retries",
@@ -245,24 +264,87 @@ def _split(opts: dict[str, Any], allowed: set[str]) -> tuple[dict[str, Any], dic
     )
 
 
-def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingResolver:
-    common, kbs_opts = _split(opts, _KBS_OPTS)
-    parts = urllib.parse.urlsplit(rest)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ResolverError("kbs resolver spec needs an http(s) URL: kbs:https://host:port?aa=...")
-    query = dict(urllib.parse.parse_qsl(parts.query, keep_blank_values=True))
-    unknown = set(query) - {"aa", "ca", "timeout", "tee_key_type", "retries", "attest"}
+# Spec query parameter -> KbsClient option. Dashes are the spec spelling of new options.
+_KBS_QUERY = {
+    "aa": "aa",
+    "ca": "ca",
+    "cert-sha256": "cert_sha256",
+    "insecure-http": "insecure_http",
+    "timeout": "timeout",
+    "tee_key_type": "tee_key_type",
+    "retries": "retries",
+    "attest": "attest",
+}
+CDH_CONFIG_SOURCE = "cdh-config"
+
+
+def _flag(value: Any, name: str) -> bool:
+    if isinstance(value, bool):
+        return value
+    if value in ("true", "false"):
+        return value == "true"
+    raise ResolverError(f"kbs resolver option {name} must be true or false")
+
+
+def _kbs_query(query: str) -> dict[str, Any]:
+    pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
+    names = [k for k, _ in pairs]
+    unknown = set(names) - set(_KBS_QUERY)
     if unknown:
         raise ResolverError(f"unknown kbs resolver spec parameters: {sorted(unknown)}")
+    dupes = {k for k in names if names.count(k) > 1}
+    if dupes:
+        raise ResolverError(f"kbs resolver spec parameters given twice: {sorted(dupes)}")
+    return {_KBS_QUERY[k]: v for k, v in pairs}
+
+
+def _kbs_target(rest: str) -> tuple[str, dict[str, Any], str | None]:
+    """Split ``kbs:`` spec text into (URL, query options, CDH config path or None)."""
+    head, _, query = rest.partition("?")
+    try:
+        options = _kbs_query(query)
+    except ValueError:
+        raise ResolverError("kbs resolver spec has a malformed query") from None
+    if head == CDH_CONFIG_SOURCE or head.startswith(CDH_CONFIG_SOURCE + ":"):
+        from sealed_secrets.cdh_config import DEFAULT_CDH_CONFIG
+
+        path = head[len(CDH_CONFIG_SOURCE) + 1 :] or DEFAULT_CDH_CONFIG
+        if not path.startswith("/"):
+            raise ResolverError("kbs:cdh-config:PATH needs an absolute path")
+        return "", options, path
+    parts = urllib.parse.urlsplit(head)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ResolverError(
+            "kbs resolver spec needs https://host:port or cdh-config[:PATH], e.g. "
+            "kbs:https://kbs:8080?aa=unix:///…/attestation-agent.sock&ca=/etc/kbs-ca.pem"
+        )
+    return head, options, None
+
+
+def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingResolver:
+    common, kbs_opts = _split(opts, _KBS_OPTS)
+    base_url, query, cdh_path = _kbs_target(rest)
     for key, value in query.items():
         kbs_opts.setdefault(key, value)
+    if cdh_path is not None:
+        from sealed_secrets.cdh_config import load_cdh_config
+
+        cdh = load_cdh_config(cdh_path)
+        base_url = cdh.url
+        if cdh.kbs_cert is not None:
+            if "ca" in kbs_opts or "ca_pem" in kbs_opts:
+                raise ResolverError(
+                    f"CDH config {cdh_path} pins kbs_cert; do not also give ca= (one source)"
+                )
+            kbs_opts["ca_pem"] = cdh.kbs_cert
     for key, conv in (("timeout", float), ("retries", int)):
         if key in kbs_opts:
             try:
                 kbs_opts[key] = conv(kbs_opts[key])
             except (TypeError, ValueError):
                 raise ResolverError(f"kbs resolver option {key} is not a number") from None
-    base_url = urllib.parse.urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    if "insecure_http" in kbs_opts:
+        kbs_opts["insecure_http"] = _flag(kbs_opts["insecure_http"], "insecure-http")
     aa = kbs_opts.pop("aa", None)
     attest = kbs_opts.pop("attest", "evidence")
     if attest not in ("evidence", "token"):
@@ -296,13 +378,16 @@ def build_resolver(spec: str, *, cache_ttl: float = 60.0, **opts: Any) -> Resolv
     """Build a resolver from a spec string (see docs/architecture.md).
 
     ``offline-fs:/a.json[,/b.json]`` (``offline-fs:`` alone = CoCo default files),
-    ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem`` (add
-    ``&attest=token`` to let the AA run the handshake via GetToken("kbs")),
+    ``kbs:https://host:port?aa=unix:///…/attestation-agent.sock&ca=/path/ca.pem`` (or
+    ``&cert-sha256=<hex>``; add ``&attest=token`` to let the AA run the handshake via
+    GetToken("kbs")), ``kbs:cdh-config[:/path/cdh.toml]?aa=…`` (URL and ``kbs_cert`` from
+    CoCo's CDH config, default /etc/confidential-data-hub.conf),
+    ``kbs:http://…?aa=…&insecure-http=true`` (tests only),
     ``cdh:unix:///run/confidential-containers/cdh.sock``.
     Options: cache bounds (``max_entries``, ``max_bytes``), unseal policy (``verify``,
     ``allow_unsigned``, ``key_dir``, ``provider_options``) and broker options (``ca``,
-    ``timeout``, ``retries``, ``backoff``, ``refresh_margin``, ``tee_key_type``,
-    ``evidence_provider``, ``token_provider``).
+    ``ca_pem``, ``cert_sha256``, ``insecure_http``, ``timeout``, ``retries``, ``backoff``,
+    ``refresh_margin``, ``tee_key_type``, ``evidence_provider``, ``token_provider``).
     """
     if not isinstance(spec, str) or ":" not in spec:
         raise ResolverError(

@@ -2,9 +2,13 @@
 
 GetEvidence returns ``{"svn":"1","report_data":"<standard base64 of RuntimeData>"}`` (the
 sample attester's JSON, coco-interfaces.md 5), GetTeeType returns ``sample`` and
-GetAdditionalEvidence returns empty evidence (no additional devices). GetToken("kbs") runs
-the KBS v0.4.0 handshake against ``kbs_url`` itself (urllib + cryptography, independent of the
-product client) and returns ``{"token": ..., "tee_keypair": "<PEM>"}`` as the AA does.
+GetAdditionalEvidence returns one sample device by default,
+``{"sample-device":{"svn":"1","report_data":"<standard base64 of RuntimeData>"}}``, so that a
+client that binds ``""`` instead of the evidence it sends fails against the strict KBS peer
+(``additional_evidence=False`` gives the empty answer of a guest without devices).
+GetToken("kbs") runs the KBS v0.4.0 handshake against ``kbs_url`` itself (urllib +
+cryptography, independent of the product client) and returns
+``{"token": ..., "tee_keypair": "<PEM>"}`` as the AA does.
 Faults can be queued per RPC as gRPC status codes.
 """
 
@@ -99,7 +103,15 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
 
     def GetAdditionalEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.peer.enter("GetAdditionalEvidence", context)
-        return pb.GetEvidenceResponse(Evidence=b"")
+        if not self.peer.additional_evidence:
+            return pb.GetEvidenceResponse(Evidence=b"")
+        with self.peer.lock:
+            self.peer.additional_runtime_data.append(bytes(request.RuntimeData))
+        device = {
+            "svn": self.peer.svn,
+            "report_data": base64.b64encode(request.RuntimeData).decode(),
+        }
+        return pb.GetEvidenceResponse(Evidence=json.dumps({"sample-device": device}).encode())
 
     def GetToken(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.peer.enter("GetToken", context)
@@ -133,8 +145,11 @@ class AaServer(UnixGrpcPeer):
         svn: str = "1",
         kbs_url: str | None = None,
         kbs_ca: str | None = None,
+        additional_evidence: bool = True,
     ) -> None:
         super().__init__(socket_path)
+        self.additional_evidence = additional_evidence
+        self.additional_runtime_data: list[bytes] = []
         self.kbs_url = kbs_url  # for GetToken("kbs"), like [token_configs.kbs] url
         self.kbs_ca = kbs_ca
         self.bad_token_reply = False

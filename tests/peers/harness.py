@@ -29,6 +29,13 @@ def short_tmpdir(prefix: str = "cc") -> Iterator[str]:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def kbs_spec(kbs: KbsServer, aa: AaServer, extra: str = "") -> str:
+    """The ``kbs:`` resolver spec for these peers: pinned CA over TLS, else insecure-http
+    (the explicit test-only flag plain http needs)."""
+    trust = f"ca={kbs.ca_path}" if kbs.ca_path else "insecure-http=true"
+    return f"kbs:{kbs.url}?aa={aa.target}&{trust}{extra}"
+
+
 @contextlib.contextmanager
 def kbs_and_aa(
     resources: dict[str, bytes] | None = None, *, tls: bool = False, **kbs_kwargs: Any

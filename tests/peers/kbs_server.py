@@ -3,7 +3,16 @@
 Implements /kbs/v0/auth, /attest and GET /resource/<repo>/<type>/<tag> with:
 - sessions keyed by the ``kbs-session-id`` cookie and a configurable timeout;
 - the sample-TEE verifier: base64-decoded ``report_data`` must equal
-  HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"})) for the nonce it issued;
+  HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"})) for the nonce it issued, and
+  every additional device's ``report_data`` must equal HASH(JCS({"nonce", "tee-pubkey"}));
+- strictness a lenient peer would hide client bugs behind: evidence must be a JSON object
+  (not a JSON string of one), ``additional_evidence`` a string, and each nonce is good for
+  one /attest only (a replayed nonce, in its own session or another, is refused);
+- a request log (method and full path, query included) for "nothing was sent" assertions,
+  and the attestation bodies it received;
+- an impostor mode (``impostor=<key>``): the attack of a host that answers as the KBS. It
+  skips every attestation check and returns its own key, encrypted to whatever tee-pubkey
+  the guest sent, for any resource;
 - ES256 attestation tokens (JWT) carrying the tee-pubkey, accepted as Bearer tokens;
 - per-resource policy (fnmatch patterns on ``repo/type/tag``);
 - resources encrypted to the tee-pubkey as flattened JWE (ECDH-ES+A256KW or RSA-OAEP-256,
@@ -160,6 +169,10 @@ class KbsState:
     calls: Counter = field(default_factory=Counter)
     faults: dict[str, list[Fault]] = field(default_factory=dict)
     seen_auth_headers: list[str] = field(default_factory=list)
+    requests: list[tuple[str, str]] = field(default_factory=list)
+    attestations: list[Any] = field(default_factory=list)
+    impostor: bytes | None = None
+    used_nonces: set[str] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     signing_key: ec.EllipticCurvePrivateKey = field(
         default_factory=lambda: ec.generate_private_key(ec.SECP256R1())
@@ -253,6 +266,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         state = self.server.state
         length = int(self.headers.get("Content-Length") or 0)
         self._raw = self.rfile.read(length) if length else b""  # keep the connection in sync
+        with state.lock:
+            state.requests.append((method, self.path))
         path = self.path.split("?", 1)[0]
         if path == "/kbs/v0/auth" and method == "POST":
             endpoint = "auth"
@@ -327,6 +342,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             additional = evidence.get("additional_evidence", "")
         except (KeyError, TypeError):
             raise KbsError(400, "InvalidRequest", "malformed attestation") from None
+        with state.lock:
+            state.attestations.append(att)
+        if state.impostor is not None:  # the attacker verifies nothing
+            self._issue_token(state, sid, sess, pubkey)
+            return
+        if not isinstance(nonce, str):
+            raise KbsError(400, "InvalidRequest", "nonce must be a string")
+        with state.lock:
+            replayed = nonce in state.used_nonces
+            state.used_nonces.add(nonce)
+        if replayed:
+            raise KbsError(401, "VerificationFailed", "nonce already used")
         if nonce != sess.nonce:
             raise KbsError(401, "VerificationFailed", "nonce mismatch")
         if not isinstance(pubkey, dict) or pubkey.get("alg") not in (
@@ -334,11 +361,10 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             "RSA-OAEP-256",
         ):
             raise KbsError(400, "InvalidRequest", "unsupported tee-pubkey")
-        if isinstance(primary, str):  # tolerate evidence sent as a JSON string
-            try:
-                primary = json.loads(primary)
-            except ValueError:
-                raise KbsError(401, "VerificationFailed", "evidence is not JSON") from None
+        if not isinstance(primary, dict):  # kbs-types: a JSON value the verifier reads as-is
+            raise KbsError(401, "VerificationFailed", "evidence is not a JSON object")
+        if not isinstance(additional, str):  # kbs-types: additional_evidence is a String
+            raise KbsError(400, "InvalidRequest", "additional_evidence must be a string")
         # sample verifier: report_data must equal the binding of this nonce and key
         binding = rfc8785.dumps(
             {"additional-evidence": additional, "nonce": nonce, "tee-pubkey": pubkey}
@@ -351,6 +377,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             raise KbsError(401, "VerificationFailed", "malformed sample evidence") from None
         if got != expected or not isinstance(svn, str):
             raise KbsError(401, "VerificationFailed", "report data does not bind nonce and key")
+        self._check_additional(additional, nonce, pubkey, sess.hash_alg)
+        self._issue_token(state, sid, sess, pubkey)
+
+    def _issue_token(
+        self, state: KbsState, sid: str, sess: Session, pubkey: dict[str, Any]
+    ) -> None:
         with state.lock:
             sess.attested = True
             sess.tee_pubkey = pubkey
@@ -368,6 +400,28 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             },
         )
         self._json(200, {"token": token})
+
+    @staticmethod
+    def _check_additional(
+        additional: str, nonce: str, pubkey: dict[str, Any], hash_alg: str
+    ) -> None:
+        """Each additional device's report data must bind HASH(JCS({nonce, tee-pubkey}))."""
+        if not additional:
+            return
+        try:
+            devices = json.loads(additional)
+        except ValueError:
+            raise KbsError(401, "VerificationFailed", "additional evidence is not JSON") from None
+        if not isinstance(devices, dict) or not devices:
+            raise KbsError(401, "VerificationFailed", "additional evidence is not an object")
+        expected = HASHES[hash_alg](rfc8785.dumps({"nonce": nonce, "tee-pubkey": pubkey}))
+        for evidence in devices.values():
+            try:
+                got = base64.b64decode(evidence["report_data"], validate=True)
+            except (KeyError, TypeError, ValueError):
+                raise KbsError(401, "VerificationFailed", "malformed device evidence") from None
+            if got != expected.digest():
+                raise KbsError(401, "VerificationFailed", "device evidence does not bind")
 
     def _resource(self, state: KbsState, rpath: str, fault: Fault | None) -> None:
         auth = self.headers.get("Authorization") or ""
@@ -390,7 +444,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             state.allow is not None and not any(fnmatch.fnmatchcase(rpath, p) for p in state.allow)
         ):
             raise KbsError(403, "PolicyDeny", "Access denied by policy")
-        value = state.resources.get(rpath)
+        value = state.impostor if state.impostor is not None else state.resources.get(rpath)
         if value is None:
             raise KbsError(404, "ResourceNotFound", f"resource {rpath} not found")
         if fault is not None and fault.kind == "slow_body":  # headers now, body too late
@@ -452,6 +506,7 @@ class KbsServer:
         allow: list[str] | None = None,
         selected_hash: str | None = None,
         tees: tuple[str, ...] = ("sample",),
+        impostor: bytes | None = None,
     ) -> None:
         self.state = KbsState(
             resources=dict(resources or {}),
@@ -461,6 +516,7 @@ class KbsServer:
             allow=allow,
             selected_hash=selected_hash,
             tees=tees,
+            impostor=impostor,
         )
         self.tls_dir = tls_dir
         self.ca_path: str | None = None

@@ -17,6 +17,7 @@ from sealed_secrets.errors import (
     ProviderError,
     ResolverError,
     SealedSecretError,
+    UnsealFailed,
 )
 from sealed_secrets.evidence import AaEvidenceProvider, grpc_target
 from sealed_secrets.resolver import build_resolver
@@ -72,6 +73,11 @@ def test_aa_sample_evidence(aa: AaServer) -> None:
     ev = json.loads(p.primary_evidence(report))
     assert ev == {"svn": "1", "report_data": base64.b64encode(report).decode()}
     assert aa.runtime_data == [report]
+    extra = json.loads(p.additional_evidence(report))
+    assert extra == {
+        "sample-device": {"svn": "1", "report_data": base64.b64encode(report).decode()}
+    }
+    aa.additional_evidence = False  # a guest without devices answers with nothing
     assert p.additional_evidence(report) == ""
     p.close()
 
@@ -148,7 +154,10 @@ def test_cdh_resolver_spec(cdh: CdhServer) -> None:
     for _ in range(3):
         assert r.get_resource("kbs:///default/key/1") == RESOURCES["default/key/1"]
     assert cdh.calls["GetResource"] == 1
-    assert r.unseal(VECTOR_A) == PLAIN
+    with pytest.raises(UnsealFailed):  # the kid gate applies before anything reaches CDH
+        r.unseal(VECTOR_A)
+    assert cdh.calls["UnsealSecret"] == 0
+    assert r.unseal(VECTOR_A, allowed_kids=["kbs:///default/signing-key/sealed-secret"]) == PLAIN
     assert cdh.calls["UnsealSecret"] == 1
     with pytest.raises(SealedSecretError, match="not a sealed secret"):
         r.unseal("plain-text")

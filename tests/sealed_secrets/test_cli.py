@@ -14,6 +14,8 @@ import pytest
 import yaml
 from vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
+from sealed_secrets.unseal import UNSEAL_FAILED
+
 ROOT = Path(__file__).resolve().parents[2]
 EXE = ROOT / ".venv" / "bin" / "sealed-secret"
 SECRET = "cli-plaintext-s3cr3t-value"
@@ -140,8 +142,14 @@ def test_vault_seal_and_vector_a(work: Path) -> None:
     assert r.stdout == SECRET.encode()
     env = {**os.environ, "SEALED_SECRET_RESOLVER": f"offline-fs:{work / 'res.json'}"}
     r2 = subprocess.run([str(EXE), "unseal", VECTOR_A], capture_output=True, env=env, check=False)
+    assert r2.returncode == 1  # a KBS kid is fetched only if --allowed-kid lists it
+    assert r2.stderr == b"sealed-secret: error: UnsealFailed: " + UNSEAL_FAILED.encode() + b"\n"
+    allow = ["--allowed-kid", "kbs:///default/signing-key/"]
+    r2 = subprocess.run(
+        [str(EXE), "unseal", *allow, VECTOR_A], capture_output=True, env=env, check=False
+    )
     assert r2.returncode == 0 and r2.stdout == b"vector-a-value"
-    r = run("verify", "--resolver", f"offline-fs:{work / 'res.json'}", VECTOR_A)
+    r = run("verify", "--resolver", f"offline-fs:{work / 'res.json'}", *allow, VECTOR_A)
     assert json.loads(r.stdout)["kid"] == SIGNING_KID
     (work / "pub.json").write_bytes(PUBLIC_JWK)
     r = run("verify", "--public-key", str(work / "pub.json"), VECTOR_A)
@@ -306,4 +314,4 @@ def test_keygen_output_dir_is_a_usable_key_dir(work: Path) -> None:
     assert json.loads(r.stdout)["verified"]
     (work / "other").mkdir()
     r = run("verify", "-k", str(work / "other"), sealed)
-    assert r.returncode == 1 and b"UnknownKid" in r.stderr
+    assert r.returncode == 1 and b"UnsealFailed" in r.stderr

@@ -19,7 +19,8 @@ from sealed_secrets.evidence import AaEvidenceProvider
 from sealed_secrets.kbs_client import KbsClient
 from sealed_secrets.resolver import build_resolver
 from tests.peers.cdh_server import CdhServer
-from tests.peers.harness import kbs_and_aa, short_tmpdir
+from tests.peers.harness import kbs_and_aa, kbs_spec, short_tmpdir
+from tests.peers.kbs_server import make_tls_material
 
 SECRET = b"TOPSECRET-kbs-value-9f8e7d6c5b4a"
 SECRET2 = b"\x00\xffbinary-secret-0123456789abcdef"
@@ -137,9 +138,14 @@ def test_kbs_paths_leak_nothing(key_type: str, caplog: pytest.LogCaptureFixture)
         aa.tamper = True
         kbs.expire_all()
         t.run(lambda: client.get_resource("kbs:///default/key/1"))
-        no_ca = KbsClient(kbs.url, evidence_provider=AaEvidenceProvider(aa.target), retries=0)
-        t.run(lambda: no_ca.get_resource("kbs:///default/key/1"))
-        t.texts += [repr(client), repr(client._token), repr(aa), repr(no_ca)]
+        with short_tmpdir() as other:
+            wrong_ca, _, _ = make_tls_material(other)
+            wrong = KbsClient(
+                kbs.url, evidence_provider=AaEvidenceProvider(aa.target), ca=wrong_ca, retries=0
+            )
+            t.run(lambda: wrong.get_resource("kbs:///default/key/1"))
+        t.run(lambda: KbsClient(kbs.url, evidence_provider=AaEvidenceProvider(aa.target)))
+        t.texts += [repr(client), repr(client._token), repr(aa), repr(wrong)]
         r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&ca={kbs.ca_path}")
         aa.tamper = False
         assert t.run(lambda: r.get_resource("kbs:///default/key/2")) == SECRET2
@@ -182,7 +188,7 @@ def test_aa_token_mode_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
     t = Transcript(caplog)
     with kbs_and_aa(RES) as (kbs, aa):
         aa.kbs_url = kbs.url
-        r = build_resolver(f"kbs:{kbs.url}?aa={aa.target}&attest=token&retries=0")
+        r = build_resolver(kbs_spec(kbs, aa, "&attest=token&retries=0"))
         assert t.run(lambda: r.get_resource("kbs:///default/key/1")) == SECRET
         client = r.source  # type: ignore[attr-defined]
         leaked: list[bytes | str] = [SECRET, SECRET2, *client_secrets(client)]
