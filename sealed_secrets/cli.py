@@ -194,9 +194,9 @@ def _yaml_kind(value: Any) -> str:
     if value is None:
         return "null"
     if isinstance(value, bool):
-        return "a boolean (yes/no/on/off/true/false)"
+        return "a boolean (YAML reads unquoted y/n, yes/no, on/off as true/false)"
     if isinstance(value, int | float):
-        return "a number (e.g. 0123 is octal 83, 1e3 is 1000.0)"
+        return "a number (YAML reads unquoted 0123 as octal 83)"
     if isinstance(value, datetime.date):
         return "a timestamp"
     if isinstance(value, bytes):
@@ -302,12 +302,25 @@ def _yaml_where(exc: Any) -> str:
     return f" (line {mark.line + 1})" if mark is not None else ""
 
 
+_DUPLICATE_KEY = "duplicate key in a map"
+
+
 def _no_duplicates_loader() -> Any:
-    """A SafeLoader that refuses duplicate map keys (kubectl's strict decoding does too;
-    PyYAML would silently keep the last one, sealing a value the user may not expect)."""
+    """A SafeLoader that reads plain scalars the way kubectl does, and refuses duplicates.
+
+    kubectl turns YAML into JSON with go-yaml's YAML 1.1 rules, which also read ``y``/``n``
+    as booleans and ``1e3`` as a number; PyYAML does not. Resolving them as kubectl does
+    means such unquoted values are refused (the API server would refuse them) instead of
+    being sealed as strings kubectl would never have sent. Duplicate keys are refused because
+    PyYAML would silently keep the last one.
+    """
+    import re as _re
+
     import yaml
 
     class Loader(yaml.SafeLoader):
+        bool_values = {**yaml.SafeLoader.bool_values, "y": True, "n": False}
+
         def construct_mapping(self, node: Any, deep: bool = False) -> Any:
             seen: set[Any] = set()
             for key_node, _ in node.value:
@@ -319,10 +332,21 @@ def _no_duplicates_loader() -> Any:
                     continue
                 if dup:
                     raise yaml.constructor.ConstructorError(
-                        None, None, "duplicate key in a map", key_node.start_mark
+                        None, None, _DUPLICATE_KEY, key_node.start_mark
                     )
             return super().construct_mapping(node, deep=deep)
 
+    Loader.yaml_implicit_resolvers = {
+        k: list(v) for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+    }
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:bool", _re.compile(r"^(?:y|Y|n|N)$"), list("yYnN")
+    )
+    Loader.add_implicit_resolver(
+        "tag:yaml.org,2002:float",
+        _re.compile(r"^[-+]?(?:[0-9]+)(?:[eE][-+]?[0-9]+)$"),
+        list("-+0123456789"),
+    )
     return Loader
 
 
@@ -333,6 +357,8 @@ def cmd_seal_manifest(args: argparse.Namespace) -> None:
     try:
         docs = [d for d in yaml.load_all(raw, Loader=_no_duplicates_loader()) if d is not None]
     except yaml.YAMLError as exc:
+        if getattr(exc, "problem", None) == _DUPLICATE_KEY:
+            raise CliError(f"input has a duplicate key{_yaml_where(exc)}") from None
         raise CliError(f"input is not valid YAML/JSON{_yaml_where(exc)}") from None
     except RecursionError:
         raise CliError("input YAML is nested too deeply") from None

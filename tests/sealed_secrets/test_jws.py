@@ -188,6 +188,84 @@ def test_repr_hides_payload() -> None:
     assert jws.is_sealed(VECTOR_A) and not jws.is_sealed("plain")
 
 
+def _signed_of_length(length: int) -> str:
+    """A genuinely signed string of exactly ``length`` characters (payload padded with spaces,
+    which JSON ignores), so only the length limit can refuse it."""
+    key = jwk.JWK(**TEST_KEY)
+    overhead = len(jws.sign(PAYLOAD_A, key, SIGNING_KID)) - len(jws.b64url_encode(PAYLOAD_A))
+    b64_len = length - overhead
+    full, rest = divmod(b64_len, 4)
+    assert rest != 1, "unpadded base64url never has length 4k+1"
+    payload_len = 3 * full + {0: 0, 2: 1, 3: 2}[rest]
+    sealed = jws.sign(PAYLOAD_A + b" " * (payload_len - len(PAYLOAD_A)), key, SIGNING_KID)
+    assert len(sealed) == length
+    return sealed
+
+
+def _possible(length: int) -> bool:
+    key = jwk.JWK(**TEST_KEY)
+    overhead = len(jws.sign(PAYLOAD_A, key, SIGNING_KID)) - len(jws.b64url_encode(PAYLOAD_A))
+    return (length - overhead) % 4 != 1
+
+
 def test_oversized_input_rejected_cheaply() -> None:
-    with pytest.raises(MalformedSecret):
+    with pytest.raises(MalformedSecret, match="too long"):
         jws.parse("sealed." + "A" * (jws.MAX_SEALED_LEN + 1))
+
+
+def test_length_limit_is_what_refuses_a_long_valid_string() -> None:
+    """Delete the limit and this goes red: the over-long string is otherwise perfectly valid."""
+    lengths = [n for n in range(jws.MAX_SEALED_LEN - 3, jws.MAX_SEALED_LEN + 4)]
+    under = max(n for n in lengths if n <= jws.MAX_SEALED_LEN and _possible(n))
+    over = min(n for n in lengths if n > jws.MAX_SEALED_LEN and _possible(n))
+    key = jwk.JWK(**TEST_KEY)
+    jws.verify(jws.parse(_signed_of_length(under)), jwk.JWK(**key.export_public(as_dict=True)))
+    over = _signed_of_length(over)
+    with pytest.raises(MalformedSecret, match="too long"):
+        jws.parse(over)
+
+
+def test_es256_twin_signature_verifies_and_changes_nothing() -> None:
+    """(r, n - s) verifies too (ECDSA malleability): accepted, because CoCo's signers may emit
+    high-S; harmless, because header and payload, all that is used, are the same bytes."""
+    parsed = jws.parse(VECTOR_A)
+    assert parsed.signature is not None
+    r = parsed.signature[:32]
+    s = int.from_bytes(parsed.signature[32:], "big")
+    twin_sig = r + (jws.P256_ORDER - s).to_bytes(32, "big")
+    twin = VECTOR_A.rsplit(".", 1)[0] + "." + jws.b64url_encode(twin_sig)
+    assert twin != VECTOR_A
+    twin_parsed = jws.parse(twin)
+    jws.verify(parsed, PUB)
+    jws.verify(twin_parsed, PUB)  # both verify ...
+    assert (twin_parsed.header, twin_parsed.payload) == (parsed.header, parsed.payload)
+    # ... and what we sign is always the low-S member of the pair
+    key = jwk.JWK(**TEST_KEY)
+    for _ in range(32):
+        sig = jws.parse(jws.sign(PAYLOAD_A, key, SIGNING_KID)).signature
+        assert sig is not None and int.from_bytes(sig[32:], "big") <= jws.P256_ORDER // 2
+
+
+def test_twin_signatures_share_the_cache(tmp_path: object) -> None:
+    """Nothing is keyed by signature bytes: both twins unseal through one cached fetch."""
+    from sealed_secrets.resolver import CachingResolver
+
+    calls: list[str] = []
+
+    class Source:
+        def get_resource(self, uri: str) -> bytes:
+            calls.append(uri)
+            return {
+                SIGNING_KID: PUBLIC_JWK,
+                "kbs:///default/sealed-secret/test": b"value",
+            }[uri]
+
+    parsed = jws.parse(VECTOR_A)
+    assert parsed.signature is not None
+    s = int.from_bytes(parsed.signature[32:], "big")
+    twin_sig = parsed.signature[:32] + (jws.P256_ORDER - s).to_bytes(32, "big")
+    twin = VECTOR_A.rsplit(".", 1)[0] + "." + jws.b64url_encode(twin_sig)
+    r = CachingResolver(Source(), cache_ttl=60)
+    allow = [SIGNING_KID]
+    assert r.unseal(VECTOR_A, allowed_kids=allow) == r.unseal(twin, allowed_kids=allow)
+    assert calls == [SIGNING_KID, "kbs:///default/sealed-secret/test"]

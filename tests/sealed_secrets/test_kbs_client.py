@@ -417,3 +417,99 @@ def test_concurrent_callers_share_one_attestation(peers: tuple[KbsServer, AaServ
         results = list(pool.map(client.get_resource, uris))
     assert results == [RESOURCES[u.removeprefix("kbs:///")] for u in uris]
     assert kbs.calls["attest"] == 1 and kbs.calls["resource"] == 16
+
+
+# --- the peers are strict, so the client's protocol details are really tested ----------------
+
+
+def _raw_attest(kbs: KbsServer, *, as_string: bool = False, reuse: tuple | None = None) -> Any:
+    """Speak RCAR to the KBS peer by hand (urllib), to check the peer's own strictness."""
+    import urllib.error
+    import urllib.request
+
+    from sealed_secrets.jwe import TeeKeyPair
+
+    def post(path: str, body: Any, cookie: str | None = None) -> tuple[int, Any, Any]:
+        req = urllib.request.Request(
+            kbs.url + path,
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json", **({"Cookie": cookie} if cookie else {})},
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=5) as resp:
+                return resp.status, json.loads(resp.read()), resp.headers
+        except urllib.error.HTTPError as err:
+            return err.code, json.loads(err.read()), err.headers
+
+    if reuse is None:
+        _, challenge, headers = post(
+            "/kbs/v0/auth",
+            {"version": "0.4.0", "tee": "sample", "extra-params": {}},
+        )
+        cookie = headers["Set-Cookie"].split(";", 1)[0]
+        nonce = challenge["nonce"]
+    else:
+        cookie, nonce = reuse
+    pub = TeeKeyPair("ec").public_jwk()
+    digest = report_data_binding(nonce, pub, "", "sha384")
+    evidence: Any = {"svn": "1", "report_data": base64.b64encode(digest).decode()}
+    if as_string:
+        evidence = json.dumps(evidence)
+    body = {
+        "runtime-data": {"nonce": nonce, "tee-pubkey": pub},
+        "tee-evidence": {"primary_evidence": evidence, "additional_evidence": ""},
+    }
+    status, doc, _ = post("/kbs/v0/attest", body, cookie)
+    return status, doc, (cookie, nonce)
+
+
+def test_kbs_peer_refuses_evidence_sent_as_a_json_string(
+    peers: tuple[KbsServer, AaServer],
+) -> None:
+    kbs, _ = peers
+    status, doc, _ = _raw_attest(kbs, as_string=True)
+    assert status == 401 and doc["detail"] == "evidence is not a JSON object"
+    status, doc, _ = _raw_attest(kbs)  # the same evidence as an object passes
+    assert status == 200 and "token" in doc
+
+
+def test_kbs_peer_refuses_a_replayed_nonce(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, _ = peers
+    status, _, session = _raw_attest(kbs)
+    assert status == 200
+    status, doc, _ = _raw_attest(kbs, reuse=session)  # same session, same nonce
+    assert status == 401 and doc["detail"] == "nonce already used"
+    fresh_status, _, (cookie, _) = _raw_attest(kbs)
+    assert fresh_status == 200
+    status, doc, _ = _raw_attest(kbs, reuse=(cookie, session[1]))  # old nonce, other session
+    assert status == 401 and doc["detail"] == "nonce already used"
+
+
+def test_additional_evidence_is_sent_and_bound(peers: tuple[KbsServer, AaServer]) -> None:
+    """The AA peer reports a device; the KBS peer checks both bindings, so a client that bound
+    "" (or the wrong runtime data for the device) would fail here and in every flow test."""
+    kbs, aa = peers
+    client = client_for(kbs, aa)
+    assert client.get_resource(R1) == RESOURCES["default/key/1"]
+    (att,) = kbs.state.attestations
+    sent = att["tee-evidence"]["additional_evidence"]
+    assert isinstance(sent, str) and "sample-device" in sent
+    assert isinstance(att["tee-evidence"]["primary_evidence"], dict)
+    nonce, pub = att["runtime-data"]["nonce"], att["runtime-data"]["tee-pubkey"]
+    assert aa.additional_runtime_data == [report_data_binding(nonce, pub, None)]
+    assert aa.runtime_data == [report_data_binding(nonce, pub, sent)]
+
+
+def test_client_refuses_non_object_evidence_from_the_aa(peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = peers
+
+    class StringEvidence(AaEvidenceProvider):
+        def primary_evidence(self, report_data: bytes) -> bytes:
+            return json.dumps(json.dumps({"svn": "1"})).encode()
+
+    client = KbsClient(
+        kbs.url, evidence_provider=StringEvidence(aa.target), insecure_http=True, retries=0
+    )
+    with pytest.raises(AttestationError, match="not a JSON object"):
+        client.get_resource(R1)
+    assert kbs.calls["attest"] == 0
