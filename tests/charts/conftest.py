@@ -24,6 +24,25 @@ KUBE_VERSION = "1.32.0"
 
 Manifest = dict[str, Any]
 
+# The chart has no working default KBS (no URL, no pinned CA: rendering must fail until the
+# operator says which KBS to trust). Tests about anything else render on top of this minimal
+# production setting; tests about the KBS settings pass ``bare=True``.
+KBS_MINIMAL: dict[str, Any] = {
+    "resolver": {"kbs": {"url": "https://kbs.example:8443", "caConfigMap": {"name": "kbs-ca"}}}
+}
+
+
+def with_kbs(values: dict[str, Any] | None) -> dict[str, Any]:
+    """``values`` deep-merged over KBS_MINIMAL (values win, as with helm -f)."""
+
+    def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for k, v in over.items():
+            out[k] = merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        return out
+
+    return merge(KBS_MINIMAL, values or {})
+
 
 @pytest.fixture(scope="session")
 def chart() -> Iterator[Any]:
@@ -34,9 +53,15 @@ def chart() -> Iterator[Any]:
         loaded.close()
 
 
-def render_raw(chart: Any, values: dict[str, Any] | None = None) -> dict[str, str]:
-    """Template path → rendered text, as `helm template` would produce it."""
-    return chart.render(values=values or {}, name=RELEASE, namespace=NAMESPACE, is_install=True)
+def render_raw(
+    chart: Any, values: dict[str, Any] | None = None, *, bare: bool = False
+) -> dict[str, str]:
+    """Template path → rendered text, as `helm template` would produce it.
+
+    Unless ``bare``, ``values`` are applied over KBS_MINIMAL (see there).
+    """
+    merged = (values or {}) if bare else with_kbs(values)
+    return chart.render(values=merged, name=RELEASE, namespace=NAMESPACE, is_install=True)
 
 
 def parse_manifests(rendered: dict[str, str]) -> list[Manifest]:
@@ -53,8 +78,8 @@ def parse_manifests(rendered: dict[str, str]) -> list[Manifest]:
 
 @pytest.fixture(scope="session")
 def render(chart: Any) -> Callable[..., list[Manifest]]:
-    def _render(values: dict[str, Any] | None = None) -> list[Manifest]:
-        return parse_manifests(render_raw(chart, values))
+    def _render(values: dict[str, Any] | None = None, *, bare: bool = False) -> list[Manifest]:
+        return parse_manifests(render_raw(chart, values, bare=bare))
 
     return _render
 

@@ -36,6 +36,7 @@ from .conftest import (
     render_raw,
     strip_source,
     walk,
+    with_kbs,
 )
 
 kubernetes_validate = pytest.importorskip("kubernetes_validate")
@@ -80,7 +81,7 @@ EVERYTHING_ON: dict[str, Any] = {
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
 VALUE_SETS: dict[str, dict[str, Any]] = {
-    "default": {},
+    "default": {},  # i.e. KBS_MINIMAL: the chart has no working KBS default (see conftest)
     "everything-on": EVERYTHING_ON,
     "cdh": {"resolver": {"kind": "cdh"}},
     "offline-fs-demo": {"resolver": {"kind": "offline-fs"}},
@@ -162,7 +163,7 @@ def test_chart_metadata(chart: Any) -> None:
 def test_lint_strict_is_clean(case: str) -> None:
     report = helm.lint(
         CHART_DIR,
-        VALUE_SETS[case],
+        with_kbs(VALUE_SETS[case]),
         strict=True,
         namespace=NAMESPACE,
         kube_version=f"v{KUBE_VERSION}",
@@ -175,7 +176,7 @@ def test_lint_reports_problems() -> None:
     # Guards the guard: the same lint call must flag a chart problem, or "clean" means nothing.
     report = helm.lint(
         CHART_DIR,
-        {"storageClass": {"reclaimPolicy": "Recycle"}},
+        with_kbs({"storageClass": {"reclaimPolicy": "Recycle"}}),
         strict=True,
         namespace=NAMESPACE,
         kube_version=f"v{KUBE_VERSION}",
@@ -266,7 +267,7 @@ def test_object_names_are_unique_and_valid(render, case: str) -> None:
 
 def test_long_release_names_are_shortened(chart: Any) -> None:
     name = "a-very-long-release-name-that-goes-on-and-on-x"
-    rendered = chart.render(values={}, name=name, namespace=NAMESPACE)
+    rendered = chart.render(values=with_kbs({}), name=name, namespace=NAMESPACE)
     for doc in parse_manifests(rendered):
         if doc["kind"] in ("DaemonSet", "Deployment", "Service", "ServiceAccount"):
             assert len(doc["metadata"]["name"]) <= 63, doc["metadata"]["name"]
@@ -438,7 +439,9 @@ def test_kbs_resolver_uses_the_configured_aa_socket(render) -> None:
     sock = "unix:///run/coco/aa/attestation-agent.sock"
     ds = _node(render({"resolver": {"kbs": {"aaSocket": sock, "url": "https://kbs:8080"}}}))
     plugin = container(ds, "coco-csi")
-    assert arg_value(plugin, "--resolver") == f"kbs:https://kbs:8080?aa={sock}"
+    assert arg_value(plugin, "--resolver") == (
+        f"kbs:https://kbs:8080?aa={sock}&ca=/etc/coco-csi/kbs-ca/ca.pem"
+    )
     m = mount_of(plugin, "guest-sockets")
     assert m["mountPath"] == "/run/coco/aa" == host_path_of(ds, "guest-sockets")
     assert m["readOnly"] is True
@@ -452,6 +455,100 @@ def test_kbs_ca_configmap_is_mounted_and_passed(render) -> None:
     assert mount_of(plugin, "kbs-ca")["mountPath"] == "/etc/coco-csi/kbs-ca"
     vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "kbs-ca")
     assert vol["configMap"]["name"] == "kbs-ca"
+
+
+# Issue 7 finding 1: no working insecure default; the KBS is always authenticated.
+
+KBS_REQUIRED = "resolver.kbs.url is required with resolver.kind=kbs"
+
+
+@pytest.mark.parametrize(
+    ("values", "needle"),
+    [
+        ({}, KBS_REQUIRED),
+        ({"resolver": {"kind": "kbs"}}, KBS_REQUIRED),
+        (
+            {"resolver": {"kbs": {"url": "https://kbs.example:8443"}}},
+            "resolver.kbs.caConfigMap.name (or resolver.kbs.certSha256) is required",
+        ),
+        ({"resolver": {"kbs": {"url": "http://kbs:8080"}}}, "plain http://"),
+        (
+            {"resolver": {"kbs": {"url": "http://kbs:8080", "insecureHttp": True,
+                                  "caConfigMap": {"name": "x"}}}},
+            "need an https://",
+        ),
+        (
+            {"resolver": {"kbs": {"url": "https://kbs", "insecureHttp": True,
+                                  "certSha256": "a" * 64}}},
+            "applies only to an http://",
+        ),
+        (
+            {"resolver": {"kbs": {"cdhConfig": "/run/cdh.toml", "url": "https://kbs"}}},
+            "one source of trust",
+        ),
+    ],
+    ids=["defaults", "kind-only", "https-no-anchor", "http", "http-with-ca", "https-insecure",
+         "cdh-and-url"],
+)  # fmt: skip
+def test_kbs_without_a_pinned_kbs_fails_to_render_and_says_why(
+    chart: Any, values: dict[str, Any], needle: str
+) -> None:
+    with pytest.raises(helm.HelmRenderError) as err:
+        render_raw(chart, values, bare=True)
+    assert needle in str(err.value)  # helm install/template stop here, with this reason
+
+
+def test_values_yaml_has_no_http_kbs_default() -> None:
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())
+    kbs = defaults["resolver"]["kbs"]
+    assert defaults["resolver"]["kind"] == "kbs"
+    assert kbs["url"] == "" and kbs["insecureHttp"] is False and kbs["cdhConfig"] == ""
+
+
+def test_kbs_cert_fingerprint_pin(render) -> None:
+    pin = "AB" * 32
+    values = {"resolver": {"kbs": {"url": "https://kbs:8443", "certSha256": pin}}}
+    plugin = container(_node(render(values, bare=True)), "coco-csi")
+    spec = arg_value(plugin, "--resolver")
+    assert spec.endswith(f"&cert-sha256={pin.lower()}") and "&ca=" not in spec
+    assert "kbs-ca" not in {m["name"] for m in plugin["volumeMounts"]}
+
+
+def test_kbs_insecure_http_is_explicit_and_spelled_out(render) -> None:
+    values = {"resolver": {"kbs": {"url": "http://kbs:8080", "insecureHttp": True}}}
+    plugin = container(_node(render(values, bare=True)), "coco-csi")
+    assert arg_value(plugin, "--resolver").endswith("&insecure-http=true")
+
+
+def test_kbs_from_cocos_cdh_config(render) -> None:
+    values = {"resolver": {"kbs": {"cdhConfig": "/run/confidential-containers/cdh.toml"}}}
+    ds = _node(render(values, bare=True))
+    plugin = container(ds, "coco-csi")
+    spec = arg_value(plugin, "--resolver")
+    assert spec.startswith("kbs:cdh-config:/etc/coco-csi/cdh-config/cdh.toml?aa=unix:///")
+    assert mount_of(plugin, "cdh-config") == {
+        "name": "cdh-config",
+        "mountPath": "/etc/coco-csi/cdh-config/cdh.toml",
+        "readOnly": True,
+    }
+    vol = next(v for v in ds["spec"]["template"]["spec"]["volumes"] if v["name"] == "cdh-config")
+    assert vol["hostPath"] == {"path": "/run/confidential-containers/cdh.toml", "type": "File"}
+
+
+@pytest.mark.parametrize(
+    ("values", "where"),
+    [
+        ({"resolver": {"kbs": {"certSha256": "xyz"}}}, "/resolver/kbs/certSha256"),
+        ({"resolver": {"kbs": {"cdhConfig": "relative.toml"}}}, "/resolver/kbs/cdhConfig"),
+        ({"resolver": {"kbs": {"url": "https://u:p@kbs"}}}, "/resolver/kbs/url"),
+        ({"resolver": {"kbs": {"insecureHttp": "yes"}}}, "/resolver/kbs/insecureHttp"),
+    ],
+    ids=["pin", "cdh-path", "url-credentials", "insecure-bool"],
+)
+def test_kbs_schema(chart: Any, values: dict[str, Any], where: str) -> None:
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.validate_schema(chart.merge_values(values))
+    assert where in str(err.value)
 
 
 def test_cdh_resolver(render) -> None:
@@ -752,7 +849,7 @@ def test_schema_rejects_bad_values_with_a_clear_error(chart: Any, values, expect
 
 def test_schema_accepts_every_value_set(chart: Any) -> None:
     for values in VALUE_SETS.values():
-        chart.validate_schema(chart.merge_values(values))
+        chart.validate_schema(chart.merge_values(with_kbs(values)))
 
 
 def test_values_yaml_and_schema_describe_the_same_keys(chart: Any) -> None:

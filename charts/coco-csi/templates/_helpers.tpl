@@ -94,18 +94,51 @@ Path inside the node container of the KBS CA certificate (when a ConfigMap is gi
 
 {{- define "coco-csi.offlineFsPath" -}}/etc/coco-csi/offline-fs/resources.json{{- end -}}
 
+{{- define "coco-csi.cdhConfigPath" -}}/etc/coco-csi/cdh-config/cdh.toml{{- end -}}
+
 {{/*
 The --resolver SPEC, in the forms sealed_secrets.build_resolver understands:
-  kbs:<url>?aa=<socket>[&ca=<path>] | cdh:<socket> | offline-fs:<path>
+  kbs:<https-url>?aa=<socket>[&ca=<path>][&cert-sha256=<hex>] | kbs:http://…&insecure-http=true
+  | kbs:cdh-config:<path>?aa=<socket> | cdh:<socket> | offline-fs:<path>
+The KBS must be authenticated (sealed_secrets refuses the rest at start-up too); failing here
+gives the operator the reason before anything is deployed.
 */}}
 {{- define "coco-csi.resolverSpec" -}}
 {{- $r := .Values.resolver -}}
 {{- if eq $r.kind "kbs" -}}
-{{- $spec := printf "kbs:%s?aa=%s" $r.kbs.url $r.kbs.aaSocket -}}
-{{- if $r.kbs.caConfigMap.name -}}
+{{- $k := $r.kbs -}}
+{{- if $k.cdhConfig -}}
+{{- if or $k.url $k.caConfigMap.name $k.certSha256 $k.insecureHttp -}}
+{{- fail "resolver.kbs.cdhConfig gives the KBS URL and certificate: leave resolver.kbs.url, caConfigMap.name, certSha256 and insecureHttp unset (one source of trust)" -}}
+{{- end -}}
+{{- printf "kbs:cdh-config:%s?aa=%s" (include "coco-csi.cdhConfigPath" .) $k.aaSocket -}}
+{{- else -}}
+{{- $url := required "resolver.kbs.url is required with resolver.kind=kbs: the https:// URL of your Trustee KBS (or set resolver.kbs.cdhConfig to read URL and certificate from CoCo's measured CDH config)" $k.url -}}
+{{- $spec := printf "kbs:%s?aa=%s" $url $k.aaSocket -}}
+{{- if hasPrefix "http://" $url -}}
+{{- if not $k.insecureHttp -}}
+{{- fail "resolver.kbs.url is plain http://: anything on the network path could answer as the KBS and choose the volume keys. Use https:// with resolver.kbs.caConfigMap or certSha256 (set resolver.kbs.insecureHttp=true only for tests)" -}}
+{{- end -}}
+{{- if or $k.caConfigMap.name $k.certSha256 -}}
+{{- fail "resolver.kbs.caConfigMap and certSha256 need an https:// resolver.kbs.url" -}}
+{{- end -}}
+{{- $spec = printf "%s&insecure-http=true" $spec -}}
+{{- else -}}
+{{- if $k.insecureHttp -}}
+{{- fail "resolver.kbs.insecureHttp applies only to an http:// resolver.kbs.url" -}}
+{{- end -}}
+{{- if not (or $k.caConfigMap.name $k.certSha256) -}}
+{{- fail "resolver.kbs.caConfigMap.name (or resolver.kbs.certSha256) is required with an https:// KBS: the node plugin trusts only a pinned CA or certificate, never the system trust store" -}}
+{{- end -}}
+{{- if $k.caConfigMap.name -}}
 {{- $spec = printf "%s&ca=%s" $spec (include "coco-csi.kbsCaPath" .) -}}
 {{- end -}}
+{{- if $k.certSha256 -}}
+{{- $spec = printf "%s&cert-sha256=%s" $spec (lower $k.certSha256) -}}
+{{- end -}}
+{{- end -}}
 {{- $spec -}}
+{{- end -}}
 {{- else if eq $r.kind "cdh" -}}
 {{- printf "cdh:%s" $r.cdh.socket -}}
 {{- else if eq $r.kind "offline-fs" -}}
