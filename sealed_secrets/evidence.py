@@ -151,7 +151,7 @@ class AaEvidenceProvider:
         try:
             text = raw.decode("utf-8")
             json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise AttestationError(
                 "attestation agent returned non-JSON additional evidence"
             ) from None
