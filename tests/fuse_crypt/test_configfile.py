@@ -191,14 +191,14 @@ def test_bad_json(data: bytes, needle: str) -> None:
         ({"EncryptedKey": "not base64!"}, "EncryptedKey"),
         ({"EncryptedKey": ...}, "EncryptedKey"),
         ({"ScryptObject": ...}, "ScryptObject"),
-        ({"Scrypt_Salt": base64.b64encode(bytes(31)).decode()}, "salt shorter"),
+        ({"Scrypt_Salt": base64.b64encode(bytes(31)).decode()}, "salt must be 32"),
         ({"Scrypt_Salt": "-_-_"}, "Salt"),
         ({"Scrypt_N": 512}, "scrypt N"),
         ({"Scrypt_N": 1000}, "scrypt N"),
         ({"Scrypt_N": 2**29}, "scrypt N"),
         ({"Scrypt_N": "1024"}, "N"),
-        ({"Scrypt_R": 4}, "R/P"),
-        ({"Scrypt_P": 0}, "R/P"),
+        ({"Scrypt_R": 4}, "R must be 8"),
+        ({"Scrypt_P": 0}, "P 1"),
         ({"Scrypt_KeyLen": 16}, "KeyLen"),
         ({"Scrypt_KeyLen": 64}, "KeyLen"),
         ({"Creator": 5}, "Creator"),
@@ -250,7 +250,7 @@ def test_write_and_read(tmp_path: Path, created: tuple[ConfFile, bytes]) -> None
     with pytest.raises(FileExistsError):
         conf.write(str(path))
     assert ConfFile.read(str(path)).unlock(b"other") == mk
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(FileNotFoundError):
         ConfFile.read(str(tmp_path / "missing.conf"))
 
 
