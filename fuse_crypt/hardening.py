@@ -19,7 +19,7 @@ import ctypes
 import ctypes.util
 import resource
 
-__all__ = ["disable_core_dumps", "is_dumpable"]
+__all__ = ["disable_core_dumps", "is_dumpable", "wipe"]
 
 PR_GET_DUMPABLE = 3
 PR_SET_DUMPABLE = 4
@@ -41,3 +41,15 @@ def disable_core_dumps() -> None:
 def is_dumpable() -> bool:
     """``prctl(PR_GET_DUMPABLE)`` of this process."""
     return _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0
+
+
+def wipe(buf: bytearray | memoryview) -> None:
+    """Overwrite a mutable buffer holding key material with zeros, in place.
+
+    Only mutable buffers can be wiped; that is why key material that crosses process
+    boundaries is received into a ``bytearray`` (never ``bytes``, which are immutable and
+    whose copies outlive any attempt to clear them)."""
+    view = memoryview(buf).cast("B")
+    if view.readonly:
+        raise TypeError("cannot wipe a read-only buffer")
+    view[:] = bytes(len(view))
