@@ -10,7 +10,7 @@ import stat
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fuse_crypt.configfile import (
@@ -22,6 +22,7 @@ from fuse_crypt.configfile import (
 )
 from fuse_crypt.errors import BadInputError, ConfigError, FuseCryptError, WrongKeyError
 from fuse_crypt.nametransform import NameTransform
+from tests.fuzzing import fuzz, long_fuzz
 
 PW = b"test password"
 
@@ -330,7 +331,8 @@ _BASE_CONF = ConfFile.create(PW, scrypt_logn=10, master_key=bytes(32))[0].dumps(
 _FIELDS = ["Creator", "EncryptedKey", "ScryptObject", "Version", "FeatureFlags", "LongNameMax"]
 
 
-@settings(max_examples=150, deadline=None)
+@long_fuzz
+@fuzz(quick=150)
 @given(
     base_idx=st.integers(0, len(_FIELDS) - 1),
     value=_json,
@@ -348,7 +350,8 @@ def test_mutated_conf_only_raises_config_error(
         ConfFile.loads(json.dumps(obj).encode())
 
 
-@settings(max_examples=100, deadline=None)
+@long_fuzz
+@fuzz(quick=100)
 @given(data=st.binary(max_size=300))
 def test_random_bytes_conf_only_raises_config_error(data: bytes) -> None:
     with pytest.raises(ConfigError):
