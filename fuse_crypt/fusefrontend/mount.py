@@ -32,7 +32,7 @@ from ..errors import (
     InvalidNameError,
     NameTooLongError,
 )
-from ..nametransform import NameTransform
+from ..nametransform import DIRIV_NAME, NameTransform
 from .files import MAX_IO
 from .operations import CryptOperations
 
@@ -307,12 +307,35 @@ def build_operations(
         nt = NameTransform(core)
         use_diriv = True
     ops = CryptOperations(backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only)
+    if not use_diriv:
+        _refuse_dropped_diriv(backend, core)
     try:
         ops.paths.dir_iv("")
     except (CorruptDataError, OSError) as e:
         core.wipe()
         raise ConfigError("cipher directory has no valid root gocryptfs.diriv") from e
     return ops, core
+
+
+def _refuse_dropped_diriv(backend: StorageBackend, core: CryptoCore) -> None:
+    """A conf without DirIV over a cipher directory that has a root dir IV was downgraded.
+
+    Feature flags are not authenticated (gocryptfs wraps only the master key), so a host
+    can delete ``DirIV`` from the conf and the password still unlocks it; every name
+    written afterwards would be encrypted deterministically (equal names, equal cipher
+    names, in every directory). gocryptfs' deterministic-name volumes never contain a
+    ``gocryptfs.diriv``, so its presence in the root proves the flag was removed."""
+    try:
+        backend.lstat(DIRIV_NAME)
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # something is there (unreadable): treat it as present
+    core.wipe()
+    raise ConfigError(
+        "gocryptfs.conf lacks the DirIV flag but the cipher directory has a root "
+        "gocryptfs.diriv: the conf was downgraded (refusing to write deterministic names)"
+    )
 
 
 def serve(
