@@ -28,7 +28,7 @@ from fuse_crypt.errors import ConfigError, FuseCryptError
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, NameTransform
 from tests.fuzzing import fuzz, long_fuzz
 
-from .cli_helpers import assert_one_line_error, fc, init_volume, write_passfile
+from .cli_helpers import assert_one_line_error, fc, force_unmount, init_volume, write_passfile
 from .conftest import fuse_available, make_volume, start_mount
 
 PW = b"downgrade password"
@@ -218,12 +218,15 @@ def test_dropping_diriv_flag_is_detected(tmp_path: Path) -> None:
     assert ConfFile.read(str(conf)).unlock(vol.password) == vol.master_key  # still unlocks
     before = conf.read_bytes()
     with pytest.raises(RuntimeError, match="downgraded"):
-        start_mount(vol, tmp_path / "m")
+        start_mount(vol, tmp_path / "m").unmount()  # (unmount only if it wrongly mounted)
     passfile = write_passfile(tmp_path / "pw", vol.password.decode())
     (tmp_path / "m2").mkdir()
-    line = assert_one_line_error(
-        fc("mount", "--passfile", passfile, vol.cipherdir, tmp_path / "m2"), 23
-    )
+    try:
+        line = assert_one_line_error(
+            fc("mount", "--passfile", passfile, vol.cipherdir, tmp_path / "m2"), 23
+        )
+    finally:
+        force_unmount(tmp_path / "m2")
     assert "downgraded" in line
     assert conf.read_bytes() == before
 
@@ -361,3 +364,35 @@ def test_fuzz_content_header(data: bytes) -> None:
     except FuseCryptError:
         return
     assert len(data) == HEADER_LEN and data[:2] == b"\x00\x02" and fid == data[2:] and any(fid)
+
+
+@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+def test_dropping_hkdf_is_caught_by_password_and_by_data(tmp_path: Path) -> None:
+    """Removing HKDF needs a 60-byte EncryptedKey the host cannot forge: the password
+    fails (12). With --masterkey (no wrap check) a volume holding data fails the
+    master-key check (12), because the content keys differ."""
+    from fuse_crypt.configfile import format_master_key
+
+    passfile = write_passfile(tmp_path / "pw", "hkdf password")
+    cipher = init_volume(tmp_path / "c", passfile)
+    mk = ConfFile.read(str(cipher / CONF_NAME)).unlock(b"hkdf password")
+    mnt = tmp_path / "m"
+    mnt.mkdir()
+    assert fc("mount", "--passfile", passfile, cipher, mnt).returncode == 0
+    try:
+        (mnt / "data").write_bytes(b"some data" * 100)
+    finally:
+        assert fc("unmount", mnt).returncode == 0
+    conf = cipher / CONF_NAME
+    obj = json.loads(conf.read_bytes())
+    obj["FeatureFlags"] = _without("HKDF")
+    obj["EncryptedKey"] = base64.b64encode(os.urandom(60)).decode()
+    os.chmod(conf, 0o600)
+    conf.write_text(json.dumps(obj))
+    try:
+        assert_one_line_error(fc("mount", "--passfile", passfile, cipher, mnt), 12)
+        hexkey = format_master_key(mk)
+        line = assert_one_line_error(fc("mount", "--masterkey", hexkey, cipher, mnt), 12)
+        assert "does not decrypt" in line
+    finally:
+        force_unmount(mnt)
