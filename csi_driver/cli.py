@@ -106,6 +106,7 @@ def _run_controller(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     from csi_driver.logsetup import setup_logging
+    from fuse_crypt.hardening import disable_core_dumps
 
     args = _parser().parse_args(argv)
     try:
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             setup_logging("kv", "info" if args.verbose else "critical")
             return run_demo(mounter=args.mounter)
         setup_logging(args.log_format, args.log_level)
+        disable_core_dumps()  # the plugin holds volume keys: no core file, no ptrace
         if args.cmd == "node":
             return _run_node(args)
         return _run_controller(args)

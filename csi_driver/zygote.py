@@ -7,10 +7,20 @@ running exactly ``fuse_crypt.cli.main(["mount", "--foreground", "--masterkey", "
 — the same CLI code path as the exec mounter, minus interpreter start-up and fork.
 
 Protocol (a private socketpair between the node plugin and its zygote, inside the guest):
-one JSON request per datagram ``{"argv": [...], "log": PATH, "stdin": HEX}`` → reply
-``{"pid": N}`` or ``{"error": "..."}``. The key travels only over that socketpair and a pipe
-into the daemon's stdin. Daemons get their own session, so they outlive the zygote and the
-plugin (they are re-parented when the zygote exits); the zygote reaps those that exit.
+one request per datagram, ``{"argv": [...], "log": PATH}`` as JSON, a newline, then the
+daemon's stdin bytes (the key) raw → reply ``{"pid": N}`` or ``{"error": "..."}``. The key
+travels only over that socketpair and a pipe into the daemon's stdin. Daemons get their own
+session, so they outlive the zygote and the plugin (they are re-parented when the zygote
+exits); the zygote reaps those that exit.
+
+Key residue (issue 7, finding 6): every daemon is a fork of the zygote, so whatever the
+zygote's memory holds when it forks, the daemon inherits. Requests are therefore received
+into one preallocated ``bytearray`` (``recvmsg_into``: no ``bytes`` copy is ever made), only
+the JSON header is parsed (the key is not JSON, not hex, never a ``str``), the buffer is
+handed to the spare by ``os.write`` of a memoryview, and it is zeroed before the reply is
+sent and the next spare is forked. The spare reads its request into its own ``bytearray``
+and zeroes it once the key is in its stdin pipe. The zygote and its children are also
+undumpable (no core file with keys in it).
 
 The zygote is single-threaded (forking is only safe that way) and exits when the plugin
 closes its end.
@@ -26,7 +36,26 @@ import sys
 import threading
 from typing import Any
 
+from fuse_crypt.hardening import disable_core_dumps, wipe
+
 MAX_MSG = 64 * 1024
+_SEP = b"\n"
+
+
+def _split(buf: bytearray, n: int) -> tuple[list[str], str, memoryview]:
+    """(argv, log path, stdin view) of the request in ``buf[:n]``.
+
+    Only the header before the first newline is copied (to parse it); the stdin part is a
+    view into ``buf``, so wiping ``buf`` wipes it."""
+    end = buf.find(_SEP, 0, n)
+    if end < 0:
+        raise ValueError("bad request")
+    req = json.loads(bytes(buf[:end]))
+    if not isinstance(req, dict) or not isinstance(req.get("argv"), list):
+        raise ValueError("bad request")
+    argv = [str(a) for a in req["argv"]]
+    log = str(req["log"])
+    return argv, log, memoryview(buf)[end + 1 : n]
 
 
 def _warm_up() -> None:
@@ -42,12 +71,18 @@ def _warm_up() -> None:
     fuse_crypt.cli.build_parser()
 
 
-def _daemon(argv: list[str], log_path: str, stdin_data: bytes) -> None:
-    """In the grandchild: wire fds, run the CLI, never return."""
+def _daemon(argv: list[str], log_path: str, stdin_data: memoryview, buf: bytearray) -> None:
+    """In the spare: wire fds, run the CLI, never return.  ``stdin_data`` (the key) is a
+    view into ``buf``, which is wiped as soon as the key sits in the stdin pipe."""
     code = 1
     try:
         r, w = os.pipe()
-        os.write(w, stdin_data)
+        try:
+            while stdin_data:
+                stdin_data = stdin_data[os.write(w, stdin_data) :]
+        finally:
+            stdin_data.release()
+            wipe(buf)
         os.close(w)
         os.dup2(r, 0)
         os.close(r)
@@ -74,11 +109,19 @@ def _daemon(argv: list[str], log_path: str, stdin_data: bytes) -> None:
             os._exit(code)
 
 
-def _read_all(fd: int) -> bytes:
-    chunks = []
-    while chunk := os.read(fd, MAX_MSG):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _read_into(fd: int, buf: bytearray) -> int:
+    """Read ``fd`` to EOF into ``buf`` (no intermediate ``bytes``); returns the length."""
+    view = memoryview(buf)
+    got = 0
+    try:
+        while got < len(buf):
+            n = os.readv(fd, [view[got:]])
+            if n == 0:
+                break
+            got += n
+    finally:
+        view.release()
+    return got
 
 
 class _Spare:
@@ -93,23 +136,28 @@ class _Spare:
         self.pid = os.fork()
         if self.pid == 0:
             code = 0
+            buf = bytearray(MAX_MSG)
             try:
                 conn.close()
                 os.close(self.wr)
-                data = _read_all(rd)
+                n = _read_into(rd, buf)
                 os.close(rd)
-                if data:
-                    req = json.loads(data)
+                if n:
+                    argv, log_path, stdin_view = _split(buf, n)
                     os.setsid()  # own session: outlives the zygote and the plugin
-                    _daemon([str(a) for a in req["argv"]], req["log"], bytes.fromhex(req["stdin"]))
+                    _daemon(argv, log_path, stdin_view, buf)
             except BaseException:
                 code = 1
+            wipe(buf)
             os._exit(code)
         os.close(rd)
 
-    def launch(self, msg: bytes) -> int:
-        os.write(self.wr, msg)
-        os.close(self.wr)
+    def launch(self, msg: memoryview) -> int:
+        try:
+            while msg:
+                msg = msg[os.write(self.wr, msg) :]
+        finally:
+            os.close(self.wr)
         return self.pid
 
 
@@ -124,24 +172,34 @@ def _reap() -> None:
 
 def serve(fd: int) -> int:
     """Zygote main loop on an inherited SOCK_SEQPACKET fd."""
+    disable_core_dumps()  # inherited by every spare and daemon
     conn = socket.socket(fileno=fd)
     _warm_up()
     spare = _Spare(conn)
     conn.send(b'{"ready": true}')
     conn.settimeout(1.0)
+    buf = bytearray(MAX_MSG)  # the only place a request (and its key) ever lands
     while True:
         _reap()
         try:
-            msg = conn.recv(MAX_MSG)
+            n, _, flags, _ = conn.recvmsg_into([buf])
         except TimeoutError:
             continue
-        if not msg:
+        if n == 0:
             return 0
         try:
-            json.loads(msg)  # reject garbage here rather than in the child
-            reply: dict[str, Any] = {"pid": spare.launch(msg)}
+            if flags & socket.MSG_TRUNC:
+                raise ValueError("request too large")
+            _split(buf, n)  # reject garbage here rather than in the child
+            view = memoryview(buf)[:n]
+            try:
+                reply: dict[str, Any] = {"pid": spare.launch(view)}
+            finally:
+                view.release()
         except Exception as exc:  # reply, never die: the plugin decides
             reply = {"error": f"{type(exc).__name__}"}
+        finally:
+            wipe(buf)  # before the next spare is forked: it must not inherit this key
         conn.send(json.dumps(reply).encode())
         spare = _Spare(conn)  # fork the next one while the daemon mounts
 
@@ -180,9 +238,23 @@ class ZygoteClient:
                 except OSError:
                     self._sock = None
 
-    def spawn(self, argv: list[str], log_path: str, stdin_data: bytes) -> int:
-        """Fork a daemon running ``fuse_crypt.cli.main(argv)``; returns its pid."""
-        req = json.dumps({"argv": argv, "log": log_path, "stdin": stdin_data.hex()}).encode()
+    def spawn(self, argv: list[str], log_path: str, stdin_data: bytes | bytearray) -> int:
+        """Fork a daemon running ``fuse_crypt.cli.main(argv)``; returns its pid.
+
+        The request is assembled in a ``bytearray`` that is wiped once sent (the caller
+        owns, and should wipe, ``stdin_data`` itself if it is a bytearray)."""
+        header = json.dumps({"argv": argv, "log": log_path}).encode()
+        if len(header) + 1 + len(stdin_data) > MAX_MSG:
+            raise OSError("mount zygote: request too large")
+        req = bytearray(header)
+        req += _SEP
+        req += stdin_data
+        try:
+            return self._send(req)
+        finally:
+            wipe(req)
+
+    def _send(self, req: bytearray) -> int:
         with self._lock:
             for attempt in (1, 2):
                 if self._sock is None or (self._proc is not None and self._proc.poll() is not None):

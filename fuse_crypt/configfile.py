@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import errno
 import json
 import os
 import re
@@ -25,12 +26,16 @@ from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 from .cryptocore import INFO_GCM, KEY_LEN, CryptoCore, hkdf_sha256
 from .errors import BadInputError, ConfigError, WrongKeyError
 from .nametransform import CONF_NAME, LONGNAME_MAX_MIN, NAME_MAX, NameTransform
+from .safeio import FileTooLargeError, NotRegularFileError, read_small_regular_file
 
 __all__ = [
+    "BAK_NAME",
     "CONF_NAME",
     "DEFAULT_FLAGS",
     "KNOWN_FLAGS",
+    "MAX_CONF_BYTES",
     "SUPPORTED_FLAGS",
+    "TMP_NAME",
     "ConfFile",
     "format_master_key",
     "parse_master_key",
@@ -57,12 +62,24 @@ KNOWN_FLAGS = frozenset(
 SUPPORTED_FLAGS = KNOWN_FLAGS - {"XChaCha20Poly1305", "PlaintextNames", "FIDO2"}
 CREATOR = "coco-csi fuse-crypt"
 
+TMP_NAME = CONF_NAME + ".tmp"
+BAK_NAME = CONF_NAME + ".bak"
+#: gocryptfs confs are ~400 bytes; anything near this cap is not a conf.
+MAX_CONF_BYTES = 64 * 1024
+#: Longest salt accepted (gocryptfs writes 32 bytes; it only enforces a minimum).
+MAX_SALT_LEN = 1024
+
 SALT_LEN = 32
 MIN_LOGN = 10
-MAX_LOGN = 28
+#: Highest scrypt cost we read or write.  gocryptfs allows 2^28 (256 GiB of memory); a
+#: conf sits on host storage, so its N is attacker-chosen and every unlock (in the CSI
+#: plugin too) would pay it.  2^18 is 256 MiB and ~0.6 s, 4x gocryptfs' default.
+MAX_LOGN = 18
 DEFAULT_LOGN = 16
 SCRYPT_R = 8
 SCRYPT_P = 1
+#: scrypt needs 128 * N * r bytes; bounded explicitly, not only through N.
+MAX_SCRYPT_MEMORY = 128 * (2**MAX_LOGN) * SCRYPT_R
 MAX_PASSWORD_LEN = 2048
 _WRAP_AAD = bytes(8)
 _GCM_NONCE_HKDF = 16
@@ -73,9 +90,38 @@ def _b64std_decode(value: object, what: str) -> bytes:
     if not isinstance(value, str):
         raise ConfigError(f"gocryptfs.conf: {what} is not a base64 string")
     try:
-        return base64.b64decode(value.encode("ascii"), validate=True)
+        raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (UnicodeEncodeError, binascii.Error, ValueError):
         raise ConfigError(f"gocryptfs.conf: {what} is not valid base64") from None
+    # One encoding per value: non-zero padding bits or missing padding would give a
+    # second spelling of the same bytes (gocryptfs never writes them).
+    if base64.b64encode(raw).decode("ascii") != value:
+        raise ConfigError(f"gocryptfs.conf: {what} is not canonical base64")
+    return raw
+
+
+def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """json object hook: a key given twice is refused (which one would gocryptfs use?)."""
+    obj: dict[str, object] = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ConfigError("gocryptfs.conf: duplicate JSON key")
+        obj[k] = v
+    return obj
+
+
+def _check_scrypt_params(n: int, r: int, p: int, key_len: int) -> None:
+    """Refuse costs a hostile conf could use to burn CPU or memory, before running scrypt."""
+    if n < 2**MIN_LOGN or n > 2**MAX_LOGN or n & (n - 1):
+        raise ConfigError(
+            f"gocryptfs.conf: scrypt N must be a power of two in 2^{MIN_LOGN}..2^{MAX_LOGN}"
+        )
+    if r != SCRYPT_R or p != SCRYPT_P:
+        raise ConfigError(f"gocryptfs.conf: scrypt R must be {SCRYPT_R} and P {SCRYPT_P}")
+    if 128 * n * r * p > MAX_SCRYPT_MEMORY:  # redundant with the above, kept as the real rule
+        raise ConfigError("gocryptfs.conf: scrypt parameters need too much memory")
+    if key_len != KEY_LEN:  # gocryptfs refuses < 32 and its key setup panics on > 32
+        raise ConfigError("gocryptfs.conf: scrypt KeyLen must be 32")
 
 
 def _int_field(obj: dict[str, object], key: str, what: str) -> int:
@@ -86,6 +132,7 @@ def _int_field(obj: dict[str, object], key: str, what: str) -> int:
 
 
 def _scrypt(password: bytes, salt: bytes, n: int, r: int, p: int, key_len: int) -> bytes:
+    _check_scrypt_params(n, r, p, key_len)
     try:
         return Scrypt(salt=salt, length=key_len, n=n, r=r, p=p).derive(password)
     except MemoryError:
@@ -203,9 +250,12 @@ class ConfFile:
 
     @classmethod
     def loads(cls, data: bytes) -> ConfFile:
+        if len(data) > MAX_CONF_BYTES:
+            raise ConfigError(f"gocryptfs.conf: larger than {MAX_CONF_BYTES} bytes")
         try:
-            obj = json.loads(bytes(data).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            obj = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+        except (UnicodeDecodeError, RecursionError, ValueError):
+            # ValueError also covers JSONDecodeError and Python's int-digit limit.
             raise ConfigError("gocryptfs.conf: not valid JSON") from None
         if not isinstance(obj, dict):
             raise ConfigError("gocryptfs.conf: top level is not a JSON object")
@@ -241,18 +291,15 @@ class ConfFile:
         if not isinstance(sobj, dict):
             raise ConfigError("gocryptfs.conf: ScryptObject missing")
         salt = _b64std_decode(sobj.get("Salt"), "ScryptObject.Salt")
-        if len(salt) < SALT_LEN:
-            raise ConfigError(f"gocryptfs.conf: scrypt salt shorter than {SALT_LEN} bytes")
+        if not SALT_LEN <= len(salt) <= MAX_SALT_LEN:
+            raise ConfigError(
+                f"gocryptfs.conf: scrypt salt must be {SALT_LEN}..{MAX_SALT_LEN} bytes"
+            )
         n = _int_field(sobj, "N", "ScryptObject.N")
         r = _int_field(sobj, "R", "ScryptObject.R")
         p = _int_field(sobj, "P", "ScryptObject.P")
         key_len = _int_field(sobj, "KeyLen", "ScryptObject.KeyLen")
-        if n < 2**MIN_LOGN or n > 2**MAX_LOGN or n & (n - 1):
-            raise ConfigError("gocryptfs.conf: scrypt N must be a power of two in 2^10..2^28")
-        if r < SCRYPT_R or p < SCRYPT_P or r * p >= 2**30:
-            raise ConfigError("gocryptfs.conf: scrypt R/P out of range")
-        if key_len != KEY_LEN:  # gocryptfs refuses < 32 and its key setup panics on > 32
-            raise ConfigError("gocryptfs.conf: scrypt KeyLen must be 32")
+        _check_scrypt_params(n, r, p, key_len)
         return cls(
             feature_flags=flags,
             scrypt_n=n,
@@ -382,16 +429,37 @@ class ConfFile:
 
     # -- files ----------------------------------------------------------------
 
-    @classmethod
-    def read(cls, path: str) -> ConfFile:
+    @staticmethod
+    def read_bytes(path: str, *, dir_fd: int | None = None) -> bytes:
+        """Raw bytes of the conf at ``path``, read the safe way (see :mod:`.safeio`).
+
+        The one reader of host-controlled confs: never blocks on a FIFO, never follows a
+        symlink in the last component, refuses non-regular files and anything above
+        :data:`MAX_CONF_BYTES` without reading it.  A missing file raises
+        ``FileNotFoundError`` (callers decide whether that means "new volume"); every
+        other problem is a :class:`ConfigError` naming the file, never its content.
+        """
         try:
-            with open(path, "rb") as f:
-                data = f.read(1 << 20)
+            return read_small_regular_file(path, MAX_CONF_BYTES, dir_fd=dir_fd)
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} not found") from None
+            raise
+        except NotRegularFileError as e:
+            raise ConfigError(f"config file {path} is not a regular file ({e.kind})") from None
+        except FileTooLargeError as e:
+            raise ConfigError(
+                f"config file {path} is too large ({e.size} bytes, limit {MAX_CONF_BYTES})"
+            ) from None
         except OSError as e:
+            if e.errno == errno.ELOOP:
+                raise ConfigError(f"config file {path} is a symbolic link") from None
             raise ConfigError(f"cannot read config file {path}: {e.strerror}") from None
-        return cls.loads(data)
+
+    @classmethod
+    def read(cls, path: str, *, dir_fd: int | None = None) -> ConfFile:
+        """Read and validate the conf at ``path``: THE reader of host-controlled confs.
+
+        ``FileNotFoundError`` if missing, :class:`ConfigError` for everything else."""
+        return cls.loads(cls.read_bytes(path, dir_fd=dir_fd))
 
     def write(self, path: str) -> None:
         """Atomically replace ``path``: ``<path>.tmp`` created O_EXCL with mode 0400,

@@ -255,6 +255,10 @@ class StorageBackend(abc.ABC):
     def read_small_file(self, path: str, max_size: int = 1 << 20) -> bytes:
         """Whole content of a small regular file (EFBIG beyond ``max_size``).
 
+        The storage is hostile: never block (a FIFO), never follow a symlink (ELOOP),
+        refuse anything but a regular file (EIO) and never read more than
+        ``max_size + 1`` bytes (see :mod:`fuse_crypt.safeio`).
+
         These files are written once and never modified, so object stores can
         cache them aggressively.
         """
@@ -277,7 +281,9 @@ class StorageBackend(abc.ABC):
     def open(self, path: str, flags: int, mode: int = 0o600) -> Any:
         """Open a regular file; ``flags`` are ``os.O_*`` (O_CREAT/O_EXCL/O_TRUNC
         honoured, O_APPEND must not be passed: the frontend computes offsets).
-        Never follows a symlink in the last component (ELOOP).
+        Never follows a symlink in the last component (ELOOP), never blocks on a
+        FIFO or device planted in the storage, and refuses anything that is not a
+        regular file with EIO (the storage is hostile).
 
         Object store: a handle caches the object's size; writes go to a local
         spill file or a multipart upload committed on fsync/close.  Concurrent

@@ -21,6 +21,7 @@ import stat as stat_mod
 from collections.abc import Callable
 from typing import Any
 
+from ..safeio import SMALL_OPEN_FLAGS, check_regular, read_capped
 from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
 
 _O_BASE = os.O_CLOEXEC | os.O_NOFOLLOW
@@ -366,12 +367,12 @@ class LocalDirBackend(StorageBackend):
     # -- small whole files ------------------------------------------------------------
 
     def read_small_file(self, path: str, max_size: int = 1 << 20) -> bytes:
-        fd = self._open(path, os.O_RDONLY)
+        """Non-blocking, no symlinks, regular files only, at most ``max_size`` bytes
+        (see :mod:`fuse_crypt.safeio`): a FIFO as a ``gocryptfs.diriv`` gives EIO for
+        that directory instead of wedging a FUSE worker thread."""
+        fd = self._open(path, SMALL_OPEN_FLAGS)
         try:
-            data = os.read(fd, max_size + 1)
-            if len(data) > max_size:
-                raise OSError(errno.EFBIG, "small file too large")
-            return data
+            return read_capped(fd, max_size)
         finally:
             os.close(fd)
 
@@ -397,9 +398,18 @@ class LocalDirBackend(StorageBackend):
     # -- file handles -------------------------------------------------------------------
 
     def open(self, path: str, flags: int, mode: int = 0o600) -> int:
+        """A regular file only: opened with O_NONBLOCK (a FIFO planted where a cipher
+        file was must not block the open) and refused with EIO unless fstat says
+        regular.  O_NONBLOCK has no effect on regular-file I/O, so it stays set."""
         if flags & os.O_APPEND:
             raise OSError(errno.EINVAL, "O_APPEND is not allowed on backend handles")
-        return self._open(path, flags, mode)
+        fd = self._open(path, flags | os.O_NONBLOCK | os.O_NOCTTY, mode)
+        try:
+            check_regular(fd)
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
 
     def pread(self, handle: int, size: int, offset: int) -> bytes:
         data = os.pread(handle, size, offset)

@@ -7,8 +7,8 @@ CliError for the one-line message + exit code path in ``main``.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
+import stat as stat_mod
 import sys
 from typing import Any
 
@@ -16,6 +16,7 @@ from fuse_crypt import daemon
 from fuse_crypt.cli import confio, passinput
 from fuse_crypt.cli.exitcodes import (
     CIPHERDIR,
+    CIPHERDIR_NOT_NEW,
     INIT,
     MOUNTPOINT,
     PASSWORD_INCORRECT,
@@ -23,10 +24,15 @@ from fuse_crypt.cli.exitcodes import (
     USAGE,
     CliError,
 )
+from fuse_crypt.configfile import MAX_LOGN as SCRYPT_LOGN_MAX
+from fuse_crypt.configfile import MIN_LOGN as SCRYPT_LOGN_MIN
+from fuse_crypt.configfile import TMP_NAME
+from fuse_crypt.hardening import disable_core_dumps
+from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME
 
-SCRYPT_LOGN_MIN = 10
-SCRYPT_LOGN_MAX = 28
-DIRIV_NAME = "gocryptfs.diriv"
+#: What an interrupted ``init`` can leave behind (the conf is written last): a directory
+#: holding nothing else is still new and ``init`` completes it.
+INIT_LEFTOVERS = frozenset({DIRIV_NAME, TMP_NAME})
 
 
 _quiet = False
@@ -78,44 +84,78 @@ def _check_master_key(cipherdir: str, key: bytes, conf: Any | None) -> None:
 # --------------------------------------------------------------------------- init
 
 
-def cmd_init(args: argparse.Namespace) -> int:
-    from fuse_crypt.configfile import ConfFile, format_master_key
+def _init_leftovers(cdir: str) -> list[str]:
+    """Names an interrupted ``init`` left in ``cdir`` (to be replaced), or CliError if
+    ``cdir`` is not new: it holds a conf, or anything an init does not write.
 
-    _check_scryptn(args.scryptn)
-    cdir = _cipherdir(args.cipherdir)
+    Why: the conf is init's commit point.  A directory without one that holds other
+    files may be a volume whose conf the host deleted; re-initialising it would hide its
+    data under a new key, so it is refused with its own exit code."""
     try:
         entries = os.listdir(cdir)
     except OSError as e:
         raise CliError(f"cannot list {cdir}: {e.strerror}", CIPHERDIR) from None
-    if entries:
-        raise CliError(f"cipher directory {cdir} is not empty", CIPHERDIR)
+    if CONF_NAME in entries:
+        raise CliError(f"cipher directory {cdir} already holds a volume", CIPHERDIR_NOT_NEW)
+    for name in entries:
+        try:
+            st = os.lstat(os.path.join(cdir, name))
+        except OSError as e:
+            raise CliError(f"cannot inspect {cdir}: {e.strerror}", CIPHERDIR) from None
+        if name not in INIT_LEFTOVERS or not stat_mod.S_ISREG(st.st_mode):
+            raise CliError(
+                f"cipher directory {cdir} is not empty (and not an interrupted init)",
+                CIPHERDIR_NOT_NEW,
+            )
+    return sorted(entries)
+
+
+def _write_new_file(path: str, data: bytes, mode: int) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    """Create a volume.  Order (a crash at any point leaves a directory that is either
+    still "new" or a complete volume): remove an earlier init's leftovers, write the
+    root ``gocryptfs.diriv`` (fsync file and directory), then the conf via tmp + fsync +
+    rename + directory fsync: the rename is the commit point."""
+    from fuse_crypt.configfile import ConfFile, format_master_key
+    from fuse_crypt.nametransform import NameTransform
+
+    disable_core_dumps()
+    _check_scryptn(args.scryptn)
+    cdir = _cipherdir(args.cipherdir)
+    leftovers = _init_leftovers(cdir)
     master_key = passinput.read_master_key(args.masterkey) if args.masterkey else None
     password = passinput.read_password(args.passfile, prompt="Choose a password: ", confirm=True)
     logn = args.scryptn if args.scryptn is not None else 16
     conf, master_key = ConfFile.create(password, scrypt_logn=logn, master_key=master_key)
-    data = conf.dumps()
-    # diriv first: a conf without its root diriv would look like a valid, broken volume.
-    if "DirIV" in conf.feature_flags:
-        from fuse_crypt.nametransform import NameTransform
-
-        diriv = os.path.join(cdir, DIRIV_NAME)
-        try:
-            fd = os.open(diriv, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o400)
-            try:
-                os.write(fd, NameTransform.new_dir_iv())
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.chmod(diriv, 0o444)
-        except OSError as e:
-            raise CliError(f"cannot create {diriv}: {e.strerror}", INIT) from None
+    if _init_leftovers(cdir) != leftovers:  # changed while we asked for the password
+        raise CliError(f"cipher directory {cdir} changed during init", CIPHERDIR_NOT_NEW)
     try:
-        confio.write_conf_atomic(cdir, data)
-    except CliError:
-        # Leave the directory as we found it (empty), so init can simply be retried.
-        with contextlib.suppress(OSError):
-            os.unlink(os.path.join(cdir, DIRIV_NAME))
-        raise
+        for name in leftovers:
+            os.unlink(os.path.join(cdir, name))
+        if "DirIV" in conf.feature_flags:
+            _write_new_file(os.path.join(cdir, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444)
+        _fsync_dir(cdir)
+    except OSError as e:
+        raise CliError(f"cannot create {DIRIV_NAME} in {cdir}: {e.strerror}", INIT) from None
+    confio.write_conf(cdir, conf)
     _say(f"fuse-crypt: created gocryptfs-compatible volume in {cdir}")
     if sys.stdout.isatty():
         print(
@@ -173,6 +213,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         from fuse_crypt.cli.metrics import parse_addr
 
         parse_addr(args.metrics_addr)  # a typo is a usage error, before any unlock or fork
+    disable_core_dumps()
     cdir = _cipherdir(args.cipherdir)
     mp = _prepare_mountpoint(args.mountpoint)
     if os.path.realpath(mp) == os.path.realpath(cdir) or os.path.realpath(mp).startswith(
@@ -218,6 +259,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def cmd_passwd(args: argparse.Namespace) -> int:
+    disable_core_dumps()
     _check_scryptn(args.scryptn)
     cdir = _cipherdir(args.cipherdir)
     conf = confio.load_conf(cdir)
@@ -233,11 +275,10 @@ def cmd_passwd(args: argparse.Namespace) -> int:
         args.new_passfile, prompt="New password: ", confirm=True, what="new password"
     )
     new_conf = conf.rewrap(key, new, scrypt_logn=args.scryptn)
-    data = new_conf.dumps()
     if args.masterkey:
         bak = confio.backup_conf(cdir)
         _say(f"fuse-crypt: saved the old config as {bak}")
-    confio.write_conf_atomic(cdir, data)
+    confio.write_conf(cdir, new_conf)
     _say("fuse-crypt: password changed")
     return 0
 

@@ -22,6 +22,10 @@ FUSE_MOUNT = 19
 PASSWORD_EMPTY = 22
 CONFIG = 23
 WRITE_CONF = 24
+#: ``init`` on a directory that is not new: it holds a conf, or files an interrupted init
+#: does not leave (gocryptfs says 6 here; ours is distinct so the CSI plugin can answer
+#: FAILED_PRECONDITION without parsing messages).  Not a gocryptfs number.
+CIPHERDIR_NOT_NEW = 40
 
 
 class CliError(DaemonError):

@@ -33,10 +33,15 @@ def _crypto_for(master_key: bytes, conf: Any | None) -> tuple[Any, Any, Any]:
 def _sample_file(path: str, content: Any) -> bool | None:
     from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN
     from fuse_crypt.errors import CorruptDataError
+    from fuse_crypt.safeio import SMALL_OPEN_FLAGS, check_regular
 
-    try:
-        with open(path, "rb") as f:
-            data = f.read(HEADER_LEN + CIPHER_BS)
+    try:  # host storage: never block on a FIFO or follow a link planted here
+        fd = os.open(path, SMALL_OPEN_FLAGS)
+        try:
+            check_regular(fd)
+            data = os.pread(fd, HEADER_LEN + CIPHER_BS, 0)
+        finally:
+            os.close(fd)
     except OSError:
         return None
     if len(data) <= HEADER_LEN:

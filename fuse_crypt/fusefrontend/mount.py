@@ -32,7 +32,7 @@ from ..errors import (
     InvalidNameError,
     NameTooLongError,
 )
-from ..nametransform import NameTransform
+from ..nametransform import DIRIV_NAME, NameTransform
 from .files import MAX_IO
 from .operations import CryptOperations
 
@@ -93,7 +93,7 @@ class CryptFUSE(mfusepy.FUSE):
             log.error("event=bad_errno op=%s", func.__name__)
             return -errno.EIO
         except CorruptDataError:
-            log.warning("event=corrupt_data op=%s path=%s", func.__name__, _path_arg(args))
+            log.warning("event=corrupt_data op=%s cpath=%s", func.__name__, self._cpath_arg(args))
             return -errno.EIO
         except NameTooLongError:
             return -errno.ENAMETOOLONG
@@ -103,9 +103,9 @@ class CryptFUSE(mfusepy.FUSE):
             if func.__name__.startswith("init"):
                 raise
             log.error(
-                "event=internal_error op=%s path=%s error=%s",
+                "event=internal_error op=%s cpath=%s error=%s",
                 func.__name__,
-                _path_arg(args),
+                self._cpath_arg(args),
                 type(e).__name__,
                 exc_info=log.isEnabledFor(logging.DEBUG),
             )
@@ -115,6 +115,21 @@ class CryptFUSE(mfusepy.FUSE):
             log.critical("event=fatal op=%s error=%s", func.__name__, type(e).__name__)
             mfusepy.fuse_exit()
             return -errno.EFAULT
+
+    def _cpath_arg(self, args: tuple[Any, ...]) -> str:
+        """What a log line may say about the request's path: the cached cipher path
+        (the host sees it anyway), never the plaintext name, which must not leave the
+        TEE; "?" when it is not cached (looking it up could fail or block again)."""
+        if not args or not isinstance(args[0], bytes):
+            return "-"
+        try:
+            plain = args[0].decode(self.encoding, self.errors)
+            cpath = self.operations.paths.cached_cipher_path(plain)
+        except Exception:  # noqa: BLE001 - logging must never fail the request
+            return "?"
+        if cpath is None:
+            return "?"
+        return cpath or "/"
 
     # read/write: hand the operations a memoryview of libfuse's own buffer instead
     # of mfusepy's bytes copies (two 1 MiB allocations + copies per request).
@@ -186,12 +201,6 @@ def _fill_stat(cst: Any, st: Stat, size: int) -> None:
     cst.st_atimespec.tv_sec, cst.st_atimespec.tv_nsec = divmod(st.atime_ns, 1_000_000_000)
     cst.st_mtimespec.tv_sec, cst.st_mtimespec.tv_nsec = divmod(st.mtime_ns, 1_000_000_000)
     cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.ctime_ns, 1_000_000_000)
-
-
-def _path_arg(args: tuple[Any, ...]) -> str:
-    if args and isinstance(args[0], bytes):
-        return args[0].decode("utf-8", "backslashreplace")
-    return "-"
 
 
 _M_ARENA_MAX = -8
@@ -298,12 +307,35 @@ def build_operations(
         nt = NameTransform(core)
         use_diriv = True
     ops = CryptOperations(backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only)
+    if not use_diriv:
+        _refuse_dropped_diriv(backend, core)
     try:
         ops.paths.dir_iv("")
     except (CorruptDataError, OSError) as e:
         core.wipe()
         raise ConfigError("cipher directory has no valid root gocryptfs.diriv") from e
     return ops, core
+
+
+def _refuse_dropped_diriv(backend: StorageBackend, core: CryptoCore) -> None:
+    """A conf without DirIV over a cipher directory that has a root dir IV was downgraded.
+
+    Feature flags are not authenticated (gocryptfs wraps only the master key), so a host
+    can delete ``DirIV`` from the conf and the password still unlocks it; every name
+    written afterwards would be encrypted deterministically (equal names, equal cipher
+    names, in every directory). gocryptfs' deterministic-name volumes never contain a
+    ``gocryptfs.diriv``, so its presence in the root proves the flag was removed."""
+    try:
+        backend.lstat(DIRIV_NAME)
+    except FileNotFoundError:
+        return
+    except OSError:
+        pass  # something is there (unreadable): treat it as present
+    core.wipe()
+    raise ConfigError(
+        "gocryptfs.conf lacks the DirIV flag but the cipher directory has a root "
+        "gocryptfs.diriv: the conf was downgraded (refusing to write deterministic names)"
+    )
 
 
 def serve(

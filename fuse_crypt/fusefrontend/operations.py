@@ -176,11 +176,12 @@ class CryptOperations(mfusepy.Operations):
         return self._attrs(st, size)
 
     def readlink(self, path: str) -> str:
-        stored = self.backend.readlink(self.paths.cipher_path(path))
+        cpath = self.paths.cipher_path(path)
+        stored = self.backend.readlink(cpath)
         try:
             return self.nt.decrypt_symlink(stored)
         except CorruptDataError:
-            log.warning("event=corrupt_symlink path=%s", path)
+            log.warning("event=corrupt_symlink cpath=%s", cpath)  # never the plaintext path
             raise
 
     def chmod(self, path: str, mode: int) -> int:
@@ -443,7 +444,9 @@ class CryptOperations(mfusepy.Operations):
         _, cpath, created_name = self._begin_create(path)
         try:
             bflags = os.O_RDWR | os.O_CREAT | (flags & (os.O_EXCL | _PASS_FLAGS))
-            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), path, True, keep_stat=True)
+            # FileTable names a handle in its log lines by this path: the cipher one,
+            # never the plaintext (logs leave the TEE).
+            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), cpath, True, keep_stat=True)
         except BaseException:
             self._abort_create(cpath, created_name)
             raise
@@ -461,7 +464,7 @@ class CryptOperations(mfusepy.Operations):
         cpath = self.paths.cipher_path(path)
         # Writers need read access too: partial blocks are read-modify-written.
         bflags = (os.O_RDWR if writable else os.O_RDONLY) | (flags & _PASS_FLAGS)
-        fh = self.files.open(cpath, bflags, 0, path, writable)
+        fh = self.files.open(cpath, bflags, 0, cpath, writable)  # cipher path for logs
         if writable and flags & os.O_TRUNC:
             try:
                 self.files.truncate(fh, 0)
@@ -487,7 +490,8 @@ class CryptOperations(mfusepy.Operations):
             return 0
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
-        tfh = self.files.open(self.paths.cipher_path(path), os.O_RDWR, 0, path, True)
+        cpath = self.paths.cipher_path(path)
+        tfh = self.files.open(cpath, os.O_RDWR, 0, cpath, True)  # cipher path for logs
         try:
             self.files.truncate(tfh, length)
         finally:

@@ -64,6 +64,13 @@ class PathMapper:
             self._paths.clear()
             self._paths["/"] = ""
 
+    def cached_cipher_path(self, plain: str | None) -> str | None:
+        """Cipher path of ``plain`` if it is cached (no I/O, never raises): what log
+        lines name instead of the plaintext path, which must not leave the TEE."""
+        if plain is None:
+            return None
+        return self._paths.get(plain)
+
     def _remember(self, gen: int, plain: str, cpath: str) -> None:
         with self._lock:
             if gen != self._gen:
