@@ -43,10 +43,12 @@ class InodeEntry:
         self.lock = RWLock()
         self.file_id: bytes | None = None
         self.refs = 0
-        #: Cipher file size as last seen or produced by us (None: ask the backend).
-        #: Every content change goes through this table under the inode's write
-        #: lock, so it stays exact without an fstat per write (the backing files of
-        #: a mounted volume are not changed behind our back, as for gocryptfs).
+        #: Cipher file size as last seen or produced by us (None: ask the backend
+        #: under the write lock).  Every content change goes through this entry
+        #: under its write lock, so once exact it stays exact without an fstat per
+        #: write (the backing files of a mounted volume are not changed behind our
+        #: back, as for gocryptfs).  It is only seeded from a size read while no
+        #: other entry of the inode could be writing: see :meth:`FileTable.open`.
         self.csize = csize
 
 
@@ -89,6 +91,8 @@ class FileTable:
         self._inodes: dict[tuple[int, int], InodeEntry] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = 1
+        #: Number of entries dropped so far (see :meth:`open`).
+        self._dropped = 0
         #: Bumped by every read/write (racy increments are fine: only "did it
         #: change" matters, for the idle-time malloc trim).
         self.io_count = 0
@@ -109,7 +113,17 @@ class FileTable:
         """Open ``cpath`` in the backend and register a handle; returns the FUSE fh.
 
         ``keep_stat`` (for create) lets the first :meth:`fstat` of the handle reuse
-        the attributes read here instead of asking the backend again."""
+        the attributes read here instead of asking the backend again.
+
+        The size read here, outside the table lock, may seed a new inode entry's
+        cached size only if no entry was dropped since just before the read: an
+        entry that existed then could have grown or shrunk the file after our
+        fstat and been released before we took the lock (issue 7, finding 8: the
+        new entry kept the old size, and its next write zero-padded or tore a
+        block).  Otherwise the first write asks the backend under the inode's
+        write lock, where nothing else can change the file.  The counter is global
+        (any inode), which is conservative and costs at most one fstat."""
+        dropped = self._dropped  # before the fstat
         handle = self.backend.open(cpath, flags, mode)
         try:
             st = self.backend.fstat(handle)
@@ -118,14 +132,15 @@ class FileTable:
             raise
         key = (st.dev, st.ino)
         with self._lock:
+            fresh = self._dropped == dropped
             entry = self._inodes.get(key)
             if entry is None:
-                entry = self._inodes[key] = InodeEntry(key, st.size)
+                entry = self._inodes[key] = InodeEntry(key, st.size if fresh else None)
             entry.refs += 1
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = OpenFile(
-                handle, entry, plain_path, writable, st if keep_stat else None
+                handle, entry, plain_path, writable, st if keep_stat and fresh else None
             )
         return fh
 
@@ -144,6 +159,7 @@ class FileTable:
             entry.refs -= 1
             if entry.refs == 0:
                 self._inodes.pop(entry.key, None)
+                self._dropped += 1
         self.backend.close(of.handle)
 
     def close_all(self) -> None:
