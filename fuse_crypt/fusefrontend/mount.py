@@ -35,6 +35,7 @@ from ..errors import (
 from ..nametransform import NameTransform
 from .files import MAX_IO
 from .operations import CryptOperations
+from .stopsignals import StopSignals, note_destroy, note_init
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
@@ -164,6 +165,17 @@ class CryptFUSE(mfusepy.FUSE):
         return self.operations.rename(
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
         )
+
+    # init/destroy: tell the stop-signal handling which session to end, and when
+    # libfuse is about to free it.
+
+    def init_fuse_3(self, conn: Any, config: Any) -> None:
+        note_init()
+        super().init_fuse_3(conn, config)
+
+    def destroy(self, private_data: Any) -> None:
+        note_destroy()
+        return super().destroy(private_data)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
@@ -319,7 +331,9 @@ def serve(
     allow_other: bool = False,
 ) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
-    all of these return normally).
+    all of these return normally).  Called from the main thread, serve() owns the
+    stop signals from here on, so one arriving at any point ends it promptly
+    (:mod:`.stopsignals`); from another thread the caller keeps its own handling.
 
     ``foreground`` is accepted for the contract; this call always runs the loop in
     the calling process (daemonizing a threaded Python process is the CLI's job,
@@ -328,6 +342,36 @@ def serve(
     The caller keeps ownership of ``backend``.
     """
     del foreground
+    stop = StopSignals.install()
+    try:
+        _serve(
+            backend,
+            master_key,
+            conf,
+            mountpoint,
+            stop,
+            read_only=read_only,
+            fsname=fsname,
+            on_ready=on_ready,
+            allow_other=allow_other,
+        )
+    finally:
+        if stop is not None:
+            stop.restore()
+
+
+def _serve(
+    backend: StorageBackend,
+    master_key: bytes,
+    conf: ConfFile | None,
+    mountpoint: str,
+    stop: StopSignals | None,
+    *,
+    read_only: bool,
+    fsname: str,
+    on_ready: Callable[[], None] | None,
+    allow_other: bool,
+) -> None:
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
@@ -357,8 +401,15 @@ def serve(
     )
     watcher.start()
     log.info("event=mounting mountpoint=%s read_only=%s", mountpoint, read_only)
-    try:
+
+    def loop() -> None:
         CryptFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+
+    try:
+        if stop is None:
+            loop()
+        else:
+            stop.run(loop, on_stop=done.set)
     except RuntimeError as e:
         # libfuse3 reports a loop ended by SIGINT/SIGTERM/SIGHUP as exit code 8;
         # that is an orderly shutdown if we were mounted and the mount is gone.
