@@ -55,15 +55,28 @@ class InodeEntry:
 class OpenFile:
     """One FUSE file handle."""
 
-    __slots__ = ("entry", "handle", "open_stat", "path", "writable")
+    __slots__ = ("append", "entry", "handle", "open_stat", "path", "writable")
 
     def __init__(
-        self, handle: Any, entry: InodeEntry, path: str, writable: bool, open_stat: Stat | None
+        self,
+        handle: Any,
+        entry: InodeEntry,
+        path: str,
+        writable: bool,
+        open_stat: Stat | None,
+        append: bool = False,
     ) -> None:
         self.handle = handle
         self.entry = entry
         self.path = path
         self.writable = writable
+        #: Opened with O_APPEND: every write goes to *our* end of file, not to the
+        #: kernel's offset.  libfuse's path-based API gives each hard-link name its
+        #: own kernel inode, and the kernel computes an append offset from that
+        #: name's cached size, which misses appends made through another name
+        #: (two appenders via two links lost ~40% of their records).  Linux pwrite
+        #: on an O_APPEND file ignores the offset too.
+        self.append = append
         #: The backend's attributes from open(), handed out once by fstat(): right
         #: after a create libfuse asks for them, and they cannot have changed yet.
         self.open_stat = open_stat
@@ -109,6 +122,7 @@ class FileTable:
         writable: bool,
         *,
         keep_stat: bool = False,
+        append: bool = False,
     ) -> int:
         """Open ``cpath`` in the backend and register a handle; returns the FUSE fh.
 
@@ -140,7 +154,7 @@ class FileTable:
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = OpenFile(
-                handle, entry, plain_path, writable, st if keep_stat and fresh else None
+                handle, entry, plain_path, writable, st if keep_stat and fresh else None, append
             )
         return fh
 
@@ -307,6 +321,8 @@ class FileTable:
         lock = of.entry.lock
         lock.acquire_write()
         try:
+            if of.append:
+                offset = self.enc.plain_size(self._csize(of), strict=False)
             self._write_locked(of, data, offset)
         except BaseException:
             of.entry.csize = None  # a failed write may have changed the size partly

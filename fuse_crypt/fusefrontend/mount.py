@@ -159,6 +159,13 @@ class CryptFUSE(mfusepy.FUSE):
         # mfusepy inspects the signature of operations.create on every call.
         fi = fip.contents
         fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        _append_direct(fi)
+        return 0
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(path.decode(self.encoding, self.errors), fi.flags)
+        _append_direct(fi)
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
@@ -184,6 +191,15 @@ class CryptFUSE(mfusepy.FUSE):
 
 
 _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
+
+
+def _append_direct(fi: Any) -> None:
+    """O_APPEND handles bypass the page cache (direct_io): the daemon places each
+    append at its own end of file (files.OpenFile.append), and a cached write is
+    split by the kernel at a partial page into two requests, which another hard-link
+    name's append could then land between.  Uncached, one write() is one request."""
+    if fi.flags & os.O_APPEND:
+        fi.direct_io = 1
 
 
 def _fill_stat(cst: Any, st: Stat, size: int) -> None:

@@ -443,7 +443,15 @@ class CryptOperations(mfusepy.Operations):
         _, cpath, created_name = self._begin_create(path)
         try:
             bflags = os.O_RDWR | os.O_CREAT | (flags & (os.O_EXCL | _PASS_FLAGS))
-            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), path, True, keep_stat=True)
+            fh = self.files.open(
+                cpath,
+                bflags,
+                stat_mod.S_IMODE(mode),
+                path,
+                True,
+                keep_stat=True,
+                append=bool(flags & os.O_APPEND),
+            )
         except BaseException:
             self._abort_create(cpath, created_name)
             raise
@@ -461,7 +469,7 @@ class CryptOperations(mfusepy.Operations):
         cpath = self.paths.cipher_path(path)
         # Writers need read access too: partial blocks are read-modify-written.
         bflags = (os.O_RDWR if writable else os.O_RDONLY) | (flags & _PASS_FLAGS)
-        fh = self.files.open(cpath, bflags, 0, path, writable)
+        fh = self.files.open(cpath, bflags, 0, path, writable, append=bool(flags & os.O_APPEND))
         if writable and flags & os.O_TRUNC:
             try:
                 self.files.truncate(fh, 0)

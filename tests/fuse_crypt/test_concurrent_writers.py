@@ -130,17 +130,28 @@ def _run_workers(script: str, args: Callable[[int], list[str]], n: int) -> list[
 
 
 def _appends(
-    mnt: Mount, seconds: float, nfiles: int = 3, per_file: int = 2, rec: int = REC
+    mnt: Mount,
+    seconds: float,
+    nfiles: int = 3,
+    per_file: int = 2,
+    rec: int = REC,
+    via_links: bool = False,
 ) -> None:
     """``per_file`` workers append to each of ``nfiles`` logs (pairs maximise how often
-    a file's last handle is released while the other worker opens it)."""
+    a file's last handle is released while the other worker opens it); with
+    ``via_links`` every other worker appends through a hard link of the log."""
     n = nfiles * per_file
     files = [mnt.path / f"log{i}" for i in range(nfiles)]
-    outs = _run_workers(
-        _APPEND_WORKER,
-        lambda w: [str(files[w // per_file]), str(w), str(seconds), str(rec)],
-        n,
-    )
+    if via_links:
+        for f in files:
+            f.write_bytes(b"")
+            os.link(f, f"{f}.link")
+
+    def target(w: int) -> str:
+        f = str(files[w // per_file])
+        return f + ".link" if via_links and w % 2 else f
+
+    outs = _run_workers(_APPEND_WORKER, lambda w: [target(w), str(w), str(seconds), str(rec)], n)
     counts = [int(c) for c in outs]
     for fi, f in enumerate(files):
         data = f.read_bytes()
@@ -199,6 +210,12 @@ def _gocryptfs_fsck(vol: Volume, tmp_path: Path) -> None:
 
 def test_concurrent_appends_keep_every_record(mnt: Mount) -> None:
     _appends(mnt, QUICK_SECONDS)
+
+
+def test_appends_through_two_hard_links_keep_every_record(mnt: Mount) -> None:
+    """libfuse gives each link name its own kernel inode, whose cached size the
+    kernel takes as the O_APPEND offset: the daemon must append at its own EOF."""
+    _appends(mnt, 2.0, nfiles=1, via_links=True)
 
 
 def test_regrow_and_overwrite_never_tears_a_block(mnt: Mount, tmp_path: Path) -> None:

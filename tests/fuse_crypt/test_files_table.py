@@ -121,3 +121,17 @@ def test_open_racing_nothing_still_trusts_its_size(tmp_path: Path) -> None:
     assert ft.get(fa).entry.csize == 0
     assert ft.get(fa).open_stat is not None
     ft.release(fa)
+
+
+def test_append_handle_writes_at_its_own_end_of_file(tmp_path: Path) -> None:
+    """An O_APPEND handle ignores the offset it is given (the kernel's, which for a
+    second hard-link name can be stale) and appends at the real end of file."""
+    be, ft = _racing_table(tmp_path)
+    fa = ft.open("f", os.O_RDWR | os.O_CREAT, 0o600, "/f", True, append=True)
+    fb = ft.open("f", os.O_RDWR, 0, "/f", True, append=True)
+    ft.write(fa, b"a" * 3000, 0)
+    ft.write(fb, b"b" * 3000, 0)  # stale offset 0: must not overwrite
+    ft.write(fa, b"c" * 10, 3000)  # stale offset 3000: must not overwrite either
+    assert ft.read(fa, 10000, 0) == b"a" * 3000 + b"b" * 3000 + b"c" * 10
+    ft.release(fa)
+    ft.release(fb)
