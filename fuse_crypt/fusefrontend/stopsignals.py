@@ -65,6 +65,7 @@ class StopSignals:
         self._old: dict[int, Any] = {}
         self._old_wakeup = -1
         self._installed = False
+        self._signum = 0
         #: Guards ``_fuse_ptr``: libfuse frees the session right after ``destroy``.
         self._ptr_lock = threading.Lock()
 
@@ -107,8 +108,8 @@ class StopSignals:
         self._rfd = self._wfd = -1
 
     def _on_signal(self, signum: int, frame: Any) -> None:
-        if not self.requested.is_set():
-            log.info("event=stop_signal signal=%s", signal.Signals(signum).name)
+        # No logging here: the handler may interrupt the main thread anywhere.
+        self._signum = signum
         self.requested.set()
 
     # -- the loop ------------------------------------------------------------------------
@@ -151,6 +152,7 @@ class StopSignals:
                 continue
             if not stopping:
                 stopping = True
+                log.info("event=stop_requested signal=%s", _name(self._signum))
                 on_stop()
             now = time.monotonic()
             if now >= next_wake:
@@ -166,8 +168,10 @@ class StopSignals:
         signal numbers too, as the Python-level handler may not have run yet."""
         with contextlib.suppress(OSError):
             while data := os.read(self._rfd, 512):
-                if any(b in _STOP_BYTES for b in data):
-                    self.requested.set()
+                for b in data:
+                    if b in _STOP_BYTES:
+                        self._signum = self._signum or b
+                        self.requested.set()
         return self.requested.is_set()
 
     def _wait(self, timeout: float | None) -> None:
@@ -186,6 +190,13 @@ class StopSignals:
         if ident is not None and loop_thread.is_alive():
             with contextlib.suppress(ProcessLookupError, OSError):
                 signal.pthread_kill(ident, signal.SIGHUP)
+
+
+def _name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return str(signum)
 
 
 _active: StopSignals | None = None
