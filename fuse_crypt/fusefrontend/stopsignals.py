@@ -57,7 +57,9 @@ class StopSignals:
     """Owns the stop signals while a FUSE loop runs; see the module docstring."""
 
     def __init__(self) -> None:
-        self.requested = threading.Event()
+        #: A plain flag, not an Event: the handler runs in the main thread between
+        #: any two bytecodes, possibly inside Event.set()'s non-reentrant lock.
+        self.requested = False
         self._fuse_ptr: int | None = None
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
@@ -110,7 +112,7 @@ class StopSignals:
     def _on_signal(self, signum: int, frame: Any) -> None:
         # No logging here: the handler may interrupt the main thread anywhere.
         self._signum = signum
-        self.requested.set()
+        self.requested = True
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -147,7 +149,7 @@ class StopSignals:
         next_wake = 0.0
         stopping = False
         while not finished.is_set():
-            if not self.requested.is_set():
+            if not self.requested:
                 self._wait(None)
                 continue
             if not stopping:
@@ -171,8 +173,8 @@ class StopSignals:
                 for b in data:
                     if b in _STOP_BYTES:
                         self._signum = self._signum or b
-                        self.requested.set()
-        return self.requested.is_set()
+                        self.requested = True
+        return self.requested
 
     def _wait(self, timeout: float | None) -> None:
         """Sleep until a signal (on any thread), the loop's end, or ``timeout``."""
