@@ -3,7 +3,7 @@
 State is keyed by the backing inode, not by the FUSE handle or path, because hard
 links and several opens of one file share one ciphertext: they must share one
 readers-writer lock (block read-modify-write is not atomic) and one cached file ID.
-Per-handle state is just (backend handle, inode entry, path for log lines).
+Per-handle state is just (backend handle, inode entry, cipher path for log lines).
 
 Write and truncate follow gocryptfs (``file.go``, ``file_allocate_truncate.go``) so
 the on-disk result is what gocryptfs itself would produce: partial blocks are
@@ -43,35 +43,50 @@ class InodeEntry:
         self.lock = RWLock()
         self.file_id: bytes | None = None
         self.refs = 0
-        #: Cipher file size as last seen or produced by us (None: ask the backend).
-        #: Every content change goes through this table under the inode's write
-        #: lock, so it stays exact without an fstat per write (the backing files of
-        #: a mounted volume are not changed behind our back, as for gocryptfs).
+        #: Cipher file size as last seen or produced by us (None: ask the backend
+        #: under the write lock).  Every content change goes through this entry
+        #: under its write lock, so once exact it stays exact without an fstat per
+        #: write (the backing files of a mounted volume are not changed behind our
+        #: back, as for gocryptfs).  It is only seeded from a size read while no
+        #: other entry of the inode could be writing: see :meth:`FileTable.open`.
         self.csize = csize
 
 
 class OpenFile:
     """One FUSE file handle."""
 
-    __slots__ = ("entry", "handle", "open_stat", "path", "writable")
+    __slots__ = ("append", "entry", "handle", "open_stat", "path", "writable")
 
     def __init__(
-        self, handle: Any, entry: InodeEntry, path: str, writable: bool, open_stat: Stat | None
+        self,
+        handle: Any,
+        entry: InodeEntry,
+        path: str,
+        writable: bool,
+        open_stat: Stat | None,
+        append: bool = False,
     ) -> None:
         self.handle = handle
         self.entry = entry
         self.path = path
         self.writable = writable
+        #: Opened with O_APPEND: every write goes to *our* end of file, not to the
+        #: kernel's offset.  libfuse's path-based API gives each hard-link name its
+        #: own kernel inode, and the kernel computes an append offset from that
+        #: name's cached size, which misses appends made through another name
+        #: (two appenders via two links lost ~40% of their records).  Linux pwrite
+        #: on an O_APPEND file ignores the offset too.
+        self.append = append
         #: The backend's attributes from open(), handed out once by fstat(): right
         #: after a create libfuse asks for them, and they cannot have changed yet.
         self.open_stat = open_stat
 
 
-def _eio(path: str, what: str, block: int | None = None) -> OSError:
+def _eio(cpath: str, what: str, block: int | None = None) -> OSError:
     if block is None:
-        log.warning("event=corrupt_data path=%s what=%s", path, what)
+        log.warning("event=corrupt_data path=%s what=%s", cpath, what)
     else:
-        log.warning("event=corrupt_block path=%s block=%d what=%s", path, block, what)
+        log.warning("event=corrupt_block path=%s block=%d what=%s", cpath, block, what)
     return OSError(errno.EIO, "corrupt ciphertext")
 
 
@@ -89,6 +104,8 @@ class FileTable:
         self._inodes: dict[tuple[int, int], InodeEntry] = {}
         self._handles: dict[int, OpenFile] = {}
         self._next_fh = 1
+        #: Number of entries dropped so far (see :meth:`open`).
+        self._dropped = 0
         #: Bumped by every read/write (racy increments are fine: only "did it
         #: change" matters, for the idle-time malloc trim).
         self.io_count = 0
@@ -101,15 +118,27 @@ class FileTable:
         cpath: str,
         flags: int,
         mode: int,
-        plain_path: str,
         writable: bool,
         *,
         keep_stat: bool = False,
+        append: bool = False,
     ) -> int:
         """Open ``cpath`` in the backend and register a handle; returns the FUSE fh.
 
+        Log lines name the handle by ``cpath``: cipher paths only, since logs leave the TEE.
+
         ``keep_stat`` (for create) lets the first :meth:`fstat` of the handle reuse
-        the attributes read here instead of asking the backend again."""
+        the attributes read here instead of asking the backend again.
+
+        The size read here, outside the table lock, may seed a new inode entry's
+        cached size only if no entry was dropped since just before the read: an
+        entry that existed then could have grown or shrunk the file after our
+        fstat and been released before we took the lock (issue 7, finding 8: the
+        new entry kept the old size, and its next write zero-padded or tore a
+        block).  Otherwise the first write asks the backend under the inode's
+        write lock, where nothing else can change the file.  The counter is global
+        (any inode), which is conservative and costs at most one fstat."""
+        dropped = self._dropped  # before the fstat
         handle = self.backend.open(cpath, flags, mode)
         try:
             st = self.backend.fstat(handle)
@@ -118,14 +147,15 @@ class FileTable:
             raise
         key = (st.dev, st.ino)
         with self._lock:
+            fresh = self._dropped == dropped
             entry = self._inodes.get(key)
             if entry is None:
-                entry = self._inodes[key] = InodeEntry(key, st.size)
+                entry = self._inodes[key] = InodeEntry(key, st.size if fresh else None)
             entry.refs += 1
             fh = self._next_fh
             self._next_fh += 1
             self._handles[fh] = OpenFile(
-                handle, entry, plain_path, writable, st if keep_stat else None
+                handle, entry, cpath, writable, st if keep_stat and fresh else None, append
             )
         return fh
 
@@ -144,6 +174,7 @@ class FileTable:
             entry.refs -= 1
             if entry.refs == 0:
                 self._inodes.pop(entry.key, None)
+                self._dropped += 1
         self.backend.close(of.handle)
 
     def close_all(self) -> None:
@@ -291,6 +322,8 @@ class FileTable:
         lock = of.entry.lock
         lock.acquire_write()
         try:
+            if of.append:
+                offset = self.enc.plain_size(self._csize(of), strict=False)
             self._write_locked(of, data, offset)
         except BaseException:
             of.entry.csize = None  # a failed write may have changed the size partly

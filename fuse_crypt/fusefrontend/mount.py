@@ -35,6 +35,7 @@ from ..errors import (
 from ..nametransform import DIRIV_NAME, NameTransform
 from .files import MAX_IO
 from .operations import CryptOperations
+from .stopsignals import StopSignals, note_destroy, note_init
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
 
@@ -173,12 +174,30 @@ class CryptFUSE(mfusepy.FUSE):
         # mfusepy inspects the signature of operations.create on every call.
         fi = fip.contents
         fi.fh = self.operations.create(path.decode(self.encoding, self.errors), mode, fi.flags)
+        _append_direct(fi)
+        return 0
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(path.decode(self.encoding, self.errors), fi.flags)
+        _append_direct(fi)
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         return self.operations.rename(
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
         )
+
+    # init/destroy: tell the stop-signal handling which session to end, and when
+    # libfuse is about to free it.
+
+    def init_fuse_3(self, conn: Any, config: Any) -> None:
+        note_init()
+        super().init_fuse_3(conn, config)
+
+    def destroy(self, private_data: Any) -> None:
+        note_destroy()
+        return super().destroy(private_data)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
@@ -187,6 +206,15 @@ class CryptFUSE(mfusepy.FUSE):
 
 
 _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)
+
+
+def _append_direct(fi: Any) -> None:
+    """O_APPEND handles bypass the page cache (direct_io): the daemon places each
+    append at its own end of file (files.OpenFile.append), and a cached write is
+    split by the kernel at a partial page into two requests, which another hard-link
+    name's append could then land between.  Uncached, one write() is one request."""
+    if fi.flags & os.O_APPEND:
+        fi.direct_io = 1
 
 
 def _fill_stat(cst: Any, st: Stat, size: int) -> None:
@@ -351,7 +379,9 @@ def serve(
     allow_other: bool = False,
 ) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
-    all of these return normally).
+    all of these return normally).  Called from the main thread, serve() owns the
+    stop signals from here on, so one arriving at any point ends it promptly
+    (:mod:`.stopsignals`); from another thread the caller keeps its own handling.
 
     ``foreground`` is accepted for the contract; this call always runs the loop in
     the calling process (daemonizing a threaded Python process is the CLI's job,
@@ -360,6 +390,36 @@ def serve(
     The caller keeps ownership of ``backend``.
     """
     del foreground
+    stop = StopSignals.install()
+    try:
+        _serve(
+            backend,
+            master_key,
+            conf,
+            mountpoint,
+            stop,
+            read_only=read_only,
+            fsname=fsname,
+            on_ready=on_ready,
+            allow_other=allow_other,
+        )
+    finally:
+        if stop is not None:
+            stop.restore()
+
+
+def _serve(
+    backend: StorageBackend,
+    master_key: bytes,
+    conf: ConfFile | None,
+    mountpoint: str,
+    stop: StopSignals | None,
+    *,
+    read_only: bool,
+    fsname: str,
+    on_ready: Callable[[], None] | None,
+    allow_other: bool,
+) -> None:
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
@@ -389,8 +449,15 @@ def serve(
     )
     watcher.start()
     log.info("event=mounting mountpoint=%s read_only=%s", mountpoint, read_only)
-    try:
+
+    def loop() -> None:
         CryptFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
+
+    try:
+        if stop is None:
+            loop()
+        else:
+            stop.run(loop, on_stop=done.set)
     except RuntimeError as e:
         # libfuse3 reports a loop ended by SIGINT/SIGTERM/SIGHUP as exit code 8;
         # that is an orderly shutdown if we were mounted and the mount is gone.

@@ -444,9 +444,14 @@ class CryptOperations(mfusepy.Operations):
         _, cpath, created_name = self._begin_create(path)
         try:
             bflags = os.O_RDWR | os.O_CREAT | (flags & (os.O_EXCL | _PASS_FLAGS))
-            # FileTable names a handle in its log lines by this path: the cipher one,
-            # never the plaintext (logs leave the TEE).
-            fh = self.files.open(cpath, bflags, stat_mod.S_IMODE(mode), cpath, True, keep_stat=True)
+            fh = self.files.open(
+                cpath,
+                bflags,
+                stat_mod.S_IMODE(mode),
+                True,
+                keep_stat=True,
+                append=bool(flags & os.O_APPEND),
+            )
         except BaseException:
             self._abort_create(cpath, created_name)
             raise
@@ -464,7 +469,7 @@ class CryptOperations(mfusepy.Operations):
         cpath = self.paths.cipher_path(path)
         # Writers need read access too: partial blocks are read-modify-written.
         bflags = (os.O_RDWR if writable else os.O_RDONLY) | (flags & _PASS_FLAGS)
-        fh = self.files.open(cpath, bflags, 0, cpath, writable)  # cipher path for logs
+        fh = self.files.open(cpath, bflags, 0, writable, append=bool(flags & os.O_APPEND))
         if writable and flags & os.O_TRUNC:
             try:
                 self.files.truncate(fh, 0)
@@ -491,7 +496,7 @@ class CryptOperations(mfusepy.Operations):
         if path is None:
             raise OSError(errno.EBADF, "no path and no handle")
         cpath = self.paths.cipher_path(path)
-        tfh = self.files.open(cpath, os.O_RDWR, 0, cpath, True)  # cipher path for logs
+        tfh = self.files.open(cpath, os.O_RDWR, 0, True)
         try:
             self.files.truncate(tfh, length)
         finally:
