@@ -63,13 +63,45 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+def _holds_fuse_device(pid: int) -> bool:
+    """True if ``pid`` has /dev/fuse open: only FUSE daemons do."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names[:4096]:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)) == "/dev/fuse":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def pid_serves(pid: int, target: str, start_time: int = 0) -> bool:
-    """Guards against pid reuse: same start time if known, else argv names the target."""
+    """Whether ``pid`` is (still) the FUSE daemon a state record says it is.
+
+    The pid comes from the state file, which the host can edit: a forged record must not
+    make the plugin adopt, and later SIGKILL, an unrelated process (pid 1, the plugin
+    itself). So: never 1 or ourselves, a session leader (every daemon gets its own
+    session), holding /dev/fuse, and with the recorded start time when one is known
+    (pids are reused, start times are not); without one, argv must name the target.
+    """
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        if os.getsid(pid) != pid:
+            return False
+    except OSError:
+        return False
+    if not _holds_fuse_device(pid):
+        return False
     if start_time:
         return proc_start_time(pid) == start_time
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            argv = f.read(64 * 1024).split(b"\0")
     except OSError:
         return False
     return os.fsencode(target) in argv
@@ -119,11 +151,22 @@ class MountSupervisor:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self, target: str, cipher_dir: str, mounter_name: str, key: VolumeKey, *, readonly: bool
+        self,
+        target: str,
+        cipher_dir: str,
+        mounter_name: str,
+        key: VolumeKey,
+        *,
+        readonly: bool,
+        timeout: float = READY_TIMEOUT,
     ) -> MountHandle:
-        """Spawn the daemon and return once the kernel mount is live (or raise)."""
+        """Spawn the daemon and return once the kernel mount is live (or raise).
+
+        ``target`` must be the already-resolved path: it is compared with mountinfo
+        exactly, never re-resolved, so a symlink cannot redirect the check or the unmount.
+        """
         mounter = self.mounters[mounter_name]
-        proc = self._spawn(mounter, target, cipher_dir, key, readonly)
+        proc = self._spawn(mounter, target, cipher_dir, key, readonly, timeout)
         handle = MountHandle(
             target, cipher_dir, mounter_name, readonly, proc.pid, proc=proc, key=key
         )
@@ -132,7 +175,13 @@ class MountSupervisor:
         return handle
 
     def _spawn(
-        self, mounter: Mounter, target: str, cipher_dir: str, key: VolumeKey, readonly: bool
+        self,
+        mounter: Mounter,
+        target: str,
+        cipher_dir: str,
+        key: VolumeKey,
+        readonly: bool,
+        timeout: float = READY_TIMEOUT,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
@@ -142,7 +191,7 @@ class MountSupervisor:
         except FileNotFoundError:
             start_offset = 0
         proc = mounter.spawn(argv, stdin_data, log_path)
-        self._wait_ready(proc, mounter, target, cipher_dir, start_offset)
+        self._wait_ready(proc, mounter, target, cipher_dir, start_offset, timeout)
         return proc
 
     @staticmethod
@@ -171,13 +220,14 @@ class MountSupervisor:
         target: str,
         cipher_dir: str,
         log_offset: int,
+        timeout: float = READY_TIMEOUT,
     ) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + min(timeout, READY_TIMEOUT)
         delay = 0.001
         log_path = self.log_path(target)
         while True:
             if self._said_ready(log_path, log_offset, mounter.READY_LINE):
-                entry = mounttable.find_mount(target, resolve=True)
+                entry = mounttable.find_mount(target)
                 if entry is not None and entry.fstype.startswith("fuse"):
                     return
             rc = proc.poll()
@@ -185,7 +235,15 @@ class MountSupervisor:
                 raise mounter.failure(rc, self._log_tail(target, log_offset), cipher_dir)
             if time.monotonic() > deadline:
                 self._kill(proc.pid)
-                proc.wait(timeout=STOP_TIMEOUT)
+                with contextlib.suppress(Exception):
+                    proc.wait(timeout=STOP_TIMEOUT)
+                if mounttable.find_mount(target) is not None:  # mounted, never said ready
+                    with contextlib.suppress(OSError):
+                        mounttable.detach(target, lazy=True)
+                if timeout < READY_TIMEOUT:
+                    raise errors.DeadlineExceeded(
+                        f"{mounter.name} did not mount {target} before the deadline"
+                    )
                 raise errors.MountError(
                     f"{mounter.name} did not mount {target} within {READY_TIMEOUT:.0f}s"
                 )
@@ -206,12 +264,17 @@ class MountSupervisor:
             self._handles.pop(target, None)
 
     def stop(self, target: str) -> None:
-        """Unmount ``target`` and make sure its daemon is gone; idempotent."""
+        """Unmount ``target`` and make sure its daemon is gone; idempotent.
+
+        ``target`` is the resolved path and is matched against mountinfo exactly: resolving
+        it again here would let a symlink planted in between point the unmount at another
+        volume.
+        """
         with self._lock:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mounttable.find_mount(target, resolve=True) is not None:
+        if mounttable.find_mount(target) is not None:
             try:
                 mounttable.detach(target)
             except OSError:
@@ -276,7 +339,7 @@ class MountSupervisor:
     def _recover(self, handle: MountHandle) -> None:
         fields = {"target": handle.target, "pid": handle.pid}
         log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
-        if mounttable.find_mount(handle.target, resolve=True) is not None:
+        if mounttable.find_mount(handle.target) is not None:
             mounttable.detach(handle.target, lazy=True)
         now = time.monotonic()
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
