@@ -24,7 +24,7 @@ import time
 from abc import ABC, abstractmethod
 from typing import Protocol
 
-from csi_driver import errors
+from csi_driver import errors, hostfile
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 
@@ -190,16 +190,19 @@ class Mounter(ABC):
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:
         """Start the daemon in its own session (it must outlive the plugin), key on stdin."""
-        with open(log_path, "ab") as logf:
+        logfd = hostfile.open_append(log_path)
+        try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
-                stdout=logf,
-                stderr=logf,
+                stdout=logfd,
+                stderr=logfd,
                 start_new_session=True,
                 close_fds=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        finally:
+            os.close(logfd)
         try:
             assert proc.stdin is not None
             proc.stdin.write(stdin_data)

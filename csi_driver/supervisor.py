@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from csi_driver import errors
+from csi_driver import errors, hostfile
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
 from fuse_crypt import mounttable
@@ -186,30 +186,22 @@ class MountSupervisor:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
         log_path = self.log_path(target)
-        try:
-            start_offset = os.path.getsize(log_path)
-        except FileNotFoundError:
-            start_offset = 0
+        # The log dir is under the state dir, a hostPath: make sure a regular file is there
+        # (a planted FIFO would block the daemon's open, a symlink would redirect its output).
+        os.close(hostfile.open_append(log_path))
+        start_offset = hostfile.regular_size(log_path)
         proc = mounter.spawn(argv, stdin_data, log_path)
         self._wait_ready(proc, mounter, target, cipher_dir, start_offset, timeout)
         return proc
 
     @staticmethod
     def _said_ready(log_path: str, offset: int, line: bytes) -> bool:
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                return line in f.read(256 * 1024)
-        except OSError:
-            return False
+        return line in hostfile.read_from(log_path, offset, 256 * 1024)
 
     def _log_tail(self, target: str, offset: int) -> str:
-        try:
-            with open(self.log_path(target), "rb") as f:
-                f.seek(offset)
-                text = f.read(64 * 1024).decode("utf-8", "replace")
-        except OSError:
-            return ""
+        text = hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode(
+            "utf-8", "replace"
+        )
         kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return " | ".join(kept[-3:])[:400]
 

@@ -465,3 +465,21 @@ def test_interrupted_init_leftovers_are_initialised(env: Env) -> None:
     pathlib.Path(target, "x").write_bytes(SECRET)
     assert (cipher_dir / "gocryptfs.conf").exists()
     _unpublish(env, vol.volume_id, target)
+
+
+def test_fifo_or_symlink_planted_as_mount_log_does_not_hang_or_redirect(env: Env) -> None:
+    """The mount logs live in the state dir (a hostPath): a FIFO there blocked the open."""
+    vol = create_volume(env)
+    target = env.target()
+    log_path = pathlib.Path(env.core.supervisor.log_path(target))
+    os.mkfifo(log_path)
+    env.node.node.NodePublishVolume(publish_request(vol, target), timeout=20)
+    assert log_path.is_file() and not log_path.is_symlink()
+    _unpublish(env, vol.volume_id, target)
+    elsewhere = env.tmp / "elsewhere.txt"
+    elsewhere.write_bytes(b"")
+    log_path.unlink()
+    log_path.symlink_to(elsewhere)
+    env.node.node.NodePublishVolume(publish_request(vol, target), timeout=20)
+    assert elsewhere.read_bytes() == b"" and not log_path.is_symlink()
+    _unpublish(env, vol.volume_id, target)
