@@ -483,3 +483,64 @@ def test_fifo_or_symlink_planted_as_mount_log_does_not_hang_or_redirect(env: Env
     env.node.node.NodePublishVolume(publish_request(vol, target), timeout=20)
     assert elsewhere.read_bytes() == b"" and not log_path.is_symlink()
     _unpublish(env, vol.volume_id, target)
+
+
+def test_allowed_signing_kids_reach_the_resolver() -> None:
+    """--allowed-signing-kid is handed to unseal (H1's sealed_secrets enforces it)."""
+    from csi_driver.keys import resolve_volume_key
+
+    seen: list[object] = []
+
+    class Recorder:
+        def get_resource(self, uri: str) -> bytes:
+            raise AssertionError("not used")
+
+        def unseal(self, sealed: str, **kw: object) -> bytes:
+            seen.append(kw.get("allowed_kids"))
+            return b"pass phrase"
+
+    key = resolve_volume_key(
+        "vol-1",
+        {},
+        {"passphrase": "sealed.fake.fake.fake"},
+        Recorder(),
+        allowed_kids=["kbs:///default/signing-key/"],
+    )
+    assert key.source == "sealed-passphrase"
+    assert seen == [("kbs:///default/signing-key/",)]
+
+
+def test_sealed_passphrase_from_a_kid_outside_the_allow_list_is_refused(
+    tmp_path: pathlib.Path, keys: Keys
+) -> None:
+    import inspect
+
+    from csi_driver import errors
+    from csi_driver.client import mount_capability
+    from csi_driver.core.controller import LocalBackend
+    from csi_driver.core.node import PublishRequest
+
+    core = make_node(tmp_path, keys, "gocryptfs", allowed_signing_kids=["kbs:///other/"])
+    try:
+        if "allowed_kids" not in inspect.signature(core.resolver.unseal).parameters:
+            pytest.skip("sealed_secrets unseal has no allowed_kids yet (helper H1's change)")
+        backend = LocalBackend(str(tmp_path / "backend"))
+        rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+        del ctx["keyResource"]
+        req = PublishRequest(
+            rec.volume_id,
+            str(tmp_path / "pods" / "p" / "mount"),
+            mount_capability(),
+            secrets={"passphrase": keys.seal_passphrase()},
+            volume_context=ctx,
+        )
+        with pytest.raises(errors.CsiError) as info:
+            core.publish(req)
+        assert info.value.code in (
+            grpc.StatusCode.PERMISSION_DENIED,
+            grpc.StatusCode.INVALID_ARGUMENT,
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+        assert os.listdir(tmp_path / "backend" / rec.volume_id) == []
+    finally:
+        core.shutdown()
