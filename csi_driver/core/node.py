@@ -24,7 +24,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from coco_proto import csi_pb2
-from csi_driver import errors, validate
+from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
 from csi_driver.deadline import Deadline
@@ -41,6 +41,8 @@ DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 # Publish/unpublish/stats calls running at once. Each may block on a hung FUSE daemon or a
 # slow KBS; the gRPC pool has more workers than this, so Identity/Probe always finds one.
 DEFAULT_MAX_PARALLEL = 8
+# How long a stat/statfs of a mount may take before it counts as hung (csi_driver/fsprobe.py).
+PROBE_TIMEOUT = 5.0
 
 
 class _LockEntry:
@@ -202,12 +204,18 @@ class NodeCore:
 
     @staticmethod
     def _live(target: str) -> bool:
+        """A FUSE mount at exactly ``target`` that answers (a hung one counts as live: its
+        daemon is there, it is just slow, and remounting would not help)."""
         entry = mounttable.find_mount(target)
         return (
             entry is not None
             and entry.fstype.startswith("fuse")
-            and not mounttable.is_dead_mount(target)
+            and fsprobe.state(target, PROBE_TIMEOUT) != "dead"
         )
+
+    @staticmethod
+    def _dead(target: str) -> bool:
+        return fsprobe.state(target, PROBE_TIMEOUT) == "dead"
 
     def publications(self) -> list[Publication]:
         with self._lock:
@@ -242,7 +250,7 @@ class NodeCore:
             fields = {"volume_id": pub.volume_id, "target": target}
             entry = mounts.get(target)
             if entry is not None and entry.fstype.startswith("fuse"):
-                if mounttable.is_dead_mount(target):
+                if self._dead(target):
                     log.warning(
                         "cleaning dead mount left by previous run", extra={"fields": fields}
                     )
@@ -459,7 +467,7 @@ class NodeCore:
             entry = mounttable.find_mount(target)
             if entry is None:
                 return False
-            if mounttable.is_dead_mount(target):
+            if self._dead(target):
                 mounttable.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
                 return False
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
@@ -536,7 +544,7 @@ class NodeCore:
             mounts = mounttable.mounts_by_point()
             entry = mounts.get(target)
             foreign = entry is not None and entry.fstype not in self._our_fs_types()
-            if pub is None and foreign and not mounttable.is_dead_mount(target):
+            if pub is None and foreign and not self._dead(target):
                 raise errors.FailedPrecondition(
                     f"target_path {target} is a {entry.fstype} mount this driver did not make"
                 )
@@ -620,7 +628,11 @@ class NodeCore:
             if not self._live(target):
                 raise errors.NotFound(f"volume {volume_id} at {target} is not mounted")
             try:
-                st = os.statvfs(target)
+                st = fsprobe.call(target, os.statvfs, PROBE_TIMEOUT)
+            except fsprobe.MountHung:
+                raise errors.Unavailable(
+                    f"volume {volume_id} at {target} is not answering (storage hung?)"
+                ) from None
             except OSError as exc:
                 raise errors.NotFound(
                     f"volume {volume_id} at {target} is not usable: {exc.strerror}"

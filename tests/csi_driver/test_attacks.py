@@ -544,3 +544,34 @@ def test_sealed_passphrase_from_a_kid_outside_the_allow_list_is_refused(
         assert os.listdir(tmp_path / "backend" / rec.volume_id) == []
     finally:
         core.shutdown()
+
+
+def test_hung_mount_does_not_hang_stats(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A daemon whose storage the host freezes wedges statfs; the caller gets UNAVAILABLE and
+    repeated calls do not pile up threads."""
+    import csi_driver.core.node as node_mod
+
+    vol, target = _published(env)
+    release = threading.Event()
+    real_statvfs = os.statvfs
+
+    def wedged(path):  # type: ignore[no-untyped-def]
+        if path == target:
+            release.wait(30)
+        return real_statvfs(path)
+
+    monkeypatch.setattr(node_mod, "PROBE_TIMEOUT", 0.5)
+    monkeypatch.setattr(os, "statvfs", wedged)
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=target)
+    before = threading.active_count()
+    try:
+        t0 = time.monotonic()
+        for _ in range(5):
+            expect_code(grpc.StatusCode.UNAVAILABLE, env.node.node.NodeGetVolumeStats, req)
+        assert time.monotonic() - t0 < 3
+        assert threading.active_count() - before <= 2  # one stuck helper, not five
+    finally:
+        release.set()
+    time.sleep(0.2)
+    env.node.node.NodeGetVolumeStats(req)
+    _unpublish(env, vol.volume_id, target)
