@@ -255,12 +255,13 @@ class MountSupervisor:
         with self._lock:
             self._handles.pop(target, None)
 
-    def stop(self, target: str) -> None:
+    def stop(self, target: str, *, hung: bool = False) -> None:
         """Unmount ``target`` and make sure its daemon is gone; idempotent.
 
         ``target`` is the resolved path and is matched against mountinfo exactly: resolving
         it again here would let a symlink planted in between point the unmount at another
-        volume.
+        volume. ``hung``: the daemon does not answer, so detach lazily (a plain unmount
+        would wait on it) and kill it instead of waiting for it to exit.
         """
         with self._lock:
             handle = self._handles.get(target)
@@ -268,11 +269,13 @@ class MountSupervisor:
                 handle.stopping = True
         if mounttable.find_mount(target) is not None:
             try:
-                mounttable.detach(target)
+                mounttable.detach(target, lazy=hung)
             except OSError:
                 log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
                 mounttable.detach(target, lazy=True)
         if handle is not None:
+            if hung:
+                self._kill(handle.pid)
             self._reap(handle)
         self.forget(target)
 

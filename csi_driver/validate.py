@@ -12,12 +12,14 @@ removal to another volume.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import stat
 from collections.abc import Sequence
 
 from csi_driver import errors
+from fuse_crypt import mounttable
 
 # CSI allows 128 bytes; kubelet and our controller use [A-Za-z0-9._-]. No path separators,
 # so ``<root>/<volume_id>`` is always one component below root.
@@ -86,14 +88,10 @@ def resolve_under(path: object, roots: Sequence[str], name: str) -> str:
         raise errors.InvalidArgument(f"{name} must not be /")
     parent, leaf = os.path.split(text)
     resolved = os.path.join(os.path.realpath(parent), leaf)
-    try:
-        st = os.lstat(resolved)
-    except FileNotFoundError:
-        st = None
-    except OSError as exc:
-        if exc.errno in (36,):  # ENAMETOOLONG after resolution
-            raise errors.InvalidArgument(f"{name} is too long") from None
-        st = None  # e.g. ENOTCONN of a dead FUSE mount: the path itself is still usable
+    # A mount point is never a symlink (mounting follows links), and lstat of a FUSE mount
+    # root asks its daemon, which may be wedged: do not touch it.
+    mounted = resolved in mounttable.mounts_by_point()
+    st = None if mounted else _lstat(resolved, name)
     if st is not None and stat.S_ISLNK(st.st_mode):
         raise errors.InvalidArgument(f"{name} {text} is a symlink; refusing to follow it")
     if len(resolved.encode()) > PATH_MAX:
@@ -104,6 +102,17 @@ def resolve_under(path: object, roots: Sequence[str], name: str) -> str:
             f"({', '.join(roots) or 'none configured'})"
         )
     return resolved
+
+
+def _lstat(path: str, name: str) -> os.stat_result | None:
+    try:
+        return os.lstat(path)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ENAMETOOLONG:  # after resolution
+            raise errors.InvalidArgument(f"{name} is too long") from None
+        return None  # e.g. ENOTDIR: the path cannot be a symlink we would follow
 
 
 def real_root(path: str) -> str:

@@ -554,8 +554,9 @@ class NodeCore:
                     f"target_path {target} has {len(below)} other mount(s) below it; "
                     "not unmounting or removing anything"
                 )
+            hung = entry is not None and fsprobe.state(target, PROBE_TIMEOUT) == "hung"
             try:
-                self.supervisor.stop(target)
+                self.supervisor.stop(target, hung=hung)
             except OSError as exc:
                 raise errors.Internal(f"cannot unmount {target}: {exc.strerror or exc}") from None
             with self._lock:

@@ -7,6 +7,7 @@ that may delete data, unmount another volume, pick the key or hang the plugin.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -575,3 +576,29 @@ def test_hung_mount_does_not_hang_stats(env: Env, monkeypatch: pytest.MonkeyPatc
     time.sleep(0.2)
     env.node.node.NodeGetVolumeStats(req)
     _unpublish(env, vol.volume_id, target)
+
+
+def test_wedged_daemon_does_not_hang_the_plugin(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mount whose daemon stops answering (SIGSTOP: what frozen storage looks like)."""
+    import signal
+
+    import csi_driver.core.node as node_mod
+
+    monkeypatch.setattr(node_mod, "PROBE_TIMEOUT", 0.5)
+    vol, target = _published(env)
+    pid = env.core.publications()[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        while pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "T":
+            time.sleep(0.01)
+        t0 = time.monotonic()
+        stats = csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=target)
+        expect_code(grpc.StatusCode.UNAVAILABLE, env.node.node.NodeGetVolumeStats, stats)
+        env.node.node.NodePublishVolume(publish_request(vol, target), timeout=10)  # idempotent
+        assert env.node.identity.Probe(csi_pb2.ProbeRequest(), timeout=2).ready.value
+        assert time.monotonic() - t0 < 5
+        env.node.node.NodeUnpublishVolume(_unpublish_req(vol.volume_id, target), timeout=30)
+        assert not os.path.exists(target)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
