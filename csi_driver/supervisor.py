@@ -11,6 +11,7 @@ kubelet's next NodePublishVolume mounts it afresh instead of hitting ENOTCONN.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -60,6 +61,28 @@ def pid_alive(pid: int) -> bool:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except (OSError, IndexError):
+        return False
+
+
+_MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
+
+
+def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
+    """umount2(target, UMOUNT_NOFOLLOW) as root; True if it unmounted.
+
+    fusermount3 and umount(8) resolve the path themselves, so a symlink swapped in at the
+    target after validation would point them at another volume; the kernel's NOFOLLOW
+    flag closes that window. False (caller falls back to mounttable.detach) when not root,
+    busy or anything else fails.
+    """
+    if os.geteuid() != 0:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
+        return libc.umount2(os.fsencode(target), flags) == 0
+    except (OSError, AttributeError):
         return False
 
 
@@ -267,7 +290,7 @@ class MountSupervisor:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mounttable.find_mount(target) is not None:
+        if mounttable.find_mount(target) is not None and not umount_nofollow(target, lazy=hung):
             try:
                 mounttable.detach(target, lazy=hung)
             except OSError:
