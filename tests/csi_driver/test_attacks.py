@@ -602,3 +602,17 @@ def test_wedged_daemon_does_not_hang_the_plugin(env: Env, monkeypatch: pytest.Mo
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGCONT)
+
+
+def test_unmount_never_follows_a_symlink_swapped_in(env: Env) -> None:
+    """The last line of defence behind validation: the kernel refuses to follow the link."""
+    from csi_driver.supervisor import umount_nofollow
+
+    vol, target = _published(env)
+    link = pathlib.Path(env.target("swapped"))
+    link.symlink_to(target)
+    assert not umount_nofollow(str(link))
+    assert not umount_nofollow(str(link), lazy=True)
+    assert os.path.ismount(target)
+    assert pathlib.Path(target, "data.txt").read_bytes() == SECRET
+    _unpublish(env, vol.volume_id, target)
