@@ -12,6 +12,7 @@ import sys
 import threading
 
 from csi_driver.constants import DRIVER_NAME, VENDOR_VERSION
+from csi_driver.core.node import DEFAULT_KUBELET_DIR, DEFAULT_MAX_PARALLEL
 from csi_driver.mounter import DEFAULT_MOUNTER, MOUNTERS
 
 log = logging.getLogger("csi_driver.cli")
@@ -24,7 +25,11 @@ def _parser() -> argparse.ArgumentParser:
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--endpoint", required=True, help="unix:///path/csi.sock")
-        sp.add_argument("--metrics-addr", default="", help="HOST:PORT for /metrics (off if empty)")
+        sp.add_argument(
+            "--metrics-addr",
+            default="",
+            help="HOST:PORT for /metrics (off if empty; an empty HOST means 127.0.0.1)",
+        )
         sp.add_argument("--log-format", choices=("kv", "json"), default="kv")
         sp.add_argument("--log-level", default="info")
 
@@ -37,6 +42,39 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--state-dir", default="/var/lib/coco-csi")
     n.add_argument("--mounter", choices=sorted(MOUNTERS), default=DEFAULT_MOUNTER)
     n.add_argument("--backend-root", default=None, help="locate volumes as ROOT/<volume_id>")
+    n.add_argument(
+        "--kubelet-dir",
+        default=DEFAULT_KUBELET_DIR,
+        help="kubelet's root directory; every target path must lie below it",
+    )
+    n.add_argument(
+        "--cipher-dir-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="(repeatable) a volume_context cipherDir must lie below one of these "
+        "(without it and without --backend-root, cipherDir is refused)",
+    )
+    n.add_argument(
+        "--allowed-key-resource",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="(repeatable) kbs:/// prefix a keyResource must lie under (none: all refused)",
+    )
+    n.add_argument(
+        "--allowed-signing-kid",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="(repeatable) kid prefix a sealed secret's signing key must match",
+    )
+    n.add_argument(
+        "--max-parallel",
+        type=int,
+        default=DEFAULT_MAX_PARALLEL,
+        help="publish/unpublish/stats calls at once; more get RESOURCE_EXHAUSTED",
+    )
     n.add_argument("--max-volumes", type=int, default=0)
     n.add_argument("--no-allow-other", action="store_true", help="mount without allow_other")
     n.add_argument("--unmount-on-exit", action="store_true", help="unmount everything on exit")
@@ -49,7 +87,42 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="provision, publish, use and delete a volume end to end")
     d.add_argument("--mounter", choices=sorted(MOUNTERS), default=DEFAULT_MOUNTER)
     d.add_argument("--verbose", action="store_true", help="show plugin logs")
+
+    vk = sub.add_parser("volume-key", help="volume root keys for the KBS")
+    vk_sub = vk.add_subparsers(dest="vk_cmd", required=True)
+    vk_new = vk_sub.add_parser(
+        "new", help="print a new coco-csi volume key JWK (store it as the KBS keyResource)"
+    )
+    vk_new.add_argument("--kid", default=None, help="optional kid member")
+    vk_new.add_argument(
+        "-o", "--output", default="-", help="write to a new file (mode 0600) instead of stdout"
+    )
     return p
+
+
+def _check_prefixes(values: list[str], flag: str, *, kbs: bool) -> list[str]:
+    for v in values:
+        if not v or any(ord(c) < 0x21 or ord(c) == 0x7F for c in v):
+            raise ValueError(f"{flag} must be a non-empty prefix without spaces or control chars")
+        if kbs and not v.startswith(("kbs:///", "kbs+")):
+            raise ValueError(f"{flag} {v!r} must be a kbs:/// prefix")
+    return values
+
+
+def _volume_key_new(args: argparse.Namespace) -> int:
+    import os
+
+    from csi_driver.volume_key import new_volume_key_jwk
+
+    text = new_volume_key_jwk(args.kid)
+    if args.output == "-":
+        sys.stdout.write(text)
+        return 0
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open(args.output, flags, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as f:
+        f.write(text)
+    return 0
 
 
 def _wait_for_signal() -> None:
@@ -66,6 +139,10 @@ def _run_node(args: argparse.Namespace) -> int:
     from csi_driver.server import socket_path, start_node
 
     socket_path(args.endpoint)  # reject a bad endpoint before touching anything
+    _check_prefixes(args.allowed_key_resource, "--allowed-key-resource", kbs=True)
+    _check_prefixes(args.allowed_signing_kid, "--allowed-signing-kid", kbs=False)
+    if not args.allowed_key_resource:
+        log.warning("no --allowed-key-resource: volumes with a keyResource cannot publish")
     resolver = build(args.resolver) if args.resolver else None
     if resolver is None:
         log.warning("no --resolver: Probe reports not ready and keyed volumes cannot publish")
@@ -79,6 +156,11 @@ def _run_node(args: argparse.Namespace) -> int:
         allow_other=not args.no_allow_other,
         max_volumes=args.max_volumes,
         metrics=metrics,
+        kubelet_dir=args.kubelet_dir,
+        cipher_roots=args.cipher_dir_root,
+        allowed_key_resources=args.allowed_key_resource,
+        allowed_signing_kids=args.allowed_signing_kid,
+        max_parallel=args.max_parallel,
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
@@ -115,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
             setup_logging("kv", "info" if args.verbose else "critical")
             return run_demo(mounter=args.mounter)
+        if args.cmd == "volume-key":
+            return _volume_key_new(args)
         setup_logging(args.log_format, args.log_level)
         disable_core_dumps()  # the plugin holds volume keys: no core file, no ptrace
         if args.cmd == "node":

@@ -20,7 +20,8 @@ from coco_proto import csi_pb2
 from csi_driver.client import CsiClient, mount_capability
 from csi_driver.constants import DRIVER_NAME
 
-KEY_RESOURCE = "kbs:///default/coco-csi/volume-root"
+KEY_PREFIX = "kbs:///default/coco-csi/"
+KEY_RESOURCE = KEY_PREFIX + "volume-root"
 
 
 class DemoFailure(Exception):
@@ -47,22 +48,34 @@ def run_demo(*, mounter: str) -> int:
     from csi_driver.core.node import NodeCore
     from csi_driver.resolver import build
     from csi_driver.server import start_controller, start_node
+    from csi_driver.volume_key import new_volume_key_jwk
 
     work = tempfile.mkdtemp(prefix="coco-csi-demo-")
     node = ctrl = None
     try:
-        # The guest image's offline-fs KBC file holds one 256-bit root key.
+        # The guest image's offline-fs KBC file holds one 256-bit root key, typed as a
+        # coco-csi volume key (what `coco-csi volume-key new` prints).
         resources = os.path.join(work, "aa-offline_fs_kbc-resources.json")
         with open(resources, "w", encoding="utf-8") as f:
             json.dump(
-                {"default/coco-csi/volume-root": base64.b64encode(os.urandom(32)).decode()}, f
+                {
+                    "default/coco-csi/volume-root": base64.b64encode(
+                        new_volume_key_jwk().encode()
+                    ).decode()
+                },
+                f,
             )
         backend_root = os.path.join(work, "storage")
+        os.makedirs(backend_root)
         node_core = NodeCore(
             "demo-node",
             os.path.join(work, "node-state"),
             build(f"offline-fs:{resources}"),
             mounter=mounter,
+            kubelet_dir=os.path.join(work, "kubelet"),
+            # The node's own configuration decides where volumes and keys may come from.
+            cipher_roots=[backend_root],
+            allowed_key_resources=[KEY_PREFIX],
         )
         node = start_node(f"unix://{work}/node.sock", node_core)
         ctrl = start_controller(f"unix://{work}/controller.sock", LocalBackend(backend_root))

@@ -58,3 +58,15 @@ class MountError(Internal):
 
 class WrongVolumeKey(FailedPrecondition):
     """The derived or unsealed key does not open the volume's gocryptfs.conf."""
+
+
+class Aborted(CsiError):
+    """Another operation on the same target or volume is still in progress (CSI: retry)."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class DeadlineExceeded(CsiError):
+    """The caller's gRPC deadline ran out; whatever this call started was undone."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED

@@ -10,6 +10,13 @@ Two sources, in this order:
    gets a distinct 256-bit key via HKDF-SHA256 with the volume id as ``info``, so learning
    one volume's key reveals nothing about another's and the KBS holds a single secret.
 
+The control plane writes ``keyResource`` but must not choose the key: the reference is
+accepted only if it lies under one of the node's ``--allowed-key-resource`` prefixes (the
+node's measured configuration), and the resource must be a coco-csi volume key JWK
+(csi_driver/volume_key.py), 32 bytes, typed, so no other stored secret, public or not, can
+be turned into volume keys. Sealed values are verified only with keys whose kid matches a
+``--allowed-signing-kid`` prefix.
+
 Inline ephemeral volumes without either source get a random key: their data dies with the
 pod, so nothing needs to reopen them.
 
@@ -21,6 +28,7 @@ buys nothing and a low cost (logN 10) keeps publishing fast; human passphrases k
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -30,10 +38,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from csi_driver import errors
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
+from csi_driver.volume_key import KEY_BYTES, VolumeKeyFormatError, parse_volume_key
 from sealed_secrets.resolver import is_sealed
+from sealed_secrets.resource_uri import uri_allowed
 
 HKDF_SALT = b"coco-csi volume key v1"
-MIN_ROOT_KEY_BYTES = 16
+MIN_ROOT_KEY_BYTES = KEY_BYTES
+# kbs:///repo/type/tag (or kbs+plugin:///...): segments of [A-Za-z0-9._-], never . or ..
+KEY_URI = re.compile(r"kbs(\+[a-z0-9][a-z0-9_-]*)?:///[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+")
+MAX_KEY_URI = 512
 DERIVED_SCRYPT_LOGN = 10
 PASSPHRASE_SCRYPT_LOGN = 16
 
@@ -87,14 +100,33 @@ def _map_resolver_error(exc: Exception, what: str) -> errors.CsiError:
     return errors.FailedPrecondition(msg)
 
 
-def _check_key_resource(uri: str) -> str:
-    if not uri.startswith(("kbs:///", "kbs+")):
-        raise errors.InvalidArgument(f"{PARAM_KEY_RESOURCE} must be a kbs:/// resource URI")
+def check_key_uri(uri: str) -> str:
+    """A well-formed key resource URI (full match, no ``.``/``..`` segments)."""
+    if len(uri) > MAX_KEY_URI or not KEY_URI.fullmatch(uri):
+        raise errors.InvalidArgument(
+            f"{PARAM_KEY_RESOURCE} must be a kbs:///repo/type/tag resource URI"
+        )
+    if any(seg in (".", "..") for seg in uri.split(":///", 1)[1].split("/")):
+        raise errors.InvalidArgument(f"{PARAM_KEY_RESOURCE} must not contain . or .. segments")
+    return uri
+
+
+def _check_key_resource(uri: str, allowed: Collection[str]) -> str:
+    check_key_uri(uri)
+    if not allowed:
+        raise errors.PermissionDenied(
+            f"{PARAM_KEY_RESOURCE} is not accepted: this node allows no key resources "
+            "(start it with --allowed-key-resource PREFIX)"
+        )
+    if not uri_allowed(uri, allowed):
+        raise errors.PermissionDenied(
+            f"{PARAM_KEY_RESOURCE} {uri} is not under this node's --allowed-key-resource prefixes"
+        )
     return uri
 
 
 def _unseal(
-    resolver: Resolver | None, value: str, what: str, allowed_kids: Collection[str]
+    resolver: Resolver | None, value: str, what: str, allowed_kids: Collection[str] = ()
 ) -> bytes:
     if resolver is None:
         raise errors.FailedPrecondition(f"{what} is sealed but no key resolver is configured")
@@ -104,6 +136,17 @@ def _unseal(
         raise _map_resolver_error(exc, f"cannot unseal {what}") from None
 
 
+def root_key_from_resource(data: bytes, uri: str) -> bytes:
+    """The 32-byte root key inside a key resource that is a coco-csi volume key JWK."""
+    try:
+        return parse_volume_key(data)
+    except VolumeKeyFormatError as exc:
+        raise errors.FailedPrecondition(
+            f"key resource {uri} is not a coco-csi volume key ({exc}); make one with "
+            "`coco-csi volume-key new`"
+        ) from None
+
+
 def resolve_volume_key(
     volume_id: str,
     volume_context: Mapping[str, str],
@@ -111,18 +154,20 @@ def resolve_volume_key(
     resolver: Resolver | None,
     *,
     ephemeral: bool = False,
+    allowed_key_resources: Collection[str] = (),
     allowed_kids: Collection[str] = (),
 ) -> VolumeKey:
     """Pick the key source for a NodePublishVolume request and produce the volume's password.
 
-    ``allowed_kids``: the KBS signing-key kids (exact or ``/``-ended prefixes) a sealed value
-    may name; from the node's measured configuration. The default allows none.
+    ``allowed_key_resources``: kbs:/// prefixes a ``keyResource`` must lie under (none: every
+    ``keyResource`` is refused). ``allowed_kids``: kid prefixes sealed values may be signed
+    with, passed on to the resolver's unseal.
     """
     for where, source in (("secrets", secrets), ("volume_context", volume_context)):
         value = source.get(PARAM_PASSPHRASE)
         if value is None:
             continue
-        if not is_sealed(value):
+        if not isinstance(value, str) or not is_sealed(value):
             raise errors.InvalidArgument(
                 f"{where}[{PARAM_PASSPHRASE}] must be a sealed secret (sealed.*); "
                 "a plaintext passphrase would be visible outside the TEE"
@@ -141,13 +186,14 @@ def resolve_volume_key(
             ref = _unseal(resolver, ref, f"{where}[{PARAM_KEY_RESOURCE}]", allowed_kids).decode(
                 "utf-8", "replace"
             )
-        uri = _check_key_resource(ref.strip())
+        uri = _check_key_resource(ref.strip(), allowed_key_resources)
         if resolver is None:
             raise errors.FailedPrecondition("volume needs a KBS key but no resolver is configured")
         try:
-            root = resolver.get_resource(uri)
+            data = resolver.get_resource(uri)
         except Exception as exc:
             raise _map_resolver_error(exc, f"cannot fetch key resource {uri}") from None
+        root = root_key_from_resource(data, uri)
         return VolumeKey(
             derive_volume_password(root, volume_id), "kbs-derived", DERIVED_SCRYPT_LOGN
         )

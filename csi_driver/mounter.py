@@ -17,17 +17,24 @@ from __future__ import annotations
 
 import os
 import shutil
+import stat
 import subprocess
 import sys
 import time
 from abc import ABC, abstractmethod
 from typing import Protocol
 
-from csi_driver import errors
+from csi_driver import errors, hostfile
+from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 
 CONF_NAME = "gocryptfs.conf"
 INIT_TIMEOUT = 60.0
+# gocryptfs.conf is ~0.5 KiB; the same cap fuse_crypt's reader applies.
+MAX_CONF_BYTES = 1 << 20
+# What an interrupted init may leave behind: it writes the directory IV first and the conf
+# last (atomically, as the commit point), so a directory holding only these was never used.
+INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", CONF_NAME + ".tmp"})
 
 
 class Proc(Protocol):
@@ -108,47 +115,94 @@ class Mounter(ABC):
     READY_LINE = b"Filesystem mounted and ready."
 
     def is_initialised(self, cipher_dir: str) -> bool:
-        return os.path.exists(os.path.join(cipher_dir, CONF_NAME))
+        """True if the directory has a gocryptfs.conf that is a plain, sane-sized file.
 
-    def ensure_initialised(self, cipher_dir: str, key: VolumeKey) -> bool:
+        lstat only: the host may plant a FIFO (blocks every reader), a symlink or a huge
+        sparse file there; those are refused before any tool opens them.
+        """
+        path = os.path.join(cipher_dir, CONF_NAME)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return False
+        except OSError as exc:
+            raise errors.FailedPrecondition(
+                f"cannot inspect {CONF_NAME} in {cipher_dir}: {exc.strerror}"
+            ) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is not a regular file")
+        if st.st_size > MAX_CONF_BYTES:
+            raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is implausibly large")
+        return True
+
+    @staticmethod
+    def init_leftovers(cipher_dir: str) -> list[str]:
+        """Paths an interrupted init left, if that is all the directory holds.
+
+        Raises FailedPrecondition if the directory holds anything else: a volume whose conf
+        is missing has held data (or was tampered with) and must not silently become a new,
+        empty volume under the same name.
+        """
+        found: list[str] = []
+        with os.scandir(cipher_dir) as it:
+            for entry in it:
+                if entry.name in INIT_LEFTOVERS and entry.is_file(follow_symlinks=False):
+                    found.append(entry.path)
+                    continue
+                raise errors.FailedPrecondition(
+                    f"{CONF_NAME} is missing in {cipher_dir} but the directory is not empty: "
+                    "the volume has held data and is not re-initialised (restore its "
+                    f"{CONF_NAME} from a backup)"
+                )
+        return found
+
+    def ensure_initialised(
+        self, cipher_dir: str, key: VolumeKey, deadline: Deadline | None = None
+    ) -> bool:
         """Create gocryptfs.conf on first use; never touch an existing one. True if created."""
         if self.is_initialised(cipher_dir):
             return False
-        leftovers = [n for n in os.listdir(cipher_dir) if not n.startswith(".coco-csi")]
-        if leftovers:
-            raise errors.FailedPrecondition(
-                f"backing directory {cipher_dir} is not empty but has no {CONF_NAME}; "
-                "refusing to initialise over existing data"
-            )
-        self._init(cipher_dir, key)
+        for path in self.init_leftovers(cipher_dir):
+            os.unlink(path)  # never a symlink or directory: checked without following
+        self._init(cipher_dir, key, deadline or Deadline(INIT_TIMEOUT))
         if not self.is_initialised(cipher_dir):
             raise errors.MountError(f"{self.name} init did not create {CONF_NAME}")
         return True
 
-    def _run_init(self, argv: list[str], stdin: bytes, cipher_dir: str) -> None:
+    def _run_init(self, argv: list[str], stdin: bytes, cipher_dir: str, deadline: Deadline) -> None:
+        deadline.check("initialising the volume")
         try:
-            res = subprocess.run(argv, input=stdin, capture_output=True, timeout=INIT_TIMEOUT)
+            res = subprocess.run(
+                argv, input=stdin, capture_output=True, timeout=deadline.timeout(INIT_TIMEOUT)
+            )
         except subprocess.TimeoutExpired:
+            if deadline.remaining() <= 0:
+                raise errors.DeadlineExceeded(
+                    f"{self.name} init for {cipher_dir} outlived the deadline"
+                ) from None
             raise errors.MountError(f"{self.name} init timed out for {cipher_dir}") from None
         if res.returncode != 0:
             detail = _tail(res.stderr.decode("utf-8", "replace"))
             raise errors.MountError(f"{self.name} init failed for {cipher_dir}: {detail}")
 
     @abstractmethod
-    def _init(self, cipher_dir: str, key: VolumeKey) -> None: ...
+    def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None: ...
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:
         """Start the daemon in its own session (it must outlive the plugin), key on stdin."""
-        with open(log_path, "ab") as logf:
+        logfd = hostfile.open_append(log_path)
+        try:
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.PIPE,
-                stdout=logf,
-                stderr=logf,
+                stdout=logfd,
+                stderr=logfd,
                 start_new_session=True,
                 close_fds=True,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
             )
+        finally:
+            os.close(logfd)
         try:
             assert proc.stdin is not None
             proc.stdin.write(stdin_data)
@@ -203,10 +257,10 @@ class GocryptfsMounter(Mounter):
     def _bin(self) -> str:
         return _checked(self.binary) if self.binary else _tool("gocryptfs")
 
-    def _init(self, cipher_dir: str, key: VolumeKey) -> None:
+    def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "-init", "-q", "-scryptn", str(key.scrypt_logn)]
         argv += ["-passfile", "/dev/stdin", "--", cipher_dir]
-        self._run_init(argv, key.password, cipher_dir)
+        self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
         self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
@@ -239,10 +293,10 @@ class FuseCryptMounter(Mounter):
     def _bin(self) -> str:
         return _checked(self.binary) if self.binary else _tool("fuse-crypt")
 
-    def _init(self, cipher_dir: str, key: VolumeKey) -> None:
+    def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]
         argv += ["--scryptn", str(key.scrypt_logn), cipher_dir]
-        self._run_init(argv, key.password, cipher_dir)
+        self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
         self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
@@ -259,8 +313,8 @@ class FuseCryptMounter(Mounter):
         from fuse_crypt.errors import FuseCryptError, WrongKeyError
 
         try:
-            with open(os.path.join(cipher_dir, CONF_NAME), "rb") as f:
-                conf = ConfFile.loads(f.read())
+            # The one bounded, non-blocking, no-follow reader of gocryptfs.conf.
+            conf = ConfFile.read(os.path.join(cipher_dir, CONF_NAME))
             master = conf.unlock(key.password)
         except WrongKeyError:
             raise errors.WrongVolumeKey(f"the volume key does not open {cipher_dir}") from None
@@ -268,8 +322,10 @@ class FuseCryptMounter(Mounter):
             raise errors.FailedPrecondition(
                 f"unusable {CONF_NAME} in {cipher_dir}: {type(exc).__name__}: {exc}"
             ) from None
+        except FileNotFoundError:
+            raise errors.NotFound(f"{CONF_NAME} in {cipher_dir} is missing") from None
         except OSError as exc:
-            raise errors.NotFound(
+            raise errors.FailedPrecondition(
                 f"cannot read {CONF_NAME} in {cipher_dir}: {exc.strerror}"
             ) from None
         return (format_master_key(master) + "\n").encode("ascii")

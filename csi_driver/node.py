@@ -8,6 +8,7 @@ import grpc
 
 from coco_proto import csi_pb2, csi_pb2_grpc
 from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.deadline import Deadline
 from csi_driver.rpc import csi_rpc
 
 RPC = csi_pb2.NodeServiceCapability.RPC.Type
@@ -46,7 +47,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
             staging_target_path=request.staging_target_path,
         )
         try:
-            self.core.publish(req)
+            self.core.publish(req, Deadline.from_grpc(context))
         except Exception:
             self.metrics.publishes.labels("error").inc()
             raise
@@ -56,7 +57,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
 
     @csi_rpc("NodeUnpublishVolume")
     def NodeUnpublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
-        self.core.unpublish(request.volume_id, request.target_path)
+        self.core.unpublish(request.volume_id, request.target_path, Deadline.from_grpc(context))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @csi_rpc("NodeGetVolumeStats")

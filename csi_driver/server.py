@@ -68,7 +68,13 @@ class Plugin:
             os.unlink(self.socket)
 
 
+# gRPC workers kept free of volume work (NodeCore's max_parallel bounds that), so Identity,
+# Probe and quick refusals always find a worker however many volumes hang.
+SPARE_WORKERS = 8
+
+
 def start_node(endpoint: str, core: NodeCore, *, workers: int = 16) -> Plugin:
+    workers = max(workers, core.max_parallel + SPARE_WORKERS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     csi_pb2_grpc.add_IdentityServicer_to_server(
         IdentityServicer(core.probe, controller=False), server

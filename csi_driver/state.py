@@ -14,11 +14,15 @@ import json
 import logging
 import os
 import tempfile
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+
+from csi_driver.hostfile import read_bounded
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
+# Thousands of publications fit easily; anything bigger is not ours.
+MAX_STATE_BYTES = 8 << 20
 
 
 @dataclass
@@ -36,28 +40,61 @@ class Publication:
     pid_start: int = 0  # /proc start time of pid: survives pid reuse checks
 
 
+_TYPES = {f.name: f.type for f in fields(Publication)}
+_PY_TYPES = {"str": str, "bool": bool, "int": int}
+
+
+def parse_publication(item: object) -> Publication | None:
+    """One record with exactly the right field types, else None.
+
+    Only the shape is checked here; what the values may be (ids, paths under the node's
+    roots) is checked by the node core, which knows its configuration.
+    """
+    if not isinstance(item, dict) or not set(item) <= set(_TYPES):
+        return None
+    for name, typ in _TYPES.items():
+        if name not in item:
+            if name in ("ephemeral", "pid_start"):
+                continue
+            return None
+        want = _PY_TYPES[str(typ)]
+        value = item[name]
+        # bool is an int subclass: keep them apart both ways.
+        if type(value) is not want:
+            return None
+    return Publication(**item)
+
+
 class StateStore:
     """JSON file ``<state_dir>/node-state.json`` keyed by target path."""
 
     def __init__(self, state_dir: str) -> None:
         self.path = os.path.join(state_dir, "node-state.json")
 
-    def load(self) -> dict[str, Publication]:
+    def load(self) -> list[Publication]:
+        """Well-formed records of the file (the state dir is host-controlled: bounded,
+        non-blocking read; malformed records are dropped with a log line)."""
         try:
-            with open(self.path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(read_bounded(self.path, MAX_STATE_BYTES))
         except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            log.error("state file unreadable; starting empty", extra={"fields": {"err": exc}})
-            return {}
-        out: dict[str, Publication] = {}
-        for item in doc.get("publications", []):
-            try:
-                pub = Publication(**item)
-            except TypeError:
+            return []
+        except (OSError, ValueError, RecursionError) as exc:
+            log.error(
+                "state file unreadable; starting empty",
+                extra={"fields": {"err": type(exc).__name__}},
+            )
+            return []
+        items = doc.get("publications") if isinstance(doc, dict) else None
+        if not isinstance(items, list):
+            log.error("state file has no publication list; starting empty")
+            return []
+        out: list[Publication] = []
+        for item in items:
+            pub = parse_publication(item)
+            if pub is None:
+                log.warning("dropping malformed state record")
                 continue
-            out[pub.target_path] = pub
+            out.append(pub)
         return out
 
     def save(self, pubs: dict[str, Publication]) -> None:

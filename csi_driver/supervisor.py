@@ -11,6 +11,7 @@ kubelet's next NodePublishVolume mounts it afresh instead of hitting ENOTCONN.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from csi_driver import errors
+from csi_driver import errors, hostfile
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
 from fuse_crypt import mounttable
@@ -63,13 +64,67 @@ def pid_alive(pid: int) -> bool:
         return False
 
 
+_MNT_DETACH = 2
+_UMOUNT_NOFOLLOW = 8
+
+
+def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
+    """umount2(target, UMOUNT_NOFOLLOW) as root; True if it unmounted.
+
+    fusermount3 and umount(8) resolve the path themselves, so a symlink swapped in at the
+    target after validation would point them at another volume; the kernel's NOFOLLOW
+    flag closes that window. False (caller falls back to mounttable.detach) when not root,
+    busy or anything else fails.
+    """
+    if os.geteuid() != 0:
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
+        return libc.umount2(os.fsencode(target), flags) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _holds_fuse_device(pid: int) -> bool:
+    """True if ``pid`` has /dev/fuse open: only FUSE daemons do."""
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return False
+    for name in names[:4096]:
+        try:
+            if os.readlink(os.path.join(fd_dir, name)) == "/dev/fuse":
+                return True
+        except OSError:
+            continue
+    return False
+
+
 def pid_serves(pid: int, target: str, start_time: int = 0) -> bool:
-    """Guards against pid reuse: same start time if known, else argv names the target."""
+    """Whether ``pid`` is (still) the FUSE daemon a state record says it is.
+
+    The pid comes from the state file, which the host can edit: a forged record must not
+    make the plugin adopt, and later SIGKILL, an unrelated process (pid 1, the plugin
+    itself). So: never 1 or ourselves, a session leader (every daemon gets its own
+    session), holding /dev/fuse, and with the recorded start time when one is known
+    (pids are reused, start times are not); without one, argv must name the target.
+    """
+    if pid <= 1 or pid == os.getpid():
+        return False
+    try:
+        if os.getsid(pid) != pid:
+            return False
+    except OSError:
+        return False
+    if not _holds_fuse_device(pid):
+        return False
     if start_time:
         return proc_start_time(pid) == start_time
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
+            argv = f.read(64 * 1024).split(b"\0")
     except OSError:
         return False
     return os.fsencode(target) in argv
@@ -119,11 +174,22 @@ class MountSupervisor:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self, target: str, cipher_dir: str, mounter_name: str, key: VolumeKey, *, readonly: bool
+        self,
+        target: str,
+        cipher_dir: str,
+        mounter_name: str,
+        key: VolumeKey,
+        *,
+        readonly: bool,
+        timeout: float = READY_TIMEOUT,
     ) -> MountHandle:
-        """Spawn the daemon and return once the kernel mount is live (or raise)."""
+        """Spawn the daemon and return once the kernel mount is live (or raise).
+
+        ``target`` must be the already-resolved path: it is compared with mountinfo
+        exactly, never re-resolved, so a symlink cannot redirect the check or the unmount.
+        """
         mounter = self.mounters[mounter_name]
-        proc = self._spawn(mounter, target, cipher_dir, key, readonly)
+        proc = self._spawn(mounter, target, cipher_dir, key, readonly, timeout)
         handle = MountHandle(
             target, cipher_dir, mounter_name, readonly, proc.pid, proc=proc, key=key
         )
@@ -132,35 +198,33 @@ class MountSupervisor:
         return handle
 
     def _spawn(
-        self, mounter: Mounter, target: str, cipher_dir: str, key: VolumeKey, readonly: bool
+        self,
+        mounter: Mounter,
+        target: str,
+        cipher_dir: str,
+        key: VolumeKey,
+        readonly: bool,
+        timeout: float = READY_TIMEOUT,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
         log_path = self.log_path(target)
-        try:
-            start_offset = os.path.getsize(log_path)
-        except FileNotFoundError:
-            start_offset = 0
+        # The log dir is under the state dir, a hostPath: make sure a regular file is there
+        # (a planted FIFO would block the daemon's open, a symlink would redirect its output).
+        os.close(hostfile.open_append(log_path))
+        start_offset = hostfile.regular_size(log_path)
         proc = mounter.spawn(argv, stdin_data, log_path)
-        self._wait_ready(proc, mounter, target, cipher_dir, start_offset)
+        self._wait_ready(proc, mounter, target, cipher_dir, start_offset, timeout)
         return proc
 
     @staticmethod
     def _said_ready(log_path: str, offset: int, line: bytes) -> bool:
-        try:
-            with open(log_path, "rb") as f:
-                f.seek(offset)
-                return line in f.read(256 * 1024)
-        except OSError:
-            return False
+        return line in hostfile.read_from(log_path, offset, 256 * 1024)
 
     def _log_tail(self, target: str, offset: int) -> str:
-        try:
-            with open(self.log_path(target), "rb") as f:
-                f.seek(offset)
-                text = f.read(64 * 1024).decode("utf-8", "replace")
-        except OSError:
-            return ""
+        text = hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode(
+            "utf-8", "replace"
+        )
         kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
         return " | ".join(kept[-3:])[:400]
 
@@ -171,13 +235,14 @@ class MountSupervisor:
         target: str,
         cipher_dir: str,
         log_offset: int,
+        timeout: float = READY_TIMEOUT,
     ) -> None:
-        deadline = time.monotonic() + READY_TIMEOUT
+        deadline = time.monotonic() + min(timeout, READY_TIMEOUT)
         delay = 0.001
         log_path = self.log_path(target)
         while True:
             if self._said_ready(log_path, log_offset, mounter.READY_LINE):
-                entry = mounttable.find_mount(target, resolve=True)
+                entry = mounttable.find_mount(target)
                 if entry is not None and entry.fstype.startswith("fuse"):
                     return
             rc = proc.poll()
@@ -185,7 +250,15 @@ class MountSupervisor:
                 raise mounter.failure(rc, self._log_tail(target, log_offset), cipher_dir)
             if time.monotonic() > deadline:
                 self._kill(proc.pid)
-                proc.wait(timeout=STOP_TIMEOUT)
+                with contextlib.suppress(Exception):
+                    proc.wait(timeout=STOP_TIMEOUT)
+                if mounttable.find_mount(target) is not None:  # mounted, never said ready
+                    with contextlib.suppress(OSError):
+                        mounttable.detach(target, lazy=True)
+                if timeout < READY_TIMEOUT:
+                    raise errors.DeadlineExceeded(
+                        f"{mounter.name} did not mount {target} before the deadline"
+                    )
                 raise errors.MountError(
                     f"{mounter.name} did not mount {target} within {READY_TIMEOUT:.0f}s"
                 )
@@ -205,19 +278,27 @@ class MountSupervisor:
         with self._lock:
             self._handles.pop(target, None)
 
-    def stop(self, target: str) -> None:
-        """Unmount ``target`` and make sure its daemon is gone; idempotent."""
+    def stop(self, target: str, *, hung: bool = False) -> None:
+        """Unmount ``target`` and make sure its daemon is gone; idempotent.
+
+        ``target`` is the resolved path and is matched against mountinfo exactly: resolving
+        it again here would let a symlink planted in between point the unmount at another
+        volume. ``hung``: the daemon does not answer, so detach lazily (a plain unmount
+        would wait on it) and kill it instead of waiting for it to exit.
+        """
         with self._lock:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mounttable.find_mount(target, resolve=True) is not None:
+        if mounttable.find_mount(target) is not None and not umount_nofollow(target, lazy=hung):
             try:
-                mounttable.detach(target)
+                mounttable.detach(target, lazy=hung)
             except OSError:
                 log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
                 mounttable.detach(target, lazy=True)
         if handle is not None:
+            if hung:
+                self._kill(handle.pid)
             self._reap(handle)
         self.forget(target)
 
@@ -276,7 +357,7 @@ class MountSupervisor:
     def _recover(self, handle: MountHandle) -> None:
         fields = {"target": handle.target, "pid": handle.pid}
         log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
-        if mounttable.find_mount(handle.target, resolve=True) is not None:
+        if mounttable.find_mount(handle.target) is not None:
             mounttable.detach(handle.target, lazy=True)
         now = time.monotonic()
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]

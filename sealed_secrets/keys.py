@@ -26,6 +26,7 @@ from jwcrypto.common import JWException
 
 from sealed_secrets.errors import KeyFormatError, ResolverError, ResourceNotFound, UnknownKid
 from sealed_secrets.files import read_small_file
+from sealed_secrets.resource_uri import uri_allowed
 
 DEFAULT_KEY_DIR = "/run/confidential-containers/cdh/sealed-secret"
 DEFAULT_SIGNING_KID = "sealed-signing"
@@ -102,7 +103,7 @@ def kid_allowed(kid: str, allowed_kids: Collection[str]) -> bool:
     """True if ``kid`` is a plain KBS kid matched exactly or by a ``/``-ended prefix."""
     if not is_plain_kid(kid):
         return False
-    return any(kid == a or (a.endswith("/") and kid.startswith(a)) for a in allowed_kids)
+    return uri_allowed(kid, allowed_kids)
 
 
 def parse_jwk(data: bytes, *, what: str, private: bool = False) -> jwk.JWK:

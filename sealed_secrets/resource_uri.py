@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import urllib.parse
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from sealed_secrets.errors import ResolverError
@@ -70,3 +71,13 @@ def parse_resource_uri(uri: str) -> ResourceUri:
     if plugin == DEFAULT_PLUGIN and len(segments) != 3:
         raise ResolverError("kbs resource URI must have exactly three segments: repo/type/tag")
     return ResourceUri(plugin=plugin, segments=segments, query=parts.query, host=parts.netloc)
+
+
+def uri_allowed(uri: str, prefixes: Collection[str]) -> bool:
+    """The one allow-list rule for resource URIs (signing-key kids, volume key resources):
+    ``uri`` equals an entry or lies below it, on a segment boundary (``kbs:///a/b`` and
+    ``kbs:///a/b/`` allow ``kbs:///a/b/c`` but not ``kbs:///a/bc``)."""
+    for prefix in prefixes:
+        if uri == prefix or uri.startswith(prefix if prefix.endswith("/") else prefix + "/"):
+            return True
+    return False

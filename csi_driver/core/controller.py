@@ -24,22 +24,24 @@ from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
 from coco_proto import csi_pb2
-from csi_driver import errors
+from csi_driver import errors, validate
 from csi_driver.constants import (
     CTX_CIPHER_DIR,
     PARAM_KEY_RESOURCE,
     RESERVED_PREFIX,
 )
 from csi_driver.core.volcap import unsupported_reason
+from csi_driver.hostfile import read_bounded
+from csi_driver.keys import check_key_uri
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPACITY = 1 << 30  # 1 GiB when the claim asks for nothing specific
 MAX_NAME_BYTES = 1024
 _BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
-_KEY_URI = re.compile(r"^kbs(\+[a-z0-9][a-z0-9_-]*)?:///[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+$")
 KNOWN_PARAMETERS = frozenset({PARAM_KEY_RESOURCE})
 INDEX_DIR = ".coco-csi"
+MAX_INDEX_BYTES = 64 << 20
 
 
 @dataclass
@@ -88,11 +90,12 @@ class LocalBackend:
 
     def _load(self) -> dict[str, VolumeRecord]:
         try:
-            with open(self._index_path, encoding="utf-8") as f:
-                doc = json.load(f)
+            doc = json.loads(read_bounded(self._index_path, MAX_INDEX_BYTES))
+            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
         except FileNotFoundError:
             return {}
-        return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
+        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+            raise errors.Internal(f"volume index {self._index_path} is unreadable") from None
 
     def _store(self, vols: Mapping[str, VolumeRecord]) -> None:
         tmp = self._index_path + ".tmp"
@@ -120,10 +123,7 @@ class LocalBackend:
                     "is required"
                 )
             params[PARAM_KEY_RESOURCE] = self.default_key_resource
-        if not _KEY_URI.match(params[PARAM_KEY_RESOURCE]):
-            raise errors.InvalidArgument(
-                f"{PARAM_KEY_RESOURCE} must look like kbs:///repo/type/tag"
-            )
+        check_key_uri(params[PARAM_KEY_RESOURCE])
         return params
 
     @staticmethod
@@ -191,8 +191,7 @@ class LocalBackend:
 
     def delete(self, volume_id: str) -> None:
         """DeleteVolume; unknown ids are OK (idempotent)."""
-        if not volume_id:
-            raise errors.InvalidArgument("volume_id is required")
+        validate.volume_id(volume_id)
         with self._locked() as vols:
             rec = vols.pop(volume_id, None)
             if rec is None:
@@ -211,8 +210,7 @@ class LocalBackend:
         self, volume_id: str, capabilities: Sequence[csi_pb2.VolumeCapability]
     ) -> str | None:
         """ValidateVolumeCapabilities: None if all confirmed, else why not."""
-        if not volume_id:
-            raise errors.InvalidArgument("volume_id is required")
+        validate.volume_id(volume_id)
         if not capabilities:
             raise errors.InvalidArgument("volume_capabilities is required")
         if self.get(volume_id) is None:

@@ -13,29 +13,44 @@ where a device-backed cipher location would slot in.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
-import re
 import shutil
+import stat
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from coco_proto import csi_pb2
-from csi_driver import errors
+from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
+from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter, proc_start_time
 from csi_driver.state import Publication, StateStore
-from csi_driver.supervisor import MountSupervisor, pid_alive, pid_serves
+from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor, pid_alive, pid_serves
 from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
 
-_VOLUME_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
+# Publish/unpublish/stats calls running at once. Each may block on a hung FUSE daemon or a
+# slow KBS; the gRPC pool has more workers than this, so Identity/Probe always finds one.
+DEFAULT_MAX_PARALLEL = 8
+# How long a stat/statfs of a mount may take before it counts as hung (csi_driver/fsprobe.py).
+PROBE_TIMEOUT = 5.0
+
+
+class _LockEntry:
+    __slots__ = ("lock", "users")
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.users = 0
 
 
 @dataclass(frozen=True)
@@ -82,23 +97,36 @@ class NodeCore:
         max_volumes: int = 0,
         metrics: Metrics | None = None,
         monitor_interval: float = 0.5,
+        kubelet_dir: str = DEFAULT_KUBELET_DIR,
+        cipher_roots: Sequence[str] = (),
+        allowed_key_resources: Sequence[str] = (),
+        allowed_signing_kids: Sequence[str] = (),
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
     ) -> None:
         self.node_id = node_id
-        self.state_dir = os.path.abspath(state_dir)
+        os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
+        self.state_dir = validate.real_root(state_dir)
         self.resolver = resolver
-        self.backend_root = os.path.abspath(backend_root) if backend_root else None
+        self.backend_root = validate.real_root(backend_root) if backend_root else None
+        # Where target paths may lie (kubelet's root, e.g. /var/lib/kubelet), resolved once.
+        self.kubelet_root = validate.real_root(kubelet_dir)
+        # Where a volume_context cipherDir may lie; the controller cannot name other paths.
+        self.cipher_roots = tuple(validate.real_root(r) for r in cipher_roots)
+        self.allowed_key_resources = tuple(allowed_key_resources)
+        self.allowed_signing_kids = tuple(allowed_signing_kids)
+        self.max_parallel = max(1, max_parallel)
+        self._busy_slots = threading.BoundedSemaphore(self.max_parallel)
         self.max_volumes = max_volumes
         self.metrics = metrics or Metrics()
         self.mounters: dict[str, Mounter] = dict(mounters or {mounter: make_mounter(mounter)})
         if mounter not in self.mounters:
             self.mounters[mounter] = make_mounter(mounter)
         self.mounter_name = mounter
-        os.makedirs(self.state_dir, mode=0o700, exist_ok=True)
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
         self._store = StateStore(self.state_dir)
         self._lock = threading.Lock()
-        self._target_locks: dict[str, threading.Lock] = {}
-        self._volume_locks: dict[str, threading.Lock] = {}
+        self._target_locks: dict[str, _LockEntry] = {}
+        self._volume_locks: dict[str, _LockEntry] = {}
         self._pubs: dict[str, Publication] = {}
         self.supervisor = MountSupervisor(
             self.mounters,
@@ -115,9 +143,51 @@ class NodeCore:
 
     # -- helpers -------------------------------------------------------------------------
 
-    def _lock_for(self, table: dict[str, threading.Lock], key: str) -> threading.Lock:
+    @contextlib.contextmanager
+    def _holding(
+        self, table: dict[str, _LockEntry], key: str, deadline: Deadline, what: str
+    ) -> Iterator[None]:
+        """Hold the per-key lock of ``table``; the entry is dropped when nobody uses it, so
+        the tables stay as small as the set of operations in flight."""
         with self._lock:
-            return table.setdefault(key, threading.Lock())
+            entry = table.get(key)
+            if entry is None:
+                entry = table[key] = _LockEntry()
+            entry.users += 1
+        try:
+            if not entry.lock.acquire(timeout=deadline.remaining()):
+                raise errors.Aborted(f"an operation on {what} is still in progress")
+            try:
+                yield
+            finally:
+                entry.lock.release()
+        finally:
+            with self._lock:
+                entry.users -= 1
+                if entry.users == 0:
+                    table.pop(key, None)
+
+    @contextlib.contextmanager
+    def _busy(self) -> Iterator[None]:
+        """One of ``max_parallel`` slots for slow work, or RESOURCE_EXHAUSTED at once: a
+        caller never waits here, so hung volumes cannot take every gRPC worker."""
+        if not self._busy_slots.acquire(blocking=False):
+            raise errors.ResourceExhausted(
+                f"node plugin is busy with {self.max_parallel} volume operations; retry later"
+            )
+        try:
+            yield
+        finally:
+            self._busy_slots.release()
+
+    def lock_table_sizes(self) -> tuple[int, int]:
+        """(per-target, per-volume) lock entries in use (tests, debugging)."""
+        with self._lock:
+            return len(self._target_locks), len(self._volume_locks)
+
+    def _target(self, path: object, name: str = "target_path") -> str:
+        """A request's target path, validated and resolved once under the kubelet root."""
+        return validate.resolve_under(path, (self.kubelet_root,), name)
 
     def _save(self) -> None:
         with self._lock:
@@ -134,12 +204,18 @@ class NodeCore:
 
     @staticmethod
     def _live(target: str) -> bool:
-        entry = mounttable.find_mount(target, resolve=True)
+        """A FUSE mount at exactly ``target`` that answers (a hung one counts as live: its
+        daemon is there, it is just slow, and remounting would not help)."""
+        entry = mounttable.find_mount(target)
         return (
             entry is not None
             and entry.fstype.startswith("fuse")
-            and not mounttable.is_dead_mount(target)
+            and fsprobe.state(target, PROBE_TIMEOUT) != "dead"
         )
+
+    @staticmethod
+    def _dead(target: str) -> bool:
+        return fsprobe.state(target, PROBE_TIMEOUT) == "dead"
 
     def publications(self) -> list[Publication]:
         with self._lock:
@@ -166,7 +242,7 @@ class NodeCore:
 
     def recover(self) -> None:
         """Rediscover publications of a previous plugin instance (state file + mountinfo)."""
-        loaded = self._store.load()
+        loaded = self._valid_records(self._store.load())
         if not loaded:
             return
         mounts = mounttable.mounts_by_point()
@@ -174,7 +250,7 @@ class NodeCore:
             fields = {"volume_id": pub.volume_id, "target": target}
             entry = mounts.get(target)
             if entry is not None and entry.fstype.startswith("fuse"):
-                if mounttable.is_dead_mount(target):
+                if self._dead(target):
                     log.warning(
                         "cleaning dead mount left by previous run", extra={"fields": fields}
                     )
@@ -195,39 +271,79 @@ class NodeCore:
             self._pubs[target] = pub
         self._save()
 
+    def _valid_records(self, records: list[Publication]) -> dict[str, Publication]:
+        """State records that pass the same checks as a request (the state dir is a hostPath:
+        a forged record must not steer an unmount, a removal or a kill)."""
+        out: dict[str, Publication] = {}
+        for pub in records:
+            try:
+                validate.volume_id(pub.volume_id)
+                if self._target(pub.target_path) != pub.target_path:
+                    raise errors.InvalidArgument("target_path is not in resolved form")
+                validate.absolute_path(pub.cipher_dir, "cipher_dir")
+                if pub.mounter not in self.mounters:
+                    raise errors.InvalidArgument("unknown mounter")
+                if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
+                    raise errors.InvalidArgument("ephemeral cipher_dir is not the plugin's own")
+                if pub.pid < 0 or pub.pid_start < 0 or pub.access_mode < 0:
+                    raise errors.InvalidArgument("negative number")
+            except errors.CsiError as exc:
+                log.warning("dropping invalid state record", extra={"fields": {"reason": str(exc)}})
+                continue
+            out[pub.target_path] = pub
+        return out
+
+    def _ephemeral_dir(self, volume_id: str) -> str:
+        return os.path.join(self.ephemeral_root, validate.volume_id(volume_id))
+
     # -- publish -------------------------------------------------------------------------
 
     def _locate(self, req: PublishRequest, ctx: Mapping[str, str], ephemeral: bool) -> str:
         """The volume's ciphertext directory (NOT_FOUND if it does not exist)."""
         if ephemeral:
-            path = os.path.join(self.ephemeral_root, req.volume_id)
-            os.makedirs(path, mode=0o700, exist_ok=True)
-            return path
-        if self.backend_root:
+            path = self._ephemeral_dir(req.volume_id)
+            os.makedirs(self.ephemeral_root, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+        elif self.backend_root:
             path = os.path.join(self.backend_root, req.volume_id)
         else:
-            path = ctx.get(CTX_CIPHER_DIR, "")
-            if not path:
+            raw = ctx.get(CTX_CIPHER_DIR, "")
+            if not raw:
                 raise errors.NotFound(
                     f"volume {req.volume_id}: no {CTX_CIPHER_DIR} in volume_context and no "
                     "--backend-root on this node"
                 )
-            if not os.path.isabs(path):
-                raise errors.InvalidArgument(f"volume_context {CTX_CIPHER_DIR} must be absolute")
-        if not os.path.isdir(path):
-            raise errors.NotFound(f"volume {req.volume_id} does not exist")
+            if not self.cipher_roots:
+                raise errors.InvalidArgument(
+                    f"volume_context {CTX_CIPHER_DIR} is not accepted: this node has no "
+                    "--cipher-dir-root"
+                )
+            path = validate.resolve_under(
+                raw, self.cipher_roots, f"volume_context {CTX_CIPHER_DIR}"
+            )
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise errors.NotFound(f"volume {req.volume_id} does not exist") from None
+        except OSError as exc:
+            raise errors.FailedPrecondition(
+                f"volume {req.volume_id}: cannot inspect its directory: {exc.strerror}"
+            ) from None
+        if not stat.S_ISDIR(st.st_mode):  # a symlink would lead anywhere in the guest
+            raise errors.FailedPrecondition(
+                f"volume {req.volume_id}: {path} is not a directory (symlinks are refused)"
+            )
         return path
 
-    def publish(self, req: PublishRequest) -> None:
+    def publish(self, req: PublishRequest, deadline: Deadline | None = None) -> None:
         """NodePublishVolume: idempotent; see module docstring for the rules."""
-        _require(req.volume_id, "volume_id")
+        deadline = deadline or Deadline()
+        validate.volume_id(req.volume_id)
         _require(req.target_path, "target_path")
         if req.capability is None:
             raise errors.InvalidArgument("volume_capability is required")
-        if not _VOLUME_ID.match(req.volume_id):
-            raise errors.InvalidArgument("volume_id has invalid characters or length")
-        if not os.path.isabs(req.target_path):
-            raise errors.InvalidArgument("target_path must be absolute")
+        target = self._target(req.target_path)
         reason = unsupported_reason(req.capability)
         if reason is not None:
             if "required" in reason:
@@ -238,16 +354,20 @@ class NodeCore:
         readonly = bool(req.readonly) or mode in READONLY_MODES or "ro" in flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
-        target = os.path.normpath(req.target_path)
 
-        with self._lock_for(self._target_locks, target):
+        with (
+            self._busy(),
+            self._holding(self._target_locks, target, deadline, f"target {target}"),
+        ):
             if self._reuse_existing(req.volume_id, target, readonly, mode):
                 return
             # The volume lock makes "check conflicts, init, mount, record" atomic per volume,
             # so two targets of one volume cannot both pass the single-writer check.
-            with self._lock_for(self._volume_locks, req.volume_id):
+            with self._holding(
+                self._volume_locks, req.volume_id, deadline, f"volume {req.volume_id}"
+            ):
                 self._check_conflicts(req.volume_id, target, readonly)
-                pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral)
+                pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral, deadline)
                 with self._lock:
                     self._pubs[target] = pub
             self._save()
@@ -272,13 +392,26 @@ class NodeCore:
         readonly: bool,
         mode: int,
         ephemeral: bool,
+        deadline: Deadline,
     ) -> Publication:
-        """Locate, key, initialise if new, create the target and start the daemon."""
+        """Locate, key, initialise if new, create the target and start the daemon.
+
+        Any failure, the deadline included, undoes what this call made (target directory,
+        ephemeral ciphertext); the deadline is checked between the steps and bounds each
+        subprocess.
+        """
         cipher_dir = self._locate(req, ctx, ephemeral)
         try:
             key = resolve_volume_key(
-                req.volume_id, ctx, dict(req.secrets or {}), self.resolver, ephemeral=ephemeral
+                req.volume_id,
+                ctx,
+                dict(req.secrets or {}),
+                self.resolver,
+                ephemeral=ephemeral,
+                allowed_key_resources=self.allowed_key_resources,
+                allowed_kids=self.allowed_signing_kids,
             )
+            deadline.check("initialising the volume")
             mounter = self.mounters[self.mounter_name]
             if key.source == "ephemeral-random" and mounter.is_initialised(cipher_dir):
                 # Its random key died with the plugin instance that made it: the old data is
@@ -287,25 +420,32 @@ class NodeCore:
                     "re-creating ephemeral volume whose key is gone",
                     extra={"fields": {"volume_id": req.volume_id}},
                 )
-                shutil.rmtree(cipher_dir)
-                os.makedirs(cipher_dir, mode=0o700)
-            if mounter.ensure_initialised(cipher_dir, key):
+                self._remove_ephemeral(req.volume_id)
+                os.mkdir(cipher_dir, 0o700)
+            if mounter.ensure_initialised(cipher_dir, key, deadline):
                 log.info(
                     "initialised volume",
                     extra={"fields": {"volume_id": req.volume_id, "key_source": key.source}},
                 )
+            deadline.check("mounting the volume")
             created = self._make_target(target)
             try:
                 handle = self.supervisor.start(
-                    target, cipher_dir, self.mounter_name, key, readonly=readonly
+                    target,
+                    cipher_dir,
+                    self.mounter_name,
+                    key,
+                    readonly=readonly,
+                    timeout=deadline.timeout(READY_TIMEOUT),
                 )
             except BaseException:
                 if created:
-                    self._remove_target(target)
+                    with contextlib.suppress(errors.CsiError):
+                        self._remove_target(target)
                 raise
         except BaseException:
             if ephemeral:
-                shutil.rmtree(cipher_dir, ignore_errors=True)
+                self._remove_ephemeral(req.volume_id)
             raise
         return Publication(
             req.volume_id,
@@ -324,10 +464,10 @@ class NodeCore:
         with self._lock:
             pub = self._pubs.get(target)
         if pub is None:
-            entry = mounttable.find_mount(target, resolve=True)
+            entry = mounttable.find_mount(target)
             if entry is None:
                 return False
-            if mounttable.is_dead_mount(target):
+            if self._dead(target):
                 mounttable.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
                 return False
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
@@ -373,8 +513,9 @@ class NodeCore:
                 raise errors.FailedPrecondition(
                     f"target_path {target} exists and is not a directory"
                 ) from None
-            if os.listdir(target):
-                raise errors.FailedPrecondition(f"target_path {target} is not empty") from None
+            with os.scandir(target) as it:
+                if next(it, None) is not None:
+                    raise errors.FailedPrecondition(f"target_path {target} is not empty") from None
             return False
         except FileNotFoundError:
             os.makedirs(target, 0o750, exist_ok=True)
@@ -382,62 +523,121 @@ class NodeCore:
 
     # -- unpublish -----------------------------------------------------------------------
 
-    def unpublish(self, volume_id: str, target_path: str) -> None:
-        """NodeUnpublishVolume: unmount, remove target_path; OK if already gone."""
-        _require(volume_id, "volume_id")
-        _require(target_path, "target_path")
-        target = os.path.normpath(target_path)
-        with self._lock_for(self._target_locks, target):
+    def unpublish(self, volume_id: str, target_path: str, deadline: Deadline | None = None) -> None:
+        """NodeUnpublishVolume: unmount, then rmdir the target; OK if already gone.
+
+        Never deletes data: the target is only ever rmdir'ed (a non-empty one is kept and
+        reported), nothing is removed across a mount point, and the target must be an
+        absolute path below the kubelet root, resolved once.
+        """
+        deadline = deadline or Deadline()
+        validate.volume_id(volume_id)
+        target = self._target(target_path)
+        with (
+            self._busy(),
+            self._holding(self._target_locks, target, deadline, f"target {target}"),
+        ):
             with self._lock:
                 pub = self._pubs.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
-            entry = mounttable.find_mount(target, resolve=True)
+            mounts = mounttable.mounts_by_point()
+            entry = mounts.get(target)
             foreign = entry is not None and entry.fstype not in self._our_fs_types()
-            if pub is None and foreign and not mounttable.is_dead_mount(target):
+            if pub is None and foreign and not self._dead(target):
                 raise errors.FailedPrecondition(
                     f"target_path {target} is a {entry.fstype} mount this driver did not make"
                 )
+            below = [mp for mp in mounts if validate.is_below(mp, target)]
+            if below:
+                raise errors.FailedPrecondition(
+                    f"target_path {target} has {len(below)} other mount(s) below it; "
+                    "not unmounting or removing anything"
+                )
+            hung = entry is not None and fsprobe.state(target, PROBE_TIMEOUT) == "hung"
             try:
-                self.supervisor.stop(target)
+                self.supervisor.stop(target, hung=hung)
             except OSError as exc:
                 raise errors.Internal(f"cannot unmount {target}: {exc.strerror or exc}") from None
-            self._remove_target(target)
-            if pub is not None and pub.ephemeral:
-                shutil.rmtree(pub.cipher_dir, ignore_errors=True)
             with self._lock:
-                self._pubs.pop(target, None)
-            self._save()
+                popped = self._pubs.pop(target, None)
+            if popped is not None:
+                self._save()
+            if pub is not None and pub.ephemeral:
+                self._remove_ephemeral(pub.volume_id)
+            self._remove_target(target)
             log.info("unpublished", extra={"fields": {"volume_id": volume_id, "target": target}})
 
     @staticmethod
     def _remove_target(target: str) -> None:
-        if mounttable.find_mount(target, resolve=True) is not None:
+        """rmdir only: whatever is left in an unmounted target is somebody's data."""
+        if mounttable.find_mount(target) is not None:
             raise errors.Internal(f"{target} is still mounted; not removing it")
         try:
             os.rmdir(target)
         except FileNotFoundError:
             pass
         except NotADirectoryError:
-            os.unlink(target)
+            raise errors.FailedPrecondition(
+                f"target_path {target} is not a directory; not removing it"
+            ) from None
         except OSError as exc:
-            if exc.errno != errno.ENOTEMPTY:
-                raise errors.Internal(f"cannot remove {target}: {exc.strerror}") from None
-            shutil.rmtree(target)
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise errors.FailedPrecondition(
+                    f"target_path {target} is unmounted but not empty; its contents are kept "
+                    "(remove them by hand if they are not needed)"
+                ) from None
+            raise errors.Internal(f"cannot remove {target}: {exc.strerror}") from None
+
+    def _remove_ephemeral(self, volume_id: str) -> None:
+        """Delete an inline ephemeral volume's ciphertext: only ever the directory
+        ``<ephemeral_root>/<valid volume id>``, not a symlink, nothing mounted inside."""
+        path = self._ephemeral_dir(volume_id)
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        fields = {"volume_id": volume_id}
+        if not stat.S_ISDIR(st.st_mode) or os.path.realpath(path) != path:
+            log.error(
+                "ephemeral directory is not a plain directory; kept", extra={"fields": fields}
+            )
+            return
+        if any(mp == path or validate.is_below(mp, path) for mp in mounttable.mounts_by_point()):
+            log.error("ephemeral directory has a mount inside; kept", extra={"fields": fields})
+            return
+        # fd-based on Linux (shutil.rmtree.avoids_symlink_attacks): links are removed, not
+        # followed.
+        shutil.rmtree(path, ignore_errors=True)
 
     # -- stats ---------------------------------------------------------------------------
 
     def stats(self, volume_id: str, volume_path: str) -> VolumeStats:
-        _require(volume_id, "volume_id")
-        _require(volume_path, "volume_path")
-        target = os.path.normpath(volume_path)
+        validate.volume_id(volume_id)
+        try:
+            target = self._target(volume_path, "volume_path")
+        except errors.InvalidArgument:
+            # Malformed (empty, NUL, oversize) stays INVALID_ARGUMENT; a well-formed path we
+            # do not serve is, by the spec, a volume not published there.
+            validate.path_text(volume_path, "volume_path")
+            raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
         with self._lock:
             pub = self._pubs.get(target)
         if pub is None or pub.volume_id != volume_id:
-            raise errors.NotFound(f"volume {volume_id} is not published at {volume_path}")
-        if not self._live(target):
-            raise errors.NotFound(f"volume {volume_id} at {volume_path} is not mounted")
-        st = os.statvfs(target)
+            raise errors.NotFound(f"volume {volume_id} is not published at {target}")
+        with self._busy():
+            if not self._live(target):
+                raise errors.NotFound(f"volume {volume_id} at {target} is not mounted")
+            try:
+                st = fsprobe.call(target, os.statvfs, PROBE_TIMEOUT)
+            except fsprobe.MountHung:
+                raise errors.Unavailable(
+                    f"volume {volume_id} at {target} is not answering (storage hung?)"
+                ) from None
+            except OSError as exc:
+                raise errors.NotFound(
+                    f"volume {volume_id} at {target} is not usable: {exc.strerror}"
+                ) from None
         return VolumeStats(
             bytes_total=st.f_blocks * st.f_frsize,
             bytes_available=st.f_bavail * st.f_frsize,

@@ -350,10 +350,62 @@ def test_node_plugin_command_line_follows_the_cli_contract(render) -> None:
     assert arg_value(plugin, "--resolver").startswith("kbs:")
 
 
+def _args(c: dict[str, Any], flag: str) -> list[str]:
+    return [a.split("=", 1)[1] for a in c["args"] if a.startswith(flag + "=")]
+
+
+def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
+    """Issue 7: targets only below kubelet's root; keys only from allowed resources."""
+    plugin = container(_node(render()), "coco-csi")
+    kubelet = arg_value(plugin, "--kubelet-dir")
+    assert kubelet == "/var/lib/kubelet"
+    assert mount_of(plugin, "mountpoint-dir")["mountPath"] == kubelet + "/pods"
+    # By default exactly the chart's own StorageClass key is allowed, nothing else.
+    assert _args(plugin, "--allowed-key-resource") == ["kbs:///default/coco-csi/volume-key"]
+    assert _args(plugin, "--allowed-signing-kid") == []
+    micro = container(
+        _node(render({"kubeletRootDir": "/var/snap/microk8s/common/var/lib/kubelet"})), "coco-csi"
+    )
+    assert arg_value(micro, "--kubelet-dir") == "/var/snap/microk8s/common/var/lib/kubelet"
+    custom = container(
+        _node(
+            render(
+                {
+                    "node": {
+                        "allowedKeyResources": ["kbs:///team-a/", "kbs:///team-b/k"],
+                        "allowedSigningKids": ["kbs:///default/signing-key/"],
+                        "metricsBindAddress": "127.0.0.1",
+                    }
+                }
+            )
+        ),
+        "coco-csi",
+    )
+    assert _args(custom, "--allowed-key-resource") == ["kbs:///team-a/", "kbs:///team-b/k"]
+    assert _args(custom, "--allowed-signing-kid") == ["kbs:///default/signing-key/"]
+    assert arg_value(custom, "--metrics-addr") == "127.0.0.1:8095"
+
+
+@pytest.mark.parametrize(
+    "node",
+    [
+        {"allowedKeyResources": ["https://evil/key"]},
+        {"allowedKeyResources": ["kbs:///a b"]},
+        {"allowedSigningKids": ["has space"]},
+        {"metricsBindAddress": "0.0.0.0; rm"},
+    ],
+)
+def test_schema_refuses_bad_allow_lists(chart: Any, node: dict[str, Any]) -> None:
+    with pytest.raises(helm.HelmValuesError):
+        chart.validate_schema(chart.merge_values({"node": node}))
+
+
 def test_metrics_port_is_consistent_end_to_end(render) -> None:
     docs = render({"node": {"metricsPort": 9100}})
     plugin = container(_node(docs), "coco-csi")
-    assert arg_value(plugin, "--metrics-addr") == ":9100"
+    assert arg_value(plugin, "--metrics-addr") == "$(POD_IP):9100"
+    env = {e["name"]: e for e in plugin["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     ports = {p["name"]: p["containerPort"] for p in plugin["ports"]}
     assert ports["metrics"] == 9100
     svc = only(docs, "Service", "-node-metrics")

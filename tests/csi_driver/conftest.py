@@ -26,7 +26,8 @@ from csi_driver.server import Plugin, start_controller, start_node
 from fuse_crypt import mounttable
 from tests.fuse_env import fuse_skip_reason
 
-KEY_RESOURCE = "kbs:///default/coco-csi/volume-root"
+KEY_PREFIX = "kbs:///default/coco-csi/"
+KEY_RESOURCE = KEY_PREFIX + "volume-root"
 PASS_RESOURCE = "kbs:///default/passphrases/vol"
 SIGNING_KID = "kbs:///default/signing-key/csi-test"
 PASSPHRASE = b"correct horse battery staple"
@@ -67,12 +68,17 @@ class Keys:
 
 @pytest.fixture
 def keys(tmp_path: pathlib.Path) -> Keys:
+    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
     from sealed_secrets.keys import generate_signing_key, public_jwk
 
     sk = generate_signing_key(SIGNING_KID)
-    root = os.urandom(32)
+    root_jwk = new_volume_key_jwk().encode()
+    root = parse_volume_key(root_jwk)
     res = {
-        "default/coco-csi/volume-root": root,
+        "default/coco-csi/volume-root": root_jwk,
+        # Raw bytes and the public signing JWK are not volume keys, even under the prefix.
+        "default/coco-csi/raw-bytes": os.urandom(32),
+        "default/coco-csi/signing-jwk": public_jwk(sk).export().encode(),
         "default/passphrases/vol": PASSPHRASE,
         "default/signing-key/csi-test": public_jwk(sk).export().encode(),
         "default/coco-csi/short": b"tiny",
@@ -118,6 +124,12 @@ class Env:
 def make_node(tmp: pathlib.Path, keys: Keys, mounter: str, **kw: object) -> NodeCore:
     from sealed_secrets.resolver import build_resolver
 
+    opts: dict[str, object] = {
+        "kubelet_dir": str(tmp),  # env.target() paths lie below tmp/pods
+        "cipher_roots": [str(tmp / "backend")],
+        "allowed_key_resources": [KEY_PREFIX],
+    }
+    opts.update(kw)
     return NodeCore(
         "test-node",
         str(tmp / "node-state"),
@@ -125,7 +137,7 @@ def make_node(tmp: pathlib.Path, keys: Keys, mounter: str, **kw: object) -> Node
         mounter=mounter,
         metrics=Metrics(),
         monitor_interval=0.1,
-        **kw,  # type: ignore[arg-type]
+        **opts,  # type: ignore[arg-type]
     )
 
 

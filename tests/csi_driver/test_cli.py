@@ -17,7 +17,7 @@ from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 
-from .conftest import KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts
+from .conftest import KEY_PREFIX, KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts
 from .helpers import mount_capability
 
 EXE = [sys.executable, "-m", "csi_driver.cli"]
@@ -88,6 +88,12 @@ def _start_node(
             f"127.0.0.1:{port}",
             "--log-level",
             "debug",
+            "--kubelet-dir",
+            str(tmp),
+            "--cipher-dir-root",
+            str(tmp / "backend"),
+            "--allowed-key-resource",
+            KEY_PREFIX,
         ],
         stdout=log,
         stderr=log,

@@ -13,7 +13,7 @@ import pytest
 from coco_proto import csi_pb2
 from csi_driver.keys import derive_volume_password
 
-from .conftest import PASSPHRASE, Env
+from .conftest import KEY_PREFIX, PASSPHRASE, Env
 from .helpers import (
     Mode,
     backend_blob,
@@ -317,15 +317,18 @@ def test_plaintext_passphrase_is_refused_and_not_echoed(env: Env) -> None:
 
 def test_key_resource_errors(env: Env) -> None:
     vol = create_volume(env)
-    missing = publish_request(
-        vol, env.target(), context={"keyResource": "kbs:///default/x/missing"}
-    )
-    expect_code(grpc.StatusCode.FAILED_PRECONDITION, env.node.node.NodePublishVolume, missing)
-    short = publish_request(
-        vol, env.target(), context={"keyResource": "kbs:///default/coco-csi/short"}
-    )
-    expect_code(grpc.StatusCode.FAILED_PRECONDITION, env.node.node.NodePublishVolume, short)
-    bad = publish_request(vol, env.target(), context={"keyResource": "https://evil/key"})
+
+    def with_key(uri: str) -> csi_pb2.NodePublishVolumeRequest:
+        return publish_request(vol, env.target(), context={"keyResource": uri})
+
+    fp = grpc.StatusCode.FAILED_PRECONDITION
+    missing = with_key("kbs:///default/coco-csi/missing")
+    expect_code(fp, env.node.node.NodePublishVolume, missing)
+    # Under the allowed prefix but not a coco-csi volume key by type and size: refused.
+    for name in ("short", "raw-bytes", "signing-jwk"):
+        err = expect_code(fp, env.node.node.NodePublishVolume, with_key(KEY_PREFIX + name))
+        assert "is not a coco-csi volume key" in err.details()
+    bad = with_key("https://evil/key")
     expect_code(grpc.StatusCode.INVALID_ARGUMENT, env.node.node.NodePublishVolume, bad)
     nokey = publish_request(vol, env.target())
     del nokey.volume_context["keyResource"]

@@ -33,6 +33,7 @@ import pytest
 
 from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
+from csi_driver.volume_key import new_volume_key_jwk
 
 from .conftest import KEY_RESOURCE, cleanup_mounts
 
@@ -145,8 +146,10 @@ def plugins() -> Iterator[tuple[str, str, str]]:
     work = tempfile.mkdtemp(prefix="sanity", dir="/tmp")
     res = os.path.join(work, "res.json")
     with open(res, "w", encoding="utf-8") as f:
-        json.dump({"default/coco-csi/volume-root": base64.b64encode(os.urandom(32)).decode()}, f)
+        key = new_volume_key_jwk().encode()
+        json.dump({"default/coco-csi/volume-root": base64.b64encode(key).decode()}, f)
     exe = [sys.executable, "-m", "csi_driver.cli"]
+    os.makedirs(f"{work}/backend")
     node_sock, ctrl_sock = f"{work}/node.sock", f"{work}/ctrl.sock"
     procs = [
         _start(
@@ -163,6 +166,12 @@ def plugins() -> Iterator[tuple[str, str, str]]:
                 f"{work}/state",
                 "--mounter",
                 "gocryptfs",
+                "--kubelet-dir",
+                work,
+                "--cipher-dir-root",
+                f"{work}/backend",
+                "--allowed-key-resource",
+                "kbs:///default/coco-csi/",
                 "--unmount-on-exit",
             ],
             node_sock,

@@ -1,0 +1,105 @@
+"""Reading files the host can tamper with: no blocking, no links, bounded size.
+
+The state directory is a hostPath in the chart, so the node plugin's own state file is
+host-controlled input too: a FIFO there would block a worker forever, a sparse 3 GiB file
+would exhaust memory, a symlink would read some other file. gocryptfs.conf has its own
+reader (``fuse_crypt.configfile.ConfFile.read``); this is for everything else the csi_driver
+reads back from disk.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+
+class HostFileError(OSError):
+    """The file exists but is not a regular file of acceptable size (message is safe)."""
+
+
+def read_bounded(path: str, limit: int) -> bytes:
+    """The whole of regular file ``path`` if it holds at most ``limit`` bytes.
+
+    Raises FileNotFoundError if missing, HostFileError for a link, FIFO, device, directory
+    or oversize file, OSError otherwise.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise HostFileError(errno.ELOOP, f"{path} is a symlink") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise HostFileError(errno.EINVAL, f"{path} is not a regular file")
+        if st.st_size > limit:
+            raise HostFileError(errno.EFBIG, f"{path} is larger than {limit} bytes")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, min(1 << 16, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > limit:  # grew after fstat
+                raise HostFileError(errno.EFBIG, f"{path} is larger than {limit} bytes")
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _open_regular(path: str, flags: int) -> int | None:
+    """fd of regular file ``path`` opened without blocking or following links; None if
+    something else is there."""
+    try:
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            return None
+        raise
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        return fd
+    os.close(fd)
+    return None
+
+
+def open_append(path: str) -> int:
+    """An fd appending to the regular file ``path`` (created 0600). A FIFO, symlink or
+    device planted there is removed first: opening it would block or write elsewhere."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    for _ in range(3):
+        fd = _open_regular(path, flags)
+        if fd is not None:
+            os.set_blocking(fd, True)
+            return fd
+        if stat.S_ISDIR(os.lstat(path).st_mode):
+            raise HostFileError(errno.EISDIR, f"{path} is a directory")
+        os.unlink(path)
+    raise HostFileError(errno.EAGAIN, f"{path} keeps being replaced")
+
+
+def read_from(path: str, offset: int, limit: int) -> bytes:
+    """Up to ``limit`` bytes of regular file ``path`` from ``offset``; b"" if missing or not
+    a regular file (callers use this for diagnostics only)."""
+    try:
+        fd = _open_regular(path, os.O_RDONLY)
+    except OSError:
+        return b""
+    if fd is None:
+        return b""
+    try:
+        return os.pread(fd, limit, offset)
+    finally:
+        os.close(fd)
+
+
+def regular_size(path: str) -> int:
+    """Size of regular file ``path``; 0 if missing or anything else."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    return st.st_size if stat.S_ISREG(st.st_mode) else 0
