@@ -6,6 +6,13 @@ read from the backend, which would dominate small-file workloads; both results a
 cached.  A name's cipher form depends only on its own directory's IV, so cached
 entries stay correct until a directory is removed or renamed (its path may then
 map to a different IV); those operations call :meth:`PathMapper.invalidate`.
+
+The host can also swap directories behind our back.  A stale IV only hides names
+from lookups (they fail to decrypt, nothing wrong is shown), but a name *written*
+with a stale IV is lost for good on the next mount.  So every creation re-reads its
+parent's IV from the backend (one small read per create, ~1-2% of a create's cost)
+and drops all caches when it changed.  gocryptfs instead expires its IV cache after
+a second, which leaves that window open.
 """
 
 from __future__ import annotations
@@ -80,6 +87,14 @@ class PathMapper:
                 self._paths["/"] = ""
             self._paths[plain] = cpath
 
+    def _read_dir_iv(self, cdir: str) -> bytes:
+        try:
+            data = self.backend.read_small_file(join(cdir, DIRIV_NAME), 64)
+        except FileNotFoundError:
+            log.warning("event=missing_diriv cdir=%s", cdir or "/")
+            raise CorruptDataError("directory has no dir IV") from None
+        return NameTransform.check_dir_iv(data)
+
     def dir_iv(self, cdir: str) -> bytes:
         """IV of cipher directory ``cdir`` (EIO-worthy CorruptDataError if bad)."""
         if not self.use_diriv:
@@ -88,12 +103,7 @@ class PathMapper:
         if iv is not None:
             return iv
         gen = self._gen
-        try:
-            data = self.backend.read_small_file(join(cdir, DIRIV_NAME), 64)
-        except FileNotFoundError:
-            log.warning("event=missing_diriv cdir=%s", cdir or "/")
-            raise CorruptDataError("directory has no dir IV") from None
-        iv = NameTransform.check_dir_iv(data)
+        iv = self._read_dir_iv(cdir)
         with self._lock:
             if gen == self._gen:
                 if len(self._ivs) >= _CACHE_MAX:
@@ -144,7 +154,9 @@ class PathMapper:
         return c
 
     def cipher_parent_and_name(self, plain: str) -> tuple[str, str, str | None]:
-        """(cipher parent dir, on-disk name, long cName or None) for creating ``plain``."""
+        """(cipher parent dir, on-disk name, long cName or None) for creating ``plain``,
+        encrypted under the parent's IV as it is on disk now (see module docstring)."""
+        self._check_parent_iv(plain)
         cached = self._paths.get(plain)
         if cached is not None and not cached.rpartition("/")[2].startswith("gocryptfs."):
             # The kernel looked the name up just before creating it: reuse that
@@ -157,6 +169,18 @@ class PathMapper:
         disk, long_cname = self.encrypt_name(cparent, name)
         self._remember(gen, plain, join(cparent, disk))
         return cparent, disk, long_cname
+
+    def _check_parent_iv(self, plain: str) -> None:
+        """Drop every cache if the parent's IV on disk is not the one cached."""
+        if not self.use_diriv:
+            return
+        cparent = self.cipher_path(split_plain(plain)[0])
+        cached = self._ivs.get(cparent)
+        if cached is None:
+            return  # the next dir_iv() reads it from disk anyway
+        if self._read_dir_iv(cparent) != cached:
+            log.warning("event=diriv_changed cdir=%s", cparent or "/")
+            self.invalidate()
 
     # -- long-name side files ---------------------------------------------------------
 

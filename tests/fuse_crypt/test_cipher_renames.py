@@ -205,12 +205,6 @@ def test_directory_swap_in_one_parent_is_not_detected(
     assert (again.path / "a" / "fb").read_bytes() == b"in b"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="PathMapper caches dir IVs until rmdir/rename through the mount: after a "
-    "host swaps two directories, names created in one are encrypted with the other's "
-    "IV and vanish on remount (gocryptfs expires its dir IV cache after 1 s)",
-)
 def test_file_created_after_a_host_directory_swap_survives_remount(
     two_dirs: tuple[Mount, CipherView], mount_factory: Callable[..., Mount]
 ) -> None:
@@ -223,4 +217,4 @@ def test_file_created_after_a_host_directory_swap_survives_remount(
     (mnt.path / "a" / "new").write_bytes(b"written after the swap")
     mnt.unmount()
     again = mount_factory(mnt.volume)
-    assert "new" in os.listdir(again.path / "a")  # fails today: hidden for good
+    assert "new" in os.listdir(again.path / "a")  # a stale IV would hide it for good
