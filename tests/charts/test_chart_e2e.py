@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 
+from csi_driver.volume_key import new_volume_key_jwk
 from tests.fuse_env import fuse_skip_reason
 
 from .conftest import arg_value, container, mount_of, only
@@ -54,6 +55,26 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+#: What kubelet's downward API would give this test's "pod" (it runs on loopback).
+_FIELD_VALUES = {"spec.nodeName": NODE_NAME, "status.podIP": "127.0.0.1"}
+
+
+def new_key() -> bytes:
+    """A typed coco-csi volume key, as `coco-csi volume-key new` prints it."""
+    return new_volume_key_jwk().encode()
+
+
+def _downward_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's env as kubelet fills it: literal values and downward-API fields."""
+    env: dict[str, str] = {}
+    for item in container.get("env", []):
+        if "value" in item:
+            env[item["name"]] = item["value"]
+        else:
+            env[item["name"]] = _FIELD_VALUES[item["valueFrom"]["fieldRef"]["fieldPath"]]
+    return env
 
 
 def _map_args(args: list[str], mapping: dict[str, str], env: dict[str, str]) -> list[str]:
@@ -131,7 +152,7 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
     key_ref = sc["parameters"]["keyResource"]
     resources = tmp_path / "resources.json"
     resources.write_text(
-        json.dumps({key_ref.removeprefix("kbs:///"): base64.b64encode(os.urandom(32)).decode()})
+        json.dumps({key_ref.removeprefix("kbs:///"): base64.b64encode(new_key()).decode()})
     )
     backend = tmp_path / "backend"  # shared by both, like the backend volume
     backend.mkdir()
@@ -140,6 +161,8 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
         mount_of(node_c, "state-dir")["mountPath"]: str(tmp_path / "state"),
         mount_of(node_c, "backend")["mountPath"]: str(backend),
         mount_of(node_c, "offline-fs")["mountPath"]: str(resources),
+        # kubelet's root (--kubelet-dir): its pods/ is what the node container mounts
+        mount_of(node_c, "mountpoint-dir")["mountPath"].removesuffix("/pods"): str(tmp_path),
     }
     ctrl_map = {
         mount_of(ctrl_c, "socket-dir")["mountPath"]: str(sockroot / "ctrl"),
@@ -147,9 +170,8 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
     }
     for d in (sockroot / "node", sockroot / "ctrl"):
         d.mkdir()
-    env = {"NODE_NAME": NODE_NAME}
-    node_argv = [exe, *_map_args(node_c["args"], node_map, env)]
-    ctrl_argv = [exe, *_map_args(ctrl_c["args"], ctrl_map, env)]
+    node_argv = [exe, *_map_args(node_c["args"], node_map, _downward_env(node_c))]
+    ctrl_argv = [exe, *_map_args(ctrl_c["args"], ctrl_map, _downward_env(ctrl_c))]
     node_sock = arg_value({"name": "n", "args": node_argv}, "--endpoint").removeprefix("unix://")
     ctrl_sock = arg_value({"name": "c", "args": ctrl_argv}, "--endpoint").removeprefix("unix://")
 

@@ -29,7 +29,8 @@ from tests.fuse_env import fuse_skip_reason
 KEY_PREFIX = "kbs:///default/coco-csi/"
 KEY_RESOURCE = KEY_PREFIX + "volume-root"
 PASS_RESOURCE = "kbs:///default/passphrases/vol"
-SIGNING_KID = "kbs:///default/signing-key/csi-test"
+SIGNING_PREFIX = "kbs:///default/signing-key/"
+SIGNING_KID = SIGNING_PREFIX + "csi-test"
 PASSPHRASE = b"correct horse battery staple"
 
 
@@ -128,6 +129,7 @@ def make_node(tmp: pathlib.Path, keys: Keys, mounter: str, **kw: object) -> Node
         "kubelet_dir": str(tmp),  # env.target() paths lie below tmp/pods
         "cipher_roots": [str(tmp / "backend")],
         "allowed_key_resources": [KEY_PREFIX],
+        "allowed_signing_kids": [SIGNING_PREFIX],
     }
     opts.update(kw)
     return NodeCore(

@@ -17,7 +17,7 @@ from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 
-from .conftest import KEY_PREFIX, KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts
+from .conftest import KEY_PREFIX, KEY_RESOURCE, PASSPHRASE, SIGNING_PREFIX, Keys, cleanup_mounts
 from .helpers import mount_capability
 
 EXE = [sys.executable, "-m", "csi_driver.cli"]
@@ -94,6 +94,8 @@ def _start_node(
             str(tmp / "backend"),
             "--allowed-key-resource",
             KEY_PREFIX,
+            "--allowed-signing-kid",
+            SIGNING_PREFIX,
         ],
         stdout=log,
         stderr=log,
