@@ -149,6 +149,7 @@ def test_validate_volume_capabilities(env: Env) -> None:
         )
     )
     assert ok.HasField("confirmed")
+    assert list(ok.confirmed.volume_capabilities) == [mount_capability(Mode.MULTI_NODE_READER_ONLY)]
     no = call(
         csi_pb2.ValidateVolumeCapabilitiesRequest(
             volume_id=vol.volume_id,
