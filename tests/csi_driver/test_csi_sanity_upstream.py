@@ -67,7 +67,7 @@ def _sanity_missing() -> str | None:
     return None
 
 
-pytestmark = pytest.mark.skipif(_sanity_missing() is not None, reason=str(_sanity_missing()))
+needs_sanity = pytest.mark.skipif(_sanity_missing() is not None, reason=str(_sanity_missing()))
 
 
 @dataclass(frozen=True)
@@ -307,6 +307,7 @@ def _leaves_nothing_behind(dep: Deployment) -> None:
     assert index["volumes"] == []
 
 
+@needs_sanity
 def test_csi_sanity(deployment: Deployment) -> None:
     adv = deployment.advertised()
     run = run_sanity(deployment, "all")
