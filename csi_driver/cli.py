@@ -74,13 +74,13 @@ def _wait_for_signal() -> None:
 
 
 def _run_node(args: argparse.Namespace) -> int:
+    _check_with_controller(args)
     from csi_driver.core.node import NodeCore
     from csi_driver.metrics import Metrics
     from csi_driver.resolver import build
-    from csi_driver.server import socket_path
+    from csi_driver.server import socket_path, start_node
 
     socket_path(args.endpoint)  # reject a bad endpoint before touching anything
-    _check_with_controller(args)
     resolver = build(args.resolver) if args.resolver else None
     if resolver is None:
         log.warning("no --resolver: Probe reports not ready and keyed volumes cannot publish")
@@ -97,7 +97,10 @@ def _run_node(args: argparse.Namespace) -> int:
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
-    plugin = _start_node_plugin(args, core)
+    if args.with_controller:
+        plugin = _start_with_controller(args, core)
+    else:
+        plugin = start_node(args.endpoint, core)
     _wait_for_signal()
     plugin.stop(unmount=args.unmount_on_exit)
     return 0
@@ -110,13 +113,11 @@ def _check_with_controller(args: argparse.Namespace) -> None:
         raise ValueError("--default-key-resource is a controller flag: add --with-controller")
 
 
-def _start_node_plugin(args: argparse.Namespace, core: NodeCore) -> Plugin:
-    """The node service alone, or node and controller on one endpoint (--with-controller)."""
+def _start_with_controller(args: argparse.Namespace, core: NodeCore) -> Plugin:
+    """Node and controller on one endpoint (--with-controller), volumes under --backend-root."""
     from csi_driver.core.controller import LocalBackend
-    from csi_driver.server import start_node, start_node_with_controller
+    from csi_driver.server import start_node_with_controller
 
-    if not args.with_controller:
-        return start_node(args.endpoint, core)
     backend = LocalBackend(args.backend_root, default_key_resource=args.default_key_resource)
     return start_node_with_controller(args.endpoint, core, backend)
 

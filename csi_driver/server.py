@@ -68,11 +68,6 @@ class Plugin:
             os.unlink(self.socket)
 
 
-def _backend_probe(backend: LocalBackend) -> tuple[bool, str]:
-    ok = os.access(backend.root, os.W_OK)
-    return ok, "ready" if ok else "backend root not writable"
-
-
 def start_node(endpoint: str, core: NodeCore, *, workers: int = 16) -> Plugin:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
     csi_pb2_grpc.add_IdentityServicer_to_server(
@@ -83,6 +78,11 @@ def start_node(endpoint: str, core: NodeCore, *, workers: int = 16) -> Plugin:
     server.start()
     log.info("node plugin listening", extra={"fields": {"socket": path, "node_id": core.node_id}})
     return Plugin(server, path, core.metrics, node=core)
+
+
+def _backend_probe(backend: LocalBackend) -> tuple[bool, str]:
+    ok = os.access(backend.root, os.W_OK)
+    return ok, "ready" if ok else "backend root not writable"
 
 
 def start_controller(

@@ -193,6 +193,7 @@ def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     (work / "resources.json").write_text(json.dumps({KEY_RESOURCE[len("kbs:///") :]: root_key}))
     (work / "params.yaml").write_text(f'keyResource: "{KEY_RESOURCE}"\n')
     backend = str(work / "backend")
+    os.mkdir(backend)  # exists before the node starts, as a deployment's storage would
     node_sock, ctrl_sock = str(work / "node.sock"), str(work / "ctrl.sock")
     node_argv = _node_argv(work, node_sock, mounter)
     dep = Deployment(work, f"unix://{node_sock}", None)

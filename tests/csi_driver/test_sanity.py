@@ -16,6 +16,7 @@ import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from collections.abc import Iterator
@@ -28,7 +29,7 @@ from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
 
 from .conftest import KEY_RESOURCE, cleanup_mounts
-from .helpers import COCO_CSI, start_plugin, stop_plugins
+from .helpers import start_plugin, stop_plugins
 
 Mode = csi_pb2.VolumeCapability.AccessMode.Mode
 NodeRPC = csi_pb2.NodeServiceCapability.RPC.Type
@@ -124,7 +125,7 @@ def plugins() -> Iterator[tuple[str, str, str]]:
     res = os.path.join(work, "res.json")
     with open(res, "w", encoding="utf-8") as f:
         json.dump({"default/coco-csi/volume-root": base64.b64encode(os.urandom(32)).decode()}, f)
-    exe = [COCO_CSI]
+    exe = [sys.executable, "-m", "csi_driver.cli"]
     node_sock, ctrl_sock = f"{work}/node.sock", f"{work}/ctrl.sock"
     procs = [
         start_plugin(
