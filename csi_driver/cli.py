@@ -10,10 +10,15 @@ import logging
 import signal
 import sys
 import threading
+from typing import TYPE_CHECKING
 
 from csi_driver.constants import DRIVER_NAME, VENDOR_VERSION
 from csi_driver.core.node import DEFAULT_KUBELET_DIR, DEFAULT_MAX_PARALLEL
 from csi_driver.mounter import DEFAULT_MOUNTER, MOUNTERS
+
+if TYPE_CHECKING:
+    from csi_driver.core.node import NodeCore
+    from csi_driver.server import Plugin
 
 log = logging.getLogger("csi_driver.cli")
 
@@ -78,6 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     n.add_argument("--max-volumes", type=int, default=0)
     n.add_argument("--no-allow-other", action="store_true", help="mount without allow_other")
     n.add_argument("--unmount-on-exit", action="store_true", help="unmount everything on exit")
+    n.add_argument(
+        "--with-controller",
+        action="store_true",
+        help="also serve the controller on this endpoint (single node, csi-sanity); "
+        "it allocates volumes under --backend-root",
+    )
+    n.add_argument(
+        "--default-key-resource", default=None, help="with --with-controller: kbs:///repo/type/tag"
+    )
 
     c = sub.add_parser("controller", help="run the controller plugin (local directory backend)")
     common(c)
@@ -133,6 +147,7 @@ def _wait_for_signal() -> None:
 
 
 def _run_node(args: argparse.Namespace) -> int:
+    _check_with_controller(args)
     from csi_driver.core.node import NodeCore
     from csi_driver.metrics import Metrics
     from csi_driver.resolver import build
@@ -164,10 +179,29 @@ def _run_node(args: argparse.Namespace) -> int:
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
-    plugin = start_node(args.endpoint, core)
+    if args.with_controller:
+        plugin = _start_with_controller(args, core)
+    else:
+        plugin = start_node(args.endpoint, core)
     _wait_for_signal()
     plugin.stop(unmount=args.unmount_on_exit)
     return 0
+
+
+def _check_with_controller(args: argparse.Namespace) -> None:
+    if args.with_controller and not args.backend_root:
+        raise ValueError("--with-controller needs --backend-root (where volumes are allocated)")
+    if args.default_key_resource and not args.with_controller:
+        raise ValueError("--default-key-resource is a controller flag: add --with-controller")
+
+
+def _start_with_controller(args: argparse.Namespace, core: NodeCore) -> Plugin:
+    """Node and controller on one endpoint (--with-controller), volumes under --backend-root."""
+    from csi_driver.core.controller import LocalBackend
+    from csi_driver.server import start_node_with_controller
+
+    backend = LocalBackend(args.backend_root, default_key_resource=args.default_key_resource)
+    return start_node_with_controller(args.endpoint, core, backend)
 
 
 def _run_controller(args: argparse.Namespace) -> int:

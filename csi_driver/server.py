@@ -86,6 +86,11 @@ def start_node(endpoint: str, core: NodeCore, *, workers: int = 16) -> Plugin:
     return Plugin(server, path, core.metrics, node=core)
 
 
+def _backend_probe(backend: LocalBackend) -> tuple[bool, str]:
+    ok = os.access(backend.root, os.W_OK)
+    return ok, "ready" if ok else "backend root not writable"
+
+
 def start_controller(
     endpoint: str, backend: LocalBackend, *, metrics: Metrics | None = None, workers: int = 8
 ) -> Plugin:
@@ -93,8 +98,7 @@ def start_controller(
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
 
     def probe() -> tuple[bool, str]:
-        ok = os.access(backend.root, os.W_OK)
-        return ok, "ready" if ok else "backend root not writable"
+        return _backend_probe(backend)
 
     csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(probe, controller=True), server)
     csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(backend, metrics), server)
@@ -102,3 +106,30 @@ def start_controller(
     server.start()
     log.info("controller plugin listening", extra={"fields": {"socket": path}})
     return Plugin(server, path, metrics, backend=backend)
+
+
+def start_node_with_controller(
+    endpoint: str, core: NodeCore, backend: LocalBackend, *, workers: int = 16
+) -> Plugin:
+    """Node and controller services on one endpoint (``coco-csi node --with-controller``).
+
+    For single-node setups and tests: csi-sanity runs its node lifecycle specs (create →
+    publish → stats → unpublish → delete) only against an endpoint whose Identity service
+    advertises CONTROLLER_SERVICE. Ready only when both roles are ready.
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
+
+    def probe() -> tuple[bool, str]:
+        ready, reason = core.probe()
+        return _backend_probe(backend) if ready else (ready, reason)
+
+    csi_pb2_grpc.add_IdentityServicer_to_server(IdentityServicer(probe, controller=True), server)
+    csi_pb2_grpc.add_NodeServicer_to_server(NodeServicer(core), server)
+    csi_pb2_grpc.add_ControllerServicer_to_server(ControllerServicer(backend, core.metrics), server)
+    path = _bind(server, endpoint)
+    server.start()
+    log.info(
+        "node and controller plugin listening",
+        extra={"fields": {"socket": path, "node_id": core.node_id}},
+    )
+    return Plugin(server, path, core.metrics, node=core, backend=backend)

@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable
+from pathlib import Path
 
 import grpc
 import pytest
@@ -19,7 +24,12 @@ __all__ = [
     "publish_request",
     "expect_code",
     "backend_blob",
+    "COCO_CSI",
+    "start_plugin",
+    "stop_plugins",
 ]
+
+COCO_CSI = str(Path(sys.executable).with_name("coco-csi"))  # this venv's entry point
 
 
 def create_volume(env: Env, name: str = "pvc-1", **params: str) -> csi_pb2.Volume:
@@ -69,3 +79,30 @@ def backend_blob(path: str) -> bytes:
             with open(os.path.join(dirpath, name), "rb") as f:
                 blob += f.read()
     return blob
+
+
+def start_plugin(argv: list[str], sock: str, log: str) -> subprocess.Popen[bytes]:
+    """Start a plugin process (output to ``log``) and wait until it listens on ``sock``."""
+    with open(log, "ab") as logf:
+        proc = subprocess.Popen(argv, stdout=logf, stderr=logf)
+    deadline = time.monotonic() + 30
+    while not os.path.exists(sock):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            with open(log, encoding="utf-8", errors="replace") as f:
+                pytest.fail(f"plugin did not start: {f.read()[-2000:]}")
+        time.sleep(0.05)
+    return proc
+
+
+def stop_plugins(procs: Iterable[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM, then SIGKILL whatever has not exited 20 s later."""
+    procs = list(procs)
+    for p in procs:
+        p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()

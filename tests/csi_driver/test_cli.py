@@ -49,6 +49,7 @@ def test_demo(mounter: str) -> None:
             "{tmp}/s",
         ],
         ["controller", "--endpoint", "relative.sock", "--backend-root", "{tmp}/b"],
+        ["node", "--endpoint", "unix://{tmp}/n.sock", "--node-id", "n", "--with-controller"],
     ],
 )
 def test_errors_are_one_line(args: list[str], tmp_path: pathlib.Path) -> None:

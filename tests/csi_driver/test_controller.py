@@ -149,6 +149,7 @@ def test_validate_volume_capabilities(env: Env) -> None:
         )
     )
     assert ok.HasField("confirmed")
+    assert list(ok.confirmed.volume_capabilities) == [mount_capability(Mode.MULTI_NODE_READER_ONLY)]
     no = call(
         csi_pb2.ValidateVolumeCapabilitiesRequest(
             volume_id=vol.volume_id,
@@ -174,3 +175,27 @@ def test_unimplemented_rpcs(env: Env) -> None:
         env.node.node.NodeStageVolume,
         csi_pb2.NodeStageVolumeRequest(),
     )
+
+
+def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir: str) -> None:  # type: ignore[no-untyped-def]
+    """`coco-csi node --with-controller`: Identity advertises CONTROLLER_SERVICE, both services
+    answer on the one socket, and Probe is ready only when the node is (here: no resolver)."""
+    from csi_driver.client import CsiClient
+    from csi_driver.core.node import NodeCore
+    from csi_driver.server import start_node_with_controller
+
+    core = NodeCore("n", str(tmp_path / "s"), None, mounter="gocryptfs")
+    plugin = start_node_with_controller(
+        f"unix://{sockdir}/all.sock", core, LocalBackend(str(tmp_path / "b"))
+    )
+    try:
+        with CsiClient(f"unix://{sockdir}/all.sock") as c:
+            caps = c.identity.GetPluginCapabilities(csi_pb2.GetPluginCapabilitiesRequest())
+            services = [x.service.type for x in caps.capabilities]
+            assert services == [csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE]
+            assert c.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "n"
+            vol = c.controller.CreateVolume(_req()).volume
+            assert os.path.isdir(tmp_path / "b" / vol.volume_id)
+            assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
+    finally:
+        plugin.stop()
