@@ -117,6 +117,7 @@ def start_node_with_controller(
     publish → stats → unpublish → delete) only against an endpoint whose Identity service
     advertises CONTROLLER_SERVICE. Ready only when both roles are ready.
     """
+    workers = max(workers, core.max_parallel + SPARE_WORKERS)
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers))
 
     def probe() -> tuple[bool, str]:

@@ -39,9 +39,10 @@ import pytest
 
 from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
+from csi_driver.volume_key import new_volume_key_jwk
 from fuse_crypt import mounttable
 
-from .conftest import KEY_RESOURCE, cleanup_mounts
+from .conftest import KEY_PREFIX, KEY_RESOURCE, cleanup_mounts
 from .helpers import COCO_CSI, start_plugin, stop_plugins
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,8 +161,15 @@ class Deployment:
 def _node_policy_flags(kubelet: Path, backend: Path) -> list[str]:
     """Node flags that bound what the control plane may ask for, set as a deployment sets
     them: target paths under ``kubelet`` (csi-sanity's mount dir lies there), cipher dirs
-    under ``backend``, key resources allowed. None exist in this tree yet."""
-    return []
+    under ``backend``, key resources allowed."""
+    return [
+        "--kubelet-dir",
+        str(kubelet),
+        "--cipher-dir-root",
+        str(backend),
+        "--allowed-key-resource",
+        KEY_PREFIX,
+    ]
 
 
 def _node_argv(work: Path, sock: str, mounter: str) -> list[str]:
@@ -189,7 +197,7 @@ def _node_argv(work: Path, sock: str, mounter: str) -> list[str]:
 def deployment(request: pytest.FixtureRequest) -> Iterator[Deployment]:
     layout, mounter = request.param.split("/")
     work = Path(tempfile.mkdtemp(prefix="csisan", dir="/tmp"))  # short: socket paths
-    root_key = base64.b64encode(os.urandom(32)).decode()
+    root_key = base64.b64encode(new_volume_key_jwk().encode()).decode()
     (work / "resources.json").write_text(json.dumps({KEY_RESOURCE[len("kbs:///") :]: root_key}))
     (work / "params.yaml").write_text(f'keyResource: "{KEY_RESOURCE}"\n')
     backend = str(work / "backend")
