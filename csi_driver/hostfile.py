@@ -13,6 +13,8 @@ import errno
 import os
 import stat
 
+from fuse_crypt import safeio
+
 
 class HostFileError(OSError):
     """The file exists but is not a regular file of acceptable size (message is safe)."""
@@ -22,33 +24,18 @@ def read_bounded(path: str, limit: int) -> bytes:
     """The whole of regular file ``path`` if it holds at most ``limit`` bytes.
 
     Raises FileNotFoundError if missing, HostFileError for a link, FIFO, device, directory
-    or oversize file, OSError otherwise.
+    or oversize file, OSError otherwise. The reading itself is fuse_crypt.safeio's.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
+        return safeio.read_small_regular_file(path, limit)
+    except safeio.NotRegularFileError as exc:
+        raise HostFileError(errno.EINVAL, f"{path} is not a regular file ({exc.kind})") from None
+    except safeio.FileTooLargeError:
+        raise HostFileError(errno.EFBIG, f"{path} is larger than {limit} bytes") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise HostFileError(errno.ELOOP, f"{path} is a symlink") from None
         raise
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise HostFileError(errno.EINVAL, f"{path} is not a regular file")
-        if st.st_size > limit:
-            raise HostFileError(errno.EFBIG, f"{path} is larger than {limit} bytes")
-        chunks: list[bytes] = []
-        total = 0
-        while True:
-            chunk = os.read(fd, min(1 << 16, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-            if total > limit:  # grew after fstat
-                raise HostFileError(errno.EFBIG, f"{path} is larger than {limit} bytes")
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
 
 
 def _open_regular(path: str, flags: int) -> int | None:

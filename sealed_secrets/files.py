@@ -10,43 +10,25 @@ from __future__ import annotations
 
 import errno
 import os
-import stat
 
+from fuse_crypt import safeio
 from sealed_secrets.errors import ResolverError
-
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def read_small_file(path: str, *, limit: int, what: str) -> bytes:
     """The bytes of the regular file at ``path`` (at most ``limit``); raise ResolverError.
 
     Error messages name ``what`` and the path (configuration, not secret) and the reason.
+    The reading itself is fuse_crypt.safeio's, the one bounded reader of the project.
     """
     try:
-        fd = os.open(path, _FLAGS)
+        return safeio.read_small_regular_file(path, limit)
+    except safeio.NotRegularFileError:
+        raise ResolverError(f"{what} {path} is not a regular file") from None
+    except safeio.FileTooLargeError:
+        raise ResolverError(f"{what} {path} is larger than {limit} bytes") from None
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise ResolverError(f"{what} {path} is a symlink; refusing to follow it") from None
         reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
         raise ResolverError(f"{what} {path} unreadable: {reason}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise ResolverError(f"{what} {path} is not a regular file")
-        if st.st_size > limit:
-            raise ResolverError(f"{what} {path} is larger than {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while size <= limit:
-            chunk = os.read(fd, min(65536, limit + 1 - size))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-    except OSError as exc:
-        raise ResolverError(f"{what} {path} unreadable: errno {exc.errno}") from None
-    finally:
-        os.close(fd)
-    if size > limit:
-        raise ResolverError(f"{what} {path} is larger than {limit} bytes")
-    return b"".join(chunks)
