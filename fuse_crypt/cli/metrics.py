@@ -16,8 +16,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from prometheus_client import Counter, Gauge, Info, start_http_server
+from prometheus_client import REGISTRY, Counter, Gauge, Info
 
+from fuse_crypt import metricsserver
 from fuse_crypt.cli.exitcodes import OTHER, USAGE, CliError
 
 MOUNT_INFO = Info("fuse_crypt_mount", "The mounted fuse-crypt volume")
@@ -50,15 +51,19 @@ _PLAIN_BS = 4096
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
-        raise CliError(f"--metrics-addr must be HOST:PORT, got {addr!r}", USAGE)
-    return (host.strip("[]") or "0.0.0.0"), int(port)
+    """``HOST:PORT`` (empty HOST = loopback); a usage error otherwise."""
+    try:
+        host, port = metricsserver.parse_addr(addr)
+    except ValueError:
+        raise CliError(f"--metrics-addr must be HOST:PORT, got {addr!r}", USAGE) from None
+    if port == 0:
+        raise CliError(f"--metrics-addr must be HOST:PORT with a port, got {addr!r}", USAGE)
+    return host, port
 
 
 def start(addr: str, *, cipherdir: str, mountpoint: str, read_only: bool) -> None:
     """Serve /metrics on ``addr`` from a daemon thread (call after any fork)."""
-    host, port = parse_addr(addr)
+    parse_addr(addr)
     started = time.time()
     MOUNT_INFO.info(
         {"cipherdir": cipherdir, "mountpoint": mountpoint, "read_only": str(read_only).lower()}
@@ -66,7 +71,7 @@ def start(addr: str, *, cipherdir: str, mountpoint: str, read_only: bool) -> Non
     START_TIME.set(started)
     UPTIME.set_function(lambda: time.time() - started)
     try:
-        start_http_server(port, addr=host)
+        metricsserver.serve(addr, REGISTRY)
     except OSError as e:
         raise CliError(f"cannot serve metrics on {addr}: {e.strerror}", OTHER) from None
 
