@@ -26,10 +26,12 @@ from sealed_secrets.errors import (
     KbsUnavailable,
     PolicyDenied,
     ProviderError,
+    ResolverError,
     TransportMismatch,
     UnsealFailed,
 )
 from sealed_secrets.evidence import AaEvidenceProvider
+from sealed_secrets.guest_rpc import parse_endpoint
 from sealed_secrets.resolver import build_resolver
 from sealed_secrets.ttrpc import MAX_MESSAGE, TtrpcClient, TtrpcError, sniff_transport
 from tests.peers.aa_server import AaServer
@@ -325,3 +327,43 @@ def test_sniff_unknown_for_silent_or_absent_sockets() -> None:
             listener.bind(path)
             listener.listen(4)
             assert sniff_transport(path, 0.2) is None  # accepts (backlog) but never answers
+
+
+# --- address forms and defaults --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "transport", "address"),
+    [
+        ("unix:///run/a.sock", "ttrpc", "/run/a.sock"),
+        ("ttrpc+unix:///run/a.sock", "ttrpc", "/run/a.sock"),
+        ("/run/a.sock", "ttrpc", "/run/a.sock"),
+        ("unix://@aa", "ttrpc", "@aa"),
+        ("grpc+unix:///run/a.sock", "grpc", "unix:///run/a.sock"),
+        ("127.0.0.1:50002", "grpc", "127.0.0.1:50002"),
+    ],
+)
+def test_endpoint_forms(text: str, transport: str, address: str) -> None:
+    ep = parse_endpoint(text)
+    assert (ep.transport, ep.address) == (transport, address)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["", "relative.sock", "unix://relative", "tcp://h:1", "ttrpc+vsock://3:1", "grpc+tcp://h:1"],
+)
+def test_bad_endpoints(text: str) -> None:
+    with pytest.raises(ResolverError):
+        parse_endpoint(text)
+
+
+def test_spec_defaults_are_cocos_ttrpc_sockets() -> None:
+    r = build_resolver("cdh:", cache_ttl=0)
+    assert r.source.target == "ttrpc+unix:///run/confidential-containers/cdh.sock"
+    r = build_resolver("kbs:http://127.0.0.1:1?insecure-http=true", cache_ttl=0)
+    provider = r.source.evidence_provider
+    assert provider.target == (
+        "ttrpc+unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
+    )
+    with pytest.raises(ResolverError):
+        build_resolver("kbs:http://127.0.0.1:1?insecure-http=true&aa=tcp://x:1")
