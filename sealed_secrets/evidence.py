@@ -17,7 +17,7 @@ from typing import Any, Protocol
 import grpc
 import rfc8785
 
-from sealed_secrets.errors import AttestationError, ResolverError, SealedSecretError
+from sealed_secrets.errors import AttestationError, SealedSecretError
 from sealed_secrets.guest_rpc import GuestRpc
 
 log = logging.getLogger(__name__)
@@ -68,19 +68,6 @@ class EvidenceProvider(Protocol):
     def primary_evidence(self, report_data: bytes) -> bytes: ...
 
     def additional_evidence(self, report_data: bytes) -> str: ...
-
-
-def grpc_target(target: str) -> str:
-    """Accept ``unix:///abs``, ``unix:/abs``, a bare absolute path, or ``host:port``."""
-    if not target:
-        raise ResolverError("empty gRPC target")
-    if target.startswith("/"):
-        return f"unix://{target}"
-    if target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return target
-    if ":" in target:
-        return target
-    raise ResolverError(f"gRPC target must be unix:///path or host:port, got {target!r}")
 
 
 class AaEvidenceProvider:

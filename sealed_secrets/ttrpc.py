@@ -184,6 +184,10 @@ def _connect(path: str, timeout: float) -> socket.socket:
     return sock
 
 
+def _remaining(deadline: float) -> float:
+    return max(deadline - time.monotonic(), 0.0)
+
+
 class _Waiter:
     __slots__ = ("event", "body", "error")
 
@@ -277,16 +281,18 @@ class _Connection:
             )
         waiter.event.set()
 
-    def _send(self, frame: bytes, deadline: float) -> None:
-        if not self.write_lock.acquire(timeout=max(deadline - time.monotonic(), 0)):
+    def _send(self, frame: bytes, deadline: float | None) -> None:
+        """Write one whole frame by ``deadline``; a half-written frame poisons the connection."""
+        if not self.write_lock.acquire(timeout=-1 if deadline is None else _remaining(deadline)):
             raise TtrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before send")
         try:
             view = memoryview(frame)
             while view:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not select.select([], [self.sock], [], remaining)[1]:
-                    error = TtrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline hit mid-send")
-                    self._fail(error)  # a half-written frame desynchronises the connection
+                wait = None if deadline is None else _remaining(deadline)
+                if not select.select([], [self.sock], [], wait)[1]:
+                    error = TtrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline hit in send")
+                    if len(view) < len(frame):  # the peer would read the rest as a new frame
+                        self._fail(error)
                     raise error
                 try:
                     sent = self.sock.send(view, socket.MSG_DONTWAIT)
@@ -316,9 +322,8 @@ class _Connection:
             self.pending[stream_id] = waiter
         try:
             frame = encode_frame(stream_id, TYPE_REQUEST, 0, request)
-            self._send(frame, float("inf") if deadline is None else deadline)
-            remaining = None if deadline is None else max(deadline - time.monotonic(), 0)
-            if not waiter.event.wait(remaining):
+            self._send(frame, deadline)
+            if not waiter.event.wait(None if deadline is None else _remaining(deadline)):
                 raise TtrpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "no reply before the deadline")
         finally:
             with self.lock:

@@ -309,6 +309,26 @@ def test_ttrpc_spec_on_a_grpc_socket_says_grpc() -> None:
         assert f"grpc+unix://{grpc_cdh.socket_path}" in msg
 
 
+def test_kbs_resolver_surfaces_the_mismatch() -> None:
+    """Through the KBS client the mismatch stays one typed line (not an attestation retry)."""
+    with kbs_and_aa() as (kbs, aa):  # a gRPC AA, addressed as plain unix:// (= ttrpc)
+        spec = kbs_spec(kbs, aa).replace("aa=grpc+unix://", "aa=unix://")
+        with pytest.raises(TransportMismatch, match="speaks gRPC"):
+            build_resolver(spec, cache_ttl=0).get_resource(R1)
+        assert kbs.calls["auth"] == 0
+
+
+def test_untimed_call_works(cdh: CdhServer) -> None:
+    from coco_proto import confidential_data_hub_pb2 as pb
+
+    client = TtrpcClient(cdh.socket_path)
+    payload = pb.GetResourceRequest(ResourcePath=R1).SerializeToString()
+    reply = client.call("api.GetResourceService", "GetResource", payload, timeout=None)
+    assert pb.GetResourceResponse.FromString(reply).Resource == CDH_RESOURCES["default/key/1"]
+    assert ttrpc_log(cdh)[0][3] == 0  # no deadline: timeout_nano 0
+    client.close()
+
+
 def test_grpc_spec_on_a_ttrpc_socket_says_ttrpc(aa: AaServer) -> None:
     assert sniff_transport(aa.socket_path) == "ttrpc"
     started = time.monotonic()
