@@ -108,18 +108,22 @@ reply_bytes = st.one_of(
 
 @long_fuzz
 @fuzz(quick=150)
-@given(reply_bytes, st.booleans())
+@given(reply_bytes, st.integers(0, 9).map(lambda n: n > 0))
 def test_client_call_against_hostile_reply(reply: bytes, close: bool) -> None:
-    """The whole client path (reader thread, dispatch, decode) on what a server might send."""
+    """The whole client path (reader thread, dispatch, decode) on what a server might send.
+
+    Mostly the server then closes (EOF at once); one case in ten it stays silent, so an
+    incomplete reply has to end at the deadline.
+    """
     ours, theirs = socket.socketpair()
     conn = ttrpc._Connection("/fuzz.sock", ours)
     try:
-        request = ttrpc.encode_request("s.S", "M", b"", 0.05)
+        request = ttrpc.encode_request("s.S", "M", b"", 0.02)
         theirs.sendall(reply)
         if close:
             theirs.shutdown(socket.SHUT_WR)
         try:
-            result = conn.call(request, time.monotonic() + 0.05)
+            result = conn.call(request, time.monotonic() + 0.02)
         except (ttrpc.TtrpcError, TransportMismatch):
             return
         assert isinstance(result, bytes)
