@@ -99,9 +99,11 @@ class GuestRpc:
             # A ttrpc server never answers an HTTP/2 preface, so a gRPC call to it would only
             # time out; one cheap probe per client turns that into a clear error.
             sock = self.endpoint.unix_path
-            if not self._checked and sock and sniff_transport(sock, _SNIFF_TIMEOUT) == TTRPC:
-                raise mismatch(sock, TTRPC)
-            self._checked = True
+            if not self._checked and sock:
+                speaks = sniff_transport(sock, _SNIFF_TIMEOUT)
+                if speaks == TTRPC:
+                    raise mismatch(sock, TTRPC)
+                self._checked = speaks is not None  # absent socket: look again next time
             if self._channel is None:
                 self._channel = grpc.insecure_channel(self.endpoint.address)
             if path not in self._methods:

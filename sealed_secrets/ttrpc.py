@@ -210,6 +210,7 @@ class _Connection:
         self.error: BaseException | None = None
         self.reader = FrameReader()
         self.silent_close = False  # closed without sending a single byte
+        self._head: bytes | None = b""  # first bytes, until they rule out an HTTP/2 server
         self._thread = threading.Thread(target=self._read_loop, name="ttrpc-reader", daemon=True)
         self._thread.start()
 
@@ -245,13 +246,19 @@ class _Connection:
                 if not data:
                     self._fail(self._eof_error())
                     return
-                if self.reader.received == 0 and looks_like_http2(data):
-                    self._fail(mismatch(self.path, "grpc"))
-                    return
+                if self._head is not None:
+                    self._head += data
+                    if looks_like_http2(self._head):
+                        self._fail(mismatch(self.path, "grpc"))
+                        return
+                    if len(self._head) >= 9:
+                        self._head = None
                 for frame in self.reader.feed(data):
                     self._dispatch(frame)
         except TtrpcError as exc:  # oversized frame: the stream is lost, and framing with it
             self._fail(exc)
+        except Exception as exc:  # a bug must not leave callers waiting on a dead reader
+            self._fail(TtrpcError(grpc.StatusCode.INTERNAL, f"reader failed: {type(exc).__name__}"))
 
     def _eof_error(self) -> TtrpcError:
         if self.reader.received == 0:

@@ -387,3 +387,28 @@ def test_spec_defaults_are_cocos_ttrpc_sockets() -> None:
     )
     with pytest.raises(ResolverError):
         build_resolver("kbs:http://127.0.0.1:1?insecure-http=true&aa=tcp://x:1")
+
+
+def test_http2_settings_split_across_reads_is_still_recognised() -> None:
+    """An HTTP/2 server whose SETTINGS frame arrives in pieces is still named as gRPC."""
+    settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x05\x00\x00\x40\x00"
+    with short_tmpdir() as d, socket.socket(socket.AF_UNIX) as listener:
+        path = f"{d}/h2.sock"
+        listener.bind(path)
+        listener.listen(4)
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                for piece in (settings[:4], settings[4:]):
+                    conn.sendall(piece)
+                    time.sleep(0.05)
+                time.sleep(1)
+
+        t = threading.Thread(target=serve, daemon=True)
+        t.start()
+        client = TtrpcClient(path)
+        with pytest.raises(TransportMismatch, match="speaks gRPC"):
+            client.call("s.S", "M", b"", timeout=0.5)
+        client.close()
+        t.join(3)
