@@ -1,8 +1,9 @@
-"""Client of a Confidential Data Hub (gRPC build): GetResource and UnsealSecret.
+"""Client of a Confidential Data Hub: GetResource and UnsealSecret, over ttrpc or gRPC.
 
 Used when the guest already runs CDH (which owns attestation, KBS access and sealed-secret
-verification); this process then never holds a KBS token or TEE key. Upstream CDH defaults to
-ttrpc, which grpcio cannot speak: point this client at the gRPC build's socket.
+verification); this process then never holds a KBS token or TEE key. The stock ``ttrpc-cdh``
+is reached with ``unix:///run/confidential-containers/cdh.sock`` (ttrpc, the default), the
+``grpc-cdh`` build with ``grpc+unix:///…`` or ``host:port`` (sealed_secrets.guest_rpc).
 
 CDH reports every failure as INTERNAL with a text message, so only transport problems
 (UNAVAILABLE, DEADLINE_EXCEEDED) map to a specific class; the rest surface as KbsError
@@ -12,7 +13,6 @@ CDH reports every failure as INTERNAL with a text message, so only transport pro
 from __future__ import annotations
 
 import logging
-from typing import Any
 
 import grpc
 
@@ -25,12 +25,14 @@ from sealed_secrets.errors import (
     SealedSecretError,
     Unauthorized,
 )
-from sealed_secrets.evidence import grpc_target
+from sealed_secrets.guest_rpc import GuestRpc
 from sealed_secrets.resource_uri import parse_resource_uri
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CDH_SOCKET = "unix:///run/confidential-containers/cdh.sock"
+RESOURCE_SERVICE = "api.GetResourceService"
+SEALED_SECRET_SERVICE = "api.SealedSecretService"
 _DETAIL_MAX = 200
 _BY_CODE: dict[grpc.StatusCode, type[KbsError]] = {
     grpc.StatusCode.UNAVAILABLE: KbsUnavailable,
@@ -50,28 +52,15 @@ class CdhClient:
     """ResourceSource backed by CDH, plus ``unseal`` delegated to CDH."""
 
     def __init__(self, target: str = DEFAULT_CDH_SOCKET, *, timeout: float = 50.0) -> None:
-        self.target = grpc_target(target)
+        self._rpc = GuestRpc(target)
+        self.target = str(self._rpc)
         self.timeout = timeout
-        self._channel: grpc.Channel | None = None
-        self._stubs: dict[str, Any] = {}
 
     def __repr__(self) -> str:
         return f"CdhClient(target={self.target!r})"
 
-    def _stub(self, name: str) -> Any:
-        if name not in self._stubs:
-            from coco_proto import confidential_data_hub_pb2_grpc as pb_grpc
-
-            if self._channel is None:
-                self._channel = grpc.insecure_channel(self.target)
-            self._stubs[name] = getattr(pb_grpc, f"{name}Stub")(self._channel)
-        return self._stubs[name]
-
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = None
-        self._stubs.clear()
+        self._rpc.close()
 
     def _code(self, exc: grpc.RpcError) -> grpc.StatusCode:
         return exc.code() if hasattr(exc, "code") else grpc.StatusCode.UNKNOWN
@@ -81,8 +70,12 @@ class CdhClient:
         from coco_proto import confidential_data_hub_pb2 as pb
 
         try:
-            resp = self._stub("GetResourceService").GetResource(
-                pb.GetResourceRequest(ResourcePath=str(parsed)), timeout=self.timeout
+            resp = self._rpc.call(
+                RESOURCE_SERVICE,
+                "GetResource",
+                pb.GetResourceRequest(ResourcePath=str(parsed)),
+                pb.GetResourceResponse,
+                self.timeout,
             )
         except grpc.RpcError as exc:
             code = self._code(exc)
@@ -98,8 +91,12 @@ class CdhClient:
         from coco_proto import confidential_data_hub_pb2 as pb
 
         try:
-            resp = self._stub("SealedSecretService").UnsealSecret(
-                pb.UnsealSecretInput(secret=sealed.encode("utf-8")), timeout=self.timeout
+            resp = self._rpc.call(
+                SEALED_SECRET_SERVICE,
+                "UnsealSecret",
+                pb.UnsealSecretInput(secret=sealed.encode("utf-8")),
+                pb.UnsealSecretOutput,
+                self.timeout,
             )
         except grpc.RpcError as exc:
             code = self._code(exc)

@@ -87,6 +87,14 @@ class ResolverError(SealedSecretError):
     """Bad resolver spec, bad resource URI or unreadable/corrupt offline-fs file."""
 
 
+class TransportMismatch(ResolverError):
+    """The AA/CDH socket speaks another RPC transport (ttrpc vs gRPC) than the spec names.
+
+    A deployment mistake, not a transient failure: the message says which transport the
+    socket seems to speak and the spec form to use instead.
+    """
+
+
 class KbsError(SealedSecretError):
     """A resource could not be obtained from the key broker (KBS, offline-fs or CDH)."""
 

@@ -1,4 +1,4 @@
-"""TEE evidence for the KBS handshake, obtained from the Attestation Agent over gRPC.
+"""TEE evidence for the KBS handshake, obtained from the Attestation Agent (ttrpc or gRPC).
 
 The KBS binds a session to a TEE key by asking the guest to put
 ``HASH(JCS({"additional-evidence", "nonce", "tee-pubkey"}))`` into the hardware report data
@@ -11,16 +11,22 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 from typing import Any, Protocol
 
 import grpc
 import rfc8785
 
-from sealed_secrets.errors import AttestationError, ResolverError, SealedSecretError
+from sealed_secrets.errors import AttestationError, SealedSecretError
+from sealed_secrets.guest_rpc import GuestRpc
 
 log = logging.getLogger(__name__)
 
 DEFAULT_AA_SOCKET = "unix:///run/confidential-containers/attestation-agent/attestation-agent.sock"
+AA_SERVICE = "attestation_agent.AttestationAgentService"
+# KBS protocol TEE names (tdx, snp, az-snp-vtpm, sample, …); the AA's answer goes into /auth.
+_TEE_NAME = re.compile(r"[A-Za-z0-9_-]{1,32}")
+_ABSENT_RPC = (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND)
 DEFAULT_HASH = "sha384"
 SUPPORTED_HASHES = ("sha256", "sha384", "sha512")
 
@@ -64,48 +70,27 @@ class EvidenceProvider(Protocol):
     def additional_evidence(self, report_data: bytes) -> str: ...
 
 
-def grpc_target(target: str) -> str:
-    """Accept ``unix:///abs``, ``unix:/abs``, a bare absolute path, or ``host:port``."""
-    if not target:
-        raise ResolverError("empty gRPC target")
-    if target.startswith("/"):
-        return f"unix://{target}"
-    if target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
-        return target
-    if ":" in target:
-        return target
-    raise ResolverError(f"gRPC target must be unix:///path or host:port, got {target!r}")
-
-
 class AaEvidenceProvider:
-    """EvidenceProvider backed by a CoCo Attestation Agent (gRPC build)."""
+    """EvidenceProvider backed by a CoCo Attestation Agent (ttrpc by default, or gRPC).
+
+    ``target`` is a guest_rpc address: ``unix:///…`` / ``ttrpc+unix:///…`` for the stock
+    ``ttrpc-aa``, ``grpc+unix:///…`` or ``host:port`` for ``grpc-aa``.
+    """
 
     def __init__(self, target: str = DEFAULT_AA_SOCKET, *, timeout: float = 30.0) -> None:
-        self.target = grpc_target(target)
+        self._rpc = GuestRpc(target)
+        self.target = str(self._rpc)
         self.timeout = timeout
-        self._channel: grpc.Channel | None = None
-        self._stub: Any = None
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(target={self.target!r})"
 
-    def _get_stub(self) -> Any:
-        if self._stub is None:
-            from coco_proto import attestation_agent_pb2_grpc
-
-            self._channel = grpc.insecure_channel(self.target)
-            self._stub = attestation_agent_pb2_grpc.AttestationAgentServiceStub(self._channel)
-        return self._stub
-
     def close(self) -> None:
-        if self._channel is not None:
-            self._channel.close()
-        self._channel = None
-        self._stub = None
+        self._rpc.close()
 
-    def _call(self, rpc: str, request: Any) -> Any:
+    def _call(self, rpc: str, request: Any, response_type: Any) -> Any:
         try:
-            return getattr(self._get_stub(), rpc)(request, timeout=self.timeout)
+            return self._rpc.call(AA_SERVICE, rpc, request, response_type, self.timeout)
         except grpc.RpcError as exc:
             code = exc.code() if hasattr(exc, "code") else None
             name = code.name if code is not None else "UNKNOWN"
@@ -117,15 +102,19 @@ class AaEvidenceProvider:
     def tee_type(self) -> str:
         from coco_proto import attestation_agent_pb2 as pb
 
-        tee = self._call("GetTeeType", pb.GetTeeTypeRequest()).tee
-        if not tee:
-            raise AttestationError("attestation agent reported an empty TEE type")
-        return str(tee).lower()
+        tee = str(self._call("GetTeeType", pb.GetTeeTypeRequest(), pb.GetTeeTypeResponse).tee)
+        if not _TEE_NAME.fullmatch(tee):
+            raise AttestationError(
+                "attestation agent reported no usable TEE type (want 1-32 of [A-Za-z0-9_-])"
+            )
+        return tee.lower()
 
     def primary_evidence(self, report_data: bytes) -> bytes:
         from coco_proto import attestation_agent_pb2 as pb
 
-        evidence = self._call("GetEvidence", pb.GetEvidenceRequest(RuntimeData=report_data))
+        evidence = self._call(
+            "GetEvidence", pb.GetEvidenceRequest(RuntimeData=report_data), pb.GetEvidenceResponse
+        )
         if not evidence.Evidence:
             raise AttestationError("attestation agent returned empty evidence")
         return bytes(evidence.Evidence)
@@ -133,16 +122,19 @@ class AaEvidenceProvider:
     def additional_evidence(self, report_data: bytes) -> str:
         """Evidence of additional devices as a JSON string, ``""`` if there are none.
 
-        Older AAs lack the RPC; UNIMPLEMENTED is treated as "no additional devices".
+        Older AAs lack the RPC; UNIMPLEMENTED (and ttrpc codegen's NOT_FOUND "is not
+        supported") is treated as "no additional devices".
         """
         from coco_proto import attestation_agent_pb2 as pb
 
         try:
             resp = self._call(
-                "GetAdditionalEvidence", pb.GetAdditionalEvidenceRequest(RuntimeData=report_data)
+                "GetAdditionalEvidence",
+                pb.GetAdditionalEvidenceRequest(RuntimeData=report_data),
+                pb.GetEvidenceResponse,
             )
         except AttestationError as exc:
-            if getattr(exc, "grpc_code", None) == grpc.StatusCode.UNIMPLEMENTED:
+            if getattr(exc, "grpc_code", None) in _ABSENT_RPC:
                 return ""
             raise
         raw = bytes(resp.Evidence)
@@ -169,7 +161,7 @@ class AaTokenProvider(AaEvidenceProvider):
         from coco_proto import attestation_agent_pb2 as pb
         from sealed_secrets.jwe import TeeKeyPair
 
-        resp = self._call("GetToken", pb.GetTokenRequest(TokenType="kbs"))
+        resp = self._call("GetToken", pb.GetTokenRequest(TokenType="kbs"), pb.GetTokenResponse)
         try:
             doc = json.loads(bytes(resp.Token))
             token, pem = doc["token"], doc["tee_keypair"]

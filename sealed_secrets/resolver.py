@@ -287,6 +287,8 @@ def _flag(value: Any, name: str) -> bool:
 
 
 def _kbs_query(query: str) -> dict[str, Any]:
+    # A literal '+' stays a '+' (``aa=ttrpc+unix:///…``); form encoding would make it a space.
+    query = query.replace("+", "%2B")
     pairs = urllib.parse.parse_qsl(query, keep_blank_values=True, strict_parsing=bool(query))
     names = [k for k, _ in pairs]
     unknown = set(names) - set(_KBS_QUERY)
@@ -350,9 +352,9 @@ def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingReso
     if attest not in ("evidence", "token"):
         raise ResolverError("kbs resolver attest= must be 'evidence' or 'token'")
     if "evidence_provider" not in kbs_opts and "token_provider" not in kbs_opts:
-        if not aa:
-            raise ResolverError("kbs resolver needs aa=unix:///path/attestation-agent.sock")
-        from sealed_secrets.evidence import AaEvidenceProvider, AaTokenProvider
+        from sealed_secrets.evidence import DEFAULT_AA_SOCKET, AaEvidenceProvider, AaTokenProvider
+
+        aa = aa or DEFAULT_AA_SOCKET  # stock CoCo: ttrpc-aa on its default socket
 
         if attest == "token":
             kbs_opts["token_provider"] = AaTokenProvider(aa)
@@ -366,11 +368,9 @@ def _build_kbs(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingReso
 
 def _build_cdh(rest: str, cache_ttl: float, opts: dict[str, Any]) -> CachingResolver:
     common, cdh_opts = _split(opts, _CDH_OPTS)
-    if not rest:
-        raise ResolverError("cdh resolver spec needs a target: cdh:unix:///path/cdh.sock")
-    from sealed_secrets.cdh_client import CdhClient
+    from sealed_secrets.cdh_client import DEFAULT_CDH_SOCKET, CdhClient
 
-    client = CdhClient(rest, **cdh_opts)
+    client = CdhClient(rest or DEFAULT_CDH_SOCKET, **cdh_opts)  # default: stock ttrpc-cdh
     return CdhResolver(client, cache_ttl=cache_ttl, **common)
 
 
@@ -384,6 +384,9 @@ def build_resolver(spec: str, *, cache_ttl: float = 60.0, **opts: Any) -> Resolv
     CoCo's CDH config, default /etc/confidential-data-hub.conf),
     ``kbs:http://…?aa=…&insecure-http=true`` (tests only),
     ``cdh:unix:///run/confidential-containers/cdh.sock``.
+    AA/CDH addresses (sealed_secrets.guest_rpc): ``unix:///…`` and ``ttrpc+unix:///…`` speak
+    ttrpc (stock CoCo), ``grpc+unix:///…`` and ``host:port`` gRPC; ``aa=`` left out and
+    ``cdh:`` alone mean CoCo's default ttrpc sockets.
     Options: cache bounds (``max_entries``, ``max_bytes``), unseal policy (``verify``,
     ``allow_unsigned``, ``key_dir``, ``provider_options``) and broker options (``ca``,
     ``ca_pem``, ``cert_sha256``, ``insecure_http``, ``timeout``, ``retries``, ``backoff``,

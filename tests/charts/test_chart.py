@@ -499,6 +499,22 @@ def test_kbs_resolver_uses_the_configured_aa_socket(render) -> None:
     assert m["readOnly"] is True
 
 
+@pytest.mark.parametrize("transport", ["grpc+", "ttrpc+"])
+def test_aa_and_cdh_transport_in_the_socket_url(render, transport: str) -> None:
+    """``grpc+unix://`` / ``ttrpc+unix://`` reach the spec; the mounted dir is the path's."""
+    sock = f"{transport}unix:///run/coco/aa/attestation-agent.sock"
+    ds = _node(render({"resolver": {"kbs": {"aaSocket": sock, "url": "https://kbs:8080"}}}))
+    plugin = container(ds, "coco-csi")
+    assert f"?aa={sock}&" in arg_value(plugin, "--resolver")
+    assert mount_of(plugin, "guest-sockets")["mountPath"] == "/run/coco/aa"
+    assert host_path_of(ds, "guest-sockets") == "/run/coco/aa"
+    cdh = f"{transport}unix:///run/coco/cdh/cdh.sock"
+    ds = _node(render({"resolver": {"kind": "cdh", "cdh": {"socket": cdh}}}))
+    plugin = container(ds, "coco-csi")
+    assert arg_value(plugin, "--resolver") == f"cdh:{cdh}"
+    assert host_path_of(ds, "guest-sockets") == "/run/coco/cdh"
+
+
 def test_kbs_ca_configmap_is_mounted_and_passed(render) -> None:
     ds = _node(render(EVERYTHING_ON))
     plugin = container(ds, "coco-csi")
@@ -871,6 +887,7 @@ def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
         ({"kubeletRootDir": "var/lib/kubelet"}, "/kubeletRootDir"),
         ({"resolver": {"kbs": {"aaSocket": "/run/aa.sock"}}}, "/resolver/kbs/aaSocket"),
         ({"resolver": {"kbs": {"aaSocket": "unix:///a.sock&ca=/x"}}}, "/resolver/kbs/aaSocket"),
+        ({"resolver": {"kbs": {"aaSocket": "http+unix:///a.sock"}}}, "/resolver/kbs/aaSocket"),
         ({"resolver": {"kbs": {"url": "https://kbs?aa=x"}}}, "/resolver/kbs/url"),
         ({"storageClass": {"reclaimPolicy": "Recycle"}}, "/storageClass/reclaimPolicy"),
         ({"resolvr": {"kind": "kbs"}}, "resolvr"),
@@ -884,6 +901,7 @@ def test_storageclass_without_controller_is_refused_clearly(chart: Any) -> None:
         "relative-dir",
         "aa-socket-not-unix-url",
         "aa-socket-injects-query",
+        "aa-socket-unknown-transport",
         "kbs-url-with-query",
         "reclaim",
         "typo-key",

@@ -1,4 +1,4 @@
-"""An Attestation Agent test peer: gRPC on a unix socket with the CoCo sample attester.
+"""An Attestation Agent test peer on a unix socket (gRPC or ttrpc) with the sample attester.
 
 GetEvidence returns ``{"svn":"1","report_data":"<standard base64 of RuntimeData>"}`` (the
 sample attester's JSON, coco-interfaces.md 5), GetTeeType returns ``sample`` and
@@ -146,8 +146,9 @@ class AaServer(UnixGrpcPeer):
         kbs_url: str | None = None,
         kbs_ca: str | None = None,
         additional_evidence: bool = True,
+        transport: str = "grpc",
     ) -> None:
-        super().__init__(socket_path)
+        super().__init__(socket_path, transport=transport)
         self.additional_evidence = additional_evidence
         self.additional_runtime_data: list[bytes] = []
         self.kbs_url = kbs_url  # for GetToken("kbs"), like [token_configs.kbs] url

@@ -1,4 +1,4 @@
-"""A Confidential Data Hub test peer: the gRPC build's GetResource and UnsealSecret.
+"""A Confidential Data Hub test peer: GetResource and UnsealSecret over gRPC or ttrpc.
 
 Backed by a resource dict ``{"repo/type/tag": bytes}``. UnsealSecret follows CDH's rules
 (coco-interfaces.md 1): ``sealed.`` prefix, four dot-separated sections, JWS ES256 with the
@@ -114,9 +114,14 @@ class CdhServer(UnixGrpcPeer):
     """Run the CDH peer on ``unix://<socket_path>``; use as a context manager."""
 
     def __init__(
-        self, socket_path: str, resources: dict[str, bytes], *, skip_verification: bool = False
+        self,
+        socket_path: str,
+        resources: dict[str, bytes],
+        *,
+        skip_verification: bool = False,
+        transport: str = "grpc",
     ) -> None:
-        super().__init__(socket_path)
+        super().__init__(socket_path, transport=transport)
         self.resources = dict(resources)
         self.skip_verification = skip_verification
 

@@ -38,8 +38,14 @@ def kbs_spec(kbs: KbsServer, aa: AaServer, extra: str = "") -> str:
 
 @contextlib.contextmanager
 def kbs_and_aa(
-    resources: dict[str, bytes] | None = None, *, tls: bool = False, **kbs_kwargs: Any
+    resources: dict[str, bytes] | None = None,
+    *,
+    tls: bool = False,
+    aa_transport: str = "grpc",
+    aa_tee: str = "sample",
+    **kbs_kwargs: Any,
 ) -> Iterator[tuple[KbsServer, AaServer]]:
+    """A KBS peer and an AA peer; ``aa_transport="ttrpc"`` serves the AA as stock CoCo does."""
     with short_tmpdir() as d:
         kbs = KbsServer(
             RESOURCES if resources is None else resources,
@@ -47,5 +53,5 @@ def kbs_and_aa(
             deny=kbs_kwargs.pop("deny", ["denied/*"]),
             **kbs_kwargs,
         )
-        with kbs, AaServer(f"{d}/aa.sock") as aa:
+        with kbs, AaServer(f"{d}/aa.sock", transport=aa_transport, tee=aa_tee) as aa:
             yield kbs, aa

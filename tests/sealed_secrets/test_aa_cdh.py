@@ -1,4 +1,6 @@
-"""Attestation Agent and Confidential Data Hub gRPC clients against their test peers."""
+"""Attestation Agent and Confidential Data Hub clients against their gRPC test peers.
+
+The same clients over ttrpc: test_ttrpc.py."""
 
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ from sealed_secrets.errors import (
     SealedSecretError,
     UnsealFailed,
 )
-from sealed_secrets.evidence import AaEvidenceProvider, grpc_target
+from sealed_secrets.evidence import AaEvidenceProvider
 from sealed_secrets.resolver import build_resolver
 from tests.peers.aa_server import AaServer
 from tests.peers.cdh_server import CdhServer
@@ -96,12 +98,11 @@ def test_aa_failure_is_attestation_error(aa: AaServer) -> None:
         AaEvidenceProvider(aa.target).additional_evidence(b"r")
 
 
-def test_grpc_target_forms() -> None:
-    assert grpc_target("/run/x.sock") == "unix:///run/x.sock"
-    assert grpc_target("unix:///run/x.sock") == "unix:///run/x.sock"
-    assert grpc_target("127.0.0.1:50002") == "127.0.0.1:50002"
+def test_grpc_peer_target_names_its_transport(aa: AaServer) -> None:
+    """``unix://`` means ttrpc (CoCo's default), so the gRPC peers say ``grpc+unix://``."""
+    assert aa.target == f"grpc+unix://{aa.socket_path}"
     with pytest.raises(ResolverError):
-        grpc_target("relative.sock")
+        AaEvidenceProvider("relative.sock")
 
 
 # --- Confidential Data Hub ------------------------------------------------------------------

@@ -156,8 +156,9 @@ def test_kbs_paths_leak_nothing(key_type: str, caplog: pytest.LogCaptureFixture)
     assert_clean(text, leaked)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "ttrpc"])
 def test_offline_fs_and_cdh_paths_leak_nothing(
-    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture
+    tmp_path: pathlib.Path, caplog: pytest.LogCaptureFixture, transport: str
 ) -> None:
     caplog.set_level(logging.DEBUG)
     t = Transcript(caplog)
@@ -170,23 +171,28 @@ def test_offline_fs_and_cdh_paths_leak_nothing(
     t.run(lambda: r.get_resource("kbs:///default/key/404"))
     t.run(lambda: build_resolver(f"offline-fs:{good},{bad}"))
     t.texts.append(repr(r))
-    with short_tmpdir() as d, CdhServer(f"{d}/cdh.sock", RES) as cdh:
-        c = CdhClient(cdh.target)
+    with short_tmpdir() as d, CdhServer(f"{d}/cdh.sock", RES, transport=transport) as cdh:
+        c = CdhClient(cdh.target, timeout=1)
         assert t.run(lambda: c.get_resource("kbs:///default/key/2")) == SECRET2
         t.run(lambda: c.get_resource("kbs:///default/key/404"))
         cdh.inject("GetResource", grpc.StatusCode.UNAVAILABLE)
         t.run(lambda: c.get_resource("kbs:///default/key/2"))
         t.run(lambda: c.unseal("sealed.x.y.z"))
+        if transport == "ttrpc":  # the reply itself broken: closed mid-way, oversized, garbage
+            for fault in ("close-mid-reply", "oversized", "garbage", "no-reply"):
+                cdh.inject("GetResource", fault)
+                t.run(lambda: c.get_resource("kbs:///default/key/2"))
         t.texts.append(repr(c))
     text = t.all()
     assert "offline-fs" in text and "cdh" in text
     assert_clean(text, [SECRET, SECRET2])
 
 
-def test_aa_token_mode_leaks_nothing(caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("transport", ["grpc", "ttrpc"])
+def test_aa_token_mode_leaks_nothing(caplog: pytest.LogCaptureFixture, transport: str) -> None:
     caplog.set_level(logging.DEBUG)
     t = Transcript(caplog)
-    with kbs_and_aa(RES) as (kbs, aa):
+    with kbs_and_aa(RES, aa_transport=transport) as (kbs, aa):
         aa.kbs_url = kbs.url
         r = build_resolver(kbs_spec(kbs, aa, "&attest=token&retries=0"))
         assert t.run(lambda: r.get_resource("kbs:///default/key/1")) == SECRET

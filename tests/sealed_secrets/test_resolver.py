@@ -63,7 +63,15 @@ def test_offline_fs_spec_roundtrip(tmp_path: pathlib.Path) -> None:
 
 @pytest.mark.parametrize(
     "spec",
-    ["", "nothing", "vault:/x", "kbs:ftp://h", "kbs:https://h:1", "kbs:https://h?zz=1", "cdh:"],
+    [
+        "",
+        "nothing",
+        "vault:/x",
+        "kbs:ftp://h",
+        "kbs:https://h:1",
+        "kbs:https://h?zz=1",
+        "cdh:x.sock",
+    ],
 )
 def test_bad_specs(spec: str) -> None:
     with pytest.raises(ResolverError):

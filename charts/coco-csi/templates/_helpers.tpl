@@ -81,7 +81,7 @@ Both sides come from these helpers so they cannot drift apart.
 Directory of a unix:// socket URL, for mounting it from the (guest) host.
 */}}
 {{- define "coco-csi.socketUrlDir" -}}
-{{- $path := trimPrefix "unix://" . -}}
+{{- $path := trimPrefix "unix://" (trimPrefix "grpc+" (trimPrefix "ttrpc+" .)) -}}
 {{- dir $path -}}
 {{- end -}}
 
