@@ -23,7 +23,8 @@ from dataclasses import dataclass, field
 
 from csi_driver import errors, hostfile
 from csi_driver.keys import VolumeKey
-from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
+from csi_driver.mounter import Mounter
+from csi_driver.proc import PidProcess, Proc, alive, tail
 from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
@@ -50,20 +51,6 @@ class MountHandle:
     restarts: list[float] = field(default_factory=list)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 
@@ -84,50 +71,6 @@ def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
         return libc.umount2(os.fsencode(target), flags) == 0
     except (OSError, AttributeError):
         return False
-
-
-def _holds_fuse_device(pid: int) -> bool:
-    """True if ``pid`` has /dev/fuse open: only FUSE daemons do."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return False
-    for name in names[:4096]:
-        try:
-            if os.readlink(os.path.join(fd_dir, name)) == "/dev/fuse":
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def pid_serves(pid: int, target: str, start_time: int = 0) -> bool:
-    """Whether ``pid`` is (still) the FUSE daemon a state record says it is.
-
-    The pid comes from the state file, which the host can edit: a forged record must not
-    make the plugin adopt, and later SIGKILL, an unrelated process (pid 1, the plugin
-    itself). So: never 1 or ourselves, a session leader (every daemon gets its own
-    session), holding /dev/fuse, and with the recorded start time when one is known
-    (pids are reused, start times are not); without one, argv must name the target.
-    """
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        if os.getsid(pid) != pid:
-            return False
-    except OSError:
-        return False
-    if not _holds_fuse_device(pid):
-        return False
-    if start_time:
-        return proc_start_time(pid) == start_time
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(64 * 1024).split(b"\0")
-    except OSError:
-        return False
-    return os.fsencode(target) in argv
 
 
 class MountSupervisor:
@@ -222,11 +165,9 @@ class MountSupervisor:
         return line in hostfile.read_from(log_path, offset, 256 * 1024)
 
     def _log_tail(self, target: str, offset: int) -> str:
-        text = hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode(
-            "utf-8", "replace"
+        return tail(
+            hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode("utf-8", "replace")
         )
-        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        return " | ".join(kept[-3:])[:400]
 
     def _wait_ready(
         self,
@@ -308,7 +249,7 @@ class MountSupervisor:
             if handle.proc is not None:
                 if handle.proc.poll() is not None:
                     return
-            elif not pid_alive(handle.pid):
+            elif not alive(handle.pid):
                 return
             time.sleep(0.005)
         self._kill(handle.pid)
@@ -340,7 +281,7 @@ class MountSupervisor:
     def _alive(self, handle: MountHandle) -> bool:
         if handle.proc is not None:
             return handle.proc.poll() is None
-        return pid_alive(handle.pid)
+        return alive(handle.pid)
 
     def _monitor(self, interval: float) -> None:
         while not self._stop.wait(interval):

@@ -30,9 +30,10 @@ from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
 from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
-from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter, proc_start_time
+from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
+from csi_driver.proc import serves, start_time
 from csi_driver.state import Publication, StateStore
-from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor, pid_alive, pid_serves
+from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
@@ -260,7 +261,7 @@ class NodeCore:
                         log.error(
                             "cannot clean dead mount", extra={"fields": {**fields, "err": exc}}
                         )
-                elif pid_alive(pub.pid) and pid_serves(pub.pid, target, pub.pid_start):
+                elif serves(pub.pid, target, pub.pid_start):
                     self.supervisor.adopt(
                         target, pub.cipher_dir, pub.mounter, pub.pid, readonly=pub.readonly
                     )
@@ -456,7 +457,7 @@ class NodeCore:
             mode,
             handle.pid,
             ephemeral,
-            proc_start_time(handle.pid),
+            start_time(handle.pid),
         )
 
     def _reuse_existing(self, volume_id: str, target: str, readonly: bool, mode: int) -> bool:

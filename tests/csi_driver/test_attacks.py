@@ -218,8 +218,8 @@ def test_state_file_fifo_or_huge_does_not_hang_or_exhaust(
 def test_forged_pid_is_never_adopted(tmp_path: pathlib.Path) -> None:
     """A state record naming an unrelated process (right start time, own session) must not
     be adopted: unpublish would later SIGKILL it."""
-    from csi_driver.mounter import proc_start_time
-    from csi_driver.supervisor import pid_serves
+    from csi_driver.proc import serves as pid_serves
+    from csi_driver.proc import start_time as proc_start_time
 
     victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:

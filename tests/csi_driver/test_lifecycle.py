@@ -15,8 +15,8 @@ from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 from csi_driver.core.node import NodeCore
+from csi_driver.proc import alive as pid_alive
 from csi_driver.server import start_node
-from csi_driver.supervisor import pid_alive
 from fuse_crypt import mounttable
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
