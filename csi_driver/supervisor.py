@@ -22,9 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from csi_driver import errors, hostfile
+from csi_driver.core.store import Publication, PublicationStore
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter
-from csi_driver.proc import PidProcess, Proc, alive, tail
+from csi_driver.proc import PidProcess, Proc, start_time, tail
 from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
@@ -37,18 +38,20 @@ RESTART_WINDOW = 60.0
 
 @dataclass
 class MountHandle:
-    """A supervised mount daemon serving ``target``."""
+    """The live side of a supervised mount daemon serving ``target``: its process, and the
+    key while we hold it (to restart it). What the mount *is* (cipher dir, mounter,
+    readonly, pid) is the publication in the store, the one source of truth."""
 
     target: str
-    cipher_dir: str
-    mounter: str
-    readonly: bool
-    pid: int
-    proc: Proc | None = None
+    proc: Proc
     key: VolumeKey | None = field(default=None, repr=False)
     stopping: bool = False
     dead: bool = False
     restarts: list[float] = field(default_factory=list)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
 _MNT_DETACH = 2
@@ -80,6 +83,7 @@ class MountSupervisor:
         self,
         mounters: dict[str, Mounter],
         log_dir: str,
+        store: PublicationStore,
         *,
         allow_other: bool = True,
         on_change: Callable[[], None] | None = None,
@@ -88,6 +92,7 @@ class MountSupervisor:
     ) -> None:
         self.mounters = mounters
         self.log_dir = log_dir
+        self.store = store
         self.allow_other = allow_other
         self.on_change = on_change or (lambda: None)
         self.on_restart = on_restart or (lambda: None)
@@ -117,27 +122,21 @@ class MountSupervisor:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self,
-        target: str,
-        cipher_dir: str,
-        mounter_name: str,
-        key: VolumeKey,
-        *,
-        readonly: bool,
-        timeout: float = READY_TIMEOUT,
+        self, pub: Publication, key: VolumeKey, *, timeout: float = READY_TIMEOUT
     ) -> MountHandle:
-        """Spawn the daemon and return once the kernel mount is live (or raise).
+        """Spawn the daemon of ``pub`` (an intent) and return once the kernel mount is live
+        (or raise). Recording it as mounted is the caller's step.
 
-        ``target`` must be the already-resolved path: it is compared with mountinfo
+        ``pub.target_path`` must be the already-resolved path: it is compared with mountinfo
         exactly, never re-resolved, so a symlink cannot redirect the check or the unmount.
         """
-        mounter = self.mounters[mounter_name]
-        proc = self._spawn(mounter, target, cipher_dir, key, readonly, timeout)
-        handle = MountHandle(
-            target, cipher_dir, mounter_name, readonly, proc.pid, proc=proc, key=key
+        mounter = self.mounters[pub.mounter]
+        proc = self._spawn(
+            mounter, pub.target_path, pub.cipher_dir, key, pub.readonly, timeout, pub
         )
+        handle = MountHandle(pub.target_path, proc, key=key)
         with self._lock:
-            self._handles[target] = handle
+            self._handles[pub.target_path] = handle
         return handle
 
     def _spawn(
@@ -147,7 +146,8 @@ class MountSupervisor:
         cipher_dir: str,
         key: VolumeKey,
         readonly: bool,
-        timeout: float = READY_TIMEOUT,
+        timeout: float,
+        pub: Publication,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
@@ -206,11 +206,11 @@ class MountSupervisor:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.002)
 
-    def adopt(
-        self, target: str, cipher_dir: str, mounter_name: str, pid: int, *, readonly: bool
-    ) -> MountHandle:
-        """Take over a daemon started by a previous plugin instance (watched by pid)."""
-        handle = MountHandle(target, cipher_dir, mounter_name, readonly, pid, proc=PidProcess(pid))
+    def adopt(self, pub: Publication) -> MountHandle:
+        """Take over the daemon of ``pub``, started by a previous plugin instance (watched by
+        pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies)."""
+        target = pub.target_path
+        handle = MountHandle(target, PidProcess(pub.pid, pub.pid_start or None))
         with self._lock:
             self._handles[target] = handle
         return handle
@@ -246,15 +246,11 @@ class MountSupervisor:
     def _reap(self, handle: MountHandle) -> None:
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
-            if handle.proc is not None:
-                if handle.proc.poll() is not None:
-                    return
-            elif not alive(handle.pid):
+            if handle.proc.poll() is not None:
                 return
             time.sleep(0.005)
         self._kill(handle.pid)
-        if handle.proc is not None:
-            handle.proc.wait(timeout=STOP_TIMEOUT)
+        handle.proc.wait(timeout=STOP_TIMEOUT)
 
     @staticmethod
     def _kill(pid: int) -> None:
@@ -278,10 +274,9 @@ class MountSupervisor:
 
     # -- monitoring ----------------------------------------------------------------------
 
-    def _alive(self, handle: MountHandle) -> bool:
-        if handle.proc is not None:
-            return handle.proc.poll() is None
-        return alive(handle.pid)
+    @staticmethod
+    def _alive(handle: MountHandle) -> bool:
+        return handle.proc.poll() is None
 
     def _monitor(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -312,21 +307,33 @@ class MountSupervisor:
                 return
         handle.restarts.append(now)
         time.sleep(min(0.2 * 2 ** len(handle.restarts), 5.0))
-        mounter = self.mounters[handle.mounter]
+        pub = self.store.get(handle.target)
+        if pub is None:  # unpublished meanwhile
+            return
+        mounter = self.mounters[pub.mounter]
         try:
             proc = self._spawn(
-                mounter, handle.target, handle.cipher_dir, handle.key, handle.readonly
+                mounter,
+                pub.target_path,
+                pub.cipher_dir,
+                handle.key,
+                pub.readonly,
+                READY_TIMEOUT,
+                pub,
             )
         except errors.CsiError as exc:
             log.error("mount restart failed", extra={"fields": {**fields, "err": exc}})
             return
-        handle.proc, handle.pid = proc, proc.pid
+        handle.proc = proc
         with self._lock:
             stopping = handle.stopping
         if stopping:  # unpublished while we were restarting: undo
             mounttable.detach(handle.target, lazy=True)
             self._reap(handle)
             return
+        # The store, not this handle, is what a restarted plugin reads: the new pid goes
+        # there at once, or a later plugin could not adopt (and supervise) this daemon.
+        self.store.update(handle.target, pid=proc.pid, pid_start=start_time(proc.pid))
         self.on_restart()
         log.info(
             "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}

@@ -13,7 +13,6 @@ enforce it.
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
@@ -31,7 +30,7 @@ from csi_driver.constants import (
     RESERVED_PREFIX,
 )
 from csi_driver.core.volcap import unsupported_reason
-from csi_driver.hostfile import read_bounded
+from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
 
 log = logging.getLogger(__name__)
@@ -90,20 +89,18 @@ class LocalBackend:
 
     def _load(self) -> dict[str, VolumeRecord]:
         try:
-            doc = json.loads(read_bounded(self._index_path, MAX_INDEX_BYTES))
-            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
+            doc = read_json(self._index_path, MAX_INDEX_BYTES)
+            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}  # type: ignore[union-attr]
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             raise errors.Internal(f"volume index {self._index_path} is unreadable") from None
 
     def _store(self, vols: Mapping[str, VolumeRecord]) -> None:
-        tmp = self._index_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"volumes": [asdict(v) for v in vols.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._index_path)
+        # Durable: the controller's index must survive a reboot of its host.
+        write_json_atomic(
+            self._index_path, {"volumes": [asdict(v) for v in vols.values()]}, durable=True
+        )
 
     # -- operations ----------------------------------------------------------------------
 

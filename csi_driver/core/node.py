@@ -26,13 +26,13 @@ from dataclasses import dataclass
 from coco_proto import csi_pb2
 from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
+from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
 from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
 from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
 from csi_driver.proc import serves, start_time
-from csi_driver.state import Publication, StateStore
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from fuse_crypt import mounttable
 
@@ -124,14 +124,15 @@ class NodeCore:
             self.mounters[mounter] = make_mounter(mounter)
         self.mounter_name = mounter
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
-        self._store = StateStore(self.state_dir)
+        # The one record of what this node published; the supervisor writes to it too.
+        self.store = PublicationStore(self.state_dir, self._check_record)
         self._lock = threading.Lock()
         self._target_locks: dict[str, _LockEntry] = {}
         self._volume_locks: dict[str, _LockEntry] = {}
-        self._pubs: dict[str, Publication] = {}
         self.supervisor = MountSupervisor(
             self.mounters,
             os.path.join(self.state_dir, "logs"),
+            self.store,
             allow_other=allow_other,
             on_change=self._refresh_gauge,
             on_restart=self.metrics.mount_restarts.inc,
@@ -190,15 +191,8 @@ class NodeCore:
         """A request's target path, validated and resolved once under the kubelet root."""
         return validate.resolve_under(path, (self.kubelet_root,), name)
 
-    def _save(self) -> None:
-        with self._lock:
-            snapshot = dict(self._pubs)
-        self._store.save(snapshot)
-        self._refresh_gauge()
-
     def _refresh_gauge(self) -> None:
-        with self._lock:
-            self.metrics.mounted.set(len(self._pubs))
+        self.metrics.mounted.set(sum(p.phase == MOUNTED for p in self.store.all()))
 
     def _our_fs_types(self) -> set[str]:
         return {m.fs_type for m in self.mounters.values()} | {"fuse.gocryptfs", "fuse.fuse-crypt"}
@@ -219,8 +213,8 @@ class NodeCore:
         return fsprobe.state(target, PROBE_TIMEOUT) == "dead"
 
     def publications(self) -> list[Publication]:
-        with self._lock:
-            return list(self._pubs.values())
+        """Every record of the store, intents of publishes in flight included."""
+        return self.store.all()
 
     # -- identity ------------------------------------------------------------------------
 
@@ -242,57 +236,78 @@ class NodeCore:
     # -- restart recovery ----------------------------------------------------------------
 
     def recover(self) -> None:
-        """Rediscover publications of a previous plugin instance (state file + mountinfo)."""
-        loaded = self._valid_records(self._store.load())
-        if not loaded:
-            return
+        """Pick up where a previous plugin instance stopped: its state file + mountinfo.
+
+        * ``mounted`` record, live mount, its daemon still there: adopt the daemon.
+        * ``mounted`` record, dead (ENOTCONN) mount: detach it; the record stays, so
+          kubelet's NodePublishVolume retry remounts and NodeUnpublishVolume cleans up.
+        * ``intent`` record: the plugin died during that publish, before recording the
+          mount. A mount of ours at the target (our fs type, our cipher dir as source) is
+          the half-finished publish: undo it (unmount, rmdir the target, drop the record),
+          so kubelet's retry publishes afresh instead of meeting ALREADY_EXISTS forever.
+        """
         mounts = mounttable.mounts_by_point()
-        for target, pub in loaded.items():
+        for pub in self.store.load():
+            target = pub.target_path
             fields = {"volume_id": pub.volume_id, "target": target}
             entry = mounts.get(target)
-            if entry is not None and entry.fstype.startswith("fuse"):
-                if self._dead(target):
-                    log.warning(
-                        "cleaning dead mount left by previous run", extra={"fields": fields}
-                    )
-                    try:
-                        mounttable.detach(target, lazy=True)
-                    except OSError as exc:
-                        log.error(
-                            "cannot clean dead mount", extra={"fields": {**fields, "err": exc}}
-                        )
-                elif serves(pub.pid, target, pub.pid_start):
-                    self.supervisor.adopt(
-                        target, pub.cipher_dir, pub.mounter, pub.pid, readonly=pub.readonly
-                    )
-                    log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
-            else:
-                log.warning("published volume is not mounted", extra={"fields": fields})
-            # Keep the record either way: NodePublish remounts it, NodeUnpublish cleans it.
-            self._pubs[target] = pub
-        self._save()
-
-    def _valid_records(self, records: list[Publication]) -> dict[str, Publication]:
-        """State records that pass the same checks as a request (the state dir is a hostPath:
-        a forged record must not steer an unmount, a removal or a kill)."""
-        out: dict[str, Publication] = {}
-        for pub in records:
-            try:
-                validate.volume_id(pub.volume_id)
-                if self._target(pub.target_path) != pub.target_path:
-                    raise errors.InvalidArgument("target_path is not in resolved form")
-                validate.absolute_path(pub.cipher_dir, "cipher_dir")
-                if pub.mounter not in self.mounters:
-                    raise errors.InvalidArgument("unknown mounter")
-                if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
-                    raise errors.InvalidArgument("ephemeral cipher_dir is not the plugin's own")
-                if pub.pid < 0 or pub.pid_start < 0 or pub.access_mode < 0:
-                    raise errors.InvalidArgument("negative number")
-            except errors.CsiError as exc:
-                log.warning("dropping invalid state record", extra={"fields": {"reason": str(exc)}})
+            if pub.phase == INTENT:
+                log.warning("undoing a publish interrupted by a restart", extra={"fields": fields})
+                self._undo_intent(pub, entry)
                 continue
-            out[pub.target_path] = pub
-        return out
+            if entry is None or not entry.fstype.startswith("fuse"):
+                log.warning("published volume is not mounted", extra={"fields": fields})
+            elif self._dead(target):
+                log.warning("cleaning dead mount left by previous run", extra={"fields": fields})
+                try:
+                    mounttable.detach(target, lazy=True)
+                except OSError as exc:
+                    log.error("cannot clean dead mount", extra={"fields": {**fields, "err": exc}})
+            elif serves(pub.pid, target, pub.pid_start):
+                self.supervisor.adopt(pub)
+                log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
+        self.store.save()  # what load dropped is dropped from the file too
+        self._refresh_gauge()
+
+    def _is_ours(self, pub: Publication, entry: mounttable.MountEntry | None) -> bool:
+        """A mount at the record's target made by one of our mounters: our fs type, and as
+        source the cipher dir (gocryptfs) or the daemon's name (fuse-crypt's fsname)."""
+        return (
+            entry is not None
+            and entry.fstype in self._our_fs_types()
+            and entry.source in (pub.cipher_dir, entry.fstype.removeprefix("fuse."))
+        )
+
+    def _undo_intent(self, pub: Publication, entry: mounttable.MountEntry | None) -> None:
+        target = pub.target_path
+        if self._is_ours(pub, entry):
+            try:
+                self.supervisor.stop(target, hung=self._dead(target))
+            except OSError as exc:
+                log.error("cannot undo interrupted mount", extra={"fields": {"err": exc}})
+                return  # keep the intent: the next start tries again
+        elif entry is not None:
+            # Not ours: leave it alone and forget the intent (publish will report it).
+            log.warning("foreign mount at an interrupted publish's target; left alone")
+        with contextlib.suppress(errors.CsiError):
+            self._remove_target(target)
+        if pub.ephemeral:
+            self._remove_ephemeral(pub.volume_id)  # its random key died with the old plugin
+        self.store.remove(target)
+
+    def _check_record(self, pub: Publication) -> None:
+        """A state record passes the same checks as a request (the state dir is a hostPath:
+        a forged record must not steer an unmount, a removal or a kill)."""
+        validate.volume_id(pub.volume_id)
+        if self._target(pub.target_path) != pub.target_path:
+            raise errors.InvalidArgument("target_path is not in resolved form")
+        validate.absolute_path(pub.cipher_dir, "cipher_dir")
+        if pub.mounter not in self.mounters:
+            raise errors.InvalidArgument("unknown mounter")
+        if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
+            raise errors.InvalidArgument("ephemeral cipher_dir is not the plugin's own")
+        if min(pub.pid, pub.pid_start, pub.access_mode, pub.capacity_bytes) < 0:
+            raise errors.InvalidArgument("negative number")
 
     def _ephemeral_dir(self, volume_id: str) -> str:
         return os.path.join(self.ephemeral_root, validate.volume_id(volume_id))
@@ -369,9 +384,7 @@ class NodeCore:
             ):
                 self._check_conflicts(req.volume_id, target, readonly)
                 pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral, deadline)
-                with self._lock:
-                    self._pubs[target] = pub
-            self._save()
+            self._refresh_gauge()
             log.info(
                 "published",
                 extra={
@@ -429,41 +442,46 @@ class NodeCore:
                     extra={"fields": {"volume_id": req.volume_id, "key_source": key.source}},
                 )
             deadline.check("mounting the volume")
-            created = self._make_target(target)
+            intent = Publication(
+                req.volume_id,
+                target,
+                cipher_dir,
+                self.mounter_name,
+                readonly,
+                mode,
+                ephemeral=ephemeral,
+                phase=INTENT,
+            )
+            # Recorded before anything is mounted: a restart at any later step finds it
+            # and undoes the half-done publish (recover).
+            self.store.put(intent)
             try:
-                handle = self.supervisor.start(
-                    target,
-                    cipher_dir,
-                    self.mounter_name,
-                    key,
-                    readonly=readonly,
-                    timeout=deadline.timeout(READY_TIMEOUT),
-                )
+                created = self._make_target(target)
+                try:
+                    handle = self.supervisor.start(
+                        intent, key, timeout=deadline.timeout(READY_TIMEOUT)
+                    )
+                except BaseException:
+                    if created:
+                        with contextlib.suppress(errors.CsiError):
+                            self._remove_target(target)
+                    raise
             except BaseException:
-                if created:
-                    with contextlib.suppress(errors.CsiError):
-                        self._remove_target(target)
+                self.store.remove(target)
                 raise
         except BaseException:
             if ephemeral:
                 self._remove_ephemeral(req.volume_id)
             raise
-        return Publication(
-            req.volume_id,
-            target,
-            cipher_dir,
-            self.mounter_name,
-            readonly,
-            mode,
-            handle.pid,
-            ephemeral,
-            start_time(handle.pid),
+        pub = self.store.update(
+            target, phase=MOUNTED, pid=handle.pid, pid_start=start_time(handle.pid)
         )
+        assert pub is not None  # the target lock keeps the intent ours
+        return pub
 
     def _reuse_existing(self, volume_id: str, target: str, readonly: bool, mode: int) -> bool:
         """True if an identical publication is already live (idempotent OK)."""
-        with self._lock:
-            pub = self._pubs.get(target)
+        pub = self.store.get(target)
         if pub is None:
             entry = mounttable.find_mount(target)
             if entry is None:
@@ -476,7 +494,7 @@ class NodeCore:
             raise errors.AlreadyExists(
                 f"target_path {target} is already used by volume {pub.volume_id}"
             )
-        if self._live(target):
+        if pub.phase == MOUNTED and self._live(target):
             if pub.readonly != readonly or pub.access_mode != int(mode):
                 raise errors.AlreadyExists(
                     f"volume {volume_id} is already published at {target} with a different "
@@ -486,14 +504,12 @@ class NodeCore:
         # Recorded but dead (daemon crashed, or the plugin restarted): clean and remount.
         log.warning("remounting dead publication", extra={"fields": {"target": target}})
         self.supervisor.stop(target)
-        with self._lock:
-            self._pubs.pop(target, None)
+        self.store.remove(target)
         return False
 
     def _check_conflicts(self, volume_id: str, target: str, readonly: bool) -> None:
-        with self._lock:
-            others = [p for p in self._pubs.values() if p.volume_id == volume_id]
-            count = len(self._pubs)
+        others = self.store.of_volume(volume_id)
+        count = len(self.store)
         for other in others:
             if other.target_path != target and not (readonly and other.readonly):
                 raise errors.FailedPrecondition(
@@ -538,8 +554,7 @@ class NodeCore:
             self._busy(),
             self._holding(self._target_locks, target, deadline, f"target {target}"),
         ):
-            with self._lock:
-                pub = self._pubs.get(target)
+            pub = self.store.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
             mounts = mounttable.mounts_by_point()
@@ -560,10 +575,8 @@ class NodeCore:
                 self.supervisor.stop(target, hung=hung)
             except OSError as exc:
                 raise errors.Internal(f"cannot unmount {target}: {exc.strerror or exc}") from None
-            with self._lock:
-                popped = self._pubs.pop(target, None)
-            if popped is not None:
-                self._save()
+            self.store.remove(target)
+            self._refresh_gauge()
             if pub is not None and pub.ephemeral:
                 self._remove_ephemeral(pub.volume_id)
             self._remove_target(target)
@@ -622,9 +635,8 @@ class NodeCore:
             # do not serve is, by the spec, a volume not published there.
             validate.path_text(volume_path, "volume_path")
             raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
-        with self._lock:
-            pub = self._pubs.get(target)
-        if pub is None or pub.volume_id != volume_id:
+        pub = self.store.get(target)
+        if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not published at {target}")
         with self._busy():
             if not self._live(target):

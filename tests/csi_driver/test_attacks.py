@@ -176,6 +176,8 @@ def test_tampered_state_record_cannot_make_unpublish_delete_anything(
         ("pid", True),
         ("readonly", "yes"),
         ("mounter", "sh"),
+        ("phase", "done"),
+        ("capacity_bytes", -1),
     ],
 )
 def test_malformed_state_records_are_dropped(
