@@ -22,14 +22,13 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from coco_proto import csi_pb2
 from csi_driver import errors, validate
 from csi_driver.constants import (
     CTX_CIPHER_DIR,
     PARAM_KEY_RESOURCE,
     RESERVED_PREFIX,
 )
-from csi_driver.core.volcap import unsupported_reason
+from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
 
@@ -136,7 +135,7 @@ class LocalBackend:
     def create(
         self,
         name: str,
-        capabilities: Sequence[csi_pb2.VolumeCapability],
+        capabilities: Sequence[Capability],
         parameters: Mapping[str, str],
         *,
         required_bytes: int = 0,
@@ -151,9 +150,9 @@ class LocalBackend:
         if not capabilities:
             raise errors.InvalidArgument("volume_capabilities is required")
         for cap in capabilities:
-            reason = unsupported_reason(cap)
-            if reason:
-                raise errors.InvalidArgument(reason)
+            problem = unsupported(cap)
+            if problem:
+                raise errors.InvalidArgument(problem.message)
         if has_content_source:
             raise errors.InvalidArgument(
                 "volume content sources (clone/snapshot) are not supported"
@@ -203,9 +202,7 @@ class LocalBackend:
         with self._locked() as vols:
             return vols.get(volume_id)
 
-    def validate(
-        self, volume_id: str, capabilities: Sequence[csi_pb2.VolumeCapability]
-    ) -> str | None:
+    def validate(self, volume_id: str, capabilities: Sequence[Capability]) -> str | None:
         """ValidateVolumeCapabilities: None if all confirmed, else why not."""
         validate.volume_id(volume_id)
         if not capabilities:
@@ -213,7 +210,7 @@ class LocalBackend:
         if self.get(volume_id) is None:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         for cap in capabilities:
-            reason = unsupported_reason(cap)
-            if reason:
-                return reason
+            problem = unsupported(cap)
+            if problem:
+                return problem.message
         return None

@@ -23,11 +23,10 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from coco_proto import csi_pb2
 from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
-from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
+from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
@@ -60,7 +59,7 @@ class PublishRequest:
 
     volume_id: str
     target_path: str
-    capability: csi_pb2.VolumeCapability | None
+    capability: Capability | None
     readonly: bool = False
     secrets: Mapping[str, str] | None = None
     volume_context: Mapping[str, str] | None = None
@@ -360,14 +359,14 @@ class NodeCore:
         if req.capability is None:
             raise errors.InvalidArgument("volume_capability is required")
         target = self._target(req.target_path)
-        reason = unsupported_reason(req.capability)
-        if reason is not None:
-            if "required" in reason:
-                raise errors.InvalidArgument(reason)
-            raise errors.FailedPrecondition(reason)
-        mode = req.capability.access_mode.mode
-        flags = list(req.capability.mount.mount_flags)
-        readonly = bool(req.readonly) or mode in READONLY_MODES or "ro" in flags
+        problem = unsupported(req.capability)
+        if problem is not None:
+            raise (errors.InvalidArgument if problem.missing else errors.FailedPrecondition)(
+                problem.message
+            )
+        mode = req.capability.access_mode
+        readonly = bool(req.readonly) or req.capability.readonly_mode
+        readonly = readonly or "ro" in req.capability.mount_flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
 

@@ -283,18 +283,19 @@ def test_node_without_allow_list_refuses_every_key_resource(
     tmp_path: pathlib.Path, keys: Keys
 ) -> None:
     from csi_driver import errors
-    from csi_driver.client import mount_capability
     from csi_driver.core.controller import LocalBackend
     from csi_driver.core.node import PublishRequest
 
+    from .helpers import plain_capability
+
     backend = LocalBackend(str(tmp_path / "backend"))
-    rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, ctx = backend.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
     core = make_node(tmp_path, keys, "gocryptfs", allowed_key_resources=())
     try:
         req = PublishRequest(
             rec.volume_id,
             str(tmp_path / "pods" / "p" / "mount"),
-            mount_capability(),
+            plain_capability(),
             volume_context=ctx,
         )
         with pytest.raises(errors.PermissionDenied, match="allowed-key-resource"):
@@ -517,28 +518,29 @@ def test_sealed_passphrase_from_a_kid_outside_the_allow_list_is_refused(
     tmp_path: pathlib.Path, keys: Keys
 ) -> None:
     from csi_driver import errors
-    from csi_driver.client import mount_capability
     from csi_driver.core.controller import LocalBackend
     from csi_driver.core.node import PublishRequest
+
+    from .helpers import plain_capability
 
     core = make_node(tmp_path, keys, "gocryptfs", allowed_signing_kids=["kbs:///other/"])
     try:
         backend = LocalBackend(str(tmp_path / "backend"))
-        rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+        rec, ctx = backend.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
         del ctx["keyResource"]
         req = PublishRequest(
             rec.volume_id,
             str(tmp_path / "pods" / "p" / "mount"),
-            mount_capability(),
+            plain_capability(),
             secrets={"passphrase": keys.seal_passphrase()},
             volume_context=ctx,
         )
         with pytest.raises(errors.CsiError) as info:
             core.publish(req)
         assert info.value.code in (
-            grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.FAILED_PRECONDITION,
+            errors.Code.PERMISSION_DENIED,
+            errors.Code.INVALID_ARGUMENT,
+            errors.Code.FAILED_PRECONDITION,
         )
         assert os.listdir(tmp_path / "backend" / rec.volume_id) == []
     finally:

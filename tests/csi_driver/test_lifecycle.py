@@ -20,13 +20,13 @@ from csi_driver.server import start_node
 from fuse_crypt import mounttable
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
-from .helpers import mount_capability
+from .helpers import mount_capability, plain_capability
 
 DATA = b"survives restarts\n"
 
 
 def _volume(backend: LocalBackend, name: str) -> tuple[str, dict[str, str]]:
-    rec, ctx = backend.create(name, [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, ctx = backend.create(name, [plain_capability()], {"keyResource": KEY_RESOURCE})
     return rec.volume_id, ctx
 
 
@@ -282,7 +282,7 @@ def test_kill_between_mounted_and_saved_is_recovered(  # type: ignore[no-untyped
     backend, _, tmp = world
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
-    req = PublishRequest(vid, target, mount_capability(), volume_context=ctx)
+    req = PublishRequest(vid, target, plain_capability(), volume_context=ctx)
     real_update = PublicationStore.update
 
     def killed(self, target, **changes):  # type: ignore[no-untyped-def]
