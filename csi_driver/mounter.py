@@ -22,7 +22,7 @@ import subprocess
 import sys
 from abc import ABC, abstractmethod
 
-from csi_driver import errors, hostfile
+from csi_driver import errors, hostfile, proc
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 from csi_driver.proc import PidProcess, Proc, tail
@@ -159,6 +159,19 @@ class Mounter(ABC):
         except BrokenPipeError:
             pass  # it died at once; the supervisor reads why from the log
         return proc
+
+    def attach(self, pid: int, started: int) -> Proc:
+        """A daemon of ours started by a previous plugin instance, watched by pid + start
+        time (0: take the current one)."""
+        return PidProcess(pid, started or None)
+
+    def start_time(self, pid: int) -> int:
+        """What identifies the daemon ``pid`` for good, with its pid (csi_driver/proc.py)."""
+        return proc.start_time(pid)
+
+    def serves(self, pid: int, target: str, started: int) -> bool:
+        """Whether ``pid`` (from the hostile state file) is this mount's daemon."""
+        return proc.serves(pid, target, started)
 
     def unavailable(self) -> str | None:
         """Why this mounter cannot work here (for Probe), or None."""

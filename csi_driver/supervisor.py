@@ -11,7 +11,6 @@ kubelet's next NodePublishVolume mounts it afresh instead of hitting ENOTCONN.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -25,8 +24,8 @@ from csi_driver import errors, hostfile
 from csi_driver.core.store import Publication, PublicationStore
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter
-from csi_driver.proc import PidProcess, Proc, start_time, tail
-from fuse_crypt import mounttable
+from csi_driver.mounts import MountTable
+from csi_driver.proc import Proc, tail
 
 log = logging.getLogger(__name__)
 
@@ -54,28 +53,6 @@ class MountHandle:
         return self.proc.pid
 
 
-_MNT_DETACH = 2
-_UMOUNT_NOFOLLOW = 8
-
-
-def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
-    """umount2(target, UMOUNT_NOFOLLOW) as root; True if it unmounted.
-
-    fusermount3 and umount(8) resolve the path themselves, so a symlink swapped in at the
-    target after validation would point them at another volume; the kernel's NOFOLLOW
-    flag closes that window. False (caller falls back to mounttable.detach) when not root,
-    busy or anything else fails.
-    """
-    if os.geteuid() != 0:
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
-        return libc.umount2(os.fsencode(target), flags) == 0
-    except (OSError, AttributeError):
-        return False
-
-
 class MountSupervisor:
     """Starts, stops, adopts and watches mount daemons."""
 
@@ -85,6 +62,7 @@ class MountSupervisor:
         log_dir: str,
         store: PublicationStore,
         *,
+        mounts: MountTable | None = None,
         allow_other: bool = True,
         on_change: Callable[[], None] | None = None,
         on_restart: Callable[[], None] | None = None,
@@ -93,6 +71,7 @@ class MountSupervisor:
         self.mounters = mounters
         self.log_dir = log_dir
         self.store = store
+        self.mounts = mounts or MountTable()
         self.allow_other = allow_other
         self.on_change = on_change or (lambda: None)
         self.on_restart = on_restart or (lambda: None)
@@ -183,7 +162,7 @@ class MountSupervisor:
         log_path = self.log_path(target)
         while True:
             if self._said_ready(log_path, log_offset, mounter.READY_LINE):
-                entry = mounttable.find_mount(target)
+                entry = self.mounts.find(target)
                 if entry is not None and entry.fstype.startswith("fuse"):
                     return
             rc = proc.poll()
@@ -193,9 +172,9 @@ class MountSupervisor:
                 self._kill(proc.pid)
                 with contextlib.suppress(Exception):
                     proc.wait(timeout=STOP_TIMEOUT)
-                if mounttable.find_mount(target) is not None:  # mounted, never said ready
+                if self.mounts.find(target) is not None:  # mounted, never said ready
                     with contextlib.suppress(OSError):
-                        mounttable.detach(target, lazy=True)
+                        self.mounts.detach(target, lazy=True)
                 if timeout < READY_TIMEOUT:
                     raise errors.DeadlineExceeded(
                         f"{mounter.name} did not mount {target} before the deadline"
@@ -210,7 +189,7 @@ class MountSupervisor:
         """Take over the daemon of ``pub``, started by a previous plugin instance (watched by
         pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies)."""
         target = pub.target_path
-        handle = MountHandle(target, PidProcess(pub.pid, pub.pid_start or None))
+        handle = MountHandle(target, self.mounters[pub.mounter].attach(pub.pid, pub.pid_start))
         with self._lock:
             self._handles[target] = handle
         return handle
@@ -231,12 +210,7 @@ class MountSupervisor:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mounttable.find_mount(target) is not None and not umount_nofollow(target, lazy=hung):
-            try:
-                mounttable.detach(target, lazy=hung)
-            except OSError:
-                log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
-                mounttable.detach(target, lazy=True)
+        self.mounts.unmount(target, lazy=hung)
         if handle is not None:
             if hung:
                 self._kill(handle.pid)
@@ -293,8 +267,8 @@ class MountSupervisor:
     def _recover(self, handle: MountHandle) -> None:
         fields = {"target": handle.target, "pid": handle.pid}
         log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
-        if mounttable.find_mount(handle.target) is not None:
-            mounttable.detach(handle.target, lazy=True)
+        if self.mounts.find(handle.target) is not None:
+            self.mounts.detach(handle.target, lazy=True)
         now = time.monotonic()
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
         if handle.key is None or len(handle.restarts) >= MAX_RESTARTS:
@@ -328,12 +302,12 @@ class MountSupervisor:
         with self._lock:
             stopping = handle.stopping
         if stopping:  # unpublished while we were restarting: undo
-            mounttable.detach(handle.target, lazy=True)
+            self.mounts.detach(handle.target, lazy=True)
             self._reap(handle)
             return
         # The store, not this handle, is what a restarted plugin reads: the new pid goes
         # there at once, or a later plugin could not adopt (and supervise) this daemon.
-        self.store.update(handle.target, pid=proc.pid, pid_start=start_time(proc.pid))
+        self.store.update(handle.target, pid=proc.pid, pid_start=mounter.start_time(proc.pid))
         self.on_restart()
         log.info(
             "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}

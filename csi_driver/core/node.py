@@ -31,9 +31,8 @@ from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
-from csi_driver.proc import serves, start_time
+from csi_driver.mounts import MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
-from fuse_crypt import mounttable
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +101,7 @@ class NodeCore:
         allowed_key_resources: Sequence[str] = (),
         allowed_signing_kids: Sequence[str] = (),
         max_parallel: int = DEFAULT_MAX_PARALLEL,
+        mount_table: MountTable | None = None,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -125,6 +125,7 @@ class NodeCore:
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
         # The one record of what this node published; the supervisor writes to it too.
         self.store = PublicationStore(self.state_dir, self._check_record)
+        self.mounts = mount_table or MountTable()
         self._lock = threading.Lock()
         self._target_locks: dict[str, _LockEntry] = {}
         self._volume_locks: dict[str, _LockEntry] = {}
@@ -132,6 +133,7 @@ class NodeCore:
             self.mounters,
             os.path.join(self.state_dir, "logs"),
             self.store,
+            mounts=self.mounts,
             allow_other=allow_other,
             on_change=self._refresh_gauge,
             on_restart=self.metrics.mount_restarts.inc,
@@ -196,20 +198,18 @@ class NodeCore:
     def _our_fs_types(self) -> set[str]:
         return {m.fs_type for m in self.mounters.values()} | {"fuse.gocryptfs", "fuse.fuse-crypt"}
 
-    @staticmethod
-    def _live(target: str) -> bool:
+    def _live(self, target: str) -> bool:
         """A FUSE mount at exactly ``target`` that answers (a hung one counts as live: its
         daemon is there, it is just slow, and remounting would not help)."""
-        entry = mounttable.find_mount(target)
+        entry = self.mounts.find(target)
         return (
             entry is not None
             and entry.fstype.startswith("fuse")
-            and fsprobe.state(target, PROBE_TIMEOUT) != "dead"
+            and self.mounts.probe(target, PROBE_TIMEOUT) != "dead"
         )
 
-    @staticmethod
-    def _dead(target: str) -> bool:
-        return fsprobe.state(target, PROBE_TIMEOUT) == "dead"
+    def _dead(self, target: str) -> bool:
+        return self.mounts.probe(target, PROBE_TIMEOUT) == "dead"
 
     def publications(self) -> list[Publication]:
         """Every record of the store, intents of publishes in flight included."""
@@ -245,7 +245,7 @@ class NodeCore:
           the half-finished publish: undo it (unmount, rmdir the target, drop the record),
           so kubelet's retry publishes afresh instead of meeting ALREADY_EXISTS forever.
         """
-        mounts = mounttable.mounts_by_point()
+        mounts = self.mounts.all()
         for pub in self.store.load():
             target = pub.target_path
             fields = {"volume_id": pub.volume_id, "target": target}
@@ -259,16 +259,16 @@ class NodeCore:
             elif self._dead(target):
                 log.warning("cleaning dead mount left by previous run", extra={"fields": fields})
                 try:
-                    mounttable.detach(target, lazy=True)
+                    self.mounts.detach(target, lazy=True)
                 except OSError as exc:
                     log.error("cannot clean dead mount", extra={"fields": {**fields, "err": exc}})
-            elif serves(pub.pid, target, pub.pid_start):
+            elif self.mounters[pub.mounter].serves(pub.pid, target, pub.pid_start):
                 self.supervisor.adopt(pub)
                 log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
         self.store.save()  # what load dropped is dropped from the file too
         self._refresh_gauge()
 
-    def _is_ours(self, pub: Publication, entry: mounttable.MountEntry | None) -> bool:
+    def _is_ours(self, pub: Publication, entry: MountEntry | None) -> bool:
         """A mount at the record's target made by one of our mounters: our fs type, and as
         source the cipher dir (gocryptfs) or the daemon's name (fuse-crypt's fsname)."""
         return (
@@ -277,7 +277,7 @@ class NodeCore:
             and entry.source in (pub.cipher_dir, entry.fstype.removeprefix("fuse."))
         )
 
-    def _undo_intent(self, pub: Publication, entry: mounttable.MountEntry | None) -> None:
+    def _undo_intent(self, pub: Publication, entry: MountEntry | None) -> None:
         target = pub.target_path
         if self._is_ours(pub, entry):
             try:
@@ -472,9 +472,8 @@ class NodeCore:
             if ephemeral:
                 self._remove_ephemeral(req.volume_id)
             raise
-        pub = self.store.update(
-            target, phase=MOUNTED, pid=handle.pid, pid_start=start_time(handle.pid)
-        )
+        started = self.mounters[intent.mounter].start_time(handle.pid)
+        pub = self.store.update(target, phase=MOUNTED, pid=handle.pid, pid_start=started)
         assert pub is not None  # the target lock keeps the intent ours
         return pub
 
@@ -482,11 +481,11 @@ class NodeCore:
         """True if an identical publication is already live (idempotent OK)."""
         pub = self.store.get(target)
         if pub is None:
-            entry = mounttable.find_mount(target)
+            entry = self.mounts.find(target)
             if entry is None:
                 return False
             if self._dead(target):
-                mounttable.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
+                self.mounts.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
                 return False
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
         if pub.volume_id != volume_id:
@@ -556,7 +555,7 @@ class NodeCore:
             pub = self.store.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
-            mounts = mounttable.mounts_by_point()
+            mounts = self.mounts.all()
             entry = mounts.get(target)
             foreign = entry is not None and entry.fstype not in self._our_fs_types()
             if pub is None and foreign and not self._dead(target):
@@ -569,7 +568,7 @@ class NodeCore:
                     f"target_path {target} has {len(below)} other mount(s) below it; "
                     "not unmounting or removing anything"
                 )
-            hung = entry is not None and fsprobe.state(target, PROBE_TIMEOUT) == "hung"
+            hung = entry is not None and self.mounts.probe(target, PROBE_TIMEOUT) == "hung"
             try:
                 self.supervisor.stop(target, hung=hung)
             except OSError as exc:
@@ -581,10 +580,9 @@ class NodeCore:
             self._remove_target(target)
             log.info("unpublished", extra={"fields": {"volume_id": volume_id, "target": target}})
 
-    @staticmethod
-    def _remove_target(target: str) -> None:
+    def _remove_target(self, target: str) -> None:
         """rmdir only: whatever is left in an unmounted target is somebody's data."""
-        if mounttable.find_mount(target) is not None:
+        if self.mounts.find(target) is not None:
             raise errors.Internal(f"{target} is still mounted; not removing it")
         try:
             os.rmdir(target)
@@ -616,7 +614,7 @@ class NodeCore:
                 "ephemeral directory is not a plain directory; kept", extra={"fields": fields}
             )
             return
-        if any(mp == path or validate.is_below(mp, path) for mp in mounttable.mounts_by_point()):
+        if any(mp == path or validate.is_below(mp, path) for mp in self.mounts.all()):
             log.error("ephemeral directory has a mount inside; kept", extra={"fields": fields})
             return
         # fd-based on Linux (shutil.rmtree.avoids_symlink_attacks): links are removed, not
@@ -641,7 +639,7 @@ class NodeCore:
             if not self._live(target):
                 raise errors.NotFound(f"volume {volume_id} at {target} is not mounted")
             try:
-                st = fsprobe.call(target, os.statvfs, PROBE_TIMEOUT)
+                st = self.mounts.statvfs(target, PROBE_TIMEOUT)
             except fsprobe.MountHung:
                 raise errors.Unavailable(
                     f"volume {volume_id} at {target} is not answering (storage hung?)"

@@ -606,7 +606,7 @@ def test_wedged_daemon_does_not_hang_the_plugin(env: Env, monkeypatch: pytest.Mo
 
 def test_unmount_never_follows_a_symlink_swapped_in(env: Env) -> None:
     """The last line of defence behind validation: the kernel refuses to follow the link."""
-    from csi_driver.supervisor import umount_nofollow
+    from csi_driver.mounts import umount_nofollow
 
     vol, target = _published(env)
     link = pathlib.Path(env.target("swapped"))
