@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 
 from csi_driver import errors, validate
 from csi_driver.constants import (
+    CTX_CAPACITY,
     CTX_CIPHER_DIR,
     PARAM_KEY_RESOURCE,
     RESERVED_PREFIX,
@@ -50,7 +51,10 @@ class VolumeRecord:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def context(self, root: str) -> dict[str, str]:
-        ctx = {CTX_CIPHER_DIR: os.path.join(root, self.volume_id)}
+        ctx = {
+            CTX_CIPHER_DIR: os.path.join(root, self.volume_id),
+            CTX_CAPACITY: str(self.capacity_bytes),
+        }
         if PARAM_KEY_RESOURCE in self.parameters:
             ctx[PARAM_KEY_RESOURCE] = self.parameters[PARAM_KEY_RESOURCE]
         return ctx

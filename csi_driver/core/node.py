@@ -23,8 +23,8 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from csi_driver import errors, fsprobe, validate
-from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
+from csi_driver import errors, fsprobe, usage, validate
+from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
 from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
@@ -351,6 +351,24 @@ class NodeCore:
             )
         return path
 
+    @staticmethod
+    def _capacity_hint(ctx: Mapping[str, str], cipher_dir: str) -> int:
+        """The capacity the controller recorded (0: none). The control plane is untrusted:
+        a decimal byte count or INVALID_ARGUMENT, and never more than the storage under the
+        cipher dir holds (the node's own bound)."""
+        raw = ctx.get(CTX_CAPACITY)
+        if raw is None:
+            return 0
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
+            raise errors.InvalidArgument(
+                f"volume_context {CTX_CAPACITY} must be a decimal number of bytes"
+            )
+        try:
+            st = fsprobe.call(cipher_dir, os.statvfs, PROBE_TIMEOUT)
+        except OSError:
+            raise errors.Unavailable("the volume's storage is not answering") from None
+        return min(int(raw), st.f_blocks * st.f_frsize)
+
     def publish(self, req: PublishRequest, deadline: Deadline | None = None) -> None:
         """NodePublishVolume: idempotent; see module docstring for the rules."""
         deadline = deadline or Deadline()
@@ -414,6 +432,7 @@ class NodeCore:
         subprocess.
         """
         cipher_dir = self._locate(req, ctx, ephemeral)
+        capacity = 0 if ephemeral else self._capacity_hint(ctx, cipher_dir)
         try:
             key = resolve_volume_key(
                 req.volume_id,
@@ -450,6 +469,7 @@ class NodeCore:
                 mode,
                 ephemeral=ephemeral,
                 phase=INTENT,
+                capacity_bytes=capacity,
             )
             # Recorded before anything is mounted: a restart at any later step finds it
             # and undoes the half-done publish (recover).
@@ -648,6 +668,8 @@ class NodeCore:
                 raise errors.NotFound(
                     f"volume {volume_id} at {target} is not usable: {exc.strerror}"
                 ) from None
+            if pub.capacity_bytes:
+                return self._own_stats(pub, st)
         return VolumeStats(
             bytes_total=st.f_blocks * st.f_frsize,
             bytes_available=st.f_bavail * st.f_frsize,
@@ -655,6 +677,28 @@ class NodeCore:
             inodes_total=st.f_files,
             inodes_available=st.f_favail,
             inodes_used=st.f_files - st.f_ffree,
+        )
+
+    def _own_stats(self, pub: Publication, st: os.statvfs_result) -> VolumeStats:
+        """The volume's own numbers: its recorded capacity and what its ciphertext
+        directory holds (not the host filesystem's, which the volume merely shares)."""
+        try:
+            used, entries = fsprobe.call(pub.cipher_dir, usage.tree_usage, PROBE_TIMEOUT)
+        except fsprobe.MountHung:
+            raise errors.Unavailable(
+                f"volume {pub.volume_id}: its storage is not answering"
+            ) from None
+        except OSError as exc:
+            raise errors.Internal(
+                f"volume {pub.volume_id}: cannot measure its directory: {exc.strerror or exc}"
+            ) from None
+        return VolumeStats(
+            bytes_total=pub.capacity_bytes,
+            bytes_available=max(0, pub.capacity_bytes - used),
+            bytes_used=used,
+            inodes_total=st.f_files,
+            inodes_available=st.f_favail,
+            inodes_used=entries,
         )
 
     # -- shutdown ------------------------------------------------------------------------

@@ -43,6 +43,7 @@ NO_FUSE_MODULES = frozenset(
         "test_crash_matrix.py",
         "test_proc.py",
         "test_store.py",
+        "test_usage.py",
     }
 )
 

@@ -199,3 +199,11 @@ def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir:
             assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
     finally:
         plugin.stop()
+
+
+def test_volume_context_carries_the_granted_capacity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(str(tmp_path / "b"))
+    rec, ctx = backend.create(
+        "pvc", [plain_capability()], {"keyResource": KEY_RESOURCE}, required_bytes=64 << 20
+    )
+    assert ctx["capacityBytes"] == str(64 << 20) == str(rec.capacity_bytes)

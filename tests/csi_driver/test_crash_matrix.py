@@ -314,3 +314,50 @@ def test_a_dead_mount_without_a_record_is_cleaned_for_the_retry(tmp_path: pathli
         assert_published_once(node)
     finally:
         node.core.shutdown()
+
+
+# -- volume stats describe the volume ---------------------------------------------------
+
+
+def _publish_with(node: Node, capacity: str) -> None:
+    ctx = {**node.request().volume_context, "capacityBytes": capacity}  # type: ignore[dict-item]
+    node.core.publish(PublishRequest(VOLUME, node.target, CAP, volume_context=ctx))
+
+
+def test_stats_report_the_volumes_capacity_and_usage(tmp_path: pathlib.Path) -> None:
+    node = Node(tmp_path)
+    try:
+        _publish_with(node, str(64 << 20))
+        (node.backend / VOLUME / "blob").write_bytes(os.urandom(1 << 20))
+        st = node.core.stats(VOLUME, node.target)
+        assert st.bytes_total == 64 << 20
+        assert (1 << 20) <= st.bytes_used < (2 << 20)
+        assert st.bytes_available == st.bytes_total - st.bytes_used
+        assert st.inodes_used == 2  # the stand-in conf and the blob
+        node.kill_plugin()  # the capacity is part of the record
+        assert node.core.stats(VOLUME, node.target).bytes_total == 64 << 20
+    finally:
+        node.core.shutdown()
+
+
+def test_capacity_hint_is_bounded_by_the_nodes_storage(tmp_path: pathlib.Path) -> None:
+    node = Node(tmp_path)
+    try:
+        _publish_with(node, "9" * 20)
+        sv = os.statvfs(node.backend)
+        assert node.core.stats(VOLUME, node.target).bytes_total == sv.f_blocks * sv.f_frsize
+    finally:
+        node.core.shutdown()
+
+
+@pytest.mark.parametrize("bad", ["", "12abc", "-1", "1e9", " 5", "\u0661\u0662", "1" * 21])
+def test_capacity_hints_that_are_not_byte_counts_are_refused(
+    tmp_path: pathlib.Path, bad: str
+) -> None:
+    node = Node(tmp_path)
+    try:
+        with pytest.raises(errors.InvalidArgument, match="capacityBytes"):
+            _publish_with(node, bad)
+        assert node.records() == [] and node.table.entries == {}
+    finally:
+        node.core.shutdown()

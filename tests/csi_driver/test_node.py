@@ -211,6 +211,9 @@ def test_volume_stats(env: Env) -> None:
     units = {u.unit: u for u in resp.usage}
     by = units[csi_pb2.VolumeUsage.Unit.BYTES]
     assert by.total > 0 and by.available > 0 and by.used > 0
+    # The volume's own numbers (it used to report the host filesystem's).
+    assert by.total == vol.capacity_bytes and by.used + by.available == by.total
+    assert by.used < 1 << 20  # the conf, the dir IV and one small file
     assert units[csi_pb2.VolumeUsage.Unit.INODES].total > 0
     expect_code(
         grpc.StatusCode.NOT_FOUND,
