@@ -192,9 +192,16 @@ class Mounter(ABC):
 
     @abstractmethod
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
-        """argv of a foreground mount daemon that reads its key from stdin."""
+        """argv of a foreground mount daemon that reads its key from stdin. ``capacity``
+        (bytes, 0: none) is enforced by mounters that can (fuse-crypt's --capacity)."""
 
     @abstractmethod
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
@@ -225,7 +232,13 @@ class GocryptfsMounter(Mounter):
         self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = [self._bin(), "-fg", "-nosyslog", "-passfile", "/dev/stdin"]
         if readonly:
@@ -261,13 +274,21 @@ class FuseCryptMounter(Mounter):
         self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = [self._bin(), "mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
             argv.append("--allow-other")
+        if capacity:
+            argv += ["--capacity", str(capacity)]
         return [*argv, cipher_dir, target]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
@@ -306,13 +327,21 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
         self._zygote = ZygoteClient()
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = ["mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
             argv.append("--allow-other")
+        if capacity:
+            argv += ["--capacity", str(capacity)]
         return [*argv, cipher_dir, target]
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:

@@ -129,7 +129,13 @@ class MountSupervisor:
         pub: Publication,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
-        argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
+        argv = mounter.command(
+            cipher_dir,
+            target,
+            readonly=readonly,
+            allow_other=self.allow_other,
+            capacity=pub.capacity_bytes,
+        )
         log_path = self.log_path(target)
         # The log dir is under the state dir, a hostPath: make sure a regular file is there
         # (a planted FIFO would block the daemon's open, a symlink would redirect its output).

@@ -5,9 +5,9 @@ directories and passes the StorageClass's key resource *reference* on to the nod
 volume_context. The gocryptfs volume itself is initialised by the node plugin, inside the
 guest, on first publish.
 
-Capacity is recorded and checked against the backing filesystem's free space but not
-enforced per volume (a plain directory has no quota); a block or object backend would
-enforce it.
+Capacity is recorded, checked against the backing filesystem's free space and passed on in
+volume_context (capacityBytes); the node enforces it in the mount (fuse-crypt --capacity),
+since a plain directory has no quota of its own.
 """
 
 from __future__ import annotations

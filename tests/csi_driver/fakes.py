@@ -113,7 +113,13 @@ class FakeMounter(Mounter):
             f.write("{}")
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         return ["fake", cipher_dir, target, "ro" if readonly else "rw"]
 
