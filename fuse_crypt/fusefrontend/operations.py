@@ -420,6 +420,7 @@ class CryptOperations(mfusepy.Operations):
         _, cnew, created_name = self._begin_create(new)
         if cold == cnew:
             return 0
+        replaced = self._replaced_size(cnew, flags)
         try:
             try:
                 backend.rename(cold, cnew, flags)
@@ -436,12 +437,25 @@ class CryptOperations(mfusepy.Operations):
         finally:
             if is_dir or flags & RENAME_EXCHANGE:
                 self.paths.invalidate()
+        if replaced:
+            self.quota.charge(-replaced)  # type: ignore[union-attr]
         if not flags & RENAME_EXCHANGE:
             try:
                 backend.lstat(cold)  # still there: old and new were hard links
             except FileNotFoundError:
                 self.paths.remove_long_name(cold)
         return 0
+
+    def _replaced_size(self, cnew: str, flags: int) -> int:
+        """Bytes a rename frees by replacing the last link of a regular file (for the
+        quota: "write a temp file, rename it over" must not use up the capacity)."""
+        if self.quota is None or flags & RENAME_EXCHANGE:
+            return 0
+        try:
+            st = self.backend.lstat(cnew)
+        except OSError:
+            return 0
+        return st.size if st.is_reg and st.nlink == 1 else 0
 
     # -- files ---------------------------------------------------------------------------
 

@@ -77,6 +77,16 @@ def test_growth_past_capacity_is_enospc_and_unlink_frees(capped: tuple[Path, Vol
     assert sv.f_bavail * sv.f_frsize < MIB
 
 
+def test_renaming_over_a_file_frees_it(capped: tuple[Path, Volume]) -> None:
+    """Editors save by writing a temp file and renaming it over: that must not leak."""
+    mp, _ = capped
+    for _ in range(5):
+        (mp / "tmp").write_bytes(os.urandom(600_000))
+        os.rename(mp / "tmp", mp / "doc")
+    sv = os.statvfs(mp)
+    assert sv.f_bavail * sv.f_frsize > MIB // 2
+
+
 def test_quota_charges_ciphertext_sizes() -> None:
     enc = ContentEnc(CryptoCore(bytes(32)))
     q = Quota(enc.cipher_size(4096))
