@@ -30,6 +30,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from coco_proto import csi_pb2  # noqa: E402
+from csi_driver import convert  # noqa: E402
 from csi_driver.client import CsiClient, mount_capability  # noqa: E402
 from csi_driver.core.controller import LocalBackend  # noqa: E402
 from csi_driver.keys import derive_volume_password  # noqa: E402
@@ -199,7 +200,9 @@ def main() -> int:
         backend = LocalBackend(os.path.join(work, "backend"))
         vols, ctxs = [], []
         for i in range(args.volumes):
-            rec, ctx = backend.create(f"pvc-{i}", [mount_capability()], {"keyResource": KEY})
+            rec, ctx = backend.create(
+                f"pvc-{i}", [convert.capability(mount_capability())], {"keyResource": KEY}
+            )
             vols.append((rec.volume_id, ctx["cipherDir"]))
             ctxs.append(ctx)
             # Initialise the way the node would on first publish (gocryptfs format, logN 10).

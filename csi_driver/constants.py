@@ -18,6 +18,9 @@ PARAM_KEY_RESOURCE = "keyResource"
 PARAM_PASSPHRASE = "passphrase"
 # volume_context key written by the controller: the volume's ciphertext directory.
 CTX_CIPHER_DIR = "cipherDir"
+# volume_context key written by the controller: the capacity CreateVolume granted, in bytes
+# (decimal). The node takes it as a quota hint only, bounded by its own storage.
+CTX_CAPACITY = "capacityBytes"
 # Kubelet's marker for CSI inline ephemeral volumes.
 CTX_EPHEMERAL = "csi.storage.k8s.io/ephemeral"
 # Prefix of keys the CO adds (pod info, reserved provisioner parameters).

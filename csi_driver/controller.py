@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from coco_proto import csi_pb2, csi_pb2_grpc
+from csi_driver import convert
 from csi_driver.core.controller import LocalBackend
 from csi_driver.metrics import Metrics
 from csi_driver.rpc import csi_rpc
@@ -29,7 +30,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def CreateVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
         rec, ctx = self.backend.create(
             request.name,
-            list(request.volume_capabilities),
+            convert.capabilities(request.volume_capabilities),
             dict(request.parameters),
             required_bytes=request.capacity_range.required_bytes,
             limit_bytes=request.capacity_range.limit_bytes,
@@ -48,7 +49,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
 
     @csi_rpc("ValidateVolumeCapabilities")
     def ValidateVolumeCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
-        reason = self.backend.validate(request.volume_id, list(request.volume_capabilities))
+        reason = self.backend.validate(
+            request.volume_id, convert.capabilities(request.volume_capabilities)
+        )
         if reason is not None:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)
         confirmed = csi_pb2.ValidateVolumeCapabilitiesResponse.Confirmed(

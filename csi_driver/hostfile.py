@@ -9,9 +9,12 @@ reads back from disk.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import json
 import os
 import stat
+import tempfile
 
 from fuse_crypt import safeio
 
@@ -90,3 +93,33 @@ def regular_size(path: str) -> int:
     except OSError:
         return 0
     return st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
+def read_json(path: str, limit: int) -> object:
+    """The JSON document in regular file ``path`` (read_bounded: no links, no FIFOs, at most
+    ``limit`` bytes). Raises FileNotFoundError, HostFileError/OSError, or ValueError for bad
+    JSON (RecursionError, from absurd nesting, is reported as ValueError)."""
+    raw = read_bounded(path, limit)
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise ValueError(f"{path} is nested too deeply") from None
+
+
+def write_json_atomic(path: str, doc: object, *, durable: bool = False) -> None:
+    """Replace ``path`` with ``doc`` all at once: a crash leaves the old or the new file,
+    never a mix. The temp file is created exclusively (O_EXCL, random name) beside it, so a
+    link planted at a fixed temp name cannot redirect the write. ``durable``: fsync before
+    the rename (for files that must survive a reboot, not just a process crash)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", dir=os.path.dirname(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise

@@ -20,13 +20,12 @@ import shutil
 import stat
 import subprocess
 import sys
-import time
 from abc import ABC, abstractmethod
-from typing import Protocol
 
-from csi_driver import errors, hostfile
+from csi_driver import errors, hostfile, proc
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
+from csi_driver.proc import PidProcess, Proc, tail
 
 CONF_NAME = "gocryptfs.conf"
 INIT_TIMEOUT = 60.0
@@ -35,51 +34,6 @@ MAX_CONF_BYTES = 1 << 20
 # What an interrupted init may leave behind: it writes the directory IV first and the conf
 # last (atomically, as the commit point), so a directory holding only these was never used.
 INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", CONF_NAME + ".tmp"})
-
-
-class Proc(Protocol):
-    """What the supervisor needs of a daemon process (subprocess.Popen fits)."""
-
-    pid: int
-
-    def poll(self) -> int | None: ...
-
-    def wait(self, timeout: float | None = None) -> int: ...
-
-
-def proc_start_time(pid: int) -> int:
-    """Start time (clock ticks since boot) from /proc/<pid>/stat; 0 if gone.
-
-    pid + start time identifies a process for good: pids are reused, start times are not.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return 0
-    if fields[0] == "Z":
-        return 0
-    return int(fields[19])
-
-
-class PidProcess:
-    """A daemon that is not our child (forked by the zygote): watched by pid + start time."""
-
-    def __init__(self, pid: int) -> None:
-        self.pid = pid
-        self.start_time = proc_start_time(pid)
-
-    def poll(self) -> int | None:
-        alive = self.start_time and proc_start_time(self.pid) == self.start_time
-        return None if alive else -1
-
-    def wait(self, timeout: float | None = None) -> int:
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self.poll() is None:
-            if deadline is not None and time.monotonic() > deadline:
-                raise subprocess.TimeoutExpired(str(self.pid), timeout or 0)
-            time.sleep(0.005)
-        return -1
 
 
 def _tool(name: str) -> str:
@@ -97,11 +51,6 @@ def _checked(binary: str) -> str:
     if not os.access(binary, os.X_OK):
         raise errors.FailedPrecondition(f"{binary} is not installed or not executable")
     return binary
-
-
-def _tail(text: str, lines: int = 3) -> str:
-    kept = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
-    return " | ".join(kept[-lines:])[:400]
 
 
 class Mounter(ABC):
@@ -182,7 +131,7 @@ class Mounter(ABC):
                 ) from None
             raise errors.MountError(f"{self.name} init timed out for {cipher_dir}") from None
         if res.returncode != 0:
-            detail = _tail(res.stderr.decode("utf-8", "replace"))
+            detail = tail(res.stderr.decode("utf-8", "replace"))
             raise errors.MountError(f"{self.name} init failed for {cipher_dir}: {detail}")
 
     @abstractmethod
@@ -211,6 +160,19 @@ class Mounter(ABC):
             pass  # it died at once; the supervisor reads why from the log
         return proc
 
+    def attach(self, pid: int, started: int) -> Proc:
+        """A daemon of ours started by a previous plugin instance, watched by pid + start
+        time (0: take the current one)."""
+        return PidProcess(pid, started or None)
+
+    def start_time(self, pid: int) -> int:
+        """What identifies the daemon ``pid`` for good, with its pid (csi_driver/proc.py)."""
+        return proc.start_time(pid)
+
+    def serves(self, pid: int, target: str, started: int) -> bool:
+        """Whether ``pid`` (from the hostile state file) is this mount's daemon."""
+        return proc.serves(pid, target, started)
+
     def unavailable(self) -> str | None:
         """Why this mounter cannot work here (for Probe), or None."""
         try:
@@ -230,9 +192,16 @@ class Mounter(ABC):
 
     @abstractmethod
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
-        """argv of a foreground mount daemon that reads its key from stdin."""
+        """argv of a foreground mount daemon that reads its key from stdin. ``capacity``
+        (bytes, 0: none) is enforced by mounters that can (fuse-crypt's --capacity)."""
 
     @abstractmethod
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
@@ -263,7 +232,13 @@ class GocryptfsMounter(Mounter):
         self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = [self._bin(), "-fg", "-nosyslog", "-passfile", "/dev/stdin"]
         if readonly:
@@ -299,13 +274,21 @@ class FuseCryptMounter(Mounter):
         self._run_init(argv, key.password, cipher_dir, deadline)
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = [self._bin(), "mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
             argv.append("--allow-other")
+        if capacity:
+            argv += ["--capacity", str(capacity)]
         return [*argv, cipher_dir, target]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
@@ -344,13 +327,21 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
         self._zygote = ZygoteClient()
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
     ) -> list[str]:
         argv = ["mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
             argv.append("--allow-other")
+        if capacity:
+            argv += ["--capacity", str(capacity)]
         return [*argv, cipher_dir, target]
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:

@@ -7,7 +7,8 @@ import time
 import grpc
 
 from coco_proto import csi_pb2, csi_pb2_grpc
-from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver import convert
+from csi_driver.core.node import NodeCore
 from csi_driver.deadline import Deadline
 from csi_driver.rpc import csi_rpc
 
@@ -37,15 +38,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     @csi_rpc("NodePublishVolume")
     def NodePublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
         start = time.perf_counter()
-        req = PublishRequest(
-            volume_id=request.volume_id,
-            target_path=request.target_path,
-            capability=request.volume_capability if request.HasField("volume_capability") else None,
-            readonly=request.readonly,
-            secrets=dict(request.secrets),
-            volume_context=dict(request.volume_context),
-            staging_target_path=request.staging_target_path,
-        )
+        req = convert.publish_request(request)
         try:
             self.core.publish(req, Deadline.from_grpc(context))
         except Exception:

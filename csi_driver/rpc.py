@@ -50,7 +50,7 @@ def csi_rpc(method: str) -> Callable[[F], F]:
                 log.warning(str(exc), extra={"fields": fields})
                 if metrics is not None:
                     metrics.failures.labels(method, exc.code.name).inc()
-                context.abort(exc.code, str(exc))
+                context.abort(grpc.StatusCode[exc.code.name], str(exc))
             except Exception as exc:
                 fields.update(code="INTERNAL", exc=type(exc).__name__)
                 log.exception("unexpected failure", extra={"fields": fields})

@@ -11,7 +11,6 @@ kubelet's next NodePublishVolume mounts it afresh instead of hitting ENOTCONN.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import hashlib
 import logging
 import os
@@ -22,9 +21,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from csi_driver import errors, hostfile
+from csi_driver.core.store import Publication, PublicationStore
 from csi_driver.keys import VolumeKey
-from csi_driver.mounter import Mounter, PidProcess, Proc, proc_start_time
-from fuse_crypt import mounttable
+from csi_driver.mounter import Mounter
+from csi_driver.mounts import MountTable
+from csi_driver.proc import Proc, tail
 
 log = logging.getLogger(__name__)
 
@@ -36,98 +37,20 @@ RESTART_WINDOW = 60.0
 
 @dataclass
 class MountHandle:
-    """A supervised mount daemon serving ``target``."""
+    """The live side of a supervised mount daemon serving ``target``: its process, and the
+    key while we hold it (to restart it). What the mount *is* (cipher dir, mounter,
+    readonly, pid) is the publication in the store, the one source of truth."""
 
     target: str
-    cipher_dir: str
-    mounter: str
-    readonly: bool
-    pid: int
-    proc: Proc | None = None
+    proc: Proc
     key: VolumeKey | None = field(default=None, repr=False)
     stopping: bool = False
     dead: bool = False
     restarts: list[float] = field(default_factory=list)
 
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
-_MNT_DETACH = 2
-_UMOUNT_NOFOLLOW = 8
-
-
-def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
-    """umount2(target, UMOUNT_NOFOLLOW) as root; True if it unmounted.
-
-    fusermount3 and umount(8) resolve the path themselves, so a symlink swapped in at the
-    target after validation would point them at another volume; the kernel's NOFOLLOW
-    flag closes that window. False (caller falls back to mounttable.detach) when not root,
-    busy or anything else fails.
-    """
-    if os.geteuid() != 0:
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
-        return libc.umount2(os.fsencode(target), flags) == 0
-    except (OSError, AttributeError):
-        return False
-
-
-def _holds_fuse_device(pid: int) -> bool:
-    """True if ``pid`` has /dev/fuse open: only FUSE daemons do."""
-    fd_dir = f"/proc/{pid}/fd"
-    try:
-        names = os.listdir(fd_dir)
-    except OSError:
-        return False
-    for name in names[:4096]:
-        try:
-            if os.readlink(os.path.join(fd_dir, name)) == "/dev/fuse":
-                return True
-        except OSError:
-            continue
-    return False
-
-
-def pid_serves(pid: int, target: str, start_time: int = 0) -> bool:
-    """Whether ``pid`` is (still) the FUSE daemon a state record says it is.
-
-    The pid comes from the state file, which the host can edit: a forged record must not
-    make the plugin adopt, and later SIGKILL, an unrelated process (pid 1, the plugin
-    itself). So: never 1 or ourselves, a session leader (every daemon gets its own
-    session), holding /dev/fuse, and with the recorded start time when one is known
-    (pids are reused, start times are not); without one, argv must name the target.
-    """
-    if pid <= 1 or pid == os.getpid():
-        return False
-    try:
-        if os.getsid(pid) != pid:
-            return False
-    except OSError:
-        return False
-    if not _holds_fuse_device(pid):
-        return False
-    if start_time:
-        return proc_start_time(pid) == start_time
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read(64 * 1024).split(b"\0")
-    except OSError:
-        return False
-    return os.fsencode(target) in argv
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
 
 
 class MountSupervisor:
@@ -137,7 +60,9 @@ class MountSupervisor:
         self,
         mounters: dict[str, Mounter],
         log_dir: str,
+        store: PublicationStore,
         *,
+        mounts: MountTable | None = None,
         allow_other: bool = True,
         on_change: Callable[[], None] | None = None,
         on_restart: Callable[[], None] | None = None,
@@ -145,6 +70,8 @@ class MountSupervisor:
     ) -> None:
         self.mounters = mounters
         self.log_dir = log_dir
+        self.store = store
+        self.mounts = mounts or MountTable()
         self.allow_other = allow_other
         self.on_change = on_change or (lambda: None)
         self.on_restart = on_restart or (lambda: None)
@@ -174,27 +101,21 @@ class MountSupervisor:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self,
-        target: str,
-        cipher_dir: str,
-        mounter_name: str,
-        key: VolumeKey,
-        *,
-        readonly: bool,
-        timeout: float = READY_TIMEOUT,
+        self, pub: Publication, key: VolumeKey, *, timeout: float = READY_TIMEOUT
     ) -> MountHandle:
-        """Spawn the daemon and return once the kernel mount is live (or raise).
+        """Spawn the daemon of ``pub`` (an intent) and return once the kernel mount is live
+        (or raise). Recording it as mounted is the caller's step.
 
-        ``target`` must be the already-resolved path: it is compared with mountinfo
+        ``pub.target_path`` must be the already-resolved path: it is compared with mountinfo
         exactly, never re-resolved, so a symlink cannot redirect the check or the unmount.
         """
-        mounter = self.mounters[mounter_name]
-        proc = self._spawn(mounter, target, cipher_dir, key, readonly, timeout)
-        handle = MountHandle(
-            target, cipher_dir, mounter_name, readonly, proc.pid, proc=proc, key=key
+        mounter = self.mounters[pub.mounter]
+        proc = self._spawn(
+            mounter, pub.target_path, pub.cipher_dir, key, pub.readonly, timeout, pub
         )
+        handle = MountHandle(pub.target_path, proc, key=key)
         with self._lock:
-            self._handles[target] = handle
+            self._handles[pub.target_path] = handle
         return handle
 
     def _spawn(
@@ -204,10 +125,17 @@ class MountSupervisor:
         cipher_dir: str,
         key: VolumeKey,
         readonly: bool,
-        timeout: float = READY_TIMEOUT,
+        timeout: float,
+        pub: Publication,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
-        argv = mounter.command(cipher_dir, target, readonly=readonly, allow_other=self.allow_other)
+        argv = mounter.command(
+            cipher_dir,
+            target,
+            readonly=readonly,
+            allow_other=self.allow_other,
+            capacity=pub.capacity_bytes,
+        )
         log_path = self.log_path(target)
         # The log dir is under the state dir, a hostPath: make sure a regular file is there
         # (a planted FIFO would block the daemon's open, a symlink would redirect its output).
@@ -222,11 +150,9 @@ class MountSupervisor:
         return line in hostfile.read_from(log_path, offset, 256 * 1024)
 
     def _log_tail(self, target: str, offset: int) -> str:
-        text = hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode(
-            "utf-8", "replace"
+        return tail(
+            hostfile.read_from(self.log_path(target), offset, 64 * 1024).decode("utf-8", "replace")
         )
-        kept = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        return " | ".join(kept[-3:])[:400]
 
     def _wait_ready(
         self,
@@ -242,7 +168,7 @@ class MountSupervisor:
         log_path = self.log_path(target)
         while True:
             if self._said_ready(log_path, log_offset, mounter.READY_LINE):
-                entry = mounttable.find_mount(target)
+                entry = self.mounts.find(target)
                 if entry is not None and entry.fstype.startswith("fuse"):
                     return
             rc = proc.poll()
@@ -252,9 +178,9 @@ class MountSupervisor:
                 self._kill(proc.pid)
                 with contextlib.suppress(Exception):
                     proc.wait(timeout=STOP_TIMEOUT)
-                if mounttable.find_mount(target) is not None:  # mounted, never said ready
+                if self.mounts.find(target) is not None:  # mounted, never said ready
                     with contextlib.suppress(OSError):
-                        mounttable.detach(target, lazy=True)
+                        self.mounts.detach(target, lazy=True)
                 if timeout < READY_TIMEOUT:
                     raise errors.DeadlineExceeded(
                         f"{mounter.name} did not mount {target} before the deadline"
@@ -265,11 +191,11 @@ class MountSupervisor:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.002)
 
-    def adopt(
-        self, target: str, cipher_dir: str, mounter_name: str, pid: int, *, readonly: bool
-    ) -> MountHandle:
-        """Take over a daemon started by a previous plugin instance (watched by pid)."""
-        handle = MountHandle(target, cipher_dir, mounter_name, readonly, pid, proc=PidProcess(pid))
+    def adopt(self, pub: Publication) -> MountHandle:
+        """Take over the daemon of ``pub``, started by a previous plugin instance (watched by
+        pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies)."""
+        target = pub.target_path
+        handle = MountHandle(target, self.mounters[pub.mounter].attach(pub.pid, pub.pid_start))
         with self._lock:
             self._handles[target] = handle
         return handle
@@ -290,12 +216,7 @@ class MountSupervisor:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        if mounttable.find_mount(target) is not None and not umount_nofollow(target, lazy=hung):
-            try:
-                mounttable.detach(target, lazy=hung)
-            except OSError:
-                log.warning("unmount busy, detaching lazily", extra={"fields": {"target": target}})
-                mounttable.detach(target, lazy=True)
+        self.mounts.unmount(target, lazy=hung)
         if handle is not None:
             if hung:
                 self._kill(handle.pid)
@@ -305,15 +226,11 @@ class MountSupervisor:
     def _reap(self, handle: MountHandle) -> None:
         deadline = time.monotonic() + STOP_TIMEOUT
         while time.monotonic() < deadline:
-            if handle.proc is not None:
-                if handle.proc.poll() is not None:
-                    return
-            elif not pid_alive(handle.pid):
+            if handle.proc.poll() is not None:
                 return
             time.sleep(0.005)
         self._kill(handle.pid)
-        if handle.proc is not None:
-            handle.proc.wait(timeout=STOP_TIMEOUT)
+        handle.proc.wait(timeout=STOP_TIMEOUT)
 
     @staticmethod
     def _kill(pid: int) -> None:
@@ -337,10 +254,9 @@ class MountSupervisor:
 
     # -- monitoring ----------------------------------------------------------------------
 
-    def _alive(self, handle: MountHandle) -> bool:
-        if handle.proc is not None:
-            return handle.proc.poll() is None
-        return pid_alive(handle.pid)
+    @staticmethod
+    def _alive(handle: MountHandle) -> bool:
+        return handle.proc.poll() is None
 
     def _monitor(self, interval: float) -> None:
         while not self._stop.wait(interval):
@@ -357,8 +273,8 @@ class MountSupervisor:
     def _recover(self, handle: MountHandle) -> None:
         fields = {"target": handle.target, "pid": handle.pid}
         log.warning("mount daemon exited unexpectedly", extra={"fields": fields})
-        if mounttable.find_mount(handle.target) is not None:
-            mounttable.detach(handle.target, lazy=True)
+        if self.mounts.find(handle.target) is not None:
+            self.mounts.detach(handle.target, lazy=True)
         now = time.monotonic()
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
         if handle.key is None or len(handle.restarts) >= MAX_RESTARTS:
@@ -371,21 +287,33 @@ class MountSupervisor:
                 return
         handle.restarts.append(now)
         time.sleep(min(0.2 * 2 ** len(handle.restarts), 5.0))
-        mounter = self.mounters[handle.mounter]
+        pub = self.store.get(handle.target)
+        if pub is None:  # unpublished meanwhile
+            return
+        mounter = self.mounters[pub.mounter]
         try:
             proc = self._spawn(
-                mounter, handle.target, handle.cipher_dir, handle.key, handle.readonly
+                mounter,
+                pub.target_path,
+                pub.cipher_dir,
+                handle.key,
+                pub.readonly,
+                READY_TIMEOUT,
+                pub,
             )
         except errors.CsiError as exc:
             log.error("mount restart failed", extra={"fields": {**fields, "err": exc}})
             return
-        handle.proc, handle.pid = proc, proc.pid
+        handle.proc = proc
         with self._lock:
             stopping = handle.stopping
         if stopping:  # unpublished while we were restarting: undo
-            mounttable.detach(handle.target, lazy=True)
+            self.mounts.detach(handle.target, lazy=True)
             self._reap(handle)
             return
+        # The store, not this handle, is what a restarted plugin reads: the new pid goes
+        # there at once, or a later plugin could not adopt (and supervise) this daemon.
+        self.store.update(handle.target, pid=proc.pid, pid_start=mounter.start_time(proc.pid))
         self.on_restart()
         log.info(
             "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}

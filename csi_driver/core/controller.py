@@ -5,15 +5,14 @@ directories and passes the StorageClass's key resource *reference* on to the nod
 volume_context. The gocryptfs volume itself is initialised by the node plugin, inside the
 guest, on first publish.
 
-Capacity is recorded and checked against the backing filesystem's free space but not
-enforced per volume (a plain directory has no quota); a block or object backend would
-enforce it.
+Capacity is recorded, checked against the backing filesystem's free space and passed on in
+volume_context (capacityBytes); the node enforces it in the mount (fuse-crypt --capacity),
+since a plain directory has no quota of its own.
 """
 
 from __future__ import annotations
 
 import fcntl
-import json
 import logging
 import os
 import re
@@ -23,15 +22,15 @@ import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 
-from coco_proto import csi_pb2
 from csi_driver import errors, validate
 from csi_driver.constants import (
+    CTX_CAPACITY,
     CTX_CIPHER_DIR,
     PARAM_KEY_RESOURCE,
     RESERVED_PREFIX,
 )
-from csi_driver.core.volcap import unsupported_reason
-from csi_driver.hostfile import read_bounded
+from csi_driver.core.volcap import Capability, unsupported
+from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
 
 log = logging.getLogger(__name__)
@@ -52,7 +51,10 @@ class VolumeRecord:
     parameters: dict[str, str] = field(default_factory=dict)
 
     def context(self, root: str) -> dict[str, str]:
-        ctx = {CTX_CIPHER_DIR: os.path.join(root, self.volume_id)}
+        ctx = {
+            CTX_CIPHER_DIR: os.path.join(root, self.volume_id),
+            CTX_CAPACITY: str(self.capacity_bytes),
+        }
         if PARAM_KEY_RESOURCE in self.parameters:
             ctx[PARAM_KEY_RESOURCE] = self.parameters[PARAM_KEY_RESOURCE]
         return ctx
@@ -90,20 +92,18 @@ class LocalBackend:
 
     def _load(self) -> dict[str, VolumeRecord]:
         try:
-            doc = json.loads(read_bounded(self._index_path, MAX_INDEX_BYTES))
-            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
+            doc = read_json(self._index_path, MAX_INDEX_BYTES)
+            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}  # type: ignore[union-attr]
         except FileNotFoundError:
             return {}
-        except (OSError, ValueError, TypeError, KeyError, AttributeError, RecursionError):
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
             raise errors.Internal(f"volume index {self._index_path} is unreadable") from None
 
     def _store(self, vols: Mapping[str, VolumeRecord]) -> None:
-        tmp = self._index_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump({"volumes": [asdict(v) for v in vols.values()]}, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._index_path)
+        # Durable: the controller's index must survive a reboot of its host.
+        write_json_atomic(
+            self._index_path, {"volumes": [asdict(v) for v in vols.values()]}, durable=True
+        )
 
     # -- operations ----------------------------------------------------------------------
 
@@ -139,7 +139,7 @@ class LocalBackend:
     def create(
         self,
         name: str,
-        capabilities: Sequence[csi_pb2.VolumeCapability],
+        capabilities: Sequence[Capability],
         parameters: Mapping[str, str],
         *,
         required_bytes: int = 0,
@@ -154,9 +154,9 @@ class LocalBackend:
         if not capabilities:
             raise errors.InvalidArgument("volume_capabilities is required")
         for cap in capabilities:
-            reason = unsupported_reason(cap)
-            if reason:
-                raise errors.InvalidArgument(reason)
+            problem = unsupported(cap)
+            if problem:
+                raise errors.InvalidArgument(problem.message)
         if has_content_source:
             raise errors.InvalidArgument(
                 "volume content sources (clone/snapshot) are not supported"
@@ -206,9 +206,7 @@ class LocalBackend:
         with self._locked() as vols:
             return vols.get(volume_id)
 
-    def validate(
-        self, volume_id: str, capabilities: Sequence[csi_pb2.VolumeCapability]
-    ) -> str | None:
+    def validate(self, volume_id: str, capabilities: Sequence[Capability]) -> str | None:
         """ValidateVolumeCapabilities: None if all confirmed, else why not."""
         validate.volume_id(volume_id)
         if not capabilities:
@@ -216,7 +214,7 @@ class LocalBackend:
         if self.get(volume_id) is None:
             raise errors.NotFound(f"volume {volume_id} does not exist")
         for cap in capabilities:
-            reason = unsupported_reason(cap)
-            if reason:
-                return reason
+            problem = unsupported(cap)
+            if problem:
+                return problem.message
         return None

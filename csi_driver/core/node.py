@@ -23,17 +23,16 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from coco_proto import csi_pb2
-from csi_driver import errors, fsprobe, validate
-from csi_driver.constants import CTX_CIPHER_DIR, CTX_EPHEMERAL
-from csi_driver.core.volcap import READONLY_MODES, unsupported_reason
+from csi_driver import errors, fsprobe, usage, validate
+from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
+from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
+from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import Resolver, resolve_volume_key
 from csi_driver.metrics import Metrics
-from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter, proc_start_time
-from csi_driver.state import Publication, StateStore
-from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor, pid_alive, pid_serves
-from fuse_crypt import mounttable
+from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
+from csi_driver.mounts import MountEntry, MountTable
+from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +58,7 @@ class PublishRequest:
 
     volume_id: str
     target_path: str
-    capability: csi_pb2.VolumeCapability | None
+    capability: Capability | None
     readonly: bool = False
     secrets: Mapping[str, str] | None = None
     volume_context: Mapping[str, str] | None = None
@@ -102,6 +101,7 @@ class NodeCore:
         allowed_key_resources: Sequence[str] = (),
         allowed_signing_kids: Sequence[str] = (),
         max_parallel: int = DEFAULT_MAX_PARALLEL,
+        mount_table: MountTable | None = None,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -123,14 +123,17 @@ class NodeCore:
             self.mounters[mounter] = make_mounter(mounter)
         self.mounter_name = mounter
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
-        self._store = StateStore(self.state_dir)
+        # The one record of what this node published; the supervisor writes to it too.
+        self.store = PublicationStore(self.state_dir, self._check_record)
+        self.mounts = mount_table or MountTable()
         self._lock = threading.Lock()
         self._target_locks: dict[str, _LockEntry] = {}
         self._volume_locks: dict[str, _LockEntry] = {}
-        self._pubs: dict[str, Publication] = {}
         self.supervisor = MountSupervisor(
             self.mounters,
             os.path.join(self.state_dir, "logs"),
+            self.store,
+            mounts=self.mounts,
             allow_other=allow_other,
             on_change=self._refresh_gauge,
             on_restart=self.metrics.mount_restarts.inc,
@@ -189,37 +192,28 @@ class NodeCore:
         """A request's target path, validated and resolved once under the kubelet root."""
         return validate.resolve_under(path, (self.kubelet_root,), name)
 
-    def _save(self) -> None:
-        with self._lock:
-            snapshot = dict(self._pubs)
-        self._store.save(snapshot)
-        self._refresh_gauge()
-
     def _refresh_gauge(self) -> None:
-        with self._lock:
-            self.metrics.mounted.set(len(self._pubs))
+        self.metrics.mounted.set(sum(p.phase == MOUNTED for p in self.store.all()))
 
     def _our_fs_types(self) -> set[str]:
         return {m.fs_type for m in self.mounters.values()} | {"fuse.gocryptfs", "fuse.fuse-crypt"}
 
-    @staticmethod
-    def _live(target: str) -> bool:
+    def _live(self, target: str) -> bool:
         """A FUSE mount at exactly ``target`` that answers (a hung one counts as live: its
         daemon is there, it is just slow, and remounting would not help)."""
-        entry = mounttable.find_mount(target)
+        entry = self.mounts.find(target)
         return (
             entry is not None
             and entry.fstype.startswith("fuse")
-            and fsprobe.state(target, PROBE_TIMEOUT) != "dead"
+            and self.mounts.probe(target, PROBE_TIMEOUT) != "dead"
         )
 
-    @staticmethod
-    def _dead(target: str) -> bool:
-        return fsprobe.state(target, PROBE_TIMEOUT) == "dead"
+    def _dead(self, target: str) -> bool:
+        return self.mounts.probe(target, PROBE_TIMEOUT) == "dead"
 
     def publications(self) -> list[Publication]:
-        with self._lock:
-            return list(self._pubs.values())
+        """Every record of the store, intents of publishes in flight included."""
+        return self.store.all()
 
     # -- identity ------------------------------------------------------------------------
 
@@ -241,57 +235,78 @@ class NodeCore:
     # -- restart recovery ----------------------------------------------------------------
 
     def recover(self) -> None:
-        """Rediscover publications of a previous plugin instance (state file + mountinfo)."""
-        loaded = self._valid_records(self._store.load())
-        if not loaded:
-            return
-        mounts = mounttable.mounts_by_point()
-        for target, pub in loaded.items():
+        """Pick up where a previous plugin instance stopped: its state file + mountinfo.
+
+        * ``mounted`` record, live mount, its daemon still there: adopt the daemon.
+        * ``mounted`` record, dead (ENOTCONN) mount: detach it; the record stays, so
+          kubelet's NodePublishVolume retry remounts and NodeUnpublishVolume cleans up.
+        * ``intent`` record: the plugin died during that publish, before recording the
+          mount. A mount of ours at the target (our fs type, our cipher dir as source) is
+          the half-finished publish: undo it (unmount, rmdir the target, drop the record),
+          so kubelet's retry publishes afresh instead of meeting ALREADY_EXISTS forever.
+        """
+        mounts = self.mounts.all()
+        for pub in self.store.load():
+            target = pub.target_path
             fields = {"volume_id": pub.volume_id, "target": target}
             entry = mounts.get(target)
-            if entry is not None and entry.fstype.startswith("fuse"):
-                if self._dead(target):
-                    log.warning(
-                        "cleaning dead mount left by previous run", extra={"fields": fields}
-                    )
-                    try:
-                        mounttable.detach(target, lazy=True)
-                    except OSError as exc:
-                        log.error(
-                            "cannot clean dead mount", extra={"fields": {**fields, "err": exc}}
-                        )
-                elif pid_alive(pub.pid) and pid_serves(pub.pid, target, pub.pid_start):
-                    self.supervisor.adopt(
-                        target, pub.cipher_dir, pub.mounter, pub.pid, readonly=pub.readonly
-                    )
-                    log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
-            else:
-                log.warning("published volume is not mounted", extra={"fields": fields})
-            # Keep the record either way: NodePublish remounts it, NodeUnpublish cleans it.
-            self._pubs[target] = pub
-        self._save()
-
-    def _valid_records(self, records: list[Publication]) -> dict[str, Publication]:
-        """State records that pass the same checks as a request (the state dir is a hostPath:
-        a forged record must not steer an unmount, a removal or a kill)."""
-        out: dict[str, Publication] = {}
-        for pub in records:
-            try:
-                validate.volume_id(pub.volume_id)
-                if self._target(pub.target_path) != pub.target_path:
-                    raise errors.InvalidArgument("target_path is not in resolved form")
-                validate.absolute_path(pub.cipher_dir, "cipher_dir")
-                if pub.mounter not in self.mounters:
-                    raise errors.InvalidArgument("unknown mounter")
-                if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
-                    raise errors.InvalidArgument("ephemeral cipher_dir is not the plugin's own")
-                if pub.pid < 0 or pub.pid_start < 0 or pub.access_mode < 0:
-                    raise errors.InvalidArgument("negative number")
-            except errors.CsiError as exc:
-                log.warning("dropping invalid state record", extra={"fields": {"reason": str(exc)}})
+            if pub.phase == INTENT:
+                log.warning("undoing a publish interrupted by a restart", extra={"fields": fields})
+                self._undo_intent(pub, entry)
                 continue
-            out[pub.target_path] = pub
-        return out
+            if entry is None or not entry.fstype.startswith("fuse"):
+                log.warning("published volume is not mounted", extra={"fields": fields})
+            elif self._dead(target):
+                log.warning("cleaning dead mount left by previous run", extra={"fields": fields})
+                try:
+                    self.mounts.detach(target, lazy=True)
+                except OSError as exc:
+                    log.error("cannot clean dead mount", extra={"fields": {**fields, "err": exc}})
+            elif self.mounters[pub.mounter].serves(pub.pid, target, pub.pid_start):
+                self.supervisor.adopt(pub)
+                log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
+        self.store.save()  # what load dropped is dropped from the file too
+        self._refresh_gauge()
+
+    def _is_ours(self, pub: Publication, entry: MountEntry | None) -> bool:
+        """A mount at the record's target made by one of our mounters: our fs type, and as
+        source the cipher dir (gocryptfs) or the daemon's name (fuse-crypt's fsname)."""
+        return (
+            entry is not None
+            and entry.fstype in self._our_fs_types()
+            and entry.source in (pub.cipher_dir, entry.fstype.removeprefix("fuse."))
+        )
+
+    def _undo_intent(self, pub: Publication, entry: MountEntry | None) -> None:
+        target = pub.target_path
+        if self._is_ours(pub, entry):
+            try:
+                self.supervisor.stop(target, hung=self._dead(target))
+            except OSError as exc:
+                log.error("cannot undo interrupted mount", extra={"fields": {"err": exc}})
+                return  # keep the intent: the next start tries again
+        elif entry is not None:
+            # Not ours: leave it alone and forget the intent (publish will report it).
+            log.warning("foreign mount at an interrupted publish's target; left alone")
+        with contextlib.suppress(errors.CsiError):
+            self._remove_target(target)
+        if pub.ephemeral:
+            self._remove_ephemeral(pub.volume_id)  # its random key died with the old plugin
+        self.store.remove(target)
+
+    def _check_record(self, pub: Publication) -> None:
+        """A state record passes the same checks as a request (the state dir is a hostPath:
+        a forged record must not steer an unmount, a removal or a kill)."""
+        validate.volume_id(pub.volume_id)
+        if self._target(pub.target_path) != pub.target_path:
+            raise errors.InvalidArgument("target_path is not in resolved form")
+        validate.absolute_path(pub.cipher_dir, "cipher_dir")
+        if pub.mounter not in self.mounters:
+            raise errors.InvalidArgument("unknown mounter")
+        if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
+            raise errors.InvalidArgument("ephemeral cipher_dir is not the plugin's own")
+        if min(pub.pid, pub.pid_start, pub.access_mode, pub.capacity_bytes) < 0:
+            raise errors.InvalidArgument("negative number")
 
     def _ephemeral_dir(self, volume_id: str) -> str:
         return os.path.join(self.ephemeral_root, validate.volume_id(volume_id))
@@ -336,6 +351,24 @@ class NodeCore:
             )
         return path
 
+    @staticmethod
+    def _capacity_hint(ctx: Mapping[str, str], cipher_dir: str) -> int:
+        """The capacity the controller recorded (0: none). The control plane is untrusted:
+        a decimal byte count or INVALID_ARGUMENT, and never more than the storage under the
+        cipher dir holds (the node's own bound)."""
+        raw = ctx.get(CTX_CAPACITY)
+        if raw is None:
+            return 0
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 20):
+            raise errors.InvalidArgument(
+                f"volume_context {CTX_CAPACITY} must be a decimal number of bytes"
+            )
+        try:
+            st = fsprobe.call(cipher_dir, os.statvfs, PROBE_TIMEOUT)
+        except OSError:
+            raise errors.Unavailable("the volume's storage is not answering") from None
+        return min(int(raw), st.f_blocks * st.f_frsize)
+
     def publish(self, req: PublishRequest, deadline: Deadline | None = None) -> None:
         """NodePublishVolume: idempotent; see module docstring for the rules."""
         deadline = deadline or Deadline()
@@ -344,14 +377,14 @@ class NodeCore:
         if req.capability is None:
             raise errors.InvalidArgument("volume_capability is required")
         target = self._target(req.target_path)
-        reason = unsupported_reason(req.capability)
-        if reason is not None:
-            if "required" in reason:
-                raise errors.InvalidArgument(reason)
-            raise errors.FailedPrecondition(reason)
-        mode = req.capability.access_mode.mode
-        flags = list(req.capability.mount.mount_flags)
-        readonly = bool(req.readonly) or mode in READONLY_MODES or "ro" in flags
+        problem = unsupported(req.capability)
+        if problem is not None:
+            raise (errors.InvalidArgument if problem.missing else errors.FailedPrecondition)(
+                problem.message
+            )
+        mode = req.capability.access_mode
+        readonly = bool(req.readonly) or req.capability.readonly_mode
+        readonly = readonly or "ro" in req.capability.mount_flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
 
@@ -368,9 +401,7 @@ class NodeCore:
             ):
                 self._check_conflicts(req.volume_id, target, readonly)
                 pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral, deadline)
-                with self._lock:
-                    self._pubs[target] = pub
-            self._save()
+            self._refresh_gauge()
             log.info(
                 "published",
                 extra={
@@ -401,6 +432,7 @@ class NodeCore:
         subprocess.
         """
         cipher_dir = self._locate(req, ctx, ephemeral)
+        capacity = 0 if ephemeral else self._capacity_hint(ctx, cipher_dir)
         try:
             key = resolve_volume_key(
                 req.volume_id,
@@ -428,54 +460,59 @@ class NodeCore:
                     extra={"fields": {"volume_id": req.volume_id, "key_source": key.source}},
                 )
             deadline.check("mounting the volume")
-            created = self._make_target(target)
+            intent = Publication(
+                req.volume_id,
+                target,
+                cipher_dir,
+                self.mounter_name,
+                readonly,
+                mode,
+                ephemeral=ephemeral,
+                phase=INTENT,
+                capacity_bytes=capacity,
+            )
+            # Recorded before anything is mounted: a restart at any later step finds it
+            # and undoes the half-done publish (recover).
+            self.store.put(intent)
             try:
-                handle = self.supervisor.start(
-                    target,
-                    cipher_dir,
-                    self.mounter_name,
-                    key,
-                    readonly=readonly,
-                    timeout=deadline.timeout(READY_TIMEOUT),
-                )
+                created = self._make_target(target)
+                try:
+                    handle = self.supervisor.start(
+                        intent, key, timeout=deadline.timeout(READY_TIMEOUT)
+                    )
+                except BaseException:
+                    if created:
+                        with contextlib.suppress(errors.CsiError):
+                            self._remove_target(target)
+                    raise
             except BaseException:
-                if created:
-                    with contextlib.suppress(errors.CsiError):
-                        self._remove_target(target)
+                self.store.remove(target)
                 raise
         except BaseException:
             if ephemeral:
                 self._remove_ephemeral(req.volume_id)
             raise
-        return Publication(
-            req.volume_id,
-            target,
-            cipher_dir,
-            self.mounter_name,
-            readonly,
-            mode,
-            handle.pid,
-            ephemeral,
-            proc_start_time(handle.pid),
-        )
+        started = self.mounters[intent.mounter].start_time(handle.pid)
+        pub = self.store.update(target, phase=MOUNTED, pid=handle.pid, pid_start=started)
+        assert pub is not None  # the target lock keeps the intent ours
+        return pub
 
     def _reuse_existing(self, volume_id: str, target: str, readonly: bool, mode: int) -> bool:
         """True if an identical publication is already live (idempotent OK)."""
-        with self._lock:
-            pub = self._pubs.get(target)
+        pub = self.store.get(target)
         if pub is None:
-            entry = mounttable.find_mount(target)
+            entry = self.mounts.find(target)
             if entry is None:
                 return False
             if self._dead(target):
-                mounttable.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
+                self.mounts.detach(target, lazy=True)  # stale FUSE mount: let kubelet's retry in
                 return False
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
         if pub.volume_id != volume_id:
             raise errors.AlreadyExists(
                 f"target_path {target} is already used by volume {pub.volume_id}"
             )
-        if self._live(target):
+        if pub.phase == MOUNTED and self._live(target):
             if pub.readonly != readonly or pub.access_mode != int(mode):
                 raise errors.AlreadyExists(
                     f"volume {volume_id} is already published at {target} with a different "
@@ -485,14 +522,12 @@ class NodeCore:
         # Recorded but dead (daemon crashed, or the plugin restarted): clean and remount.
         log.warning("remounting dead publication", extra={"fields": {"target": target}})
         self.supervisor.stop(target)
-        with self._lock:
-            self._pubs.pop(target, None)
+        self.store.remove(target)
         return False
 
     def _check_conflicts(self, volume_id: str, target: str, readonly: bool) -> None:
-        with self._lock:
-            others = [p for p in self._pubs.values() if p.volume_id == volume_id]
-            count = len(self._pubs)
+        others = self.store.of_volume(volume_id)
+        count = len(self.store)
         for other in others:
             if other.target_path != target and not (readonly and other.readonly):
                 raise errors.FailedPrecondition(
@@ -537,11 +572,10 @@ class NodeCore:
             self._busy(),
             self._holding(self._target_locks, target, deadline, f"target {target}"),
         ):
-            with self._lock:
-                pub = self._pubs.get(target)
+            pub = self.store.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
-            mounts = mounttable.mounts_by_point()
+            mounts = self.mounts.all()
             entry = mounts.get(target)
             foreign = entry is not None and entry.fstype not in self._our_fs_types()
             if pub is None and foreign and not self._dead(target):
@@ -554,24 +588,21 @@ class NodeCore:
                     f"target_path {target} has {len(below)} other mount(s) below it; "
                     "not unmounting or removing anything"
                 )
-            hung = entry is not None and fsprobe.state(target, PROBE_TIMEOUT) == "hung"
+            hung = entry is not None and self.mounts.probe(target, PROBE_TIMEOUT) == "hung"
             try:
                 self.supervisor.stop(target, hung=hung)
             except OSError as exc:
                 raise errors.Internal(f"cannot unmount {target}: {exc.strerror or exc}") from None
-            with self._lock:
-                popped = self._pubs.pop(target, None)
-            if popped is not None:
-                self._save()
+            self.store.remove(target)
+            self._refresh_gauge()
             if pub is not None and pub.ephemeral:
                 self._remove_ephemeral(pub.volume_id)
             self._remove_target(target)
             log.info("unpublished", extra={"fields": {"volume_id": volume_id, "target": target}})
 
-    @staticmethod
-    def _remove_target(target: str) -> None:
+    def _remove_target(self, target: str) -> None:
         """rmdir only: whatever is left in an unmounted target is somebody's data."""
-        if mounttable.find_mount(target) is not None:
+        if self.mounts.find(target) is not None:
             raise errors.Internal(f"{target} is still mounted; not removing it")
         try:
             os.rmdir(target)
@@ -603,7 +634,7 @@ class NodeCore:
                 "ephemeral directory is not a plain directory; kept", extra={"fields": fields}
             )
             return
-        if any(mp == path or validate.is_below(mp, path) for mp in mounttable.mounts_by_point()):
+        if any(mp == path or validate.is_below(mp, path) for mp in self.mounts.all()):
             log.error("ephemeral directory has a mount inside; kept", extra={"fields": fields})
             return
         # fd-based on Linux (shutil.rmtree.avoids_symlink_attacks): links are removed, not
@@ -621,15 +652,14 @@ class NodeCore:
             # do not serve is, by the spec, a volume not published there.
             validate.path_text(volume_path, "volume_path")
             raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
-        with self._lock:
-            pub = self._pubs.get(target)
-        if pub is None or pub.volume_id != volume_id:
+        pub = self.store.get(target)
+        if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not published at {target}")
         with self._busy():
             if not self._live(target):
                 raise errors.NotFound(f"volume {volume_id} at {target} is not mounted")
             try:
-                st = fsprobe.call(target, os.statvfs, PROBE_TIMEOUT)
+                st = self.mounts.statvfs(target, PROBE_TIMEOUT)
             except fsprobe.MountHung:
                 raise errors.Unavailable(
                     f"volume {volume_id} at {target} is not answering (storage hung?)"
@@ -638,6 +668,8 @@ class NodeCore:
                 raise errors.NotFound(
                     f"volume {volume_id} at {target} is not usable: {exc.strerror}"
                 ) from None
+            if pub.capacity_bytes:
+                return self._own_stats(pub, st)
         return VolumeStats(
             bytes_total=st.f_blocks * st.f_frsize,
             bytes_available=st.f_bavail * st.f_frsize,
@@ -645,6 +677,28 @@ class NodeCore:
             inodes_total=st.f_files,
             inodes_available=st.f_favail,
             inodes_used=st.f_files - st.f_ffree,
+        )
+
+    def _own_stats(self, pub: Publication, st: os.statvfs_result) -> VolumeStats:
+        """The volume's own numbers: its recorded capacity and what its ciphertext
+        directory holds (not the host filesystem's, which the volume merely shares)."""
+        try:
+            used, entries = fsprobe.call(pub.cipher_dir, usage.tree_usage, PROBE_TIMEOUT)
+        except fsprobe.MountHung:
+            raise errors.Unavailable(
+                f"volume {pub.volume_id}: its storage is not answering"
+            ) from None
+        except OSError as exc:
+            raise errors.Internal(
+                f"volume {pub.volume_id}: cannot measure its directory: {exc.strerror or exc}"
+            ) from None
+        return VolumeStats(
+            bytes_total=pub.capacity_bytes,
+            bytes_available=max(0, pub.capacity_bytes - used),
+            bytes_used=used,
+            inodes_total=st.f_files,
+            inodes_available=st.f_favail,
+            inodes_used=entries,
         )
 
     # -- shutdown ------------------------------------------------------------------------

@@ -1,4 +1,9 @@
-"""Which volume capabilities the driver supports, shared by node and controller.
+"""Volume capabilities as plain data, and which ones the driver supports (node and controller).
+
+The servicers (csi_driver/convert.py) turn a protobuf VolumeCapability into a ``Capability``;
+the core never sees protobuf. A check returns a typed ``Unsupported`` whose ``kind`` says
+whether something required was missing (INVALID_ARGUMENT) or is merely not supported
+(FAILED_PRECONDITION on the node) — no status code is guessed from a message.
 
 gocryptfs is not safe with two writers on one ciphertext directory (each daemon caches
 directory IVs and file headers), so multi-node writer modes are refused outright.
@@ -6,25 +11,82 @@ directory IVs and file headers), so multi-node writer modes are refused outright
 
 from __future__ import annotations
 
-from coco_proto import csi_pb2
+import enum
+from dataclasses import dataclass
 
-Mode = csi_pb2.VolumeCapability.AccessMode.Mode
+
+class AccessMode(enum.IntEnum):
+    """CSI's VolumeCapability.AccessMode.Mode, same numbers."""
+
+    UNKNOWN = 0
+    SINGLE_NODE_WRITER = 1
+    SINGLE_NODE_READER_ONLY = 2
+    MULTI_NODE_READER_ONLY = 3
+    MULTI_NODE_SINGLE_WRITER = 4
+    MULTI_NODE_MULTI_WRITER = 5
+    SINGLE_NODE_SINGLE_WRITER = 6
+    SINGLE_NODE_MULTI_WRITER = 7
+
+
+class AccessType(enum.Enum):
+    NONE = "none"  # the request set neither
+    MOUNT = "mount"
+    BLOCK = "block"
+
 
 WRITABLE_MODES = frozenset(
-    {Mode.SINGLE_NODE_WRITER, Mode.SINGLE_NODE_SINGLE_WRITER, Mode.SINGLE_NODE_MULTI_WRITER}
+    {
+        AccessMode.SINGLE_NODE_WRITER,
+        AccessMode.SINGLE_NODE_SINGLE_WRITER,
+        AccessMode.SINGLE_NODE_MULTI_WRITER,
+    }
 )
-READONLY_MODES = frozenset({Mode.SINGLE_NODE_READER_ONLY, Mode.MULTI_NODE_READER_ONLY})
+READONLY_MODES = frozenset({AccessMode.SINGLE_NODE_READER_ONLY, AccessMode.MULTI_NODE_READER_ONLY})
 SUPPORTED_MODES = WRITABLE_MODES | READONLY_MODES
 
 
-def unsupported_reason(cap: csi_pb2.VolumeCapability) -> str | None:
-    """None if supported, else a short reason suitable for an error message."""
-    if cap.WhichOneof("access_type") == "block":
-        return "block access is not supported (filesystem volumes only)"
-    if cap.WhichOneof("access_type") != "mount":
-        return "access_type (mount) is required"
-    if not cap.HasField("access_mode") or cap.access_mode.mode == Mode.UNKNOWN:
-        return "access_mode is required"
-    if cap.access_mode.mode not in SUPPORTED_MODES:
-        return f"access mode {Mode.Name(cap.access_mode.mode)} is not supported"
+@dataclass(frozen=True)
+class Capability:
+    """One requested volume capability. ``access_mode`` is the raw number: a request may
+    carry a value no enum member has."""
+
+    access_type: AccessType
+    access_mode: int
+    fs_type: str = ""
+    mount_flags: tuple[str, ...] = ()
+
+    @property
+    def readonly_mode(self) -> bool:
+        return self.access_mode in READONLY_MODES
+
+
+@dataclass(frozen=True)
+class Unsupported:
+    """Why a capability cannot be served: ``missing`` (the request left out something
+    required) or not supported by this driver."""
+
+    missing: bool
+    message: str
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def mode_name(mode: int) -> str:
+    try:
+        return AccessMode(mode).name
+    except ValueError:
+        return f"#{mode}"
+
+
+def unsupported(cap: Capability) -> Unsupported | None:
+    """None if supported, else the typed reason."""
+    if cap.access_type is AccessType.BLOCK:
+        return Unsupported(False, "block access is not supported (filesystem volumes only)")
+    if cap.access_type is not AccessType.MOUNT:
+        return Unsupported(True, "access_type (mount) is required")
+    if cap.access_mode == AccessMode.UNKNOWN:
+        return Unsupported(True, "access_mode is required")
+    if cap.access_mode not in SUPPORTED_MODES:
+        return Unsupported(False, f"access mode {mode_name(cap.access_mode)} is not supported")
     return None

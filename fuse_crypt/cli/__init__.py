@@ -29,6 +29,13 @@ class _Parser(argparse.ArgumentParser):
         raise SystemExit(USAGE)
 
 
+def _capacity(text: str) -> int:
+    """--capacity: a positive decimal number of bytes."""
+    if not (text.isascii() and text.isdigit()) or int(text) <= 0:
+        raise argparse.ArgumentTypeError("must be a positive number of bytes")
+    return int(text)
+
+
 def _add_key_source(p: argparse.ArgumentParser, *, masterkey_help: str) -> None:
     p.add_argument(
         "--passfile", metavar="FILE", help="read the password from the first line of FILE"
@@ -61,6 +68,13 @@ def build_parser() -> argparse.ArgumentParser:
         "-f", "--foreground", action="store_true", help="stay in the foreground (no fork)"
     )
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    p.add_argument(
+        "--capacity",
+        type=_capacity,
+        default=0,
+        metavar="BYTES",
+        help="the volume's size: growth past it is ENOSPC, statfs shows it (default: none)",
+    )
     p.add_argument(
         "--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT"
     )

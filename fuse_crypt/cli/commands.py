@@ -228,6 +228,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         conf=conf,
         read_only=args.ro,
         allow_other=args.allow_other,
+        capacity=args.capacity,
         metrics_addr=args.metrics_addr,
         quiet=args.quiet,
     )

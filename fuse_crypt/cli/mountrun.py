@@ -26,6 +26,7 @@ class MountSpec:
     conf: Any | None
     read_only: bool = False
     allow_other: bool = False
+    capacity: int = 0
     metrics_addr: str | None = None
     quiet: bool = False
 
@@ -64,6 +65,7 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             foreground=True,
             on_ready=ready,
             allow_other=spec.allow_other,
+            capacity=spec.capacity,
         )
     except ConfigError as e:
         raise CliError(str(e), CONFIG) from None

@@ -23,6 +23,7 @@ from ..backend.base import Stat, StorageBackend
 from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from ..errors import CorruptDataError
 from .blockio import BlockCrypt, BufferPool
+from .quota import Quota
 from .rwlock import RWLock
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
@@ -93,9 +94,12 @@ def _eio(cpath: str, what: str, block: int | None = None) -> OSError:
 class FileTable:
     """Open-file table plus the content algorithms that need it."""
 
-    def __init__(self, backend: StorageBackend, enc: ContentEnc) -> None:
+    def __init__(
+        self, backend: StorageBackend, enc: ContentEnc, quota: Quota | None = None
+    ) -> None:
         self.backend = backend
         self.enc = enc
+        self.quota = quota
         self.bc = BlockCrypt(enc)
         # Sized for the largest FUSE request (MAX_IO, possibly unaligned: +1 block).
         self._cpool = BufferPool(HEADER_LEN + (MAX_IO // PLAIN_BS + 1) * CIPHER_BS)
@@ -355,7 +359,25 @@ class FileTable:
         padded = old + _ZERO_BLOCK[len(old) :]
         self._pwrite(of, self.enc.encrypt_blocks(lb, padded, fid), HEADER_LEN + lb * CIPHER_BS)
 
+    def _charged(self, of: OpenFile, new_plain: int) -> int:
+        """Charge the quota for ``of`` becoming ``new_plain`` bytes long; the delta."""
+        if self.quota is None:
+            return 0
+        delta = self.enc.cipher_size(new_plain) - self._csize(of)
+        self.quota.charge(delta)
+        return delta
+
     def _write_locked(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
+        end = max(self.enc.plain_size(self._csize(of), strict=False), offset + len(data))
+        delta = self._charged(of, end)
+        try:
+            self._write_unquoted(of, data, offset)
+        except BaseException:
+            if self.quota is not None:
+                self.quota.charge(-delta)
+            raise
+
+    def _write_unquoted(self, of: OpenFile, data: bytes | memoryview, offset: int) -> None:
         csize = self._csize(of)
         header = b""
         if csize <= HEADER_LEN:
@@ -441,6 +463,15 @@ class FileTable:
             lock.release_write()
 
     def _truncate_locked(self, of: OpenFile, size: int) -> None:
+        delta = self._charged(of, size)
+        try:
+            self._truncate_unquoted(of, size)
+        except BaseException:
+            if self.quota is not None:
+                self.quota.charge(-delta)
+            raise
+
+    def _truncate_unquoted(self, of: OpenFile, size: int) -> None:
         csize = self._csize(of)
         if size == 0:
             if csize:
@@ -464,7 +495,7 @@ class FileTable:
         if size % PLAIN_BS:
             # One zero byte at size-1: the write path pads the old last block and
             # leaves any blocks in between as holes (or does RMW within the block).
-            self._write_locked(of, b"\0", size - 1)
+            self._write_unquoted(of, b"\0", size - 1)  # charged by the caller
             return
         if csize <= HEADER_LEN:
             fid = self._new_header(of)

@@ -35,6 +35,7 @@ from ..errors import (
 from ..nametransform import DIRIV_NAME, NameTransform
 from .files import MAX_IO
 from .operations import CryptOperations
+from .quota import Quota
 from .stopsignals import StopSignals, note_destroy, note_init
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
@@ -322,6 +323,7 @@ def build_operations(
     conf: ConfFile | None,
     *,
     read_only: bool = False,
+    capacity: int = 0,
 ) -> tuple[CryptOperations, CryptoCore]:
     """Keys and name options from the conf (or gocryptfs defaults for a bare
     master key) → the Operations object; checks the root dir IV up front so a
@@ -334,7 +336,10 @@ def build_operations(
         core = CryptoCore(master_key)
         nt = NameTransform(core)
         use_diriv = True
-    ops = CryptOperations(backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only)
+    quota = Quota.scan(capacity, backend) if capacity else None
+    ops = CryptOperations(
+        backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only, quota=quota
+    )
     if not use_diriv:
         _refuse_dropped_diriv(backend, core)
     try:
@@ -377,6 +382,7 @@ def serve(
     fsname: str = "fuse-crypt",
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
+    capacity: int = 0,
 ) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
     all of these return normally).  Called from the main thread, serve() owns the
@@ -402,6 +408,7 @@ def serve(
             fsname=fsname,
             on_ready=on_ready,
             allow_other=allow_other,
+            capacity=capacity,
         )
     finally:
         if stop is not None:
@@ -419,13 +426,14 @@ def _serve(
     fsname: str,
     on_ready: Callable[[], None] | None,
     allow_other: bool,
+    capacity: int = 0,
 ) -> None:
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
-    ops, core = build_operations(backend, master_key, conf, read_only=read_only)
+    ops, core = build_operations(backend, master_key, conf, read_only=read_only, capacity=capacity)
     _tune_malloc()
     options: dict[str, Any] = {
         "fsname": fsname,

@@ -26,6 +26,7 @@ from ..errors import CorruptDataError
 from ..nametransform import DIRIV_NAME, NameTransform
 from .files import MAX_IO, FileTable
 from .paths import PathMapper, join
+from .quota import Quota
 from .xattrs import XattrMapper
 
 log = logging.getLogger("fuse_crypt.fusefrontend")
@@ -57,6 +58,7 @@ class CryptOperations(mfusepy.Operations):
         *,
         use_diriv: bool = True,
         read_only: bool = False,
+        quota: Quota | None = None,
     ) -> None:
         self.backend = backend
         self.enc = enc
@@ -64,7 +66,8 @@ class CryptOperations(mfusepy.Operations):
         self.read_only = read_only
         self.use_diriv = use_diriv
         self.paths = PathMapper(backend, nt, use_diriv=use_diriv)
-        self.files = FileTable(backend, enc)
+        self.quota = quota
+        self.files = FileTable(backend, enc, quota)
         self.xattrs = XattrMapper(backend, nt)
         self.initialized = threading.Event()
         self._is_root = os.geteuid() == 0
@@ -232,7 +235,7 @@ class CryptOperations(mfusepy.Operations):
     def statfs(self, path: str) -> dict[str, int]:
         sv = self.backend.statfs()
         sv["f_namemax"] = 255
-        return sv
+        return self.quota.statfs(sv) if self.quota is not None else sv
 
     # -- directories -------------------------------------------------------------------
 
@@ -361,7 +364,10 @@ class CryptOperations(mfusepy.Operations):
     def unlink(self, path: str) -> int:
         self._rw()
         cpath = self.paths.cipher_path(path)
+        st = self.backend.lstat(cpath) if self.quota is not None else None
         self.backend.unlink(cpath)
+        if st is not None and st.is_reg and st.nlink == 1:
+            self.quota.charge(-st.size)  # type: ignore[union-attr]
         self.paths.remove_long_name(cpath)
         return 0
 
@@ -414,6 +420,7 @@ class CryptOperations(mfusepy.Operations):
         _, cnew, created_name = self._begin_create(new)
         if cold == cnew:
             return 0
+        replaced = self._replaced_size(cnew, flags)
         try:
             try:
                 backend.rename(cold, cnew, flags)
@@ -430,12 +437,25 @@ class CryptOperations(mfusepy.Operations):
         finally:
             if is_dir or flags & RENAME_EXCHANGE:
                 self.paths.invalidate()
+        if replaced:
+            self.quota.charge(-replaced)  # type: ignore[union-attr]
         if not flags & RENAME_EXCHANGE:
             try:
                 backend.lstat(cold)  # still there: old and new were hard links
             except FileNotFoundError:
                 self.paths.remove_long_name(cold)
         return 0
+
+    def _replaced_size(self, cnew: str, flags: int) -> int:
+        """Bytes a rename frees by replacing the last link of a regular file (for the
+        quota: "write a temp file, rename it over" must not use up the capacity)."""
+        if self.quota is None or flags & RENAME_EXCHANGE:
+            return 0
+        try:
+            st = self.backend.lstat(cnew)
+        except OSError:
+            return 0
+        return st.size if st.is_reg and st.nlink == 1 else 0
 
     # -- files ---------------------------------------------------------------------------
 

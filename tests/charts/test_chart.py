@@ -732,11 +732,9 @@ def test_storageclass(render) -> None:
 
 
 def _mount_capability() -> Any:
-    csi_pb2 = pytest.importorskip("coco_proto.csi_pb2")
-    cap = csi_pb2.VolumeCapability()
-    cap.mount.SetInParent()
-    cap.access_mode.mode = csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
-    return cap
+    """The controller core's (protocol-free) form of a single-node-writer mount."""
+    volcap = pytest.importorskip("csi_driver.core.volcap")
+    return volcap.Capability(volcap.AccessType.MOUNT, volcap.AccessMode.SINGLE_NODE_WRITER)
 
 
 @pytest.mark.parametrize("case", ["default", "everything-on"])

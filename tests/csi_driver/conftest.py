@@ -34,13 +34,28 @@ SIGNING_KID = SIGNING_PREFIX + "csi-test"
 PASSPHRASE = b"correct horse battery staple"
 
 
+# Modules that need neither root nor FUSE (the controller, pure logic, the in-process fakes
+# of fakes.py): they run everywhere and are never skipped.
+NO_FUSE_MODULES = frozenset(
+    {
+        "test_controller.py",
+        "test_core_boundary.py",
+        "test_crash_matrix.py",
+        "test_proc.py",
+        "test_store.py",
+        "test_usage.py",
+    }
+)
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     reason = fuse_skip_reason("FUSE mounts with allow_other")
     if reason is None:
         return
     here = pathlib.Path(__file__).parent
     for item in items:
-        if here in pathlib.Path(str(item.fspath)).parents:
+        path = pathlib.Path(str(item.fspath))
+        if here in path.parents and path.name not in NO_FUSE_MODULES:
             item.add_marker(pytest.mark.skip(reason=reason))
 
 

@@ -14,12 +14,20 @@ import pytest
 
 from coco_proto import csi_pb2
 from csi_driver.client import Mode, mount_capability
+from csi_driver.core.volcap import AccessType, Capability
 
 from .conftest import KEY_RESOURCE, Env
+
+
+def plain_capability(mode: int = Mode.SINGLE_NODE_WRITER) -> Capability:
+    """The core's (protocol-free) form of mount_capability(mode), for direct core calls."""
+    return Capability(AccessType.MOUNT, int(mode))
+
 
 __all__ = [
     "Mode",
     "mount_capability",
+    "plain_capability",
     "create_volume",
     "publish_request",
     "expect_code",

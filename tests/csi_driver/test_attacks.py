@@ -176,6 +176,8 @@ def test_tampered_state_record_cannot_make_unpublish_delete_anything(
         ("pid", True),
         ("readonly", "yes"),
         ("mounter", "sh"),
+        ("phase", "done"),
+        ("capacity_bytes", -1),
     ],
 )
 def test_malformed_state_records_are_dropped(
@@ -218,8 +220,8 @@ def test_state_file_fifo_or_huge_does_not_hang_or_exhaust(
 def test_forged_pid_is_never_adopted(tmp_path: pathlib.Path) -> None:
     """A state record naming an unrelated process (right start time, own session) must not
     be adopted: unpublish would later SIGKILL it."""
-    from csi_driver.mounter import proc_start_time
-    from csi_driver.supervisor import pid_serves
+    from csi_driver.proc import serves as pid_serves
+    from csi_driver.proc import start_time as proc_start_time
 
     victim = subprocess.Popen(["sleep", "30"], start_new_session=True)
     try:
@@ -281,18 +283,19 @@ def test_node_without_allow_list_refuses_every_key_resource(
     tmp_path: pathlib.Path, keys: Keys
 ) -> None:
     from csi_driver import errors
-    from csi_driver.client import mount_capability
     from csi_driver.core.controller import LocalBackend
     from csi_driver.core.node import PublishRequest
 
+    from .helpers import plain_capability
+
     backend = LocalBackend(str(tmp_path / "backend"))
-    rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, ctx = backend.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
     core = make_node(tmp_path, keys, "gocryptfs", allowed_key_resources=())
     try:
         req = PublishRequest(
             rec.volume_id,
             str(tmp_path / "pods" / "p" / "mount"),
-            mount_capability(),
+            plain_capability(),
             volume_context=ctx,
         )
         with pytest.raises(errors.PermissionDenied, match="allowed-key-resource"):
@@ -515,28 +518,29 @@ def test_sealed_passphrase_from_a_kid_outside_the_allow_list_is_refused(
     tmp_path: pathlib.Path, keys: Keys
 ) -> None:
     from csi_driver import errors
-    from csi_driver.client import mount_capability
     from csi_driver.core.controller import LocalBackend
     from csi_driver.core.node import PublishRequest
+
+    from .helpers import plain_capability
 
     core = make_node(tmp_path, keys, "gocryptfs", allowed_signing_kids=["kbs:///other/"])
     try:
         backend = LocalBackend(str(tmp_path / "backend"))
-        rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+        rec, ctx = backend.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
         del ctx["keyResource"]
         req = PublishRequest(
             rec.volume_id,
             str(tmp_path / "pods" / "p" / "mount"),
-            mount_capability(),
+            plain_capability(),
             secrets={"passphrase": keys.seal_passphrase()},
             volume_context=ctx,
         )
         with pytest.raises(errors.CsiError) as info:
             core.publish(req)
         assert info.value.code in (
-            grpc.StatusCode.PERMISSION_DENIED,
-            grpc.StatusCode.INVALID_ARGUMENT,
-            grpc.StatusCode.FAILED_PRECONDITION,
+            errors.Code.PERMISSION_DENIED,
+            errors.Code.INVALID_ARGUMENT,
+            errors.Code.FAILED_PRECONDITION,
         )
         assert os.listdir(tmp_path / "backend" / rec.volume_id) == []
     finally:
@@ -602,7 +606,7 @@ def test_wedged_daemon_does_not_hang_the_plugin(env: Env, monkeypatch: pytest.Mo
 
 def test_unmount_never_follows_a_symlink_swapped_in(env: Env) -> None:
     """The last line of defence behind validation: the kernel refuses to follow the link."""
-    from csi_driver.supervisor import umount_nofollow
+    from csi_driver.mounts import umount_nofollow
 
     vol, target = _published(env)
     link = pathlib.Path(env.target("swapped"))

@@ -18,7 +18,7 @@ from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
 
 from .conftest import KEY_PREFIX, KEY_RESOURCE, PASSPHRASE, SIGNING_PREFIX, Keys, cleanup_mounts
-from .helpers import mount_capability
+from .helpers import mount_capability, plain_capability
 
 EXE = [sys.executable, "-m", "csi_driver.cli"]
 
@@ -116,7 +116,7 @@ def test_node_process_kill9_keeps_mounts_and_metrics(
     sock = f"{sockdir}/node.sock"
     port = _free_port()
     backend = LocalBackend(str(tmp_path / "backend"))
-    rec, ctx = backend.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, ctx = backend.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
     sealed = keys.seal_passphrase()
     target = str(tmp_path / "pods" / "uid" / "mount")
     os.makedirs(os.path.dirname(target))

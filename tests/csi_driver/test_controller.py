@@ -10,7 +10,7 @@ from coco_proto import csi_pb2
 from csi_driver.core.controller import DEFAULT_CAPACITY, LocalBackend
 
 from .conftest import KEY_RESOURCE, Env
-from .helpers import Mode, expect_code, mount_capability
+from .helpers import Mode, expect_code, mount_capability, plain_capability
 
 
 def _req(name: str = "pvc", **kw) -> csi_pb2.CreateVolumeRequest:  # type: ignore[no-untyped-def]
@@ -59,7 +59,7 @@ def test_create_is_idempotent_by_name(env: Env) -> None:
 def test_create_survives_controller_restart(env: Env) -> None:
     a = env.ctrl.controller.CreateVolume(_req()).volume
     again = LocalBackend(env.backend.root)
-    rec, _ctx = again.create("pvc", [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, _ctx = again.create("pvc", [plain_capability()], {"keyResource": KEY_RESOURCE})
     assert rec.volume_id == a.volume_id
 
 
@@ -107,7 +107,7 @@ def test_reserved_parameters_are_ignored_and_default_key_applies(tmp_path) -> No
     backend = LocalBackend(str(tmp_path / "b"), default_key_resource="kbs:///d/k/root")
     rec, ctx = backend.create(
         "pvc",
-        [mount_capability()],
+        [plain_capability()],
         {"csi.storage.k8s.io/pvc/name": "claim", "csi.storage.k8s.io/pvc/namespace": "ns"},
     )
     assert ctx["keyResource"] == "kbs:///d/k/root"
@@ -199,3 +199,11 @@ def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir:
             assert c.identity.Probe(csi_pb2.ProbeRequest()).ready.value is False
     finally:
         plugin.stop()
+
+
+def test_volume_context_carries_the_granted_capacity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    backend = LocalBackend(str(tmp_path / "b"))
+    rec, ctx = backend.create(
+        "pvc", [plain_capability()], {"keyResource": KEY_RESOURCE}, required_bytes=64 << 20
+    )
+    assert ctx["capacityBytes"] == str(64 << 20) == str(rec.capacity_bytes)

@@ -90,7 +90,9 @@ class FakeMounter(Mounter):
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         pathlib.Path(cipher_dir, CONF_NAME).write_bytes(b"{}")
 
-    def command(self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool):  # type: ignore[no-untyped-def]
+    def command(
+        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
+    ):  # type: ignore[no-untyped-def]
         return ["/bin/true"]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:

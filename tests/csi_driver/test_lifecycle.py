@@ -14,19 +14,19 @@ import pytest
 from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
 from csi_driver.core.controller import LocalBackend
-from csi_driver.core.node import NodeCore
+from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.proc import alive as pid_alive
 from csi_driver.server import start_node
-from csi_driver.supervisor import pid_alive
 from fuse_crypt import mounttable
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
-from .helpers import mount_capability
+from .helpers import mount_capability, plain_capability
 
 DATA = b"survives restarts\n"
 
 
 def _volume(backend: LocalBackend, name: str) -> tuple[str, dict[str, str]]:
-    rec, ctx = backend.create(name, [mount_capability()], {"keyResource": KEY_RESOURCE})
+    rec, ctx = backend.create(name, [plain_capability()], {"keyResource": KEY_RESOURCE})
     return rec.volume_id, ctx
 
 
@@ -233,3 +233,78 @@ def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:
     pathlib.Path(target, "g").write_bytes(DATA)
     _unpublish(client2, "csi-abc123", target)
     assert not os.path.exists(os.path.join(core2.ephemeral_root, "csi-abc123"))
+
+
+class _Killed(BaseException):
+    """Stands for kill -9 of the plugin: nothing after the raise point runs."""
+
+
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
+def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+    """The supervisor's restart of a crashed daemon is saved: the state file used to keep the
+    dead pid, so a restarted plugin could not adopt (nor supervise) the live daemon."""
+    backend, start, tmp = world
+    client, core = start(mounter)
+    vid, ctx = _volume(backend, "pvc")
+    target = str(tmp / "t")
+    _publish(client, vid, ctx, target)
+    old = core.publications()[0].pid
+    os.kill(old, signal.SIGKILL)
+    h = None
+
+    def restarted() -> bool:
+        nonlocal h
+        h = core.supervisor.get(target)
+        return bool(h and h.pid != old and not mounttable.is_dead_mount(target))
+
+    assert _wait(restarted, 15)
+    assert h is not None
+    assert _wait(lambda: core.store.get(target).pid == h.pid)  # type: ignore[union-attr]
+    core.supervisor.shutdown()  # the plugin goes; the new daemon stays
+    core2 = NodeCore(
+        "test-node", str(tmp / "node-state"), None, mounter=mounter, kubelet_dir=str(tmp)
+    )
+    try:
+        adopted = core2.supervisor.get(target)
+        assert adopted is not None and adopted.pid == h.pid
+    finally:
+        core2.shutdown()
+
+
+@pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
+def test_kill_between_mounted_and_saved_is_recovered(  # type: ignore[no-untyped-def]
+    world, keys: Keys, mounter: str, monkeypatch
+) -> None:
+    """A plugin killed after its daemon mounted but before the mount was recorded used to
+    leave a live mount that the restarted plugin answered with ALREADY_EXISTS forever."""
+    from csi_driver.core.store import PublicationStore
+
+    backend, _, tmp = world
+    vid, ctx = _volume(backend, "pvc")
+    target = str(tmp / "t")
+    req = PublishRequest(vid, target, plain_capability(), volume_context=ctx)
+    real_update = PublicationStore.update
+
+    def killed(self, target, **changes):  # type: ignore[no-untyped-def]
+        raise _Killed
+
+    core = make_node(tmp, keys, mounter)
+    try:
+        monkeypatch.setattr(PublicationStore, "update", killed)
+        with pytest.raises(_Killed):
+            core.publish(req)  # "dies" just before recording the live mount
+        assert mounttable.find_mount(target) is not None  # a live mount without a record
+    finally:
+        monkeypatch.setattr(PublicationStore, "update", real_update)
+        core.supervisor.shutdown()
+    core2 = make_node(tmp, keys, mounter)  # restarted on the same state dir
+    try:
+        core2.publish(req)  # kubelet's retry succeeds
+        core2.publish(req)  # and stays idempotent
+        pathlib.Path(target, "f").write_bytes(DATA)
+        assert [(p.target_path, p.phase) for p in core2.publications()] == [(target, "mounted")]
+        assert [m.mountpoint for m in mounttable.mount_entries()].count(target) == 1
+        core2.unpublish(vid, target)
+        assert core2.publications() == [] and not os.path.exists(target)
+    finally:
+        core2.shutdown()

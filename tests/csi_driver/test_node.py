@@ -13,12 +13,13 @@ import pytest
 from coco_proto import csi_pb2
 from csi_driver.keys import derive_volume_password
 
-from .conftest import KEY_PREFIX, PASSPHRASE, Env
+from .conftest import KEY_PREFIX, KEY_RESOURCE, PASSPHRASE, Env
 from .helpers import (
     Mode,
     backend_blob,
     create_volume,
     expect_code,
+    mount_capability,
     publish_request,
 )
 
@@ -211,6 +212,9 @@ def test_volume_stats(env: Env) -> None:
     units = {u.unit: u for u in resp.usage}
     by = units[csi_pb2.VolumeUsage.Unit.BYTES]
     assert by.total > 0 and by.available > 0 and by.used > 0
+    # The volume's own numbers (it used to report the host filesystem's).
+    assert by.total == vol.capacity_bytes and by.used + by.available == by.total
+    assert by.used < 1 << 20  # the conf, the dir IV and one small file
     assert units[csi_pb2.VolumeUsage.Unit.INODES].total > 0
     expect_code(
         grpc.StatusCode.NOT_FOUND,
@@ -456,3 +460,31 @@ def test_probe_not_ready_when_mounter_tool_missing(tmp_path) -> None:  # type: i
         assert not ready and "not installed" in reason
     finally:
         core.shutdown()
+
+
+def test_capacity_is_enforced_and_shown_inside_the_mount(any_env: Env) -> None:
+    """The demo's 64 MiB volume used to show the host's 23 GB: now statfs inside the mount
+    is the volume's size, and a write past it is ENOSPC (fuse-crypt --capacity)."""
+    env = any_env
+    vol = env.ctrl.controller.CreateVolume(
+        csi_pb2.CreateVolumeRequest(
+            name="small",
+            volume_capabilities=[mount_capability()],
+            parameters={"keyResource": KEY_RESOURCE},
+            capacity_range=csi_pb2.CapacityRange(required_bytes=2 << 20),
+        )
+    ).volume
+    target = env.target()
+    env.node.node.NodePublishVolume(publish_request(vol, target))
+    st = env.node.node.NodeGetVolumeStats(
+        csi_pb2.NodeGetVolumeStatsRequest(volume_id=vol.volume_id, volume_path=target)
+    )
+    assert st.usage[0].total == 2 << 20
+    if env.mounter == "gocryptfs":
+        return  # Debian's gocryptfs has no quota: reported, not enforced
+    sv = os.statvfs(target)
+    assert sv.f_blocks * sv.f_frsize == 2 << 20
+    with pytest.raises(OSError) as err, open(os.path.join(target, "big"), "wb") as f:
+        f.write(os.urandom(3 << 20))
+        f.flush()
+    assert err.value.errno == errno.ENOSPC
