@@ -9,12 +9,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import alibabacloud_kms20160120  # noqa: E402, F401  (a test extra: missing is a failure)
 import pytest
 from jwcrypto import jwk
-from peer_loader import load_peer
-from vectors_coco import TEST_KEY
-
-pytest.importorskip("alibabacloud_kms20160120")
 
 from sealed_secrets import jws, seal  # noqa: E402
 from sealed_secrets.errors import (  # noqa: E402
@@ -26,6 +23,8 @@ from sealed_secrets.errors import (  # noqa: E402
 )
 from sealed_secrets.providers import aliyun  # noqa: E402
 from sealed_secrets.unseal import unseal_secret  # noqa: E402
+from tests.sealed_secrets.peer_loader import load_peer
+from tests.sealed_secrets.vectors_coco import TEST_KEY
 
 kms_peer = load_peer("aliyun_kms")
 

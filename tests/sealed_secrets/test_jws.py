@@ -7,17 +7,6 @@ import json
 
 import pytest
 from jwcrypto import jwk
-from vectors_coco import (
-    HEADER_AB,
-    PAYLOAD_A,
-    PAYLOAD_B,
-    PUBLIC_JWK,
-    SIGNING_KID,
-    TEST_KEY,
-    VECTOR_A,
-    VECTOR_B,
-    VECTOR_C,
-)
 
 from sealed_secrets import jws
 from sealed_secrets.errors import (
@@ -27,6 +16,17 @@ from sealed_secrets.errors import (
     MalformedSecret,
     SealedSecretError,
     UnsignedSecret,
+)
+from tests.sealed_secrets.vectors_coco import (
+    HEADER_AB,
+    PAYLOAD_A,
+    PAYLOAD_B,
+    PUBLIC_JWK,
+    SIGNING_KID,
+    TEST_KEY,
+    VECTOR_A,
+    VECTOR_B,
+    VECTOR_C,
 )
 
 PUB = jwk.JWK.from_json(PUBLIC_JWK)

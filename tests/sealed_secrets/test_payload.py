@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from vectors_coco import ENVELOPE_1, PAYLOAD_A, PAYLOAD_B, VAULT_2
 
 from sealed_secrets import payload as pl
 from sealed_secrets.errors import (
@@ -14,6 +13,7 @@ from sealed_secrets.errors import (
     UnsupportedType,
     UnsupportedVersion,
 )
+from tests.sealed_secrets.vectors_coco import ENVELOPE_1, PAYLOAD_A, PAYLOAD_B, VAULT_2
 
 
 @pytest.mark.parametrize("raw", [PAYLOAD_A, PAYLOAD_B, VAULT_2])
