@@ -41,8 +41,8 @@ MODULES: dict[str, list[str]] = {
     "sealed_secrets/jws.py": ["tests/sealed_secrets/test_jws.py"],
     "sealed_secrets/payload.py": ["tests/sealed_secrets/test_payload.py"],
     "sealed_secrets/jwe.py": [
+        "tests/sealed_secrets/test_jwe.py",
         "tests/sealed_secrets/test_kbs_client.py",
-        "tests/sealed_secrets/test_fuzz.py",
     ],
     "sealed_secrets/evidence.py": [
         "tests/sealed_secrets/test_kbs_client.py",
