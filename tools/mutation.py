@@ -45,6 +45,7 @@ MODULES: dict[str, list[str]] = {
         "tests/sealed_secrets/test_kbs_client.py",
     ],
     "sealed_secrets/evidence.py": [
+        "tests/sealed_secrets/test_evidence.py",
         "tests/sealed_secrets/test_kbs_client.py",
         "tests/sealed_secrets/test_aa_cdh.py",
         "tests/sealed_secrets/test_kbs_trust.py",
