@@ -42,6 +42,7 @@ def test_key_types_algorithms_and_public_jwk() -> None:
     assert (EC_PAIR.key_type, EC_PAIR.alg) == ("ec", EC_ALG)
     assert (RSA_PAIR.key_type, RSA_PAIR.alg) == ("rsa", RSA_ALG)
     assert TeeKeyPair("EC").alg == EC_ALG  # the type is case-insensitive
+    assert (TeeKeyPair().key_type, TeeKeyPair().alg) == ("ec", EC_ALG)  # the default
     pub = EC_PAIR.public_jwk()
     assert pub["alg"] == EC_ALG and pub["kty"] == "EC" and pub["crv"] == "P-256"
     assert "d" not in pub and "kid" not in pub
@@ -74,6 +75,8 @@ def test_from_pem_adopts_the_aa_key_pair(key: Any, key_type: str, alg: str) -> N
     for pem in (_pem(key), _pem(key).decode("ascii")):
         pair = TeeKeyPair.from_pem(pem)
         assert (pair.key_type, pair.alg) == (key_type, alg)
+        pub = pair.public_jwk()  # jwcrypto gives a PEM key a thumbprint kid: not sent
+        assert "kid" not in pub and "d" not in pub and pub["alg"] == alg
         assert pair.decrypt(jwe_encrypt(SECRET, pair.public_jwk())) == SECRET
 
 
