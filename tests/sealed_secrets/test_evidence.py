@@ -197,3 +197,26 @@ def test_token_reply_with_a_bad_key_is_refused(aa: AaServer) -> None:
     with pytest.raises(AttestationError) as info:
         ev.AaTokenProvider(aa.target).get_token()
     assert str(info.value) == "attestation agent GetToken reply has a bad tee_keypair"
+
+
+def test_close_closes_the_channel_and_is_safe_when_never_connected(aa: AaServer) -> None:
+    ev.AaEvidenceProvider(aa.target).close()  # never connected: nothing to close
+    p = ev.AaEvidenceProvider(aa.target)
+    p.tee_type()
+    channel = p._channel
+    assert channel is not None
+    p.close()
+    with pytest.raises(ValueError):  # grpc: "Cannot invoke RPC on closed channel!"
+        channel.unary_unary("/x")(b"")
+
+
+def test_rpc_failure_is_logged_with_rpc_target_and_code(
+    aa: AaServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level("WARNING", logger="sealed_secrets.evidence")
+    aa.inject("GetEvidence", grpc.StatusCode.UNAVAILABLE)
+    with pytest.raises(AttestationError):
+        ev.AaEvidenceProvider(aa.target).primary_evidence(b"r")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"aa call failed rpc=GetEvidence target={aa.target} code=UNAVAILABLE"
+    ]
