@@ -67,3 +67,30 @@ def test_spawned_console_scripts_run_the_tree_under_test(script: str, tmp_path: 
 def test_python_dash_m_from_elsewhere_runs_the_tree_under_test(module: str, tmp_path: Path) -> None:
     found = _imported_packages([sys.executable, "-m", module, "--help"], tmp_path)
     assert found and all(dirs == {str(ROOT)} for dirs in found.values()), found
+
+
+def test_collecting_the_test_packages_does_not_shadow_the_product(tmp_path: Path) -> None:
+    """Shadowing happens while pytest collects ``tests/fuse_crypt`` and ``tests/csi_driver``
+    (seen under mutmut, and in importlib mode without ``consider_namespace_packages``): collect
+    them in a fresh pytest, then run the import checks above in that same session."""
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "tests/fuse_crypt/test_contentenc.py",
+            "tests/csi_driver/test_controller.py",
+            "tests/test_tree_under_test.py",
+            "-k",
+            "product_packages_come_from or test_packages_do_not_shadow",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "5 passed" in proc.stdout, proc.stdout[-2000:]
