@@ -61,6 +61,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "fuse_crypt/nametransform.py": [
         "tests/fuse_crypt/test_nametransform.py",
+        "tests/fuse_crypt/test_nametransform_mutants.py",
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
     "fuse_crypt/configfile.py": [
