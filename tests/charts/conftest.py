@@ -11,10 +11,9 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import helm_python as helm  # the bundled Helm engine (helm-python-sdk, a test extra)
 import pytest
 import yaml
-
-helm = pytest.importorskip("helm_python", reason="helm-python-sdk (bundled Helm engine) missing")
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_DIR = REPO / "charts" / "coco-csi"

@@ -11,14 +11,18 @@ import ast
 import os
 import posixpath
 import re
-import shutil
 import subprocess
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import kubernetes_validate
 import pytest
 import yaml
+
+from csi_driver.core.controller import LocalBackend
+from sealed_secrets.resolver import build_resolver
+from tests.console_scripts import console_script
 
 from .conftest import (
     CHART_DIR,
@@ -38,8 +42,6 @@ from .conftest import (
     walk,
     with_kbs,
 )
-
-kubernetes_validate = pytest.importorskip("kubernetes_validate")
 
 # Value sets that between them switch every template branch on at least once.
 EVERYTHING_ON: dict[str, Any] = {
@@ -125,8 +127,6 @@ def _architecture_driver_name() -> str:
 def _csi_driver_constants() -> dict[str, str]:
     """String constants of csi_driver/constants.py, read with ast (no import side effects)."""
     path = REPO / "csi_driver" / "constants.py"
-    if not path.exists():
-        return {}
     found: dict[str, str] = {}
     for node in ast.parse(path.read_text()).body:
         if (
@@ -293,9 +293,8 @@ def test_csidriver_name_matches_the_driver(render) -> None:
     csidriver = only(render(), "CSIDriver")
     name = csidriver["metadata"]["name"]
     assert name == _architecture_driver_name()
-    constant = _csi_driver_constants().get("DRIVER_NAME")
-    if constant is not None:  # csi_driver/constants.py is the code-side source of truth
-        assert name == constant
+    # csi_driver/constants.py is the code-side source of truth
+    assert name == _csi_driver_constants()["DRIVER_NAME"]
     # The StorageClass must point at the same driver.
     assert only(render(), "StorageClass")["provisioner"] == name
 
@@ -725,15 +724,14 @@ def test_storageclass(render) -> None:
     assert sc["reclaimPolicy"] == "Delete"
     params = sc["parameters"]
     assert params == {"keyResource": "kbs:///default/coco-csi/volume-key"}
-    key_param = _csi_driver_constants().get("PARAM_KEY_RESOURCE")
-    if key_param is not None:  # the parameter name the driver reads
-        assert key_param in params
+    assert _csi_driver_constants()["PARAM_KEY_RESOURCE"] in params  # the name the driver reads
     assert "annotations" not in sc["metadata"]
 
 
 def _mount_capability() -> Any:
     """The controller core's (protocol-free) form of a single-node-writer mount."""
-    volcap = pytest.importorskip("csi_driver.core.volcap")
+    from csi_driver.core import volcap
+
     return volcap.Capability(volcap.AccessType.MOUNT, volcap.AccessMode.SINGLE_NODE_WRITER)
 
 
@@ -741,10 +739,6 @@ def _mount_capability() -> Any:
 def test_storageclass_parameters_are_accepted_by_the_driver(render, tmp_path, case) -> None:
     """Cross-check with the real controller core: what external-provisioner would send for
     this StorageClass must provision a volume (unknown parameters are InvalidArgument)."""
-    try:
-        from csi_driver.core.controller import LocalBackend
-    except ImportError as exc:
-        pytest.skip(f"csi_driver controller core not importable: {exc}")
     sc = only(render(VALUE_SETS[case]), "StorageClass")
     # The provisioner consumes the secret-reference keys itself and, with
     # --extra-create-metadata, adds the claim's identity under the reserved prefix.
@@ -788,10 +782,6 @@ def _self_signed_ca_pem() -> bytes:
 def test_resolver_spec_is_accepted_by_sealed_secrets(render, tmp_path, case) -> None:
     """Cross-check with the real sealed_secrets.build_resolver (construction only: no
     attestation agent, KBS or CDH is contacted)."""
-    try:
-        from sealed_secrets.resolver import build_resolver
-    except ImportError as exc:
-        pytest.skip(f"sealed_secrets.resolver not importable: {exc}")
     plugin = container(_node(render(VALUE_SETS[case])), "coco-csi")
     spec = arg_value(plugin, "--resolver")
     if "&ca=" in spec:
@@ -803,10 +793,7 @@ def test_resolver_spec_is_accepted_by_sealed_secrets(render, tmp_path, case) -> 
         local = tmp_path / "ca.pem"
         local.write_bytes(_self_signed_ca_pem())
         spec = spec.replace(ca_path, str(local))
-    try:
-        resolver = build_resolver(spec)
-    except ImportError as exc:
-        pytest.skip(f"resolver backend for {case} not available yet: {exc}")
+    resolver = build_resolver(spec)
     assert hasattr(resolver, "get_resource") and hasattr(resolver, "unseal")
 
 
@@ -1041,27 +1028,21 @@ def test_sidecar_versions_are_csi_1_12_era(chart: Any) -> None:
         assert sc[s]["image"]["repository"].startswith("registry.k8s.io/sig-storage/")
 
 
-def _coco_csi_help(sub: str) -> str | None:
-    exe = shutil.which("coco-csi", path=str(REPO / ".venv" / "bin")) or shutil.which("coco-csi")
-    if exe is None:
-        return None
+def _coco_csi_help(sub: str) -> str:
     proc = subprocess.run(
-        [exe, sub, "--help"],
+        [console_script("coco-csi"), sub, "--help"],
         capture_output=True,
         text=True,
         timeout=60,
         env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"},
     )
-    if proc.returncode != 0:
-        return None
+    assert proc.returncode == 0, f"coco-csi {sub} --help failed: {proc.stderr}"
     return proc.stdout
 
 
 @pytest.mark.parametrize("sub", ["node", "controller"])
 def test_rendered_flags_exist_in_the_coco_csi_cli(render, sub: str) -> None:
     help_text = _coco_csi_help(sub)
-    if help_text is None:
-        pytest.skip("coco-csi CLI (csi_driver.cli) is not available yet")
     docs = render()
     workload = _node(docs) if sub == "node" else _controller(docs)
     flags = {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}

@@ -25,16 +25,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
+from coco_proto import csi_pb2, csi_pb2_grpc
 from csi_driver.volume_key import new_volume_key_jwk
+from tests.console_scripts import console_script
 from tests.fuse_env import fuse_skip_reason
 
 from .conftest import arg_value, container, mount_of, only
-
-grpc = pytest.importorskip("grpc")
-csi_pb2 = pytest.importorskip("coco_proto.csi_pb2")
-csi_pb2_grpc = pytest.importorskip("coco_proto.csi_pb2_grpc")
 
 REPO = Path(__file__).resolve().parents[2]
 NODE_NAME = "tdx-node-1"
@@ -42,13 +41,7 @@ SECRET_TEXT = b"only the TEE may read this line\n"
 
 
 def _coco_csi() -> str:
-    exe = REPO / ".venv" / "bin" / "coco-csi"
-    if exe.exists():
-        return str(exe)
-    found = shutil.which("coco-csi")
-    if found is None:
-        pytest.skip("coco-csi console script not installed")
-    return found
+    return console_script("coco-csi")
 
 
 def _free_port() -> int:

@@ -3,7 +3,9 @@
 Upstream csi-sanity (kubernetes-csi/csi-test) runs in test_csi_sanity_upstream.py. It skips
 every spec group whose capability a plugin does not advertise (snapshots, ListVolumes,
 GetCapacity, ControllerPublish, NodeStage, expansion, modify, ...), so it never checks what
-our plugin answers to those RPCs; the tests below do.
+our plugin answers to those RPCs. The tests below call each gated RPC and expect
+UNIMPLEMENTED (INVALID_ARGUMENT for a CreateVolume content source, as the spec's CreateVolume
+error table says).
 
 The plugins run as the real `coco-csi node` and `coco-csi controller` processes on their own
 unix sockets, as csi-sanity sees them (`--csi.endpoint`, `--csi.controllerendpoint`).
@@ -197,13 +199,14 @@ def sc(plugins: tuple[str, str, str]) -> Iterator[Sanity]:
 
 
 def need_node(sc: Sanity, c: int) -> None:
-    if c not in sc.node_caps():
-        pytest.skip(f"node does not have {NodeRPC.Name(c)}")
+    """csi-sanity skips a spec whose capability is missing; ours are all advertised, so a
+    missing one is a regression, not a reason to skip."""
+    assert c in sc.node_caps(), f"node no longer advertises {NodeRPC.Name(c)}"
 
 
 def need_ctrl(sc: Sanity, c: int) -> None:
-    if Service.CONTROLLER_SERVICE not in sc.plugin_services() or c not in sc.ctrl_caps():
-        pytest.skip(f"controller does not have {CtrlRPC.Name(c)}")
+    assert Service.CONTROLLER_SERVICE in sc.plugin_services(), "no controller service"
+    assert c in sc.ctrl_caps(), f"controller no longer advertises {CtrlRPC.Name(c)}"
 
 
 # The Identity, Node and Controller specs this file used to port (GetPluginInfo … "Node
@@ -212,27 +215,147 @@ def need_ctrl(sc: Sanity, c: int) -> None:
 # does not check: the groups it skips because we do not advertise their capability.
 
 
+def _unadvertised_ctrl_calls(sc: Sanity) -> dict[str, list[tuple[str, object]]]:
+    """The RPCs each unadvertised controller capability gates, with well-formed requests."""
+    vid, node = "some-vol-id", "sanity-node"
+    return {
+        "LIST_VOLUMES": [("ListVolumes", csi_pb2.ListVolumesRequest())],
+        "GET_CAPACITY": [("GetCapacity", csi_pb2.GetCapacityRequest(volume_capabilities=[cap()]))],
+        "PUBLISH_UNPUBLISH_VOLUME": [
+            (
+                "ControllerPublishVolume",
+                csi_pb2.ControllerPublishVolumeRequest(
+                    volume_id=vid, node_id=node, volume_capability=cap()
+                ),
+            ),
+            (
+                "ControllerUnpublishVolume",
+                csi_pb2.ControllerUnpublishVolumeRequest(volume_id=vid, node_id=node),
+            ),
+        ],
+        "CREATE_DELETE_SNAPSHOT": [
+            (
+                "CreateSnapshot",
+                csi_pb2.CreateSnapshotRequest(source_volume_id=vid, name=sc.unique("snap")),
+            ),
+            ("DeleteSnapshot", csi_pb2.DeleteSnapshotRequest(snapshot_id="some-snapshot-id")),
+        ],
+        "LIST_SNAPSHOTS": [("ListSnapshots", csi_pb2.ListSnapshotsRequest())],
+        "EXPAND_VOLUME": [
+            (
+                "ControllerExpandVolume",
+                csi_pb2.ControllerExpandVolumeRequest(
+                    volume_id=vid, capacity_range=csi_pb2.CapacityRange(required_bytes=1 << 30)
+                ),
+            )
+        ],
+        "MODIFY_VOLUME": [
+            (
+                "ControllerModifyVolume",
+                csi_pb2.ControllerModifyVolumeRequest(
+                    volume_id=vid, mutable_parameters={"iops": "1"}
+                ),
+            )
+        ],
+        "GET_VOLUME": [("ControllerGetVolume", csi_pb2.ControllerGetVolumeRequest(volume_id=vid))],
+    }
+
+
 @pytest.mark.parametrize(
-    "spec,needs",
+    "needs",
     [
-        ("ListVolumes", CtrlRPC.LIST_VOLUMES),
-        ("GetCapacity", CtrlRPC.GET_CAPACITY),
-        ("ControllerPublishVolume", CtrlRPC.PUBLISH_UNPUBLISH_VOLUME),
-        ("CreateSnapshot/DeleteSnapshot", CtrlRPC.CREATE_DELETE_SNAPSHOT),
-        ("ListSnapshots", CtrlRPC.LIST_SNAPSHOTS),
-        ("CreateVolume from source volume", CtrlRPC.CLONE_VOLUME),
-        ("ExpandVolume", CtrlRPC.EXPAND_VOLUME),
-        ("ModifyVolume", CtrlRPC.MODIFY_VOLUME),
+        "LIST_VOLUMES",
+        "GET_CAPACITY",
+        "PUBLISH_UNPUBLISH_VOLUME",
+        "CREATE_DELETE_SNAPSHOT",
+        "LIST_SNAPSHOTS",
+        "EXPAND_VOLUME",
+        "MODIFY_VOLUME",
+        "GET_VOLUME",
     ],
 )
-def test_controller_capability_gated_specs_are_skipped(sc: Sanity, spec: str, needs: int) -> None:
-    """csi-sanity skips these groups unless the capability is advertised; so do we, and an
-    unadvertised RPC must not pretend to work."""
-    need_ctrl(sc, needs)
-    pytest.fail(f"{spec} is advertised but not ported")
+def test_controller_unadvertised_rpcs_are_unimplemented(sc: Sanity, needs: str) -> None:
+    """csi-sanity skips these groups unless the capability is advertised. We do not advertise
+    them, so each gated RPC, called with a well-formed request, must answer UNIMPLEMENTED (the
+    CSI spec's answer for an RPC a plugin does not support) rather than pretend to work."""
+    assert CtrlRPC.Value(needs) not in sc.ctrl_caps(), f"{needs} is advertised but not ported"
+    for method, request in _unadvertised_ctrl_calls(sc)[needs]:
+        code = code_of(getattr(sc.ctrl.controller, method), request)
+        assert code == grpc.StatusCode.UNIMPLEMENTED, (method, code)
 
 
-def test_node_stage_specs_are_skipped(sc: Sanity) -> None:
-    """NodeStageVolume / NodeUnstageVolume specs run only with STAGE_UNSTAGE_VOLUME."""
-    need_node(sc, NodeRPC.STAGE_UNSTAGE_VOLUME)
-    pytest.fail("STAGE_UNSTAGE_VOLUME is advertised but not ported")
+def test_controller_clone_without_clone_volume_is_invalid_argument(sc: Sanity) -> None:
+    """CreateVolume from a source volume without CLONE_VOLUME: the CSI spec's CreateVolume error
+    table says "source not supported" is INVALID_ARGUMENT (CreateVolume itself exists), and no
+    volume may be left behind."""
+    assert CtrlRPC.CLONE_VOLUME not in sc.ctrl_caps()
+    assert CtrlRPC.CREATE_DELETE_SNAPSHOT not in sc.ctrl_caps()
+    src = sc.create_volume(sc.unique("clone-src"))
+    for source in (
+        csi_pb2.VolumeContentSource(
+            volume=csi_pb2.VolumeContentSource.VolumeSource(volume_id=src.volume_id)
+        ),
+        csi_pb2.VolumeContentSource(
+            snapshot=csi_pb2.VolumeContentSource.SnapshotSource(snapshot_id="some-snapshot-id")
+        ),
+    ):
+        name = sc.unique("clone")
+        req = csi_pb2.CreateVolumeRequest(
+            name=name,
+            volume_capabilities=[cap()],
+            parameters=sc.parameters,
+            volume_content_source=source,
+        )
+        try:
+            vol = sc.ctrl.controller.CreateVolume(req).volume
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.code()
+        else:
+            sc.volumes.append(vol.volume_id)
+            pytest.fail(f"CreateVolume from {source.WhichOneof('type')} silently ignored it")
+
+
+@pytest.mark.parametrize(
+    "needs,calls",
+    [
+        (
+            "STAGE_UNSTAGE_VOLUME",
+            [
+                (
+                    "NodeStageVolume",
+                    csi_pb2.NodeStageVolumeRequest(
+                        volume_id="some-vol-id",
+                        staging_target_path="/tmp/csi-staging",
+                        volume_capability=cap(),
+                    ),
+                ),
+                (
+                    "NodeUnstageVolume",
+                    csi_pb2.NodeUnstageVolumeRequest(
+                        volume_id="some-vol-id", staging_target_path="/tmp/csi-staging"
+                    ),
+                ),
+            ],
+        ),
+        (
+            "EXPAND_VOLUME",
+            [
+                (
+                    "NodeExpandVolume",
+                    csi_pb2.NodeExpandVolumeRequest(
+                        volume_id="some-vol-id", volume_path="/tmp/csi-volume"
+                    ),
+                )
+            ],
+        ),
+    ],
+)
+def test_node_unadvertised_rpcs_are_unimplemented(
+    sc: Sanity, needs: str, calls: list[tuple[str, object]]
+) -> None:
+    """NodeStage/NodeUnstage (and NodeExpand) specs run only with their capability; we do not
+    advertise it, so the RPCs must answer UNIMPLEMENTED, never act on the request."""
+    assert NodeRPC.Value(needs) not in sc.node_caps(), f"{needs} is advertised but not ported"
+    for method, request in calls:
+        code = code_of(getattr(sc.node.node, method), request)
+        assert code == grpc.StatusCode.UNIMPLEMENTED, (method, code)

@@ -7,20 +7,11 @@ so a bug there cannot hide itself from the tests.
 
 from __future__ import annotations
 
-import importlib
 import subprocess
 import sys
 from pathlib import Path
 
 FC = [sys.executable, "-m", "fuse_crypt.cli"]
-
-
-def frontend_available() -> bool:
-    """Mount tests skip until the FUSE frontend exists (it is built in parallel)."""
-    try:
-        return hasattr(importlib.import_module("fuse_crypt.fusefrontend"), "serve")
-    except ImportError:
-        return False
 
 
 def fc(*args: str | Path, stdin: str = "", timeout: float = 90) -> subprocess.CompletedProcess[str]:

@@ -3,8 +3,8 @@
 Every command runs as a real subprocess (``python -m fuse_crypt.cli``). Where a second
 implementation helps prove a result, Debian's gocryptfs 2.3 is the judge: it must accept
 the confs we write and our password changes, and the volumes it writes are what our
-master-key check is tested against. Tests that need a live mount skip until the FUSE
-frontend is importable.
+master-key check is tested against. Tests that need a live mount fail (never skip)
+when the FUSE frontend does not import.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from tests.fuse_crypt.cli_helpers import (
     assert_one_line_error,
     fc,
     force_unmount,
-    frontend_available,
     init_volume,
     is_mounted,
     write_passfile,
@@ -37,11 +36,6 @@ HEX64 = re.compile(r"[0-9a-f]{8}(-?[0-9a-f]{8}){7}")
 
 have_gocryptfs = pytest.mark.skipif(
     shutil.which("gocryptfs") is None, reason="gocryptfs (Debian package) not installed"
-)
-
-
-needs_frontend = pytest.mark.skipif(
-    not frontend_available(), reason="fuse_crypt.fusefrontend.serve not available yet"
 )
 
 
@@ -408,7 +402,6 @@ def test_passwd_master_key_reset(gocryptfs_volume: Path, new_passfile: Path, mnt
 # --------------------------------------------------------------------------- mount happy path
 
 
-@needs_frontend
 def test_mount_returns_when_live_and_unmount(volume: Path, passfile: Path, mnt: Path) -> None:
     proc = fc("mount", "--passfile", passfile, volume, mnt, timeout=60)
     assert proc.returncode == 0, proc.stderr
@@ -421,7 +414,6 @@ def test_mount_returns_when_live_and_unmount(volume: Path, passfile: Path, mnt: 
     assert "now" not in os.listdir(volume)
 
 
-@needs_frontend
 def test_mount_with_master_key_on_stdin(volume: Path, passfile: Path, mnt: Path) -> None:
     key = conf_master_key(volume, PASSWORD)
     proc = fc("mount", "--masterkey", "stdin", volume, mnt, stdin=key.hex() + "\n")
@@ -435,7 +427,6 @@ def test_mount_with_master_key_on_stdin(volume: Path, passfile: Path, mnt: Path)
     assert (mnt / "f").read_text() == "via master key"
 
 
-@needs_frontend
 def test_passwd_then_mount_with_new_password(
     volume: Path, passfile: Path, new_passfile: Path, mnt: Path
 ) -> None:
@@ -452,7 +443,6 @@ def test_passwd_then_mount_with_new_password(
     assert (mnt / "kept").read_text() == "survives passwd"
 
 
-@needs_frontend
 def test_demo_runs_end_to_end() -> None:
     proc = subprocess.run([*FC, "demo"], capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -512,7 +502,6 @@ def test_init_on_a_terminal_rejects_mismatch(tmp_path: Path) -> None:
     assert os.listdir(cipher) == []
 
 
-@needs_frontend
 def test_mount_with_master_key_after_conf_loss(gocryptfs_volume: Path, mnt: Path) -> None:
     """gocryptfs pain point: the conf is gone, only the master key is left."""
     key = conf_master_key(gocryptfs_volume, PASSWORD)

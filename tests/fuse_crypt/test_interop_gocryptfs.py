@@ -25,7 +25,6 @@ import pytest
 from tests.fuse_crypt.cli_helpers import (
     FC,
     force_unmount,
-    frontend_available,
     init_volume,
     is_mounted,
     write_passfile,
@@ -37,7 +36,6 @@ MIB = 1 << 20
 
 pytestmark = [
     pytest.mark.skipif(shutil.which("gocryptfs") is None, reason="gocryptfs not installed"),
-    pytest.mark.skipif(not frontend_available(), reason="fuse_crypt.fusefrontend not available"),
     pytest.mark.timeout(300),
 ]
 

@@ -25,7 +25,6 @@ from tests.fuse_crypt.cli_helpers import (
     assert_one_line_error,
     fc,
     force_unmount,
-    frontend_available,
     init_volume,
     is_mounted,
     write_passfile,
@@ -35,7 +34,6 @@ PASSWORD = "lifecycle test password"
 
 
 pytestmark = [
-    pytest.mark.skipif(not frontend_available(), reason="fuse_crypt.fusefrontend not available"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
     pytest.mark.timeout(120),
 ]

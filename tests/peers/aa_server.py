@@ -93,6 +93,8 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
         self.peer.enter("GetEvidence", context)
         with self.peer.lock:
             self.peer.runtime_data.append(bytes(request.RuntimeData))
+        if "GetEvidence" in self.peer.raw_replies:
+            return pb.GetEvidenceResponse(Evidence=self.peer.raw_replies["GetEvidence"])
         evidence = {
             "svn": self.peer.svn,
             "report_data": base64.b64encode(request.RuntimeData).decode(),
@@ -103,6 +105,8 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
 
     def GetAdditionalEvidence(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.peer.enter("GetAdditionalEvidence", context)
+        if "GetAdditionalEvidence" in self.peer.raw_replies:
+            return pb.GetEvidenceResponse(Evidence=self.peer.raw_replies["GetAdditionalEvidence"])
         if not self.peer.additional_evidence:
             return pb.GetEvidenceResponse(Evidence=b"")
         with self.peer.lock:
@@ -115,6 +119,8 @@ class _Servicer(pb_grpc.AttestationAgentServiceServicer):
 
     def GetToken(self, request: Any, context: grpc.ServicerContext) -> Any:
         self.peer.enter("GetToken", context)
+        if "GetToken" in self.peer.raw_replies:
+            return pb.GetTokenResponse(Token=self.peer.raw_replies["GetToken"])
         if request.TokenType != "kbs" or not self.peer.kbs_url:
             context.abort(grpc.StatusCode.INTERNAL, f"unsupported token type {request.TokenType}")
         try:
@@ -154,6 +160,8 @@ class AaServer(UnixGrpcPeer):
         self.kbs_url = kbs_url  # for GetToken("kbs"), like [token_configs.kbs] url
         self.kbs_ca = kbs_ca
         self.bad_token_reply = False
+        # rpc -> the exact bytes to answer with (a hostile or broken AA), bypassing the rest
+        self.raw_replies: dict[str, bytes] = {}
         self.tee = tee
         self.svn = svn
         self.tamper = False  # True: report_data no longer binds the runtime data

@@ -5,9 +5,12 @@ parameters in the query string, signed with ACS3-HMAC-SHA256 (Alibaba Cloud "V3 
 canonical request = method, URI, sorted RFC 3986-encoded query, the headers named in
 SignedHeaders, the list itself, hex SHA-256 of the body; HMAC-SHA256 with the AccessKey
 secret). The signature is verified here, so a test passing means the SDK really signed a
-request this server could authenticate. Responses and errors use the documented JSON members
-(`CiphertextBlob`, `Plaintext`, `KeyId`, `KeyVersionId`, `SecretData`, `SecretDataType`,
-`RequestId`; errors `Code`, `Message`, `RequestId`, `HostId`).
+request this server could authenticate. Like the real service, a request is also refused when
+its signed ``x-acs-date`` is more than 15 minutes off (``InvalidTimeStamp.Expired``) or its
+signed ``x-acs-signature-nonce`` was seen before in that window (``SignatureNonceUsed``), so
+replayed or pre-signed requests fail here as they would in production. Responses and errors
+use the documented JSON members (`CiphertextBlob`, `Plaintext`, `KeyId`, `KeyVersionId`,
+`SecretData`, `SecretDataType`, `RequestId`; errors `Code`, `Message`, `RequestId`, `HostId`).
 
 Supported actions: Encrypt, Decrypt, GetSecretValue. CiphertextBlob here is
 base64(key-uuid ‖ nonce ‖ AES-256-GCM): opaque to clients, as in the real service.
@@ -20,15 +23,21 @@ import hashlib
 import hmac
 import json
 import os
+import threading
+import time
 import urllib.parse
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from tests.peers.tls import ServedHttp, make_server_tls
+
+MAX_CLOCK_SKEW = 15 * 60  # seconds either way, as the real OpenAPI gateway allows
+DATE_FORMAT = "%Y-%m-%dT%H:%M:%SZ"  # ISO 8601 UTC, what the SDK sends in x-acs-date
 
 
 def _quote(s: str) -> str:
@@ -64,6 +73,18 @@ class KmsState:
     secrets: dict[str, tuple[str, str]] = field(default_factory=dict)  # name -> (data, type)
     requests: list[dict[str, Any]] = field(default_factory=list)
     raw_requests: list[bytes] = field(default_factory=list)
+    nonces: dict[str, float] = field(default_factory=dict)  # nonce -> when first seen
+    nonce_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def fresh_nonce(self, nonce: str, now: float) -> bool:
+        """Record ``nonce``; False if it was already used within the replay window."""
+        with self.nonce_lock:
+            for old in [n for n, t in self.nonces.items() if now - t > 2 * MAX_CLOCK_SKEW]:
+                del self.nonces[old]
+            if nonce in self.nonces:
+                return False
+            self.nonces[nonce] = now
+            return True
 
     def add_key(self, key_id: str) -> None:
         self.keys[key_id] = AESGCM.generate_key(256)
@@ -141,7 +162,8 @@ class _Handler(BaseHTTPRequestHandler):
         if token is not None and self.headers.get("x-acs-security-token") != token:
             raise KmsError(400, "InvalidSecurityToken.Mismatch", "Security token mismatch.")
         names = signed.split(";")
-        if "host" not in names or "x-acs-action" not in names or "x-acs-date" not in names:
+        required = ("host", "x-acs-action", "x-acs-date", "x-acs-signature-nonce")
+        if any(n not in names for n in required):
             raise KmsError(400, "IncompleteSignature", "Required headers are not signed.")
         payload_hash = hashlib.sha256(body).hexdigest()
         if self.headers.get("x-acs-content-sha256") != payload_hash:
@@ -161,6 +183,28 @@ class _Handler(BaseHTTPRequestHandler):
             raise KmsError(
                 400, "SignatureDoesNotMatch", "Specified signature is not matched with our calc."
             )
+        self._check_freshness()
+
+    def _check_freshness(self) -> None:
+        """Date within 15 minutes of now, nonce never seen: what stops replays for real."""
+        now = time.time()
+        try:
+            date = datetime.strptime(self.headers.get("x-acs-date") or "", DATE_FORMAT)
+        except ValueError:
+            raise KmsError(
+                400,
+                "InvalidTimeStamp.Format",
+                "Specified time stamp or date value is not well formatted.",
+            ) from None
+        if abs(now - date.replace(tzinfo=UTC).timestamp()) > MAX_CLOCK_SKEW:
+            raise KmsError(
+                400, "InvalidTimeStamp.Expired", "Specified time stamp or date value is expired."
+            )
+        nonce = self.headers.get("x-acs-signature-nonce") or ""
+        if not nonce:
+            raise KmsError(400, "MissingSignatureNonce", "SignatureNonce is mandatory.")
+        if not self.server.state.fresh_nonce(nonce, now):
+            raise KmsError(400, "SignatureNonceUsed", "Specified signature nonce was used already.")
 
     def _key(self, key_id: str | None) -> tuple[str, bytes]:
         st = self.server.state

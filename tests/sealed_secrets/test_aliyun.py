@@ -3,18 +3,21 @@
 from __future__ import annotations
 
 import base64
+import datetime
+import hashlib
+import hmac
+import http.client
 import json
 import logging
+import ssl
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import alibabacloud_kms20160120  # noqa: E402, F401  (a test extra: missing is a failure)
 import pytest
 from jwcrypto import jwk
-from peer_loader import load_peer
-from vectors_coco import TEST_KEY
-
-pytest.importorskip("alibabacloud_kms20160120")
 
 from sealed_secrets import jws, seal  # noqa: E402
 from sealed_secrets.errors import (  # noqa: E402
@@ -26,6 +29,8 @@ from sealed_secrets.errors import (  # noqa: E402
 )
 from sealed_secrets.providers import aliyun  # noqa: E402
 from sealed_secrets.unseal import unseal_secret  # noqa: E402
+from tests.sealed_secrets.peer_loader import load_peer
+from tests.sealed_secrets.vectors_coco import TEST_KEY
 
 kms_peer = load_peer("aliyun_kms")
 
@@ -289,3 +294,90 @@ def test_cli_and_kubectl_plugin_seal_with_aliyun(
     assert PLAINTEXT.decode() not in out
     value = base64.b64decode(json.loads(out)["data"]["password"]).decode()
     assert unseal(value, guest) == PLAINTEXT
+
+
+# --- the KMS peer is as strict as the real service about dates and nonces ----------------
+
+
+def _raw_post(kms: Any, path: str, headers: dict[str, str], body: bytes = b"") -> dict[str, Any]:
+    """POST to the fake KMS over its TLS, byte for byte what the caller says."""
+    host, port = kms.endpoint.split(":")
+    ctx = ssl.create_default_context(cafile=kms.ca_path)
+    conn = http.client.HTTPSConnection(host, int(port), context=ctx, timeout=30)
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+        return {"status": resp.status, **json.loads(resp.read())}
+    finally:
+        conn.close()
+
+
+def _signed_headers(
+    kms: Any, query: str, *, date: datetime.datetime, nonce: str | None
+) -> dict[str, str]:
+    """An ACS3-HMAC-SHA256 (V3) request for Encrypt, signed independently of the SDK."""
+    body_hash = hashlib.sha256(b"").hexdigest()
+    headers = {
+        "host": kms.endpoint,
+        "x-acs-action": "Encrypt",
+        "x-acs-version": "2016-01-20",
+        "x-acs-date": date.strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "x-acs-content-sha256": body_hash,
+    }
+    if nonce is not None:
+        headers["x-acs-signature-nonce"] = nonce
+    names = sorted(headers)
+    canonical = "\n".join(
+        ["POST", "/", query, "".join(f"{n}:{headers[n]}\n" for n in names), ";".join(names)]
+        + [body_hash]
+    )
+    digest = hashlib.sha256(canonical.encode()).hexdigest()
+    sig = hmac.new(GUEST_SK.encode(), f"ACS3-HMAC-SHA256\n{digest}".encode(), "sha256")
+    headers["Authorization"] = (
+        f"ACS3-HMAC-SHA256 Credential={GUEST_AK},SignedHeaders={';'.join(names)},"
+        f"Signature={sig.hexdigest()}"
+    )
+    return headers
+
+
+def _encrypt_with(kms: Any, *, skew: float = 0.0, nonce: str | None = "") -> dict[str, Any]:
+    query = f"KeyId={KEY_ID}&Plaintext=aGk%3D"
+    date = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=skew)
+    headers = _signed_headers(
+        kms, query, date=date, nonce=uuid.uuid4().hex if nonce == "" else nonce
+    )
+    return _raw_post(kms, "/?" + query, headers)
+
+
+def test_kms_peer_accepts_a_fresh_independently_signed_request(kms: Any) -> None:
+    """Control for the two tests below: our own V3 signer is right, so their refusals are
+    about the date and the nonce, not about the signature."""
+    for skew in (0, -14 * 60, 14 * 60):
+        reply = _encrypt_with(kms, skew=skew)
+        assert reply["status"] == 200 and reply["KeyId"] == KEY_ID, reply
+
+
+@pytest.mark.parametrize("skew", [-16 * 60, 16 * 60, -86400])
+def test_kms_peer_refuses_stale_and_future_dates(kms: Any, skew: float) -> None:
+    reply = _encrypt_with(kms, skew=skew)
+    assert (reply["status"], reply["Code"]) == (400, "InvalidTimeStamp.Expired"), reply
+
+
+def test_kms_peer_refuses_a_reused_or_missing_nonce(kms: Any) -> None:
+    assert _encrypt_with(kms, nonce="nonce-once")["status"] == 200
+    reply = _encrypt_with(kms, nonce="nonce-once")  # fresh date, fresh signature, same nonce
+    assert (reply["status"], reply["Code"]) == (400, "SignatureNonceUsed"), reply
+    assert _encrypt_with(kms, nonce=None)["Code"] == "IncompleteSignature"
+
+
+def test_kms_peer_refuses_a_replayed_sdk_request(kms: Any, guest: dict[str, Any]) -> None:
+    """The exact bytes the official SDK sent, sent again: refused, as the real KMS would."""
+    sealed_envelope(kms, guest)
+    raw = kms.state.raw_requests[0]
+    path, _, rest = raw.partition(b"\n")
+    head, _, body = rest.replace(b"\r\n", b"\n").partition(b"\n\n")
+    unfolded = head.decode().replace("\n ", " ").replace("\n\t", " ")  # recorded folded
+    headers = {k: v.strip() for k, _, v in (ln.partition(":") for ln in unfolded.split("\n"))}
+    assert "x-acs-signature-nonce" in {k.lower() for k in headers}
+    reply = _raw_post(kms, path.decode(), headers, body)
+    assert (reply["status"], reply["Code"]) == (400, "SignatureNonceUsed"), reply

@@ -7,24 +7,23 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-from vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
 from sealed_secrets.unseal import UNSEAL_FAILED
+from tests.console_scripts import console_script
+from tests.sealed_secrets.vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
 ROOT = Path(__file__).resolve().parents[2]
-EXE = ROOT / ".venv" / "bin" / "sealed-secret"
 SECRET = "cli-plaintext-s3cr3t-value"
 
 
 def run(
     *args: str, stdin: bytes | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
-    cmd = [str(EXE)] if EXE.exists() else [sys.executable, "-m", "sealed_secrets.cli"]
+    cmd = [console_script("sealed-secret")]
     return subprocess.run(
         [*cmd, *args], input=stdin, capture_output=True, cwd=cwd, timeout=60, check=False
     )
@@ -141,12 +140,20 @@ def test_vault_seal_and_vector_a(work: Path) -> None:
     )
     assert r.stdout == SECRET.encode()
     env = {**os.environ, "SEALED_SECRET_RESOLVER": f"offline-fs:{work / 'res.json'}"}
-    r2 = subprocess.run([str(EXE), "unseal", VECTOR_A], capture_output=True, env=env, check=False)
+    r2 = subprocess.run(
+        [console_script("sealed-secret"), "unseal", VECTOR_A],
+        capture_output=True,
+        env=env,
+        check=False,
+    )
     assert r2.returncode == 1  # a KBS kid is fetched only if --allowed-kid lists it
     assert r2.stderr == b"sealed-secret: error: UnsealFailed: " + UNSEAL_FAILED.encode() + b"\n"
     allow = ["--allowed-kid", "kbs:///default/signing-key/"]
     r2 = subprocess.run(
-        [str(EXE), "unseal", *allow, VECTOR_A], capture_output=True, env=env, check=False
+        [console_script("sealed-secret"), "unseal", *allow, VECTOR_A],
+        capture_output=True,
+        env=env,
+        check=False,
     )
     assert r2.returncode == 0 and r2.stdout == b"vector-a-value"
     r = run("verify", "--resolver", f"offline-fs:{work / 'res.json'}", *allow, VECTOR_A)

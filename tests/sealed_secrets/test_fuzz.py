@@ -14,7 +14,6 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from jwcrypto import jwk
-from vectors_coco import ENVELOPE_1, PAYLOAD_A, PUBLIC_JWK, SIGNING_KID, TEST_KEY, VECTOR_A
 
 from sealed_secrets import jws, keys, seal
 from sealed_secrets import payload as pl
@@ -22,6 +21,14 @@ from sealed_secrets.errors import SealedSecretError
 from sealed_secrets.providers import asym
 from sealed_secrets.unseal import unseal_secret
 from tests.fuzzing import fuzz, long_fuzz
+from tests.sealed_secrets.vectors_coco import (
+    ENVELOPE_1,
+    PAYLOAD_A,
+    PUBLIC_JWK,
+    SIGNING_KID,
+    TEST_KEY,
+    VECTOR_A,
+)
 
 SIGNING = jwk.JWK(**TEST_KEY)
 PAIR = asym.generate_keypair("EC")

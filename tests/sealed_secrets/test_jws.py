@@ -7,17 +7,6 @@ import json
 
 import pytest
 from jwcrypto import jwk
-from vectors_coco import (
-    HEADER_AB,
-    PAYLOAD_A,
-    PAYLOAD_B,
-    PUBLIC_JWK,
-    SIGNING_KID,
-    TEST_KEY,
-    VECTOR_A,
-    VECTOR_B,
-    VECTOR_C,
-)
 
 from sealed_secrets import jws
 from sealed_secrets.errors import (
@@ -27,6 +16,17 @@ from sealed_secrets.errors import (
     MalformedSecret,
     SealedSecretError,
     UnsignedSecret,
+)
+from tests.sealed_secrets.vectors_coco import (
+    HEADER_AB,
+    PAYLOAD_A,
+    PAYLOAD_B,
+    PUBLIC_JWK,
+    SIGNING_KID,
+    TEST_KEY,
+    VECTOR_A,
+    VECTOR_B,
+    VECTOR_C,
 )
 
 PUB = jwk.JWK.from_json(PUBLIC_JWK)
@@ -67,6 +67,8 @@ def _mutations(s: str, i: int) -> list[str]:
 
 @pytest.mark.parametrize("vector", [VECTOR_A, VECTOR_B], ids=["A", "B"])
 def test_any_one_character_change_is_rejected(vector: str) -> None:
+    # The untouched vector verifies: otherwise every rejection below proves nothing.
+    jws.verify(jws.parse(vector), PUB)
     checked = 0
     for i in range(len(vector)):
         for mutated in _mutations(vector, i):
@@ -269,3 +271,155 @@ def test_twin_signatures_share_the_cache(tmp_path: object) -> None:
     allow = [SIGNING_KID]
     assert r.unseal(VECTOR_A, allowed_kids=allow) == r.unseal(twin, allowed_kids=allow)
     assert calls == [SIGNING_KID, "kbs:///default/sealed-secret/test"]
+
+
+# --- found by mutation testing (tools/mutation.py): each test kills mutants that survived ----
+
+_P = jws.b64url_encode(PAYLOAD_A)
+_S = jws.b64url_encode(bytes(64))
+
+
+def _h(raw: bytes) -> str:
+    return jws.b64url_encode(raw)
+
+
+def _with_raw_header(raw: bytes) -> str:
+    return f"sealed.{_h(raw)}.{_P}.{_S}"
+
+
+_NOT_B64 = "is not unpadded base64url"
+_NOT_CANON = "is not canonical base64url (non-zero trailing bits)"
+_SECTIONS = "sealed secret must have 4 '.'-separated sections, found"
+_CUT = VECTOR_A.rsplit(".", 1)[0]
+
+
+@pytest.mark.parametrize(
+    ("text", "exc", "message"),
+    [
+        (b"sealed.x", MalformedSecret, "sealed secret must be a string"),
+        ("sealed." + "A" * jws.MAX_SEALED_LEN, MalformedSecret, "sealed secret is too long"),
+        ("Sealed." + VECTOR_A[7:], MalformedSecret, "sealed secret must start with 'sealed.'"),
+        ("sealed.a.b", MalformedSecret, f"{_SECTIONS} 3"),
+        (VECTOR_A + ".x", MalformedSecret, f"{_SECTIONS} 5"),
+        ("sealed.h..s", MalformedSecret, "sealed secret payload section is empty"),
+        ("sealed.h.a+b=.s", BadBase64, f"payload section {_NOT_B64}"),
+        ("sealed.h.AAAAA.s", BadBase64, f"payload section {_NOT_B64}"),
+        (f"sealed.{_P[:-1]}R.{_P}.{_S}", BadBase64, f"header section {_NOT_CANON}"),
+        (
+            f"sealed.fakejwsheader.{_P}.sig",
+            MalformedSecret,
+            "legacy sealed secret must end with '.fakesignature'",
+        ),
+        (f"sealed.a+b=.{_P}.{_S}", BadBase64, f"header section {_NOT_B64}"),
+        (_with_raw_header(b"not json"), MalformedSecret, "JWS header is not valid UTF-8 JSON"),
+        (_with_raw_header(b"[1]"), MalformedSecret, "JWS header is not a JSON object"),
+        (
+            _with_raw_header(b'{"kid":"a","kid":"b"}'),
+            MalformedSecret,
+            "JWS header has a duplicate member",
+        ),
+        (
+            _with_raw_header(b'{"alg":"HS256","kid":"k"}'),
+            BadSignature,
+            "JWS algorithm must be ES256",
+        ),
+        (
+            _with_raw_header(b'{"alg":"ES256"}'),
+            MalformedSecret,
+            "JWS header must carry a non-empty string 'kid'",
+        ),
+        (
+            _with_raw_header(b'{"alg":"ES256","kid":"k","b64":false}'),
+            MalformedSecret,
+            "JWS header 'b64' must be true (unencoded payloads unsupported)",
+        ),
+        (
+            _with_raw_header(b'{"alg":"ES256","kid":"k","crit":[]}'),
+            MalformedSecret,
+            "JWS header 'crit' is not supported",
+        ),
+        (_CUT + ".", BadSignature, "JWS signature is missing"),
+        (_CUT + ".a+b=", BadBase64, f"signature section {_NOT_B64}"),
+        (VECTOR_A[:-1] + "R", BadBase64, f"signature section {_NOT_CANON}"),
+        (_CUT + ".AAAA", BadSignature, "ES256 signature must be 64 bytes"),
+    ],
+)
+def test_parse_errors_say_what_is_wrong_and_where(
+    text: str, exc: type[Exception], message: str
+) -> None:
+    """The error text is the CLI's one line (and the CSI status detail): it names the section
+    and the rule, never the data."""
+    with pytest.raises(exc) as info:
+        jws.parse(text)  # type: ignore[arg-type]
+    assert type(info.value) is exc and str(info.value) == message
+
+
+def test_a_string_of_exactly_the_length_limit_is_not_too_long() -> None:
+    text = "sealed." + "A" * (jws.MAX_SEALED_LEN - len("sealed."))
+    assert len(text) == jws.MAX_SEALED_LEN
+    with pytest.raises(MalformedSecret) as info:
+        jws.parse(text)
+    assert "too long" not in str(info.value)
+
+
+def test_parse_keeps_every_section_as_written() -> None:
+    for vector in (VECTOR_A, VECTOR_C):
+        parsed = jws.parse(vector)
+        _, header_b64, payload_b64, sig_b64 = vector.split(".")
+        assert (parsed.header_b64, parsed.payload_b64, parsed.signature_b64) == (
+            header_b64,
+            payload_b64,
+            sig_b64,
+        )
+
+
+def test_b64url_encode_strips_only_padding() -> None:
+    assert jws.b64url_encode(b"\x00\x00\x17") == "AAAX"  # a trailing X is data, not padding
+    assert jws.b64url_encode(b"\x00") == "AA"
+    assert jws.b64url_decode("AAAX", what="x") == b"\x00\x00\x17"
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ({"kty": "EC", "crv": "P-384"}, "verification key must be an EC P-256 JWK"),
+        ({"kty": "RSA"}, "verification key must be an EC P-256 JWK"),
+    ],
+)
+def test_verify_refuses_keys_of_another_curve_or_type(key: dict[str, str], message: str) -> None:
+    other = (
+        jwk.JWK.generate(**key) if key["kty"] == "EC" else jwk.JWK.generate(kty="RSA", size=2048)
+    )
+    with pytest.raises(KeyFormatError) as info:
+        jws.verify(jws.parse(VECTOR_A), jwk.JWK(**other.export_public(as_dict=True)))
+    assert str(info.value) == message
+
+
+def test_verify_errors_say_what_is_wrong() -> None:
+    with pytest.raises(UnsignedSecret) as unsigned:
+        jws.verify(jws.parse(VECTOR_C), PUB)
+    assert str(unsigned.value) == "sealed secret is unsigned (legacy 'fakejwsheader' form)"
+    other = jwk.JWK.generate(kty="EC", crv="P-256")
+    with pytest.raises(BadSignature) as bad:
+        jws.verify(jws.parse(VECTOR_A), jwk.JWK(**other.export_public(as_dict=True)))
+    assert str(bad.value) == f"signature does not verify with key for kid {SIGNING_KID!r}"
+    # a hand-built non-legacy string without a signature is refused as unsigned, not a crash
+    p = jws.parse(VECTOR_A)
+    bare = jws.SealedString(p.header_b64, p.payload_b64, "", p.header, p.payload, None)
+    with pytest.raises(UnsignedSecret):
+        jws.verify(bare, PUB)
+
+
+def test_sign_errors_say_what_is_wrong() -> None:
+    key = jwk.JWK(**TEST_KEY)
+    with pytest.raises(MalformedSecret) as nokid:
+        jws.sign(PAYLOAD_A, key, "")
+    assert str(nokid.value) == "signing kid must not be empty"
+    for bad in (
+        jwk.JWK(**key.export_public(as_dict=True)),
+        jwk.JWK.generate(kty="EC", crv="P-384"),
+        jwk.JWK.generate(kty="oct", size=256),
+    ):
+        with pytest.raises(KeyFormatError) as info:
+            jws.sign(PAYLOAD_A, bad, SIGNING_KID)
+        assert str(info.value) == "signing key must be a private EC P-256 JWK"

@@ -358,8 +358,6 @@ KATA_JWK = (
 
 
 def test_unseal_vector_a_through_kbs_end_to_end() -> None:
-    pytest.importorskip("sealed_secrets.unseal", reason="sealed_secrets.unseal not written yet")
-
     resources = dict(RESOURCES)
     resources["default/signing-key/sealed-secret"] = KATA_JWK
     with kbs_and_aa(resources) as (kbs, aa):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import pytest
 from jwcrypto import jwk
-from vectors_coco import PUBLIC_JWK, TEST_KEY, VECTOR_A
 
 from sealed_secrets import jws, seal
 from sealed_secrets.errors import (
@@ -27,9 +26,11 @@ from sealed_secrets.errors import (
 from sealed_secrets.keys import check_allowed_kids, kid_allowed
 from sealed_secrets.resolver import CachingResolver, build_resolver
 from sealed_secrets.unseal import UNSEAL_FAILED, unseal_secret
+from tests.console_scripts import console_script
 from tests.peers.aa_server import AaServer
 from tests.peers.harness import kbs_and_aa, kbs_spec
 from tests.peers.kbs_server import KbsServer
+from tests.sealed_secrets.vectors_coco import PUBLIC_JWK, TEST_KEY, VECTOR_A
 
 ALLOWED = ("kbs:///default/signing-key/",)
 SIGNING = jwk.JWK(**TEST_KEY)
@@ -194,8 +195,7 @@ def test_cdh_resolver_applies_the_gate_before_cdh() -> None:
 
 def test_resolve_volume_key_threads_the_allow_list() -> None:
     """csi_driver's one call site passes allowed_kids through (default: none allowed)."""
-    keys = pytest.importorskip("csi_driver.keys")
-    errors = pytest.importorskip("csi_driver.errors")
+    from csi_driver import errors, keys
 
     r = CachingResolver(_Dict({**RESOURCES, "default/sealed-secret/test": b"pw"}))
     secrets = {"passphrase": VECTOR_A}
@@ -226,9 +226,6 @@ class _Dict:
             raise ResourceNotFound("missing") from None
 
 
-EXE = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "sealed-secret"
-
-
 def test_cli_allowed_kid_option(tmp_path: Path) -> None:
     import base64
 
@@ -237,7 +234,7 @@ def test_cli_allowed_kid_option(tmp_path: Path) -> None:
 
     def run(*args: str) -> subprocess.CompletedProcess[bytes]:
         return subprocess.run(
-            [str(EXE), "unseal", "--resolver", f"offline-fs:{res}", *args],
+            [console_script("sealed-secret"), "unseal", "--resolver", f"offline-fs:{res}", *args],
             capture_output=True,
             check=False,
             timeout=60,

@@ -15,15 +15,16 @@ from typing import Any
 import pytest
 import yaml
 from jwcrypto import jwk
-from peer_loader import load_peer
-from vectors_coco import TEST_KEY
 
 from sealed_secrets import jws, kubectl_plugin
 from sealed_secrets.providers import asym
 from sealed_secrets.unseal import unseal_secret
+from tests.console_scripts import console_script
+from tests.sealed_secrets.peer_loader import load_peer
+from tests.sealed_secrets.vectors_coco import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
-VENV_BIN = ROOT / ".venv" / "bin"
+PLUGIN = "kubectl-create-sealedsecret"
 KUBECTL = shutil.which("kubectl") or "/usr/bin/kubectl"
 SEALING = asym.generate_keypair("EC")
 KEY_URI = "kbs:///default/sealing-key/asym"
@@ -73,7 +74,8 @@ def kubectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.C
     if not os.path.exists(KUBECTL):
         pytest.skip("kubectl not installed")
     e = {
-        "PATH": f"{VENV_BIN}:/usr/local/bin:/usr/bin:/bin",
+        "PATH": f"{Path(console_script(PLUGIN)).parent}:/usr/local/bin:/usr/bin:/bin",
+        "PYTHONPATH": os.environ["PYTHONPATH"],  # the plugin imports the tree under test
         "HOME": os.environ.get("HOME", "/root"),
         "KUBECONFIG": "/nonexistent/kubeconfig",
         **(extra_env or {}),

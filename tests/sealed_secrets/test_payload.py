@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-from vectors_coco import ENVELOPE_1, PAYLOAD_A, PAYLOAD_B, VAULT_2
 
 from sealed_secrets import payload as pl
 from sealed_secrets.errors import (
@@ -14,6 +13,7 @@ from sealed_secrets.errors import (
     UnsupportedType,
     UnsupportedVersion,
 )
+from tests.sealed_secrets.vectors_coco import ENVELOPE_1, PAYLOAD_A, PAYLOAD_B, VAULT_2
 
 
 @pytest.mark.parametrize("raw", [PAYLOAD_A, PAYLOAD_B, VAULT_2])
@@ -117,3 +117,111 @@ def test_standard_base64_is_strict(bad: str) -> None:
 def test_reprs_do_not_show_ciphertext() -> None:
     secret = pl.loads(ENVELOPE_1)
     assert "yyy" not in repr(secret) and "zzz" not in repr(secret)
+
+
+# --- found by mutation testing (tools/mutation.py): each test kills mutants that survived ----
+
+_VAULT_FIELDS = ["name", "provider", "provider_settings", "annotations"]
+_ENVELOPE_FIELDS = [
+    "wrap_type",
+    "provider",
+    "key_id",
+    "encrypted_key",
+    "encrypted_data",
+    "iv",
+    "provider_settings",
+    "annotations",
+]
+_OBJECT_FIELDS = {"provider_settings", "annotations"}
+
+
+@pytest.mark.parametrize(
+    ("base", "kind", "name"),
+    [(VAULT_2, "vault", f) for f in _VAULT_FIELDS]
+    + [(ENVELOPE_1, "envelope", f) for f in _ENVELOPE_FIELDS],
+)
+def test_missing_or_mistyped_field_errors_name_the_kind_and_field(
+    base: bytes, kind: str, name: str
+) -> None:
+    raw = json.loads(base)
+    del raw[name]
+    with pytest.raises(MalformedSecret) as missing:
+        pl.loads(json.dumps(raw).encode())
+    assert str(missing.value) == f"{kind} payload lacks required field {name!r}"
+    raw[name] = 7
+    with pytest.raises(MalformedSecret) as mistyped:
+        pl.loads(json.dumps(raw).encode())
+    want = "a JSON object" if name in _OBJECT_FIELDS else "a string"
+    assert str(mistyped.value) == f"{kind} payload field {name!r} must be {want}"
+
+
+@pytest.mark.parametrize(
+    ("raw", "exc", "message"),
+    [
+        (_obj(version=1), MalformedSecret, "payload lacks a string 'version'"),
+        (
+            _obj(version="0.2.0"),
+            UnsupportedVersion,
+            "unsupported sealed secret version (want 0.1.0)",
+        ),
+        (_obj(type=None), MalformedSecret, "payload lacks a string 'type'"),
+        (
+            _obj(type="plain"),
+            UnsupportedType,
+            "unsupported sealed secret type (want 'vault' or 'envelope')",
+        ),
+        (
+            _obj(wrap_type="A128GCM"),
+            MalformedSecret,
+            "envelope wrap_type must be A256GCM or A256CTR",
+        ),
+        (b"[]", MalformedSecret, "payload is not a JSON object"),
+    ],
+)
+def test_payload_errors_say_what_is_wrong(raw: bytes, exc: type[Exception], message: str) -> None:
+    with pytest.raises(exc) as info:
+        pl.loads(raw)
+    assert type(info.value) is exc and str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("_-==", "x is not standard base64"),
+        ("AA==\n", "x is not standard base64"),
+        ("AA!=", "x is not standard base64"),
+        ("é===", "x is not standard base64"),
+        ("AB==", "x is not canonical standard base64"),
+    ],
+)
+def test_standard_base64_errors_say_which_rule(text: str, message: str) -> None:
+    with pytest.raises(BadBase64) as info:
+        pl.b64std_decode(text, what="x")
+    assert str(info.value) == message
+
+
+def test_envelope_fields_decode_and_name_themselves_in_errors() -> None:
+    iv = pl.b64std_encode(b"i" * 12)
+    good = pl.EnvelopeSecret("aliyun", "k", "a2V5", "ZGF0YQ==", "A256GCM", iv)
+    assert (good.encrypted_key_bytes(), good.encrypted_data_bytes()) == (b"key", b"data")
+    assert good.iv_bytes() == b"i" * 12
+    bad = pl.EnvelopeSecret("aliyun", "k", "k!", "d!", "A256GCM", "i!")
+    for call, what in (
+        (bad.encrypted_key_bytes, "envelope encrypted_key"),
+        (bad.encrypted_data_bytes, "envelope encrypted_data"),
+        (bad.iv_bytes, "envelope iv"),
+    ):
+        with pytest.raises(BadBase64) as info:
+            call()
+        assert str(info.value) == f"{what} is not standard base64"
+    short = pl.EnvelopeSecret("aliyun", "k", "a2V5", "ZGF0YQ==", "A256GCM", "AAAA")
+    with pytest.raises(MalformedSecret) as info:
+        short.iv_bytes()
+    assert str(info.value) == "envelope iv must be 12 bytes for A256GCM"
+
+
+def test_dumps_writes_utf8_not_ascii_escapes_like_coco() -> None:
+    secret = pl.VaultSecret(name="kbs:///default/clé/x", provider="kbs")
+    out = pl.dumps(secret)
+    assert "clé".encode() in out and b"\\u00e9" not in out
+    assert pl.loads(out).name == secret.name

@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 from jwcrypto import jwk
-from vectors_coco import PUBLIC_JWK, SIGNING_KID, TEST_KEY, VECTOR_A, VECTOR_B, VECTOR_C
 
 from sealed_secrets import jws, keys, seal
 from sealed_secrets import payload as pl
@@ -32,6 +31,14 @@ from sealed_secrets.errors import (
 )
 from sealed_secrets.providers import asym
 from sealed_secrets.unseal import unseal_secret
+from tests.sealed_secrets.vectors_coco import (
+    PUBLIC_JWK,
+    SIGNING_KID,
+    TEST_KEY,
+    VECTOR_A,
+    VECTOR_B,
+    VECTOR_C,
+)
 
 PLAINTEXT = b"pl41nt3xt-db-password-9f8e7d"
 ASYM_URI = "kbs:///default/sealing-key/asym"
@@ -359,9 +366,9 @@ def test_no_secret_material_in_errors_or_logs(
 
 def test_unseal_through_attested_kbs_resolver(key_dir: str) -> None:
     """Signing key, sealing private key and vault value all come from KBS after attestation."""
-    harness = pytest.importorskip("tests.peers.harness")
     from sealed_secrets.errors import PolicyDenied
     from sealed_secrets.resolver import build_resolver
+    from tests.peers import harness
 
     resources = {
         "default/signing-key/sealed-secret": PUBLIC_JWK,

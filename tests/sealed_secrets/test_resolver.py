@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import importlib.util
 import json
 import pathlib
 
@@ -169,10 +168,6 @@ def test_repr_has_no_resource_bytes(tmp_path: pathlib.Path) -> None:
     assert SECRET.decode() not in repr(r)
 
 
-HAVE_UNSEAL = importlib.util.find_spec("sealed_secrets.unseal") is not None
-
-
-@pytest.mark.skipif(not HAVE_UNSEAL, reason="sealed_secrets.unseal not written yet")
 def test_unseal_vector_c_legacy_through_offline_fs(tmp_path: pathlib.Path) -> None:
     """Vector C (coco-interfaces.md 2.3) opens with verification skipped, via our cache."""
     vector_c = (
@@ -190,7 +185,6 @@ def test_unseal_vector_c_legacy_through_offline_fs(tmp_path: pathlib.Path) -> No
         strict.unseal(vector_c)
 
 
-@pytest.mark.skipif(not HAVE_UNSEAL, reason="sealed_secrets.unseal not written yet")
 def test_unseal_vector_a_signed_through_offline_fs(tmp_path: pathlib.Path) -> None:
     """Vector A verifies with the kata JWK fetched from kbs:///default/signing-key/..."""
     vector_a = (

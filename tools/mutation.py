@@ -1,0 +1,219 @@
+#!/usr/bin/env python3
+"""Mutation testing of the modules that guard secrets and data: one command, a score each.
+
+    ./run mutate                       # every module below, one after the other
+    ./run mutate sealed_secrets/jws.py # just one (several may be named)
+    ./run mutate --list                # the modules and the tests each is judged by
+
+Why a separate command: it runs each module's tests once per mutant (hundreds of times), far
+too slow for every CI run; CI keeps the normal suite. Run it after changing one of these
+modules and keep the score at or above TARGET (docs/testing.md has the last scores and the
+surviving mutants judged equivalent).
+
+How: mutmut 3 (the ``mutation`` extra) in a scratch copy of the tree per module
+(``.mutation/<module>/``, git-ignored), so the work tree is never mutated and each module is
+judged only by its own test files (``MODULES``). mutmut copies the product packages to
+``mutants/`` and runs pytest there; the suite's own guard (tests/test_tree_under_test.py,
+PYTHONPATH from tests/conftest.py) makes spawned tools run the mutated tree too. Survivors,
+with their diffs, are written to ``.mutation/<module>/survivors.txt``.
+
+Low impact by default (the machine is shared): ``nice -n 10`` and one worker (``--jobs``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / ".mutation"
+TARGET = 0.90
+PACKAGES = ("sealed_secrets", "csi_driver", "fuse_crypt", "coco_proto")
+
+# module -> the test files that are meant to catch a bug in it (smallest, most critical first)
+MODULES: dict[str, list[str]] = {
+    "sealed_secrets/jws.py": ["tests/sealed_secrets/test_jws.py"],
+    "sealed_secrets/payload.py": ["tests/sealed_secrets/test_payload.py"],
+    "sealed_secrets/jwe.py": [
+        "tests/sealed_secrets/test_jwe.py",
+        "tests/sealed_secrets/test_kbs_client.py",
+    ],
+    "sealed_secrets/evidence.py": [
+        "tests/sealed_secrets/test_evidence.py",
+        "tests/sealed_secrets/test_kbs_client.py",
+        "tests/sealed_secrets/test_aa_cdh.py",
+        "tests/sealed_secrets/test_kbs_trust.py",
+    ],
+    "sealed_secrets/kbs_client.py": [
+        "tests/sealed_secrets/test_kbs_client.py",
+        "tests/sealed_secrets/test_kbs_trust.py",
+        "tests/sealed_secrets/test_no_secret_leaks_kbs.py",
+    ],
+    "fuse_crypt/contentenc.py": [
+        "tests/fuse_crypt/test_contentenc.py",
+        "tests/fuse_crypt/test_gocryptfs_vectors.py",
+    ],
+    "fuse_crypt/nametransform.py": [
+        "tests/fuse_crypt/test_nametransform.py",
+        "tests/fuse_crypt/test_nametransform_mutants.py",
+        "tests/fuse_crypt/test_gocryptfs_vectors.py",
+    ],
+    "fuse_crypt/configfile.py": [
+        "tests/fuse_crypt/test_configfile.py",
+        "tests/fuse_crypt/test_gocryptfs_vectors.py",
+    ],
+    "csi_driver/keys.py": [
+        "tests/sealed_secrets/test_kid_gate.py",
+        "tests/csi_driver/test_node.py",
+        "tests/csi_driver/test_mutation_gaps.py",
+    ],
+    "csi_driver/core/node.py": [
+        "tests/csi_driver/test_node.py",
+        "tests/csi_driver/test_lifecycle.py",
+        "tests/csi_driver/test_mutation_gaps.py",
+    ],
+}
+
+# A surviving mutant whose only change is the text of an error message or a ``what=`` label
+# (never which error is raised, nor when) is counted apart: see docs/testing.md.
+_MESSAGE_ONLY = re.compile(r"^\s*(raise \w+\(|.*\bwhat=|f?[\"'].*[\"'],?$|None,?$)")
+
+
+@dataclass
+class Score:
+    module: str
+    status: dict[str, str] = field(default_factory=dict)  # mutant -> mutmut status
+    diffs: dict[str, str] = field(default_factory=dict)  # surviving mutant -> diff
+
+    def count(self, *states: str) -> int:
+        return sum(1 for s in self.status.values() if s in states)
+
+    @property
+    def killed(self) -> int:
+        return self.count("killed", "timeout", "segfault", "caught by type check")
+
+    @property
+    def survivors(self) -> list[str]:
+        return [m for m, s in self.status.items() if s not in ("killed", "timeout", "segfault")]
+
+    @property
+    def message_only(self) -> list[str]:
+        return [m for m in self.survivors if _is_message_only(self.diffs.get(m, ""))]
+
+    @property
+    def score(self) -> float:
+        return self.killed / len(self.status) if self.status else 0.0
+
+
+def _is_message_only(diff: str) -> bool:
+    """Every changed line is an error's text (or its ``what=`` label), inside a raise."""
+    lines = diff.splitlines()
+    changed = [ln[1:] for ln in lines if ln[:1] in "+-" and ln[:3] not in ("+++", "---")]
+    in_raise = any("raise " in ln or "what=" in ln for ln in lines)
+    return bool(changed) and in_raise and all(_MESSAGE_ONLY.match(ln) for ln in changed)
+
+
+def _copy_tree(dest: Path) -> None:
+    """The files git would commit (tracked + untracked, not ignored): the tree under test."""
+    if dest.exists():
+        shutil.rmtree(dest)
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout.split(b"\0")
+    for name in filter(None, listed):
+        src = ROOT / os.fsdecode(name)
+        if src.is_file() and not src.is_symlink():
+            (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / src.relative_to(ROOT))
+
+
+def _configure(dest: Path, module: str, tests: list[str]) -> None:
+    quote = lambda items: "[" + ", ".join(f'"{i}"' for i in items) + "]"  # noqa: E731
+    with open(dest / "pyproject.toml", "a", encoding="utf-8") as f:
+        f.write(
+            "\n[tool.mutmut]\n"
+            f"source_paths = {quote(PACKAGES)}\n"
+            f"only_mutate = {quote([module])}\n"
+            f"pytest_add_cli_args_test_selection = {quote(tests)}\n"
+            'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x"]\n'
+            "use_git_change_detection = false\n"
+        )
+
+
+def _mutmut(dest: Path, *args: str, nice: int) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
+    env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    return subprocess.run(cmd, cwd=dest, capture_output=True, text=True, env=env, check=False)
+
+
+def run_module(module: str, *, jobs: int, nice: int) -> Score:
+    slug = module.removesuffix(".py").replace("/", ".")
+    dest = WORK / slug
+    _copy_tree(dest)
+    _configure(dest, module, MODULES[module])
+    ran = _mutmut(dest, "run", "--max-children", str(jobs), nice=nice)
+    (dest / "run.log").write_text(ran.stdout + ran.stderr, encoding="utf-8")
+    if ran.returncode != 0:
+        raise SystemExit(f"mutation: mutmut failed on {module} (see {dest / 'run.log'})")
+    score = Score(module)
+    listed = _mutmut(dest, "results", "--all", "true", nice=0).stdout
+    for line in listed.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name:
+            score.status[name] = status
+    for name in score.survivors:
+        score.diffs[name] = _mutmut(dest, "show", name, nice=0).stdout
+    with open(dest / "survivors.txt", "w", encoding="utf-8") as f:
+        for name in score.survivors:
+            kind = "message-only" if name in score.message_only else "behaviour"
+            f.write(f"=== {name} [{score.status[name]}, {kind}]\n{score.diffs[name]}\n")
+    return score
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("modules", nargs="*", help=f"default: all of {', '.join(MODULES)}")
+    p.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
+    p.add_argument("--nice", type=int, default=10, help="niceness of the run (default 10)")
+    p.add_argument("--list", action="store_true", help="print modules and their tests")
+    args = p.parse_args(argv)
+    if args.list:
+        for module, tests in MODULES.items():
+            print(f"{module}: {' '.join(tests)}")
+        return 0
+    unknown = [m for m in args.modules if m not in MODULES]
+    if unknown:
+        p.error(f"unknown module(s) {unknown}; known: {', '.join(MODULES)}")
+    scores = []
+    for module in args.modules or list(MODULES):
+        print(f"mutation: {module} ...", flush=True)
+        s = run_module(module, jobs=args.jobs, nice=args.nice)
+        scores.append(s)
+        print(_line(s), flush=True)
+    print("\nmodule                          mutants killed survived msg-only  score")
+    for s in scores:
+        print(_line(s))
+    return 0 if all(s.score >= TARGET for s in scores) else 1
+
+
+def _line(s: Score) -> str:
+    flag = "" if s.score >= TARGET else f"  < {TARGET:.0%}"
+    return (
+        f"{s.module:<31} {len(s.status):>7} {s.killed:>6} {len(s.survivors):>8} "
+        f"{len(s.message_only):>8} {s.score:>6.1%}{flag}"
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
