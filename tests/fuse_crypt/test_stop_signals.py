@@ -24,16 +24,12 @@ import pytest
 from tests.fuse_crypt.cli_helpers import (
     FC,
     force_unmount,
-    frontend_available,
     init_volume,
     is_mounted,
     write_passfile,
 )
 
-pytestmark = [
-    pytest.mark.skipif(not frontend_available(), reason="fuse_crypt.fusefrontend not available"),
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
-]
+pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing")
 
 STOP_SECONDS = 5.0
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]

@@ -16,7 +16,6 @@ from collections.abc import Iterator
 
 import grpc
 import pytest
-from vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
 from coco_proto import ttrpc_pb2
 from sealed_secrets.cdh_client import CdhClient
@@ -37,6 +36,7 @@ from sealed_secrets.ttrpc import MAX_MESSAGE, TtrpcClient, TtrpcError, sniff_tra
 from tests.peers.aa_server import AaServer
 from tests.peers.cdh_server import CdhServer
 from tests.peers.harness import RESOURCES, kbs_and_aa, kbs_spec, short_tmpdir
+from tests.sealed_secrets.vectors_coco import PUBLIC_JWK, SIGNING_KID, VECTOR_A, VECTOR_C
 
 AA_SERVICE = "attestation_agent.AttestationAgentService"
 R1 = "kbs:///default/key/1"
