@@ -17,7 +17,7 @@ import pytest
 import rfc8785
 
 from sealed_secrets import evidence as ev
-from sealed_secrets.errors import AttestationError, ResolverError
+from sealed_secrets.errors import AttestationError
 from tests.peers.aa_server import AaServer
 from tests.peers.harness import short_tmpdir
 
@@ -65,43 +65,18 @@ def test_unsupported_hash_is_refused_by_name(alg: str) -> None:
     assert str(info.value) == f"unsupported report-data hash algorithm: {alg!r}"
 
 
-@pytest.mark.parametrize(
-    ("target", "want"),
-    [
-        ("/run/aa.sock", "unix:///run/aa.sock"),
-        ("unix:///run/aa.sock", "unix:///run/aa.sock"),
-        ("unix:/run/aa.sock", "unix:/run/aa.sock"),
-        ("dns:aa.local:50002", "dns:aa.local:50002"),
-        ("ipv4:127.0.0.1:50002", "ipv4:127.0.0.1:50002"),
-        ("ipv6:[::1]:50002", "ipv6:[::1]:50002"),
-        ("aa.local:50002", "aa.local:50002"),
-    ],
-)
-def test_grpc_target_forms(target: str, want: str) -> None:
-    assert ev.grpc_target(target) == want
-
-
-@pytest.mark.parametrize(
-    ("target", "message"),
-    [
-        ("", "empty gRPC target"),
-        ("relative.sock", "gRPC target must be unix:///path or host:port, got 'relative.sock'"),
-    ],
-)
-def test_grpc_target_refusals(target: str, message: str) -> None:
-    with pytest.raises(ResolverError) as info:
-        ev.grpc_target(target)
-    assert str(info.value) == message
+# Address forms (ttrpc by default, grpc+unix://, host:port) are tested with the transports in
+# test_ttrpc.py::test_endpoint_forms.
 
 
 def test_provider_defaults_repr_and_close(aa: AaServer) -> None:
     p = ev.AaEvidenceProvider(aa.target)
     assert p.timeout == 30.0 and p.target == aa.target
     assert repr(p) == f"AaEvidenceProvider(target={aa.target!r})"
-    assert ev.AaEvidenceProvider().target == ev.DEFAULT_AA_SOCKET
+    assert ev.AaEvidenceProvider().target == "ttrpc+" + ev.DEFAULT_AA_SOCKET  # CoCo's default
     assert p.tee_type() == "sample"
     p.close()
-    assert p._channel is None and p._stub is None
+    assert p._rpc._channel is None and p._rpc._ttrpc is None
     assert p.tee_type() == "sample"  # a closed provider reconnects
     p.close()
 
@@ -112,7 +87,9 @@ def test_tee_type_is_lowercased_and_never_empty(aa: AaServer) -> None:
     aa.tee = ""
     with pytest.raises(AttestationError) as info:
         ev.AaEvidenceProvider(aa.target).tee_type()
-    assert str(info.value) == "attestation agent reported an empty TEE type"
+    assert str(info.value) == (
+        "attestation agent reported no usable TEE type (want 1-32 of [A-Za-z0-9_-])"
+    )
 
 
 def test_empty_primary_evidence_is_refused(aa: AaServer) -> None:
@@ -157,10 +134,13 @@ def test_rpc_failures_name_the_rpc_and_code(aa: AaServer, code: grpc.StatusCode)
         assert info.value.grpc_code == code  # type: ignore[attr-defined]
 
 
-def test_only_unimplemented_means_no_additional_devices(aa: AaServer) -> None:
-    aa.inject("GetAdditionalEvidence", grpc.StatusCode.UNIMPLEMENTED)
-    assert ev.AaEvidenceProvider(aa.target).additional_evidence(b"r") == ""
-    aa.inject("GetAdditionalEvidence", grpc.StatusCode.NOT_FOUND)
+def test_only_unsupported_means_no_additional_devices(aa: AaServer) -> None:
+    """UNIMPLEMENTED (gRPC) and NOT_FOUND (ttrpc codegen's "not supported") mean an AA without
+    the method; any other failure is an error, never silently "no devices"."""
+    for code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
+        aa.inject("GetAdditionalEvidence", code)
+        assert ev.AaEvidenceProvider(aa.target).additional_evidence(b"r") == ""
+    aa.inject("GetAdditionalEvidence", grpc.StatusCode.INTERNAL)
     with pytest.raises(AttestationError):
         ev.AaEvidenceProvider(aa.target).additional_evidence(b"r")
 
@@ -203,7 +183,7 @@ def test_close_closes_the_channel_and_is_safe_when_never_connected(aa: AaServer)
     ev.AaEvidenceProvider(aa.target).close()  # never connected: nothing to close
     p = ev.AaEvidenceProvider(aa.target)
     p.tee_type()
-    channel = p._channel
+    channel = p._rpc._channel
     assert channel is not None
     p.close()
     with pytest.raises(ValueError):  # grpc: "Cannot invoke RPC on closed channel!"
