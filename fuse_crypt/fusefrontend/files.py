@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from ..backend.base import Stat, StorageBackend
+from ..backend import Stat, StorageBackend
 from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from ..errors import CorruptDataError
 from .blockio import BlockCrypt, BufferPool

@@ -21,7 +21,7 @@ from . import _libfuse  # noqa: F401  (selects libfuse3 before mfusepy loads)
 
 import mfusepy  # isort: skip
 
-from ..backend.base import Stat, StorageBackend
+from ..backend import Stat, StorageBackend
 from ..configfile import ConfFile
 from ..contentenc import ContentEnc
 from ..cryptocore import CryptoCore

@@ -20,7 +20,7 @@ from typing import Any
 
 import mfusepy
 
-from ..backend.base import RENAME_EXCHANGE, Stat, StorageBackend
+from ..backend import RENAME_EXCHANGE, Stat, StorageBackend
 from ..contentenc import ContentEnc
 from ..errors import CorruptDataError
 from ..nametransform import DIRIV_NAME, NameTransform

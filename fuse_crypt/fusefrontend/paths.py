@@ -22,7 +22,7 @@ import errno
 import logging
 import threading
 
-from ..backend.base import StorageBackend
+from ..backend import StorageBackend
 from ..errors import CorruptDataError, InvalidNameError
 from ..nametransform import DIRIV_NAME, NameTransform
 
