@@ -16,4 +16,5 @@ __all__ = [
     "metricsserver",
     "mounttable",
     "safeio",
+    "strictjson",
 ]

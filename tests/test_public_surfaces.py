@@ -31,6 +31,7 @@ SURFACES: dict[str, list[str]] = {
         "metricsserver",
         "mounttable",
         "safeio",
+        "strictjson",
     ],
     "fuse_crypt.backend": [
         "DirEntry",
