@@ -308,7 +308,7 @@ def test_cdh_config_mutations(data: st.DataObject) -> None:
 @given(st.text(max_size=200))
 def test_kbs_spec_and_kid_lists(text: str) -> None:
     from sealed_secrets.keys import check_allowed_kids, kid_allowed
-    from sealed_secrets.resolver import _kbs_target
+    from sealed_secrets.resolver_spec import _kbs_target
 
     with contextlib.suppress(SealedSecretError):
         _kbs_target(text)
