@@ -173,11 +173,11 @@ def test_unseal_signed_but_hostile_payloads(key_dir: str, value: object, field: 
 @fuzz(quick=300)
 @given(st.text(max_size=200))
 def test_kubectl_env_file_parser(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
-    from sealed_secrets.kubectl_plugin import PluginError, gather_values
+    from sealed_secrets.kubectl_plugin import CliError, gather_values
 
     path = Path(tmp_path_factory.mktemp("env")) / "f.env"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    with contextlib.suppress(PluginError, UnicodeDecodeError):
+    with contextlib.suppress(CliError, UnicodeDecodeError):
         gather_values([], [], [str(path)])
 
 
