@@ -29,8 +29,9 @@ from sealed_secrets.errors import (
     UnknownKid,
     WrongKey,
 )
-from sealed_secrets.keys import is_resource_uri, parse_jwk
+from sealed_secrets.keys import parse_jwk
 from sealed_secrets.payload import EnvelopeSecret, b64std_encode
+from sealed_secrets.resource_uri import is_resource_uri
 
 NAME = "coco-csi-asym"
 ALGS = ("ECDH-ES+A256KW", "RSA-OAEP-256")
