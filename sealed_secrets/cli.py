@@ -51,7 +51,8 @@ def _read_input(path: str | None, *, limit: int, what: str) -> bytes:
 
 def _read_sealed(args: argparse.Namespace) -> str:
     if getattr(args, "sealed", None):
-        return args.sealed.strip()
+        sealed: str = args.sealed.strip()
+        return sealed
     raw = _read_input(args.file_path, limit=1 << 20, what="sealed secret")
     try:
         return raw.decode("ascii").strip()

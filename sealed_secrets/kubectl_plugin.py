@@ -131,7 +131,9 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def seal_all(args: argparse.Namespace, values: dict[str, bytes], refs: dict[str, str]) -> dict:
+def seal_all(
+    args: argparse.Namespace, values: dict[str, bytes], refs: dict[str, str]
+) -> dict[str, str]:
     from sealed_secrets.seal import seal_vault
 
     kid = args.signing_kid or _env("SEALED_SECRET_SIGNING_KID")
@@ -200,7 +202,8 @@ def render(obj: dict[str, Any], output: str | None, *, suffix: str) -> str:
     if output == "json":
         return json.dumps(obj, indent=4) + "\n"
     if output == "yaml":
-        return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+        text: str = yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+        return text
     if output == "name":
         return f"secret/{obj['metadata']['name']}\n"
     return f"secret/{obj['metadata']['name']} created{suffix}\n"
@@ -305,7 +308,8 @@ def create(args: argparse.Namespace, obj: dict[str, Any]) -> dict[str, Any]:
     except Exception:
         raise CliError("cannot reach the Kubernetes API server") from None
     try:
-        return json.loads(resp.data)
+        doc: dict[str, Any] = json.loads(resp.data)
+        return doc
     except ValueError:
         raise CliError("the API server returned a non-JSON response") from None
 

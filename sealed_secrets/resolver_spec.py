@@ -68,7 +68,7 @@ def _flag(value: Any, name: str) -> bool:
     if isinstance(value, bool):
         return value
     if value in ("true", "false"):
-        return value == "true"
+        return bool(value == "true")
     raise ResolverError(f"kbs resolver option {name} must be true or false")
 
 

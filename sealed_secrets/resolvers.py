@@ -115,6 +115,12 @@ class CachingResolver:
         self.cache.clear()
 
 
+class UnsealingSource(ResourceSource, Protocol):
+    """A broker that also verifies and opens sealed strings itself (the CDH client)."""
+
+    def unseal(self, sealed: str) -> bytes: ...
+
+
 class CdhResolver(CachingResolver):
     """Resolver delegating to a Confidential Data Hub, which verifies and unseals itself.
 
@@ -123,6 +129,8 @@ class CdhResolver(CachingResolver):
     The kid gate does apply: CDH would fetch any ``kbs://`` kid with its attestation, so a
     string whose kid the caller does not allow never reaches CDH.
     """
+
+    source: UnsealingSource
 
     def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes:
         from sealed_secrets import jws
@@ -137,4 +145,4 @@ class CdhResolver(CachingResolver):
         if kid is not None and not is_local_kid(kid) and not kid_allowed(kid, allowed):
             log.debug("sealed secret verification failed cause=kid-not-allowed")
             raise UnsealFailed(UNSEAL_FAILED)
-        return self.source.unseal(sealed)  # type: ignore[attr-defined]
+        return self.source.unseal(sealed)

@@ -140,7 +140,7 @@ class PathMapper:
 
     def cipher_path(self, plain: str | None) -> str:
         """Cipher path of an existing or to-be-created plaintext path."""
-        c = self._paths.get(plain)
+        c = self._paths.get(plain) if plain is not None else None
         if c is not None:
             return c
         if plain is None:  # nullpath_ok: an unlinked-but-open file has no path
