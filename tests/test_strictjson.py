@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
+from typing import Any
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from fuse_crypt import strictjson
+from tests.fuzzing import fuzz, long_fuzz
 
 
 def test_duplicate_member_at_any_depth_is_refused() -> None:
@@ -29,3 +36,30 @@ def test_plain_json_parses_like_json_loads() -> None:
 def test_bytes_must_be_utf8() -> None:
     with pytest.raises(UnicodeDecodeError):
         strictjson.loads('{"a": 1}'.encode("utf-16"))
+
+
+@long_fuzz
+@fuzz(quick=300)
+@given(st.binary(max_size=300) | st.text(max_size=300).map(str.encode))
+def test_arbitrary_input_raises_only_value_errors(data: bytes) -> None:
+    with contextlib.suppress(ValueError, RecursionError):  # DuplicateKeyError is a ValueError
+        strictjson.loads(data)
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=4), inner),
+    max_leaves=12,
+)
+
+
+@long_fuzz
+@fuzz(quick=200)
+@given(st.dictionaries(st.text(max_size=4), _JSON, min_size=1, max_size=5), st.data())
+def test_same_as_json_loads_unless_a_member_repeats(doc: dict[str, Any], data: Any) -> None:
+    text = json.dumps(doc)
+    assert strictjson.loads(text.encode()) == json.loads(text)
+    key = data.draw(st.sampled_from(sorted(doc)))
+    repeated = text[:-1] + ", " + json.dumps(key) + ": 0}"
+    with pytest.raises(strictjson.DuplicateKeyError):
+        strictjson.loads(repeated)
