@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from csi_driver.constants import DRIVER_NAME, VENDOR_VERSION
 from csi_driver.core.node import DEFAULT_KUBELET_DIR, DEFAULT_MAX_PARALLEL
 from csi_driver.mounter import DEFAULT_MOUNTER, MOUNTERS
+from sealed_secrets.resource_uri import is_hostless_prefix
 
 if TYPE_CHECKING:
     from csi_driver.core.node import NodeCore
@@ -118,7 +119,7 @@ def _check_prefixes(values: list[str], flag: str, *, kbs: bool) -> list[str]:
     for v in values:
         if not v or any(ord(c) < 0x21 or ord(c) == 0x7F for c in v):
             raise ValueError(f"{flag} must be a non-empty prefix without spaces or control chars")
-        if kbs and not v.startswith(("kbs:///", "kbs+")):
+        if kbs and not is_hostless_prefix(v):
             raise ValueError(f"{flag} {v!r} must be a kbs:/// prefix")
     return values
 

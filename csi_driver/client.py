@@ -33,7 +33,8 @@ class CsiClient:
 
 
 def mount_capability(
-    mode: int = Mode.SINGLE_NODE_WRITER, flags: tuple[str, ...] = ()
+    mode: csi_pb2.VolumeCapability.AccessMode.Mode = Mode.SINGLE_NODE_WRITER,
+    flags: tuple[str, ...] = (),
 ) -> csi_pb2.VolumeCapability:
     return csi_pb2.VolumeCapability(
         mount=csi_pb2.VolumeCapability.MountVolume(mount_flags=list(flags)),

@@ -19,7 +19,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self.metrics = metrics or Metrics()
 
     @csi_rpc("ControllerGetCapabilities")
-    def ControllerGetCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def ControllerGetCapabilities(
+        self, request: csi_pb2.ControllerGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ControllerGetCapabilitiesResponse:  # noqa: N802
         caps = [
             csi_pb2.ControllerServiceCapability(rpc=csi_pb2.ControllerServiceCapability.RPC(type=t))
             for t in (RPC.CREATE_DELETE_VOLUME,)
@@ -27,7 +29,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         return csi_pb2.ControllerGetCapabilitiesResponse(capabilities=caps)
 
     @csi_rpc("CreateVolume")
-    def CreateVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def CreateVolume(
+        self, request: csi_pb2.CreateVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.CreateVolumeResponse:  # noqa: N802
         rec, ctx = self.backend.create(
             request.name,
             convert.capabilities(request.volume_capabilities),
@@ -43,12 +47,16 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         )
 
     @csi_rpc("DeleteVolume")
-    def DeleteVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def DeleteVolume(
+        self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.DeleteVolumeResponse:  # noqa: N802
         self.backend.delete(request.volume_id)
         return csi_pb2.DeleteVolumeResponse()
 
     @csi_rpc("ValidateVolumeCapabilities")
-    def ValidateVolumeCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def ValidateVolumeCapabilities(
+        self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:  # noqa: N802
         reason = self.backend.validate(
             request.volume_id, convert.capabilities(request.volume_capabilities)
         )

@@ -32,13 +32,14 @@ def call(path: str, fn: Callable[[str], T], timeout: float) -> T:
         if path in _stuck:
             raise MountHung(errno.ETIMEDOUT, f"{path} is not answering")
         _stuck.add(path)
-    box: dict[str, object] = {}
+    values: list[T] = []
+    failures: list[BaseException] = []
 
     def run() -> None:
         try:
-            box["value"] = fn(path)
+            values.append(fn(path))
         except BaseException as exc:  # handed to the caller
-            box["error"] = exc
+            failures.append(exc)
         finally:
             with _lock:
                 _stuck.discard(path)
@@ -48,9 +49,9 @@ def call(path: str, fn: Callable[[str], T], timeout: float) -> T:
     t.join(timeout)
     if t.is_alive():
         raise MountHung(errno.ETIMEDOUT, f"{path} did not answer within {timeout:.0f}s")
-    if "error" in box:
-        raise box["error"]  # type: ignore[misc]
-    return box["value"]  # type: ignore[return-value]
+    if failures:
+        raise failures[0]
+    return values[0]
 
 
 def state(path: str, timeout: float) -> str:

@@ -20,11 +20,15 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
         self._controller = controller
 
     @csi_rpc("GetPluginInfo")
-    def GetPluginInfo(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def GetPluginInfo(
+        self, request: csi_pb2.GetPluginInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginInfoResponse:  # noqa: N802
         return csi_pb2.GetPluginInfoResponse(name=DRIVER_NAME, vendor_version=VENDOR_VERSION)
 
     @csi_rpc("GetPluginCapabilities")
-    def GetPluginCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def GetPluginCapabilities(
+        self, request: csi_pb2.GetPluginCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.GetPluginCapabilitiesResponse:  # noqa: N802
         caps = []
         if self._controller:
             caps.append(
@@ -35,6 +39,8 @@ class IdentityServicer(csi_pb2_grpc.IdentityServicer):
         return csi_pb2.GetPluginCapabilitiesResponse(capabilities=caps)
 
     @csi_rpc("Probe")
-    def Probe(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def Probe(
+        self, request: csi_pb2.ProbeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.ProbeResponse:  # noqa: N802
         ready, _reason = self._probe()
         return csi_pb2.ProbeResponse(ready=wrappers_pb2.BoolValue(value=ready))

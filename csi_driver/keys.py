@@ -28,7 +28,6 @@ buys nothing and a low cost (logN 10) keeps publishing fast; human passphrases k
 from __future__ import annotations
 
 import os
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -40,12 +39,10 @@ from csi_driver import errors
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
 from csi_driver.volume_key import KEY_BYTES, VolumeKeyFormatError, parse_volume_key
 from sealed_secrets.resolver import is_sealed
-from sealed_secrets.resource_uri import uri_allowed
+from sealed_secrets.resource_uri import has_dot_segment, hostless_segments, uri_allowed
 
 HKDF_SALT = b"coco-csi volume key v1"
 MIN_ROOT_KEY_BYTES = KEY_BYTES
-# kbs:///repo/type/tag (or kbs+plugin:///...): segments of [A-Za-z0-9._-], never . or ..
-KEY_URI = re.compile(r"kbs(\+[a-z0-9][a-z0-9_-]*)?:///[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)+")
 MAX_KEY_URI = 512
 DERIVED_SCRYPT_LOGN = 10
 PASSPHRASE_SCRYPT_LOGN = 16
@@ -102,11 +99,13 @@ def _map_resolver_error(exc: Exception, what: str) -> errors.CsiError:
 
 def check_key_uri(uri: str) -> str:
     """A well-formed key resource URI (full match, no ``.``/``..`` segments)."""
-    if len(uri) > MAX_KEY_URI or not KEY_URI.fullmatch(uri):
+    # kbs:///repo/type/tag (or kbs+plugin:///...): two or more segments, never . or ..
+    segments = hostless_segments(uri, plugins=True) if len(uri) <= MAX_KEY_URI else None
+    if segments is None or len(segments) < 2:
         raise errors.InvalidArgument(
             f"{PARAM_KEY_RESOURCE} must be a kbs:///repo/type/tag resource URI"
         )
-    if any(seg in (".", "..") for seg in uri.split(":///", 1)[1].split("/")):
+    if has_dot_segment(segments):
         raise errors.InvalidArgument(f"{PARAM_KEY_RESOURCE} must not contain . or .. segments")
     return uri
 

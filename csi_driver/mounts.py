@@ -35,7 +35,8 @@ def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
-        return libc.umount2(os.fsencode(target), flags) == 0
+        rc: int = libc.umount2(os.fsencode(target), flags)
+        return rc == 0
     except (OSError, AttributeError):
         return False
 

@@ -22,7 +22,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         self.metrics = core.metrics
 
     @csi_rpc("NodeGetCapabilities")
-    def NodeGetCapabilities(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def NodeGetCapabilities(
+        self, request: csi_pb2.NodeGetCapabilitiesRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetCapabilitiesResponse:  # noqa: N802
         caps = [
             csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
             for t in (RPC.GET_VOLUME_STATS,)
@@ -30,13 +32,17 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
 
     @csi_rpc("NodeGetInfo")
-    def NodeGetInfo(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def NodeGetInfo(
+        self, request: csi_pb2.NodeGetInfoRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetInfoResponse:  # noqa: N802
         return csi_pb2.NodeGetInfoResponse(
             node_id=self.core.node_id, max_volumes_per_node=self.core.max_volumes
         )
 
     @csi_rpc("NodePublishVolume")
-    def NodePublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def NodePublishVolume(
+        self, request: csi_pb2.NodePublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodePublishVolumeResponse:  # noqa: N802
         start = time.perf_counter()
         req = convert.publish_request(request)
         try:
@@ -49,12 +55,16 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
         return csi_pb2.NodePublishVolumeResponse()
 
     @csi_rpc("NodeUnpublishVolume")
-    def NodeUnpublishVolume(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def NodeUnpublishVolume(
+        self, request: csi_pb2.NodeUnpublishVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnpublishVolumeResponse:  # noqa: N802
         self.core.unpublish(request.volume_id, request.target_path, Deadline.from_grpc(context))
         return csi_pb2.NodeUnpublishVolumeResponse()
 
     @csi_rpc("NodeGetVolumeStats")
-    def NodeGetVolumeStats(self, request, context: grpc.ServicerContext):  # noqa: N802
+    def NodeGetVolumeStats(
+        self, request: csi_pb2.NodeGetVolumeStatsRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeGetVolumeStatsResponse:  # noqa: N802
         st = self.core.stats(request.volume_id, request.volume_path)
         return csi_pb2.NodeGetVolumeStatsResponse(
             usage=[

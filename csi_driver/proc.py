@@ -71,7 +71,7 @@ def alive(pid: int) -> bool:
     except PermissionError:
         pass
     fields = stat_fields(pid)
-    return bool(fields) and fields[0] != "Z"  # type: ignore[index]
+    return fields is not None and len(fields) > 0 and fields[0] != "Z"
 
 
 def holds_fuse_device(pid: int) -> bool:

@@ -11,7 +11,7 @@ import functools
 import logging
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import grpc
 
@@ -61,6 +61,6 @@ def csi_rpc(method: str) -> Callable[[F], F]:
             log.debug("rpc", extra={"fields": fields})
             return response
 
-        return wrapper  # type: ignore[return-value]
+        return cast(F, wrapper)  # functools.wraps keeps fn's name; the signature is fn's
 
     return deco

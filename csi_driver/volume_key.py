@@ -18,6 +18,8 @@ import json
 import os
 import re
 
+from fuse_crypt import strictjson
+
 ALG = "coco-csi-volume-key-v1"
 KEY_BYTES = 32
 MAX_JWK_BYTES = 1024
@@ -43,21 +45,12 @@ def _b64url(raw: bytes) -> str:
     return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
 
 
-def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    out: dict[str, object] = {}
-    for k, v in pairs:
-        if k in out:
-            raise VolumeKeyFormatError("duplicate JWK member")
-        out[k] = v
-    return out
-
-
 def parse_volume_key(data: bytes) -> bytes:
     """The 32 key bytes of a coco-csi volume key JWK; VolumeKeyFormatError for anything else."""
     if len(data) > MAX_JWK_BYTES:
         raise VolumeKeyFormatError("too large")
     try:
-        doc = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        doc = strictjson.loads(data)  # a duplicate member is "not a JSON JWK" as before
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise VolumeKeyFormatError("not a JSON JWK") from None
     if not isinstance(doc, dict):

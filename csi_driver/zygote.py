@@ -60,7 +60,7 @@ def _split(buf: bytearray, n: int) -> tuple[list[str], str, memoryview]:
 
 def _warm_up() -> None:
     """Import everything `fuse-crypt mount` needs, without starting threads."""
-    import fuse_crypt.backend.local  # noqa: F401
+    import fuse_crypt.backend  # noqa: F401  (LocalDirBackend)
     import fuse_crypt.cli
     import fuse_crypt.cli.commands  # noqa: F401
     import fuse_crypt.cli.keycheck  # noqa: F401

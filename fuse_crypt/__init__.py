@@ -3,3 +3,18 @@
 Plaintext and keys exist only in this process's memory; the storage backend
 underneath only ever sees gocryptfs-format ciphertext.
 """
+
+# What other packages, the CLI entry point and the docs may import (tests/test_public_surfaces.py
+# guards it): public submodules. Everything else is internal and may move freely.
+__all__ = [
+    "backend",
+    "cli",
+    "configfile",
+    "errors",
+    "fusefrontend",
+    "hardening",
+    "metricsserver",
+    "mounttable",
+    "safeio",
+    "strictjson",
+]

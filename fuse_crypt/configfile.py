@@ -23,6 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
+from . import strictjson
 from .cryptocore import INFO_GCM, KEY_LEN, CryptoCore, hkdf_sha256
 from .errors import BadInputError, ConfigError, WrongKeyError
 from .nametransform import CONF_NAME, LONGNAME_MAX_MIN, NAME_MAX, NameTransform
@@ -98,16 +99,6 @@ def _b64std_decode(value: object, what: str) -> bytes:
     if base64.b64encode(raw).decode("ascii") != value:
         raise ConfigError(f"gocryptfs.conf: {what} is not canonical base64")
     return raw
-
-
-def _no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict[str, object]:
-    """json object hook: a key given twice is refused (which one would gocryptfs use?)."""
-    obj: dict[str, object] = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ConfigError("gocryptfs.conf: duplicate JSON key")
-        obj[k] = v
-    return obj
 
 
 def _check_scrypt_params(n: int, r: int, p: int, key_len: int) -> None:
@@ -253,7 +244,9 @@ class ConfFile:
         if len(data) > MAX_CONF_BYTES:
             raise ConfigError(f"gocryptfs.conf: larger than {MAX_CONF_BYTES} bytes")
         try:
-            obj = json.loads(bytes(data).decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
+            obj = strictjson.loads(bytes(data))
+        except strictjson.DuplicateKeyError:  # which one would gocryptfs use?
+            raise ConfigError("gocryptfs.conf: duplicate JSON key") from None
         except (UnicodeDecodeError, RecursionError, ValueError):
             # ValueError also covers JSONDecodeError and Python's int-digit limit.
             raise ConfigError("gocryptfs.conf: not valid JSON") from None

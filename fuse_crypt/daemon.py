@@ -225,9 +225,8 @@ def run_daemonized(
             notifier.error(str(e), e.code)
             code = e.code
         except BaseException as e:  # noqa: BLE001 - report anything, then leave
-            code = getattr(e, "code", None)
-            if not isinstance(code, int) or code == 0:
-                code = EXIT_FUSE_MOUNT
+            exit_code = getattr(e, "code", None)
+            code = exit_code if isinstance(exit_code, int) and exit_code != 0 else EXIT_FUSE_MOUNT
             notifier.error(describe_exception(e), code)
         finally:
             os._exit(code)

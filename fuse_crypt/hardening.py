@@ -40,7 +40,8 @@ def disable_core_dumps() -> None:
 
 def is_dumpable() -> bool:
     """``prctl(PR_GET_DUMPABLE)`` of this process."""
-    return _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0) != 0
+    dumpable: int = _prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    return dumpable != 0
 
 
 def wipe(buf: bytearray | memoryview) -> None:

@@ -16,6 +16,7 @@ import socket
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
@@ -93,7 +94,7 @@ class MetricsServer(ThreadingHTTPServer):
         super().__init__(addr, _Handler)
         threading.Thread(target=self._reaper, name="metrics-reaper", daemon=True).start()
 
-    def process_request(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+    def process_request(self, request: Any, client_address: Any) -> None:  # a TCP socket
         if not self._slots.acquire(blocking=False):
             self.shutdown_request(request)  # full: close at once, no thread
             return
@@ -107,7 +108,7 @@ class MetricsServer(ThreadingHTTPServer):
             self._slots.release()
             raise
 
-    def process_request_thread(self, request, client_address) -> None:  # type: ignore[no-untyped-def]
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:

@@ -18,15 +18,11 @@ from typing import Any, NoReturn
 
 from sealed_secrets import keys
 from sealed_secrets.errors import SealedSecretError
-from sealed_secrets.sealing_options import aliyun_envelope_options
+from sealed_secrets.sealing_options import CliError, aliyun_envelope_options, envelope_sealer
 
 PROG = "sealed-secret"
 MAX_PLAINTEXT = 512 * 1024  # sealed strings must fit a Secret value / env var comfortably
 DEFAULT_RESOLVER_ENV = "SEALED_SECRET_RESOLVER"
-
-
-class CliError(Exception):
-    """A user-facing failure with a one-line message."""
 
 
 def _json_arg(text: str) -> dict[str, Any]:
@@ -55,7 +51,8 @@ def _read_input(path: str | None, *, limit: int, what: str) -> bytes:
 
 def _read_sealed(args: argparse.Namespace) -> str:
     if getattr(args, "sealed", None):
-        return args.sealed.strip()
+        sealed: str = args.sealed.strip()
+        return sealed
     raw = _read_input(args.file_path, limit=1 << 20, what="sealed secret")
     try:
         return raw.decode("ascii").strip()
@@ -144,37 +141,39 @@ def cmd_seal_vault(args: argparse.Namespace) -> None:
 
 def _envelope_sealer(args: argparse.Namespace) -> Callable[[bytes], str]:
     """Build `plaintext -> sealed string` once (keys loaded, KMS client made) for many values."""
-    from sealed_secrets.seal import seal_envelope
-
-    common: dict[str, Any] = {
-        "key_id": args.key_id,
-        "signing_key": _signing(args),
-        "signing_kid": args.signing_kid,
-        "wrap_type": args.wrap_type,
-    }
+    signing = _signing(args)
     if args.kms == "asym":
         from sealed_secrets.providers import asym
 
-        common["public_key"] = asym.load_public_key(
-            _read_input(args.public_key, limit=64 * 1024, what="public key file")
+        public = _read_input(args.public_key, limit=64 * 1024, what="public key file")
+        return envelope_sealer(
+            asym.NAME,
+            key_id=args.key_id,
+            signing_key=signing,
+            signing_kid=args.signing_kid,
+            wrap_type=args.wrap_type,
+            public_key_pem=public,
         )
-        common["provider"] = asym.NAME
-    else:
-        aliyun = aliyun_envelope_options(
-            region_id=args.region_id,
-            guest_token_path=args.guest_token_path,
-            kms_instance_id=args.kms_instance_id,
-            endpoint=args.endpoint,
-            credential_file=args.credential_file,
-            ca=args.ca,
+    aliyun = aliyun_envelope_options(
+        region_id=args.region_id,
+        guest_token_path=args.guest_token_path,
+        kms_instance_id=args.kms_instance_id,
+        endpoint=args.endpoint,
+        credential_file=args.credential_file,
+        ca=args.ca,
+    )
+    if aliyun is None:
+        raise CliError(
+            "aliyun sealing needs --credential-file or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET"
         )
-        if aliyun is None:
-            raise CliError(
-                "aliyun sealing needs --credential-file or ALIBABA_CLOUD_ACCESS_KEY_ID/SECRET"
-            )
-        common.update(aliyun)
-        common["provider"] = "aliyun"
-    return lambda plaintext: seal_envelope(plaintext, **common)
+    return envelope_sealer(
+        "aliyun",
+        key_id=args.key_id,
+        signing_key=signing,
+        signing_kid=args.signing_kid,
+        wrap_type=args.wrap_type,
+        kms_options=aliyun,
+    )
 
 
 def cmd_seal_envelope(args: argparse.Namespace) -> None:

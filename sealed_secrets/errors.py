@@ -9,6 +9,8 @@ learn anything from a failure.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class SealedSecretError(Exception):
     """Base of every sealed-secret failure; message is always safe to log."""
@@ -128,6 +130,8 @@ class BadResponse(KbsError):
 
 class AttestationError(KbsError):
     """Evidence could not be produced (AA) or the broker rejected it during /attest."""
+
+    grpc_code: Any  # only when an AA call failed: its grpc.StatusCode (or None if unknown)
 
 
 class TlsError(KbsError):

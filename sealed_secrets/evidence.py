@@ -96,7 +96,7 @@ class AaEvidenceProvider:
             name = code.name if code is not None else "UNKNOWN"
             log.warning("aa call failed rpc=%s target=%s code=%s", rpc, self.target, name)
             err = AttestationError(f"attestation agent {rpc} failed: code={name}")
-            err.grpc_code = code  # type: ignore[attr-defined]
+            err.grpc_code = code
             raise err from None
 
     def tee_type(self) -> str:

@@ -64,7 +64,7 @@ class TeeKeyPair:
 
     def public_jwk(self) -> dict[str, Any]:
         """The JWK sent as ``tee-pubkey`` (public members plus ``alg``)."""
-        pub = json.loads(self._key.export_public())
+        pub: dict[str, Any] = json.loads(self._key.export_public())
         pub.pop("kid", None)
         pub["alg"] = self.alg
         return pub

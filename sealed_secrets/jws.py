@@ -37,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 )
 from jwcrypto import jwk
 
+from fuse_crypt import strictjson
 from sealed_secrets.errors import (
     BadBase64,
     BadSignature,
@@ -79,19 +80,10 @@ def b64url_decode(text: str, *, what: str) -> bytes:
 
 def json_object(raw: bytes, *, what: str) -> dict[str, Any]:
     """Parse a JSON object, rejecting duplicate member names (ambiguous to other parsers)."""
-
-    def no_dupes(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for k, v in pairs:
-            if k in out:
-                raise MalformedSecret(f"{what} has a duplicate member")
-            out[k] = v
-        return out
-
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=no_dupes)
-    except MalformedSecret:
-        raise
+        obj = strictjson.loads(raw)
+    except strictjson.DuplicateKeyError:
+        raise MalformedSecret(f"{what} has a duplicate member") from None
     except (UnicodeDecodeError, ValueError, RecursionError):
         raise MalformedSecret(f"{what} is not valid UTF-8 JSON") from None
     if not isinstance(obj, dict):

@@ -29,7 +29,7 @@ import time
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import urllib3
 
@@ -53,6 +53,9 @@ from sealed_secrets.evidence import (
 from sealed_secrets.files import read_small_file
 from sealed_secrets.jwe import TeeKeyPair
 from sealed_secrets.resource_uri import parse_resource_uri
+
+# urllib3 types the pool of a ReadTimeoutError; a body read past its deadline has none at hand.
+_NO_POOL = cast(Any, None)
 
 log = logging.getLogger(__name__)
 
@@ -106,8 +109,9 @@ def _problem(resp: _Reply) -> tuple[str | None, str]:
         return None, ""
     if not isinstance(doc, dict):
         return None, ""
-    ptype = doc.get("type") if isinstance(doc.get("type"), str) else None
-    detail = doc.get("detail") if isinstance(doc.get("detail"), str) else ""
+    raw_type, raw_detail = doc.get("type"), doc.get("detail")
+    ptype = raw_type if isinstance(raw_type, str) else None
+    detail = raw_detail if isinstance(raw_detail, str) else ""
     detail = "".join(c for c in detail if c.isprintable())[:_DETAIL_MAX]
     if ptype is not None:
         ptype = "".join(c for c in ptype if c.isprintable())[:_DETAIL_MAX]
@@ -348,7 +352,7 @@ class KbsClient:
                     chunks.append(chunk)
                     size += len(chunk)
                     if time.monotonic() > deadline:
-                        raise urllib3.exceptions.ReadTimeoutError(None, url, "body too slow")
+                        raise urllib3.exceptions.ReadTimeoutError(_NO_POOL, url, "body too slow")
             finally:
                 resp.release_conn()
         except urllib3.exceptions.SSLError:

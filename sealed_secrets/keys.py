@@ -26,22 +26,15 @@ from jwcrypto.common import JWException
 
 from sealed_secrets.errors import KeyFormatError, ResolverError, ResourceNotFound, UnknownKid
 from sealed_secrets.files import read_small_file
-from sealed_secrets.resource_uri import uri_allowed
+from sealed_secrets.resource_uri import has_dot_segment, hostless_segments, uri_allowed
 
 DEFAULT_KEY_DIR = "/run/confidential-containers/cdh/sealed-secret"
 DEFAULT_SIGNING_KID = "sealed-signing"
 MAX_KEY_BYTES = 64 * 1024
 _SAFE_KID_FILE = re.compile(r"[A-Za-z0-9._@+=-]+")
-_KID_SEGMENT = re.compile(r"[A-Za-z0-9._-]+")
-PLAIN_KID_PREFIX = "kbs:///"
 MAX_ALLOWED_KIDS = 64
 
 GetResource = Callable[[str], bytes]
-
-
-def is_resource_uri(kid: str) -> bool:
-    """True for a ``kbs://`` / ``kbs+plugin://`` reference (sealing key ids, vault names)."""
-    return kid.startswith("kbs://") or kid.startswith("kbs+")
 
 
 def is_local_kid(kid: str) -> bool:
@@ -53,28 +46,16 @@ def is_local_kid(kid: str) -> bool:
     return bool(_SAFE_KID_FILE.fullmatch(kid)) and kid not in (".", "..")
 
 
-def _segments_ok(text: str, count: range) -> bool:
-    segments = text.split("/")
-    return len(segments) in count and all(
-        _KID_SEGMENT.fullmatch(seg) and seg not in (".", "..") for seg in segments
-    )
-
-
 def is_plain_kid(kid: str) -> bool:
     """A signing-key kid that may reach the KBS: the default `resource` plugin, no host,
     exactly repo/type/tag, no query, fragment, `.` or `..` segment."""
-    return kid.startswith(PLAIN_KID_PREFIX) and _segments_ok(
-        kid[len(PLAIN_KID_PREFIX) :], range(3, 4)
-    )
+    segments = hostless_segments(kid)
+    return segments is not None and len(segments) == 3 and not has_dot_segment(segments)
 
 
 def _is_kid_prefix(entry: str) -> bool:
-    body = entry[len(PLAIN_KID_PREFIX) : -1]
-    return (
-        entry.startswith(PLAIN_KID_PREFIX)
-        and entry.endswith("/")
-        and _segments_ok(body, range(1, 3))
-    )
+    segments = hostless_segments(entry[:-1]) if entry.endswith("/") else None
+    return segments is not None and 1 <= len(segments) <= 2 and not has_dot_segment(segments)
 
 
 def check_allowed_kids(entries: Iterable[str]) -> tuple[str, ...]:

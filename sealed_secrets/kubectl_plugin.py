@@ -26,16 +26,12 @@ import yaml
 
 from sealed_secrets import keys
 from sealed_secrets.errors import SealedSecretError
-from sealed_secrets.sealing_options import aliyun_envelope_options
+from sealed_secrets.sealing_options import CliError, aliyun_envelope_options, envelope_sealer
 
 PROG = "kubectl-create-sealedsecret"
 KEY_RE = re.compile(r"[-._a-zA-Z0-9]+")
 MAX_VALUE = 512 * 1024
 DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
-
-
-class PluginError(Exception):
-    """One-line user-facing error (kubectl style: `error: …`)."""
 
 
 def _die(msg: str, code: int = 1) -> NoReturn:
@@ -48,12 +44,12 @@ def _die(msg: str, code: int = 1) -> NoReturn:
 
 def _check_key(key: str, data: dict[str, Any]) -> None:
     if not KEY_RE.fullmatch(key):
-        raise PluginError(
+        raise CliError(
             f"{key!r} is not valid key name for a Secret (regex used for validation is "
             "'[-._a-zA-Z0-9]+')"
         )
     if key in data:
-        raise PluginError(f"cannot add key {key}, another key by that name already exists")
+        raise CliError(f"cannot add key {key}, another key by that name already exists")
 
 
 def _read_file(path: Path) -> bytes:
@@ -61,9 +57,9 @@ def _read_file(path: Path) -> bytes:
         with open(path, "rb") as f:
             data = f.read(MAX_VALUE + 1)
     except OSError as exc:
-        raise PluginError(f"error reading {path}: {exc.strerror}") from None
+        raise CliError(f"error reading {path}: {exc.strerror}") from None
     if len(data) > MAX_VALUE:
-        raise PluginError(f"{path} is larger than {MAX_VALUE} bytes")
+        raise CliError(f"{path} is larger than {MAX_VALUE} bytes")
     return data
 
 
@@ -75,7 +71,7 @@ def gather_values(
     for item in literals:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise PluginError(f"invalid literal source {key or item!r}, expected key=value")
+            raise CliError(f"invalid literal source {key or item!r}, expected key=value")
         _check_key(key, data)
         data[key] = value.encode()
     for spec in files:
@@ -84,11 +80,11 @@ def gather_values(
             if not sep:
                 key, path = "", one
             if (sep and not key) or not path:
-                raise PluginError(f"key names or file paths cannot be empty: {one!r}")
+                raise CliError(f"key names or file paths cannot be empty: {one!r}")
             p = Path(path)
             if p.is_dir():
                 if key:
-                    raise PluginError("cannot give a key name for a directory path")
+                    raise CliError("cannot give a key name for a directory path")
                 for child in sorted(p.iterdir()):
                     if child.is_file() and KEY_RE.fullmatch(child.name):
                         _check_key(child.name, data)
@@ -111,7 +107,7 @@ def gather_values(
                     continue
             key = key.strip()
             if not key:
-                raise PluginError(f"{path}:{lineno}: missing key name")
+                raise CliError(f"{path}:{lineno}: missing key name")
             _check_key(key, data)
             data[key] = value.encode()
     return data
@@ -122,7 +118,7 @@ def parse_vault_refs(items: Iterable[str], data: dict[str, Any]) -> dict[str, st
     for item in items:
         key, sep, uri = item.partition("=")
         if not sep or not uri:
-            raise PluginError(f"invalid vault source {item!r}, expected key=kbs:///repo/type/tag")
+            raise CliError(f"invalid vault source {item!r}, expected key=kbs:///repo/type/tag")
         _check_key(key, {**data, **refs})
         refs[key] = uri
     return refs
@@ -135,32 +131,31 @@ def _env(name: str) -> str | None:
     return os.environ.get(name) or None
 
 
-def seal_all(args: argparse.Namespace, values: dict[str, bytes], refs: dict[str, str]) -> dict:
-    from sealed_secrets.seal import seal_envelope, seal_vault
+def seal_all(
+    args: argparse.Namespace, values: dict[str, bytes], refs: dict[str, str]
+) -> dict[str, str]:
+    from sealed_secrets.seal import seal_vault
 
     kid = args.signing_kid or _env("SEALED_SECRET_SIGNING_KID")
     key_path = args.signing_jwk_path or _env("SEALED_SECRET_SIGNING_JWK")
     if not kid or not key_path:
-        raise PluginError(
-            "--signing-kid and --signing-jwk-path are required (signing is mandatory)"
-        )
+        raise CliError("--signing-kid and --signing-jwk-path are required (signing is mandatory)")
     signing = keys.load_signing_key(key_path)
     sealed: dict[str, str] = {}
     if values:
         key_id = args.key_id or _env("SEALED_SECRET_KEY_ID")
         if not key_id:
-            raise PluginError("--key-id is required to seal values")
-        common: dict[str, Any] = {"key_id": key_id, "signing_key": signing, "signing_kid": kid}
+            raise CliError("--key-id is required to seal values")
+        public: bytes | None = None
+        aliyun: dict[str, Any] | None = None
         if args.provider == "coco-csi-asym":
-            from sealed_secrets.providers import asym
-
             pub_path = args.public_key or _env("SEALED_SECRET_PUBLIC_KEY")
             if not pub_path:
-                raise PluginError("--public-key is required for provider coco-csi-asym")
-            common["public_key"] = asym.load_public_key(_read_file(Path(pub_path)))
+                raise CliError("--public-key is required for provider coco-csi-asym")
+            public = _read_file(Path(pub_path))
         else:
             if not args.region_id or not args.guest_token_path:
-                raise PluginError("aliyun needs --region-id and --guest-token-path")
+                raise CliError("aliyun needs --region-id and --guest-token-path")
             aliyun = aliyun_envelope_options(
                 region_id=args.region_id,
                 guest_token_path=args.guest_token_path,
@@ -170,10 +165,17 @@ def seal_all(args: argparse.Namespace, values: dict[str, bytes], refs: dict[str,
                 ca=args.kms_ca,
             )
             if aliyun is None:
-                raise PluginError("aliyun sealing needs --kms-credential-file or ALIBABA_CLOUD_*")
-            common.update(aliyun)
+                raise CliError("aliyun sealing needs --kms-credential-file or ALIBABA_CLOUD_*")
+        seal = envelope_sealer(
+            args.provider,
+            key_id=key_id,
+            signing_key=signing,
+            signing_kid=kid,
+            public_key_pem=public,
+            kms_options=aliyun,
+        )
         for name, plaintext in values.items():
-            sealed[name] = seal_envelope(plaintext, provider=args.provider, **common)
+            sealed[name] = seal(plaintext)
     for name, uri in refs.items():
         sealed[name] = seal_vault(uri, "kbs", signing_key=signing, signing_kid=kid)
     return sealed
@@ -200,7 +202,8 @@ def render(obj: dict[str, Any], output: str | None, *, suffix: str) -> str:
     if output == "json":
         return json.dumps(obj, indent=4) + "\n"
     if output == "yaml":
-        return yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+        text: str = yaml.safe_dump(obj, sort_keys=True, default_flow_style=False)
+        return text
     if output == "name":
         return f"secret/{obj['metadata']['name']}\n"
     return f"secret/{obj['metadata']['name']} created{suffix}\n"
@@ -217,13 +220,13 @@ def _current_namespace(args: argparse.Namespace) -> str:
         contexts, active = config.list_kube_config_contexts(config_file=_kubeconfig_path(args))
     except Exception:
         if args.context:  # kubectl's wording when the kubeconfig is missing or lacks it
-            raise PluginError(f'context "{args.context}" does not exist') from None
-        raise PluginError("cannot load kubeconfig (use --kubeconfig or KUBECONFIG)") from None
+            raise CliError(f'context "{args.context}" does not exist') from None
+        raise CliError("cannot load kubeconfig (use --kubeconfig or KUBECONFIG)") from None
     ctx = active
     if args.context:
         ctx = next((c for c in contexts if c.get("name") == args.context), None)
         if ctx is None:
-            raise PluginError(f'context "{args.context}" does not exist')
+            raise CliError(f'context "{args.context}" does not exist')
     return (ctx or {}).get("context", {}).get("namespace") or "default"
 
 
@@ -240,7 +243,7 @@ def api_client(args: argparse.Namespace) -> Any:
             config_file=_kubeconfig_path(args), context=args.context or None
         )
     except Exception:
-        raise PluginError("cannot load kubeconfig (use --kubeconfig or KUBECONFIG)") from None
+        raise CliError("cannot load kubeconfig (use --kubeconfig or KUBECONFIG)") from None
     conf = api.configuration
 
     def overrides(c: Any) -> None:
@@ -268,7 +271,7 @@ def api_client(args: argparse.Namespace) -> Any:
     return client.CoreV1Api(api)
 
 
-def _api_error(exc: Exception) -> PluginError:
+def _api_error(exc: Exception) -> CliError:
     status = getattr(exc, "status", None)
     body = getattr(exc, "body", None)
     try:
@@ -277,10 +280,10 @@ def _api_error(exc: Exception) -> PluginError:
         st = {}
     if isinstance(st, dict) and st.get("kind") == "Status":
         reason = st.get("reason") or "Unknown"
-        return PluginError(f"from server ({reason}): {st.get('message', '')}".strip())
+        return CliError(f"from server ({reason}): {st.get('message', '')}".strip())
     if status:
-        return PluginError(f"from server: HTTP {status} {getattr(exc, 'reason', '')}".strip())
-    return PluginError("cannot reach the Kubernetes API server")
+        return CliError(f"from server: HTTP {status} {getattr(exc, 'reason', '')}".strip())
+    return CliError("cannot reach the Kubernetes API server")
 
 
 def create(args: argparse.Namespace, obj: dict[str, Any]) -> dict[str, Any]:
@@ -303,11 +306,12 @@ def create(args: argparse.Namespace, obj: dict[str, Any]) -> dict[str, Any]:
     except ApiException as exc:
         raise _api_error(exc) from None
     except Exception:
-        raise PluginError("cannot reach the Kubernetes API server") from None
+        raise CliError("cannot reach the Kubernetes API server") from None
     try:
-        return json.loads(resp.data)
+        doc: dict[str, Any] = json.loads(resp.data)
+        return doc
     except ValueError:
-        raise PluginError("the API server returned a non-JSON response") from None
+        raise CliError("the API server returned a non-JSON response") from None
 
 
 # --- CLI ---------------------------------------------------------------------------------
@@ -382,11 +386,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if not DNS_SUBDOMAIN.fullmatch(args.name) or len(args.name) > 253:
-            raise PluginError(f"invalid Secret name {args.name!r}: must be a DNS subdomain")
+            raise CliError(f"invalid Secret name {args.name!r}: must be a DNS subdomain")
         values = gather_values(args.from_literal, args.from_file, args.from_env_file)
         refs = parse_vault_refs(args.from_vault, values)
         if not values and not refs:
-            raise PluginError("no values given (use --from-literal, --from-file, ...)")
+            raise CliError("no values given (use --from-literal, --from-file, ...)")
         sealed = seal_all(args, values, refs)
         values.clear()  # drop plaintext references as soon as they are sealed
         obj = build_manifest(args.name, args.namespace, args.secret_type, sealed)
@@ -399,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stdout.write(render(created, args.output, suffix=suffix))
     except SealedSecretError as exc:
         _die(f"{type(exc).__name__}: {exc}")
-    except PluginError as exc:
+    except CliError as exc:
         _die(str(exc))
     except UnicodeDecodeError:
         _die("env file is not valid UTF-8")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from sealed_secrets.errors import ResolverError
 
 DEFAULT_PLUGIN = "resource"
+PLAIN_PREFIX = "kbs:///"  # the default `resource` plugin, no host
 _SEGMENT = re.compile(r"^[A-Za-z0-9._\-]+$")
 _PLUGIN = re.compile(r"^[a-z0-9][a-z0-9_\-]*$")
 
@@ -41,6 +42,36 @@ class ResourceUri:
         scheme = "kbs" if self.plugin == DEFAULT_PLUGIN else f"kbs+{self.plugin}"
         query = f"?{self.query}" if self.query else ""
         return f"{scheme}:///{self.path}{query}"
+
+
+_HOSTLESS = re.compile(r"kbs(\+[a-z0-9][a-z0-9_-]*)?:///([A-Za-z0-9._-]+(?:/[A-Za-z0-9._-]+)*)")
+
+
+def is_resource_uri(text: str) -> bool:
+    """True for a ``kbs://`` / ``kbs+plugin://`` reference (sealing key ids, vault names)."""
+    return text.startswith("kbs://") or text.startswith("kbs+")
+
+
+def is_hostless_prefix(text: str) -> bool:
+    """Starts like a host-free resource URI (``kbs:///`` or ``kbs+plugin``): allow-list flags."""
+    return text.startswith((PLAIN_PREFIX, "kbs+"))
+
+
+def hostless_segments(uri: str, *, plugins: bool = False) -> tuple[str, ...] | None:
+    """The path segments of a host-free ``kbs:///a/b/c`` (with ``plugins``, also
+    ``kbs+plugin:///…``): no host, query or fragment, each segment ``[A-Za-z0-9._-]+``;
+    None if ``uri`` is not of that form. ``.``/``..`` segments are returned: callers refuse
+    them with their own message. The strict form that CSI parameters and allowed signing kids
+    must have, where :func:`parse_resource_uri` is what a broker accepts.
+    """
+    match = _HOSTLESS.fullmatch(uri)
+    if match is None or (match.group(1) and not plugins):
+        return None
+    return tuple(match.group(2).split("/"))
+
+
+def has_dot_segment(segments: tuple[str, ...]) -> bool:
+    return any(seg in (".", "..") for seg in segments)
 
 
 def parse_resource_uri(uri: str) -> ResourceUri:

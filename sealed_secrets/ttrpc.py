@@ -136,13 +136,14 @@ def encode_request(
 ) -> bytes:
     """The Request message; ``timeout`` becomes ``timeout_nano`` (0 = no deadline)."""
     nanos = 0 if timeout is None else max(1, int(timeout * 1e9))
-    return ttrpc_pb2.Request(
+    data: bytes = ttrpc_pb2.Request(
         service=service,
         method=method,
         payload=payload,
         timeout_nano=nanos,
         metadata=[ttrpc_pb2.KeyValue(key=k, value=v) for k, v in metadata],
     ).SerializeToString()
+    return data
 
 
 def decode_response(body: bytes) -> bytes:

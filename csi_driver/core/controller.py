@@ -20,7 +20,9 @@ import shutil
 import threading
 import uuid
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 from csi_driver import errors, validate
 from csi_driver.constants import (
@@ -73,7 +75,7 @@ class LocalBackend:
 
     # -- index (file-locked so two controller replicas cannot race) -----------------------
 
-    def _locked(self):  # type: ignore[no-untyped-def]
+    def _locked(self) -> AbstractContextManager[dict[str, VolumeRecord]]:
         backend = self
 
         class _Ctx:
@@ -92,8 +94,8 @@ class LocalBackend:
 
     def _load(self) -> dict[str, VolumeRecord]:
         try:
-            doc = read_json(self._index_path, MAX_INDEX_BYTES)
-            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}  # type: ignore[union-attr]
+            doc: Any = read_json(self._index_path, MAX_INDEX_BYTES)  # checked by use, below
+            return {v["volume_id"]: VolumeRecord(**v) for v in doc.get("volumes", [])}
         except FileNotFoundError:
             return {}
         except (OSError, ValueError, TypeError, KeyError, AttributeError):

@@ -578,7 +578,7 @@ class NodeCore:
             mounts = self.mounts.all()
             entry = mounts.get(target)
             foreign = entry is not None and entry.fstype not in self._our_fs_types()
-            if pub is None and foreign and not self._dead(target):
+            if pub is None and foreign and entry is not None and not self._dead(target):
                 raise errors.FailedPrecondition(
                     f"target_path {target} is a {entry.fstype} mount this driver did not make"
                 )

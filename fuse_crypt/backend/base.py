@@ -308,7 +308,7 @@ class StorageBackend(abc.ABC):
         return len(data)
 
     @abc.abstractmethod
-    def pwrite(self, handle: Any, data: bytes, offset: int) -> int:
+    def pwrite(self, handle: Any, data: bytes | memoryview, offset: int) -> int:
         """Write all of ``data`` (any bytes-like object) at ``offset`` (extending
         with a hole if beyond EOF) and return ``len(data)``."""
 

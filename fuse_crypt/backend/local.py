@@ -19,10 +19,12 @@ import errno
 import os
 import stat as stat_mod
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ..safeio import SMALL_OPEN_FLAGS, check_regular, read_capped
 from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
+
+_T = TypeVar("_T")
 
 _O_BASE = os.O_CLOEXEC | os.O_NOFOLLOW
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
@@ -129,7 +131,7 @@ class LocalDirBackend(StorageBackend):
         if not flags & os.O_CREAT:
             mode = 0  # openat2 rejects a mode without O_CREAT
         how = _open_how(flags | os.O_CLOEXEC | os.O_NOFOLLOW, mode)
-        fd = _openat2_call(_SYS_OPENAT2, self._rfd, os.fsencode(rel), how[1], _HOW_SIZE)
+        fd: int = _openat2_call(_SYS_OPENAT2, self._rfd, os.fsencode(rel), how[1], _HOW_SIZE)
         if fd >= 0:
             return fd
         err = ctypes.get_errno()
@@ -345,7 +347,7 @@ class LocalDirBackend(StorageBackend):
     # Python has no *xattrat(); a path through the parent's /proc/self/fd entry plus
     # follow_symlinks=False on the last component is the symlink-proof equivalent.
 
-    def _xattr(self, path: str, fn: Callable[..., Any], *args: Any) -> Any:
+    def _xattr(self, path: str, fn: Callable[..., _T], *args: Any) -> _T:
         fd, name = self._parent(path)
         try:
             return fn(f"/proc/self/fd/{fd}/{name}", *args, follow_symlinks=False)
@@ -437,7 +439,7 @@ class LocalDirBackend(StorageBackend):
         return got
 
     @staticmethod
-    def _write_all(fd: int, data: bytes, offset: int) -> int:
+    def _write_all(fd: int, data: bytes | memoryview, offset: int) -> int:
         n = os.pwrite(fd, data, offset)
         if n == len(data):
             return n
@@ -449,7 +451,7 @@ class LocalDirBackend(StorageBackend):
             n += w
         return n
 
-    def pwrite(self, handle: int, data: bytes, offset: int) -> int:
+    def pwrite(self, handle: int, data: bytes | memoryview, offset: int) -> int:
         return self._write_all(handle, data, offset)
 
     def ftruncate(self, handle: int, size: int) -> None:

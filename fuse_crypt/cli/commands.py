@@ -69,7 +69,8 @@ def _unlock(conf: Any, password: bytes) -> bytes:
     from fuse_crypt.errors import WrongKeyError
 
     try:
-        return conf.unlock(password)
+        key: bytes = conf.unlock(password)
+        return key
     except WrongKeyError:
         raise CliError("password incorrect", PASSWORD_INCORRECT) from None
 

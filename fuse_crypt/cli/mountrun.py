@@ -32,7 +32,7 @@ class MountSpec:
 
 
 def _serve(spec: MountSpec, on_ready: Any) -> None:
-    from fuse_crypt.backend.local import LocalDirBackend
+    from fuse_crypt.backend import LocalDirBackend
     from fuse_crypt.errors import ConfigError
     from fuse_crypt.fusefrontend import serve
 

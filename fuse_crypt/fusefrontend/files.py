@@ -19,7 +19,7 @@ import logging
 import threading
 from typing import Any
 
-from ..backend.base import Stat, StorageBackend
+from ..backend import Stat, StorageBackend
 from ..contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS, ContentEnc
 from ..errors import CorruptDataError
 from .blockio import BlockCrypt, BufferPool
@@ -390,8 +390,9 @@ class FileTable:
                 fid = self._new_header(of)
             psize = 0
         else:
-            fid = self._file_id(of)
-            assert fid is not None
+            known = self._file_id(of)
+            assert known is not None
+            fid = known
             psize = self.enc.plain_size(csize, strict=False)
         if offset > psize and psize % PLAIN_BS and offset // PLAIN_BS > psize // PLAIN_BS:
             self._pad_last_block(of, fid, psize)

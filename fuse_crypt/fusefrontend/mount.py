@@ -21,7 +21,7 @@ from . import _libfuse  # noqa: F401  (selects libfuse3 before mfusepy loads)
 
 import mfusepy  # isort: skip
 
-from ..backend.base import Stat, StorageBackend
+from ..backend import Stat, StorageBackend
 from ..configfile import ConfFile
 from ..contentenc import ContentEnc
 from ..cryptocore import CryptoCore
@@ -138,11 +138,13 @@ class CryptFUSE(mfusepy.FUSE):
 
     def read(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         out = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
-        return self.operations.read_into(fip.contents.fh, out.cast("B"), offset)
+        n: int = self.operations.read_into(fip.contents.fh, out.cast("B"), offset)
+        return n
 
     def write(self, path: bytes | None, buf: Any, size: int, offset: int, fip: Any) -> int:
         data = memoryview((ctypes.c_char * size).from_address(ctypes.addressof(buf.contents)))
-        return self.operations.write(None, data.cast("B"), offset, fip.contents.fh)
+        n: int = self.operations.write(None, data.cast("B"), offset, fip.contents.fh)
+        return n
 
     # getattr/readdir: fill libfuse's struct stat directly from our Stat instead of
     # going through mfusepy's dict + set_st_attrs (hot for small-file workloads).
@@ -185,9 +187,10 @@ class CryptFUSE(mfusepy.FUSE):
         return 0
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
-        return self.operations.rename(
+        rc: int = self.operations.rename(
             old.decode(self.encoding, self.errors), new.decode(self.encoding, self.errors), flags
         )
+        return rc
 
     # init/destroy: tell the stop-signal handling which session to end, and when
     # libfuse is about to free it.
@@ -196,14 +199,15 @@ class CryptFUSE(mfusepy.FUSE):
         note_init()
         super().init_fuse_3(conn, config)
 
-    def destroy(self, private_data: Any) -> None:
+    def destroy(self, private_data: Any) -> Any:
         note_destroy()
         return super().destroy(private_data)
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None
         p = None if path is None else path.decode(self.encoding, self.errors)
-        return self.operations.truncate(p, length, fh)
+        rc: int = self.operations.truncate(p, length, fh)
+        return rc
 
 
 _STAT_SIZE = ctypes.sizeof(mfusepy.c_stat)

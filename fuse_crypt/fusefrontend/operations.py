@@ -20,7 +20,7 @@ from typing import Any
 
 import mfusepy
 
-from ..backend.base import RENAME_EXCHANGE, Stat, StorageBackend
+from ..backend import RENAME_EXCHANGE, Stat, StorageBackend
 from ..contentenc import ContentEnc
 from ..errors import CorruptDataError
 from ..nametransform import DIRIV_NAME, NameTransform
@@ -366,8 +366,8 @@ class CryptOperations(mfusepy.Operations):
         cpath = self.paths.cipher_path(path)
         st = self.backend.lstat(cpath) if self.quota is not None else None
         self.backend.unlink(cpath)
-        if st is not None and st.is_reg and st.nlink == 1:
-            self.quota.charge(-st.size)  # type: ignore[union-attr]
+        if self.quota is not None and st is not None and st.is_reg and st.nlink == 1:
+            self.quota.charge(-st.size)
         self.paths.remove_long_name(cpath)
         return 0
 
@@ -437,8 +437,8 @@ class CryptOperations(mfusepy.Operations):
         finally:
             if is_dir or flags & RENAME_EXCHANGE:
                 self.paths.invalidate()
-        if replaced:
-            self.quota.charge(-replaced)  # type: ignore[union-attr]
+        if replaced and self.quota is not None:  # replaced is 0 without a quota
+            self.quota.charge(-replaced)
         if not flags & RENAME_EXCHANGE:
             try:
                 backend.lstat(cold)  # still there: old and new were hard links

@@ -22,7 +22,7 @@ import errno
 import logging
 import threading
 
-from ..backend.base import StorageBackend
+from ..backend import StorageBackend
 from ..errors import CorruptDataError, InvalidNameError
 from ..nametransform import DIRIV_NAME, NameTransform
 
@@ -140,7 +140,7 @@ class PathMapper:
 
     def cipher_path(self, plain: str | None) -> str:
         """Cipher path of an existing or to-be-created plaintext path."""
-        c = self._paths.get(plain)
+        c = self._paths.get(plain) if plain is not None else None
         if c is not None:
             return c
         if plain is None:  # nullpath_ok: an unlinked-but-open file has no path

@@ -13,7 +13,7 @@ from __future__ import annotations
 import errno
 import threading
 
-from fuse_crypt.backend.base import StorageBackend
+from fuse_crypt.backend import StorageBackend
 
 # A volume with more entries than this is not counted in full at mount (bounded start-up);
 # what is uncounted is then simply not charged.

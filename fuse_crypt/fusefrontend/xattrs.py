@@ -12,7 +12,7 @@ from __future__ import annotations
 import errno
 import logging
 
-from ..backend.base import StorageBackend
+from ..backend import StorageBackend
 from ..errors import CorruptDataError, InvalidNameError
 from ..nametransform import NameTransform
 

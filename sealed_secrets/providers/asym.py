@@ -29,8 +29,9 @@ from sealed_secrets.errors import (
     UnknownKid,
     WrongKey,
 )
-from sealed_secrets.keys import is_resource_uri, parse_jwk
+from sealed_secrets.keys import parse_jwk
 from sealed_secrets.payload import EnvelopeSecret, b64std_encode
+from sealed_secrets.resource_uri import is_resource_uri
 
 NAME = "coco-csi-asym"
 ALGS = ("ECDH-ES+A256KW", "RSA-OAEP-256")
@@ -53,7 +54,8 @@ def _alg_for(key: jwk.JWK) -> str:
 
 def thumbprint(key: jwk.JWK) -> str:
     """RFC 7638 SHA-256 thumbprint of the public key: lets unseal say 'wrong key' precisely."""
-    return key.thumbprint()
+    digest: str = key.thumbprint()
+    return digest
 
 
 def generate_keypair(kind: str = "EC") -> jwk.JWK:
@@ -135,7 +137,7 @@ def unwrap_data_key(
     if isinstance(want, str) and want and thumbprint(key) != want:
         raise WrongKey(f"{NAME}: private key at {secret.key_id!r} is not the sealing key")
     try:
-        dek = jwa.JWA.keymgmt_alg(alg).unwrap(key, 256, ek, header)
+        dek: bytes = jwa.JWA.keymgmt_alg(alg).unwrap(key, 256, ek, header)
     except Exception:
         # AES-KW integrity failure (ECDH-ES) or OAEP padding failure (RSA): either the key
         # is wrong or encrypted_key was altered; the two are cryptographically indistinguishable.

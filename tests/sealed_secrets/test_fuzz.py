@@ -180,11 +180,11 @@ def test_unseal_signed_but_hostile_payloads(key_dir: str, value: object, field: 
 @fuzz(quick=300)
 @given(st.text(max_size=200))
 def test_kubectl_env_file_parser(tmp_path_factory: pytest.TempPathFactory, text: str) -> None:
-    from sealed_secrets.kubectl_plugin import PluginError, gather_values
+    from sealed_secrets.kubectl_plugin import CliError, gather_values
 
     path = Path(tmp_path_factory.mktemp("env")) / "f.env"
     path.write_text(text, encoding="utf-8", errors="surrogatepass")
-    with contextlib.suppress(PluginError, UnicodeDecodeError):
+    with contextlib.suppress(CliError, UnicodeDecodeError):
         gather_values([], [], [str(path)])
 
 
@@ -315,7 +315,7 @@ def test_cdh_config_mutations(data: st.DataObject) -> None:
 @given(st.text(max_size=200))
 def test_kbs_spec_and_kid_lists(text: str) -> None:
     from sealed_secrets.keys import check_allowed_kids, kid_allowed
-    from sealed_secrets.resolver import _kbs_target
+    from sealed_secrets.resolver_spec import _kbs_target
 
     with contextlib.suppress(SealedSecretError):
         _kbs_target(text)
