@@ -30,7 +30,6 @@ from __future__ import annotations
 import os
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
-from typing import Protocol
 
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
@@ -38,7 +37,8 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from csi_driver import errors
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
 from csi_driver.volume_key import KEY_BYTES, VolumeKeyFormatError, parse_volume_key
-from sealed_secrets.resolver import is_sealed
+from sealed_secrets import errors as se
+from sealed_secrets.resolver import Resolver, is_sealed
 from sealed_secrets.resource_uri import has_dot_segment, hostless_segments, uri_allowed
 
 HKDF_SALT = b"coco-csi volume key v1"
@@ -46,14 +46,6 @@ MIN_ROOT_KEY_BYTES = KEY_BYTES
 MAX_KEY_URI = 512
 DERIVED_SCRYPT_LOGN = 10
 PASSPHRASE_SCRYPT_LOGN = 16
-
-
-class Resolver(Protocol):
-    """The sealed_secrets resolver contract (docs/architecture.md)."""
-
-    def get_resource(self, uri: str) -> bytes: ...
-
-    def unseal(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes: ...
 
 
 @dataclass(frozen=True)
@@ -83,16 +75,18 @@ def derive_volume_password(root_key: bytes, volume_id: str) -> bytes:
 
 def _map_resolver_error(exc: Exception, what: str) -> errors.CsiError:
     """Turn a sealed_secrets failure into the CSI code kubelet reacts to sensibly."""
-    name = type(exc).__name__
-    names = {c.__name__ for c in type(exc).__mro__}
-    msg = f"{what}: {name}: {exc}"
-    if names & {"KbsUnavailable", "AttestationError"}:
+    msg = f"{what}: {type(exc).__name__}: {exc}"
+    if isinstance(exc, (se.KbsUnavailable, se.AttestationError)):
         return errors.Unavailable(msg)  # transient: kubelet retries
-    if names & {"Unauthorized", "PolicyDenied", "BadSignature", "UnknownKid", "WrongKey"}:
+    if isinstance(
+        exc, (se.Unauthorized, se.PolicyDenied, se.BadSignature, se.UnknownKid, se.WrongKey)
+    ):
         return errors.PermissionDenied(msg)
-    if "ResourceNotFound" in names:
+    if isinstance(exc, se.ResourceNotFound):
         return errors.FailedPrecondition(msg)
-    if names & {"MalformedSecret", "UnsupportedVersion", "UnsupportedType", "UnknownProvider"}:
+    if isinstance(
+        exc, (se.MalformedSecret, se.UnsupportedVersion, se.UnsupportedType, se.UnknownProvider)
+    ):
         return errors.InvalidArgument(msg)
     return errors.FailedPrecondition(msg)
 

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from csi_driver.keys import Resolver
 from sealed_secrets.errors import SealedSecretError
-from sealed_secrets.resolver import build_resolver
+from sealed_secrets.resolver import Resolver, build_resolver
 
 
 class ResolverSpecError(ValueError):

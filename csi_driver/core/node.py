@@ -28,11 +28,12 @@ from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
 from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
-from csi_driver.keys import Resolver, resolve_volume_key
+from csi_driver.keys import resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
 from csi_driver.mounts import MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
+from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
