@@ -40,9 +40,11 @@ class Endpoint:
 
 
 def _unix_path(rest: str, original: str) -> str:
+    if "\0" in rest:  # also in an abstract name: neither transport can spell it
+        raise ResolverError(f"socket address contains a NUL byte: {original!r}")
     if rest.startswith("@") and len(rest) > 1:
         return rest
-    if not rest.startswith("/") or "\0" in rest:
+    if not rest.startswith("/"):
         raise ResolverError(f"socket address needs an absolute path: {original!r}")
     return rest
 

@@ -370,7 +370,17 @@ def test_endpoint_forms(text: str, transport: str, address: str) -> None:
 
 @pytest.mark.parametrize(
     "text",
-    ["", "relative.sock", "unix://relative", "tcp://h:1", "ttrpc+vsock://3:1", "grpc+tcp://h:1"],
+    [
+        "",
+        "relative.sock",
+        "unix://relative",
+        "tcp://h:1",
+        "ttrpc+vsock://3:1",
+        "grpc+tcp://h:1",
+        "unix://@\x00",  # found by the long fuzz run: a NUL in an abstract name
+        "grpc+unix://@a\x00b",
+        "/run/a\x00.sock",
+    ],
 )
 def test_bad_endpoints(text: str) -> None:
     with pytest.raises(ResolverError):
