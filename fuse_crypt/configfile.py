@@ -23,7 +23,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from . import strictjson
+from . import safeio, strictjson
 from .cryptocore import INFO_GCM, KEY_LEN, CryptoCore, hkdf_sha256
 from .errors import BadInputError, ConfigError, WrongKeyError
 from .nametransform import CONF_NAME, LONGNAME_MAX_MIN, NAME_MAX, NameTransform
@@ -459,26 +459,14 @@ class ConfFile:
         fsync'ed, renamed over ``path``, directory fsync'ed.  O_EXCL makes two
         concurrent writers fail instead of interleaving."""
         tmp = path + ".tmp"
-        data = self.dumps()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o400)
         try:
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            safeio.write_new_file(tmp, self.dumps(), 0o400)
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        dfd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        safeio.fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 # -- passwords and master keys -------------------------------------------------

@@ -27,6 +27,8 @@ __all__ = [
     "check_regular",
     "read_capped",
     "read_small_regular_file",
+    "fsync_dir",
+    "write_new_file",
 ]
 
 SMALL_OPEN_FLAGS = os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY
@@ -102,5 +104,27 @@ def read_small_regular_file(path: str, cap: int, *, dir_fd: int | None = None) -
     fd = os.open(path, SMALL_OPEN_FLAGS, dir_fd=dir_fd)
     try:
         return read_capped(fd, cap)
+    finally:
+        os.close(fd)
+
+
+def write_new_file(path: str, data: bytes, mode: int) -> None:
+    """Create ``path`` (never an existing file or a symlink: ``O_EXCL|O_NOFOLLOW``), write
+    all of ``data`` and fsync it; the caller renames or fsyncs the directory as it needs."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str) -> None:
+    """Make a directory's entries (a new or renamed file) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
     finally:
         os.close(fd)

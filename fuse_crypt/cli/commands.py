@@ -12,7 +12,7 @@ import stat as stat_mod
 import sys
 from typing import Any
 
-from fuse_crypt import daemon
+from fuse_crypt import daemon, safeio
 from fuse_crypt.cli import confio, passinput
 from fuse_crypt.cli.exitcodes import (
     CIPHERDIR,
@@ -111,25 +111,6 @@ def _init_leftovers(cdir: str) -> list[str]:
     return sorted(entries)
 
 
-def _write_new_file(path: str, data: bytes, mode: int) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-    try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view) :]
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def cmd_init(args: argparse.Namespace) -> int:
     """Create a volume.  Order (a crash at any point leaves a directory that is either
     still "new" or a complete volume): remove an earlier init's leftovers, write the
@@ -152,8 +133,8 @@ def cmd_init(args: argparse.Namespace) -> int:
         for name in leftovers:
             os.unlink(os.path.join(cdir, name))
         if "DirIV" in conf.feature_flags:
-            _write_new_file(os.path.join(cdir, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444)
-        _fsync_dir(cdir)
+            safeio.write_new_file(os.path.join(cdir, DIRIV_NAME), NameTransform.new_dir_iv(), 0o444)
+        safeio.fsync_dir(cdir)
     except OSError as e:
         raise CliError(f"cannot create {DIRIV_NAME} in {cdir}: {e.strerror}", INIT) from None
     confio.write_conf(cdir, conf)
