@@ -211,6 +211,9 @@ class _Connection:
         self.error: BaseException | None = None
         self.reader = FrameReader()
         self.silent_close = False  # closed without sending a single byte
+        #: the peer closed while we were still sending: a gRPC server does that after its
+        #: own SETTINGS/GOAWAY, and our reader may not have seen those bytes yet
+        self.send_failed = False
         self._head: bytes | None = b""  # first bytes, until they rule out an HTTP/2 server
         self._thread = threading.Thread(target=self._read_loop, name="ttrpc-reader", daemon=True)
         self._thread.start()
@@ -309,6 +312,7 @@ class _Connection:
                 except OSError as exc:
                     reason = exc.strerror or type(exc).__name__
                     error = TtrpcError(grpc.StatusCode.UNAVAILABLE, f"send failed: {reason}")
+                    self.send_failed = True
                     self._fail(error)
                     raise error from None
                 view = view[sent:]
@@ -400,7 +404,8 @@ class TtrpcClient:
         try:
             return conn.call(request, deadline)
         except TtrpcError as exc:
-            closed = conn.silent_close and exc.code() == grpc.StatusCode.UNAVAILABLE
+            unanswered = conn.silent_close or conn.send_failed
+            closed = unanswered and exc.code() == grpc.StatusCode.UNAVAILABLE
             if closed and sniff_transport(self.path, 0.5) == "grpc":
                 raise mismatch(self.path, "grpc") from None
             raise
