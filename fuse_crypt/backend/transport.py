@@ -1,0 +1,184 @@
+"""The seam under the object-store backend: one bucket, spoken to object by object.
+
+Why a seam of its own: the object-store backend (the s3fs/ossfs layout, ranged reads,
+the ciphertext spool, multipart) is the same whether the bucket is S3, OSS, MinIO or an
+in-memory fake; only the wire differs.  Each client (``s3.py`` over boto3, ``oss.py``
+over oss2) implements :class:`ObjectTransport` and nothing else, so the layout logic is
+tested in-process against a fake, and each client is tested against its real peer
+(moto for S3, the protocol-level OSS server in ``tests/peers``).  A retrying wrapper is
+just another ``ObjectTransport``.
+
+Conventions every transport keeps:
+
+* Keys are full object keys (the volume prefix already applied), ``/``-separated.
+* ``metadata`` is the *user* metadata without the ``x-amz-meta-`` / ``x-oss-meta-``
+  prefix, keys lower-cased, values ASCII strings (s3fs writes decimal numbers there).
+* Every failure is an :class:`ObjectStoreError` subclass, which is an :class:`OSError`
+  carrying the errno the FUSE frontend should answer; no SDK exception escapes.  The
+  bucket is hostile: bodies, listings and error documents are bounded by the
+  transport (``max_body`` for GETs) and never echoed into messages.
+* Messages name the operation and the status, never a body, a credential or a
+  signature.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+from collections.abc import Mapping, Sequence
+from typing import Protocol
+
+__all__ = [
+    "AccessDenied",
+    "BadResponse",
+    "ListPage",
+    "ObjectInfo",
+    "ObjectNotFound",
+    "ObjectStoreError",
+    "ObjectTransport",
+    "PreconditionFailed",
+    "TransientError",
+]
+
+
+class ObjectStoreError(OSError):
+    """A request failed; ``errno`` is what the filesystem answers for it."""
+
+    default_errno = errno.EIO
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(errno_ if errno_ is not None else self.default_errno, message)
+
+
+class ObjectNotFound(ObjectStoreError):
+    """404: no such key (or no such upload)."""
+
+    default_errno = errno.ENOENT
+
+
+class PreconditionFailed(ObjectStoreError):
+    """412 / 409: a conditional write lost (``If-None-Match: *`` found an object)."""
+
+    default_errno = errno.EEXIST
+
+
+class AccessDenied(ObjectStoreError):
+    """403: bad or expired credentials, or a policy refusal. Not retried."""
+
+    default_errno = errno.EACCES
+
+
+class TransientError(ObjectStoreError):
+    """5xx, throttling, a timeout or a dropped connection: worth retrying."""
+
+    default_errno = errno.EIO
+
+
+class BadResponse(ObjectStoreError):
+    """The store answered something malformed or over a bound. Not retried."""
+
+    default_errno = errno.EIO
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ObjectInfo:
+    """What HEAD (or a listing, with empty ``metadata``) says about one object."""
+
+    key: str
+    size: int
+    etag: str
+    last_modified_ns: int
+    metadata: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    content_type: str = ""
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a delimited listing; ``next_token`` is ``None`` on the last page."""
+
+    objects: tuple[ObjectInfo, ...]
+    common_prefixes: tuple[str, ...]
+    next_token: str | None
+
+
+class ObjectTransport(Protocol):
+    """One bucket. Implementations: ``s3.S3Transport``, ``oss.OssTransport``, fakes."""
+
+    def head(self, key: str) -> ObjectInfo:
+        """Metadata of ``key``; :class:`ObjectNotFound` if absent."""
+        ...
+
+    def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        """Bytes ``[start, start+length)`` of ``key`` (to the end when ``length`` is
+        None), by one ranged GET.  A short answer at the end of the object is fine;
+        an answer longer than asked for is :class:`BadResponse`."""
+        ...
+
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str = "application/octet-stream",
+        if_none_match: bool = False,
+    ) -> str:
+        """Replace ``key`` whole; returns the ETag.  ``if_none_match`` makes it
+        create-only (:class:`PreconditionFailed` if the key exists)."""
+        ...
+
+    def copy(
+        self,
+        src: str,
+        dst: str,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str | None = None,
+    ) -> str:
+        """Server-side copy; ``metadata=None`` keeps the source's metadata, otherwise
+        it is replaced (how s3fs does chmod/utimens and the copy half of rename)."""
+        ...
+
+    def delete(self, key: str) -> None:
+        """Delete ``key``; deleting an absent key succeeds (S3/OSS semantics)."""
+        ...
+
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Delete up to 1,000 keys in one request; absent keys are not an error."""
+        ...
+
+    def list(
+        self, prefix: str, *, delimiter: str = "/", token: str | None = None, max_keys: int = 1000
+    ) -> ListPage:
+        """One page of ListObjectsV2 under ``prefix``; pass ``next_token`` back."""
+        ...
+
+    def create_multipart(
+        self,
+        key: str,
+        *,
+        metadata: Mapping[str, str],
+        content_type: str = "application/octet-stream",
+    ) -> str:
+        """Start a multipart upload; returns the upload id."""
+        ...
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+        """Upload part ``part_number`` (1-based); returns its ETag."""
+        ...
+
+    def upload_part_copy(
+        self, key: str, upload_id: str, part_number: int, src_key: str, start: int, length: int
+    ) -> str:
+        """Make part ``part_number`` from bytes ``[start, start+length)`` of ``src_key``
+        server-side (UploadPartCopy), so unchanged ranges are never downloaded."""
+        ...
+
+    def complete_multipart(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
+        """Publish the object from ``(part_number, etag)`` pairs; returns the ETag.
+        Until this call succeeds the previous version of ``key`` stays readable."""
+        ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload; an unknown upload id is not an error."""
+        ...
