@@ -13,6 +13,7 @@ __all__ = [
     "errors",
     "fusefrontend",
     "hardening",
+    "luks2",
     "metricsserver",
     "mounttable",
     "safeio",
