@@ -359,11 +359,16 @@ def format_volume(
     return _opened(volume_key, meta, binary.uuid)
 
 
+def _still_validated(fd: int, loaded: _Loaded) -> None:
+    """Refuse to write if the on-disk header is no longer the copy we validated."""
+    if _pread(fd, header.BOTH_COPIES, 0) != loaded.raw:
+        raise HeaderError("LUKS2 header changed on the device during the update; not committed")
+
+
 def _commit(fd: int, loaded: _Loaded, metadata: dict[str, Any]) -> None:
     """Write ``metadata`` with seqid+1, only if the disk still holds the header we validated."""
     profile.validate(metadata)
-    if _pread(fd, header.BOTH_COPIES, 0) != loaded.raw:
-        raise HeaderError("LUKS2 header changed on the device during the update; nothing committed")
+    _still_validated(fd, loaded)
     old = loaded.pair.binary
     binary = header.BinaryHeader(old.seqid + 1, old.label, old.subsystem, old.uuid)
     _write_headers(fd, binary, metadata)
@@ -411,6 +416,8 @@ def add_passphrase(
     metadata["digests"]["0"]["keyslots"].append(new_id)
     if meta.binding_mac is not None:
         _rebind(vk, metadata, loaded.pair.binary.uuid)
+    profile.validate(metadata)
+    _still_validated(fd, loaded)
     _pwrite(fd, slot_area, offset)
     _fsync(fd)
     _commit(fd, loaded, metadata)
@@ -434,8 +441,7 @@ def remove_passphrase(fd: int, passphrase: bytes, *, require_binding: bool = Tru
     if meta.binding_mac is not None:
         _rebind(vk, metadata, loaded.pair.binary.uuid)
     profile.validate(metadata)
-    if _pread(fd, header.BOTH_COPIES, 0) != loaded.raw:
-        raise HeaderError("LUKS2 header changed on the device during the update; nothing committed")
+    _still_validated(fd, loaded)
     _pwrite(fd, os.urandom(slot.area_size), slot.area_offset)
     _fsync(fd)
     _commit(fd, loaded, metadata)

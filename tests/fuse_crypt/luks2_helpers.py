@@ -26,7 +26,7 @@ CRYPTSETUP = shutil.which("cryptsetup")
 needs_cryptsetup = pytest.mark.skipif(CRYPTSETUP is None, reason="cryptsetup not installed")
 
 TINY = KdfCost(time=4, memory_kib=32, cpus=1, iterations=1000)
-IMAGE_SIZE = 20 * 1024 * 1024
+IMAGE_SIZE = 17 * 1024 * 1024  # header + keyslots area + 1 MiB of data
 TINY_PBKDF = {
     "argon2id": ["--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "32",
                  "--pbkdf-parallel", "1"],
