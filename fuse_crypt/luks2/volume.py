@@ -58,6 +58,10 @@ class Opened:
     volume_key: bytes = field(repr=False)
     segment: DataSegment
     uuid: str
+    # Both header copies (first 32 KiB) exactly as validated and unlocked: for an engine that
+    # hands cryptsetup a detached header copy (with --volume-key-file no keyslot is needed)
+    # instead of letting it re-read the host's device.
+    header: bytes = field(default=b"", repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -142,7 +146,7 @@ def _try_slot(
     kek = keyslot.derive_kek(passphrase, slot.kdf, profile.KEY_SIZE)
     try:
         split = keyslot.area_decrypt(kek, material)
-    except ValueError:  # a KEK with equal XTS halves: cannot be the right one
+    except ValueError:  # a KEK OpenSSL refuses (equal XTS halves): cannot be the right one
         return None
     candidate = keyslot.af_merge(split, profile.KEY_SIZE)
     digest = meta.digest
@@ -178,7 +182,7 @@ def _unlock(
     return vk, slot.id
 
 
-def _opened(vk: bytes, meta: profile.Metadata, uuid: str) -> Opened:
+def _opened(vk: bytes, meta: profile.Metadata, uuid: str, raw: bytes) -> Opened:
     seg = meta.segment
     return Opened(
         volume_key=vk,
@@ -191,6 +195,7 @@ def _opened(vk: bytes, meta: profile.Metadata, uuid: str) -> Opened:
             key_size=profile.KEY_SIZE,
         ),
         uuid=uuid,
+        header=raw,
     )
 
 
@@ -204,7 +209,7 @@ def open_volume(fd: int, passphrase: bytes, *, require_binding: bool = True) -> 
     """
     loaded = _load(fd)
     vk, _ = _unlock(fd, loaded, passphrase, require_binding)
-    return _opened(vk, loaded.meta, loaded.pair.binary.uuid)
+    return _opened(vk, loaded.meta, loaded.pair.binary.uuid, loaded.raw)
 
 
 def _kdf_json(kind: str, cost: KdfCost) -> tuple[dict[str, Any], Kdf]:
@@ -356,7 +361,7 @@ def format_volume(
     _pwrite(fd, slot_area, profile.KEYSLOTS_OFFSET)
     _fsync(fd)
     _write_headers(fd, binary, metadata)
-    return _opened(volume_key, meta, binary.uuid)
+    return _opened(volume_key, meta, binary.uuid, _pread(fd, header.BOTH_COPIES, 0))
 
 
 def _still_validated(fd: int, loaded: _Loaded) -> None:
