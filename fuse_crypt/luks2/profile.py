@@ -36,6 +36,8 @@ __all__ = [
     "MAX_DIGEST_ITERATIONS",
     "MAX_KEYSLOTS",
     "MAX_PBKDF2_ITERATIONS",
+    "MAX_TOTAL_ARGON2_WORK",
+    "MAX_TOTAL_PBKDF2_ITERATIONS",
     "Digest",
     "Keyslot",
     "Metadata",
@@ -59,7 +61,9 @@ MAX_ARGON2_MEMORY_KIB = 1024 * 1024
 MAX_ARGON2_TIME = 32
 MAX_ARGON2_WORK = MAX_ARGON2_MEMORY_KIB * 8  # memory x passes per slot (8 GiB-passes, ~4 s)
 MAX_ARGON2_CPUS = 4
+MAX_TOTAL_ARGON2_WORK = 2 * MAX_ARGON2_WORK  # over all keyslots: more slots, not more cost
 MAX_PBKDF2_ITERATIONS = 1 << 24
+MAX_TOTAL_PBKDF2_ITERATIONS = 2 * MAX_PBKDF2_ITERATIONS
 MAX_DIGEST_ITERATIONS = 1 << 22
 MIN_PBKDF2_ITERATIONS = 1000
 BINDING_TOKEN_TYPE = "coco-csi-binding-v1"
@@ -311,6 +315,10 @@ def validate(metadata: dict[str, Any]) -> Metadata:
         if not _ID.fullmatch(slot_id):
             raise _fail("keyslot id is not 0..31")
     keyslots = tuple(_keyslot(k, v) for k, v in top["keyslots"].items())
+    argon2_work = sum(s.kdf.memory_kib * s.kdf.time for s in keyslots)
+    pbkdf2_work = sum(s.kdf.iterations for s in keyslots)
+    if argon2_work > MAX_TOTAL_ARGON2_WORK or pbkdf2_work > MAX_TOTAL_PBKDF2_ITERATIONS:
+        raise _fail("the keyslots' KDF costs together are above the cap")
     spans = sorted((s.area_offset, s.area_offset + s.area_size) for s in keyslots)
     if any(prev[1] > cur[0] for prev, cur in zip(spans, spans[1:], strict=False)):
         raise _fail("keyslot areas overlap")

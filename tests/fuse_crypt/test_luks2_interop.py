@@ -61,6 +61,27 @@ def test_cryptsetup_made_volume_opens(tmp_path: Path, kdf: str) -> None:
     assert sha256_file(img) == before  # opening writes nothing
 
 
+def test_argon2_lanes_and_priorities(tmp_path: Path) -> None:
+    """cpus = Argon2 lanes; priority 'prefer' slots are tried first, 'ignore' never."""
+    img = tmp_path / "cs.img"
+    cs_format(img, PW, "argon2id", "--pbkdf-parallel", "2", "--pbkdf-memory", "64")
+    assert cs_json(img)["keyslots"]["0"]["kdf"]["cpus"] == 2
+    (tmp_path / "old").write_bytes(PW)
+    (tmp_path / "new").write_bytes(b"second")
+    cryptsetup("luksAddKey", "--batch-mode", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations",
+               "1000", "-d", str(tmp_path / "old"), str(img), str(tmp_path / "new"))  # fmt: skip
+    vk = cs_volume_key(img, PW)
+    cryptsetup("config", "--priority", "ignore", "--key-slot", "1", str(img))
+    with opened_fd(img) as fd:
+        assert open_volume(fd, PW, require_binding=False).volume_key == vk
+        with pytest.raises(WrongKeyError):
+            open_volume(fd, b"second", require_binding=False)
+    cryptsetup("config", "--priority", "prefer", "--key-slot", "1", str(img))
+    assert cs_json(img)["keyslots"]["1"]["priority"] == 2
+    with opened_fd(img) as fd:
+        assert open_volume(fd, b"second", require_binding=False).volume_key == vk
+
+
 def test_cryptsetup_volume_needs_explicit_trust(tmp_path: Path) -> None:
     """No binding token: refused by default, with a message that says why."""
     img = cs_format(tmp_path / "cs.img", PW)
