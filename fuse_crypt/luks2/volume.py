@@ -110,7 +110,9 @@ def _device_size(fd: int) -> int:
 
 
 def _check_passphrase(passphrase: bytes) -> None:
-    if not isinstance(passphrase, bytes) or not passphrase:
+    if not isinstance(passphrase, bytes):
+        raise BadInputError("the LUKS2 passphrase must be bytes")
+    if not passphrase:
         raise BadInputError("the LUKS2 passphrase is empty")
     if len(passphrase) > MAX_PASSPHRASE:
         raise BadInputError("the LUKS2 passphrase is longer than 8 MiB")
@@ -314,8 +316,9 @@ def format_volume(
             "device too small for LUKS2, or its data area is not a multiple of the sector size"
         )
     cost = kdf_cost or KdfCost()
+    if not label.isprintable() or len(label.encode()) > 47:
+        raise Luks2Error("label must be printable text of at most 47 bytes")
     binary = header.BinaryHeader(seqid=1, label=label, subsystem="", uuid=str(uuidlib.uuid4()))
-    header.build_copy(binary, bytes(header.JSON_SIZE), secondary=False)  # label check, early
     slot_obj, slot_area = _new_keyslot(volume_key, passphrase, profile.KEYSLOTS_OFFSET, kdf, cost)
     digest_salt = os.urandom(32)
     b64 = base64.b64encode

@@ -349,6 +349,22 @@ def test_kdf_budget_covers_all_keyslots(image: Path, kdf: dict[str, Any]) -> Non
     _refused(image, "together")
 
 
+def test_overlapping_keyslot_areas(image: Path) -> None:
+    def edit(meta: dict[str, Any]) -> None:
+        _many_slots(meta["keyslots"]["0"]["kdf"], 2)(meta)
+        meta["keyslots"]["1"]["area"]["offset"] = "36864"  # inside slot 0's area
+
+    forge(image, edit)
+    _refused(image, "overlap")
+
+
+def test_truncated_device(image: Path) -> None:
+    """The header is fine but the keyslot material lies past the end of the device."""
+    with open(image, "r+b") as f:
+        f.truncate(40000)
+    _refused(image, "beyond the end")
+
+
 def test_two_default_cdh_slots_fit_the_budget(image: Path) -> None:
     """Rotation of a cryptsetup-default disk (1 GiB x 4 passes per slot) stays accepted."""
     kdf = {"type": "argon2id", "time": 4, "memory": 1048576, "cpus": 2, "salt": _SALT}

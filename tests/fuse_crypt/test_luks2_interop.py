@@ -188,6 +188,8 @@ def test_format_refuses_bad_requests(tmp_path: Path) -> None:
             ({"kdf": "argon2i"}, "kdf"),
             ({"volume_key": bytes(64)}, "volume_key"),
             ({"volume_key": b"k" * 32}, "volume_key"),
+            ({"label": "x" * 48}, "label"),
+            ({"label": "a\nb"}, "label"),
             ({"kdf_cost": TINY.__class__(memory_kib=1 << 30)}, "memory"),
         ]:
             with pytest.raises(Luks2Error, match=match):
