@@ -68,6 +68,18 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_configfile.py",
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
+    "fuse_crypt/luks2/profile.py": [
+        "tests/fuse_crypt/test_luks2_hostile.py",
+        "tests/fuse_crypt/test_luks2_fuzz.py",
+    ],
+    "fuse_crypt/luks2/header.py": [
+        "tests/fuse_crypt/test_luks2_hostile.py",
+        "tests/fuse_crypt/test_luks2_fuzz.py",
+    ],
+    "fuse_crypt/luks2/volume.py": [
+        "tests/fuse_crypt/test_luks2_interop.py",
+        "tests/fuse_crypt/test_luks2_hostile.py",
+    ],
     "csi_driver/keys.py": [
         "tests/sealed_secrets/test_kid_gate.py",
         "tests/csi_driver/test_node.py",

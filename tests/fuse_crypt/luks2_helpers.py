@@ -94,8 +94,15 @@ def opened_fd(path: Path, flags: int = os.O_RDWR) -> Iterator[int]:
 
 
 def read_copies(path: Path) -> tuple[bytes, bytes]:
-    data = path.read_bytes()[: hdr.BOTH_COPIES]
+    with open(path, "rb") as f:
+        data = f.read(hdr.BOTH_COPIES)
     return data[: hdr.HDR_SIZE], data[hdr.HDR_SIZE :]
+
+
+def write_copies(path: Path, first: bytes, second: bytes) -> None:
+    """Overwrite the two header copies in place (the rest of the image stays)."""
+    with open(path, "r+b") as f:
+        f.write(first + second)
 
 
 def rewrite_copy(
@@ -129,5 +136,4 @@ def forge(path: Path, edit: Callable[[dict[str, Any]], None], *, primary: bool =
         first = rewrite_copy(first, metadata=metadata, seqid_delta=seqid_delta)
     if secondary:
         second = rewrite_copy(second, metadata=metadata, seqid_delta=seqid_delta)
-    with open(path, "r+b") as f:
-        f.write(first + second)
+    write_copies(path, first, second)

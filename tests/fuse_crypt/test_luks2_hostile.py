@@ -43,10 +43,24 @@ from .luks2_helpers import (
     read_copies,
     rewrite_copy,
     sha256_file,
+    write_copies,
 )
 
 PW = b"correct horse"
 Edit = Callable[[dict[str, Any]], None]
+
+
+@pytest.fixture(autouse=True)
+def no_costly_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail fast, never allocate: no test here may reach a KDF with more than tiny costs
+    (so a broken cap, e.g. under ./run mutate, fails the test instead of eating the RAM)."""
+    real = keyslot.derive_kek
+
+    def guarded(passphrase: bytes, kdf: keyslot.Kdf, length: int) -> bytes:
+        assert kdf.memory_kib <= 1024 and kdf.time <= 8 and kdf.iterations <= 100_000, kdf
+        return real(passphrase, kdf, length)
+
+    monkeypatch.setattr(keyslot, "derive_kek", guarded)
 
 
 @pytest.fixture(scope="module")
@@ -69,7 +83,7 @@ def image(request: pytest.FixtureRequest, pristine: dict[str, Path], tmp_path: P
 
 
 def _bound(image: Path) -> bool:
-    return b"coco-csi-binding-v1" in image.read_bytes()[: hdr.BOTH_COPIES]
+    return b"coco-csi-binding-v1" in b"".join(read_copies(image))
 
 
 def _refused(image: Path, match: str, *, bound: bool | None = None) -> None:
@@ -251,17 +265,19 @@ def test_copies_with_different_json(image: Path) -> None:
 
 
 def test_one_copy_broken(image: Path) -> None:
-    data = bytearray(image.read_bytes())
-    data[hdr.HDR_SIZE + 0x200] ^= 1  # secondary padding: its checksum breaks
-    image.write_bytes(bytes(data))
+    first, second = read_copies(image)
+    broken = bytearray(second)
+    broken[0x200] ^= 1  # secondary padding: its checksum breaks
+    write_copies(image, first, bytes(broken))
     _refused(image, "secondary header: non-zero padding")
 
 
 @pytest.mark.parametrize("where", [0x18, 0x300, hdr.BIN_SIZE + 2, hdr.HDR_SIZE - 1])
 def test_checksum_mismatch(image: Path, where: int) -> None:
-    data = bytearray(image.read_bytes())
+    first, second = read_copies(image)
+    data = bytearray(first + second)
     data[where] ^= 0x40
-    image.write_bytes(bytes(data))
+    write_copies(image, bytes(data[: hdr.HDR_SIZE]), bytes(data[hdr.HDR_SIZE :]))
     _refused(image, "checksum|padding|after the JSON")
 
 
@@ -283,7 +299,7 @@ def test_binary_header_fields(
     buf = bytearray(first)
     buf[offset : offset + len(value)] = value
     first = rewrite_copy(bytes(buf))  # checksum recomputed: only the field check can catch it
-    image.write_bytes(first + second + image.read_bytes()[hdr.BOTH_COPIES :])
+    write_copies(image, first, second)
     _refused(image, match)
 
 
@@ -307,11 +323,7 @@ def _area(text: bytes) -> bytes:
 )
 def test_json_area_bombs(image: Path, name: str, area: bytes, match: str) -> None:
     first, second = read_copies(image)
-    image.write_bytes(
-        rewrite_copy(first, json_area=area)
-        + rewrite_copy(second, json_area=area)
-        + image.read_bytes()[hdr.BOTH_COPIES :]
-    )
+    write_copies(image, rewrite_copy(first, json_area=area), rewrite_copy(second, json_area=area))
     t0 = time.monotonic()
     _refused(image, match)
     assert time.monotonic() - t0 < 2
@@ -406,7 +418,7 @@ def test_binding_covers_the_uuid(ours: Path) -> None:
         buf = bytearray(copy)
         buf[0xA8 : 0xA8 + 36] = new_uuid
         copies.append(rewrite_copy(bytes(buf)))
-    ours.write_bytes(b"".join(copies) + ours.read_bytes()[hdr.BOTH_COPIES :])
+    write_copies(ours, *copies)
     _refused(ours, "binding MAC", bound=True)
 
 
