@@ -18,9 +18,8 @@ from hypothesis import strategies as st
 
 from fuse_crypt.luks2 import HeaderError, format_volume, profile
 from fuse_crypt.luks2 import header as hdr
+from tests.fuse_crypt.luks2_helpers import TINY, blank_image, opened_fd, rewrite_copy
 from tests.fuzzing import fuzz, long_fuzz
-
-from .luks2_helpers import TINY, blank_image, opened_fd, rewrite_copy
 
 
 def _parse(buf: bytes) -> None:

@@ -31,8 +31,7 @@ from fuse_crypt.luks2 import (
     volume,
 )
 from fuse_crypt.luks2 import header as hdr
-
-from .luks2_helpers import (
+from tests.fuse_crypt.luks2_helpers import (
     TINY,
     blank_image,
     cs_format,

@@ -22,8 +22,7 @@ from fuse_crypt.luks2 import (
     open_volume,
     remove_passphrase,
 )
-
-from .luks2_helpers import (
+from tests.fuse_crypt.luks2_helpers import (
     TINY,
     blank_image,
     cryptsetup,
