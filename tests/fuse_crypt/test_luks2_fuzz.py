@@ -10,13 +10,15 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fuse_crypt.luks2 import HeaderError, format_volume, profile
+from fuse_crypt.errors import WrongKeyError
+from fuse_crypt.luks2 import HeaderError, format_volume, open_volume, profile
 from fuse_crypt.luks2 import header as hdr
 from tests.fuse_crypt.luks2_helpers import TINY, blank_image, opened_fd, rewrite_copy
 from tests.fuzzing import fuzz, long_fuzz
@@ -114,3 +116,32 @@ def test_structural_json_edits(valid: bytes, data: st.DataObject) -> None:
     buf = rewrite_copy(valid[: hdr.HDR_SIZE], json_area=area)
     buf += rewrite_copy(valid[hdr.HDR_SIZE :], json_area=area)
     _parse(buf)
+
+
+@pytest.fixture(scope="module")
+def volume_image(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    img = blank_image(tmp_path_factory.mktemp("fuzzvol") / "v.img")
+    with opened_fd(img) as fd:
+        format_volume(fd, b"pw", kdf_cost=TINY)
+    return img.read_bytes()[: profile.KEYSLOTS_OFFSET + 258048]  # headers + keyslot 0
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("corrupt") / "v.img"
+
+
+@fuzz(quick=30)  # not in the long run: each case runs a (tiny) Argon2 and an AF merge, ~50 ms
+@given(flips=st.lists(st.tuples(st.integers(0, 255_999), st.integers(1, 255)), min_size=1,
+                      max_size=4))  # fmt: skip
+def test_keyslot_material_corruption(
+    volume_image: bytes, flips: list[tuple[int, int]], scratch: Path
+) -> None:
+    """Whatever the host does to the keyslot area, the result is WrongKeyError, never a
+    wrong key or another exception (the digest judges the merged key)."""
+    data = bytearray(volume_image)
+    for pos, mask in flips:
+        data[profile.KEYSLOTS_OFFSET + pos] ^= mask
+    scratch.write_bytes(bytes(data))
+    with opened_fd(scratch) as fd, pytest.raises(WrongKeyError):
+        open_volume(fd, b"pw")
