@@ -58,9 +58,9 @@ class Opened:
     volume_key: bytes = field(repr=False)
     segment: DataSegment
     uuid: str
-    # Both header copies (first 32 KiB) exactly as validated and unlocked: for an engine that
-    # hands cryptsetup a detached header copy (with --volume-key-file no keyslot is needed)
-    # instead of letting it re-read the host's device.
+    # Both header copies (first 32 KiB) exactly as validated and unlocked. Zero-padded to
+    # 16 MiB it is a detached header cryptsetup opens with --volume-key-file (no keyslot
+    # needed; tested), so a kernel engine never lets cryptsetup re-read the host's copy.
     header: bytes = field(default=b"", repr=False, compare=False)
 
 

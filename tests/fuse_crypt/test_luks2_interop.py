@@ -221,3 +221,23 @@ def test_is_luks(tmp_path: Path) -> None:
     img.write_bytes(bytes(data))
     with opened_fd(img) as fd:
         assert is_luks(fd)
+
+
+def test_validated_header_copy_works_as_a_detached_header(tmp_path: Path) -> None:
+    """Opened.header, zero-padded to 16 MiB, is a detached header cryptsetup accepts with
+    --volume-key-file (no keyslot needed): the kernel engine never re-reads the host's copy."""
+    img = blank_image(tmp_path / "v.img")
+    with opened_fd(img) as fd:
+        opened = format_volume(fd, PW, kdf_cost=TINY)
+    with opened_fd(img) as fd:
+        assert open_volume(fd, PW).header == opened.header
+    detached = tmp_path / "h.img"
+    with open(detached, "wb") as f:
+        f.write(opened.header)
+        f.truncate(16 * 1024 * 1024)
+    (tmp_path / "vk").write_bytes(opened.volume_key)
+    (tmp_path / "bad").write_bytes(bytes(range(64)))
+    for key, rc in (("vk", 0), ("bad", 2)):
+        result = cryptsetup("open", "--test-passphrase", "--volume-key-file", str(tmp_path / key),
+                            "--header", str(detached), str(img), check=False)  # fmt: skip
+        assert result.returncode == rc
