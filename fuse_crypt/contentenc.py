@@ -9,6 +9,8 @@ files.  An all-zero, full-length cipher block is a hole (sparse file) and reads 
 The batch functions are the hot path of the FUSE daemon: one ``os.urandom`` for all
 nonces of a request, AEAD writes straight into one preallocated buffer via
 ``encrypt_into``/``decrypt_into``, no per-block intermediate objects beyond the AAD.
+The glibc tuning those I/O-sized buffers want is process-wide, so the mount daemon
+does it (``fusefrontend.allocator``), not this class.
 """
 
 from __future__ import annotations
@@ -42,44 +44,6 @@ _pack_q_into = struct.Struct(">Q").pack_into
 Buffer = bytes | bytearray | memoryview
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 4 << 20  # serve buffers up to 4 MiB from the heap
-_TRIM_THRESHOLD = 32 << 20  # keep up to 32 MiB of freed heap instead of returning it
-_allocator_tuned: bool | None = None
-
-
-def tune_allocator() -> bool:
-    """Stop glibc from mmap()ing and unmapping every I/O-sized buffer.
-
-    By default glibc serves allocations >= 128 KiB with a fresh mmap and returns them
-    to the kernel on free, so each 128 KiB..1 MiB request buffer costs one page fault
-    per 4 KiB page (measured ~4-5 us per block: more than the AES-GCM itself).
-    Raising the mmap and trim thresholds lets those buffers be reused from the heap,
-    which more than doubles batch throughput.  Process-wide, idempotent, skipped when
-    the user already tunes malloc via the environment or libc has no ``mallopt``.
-    Returns whether the tuning is in effect.
-    """
-    global _allocator_tuned
-    if _allocator_tuned is not None:
-        return _allocator_tuned
-    _allocator_tuned = False
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _allocator_tuned = bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
-    return _allocator_tuned
-
-
 def _checked_block_args(first_block: int, file_id: bytes) -> bytes:
     """Both directions refuse the same impossible arguments; returns the file ID as bytes."""
     if first_block < 0:
@@ -94,7 +58,6 @@ class ContentEnc:
 
     def __init__(self, core: CryptoCore) -> None:
         self.core = core
-        tune_allocator()
 
     def __repr__(self) -> str:
         return f"ContentEnc({self.core!r})"

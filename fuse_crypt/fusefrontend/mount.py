@@ -33,6 +33,7 @@ from ..errors import (
     NameTooLongError,
 )
 from ..nametransform import DIRIV_NAME, NameTransform
+from .allocator import malloc_trim, tune_process
 from .files import MAX_IO
 from .operations import CryptOperations
 from .quota import Quota
@@ -236,24 +237,7 @@ def _fill_stat(cst: Any, st: Stat, size: int) -> None:
     cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.ctime_ns, 1_000_000_000)
 
 
-_M_ARENA_MAX = -8
 _TRIM_INTERVAL = 2.0
-
-
-def _tune_malloc() -> None:
-    """Bound glibc's per-thread arenas.
-
-    ContentEnc() already raises the mmap/trim thresholds (contentenc.tune_allocator)
-    so libfuse's per-read 1 MiB reply buffers are recycled instead of page-faulted
-    in.  With one arena per libfuse worker thread, each arena would then hoard its
-    own freed buffers; two arenas are plenty because Python serialises the workers
-    on the GIL anyway, and keep the daemon's RSS small.  glibc only."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(_M_ARENA_MAX, 2)
 
 
 def _tune_readahead(mountpoint: str) -> None:
@@ -305,11 +289,9 @@ def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
     The raised malloc trim threshold (needed for throughput) means glibc keeps
     freed 1 MiB buffers; after a parallel burst that is ~20 MiB of idle RSS.  Trim
     only when the daemon went quiet, so busy periods never pay for page faults."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = malloc_trim()
+    if trim is None:
         return
-    trim.argtypes = [ctypes.c_size_t]
     last = ops.files.io_count
     dirty = False
     while not done.wait(_TRIM_INTERVAL):
@@ -317,7 +299,7 @@ def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
         if now != last:
             last, dirty = now, True
         elif dirty:
-            trim(0)
+            trim()
             dirty = False
 
 
@@ -438,7 +420,7 @@ def _serve(
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
     ops, core = build_operations(backend, master_key, conf, read_only=read_only, capacity=capacity)
-    _tune_malloc()
+    tune_process()
     options: dict[str, Any] = {
         "fsname": fsname,
         "subtype": "fuse-crypt",
