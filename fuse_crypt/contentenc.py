@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import struct
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 
@@ -53,11 +54,32 @@ def _checked_block_args(first_block: int, file_id: bytes) -> bytes:
     return bytes(file_id)
 
 
-class ContentEnc:
-    """Block encryption for one master key (via its :class:`CryptoCore`)."""
+class BlockObserver(Protocol):
+    """What a caller may learn about block crypto as it happens: counts and sizes only.
 
-    def __init__(self, core: CryptoCore) -> None:
+    Why a hook: the mount daemon's metrics (``--metrics-addr``) count blocks and
+    authentication failures; passing an observer in keeps that out of the crypto and
+    leaves every other ContentEnc untouched (nothing is patched at run time). Called
+    once per batch, from the FUSE worker threads, so it must be thread-safe and cheap.
+    """
+
+    def encrypted(self, blocks: int, plain_bytes: int) -> None: ...
+
+    def decrypted(self, blocks: int, plain_bytes: int) -> None: ...
+
+    def auth_failed(self) -> None:
+        """A batch was refused with CorruptDataError (nothing of it was returned)."""
+
+
+class ContentEnc:
+    """Block encryption for one master key (via its :class:`CryptoCore`).
+
+    ``observer`` (default none) is told about every batch; see :class:`BlockObserver`.
+    """
+
+    def __init__(self, core: CryptoCore, observer: BlockObserver | None = None) -> None:
         self.core = core
+        self.observer = observer
 
     def __repr__(self) -> str:
         return f"ContentEnc({self.core!r})"
@@ -150,6 +172,8 @@ class ContentEnc:
                 outv[o:end] = self.core.encrypt_raw(nonce, bytes(chunk), aad)
             o = end
             p += PLAIN_BS
+        if self.observer is not None:
+            self.observer.encrypted(nblocks, n)
         return o
 
     def decrypt_blocks_into(
@@ -160,6 +184,20 @@ class ContentEnc:
 
         On CorruptDataError ``out`` may hold a partial result that must not be used.
         """
+        observer = self.observer
+        if observer is None:
+            return self._decrypt_blocks_into(first_block, ciphertext, file_id, out)
+        try:
+            n = self._decrypt_blocks_into(first_block, ciphertext, file_id, out)
+        except CorruptDataError:
+            observer.auth_failed()
+            raise
+        observer.decrypted(-(-memoryview(ciphertext).nbytes // CIPHER_BS), n)
+        return n
+
+    def _decrypt_blocks_into(
+        self, first_block: int, ciphertext: Buffer, file_id: bytes, out: Buffer
+    ) -> int:
         cv = memoryview(ciphertext).cast("B")
         c = len(cv)
         if c == 0:

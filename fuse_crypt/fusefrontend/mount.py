@@ -23,7 +23,7 @@ import mfusepy  # isort: skip
 
 from ..backend import Stat, StorageBackend
 from ..configfile import ConfFile
-from ..contentenc import ContentEnc
+from ..contentenc import BlockObserver, ContentEnc
 from ..cryptocore import CryptoCore
 from ..errors import (
     ConfigError,
@@ -310,6 +310,7 @@ def build_operations(
     *,
     read_only: bool = False,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> tuple[CryptOperations, CryptoCore]:
     """Keys and name options from the conf (or gocryptfs defaults for a bare
     master key) → the Operations object; checks the root dir IV up front so a
@@ -324,7 +325,12 @@ def build_operations(
         use_diriv = True
     quota = Quota.scan(capacity, backend) if capacity else None
     ops = CryptOperations(
-        backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only, quota=quota
+        backend,
+        ContentEnc(core, block_observer),
+        nt,
+        use_diriv=use_diriv,
+        read_only=read_only,
+        quota=quota,
     )
     if not use_diriv:
         _refuse_dropped_diriv(backend, core)
@@ -369,6 +375,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
     all of these return normally).  Called from the main thread, serve() owns the
@@ -379,7 +386,8 @@ def serve(
     the calling process (daemonizing a threaded Python process is the CLI's job,
     done before keys are loaded).  Raises ``ConfigError`` for an unusable cipher
     directory and ``OSError`` if the mount point is unusable or libfuse fails.
-    The caller keeps ownership of ``backend``.
+    The caller keeps ownership of ``backend``.  ``block_observer`` is told about
+    every block batch (the daemon's metrics; see ``contentenc.BlockObserver``).
     """
     del foreground
     stop = StopSignals.install()
@@ -395,6 +403,7 @@ def serve(
             on_ready=on_ready,
             allow_other=allow_other,
             capacity=capacity,
+            block_observer=block_observer,
         )
     finally:
         if stop is not None:
@@ -413,13 +422,21 @@ def _serve(
     on_ready: Callable[[], None] | None,
     allow_other: bool,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> None:
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
-    ops, core = build_operations(backend, master_key, conf, read_only=read_only, capacity=capacity)
+    ops, core = build_operations(
+        backend,
+        master_key,
+        conf,
+        read_only=read_only,
+        capacity=capacity,
+        block_observer=block_observer,
+    )
     tune_process()
     options: dict[str, Any] = {
         "fsname": fsname,

@@ -47,7 +47,7 @@ def _unpublish(client: CsiClient, vid: str, target: str) -> None:
     )
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
+def _wait(cond, timeout: float = 10.0) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if cond():
@@ -57,7 +57,7 @@ def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
 
 
 @pytest.fixture
-def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-untyped-def]
+def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):
     backend = LocalBackend(str(tmp_path / "backend"))
     plugins = []
 
@@ -74,7 +74,7 @@ def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:
     backend, start, tmp = world
     client, core = start(mounter)
     vols = [_volume(backend, f"pvc-{i}") for i in range(2)]
@@ -104,7 +104,7 @@ def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:  # ty
     assert _wait(lambda: not any(pid_alive(p) for p in pids))  # adopted daemons stopped
 
 
-def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # type: ignore[no-untyped-def]
+def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:
     backend, start, tmp = world
     client, core = start()
     vid, ctx = _volume(backend, "pvc")
@@ -126,7 +126,7 @@ def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # 
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt", "fuse-crypt-prefork"])
-def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:
     backend, start, tmp = world
     client, core = start(mounter)
     vid, ctx = _volume(backend, "pvc")
@@ -151,7 +151,7 @@ def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # typ
     _unpublish(client, vid, target)
 
 
-def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> None:  # type: ignore[no-untyped-def]
+def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> None:
     backend, start, tmp = world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
@@ -181,7 +181,7 @@ def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> N
     assert pathlib.Path(target, "f").read_bytes() == DATA
 
 
-def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no-untyped-def]
+def test_live_foreign_mount_is_already_exists(world) -> None:
     backend, start, tmp = world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
@@ -200,12 +200,12 @@ def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no
         subprocess.run(["umount", str(target)], check=True)
 
 
-def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
+def test_dead_zygote_is_replaced(world) -> None:
     backend, start, tmp = world
     client, core = start("fuse-crypt-prefork")
     vid, ctx = _volume(backend, "a")
     _publish(client, vid, ctx, str(tmp / "a"))
-    zygote = core.mounters["fuse-crypt-prefork"]._zygote._proc  # type: ignore[attr-defined]
+    zygote = core.mounters["fuse-crypt-prefork"]._zygote._proc
     assert zygote is not None
     zygote.kill()
     zygote.wait()
@@ -216,7 +216,7 @@ def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
     assert pathlib.Path(tmp / "b" / "f").read_bytes() == DATA
 
 
-def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:  # type: ignore[no-untyped-def]
+def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:
     _backend, start, tmp = world
     client, core = start()
     target = str(tmp / "eph")
@@ -240,7 +240,7 @@ class _Killed(BaseException):
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: str) -> None:
     """The supervisor's restart of a crashed daemon is saved: the state file used to keep the
     dead pid, so a restarted plugin could not adopt (nor supervise) the live daemon."""
     backend, start, tmp = world
@@ -259,7 +259,7 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: 
 
     assert _wait(restarted, 15)
     assert h is not None
-    assert _wait(lambda: core.store.get(target).pid == h.pid)  # type: ignore[union-attr]
+    assert _wait(lambda: core.store.get(target).pid == h.pid)
     core.supervisor.shutdown()  # the plugin goes; the new daemon stays
     core2 = NodeCore(
         "test-node", str(tmp / "node-state"), None, mounter=mounter, kubelet_dir=str(tmp)
@@ -272,7 +272,7 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: 
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_kill_between_mounted_and_saved_is_recovered(  # type: ignore[no-untyped-def]
+def test_kill_between_mounted_and_saved_is_recovered(
     world, keys: Keys, mounter: str, monkeypatch
 ) -> None:
     """A plugin killed after its daemon mounted but before the mount was recorded used to
@@ -285,7 +285,7 @@ def test_kill_between_mounted_and_saved_is_recovered(  # type: ignore[no-untyped
     req = PublishRequest(vid, target, plain_capability(), volume_context=ctx)
     real_update = PublicationStore.update
 
-    def killed(self, target, **changes):  # type: ignore[no-untyped-def]
+    def killed(self, target, **changes):
         raise _Killed
 
     core = make_node(tmp, keys, mounter)

@@ -152,6 +152,10 @@ def make_volume(path: Path, **create_kwargs: object) -> Volume:
     return Volume(path, key)
 
 
+#: The type of the ``mount_factory`` fixture.
+MountFactory = Callable[..., Mount]
+
+
 def start_mount(
     volume: Volume,
     mountpoint: Path,

@@ -36,9 +36,9 @@ CACHE_WAIT = 1.2
 LONG = "L" * 200  # needs a gocryptfs.longname.* file plus its .name companion
 
 
-def _errno(fn: object) -> int:
+def _errno(fn: Callable[[], object]) -> int:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except OSError as e:
         return e.errno or 0
     return 0

@@ -150,7 +150,7 @@ def test_hostile_conf_bytes_are_refused(what: str, data: bytes, needle: str) -> 
 def test_supported_variants_still_load() -> None:
     """Downgrade refusal must not cost compatibility with what gocryptfs writes."""
     for kwargs in ({}, {"aessiv": True}, {"deterministic_names": True}, {"long_name_max": 62}):
-        conf, mk = ConfFile.create(PW, scrypt_logn=10, **kwargs)  # type: ignore[arg-type]
+        conf, mk = ConfFile.create(PW, scrypt_logn=10, **kwargs)
         assert ConfFile.loads(conf.dumps()).unlock(PW) == mk
     # pre-v1.3 volumes (no HKDF, 60-byte EncryptedKey) load; see test_gocryptfs_vectors
     obj = _obj()

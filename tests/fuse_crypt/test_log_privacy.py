@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -28,9 +29,9 @@ ROOT = Path(__file__).resolve().parents[2]
 MARKER = "patientMARKERx"
 
 
-def _expect_eio(fn: object) -> None:
+def _expect_eio(fn: Callable[[], object]) -> None:
     with pytest.raises(OSError) as ei:
-        fn()  # type: ignore[operator]
+        fn()
     assert ei.value.errno == errno.EIO
 
 

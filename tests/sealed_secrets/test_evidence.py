@@ -131,7 +131,7 @@ def test_rpc_failures_name_the_rpc_and_code(aa: AaServer, code: grpc.StatusCode)
         with pytest.raises(AttestationError) as info:
             call()
         assert str(info.value) == f"attestation agent {rpc} failed: code={code.name}"
-        assert info.value.grpc_code == code  # type: ignore[attr-defined]
+        assert info.value.grpc_code == code
 
 
 def test_only_unsupported_means_no_additional_devices(aa: AaServer) -> None:

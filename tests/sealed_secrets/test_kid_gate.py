@@ -72,7 +72,7 @@ def peers() -> Iterator[tuple[KbsServer, AaServer]]:
         yield pair
 
 
-def _error(fn) -> SealedSecretError:  # type: ignore[no-untyped-def]
+def _error(fn) -> SealedSecretError:
     with pytest.raises(SealedSecretError) as err:
         fn()
     return err.value
@@ -185,7 +185,7 @@ def test_cdh_resolver_applies_the_gate_before_cdh() -> None:
     from sealed_secrets.resolver import CdhResolver
 
     cdh = Cdh()
-    r = CdhResolver(cdh)  # type: ignore[arg-type]
+    r = CdhResolver(cdh)
     for kid in HOSTILE_KIDS:
         with pytest.raises(UnsealFailed):
             r.unseal(forged(kid), allowed_kids=ALLOWED)
