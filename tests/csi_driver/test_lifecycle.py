@@ -57,7 +57,7 @@ def _wait(cond, timeout: float = 10.0) -> bool:
 
 
 @pytest.fixture
-def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):
+def node_world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):
     backend = LocalBackend(str(tmp_path / "backend"))
     plugins = []
 
@@ -74,8 +74,8 @@ def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:
-    backend, start, tmp = world
+def test_restarted_plugin_adopts_live_mounts(node_world, mounter: str) -> None:
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vols = [_volume(backend, f"pvc-{i}") for i in range(2)]
     targets = [str(tmp / f"t{i}") for i in range(2)]
@@ -104,8 +104,8 @@ def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:
     assert _wait(lambda: not any(pid_alive(p) for p in pids))  # adopted daemons stopped
 
 
-def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:
-    backend, start, tmp = world
+def test_dead_mount_after_restart_is_cleaned_and_republished(node_world) -> None:
+    backend, start, tmp = node_world
     client, core = start()
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -126,8 +126,8 @@ def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt", "fuse-crypt-prefork"])
-def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:
-    backend, start, tmp = world
+def test_supervisor_restarts_crashed_daemon(node_world, mounter: str) -> None:
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -151,8 +151,8 @@ def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:
     _unpublish(client, vid, target)
 
 
-def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> None:
-    backend, start, tmp = world
+def test_stale_mount_without_state_is_cleaned_on_publish(node_world, keys: Keys) -> None:
+    backend, start, tmp = node_world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
     target = tmp / "t"
@@ -181,8 +181,8 @@ def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> N
     assert pathlib.Path(target, "f").read_bytes() == DATA
 
 
-def test_live_foreign_mount_is_already_exists(world) -> None:
-    backend, start, tmp = world
+def test_live_foreign_mount_is_already_exists(node_world) -> None:
+    backend, start, tmp = node_world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
     target = tmp / "t"
@@ -200,8 +200,8 @@ def test_live_foreign_mount_is_already_exists(world) -> None:
         subprocess.run(["umount", str(target)], check=True)
 
 
-def test_dead_zygote_is_replaced(world) -> None:
-    backend, start, tmp = world
+def test_dead_zygote_is_replaced(node_world) -> None:
+    backend, start, tmp = node_world
     client, core = start("fuse-crypt-prefork")
     vid, ctx = _volume(backend, "a")
     _publish(client, vid, ctx, str(tmp / "a"))
@@ -216,8 +216,8 @@ def test_dead_zygote_is_replaced(world) -> None:
     assert pathlib.Path(tmp / "b" / "f").read_bytes() == DATA
 
 
-def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:
-    _backend, start, tmp = world
+def test_random_key_ephemeral_volume_after_restart_starts_afresh(node_world) -> None:
+    _backend, start, tmp = node_world
     client, core = start()
     target = str(tmp / "eph")
     ctx = {"csi.storage.k8s.io/ephemeral": "true"}
@@ -240,10 +240,10 @@ class _Killed(BaseException):
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: str) -> None:
+def test_restart_after_supervisor_restart_adopts_the_new_daemon(node_world, mounter: str) -> None:
     """The supervisor's restart of a crashed daemon is saved: the state file used to keep the
     dead pid, so a restarted plugin could not adopt (nor supervise) the live daemon."""
-    backend, start, tmp = world
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -273,13 +273,13 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
 def test_kill_between_mounted_and_saved_is_recovered(
-    world, keys: Keys, mounter: str, monkeypatch
+    node_world, keys: Keys, mounter: str, monkeypatch
 ) -> None:
     """A plugin killed after its daemon mounted but before the mount was recorded used to
     leave a live mount that the restarted plugin answered with ALREADY_EXISTS forever."""
     from csi_driver.core.store import PublicationStore
 
-    backend, _, tmp = world
+    backend, _, tmp = node_world
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
     req = PublishRequest(vid, target, plain_capability(), volume_context=ctx)

@@ -18,18 +18,11 @@ import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import DIRIV_NAME
+from tests.fuse_env import needs_fuse
 
-from .conftest import (
-    CipherView,
-    Mount,
-    MountFactory,
-    Volume,
-    fuse_available,
-    make_volume,
-    start_mount,
-)
+from .conftest import CipherView, Mount, MountFactory, Volume, make_volume, start_mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 MARKER = b"PLAINTEXT-MARKER-"
 NAMES = ["good", "flip", "trunc_tail", "trunc_mid", "swap", "foreign", "header", "zero_nonce"]

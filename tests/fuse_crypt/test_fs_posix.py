@@ -25,11 +25,12 @@ import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+from tests.fuse_env import needs_fuse
 
 from .conftest import CipherView as Crypto
-from .conftest import Mount, MountFactory, Volume, fuse_available, make_volume, start_mount
+from .conftest import Mount, MountFactory, Volume, make_volume, start_mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 
 @pytest.fixture(scope="module")
