@@ -2,11 +2,14 @@
 
 A Mounter knows its tool's command line; the MountSupervisor owns process lifetime. Keys go
 to the daemon on stdin only (never argv, never a file), so they do not show in
-/proc/*/cmdline or on disk. Two implementations share the gocryptfs on-disk format:
+/proc/*/cmdline or on disk. Three implementations share the gocryptfs on-disk format:
 
-* ``fuse-crypt`` (default): this project's daemon, `fuse-crypt mount --masterkey stdin`;
-  the node plugin unwraps the master key from gocryptfs.conf itself, so a wrong key is
-  reported before any process starts.
+* ``fuse-crypt-prefork`` (default, ``DEFAULT_MOUNTER``): this project's daemon forked from a
+  warm zygote (csi_driver/zygote.py), the same `fuse-crypt mount --masterkey stdin` code
+  without ~300 ms of interpreter start-up per publish;
+* ``fuse-crypt``: the same daemon exec'd as `fuse-crypt mount --masterkey stdin`. Both
+  fuse-crypt mounters unwrap the master key from gocryptfs.conf in the node plugin, so a
+  wrong key is reported before any process starts;
 * ``gocryptfs``: Debian's gocryptfs 2.3 as-is (password on stdin via -passfile /dev/stdin).
 
 Staging for block devices would add a third kind whose mount source is a device; the
@@ -26,14 +29,23 @@ from csi_driver import errors, hostfile, proc
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 from csi_driver.proc import PidProcess, Proc, tail
+from fuse_crypt.configfile import CONF_NAME, MAX_CONF_BYTES, TMP_NAME
 
-CONF_NAME = "gocryptfs.conf"
+__all__ = [
+    "CONF_NAME",
+    "DEFAULT_MOUNTER",
+    "MOUNTERS",
+    "FuseCryptMounter",
+    "FuseCryptPreforkMounter",
+    "GocryptfsMounter",
+    "Mounter",
+    "make_mounter",
+]
+
 INIT_TIMEOUT = 60.0
-# gocryptfs.conf is ~0.5 KiB; the same cap fuse_crypt's reader applies.
-MAX_CONF_BYTES = 1 << 20
 # What an interrupted init may leave behind: it writes the directory IV first and the conf
 # last (atomically, as the commit point), so a directory holding only these was never used.
-INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", CONF_NAME + ".tmp"})
+INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", TMP_NAME})
 
 
 def _tool(name: str) -> str:
@@ -80,7 +92,7 @@ class Mounter(ABC):
             ) from None
         if not stat.S_ISREG(st.st_mode):
             raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is not a regular file")
-        if st.st_size > MAX_CONF_BYTES:
+        if st.st_size > MAX_CONF_BYTES:  # the cap of fuse_crypt's one conf reader
             raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is implausibly large")
         return True
 
