@@ -70,10 +70,14 @@ class Mounter(ABC):
 
     name: str
     fs_type: str  # fstype in /proc/self/mountinfo
+    tool: str  # the program that inits and mounts (found by _bin)
     # Printed by the foreground daemon once it serves requests. The kernel mount shows up in
     # mountinfo earlier: go-fuse (gocryptfs) still opens a file in its own mount after that
     # (its epoll hack), and a request racing with it can deadlock the mount.
     READY_LINE = b"Filesystem mounted and ready."
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary
 
     def is_initialised(self, cipher_dir: str) -> bool:
         """True if the directory has a gocryptfs.conf that is a plain, sane-sized file.
@@ -193,8 +197,9 @@ class Mounter(ABC):
             return str(exc)
         return None
 
-    @abstractmethod
-    def _bin(self) -> str: ...
+    def _bin(self) -> str:
+        """The tool's path: the one given, else ``tool`` next to our interpreter or on $PATH."""
+        return _checked(self.binary) if self.binary else _tool(self.tool)
 
     def warm(self) -> None:  # noqa: B027 - optional hook
         """Prepare helpers ahead of the first publish (the zygote); called at plugin start."""
@@ -230,13 +235,8 @@ class GocryptfsMounter(Mounter):
 
     name = "gocryptfs"
     fs_type = "fuse.gocryptfs"
+    tool = "gocryptfs"
     EXIT_PASSWORD_INCORRECT = 12
-
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary
-
-    def _bin(self) -> str:
-        return _checked(self.binary) if self.binary else _tool("gocryptfs")
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "-init", "-q", "-scryptn", str(key.scrypt_logn)]
@@ -273,12 +273,7 @@ class FuseCryptMounter(Mounter):
 
     name = "fuse-crypt"
     fs_type = "fuse.fuse-crypt"
-
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary
-
-    def _bin(self) -> str:
-        return _checked(self.binary) if self.binary else _tool("fuse-crypt")
+    tool = "fuse-crypt"
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]
@@ -294,7 +289,17 @@ class FuseCryptMounter(Mounter):
         allow_other: bool,
         capacity: int = 0,
     ) -> list[str]:
-        argv = [self._bin(), "mount", "--foreground", "--masterkey", "stdin"]
+        args = self.mount_args(
+            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+        )
+        return [self._bin(), *args]
+
+    @staticmethod
+    def mount_args(
+        cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int
+    ) -> list[str]:
+        """``fuse-crypt``'s arguments for a foreground mount reading its key from stdin."""
+        argv = ["mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
@@ -347,14 +352,10 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
         allow_other: bool,
         capacity: int = 0,
     ) -> list[str]:
-        argv = ["mount", "--foreground", "--masterkey", "stdin"]
-        if readonly:
-            argv.append("--ro")
-        if allow_other:
-            argv.append("--allow-other")
-        if capacity:
-            argv += ["--capacity", str(capacity)]
-        return [*argv, cipher_dir, target]
+        """No program: the zygote runs these arguments through ``fuse_crypt.cli.main``."""
+        return self.mount_args(
+            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+        )
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:
         try:

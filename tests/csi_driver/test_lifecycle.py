@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import signal
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -18,6 +18,7 @@ from csi_driver.core.node import NodeCore, PublishRequest
 from csi_driver.proc import alive as pid_alive
 from csi_driver.server import start_node
 from fuse_crypt import mounttable
+from fuse_crypt.daemon import wait_until
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
 from .helpers import mount_capability, plain_capability
@@ -47,13 +48,8 @@ def _unpublish(client: CsiClient, vid: str, target: str) -> None:
     )
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+_wait = functools.partial(wait_until, timeout=10.0)
 
 
 @pytest.fixture
@@ -145,7 +141,7 @@ def test_supervisor_restarts_crashed_daemon(node_world, mounter: str) -> None:
             and mounttable.find_mount(target, resolve=True)
         )
 
-    assert _wait(restarted, 15)
+    assert _wait(restarted, timeout=15)
     assert pathlib.Path(target, "f").read_bytes() == DATA
     assert core.metrics.mount_restarts._value.get() == 1
     _unpublish(client, vid, target)
@@ -257,7 +253,7 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(node_world, moun
         h = core.supervisor.get(target)
         return bool(h and h.pid != old and not mounttable.is_dead_mount(target))
 
-    assert _wait(restarted, 15)
+    assert _wait(restarted, timeout=15)
     assert h is not None
     assert _wait(lambda: core.store.get(target).pid == h.pid)
     core.supervisor.shutdown()  # the plugin goes; the new daemon stays

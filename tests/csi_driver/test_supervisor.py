@@ -11,13 +11,14 @@ left down and cleaned up, and stop/start failures leave no process behind.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import signal
 import sys
 import time
 import types
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,7 @@ from csi_driver.mounter import Mounter
 from csi_driver.mounts import MountEntry
 from csi_driver.proc import Proc, alive
 from csi_driver.supervisor import MAX_RESTARTS, MountSupervisor
+from fuse_crypt.daemon import wait_until
 
 from .fakes import FakeMountTable
 
@@ -105,13 +107,8 @@ class ProcessMounter(Mounter):
         return path.read_text()
 
 
-def _wait(cond: Callable[[], object], timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+_wait = functools.partial(wait_until, timeout=10.0)
 
 
 class World:

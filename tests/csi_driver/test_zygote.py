@@ -10,11 +10,11 @@ inherits another volume's key is tests/fuse_crypt/test_key_residue.py.)
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ import pytest
 from csi_driver.proc import alive
 from csi_driver.zygote import MAX_MSG, ZygoteClient
 from fuse_crypt.configfile import ConfFile
+from fuse_crypt.daemon import wait_until
 from tests.fuse_env import needs_fuse
 
 PASSWORD = b"zygote test password"
@@ -34,13 +35,8 @@ def zygote() -> Iterator[ZygoteClient]:
     client.close()
 
 
-def _wait(cond: Callable[[], object], timeout: float = 20.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return bool(cond())
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+_wait = functools.partial(wait_until, timeout=20.0)
 
 
 def _text(path: Path) -> str:

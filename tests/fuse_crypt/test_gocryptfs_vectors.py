@@ -355,6 +355,20 @@ def _write_plain_tree(root: Path, tree: dict[str, tuple[str, bytes]]) -> None:
             p.write_bytes(content)
 
 
+def _gocryptfs_init(
+    cipher: Path, passfile: Path, *init_args: str
+) -> subprocess.CompletedProcess[str]:
+    """``gocryptfs -init`` (logN 10, the caller's extra flags) of a new directory ``cipher``."""
+    cipher.mkdir()
+    argv = [GOCRYPTFS or "gocryptfs", "-q", "-init", "-scryptn", "10", *init_args]
+    return subprocess.run(
+        [*argv, "-passfile", str(passfile), str(cipher)],
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.fixture
 def vectors_passfile(tmp_path: Path) -> Path:
     pf = tmp_path / "passfile"
@@ -365,22 +379,7 @@ def vectors_passfile(tmp_path: Path) -> Path:
 @needs_gocryptfs
 def test_decrypt_volume_written_by_gocryptfs(tmp_path: Path, vectors_passfile: Path) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        [
-            GOCRYPTFS,
-            "-q",
-            "-init",
-            "-scryptn",
-            "10",
-            "-passfile",
-            str(vectors_passfile),
-            str(cipher),
-        ],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
+    _gocryptfs_init(cipher, vectors_passfile).check_returncode()
     expected = _expected_tree()
     with _mounted(cipher, tmp_path / "mnt", vectors_passfile) as mnt:
         _write_plain_tree(mnt, expected)
@@ -480,22 +479,7 @@ def test_gocryptfs_mounts_volume_written_by_us(
 @needs_gocryptfs
 def test_gocryptfs_accepts_our_password_change(tmp_path: Path, vectors_passfile: Path) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        [
-            GOCRYPTFS,
-            "-q",
-            "-init",
-            "-scryptn",
-            "10",
-            "-passfile",
-            str(vectors_passfile),
-            str(cipher),
-        ],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
+    _gocryptfs_init(cipher, vectors_passfile).check_returncode()
     conf = ConfFile.read(str(cipher / CONF_NAME))
     mk = conf.unlock(PASSWORD)
     new = conf.rewrap(mk, b"new password")
@@ -518,14 +502,7 @@ def test_decrypt_gocryptfs_variants(
     tmp_path: Path, vectors_passfile: Path, init_args: list[str]
 ) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    init = subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(vectors_passfile)]
-        + [str(cipher)],
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    init = _gocryptfs_init(cipher, vectors_passfile, *init_args)
     if init.returncode != 0:
         pytest.skip(f"gocryptfs refused {init_args}: {init.stderr.strip()}")
     tree = {
@@ -556,14 +533,7 @@ def test_unsupported_gocryptfs_variants_are_refused_clearly(
     tmp_path: Path, vectors_passfile: Path, init_args: list[str], needle: str
 ) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    init = subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(vectors_passfile)]
-        + [str(cipher)],
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    init = _gocryptfs_init(cipher, vectors_passfile, *init_args)
     if init.returncode != 0:
         pytest.skip(f"gocryptfs refused {init_args}: {init.stderr.strip()}")
     with pytest.raises(ConfigError, match=f"{needle}.*not supported"):

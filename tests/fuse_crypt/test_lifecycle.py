@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from fuse_crypt.daemon import wait_until
 from tests.fuse_crypt.cli_helpers import (
     FC,
     assert_one_line_error,
@@ -35,13 +37,8 @@ pytestmark = [
 ]
 
 
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+wait_for = functools.partial(wait_until, timeout=10.0)
 
 
 def stat_errno(path: Path) -> int:
@@ -422,4 +419,4 @@ def test_protocol_timeout_stops_child(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
     assert "did not become ready" in str(info.value)
     pid = int(pidfile.read_text())
-    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5)

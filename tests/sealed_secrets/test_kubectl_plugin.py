@@ -34,7 +34,7 @@ ENV_VALUE = "env-value-token-xyz"
 
 
 @pytest.fixture()
-def kubectl_env(tmp_path: Path) -> dict[str, Any]:
+def env(tmp_path: Path) -> dict[str, Any]:
     signing = jwk.JWK(**TEST_KEY)
     (tmp_path / "signing.json").write_text(signing.export_private())
     (tmp_path / "sealing-public.json").write_text(SEALING.export_public())
@@ -62,13 +62,11 @@ def kubectl_env(tmp_path: Path) -> dict[str, Any]:
     }
 
 
-def unseal_value(b64: str, kubectl_env: dict[str, Any]) -> bytes:
+def unseal_value(b64: str, env: dict[str, Any]) -> bytes:
     sealed = base64.b64decode(b64).decode("ascii")
     assert sealed.startswith("sealed.")
     broker = {KEY_URI: SEALING.export_private().encode()}
-    return unseal_secret(
-        sealed, get_resource=broker.__getitem__, key_dir=str(kubectl_env["dir"] / "vk")
-    )
+    return unseal_secret(sealed, get_resource=broker.__getitem__, key_dir=str(env["dir"] / "vk"))
 
 
 def kubectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -84,10 +82,8 @@ def kubectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.C
     return subprocess.run([KUBECTL, *args], capture_output=True, env=e, timeout=120, check=False)
 
 
-def test_kubectl_finds_plugin_and_client_dry_run_yaml_validates(
-    kubectl_env: dict[str, Any],
-) -> None:
-    d = kubectl_env["dir"]
+def test_kubectl_finds_plugin_and_client_dry_run_yaml_validates(env: dict[str, Any]) -> None:
+    d = env["dir"]
     r = kubectl(
         "create",
         "sealedsecret",
@@ -104,7 +100,7 @@ def test_kubectl_finds_plugin_and_client_dry_run_yaml_validates(
         "--dry-run=client",
         "-o",
         "yaml",
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     assert r.returncode == 0, r.stderr.decode()
     for plain in (LITERAL.encode(), FILE_VALUE, ENV_VALUE.encode(), b"dir-one"):
@@ -117,15 +113,15 @@ def test_kubectl_finds_plugin_and_client_dry_run_yaml_validates(
     assert obj["metadata"] == {"name": "app-secret", "namespace": "ns1", "creationTimestamp": None}
     assert obj["type"] == "kubernetes.io/opaque-sealed"
     assert set(obj["data"]) == {"password", "tls.crt", "one.txt", "API_TOKEN", "SPACED", "db"}
-    assert unseal_value(obj["data"]["password"], kubectl_env) == LITERAL.encode()
-    assert unseal_value(obj["data"]["tls.crt"], kubectl_env) == FILE_VALUE
-    assert unseal_value(obj["data"]["API_TOKEN"], kubectl_env) == ENV_VALUE.encode()
-    assert unseal_value(obj["data"]["SPACED"], kubectl_env) == b"a=b"
+    assert unseal_value(obj["data"]["password"], env) == LITERAL.encode()
+    assert unseal_value(obj["data"]["tls.crt"], env) == FILE_VALUE
+    assert unseal_value(obj["data"]["API_TOKEN"], env) == ENV_VALUE.encode()
+    assert unseal_value(obj["data"]["SPACED"], env) == b"a=b"
     db = jws.parse(base64.b64decode(obj["data"]["db"]).decode())
     assert json.loads(db.payload)["name"] == "kbs:///default/app/db"
 
 
-def test_manifest_shape_matches_kubectl_create_secret_generic(kubectl_env: dict[str, Any]) -> None:
+def test_manifest_shape_matches_kubectl_create_secret_generic(env: dict[str, Any]) -> None:
     ours = kubectl(
         "create",
         "sealedsecret",
@@ -134,7 +130,7 @@ def test_manifest_shape_matches_kubectl_create_secret_generic(kubectl_env: dict[
         "--dry-run=client",
         "-o",
         "json",
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     theirs = kubectl(
         "create", "secret", "generic", "s1", "--from-literal=a=b", "--dry-run=client", "-o", "json"
@@ -152,7 +148,7 @@ def test_manifest_shape_matches_kubectl_create_secret_generic(kubectl_env: dict[
         "--dry-run=client",
         "-o",
         "yaml",
-        *kubectl_env["seal"],
+        *env["seal"],
     ).stdout
     ty = kubectl(
         "create", "secret", "generic", "s1", "--from-literal=a=b", "--dry-run=client", "-o", "yaml"
@@ -160,21 +156,11 @@ def test_manifest_shape_matches_kubectl_create_secret_generic(kubectl_env: dict[
     top = [ln.split(b":")[0] for ln in oy.splitlines() if not ln.startswith(b" ")]
     assert top == [ln.split(b":")[0] for ln in ty.splitlines() if not ln.startswith(b" ")]
     r = kubectl(
-        "create",
-        "sealedsecret",
-        "s1",
-        "--from-literal=a=b",
-        "--dry-run=client",
-        *kubectl_env["seal"],
+        "create", "sealedsecret", "s1", "--from-literal=a=b", "--dry-run=client", *env["seal"]
     )
     assert r.stdout == b"secret/s1 created (dry run)\n"
     r = kubectl(
-        "create",
-        "sealed-secret",
-        "s1",
-        "--from-literal=a=b",
-        "--dry-run=client",
-        *kubectl_env["seal"],
+        "create", "sealed-secret", "s1", "--from-literal=a=b", "--dry-run=client", *env["seal"]
     )
     assert r.returncode != 0  # looks up kubectl-create-sealed_secret, which does not exist
 
@@ -184,7 +170,7 @@ def test_plugin_list_shows_it() -> None:
     assert b"kubectl-create-sealedsecret" in r.stdout
 
 
-def test_client_dry_run_errors(kubectl_env: dict[str, Any]) -> None:
+def test_client_dry_run_errors(env: dict[str, Any]) -> None:
     r = kubectl(
         "create",
         "sealedsecret",
@@ -193,7 +179,7 @@ def test_client_dry_run_errors(kubectl_env: dict[str, Any]) -> None:
         "--context",
         "nosuch",
         "--dry-run=client",
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     assert r.returncode == 1 and b"context" in r.stderr
     r = kubectl(
@@ -203,16 +189,11 @@ def test_client_dry_run_errors(kubectl_env: dict[str, Any]) -> None:
         "--from-literal=a=b",
         "--from-literal=a=c",
         "--dry-run=client",
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     assert r.returncode == 1 and r.stderr.startswith(b"error: cannot add key a")
     r = kubectl(
-        "create",
-        "sealedsecret",
-        "s1",
-        "--from-literal=a b=c",
-        "--dry-run=client",
-        *kubectl_env["seal"],
+        "create", "sealedsecret", "s1", "--from-literal=a b=c", "--dry-run=client", *env["seal"]
     )
     assert r.returncode == 1 and b"not valid key name" in r.stderr
     r = kubectl("create", "sealedsecret", "s1", f"--from-literal=a={LITERAL}", "--dry-run=client")
@@ -229,25 +210,21 @@ def run_main(argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str, 
     return code, out, err
 
 
-def test_bare_dry_run_and_output_name(
-    kubectl_env: dict[str, Any], capsys: pytest.CaptureFixture
-) -> None:
+def test_bare_dry_run_and_output_name(env: dict[str, Any], capsys: pytest.CaptureFixture) -> None:
     code, out, err = run_main(
-        ["s2", "--from-literal=k=v", "--dry-run", "-o", "name", *kubectl_env["seal"]], capsys
+        ["s2", "--from-literal=k=v", "--dry-run", "-o", "name", *env["seal"]], capsys
     )
     assert code == 0 and out == "secret/s2\n" and "deprecated" in err
-    code, out, err = run_main(
-        ["s2", "--from-literal=k=v", "--dry-run=maybe", *kubectl_env["seal"]], capsys
-    )
+    code, out, err = run_main(["s2", "--from-literal=k=v", "--dry-run=maybe", *env["seal"]], capsys)
     assert code == 2 and "Invalid dry-run value" in err
     code, out, err = run_main(
-        ["Bad_Name", "--from-literal=k=v", "--dry-run=client", *kubectl_env["seal"]], capsys
+        ["Bad_Name", "--from-literal=k=v", "--dry-run=client", *env["seal"]], capsys
     )
     assert code == 1 and "DNS subdomain" in err
-    code, out, err = run_main(["s2", "--dry-run=client", *kubectl_env["seal"]], capsys)
+    code, out, err = run_main(["s2", "--dry-run=client", *env["seal"]], capsys)
     assert code == 1 and "no values" in err
     for bad in ("--from-file=k=", "--from-file==x", "--from-file=/nonexistent/f"):
-        code, out, err = run_main(["s2", bad, "--dry-run=client", *kubectl_env["seal"]], capsys)
+        code, out, err = run_main(["s2", bad, "--dry-run=client", *env["seal"]], capsys)
         assert code == 1 and err.startswith("error: ") and err.count("\n") == 1
 
 
@@ -259,10 +236,10 @@ def apiserver(tmp_path: Path) -> Iterator[Any]:
 
 
 def test_create_against_fake_apiserver_sends_only_sealed_strings(
-    kubectl_env: dict[str, Any], apiserver: Any
+    env: dict[str, Any], apiserver: Any
 ) -> None:
-    cfg = apiserver.write_kubeconfig(str(kubectl_env["dir"] / "kubeconfig"))
-    d = kubectl_env["dir"]
+    cfg = apiserver.write_kubeconfig(str(env["dir"] / "kubeconfig"))
+    d = env["dir"]
     r = kubectl(
         "create",
         "sealedsecret",
@@ -272,7 +249,7 @@ def test_create_against_fake_apiserver_sends_only_sealed_strings(
         f"--from-env-file={d / 'app.env'}",
         "--kubeconfig",
         cfg,
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == b"secret/app created\n"
@@ -288,23 +265,17 @@ def test_create_against_fake_apiserver_sends_only_sealed_strings(
     for value in sent["data"].values():
         assert base64.b64decode(value).startswith(b"sealed.")
     stored = apiserver.store[("ns1", "app")]
-    assert unseal_value(stored["data"]["password"], kubectl_env) == LITERAL.encode()
-    assert unseal_value(stored["data"]["cert.pem"], kubectl_env) == FILE_VALUE
+    assert unseal_value(stored["data"]["password"], env) == LITERAL.encode()
+    assert unseal_value(stored["data"]["cert.pem"], env) == FILE_VALUE
 
     # the real API's answers come back as kubectl-style one-line errors
     r = kubectl(
-        "create",
-        "sealedsecret",
-        "app",
-        "--from-literal=x=y",
-        "--kubeconfig",
-        cfg,
-        *kubectl_env["seal"],
+        "create", "sealedsecret", "app", "--from-literal=x=y", "--kubeconfig", cfg, *env["seal"]
     )
     assert r.returncode == 1
     assert r.stderr == b'error: from server (AlreadyExists): secrets "app" already exists\n'
     r = kubectl("create", "sealedsecret", "viaenv", "--from-literal=x=y", "-o", "name",
-                *kubectl_env["seal"], extra_env={"KUBECONFIG": cfg})  # fmt: skip
+                *env["seal"], extra_env={"KUBECONFIG": cfg})  # fmt: skip
     assert r.returncode == 0 and r.stdout == b"secret/viaenv\n"  # $KUBECONFIG is honoured
     assert ("ns1", "viaenv") in apiserver.store
     r = kubectl(
@@ -316,15 +287,15 @@ def test_create_against_fake_apiserver_sends_only_sealed_strings(
         cfg,
         "-n",
         "nosuch",
-        *kubectl_env["seal"],
+        *env["seal"],
     )
     assert r.returncode == 1 and b"(NotFound)" in r.stderr
 
 
 def test_server_dry_run_output_and_auth(
-    kubectl_env: dict[str, Any], apiserver: Any, capsys: pytest.CaptureFixture
+    env: dict[str, Any], apiserver: Any, capsys: pytest.CaptureFixture
 ) -> None:
-    cfg = apiserver.write_kubeconfig(str(kubectl_env["dir"] / "kubeconfig"))
+    cfg = apiserver.write_kubeconfig(str(env["dir"] / "kubeconfig"))
     code, out, err = run_main(
         [
             "dr",
@@ -336,7 +307,7 @@ def test_server_dry_run_output_and_auth(
             cfg,
             "-n",
             "default",
-            *kubectl_env["seal"],
+            *env["seal"],
         ],
         capsys,
     )
@@ -346,21 +317,13 @@ def test_server_dry_run_output_and_auth(
     assert apiserver.requests[-1]["query"]["dryRun"] == "All"
     assert ("default", "dr") not in apiserver.store
     code, out, err = run_main(
-        [
-            "ctx",
-            "--from-literal=a=b",
-            "--kubeconfig",
-            cfg,
-            "--context",
-            "other",
-            *kubectl_env["seal"],
-        ],
+        ["ctx", "--from-literal=a=b", "--kubeconfig", cfg, "--context", "other", *env["seal"]],
         capsys,
     )
     assert code == 0 and ("default", "ctx") in apiserver.store  # context without namespace
-    bad = apiserver.write_kubeconfig(str(kubectl_env["dir"] / "bad"), token="wrong-token-value")
+    bad = apiserver.write_kubeconfig(str(env["dir"] / "bad"), token="wrong-token-value")
     code, out, err = run_main(
-        ["x", f"--from-literal=a={LITERAL}", "--kubeconfig", bad, *kubectl_env["seal"]], capsys
+        ["x", f"--from-literal=a={LITERAL}", "--kubeconfig", bad, *env["seal"]], capsys
     )
     assert code == 1 and "(Unauthorized)" in err and err.count("\n") == 1
     assert "wrong-token-value" not in err and LITERAL not in err + out
@@ -372,7 +335,7 @@ def test_server_dry_run_output_and_auth(
             bad,
             "--token",
             apiserver.token,
-            *kubectl_env["seal"],
+            *env["seal"],
         ],
         capsys,
     )
@@ -385,7 +348,7 @@ def test_server_dry_run_output_and_auth(
             cfg,
             "--server",
             "https://127.0.0.1:1",
-            *kubectl_env["seal"],
+            *env["seal"],
         ],
         capsys,
     )
