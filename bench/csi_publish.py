@@ -96,7 +96,7 @@ def baseline(tool: str, vols: list[tuple[str, str]], root: bytes, work: str) -> 
     return times
 
 
-def run_plugin(mounter: str, vols, ctxs, work: str, res: str, root: bytes) -> dict[str, float]:  # type: ignore[no-untyped-def]
+def run_plugin(mounter: str, vols, ctxs, work: str, res: str, root: bytes) -> dict[str, float]:
     sock = os.path.join(work, f"{mounter}.sock")
     state = os.path.join(work, f"state-{mounter}")
     log = open(os.path.join(work, f"{mounter}.log"), "ab")  # noqa: SIM115

@@ -2,11 +2,14 @@
 
 A Mounter knows its tool's command line; the MountSupervisor owns process lifetime. Keys go
 to the daemon on stdin only (never argv, never a file), so they do not show in
-/proc/*/cmdline or on disk. Two implementations share the gocryptfs on-disk format:
+/proc/*/cmdline or on disk. Three implementations share the gocryptfs on-disk format:
 
-* ``fuse-crypt`` (default): this project's daemon, `fuse-crypt mount --masterkey stdin`;
-  the node plugin unwraps the master key from gocryptfs.conf itself, so a wrong key is
-  reported before any process starts.
+* ``fuse-crypt-prefork`` (default, ``DEFAULT_MOUNTER``): this project's daemon forked from a
+  warm zygote (csi_driver/zygote.py), the same `fuse-crypt mount --masterkey stdin` code
+  without ~300 ms of interpreter start-up per publish;
+* ``fuse-crypt``: the same daemon exec'd as `fuse-crypt mount --masterkey stdin`. Both
+  fuse-crypt mounters unwrap the master key from gocryptfs.conf in the node plugin, so a
+  wrong key is reported before any process starts;
 * ``gocryptfs``: Debian's gocryptfs 2.3 as-is (password on stdin via -passfile /dev/stdin).
 
 Staging for block devices would add a third kind whose mount source is a device; the
@@ -26,14 +29,23 @@ from csi_driver import errors, hostfile, proc
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 from csi_driver.proc import PidProcess, Proc, tail
+from fuse_crypt.configfile import CONF_NAME, MAX_CONF_BYTES, TMP_NAME
 
-CONF_NAME = "gocryptfs.conf"
+__all__ = [
+    "CONF_NAME",
+    "DEFAULT_MOUNTER",
+    "MOUNTERS",
+    "FuseCryptMounter",
+    "FuseCryptPreforkMounter",
+    "GocryptfsMounter",
+    "Mounter",
+    "make_mounter",
+]
+
 INIT_TIMEOUT = 60.0
-# gocryptfs.conf is ~0.5 KiB; the same cap fuse_crypt's reader applies.
-MAX_CONF_BYTES = 1 << 20
 # What an interrupted init may leave behind: it writes the directory IV first and the conf
 # last (atomically, as the commit point), so a directory holding only these was never used.
-INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", CONF_NAME + ".tmp"})
+INIT_LEFTOVERS = frozenset({"gocryptfs.diriv", TMP_NAME})
 
 
 def _tool(name: str) -> str:
@@ -58,10 +70,14 @@ class Mounter(ABC):
 
     name: str
     fs_type: str  # fstype in /proc/self/mountinfo
+    tool: str  # the program that inits and mounts (found by _bin)
     # Printed by the foreground daemon once it serves requests. The kernel mount shows up in
     # mountinfo earlier: go-fuse (gocryptfs) still opens a file in its own mount after that
     # (its epoll hack), and a request racing with it can deadlock the mount.
     READY_LINE = b"Filesystem mounted and ready."
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary
 
     def is_initialised(self, cipher_dir: str) -> bool:
         """True if the directory has a gocryptfs.conf that is a plain, sane-sized file.
@@ -80,7 +96,7 @@ class Mounter(ABC):
             ) from None
         if not stat.S_ISREG(st.st_mode):
             raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is not a regular file")
-        if st.st_size > MAX_CONF_BYTES:
+        if st.st_size > MAX_CONF_BYTES:  # the cap of fuse_crypt's one conf reader
             raise errors.FailedPrecondition(f"{CONF_NAME} in {cipher_dir} is implausibly large")
         return True
 
@@ -181,8 +197,9 @@ class Mounter(ABC):
             return str(exc)
         return None
 
-    @abstractmethod
-    def _bin(self) -> str: ...
+    def _bin(self) -> str:
+        """The tool's path: the one given, else ``tool`` next to our interpreter or on $PATH."""
+        return _checked(self.binary) if self.binary else _tool(self.tool)
 
     def warm(self) -> None:  # noqa: B027 - optional hook
         """Prepare helpers ahead of the first publish (the zygote); called at plugin start."""
@@ -218,13 +235,8 @@ class GocryptfsMounter(Mounter):
 
     name = "gocryptfs"
     fs_type = "fuse.gocryptfs"
+    tool = "gocryptfs"
     EXIT_PASSWORD_INCORRECT = 12
-
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary
-
-    def _bin(self) -> str:
-        return _checked(self.binary) if self.binary else _tool("gocryptfs")
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "-init", "-q", "-scryptn", str(key.scrypt_logn)]
@@ -261,12 +273,7 @@ class FuseCryptMounter(Mounter):
 
     name = "fuse-crypt"
     fs_type = "fuse.fuse-crypt"
-
-    def __init__(self, binary: str | None = None) -> None:
-        self.binary = binary
-
-    def _bin(self) -> str:
-        return _checked(self.binary) if self.binary else _tool("fuse-crypt")
+    tool = "fuse-crypt"
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]
@@ -282,7 +289,17 @@ class FuseCryptMounter(Mounter):
         allow_other: bool,
         capacity: int = 0,
     ) -> list[str]:
-        argv = [self._bin(), "mount", "--foreground", "--masterkey", "stdin"]
+        args = self.mount_args(
+            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+        )
+        return [self._bin(), *args]
+
+    @staticmethod
+    def mount_args(
+        cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int
+    ) -> list[str]:
+        """``fuse-crypt``'s arguments for a foreground mount reading its key from stdin."""
+        argv = ["mount", "--foreground", "--masterkey", "stdin"]
         if readonly:
             argv.append("--ro")
         if allow_other:
@@ -335,14 +352,10 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
         allow_other: bool,
         capacity: int = 0,
     ) -> list[str]:
-        argv = ["mount", "--foreground", "--masterkey", "stdin"]
-        if readonly:
-            argv.append("--ro")
-        if allow_other:
-            argv.append("--allow-other")
-        if capacity:
-            argv += ["--capacity", str(capacity)]
-        return [*argv, cipher_dir, target]
+        """No program: the zygote runs these arguments through ``fuse_crypt.cli.main``."""
+        return self.mount_args(
+            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+        )
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:
         try:

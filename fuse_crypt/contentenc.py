@@ -9,12 +9,15 @@ files.  An all-zero, full-length cipher block is a hole (sparse file) and reads 
 The batch functions are the hot path of the FUSE daemon: one ``os.urandom`` for all
 nonces of a request, AEAD writes straight into one preallocated buffer via
 ``encrypt_into``/``decrypt_into``, no per-block intermediate objects beyond the AAD.
+The glibc tuning those I/O-sized buffers want is process-wide, so the mount daemon
+does it (``fusefrontend.allocator``), not this class.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+from typing import Protocol
 
 from cryptography.exceptions import InvalidTag
 
@@ -42,44 +45,6 @@ _pack_q_into = struct.Struct(">Q").pack_into
 Buffer = bytes | bytearray | memoryview
 
 
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD = 4 << 20  # serve buffers up to 4 MiB from the heap
-_TRIM_THRESHOLD = 32 << 20  # keep up to 32 MiB of freed heap instead of returning it
-_allocator_tuned: bool | None = None
-
-
-def tune_allocator() -> bool:
-    """Stop glibc from mmap()ing and unmapping every I/O-sized buffer.
-
-    By default glibc serves allocations >= 128 KiB with a fresh mmap and returns them
-    to the kernel on free, so each 128 KiB..1 MiB request buffer costs one page fault
-    per 4 KiB page (measured ~4-5 us per block: more than the AES-GCM itself).
-    Raising the mmap and trim thresholds lets those buffers be reused from the heap,
-    which more than doubles batch throughput.  Process-wide, idempotent, skipped when
-    the user already tunes malloc via the environment or libc has no ``mallopt``.
-    Returns whether the tuning is in effect.
-    """
-    global _allocator_tuned
-    if _allocator_tuned is not None:
-        return _allocator_tuned
-    _allocator_tuned = False
-    if any(k in os.environ for k in ("MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES")):
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt.restype = ctypes.c_int
-    _allocator_tuned = bool(
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD) and mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)
-    )
-    return _allocator_tuned
-
-
 def _checked_block_args(first_block: int, file_id: bytes) -> bytes:
     """Both directions refuse the same impossible arguments; returns the file ID as bytes."""
     if first_block < 0:
@@ -89,12 +54,32 @@ def _checked_block_args(first_block: int, file_id: bytes) -> bytes:
     return bytes(file_id)
 
 
-class ContentEnc:
-    """Block encryption for one master key (via its :class:`CryptoCore`)."""
+class BlockObserver(Protocol):
+    """What a caller may learn about block crypto as it happens: counts and sizes only.
 
-    def __init__(self, core: CryptoCore) -> None:
+    Why a hook: the mount daemon's metrics (``--metrics-addr``) count blocks and
+    authentication failures; passing an observer in keeps that out of the crypto and
+    leaves every other ContentEnc untouched (nothing is patched at run time). Called
+    once per batch, from the FUSE worker threads, so it must be thread-safe and cheap.
+    """
+
+    def encrypted(self, blocks: int, plain_bytes: int) -> None: ...
+
+    def decrypted(self, blocks: int, plain_bytes: int) -> None: ...
+
+    def auth_failed(self) -> None:
+        """A batch was refused with CorruptDataError (nothing of it was returned)."""
+
+
+class ContentEnc:
+    """Block encryption for one master key (via its :class:`CryptoCore`).
+
+    ``observer`` (default none) is told about every batch; see :class:`BlockObserver`.
+    """
+
+    def __init__(self, core: CryptoCore, observer: BlockObserver | None = None) -> None:
         self.core = core
-        tune_allocator()
+        self.observer = observer
 
     def __repr__(self) -> str:
         return f"ContentEnc({self.core!r})"
@@ -187,6 +172,8 @@ class ContentEnc:
                 outv[o:end] = self.core.encrypt_raw(nonce, bytes(chunk), aad)
             o = end
             p += PLAIN_BS
+        if self.observer is not None:
+            self.observer.encrypted(nblocks, n)
         return o
 
     def decrypt_blocks_into(
@@ -197,6 +184,20 @@ class ContentEnc:
 
         On CorruptDataError ``out`` may hold a partial result that must not be used.
         """
+        observer = self.observer
+        if observer is None:
+            return self._decrypt_blocks_into(first_block, ciphertext, file_id, out)
+        try:
+            n = self._decrypt_blocks_into(first_block, ciphertext, file_id, out)
+        except CorruptDataError:
+            observer.auth_failed()
+            raise
+        observer.decrypted(-(-memoryview(ciphertext).nbytes // CIPHER_BS), n)
+        return n
+
+    def _decrypt_blocks_into(
+        self, first_block: int, ciphertext: Buffer, file_id: bytes, out: Buffer
+    ) -> int:
         cv = memoryview(ciphertext).cast("B")
         c = len(cv)
         if c == 0:

@@ -74,11 +74,7 @@ SURFACES: dict[str, list[str]] = {
 }
 
 # (importing module, imported dotted name) pairs that may pass a surface, each with its reason.
-ALLOWED: dict[tuple[str, str], str] = {
-    ("fuse_crypt.cli.metrics", "fuse_crypt.fusefrontend.blockio.BlockCrypt"): (
-        "--metrics-addr wraps BlockCrypt's methods; goes when the metrics get an injected hook"
-    ),
-}
+ALLOWED: dict[tuple[str, str], str] = {}
 
 
 _PROBE = """

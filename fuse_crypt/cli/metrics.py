@@ -2,16 +2,15 @@
 
 Why a backend proxy: the frontend talks to storage only through the StorageBackend
 interface, so counting at that seam measures every ciphertext byte and operation without
-touching the crypto or FUSE code. Block decryptions and authentication failures are
-counted by wrapping the daemon's own ContentEnc instances (see ``instrument_content``),
-again without changing the frontend.
+touching the crypto or FUSE code. Block crypto and authentication failures are counted by
+:class:`BlockCounters`, the observer the daemon hands to its ContentEnc
+(``serve(block_observer=...)``): nothing is patched, and no other ContentEnc counts.
 Only counts and sizes are exported: never names, paths below the mount, or keys.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -45,9 +44,6 @@ PLAIN_BYTES_WRITTEN = Counter("fuse_crypt_plain_bytes_written_total", "Plaintext
 AUTH_FAILURES = Counter(
     "fuse_crypt_auth_failures_total", "Content blocks whose authentication failed (EIO)"
 )
-
-_CIPHER_BS = 4128
-_PLAIN_BS = 4096
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -142,63 +138,16 @@ class InstrumentedBackend:
         return f"InstrumentedBackend({self._inner!r})"
 
 
-_inside = threading.local()
+class BlockCounters:
+    """The Prometheus side of :class:`fuse_crypt.contentenc.BlockObserver`."""
 
+    def encrypted(self, blocks: int, plain_bytes: int) -> None:
+        BLOCKS_ENCRYPTED.inc(blocks)
+        PLAIN_BYTES_WRITTEN.inc(plain_bytes)
 
-def _count_dec(nbytes_ct: int, nbytes_plain: int) -> None:
-    BLOCKS_DECRYPTED.inc(-(-nbytes_ct // _CIPHER_BS))
-    PLAIN_BYTES_READ.inc(nbytes_plain)
+    def decrypted(self, blocks: int, plain_bytes: int) -> None:
+        BLOCKS_DECRYPTED.inc(blocks)
+        PLAIN_BYTES_READ.inc(plain_bytes)
 
-
-def _count_enc(nbytes_plain: int) -> None:
-    BLOCKS_ENCRYPTED.inc(-(-nbytes_plain // _PLAIN_BS))
-    PLAIN_BYTES_WRITTEN.inc(nbytes_plain)
-
-
-def _wrap(cls: Any, name: str, counter: Callable[[Any, Any], None]) -> None:
-    """Replace ``cls.name`` by a counting wrapper (outermost call counts once)."""
-    from fuse_crypt.errors import CorruptDataError
-
-    orig = getattr(cls, name, None)
-    if orig is None or getattr(orig, "_fuse_crypt_counted", False):
-        return
-
-    @functools.wraps(orig)
-    def wrapper(self: Any, *args: Any) -> Any:
-        outer = not getattr(_inside, "active", False)
-        _inside.active = True
-        try:
-            out = orig(self, *args)
-        except CorruptDataError:
-            if outer:
-                AUTH_FAILURES.inc()
-            raise
-        finally:
-            if outer:
-                _inside.active = False
-        if outer:
-            counter(args, out)
-        return out
-
-    wrapper._fuse_crypt_counted = True  # type: ignore[attr-defined]
-    setattr(cls, name, wrapper)
-
-
-def instrument_content() -> None:
-    """Count block crypto in this process by wrapping the content-crypto entry points.
-
-    Wraps ContentEnc's batch methods and, if present, the frontend's zero-copy
-    BlockCrypt adapter (its hot path bypasses ContentEnc). Only ever called inside a
-    mount daemon started with --metrics-addr, so the classes are untouched elsewhere.
-    """
-    from fuse_crypt.contentenc import ContentEnc
-
-    # args = (first_block, data, file_id[, out]); out = bytes or a length
-    _wrap(ContentEnc, "decrypt_blocks", lambda a, out: _count_dec(len(a[1]), len(out)))
-    _wrap(ContentEnc, "encrypt_blocks", lambda a, out: _count_enc(len(a[1])))
-    try:
-        from fuse_crypt.fusefrontend.blockio import BlockCrypt
-    except ImportError:
-        return
-    _wrap(BlockCrypt, "decrypt_into", lambda a, out: _count_dec(len(a[1]), int(out)))
-    _wrap(BlockCrypt, "encrypt_into", lambda a, out: _count_enc(len(a[1])))
+    def auth_failed(self) -> None:
+        AUTH_FAILURES.inc()

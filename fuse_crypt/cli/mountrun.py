@@ -37,6 +37,7 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
     from fuse_crypt.fusefrontend import serve
 
     backend: Any = LocalDirBackend(spec.cipherdir)
+    counters = None
     if spec.metrics_addr:
         from fuse_crypt.cli import metrics
 
@@ -46,7 +47,7 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             mountpoint=spec.mountpoint,
             read_only=spec.read_only,
         )
-        metrics.instrument_content()
+        counters = metrics.BlockCounters()
         backend = metrics.InstrumentedBackend(backend)
     live = False
 
@@ -66,6 +67,7 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             on_ready=ready,
             allow_other=spec.allow_other,
             capacity=spec.capacity,
+            block_observer=counters,
         )
     except ConfigError as e:
         raise CliError(str(e), CONFIG) from None

@@ -10,6 +10,7 @@ Modules, one job each:
 * :mod:`.rwlock` -- the per-inode readers-writer lock;
 * :mod:`.xattrs` -- encrypted xattr names and values;
 * :mod:`.operations` -- the mfusepy ``Operations`` class tying them together;
+* :mod:`.allocator` -- the daemon's process-wide glibc malloc tuning and idle trim;
 * :mod:`.mount` -- ``serve()``: libfuse3 options, readiness, tuning, error mapping.
 """
 

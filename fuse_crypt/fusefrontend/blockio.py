@@ -43,8 +43,8 @@ class BlockCrypt:
     The AEAD releases the GIL for every 4 KiB block, so two threads interleaving
     batches hand the GIL back and forth 256 times per MiB (measured: slower than one
     thread).  Waiting on the lock sleeps without the GIL, so the other requests'
-    preads still overlap.  (The metrics module counts crypto by wrapping these two
-    methods.)
+    preads still overlap.  (Metrics see these batches through the ContentEnc's
+    observer, if it has one.)
     """
 
     def __init__(self, enc: ContentEnc) -> None:

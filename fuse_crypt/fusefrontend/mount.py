@@ -23,7 +23,7 @@ import mfusepy  # isort: skip
 
 from ..backend import Stat, StorageBackend
 from ..configfile import ConfFile
-from ..contentenc import ContentEnc
+from ..contentenc import BlockObserver, ContentEnc
 from ..cryptocore import CryptoCore
 from ..errors import (
     ConfigError,
@@ -33,6 +33,7 @@ from ..errors import (
     NameTooLongError,
 )
 from ..nametransform import DIRIV_NAME, NameTransform
+from .allocator import malloc_trim, tune_process
 from .files import MAX_IO
 from .operations import CryptOperations
 from .quota import Quota
@@ -236,24 +237,7 @@ def _fill_stat(cst: Any, st: Stat, size: int) -> None:
     cst.st_ctimespec.tv_sec, cst.st_ctimespec.tv_nsec = divmod(st.ctime_ns, 1_000_000_000)
 
 
-_M_ARENA_MAX = -8
 _TRIM_INTERVAL = 2.0
-
-
-def _tune_malloc() -> None:
-    """Bound glibc's per-thread arenas.
-
-    ContentEnc() already raises the mmap/trim thresholds (contentenc.tune_allocator)
-    so libfuse's per-read 1 MiB reply buffers are recycled instead of page-faulted
-    in.  With one arena per libfuse worker thread, each arena would then hoard its
-    own freed buffers; two arenas are plenty because Python serialises the workers
-    on the GIL anyway, and keep the daemon's RSS small.  glibc only."""
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    mallopt(_M_ARENA_MAX, 2)
 
 
 def _tune_readahead(mountpoint: str) -> None:
@@ -305,11 +289,9 @@ def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
     The raised malloc trim threshold (needed for throughput) means glibc keeps
     freed 1 MiB buffers; after a parallel burst that is ~20 MiB of idle RSS.  Trim
     only when the daemon went quiet, so busy periods never pay for page faults."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
+    trim = malloc_trim()
+    if trim is None:
         return
-    trim.argtypes = [ctypes.c_size_t]
     last = ops.files.io_count
     dirty = False
     while not done.wait(_TRIM_INTERVAL):
@@ -317,7 +299,7 @@ def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
         if now != last:
             last, dirty = now, True
         elif dirty:
-            trim(0)
+            trim()
             dirty = False
 
 
@@ -328,6 +310,7 @@ def build_operations(
     *,
     read_only: bool = False,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> tuple[CryptOperations, CryptoCore]:
     """Keys and name options from the conf (or gocryptfs defaults for a bare
     master key) → the Operations object; checks the root dir IV up front so a
@@ -342,7 +325,12 @@ def build_operations(
         use_diriv = True
     quota = Quota.scan(capacity, backend) if capacity else None
     ops = CryptOperations(
-        backend, ContentEnc(core), nt, use_diriv=use_diriv, read_only=read_only, quota=quota
+        backend,
+        ContentEnc(core, block_observer),
+        nt,
+        use_diriv=use_diriv,
+        read_only=read_only,
+        quota=quota,
     )
     if not use_diriv:
         _refuse_dropped_diriv(backend, core)
@@ -387,6 +375,7 @@ def serve(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> None:
     """Mount and serve until unmounted (``fusermount3 -u``, SIGINT/SIGTERM/SIGHUP;
     all of these return normally).  Called from the main thread, serve() owns the
@@ -397,7 +386,8 @@ def serve(
     the calling process (daemonizing a threaded Python process is the CLI's job,
     done before keys are loaded).  Raises ``ConfigError`` for an unusable cipher
     directory and ``OSError`` if the mount point is unusable or libfuse fails.
-    The caller keeps ownership of ``backend``.
+    The caller keeps ownership of ``backend``.  ``block_observer`` is told about
+    every block batch (the daemon's metrics; see ``contentenc.BlockObserver``).
     """
     del foreground
     stop = StopSignals.install()
@@ -413,6 +403,7 @@ def serve(
             on_ready=on_ready,
             allow_other=allow_other,
             capacity=capacity,
+            block_observer=block_observer,
         )
     finally:
         if stop is not None:
@@ -431,14 +422,22 @@ def _serve(
     on_ready: Callable[[], None] | None,
     allow_other: bool,
     capacity: int = 0,
+    block_observer: BlockObserver | None = None,
 ) -> None:
     mountpoint = os.path.abspath(mountpoint)
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
-    ops, core = build_operations(backend, master_key, conf, read_only=read_only, capacity=capacity)
-    _tune_malloc()
+    ops, core = build_operations(
+        backend,
+        master_key,
+        conf,
+        read_only=read_only,
+        capacity=capacity,
+        block_observer=block_observer,
+    )
+    tune_process()
     options: dict[str, Any] = {
         "fsname": fsname,
         "subtype": "fuse-crypt",

@@ -71,7 +71,7 @@ def publish_request(
     )
 
 
-def expect_code(code: grpc.StatusCode, call, request) -> grpc.RpcError:  # type: ignore[no-untyped-def]
+def expect_code(code: grpc.StatusCode, call, request) -> grpc.RpcError:
     with pytest.raises(grpc.RpcError) as info:
         call(request)
     assert info.value.code() == code, info.value.details()

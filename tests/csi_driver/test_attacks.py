@@ -104,7 +104,7 @@ def test_relative_target_is_invalid_and_nothing_is_deleted(
     assert (rel / "keep.txt").read_bytes() == SECRET
 
 
-def test_target_outside_kubelet_root_is_invalid(env: Env, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+def test_target_outside_kubelet_root_is_invalid(env: Env, tmp_path_factory) -> None:
     outside = tmp_path_factory.mktemp("outside")
     (outside / "keep.txt").write_bytes(SECRET)
     for path in (str(outside), str(env.tmp / "pods" / ".." / ".." / outside.name), "/"):
@@ -315,7 +315,7 @@ def test_public_signing_jwk_is_not_a_volume_key(env: Env) -> None:
     assert os.listdir(vol.volume_context["cipherDir"]) == []
 
 
-def test_cipher_dir_outside_configured_roots_is_refused(env: Env, tmp_path_factory) -> None:  # type: ignore[no-untyped-def]
+def test_cipher_dir_outside_configured_roots_is_refused(env: Env, tmp_path_factory) -> None:
     """The controller (volume_context) must not choose an arbitrary guest directory."""
     vol = create_volume(env)
     elsewhere = tmp_path_factory.mktemp("guest-dir")
@@ -377,7 +377,7 @@ class _SlowResolver:
 
 def test_probe_answers_while_many_publishes_hang(env: Env) -> None:
     slow = _SlowResolver(env.core.resolver)
-    env.core.resolver = slow  # type: ignore[assignment]
+    env.core.resolver = slow
     vols = [create_volume(env, f"hang-{i}") for i in range(20)]
     pool = ThreadPoolExecutor(len(vols))
     client = CsiClient(env.node_endpoint)
@@ -412,7 +412,7 @@ def test_probe_answers_while_many_publishes_hang(env: Env) -> None:
 
 
 def test_publish_past_deadline_leaves_nothing_behind(env: Env) -> None:
-    env.core.resolver = _SlowResolver(env.core.resolver, delay=1.5)  # type: ignore[assignment]
+    env.core.resolver = _SlowResolver(env.core.resolver, delay=1.5)
     vol = create_volume(env)
     target = env.target()
     with pytest.raises(grpc.RpcError) as info:
@@ -556,7 +556,7 @@ def test_hung_mount_does_not_hang_stats(env: Env, monkeypatch: pytest.MonkeyPatc
     release = threading.Event()
     real_statvfs = os.statvfs
 
-    def wedged(path):  # type: ignore[no-untyped-def]
+    def wedged(path):
         if path == target:
             release.wait(30)
         return real_statvfs(path)

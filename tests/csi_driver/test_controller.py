@@ -13,7 +13,7 @@ from .conftest import KEY_RESOURCE, Env
 from .helpers import Mode, expect_code, mount_capability, plain_capability
 
 
-def _req(name: str = "pvc", **kw) -> csi_pb2.CreateVolumeRequest:  # type: ignore[no-untyped-def]
+def _req(name: str = "pvc", **kw) -> csi_pb2.CreateVolumeRequest:
     params = kw.pop("parameters", {"keyResource": KEY_RESOURCE})
     return csi_pb2.CreateVolumeRequest(
         name=name,
@@ -103,7 +103,7 @@ def test_create_argument_errors(env: Env) -> None:
     assert [n for n in os.listdir(env.backend.root) if not n.startswith(".")] == []
 
 
-def test_reserved_parameters_are_ignored_and_default_key_applies(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_reserved_parameters_are_ignored_and_default_key_applies(tmp_path) -> None:
     backend = LocalBackend(str(tmp_path / "b"), default_key_resource="kbs:///d/k/root")
     rec, ctx = backend.create(
         "pvc",
@@ -177,7 +177,7 @@ def test_unimplemented_rpcs(env: Env) -> None:
     )
 
 
-def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir: str) -> None:  # type: ignore[no-untyped-def]
+def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir: str) -> None:
     """`coco-csi node --with-controller`: Identity advertises CONTROLLER_SERVICE, both services
     answer on the one socket, and Probe is ready only when the node is (here: no resolver)."""
     from csi_driver.client import CsiClient
@@ -201,7 +201,7 @@ def test_node_with_controller_serves_both_roles_on_one_socket(tmp_path, sockdir:
         plugin.stop()
 
 
-def test_volume_context_carries_the_granted_capacity(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_volume_context_carries_the_granted_capacity(tmp_path) -> None:
     backend = LocalBackend(str(tmp_path / "b"))
     rec, ctx = backend.create(
         "pvc", [plain_capability()], {"keyResource": KEY_RESOURCE}, required_bytes=64 << 20

@@ -92,13 +92,13 @@ class FakeMounter(Mounter):
 
     def command(
         self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
-    ):  # type: ignore[no-untyped-def]
+    ):
         return ["/bin/true"]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
         return b""
 
-    def spawn(self, argv, stdin_data, log_path):  # type: ignore[no-untyped-def]
+    def spawn(self, argv, stdin_data, log_path):
         return _DeadProc()
 
 
@@ -163,7 +163,7 @@ class World:
         logging.getLogger("csi_driver.rpc").removeHandler(self.crashes)
         self.core.shutdown()
 
-    def call(self, method, request):  # type: ignore[no-untyped-def]
+    def call(self, method, request):
         try:
             method(request, _Context())
         except _Abort as exc:

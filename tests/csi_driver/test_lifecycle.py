@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import pathlib
 import signal
 import subprocess
-import time
 
 import grpc
 import pytest
@@ -18,6 +18,7 @@ from csi_driver.core.node import NodeCore, PublishRequest
 from csi_driver.proc import alive as pid_alive
 from csi_driver.server import start_node
 from fuse_crypt import mounttable
+from fuse_crypt.daemon import wait_until
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
 from .helpers import mount_capability, plain_capability
@@ -47,17 +48,12 @@ def _unpublish(client: CsiClient, vid: str, target: str) -> None:
     )
 
 
-def _wait(cond, timeout: float = 10.0) -> bool:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.05)
-    return False
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+_wait = functools.partial(wait_until, timeout=10.0)
 
 
 @pytest.fixture
-def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-untyped-def]
+def node_world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):
     backend = LocalBackend(str(tmp_path / "backend"))
     plugins = []
 
@@ -74,8 +70,8 @@ def world(tmp_path: pathlib.Path, sockdir: str, keys: Keys):  # type: ignore[no-
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_restarted_plugin_adopts_live_mounts(node_world, mounter: str) -> None:
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vols = [_volume(backend, f"pvc-{i}") for i in range(2)]
     targets = [str(tmp / f"t{i}") for i in range(2)]
@@ -104,8 +100,8 @@ def test_restarted_plugin_adopts_live_mounts(world, mounter: str) -> None:  # ty
     assert _wait(lambda: not any(pid_alive(p) for p in pids))  # adopted daemons stopped
 
 
-def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_dead_mount_after_restart_is_cleaned_and_republished(node_world) -> None:
+    backend, start, tmp = node_world
     client, core = start()
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -126,8 +122,8 @@ def test_dead_mount_after_restart_is_cleaned_and_republished(world) -> None:  # 
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt", "fuse-crypt-prefork"])
-def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_supervisor_restarts_crashed_daemon(node_world, mounter: str) -> None:
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -145,14 +141,14 @@ def test_supervisor_restarts_crashed_daemon(world, mounter: str) -> None:  # typ
             and mounttable.find_mount(target, resolve=True)
         )
 
-    assert _wait(restarted, 15)
+    assert _wait(restarted, timeout=15)
     assert pathlib.Path(target, "f").read_bytes() == DATA
     assert core.metrics.mount_restarts._value.get() == 1
     _unpublish(client, vid, target)
 
 
-def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_stale_mount_without_state_is_cleaned_on_publish(node_world, keys: Keys) -> None:
+    backend, start, tmp = node_world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
     target = tmp / "t"
@@ -181,8 +177,8 @@ def test_stale_mount_without_state_is_cleaned_on_publish(world, keys: Keys) -> N
     assert pathlib.Path(target, "f").read_bytes() == DATA
 
 
-def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_live_foreign_mount_is_already_exists(node_world) -> None:
+    backend, start, tmp = node_world
     client, _core = start()
     vid, ctx = _volume(backend, "pvc")
     target = tmp / "t"
@@ -200,12 +196,12 @@ def test_live_foreign_mount_is_already_exists(world) -> None:  # type: ignore[no
         subprocess.run(["umount", str(target)], check=True)
 
 
-def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
-    backend, start, tmp = world
+def test_dead_zygote_is_replaced(node_world) -> None:
+    backend, start, tmp = node_world
     client, core = start("fuse-crypt-prefork")
     vid, ctx = _volume(backend, "a")
     _publish(client, vid, ctx, str(tmp / "a"))
-    zygote = core.mounters["fuse-crypt-prefork"]._zygote._proc  # type: ignore[attr-defined]
+    zygote = core.mounters["fuse-crypt-prefork"]._zygote._proc
     assert zygote is not None
     zygote.kill()
     zygote.wait()
@@ -216,8 +212,8 @@ def test_dead_zygote_is_replaced(world) -> None:  # type: ignore[no-untyped-def]
     assert pathlib.Path(tmp / "b" / "f").read_bytes() == DATA
 
 
-def test_random_key_ephemeral_volume_after_restart_starts_afresh(world) -> None:  # type: ignore[no-untyped-def]
-    _backend, start, tmp = world
+def test_random_key_ephemeral_volume_after_restart_starts_afresh(node_world) -> None:
+    _backend, start, tmp = node_world
     client, core = start()
     target = str(tmp / "eph")
     ctx = {"csi.storage.k8s.io/ephemeral": "true"}
@@ -240,10 +236,10 @@ class _Killed(BaseException):
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: str) -> None:  # type: ignore[no-untyped-def]
+def test_restart_after_supervisor_restart_adopts_the_new_daemon(node_world, mounter: str) -> None:
     """The supervisor's restart of a crashed daemon is saved: the state file used to keep the
     dead pid, so a restarted plugin could not adopt (nor supervise) the live daemon."""
-    backend, start, tmp = world
+    backend, start, tmp = node_world
     client, core = start(mounter)
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
@@ -257,9 +253,9 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: 
         h = core.supervisor.get(target)
         return bool(h and h.pid != old and not mounttable.is_dead_mount(target))
 
-    assert _wait(restarted, 15)
+    assert _wait(restarted, timeout=15)
     assert h is not None
-    assert _wait(lambda: core.store.get(target).pid == h.pid)  # type: ignore[union-attr]
+    assert _wait(lambda: core.store.get(target).pid == h.pid)
     core.supervisor.shutdown()  # the plugin goes; the new daemon stays
     core2 = NodeCore(
         "test-node", str(tmp / "node-state"), None, mounter=mounter, kubelet_dir=str(tmp)
@@ -272,20 +268,20 @@ def test_restart_after_supervisor_restart_adopts_the_new_daemon(world, mounter: 
 
 
 @pytest.mark.parametrize("mounter", ["gocryptfs", "fuse-crypt-prefork"])
-def test_kill_between_mounted_and_saved_is_recovered(  # type: ignore[no-untyped-def]
-    world, keys: Keys, mounter: str, monkeypatch
+def test_kill_between_mounted_and_saved_is_recovered(
+    node_world, keys: Keys, mounter: str, monkeypatch
 ) -> None:
     """A plugin killed after its daemon mounted but before the mount was recorded used to
     leave a live mount that the restarted plugin answered with ALREADY_EXISTS forever."""
     from csi_driver.core.store import PublicationStore
 
-    backend, _, tmp = world
+    backend, _, tmp = node_world
     vid, ctx = _volume(backend, "pvc")
     target = str(tmp / "t")
     req = PublishRequest(vid, target, plain_capability(), volume_context=ctx)
     real_update = PublicationStore.update
 
-    def killed(self, target, **changes):  # type: ignore[no-untyped-def]
+    def killed(self, target, **changes):
         raise _Killed
 
     core = make_node(tmp, keys, mounter)

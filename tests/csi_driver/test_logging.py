@@ -11,7 +11,7 @@ from csi_driver.logsetup import JsonFormatter, KeyValueFormatter
 
 def _record(fields: dict[str, object]) -> logging.LogRecord:
     rec = logging.LogRecord("csi_driver.test", logging.INFO, __file__, 1, "published", (), None)
-    rec.fields = fields  # type: ignore[attr-defined]
+    rec.fields = fields
     return rec
 
 

@@ -404,7 +404,7 @@ def test_identity_and_capabilities(env: Env) -> None:
     assert env.node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "test-node"
 
 
-def test_probe_not_ready_without_resolver(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_probe_not_ready_without_resolver(tmp_path) -> None:
     from csi_driver.core.node import NodeCore
 
     core = NodeCore("n", str(tmp_path / "s"), None, mounter="gocryptfs")
@@ -443,7 +443,7 @@ def test_target_path_with_spaces_and_mountinfo_escapes(env: Env) -> None:
     assert not os.path.exists(target)
 
 
-def test_probe_not_ready_when_mounter_tool_missing(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_probe_not_ready_when_mounter_tool_missing(tmp_path) -> None:
     from csi_driver.core.node import NodeCore
     from csi_driver.mounter import GocryptfsMounter
 
@@ -452,7 +452,7 @@ def test_probe_not_ready_when_mounter_tool_missing(tmp_path) -> None:  # type: i
         "n",
         str(tmp_path / "s"),
         object(),
-        mounter="gocryptfs",  # type: ignore[arg-type]
+        mounter="gocryptfs",
         mounters={"gocryptfs": missing},
     )
     try:

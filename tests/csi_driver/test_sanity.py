@@ -114,7 +114,7 @@ def cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
     )
 
 
-def code_of(call, request) -> grpc.StatusCode:  # type: ignore[no-untyped-def]
+def code_of(call, request) -> grpc.StatusCode:
     try:
         call(request)
     except grpc.RpcError as exc:

@@ -7,11 +7,17 @@ so a bug there cannot hide itself from the tests.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
 
 FC = [sys.executable, "-m", "fuse_crypt.cli"]
+
+#: The password of every test volume (conftest's ``passfile`` holds it; ``Volume`` uses it).
+PASSWORD = "test password for fuse_crypt"
 
 
 def fc(*args: str | Path, stdin: str = "", timeout: float = 90) -> subprocess.CompletedProcess[str]:
@@ -60,3 +66,27 @@ def force_unmount(path: Path) -> None:
         if not is_mounted(path):
             return
         subprocess.run(argv, capture_output=True, check=False)
+
+
+def daemon_pids(mountpoint: Path) -> list[int]:
+    """PIDs of fuse-crypt processes whose command line names this (unique) mount point."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"fuse_crypt.cli" in argv and str(mountpoint).encode() in argv:
+            pids.append(int(entry))
+    return pids
+
+
+def stop_and_unmount(mountpoint: Path) -> None:
+    """Teardown: end any fuse-crypt daemon still serving ``mountpoint``, then unmount it."""
+    for pid in daemon_pids(mountpoint):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    force_unmount(mountpoint)

@@ -5,7 +5,10 @@ that wedges the daemon then cannot wedge the test runner, libfuse's signal handl
 stay out of pytest, and the child's stderr (structured log lines) can be asserted
 on.  The master key reaches the child over stdin, as the CSI node plugin does it.
 
-Usable from any test module under tests/fuse_crypt:
+Usable from any test module under tests/fuse_crypt. One vocabulary: each fixture name
+means one thing in every module (a module needing something else uses another name).
+
+Volumes made in-process, mounted by a child running ``serve()``:
 
 * ``make_volume(path, **create_kwargs) -> Volume``: a fresh cipher directory with a
   ``gocryptfs.conf`` (scrypt logN 10) and a root dir IV.
@@ -16,6 +19,13 @@ Usable from any test module under tests/fuse_crypt:
 * ``mnt`` fixture: ``volume`` mounted read-write.
 * ``CipherView(volume)``: cipher paths and decryption via the crypto layers only,
   for assertions on the ciphertext side.
+
+For tests that drive the real ``fuse-crypt`` command (helpers in ``cli_helpers``):
+
+* ``passfile`` fixture: a file holding ``PASSWORD``, the password of every test volume;
+* ``cipherdir`` fixture: the path of a fresh volume made by ``fuse-crypt init``;
+* ``mountpoint`` fixture: an empty directory; any daemon still serving it is stopped and
+  it is unmounted at teardown.
 """
 
 from __future__ import annotations
@@ -24,7 +34,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -33,7 +42,11 @@ from pathlib import Path
 
 import pytest
 
-PASSWORD = b"test password for fuse_crypt"
+from tests.fuse_crypt.cli_helpers import PASSWORD as CLI_PASSWORD
+from tests.fuse_crypt.cli_helpers import init_volume, stop_and_unmount, write_passfile
+from tests.fuse_env import fuse_skip_reason
+
+PASSWORD = CLI_PASSWORD.encode()
 MOUNT_TIMEOUT = 20.0
 
 _SERVE_SCRIPT = r"""
@@ -55,14 +68,8 @@ serve(LocalDirBackend(args["cipherdir"]), key, conf, args["mountpoint"],
 
 
 def fuse_available() -> str | None:
-    """Reason FUSE mounts cannot run here, or None."""
-    if not os.path.exists("/dev/fuse"):
-        return "/dev/fuse missing"
-    if shutil.which("fusermount3") is None:
-        return "fusermount3 missing (apt fuse3)"
-    if os.geteuid() != 0 and not os.access("/dev/fuse", os.R_OK | os.W_OK):
-        return "no access to /dev/fuse"
-    return None
+    """Reason FUSE mounts cannot run here, or None (``tests.fuse_env``'s one check)."""
+    return fuse_skip_reason(None)
 
 
 @dataclasses.dataclass
@@ -152,6 +159,10 @@ def make_volume(path: Path, **create_kwargs: object) -> Volume:
     return Volume(path, key)
 
 
+#: The type of the ``mount_factory`` fixture.
+MountFactory = Callable[..., Mount]
+
+
 def start_mount(
     volume: Volume,
     mountpoint: Path,
@@ -201,7 +212,7 @@ def start_mount(
 
 @pytest.fixture
 def need_fuse() -> None:
-    reason = fuse_available()
+    reason = fuse_skip_reason(None)
     if reason:
         pytest.skip(reason)
 
@@ -232,3 +243,21 @@ def mount_factory(tmp_path: Path, need_fuse: None) -> Iterator[Callable[..., Mou
 @pytest.fixture
 def mnt(volume: Volume, mount_factory: Callable[..., Mount]) -> Mount:
     return mount_factory(volume)
+
+
+@pytest.fixture
+def passfile(tmp_path: Path) -> Path:
+    return write_passfile(tmp_path / "passfile", CLI_PASSWORD)
+
+
+@pytest.fixture
+def cipherdir(tmp_path: Path, passfile: Path) -> Path:
+    return init_volume(tmp_path / "cipher", passfile)
+
+
+@pytest.fixture
+def mountpoint(tmp_path: Path) -> Iterator[Path]:
+    m = tmp_path / "mnt"
+    m.mkdir()
+    yield m
+    stop_and_unmount(m)

@@ -238,8 +238,8 @@ def test_default_scandir_and_pread_into() -> None:
     """The base-class fallbacks work for a backend that only has the minimum."""
 
     class Tiny(LocalDirBackend):
-        scandir = StorageBackend.scandir  # type: ignore[assignment]
-        pread_into = StorageBackend.pread_into  # type: ignore[assignment]
+        scandir = StorageBackend.scandir
+        pread_into = StorageBackend.pread_into
 
     import tempfile
 

@@ -16,9 +16,10 @@ from fuse_crypt.configfile import format_master_key
 from fuse_crypt.contentenc import ContentEnc
 from fuse_crypt.cryptocore import CryptoCore
 from fuse_crypt.fusefrontend.quota import Quota
+from tests.fuse_env import fuse_skip_reason
 
 from .cli_helpers import force_unmount, is_mounted
-from .conftest import Volume, fuse_available, make_volume
+from .conftest import Volume, make_volume
 
 MIB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -26,7 +27,7 @@ FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
 
 @pytest.fixture
 def capped(tmp_path: Path) -> Iterator[tuple[Path, Volume]]:
-    reason = fuse_available()
+    reason = fuse_skip_reason(None)
     if reason:
         pytest.skip(reason)
     vol = make_volume(tmp_path / "cipher")

@@ -25,10 +25,11 @@ from pathlib import Path
 import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN
+from tests.fuse_env import needs_fuse
 
-from .conftest import CipherView, Mount, fuse_available
+from .conftest import CipherView, Mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 #: Kernel entry/attribute caches last 1 s (operations.CACHE_TIMEOUT); wait them out
 #: so every check after a host change reaches the daemon.
@@ -36,9 +37,9 @@ CACHE_WAIT = 1.2
 LONG = "L" * 200  # needs a gocryptfs.longname.* file plus its .name companion
 
 
-def _errno(fn: object) -> int:
+def _errno(fn: Callable[[], object]) -> int:
     try:
-        fn()  # type: ignore[operator]
+        fn()
     except OSError as e:
         return e.errno or 0
     return 0

@@ -22,15 +22,14 @@ import pytest
 
 from tests.fuse_crypt.cli_helpers import (
     FC,
+    PASSWORD,
     assert_one_line_error,
     fc,
     force_unmount,
-    init_volume,
     is_mounted,
     write_passfile,
 )
 
-PASSWORD = "test password one"
 NEW_PASSWORD = "another test password"
 HEX64 = re.compile(r"[0-9a-f]{8}(-?[0-9a-f]{8}){7}")
 
@@ -47,26 +46,8 @@ def sha256(path: Path) -> str:
 
 
 @pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "passfile", PASSWORD)
-
-
-@pytest.fixture
 def new_passfile(tmp_path: Path) -> Path:
     return write_passfile(tmp_path / "new_passfile", NEW_PASSWORD)
-
-
-@pytest.fixture
-def volume(tmp_path: Path, passfile: Path) -> Path:
-    return init_volume(tmp_path / "cipher", passfile)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    force_unmount(m)
 
 
 @pytest.fixture
@@ -123,8 +104,8 @@ def test_init_writes_gocryptfs_layout_and_no_master_key_off_tty(
     assert not HEX64.search(proc.stdout + proc.stderr)
 
 
-def test_info_matches_gocryptfs_info_fields(volume: Path) -> None:
-    proc = fc("info", volume)
+def test_info_matches_gocryptfs_info_fields(cipherdir: Path) -> None:
+    proc = fc("info", cipherdir)
     assert proc.returncode == 0, proc.stderr
     out = dict(
         (k.strip(), v.strip()) for k, v in (line.split(":", 1) for line in proc.stdout.splitlines())
@@ -135,7 +116,7 @@ def test_info_matches_gocryptfs_info_fields(volume: Path) -> None:
     assert out["contentEncryption"] == "AES-GCM-256"
     if shutil.which("gocryptfs"):
         theirs = subprocess.run(
-            ["gocryptfs", "-info", volume], capture_output=True, text=True, check=True
+            ["gocryptfs", "-info", cipherdir], capture_output=True, text=True, check=True
         ).stdout
         for key in ("FeatureFlags", "EncryptedKey", "ScryptObject", "contentEncryption"):
             their_line = next(line for line in theirs.splitlines() if line.startswith(key + ":"))
@@ -210,40 +191,44 @@ def test_usage_errors_are_one_line_exit_1(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- mount errors
 
 
-def test_wrong_password_refused_before_mounting(volume: Path, mnt: Path, tmp_path: Path) -> None:
+def test_wrong_password_refused_before_mounting(
+    cipherdir: Path, mountpoint: Path, tmp_path: Path
+) -> None:
     bad = tmp_path / "bad"
     bad.write_text("not the password\n")
-    proc = fc("mount", "--passfile", bad, volume, mnt)
+    proc = fc("mount", "--passfile", bad, cipherdir, mountpoint)
     msg = assert_one_line_error(proc, 12)
     assert "password incorrect" in msg
     assert "not the password" not in proc.stderr
-    assert not is_mounted(mnt)
+    assert not is_mounted(mountpoint)
 
 
-def test_wrong_password_from_stdin(volume: Path, mnt: Path) -> None:
-    assert_one_line_error(fc("mount", volume, mnt, stdin="nope\n"), 12)
-    assert not is_mounted(mnt)
+def test_wrong_password_from_stdin(cipherdir: Path, mountpoint: Path) -> None:
+    assert_one_line_error(fc("mount", cipherdir, mountpoint, stdin="nope\n"), 12)
+    assert not is_mounted(mountpoint)
 
 
-def test_wrong_master_key_is_detected(gocryptfs_volume: Path, mnt: Path) -> None:
+def test_wrong_master_key_is_detected(gocryptfs_volume: Path, mountpoint: Path) -> None:
     wrong = os.urandom(32).hex()
-    proc = fc("mount", "--masterkey", "stdin", gocryptfs_volume, mnt, stdin=wrong + "\n")
+    proc = fc("mount", "--masterkey", "stdin", gocryptfs_volume, mountpoint, stdin=wrong + "\n")
     msg = assert_one_line_error(proc, 12)
     assert "master key incorrect" in msg
     assert wrong not in proc.stderr
-    assert not is_mounted(mnt)
+    assert not is_mounted(mountpoint)
 
 
-def test_malformed_master_key_is_not_echoed(volume: Path, mnt: Path) -> None:
+def test_malformed_master_key_is_not_echoed(cipherdir: Path, mountpoint: Path) -> None:
     secretish = "deadbeef" * 7 + "zz"
-    proc = fc("mount", "--masterkey", secretish, volume, mnt)
+    proc = fc("mount", "--masterkey", secretish, cipherdir, mountpoint)
     assert "64 hex digits" in assert_one_line_error(proc, 14)
     assert secretish not in proc.stderr
 
 
-def test_passfile_and_masterkey_are_exclusive(volume: Path, mnt: Path, passfile: Path) -> None:
+def test_passfile_and_masterkey_are_exclusive(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
     assert_one_line_error(
-        fc("mount", "--passfile", passfile, "--masterkey", "00" * 32, volume, mnt), 1
+        fc("mount", "--passfile", passfile, "--masterkey", "00" * 32, cipherdir, mountpoint), 1
     )
 
 
@@ -257,59 +242,63 @@ def test_passfile_and_masterkey_are_exclusive(volume: Path, mnt: Path, passfile:
     ],
 )
 def test_bad_conf_refused_and_never_rewritten(
-    volume: Path, mnt: Path, passfile: Path, new_passfile: Path, mutate
+    cipherdir: Path, mountpoint: Path, passfile: Path, new_passfile: Path, mutate
 ) -> None:
-    conf = volume / "gocryptfs.conf"
+    conf = cipherdir / "gocryptfs.conf"
     os.chmod(conf, 0o600)
     conf.write_bytes(mutate(conf.read_bytes()))
     os.chmod(conf, 0o400)
     before = sha256(conf)
-    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 23)
-    assert not is_mounted(mnt)
-    assert_one_line_error(fc("info", volume), 23)
+    assert_one_line_error(fc("mount", "--passfile", passfile, cipherdir, mountpoint), 23)
+    assert not is_mounted(mountpoint)
+    assert_one_line_error(fc("info", cipherdir), 23)
     assert_one_line_error(
-        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume), 23
+        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, cipherdir), 23
     )
     assert_one_line_error(
-        fc("passwd", "--masterkey", "00" * 32, "--new-passfile", new_passfile, volume), 23
+        fc("passwd", "--masterkey", "00" * 32, "--new-passfile", new_passfile, cipherdir), 23
     )
     assert sha256(conf) == before
-    assert sorted(os.listdir(volume)) == ["gocryptfs.conf", "gocryptfs.diriv"]
+    assert sorted(os.listdir(cipherdir)) == ["gocryptfs.conf", "gocryptfs.diriv"]
 
 
-def test_missing_conf(volume: Path, mnt: Path, passfile: Path) -> None:
-    (volume / "gocryptfs.conf").unlink()
+def test_missing_conf(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    (cipherdir / "gocryptfs.conf").unlink()
     assert "gocryptfs.conf" in assert_one_line_error(
-        fc("mount", "--passfile", passfile, volume, mnt), 23
+        fc("mount", "--passfile", passfile, cipherdir, mountpoint), 23
     )
 
 
-def test_missing_mountpoint(volume: Path, passfile: Path, tmp_path: Path) -> None:
-    msg = assert_one_line_error(fc("mount", "--passfile", passfile, volume, tmp_path / "nope"), 10)
+def test_missing_mountpoint(cipherdir: Path, passfile: Path, tmp_path: Path) -> None:
+    msg = assert_one_line_error(
+        fc("mount", "--passfile", passfile, cipherdir, tmp_path / "nope"), 10
+    )
     assert "does not exist" in msg
 
 
-def test_non_empty_mountpoint(volume: Path, passfile: Path, mnt: Path) -> None:
-    (mnt / "file").write_text("x")
+def test_non_empty_mountpoint(cipherdir: Path, passfile: Path, mountpoint: Path) -> None:
+    (mountpoint / "file").write_text("x")
     assert "not empty" in assert_one_line_error(
-        fc("mount", "--passfile", passfile, volume, mnt), 10
+        fc("mount", "--passfile", passfile, cipherdir, mountpoint), 10
     )
-    assert not is_mounted(mnt)
+    assert not is_mounted(mountpoint)
 
 
-def test_missing_cipherdir(tmp_path: Path, passfile: Path, mnt: Path) -> None:
-    assert_one_line_error(fc("mount", "--passfile", passfile, tmp_path / "nope", mnt), 6)
+def test_missing_cipherdir(tmp_path: Path, passfile: Path, mountpoint: Path) -> None:
+    assert_one_line_error(fc("mount", "--passfile", passfile, tmp_path / "nope", mountpoint), 6)
 
 
-def test_missing_passfile(volume: Path, mnt: Path, tmp_path: Path) -> None:
-    msg = assert_one_line_error(fc("mount", "--passfile", tmp_path / "nofile", volume, mnt), 9)
+def test_missing_passfile(cipherdir: Path, mountpoint: Path, tmp_path: Path) -> None:
+    msg = assert_one_line_error(
+        fc("mount", "--passfile", tmp_path / "nofile", cipherdir, mountpoint), 9
+    )
     assert "nofile" in msg
 
 
-def test_mountpoint_inside_cipherdir(volume: Path, passfile: Path) -> None:
-    inner = volume / "inner"
+def test_mountpoint_inside_cipherdir(cipherdir: Path, passfile: Path) -> None:
+    inner = cipherdir / "inner"
     inner.mkdir()
-    assert_one_line_error(fc("mount", "--passfile", passfile, volume, inner), 10)
+    assert_one_line_error(fc("mount", "--passfile", passfile, cipherdir, inner), 10)
 
 
 def test_unmount_not_mounted(tmp_path: Path) -> None:
@@ -321,59 +310,63 @@ def test_unmount_not_mounted(tmp_path: Path) -> None:
 
 @have_gocryptfs
 def test_passwd_new_works_old_fails_with_gocryptfs_as_judge(
-    volume: Path, passfile: Path, new_passfile: Path, tmp_path: Path, mnt: Path
+    cipherdir: Path, passfile: Path, new_passfile: Path, tmp_path: Path, mountpoint: Path
 ) -> None:
-    key_before = conf_master_key(volume, PASSWORD)
-    proc = fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume)
+    key_before = conf_master_key(cipherdir, PASSWORD)
+    proc = fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, cipherdir)
     assert proc.returncode == 0, proc.stderr
-    assert conf_master_key(volume, NEW_PASSWORD) == key_before
-    assert stat.S_IMODE((volume / "gocryptfs.conf").stat().st_mode) == 0o400
-    assert not (volume / "gocryptfs.conf.tmp").exists()
+    assert conf_master_key(cipherdir, NEW_PASSWORD) == key_before
+    assert stat.S_IMODE((cipherdir / "gocryptfs.conf").stat().st_mode) == 0o400
+    assert not (cipherdir / "gocryptfs.conf.tmp").exists()
     # Ours refuses the old password (before any fork) ...
-    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 12)
+    assert_one_line_error(fc("mount", "--passfile", passfile, cipherdir, mountpoint), 12)
     # ... and gocryptfs agrees about both.
     gc = ["gocryptfs", "-q", "-passfile"]
-    old = subprocess.run([*gc, passfile, volume, mnt], capture_output=True, check=False)
+    old = subprocess.run([*gc, passfile, cipherdir, mountpoint], capture_output=True, check=False)
     assert old.returncode == 12
-    new = subprocess.run([*gc, new_passfile, volume, mnt], capture_output=True, check=False)
+    new = subprocess.run(
+        [*gc, new_passfile, cipherdir, mountpoint], capture_output=True, check=False
+    )
     assert new.returncode == 0, new.stderr
-    force_unmount(mnt)
+    force_unmount(mountpoint)
 
 
 def test_passwd_wrong_old_password_changes_nothing(
-    volume: Path, new_passfile: Path, tmp_path: Path
+    cipherdir: Path, new_passfile: Path, tmp_path: Path
 ) -> None:
     bad = tmp_path / "bad"
     bad.write_text("wrong\n")
-    before = sha256(volume / "gocryptfs.conf")
+    before = sha256(cipherdir / "gocryptfs.conf")
     assert_one_line_error(
-        fc("passwd", "--passfile", bad, "--new-passfile", new_passfile, volume), 12
+        fc("passwd", "--passfile", bad, "--new-passfile", new_passfile, cipherdir), 12
     )
-    assert sha256(volume / "gocryptfs.conf") == before
+    assert sha256(cipherdir / "gocryptfs.conf") == before
 
 
-def test_passwd_both_passwords_on_stdin_and_scryptn(volume: Path) -> None:
-    proc = fc("passwd", "--scryptn", "11", volume, stdin=f"{PASSWORD}\n{NEW_PASSWORD}\n")
+def test_passwd_both_passwords_on_stdin_and_scryptn(cipherdir: Path) -> None:
+    proc = fc("passwd", "--scryptn", "11", cipherdir, stdin=f"{PASSWORD}\n{NEW_PASSWORD}\n")
     assert proc.returncode == 0, proc.stderr
-    assert len(conf_master_key(volume, NEW_PASSWORD)) == 32
-    assert "N=2048" in fc("info", volume).stdout
+    assert len(conf_master_key(cipherdir, NEW_PASSWORD)) == 32
+    assert "N=2048" in fc("info", cipherdir).stdout
 
 
-def test_passwd_keeps_a_fresh_salt(volume: Path, passfile: Path, tmp_path: Path) -> None:
+def test_passwd_keeps_a_fresh_salt(cipherdir: Path, passfile: Path, tmp_path: Path) -> None:
     from fuse_crypt.configfile import ConfFile
 
-    before = ConfFile.loads((volume / "gocryptfs.conf").read_bytes())
+    before = ConfFile.loads((cipherdir / "gocryptfs.conf").read_bytes())
     same = tmp_path / "same"
     same.write_text(PASSWORD + "\n")
-    assert fc("passwd", "--passfile", passfile, "--new-passfile", same, volume).returncode == 0
-    after = ConfFile.loads((volume / "gocryptfs.conf").read_bytes())
+    assert fc("passwd", "--passfile", passfile, "--new-passfile", same, cipherdir).returncode == 0
+    after = ConfFile.loads((cipherdir / "gocryptfs.conf").read_bytes())
     assert after.salt != before.salt
     assert after.encrypted_key != before.encrypted_key
     assert after.feature_flags == before.feature_flags
 
 
 @have_gocryptfs
-def test_passwd_master_key_reset(gocryptfs_volume: Path, new_passfile: Path, mnt: Path) -> None:
+def test_passwd_master_key_reset(
+    gocryptfs_volume: Path, new_passfile: Path, mountpoint: Path
+) -> None:
     key = conf_master_key(gocryptfs_volume, PASSWORD)
     conf = gocryptfs_volume / "gocryptfs.conf"
     before = sha256(conf)
@@ -388,59 +381,62 @@ def test_passwd_master_key_reset(gocryptfs_volume: Path, new_passfile: Path, mnt
     assert sha256(gocryptfs_volume / "gocryptfs.conf.bak") == before
     assert conf_master_key(gocryptfs_volume, NEW_PASSWORD) == key
     proc = subprocess.run(
-        ["gocryptfs", "-q", "-passfile", new_passfile, gocryptfs_volume, mnt],
+        ["gocryptfs", "-q", "-passfile", new_passfile, gocryptfs_volume, mountpoint],
         capture_output=True,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     try:
-        assert (mnt / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
+        assert (mountpoint / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
     finally:
-        force_unmount(mnt)
+        force_unmount(mountpoint)
 
 
 # --------------------------------------------------------------------------- mount happy path
 
 
-def test_mount_returns_when_live_and_unmount(volume: Path, passfile: Path, mnt: Path) -> None:
-    proc = fc("mount", "--passfile", passfile, volume, mnt, timeout=60)
+def test_mount_returns_when_live_and_unmount(
+    cipherdir: Path, passfile: Path, mountpoint: Path
+) -> None:
+    proc = fc("mount", "--passfile", passfile, cipherdir, mountpoint, timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert is_mounted(mnt)
+    assert is_mounted(mountpoint)
     # Usable immediately: no sleep between `mount` returning and the first write.
-    (mnt / "now").write_bytes(b"immediately usable")
-    assert (mnt / "now").read_bytes() == b"immediately usable"
-    assert fc("unmount", mnt).returncode == 0
-    assert not is_mounted(mnt)
-    assert "now" not in os.listdir(volume)
+    (mountpoint / "now").write_bytes(b"immediately usable")
+    assert (mountpoint / "now").read_bytes() == b"immediately usable"
+    assert fc("unmount", mountpoint).returncode == 0
+    assert not is_mounted(mountpoint)
+    assert "now" not in os.listdir(cipherdir)
 
 
-def test_mount_with_master_key_on_stdin(volume: Path, passfile: Path, mnt: Path) -> None:
-    key = conf_master_key(volume, PASSWORD)
-    proc = fc("mount", "--masterkey", "stdin", volume, mnt, stdin=key.hex() + "\n")
+def test_mount_with_master_key_on_stdin(cipherdir: Path, passfile: Path, mountpoint: Path) -> None:
+    key = conf_master_key(cipherdir, PASSWORD)
+    proc = fc("mount", "--masterkey", "stdin", cipherdir, mountpoint, stdin=key.hex() + "\n")
     assert proc.returncode == 0, proc.stderr
     try:
-        (mnt / "f").write_text("via master key")
+        (mountpoint / "f").write_text("via master key")
     finally:
-        assert fc("unmount", mnt).returncode == 0
-    proc = fc("mount", "--passfile", passfile, volume, mnt)
+        assert fc("unmount", mountpoint).returncode == 0
+    proc = fc("mount", "--passfile", passfile, cipherdir, mountpoint)
     assert proc.returncode == 0, proc.stderr
-    assert (mnt / "f").read_text() == "via master key"
+    assert (mountpoint / "f").read_text() == "via master key"
 
 
 def test_passwd_then_mount_with_new_password(
-    volume: Path, passfile: Path, new_passfile: Path, mnt: Path
+    cipherdir: Path, passfile: Path, new_passfile: Path, mountpoint: Path
 ) -> None:
-    assert fc("mount", "--passfile", passfile, volume, mnt).returncode == 0
-    (mnt / "kept").write_text("survives passwd")
-    assert fc("unmount", mnt).returncode == 0
+    assert fc("mount", "--passfile", passfile, cipherdir, mountpoint).returncode == 0
+    (mountpoint / "kept").write_text("survives passwd")
+    assert fc("unmount", mountpoint).returncode == 0
     assert (
-        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, volume).returncode == 0
+        fc("passwd", "--passfile", passfile, "--new-passfile", new_passfile, cipherdir).returncode
+        == 0
     )
-    assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 12)
-    assert not is_mounted(mnt)
-    proc = fc("mount", "--passfile", new_passfile, volume, mnt)
+    assert_one_line_error(fc("mount", "--passfile", passfile, cipherdir, mountpoint), 12)
+    assert not is_mounted(mountpoint)
+    proc = fc("mount", "--passfile", new_passfile, cipherdir, mountpoint)
     assert proc.returncode == 0, proc.stderr
-    assert (mnt / "kept").read_text() == "survives passwd"
+    assert (mountpoint / "kept").read_text() == "survives passwd"
 
 
 def test_demo_runs_end_to_end() -> None:
@@ -502,20 +498,24 @@ def test_init_on_a_terminal_rejects_mismatch(tmp_path: Path) -> None:
     assert os.listdir(cipher) == []
 
 
-def test_mount_with_master_key_after_conf_loss(gocryptfs_volume: Path, mnt: Path) -> None:
+def test_mount_with_master_key_after_conf_loss(gocryptfs_volume: Path, mountpoint: Path) -> None:
     """gocryptfs pain point: the conf is gone, only the master key is left."""
     key = conf_master_key(gocryptfs_volume, PASSWORD)
     (gocryptfs_volume / "gocryptfs.conf").unlink()
-    proc = fc("mount", "--ro", "--masterkey", "stdin", gocryptfs_volume, mnt, stdin=key.hex())
+    proc = fc(
+        "mount", "--ro", "--masterkey", "stdin", gocryptfs_volume, mountpoint, stdin=key.hex()
+    )
     assert proc.returncode == 0, proc.stderr
-    assert (mnt / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
-    assert os.readlink(mnt / "link") == "sub/data.txt"
+    assert (mountpoint / "sub" / "data.txt").read_bytes() == b"written by gocryptfs\n" * 100
+    assert os.readlink(mountpoint / "link") == "sub/data.txt"
 
 
-def test_bad_metrics_addr_is_a_usage_error(volume: Path, passfile: Path, mnt: Path) -> None:
+def test_bad_metrics_addr_is_a_usage_error(
+    cipherdir: Path, passfile: Path, mountpoint: Path
+) -> None:
     for bad in ("localhost", "host:port", "127.0.0.1:0", "127.0.0.1:70000"):
         msg = assert_one_line_error(
-            fc("mount", "--passfile", passfile, "--metrics-addr", bad, volume, mnt), 1
+            fc("mount", "--passfile", passfile, "--metrics-addr", bad, cipherdir, mountpoint), 1
         )
         assert "HOST:PORT" in msg
-    assert not is_mounted(mnt)
+    assert not is_mounted(mountpoint)

@@ -30,10 +30,12 @@ from pathlib import Path
 
 import pytest
 
-from . import conftest
-from .conftest import PASSWORD, Mount, Volume, fuse_available
+from tests.fuse_env import needs_fuse
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+from . import conftest
+from .conftest import PASSWORD, Mount, Volume
+
+pytestmark = needs_fuse
 
 LONG_RUN = os.environ.get("COCO_LONG_FUZZ") == "1"
 #: Seconds per workload: with the slow fstat the unfixed daemon failed every quick
@@ -230,7 +232,7 @@ _local.LocalDirBackend.fstat = _slow_fstat
 
 
 @pytest.fixture
-def mnt(
+def slow_mnt(
     volume: Volume, mount_factory: Callable[..., Mount], monkeypatch: pytest.MonkeyPatch
 ) -> Mount:
     """A real mount whose backend fstat is slow (see _SLOW_FSTAT)."""
@@ -238,33 +240,27 @@ def mnt(
     return mount_factory(volume)
 
 
-def test_concurrent_appends_keep_every_record(mnt: Mount) -> None:
-    _appends(mnt, QUICK_SECONDS)
+def test_concurrent_appends_keep_every_record(slow_mnt: Mount) -> None:
+    _appends(slow_mnt, QUICK_SECONDS)
 
 
-def test_appends_through_two_hard_links_keep_every_record(mnt: Mount) -> None:
+def test_appends_through_two_hard_links_keep_every_record(slow_mnt: Mount) -> None:
     """libfuse gives each link name its own kernel inode, whose cached size the
     kernel takes as the O_APPEND offset: the daemon must append at its own EOF."""
-    _appends(mnt, QUICK_SECONDS, nfiles=1, via_links=True)
+    _appends(slow_mnt, QUICK_SECONDS, nfiles=1, via_links=True)
 
 
-def test_regrow_and_overwrite_never_tears_a_block(mnt: Mount, tmp_path: Path) -> None:
-    _regrow(mnt, tmp_path, QUICK_SECONDS)
-
-
-@pytest.fixture
-def plain_mnt(volume: Volume, mount_factory: Callable[..., Mount]) -> Mount:
-    """An unmodified daemon: the long runs check real timing, without the slow fstat."""
-    return mount_factory(volume)
+def test_regrow_and_overwrite_never_tears_a_block(slow_mnt: Mount, tmp_path: Path) -> None:
+    _regrow(slow_mnt, tmp_path, QUICK_SECONDS)
 
 
 @pytest.mark.longfuzz
 @pytest.mark.skipif(not LONG_RUN, reason="long run only (./run fuzz)")
-def test_concurrent_appends_long(plain_mnt: Mount) -> None:
-    _appends(plain_mnt, LONG_SECONDS)
+def test_concurrent_appends_long(mnt: Mount) -> None:
+    _appends(mnt, LONG_SECONDS)
 
 
 @pytest.mark.longfuzz
 @pytest.mark.skipif(not LONG_RUN, reason="long run only (./run fuzz)")
-def test_regrow_and_overwrite_long(plain_mnt: Mount, tmp_path: Path) -> None:
-    _regrow(plain_mnt, tmp_path, LONG_SECONDS)
+def test_regrow_and_overwrite_long(mnt: Mount, tmp_path: Path) -> None:
+    _regrow(mnt, tmp_path, LONG_SECONDS)

@@ -26,10 +26,11 @@ from fuse_crypt.contentenc import HEADER_LEN, ContentEnc
 from fuse_crypt.cryptocore import CryptoCore
 from fuse_crypt.errors import ConfigError, FuseCryptError
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, LONGNAME_PREFIX, NameTransform
+from tests.fuse_env import needs_fuse
 from tests.fuzzing import fuzz, long_fuzz
 
 from .cli_helpers import assert_one_line_error, fc, force_unmount, init_volume, write_passfile
-from .conftest import fuse_available, make_volume, start_mount
+from .conftest import make_volume, start_mount
 
 PW = b"downgrade password"
 _BASE = ConfFile.create(PW, scrypt_logn=10, master_key=bytes(range(32)))[0]
@@ -150,7 +151,7 @@ def test_hostile_conf_bytes_are_refused(what: str, data: bytes, needle: str) -> 
 def test_supported_variants_still_load() -> None:
     """Downgrade refusal must not cost compatibility with what gocryptfs writes."""
     for kwargs in ({}, {"aessiv": True}, {"deterministic_names": True}, {"long_name_max": 62}):
-        conf, mk = ConfFile.create(PW, scrypt_logn=10, **kwargs)  # type: ignore[arg-type]
+        conf, mk = ConfFile.create(PW, scrypt_logn=10, **kwargs)
         assert ConfFile.loads(conf.dumps()).unlock(PW) == mk
     # pre-v1.3 volumes (no HKDF, 60-byte EncryptedKey) load; see test_gocryptfs_vectors
     obj = _obj()
@@ -203,7 +204,7 @@ def test_cli_refuses_and_never_rewrites(tmp_path: Path, command: str, case: tupl
     assert sorted(os.listdir(cipher)) == [CONF_NAME, DIRIV_NAME]
 
 
-@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+@needs_fuse
 def test_dropping_diriv_flag_is_detected(tmp_path: Path) -> None:
     """The one flag downgrade the password does not catch and that weakens what we write:
     without DirIV every new name would be encrypted deterministically. A DirIV volume
@@ -366,7 +367,7 @@ def test_fuzz_content_header(data: bytes) -> None:
     assert len(data) == HEADER_LEN and data[:2] == b"\x00\x02" and fid == data[2:] and any(fid)
 
 
-@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+@needs_fuse
 def test_dropping_hkdf_is_caught_by_password_and_by_data(tmp_path: Path) -> None:
     """Removing HKDF needs a 60-byte EncryptedKey the host cannot forge: the password
     fails (12). With --masterkey (no wrap check) a volume holding data fails the

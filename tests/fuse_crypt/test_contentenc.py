@@ -269,17 +269,6 @@ def test_wipe_of_core_disables_content_crypto() -> None:
         ce.encrypt_blocks(0, b"data", fid)
 
 
-def test_allocator_tuning_active_on_glibc() -> None:
-    import platform
-
-    from fuse_crypt.contentenc import tune_allocator
-
-    ContentEnc(CryptoCore(MK))  # construction applies it (idempotent)
-    if platform.libc_ver()[0] != "glibc" or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        pytest.skip("malloc tuning only applies to glibc without user overrides")
-    assert tune_allocator() is True
-
-
 def test_into_variants_match_and_overwrite_dirty_buffers(ce: ContentEnc) -> None:
     """The *_into forms the FUSE hot path uses: same result as the bytes forms, and a
     recycled buffer's old contents never leak into the output (holes included)."""

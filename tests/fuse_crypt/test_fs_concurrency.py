@@ -17,13 +17,12 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
 from fuse_crypt.contentenc import PLAIN_BS
+from tests.fuse_env import needs_fuse
 
-from .conftest import CipherView, Mount, fuse_available
+from .conftest import CipherView, Mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 
 def run_threads(fns: list[Callable[[], None]]) -> None:

@@ -11,17 +11,18 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import DIRIV_NAME
+from tests.fuse_env import needs_fuse
 
-from .conftest import CipherView, Mount, Volume, fuse_available, make_volume, start_mount
+from .conftest import CipherView, Mount, MountFactory, Volume, make_volume, start_mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 MARKER = b"PLAINTEXT-MARKER-"
 NAMES = ["good", "flip", "trunc_tail", "trunc_mid", "swap", "foreign", "header", "zero_nonce"]
@@ -33,15 +34,15 @@ def content(name: str) -> bytes:
     return body[: 3 * PLAIN_BS - 100]
 
 
-def block(raw: bytes, n: int) -> slice:
+def block(raw: bytes | bytearray, n: int) -> slice:
     return slice(HEADER_LEN + n * CIPHER_BS, HEADER_LEN + (n + 1) * CIPHER_BS)
 
 
 def tamper(cv: CipherView) -> None:
-    def rw(name: str, fn: object) -> None:
+    def rw(name: str, fn: Callable[[bytearray], object]) -> None:
         p = cv.cpath(name)
         raw = bytearray(p.read_bytes())
-        fn(raw)  # type: ignore[operator]
+        fn(raw)
         p.write_bytes(bytes(raw))
 
     def flip(raw: bytearray) -> None:
@@ -122,9 +123,9 @@ def pread(p: Path, n: int, off: int) -> bytes:
         os.close(fd)
 
 
-def expect_eio(fn: object) -> None:
+def expect_eio(fn: Callable[[], object]) -> None:
     with pytest.raises(OSError) as ei:
-        fn()  # type: ignore[operator]
+        fn()
     assert ei.value.errno == errno.EIO
 
 
@@ -209,7 +210,7 @@ def test_other_files_keep_working_and_log_is_clean(damaged: tuple[Mount, Volume]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small tmpfs")
-def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: object) -> None:
+def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: MountFactory) -> None:
     """A full backing store fails the write with ENOSPC; what was written before
     stays readable (space is reserved before blocks are written, so no torn
     cipher block is left behind)."""
@@ -220,7 +221,7 @@ def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: object) -> None:
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=512k", "tmpfs", str(small)], check=True)
     try:
         vol = make_volume(small / "cipher")
-        m = mount_factory(vol)  # type: ignore[operator]
+        m = mount_factory(vol)
         keep = os.urandom(100_000)
         (m.path / "keep").write_bytes(keep)
         fd = os.open(m.path / "keep", os.O_WRONLY)
@@ -243,13 +244,13 @@ def test_enospc_fails_cleanly(tmp_path: Path, mount_factory: object) -> None:
 
 
 def test_directory_swapped_for_symlink_is_not_followed(
-    tmp_path: Path, mount_factory: object
+    tmp_path: Path, mount_factory: MountFactory
 ) -> None:
     """The host swaps a cipher directory for a symlink into the guest (with a
     copied diriv so names still encrypt).  While the kernel still believes the
     directory exists, writes through it must fail, and nothing may land outside."""
     vol = make_volume(tmp_path / "swap")
-    m = mount_factory(vol)  # type: ignore[operator]
+    m = mount_factory(vol)
     (m.path / "dir").mkdir()
     (m.path / "dir" / "f").write_bytes(b"inside")
     cdir = CipherView(vol).cpath("dir")

@@ -25,11 +25,12 @@ import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN, PLAIN_BS
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME, NameTransform
+from tests.fuse_env import needs_fuse
 
 from .conftest import CipherView as Crypto
-from .conftest import Mount, Volume, fuse_available, make_volume, start_mount
+from .conftest import Mount, MountFactory, Volume, make_volume, start_mount
 
-pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+pytestmark = needs_fuse
 
 
 @pytest.fixture(scope="module")
@@ -513,15 +514,15 @@ def test_xattrs_encrypted(m: Mount, cr: Crypto, d: Path) -> None:
 # -- read-only mounts ---------------------------------------------------------------------
 
 
-def test_read_only_mount_refuses_every_write(tmp_path: Path, mount_factory: object) -> None:
+def test_read_only_mount_refuses_every_write(tmp_path: Path, mount_factory: MountFactory) -> None:
     vol = make_volume(tmp_path / "rocipher")
-    rw = mount_factory(vol)  # type: ignore[operator]
+    rw = mount_factory(vol)
     (rw.path / "f").write_bytes(b"content")
     (rw.path / "dir").mkdir()
     os.symlink("f", rw.path / "l")
     os.setxattr(rw.path / "f", "user.a", b"1")
     rw.unmount()
-    ro = mount_factory(vol, read_only=True)  # type: ignore[operator]
+    ro = mount_factory(vol, read_only=True)
     p = ro.path
     assert (p / "f").read_bytes() == b"content"
     assert os.getxattr(p / "f", "user.a") == b"1"
@@ -550,12 +551,12 @@ def test_read_only_mount_refuses_every_write(tmp_path: Path, mount_factory: obje
     assert (p / "f").read_bytes() == b"content"
 
 
-def test_master_key_mount_without_conf(tmp_path: Path, mount_factory: object) -> None:
+def test_master_key_mount_without_conf(tmp_path: Path, mount_factory: MountFactory) -> None:
     vol = make_volume(tmp_path / "mk")
-    a = mount_factory(vol)  # type: ignore[operator]
+    a = mount_factory(vol)
     (a.path / "f").write_bytes(b"via conf")
     a.unmount()
-    b = mount_factory(vol, use_conf=False)  # type: ignore[operator]
+    b = mount_factory(vol, use_conf=False)
     assert (b.path / "f").read_bytes() == b"via conf"
 
 
@@ -577,9 +578,9 @@ def test_mknod_fifo(m: Mount, cr: Crypto, d: Path) -> None:
 # -- lifecycle, variants, interop ------------------------------------------------------
 
 
-def test_sigterm_unmounts_cleanly(tmp_path: Path, mount_factory: object) -> None:
+def test_sigterm_unmounts_cleanly(tmp_path: Path, mount_factory: MountFactory) -> None:
     vol = make_volume(tmp_path / "sig")
-    mt = mount_factory(vol)  # type: ignore[operator]
+    mt = mount_factory(vol)
     (mt.path / "f").write_bytes(b"x")
     mt.proc.terminate()
     assert mt.proc.wait(15) == 0
@@ -603,9 +604,9 @@ def test_mount_prints_no_libfuse_thread_warning(mnt: Mount) -> None:
     ],
     ids=["deterministic", "longnamemax62", "aessiv"],
 )
-def test_volume_variants(tmp_path: Path, mount_factory: object, variant: dict) -> None:
+def test_volume_variants(tmp_path: Path, mount_factory: MountFactory, variant: dict) -> None:
     vol = make_volume(tmp_path / "var", **variant)
-    mt = mount_factory(vol)  # type: ignore[operator]
+    mt = mount_factory(vol)
     p = mt.path
     (p / "dir").mkdir()
     data = os.urandom(3 * PLAIN_BS + 7)
@@ -641,11 +642,11 @@ def _gocryptfs_mount(cipher: Path, mnt: Path, password: bytes, *extra: str) -> N
 
 
 @pytest.mark.skipif(shutil.which("gocryptfs") is None, reason="gocryptfs not installed")
-def test_interop_with_gocryptfs(tmp_path: Path, mount_factory: object) -> None:
+def test_interop_with_gocryptfs(tmp_path: Path, mount_factory: MountFactory) -> None:
     """What we write gocryptfs reads, and the other way round (holes, truncate,
     long names, symlinks, xattrs)."""
     vol = make_volume(tmp_path / "io")
-    ours = mount_factory(vol)  # type: ignore[operator]
+    ours = mount_factory(vol)
     p = ours.path
     blob = os.urandom(10000)
     (p / "f").write_bytes(blob)
@@ -674,7 +675,7 @@ def test_interop_with_gocryptfs(tmp_path: Path, mount_factory: object) -> None:
         os.symlink("rel/target", g / "go_link")
     finally:
         subprocess.run(["fusermount3", "-u", str(g)], check=True)
-    again = mount_factory(vol)  # type: ignore[operator]
+    again = mount_factory(vol)
     q = again.path
     assert (q / "from_go").read_bytes() == (blob * 3)[:20001]
     assert os.listdir(q / "go_dir") == ["y" * 220]
@@ -734,12 +735,12 @@ def test_serve_rejects_bad_mountpoint_and_cipherdir(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
-def test_allow_other_creates_as_caller(tmp_path: Path, mount_factory: object) -> None:
+def test_allow_other_creates_as_caller(tmp_path: Path, mount_factory: MountFactory) -> None:
     vol = make_volume(tmp_path / "ao")
     # The other user must be able to reach the mount point (pytest's tmp is 0700).
     public = Path(tempfile.mkdtemp(prefix="fc-ao-", dir="/tmp"))
     os.chmod(public, 0o755)
-    mt = mount_factory(vol, mountpoint=public / "m", allow_other=True)  # type: ignore[operator]
+    mt = mount_factory(vol, mountpoint=public / "m", allow_other=True)
     try:
         _allow_other_checks(vol, mt)
     finally:
@@ -779,19 +780,19 @@ def _allow_other_checks(vol: Volume, mt: Mount) -> None:
     assert (mt.path / "shared" / "mine").read_bytes() == b"user data"
 
 
-def test_listing_attributes_are_plaintext(tmp_path: Path, mount_factory: object) -> None:
+def test_listing_attributes_are_plaintext(tmp_path: Path, mount_factory: MountFactory) -> None:
     """What a listing reports (types, inodes) and the attributes looked up right
     after it on a fresh mount (no cached dentries) are the plaintext ones: sizes
     of files and symlink targets, modes, inodes."""
     vol = make_volume(tmp_path / "rdp")
-    first = mount_factory(vol)  # type: ignore[operator]
+    first = mount_factory(vol)
     sizes = {f"f{i}": i * 1000 for i in range(10)}
     for name, size in sizes.items():
         (first.path / name).write_bytes(b"s" * size)
     os.symlink("t" * 77, first.path / "link")
     (first.path / "sub").mkdir()
     first.unmount()
-    d = mount_factory(vol).path  # type: ignore[operator]
+    d = mount_factory(vol).path
     with os.scandir(d) as it:
         got = {e.name: e.stat(follow_symlinks=False) for e in it}
     for name, size in sizes.items():

@@ -30,6 +30,7 @@ from fuse_crypt.nametransform import (
     NameTransform,
     pad16,
 )
+from tests.fuse_env import fuse_skip_reason
 
 PASSWORD = b"correct horse battery staple"
 SALT_B64 = "Dxn1708Wda+dkAed/grjjimkXbMDxG85eWgIDdCAB4M="
@@ -132,10 +133,9 @@ def test_content_vector_sizes_and_aad() -> None:
 # -- real interop with the gocryptfs binary ----------------------------------------
 
 GOCRYPTFS = shutil.which("gocryptfs")
-FUSERMOUNT = shutil.which("fusermount3") or shutil.which("fusermount")
 needs_gocryptfs = pytest.mark.skipif(
-    GOCRYPTFS is None or FUSERMOUNT is None or not os.path.exists("/dev/fuse"),
-    reason="gocryptfs, fusermount3 or /dev/fuse not available",
+    GOCRYPTFS is None or fuse_skip_reason(None) is not None,
+    reason=f"gocryptfs missing or {fuse_skip_reason(None)}",
 )
 
 LONG_NAME = "L" * 190 + "-long-name"  # 200 bytes: hashed into gocryptfs.longname.*
@@ -176,17 +176,17 @@ def _sparse_content() -> bytes:
 
 
 @contextlib.contextmanager
-def _mounted(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
+def _mounted(cipher: Path, mnt: Path, vectors_passfile: Path) -> Iterator[Path]:
     mnt.mkdir(exist_ok=True)
     subprocess.run(
-        [GOCRYPTFS, "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
+        [GOCRYPTFS, "-q", "-passfile", str(vectors_passfile), str(cipher), str(mnt)],
         check=True,
         timeout=60,
     )
     try:
         yield mnt
     finally:
-        subprocess.run([FUSERMOUNT, "-u", str(mnt)], check=True, timeout=60)
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=True, timeout=60)
 
 
 def _read_tree(root: Path) -> dict[str, tuple[str, bytes]]:
@@ -355,25 +355,33 @@ def _write_plain_tree(root: Path, tree: dict[str, tuple[str, bytes]]) -> None:
             p.write_bytes(content)
 
 
+def _gocryptfs_init(
+    cipher: Path, passfile: Path, *init_args: str
+) -> subprocess.CompletedProcess[str]:
+    """``gocryptfs -init`` (logN 10, the caller's extra flags) of a new directory ``cipher``."""
+    cipher.mkdir()
+    argv = [GOCRYPTFS or "gocryptfs", "-q", "-init", "-scryptn", "10", *init_args]
+    return subprocess.run(
+        [*argv, "-passfile", str(passfile), str(cipher)],
+        timeout=60,
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.fixture
-def passfile(tmp_path: Path) -> Path:
+def vectors_passfile(tmp_path: Path) -> Path:
     pf = tmp_path / "passfile"
     pf.write_bytes(PASSWORD + b"\n")
     return pf
 
 
 @needs_gocryptfs
-def test_decrypt_volume_written_by_gocryptfs(tmp_path: Path, passfile: Path) -> None:
+def test_decrypt_volume_written_by_gocryptfs(tmp_path: Path, vectors_passfile: Path) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", "-passfile", str(passfile), str(cipher)],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
+    _gocryptfs_init(cipher, vectors_passfile).check_returncode()
     expected = _expected_tree()
-    with _mounted(cipher, tmp_path / "mnt", passfile) as mnt:
+    with _mounted(cipher, tmp_path / "mnt", vectors_passfile) as mnt:
         _write_plain_tree(mnt, expected)
         with open(mnt / "sparse", "wb") as f:
             f.seek(SPARSE_OFFSET)
@@ -423,7 +431,7 @@ def _variant_conf(variant: str) -> tuple[ConfFile, bytes]:
     "variant", ["default", "aessiv", "deterministic", "longnamemax", "no-raw64", "no-hkdf"]
 )
 def test_gocryptfs_mounts_volume_written_by_us(
-    tmp_path: Path, passfile: Path, variant: str
+    tmp_path: Path, vectors_passfile: Path, variant: str
 ) -> None:
     cipher = tmp_path / "cipher"
     cipher.mkdir()
@@ -445,14 +453,14 @@ def test_gocryptfs_mounts_volume_written_by_us(
     w.setxattr("hello.txt", "user.x", b"secret xattr")
 
     fsck = subprocess.run(
-        [GOCRYPTFS, "-fsck", "-passfile", str(passfile), str(cipher)],
+        [GOCRYPTFS, "-fsck", "-passfile", str(vectors_passfile), str(cipher)],
         timeout=120,
         capture_output=True,
         text=True,
     )
     assert fsck.returncode == 0, fsck.stdout + fsck.stderr
 
-    with _mounted(cipher, tmp_path / "mnt", passfile) as mnt:
+    with _mounted(cipher, tmp_path / "mnt", vectors_passfile) as mnt:
         assert _read_tree(mnt) == expected
         assert os.getxattr(mnt / "hello.txt", "user.x") == b"secret xattr"
         assert os.stat(mnt / "sparse").st_size == SPARSE_OFFSET + 1
@@ -469,15 +477,9 @@ def test_gocryptfs_mounts_volume_written_by_us(
 
 
 @needs_gocryptfs
-def test_gocryptfs_accepts_our_password_change(tmp_path: Path, passfile: Path) -> None:
+def test_gocryptfs_accepts_our_password_change(tmp_path: Path, vectors_passfile: Path) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", "-passfile", str(passfile), str(cipher)],
-        check=True,
-        timeout=60,
-        capture_output=True,
-    )
+    _gocryptfs_init(cipher, vectors_passfile).check_returncode()
     conf = ConfFile.read(str(cipher / CONF_NAME))
     mk = conf.unlock(PASSWORD)
     new = conf.rewrap(mk, b"new password")
@@ -496,16 +498,11 @@ def test_gocryptfs_accepts_our_password_change(tmp_path: Path, passfile: Path) -
     [["-deterministic-names"], ["-aessiv"], ["-longnamemax", "100"]],
     ids=["deterministic", "aessiv", "longnamemax"],
 )
-def test_decrypt_gocryptfs_variants(tmp_path: Path, passfile: Path, init_args: list[str]) -> None:
+def test_decrypt_gocryptfs_variants(
+    tmp_path: Path, vectors_passfile: Path, init_args: list[str]
+) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    init = subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
-        + [str(cipher)],
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    init = _gocryptfs_init(cipher, vectors_passfile, *init_args)
     if init.returncode != 0:
         pytest.skip(f"gocryptfs refused {init_args}: {init.stderr.strip()}")
     tree = {
@@ -514,7 +511,7 @@ def test_decrypt_gocryptfs_variants(tmp_path: Path, passfile: Path, init_args: l
         "link": ("link", b"dir"),
         "empty": ("file", b""),
     }
-    with _mounted(cipher, tmp_path / "mnt", passfile) as mnt:
+    with _mounted(cipher, tmp_path / "mnt", vectors_passfile) as mnt:
         _write_plain_tree(mnt, tree)
     reader = CipherTreeReader(cipher, PASSWORD)
     got, _ = reader.walk()
@@ -533,17 +530,10 @@ def test_decrypt_gocryptfs_variants(tmp_path: Path, passfile: Path, init_args: l
     [(["-xchacha"], "XChaCha20Poly1305"), (["-plaintextnames"], "PlaintextNames")],
 )
 def test_unsupported_gocryptfs_variants_are_refused_clearly(
-    tmp_path: Path, passfile: Path, init_args: list[str], needle: str
+    tmp_path: Path, vectors_passfile: Path, init_args: list[str], needle: str
 ) -> None:
     cipher = tmp_path / "cipher"
-    cipher.mkdir()
-    init = subprocess.run(
-        [GOCRYPTFS, "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
-        + [str(cipher)],
-        timeout=60,
-        capture_output=True,
-        text=True,
-    )
+    init = _gocryptfs_init(cipher, vectors_passfile, *init_args)
     if init.returncode != 0:
         pytest.skip(f"gocryptfs refused {init_args}: {init.stderr.strip()}")
     with pytest.raises(ConfigError, match=f"{needle}.*not supported"):

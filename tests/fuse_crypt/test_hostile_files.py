@@ -23,9 +23,10 @@ from fuse_crypt.backend.local import LocalDirBackend
 from fuse_crypt.configfile import MAX_CONF_BYTES, ConfFile
 from fuse_crypt.errors import ConfigError
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME
+from tests.fuse_env import needs_fuse
 
-from .cli_helpers import assert_one_line_error, fc, init_volume, write_passfile
-from .conftest import CipherView, Mount, Volume, fuse_available, make_volume
+from .cli_helpers import assert_one_line_error, fc, init_volume
+from .conftest import CipherView, Mount, Volume, make_volume
 
 FAST = 5.0  # seconds: "fails fast"; the blocking versions never returned at all
 SPARSE = 3 * 1024**3
@@ -158,11 +159,6 @@ def test_backend_data_file_open_refuses_fifo(tmp_path: Path, flags: int) -> None
 # --------------------------------------------------------------------------- CLI
 
 
-@pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "pw", "hostile files password")
-
-
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("command", ["info", "mount", "passwd"])
 def test_cli_conf_positions(tmp_path: Path, passfile: Path, kind: str, command: str) -> None:
@@ -202,8 +198,6 @@ def test_cli_scrypt_bomb_is_refused(tmp_path: Path, passfile: Path) -> None:
 
 
 # --------------------------------------------------------------------------- real mount
-
-needs_fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 
 
 @pytest.fixture

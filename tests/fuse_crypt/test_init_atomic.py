@@ -20,14 +20,7 @@ from fuse_crypt.cli.exitcodes import CIPHERDIR_NOT_NEW
 from fuse_crypt.configfile import TMP_NAME, ConfFile
 from fuse_crypt.nametransform import CONF_NAME, DIRIV_NAME
 
-from .cli_helpers import assert_one_line_error, fc, write_passfile
-
-PASSWORD = "init atomic password"
-
-
-@pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "pw", PASSWORD)
+from .cli_helpers import PASSWORD, assert_one_line_error, fc
 
 
 def _init(cipher: Path, passfile: Path) -> subprocess.CompletedProcess[str]:

@@ -24,13 +24,10 @@ import pytest
 
 from tests.fuse_crypt.cli_helpers import (
     FC,
-    force_unmount,
     init_volume,
     is_mounted,
-    write_passfile,
 )
 
-PASSWORD = "interop test password"
 MIB = 1 << 20
 
 
@@ -208,24 +205,24 @@ def unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def gocryptfs_mount(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
+def gocryptfs_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
     proc = subprocess.run(
-        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mnt)],
+        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)],
         capture_output=True,
         text=True,
         check=False,
     )
     assert proc.returncode == 0, proc.stderr
     try:
-        yield mnt
+        yield mountpoint
     finally:
-        unmount(mnt)
+        unmount(mountpoint)
 
 
 @contextlib.contextmanager
-def fuse_crypt_mount(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
+def fuse_crypt_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
     proc = subprocess.run(
-        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mnt)],
+        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mountpoint)],
         capture_output=True,
         text=True,
         check=False,
@@ -233,35 +230,22 @@ def fuse_crypt_mount(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
     )
     assert proc.returncode == 0, proc.stderr
     try:
-        yield mnt
+        yield mountpoint
     finally:
-        unmount(mnt)
+        unmount(mountpoint)
 
 
 Mounter = Callable[[Path, Path, Path], contextlib.AbstractContextManager[Path]]
 
 
-@pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "passfile", PASSWORD)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    force_unmount(m)
-
-
 def _round_trip(
-    cipher: Path, mnt: Path, passfile: Path, writer: Mounter, reader: Mounter
+    cipher: Path, mountpoint: Path, passfile: Path, writer: Mounter, reader: Mounter
 ) -> dict[str, tuple]:
-    with writer(cipher, mnt, passfile) as root:
+    with writer(cipher, mountpoint, passfile) as root:
         populate(root)
         written = snapshot(root)
     check_expected(written)
-    with reader(cipher, mnt, passfile) as root:
+    with reader(cipher, mountpoint, passfile) as root:
         read = snapshot(root)
         assert read == written
         read_sparse(root)
@@ -270,7 +254,7 @@ def _round_trip(
     assert modified != written
     assert modified["hl-a"][3] == modified["a/b/hl-b"][3] != written["hl-a"][3]
     assert modified["a/b/hl-b"][5] == {"user.added": b"later"}
-    with writer(cipher, mnt, passfile) as root:
+    with writer(cipher, mountpoint, passfile) as root:
         assert snapshot(root) == modified
         assert (root / "a" / "b" / "size-4097").read_bytes() == _blob(4097, 4)[:1]
     return modified
@@ -296,7 +280,9 @@ def _backing_allocated(cipher: Path, plain_size: int) -> tuple[int, int]:
     raise AssertionError(f"no backing file of {cipher_size} bytes")
 
 
-def test_gocryptfs_writes_fuse_crypt_reads(tmp_path: Path, passfile: Path, mnt: Path) -> None:
+def test_gocryptfs_writes_fuse_crypt_reads(
+    tmp_path: Path, passfile: Path, mountpoint: Path
+) -> None:
     cipher = tmp_path / "cipher"
     cipher.mkdir()
     subprocess.run(
@@ -304,39 +290,41 @@ def test_gocryptfs_writes_fuse_crypt_reads(tmp_path: Path, passfile: Path, mnt: 
         check=True,
         capture_output=True,
     )
-    _round_trip(cipher, mnt, passfile, writer=gocryptfs_mount, reader=fuse_crypt_mount)
+    _round_trip(cipher, mountpoint, passfile, writer=gocryptfs_mount, reader=fuse_crypt_mount)
     _gocryptfs_fsck(cipher, passfile)
 
 
-def test_fuse_crypt_writes_gocryptfs_reads(tmp_path: Path, passfile: Path, mnt: Path) -> None:
+def test_fuse_crypt_writes_gocryptfs_reads(
+    tmp_path: Path, passfile: Path, mountpoint: Path
+) -> None:
     cipher = init_volume(tmp_path / "cipher", passfile)
-    with fuse_crypt_mount(cipher, mnt, passfile) as root, open(root / "holes", "wb") as f:
+    with fuse_crypt_mount(cipher, mountpoint, passfile) as root, open(root / "holes", "wb") as f:
         f.truncate(4 * MIB)
         f.seek(4 * MIB - 1)
         f.write(b"!")
     allocated, apparent = _backing_allocated(cipher, 4 * MIB)
     assert allocated < apparent // 4, "holes were written out as ciphertext"
-    _round_trip(cipher, mnt, passfile, writer=fuse_crypt_mount, reader=gocryptfs_mount)
+    _round_trip(cipher, mountpoint, passfile, writer=fuse_crypt_mount, reader=gocryptfs_mount)
     _gocryptfs_fsck(cipher, passfile)
-    with gocryptfs_mount(cipher, mnt, passfile) as root:
+    with gocryptfs_mount(cipher, mountpoint, passfile) as root:
         assert (root / "holes").read_bytes() == bytes(4 * MIB - 1) + b"!"
 
 
 def test_volume_from_gocryptfs_long_names_on_disk(
-    tmp_path: Path, passfile: Path, mnt: Path
+    tmp_path: Path, passfile: Path, mountpoint: Path
 ) -> None:
     """Both implementations store a >175-byte name as longname + .name, readable by the other."""
     cipher = init_volume(tmp_path / "cipher", passfile)
-    with fuse_crypt_mount(cipher, mnt, passfile) as root:
+    with fuse_crypt_mount(cipher, mountpoint, passfile) as root:
         (root / LONG_200).write_text("ours")
         (root / ("s" * 175)).write_text("short enough")
-    with gocryptfs_mount(cipher, mnt, passfile) as root:
+    with gocryptfs_mount(cipher, mountpoint, passfile) as root:
         (root / LONG_255).write_text("theirs")
     disk = sorted(os.listdir(cipher))
     longs = [n for n in disk if n.startswith("gocryptfs.longname.") and not n.endswith(".name")]
     assert len(longs) == 2
     assert all(n + ".name" in disk for n in longs)
-    with fuse_crypt_mount(cipher, mnt, passfile) as root:
+    with fuse_crypt_mount(cipher, mountpoint, passfile) as root:
         assert (root / LONG_255).read_text() == "theirs"
         assert (root / LONG_200).read_text() == "ours"
         assert sorted(os.listdir(root)) == sorted([LONG_200, LONG_255, "s" * 175])
@@ -348,7 +336,7 @@ def test_volume_from_gocryptfs_long_names_on_disk(
     ids=["aessiv", "deterministic-names", "longnamemax-100"],
 )
 def test_gocryptfs_variants_both_ways(
-    tmp_path: Path, passfile: Path, mnt: Path, init_args: list[str]
+    tmp_path: Path, passfile: Path, mountpoint: Path, init_args: list[str]
 ) -> None:
     """Non-default gocryptfs 2.3 volumes: fuse-crypt reads theirs, they read our writes."""
     cipher = tmp_path / "cipher"
@@ -371,12 +359,12 @@ def test_gocryptfs_variants_both_ways(
             f.seek(20000)
             f.write(b"end")
 
-    with gocryptfs_mount(cipher, mnt, passfile) as root:
+    with gocryptfs_mount(cipher, mountpoint, passfile) as root:
         fill(root, "theirs")
-    with fuse_crypt_mount(cipher, mnt, passfile) as root:
+    with fuse_crypt_mount(cipher, mountpoint, passfile) as root:
         fill(root, "ours")
         ours = snapshot(root)
-    with gocryptfs_mount(cipher, mnt, passfile) as root:
+    with gocryptfs_mount(cipher, mountpoint, passfile) as root:
         assert snapshot(root) == ours
     assert {k.split("/", 1)[1] for k in ours if k.startswith("ours/")} == {
         k.split("/", 1)[1] for k in ours if k.startswith("theirs/")
@@ -416,13 +404,15 @@ def _random_edits(root: Path, models: dict[str, bytearray], rng: random.Random, 
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_random_edits_agree_both_ways(tmp_path: Path, passfile: Path, mnt: Path, seed: int) -> None:
+def test_random_edits_agree_both_ways(
+    tmp_path: Path, passfile: Path, mountpoint: Path, seed: int
+) -> None:
     """Read-modify-write, holes and truncation: each side edits what the other wrote."""
     cipher = init_volume(tmp_path / "cipher", passfile)
     rng = random.Random(seed)
     models = {f"f{i}": bytearray() for i in range(3)}
     for rnd, mounter in enumerate([fuse_crypt_mount, gocryptfs_mount, fuse_crypt_mount]):
-        with mounter(cipher, mnt, passfile) as root:
+        with mounter(cipher, mountpoint, passfile) as root:
             for name, model in models.items():
                 if rnd == 0:
                     (root / name).write_bytes(b"")
@@ -430,7 +420,7 @@ def test_random_edits_agree_both_ways(tmp_path: Path, passfile: Path, mnt: Path,
             _random_edits(root, models, rng, 25)
             for name, model in models.items():
                 assert (root / name).read_bytes() == bytes(model), (rnd, name)
-    with gocryptfs_mount(cipher, mnt, passfile) as root:
+    with gocryptfs_mount(cipher, mountpoint, passfile) as root:
         for name, model in models.items():
             assert (root / name).read_bytes() == bytes(model)
     _gocryptfs_fsck(cipher, passfile)

@@ -27,11 +27,11 @@ import pytest
 
 from fuse_crypt.configfile import format_master_key
 from fuse_crypt.hardening import disable_core_dumps, is_dumpable, wipe
+from tests.fuse_env import needs_fuse
 
 from .cli_helpers import force_unmount, is_mounted
-from .conftest import fuse_available, make_volume
+from .conftest import make_volume
 
-needs_fuse = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="reads other processes' memory")
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import signal
 import socket
@@ -20,48 +21,24 @@ from pathlib import Path
 
 import pytest
 
+from fuse_crypt.daemon import wait_until
 from tests.fuse_crypt.cli_helpers import (
     FC,
     assert_one_line_error,
+    daemon_pids,
     fc,
-    force_unmount,
-    init_volume,
     is_mounted,
-    write_passfile,
 )
-
-PASSWORD = "lifecycle test password"
-
+from tests.fuse_env import needs_fuse
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing"),
+    needs_fuse,
     pytest.mark.timeout(120),
 ]
 
 
-def wait_for(pred, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
-
-
-def daemon_pids(mountpoint: Path) -> list[int]:
-    """PIDs of fuse-crypt processes whose command line names this (unique) mount point."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().split(b"\0")
-        except OSError:
-            continue
-        if b"fuse_crypt.cli" in argv and str(mountpoint).encode() in argv:
-            pids.append(int(entry))
-    return pids
+# Poll until true or the time is up (fuse_crypt.daemon's own helper).
+wait_for = functools.partial(wait_until, timeout=10.0)
 
 
 def stat_errno(path: Path) -> int:
@@ -72,98 +49,81 @@ def stat_errno(path: Path) -> int:
     return 0
 
 
-@pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "passfile", PASSWORD)
-
-
-@pytest.fixture
-def volume(tmp_path: Path, passfile: Path) -> Path:
-    return init_volume(tmp_path / "cipher", passfile)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    for pid in daemon_pids(m):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    force_unmount(m)
-
-
-def mount(volume: Path, mnt: Path, passfile: Path, *extra: str) -> None:
-    proc = fc("mount", "--passfile", passfile, *extra, volume, mnt)
+def mount(cipherdir: Path, mountpoint: Path, passfile: Path, *extra: str) -> None:
+    proc = fc("mount", "--passfile", passfile, *extra, cipherdir, mountpoint)
     assert proc.returncode == 0, proc.stderr
-    assert is_mounted(mnt)
+    assert is_mounted(mountpoint)
 
 
 # --------------------------------------------------------------------------- daemon
 
 
-def test_daemon_detaches_and_holds_no_caller_pipes(volume: Path, mnt: Path, passfile: Path) -> None:
+def test_daemon_detaches_and_holds_no_caller_pipes(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
     # capture_output=True would hang until timeout if the daemon kept our stdout/stderr.
     t0 = time.monotonic()
-    mount(volume, mnt, passfile)
+    mount(cipherdir, mountpoint, passfile)
     assert time.monotonic() - t0 < 30
-    pids = daemon_pids(mnt)
+    pids = daemon_pids(mountpoint)
     assert len(pids) == 1
     with open(f"/proc/{pids[0]}/stat", encoding="ascii") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     assert int(fields[3]) == pids[0] or int(fields[1]) != os.getpid()  # own session, detached
-    assert fc("unmount", mnt).returncode == 0
-    assert wait_for(lambda: not daemon_pids(mnt)), "daemon did not exit after unmount"
+    assert fc("unmount", mountpoint).returncode == 0
+    assert wait_for(lambda: not daemon_pids(mountpoint)), "daemon did not exit after unmount"
 
 
-def test_read_only_mount(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    (mnt / "existing").write_text("before ro")
-    assert fc("unmount", mnt).returncode == 0
-    mount(volume, mnt, passfile, "--ro")
-    assert (mnt / "existing").read_text() == "before ro"
+def test_read_only_mount(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    (mountpoint / "existing").write_text("before ro")
+    assert fc("unmount", mountpoint).returncode == 0
+    mount(cipherdir, mountpoint, passfile, "--ro")
+    assert (mountpoint / "existing").read_text() == "before ro"
     for action in (
-        lambda: (mnt / "new").write_text("x"),
-        lambda: (mnt / "existing").write_text("changed"),
-        lambda: (mnt / "dir").mkdir(),
-        lambda: (mnt / "existing").unlink(),
-        lambda: os.rename(mnt / "existing", mnt / "renamed"),
+        lambda: (mountpoint / "new").write_text("x"),
+        lambda: (mountpoint / "existing").write_text("changed"),
+        lambda: (mountpoint / "dir").mkdir(),
+        lambda: (mountpoint / "existing").unlink(),
+        lambda: os.rename(mountpoint / "existing", mountpoint / "renamed"),
     ):
         with pytest.raises(OSError) as info:
             action()
         assert info.value.errno == errno.EROFS
-    assert (mnt / "existing").read_text() == "before ro"
+    assert (mountpoint / "existing").read_text() == "before ro"
 
 
-def test_allow_other_reaches_the_kernel(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile, "--allow-other")
+def test_allow_other_reaches_the_kernel(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    mount(cipherdir, mountpoint, passfile, "--allow-other")
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        (line,) = [ln for ln in f if ln.split(" ")[4] == str(mnt)]
+        (line,) = [ln for ln in f if ln.split(" ")[4] == str(mountpoint)]
     super_opts = line.rstrip("\n").split(" - ", 1)[1].split(" ")[2]
     assert "allow_other" in super_opts.split(",")
     assert "default_permissions" in super_opts.split(",")
 
 
-def test_unmount_of_a_busy_live_mount_fails_loudly(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    (mnt / "open").write_text("held open")
-    with open(mnt / "open", encoding="utf-8") as held:
-        msg = assert_one_line_error(fc("unmount", mnt), 10)
+def test_unmount_of_a_busy_live_mount_fails_loudly(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    (mountpoint / "open").write_text("held open")
+    with open(mountpoint / "open", encoding="utf-8") as held:
+        msg = assert_one_line_error(fc("unmount", mountpoint), 10)
         assert "busy" in msg.lower()
-        assert is_mounted(mnt) and held.read() == "held open"
-    assert fc("unmount", mnt).returncode == 0
-    assert not is_mounted(mnt)
+        assert is_mounted(mountpoint) and held.read() == "held open"
+    assert fc("unmount", mountpoint).returncode == 0
+    assert not is_mounted(mountpoint)
 
 
-def test_already_mounted_is_refused(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    msg = assert_one_line_error(fc("mount", "--passfile", passfile, volume, mnt), 10)
+def test_already_mounted_is_refused(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    msg = assert_one_line_error(fc("mount", "--passfile", passfile, cipherdir, mountpoint), 10)
     assert "already mounted" in msg
-    assert len(daemon_pids(mnt)) == 1
+    assert len(daemon_pids(mountpoint)) == 1
 
 
 def test_child_failure_is_reported_through_readiness_pipe(
-    volume: Path, mnt: Path, passfile: Path
+    cipherdir: Path, mountpoint: Path, passfile: Path
 ) -> None:
     # Occupy a port so the daemon child fails after the fork, before mounting.
     with socket.socket() as sock:
@@ -171,73 +131,85 @@ def test_child_failure_is_reported_through_readiness_pipe(
         sock.listen()
         port = sock.getsockname()[1]
         proc = fc(
-            "mount", "--passfile", passfile, "--metrics-addr", f"127.0.0.1:{port}", volume, mnt
+            "mount",
+            "--passfile",
+            passfile,
+            "--metrics-addr",
+            f"127.0.0.1:{port}",
+            cipherdir,
+            mountpoint,
         )
     msg = assert_one_line_error(proc, 11)
     assert "metrics" in msg and "in use" in msg
-    assert not is_mounted(mnt)
-    assert wait_for(lambda: not daemon_pids(mnt))
+    assert not is_mounted(mountpoint)
+    assert wait_for(lambda: not daemon_pids(mountpoint))
 
 
-def test_missing_root_diriv_fails_cleanly(volume: Path, mnt: Path, passfile: Path) -> None:
-    (volume / "gocryptfs.diriv").unlink()
-    proc = fc("mount", "--passfile", passfile, volume, mnt)
+def test_missing_root_diriv_fails_cleanly(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
+    (cipherdir / "gocryptfs.diriv").unlink()
+    proc = fc("mount", "--passfile", passfile, cipherdir, mountpoint)
     assert proc.returncode != 0
     assert len(proc.stderr.strip().splitlines()) == 1 and "diriv" in proc.stderr
-    assert not is_mounted(mnt)
+    assert not is_mounted(mountpoint)
 
 
-def test_sigterm_unmounts_cleanly(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    (mnt / "f").write_text("data")
-    (pid,) = daemon_pids(mnt)
+def test_sigterm_unmounts_cleanly(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    (mountpoint / "f").write_text("data")
+    (pid,) = daemon_pids(mountpoint)
     os.kill(pid, signal.SIGTERM)
-    assert wait_for(lambda: not is_mounted(mnt)), "SIGTERM did not unmount"
-    assert wait_for(lambda: not daemon_pids(mnt))
-    mount(volume, mnt, passfile)
-    assert (mnt / "f").read_text() == "data"
+    assert wait_for(lambda: not is_mounted(mountpoint)), "SIGTERM did not unmount"
+    assert wait_for(lambda: not daemon_pids(mountpoint))
+    mount(cipherdir, mountpoint, passfile)
+    assert (mountpoint / "f").read_text() == "data"
 
 
 # --------------------------------------------------------------------------- dead mounts
 
 
-def _kill_daemon(mnt: Path) -> None:
-    (pid,) = daemon_pids(mnt)
+def _kill_daemon(mountpoint: Path) -> None:
+    (pid,) = daemon_pids(mountpoint)
     os.kill(pid, signal.SIGKILL)
-    assert wait_for(lambda: stat_errno(mnt) == errno.ENOTCONN), "no dead mount after SIGKILL"
-    assert is_mounted(mnt)
+    assert wait_for(lambda: stat_errno(mountpoint) == errno.ENOTCONN), "no dead mount after SIGKILL"
+    assert is_mounted(mountpoint)
 
 
-def test_sigkill_then_unmount_cleans_dead_mount(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    (mnt / "f").write_text("before the crash")
-    _kill_daemon(mnt)
-    proc = fc("unmount", mnt)
+def test_sigkill_then_unmount_cleans_dead_mount(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    (mountpoint / "f").write_text("before the crash")
+    _kill_daemon(mountpoint)
+    proc = fc("unmount", mountpoint)
     assert proc.returncode == 0, proc.stderr
-    assert not is_mounted(mnt)
-    assert stat_errno(mnt) == 0
-    mount(volume, mnt, passfile)
-    assert (mnt / "f").read_text() == "before the crash"
+    assert not is_mounted(mountpoint)
+    assert stat_errno(mountpoint) == 0
+    mount(cipherdir, mountpoint, passfile)
+    assert (mountpoint / "f").read_text() == "before the crash"
 
 
-def test_sigkill_then_mount_again_cleans_up_first(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
-    (mnt / "f").write_text("still here")
-    _kill_daemon(mnt)
-    proc = fc("mount", "--passfile", passfile, volume, mnt)
+def test_sigkill_then_mount_again_cleans_up_first(
+    cipherdir: Path, mountpoint: Path, passfile: Path
+) -> None:
+    mount(cipherdir, mountpoint, passfile)
+    (mountpoint / "f").write_text("still here")
+    _kill_daemon(mountpoint)
+    proc = fc("mount", "--passfile", passfile, cipherdir, mountpoint)
     assert proc.returncode == 0, proc.stderr
-    assert (mnt / "f").read_text() == "still here"
+    assert (mountpoint / "f").read_text() == "still here"
     with open("/proc/self/mountinfo", encoding="utf-8") as f:
-        assert sum(line.split(" ")[4] == str(mnt) for line in f) == 1, "stacked mounts left"
+        assert sum(line.split(" ")[4] == str(mountpoint) for line in f) == 1, "stacked mounts left"
 
 
 @contextlib.contextmanager
 def foreground_mount(
-    flag: str, volume: Path, mnt: Path, passfile: Path
+    flag: str, cipherdir: Path, mountpoint: Path, passfile: Path
 ) -> Iterator[subprocess.Popen[str]]:
     """``fuse-crypt mount <flag>`` running in the foreground, past its ready line."""
     proc = subprocess.Popen(
-        [*FC, "mount", flag, "--passfile", str(passfile), str(volume), str(mnt)],
+        [*FC, "mount", flag, "--passfile", str(passfile), str(cipherdir), str(mountpoint)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -252,53 +224,53 @@ def foreground_mount(
             proc.wait()
 
 
-def test_foreground_mount_and_sigkill(volume: Path, mnt: Path, passfile: Path) -> None:
-    with foreground_mount("--foreground", volume, mnt, passfile) as proc:
-        assert is_mounted(mnt)
-        (mnt / "fg").write_text("foreground")
+def test_foreground_mount_and_sigkill(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    with foreground_mount("--foreground", cipherdir, mountpoint, passfile) as proc:
+        assert is_mounted(mountpoint)
+        (mountpoint / "fg").write_text("foreground")
         proc.kill()
         proc.wait(10)
-        assert wait_for(lambda: stat_errno(mnt) == errno.ENOTCONN)
-        assert fc("unmount", mnt).returncode == 0
-        assert not is_mounted(mnt)
+        assert wait_for(lambda: stat_errno(mountpoint) == errno.ENOTCONN)
+        assert fc("unmount", mountpoint).returncode == 0
+        assert not is_mounted(mountpoint)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP])
 def test_foreground_signal_unmounts_and_exits_0(
-    volume: Path, mnt: Path, passfile: Path, sig: int
+    cipherdir: Path, mountpoint: Path, passfile: Path, sig: int
 ) -> None:
-    with foreground_mount("-f", volume, mnt, passfile) as proc:
-        (mnt / "f").write_text("flushed before exit")
+    with foreground_mount("-f", cipherdir, mountpoint, passfile) as proc:
+        (mountpoint / "f").write_text("flushed before exit")
         proc.send_signal(sig)
         assert proc.wait(20) == 0, proc.stderr.read() if proc.stderr else ""
-        assert not is_mounted(mnt)
-    mount(volume, mnt, passfile)
-    assert (mnt / "f").read_text() == "flushed before exit"
+        assert not is_mounted(mountpoint)
+    mount(cipherdir, mountpoint, passfile)
+    assert (mountpoint / "f").read_text() == "flushed before exit"
 
 
 # --------------------------------------------------------------------------- integrity, metrics
 
 
-def _cipher_files(volume: Path) -> list[Path]:
+def _cipher_files(cipherdir: Path) -> list[Path]:
     return [
         p
-        for p in volume.rglob("*")
+        for p in cipherdir.rglob("*")
         if p.is_file() and not p.name.startswith("gocryptfs.") and p.stat().st_size > 18
     ]
 
 
-def test_tampered_block_reads_as_eio(volume: Path, mnt: Path, passfile: Path) -> None:
-    mount(volume, mnt, passfile)
+def test_tampered_block_reads_as_eio(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
+    mount(cipherdir, mountpoint, passfile)
     data = os.urandom(3 * 4096)
-    (mnt / "victim").write_bytes(data)
-    assert fc("unmount", mnt).returncode == 0
-    (cfile,) = _cipher_files(volume)
+    (mountpoint / "victim").write_bytes(data)
+    assert fc("unmount", mountpoint).returncode == 0
+    (cfile,) = _cipher_files(cipherdir)
     raw = bytearray(cfile.read_bytes())
     raw[18 + 4128 + 100] ^= 0x01  # one bit in block 1's ciphertext
     os.chmod(cfile, 0o600)
     cfile.write_bytes(bytes(raw))
-    mount(volume, mnt, passfile)
-    with open(mnt / "victim", "rb") as f:
+    mount(cipherdir, mountpoint, passfile)
+    with open(mountpoint / "victim", "rb") as f:
         assert f.read(4096) == data[:4096]  # block 0 is intact
         with pytest.raises(OSError) as info:
             f.read(4096)
@@ -322,29 +294,29 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def test_metrics_endpoint(volume: Path, mnt: Path, passfile: Path) -> None:
+def test_metrics_endpoint(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
     port = _free_port()
-    mount(volume, mnt, passfile, "--metrics-addr", f"127.0.0.1:{port}")
+    mount(cipherdir, mountpoint, passfile, "--metrics-addr", f"127.0.0.1:{port}")
     payload = os.urandom(10000)
-    (mnt / "m").write_bytes(payload)
-    with open(mnt / "m", "rb", buffering=0) as f:
+    (mountpoint / "m").write_bytes(payload)
+    with open(mountpoint / "m", "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         assert f.read() == payload
     m = _scrape(port)
     info = [k for k in m if k.startswith("fuse_crypt_mount_info{")]
-    assert info and f'mountpoint="{mnt}"' in info[0]
+    assert info and f'mountpoint="{mountpoint}"' in info[0]
     assert m["fuse_crypt_uptime_seconds"] > 0
     assert m["fuse_crypt_cipher_bytes_written_total"] >= 10000 + 18 + 3 * 32
     assert m["fuse_crypt_blocks_encrypted_total"] >= 3
     assert m["fuse_crypt_auth_failures_total"] == 0
     assert any(k.startswith("fuse_crypt_backend_ops_total{") for k in m)
     # Corrupt the file behind the daemon's back: the failure is counted and is EIO.
-    (cfile,) = _cipher_files(volume)
+    (cfile,) = _cipher_files(cipherdir)
     raw = bytearray(cfile.read_bytes())
     raw[40] ^= 0xFF
     os.chmod(cfile, 0o600)
     cfile.write_bytes(bytes(raw))
-    with open(mnt / "m", "rb", buffering=0) as f:
+    with open(mountpoint / "m", "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         with pytest.raises(OSError) as e:
             f.read()
@@ -354,13 +326,15 @@ def test_metrics_endpoint(volume: Path, mnt: Path, passfile: Path) -> None:
     assert m["fuse_crypt_blocks_decrypted_total"] >= 3
 
 
-def test_mountpoint_with_space_and_backslash(volume: Path, passfile: Path, tmp_path: Path) -> None:
+def test_mountpoint_with_space_and_backslash(
+    cipherdir: Path, passfile: Path, tmp_path: Path
+) -> None:
     from fuse_crypt.daemon import find_mount, is_live_mount
 
     odd = tmp_path / "mount point\\with odd\tchars"
     odd.mkdir()
     try:
-        proc = fc("mount", "--passfile", passfile, volume, odd)
+        proc = fc("mount", "--passfile", passfile, cipherdir, odd)
         assert proc.returncode == 0, proc.stderr
         entry = find_mount(str(odd))  # mountinfo escapes these as \040 \134 \011
         assert entry is not None and entry.fstype.startswith("fuse")
@@ -445,4 +419,4 @@ def test_protocol_timeout_stops_child(tmp_path: Path) -> None:
     assert time.monotonic() - t0 < 10
     assert "did not become ready" in str(info.value)
     pid = int(pidfile.read_text())
-    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), 5)
+    assert wait_for(lambda: not os.path.exists(f"/proc/{pid}"), timeout=5)

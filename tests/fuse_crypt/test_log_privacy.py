@@ -15,26 +15,28 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN
+from tests.fuse_env import needs_fuse
 
 from .cli_helpers import force_unmount, init_volume, is_mounted, write_passfile
-from .conftest import CipherView, Volume, fuse_available
+from .conftest import CipherView, Volume
 
 ROOT = Path(__file__).resolve().parents[2]
 MARKER = "patientMARKERx"
 
 
-def _expect_eio(fn: object) -> None:
+def _expect_eio(fn: Callable[[], object]) -> None:
     with pytest.raises(OSError) as ei:
-        fn()  # type: ignore[operator]
+        fn()
     assert ei.value.errno == errno.EIO
 
 
-@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+@needs_fuse
 def test_corruption_logs_name_no_plaintext(tmp_path: Path) -> None:
     passfile = write_passfile(tmp_path / "pw", "log privacy password")
     cipher = init_volume(tmp_path / "cipher", passfile)

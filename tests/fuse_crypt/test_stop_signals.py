@@ -16,7 +16,6 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,39 +23,22 @@ import pytest
 from tests.fuse_crypt.cli_helpers import (
     FC,
     force_unmount,
-    init_volume,
     is_mounted,
-    write_passfile,
 )
+from tests.fuse_env import needs_fuse
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="/dev/fuse missing")
+pytestmark = needs_fuse
 
 STOP_SECONDS = 5.0
 SIGNALS = [signal.SIGINT, signal.SIGTERM, signal.SIGHUP]
 READY = "Filesystem mounted and ready."
 
 
-@pytest.fixture
-def passfile(tmp_path: Path) -> Path:
-    return write_passfile(tmp_path / "passfile", "stop signal test password")
-
-
-@pytest.fixture
-def volume(tmp_path: Path, passfile: Path) -> Path:
-    return init_volume(tmp_path / "cipher", passfile)
-
-
-@pytest.fixture
-def mnt(tmp_path: Path) -> Iterator[Path]:
-    m = tmp_path / "mnt"
-    m.mkdir()
-    yield m
-    force_unmount(m)
-
-
-def _spawn(volume: Path, mnt: Path, passfile: Path, **kw: object) -> subprocess.Popen[str]:
+def _spawn(
+    cipherdir: Path, mountpoint: Path, passfile: Path, **kw: object
+) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [*FC, "mount", "-f", "--passfile", str(passfile), str(volume), str(mnt)],
+        [*FC, "mount", "-f", "--passfile", str(passfile), str(cipherdir), str(mountpoint)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -70,7 +52,7 @@ def _wait_ready(proc: subprocess.Popen[str]) -> None:
 
 
 def _assert_stopped(
-    proc: subprocess.Popen[str], mnt: Path, sig: int, what: str, *, was_ready: bool = True
+    proc: subprocess.Popen[str], mountpoint: Path, sig: int, what: str, *, was_ready: bool = True
 ) -> None:
     """Gone within STOP_SECONDS, nothing mounted, exit 0 once it said ready.  Before
     the mount command reaches serve() the signal's default action may end it (or a
@@ -81,12 +63,12 @@ def _assert_stopped(
     except subprocess.TimeoutExpired:
         proc.kill()
         proc.wait()
-        force_unmount(mnt)
+        force_unmount(mountpoint)
         pytest.fail(f"{what}: still running {STOP_SECONDS}s after {signal.Signals(sig).name}")
     out = proc.stdout.read() if proc.stdout else ""
     err = proc.stderr.read() if proc.stderr else ""
-    left = is_mounted(mnt)
-    force_unmount(mnt)
+    left = is_mounted(mountpoint)
+    force_unmount(mountpoint)
     assert not left, f"{what}: mount left behind (rc={rc}) {err[-300:]}"
     if was_ready or READY in out:
         assert rc == 0, f"{what}: rc={rc} {err[-300:]}"
@@ -94,23 +76,23 @@ def _assert_stopped(
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_signal_at_any_point_of_start_up_stops(
-    volume: Path, mnt: Path, passfile: Path, sig: int
+    cipherdir: Path, mountpoint: Path, passfile: Path, sig: int
 ) -> None:
     """The signal at evenly spread points from spawn to well past readiness (the
     mount is live ~0.1-0.3 s after spawn here), and right at readiness."""
     t0 = time.monotonic()
-    proc = _spawn(volume, mnt, passfile)
+    proc = _spawn(cipherdir, mountpoint, passfile)
     _wait_ready(proc)
     ready_after = time.monotonic() - t0
     proc.send_signal(sig)
-    _assert_stopped(proc, mnt, sig, "at readiness")
+    _assert_stopped(proc, mountpoint, sig, "at readiness")
     steps = 8
     for i in range(steps):
         delay = 1.5 * ready_after * i / (steps - 1)
-        proc = _spawn(volume, mnt, passfile)
+        proc = _spawn(cipherdir, mountpoint, passfile)
         time.sleep(delay)
         proc.send_signal(sig)
-        _assert_stopped(proc, mnt, sig, f"{delay:.3f}s after spawn", was_ready=False)
+        _assert_stopped(proc, mountpoint, sig, f"{delay:.3f}s after spawn", was_ready=False)
 
 
 def _tgkill(pid: int, tid: int, sig: int) -> None:
@@ -139,42 +121,44 @@ def _threads_taking(pid: int, sig: int) -> list[int]:
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="tgkill syscall number")
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_signal_landing_on_another_thread_stops(
-    volume: Path, mnt: Path, passfile: Path, sig: int
+    cipherdir: Path, mountpoint: Path, passfile: Path, sig: int
 ) -> None:
     """Before the fix libfuse's handler ran there and set its flag, and nobody
     looked: an idle daemon served on until the next request came (none did)."""
-    proc = _spawn(volume, mnt, passfile)
+    proc = _spawn(cipherdir, mountpoint, passfile)
     _wait_ready(proc)
     time.sleep(0.3)  # idle: no request in flight whose worker would notice the flag
     tids = _threads_taking(proc.pid, sig)
     assert tids, "no thread besides the main one takes the signal"
     _tgkill(proc.pid, tids[-1], sig)
-    _assert_stopped(proc, mnt, sig, f"signal on thread {tids[-1]}")
+    _assert_stopped(proc, mountpoint, sig, f"signal on thread {tids[-1]}")
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=lambda s: signal.Signals(s).name)
 def test_inherited_ignored_signal_still_stops(
-    volume: Path, mnt: Path, passfile: Path, sig: int
+    cipherdir: Path, mountpoint: Path, passfile: Path, sig: int
 ) -> None:
     """A shell starts background jobs with SIGINT ignored, nohup ignores SIGHUP:
     libfuse then installed no handler and the signal did nothing at all."""
-    proc = _spawn(volume, mnt, passfile, preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN))
+    proc = _spawn(
+        cipherdir, mountpoint, passfile, preexec_fn=lambda: signal.signal(sig, signal.SIG_IGN)
+    )
     _wait_ready(proc)
     proc.send_signal(sig)
-    _assert_stopped(proc, mnt, sig, "inherited SIG_IGN")
+    _assert_stopped(proc, mountpoint, sig, "inherited SIG_IGN")
 
 
-def test_signal_while_busy_with_io_stops(volume: Path, mnt: Path, passfile: Path) -> None:
+def test_signal_while_busy_with_io_stops(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
     """SIGTERM while another process keeps files open and writes: the daemon still
     ends (as libfuse does on a signal, the mount is detached lazily)."""
-    proc = _spawn(volume, mnt, passfile)
+    proc = _spawn(cipherdir, mountpoint, passfile)
     _wait_ready(proc)
     writer = subprocess.Popen(
         [
             "bash",
             "-c",
-            f"while :; do head -c 300000 /dev/urandom > {mnt}/busy; cat {mnt}/busy >/dev/null;"
-            " done",
+            f"while :; do head -c 300000 /dev/urandom > {mountpoint}/busy;"
+            f" cat {mountpoint}/busy >/dev/null; done",
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -182,7 +166,7 @@ def test_signal_while_busy_with_io_stops(volume: Path, mnt: Path, passfile: Path
     try:
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
-        _assert_stopped(proc, mnt, signal.SIGTERM, "busy with I/O")
+        _assert_stopped(proc, mountpoint, signal.SIGTERM, "busy with I/O")
     finally:
         writer.kill()
         writer.wait()

@@ -54,12 +54,6 @@ RESOURCES = {
 
 
 @pytest.fixture
-def aa() -> Iterator[AaServer]:
-    with short_tmpdir() as d, AaServer(f"{d}/aa.sock") as server:
-        yield server
-
-
-@pytest.fixture
 def cdh() -> Iterator[CdhServer]:
     with short_tmpdir() as d, CdhServer(f"{d}/cdh.sock", RESOURCES) as server:
         yield server

@@ -29,10 +29,8 @@ from sealed_secrets.errors import (  # noqa: E402
 )
 from sealed_secrets.providers import aliyun  # noqa: E402
 from sealed_secrets.unseal import unseal_secret  # noqa: E402
-from tests.sealed_secrets.peer_loader import load_peer
+from tests.peers import aliyun_kms as kms_peer
 from tests.sealed_secrets.vectors_coco import TEST_KEY
-
-kms_peer = load_peer("aliyun_kms")
 
 SIGNING = jwk.JWK(**TEST_KEY)
 KEY_ID = "key-cmk-0001"

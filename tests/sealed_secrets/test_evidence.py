@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterator
 
 import grpc
 import pytest
@@ -19,16 +18,9 @@ import rfc8785
 from sealed_secrets import evidence as ev
 from sealed_secrets.errors import AttestationError
 from tests.peers.aa_server import AaServer
-from tests.peers.harness import short_tmpdir
 
 NONCE = "bm9uY2U"
 PUB = {"kty": "EC", "crv": "P-256", "alg": "ECDH-ES+A256KW", "x": "eA", "y": "eQ"}
-
-
-@pytest.fixture
-def aa() -> Iterator[AaServer]:
-    with short_tmpdir() as d, AaServer(f"{d}/aa.sock") as server:
-        yield server
 
 
 def test_canonical_runtime_data_is_jcs_of_the_three_or_two_members() -> None:
@@ -131,7 +123,7 @@ def test_rpc_failures_name_the_rpc_and_code(aa: AaServer, code: grpc.StatusCode)
         with pytest.raises(AttestationError) as info:
             call()
         assert str(info.value) == f"attestation agent {rpc} failed: code={code.name}"
-        assert info.value.grpc_code == code  # type: ignore[attr-defined]
+        assert info.value.grpc_code == code
 
 
 def test_only_unsupported_means_no_additional_devices(aa: AaServer) -> None:

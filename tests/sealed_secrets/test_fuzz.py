@@ -197,7 +197,7 @@ def test_payload_a_is_fixed_point() -> None:
 TEE_KEYS = {"ec": None, "rsa": None}
 
 
-def _tee_key(kind: str):  # type: ignore[no-untyped-def]
+def _tee_key(kind: str):
     from sealed_secrets.jwe import TeeKeyPair
 
     if TEE_KEYS[kind] is None:
@@ -345,7 +345,7 @@ DEEP = 200_000
     ],
     ids=["deep-header", "deep-header-member"],
 )
-def test_deep_json_in_sealed_strings(builder) -> None:  # type: ignore[no-untyped-def]
+def test_deep_json_in_sealed_strings(builder) -> None:
     import time
 
     started = time.monotonic()

@@ -350,7 +350,7 @@ def test_parse_errors_say_what_is_wrong_and_where(
     """The error text is the CLI's one line (and the CSI status detail): it names the section
     and the rule, never the data."""
     with pytest.raises(exc) as info:
-        jws.parse(text)  # type: ignore[arg-type]
+        jws.parse(text)
     assert type(info.value) is exc and str(info.value) == message
 
 

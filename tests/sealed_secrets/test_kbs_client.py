@@ -7,7 +7,6 @@ import hashlib
 import json
 import socket
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -44,12 +43,6 @@ def client_for(kbs: KbsServer, aa: AaServer, **kw: Any) -> KbsClient:
     if not kbs.ca_path:
         kw.setdefault("insecure_http", True)
     return KbsClient(kbs.url, evidence_provider=AaEvidenceProvider(aa.target), **kw)
-
-
-@pytest.fixture
-def peers() -> Iterator[tuple[KbsServer, AaServer]]:
-    with kbs_and_aa() as pair:
-        yield pair
 
 
 # --- the derived vector of coco-interfaces.md 6.4 ------------------------------------------

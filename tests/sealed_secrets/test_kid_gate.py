@@ -67,19 +67,19 @@ def forged(kid: str) -> str:
 
 
 @pytest.fixture
-def peers() -> Iterator[tuple[KbsServer, AaServer]]:
+def kid_peers() -> Iterator[tuple[KbsServer, AaServer]]:
     with kbs_and_aa(RESOURCES) as pair:
         yield pair
 
 
-def _error(fn) -> SealedSecretError:  # type: ignore[no-untyped-def]
+def _error(fn) -> SealedSecretError:
     with pytest.raises(SealedSecretError) as err:
         fn()
     return err.value
 
 
-def test_forged_kids_send_nothing_and_all_fail_alike(peers: tuple[KbsServer, AaServer]) -> None:
-    kbs, aa = peers
+def test_forged_kids_send_nothing_and_all_fail_alike(kid_peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = kid_peers
     r = build_resolver(kbs_spec(kbs, aa, "&retries=0"), cache_ttl=0)
     answers = set()
     for kid in HOSTILE_KIDS:
@@ -91,9 +91,9 @@ def test_forged_kids_send_nothing_and_all_fail_alike(peers: tuple[KbsServer, AaS
     assert answers == {repr(UnsealFailed(UNSEAL_FAILED))}
 
 
-def test_allowed_kid_failures_are_indistinguishable(peers: tuple[KbsServer, AaServer]) -> None:
+def test_allowed_kid_failures_are_indistinguishable(kid_peers: tuple[KbsServer, AaServer]) -> None:
     """Missing key, key denied by policy, bad signature, unknown kid: one answer."""
-    kbs, aa = peers
+    kbs, aa = kid_peers
     kbs.state.deny.append("denied/*")
     r = build_resolver(kbs_spec(kbs, aa, "&retries=0"), cache_ttl=0)
     allow = (*ALLOWED, "kbs:///denied/signing-key/", "kbs:///default/missing-key/")
@@ -117,8 +117,8 @@ def test_allowed_kid_failures_are_indistinguishable(peers: tuple[KbsServer, AaSe
     assert "/kbs/v0/resource/default/other/x" not in paths
 
 
-def test_unreachable_kbs_is_the_one_distinct_answer(peers: tuple[KbsServer, AaServer]) -> None:
-    kbs, aa = peers
+def test_unreachable_kbs_is_the_one_distinct_answer(kid_peers: tuple[KbsServer, AaServer]) -> None:
+    kbs, aa = kid_peers
     r = build_resolver(kbs_spec(kbs, aa, "&retries=0"), cache_ttl=0)
     kbs.inject("*", "status", 503, count=10)
     err = _error(lambda: r.unseal(VECTOR_A, allowed_kids=ALLOWED))
@@ -185,7 +185,7 @@ def test_cdh_resolver_applies_the_gate_before_cdh() -> None:
     from sealed_secrets.resolver import CdhResolver
 
     cdh = Cdh()
-    r = CdhResolver(cdh)  # type: ignore[arg-type]
+    r = CdhResolver(cdh)
     for kid in HOSTILE_KIDS:
         with pytest.raises(UnsealFailed):
             r.unseal(forged(kid), allowed_kids=ALLOWED)

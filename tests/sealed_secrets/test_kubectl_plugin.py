@@ -20,7 +20,7 @@ from sealed_secrets import jws, kubectl_plugin
 from sealed_secrets.providers import asym
 from sealed_secrets.unseal import unseal_secret
 from tests.console_scripts import console_script
-from tests.sealed_secrets.peer_loader import load_peer
+from tests.peers import kube_apiserver as apiserver_peer
 from tests.sealed_secrets.vectors_coco import TEST_KEY
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,7 +31,6 @@ KEY_URI = "kbs:///default/sealing-key/asym"
 LITERAL = "literal-pa55w0rd-!@#"
 FILE_VALUE = b"file-value-\x00\x01binary"
 ENV_VALUE = "env-value-token-xyz"
-apiserver_peer = load_peer("kube_apiserver")
 
 
 @pytest.fixture()

@@ -50,13 +50,13 @@ CDH_RESOURCES = {
 
 
 @pytest.fixture
-def aa() -> Iterator[AaServer]:
+def ttrpc_aa() -> Iterator[AaServer]:
     with short_tmpdir() as d, AaServer(f"{d}/aa.sock", transport="ttrpc") as server:
         yield server
 
 
 @pytest.fixture
-def cdh() -> Iterator[CdhServer]:
+def ttrpc_cdh() -> Iterator[CdhServer]:
     with short_tmpdir() as d, CdhServer(f"{d}/cdh.sock", CDH_RESOURCES, transport="ttrpc") as s:
         yield s
 
@@ -68,10 +68,10 @@ def ttrpc_log(peer: AaServer | CdhServer) -> list[tuple[int, str, str, int]]:
 # --- Attestation Agent over ttrpc -------------------------------------------------------------
 
 
-def test_aa_sample_evidence_over_ttrpc(aa: AaServer) -> None:
-    assert aa.target.startswith("unix://")  # plain unix:// is ttrpc, CoCo's default
-    p = AaEvidenceProvider(aa.target)
-    assert p.target == f"ttrpc+unix://{aa.socket_path}"
+def test_aa_sample_evidence_over_ttrpc(ttrpc_aa: AaServer) -> None:
+    assert ttrpc_aa.target.startswith("unix://")  # plain unix:// is ttrpc, CoCo's default
+    p = AaEvidenceProvider(ttrpc_aa.target)
+    assert p.target == f"ttrpc+unix://{ttrpc_aa.socket_path}"
     assert p.tee_type() == "sample"
     report = bytes(range(48))
     assert json.loads(p.primary_evidence(report)) == {
@@ -80,7 +80,7 @@ def test_aa_sample_evidence_over_ttrpc(aa: AaServer) -> None:
     }
     extra = json.loads(p.additional_evidence(report))
     assert "sample-device" in extra
-    log = ttrpc_log(aa)
+    log = ttrpc_log(ttrpc_aa)
     assert [sid for sid, *_ in log] == [1, 3, 5]  # odd, +2 per call on one connection
     assert [m for _, _, m, _ in log] == ["GetTeeType", "GetEvidence", "GetAdditionalEvidence"]
     assert all(s == AA_SERVICE for _, s, _, _ in log)
@@ -88,24 +88,24 @@ def test_aa_sample_evidence_over_ttrpc(aa: AaServer) -> None:
     p.close()
 
 
-def test_aa_status_codes_map_like_grpc(aa: AaServer) -> None:
-    p = AaEvidenceProvider(aa.target)
-    aa.inject("GetEvidence", grpc.StatusCode.INTERNAL)
+def test_aa_status_codes_map_like_grpc(ttrpc_aa: AaServer) -> None:
+    p = AaEvidenceProvider(ttrpc_aa.target)
+    ttrpc_aa.inject("GetEvidence", grpc.StatusCode.INTERNAL)
     with pytest.raises(AttestationError, match="GetEvidence failed: code=INTERNAL"):
         p.primary_evidence(b"r")
     for code in (grpc.StatusCode.UNIMPLEMENTED, grpc.StatusCode.NOT_FOUND):
-        aa.inject("GetAdditionalEvidence", code)  # older AA / codegen "not supported"
+        ttrpc_aa.inject("GetAdditionalEvidence", code)  # older AA / codegen "not supported"
         assert p.additional_evidence(b"r") == ""
-    aa.inject("GetAdditionalEvidence", grpc.StatusCode.UNAVAILABLE)
+    ttrpc_aa.inject("GetAdditionalEvidence", grpc.StatusCode.UNAVAILABLE)
     with pytest.raises(AttestationError, match="UNAVAILABLE"):
         p.additional_evidence(b"r")
 
 
 @pytest.mark.parametrize("tee", ["", "x" * 33, "td x", "tdx\n", "../tdx"])
-def test_aa_unusable_tee_type_is_attestation_error(aa: AaServer, tee: str) -> None:
-    aa.tee = tee
+def test_aa_unusable_tee_type_is_attestation_error(ttrpc_aa: AaServer, tee: str) -> None:
+    ttrpc_aa.tee = tee
     with pytest.raises(AttestationError, match="no usable TEE type"):
-        AaEvidenceProvider(aa.target).tee_type()
+        AaEvidenceProvider(ttrpc_aa.target).tee_type()
 
 
 def test_kbs_flow_through_ttrpc_aa() -> None:
@@ -149,38 +149,38 @@ def test_spec_spells_transport_explicitly() -> None:
 # --- Confidential Data Hub over ttrpc ---------------------------------------------------------
 
 
-def test_cdh_resources_and_unsealing_over_ttrpc(cdh: CdhServer) -> None:
-    r = build_resolver(f"cdh:{cdh.target}", cache_ttl=30)
+def test_cdh_resources_and_unsealing_over_ttrpc(ttrpc_cdh: CdhServer) -> None:
+    r = build_resolver(f"cdh:{ttrpc_cdh.target}", cache_ttl=30)
     assert r.get_resource(R1) == CDH_RESOURCES["default/key/1"]
     assert r.get_resource(R1) == CDH_RESOURCES["default/key/1"]
-    assert cdh.calls["GetResource"] == 1
+    assert ttrpc_cdh.calls["GetResource"] == 1
     with pytest.raises(UnsealFailed):  # the kid gate still applies before CDH
         r.unseal(VECTOR_A)
     assert r.unseal(VECTOR_A, allowed_kids=[KID]) == PLAIN
-    c = CdhClient(f"ttrpc+unix://{cdh.socket_path}")
+    c = CdhClient(f"ttrpc+unix://{ttrpc_cdh.socket_path}")
     with pytest.raises(ProviderError, match="code=INTERNAL"):
         c.unseal(VECTOR_C)  # unsigned: CDH refuses, INTERNAL as upstream
     with pytest.raises(KbsError, match="not found"):
         c.get_resource("kbs:///default/key/404")
-    services = {s for _, s, _, _ in ttrpc_log(cdh)}
+    services = {s for _, s, _, _ in ttrpc_log(ttrpc_cdh)}
     assert services == {"api.GetResourceService", "api.SealedSecretService"}
 
 
-def test_cdh_unavailable_and_deadlines(cdh: CdhServer) -> None:
-    cdh.inject("GetResource", grpc.StatusCode.UNAVAILABLE)
+def test_cdh_unavailable_and_deadlines(ttrpc_cdh: CdhServer) -> None:
+    ttrpc_cdh.inject("GetResource", grpc.StatusCode.UNAVAILABLE)
     with pytest.raises(KbsUnavailable, match="UNAVAILABLE"):
-        CdhClient(cdh.target).get_resource(R1)
-    cdh.inject("GetResource", 1.0)
+        CdhClient(ttrpc_cdh.target).get_resource(R1)
+    ttrpc_cdh.inject("GetResource", 1.0)
     started = time.monotonic()
     with pytest.raises(KbsUnavailable, match="DEADLINE_EXCEEDED"):
-        CdhClient(cdh.target, timeout=0.3).get_resource(R1)
+        CdhClient(ttrpc_cdh.target, timeout=0.3).get_resource(R1)
     assert time.monotonic() - started < 0.9  # the client's deadline, not the server's delay
 
 
-def test_server_side_timeout_nano_is_deadline_exceeded(cdh: CdhServer) -> None:
+def test_server_side_timeout_nano_is_deadline_exceeded(ttrpc_cdh: CdhServer) -> None:
     """The server applies timeout_nano (ttrpc-rust answers 4 "timeout")."""
-    cdh.inject("GetResource", 0.6)
-    client = TtrpcClient(cdh.socket_path)
+    ttrpc_cdh.inject("GetResource", 0.6)
+    client = TtrpcClient(ttrpc_cdh.socket_path)
     from coco_proto import confidential_data_hub_pb2 as pb
 
     payload = pb.GetResourceRequest(ResourcePath=R1).SerializeToString()
@@ -214,35 +214,35 @@ def test_socket_absent_is_unavailable() -> None:
     ],
 )
 def test_wire_faults_are_typed_errors(
-    cdh: CdhServer, fault: str, cls: type[Exception], code: str
+    ttrpc_cdh: CdhServer, fault: str, cls: type[Exception], code: str
 ) -> None:
-    client = CdhClient(cdh.target, timeout=1.0)
-    cdh.inject("GetResource", fault)
+    client = CdhClient(ttrpc_cdh.target, timeout=1.0)
+    ttrpc_cdh.inject("GetResource", fault)
     with pytest.raises(cls, match=f"code={code}"):
         client.get_resource(R1)
     # the client recovers: a fresh connection (or the same one) serves the next call
     assert client.get_resource(R1) == CDH_RESOURCES["default/key/1"]
 
 
-def test_reply_on_foreign_stream_is_ignored(cdh: CdhServer) -> None:
-    cdh.inject("GetResource", "wrong-stream")
-    client = CdhClient(cdh.target, timeout=2)
+def test_reply_on_foreign_stream_is_ignored(ttrpc_cdh: CdhServer) -> None:
+    ttrpc_cdh.inject("GetResource", "wrong-stream")
+    client = CdhClient(ttrpc_cdh.target, timeout=2)
     assert client.get_resource(R1) == b""  # the real (empty) reply on our stream wins
 
 
-def test_oversized_request_is_refused_before_sending(cdh: CdhServer) -> None:
-    client = CdhClient(cdh.target)
+def test_oversized_request_is_refused_before_sending(ttrpc_cdh: CdhServer) -> None:
+    client = CdhClient(ttrpc_cdh.target)
     with pytest.raises(ProviderError, match="RESOURCE_EXHAUSTED"):
         client.unseal("sealed." + "a" * MAX_MESSAGE)
-    assert cdh.calls["UnsealSecret"] == 0 and ttrpc_log(cdh) == []
+    assert ttrpc_cdh.calls["UnsealSecret"] == 0 and ttrpc_log(ttrpc_cdh) == []
     assert client.get_resource(R1) == CDH_RESOURCES["default/key/1"]
-    assert ttrpc_log(cdh)[0][0] == 1  # no stream id was spent on the refused call
+    assert ttrpc_log(ttrpc_cdh)[0][0] == 1  # no stream id was spent on the refused call
 
 
-def test_peer_answers_oversized_request_frame(cdh: CdhServer) -> None:
+def test_peer_answers_oversized_request_frame(ttrpc_cdh: CdhServer) -> None:
     """A request frame over 4 MiB is discarded by the server and answered on its stream."""
     with socket.socket(socket.AF_UNIX) as s:
-        s.connect(cdh.socket_path)
+        s.connect(ttrpc_cdh.socket_path)
         s.settimeout(5)
         s.sendall(struct.pack(">IIBB", MAX_MESSAGE + 1, 1, 1, 0) + b"\0" * (MAX_MESSAGE + 1))
         header = s.recv(10, socket.MSG_WAITALL)
@@ -252,9 +252,9 @@ def test_peer_answers_oversized_request_frame(cdh: CdhServer) -> None:
     assert ttrpc_pb2.Response.FromString(body).status.code == 3
 
 
-def test_concurrent_calls_multiplex_and_overtake(cdh: CdhServer) -> None:
-    client = CdhClient(cdh.target, timeout=5)
-    cdh.inject("GetResource", 0.5)  # the first call is slow
+def test_concurrent_calls_multiplex_and_overtake(ttrpc_cdh: CdhServer) -> None:
+    client = CdhClient(ttrpc_cdh.target, timeout=5)
+    ttrpc_cdh.inject("GetResource", 0.5)  # the first call is slow
     results: dict[str, bytes] = {}
 
     def slow() -> None:
@@ -268,17 +268,17 @@ def test_concurrent_calls_multiplex_and_overtake(cdh: CdhServer) -> None:
     assert time.monotonic() - started < 0.4  # answered while the slow call was pending
     t.join(5)
     assert results["slow"] == CDH_RESOURCES["default/key/1"]
-    assert sorted(sid for sid, *_ in ttrpc_log(cdh)) == [1, 3]
+    assert sorted(sid for sid, *_ in ttrpc_log(ttrpc_cdh)) == [1, 3]
 
 
-def test_many_threads_one_client(cdh: CdhServer) -> None:
+def test_many_threads_one_client(ttrpc_cdh: CdhServer) -> None:
     import concurrent.futures
 
-    client = CdhClient(cdh.target, timeout=5)
+    client = CdhClient(ttrpc_cdh.target, timeout=5)
     with concurrent.futures.ThreadPoolExecutor(max_workers=8) as pool:
         got = list(pool.map(lambda _: client.get_resource(R1), range(40)))
     assert got == [CDH_RESOURCES["default/key/1"]] * 40
-    sids = sorted(sid for sid, *_ in ttrpc_log(cdh))
+    sids = sorted(sid for sid, *_ in ttrpc_log(ttrpc_cdh))
     assert sids == list(range(1, 81, 2))
 
 
@@ -318,22 +318,22 @@ def test_kbs_resolver_surfaces_the_mismatch() -> None:
         assert kbs.calls["auth"] == 0
 
 
-def test_untimed_call_works(cdh: CdhServer) -> None:
+def test_untimed_call_works(ttrpc_cdh: CdhServer) -> None:
     from coco_proto import confidential_data_hub_pb2 as pb
 
-    client = TtrpcClient(cdh.socket_path)
+    client = TtrpcClient(ttrpc_cdh.socket_path)
     payload = pb.GetResourceRequest(ResourcePath=R1).SerializeToString()
     reply = client.call("api.GetResourceService", "GetResource", payload, timeout=None)
     assert pb.GetResourceResponse.FromString(reply).Resource == CDH_RESOURCES["default/key/1"]
-    assert ttrpc_log(cdh)[0][3] == 0  # no deadline: timeout_nano 0
+    assert ttrpc_log(ttrpc_cdh)[0][3] == 0  # no deadline: timeout_nano 0
     client.close()
 
 
-def test_grpc_spec_on_a_ttrpc_socket_says_ttrpc(aa: AaServer) -> None:
-    assert sniff_transport(aa.socket_path) == "ttrpc"
+def test_grpc_spec_on_a_ttrpc_socket_says_ttrpc(ttrpc_aa: AaServer) -> None:
+    assert sniff_transport(ttrpc_aa.socket_path) == "ttrpc"
     started = time.monotonic()
     with pytest.raises(TransportMismatch) as info:
-        AaEvidenceProvider(f"grpc+unix://{aa.socket_path}").tee_type()
+        AaEvidenceProvider(f"grpc+unix://{ttrpc_aa.socket_path}").tee_type()
     assert time.monotonic() - started < 2  # not the 30 s gRPC deadline
     msg = str(info.value)
     assert "speaks ttrpc, not gRPC" in msg and "ttrpc+unix://" in msg and "\n" not in msg
