@@ -23,6 +23,7 @@ SCANNED = ("fuse_crypt", "sealed_secrets", "csi_driver", "bench")
 SURFACES: dict[str, list[str]] = {
     "fuse_crypt": [
         "backend",
+        "blockfront",
         "cli",
         "configfile",
         "errors",
@@ -43,7 +44,17 @@ SURFACES: dict[str, list[str]] = {
         "Stat",
         "StorageBackend",
     ],
-    "fuse_crypt.fusefrontend": ["serve"],
+    "fuse_crypt.blockfront": [
+        "DISK_NAME",
+        "FSNAME",
+        "CryptDevice",
+        "DeviceError",
+        "cli",
+        "device_size",
+        "open_device",
+        "serve_block",
+    ],
+    "fuse_crypt.fusefrontend": ["MAX_IO", "CryptFUSE", "StopSignals", "serve"],
     "sealed_secrets": ["cli", "errors", "kubectl_plugin", "resolver", "resource_uri", "seal"],
     "sealed_secrets.providers": [
         "ASYM",
