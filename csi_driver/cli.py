@@ -62,6 +62,14 @@ def _parser() -> argparse.ArgumentParser:
         "(without it and without --backend-root, cipherDir is refused)",
     )
     n.add_argument(
+        "--block-image-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="(repeatable; tests/operators) a block volume's devicePath may be an image file "
+        "below DIR (default: block devices under /dev only)",
+    )
+    n.add_argument(
         "--allowed-key-resource",
         action="append",
         default=[],
@@ -174,6 +182,7 @@ def _run_node(args: argparse.Namespace) -> int:
         metrics=metrics,
         kubelet_dir=args.kubelet_dir,
         cipher_roots=args.cipher_dir_root,
+        block_image_roots=args.block_image_root,
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,

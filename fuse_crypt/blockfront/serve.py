@@ -62,7 +62,7 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
         if config_3 is not None:
             config_3.use_ino = 1
             config_3.nullpath_ok = 1
-            # The size changes only by NodeExpandVolume (refresh on SIGUSR1... or getattr).
+            # The size changes when the disk grows: getattr re-reads it, never cached.
             config_3.attr_timeout = 0.0
             config_3.entry_timeout = 1.0
         self.initialized.set()
@@ -89,6 +89,10 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
             )
             return st, 0
         mode = 0o400 if self.dev.read_only else 0o600
+        if self.dev.fixed_size is None:
+            # A grown disk shows at once (`losetup -c` re-reads the size through here).
+            with contextlib.suppress(OSError):
+                self.dev.refresh_size()
         size = self.dev.size
         st = Stat(
             stat.S_IFREG | mode,

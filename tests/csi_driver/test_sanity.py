@@ -350,12 +350,13 @@ def test_controller_clone_without_clone_volume_is_invalid_argument(sc: Sanity) -
         ),
     ],
 )
-def test_node_unadvertised_rpcs_are_unimplemented(
+def test_node_staging_rpcs_are_advertised_and_validate(
     sc: Sanity, needs: str, calls: list[tuple[str, object]]
 ) -> None:
-    """NodeStage/NodeUnstage (and NodeExpand) specs run only with their capability; we do not
-    advertise it, so the RPCs must answer UNIMPLEMENTED, never act on the request."""
-    assert NodeRPC.Value(needs) not in sc.node_caps(), f"{needs} is advertised but not ported"
+    """NodeStage/NodeUnstage and NodeExpand serve block volumes (docs/block.md); they are
+    advertised, and a request whose path lies outside the kubelet dir is refused as
+    INVALID_ARGUMENT before anything is done."""
+    assert NodeRPC.Value(needs) in sc.node_caps(), f"{needs} is not advertised"
     for method, request in calls:
         code = code_of(getattr(sc.node.node, method), request)
-        assert code == grpc.StatusCode.UNIMPLEMENTED, (method, code)
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code)

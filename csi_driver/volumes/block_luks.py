@@ -1,0 +1,193 @@
+"""The userspace engine's LUKS2 step: make a container, or unlock one to its volume key.
+
+Two implementations of one small seam (``LuksEngine``):
+
+* ``UserspaceLuks``: ``fuse_crypt.luks2`` (pure Python): the header is read once into guest
+  memory, checked against the accepted profiles, bound to the key, and unlocked from that
+  copy (docs/block.md). The default whenever the library is present.
+* ``CryptsetupOfflineLuks``: cryptsetup 2.6 commands that need no device-mapper
+  (``luksFormat``, ``luksDump --dump-volume-key``): the interim engine until the library
+  lands and the oracle the tests compare with. It trusts cryptsetup's header parsing (the
+  segment it reports is still checked here: cipher, sector size, offsets, no integrity).
+
+Both hand back the volume key and the data segment's geometry, which the block daemon
+(``fuse-crypt block-serve``) gets on stdin and as flags.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from csi_driver import errors
+from csi_driver.proc import tail
+
+KDF_TIMEOUT = 120.0
+CIPHERS = ("aes-xts-plain64", "aes-xts-plain")
+SECTOR_SIZE = 4096
+
+
+@dataclass(frozen=True)
+class Unlocked:
+    """An opened container: its volume key (never shown) and data segment."""
+
+    volume_key: bytes = field(repr=False)
+    offset: int
+    size: int | None  # None: dynamic (to the end of the device)
+    sector_size: int
+    cipher: str
+
+
+class LuksEngine(Protocol):
+    name: str
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        """Write a new LUKS2 container (CDH's profile) on an empty device."""
+
+    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+        """Unlock; WrongVolumeKey if the key does not open it, FailedPrecondition if the
+        header is not one we accept. Never writes to the device."""
+
+
+def check_segment(seg: dict[str, object]) -> tuple[int, int | None, int, str]:
+    """The accepted data segment (luks2.md §5.4 item 7), from already-parsed JSON."""
+    cipher = seg.get("encryption")
+    ok = (
+        seg.get("type") == "crypt"
+        and cipher in CIPHERS
+        and seg.get("sector_size") == SECTOR_SIZE
+        and seg.get("iv_tweak") == "0"
+        and isinstance(seg.get("offset"), str)
+        and re.fullmatch(r"[0-9]{1,19}", str(seg.get("offset")))
+        and (seg.get("size") == "dynamic" or re.fullmatch(r"[0-9]{1,19}", str(seg.get("size"))))
+        and "flags" not in seg
+    )
+    if "integrity" in seg:
+        raise errors.FailedPrecondition(
+            "the volume uses dm-integrity (dataIntegrity): only the kernel engine opens it"
+        )
+    if not ok:
+        raise errors.FailedPrecondition("the LUKS2 data segment is not a profile this node accepts")
+    offset = int(str(seg["offset"]))
+    size = None if seg["size"] == "dynamic" else int(str(seg["size"]))
+    if offset % SECTOR_SIZE or (size is not None and (size == 0 or size % SECTOR_SIZE)):
+        raise errors.FailedPrecondition("the LUKS2 data segment is not sector-aligned")
+    return offset, size, SECTOR_SIZE, str(cipher)
+
+
+class CryptsetupOfflineLuks:
+    name = "cryptsetup-offline"
+    FORMAT = ["--type", "luks2", "--cipher", "aes-xts-plain64", "--sector-size", "4096"]
+
+    def _bin(self) -> str:
+        tool = shutil.which("cryptsetup")
+        if tool is None:
+            raise errors.FailedPrecondition("cryptsetup is not installed")
+        return tool
+
+    def _run(self, args: list[str], passphrase: bytes | None) -> subprocess.CompletedProcess[bytes]:
+        try:
+            return subprocess.run(
+                [self._bin(), "--batch-mode", *args],
+                input=passphrase,
+                capture_output=True,
+                timeout=KDF_TIMEOUT,
+            )
+        except subprocess.TimeoutExpired:
+            raise errors.DeadlineExceeded("cryptsetup timed out") from None
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        kdf = ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"] if high_entropy else []
+        res = self._run(["luksFormat", *self.FORMAT, *kdf, "--key-file", "-", device], passphrase)
+        if res.returncode != 0:
+            raise errors.Internal(
+                f"luksFormat failed: {tail(res.stderr.decode('utf-8', 'replace'))}"
+            )
+
+    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+        meta = self._run(["luksDump", "--dump-json-metadata", device], None)
+        if meta.returncode != 0:
+            raise errors.FailedPrecondition("the device holds no LUKS2 container")
+        try:
+            doc = json.loads(meta.stdout)
+            segments = doc["segments"]
+        except (ValueError, KeyError, TypeError):
+            raise errors.FailedPrecondition("unreadable LUKS2 metadata") from None
+        if not isinstance(segments, dict) or set(segments) != {"0"}:
+            raise errors.FailedPrecondition("the LUKS2 container must have exactly one segment")
+        offset, size, sector, cipher = check_segment(segments["0"])
+        res = self._run(["luksDump", "--dump-volume-key", "--key-file", "-", device], passphrase)
+        if res.returncode == 2:
+            raise errors.WrongVolumeKey("the volume key does not open this LUKS2 container")
+        if res.returncode != 0:
+            raise errors.FailedPrecondition("cryptsetup cannot unlock the container")
+        block = res.stdout.decode("ascii", "replace").split("MK dump:", 1)[-1]
+        key = bytes.fromhex("".join(re.findall(r"\b[0-9a-f]{2}\b", block)))
+        if len(key) not in (32, 64):
+            raise errors.FailedPrecondition("unexpected volume key size")
+        return Unlocked(key, offset, size, sector, cipher)
+
+
+class UserspaceLuks:
+    """fuse_crypt.luks2: header read once, validated and bound to the key, in the guest."""
+
+    name = "userspace"
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        import os
+
+        from fuse_crypt.blockfront import open_device
+
+        luks2 = _library()
+        fd = open_device(device, allow_regular=True)
+        try:
+            kdf = "pbkdf2" if high_entropy else "argon2id"
+            opened = luks2.format_volume(fd, passphrase, sector_size=SECTOR_SIZE, kdf=kdf)
+            del opened
+            os.fsync(fd)
+        except luks2.Luks2Error as exc:
+            raise errors.Internal(f"cannot format the LUKS2 container: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+        import os
+
+        from fuse_crypt.blockfront import open_device
+        from fuse_crypt.errors import WrongKeyError
+
+        luks2 = _library()
+        fd = open_device(device, read_only=True, allow_regular=True)
+        try:
+            opened = luks2.open_volume(fd, passphrase)
+        except WrongKeyError:
+            raise errors.WrongVolumeKey(
+                "the volume key does not open this LUKS2 container"
+            ) from None
+        except luks2.Luks2Error as exc:
+            raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
+        finally:
+            os.close(fd)
+        seg = opened.segment
+        return Unlocked(opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher)
+
+
+def _library() -> Any:
+    """fuse_crypt.luks2 (typed loosely until its API is in this tree)."""
+    return importlib.import_module("fuse_crypt.luks2")
+
+
+def default_engine() -> LuksEngine:
+    """The library when it is there, else cryptsetup's offline commands."""
+    try:
+        luks2 = _library()
+        if hasattr(luks2, "open_volume") and hasattr(luks2, "format_volume"):
+            return UserspaceLuks()
+    except ImportError:
+        pass
+    return CryptsetupOfflineLuks()

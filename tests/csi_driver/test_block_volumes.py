@@ -1,0 +1,311 @@
+"""Block volumes through the node core: real image files, loop devices, ext4/xfs, the block
+daemon under the supervisor. The device is an image file below --block-image-root (the
+operator/test flag); a block device takes the same path minus that flag."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import pathlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from csi_driver import errors
+from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.core.volcap import AccessType, Capability
+from csi_driver.volumes import blockdev
+from csi_driver.volumes.block import StageRequest
+from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt.block_rig import block_skip_reason
+
+from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
+
+MiB = 1 << 20
+RW = Capability(AccessType.MOUNT, 1)
+RO = Capability(AccessType.MOUNT, 2)
+MARKER = b"block-csi-marker-d41c"
+NAME = "block-csi-name-93aa"
+
+
+@dataclass
+class Rig:
+    tmp: pathlib.Path
+    core: NodeCore
+    keys: Keys
+
+    def image(self, name: str = "disk.img", size: int = 64 * MiB) -> pathlib.Path:
+        path = self.tmp / "images" / name
+        with path.open("wb") as f:
+            f.truncate(size)
+        return path
+
+    def staging(self, name: str = "vol") -> str:
+        p = self.tmp / "plugins" / name / "globalmount"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return str(p)
+
+    def target(self, name: str) -> str:
+        p = self.tmp / "pods" / name / "volumes"
+        p.mkdir(parents=True, exist_ok=True)
+        return str(p / "mount")
+
+    def stage(self, image: pathlib.Path, *, vid: str = "blk-1", staging: str | None = None,
+              source: str = "empty", cap: Capability = RW, **ctx: str) -> str:  # fmt: skip
+        staging = staging or self.staging()
+        context = {"devicePath": str(image), "sourceType": source, "keyResource": KEY_RESOURCE}
+        context.update(ctx)
+        self.core.stage(StageRequest(vid, staging, cap, {}, context, {}))
+        return staging
+
+    def publish(self, staging: str, target: str, *, vid: str = "blk-1", ro: bool = False) -> None:
+        ctx = {"devicePath": "x"}
+        self.core.publish(PublishRequest(vid, target, RO if ro else RW, ro, {}, ctx, staging))
+
+
+def _loops_of(path: pathlib.Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(path)], capture_output=True, text=True).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines() if line]
+
+
+@pytest.fixture
+def rig(tmp_path: pathlib.Path, keys: Keys) -> Iterator[Rig]:
+    reason = block_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    (tmp_path / "images").mkdir()
+    core = make_node(tmp_path, keys, "gocryptfs", block_image_roots=[str(tmp_path / "images")])
+    r = Rig(tmp_path, core, keys)
+    try:
+        yield r
+    finally:
+        r.core.shutdown(unmount=True)
+        cleanup_mounts(str(tmp_path))
+        for mnt in (tmp_path / "node-state" / "block").glob("*"):
+            for loop in _loops_of(mnt / "disk"):
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+        cleanup_mounts(str(tmp_path))
+
+
+def _sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_stage_publish_unstage_restage(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    st = os.statvfs(staging)
+    assert 40 * MiB < st.f_blocks * st.f_frsize < 48 * MiB  # 48 MiB segment, ext4
+    rig.stage(img)  # idempotent
+    t1, t2, t3 = rig.target("a"), rig.target("b"), rig.target("c")
+    rig.publish(staging, t1)
+    rig.publish(staging, t1)  # idempotent
+    rig.publish(staging, t2)
+    rig.publish(staging, t3, ro=True)
+    (pathlib.Path(t1) / NAME).write_bytes(MARKER * 100)
+    assert (pathlib.Path(t2) / NAME).read_bytes() == MARKER * 100
+    assert (pathlib.Path(t3) / NAME).read_bytes() == MARKER * 100
+    with pytest.raises(OSError) as exc:
+        (pathlib.Path(t3) / "nope").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    stats = rig.core.stats("blk-1", t1)
+    assert stats.bytes_used > 0 and stats.inodes_used >= 12 and stats.inodes_total > 1000
+    with pytest.raises(errors.FailedPrecondition, match="still published"):
+        rig.core.unstage("blk-1", staging)
+    for t in (t1, t2, t3):
+        rig.core.unpublish("blk-1", t)
+        rig.core.unpublish("blk-1", t)  # idempotent
+        assert not os.path.exists(t)
+    rig.core.unstage("blk-1", staging)
+    rig.core.unstage("blk-1", staging)  # idempotent
+    assert not os.path.ismount(staging)
+    assert _loops_of(img) == [] and list((rig.tmp / "node-state" / "block").glob("*/disk")) == []
+    raw = img.read_bytes()
+    assert MARKER not in raw and NAME.encode() not in raw
+    assert oracle.passphrase_opens(img, b"wrong") is False  # a real LUKS2 container
+
+    staging = rig.stage(img, source="encrypted")
+    t4 = rig.target("d")
+    rig.publish(staging, t4)
+    assert (pathlib.Path(t4) / NAME).read_bytes() == MARKER * 100
+    rig.core.unpublish("blk-1", t4)
+    rig.core.unstage("blk-1", staging)
+
+
+def _ext4(img: pathlib.Path) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+
+
+def _xfs(img: pathlib.Path) -> None:
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
+
+
+def _gpt(img: pathlib.Path) -> None:
+    subprocess.run(["sfdisk", "-q", str(img)], input=b"label: gpt\n,10M\n", check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def _luks(img: pathlib.Path) -> None:
+    oracle.skip_without_cryptsetup()
+    oracle.luks_format(img)
+
+
+def _random_head(img: pathlib.Path) -> None:
+    with img.open("r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(4096))
+
+
+def _random_tail(img: pathlib.Path) -> None:
+    with img.open("r+b") as f:
+        f.seek(f.seek(0, os.SEEK_END) - 4096)
+        f.write(os.urandom(100))
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (_ext4, "ext4"),
+        (_xfs, "xfs"),
+        (_gpt, "gpt partition table"),
+        (_luks, "crypto_LUKS"),
+        (_random_head, "non-zero data at byte 5242880"),
+        (_random_tail, "non-zero data at byte"),
+    ],
+)
+def test_empty_refuses_a_device_with_data(rig: Rig, make, named: str) -> None:  # type: ignore[no-untyped-def]
+    img = rig.image(size=320 * MiB)  # sparse; xfs needs >= 300 MiB
+    make(img)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match=named) as exc:
+        rig.stage(img)
+    assert "nothing was written" in str(exc.value)
+    assert _sha(img) == before
+    assert rig.core.block.store.all() == []
+
+
+def test_wrong_key_changes_nothing(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img, vid="blk-a")
+    rig.core.unstage("blk-a", staging)
+    before = _sha(img)
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.stage(img, vid="blk-b", source="encrypted")  # another volume id: another key
+    assert _sha(img) == before
+    assert not os.path.ismount(staging)
+    assert rig.core.block.store.all() == []
+
+
+def _has_cap_sys_resource() -> bool:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_expand_grows_the_filesystem(rig: Rig, fs: str) -> None:
+    img = rig.image(size=320 * MiB)
+    staging = rig.stage(img, fsType=fs)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    before = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    with img.open("r+b") as f:
+        f.truncate(640 * MiB)
+    if fs == "ext4" and not _has_cap_sys_resource():
+        with pytest.raises(errors.FailedPrecondition, match="CAP_SYS_RESOURCE"):
+            rig.core.expand("blk-1", target, staging)
+        return
+    size = rig.core.expand("blk-1", target, staging)
+    assert size == 624 * MiB
+    after = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    assert after > before + 250 * MiB
+    assert rig.core.stats("blk-1", target).bytes_total == after
+
+
+def test_xfs_and_mkfs_options(rig: Rig) -> None:
+    if subprocess.run(["which", "mkfs.xfs"], capture_output=True).returncode:
+        pytest.skip("xfsprogs missing")
+    img = rig.image(size=400 * MiB)  # xfs wants >= 300 MiB
+    staging = rig.stage(img, fsType="xfs", mkfsOpts="-L data")
+    entry = rig.core.mounts.find(staging)
+    assert entry is not None and entry.fstype == "xfs"
+    img2 = rig.image("b.img")
+    with pytest.raises(errors.InvalidArgument, match="not allowed"):
+        rig.stage(img2, vid="blk-2", staging=rig.staging("v2"), mkfsOpts="-d /etc/passwd")
+    with pytest.raises(errors.InvalidArgument, match="bad value"):
+        rig.stage(img2, vid="blk-2", staging=rig.staging("v2"), mkfsOpts="-L ../../x")
+
+
+def test_plugin_restart_adopts_and_cleans(rig: Rig, keys: Keys) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    (pathlib.Path(target) / "f").write_bytes(b"survives")
+    rig.core.shutdown()  # plugin stops; mounts and the daemon stay
+    core2 = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.core = core2
+    assert (pathlib.Path(target) / "f").read_bytes() == b"survives"
+    rig.publish(staging, target)  # idempotent against the adopted state
+    rig.core.unpublish("blk-1", target)
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == []
+    assert not any(os.path.ismount(p) for p in (staging, target))
+
+
+def test_publish_needs_a_stage_and_directory_volumes_stage_as_noop(rig: Rig) -> None:
+    with pytest.raises(errors.FailedPrecondition, match="not staged"):
+        rig.publish(rig.staging(), rig.target("a"))
+    # A gocryptfs directory volume (no device named): staging is a validated no-op.
+    rig.core.stage(StageRequest("dir-1", rig.staging("d"), RW, {}, {"cipherDir": "/x"}, {}))
+    rig.core.unstage("dir-1", rig.staging("d"))
+    with pytest.raises(errors.InvalidArgument):
+        rig.core.stage(StageRequest("dir-1", "/elsewhere/stage", RW, {}, {}, {}))
+
+
+# -- device names (no root needed) ------------------------------------------------------------
+
+
+def test_device_resolution_refusals(tmp_path: pathlib.Path) -> None:
+    img = tmp_path / "img"
+    img.write_bytes(b"")
+    roots = [str(tmp_path)]
+    for bad in ("/dev/../etc/passwd", "dev/sda", "/dev/./sda", "/dev//sda", ""):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.resolve_device({"devicePath": bad}, roots)
+    with pytest.raises(errors.FailedPrecondition, match="not a block device"):
+        blockdev.resolve_device({"devicePath": "/dev/null"})
+    with pytest.raises(errors.InvalidArgument, match="block device under /dev"):
+        blockdev.resolve_device({"devicePath": str(img)})  # no image root configured
+    link = tmp_path / "link"
+    link.symlink_to("/dev/null")
+    with pytest.raises(errors.InvalidArgument):
+        blockdev.resolve_device({"devicePath": str(link)}, roots)  # a link out of the root
+    assert blockdev.resolve_device({"devicePath": str(img)}, roots).is_image
+    for bad_id in ("8", "8:0:1", "a:b", "-1:0", "1" * 12 + ":0"):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.resolve_device({"deviceId": bad_id})
+    with pytest.raises(errors.InvalidArgument, match="not both"):
+        blockdev.resolve_device({"deviceId": "7:0", "devicePath": "/dev/loop0"})
+    with contextlib.suppress(errors.NotFound):  # 7:0 is /dev/loop0 where loop exists
+        dev = blockdev.resolve_device({"deviceId": "7:0"})
+        assert dev.path == "/dev/loop0" and not dev.is_image
+    with pytest.raises(errors.NotFound):
+        blockdev.resolve_device({"deviceId": "4095:1048575"})
+
+
+def test_mkfs_options_allow_list() -> None:
+    assert blockdev.mkfs_options("ext4", "-b 4096 -m 1 -E lazy_itable_init=0 -j") == [
+        "-b", "4096", "-m", "1", "-E", "lazy_itable_init=0", "-j",
+    ]  # fmt: skip
+    for bad in ("-d /root", "-b", "-b 3000", "-E root_owner=0:0", "-L a;b", "--", "-J device=x"):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.mkfs_options("ext4", bad)
+    assert blockdev.mkfs_options("xfs", "-m crc=1,reflink=0") == ["-m", "crc=1,reflink=0"]
+    with pytest.raises(errors.InvalidArgument):
+        blockdev.fs_type({}, "btrfs")
