@@ -402,7 +402,9 @@ class NodeCore:
         readonly = readonly or "ro" in req.capability.mount_flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
-        if req.staging_target_path and (is_block(ctx) or self.block.owns(target)):
+        if req.staging_target_path and (
+            is_block(ctx) or self.block.owns(target) or self._staged_block(req.staging_target_path)
+        ):
             with (
                 self._busy(),
                 self._holding(self._target_locks, target, deadline, f"target {target}"),
@@ -727,6 +729,14 @@ class NodeCore:
             inodes_used=entries,
         )
 
+    def _staged_block(self, staging_path: str) -> bool:
+        """A block volume is staged there (its device may have come in publish_context,
+        which NodePublishVolume does not repeat)."""
+        try:
+            return self.block.staged(self._target(staging_path, "staging_target_path")) is not None
+        except errors.InvalidArgument:
+            return False
+
     # -- staging (block volumes) ------------------------------------------------------------
 
     def stage(self, req: StageRequest, deadline: Deadline | None = None) -> None:
@@ -771,8 +781,14 @@ class NodeCore:
         (their capacity is a hint) and report 0 (kubelet then keeps the requested size)."""
         validate.volume_id(volume_id)
         _require(volume_path, "volume_path")
-        path = self._target(volume_path, "volume_path")
-        staging = self._target(staging_path, "staging_target_path") if staging_path else ""
+        try:
+            path = self._target(volume_path, "volume_path")
+            staging = self._target(staging_path, "staging_target_path") if staging_path else ""
+        except errors.InvalidArgument:
+            # As for stats: malformed stays INVALID_ARGUMENT, a path we do not serve is a
+            # volume that is not there.
+            validate.path_text(volume_path, "volume_path")
+            raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
         if not (self.block.owns(path) or (staging and self.block.owns(staging))):
             if self.store.get(path) is None:
                 raise errors.NotFound(f"volume {volume_id} is not published at {path}")

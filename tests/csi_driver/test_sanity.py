@@ -354,9 +354,11 @@ def test_node_staging_rpcs_are_advertised_and_validate(
     sc: Sanity, needs: str, calls: list[tuple[str, object]]
 ) -> None:
     """NodeStage/NodeUnstage and NodeExpand serve block volumes (docs/block.md); they are
-    advertised, and a request whose path lies outside the kubelet dir is refused as
-    INVALID_ARGUMENT before anything is done."""
+    advertised; a staging path outside the kubelet dir is INVALID_ARGUMENT, a volume path
+    this node does not serve is NOT_FOUND (as for NodeGetVolumeStats), before anything is
+    done."""
     assert NodeRPC.Value(needs) in sc.node_caps(), f"{needs} is not advertised"
     for method, request in calls:
         code = code_of(getattr(sc.node.node, method), request)
-        assert code == grpc.StatusCode.INVALID_ARGUMENT, (method, code)
+        want = "NOT_FOUND" if method == "NodeExpandVolume" else "INVALID_ARGUMENT"
+        assert code == getattr(grpc.StatusCode, want), (method, code)
