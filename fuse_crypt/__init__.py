@@ -14,6 +14,7 @@ __all__ = [
     "errors",
     "fusefrontend",
     "hardening",
+    "luks2",
     "metricsserver",
     "mounttable",
     "safeio",
