@@ -70,6 +70,12 @@ def _parser() -> argparse.ArgumentParser:
         "below DIR (default: block devices under /dev only)",
     )
     n.add_argument(
+        "--block-accept-unbound-header",
+        action="store_true",
+        help="open LUKS2 block volumes whose header lacks coco-csi's binding token (disks "
+        "CDH or cryptsetup made); the header profile is still enforced",
+    )
+    n.add_argument(
         "--allowed-key-resource",
         action="append",
         default=[],
@@ -183,6 +189,7 @@ def _run_node(args: argparse.Namespace) -> int:
         kubelet_dir=args.kubelet_dir,
         cipher_roots=args.cipher_dir_root,
         block_image_roots=args.block_image_root,
+        block_require_binding=not args.block_accept_unbound_header,
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,

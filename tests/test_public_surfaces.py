@@ -62,6 +62,8 @@ SURFACES: dict[str, list[str]] = {
         "KdfCost",
         "Luks2Error",
         "Opened",
+        "SegmentError",
+        "XtsSegment",
         "add_passphrase",
         "format_volume",
         "is_luks",

@@ -105,6 +105,7 @@ class NodeCore:
         max_parallel: int = DEFAULT_MAX_PARALLEL,
         mount_table: MountTable | None = None,
         block_image_roots: Sequence[str] = (),
+        block_require_binding: bool = True,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -150,6 +151,7 @@ class NodeCore:
             resolver,
             kubelet_root=self.kubelet_root,
             image_roots=block_image_roots,
+            require_binding=block_require_binding,
             allowed_key_resources=self.allowed_key_resources,
             allowed_signing_kids=self.allowed_signing_kids,
         )

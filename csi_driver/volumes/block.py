@@ -150,6 +150,7 @@ class BlockVolumes:
         allowed_key_resources: Sequence[str] = (),
         allowed_signing_kids: Sequence[str] = (),
         engine: LuksEngine | None = None,
+        require_binding: bool = True,
     ) -> None:
         self.root = os.path.join(state_dir, "block")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -160,7 +161,7 @@ class BlockVolumes:
         self.image_roots = tuple(validate.real_root(r) for r in image_roots)
         self.allowed_key_resources = tuple(allowed_key_resources)
         self.allowed_signing_kids = tuple(allowed_signing_kids)
-        self.engine = engine or default_engine()
+        self.engine = engine or default_engine(require_binding=require_binding)
         self.mounter = BlockServeMounter()
         supervisor.mounters.setdefault(BLOCK_MOUNTER, self.mounter)
         mounter = supervisor.mounters[BLOCK_MOUNTER]

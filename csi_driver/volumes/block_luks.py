@@ -2,13 +2,14 @@
 
 Two implementations of one small seam (``LuksEngine``):
 
-* ``UserspaceLuks``: ``fuse_crypt.luks2`` (pure Python): the header is read once into guest
-  memory, checked against the accepted profiles, bound to the key, and unlocked from that
-  copy (docs/block.md). The default whenever the library is present.
+* ``UserspaceLuks`` (the default): ``fuse_crypt.luks2`` (pure Python): the header is read
+  once into guest memory, checked against the accepted profiles, bound to the key, and
+  unlocked from that copy (docs/block.md).
 * ``CryptsetupOfflineLuks``: cryptsetup 2.6 commands that need no device-mapper
-  (``luksFormat``, ``luksDump --dump-volume-key``): the interim engine until the library
-  lands and the oracle the tests compare with. It trusts cryptsetup's header parsing (the
-  segment it reports is still checked here: cipher, sector size, offsets, no integrity).
+  (``luksFormat``, ``luksDump --dump-volume-key``); an independent engine for the tests.
+  It trusts cryptsetup's header parsing (the segment it reports is still checked here:
+  cipher, sector size, offsets, no integrity) and cryptsetup may repair a header it reads,
+  so it is never the node's choice.
 
 Both hand back the volume key and the data segment's geometry, which the block daemon
 (``fuse-crypt block-serve``) gets on stdin and as flags.
@@ -16,16 +17,18 @@ Both hand back the volume key and the data segment's geometry, which the block d
 
 from __future__ import annotations
 
-import importlib
 import json
+import os
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from csi_driver import errors
 from csi_driver.proc import tail
+from fuse_crypt.errors import BadInputError, WrongKeyError
+from fuse_crypt.luks2 import HeaderError, KdfCost, Luks2Error, format_volume, open_volume
 
 KDF_TIMEOUT = 120.0
 CIPHERS = ("aes-xts-plain64", "aes-xts-plain")
@@ -134,60 +137,62 @@ class CryptsetupOfflineLuks:
 
 
 class UserspaceLuks:
-    """fuse_crypt.luks2: header read once, validated and bound to the key, in the guest."""
+    """fuse_crypt.luks2: header read once, validated and bound to the key, in the guest.
+
+    ``require_binding``: refuse a header that lacks our binding token (the default). Off
+    only by the operator's ``--block-accept-unbound-header`` for disks CDH or cryptsetup
+    made: the profile still holds, but nothing then proves the header is the key owner's.
+    """
 
     name = "userspace"
 
-    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
-        import os
+    def __init__(self, *, require_binding: bool = True) -> None:
+        self.require_binding = require_binding
 
-        from fuse_crypt.blockfront import open_device
+    @staticmethod
+    def _open(device: str, *, read_only: bool) -> int:
+        from fuse_crypt.blockfront import DeviceError, open_device
 
-        luks2 = _library()
-        fd = open_device(device, allow_regular=True)
         try:
-            kdf = "pbkdf2" if high_entropy else "argon2id"
-            opened = luks2.format_volume(fd, passphrase, sector_size=SECTOR_SIZE, kdf=kdf)
-            del opened
-            os.fsync(fd)
-        except luks2.Luks2Error as exc:
+            return open_device(device, read_only=read_only, allow_regular=True)
+        except DeviceError as exc:
+            raise errors.FailedPrecondition(f"device {device}: {exc.strerror}") from None
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        # A 256-bit random key gains nothing from KDF cost; a human passphrase gets Argon2id.
+        cost = KdfCost(iterations=1000) if high_entropy else None
+        fd = self._open(device, read_only=False)
+        try:
+            format_volume(
+                fd,
+                passphrase,
+                sector_size=SECTOR_SIZE,
+                kdf="pbkdf2" if high_entropy else "argon2id",
+                kdf_cost=cost,
+            )
+        except (Luks2Error, BadInputError) as exc:
             raise errors.Internal(f"cannot format the LUKS2 container: {exc}") from None
         finally:
             os.close(fd)
 
     def unlock(self, device: str, passphrase: bytes) -> Unlocked:
-        import os
-
-        from fuse_crypt.blockfront import open_device
-        from fuse_crypt.errors import WrongKeyError
-
-        luks2 = _library()
-        fd = open_device(device, read_only=True, allow_regular=True)
+        fd = self._open(device, read_only=True)
         try:
-            opened = luks2.open_volume(fd, passphrase)
+            opened = open_volume(fd, passphrase, require_binding=self.require_binding)
         except WrongKeyError:
             raise errors.WrongVolumeKey(
                 "the volume key does not open this LUKS2 container"
             ) from None
-        except luks2.Luks2Error as exc:
+        except HeaderError as exc:
             raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
+        except (Luks2Error, BadInputError) as exc:
+            raise errors.FailedPrecondition(f"cannot open the LUKS2 container: {exc}") from None
         finally:
             os.close(fd)
         seg = opened.segment
         return Unlocked(opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher)
 
 
-def _library() -> Any:
-    """fuse_crypt.luks2 (typed loosely until its API is in this tree)."""
-    return importlib.import_module("fuse_crypt.luks2")
-
-
-def default_engine() -> LuksEngine:
-    """The library when it is there, else cryptsetup's offline commands."""
-    try:
-        luks2 = _library()
-        if hasattr(luks2, "open_volume") and hasattr(luks2, "format_volume"):
-            return UserspaceLuks()
-    except ImportError:
-        pass
-    return CryptsetupOfflineLuks()
+def default_engine(*, require_binding: bool = True) -> LuksEngine:
+    """The pure-Python library (cryptsetup's offline commands stay the tests' oracle)."""
+    return UserspaceLuks(require_binding=require_binding)

@@ -3,19 +3,33 @@
 Always in the foreground (the CSI node plugin supervises it); prints the same
 ``Filesystem mounted and ready.`` line as ``fuse-crypt mount --foreground`` once live.
 
-The volume key comes on stdin only (never argv, environment or a file), as one line of
-hex (64 or 128 digits); the segment's geometry comes from the flags. The key bytes are
-kept in a bytearray that is zeroed once the cipher holds its own copy.
+Secrets come on stdin only (never argv, environment or a file): with ``--masterkey stdin``
+the volume key as one line of hex (64 or 128 digits) and the segment's geometry from the
+flags (what the CSI node plugin uses: it unlocked the header itself); with ``--passphrase
+stdin`` the LUKS2 passphrase, and key and geometry come from the header, read once through
+the descriptor the daemon then serves (fuse_crypt.luks2.open_volume). Secret bytes are kept
+in bytearrays that are zeroed once the cipher holds its own copy.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from fuse_crypt.cli.exitcodes import FUSE_MOUNT, MASTERKEY, OTHER, CliError
+from fuse_crypt.cli.exitcodes import (
+    CONFIG,
+    FUSE_MOUNT,
+    MASTERKEY,
+    OTHER,
+    PASSWORD_INCORRECT,
+    USAGE,
+    CliError,
+)
+from fuse_crypt.luks2 import SegmentError, XtsSegment
 
 MAX_KEY_LINE = 1024
+MAX_PASSPHRASE = 8 << 20
 
 
 def _nonneg(text: str) -> int:
@@ -39,18 +53,29 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         parents=[common],
         help="serve the plaintext of a LUKS2 data segment as MOUNTPOINT/disk (foreground)",
     )
-    p.add_argument(
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument(
         "--masterkey",
-        required=True,
         choices=["stdin"],
-        help="read the volume key (hex, one line) from stdin",
+        help="read the volume key (hex, one line) from stdin; geometry from the flags",
+    )
+    src.add_argument(
+        "--passphrase",
+        choices=["stdin"],
+        help="read the LUKS2 passphrase from stdin (all of it, up to 8 MiB, as cryptsetup's "
+        "--key-file -) and take key and geometry from the validated header",
+    )
+    p.add_argument(
+        "--accept-unbound-header",
+        action="store_true",
+        help="with --passphrase: open a header without coco-csi's binding token (CDH disks)",
     )
     p.add_argument(
         "--offset",
         type=_nonneg,
-        required=True,
+        default=None,
         metavar="BYTES",
-        help="data segment offset on DEVICE",
+        help="data segment offset on DEVICE (required with --masterkey)",
     )
     p.add_argument(
         "--size",
@@ -74,6 +99,16 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
 
+def _from_key_line(args: argparse.Namespace) -> XtsSegment:
+    key = read_key_line()
+    try:
+        return XtsSegment(bytes(key), sector_size=args.sector_size, cipher=args.cipher)
+    except SegmentError as e:
+        raise CliError(str(e), MASTERKEY) from None
+    finally:
+        key[:] = bytes(len(key))
+
+
 def read_key_line() -> bytearray:
     """One hex line from stdin → key bytes (a bytearray the caller zeroes)."""
     raw = bytearray(sys.stdin.buffer.readline(MAX_KEY_LINE))
@@ -89,27 +124,52 @@ def read_key_line() -> bytearray:
         raw[:] = bytes(len(raw))
 
 
+def _from_header(fd: int, args: argparse.Namespace) -> tuple[XtsSegment, int, int | None]:
+    """--passphrase: unlock from the header read once through ``fd`` (validated, bound)."""
+    from fuse_crypt.errors import BadInputError, WrongKeyError
+    from fuse_crypt.luks2 import Luks2Error, open_volume
+
+    secret = bytearray(sys.stdin.buffer.read(MAX_PASSPHRASE + 1))
+    try:
+        if len(secret) > MAX_PASSPHRASE:
+            raise CliError("passphrase on stdin is longer than 8 MiB", USAGE)
+        opened = open_volume(fd, bytes(secret), require_binding=not args.accept_unbound_header)
+    except WrongKeyError:
+        raise CliError("passphrase incorrect", PASSWORD_INCORRECT) from None
+    except (Luks2Error, BadInputError) as e:
+        raise CliError(f"LUKS2: {e}", CONFIG) from None
+    finally:
+        secret[:] = bytes(len(secret))
+    seg = opened.segment
+    xts = XtsSegment(opened.volume_key, sector_size=seg.sector_size, cipher=seg.cipher)
+    return xts, seg.offset, seg.size
+
+
 def cmd_block_serve(args: argparse.Namespace) -> int:
     from fuse_crypt.cli.mountrun import _setup_logging
-    from fuse_crypt.luks2.segment import SegmentError, XtsSegment
 
     from .device import CryptDevice, DeviceError, open_device
     from .serve import serve_block
 
-    key = read_key_line()
-    try:
-        segment = XtsSegment(
-            bytes(key), sector_size=args.sector_size, cipher=args.cipher, iv_tweak=0
-        )
-    except SegmentError as e:
-        raise CliError(str(e), MASTERKEY) from None
-    finally:
-        key[:] = bytes(len(key))
+    if args.masterkey and args.offset is None:
+        raise CliError("--masterkey needs --offset", USAGE)
     try:
         fd = open_device(args.device, read_only=args.ro, allow_regular=args.allow_regular_file)
-        device = CryptDevice(fd, segment, offset=args.offset, size=args.size, read_only=args.ro)
+    except DeviceError as e:
+        raise CliError(f"device {args.device}: {e.strerror}", OTHER) from None
+    try:
+        if args.passphrase:
+            segment, offset, size = _from_header(fd, args)
+        else:
+            segment, offset, size = _from_key_line(args), args.offset, args.size
+    except BaseException:
+        os.close(fd)
+        raise
+    try:
+        device = CryptDevice(fd, segment, offset=offset, size=size, read_only=args.ro)
     except DeviceError as e:
         segment.wipe()
+        os.close(fd)
         raise CliError(f"device {args.device}: {e.strerror}", OTHER) from None
 
     def ready() -> None:

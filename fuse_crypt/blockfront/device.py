@@ -27,7 +27,9 @@ import stat
 import struct
 import threading
 
-from ..luks2.segment import Buffer, XtsSegment
+from ..luks2 import XtsSegment
+
+Buffer = bytes | bytearray | memoryview
 
 log = logging.getLogger("fuse_crypt.blockfront")
 

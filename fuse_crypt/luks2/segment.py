@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
-from ..errors import FuseCryptError
+from .errors import Luks2Error
 
 Buffer = bytes | bytearray | memoryview
 
@@ -35,7 +35,7 @@ CIPHERS: dict[str, frozenset[int]] = {
 SECTOR_SIZES = frozenset({512, 1024, 2048, 4096})
 
 
-class SegmentError(FuseCryptError):
+class SegmentError(Luks2Error):
     """An unusable segment definition or key (never says anything about the key bytes)."""
 
 

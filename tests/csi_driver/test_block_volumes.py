@@ -18,8 +18,11 @@ import pytest
 from csi_driver import errors
 from csi_driver.core.node import NodeCore, PublishRequest
 from csi_driver.core.volcap import AccessType, Capability
+from csi_driver.keys import derive_volume_password
 from csi_driver.volumes import blockdev
 from csi_driver.volumes.block import StageRequest
+from csi_driver.volumes.block_luks import CryptsetupOfflineLuks, UserspaceLuks
+from fuse_crypt.luks2 import XtsSegment
 from tests.fuse_crypt import luks_oracle as oracle
 from tests.fuse_crypt.block_rig import block_skip_reason
 
@@ -126,7 +129,15 @@ def test_stage_publish_unstage_restage(rig: Rig) -> None:
     assert _loops_of(img) == [] and list((rig.tmp / "node-state" / "block").glob("*/disk")) == []
     raw = img.read_bytes()
     assert MARKER not in raw and NAME.encode() not in raw
-    assert oracle.passphrase_opens(img, b"wrong") is False  # a real LUKS2 container
+    # cryptsetup 2.6 takes it for a LUKS2 container that opens with exactly the derived key,
+    # and the volume key it prints decrypts our data sectors (the ext4 superblock magic).
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    assert oracle.passphrase_opens(img, password) and not oracle.passphrase_opens(img, b"wrong")
+    offset = int(oracle.dump_json(img)["segments"]["0"]["offset"])
+    first = XtsSegment(oracle.dump_volume_key(img, password)).decrypt(
+        0, raw[offset : offset + 4096]
+    )
+    assert first[1080:1082] == b"\x53\xef"
 
     staging = rig.stage(img, source="encrypted")
     t4 = rig.target("d")
@@ -205,6 +216,25 @@ def _has_cap_sys_resource() -> bool:
         if line.startswith("CapEff:"):
             return bool(int(line.split()[1], 16) >> 24 & 1)
     return False
+
+
+def test_cdh_made_disk_needs_the_operator_flag(rig: Rig, tmp_path: pathlib.Path) -> None:
+    """A disk cryptsetup formatted with CDH's options (attached header, no binding token):
+    refused by default, device unchanged; the operator flag opens it to the same key."""
+    oracle.skip_without_cryptsetup()
+    img = rig.image()
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    oracle.luks_format(img, passphrase=password)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match="header refused"):
+        rig.stage(img, source="encrypted")
+    assert _sha(img) == before
+    u = UserspaceLuks(require_binding=False).unlock(str(img), password)
+    assert u.volume_key == oracle.dump_volume_key(img, password)
+    assert (u.offset, u.size, u.sector_size, u.cipher) == (16 * MiB, None, 4096, "aes-xts-plain64")
+    # the independent engine agrees
+    assert CryptsetupOfflineLuks().unlock(str(img), password) == u
+    assert _sha(img) == before
 
 
 @pytest.mark.parametrize("fs", ["ext4", "xfs"])

@@ -55,18 +55,23 @@ class BlockRig:
         size: str = "dynamic",
         extra: tuple[str, ...] = ("--allow-regular-file",),
         expect_ready: bool = True,
+        passphrase: bytes | None = None,
     ) -> subprocess.Popen[bytes]:
         mnt.mkdir(parents=True, exist_ok=True)
         log = mnt.with_name(mnt.name + ".log")
-        argv = [sys.executable, "-m", "fuse_crypt.cli", "block-serve", "--masterkey", "stdin"]
-        argv += ["--offset", str(offset), "--size", size, *extra, str(device), str(mnt)]
+        argv = [sys.executable, "-m", "fuse_crypt.cli", "block-serve"]
+        if passphrase is None:
+            argv += ["--masterkey", "stdin", "--offset", str(offset), "--size", size]
+        else:
+            argv += ["--passphrase", "stdin"]
+        argv += [*extra, str(device), str(mnt)]
         with log.open("ab") as lf:
             start = lf.tell()
             proc = subprocess.Popen(
                 argv, stdin=subprocess.PIPE, stdout=lf, stderr=lf, start_new_session=True
             )
         assert proc.stdin is not None
-        proc.stdin.write(key.hex().encode() + b"\n")
+        proc.stdin.write(key.hex().encode() + b"\n" if passphrase is None else passphrase)
         proc.stdin.close()
         self.daemons.append((proc, mnt))
         if not expect_ready:

@@ -289,3 +289,39 @@ def test_daemon_killed_mid_write_then_fsck_clean(
     assert fsck.returncode == 0, fsck.stdout.decode()
     rig.detach(loop)
     rig.stop(proc, mnt)
+
+
+def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) -> None:
+    """--passphrase stdin: key and geometry from our own validated, bound header; a wrong
+    passphrase is exit 12; a cryptsetup-made (unbound) header needs --accept-unbound-header."""
+    from fuse_crypt.luks2 import KdfCost, format_volume
+
+    img = _image(tmp_path / "ours.img", 32 * MiB)
+    fd = os.open(img, os.O_RDWR)
+    try:
+        opened = format_volume(fd, b"s3cret", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
+    finally:
+        os.close(fd)
+    mnt = tmp_path / "mnt"
+    proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"s3cret")
+    assert (mnt / "disk").stat().st_size == 16 * MiB
+    with (mnt / "disk").open("r+b") as f:
+        f.write(b"through the header")
+    rig.stop(proc, mnt)
+    raw = img.read_bytes()
+    seg = XtsSegment(opened.volume_key)
+    assert seg.decrypt(0, raw[16 * MiB : 16 * MiB + SS]).startswith(b"through the header")
+    proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"wrong", expect_ready=False)
+    assert proc.returncode == 12 and "passphrase incorrect" in rig.log(mnt)
+    assert img.read_bytes() == raw
+
+    oracle.skip_without_cryptsetup()
+    cdh = _image(tmp_path / "cdh.img", 32 * MiB)
+    oracle.luks_format(cdh, passphrase=b"pw")
+    proc = rig.serve(cdh, mnt, b"", offset=0, passphrase=b"pw", expect_ready=False)
+    assert proc.returncode == 23 and "LUKS2:" in rig.log(mnt)
+    extra = ("--allow-regular-file", "--accept-unbound-header")
+    proc = rig.serve(cdh, mnt, b"", offset=0, passphrase=b"pw", extra=extra)
+    assert (mnt / "disk").stat().st_size == 16 * MiB
+    rig.stop(proc, mnt)
+    assert "Traceback" not in rig.log(mnt)
