@@ -28,6 +28,7 @@ import errno
 import hashlib
 import logging
 import os
+import re
 import shutil
 import subprocess
 import time
@@ -342,6 +343,20 @@ class BlockVolumes:
                 return dev
         return None
 
+    @staticmethod
+    def _our_dead_loop(source: str) -> str | None:
+        """``source`` if it is a loop device still backed by a block daemon's ``disk``
+        whose FUSE mount is gone (the kernel then shows the file as ``/disk (deleted)``)."""
+        m = re.fullmatch(r"/dev/(loop[0-9]{1,6})", source)
+        if not m:
+            return None
+        try:
+            with open(f"/sys/block/{m.group(1)}/loop/backing_file") as f:
+                backing = f.read(4096).strip()
+        except OSError:
+            return None  # detached
+        return source if backing.endswith("/" + DISK_NAME + " (deleted)") else None
+
     def _live_stage(self, pub: Publication) -> bool:
         entry = self.mounts.find(pub.target_path)
         mnt = self.daemon_dir(pub.target_path)
@@ -373,6 +388,10 @@ class BlockVolumes:
         mnt = self.daemon_dir(staging)
         loop = self._loop_of(mnt)
         entry = self.mounts.find(staging)
+        if loop is None and entry is not None:
+            # A dead daemon's FUSE mount was detached: losetup -j cannot find the loop by
+            # its path any more; the staging mount still names it.
+            loop = self._our_dead_loop(entry.source)
         ours = entry is not None and loop is not None and entry.source == loop
         if ours and not umount_nofollow(staging):
             _run(["umount", staging], "umount of the staging path")
@@ -382,7 +401,8 @@ class BlockVolumes:
             with contextlib.suppress(errors.Internal):
                 _run(["losetup", "-d", loop], "losetup -d")
             time.sleep(0.05)
-            loop = self._loop_of(mnt)
+            gone = self._our_dead_loop(loop) is None
+            loop = self._loop_of(mnt) or (None if gone else loop)
         else:
             raise errors.Internal(f"loop device {loop} stays attached (still in use?)")
         if self.supervisor.get(mnt) is None and pub.pid and pub.phase == MOUNTED:
