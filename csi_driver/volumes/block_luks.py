@@ -63,11 +63,13 @@ def check_segment(seg: dict[str, object]) -> tuple[int, int | None, int, str]:
     ok = (
         seg.get("type") == "crypt"
         and cipher in CIPHERS
+        and type(seg.get("sector_size")) is int
         and seg.get("sector_size") == SECTOR_SIZE
         and seg.get("iv_tweak") == "0"
         and isinstance(seg.get("offset"), str)
         and re.fullmatch(r"[0-9]{1,19}", str(seg.get("offset")))
-        and (seg.get("size") == "dynamic" or re.fullmatch(r"[0-9]{1,19}", str(seg.get("size"))))
+        and isinstance(seg.get("size"), str)
+        and (seg["size"] == "dynamic" or re.fullmatch(r"[0-9]{1,19}", str(seg["size"])))
         and "flags" not in seg
     )
     if "integrity" in seg:

@@ -387,3 +387,46 @@ def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
     subprocess.run(["umount", staging], check=True)
     fsck = subprocess.run(["fsck.ext4", "-n", "-f", loop], capture_output=True)
     assert fsck.returncode == 0, fsck.stdout.decode()
+
+
+def _null_cipher(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["encryption"] = "cipher_null-ecb"
+
+
+def _small_sectors(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["sector_size"] = 512
+
+
+def _moved_offset(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["offset"] = str(8 << 20)
+
+
+def _huge_kdf(m: dict) -> None:  # type: ignore[type-arg]
+    m["keyslots"]["0"]["kdf"]["iterations"] = 1 << 31
+
+
+@pytest.mark.parametrize(
+    ("edit", "secondary_only"),
+    [
+        (_null_cipher, False),
+        (_small_sectors, False),
+        (_moved_offset, False),
+        (_huge_kdf, False),
+        (_null_cipher, True),
+    ],  # fmt: skip
+)
+def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool) -> None:  # type: ignore[no-untyped-def]
+    """The host rewrites the header of a volume the node made (checksums recomputed, seqid
+    bumped; or only a forged secondary with a higher seqid): staging refuses it and the
+    device stays bit-for-bit what the host left."""
+    from tests.fuse_crypt import luks2_helpers as lh
+
+    img = rig.image()
+    staging = rig.stage(img)
+    rig.core.unstage("blk-1", staging)
+    lh.forge(img, edit, primary=not secondary_only)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match="header refused"):
+        rig.stage(img, source="encrypted")
+    assert _sha(img) == before
+    assert rig.core.block.store.all() == [] and not os.path.ismount(staging)
