@@ -120,14 +120,16 @@ class CryptDevice:
 
     def _read_raw(self, start: int, length: int) -> bytearray:
         buf = bytearray(length)
-        view = memoryview(buf)
-        done = 0
+        self._read_raw_into(memoryview(buf), start)
+        return buf
+
+    def _read_raw_into(self, view: memoryview, start: int) -> None:
+        done, length = 0, len(view)
         while done < length:
             n = os.preadv(self.fd, [view[done:]], self.offset + start + done)
             if n <= 0:  # the host shrank the device under us
                 raise DeviceError(errno.EIO, "short read from the device")
             done += n
-        return buf
 
     def _write_raw(self, start: int, data: Buffer) -> None:
         view = memoryview(data).cast("B")
@@ -155,6 +157,12 @@ class CryptDevice:
         if length == 0:
             return 0
         first, last = self._span(offset, length)
+        if first == offset and last == offset + length:
+            # Aligned (what the loop device sends): read into the caller's buffer and
+            # decrypt there, no intermediate copy.
+            self._read_raw_into(out[:length], first)
+            self.segment.decrypt_into(first, out[:length], out[:length])
+            return length
         buf = self._read_raw(first, last - first)
         self.segment.decrypt_into(first, buf, buf)
         out[:length] = memoryview(buf)[offset - first : offset - first + length]
