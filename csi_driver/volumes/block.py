@@ -32,7 +32,7 @@ import re
 import shutil
 import subprocess
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from csi_driver import errors, fsprobe, validate
@@ -44,14 +44,16 @@ from csi_driver.mounter import Mounter, _tool
 from csi_driver.mounts import MountTable, umount_nofollow
 from csi_driver.proc import tail
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
-from csi_driver.volumes import blockdev
+from csi_driver.volumes import block_kernel, blockdev
 from csi_driver.volumes.block_luks import LuksEngine, Unlocked, default_engine
 from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
 
 BLOCK_MOUNTER = "fuse-crypt-block"
+DM_CRYPT = "dm-crypt"  # stage records of the kernel engine
 BIND = "bind"
+HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never the state dir
 DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
 TOOL_TIMEOUT = 120.0
 PROBE_TIMEOUT = 5.0
@@ -152,6 +154,9 @@ class BlockVolumes:
         allowed_signing_kids: Sequence[str] = (),
         engine: LuksEngine | None = None,
         require_binding: bool = True,
+        kernel: block_kernel.KernelEngine | None = None,
+        header_dir: str = HEADER_DIR,
+        tool: Callable[[list[str], str], str] | None = None,
     ) -> None:
         self.root = os.path.join(state_dir, "block")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -163,6 +168,12 @@ class BlockVolumes:
         self.allowed_key_resources = tuple(allowed_key_resources)
         self.allowed_signing_kids = tuple(allowed_signing_kids)
         self.engine = engine or default_engine(require_binding=require_binding)
+        # The kernel engine where device-mapper works (block_kernel.available), else FUSE.
+        if kernel is None and block_kernel.available():
+            kernel = block_kernel.KernelEngine()
+        self.kernel = kernel
+        self.header_dir = header_dir
+        self.tool = tool or _run  # mkfs/mount of the kernel path (a seam for its tests)
         self.mounter = BlockServeMounter()
         supervisor.mounters.setdefault(BLOCK_MOUNTER, self.mounter)
         mounter = supervisor.mounters[BLOCK_MOUNTER]
@@ -179,7 +190,7 @@ class BlockVolumes:
         validate.volume_id(pub.volume_id)
         if self._path(pub.target_path, "target_path") != pub.target_path:
             raise errors.InvalidArgument("target_path is not in resolved form")
-        if pub.mounter == BLOCK_MOUNTER:
+        if pub.mounter in (BLOCK_MOUNTER, DM_CRYPT):
             validate.absolute_path(pub.cipher_dir, "device")
         elif pub.mounter == BIND:
             if self._path(pub.cipher_dir, "staging") != pub.cipher_dir:
@@ -198,7 +209,7 @@ class BlockVolumes:
 
     def staged(self, staging: str) -> Publication | None:
         pub = self.store.get(staging)
-        return pub if pub is not None and pub.mounter == BLOCK_MOUNTER else None
+        return pub if pub is not None and pub.mounter in (BLOCK_MOUNTER, DM_CRYPT) else None
 
     # -- stage -----------------------------------------------------------------------------
 
@@ -215,7 +226,7 @@ class BlockVolumes:
         readonly = cap.readonly_mode or "ro" in cap.mount_flags
         existing = self.store.get(staging)
         if existing is not None:
-            if existing.volume_id != req.volume_id or existing.mounter != BLOCK_MOUNTER:
+            if existing.volume_id != req.volume_id or existing.mounter == BIND:
                 raise errors.AlreadyExists(f"{staging} is already used by another volume")
             if existing.phase == MOUNTED and self._live_stage(existing):
                 if existing.readonly != readonly:
@@ -256,6 +267,10 @@ class BlockVolumes:
         deadline.check("unlocking the volume")
         unlocked = self.engine.unlock(device.path, key.password)
         mode = cap.access_mode
+        if self.kernel is not None:
+            self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
+                               (fs, mkfs_opts) if new else None)  # fmt: skip
+            return
         intent = Publication(
             req.volume_id, staging, device.path, BLOCK_MOUNTER, readonly, int(mode), phase=INTENT
         )
@@ -275,6 +290,69 @@ class BlockVolumes:
             "staged block volume",
             extra={"fields": {"volume_id": req.volume_id, "staging": staging}},
         )
+
+    # -- the kernel engine --------------------------------------------------------------------
+
+    def header_copy_path(self, volume_id: str) -> str:
+        return os.path.join(self.header_dir, block_kernel.mapper_name(volume_id) + ".header")
+
+    def _stage_kernel(
+        self,
+        volume_id: str,
+        staging: str,
+        device: blockdev.Device,
+        u: Unlocked,
+        readonly: bool,
+        mode: int,
+        mkfs: tuple[str, list[str]] | None,
+    ) -> None:
+        """dm-crypt from the guest's validated header copy (block_kernel.py): write the copy
+        to memory-backed storage, ``cryptsetup open`` with the volume key on stdin, mkfs when
+        new, mount. Not exercised on the build machines (no device-mapper)."""
+        assert self.kernel is not None
+        if not u.header:
+            raise errors.FailedPrecondition(
+                "the LUKS2 library returned no validated header copy; the kernel engine needs it"
+            )
+        intent = Publication(volume_id, staging, device.path, DM_CRYPT, readonly, mode,
+                             phase=INTENT)  # fmt: skip
+        self.store.put(intent)
+        try:
+            copy = self.header_copy_path(volume_id)
+            os.makedirs(self.header_dir, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(u.header)
+                f.truncate(block_kernel.HEADER_COPY_SIZE)
+            dev = self.kernel.open(
+                device.path, u.volume_key, block_kernel.mapper_name(volume_id), copy,
+                readonly=readonly,
+            )  # fmt: skip
+            if mkfs is not None:
+                self.tool(blockdev.mkfs_argv(mkfs[0], mkfs[1], dev), f"mkfs.{mkfs[0]}")
+            os.makedirs(staging, 0o750, exist_ok=True)
+            opts = ["nosuid", "nodev"] + (["ro"] if readonly else [])
+            self.tool(["mount", "-o", ",".join(opts), dev, staging], "mount")
+        except BaseException:
+            self._teardown(self.store.get(staging) or intent)
+            raise
+        self.store.update(staging, phase=MOUNTED)
+
+    def _teardown_kernel(self, pub: Publication) -> None:
+        assert self.kernel is not None
+        staging = pub.target_path
+        name = block_kernel.mapper_name(pub.volume_id)
+        entry = self.mounts.find(staging)
+        mapped = f"/dev/mapper/{name}"
+        ours = entry is not None and entry.source in (mapped, os.path.realpath(mapped))
+        if ours and not umount_nofollow(staging):
+            self.tool(["umount", staging], "umount of the staging path")
+        self.kernel.close(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.header_copy_path(pub.volume_id))
+        self.store.remove(staging)
 
     def _prove_empty(self, device: blockdev.Device) -> None:
         from fuse_crypt.blockfront import DeviceError, device_size, open_device
@@ -379,11 +457,16 @@ class BlockVolumes:
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is still published at {len(users)} target(s)"
             )
-        self._teardown(pub or Publication(volume_id, staging, "", BLOCK_MOUNTER, False, 0))
+        if pub is None:
+            return  # nothing of ours was ever recorded there
+        self._teardown(pub)
         log.info("unstaged block volume", extra={"fields": {"volume_id": volume_id}})
 
     def _teardown(self, pub: Publication) -> None:
         """Undo a stage from whatever point it reached; every step tolerates 'not there'."""
+        if pub.mounter == DM_CRYPT and self.kernel is not None:
+            self._teardown_kernel(pub)
+            return
         staging = pub.target_path
         mnt = self.daemon_dir(staging)
         loop = self._loop_of(mnt)
@@ -504,6 +587,10 @@ class BlockVolumes:
             pub = self.staged(pub.cipher_dir)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not staged at {path}")
+        if pub.mounter == DM_CRYPT:
+            raise errors.FailedPrecondition(
+                "NodeExpandVolume is not implemented for the kernel engine yet"
+            )
         loop = self._loop_of(self.daemon_dir(pub.target_path))
         if loop is None:
             raise errors.FailedPrecondition(f"volume {volume_id} has no loop device")
@@ -541,6 +628,8 @@ class BlockVolumes:
                         "undoing a stage interrupted by a restart", extra={"fields": fields}
                     )
                     self._teardown(pub)
+                elif pub.mounter == DM_CRYPT:
+                    log.info("staged block volume (dm-crypt) found", extra={"fields": fields})
                 elif self._live_stage(pub):
                     mnt = self.daemon_dir(pub.target_path)
                     self.supervisor.adopt(

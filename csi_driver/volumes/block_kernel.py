@@ -5,9 +5,10 @@ Same on-disk format as the userspace engine and as CoCo's CDH (luks2.md §6): ``
 ``dataIntegrity``, ``--integrity hmac-sha256 --integrity-no-wipe``. The key bytes go to
 cryptsetup on stdin (``--key-file -``), never in argv or a file.
 
-Hostile headers: ``open`` always takes ``--header`` with a copy of the header that the guest
-read once, validated and keeps in its own memory-backed directory (``fuse_crypt.luks2`` does
-the validation); cryptsetup is never pointed at the host's header after the check, so a
+Hostile headers: ``open`` always takes ``--header`` with the copy of the header the guest read
+once and validated (``fuse_crypt.luks2.open_volume``: ``Opened.header``, zero-padded to 16 MiB),
+kept in a memory-backed directory, and the *volume key* on stdin (``--volume-key-file
+/dev/stdin``): cryptsetup runs no KDF and never reads the host's header after the check, so a
 header swapped in between (A5, TOCTOU) or a forged secondary copy (A4) cannot be used.
 
 **Not exercised on the build machines**: they have no ``/dev/mapper/control``. The tests
@@ -33,6 +34,8 @@ CRYPTSETUP = "cryptsetup"
 TIMEOUT = 120.0
 CDH_FORMAT = ("--type", "luks2", "--cipher", "aes-xts-plain64", "--sector-size", "4096")
 INTEGRITY = ("--integrity", "hmac-sha256", "--integrity-no-wipe")
+VK_STDIN = ("--volume-key-file", "/dev/stdin")
+HEADER_COPY_SIZE = 16 << 20  # the copy zero-padded to a detached header cryptsetup accepts
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 
 
@@ -95,13 +98,22 @@ def header_backup_argv(device: str, out: str) -> list[str]:
 
 
 def open_argv(device: str, name: str, header_copy: str, *, readonly: bool = False) -> list[str]:
+    """Activate from the guest's header copy with the volume key on stdin: cryptsetup runs no
+    KDF and reads nothing of the host's header (the copy's keyslot area is zeros)."""
     if not _NAME.fullmatch(name):
         raise errors.InvalidArgument("invalid device-mapper name")
     argv = [CRYPTSETUP, "--batch-mode", "open", "--type", "luks2"]
-    argv += ["--header", _check_path(header_copy, "header copy"), "--key-file", "-"]
+    argv += ["--header", _check_path(header_copy, "header copy"), *VK_STDIN]
     if readonly:
         argv.append("--readonly")
     return [*argv, "--", _check_path(device, "device"), name]
+
+
+def verify_argv(device: str, header_copy: str) -> list[str]:
+    """``open --test-passphrase`` with the same header copy and key: needs no device-mapper."""
+    argv = [CRYPTSETUP, "--batch-mode", "open", "--test-passphrase", "--type", "luks2"]
+    argv += ["--header", _check_path(header_copy, "header copy"), *VK_STDIN]
+    return [*argv, "--", _check_path(device, "device")]
 
 
 def close_argv(name: str) -> list[str]:
@@ -141,11 +153,14 @@ class KernelEngine:
         self._step(format_argv(device, integrity=integrity), passphrase, "luksFormat")
 
     def open(
-        self, device: str, passphrase: bytes, name: str, header_copy: str, *, readonly: bool
+        self, device: str, volume_key: bytes, name: str, header_copy: str, *, readonly: bool
     ) -> str:
         """Activate ``/dev/mapper/<name>`` from the guest's validated header copy."""
-        self._step(open_argv(device, name, header_copy, readonly=readonly), passphrase, "open")
+        self._step(open_argv(device, name, header_copy, readonly=readonly), volume_key, "open")
         return f"/dev/mapper/{name}"
+
+    def verify(self, device: str, volume_key: bytes, header_copy: str) -> None:
+        self._step(verify_argv(device, header_copy), volume_key, "open --test-passphrase")
 
     def close(self, name: str) -> None:
         res = self.run(close_argv(name), None)

@@ -44,6 +44,9 @@ class Unlocked:
     size: int | None  # None: dynamic (to the end of the device)
     sector_size: int
     cipher: str
+    # Both header copies exactly as validated (fuse_crypt.luks2 Opened.header): what the
+    # kernel engine hands cryptsetup as a detached header. Empty from engines without it.
+    header: bytes = field(default=b"", repr=False, compare=False)
 
 
 class LuksEngine(Protocol):
@@ -192,7 +195,10 @@ class UserspaceLuks:
         finally:
             os.close(fd)
         seg = opened.segment
-        return Unlocked(opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher)
+        header: bytes = getattr(opened, "header", b"")  # Opened.header: newer fuse_crypt.luks2
+        return Unlocked(
+            opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher, header
+        )
 
 
 def default_engine(*, require_binding: bool = True) -> LuksEngine:

@@ -3,7 +3,7 @@ machines, so nothing here activates a mapping (docs/block.md says so too)."""
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
 import pytest
@@ -32,17 +32,19 @@ def test_format_argv_is_cdhs() -> None:
     assert argv[9:14] == ["--integrity", "hmac-sha256", "--integrity-no-wipe", "--header", "/run/h"]
 
 
-def test_open_uses_the_guest_header_copy_and_stdin() -> None:
+def test_open_uses_the_guest_header_copy_and_the_volume_key_on_stdin() -> None:
     rec = Recorder()
     eng = bk.KernelEngine(rec)
     name = bk.mapper_name("pvc-1")
-    assert eng.open("/dev/vdb", b"k3y", name, "/run/coco/h", readonly=True) == f"/dev/mapper/{name}"
+    vk = bytes(range(64))
+    assert eng.open("/dev/vdb", vk, name, "/run/coco/h", readonly=True) == f"/dev/mapper/{name}"
     argv, stdin = rec.calls[0]
     assert argv[:6] == ["cryptsetup", "--batch-mode", "open", "--type", "luks2", "--header"]
-    assert argv[6:] == ["/run/coco/h", "--key-file", "-", "--readonly", "--", "/dev/vdb", name]
-    assert stdin == b"k3y" and all(b"k3y" not in a.encode() for a in argv)
+    assert argv[6:] == ["/run/coco/h", "--volume-key-file", "/dev/stdin", "--readonly", "--",
+                        "/dev/vdb", name]  # fmt: skip
+    assert stdin == vk and not any(vk.hex() in a for a in argv)
     eng.format("/dev/vdb", b"k3y")
-    assert rec.calls[1][1] == b"k3y"
+    assert rec.calls[1][1] == b"k3y" and "--key-file" in rec.calls[1][0]
 
 
 def test_names_and_paths_are_checked() -> None:
@@ -92,23 +94,40 @@ def test_available_follows_mapper_control(tmp_path: Path) -> None:
 
 
 def test_real_cryptsetup_without_device_mapper(tmp_path: Path) -> None:
-    """On this machine: the real luksFormat of the engine works on an image, the open fails
-    with the device-mapper error mapped to FAILED_PRECONDITION, and integrity format fails."""
+    """On this machine: the engine's real luksFormat works on an image; the guest's header
+    copy (zero-padded to 16 MiB) plus the volume key on stdin passes cryptsetup's
+    --test-passphrase (a wrong key is WrongVolumeKey), and the real open fails with the
+    device-mapper error mapped to FAILED_PRECONDITION; --integrity format fails too."""
     oracle.skip_without_cryptsetup()
     if bk.available():
         pytest.skip("device-mapper present: this test is for machines without it")
-    assert shutil.which("cryptsetup")
+    from fuse_crypt.luks2 import KdfCost, format_volume
+
+    eng = bk.KernelEngine()
     img = tmp_path / "d.img"
     with img.open("wb") as f:
         f.truncate(32 << 20)
-    eng = bk.KernelEngine()
     eng.format(str(img), b"pw")
     assert oracle.passphrase_opens(img, b"pw")
     assert oracle.dump_json(img)["segments"]["0"]["encryption"] == "aes-xts-plain64"
-    hdr = tmp_path / "hdr"
-    eng._step(bk.header_backup_argv(str(img), str(hdr)), None, "luksHeaderBackup")
+
+    ours = tmp_path / "ours.img"
+    with ours.open("wb") as f:
+        f.truncate(32 << 20)
+    fd = os.open(ours, os.O_RDWR)
+    try:
+        opened = format_volume(fd, b"pw", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
+    finally:
+        os.close(fd)
+    copy = tmp_path / "hdr"
+    copy.write_bytes(ours.read_bytes()[: 32 << 10])  # what Opened.header holds
+    with copy.open("r+b") as f:
+        f.truncate(bk.HEADER_COPY_SIZE)
+    eng.verify(str(ours), opened.volume_key, str(copy))
+    with pytest.raises(errors.WrongVolumeKey):
+        eng.verify(str(ours), os.urandom(64), str(copy))
     with pytest.raises(errors.FailedPrecondition, match="device-mapper"):
-        eng.open(str(img), b"pw", "coco-t", str(hdr), readonly=False)
+        eng.open(str(ours), opened.volume_key, "coco-t", str(copy), readonly=False)
     img2 = tmp_path / "e.img"
     with img2.open("wb") as f:
         f.truncate(32 << 20)

@@ -430,3 +430,74 @@ def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool
         rig.stage(img, source="encrypted")
     assert _sha(img) == before
     assert rig.core.block.store.all() == [] and not os.path.ismount(staging)
+
+
+class _WithHeader:
+    """The userspace engine plus the validated header copy (what Opened.header carries in
+    newer fuse_crypt.luks2; read from the image here, which is fine in a test)."""
+
+    name = "userspace+header"
+
+    def __init__(self) -> None:
+        self.inner = UserspaceLuks()
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        self.inner.format(device, passphrase, high_entropy=high_entropy)
+
+    def unlock(self, device: str, passphrase: bytes):  # type: ignore[no-untyped-def]
+        import dataclasses
+
+        u = self.inner.unlock(device, passphrase)
+        with open(device, "rb") as f:
+            return dataclasses.replace(u, header=f.read(32 << 10))
+
+
+def test_kernel_engine_stage_flow_with_fakes(rig: Rig, tmp_path: pathlib.Path) -> None:
+    """Device-mapper is absent here: cryptsetup and mkfs/mount are recorded, not run. Stage
+    writes the validated header copy (0600, 16 MiB) to the memory-backed dir, opens with the
+    volume key on stdin, makes the filesystem on /dev/mapper/<name> and mounts it; unstage
+    closes and removes the copy. A device-mapper failure undoes everything."""
+    from csi_driver.volumes import block_kernel as bk
+
+    calls: list[tuple[list[str], bytes | None]] = []
+    tools: list[list[str]] = []
+    rc = {"open": 0}
+
+    def runner(argv: list[str], stdin: bytes | None) -> bk.Result:
+        calls.append((argv, stdin))
+        if argv[2] == "open" and rc["open"]:
+            return bk.Result(1, "Cannot initialize device-mapper. Is dm_mod loaded?")
+        return bk.Result(0, "")
+
+    def tool(argv: list[str], what: str) -> str:
+        tools.append(argv)
+        return ""
+
+    block = rig.core.block
+    block.kernel, block.tool, block.engine = bk.KernelEngine(runner), tool, _WithHeader()
+    block.header_dir = str(tmp_path / "run-headers")
+    img = rig.image()
+    staging = rig.stage(img)
+    name = bk.mapper_name("blk-1")
+    copy = pathlib.Path(block.header_copy_path("blk-1"))
+    assert copy.stat().st_size == 16 * MiB and copy.stat().st_mode & 0o777 == 0o600
+    assert copy.read_bytes()[: 32 << 10] == img.read_bytes()[: 32 << 10]
+    (open_argv, stdin), = [(a, s) for a, s in calls if a[2] == "open"]  # fmt: skip
+    assert open_argv[-2:] == [str(img), name] and str(copy) in open_argv
+    vk = UserspaceLuks().unlock(str(img), derive_volume_password(rig.keys.root_key, "blk-1"))
+    assert stdin == vk.volume_key
+    assert tools[0][0] == "mkfs.ext4" and tools[0][-1] == f"/dev/mapper/{name}"
+    assert tools[1] == ["mount", "-o", "nosuid,nodev", f"/dev/mapper/{name}", staging]
+    pub = block.store.get(staging)
+    assert pub is not None and pub.mounter == "dm-crypt" and pub.phase == "mounted"
+    with pytest.raises(errors.FailedPrecondition, match="kernel engine"):
+        rig.core.expand("blk-1", staging, staging)
+    rig.core.unstage("blk-1", staging)
+    assert calls[-1][0] == ["cryptsetup", "--batch-mode", "close", name]
+    assert not copy.exists() and block.store.all() == []
+
+    rc["open"] = 1
+    with pytest.raises(errors.FailedPrecondition, match="device-mapper"):
+        rig.stage(img, source="encrypted")
+    assert not copy.exists() and block.store.all() == []
+    assert calls[-1][0][2] == "close"
