@@ -36,6 +36,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from csi_driver import errors, fsprobe, validate
+from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
 from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
@@ -265,7 +266,21 @@ class BlockVolumes:
             )
             log.info("formatted block volume", extra={"fields": {"volume_id": req.volume_id}})
         deadline.check("unlocking the volume")
-        unlocked = self.engine.unlock(device.path, key.password)
+        try:
+            unlocked = self.engine.unlock(device.path, key.password)
+        except errors.WrongVolumeKey:
+            previous = None if new else self._previous_key(req, ctx)
+            if previous is None:
+                raise
+            deadline.check("rotating the volume key")
+            self.engine.rotate(
+                device.path,
+                previous.password,
+                key.password,
+                high_entropy=key.source != "sealed-passphrase",
+            )
+            log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
+            unlocked = self.engine.unlock(device.path, key.password)
         mode = cap.access_mode
         if self.kernel is not None:
             self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
@@ -289,6 +304,30 @@ class BlockVolumes:
         log.info(
             "staged block volume",
             extra={"fields": {"volume_id": req.volume_id, "staging": staging}},
+        )
+
+    def _previous_key(self, req: StageRequest, ctx: Mapping[str, str]) -> VolumeKey | None:
+        """The key before a rotation, if the request names one (previousKeyResource in the
+        context, or a sealed previousPassphrase in secrets/context), resolved under the same
+        rules as the current key (allowed prefixes, signing kids, per-volume derivation)."""
+        secrets = dict(req.secrets or {})
+        prev_res = ctx.get(blockdev.CTX_PREVIOUS_KEY_RESOURCE)
+        prev_pass = secrets.get(blockdev.CTX_PREVIOUS_PASSPHRASE) or ctx.get(
+            blockdev.CTX_PREVIOUS_PASSPHRASE
+        )
+        if prev_pass is not None:
+            sub = {PARAM_PASSPHRASE: prev_pass}
+        elif prev_res is not None:
+            sub = {PARAM_KEY_RESOURCE: prev_res}
+        else:
+            return None
+        return resolve_volume_key(
+            req.volume_id,
+            sub,
+            {},
+            self.resolver,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
         )
 
     # -- the kernel engine --------------------------------------------------------------------

@@ -28,7 +28,15 @@ from typing import Protocol
 from csi_driver import errors
 from csi_driver.proc import tail
 from fuse_crypt.errors import BadInputError, WrongKeyError
-from fuse_crypt.luks2 import HeaderError, KdfCost, Luks2Error, format_volume, open_volume
+from fuse_crypt.luks2 import (
+    HeaderError,
+    KdfCost,
+    Luks2Error,
+    add_passphrase,
+    format_volume,
+    open_volume,
+    remove_passphrase,
+)
 
 KDF_TIMEOUT = 120.0
 CIPHERS = ("aes-xts-plain64", "aes-xts-plain")
@@ -58,6 +66,10 @@ class LuksEngine(Protocol):
     def unlock(self, device: str, passphrase: bytes) -> Unlocked:
         """Unlock; WrongVolumeKey if the key does not open it, FailedPrecondition if the
         header is not one we accept. Never writes to the device."""
+
+    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+        """Add a keyslot for ``new`` (opened by ``old``), check it opens, then remove the
+        slot of ``old``: a crash in between leaves both working, never neither."""
 
 
 def check_segment(seg: dict[str, object]) -> tuple[int, int | None, int, str]:
@@ -116,6 +128,9 @@ class CryptsetupOfflineLuks:
             raise errors.Internal(
                 f"luksFormat failed: {tail(res.stderr.decode('utf-8', 'replace'))}"
             )
+
+    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+        raise errors.FailedPrecondition("key rotation needs the userspace LUKS2 engine")
 
     def unlock(self, device: str, passphrase: bytes) -> Unlocked:
         meta = self._run(["luksDump", "--dump-json-metadata", device], None)
@@ -177,6 +192,27 @@ class UserspaceLuks:
             )
         except (Luks2Error, BadInputError) as exc:
             raise errors.Internal(f"cannot format the LUKS2 container: {exc}") from None
+        finally:
+            os.close(fd)
+
+    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+        cost = KdfCost(iterations=1000) if high_entropy else None
+        kdf = "pbkdf2" if high_entropy else "argon2id"
+        fd = self._open(device, read_only=False)
+        try:
+            add_passphrase(
+                fd, old, new, require_binding=self.require_binding, kdf=kdf, kdf_cost=cost
+            )
+            open_volume(fd, new, require_binding=self.require_binding)  # the new slot works
+            remove_passphrase(fd, old, require_binding=self.require_binding)
+        except WrongKeyError:
+            raise errors.WrongVolumeKey(
+                "neither the volume key nor the previous key opens this LUKS2 container"
+            ) from None
+        except HeaderError as exc:
+            raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
+        except (Luks2Error, BadInputError) as exc:
+            raise errors.FailedPrecondition(f"key rotation failed: {exc}") from None
         finally:
             os.close(fd)
 

@@ -29,6 +29,10 @@ CTX_SOURCE_TYPE = "sourceType"
 CTX_MKFS_OPTS = "mkfsOpts"
 CTX_FS_TYPE = "fsType"
 CTX_DATA_INTEGRITY = "dataIntegrity"
+# Key rotation: the key the volume was opened with until now (same forms as keyResource /
+# passphrase); staging then adds the new key's slot before it removes this one's.
+CTX_PREVIOUS_KEY_RESOURCE = "previousKeyResource"
+CTX_PREVIOUS_PASSPHRASE = "previousPassphrase"
 SOURCE_EMPTY = "empty"
 SOURCE_ENCRYPTED = "encrypted"
 DEV_ROOT = "/dev"

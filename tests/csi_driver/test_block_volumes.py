@@ -501,3 +501,44 @@ def test_kernel_engine_stage_flow_with_fakes(rig: Rig, tmp_path: pathlib.Path) -
         rig.stage(img, source="encrypted")
     assert not copy.exists() and block.store.all() == []
     assert calls[-1][0][2] == "close"
+
+
+def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Keys) -> None:
+    import base64
+    import json
+
+    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
+
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
+    rig.core.unstage("blk-1", staging)
+    # The KBS gets a new root key; the old one stays available for the rotation.
+    new_jwk = new_volume_key_jwk().encode()
+    doc = json.loads(pathlib.Path(keys.resources_file).read_text())
+    doc["default/coco-csi/volume-root-2"] = base64.b64encode(new_jwk).decode()
+    pathlib.Path(keys.resources_file).write_text(json.dumps(doc))
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    new_res = KEY_RESOURCE + "-2"
+    before = _sha(img)
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.stage(img, source="encrypted", keyResource=new_res)
+    assert _sha(img) == before
+
+    staging = rig.stage(img, source="encrypted", keyResource=new_res,
+                        previousKeyResource=KEY_RESOURCE)  # fmt: skip
+    assert (pathlib.Path(staging) / "kept").read_bytes() == b"across the rotation"
+    rig.core.unstage("blk-1", staging)
+    old_pw = derive_volume_password(keys.root_key, "blk-1")
+    new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
+    assert oracle.passphrase_opens(img, new_pw) and not oracle.passphrase_opens(img, old_pw)
+    # From now on the new key alone opens it; a previous key outside the allowed
+    # prefixes is refused before anything is tried.
+    staging = rig.stage(img, source="encrypted", keyResource=new_res)
+    rig.core.unstage("blk-1", staging)
+    before = _sha(img)
+    with pytest.raises(errors.PermissionDenied):
+        rig.stage(img, source="encrypted", keyResource=KEY_RESOURCE,
+                  previousKeyResource="kbs:///other/repo/key")  # fmt: skip
+    assert _sha(img) == before
