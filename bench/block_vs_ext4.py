@@ -177,14 +177,12 @@ def userspace_luks(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
 def stage_latency(dev: str, img: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
     """NodeStageVolume (sourceType encrypted, the volume exists) and NodePublishVolume
     through the node core, on the same loop device; seconds per call."""
-    from csi_driver.core.node import NodeCore, PublishRequest
+    from csi_driver.core.node import NodeCore, PublishRequest, StageRequest
     from csi_driver.core.volcap import AccessType, Capability
-    from csi_driver.volume_key import new_volume_key_jwk
-    from csi_driver.volumes.block import StageRequest
     from sealed_secrets.resolver import build_resolver
 
     res = work / "resources.json"
-    jwk = new_volume_key_jwk().encode()
+    jwk = sh(str(Path(sys.executable).with_name("coco-csi")), "volume-key", "new").encode()
     res.write_text(json.dumps({"default/bench/root": base64.b64encode(jwk).decode()}))
     kube = work / "kubelet"
     (kube / "pods" / "p").mkdir(parents=True)
