@@ -19,6 +19,7 @@ version, as with any disk).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import logging
@@ -43,15 +44,23 @@ class DeviceError(OSError):
 def open_device(path: str, *, read_only: bool = False, allow_regular: bool = True) -> int:
     """Open ``path`` without following a final symlink or blocking; check the file type.
 
-    Returns the descriptor (blocking mode restored). A block device always passes; a
-    regular file only with ``allow_regular``. Anything else is refused.
+    Returns the descriptor (blocking mode restored). A block device always passes (opened
+    for writing, it is claimed exclusively: O_EXCL); a regular file only with
+    ``allow_regular``. Anything else is refused.
     """
     flags = (os.O_RDONLY if read_only else os.O_RDWR) | os.O_NOFOLLOW | os.O_CLOEXEC
+    with contextlib.suppress(OSError):
+        if not read_only and stat.S_ISBLK(os.lstat(path).st_mode):
+            # Exclusive claim: EBUSY if the disk is mounted, in use by device-mapper or
+            # served by another block daemon (two writers would corrupt it).
+            flags |= os.O_EXCL
     try:
         fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise DeviceError(errno.ELOOP, "the device path is a symbolic link") from None
+        if exc.errno == errno.EBUSY:
+            raise DeviceError(errno.EBUSY, "the device is in use (mounted or open)") from None
         raise DeviceError(exc.errno, f"cannot open the device: {exc.strerror}") from None
     try:
         st = os.fstat(fd)

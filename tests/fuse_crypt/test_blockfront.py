@@ -325,3 +325,18 @@ def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) ->
     assert (mnt / "disk").stat().st_size == 16 * MiB
     rig.stop(proc, mnt)
     assert "Traceback" not in rig.log(mnt)
+
+
+def test_a_block_device_is_claimed_exclusively(rig: BlockRig, tmp_path: Path) -> None:
+    """Two writers of one disk (a second stage, a mounted filesystem) are refused: EBUSY."""
+    img = _image(tmp_path / "d.img", 8 * MiB)
+    loop = rig.attach(img)
+    fd = open_device(loop)
+    try:
+        with pytest.raises(DeviceError) as exc:
+            open_device(loop)
+        assert exc.value.errno == errno.EBUSY
+        os.close(open_device(loop, read_only=True))  # readers (probes) are fine
+    finally:
+        os.close(fd)
+    os.close(open_device(loop))  # released with the first descriptor
