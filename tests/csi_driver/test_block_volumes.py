@@ -542,3 +542,29 @@ def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Key
         rig.stage(img, source="encrypted", keyResource=KEY_RESOURCE,
                   previousKeyResource="kbs:///other/repo/key")  # fmt: skip
     assert _sha(img) == before
+
+
+def test_real_block_device_by_path_and_by_dev_id(rig: Rig) -> None:
+    """A loop device stands in for a cloud disk: no --block-image-root needed. Staged by
+    devicePath, then by deviceId MAJ:MIN; a second staging of the same disk is refused."""
+    img = rig.image()
+    loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        staging = rig.stage(img, devicePath=loop)
+        (pathlib.Path(staging) / "f").write_bytes(b"on a block device")
+        with pytest.raises(errors.CsiError) as exc:
+            rig.stage(img, vid="blk-1", staging=rig.staging("second"), source="encrypted",
+                      devicePath=loop)  # fmt: skip
+        assert "in use" in str(exc.value)
+        assert len(rig.core.block.store.all()) == 1
+        rig.core.unstage("blk-1", staging)
+        st = os.stat(loop)
+        dev_id = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        ctx = {"sourceType": "encrypted", "deviceId": dev_id, "keyResource": KEY_RESOURCE}
+        rig.core.stage(StageRequest("blk-1", staging, RW, {}, ctx, {}))
+        assert (pathlib.Path(staging) / "f").read_bytes() == b"on a block device"
+        rig.core.unstage("blk-1", staging)
+    finally:
+        rig.core.block.shutdown()
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
