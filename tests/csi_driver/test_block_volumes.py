@@ -568,3 +568,34 @@ def test_real_block_device_by_path_and_by_dev_id(rig: Rig) -> None:
     finally:
         rig.core.block.shutdown()
         subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_read_only_stage_and_no_secrets_in_logs(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / "f").write_bytes(b"read me")
+    rig.core.unstage("blk-1", staging)
+    staging = rig.stage(img, source="encrypted", cap=RO)
+    entry = rig.core.mounts.find(staging)
+    assert entry is not None
+    assert (pathlib.Path(staging) / "f").read_bytes() == b"read me"
+    with pytest.raises(OSError) as exc:
+        (pathlib.Path(staging) / "g").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    target = rig.target("a")
+    rig.publish(staging, target, ro=True)
+    assert (pathlib.Path(target) / "f").read_bytes() == b"read me"
+    pub = rig.core.block.store.get(staging)
+    assert pub is not None and pub.readonly
+    cmdline = pathlib.Path(f"/proc/{pub.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--ro" in cmdline and b"--masterkey" in cmdline
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    vk = UserspaceLuks().unlock(str(img), password).volume_key
+    secrets = (vk.hex().encode(), password, vk)
+    assert not any(s in arg for s in secrets for arg in cmdline)
+    for path in (rig.tmp / "node-state").rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), path
+    rig.core.unpublish("blk-1", target)
+    rig.core.unstage("blk-1", staging)
