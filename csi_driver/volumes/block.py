@@ -86,13 +86,14 @@ class BlockServeMounter(Mounter):
 
     name = BLOCK_MOUNTER
     fs_type = "fuse." + BLOCK_MOUNTER
+    tool = "fuse-crypt"
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary
         self._plans: dict[str, tuple[Unlocked, bool]] = {}
 
     def _bin(self) -> str:
-        return self.binary or _tool("fuse-crypt")
+        return self.binary or _tool(self.tool)
 
     def plan(self, mnt: str, unlocked: Unlocked, is_image: bool) -> None:
         self._plans[mnt] = (unlocked, is_image)
