@@ -62,6 +62,20 @@ def _parser() -> argparse.ArgumentParser:
         "(without it and without --backend-root, cipherDir is refused)",
     )
     n.add_argument(
+        "--block-image-root",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="(repeatable; tests/operators) a block volume's devicePath may be an image file "
+        "below DIR (default: block devices under /dev only)",
+    )
+    n.add_argument(
+        "--block-accept-unbound-header",
+        action="store_true",
+        help="open LUKS2 block volumes whose header lacks coco-csi's binding token (disks "
+        "CDH or cryptsetup made); the header profile is still enforced",
+    )
+    n.add_argument(
         "--allowed-key-resource",
         action="append",
         default=[],
@@ -174,6 +188,8 @@ def _run_node(args: argparse.Namespace) -> int:
         metrics=metrics,
         kubelet_dir=args.kubelet_dir,
         cipher_roots=args.cipher_dir_root,
+        block_image_roots=args.block_image_root,
+        block_require_binding=not args.block_accept_unbound_header,
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,

@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from coco_proto import csi_pb2
 from csi_driver.core.node import PublishRequest
 from csi_driver.core.volcap import AccessType, Capability
+from csi_driver.volumes.block import StageRequest
 
 
 def capability(pb: csi_pb2.VolumeCapability) -> Capability:
@@ -41,4 +42,17 @@ def publish_request(request: csi_pb2.NodePublishVolumeRequest) -> PublishRequest
         secrets=dict(request.secrets),
         volume_context=dict(request.volume_context),
         staging_target_path=request.staging_target_path,
+    )
+
+
+def stage_request(request: csi_pb2.NodeStageVolumeRequest) -> StageRequest:
+    return StageRequest(
+        volume_id=request.volume_id,
+        staging_target_path=request.staging_target_path,
+        capability=(
+            capability(request.volume_capability) if request.HasField("volume_capability") else None
+        ),
+        secrets=dict(request.secrets),
+        volume_context=dict(request.volume_context),
+        publish_context=dict(request.publish_context),
     )

@@ -27,7 +27,7 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeGetCapabilitiesResponse:  # noqa: N802
         caps = [
             csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
-            for t in (RPC.GET_VOLUME_STATS,)
+            for t in (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME)
         ]
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
 
@@ -60,6 +60,29 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeUnpublishVolumeResponse:  # noqa: N802
         self.core.unpublish(request.volume_id, request.target_path, Deadline.from_grpc(context))
         return csi_pb2.NodeUnpublishVolumeResponse()
+
+    @csi_rpc("NodeStageVolume")
+    def NodeStageVolume(
+        self, request: csi_pb2.NodeStageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeStageVolumeResponse:  # noqa: N802
+        self.core.stage(convert.stage_request(request), Deadline.from_grpc(context))
+        return csi_pb2.NodeStageVolumeResponse()
+
+    @csi_rpc("NodeUnstageVolume")
+    def NodeUnstageVolume(
+        self, request: csi_pb2.NodeUnstageVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeUnstageVolumeResponse:  # noqa: N802
+        self.core.unstage(
+            request.volume_id, request.staging_target_path, Deadline.from_grpc(context)
+        )
+        return csi_pb2.NodeUnstageVolumeResponse()
+
+    @csi_rpc("NodeExpandVolume")
+    def NodeExpandVolume(
+        self, request: csi_pb2.NodeExpandVolumeRequest, context: grpc.ServicerContext
+    ) -> csi_pb2.NodeExpandVolumeResponse:  # noqa: N802
+        size = self.core.expand(request.volume_id, request.volume_path, request.staging_target_path)
+        return csi_pb2.NodeExpandVolumeResponse(capacity_bytes=size)
 
     @csi_rpc("NodeGetVolumeStats")
     def NodeGetVolumeStats(

@@ -8,6 +8,7 @@ underneath only ever sees gocryptfs-format ciphertext.
 # guards it): public submodules. Everything else is internal and may move freely.
 __all__ = [
     "backend",
+    "blockfront",
     "cli",
     "configfile",
     "errors",

@@ -6,9 +6,9 @@ codes. Keys are resolved per request inside the guest (csi_driver/keys.py) and h
 the mount daemon on stdin; they are kept in memory only so the supervisor can restart a
 crashed daemon, and never written to the state file or logs.
 
-Staging (NodeStageVolume for block devices) would mount the decrypted filesystem once at the
-staging path and bind-mount it to each target; ``_locate`` and the Mounter interface are
-where a device-backed cipher location would slot in.
+Staging (NodeStageVolume) serves block volumes (csi_driver/volumes/block.py): the decrypted
+filesystem is mounted once at the staging path and bind-mounted to each target. For the
+directory-backed gocryptfs volumes staging is a validated no-op and publish works as before.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
 from csi_driver.mounts import MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
+from csi_driver.volumes.block import BlockVolumes, StageRequest, is_block
 from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -103,6 +104,8 @@ class NodeCore:
         allowed_signing_kids: Sequence[str] = (),
         max_parallel: int = DEFAULT_MAX_PARALLEL,
         mount_table: MountTable | None = None,
+        block_image_roots: Sequence[str] = (),
+        block_require_binding: bool = True,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -139,6 +142,18 @@ class NodeCore:
             on_change=self._refresh_gauge,
             on_restart=self.metrics.mount_restarts.inc,
             monitor_interval=monitor_interval,
+        )
+        # Block volumes keep their own records (<state-dir>/block/node-state.json).
+        self.block = BlockVolumes(
+            self.state_dir,
+            self.supervisor,
+            self.mounts,
+            resolver,
+            kubelet_root=self.kubelet_root,
+            image_roots=block_image_roots,
+            require_binding=block_require_binding,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_signing_kids=self.allowed_signing_kids,
         )
         self.recover()
         # Warm mount helpers (fuse-crypt-prefork's zygote, ~0.3 s) before serving requests,
@@ -267,6 +282,7 @@ class NodeCore:
                 self.supervisor.adopt(pub)
                 log.info("adopted running mount", extra={"fields": {**fields, "pid": pub.pid}})
         self.store.save()  # what load dropped is dropped from the file too
+        self.block.recover()
         self._refresh_gauge()
 
     def _is_ours(self, pub: Publication, entry: MountEntry | None) -> bool:
@@ -388,6 +404,17 @@ class NodeCore:
         readonly = readonly or "ro" in req.capability.mount_flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
+        if req.staging_target_path and (
+            is_block(ctx) or self.block.owns(target) or self._staged_block(req.staging_target_path)
+        ):
+            with (
+                self._busy(),
+                self._holding(self._target_locks, target, deadline, f"target {target}"),
+            ):
+                self.block.publish(
+                    req.volume_id, target, req.staging_target_path, readonly, int(mode)
+                )
+            return
 
         with (
             self._busy(),
@@ -573,6 +600,9 @@ class NodeCore:
             self._busy(),
             self._holding(self._target_locks, target, deadline, f"target {target}"),
         ):
+            if self.block.owns(target):
+                self.block.unpublish(volume_id, target)
+                return
             pub = self.store.get(target)
             if pub is not None and pub.volume_id != volume_id:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
@@ -653,6 +683,12 @@ class NodeCore:
             # do not serve is, by the spec, a volume not published there.
             validate.path_text(volume_path, "volume_path")
             raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
+        block = self.block.store.get(target)
+        if block is not None:
+            if block.volume_id != volume_id or block.phase != MOUNTED:
+                raise errors.NotFound(f"volume {volume_id} is not published at {target}")
+            with self._busy():
+                return _vfs_stats(self.block.statvfs(target))
         pub = self.store.get(target)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not published at {target}")
@@ -671,14 +707,7 @@ class NodeCore:
                 ) from None
             if pub.capacity_bytes:
                 return self._own_stats(pub, st)
-        return VolumeStats(
-            bytes_total=st.f_blocks * st.f_frsize,
-            bytes_available=st.f_bavail * st.f_frsize,
-            bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize,
-            inodes_total=st.f_files,
-            inodes_available=st.f_favail,
-            inodes_used=st.f_files - st.f_ffree,
-        )
+        return _vfs_stats(st)
 
     def _own_stats(self, pub: Publication, st: os.statvfs_result) -> VolumeStats:
         """The volume's own numbers: its recorded capacity and what its ciphertext
@@ -702,6 +731,73 @@ class NodeCore:
             inodes_used=entries,
         )
 
+    def _staged_block(self, staging_path: str) -> bool:
+        """A block volume is staged there (its device may have come in publish_context,
+        which NodePublishVolume does not repeat)."""
+        try:
+            return self.block.staged(self._target(staging_path, "staging_target_path")) is not None
+        except errors.InvalidArgument:
+            return False
+
+    # -- staging (block volumes) ------------------------------------------------------------
+
+    def stage(self, req: StageRequest, deadline: Deadline | None = None) -> None:
+        """NodeStageVolume: block volumes are unlocked and mounted at the staging path;
+        for directory volumes (no device named) it only validates the request."""
+        deadline = deadline or Deadline()
+        validate.volume_id(req.volume_id)
+        _require(req.staging_target_path, "staging_target_path")
+        if req.capability is None:
+            raise errors.InvalidArgument("volume_capability is required")
+        staging = self._target(req.staging_target_path, "staging_target_path")
+        if not is_block(req.volume_context, req.publish_context):
+            problem = unsupported(req.capability)
+            if problem is not None:
+                raise (errors.InvalidArgument if problem.missing else errors.FailedPrecondition)(
+                    problem.message
+                )
+            return
+        with (
+            self._busy(),
+            self._holding(self._target_locks, staging, deadline, f"staging path {staging}"),
+            self._holding(self._volume_locks, req.volume_id, deadline, f"volume {req.volume_id}"),
+        ):
+            self.block.stage(req, deadline)
+
+    def unstage(self, volume_id: str, staging_path: str, deadline: Deadline | None = None) -> None:
+        """NodeUnstageVolume: undo a block stage (idempotent); a no-op for other volumes."""
+        deadline = deadline or Deadline()
+        validate.volume_id(volume_id)
+        _require(staging_path, "staging_target_path")
+        staging = self._target(staging_path, "staging_target_path")
+        if not self.block.owns(staging):
+            return
+        with (
+            self._busy(),
+            self._holding(self._target_locks, staging, deadline, f"staging path {staging}"),
+        ):
+            self.block.unstage(volume_id, staging)
+
+    def expand(self, volume_id: str, volume_path: str, staging_path: str = "") -> int:
+        """NodeExpandVolume: block volumes grow with their disk; others have nothing to do
+        (their capacity is a hint) and report 0 (kubelet then keeps the requested size)."""
+        validate.volume_id(volume_id)
+        _require(volume_path, "volume_path")
+        try:
+            path = self._target(volume_path, "volume_path")
+            staging = self._target(staging_path, "staging_target_path") if staging_path else ""
+        except errors.InvalidArgument:
+            # As for stats: malformed stays INVALID_ARGUMENT, a path we do not serve is a
+            # volume that is not there.
+            validate.path_text(volume_path, "volume_path")
+            raise errors.NotFound(f"volume {volume_id} is not published at that path") from None
+        if not (self.block.owns(path) or (staging and self.block.owns(staging))):
+            if self.store.get(path) is None:
+                raise errors.NotFound(f"volume {volume_id} is not published at {path}")
+            return 0
+        with self._busy():
+            return self.block.expand(volume_id, path, staging)
+
     # -- shutdown ------------------------------------------------------------------------
 
     def shutdown(self, *, unmount: bool = False) -> None:
@@ -712,4 +808,16 @@ class NodeCore:
                     self.unpublish(pub.volume_id, pub.target_path)
                 except errors.CsiError as exc:
                     log.error("unpublish at shutdown failed", extra={"fields": {"err": exc}})
+            self.block.shutdown()
         self.supervisor.shutdown()
+
+
+def _vfs_stats(st: os.statvfs_result) -> VolumeStats:
+    return VolumeStats(
+        bytes_total=st.f_blocks * st.f_frsize,
+        bytes_available=st.f_bavail * st.f_frsize,
+        bytes_used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+        inodes_total=st.f_files,
+        inodes_available=st.f_favail,
+        inodes_used=st.f_files - st.f_ffree,
+    )

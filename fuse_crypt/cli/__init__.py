@@ -101,6 +101,10 @@ def build_parser() -> argparse.ArgumentParser:
         "demo", parents=[common], help="show fuse-crypt at work on a throw-away volume"
     )
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
+
+    from fuse_crypt.blockfront.cli import add_parser as add_block_parser
+
+    add_block_parser(sub, common)
     return parser
 
 
@@ -121,6 +125,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return commands.cmd_passwd(args)
     if args.command == "info":
         return commands.cmd_info(args)
+    if args.command == "block-serve":
+        from fuse_crypt.blockfront.cli import cmd_block_serve
+
+        return cmd_block_serve(args)
     if args.command == "demo":
         from fuse_crypt.demo import run_demo
 

@@ -15,6 +15,10 @@ Modules, one job each:
 """
 
 from . import _libfuse  # noqa: F401  (must precede any mfusepy import)
-from .mount import serve
+from .files import MAX_IO
+from .mount import CryptFUSE, serve
+from .stopsignals import StopSignals
 
-__all__ = ["serve"]
+# CryptFUSE, StopSignals and MAX_IO: the libfuse plumbing the block frontend
+# (fuse_crypt.blockfront) shares, so both daemons map errors and stop signals alike.
+__all__ = ["MAX_IO", "CryptFUSE", "StopSignals", "serve"]

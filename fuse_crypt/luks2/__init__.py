@@ -9,6 +9,7 @@ CSI here: the sector crypto is segment.py, the block frontend is fuse_crypt.bloc
 
 from .errors import HeaderError, Luks2Error
 from .keyslot import KdfCost
+from .segment import SegmentError, XtsSegment
 from .volume import (
     DataSegment,
     Opened,
@@ -25,6 +26,8 @@ __all__ = [
     "KdfCost",
     "Luks2Error",
     "Opened",
+    "SegmentError",
+    "XtsSegment",
     "add_passphrase",
     "format_volume",
     "is_luks",

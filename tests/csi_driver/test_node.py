@@ -400,7 +400,8 @@ def test_identity_and_capabilities(env: Env) -> None:
     assert ccaps.capabilities[0].service.type == csi_pb2.PluginCapability.Service.CONTROLLER_SERVICE
     ncaps = env.node.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
     types = [c.rpc.type for c in ncaps.capabilities]
-    assert types == [csi_pb2.NodeServiceCapability.RPC.GET_VOLUME_STATS]
+    rpc = csi_pb2.NodeServiceCapability.RPC
+    assert types == [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME]
     assert env.node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "test-node"
 
 

@@ -350,12 +350,15 @@ def test_controller_clone_without_clone_volume_is_invalid_argument(sc: Sanity) -
         ),
     ],
 )
-def test_node_unadvertised_rpcs_are_unimplemented(
+def test_node_staging_rpcs_are_advertised_and_validate(
     sc: Sanity, needs: str, calls: list[tuple[str, object]]
 ) -> None:
-    """NodeStage/NodeUnstage (and NodeExpand) specs run only with their capability; we do not
-    advertise it, so the RPCs must answer UNIMPLEMENTED, never act on the request."""
-    assert NodeRPC.Value(needs) not in sc.node_caps(), f"{needs} is advertised but not ported"
+    """NodeStage/NodeUnstage and NodeExpand serve block volumes (docs/block.md); they are
+    advertised; a staging path outside the kubelet dir is INVALID_ARGUMENT, a volume path
+    this node does not serve is NOT_FOUND (as for NodeGetVolumeStats), before anything is
+    done."""
+    assert NodeRPC.Value(needs) in sc.node_caps(), f"{needs} is not advertised"
     for method, request in calls:
         code = code_of(getattr(sc.node.node, method), request)
-        assert code == grpc.StatusCode.UNIMPLEMENTED, (method, code)
+        want = "NOT_FOUND" if method == "NodeExpandVolume" else "INVALID_ARGUMENT"
+        assert code == getattr(grpc.StatusCode, want), (method, code)

@@ -1,0 +1,283 @@
+"""Block volumes, side by side on one loop device: plain ext4, fuse-crypt over ext4, and the
+userspace LUKS2 engine (block-serve + loop + ext4), then NodeStageVolume latency.
+
+Run as root (loop devices, mounts, drop_caches):
+
+    .venv/bin/python bench/block_vs_ext4.py                       # 1 GiB, 5000 files
+    .venv/bin/python bench/block_vs_ext4.py --size-mib 128 --files 1000   # quick
+
+One image file under --workdir is attached once as /dev/loopN; each configuration makes its
+filesystem on that same device in turn. Prints one table with ratios against plain ext4
+(targets from issue 11: seq read >= 0.6x, seq write >= 0.5x, small files >= 0.8x,
+stage p50 <= 1 s) and `NO` next to a missed target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+MiB = 1 << 20
+Config = contextlib.AbstractContextManager[tuple[Path, int]]
+FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
+
+
+def sh(*argv: str, stdin: bytes | None = None) -> str:
+    res = subprocess.run(argv, input=stdin, capture_output=True, timeout=600)
+    if res.returncode != 0:
+        raise RuntimeError(f"{argv}: {res.stderr.decode(errors='replace')}")
+    return res.stdout.decode()
+
+
+def drop_caches() -> None:
+    os.sync()
+    with contextlib.suppress(OSError), open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3")
+
+
+def peak_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def wait_ready(proc: subprocess.Popen[bytes], mnt: Path) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if os.path.ismount(mnt):
+            return
+        if proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {proc.returncode}")
+        time.sleep(0.01)
+    raise RuntimeError("daemon not ready")
+
+
+def workloads(mnt: Path, size_mib: int, files: int) -> dict[str, float]:
+    out: dict[str, float] = {}
+    big = mnt / "big.bin"
+    os.sync()
+    t = time.perf_counter()
+    sh("dd", "if=/dev/zero", f"of={big}", "bs=1M", f"count={size_mib}", "conv=fsync")
+    out["seq write MB/s"] = size_mib * MiB / 1e6 / (time.perf_counter() - t)
+    drop_caches()
+    t = time.perf_counter()
+    sh("dd", f"if={big}", "of=/dev/null", "bs=1M")
+    out["seq read MB/s"] = size_mib * MiB / 1e6 / (time.perf_counter() - t)
+    big.unlink()
+    data = os.urandom(4096)
+    os.sync()
+    t = time.perf_counter()
+    for i in range(files):
+        d = mnt / f"d{i % 10}" / f"e{i // 10 % 10}"
+        d.mkdir(parents=True, exist_ok=True)
+        fd = os.open(d / f"f{i}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        os.write(fd, data)
+        os.close(fd)
+    os.sync()
+    create = time.perf_counter() - t
+    drop_caches()
+    t = time.perf_counter()
+    for i in range(files):
+        assert (mnt / f"d{i % 10}" / f"e{i // 10 % 10}" / f"f{i}").read_bytes() == data
+    read = time.perf_counter() - t
+    for i in range(10):
+        shutil.rmtree(mnt / f"d{i}", ignore_errors=True)
+    os.sync()
+    out["small create+sync files/s"] = files / create
+    out["small read files/s"] = files / read
+    return out
+
+
+@contextlib.contextmanager
+def plain_ext4(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
+    sh("mkfs.ext4", "-q", "-F", dev)
+    mnt = work / "plain"
+    mnt.mkdir()
+    sh("mount", dev, str(mnt))
+    try:
+        yield mnt, 0
+    finally:
+        sh("umount", str(mnt))
+
+
+@contextlib.contextmanager
+def fuse_crypt_over_ext4(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
+    sh("mkfs.ext4", "-q", "-F", dev)
+    lower, mnt = work / "lower", work / "fc"
+    lower.mkdir()
+    mnt.mkdir()
+    sh("mount", dev, str(lower))
+    cipher = lower / "cipher"
+    cipher.mkdir()
+    sh(FUSE_CRYPT, "-q", "init", "--passfile", "/dev/stdin", "--scryptn", "10", str(cipher),
+       stdin=b"bench password\n")  # fmt: skip
+    proc = subprocess.Popen(
+        [FUSE_CRYPT, "mount", "--foreground", "--passfile", "/dev/stdin", str(cipher), str(mnt)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(b"bench password\n")
+    proc.stdin.close()
+    try:
+        wait_ready(proc, mnt)
+        yield mnt, proc.pid
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        proc.wait(30)
+        sh("umount", str(lower))
+
+
+@contextlib.contextmanager
+def userspace_luks(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
+    from fuse_crypt.luks2 import KdfCost, format_volume
+
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        format_volume(fd, b"bench passphrase", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
+    finally:
+        os.close(fd)
+    daemon_mnt, mnt = work / "blk", work / "luks"
+    daemon_mnt.mkdir()
+    mnt.mkdir()
+    proc = subprocess.Popen(
+        [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", dev, str(daemon_mnt)],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert proc.stdin is not None
+    proc.stdin.write(b"bench passphrase")
+    proc.stdin.close()
+    loop = ""
+    try:
+        wait_ready(proc, daemon_mnt)
+        loop = sh("losetup", "--direct-io=on", "--sector-size", "4096", "--find", "--show",
+                  str(daemon_mnt / "disk")).strip()  # fmt: skip
+        sh("mkfs.ext4", "-q", "-F", loop)
+        sh("mount", loop, str(mnt))
+        yield mnt, proc.pid
+    finally:
+        subprocess.run(["umount", str(mnt)], capture_output=True)
+        if loop:
+            subprocess.run(["losetup", "-d", loop], capture_output=True)
+        subprocess.run(["fusermount3", "-u", str(daemon_mnt)], capture_output=True)
+        proc.wait(30)
+
+
+def stage_latency(dev: str, img: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
+    """NodeStageVolume (sourceType encrypted, the volume exists) and NodePublishVolume
+    through the node core, on the same loop device; seconds per call."""
+    from csi_driver.core.node import NodeCore, PublishRequest, StageRequest
+    from csi_driver.core.volcap import AccessType, Capability
+    from sealed_secrets.resolver import build_resolver
+
+    res = work / "resources.json"
+    jwk = sh(str(Path(sys.executable).with_name("coco-csi")), "volume-key", "new").encode()
+    res.write_text(json.dumps({"default/bench/root": base64.b64encode(jwk).decode()}))
+    kube = work / "kubelet"
+    (kube / "pods" / "p").mkdir(parents=True)
+    (kube / "plugins").mkdir(parents=True)
+    core = NodeCore("bench", str(work / "state"), build_resolver(f"offline-fs:{res}"),
+                    mounter="gocryptfs", kubelet_dir=str(kube),
+                    allowed_key_resources=["kbs:///default/bench/"])  # fmt: skip
+    cap = Capability(AccessType.MOUNT, 1)
+    ctx = {"devicePath": dev, "keyResource": "kbs:///default/bench/root"}
+    staging, target = str(kube / "plugins" / "stage"), str(kube / "pods" / "p" / "mount")
+    stages: list[float] = []
+    publishes: list[float] = []
+    try:
+        # sourceType empty formats only a provably empty device: give it one (the image
+        # file is cut to zero length and back, then the loop device's cache is dropped).
+        size = img.stat().st_size
+        with img.open("r+b") as f:
+            f.truncate(0)
+            f.truncate(size)
+        sh("blockdev", "--flushbufs", dev)
+        drop_caches()
+        core.stage(StageRequest("bench-vol", staging, cap, {}, {**ctx, "sourceType": "empty"}, {}))
+        core.unstage("bench-vol", staging)
+        for _ in range(rounds):
+            t = time.perf_counter()
+            core.stage(StageRequest("bench-vol", staging, cap, {},
+                                    {**ctx, "sourceType": "encrypted"}, {}))  # fmt: skip
+            stages.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            core.publish(PublishRequest("bench-vol", target, cap, False, {}, ctx, staging))
+            publishes.append(time.perf_counter() - t)
+            core.unpublish("bench-vol", target)
+            core.unstage("bench-vol", staging)
+    finally:
+        core.shutdown(unmount=True)
+    return stages, publishes
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--files", type=int, default=5000)
+    ap.add_argument("--rounds", type=int, default=5, help="stage/publish repetitions")
+    ap.add_argument("--workdir", default="/var/tmp")
+    args = ap.parse_args()
+    if os.geteuid() != 0:
+        print("block_vs_ext4: run as root (loop devices, mounts)", file=sys.stderr)
+        return 2
+    work = Path(tempfile.mkdtemp(prefix="blkbench", dir=args.workdir))
+    img = work / "device.img"
+    with img.open("wb") as f:
+        f.truncate((2 * args.size_mib + args.files * 8 // 1024 + 128) * MiB)
+    dev = sh("losetup", "--find", "--show", str(img)).strip()
+    results: dict[str, dict[str, float]] = {}
+    configs: list[tuple[str, Callable[[str, Path], Config]]] = [
+        ("plain ext4", plain_ext4),
+        ("fuse-crypt/ext4", fuse_crypt_over_ext4),
+        ("LUKS2 userspace", userspace_luks),
+    ]  # fmt: skip
+    try:
+        for name, cfg in configs:
+            with cfg(dev, work) as (mnt, pid):
+                r = workloads(mnt, args.size_mib, args.files)
+                if pid:
+                    r["daemon peak RSS MiB"] = peak_rss_mib(pid)
+                results[name] = r
+            print(f"[{name}] " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
+        stages, publishes = stage_latency(dev, img, work, args.rounds)
+    finally:
+        subprocess.run(["losetup", "-d", dev], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
+    targets = {"seq write MB/s": 0.5, "seq read MB/s": 0.6, "small create+sync files/s": 0.8,
+               "small read files/s": 0.8}  # fmt: skip
+    base = results["plain ext4"]
+    print(f"\n{args.size_mib} MiB sequential, {args.files} x 4 KiB files, device {dev}")
+    print("| workload | plain ext4 | fuse-crypt/ext4 | LUKS2 userspace | LUKS2/ext4 | target |")
+    print("|---|---:|---:|---:|---:|---|")
+    for key in base:
+        fc, lk = results["fuse-crypt/ext4"][key], results["LUKS2 userspace"][key]
+        ratio = lk / base[key]
+        tgt = targets.get(key)
+        mark = "" if tgt is None else (f">= {tgt}x" + ("" if ratio >= tgt else " NO"))
+        print(f"| {key} | {base[key]:,.1f} | {fc:,.1f} | {lk:,.1f} | {ratio:.2f}x | {mark} |")
+    for key in ("daemon peak RSS MiB",):
+        print(f"| {key} | - | {results['fuse-crypt/ext4'][key]:.1f} | "
+              f"{results['LUKS2 userspace'][key]:.1f} | | |")  # fmt: skip
+    p50s, p50p = statistics.median(stages), statistics.median(publishes)
+    print(
+        f"| NodeStageVolume p50 s ({len(stages)} runs) | | | {p50s:.3f} | | <= 1 s"
+        + ("" if p50s <= 1.0 else " NO")
+        + " |"
+    )
+    print(f"| NodePublishVolume p50 s | | | {p50p:.3f} | | |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

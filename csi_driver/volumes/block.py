@@ -1,0 +1,712 @@
+"""Block volumes: a LUKS2 container on a host-attached disk, staged once, bind-mounted per pod.
+
+NodeStageVolume (userspace engine, the one that runs without device-mapper):
+
+1. resolve the device (csi_driver/volumes/blockdev.py) and the key (csi_driver/keys.py:
+   a ``keyResource`` derived per volume, a sealed ``passphrase``, or a random key when
+   neither is given and ``sourceType`` is ``empty``, CDH's ephemeral behaviour);
+2. ``sourceType: empty``: prove the device empty (any signature or non-zero byte →
+   FAILED_PRECONDITION naming it, nothing written), then format LUKS2 (CDH's profile);
+   ``encrypted``: nothing is written before the key has opened the container;
+3. unlock (csi_driver/volumes/block_luks.py) → volume key + segment geometry;
+4. record an intent, start ``fuse-crypt block-serve`` under the MountSupervisor (key on
+   stdin) on a private directory ``<state-dir>/block/<hash>``, ``losetup --direct-io=on
+   --sector-size 4096`` its ``disk``, mkfs when new, mount at the staging path, record it.
+
+NodePublishVolume binds the staging mount to the target (read-only if asked); several
+targets share one staging. Unpublish/unstage undo every step, each one idempotent. A
+restarted plugin finds its staged volumes in ``<state-dir>/block/node-state.json`` (a
+PublicationStore: stage records have mounter ``fuse-crypt-block``, publish records
+``bind``) and adopts the daemons that still serve them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from csi_driver import errors, fsprobe, validate
+from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
+from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
+from csi_driver.core.volcap import Capability, unsupported
+from csi_driver.deadline import Deadline
+from csi_driver.keys import VolumeKey, resolve_volume_key
+from csi_driver.mounter import Mounter, _tool
+from csi_driver.mounts import MountTable, umount_nofollow
+from csi_driver.proc import tail
+from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
+from csi_driver.volumes import block_kernel, blockdev
+from csi_driver.volumes.block_luks import LuksEngine, Unlocked, default_engine
+from sealed_secrets.resolver import Resolver
+
+log = logging.getLogger(__name__)
+
+BLOCK_MOUNTER = "fuse-crypt-block"
+DM_CRYPT = "dm-crypt"  # stage records of the kernel engine
+BIND = "bind"
+HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never the state dir
+DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
+TOOL_TIMEOUT = 120.0
+PROBE_TIMEOUT = 5.0
+_MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_NOSUID, _MS_NODEV = 1, 32, 4096, 2, 4
+
+
+@dataclass(frozen=True)
+class StageRequest:
+    """The parts of NodeStageVolumeRequest the block kind needs. Never log secrets."""
+
+    volume_id: str
+    staging_target_path: str
+    capability: Capability | None
+    secrets: Mapping[str, str] | None = None
+    volume_context: Mapping[str, str] | None = None
+    publish_context: Mapping[str, str] | None = None
+
+
+def is_block(*contexts: Mapping[str, str] | None) -> bool:
+    """A block volume names its device (CDH's keys) in volume or publish context."""
+    return any(
+        ctx and (ctx.get(blockdev.CTX_DEVICE_PATH) or ctx.get(blockdev.CTX_DEVICE_ID))
+        for ctx in contexts
+    )
+
+
+class BlockServeMounter(Mounter):
+    """``fuse-crypt block-serve``: the geometry of each daemon is planned before start."""
+
+    name = BLOCK_MOUNTER
+    fs_type = "fuse." + BLOCK_MOUNTER
+    tool = "fuse-crypt"
+
+    def __init__(self, binary: str | None = None) -> None:
+        self.binary = binary
+        self._plans: dict[str, tuple[Unlocked, bool]] = {}
+
+    def _bin(self) -> str:
+        return self.binary or _tool(self.tool)
+
+    def plan(self, mnt: str, unlocked: Unlocked, is_image: bool) -> None:
+        self._plans[mnt] = (unlocked, is_image)
+
+    def unplan(self, mnt: str) -> None:
+        self._plans.pop(mnt, None)
+
+    def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
+        raise errors.Internal("block volumes are formatted by the stage step")
+
+    def command(
+        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
+    ) -> list[str]:
+        u, is_image = self._plans[target]
+        argv = [self._bin(), "block-serve", "--masterkey", "stdin", "--offset", str(u.offset)]
+        argv += ["--size", "dynamic" if u.size is None else str(u.size)]
+        argv += ["--sector-size", str(u.sector_size), "--cipher", u.cipher]
+        if readonly:
+            argv.append("--ro")
+        if is_image:
+            argv.append("--allow-regular-file")
+        return [*argv, cipher_dir, target]
+
+    def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
+        return key.password  # the volume key as one hex line (BlockVolumes._daemon_key)
+
+
+def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
+    try:
+        res = subprocess.run(argv, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise errors.DeadlineExceeded(f"{what} timed out") from None
+    except FileNotFoundError:
+        raise errors.FailedPrecondition(f"{argv[0]} is not installed") from None
+    if res.returncode != 0:
+        raise errors.Internal(f"{what} failed: {tail(res.stderr.decode('utf-8', 'replace'))}")
+    return res.stdout.decode("utf-8", "replace")
+
+
+def _libc_mount(source: str, target: str, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.mount(os.fsencode(source), os.fsencode(target), None, flags, None) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), target)
+
+
+class BlockVolumes:
+    """Stage, publish, unpublish, unstage, expand and measure block volumes."""
+
+    def __init__(
+        self,
+        state_dir: str,
+        supervisor: MountSupervisor,
+        mounts: MountTable,
+        resolver: Resolver | None,
+        *,
+        kubelet_root: str,
+        image_roots: Sequence[str] = (),
+        allowed_key_resources: Sequence[str] = (),
+        allowed_signing_kids: Sequence[str] = (),
+        engine: LuksEngine | None = None,
+        require_binding: bool = True,
+        kernel: block_kernel.KernelEngine | None = None,
+        header_dir: str = HEADER_DIR,
+        tool: Callable[[list[str], str], str] | None = None,
+    ) -> None:
+        self.root = os.path.join(state_dir, "block")
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        self.supervisor = supervisor
+        self.mounts = mounts
+        self.resolver = resolver
+        self.kubelet_root = kubelet_root
+        self.image_roots = tuple(validate.real_root(r) for r in image_roots)
+        self.allowed_key_resources = tuple(allowed_key_resources)
+        self.allowed_signing_kids = tuple(allowed_signing_kids)
+        self.engine = engine or default_engine(require_binding=require_binding)
+        # The kernel engine where device-mapper works (block_kernel.available), else FUSE.
+        if kernel is None and block_kernel.available():
+            kernel = block_kernel.KernelEngine()
+        self.kernel = kernel
+        self.header_dir = header_dir
+        self.tool = tool or _run  # mkfs/mount of the kernel path (a seam for its tests)
+        self.mounter = BlockServeMounter()
+        supervisor.mounters.setdefault(BLOCK_MOUNTER, self.mounter)
+        mounter = supervisor.mounters[BLOCK_MOUNTER]
+        assert isinstance(mounter, BlockServeMounter)
+        self.mounter = mounter
+        self.store = PublicationStore(self.root, self._check_record)
+
+    # -- records -------------------------------------------------------------------------
+
+    def _path(self, path: object, name: str) -> str:
+        return validate.resolve_under(path, (self.kubelet_root,), name)
+
+    def _check_record(self, pub: Publication) -> None:
+        validate.volume_id(pub.volume_id)
+        if self._path(pub.target_path, "target_path") != pub.target_path:
+            raise errors.InvalidArgument("target_path is not in resolved form")
+        if pub.mounter in (BLOCK_MOUNTER, DM_CRYPT):
+            validate.absolute_path(pub.cipher_dir, "device")
+        elif pub.mounter == BIND:
+            if self._path(pub.cipher_dir, "staging") != pub.cipher_dir:
+                raise errors.InvalidArgument("staging path is not in resolved form")
+        else:
+            raise errors.InvalidArgument("unknown block record kind")
+        if min(pub.pid, pub.pid_start, pub.access_mode, pub.capacity_bytes) < 0:
+            raise errors.InvalidArgument("negative number")
+
+    def daemon_dir(self, staging: str) -> str:
+        """The block daemon's private mount point for one staging path."""
+        return os.path.join(self.root, hashlib.sha256(staging.encode()).hexdigest()[:24])
+
+    def owns(self, path: str) -> bool:
+        return self.store.get(path) is not None
+
+    def staged(self, staging: str) -> Publication | None:
+        pub = self.store.get(staging)
+        return pub if pub is not None and pub.mounter in (BLOCK_MOUNTER, DM_CRYPT) else None
+
+    # -- stage -----------------------------------------------------------------------------
+
+    def stage(self, req: StageRequest, deadline: Deadline) -> None:
+        validate.volume_id(req.volume_id)
+        staging = self._path(req.staging_target_path, "staging_target_path")
+        cap = req.capability
+        if cap is None:
+            raise errors.InvalidArgument("volume_capability is required")
+        why = unsupported(cap)
+        if why is not None:
+            raise (errors.InvalidArgument if why.missing else errors.FailedPrecondition)(str(why))
+        ctx = {**(req.volume_context or {}), **(req.publish_context or {})}
+        readonly = cap.readonly_mode or "ro" in cap.mount_flags
+        existing = self.store.get(staging)
+        if existing is not None:
+            if existing.volume_id != req.volume_id or existing.mounter == BIND:
+                raise errors.AlreadyExists(f"{staging} is already used by another volume")
+            if existing.phase == MOUNTED and self._live_stage(existing):
+                if existing.readonly != readonly:
+                    raise errors.AlreadyExists(f"{staging} is staged with another readonly flag")
+                return
+            self._teardown(existing)  # a half-done or dead stage: clean, then stage afresh
+        source = ctx.get(blockdev.CTX_SOURCE_TYPE, blockdev.SOURCE_ENCRYPTED)
+        if source not in (blockdev.SOURCE_EMPTY, blockdev.SOURCE_ENCRYPTED):
+            raise errors.InvalidArgument(
+                f"sourceType must be {blockdev.SOURCE_EMPTY!r} or {blockdev.SOURCE_ENCRYPTED!r}"
+            )
+        if ctx.get(blockdev.CTX_DATA_INTEGRITY, "false") == "true":
+            raise errors.FailedPrecondition(
+                "dataIntegrity needs the kernel engine (device-mapper), absent on this node"
+            )
+        fs = blockdev.fs_type(ctx, cap.fs_type)
+        mkfs_opts = blockdev.mkfs_options(fs, ctx.get(blockdev.CTX_MKFS_OPTS, ""))
+        if readonly and source == blockdev.SOURCE_EMPTY:
+            raise errors.InvalidArgument("a new (sourceType empty) volume cannot be read-only")
+        device = blockdev.resolve_device(ctx, self.image_roots)
+        key = resolve_volume_key(
+            req.volume_id,
+            ctx,
+            dict(req.secrets or {}),
+            self.resolver,
+            ephemeral=source == blockdev.SOURCE_EMPTY,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
+        )
+        new = source == blockdev.SOURCE_EMPTY
+        if new:
+            self._prove_empty(device)
+            deadline.check("formatting the volume")
+            self.engine.format(
+                device.path, key.password, high_entropy=key.source != "sealed-passphrase"
+            )
+            log.info("formatted block volume", extra={"fields": {"volume_id": req.volume_id}})
+        deadline.check("unlocking the volume")
+        try:
+            unlocked = self.engine.unlock(device.path, key.password)
+        except errors.WrongVolumeKey:
+            previous = None if new else self._previous_key(req, ctx)
+            if previous is None:
+                raise
+            deadline.check("rotating the volume key")
+            self.engine.rotate(
+                device.path,
+                previous.password,
+                key.password,
+                high_entropy=key.source != "sealed-passphrase",
+            )
+            log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
+            unlocked = self.engine.unlock(device.path, key.password)
+        mode = cap.access_mode
+        if self.kernel is not None:
+            self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
+                               (fs, mkfs_opts) if new else None)  # fmt: skip
+            return
+        intent = Publication(
+            req.volume_id, staging, device.path, BLOCK_MOUNTER, readonly, int(mode), phase=INTENT
+        )
+        self.store.put(intent)
+        try:
+            pid, started = self._bring_up(intent, unlocked, device.is_image, deadline)
+            if new:
+                loop = self._loop_of(self.daemon_dir(staging))
+                assert loop is not None
+                _run(blockdev.mkfs_argv(fs, mkfs_opts, loop), f"mkfs.{fs}")
+            self._mount_staging(intent, fs)
+        except BaseException:
+            self._teardown(self.store.get(staging) or intent)
+            raise
+        self.store.update(staging, phase=MOUNTED, pid=pid, pid_start=started)
+        log.info(
+            "staged block volume",
+            extra={"fields": {"volume_id": req.volume_id, "staging": staging}},
+        )
+
+    def _previous_key(self, req: StageRequest, ctx: Mapping[str, str]) -> VolumeKey | None:
+        """The key before a rotation, if the request names one (previousKeyResource in the
+        context, or a sealed previousPassphrase in secrets/context), resolved under the same
+        rules as the current key (allowed prefixes, signing kids, per-volume derivation)."""
+        secrets = dict(req.secrets or {})
+        prev_res = ctx.get(blockdev.CTX_PREVIOUS_KEY_RESOURCE)
+        prev_pass = secrets.get(blockdev.CTX_PREVIOUS_PASSPHRASE) or ctx.get(
+            blockdev.CTX_PREVIOUS_PASSPHRASE
+        )
+        if prev_pass is not None:
+            sub = {PARAM_PASSPHRASE: prev_pass}
+        elif prev_res is not None:
+            sub = {PARAM_KEY_RESOURCE: prev_res}
+        else:
+            return None
+        return resolve_volume_key(
+            req.volume_id,
+            sub,
+            {},
+            self.resolver,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
+        )
+
+    # -- the kernel engine --------------------------------------------------------------------
+
+    def header_copy_path(self, volume_id: str) -> str:
+        return os.path.join(self.header_dir, block_kernel.mapper_name(volume_id) + ".header")
+
+    def _stage_kernel(
+        self,
+        volume_id: str,
+        staging: str,
+        device: blockdev.Device,
+        u: Unlocked,
+        readonly: bool,
+        mode: int,
+        mkfs: tuple[str, list[str]] | None,
+    ) -> None:
+        """dm-crypt from the guest's validated header copy (block_kernel.py): write the copy
+        to memory-backed storage, ``cryptsetup open`` with the volume key on stdin, mkfs when
+        new, mount. Not exercised on the build machines (no device-mapper)."""
+        assert self.kernel is not None
+        if not u.header:
+            raise errors.FailedPrecondition(
+                "the LUKS2 library returned no validated header copy; the kernel engine needs it"
+            )
+        intent = Publication(volume_id, staging, device.path, DM_CRYPT, readonly, mode,
+                             phase=INTENT)  # fmt: skip
+        self.store.put(intent)
+        try:
+            copy = self.header_copy_path(volume_id)
+            os.makedirs(self.header_dir, mode=0o700, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(copy)
+            fd = os.open(copy, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "wb") as f:
+                f.write(u.header)
+                f.truncate(block_kernel.HEADER_COPY_SIZE)
+            dev = self.kernel.open(
+                device.path, u.volume_key, block_kernel.mapper_name(volume_id), copy,
+                readonly=readonly,
+            )  # fmt: skip
+            if mkfs is not None:
+                self.tool(blockdev.mkfs_argv(mkfs[0], mkfs[1], dev), f"mkfs.{mkfs[0]}")
+            os.makedirs(staging, 0o750, exist_ok=True)
+            opts = ["nosuid", "nodev"] + (["ro"] if readonly else [])
+            self.tool(["mount", "-o", ",".join(opts), dev, staging], "mount")
+        except BaseException:
+            self._teardown(self.store.get(staging) or intent)
+            raise
+        self.store.update(staging, phase=MOUNTED)
+
+    def _teardown_kernel(self, pub: Publication) -> None:
+        assert self.kernel is not None
+        staging = pub.target_path
+        name = block_kernel.mapper_name(pub.volume_id)
+        entry = self.mounts.find(staging)
+        mapped = f"/dev/mapper/{name}"
+        ours = entry is not None and entry.source in (mapped, os.path.realpath(mapped))
+        if ours and not umount_nofollow(staging):
+            self.tool(["umount", staging], "umount of the staging path")
+        self.kernel.close(name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.header_copy_path(pub.volume_id))
+        self.store.remove(staging)
+
+    def _prove_empty(self, device: blockdev.Device) -> None:
+        from fuse_crypt.blockfront import DeviceError, device_size, open_device
+
+        try:
+            fd = open_device(device.path, read_only=True, allow_regular=device.is_image)
+        except DeviceError as exc:
+            raise errors.FailedPrecondition(f"device {device.path}: {exc.strerror}") from None
+        try:
+            found = blockdev.probe(fd, device.path, device_size(fd))
+        finally:
+            os.close(fd)
+        if found:
+            raise errors.FailedPrecondition(
+                f"sourceType empty, but device {device.path} holds {'; '.join(found)}: "
+                "refusing to format it (nothing was written)"
+            )
+
+    def _bring_up(
+        self, intent: Publication, u: Unlocked, is_image: bool, deadline: Deadline
+    ) -> tuple[int, int]:
+        mnt = self.daemon_dir(intent.target_path)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(mnt, 0o700)
+        self.mounter.plan(mnt, u, is_image)
+        key = VolumeKey((u.volume_key.hex() + "\n").encode("ascii"), "luks-volume-key", 0)
+        daemon_pub = Publication(
+            intent.volume_id, mnt, intent.cipher_dir, BLOCK_MOUNTER, intent.readonly, 0
+        )
+        try:
+            handle = self.supervisor.start(daemon_pub, key, timeout=deadline.timeout(READY_TIMEOUT))
+        finally:
+            self.mounter.unplan(mnt)
+        # The supervisor keeps no key for these: a dead block daemon cannot be restarted
+        # under a live loop device; unstage + stage is the way back.
+        handle.key = None
+        argv = ["losetup", "--direct-io=on", "--sector-size", str(u.sector_size)]
+        if intent.readonly:
+            argv.append("--read-only")
+        _run([*argv, "--find", "--show", os.path.join(mnt, DISK_NAME)], "losetup")
+        return handle.pid, self.mounter.start_time(handle.pid)
+
+    def _mount_staging(self, pub: Publication, fs: str) -> None:
+        staging = pub.target_path
+        loop = self._loop_of(self.daemon_dir(staging))
+        if loop is None:
+            raise errors.Internal("the loop device vanished")
+        os.makedirs(staging, 0o750, exist_ok=True)
+        opts = ["nosuid", "nodev"] + (["ro"] if pub.readonly else [])
+        if fs == "xfs" and pub.readonly:
+            opts.append("norecovery")
+        _run(["mount", "-t", fs, "-o", ",".join(opts), loop, staging], "mount")
+
+    # -- state probes ----------------------------------------------------------------------
+
+    @staticmethod
+    def _loop_of(mnt: str) -> str | None:
+        """The loop device attached to ``mnt/disk`` (losetup -j), if any."""
+        try:
+            out = _run(["losetup", "-j", os.path.join(mnt, DISK_NAME)], "losetup -j", 30)
+        except errors.CsiError:
+            return None
+        for line in out.splitlines():
+            dev = line.split(":", 1)[0]
+            if dev.startswith("/dev/loop"):
+                return dev
+        return None
+
+    @staticmethod
+    def _our_dead_loop(source: str) -> str | None:
+        """``source`` if it is a loop device still backed by a block daemon's ``disk``
+        whose FUSE mount is gone (the kernel then shows the file as ``/disk (deleted)``)."""
+        m = re.fullmatch(r"/dev/(loop[0-9]{1,6})", source)
+        if not m:
+            return None
+        try:
+            with open(f"/sys/block/{m.group(1)}/loop/backing_file") as f:
+                backing = f.read(4096).strip()
+        except OSError:
+            return None  # detached
+        return source if backing.endswith("/" + DISK_NAME + " (deleted)") else None
+
+    def _live_stage(self, pub: Publication) -> bool:
+        entry = self.mounts.find(pub.target_path)
+        mnt = self.daemon_dir(pub.target_path)
+        return (
+            entry is not None
+            and entry.source.startswith("/dev/loop")
+            and self.mounter.serves(pub.pid, mnt, pub.pid_start)
+        )
+
+    # -- unstage ---------------------------------------------------------------------------
+
+    def unstage(self, volume_id: str, staging_path: str) -> None:
+        validate.volume_id(volume_id)
+        staging = self._path(staging_path, "staging_target_path")
+        pub = self.store.get(staging)
+        if pub is not None and pub.volume_id != volume_id:
+            raise errors.NotFound(f"volume {volume_id} is not staged at {staging}")
+        users = [p for p in self.store.all() if p.mounter == BIND and p.cipher_dir == staging]
+        if users:
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} is still published at {len(users)} target(s)"
+            )
+        if pub is None:
+            return  # nothing of ours was ever recorded there
+        self._teardown(pub)
+        log.info("unstaged block volume", extra={"fields": {"volume_id": volume_id}})
+
+    def _teardown(self, pub: Publication) -> None:
+        """Undo a stage from whatever point it reached; every step tolerates 'not there'."""
+        if pub.mounter == DM_CRYPT and self.kernel is not None:
+            self._teardown_kernel(pub)
+            return
+        staging = pub.target_path
+        mnt = self.daemon_dir(staging)
+        loop = self._loop_of(mnt)
+        entry = self.mounts.find(staging)
+        if loop is None and entry is not None:
+            # A dead daemon's FUSE mount was detached: losetup -j cannot find the loop by
+            # its path any more; the staging mount still names it.
+            loop = self._our_dead_loop(entry.source)
+        ours = entry is not None and loop is not None and entry.source == loop
+        if ours and not umount_nofollow(staging):
+            _run(["umount", staging], "umount of the staging path")
+        for _ in range(100):  # a busy loop device is only marked for auto-clear
+            if loop is None:
+                break
+            with contextlib.suppress(errors.Internal):
+                _run(["losetup", "-d", loop], "losetup -d")
+            time.sleep(0.05)
+            gone = self._our_dead_loop(loop) is None
+            loop = self._loop_of(mnt) or (None if gone else loop)
+        else:
+            raise errors.Internal(f"loop device {loop} stays attached (still in use?)")
+        if self.supervisor.get(mnt) is None and pub.pid and pub.phase == MOUNTED:
+            self.supervisor.adopt(
+                Publication(
+                    pub.volume_id,
+                    mnt,
+                    pub.cipher_dir,
+                    BLOCK_MOUNTER,
+                    pub.readonly,
+                    0,
+                    pid=pub.pid,
+                    pid_start=pub.pid_start,
+                )
+            )
+        try:
+            self.supervisor.stop(mnt)
+        except OSError as exc:
+            raise errors.Internal(f"cannot stop the block daemon: {exc.strerror or exc}") from None
+        with contextlib.suppress(FileNotFoundError):
+            os.rmdir(mnt)
+        self.store.remove(staging)
+
+    # -- publish / unpublish -----------------------------------------------------------------
+
+    def publish(
+        self, volume_id: str, target: str, staging_path: str, readonly: bool, mode: int
+    ) -> None:
+        staging = self._path(staging_path, "staging_target_path")
+        stage = self.staged(staging)
+        if stage is None or stage.volume_id != volume_id or stage.phase != MOUNTED:
+            raise errors.FailedPrecondition(f"volume {volume_id} is not staged at {staging}")
+        readonly = readonly or stage.readonly
+        pub = self.store.get(target)
+        if pub is not None:
+            if pub.volume_id != volume_id or pub.mounter != BIND:
+                raise errors.AlreadyExists(f"target_path {target} is used by another volume")
+            if pub.phase == MOUNTED and self.mounts.find(target) is not None:
+                if pub.readonly != readonly or pub.cipher_dir != staging:
+                    raise errors.AlreadyExists(
+                        f"volume {volume_id} is published at {target} with other options"
+                    )
+                return
+            self._unbind(target)
+        elif self.mounts.find(target) is not None:
+            raise errors.AlreadyExists(f"target_path {target} is already a mount point")
+        self.store.put(Publication(volume_id, target, staging, BIND, readonly, mode, phase=INTENT))
+        try:
+            os.makedirs(target, 0o750, exist_ok=True)
+            _libc_mount(staging, target, _MS_BIND)
+            if readonly:
+                _libc_mount(
+                    staging, target, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
+                )
+        except OSError as exc:
+            with contextlib.suppress(errors.CsiError):
+                self._unbind(target)
+            self.store.remove(target)
+            raise errors.Internal(f"bind mount failed: {exc.strerror}") from None
+        self.store.update(target, phase=MOUNTED)
+
+    def unpublish(self, volume_id: str, target: str) -> None:
+        pub = self.store.get(target)
+        if pub is not None and pub.volume_id != volume_id:
+            raise errors.NotFound(f"volume {volume_id} is not published at {target}")
+        self._unbind(target)
+
+    def _unbind(self, target: str) -> None:
+        if self.mounts.find(target) is not None and not umount_nofollow(target):
+            _run(["umount", target], "umount of the target")
+        try:
+            os.rmdir(target)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+                raise errors.FailedPrecondition(
+                    f"target_path {target} is unmounted but not empty; kept"
+                ) from None
+            raise errors.Internal(f"cannot remove {target}: {exc.strerror}") from None
+        self.store.remove(target)
+
+    # -- stats / expand ------------------------------------------------------------------------
+
+    def statvfs(self, path: str) -> os.statvfs_result:
+        try:
+            return self.mounts.statvfs(path, PROBE_TIMEOUT)
+        except fsprobe.MountHung:
+            raise errors.Unavailable("the block volume is not answering") from None
+        except OSError as exc:
+            raise errors.NotFound(f"the block volume is not usable: {exc.strerror}") from None
+
+    def expand(self, volume_id: str, volume_path: str, staging_path: str) -> int:
+        """Grow the loop device to the disk's new size and the filesystem to the loop's."""
+        validate.volume_id(volume_id)
+        path = self._path(staging_path or volume_path, "volume_path")
+        pub = self.store.get(path)
+        if pub is not None and pub.mounter == BIND:
+            pub = self.staged(pub.cipher_dir)
+        if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
+            raise errors.NotFound(f"volume {volume_id} is not staged at {path}")
+        if pub.mounter == DM_CRYPT:
+            raise errors.FailedPrecondition(
+                "NodeExpandVolume is not implemented for the kernel engine yet"
+            )
+        loop = self._loop_of(self.daemon_dir(pub.target_path))
+        if loop is None:
+            raise errors.FailedPrecondition(f"volume {volume_id} has no loop device")
+        _run(["losetup", "-c", loop], "losetup -c")
+        entry = self.mounts.find(pub.target_path)
+        fs = entry.fstype if entry is not None else "ext4"
+        if fs == "xfs":
+            _run(["xfs_growfs", pub.target_path], "xfs_growfs")
+        else:
+            try:
+                _run(["resize2fs", loop], "resize2fs")
+            except errors.Internal as exc:
+                if "Permission denied" in str(exc):
+                    raise errors.FailedPrecondition(
+                        "online ext4 resize needs CAP_SYS_RESOURCE, which this node plugin "
+                        "lacks; the device grew, the filesystem did not"
+                    ) from None
+                raise
+        size = int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
+        return size
+
+    # -- restart -------------------------------------------------------------------------------
+
+    def recover(self) -> None:
+        """Adopt the daemons of staged volumes; undo stages and binds a crash interrupted."""
+        for pub in self.store.load():
+            fields = {"volume_id": pub.volume_id, "path": pub.target_path}
+            try:
+                if pub.mounter == BIND:
+                    if pub.phase == INTENT:
+                        self._unbind(pub.target_path)
+                    continue
+                if pub.phase == INTENT:
+                    log.warning(
+                        "undoing a stage interrupted by a restart", extra={"fields": fields}
+                    )
+                    self._teardown(pub)
+                elif pub.mounter == DM_CRYPT:
+                    log.info("staged block volume (dm-crypt) found", extra={"fields": fields})
+                elif self._live_stage(pub):
+                    mnt = self.daemon_dir(pub.target_path)
+                    self.supervisor.adopt(
+                        Publication(
+                            pub.volume_id,
+                            mnt,
+                            pub.cipher_dir,
+                            BLOCK_MOUNTER,
+                            pub.readonly,
+                            0,
+                            pid=pub.pid,
+                            pid_start=pub.pid_start,
+                        )
+                    )
+                    log.info("adopted staged block volume", extra={"fields": fields})
+                else:
+                    log.warning(
+                        "staged block volume is down; unstage cleans it", extra={"fields": fields}
+                    )
+            except errors.CsiError as exc:
+                log.error("block recovery step failed", extra={"fields": {**fields, "err": exc}})
+        self.store.save()
+
+    def shutdown(self) -> None:
+        """Unpublish and unstage everything (tests, --unmount-on-exit)."""
+        pubs = sorted(self.store.all(), key=lambda p: p.mounter != BIND)
+        for pub in pubs:
+            try:
+                if pub.mounter == BIND:
+                    self.unpublish(pub.volume_id, pub.target_path)
+                else:
+                    self.unstage(pub.volume_id, pub.target_path)
+            except errors.CsiError as exc:
+                log.error("block teardown at shutdown failed", extra={"fields": {"err": exc}})
+
+    def tools_missing(self) -> str | None:
+        for tool in ("losetup", "mount", "blkid", "mkfs.ext4", "resize2fs"):
+            if shutil.which(tool) is None:
+                return f"{tool} is not installed"
+        return None

@@ -1,0 +1,127 @@
+"""The LUKS2 data segment cipher: aes-xts-plain64 (and the older aes-xts-plain) per sector.
+
+Pure: bytes in, bytes out, no I/O (like ``contentenc``). The block frontend and the tests
+read and write the device; this module only maps plaintext sectors to ciphertext sectors.
+
+The IV is cryptsetup's, not the obvious one (``/work/shared/reference/luks2.md`` §4.1,
+verified against cryptsetup 2.6.1): with 4096-byte encryption sectors the XTS tweak still
+counts **512-byte** units from the start of the segment, so sector ``n`` of a 4 KiB segment
+uses tweak ``LE64(8*n) || 0^8``. ``aes-xts-plain`` is the same with the counter cut to 32
+bits (identical below 2 TiB); a 32-byte key means AES-128-XTS, 64 bytes AES-256-XTS.
+
+Only whole sectors are accepted: a partial-sector read-modify-write is the caller's job
+(it needs a lock and the device), and doing it here would hide a misaligned caller.
+
+XTS gives confidentiality only: no integrity, no freshness. A flipped ciphertext sector
+decrypts to 4096 bytes of garbage that nobody notices here (see docs/block.md).
+"""
+
+from __future__ import annotations
+
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+from .errors import Luks2Error
+
+Buffer = bytes | bytearray | memoryview
+
+#: The tweak counts these units whatever the sector size (cryptsetup never sets
+#: dm-crypt's iv_large_sectors for LUKS2).
+IV_UNIT = 512
+#: cipher spec -> accepted volume key sizes in bytes
+CIPHERS: dict[str, frozenset[int]] = {
+    "aes-xts-plain64": frozenset({32, 64}),
+    "aes-xts-plain": frozenset({32, 64}),
+}
+SECTOR_SIZES = frozenset({512, 1024, 2048, 4096})
+
+
+class SegmentError(Luks2Error):
+    """An unusable segment definition or key (never says anything about the key bytes)."""
+
+
+class XtsSegment:
+    """Encrypt and decrypt whole sectors of one data segment.
+
+    ``offset`` arguments are byte offsets *inside the segment* (0 = the segment's first
+    byte, whatever its offset on the device), multiples of ``sector_size``.
+    """
+
+    __slots__ = ("_aes", "_mask", "_units_per_sector", "cipher", "iv_tweak", "sector_size")
+
+    def __init__(
+        self,
+        volume_key: bytes,
+        *,
+        sector_size: int = 4096,
+        iv_tweak: int = 0,
+        cipher: str = "aes-xts-plain64",
+    ) -> None:
+        sizes = CIPHERS.get(cipher)
+        if sizes is None:
+            raise SegmentError(f"unsupported segment cipher {cipher!r}")
+        if len(volume_key) not in sizes:
+            raise SegmentError(f"{cipher} needs a key of {sorted(sizes)} bytes")
+        if volume_key[: len(volume_key) // 2] == volume_key[len(volume_key) // 2 :]:
+            # OpenSSL refuses equal XTS halves; a volume key like that is not random.
+            raise SegmentError("the volume key's two XTS halves are equal")
+        if sector_size not in SECTOR_SIZES:
+            raise SegmentError(f"unsupported sector size {sector_size}")
+        if isinstance(iv_tweak, bool) or not isinstance(iv_tweak, int) or iv_tweak < 0:
+            raise SegmentError("iv_tweak must be a non-negative integer")
+        self.cipher = cipher
+        self.sector_size = sector_size
+        self.iv_tweak = iv_tweak
+        self._units_per_sector = sector_size // IV_UNIT
+        self._mask = (1 << 64) - 1 if cipher.endswith("plain64") else (1 << 32) - 1
+        self._aes: algorithms.AES | None = algorithms.AES(bytes(volume_key))
+
+    def tweak(self, sector: int) -> bytes:
+        """The 16-byte XTS tweak of segment sector ``sector`` (in ``sector_size`` units)."""
+        iv = (self.iv_tweak + sector * self._units_per_sector) & self._mask
+        return iv.to_bytes(8, "little") + bytes(8)
+
+    def _first_sector(self, offset: int, length: int) -> int:
+        if offset < 0 or offset % self.sector_size or length % self.sector_size:
+            raise ValueError("segment I/O must be whole sectors")
+        return offset // self.sector_size
+
+    def _alg(self) -> algorithms.AES:
+        if self._aes is None:
+            raise SegmentError("the segment key was wiped")
+        return self._aes
+
+    def _run(self, offset: int, data: Buffer, out: memoryview, encrypt: bool) -> None:
+        src = memoryview(data).cast("B")
+        sector = self._first_sector(offset, len(src))
+        if len(out) < len(src):
+            raise ValueError("output buffer is too small")
+        alg, ss = self._alg(), self.sector_size
+        for pos in range(0, len(src), ss):
+            cipher = Cipher(alg, modes.XTS(self.tweak(sector)))
+            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+            out[pos : pos + ss] = ctx.update(src[pos : pos + ss])
+            sector += 1
+
+    def encrypt(self, offset: int, plaintext: Buffer) -> bytes:
+        """Ciphertext of whole plaintext sectors starting at segment byte ``offset``."""
+        out = bytearray(len(memoryview(plaintext).cast("B")))
+        self._run(offset, plaintext, memoryview(out), True)
+        return bytes(out)
+
+    def decrypt(self, offset: int, ciphertext: Buffer) -> bytes:
+        """Plaintext of whole ciphertext sectors starting at segment byte ``offset``."""
+        out = bytearray(len(memoryview(ciphertext).cast("B")))
+        self._run(offset, ciphertext, memoryview(out), False)
+        return bytes(out)
+
+    def encrypt_into(self, offset: int, plaintext: Buffer, out: Buffer) -> None:
+        """Like ``encrypt`` into a caller's writable buffer (may be ``plaintext`` itself)."""
+        self._run(offset, plaintext, memoryview(out).cast("B"), True)
+
+    def decrypt_into(self, offset: int, ciphertext: Buffer, out: Buffer) -> None:
+        """Like ``decrypt`` into a caller's writable buffer (may be ``ciphertext`` itself)."""
+        self._run(offset, ciphertext, memoryview(out).cast("B"), False)
+
+    def wipe(self) -> None:
+        """Drop our reference to the key schedule (best effort: Python cannot scrub it)."""
+        self._aes = None

@@ -1,0 +1,601 @@
+"""Block volumes through the node core: real image files, loop devices, ext4/xfs, the block
+daemon under the supervisor. The device is an image file below --block-image-root (the
+operator/test flag); a block device takes the same path minus that flag."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import os
+import pathlib
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from csi_driver import errors
+from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.core.volcap import AccessType, Capability
+from csi_driver.keys import derive_volume_password
+from csi_driver.volumes import blockdev
+from csi_driver.volumes.block import StageRequest
+from csi_driver.volumes.block_luks import CryptsetupOfflineLuks, UserspaceLuks
+from fuse_crypt.luks2 import XtsSegment
+from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt.block_rig import block_skip_reason
+
+from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
+
+MiB = 1 << 20
+RW = Capability(AccessType.MOUNT, 1)
+RO = Capability(AccessType.MOUNT, 2)
+MARKER = b"block-csi-marker-d41c"
+NAME = "block-csi-name-93aa"
+
+
+@dataclass
+class Rig:
+    tmp: pathlib.Path
+    core: NodeCore
+    keys: Keys
+
+    def image(self, name: str = "disk.img", size: int = 64 * MiB) -> pathlib.Path:
+        path = self.tmp / "images" / name
+        with path.open("wb") as f:
+            f.truncate(size)
+        return path
+
+    def staging(self, name: str = "vol") -> str:
+        p = self.tmp / "plugins" / name / "globalmount"
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return str(p)
+
+    def target(self, name: str) -> str:
+        p = self.tmp / "pods" / name / "volumes"
+        p.mkdir(parents=True, exist_ok=True)
+        return str(p / "mount")
+
+    def stage(self, image: pathlib.Path, *, vid: str = "blk-1", staging: str | None = None,
+              source: str = "empty", cap: Capability = RW, **ctx: str) -> str:  # fmt: skip
+        staging = staging or self.staging()
+        context = {"devicePath": str(image), "sourceType": source, "keyResource": KEY_RESOURCE}
+        context.update(ctx)
+        self.core.stage(StageRequest(vid, staging, cap, {}, context, {}))
+        return staging
+
+    def publish(self, staging: str, target: str, *, vid: str = "blk-1", ro: bool = False) -> None:
+        ctx = {"devicePath": "x"}
+        self.core.publish(PublishRequest(vid, target, RO if ro else RW, ro, {}, ctx, staging))
+
+
+def _loops_of(path: pathlib.Path) -> list[str]:
+    out = subprocess.run(["losetup", "-j", str(path)], capture_output=True, text=True).stdout
+    return [line.split(":", 1)[0] for line in out.splitlines() if line]
+
+
+@pytest.fixture
+def rig(tmp_path: pathlib.Path, keys: Keys) -> Iterator[Rig]:
+    reason = block_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    (tmp_path / "images").mkdir()
+    core = make_node(tmp_path, keys, "gocryptfs", block_image_roots=[str(tmp_path / "images")])
+    r = Rig(tmp_path, core, keys)
+    try:
+        yield r
+    finally:
+        r.core.shutdown(unmount=True)
+        cleanup_mounts(str(tmp_path))
+        for mnt in (tmp_path / "node-state" / "block").glob("*"):
+            for loop in _loops_of(mnt / "disk"):
+                subprocess.run(["losetup", "-d", loop], capture_output=True)
+        cleanup_mounts(str(tmp_path))
+
+
+def _sha(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_stage_publish_unstage_restage(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    st = os.statvfs(staging)
+    assert 40 * MiB < st.f_blocks * st.f_frsize < 48 * MiB  # 48 MiB segment, ext4
+    rig.stage(img)  # idempotent
+    t1, t2, t3 = rig.target("a"), rig.target("b"), rig.target("c")
+    rig.publish(staging, t1)
+    rig.publish(staging, t1)  # idempotent
+    rig.publish(staging, t2)
+    rig.publish(staging, t3, ro=True)
+    (pathlib.Path(t1) / NAME).write_bytes(MARKER * 100)
+    assert (pathlib.Path(t2) / NAME).read_bytes() == MARKER * 100
+    assert (pathlib.Path(t3) / NAME).read_bytes() == MARKER * 100
+    with pytest.raises(OSError) as exc:
+        (pathlib.Path(t3) / "nope").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    stats = rig.core.stats("blk-1", t1)
+    assert stats.bytes_used > 0 and stats.inodes_used >= 12 and stats.inodes_total > 1000
+    with pytest.raises(errors.FailedPrecondition, match="still published"):
+        rig.core.unstage("blk-1", staging)
+    for t in (t1, t2, t3):
+        rig.core.unpublish("blk-1", t)
+        rig.core.unpublish("blk-1", t)  # idempotent
+        assert not os.path.exists(t)
+    rig.core.unstage("blk-1", staging)
+    rig.core.unstage("blk-1", staging)  # idempotent
+    assert not os.path.ismount(staging)
+    assert _loops_of(img) == [] and list((rig.tmp / "node-state" / "block").glob("*/disk")) == []
+    raw = img.read_bytes()
+    assert MARKER not in raw and NAME.encode() not in raw
+    # cryptsetup 2.6 takes it for a LUKS2 container that opens with exactly the derived key,
+    # and the volume key it prints decrypts our data sectors (the ext4 superblock magic).
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    assert oracle.passphrase_opens(img, password) and not oracle.passphrase_opens(img, b"wrong")
+    offset = int(oracle.dump_json(img)["segments"]["0"]["offset"])
+    first = XtsSegment(oracle.dump_volume_key(img, password)).decrypt(
+        0, raw[offset : offset + 4096]
+    )
+    assert first[1080:1082] == b"\x53\xef"
+
+    staging = rig.stage(img, source="encrypted")
+    t4 = rig.target("d")
+    rig.publish(staging, t4)
+    assert (pathlib.Path(t4) / NAME).read_bytes() == MARKER * 100
+    rig.core.unpublish("blk-1", t4)
+    rig.core.unstage("blk-1", staging)
+
+
+def _ext4(img: pathlib.Path) -> None:
+    subprocess.run(["mkfs.ext4", "-q", "-F", str(img)], check=True, capture_output=True)
+
+
+def _xfs(img: pathlib.Path) -> None:
+    subprocess.run(["mkfs.xfs", "-q", "-f", str(img)], check=True, capture_output=True)
+
+
+def _gpt(img: pathlib.Path) -> None:
+    subprocess.run(["sfdisk", "-q", str(img)], input=b"label: gpt\n,10M\n", check=True,
+                   capture_output=True)  # fmt: skip
+
+
+def _luks(img: pathlib.Path) -> None:
+    oracle.skip_without_cryptsetup()
+    oracle.luks_format(img)
+
+
+def _random_head(img: pathlib.Path) -> None:
+    with img.open("r+b") as f:
+        f.seek(5 * MiB)
+        f.write(os.urandom(4096))
+
+
+def _random_tail(img: pathlib.Path) -> None:
+    with img.open("r+b") as f:
+        f.seek(f.seek(0, os.SEEK_END) - 4096)
+        f.write(os.urandom(100))
+
+
+@pytest.mark.parametrize(
+    ("make", "named"),
+    [
+        (_ext4, "ext4"),
+        (_xfs, "xfs"),
+        (_gpt, "gpt partition table"),
+        (_luks, "crypto_LUKS"),
+        (_random_head, "non-zero data at byte 5242880"),
+        (_random_tail, "non-zero data at byte"),
+    ],
+)
+def test_empty_refuses_a_device_with_data(rig: Rig, make, named: str) -> None:  # type: ignore[no-untyped-def]
+    img = rig.image(size=320 * MiB)  # sparse; xfs needs >= 300 MiB
+    make(img)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match=named) as exc:
+        rig.stage(img)
+    assert "nothing was written" in str(exc.value)
+    assert _sha(img) == before
+    assert rig.core.block.store.all() == []
+
+
+def test_wrong_key_changes_nothing(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img, vid="blk-a")
+    rig.core.unstage("blk-a", staging)
+    before = _sha(img)
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.stage(img, vid="blk-b", source="encrypted")  # another volume id: another key
+    assert _sha(img) == before
+    assert not os.path.ismount(staging)
+    assert rig.core.block.store.all() == []
+
+
+def _has_cap_sys_resource() -> bool:
+    for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("CapEff:"):
+            return bool(int(line.split()[1], 16) >> 24 & 1)
+    return False
+
+
+def test_cdh_made_disk_needs_the_operator_flag(rig: Rig, tmp_path: pathlib.Path) -> None:
+    """A disk cryptsetup formatted with CDH's options (attached header, no binding token):
+    refused by default, device unchanged; the operator flag opens it to the same key."""
+    oracle.skip_without_cryptsetup()
+    img = rig.image()
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    oracle.luks_format(img, passphrase=password)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match="header refused"):
+        rig.stage(img, source="encrypted")
+    assert _sha(img) == before
+    u = UserspaceLuks(require_binding=False).unlock(str(img), password)
+    assert u.volume_key == oracle.dump_volume_key(img, password)
+    assert (u.offset, u.size, u.sector_size, u.cipher) == (16 * MiB, None, 4096, "aes-xts-plain64")
+    # the independent engine agrees
+    assert CryptsetupOfflineLuks().unlock(str(img), password) == u
+    assert _sha(img) == before
+
+
+@pytest.mark.parametrize("fs", ["ext4", "xfs"])
+def test_expand_grows_the_filesystem(rig: Rig, fs: str) -> None:
+    img = rig.image(size=320 * MiB)
+    staging = rig.stage(img, fsType=fs)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    before = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    with img.open("r+b") as f:
+        f.truncate(640 * MiB)
+    if fs == "ext4" and not _has_cap_sys_resource():
+        with pytest.raises(errors.FailedPrecondition, match="CAP_SYS_RESOURCE"):
+            rig.core.expand("blk-1", target, staging)
+        return
+    size = rig.core.expand("blk-1", target, staging)
+    assert size == 624 * MiB
+    after = os.statvfs(target).f_blocks * os.statvfs(target).f_frsize
+    assert after > before + 250 * MiB
+    assert rig.core.stats("blk-1", target).bytes_total == after
+
+
+def test_xfs_and_mkfs_options(rig: Rig) -> None:
+    if subprocess.run(["which", "mkfs.xfs"], capture_output=True).returncode:
+        pytest.skip("xfsprogs missing")
+    img = rig.image(size=400 * MiB)  # xfs wants >= 300 MiB
+    staging = rig.stage(img, fsType="xfs", mkfsOpts="-L data")
+    entry = rig.core.mounts.find(staging)
+    assert entry is not None and entry.fstype == "xfs"
+    img2 = rig.image("b.img")
+    with pytest.raises(errors.InvalidArgument, match="not allowed"):
+        rig.stage(img2, vid="blk-2", staging=rig.staging("v2"), mkfsOpts="-d /etc/passwd")
+    with pytest.raises(errors.InvalidArgument, match="bad value"):
+        rig.stage(img2, vid="blk-2", staging=rig.staging("v2"), mkfsOpts="-L ../../x")
+
+
+def test_plugin_restart_adopts_and_cleans(rig: Rig, keys: Keys) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    (pathlib.Path(target) / "f").write_bytes(b"survives")
+    rig.core.shutdown()  # plugin stops; mounts and the daemon stay
+    core2 = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.core = core2
+    assert (pathlib.Path(target) / "f").read_bytes() == b"survives"
+    rig.publish(staging, target)  # idempotent against the adopted state
+    rig.core.unpublish("blk-1", target)
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == []
+    assert not any(os.path.ismount(p) for p in (staging, target))
+
+
+def test_publish_needs_a_stage_and_directory_volumes_stage_as_noop(rig: Rig) -> None:
+    with pytest.raises(errors.FailedPrecondition, match="not staged"):
+        rig.publish(rig.staging(), rig.target("a"))
+    # A gocryptfs directory volume (no device named): staging is a validated no-op.
+    rig.core.stage(StageRequest("dir-1", rig.staging("d"), RW, {}, {"cipherDir": "/x"}, {}))
+    rig.core.unstage("dir-1", rig.staging("d"))
+    with pytest.raises(errors.InvalidArgument):
+        rig.core.stage(StageRequest("dir-1", "/elsewhere/stage", RW, {}, {}, {}))
+
+
+# -- device names (no root needed) ------------------------------------------------------------
+
+
+def test_device_resolution_refusals(tmp_path: pathlib.Path) -> None:
+    img = tmp_path / "img"
+    img.write_bytes(b"")
+    roots = [str(tmp_path)]
+    for bad in ("/dev/../etc/passwd", "dev/sda", "/dev/./sda", "/dev//sda", ""):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.resolve_device({"devicePath": bad}, roots)
+    with pytest.raises(errors.FailedPrecondition, match="not a block device"):
+        blockdev.resolve_device({"devicePath": "/dev/null"})
+    with pytest.raises(errors.InvalidArgument, match="block device under /dev"):
+        blockdev.resolve_device({"devicePath": str(img)})  # no image root configured
+    link = tmp_path / "link"
+    link.symlink_to("/dev/null")
+    with pytest.raises(errors.InvalidArgument):
+        blockdev.resolve_device({"devicePath": str(link)}, roots)  # a link out of the root
+    assert blockdev.resolve_device({"devicePath": str(img)}, roots).is_image
+    for bad_id in ("8", "8:0:1", "a:b", "-1:0", "1" * 12 + ":0"):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.resolve_device({"deviceId": bad_id})
+    with pytest.raises(errors.InvalidArgument, match="not both"):
+        blockdev.resolve_device({"deviceId": "7:0", "devicePath": "/dev/loop0"})
+    with contextlib.suppress(errors.NotFound):  # 7:0 is /dev/loop0 where loop exists
+        dev = blockdev.resolve_device({"deviceId": "7:0"})
+        assert dev.path == "/dev/loop0" and not dev.is_image
+    with pytest.raises(errors.NotFound):
+        blockdev.resolve_device({"deviceId": "4095:1048575"})
+
+
+def test_mkfs_options_allow_list() -> None:
+    assert blockdev.mkfs_options("ext4", "-b 4096 -m 1 -E lazy_itable_init=0 -j") == [
+        "-b", "4096", "-m", "1", "-E", "lazy_itable_init=0", "-j",
+    ]  # fmt: skip
+    for bad in ("-d /root", "-b", "-b 3000", "-E root_owner=0:0", "-L a;b", "--", "-J device=x"):
+        with pytest.raises(errors.InvalidArgument):
+            blockdev.mkfs_options("ext4", bad)
+    assert blockdev.mkfs_options("xfs", "-m crc=1,reflink=0") == ["-m", "crc=1,reflink=0"]
+    with pytest.raises(errors.InvalidArgument):
+        blockdev.fs_type({}, "btrfs")
+
+
+def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
+    """The block daemon SIGKILLed under a writer: unstage still cleans everything (dead
+    FUSE, loop device with I/O errors), the next stage opens the volume and the journal
+    replay leaves a consistent filesystem with the committed data."""
+    import signal
+    import threading
+    import time
+
+    img = rig.image()
+    staging = rig.stage(img)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    (pathlib.Path(target) / "committed").write_bytes(b"before the crash")
+    os.sync()
+    stop = threading.Event()
+
+    def writer() -> None:
+        i = 0
+        while not stop.is_set():
+            try:
+                with open(pathlib.Path(target) / f"w{i % 20}", "wb") as f:
+                    f.write(os.urandom(128 * 1024))
+                    os.fsync(f.fileno())
+            except OSError:
+                return
+            i += 1
+
+    t = threading.Thread(target=writer, daemon=True)
+    t.start()
+    time.sleep(0.8)
+    pub = rig.core.block.store.get(staging)
+    assert pub is not None and pub.pid > 0
+    os.kill(pub.pid, signal.SIGKILL)
+    stop.set()
+    t.join(30)
+    rig.core.unpublish("blk-1", target)
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == [] and not os.path.ismount(staging)
+
+    staging = rig.stage(img, source="encrypted")
+    assert (pathlib.Path(staging) / "committed").read_bytes() == b"before the crash"
+    loop = rig.core.block._loop_of(rig.core.block.daemon_dir(staging))
+    assert loop is not None
+    subprocess.run(["umount", staging], check=True)
+    fsck = subprocess.run(["fsck.ext4", "-n", "-f", loop], capture_output=True)
+    assert fsck.returncode == 0, fsck.stdout.decode()
+
+
+def _null_cipher(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["encryption"] = "cipher_null-ecb"
+
+
+def _small_sectors(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["sector_size"] = 512
+
+
+def _moved_offset(m: dict) -> None:  # type: ignore[type-arg]
+    m["segments"]["0"]["offset"] = str(8 << 20)
+
+
+def _huge_kdf(m: dict) -> None:  # type: ignore[type-arg]
+    m["keyslots"]["0"]["kdf"]["iterations"] = 1 << 31
+
+
+@pytest.mark.parametrize(
+    ("edit", "secondary_only"),
+    [
+        (_null_cipher, False),
+        (_small_sectors, False),
+        (_moved_offset, False),
+        (_huge_kdf, False),
+        (_null_cipher, True),
+    ],  # fmt: skip
+)
+def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool) -> None:  # type: ignore[no-untyped-def]
+    """The host rewrites the header of a volume the node made (checksums recomputed, seqid
+    bumped; or only a forged secondary with a higher seqid): staging refuses it and the
+    device stays bit-for-bit what the host left."""
+    from tests.fuse_crypt import luks2_helpers as lh
+
+    img = rig.image()
+    staging = rig.stage(img)
+    rig.core.unstage("blk-1", staging)
+    lh.forge(img, edit, primary=not secondary_only)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match="header refused"):
+        rig.stage(img, source="encrypted")
+    assert _sha(img) == before
+    assert rig.core.block.store.all() == [] and not os.path.ismount(staging)
+
+
+class _WithHeader:
+    """The userspace engine plus the validated header copy (what Opened.header carries in
+    newer fuse_crypt.luks2; read from the image here, which is fine in a test)."""
+
+    name = "userspace+header"
+
+    def __init__(self) -> None:
+        self.inner = UserspaceLuks()
+
+    def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
+        self.inner.format(device, passphrase, high_entropy=high_entropy)
+
+    def unlock(self, device: str, passphrase: bytes):  # type: ignore[no-untyped-def]
+        import dataclasses
+
+        u = self.inner.unlock(device, passphrase)
+        with open(device, "rb") as f:
+            return dataclasses.replace(u, header=f.read(32 << 10))
+
+
+def test_kernel_engine_stage_flow_with_fakes(rig: Rig, tmp_path: pathlib.Path) -> None:
+    """Device-mapper is absent here: cryptsetup and mkfs/mount are recorded, not run. Stage
+    writes the validated header copy (0600, 16 MiB) to the memory-backed dir, opens with the
+    volume key on stdin, makes the filesystem on /dev/mapper/<name> and mounts it; unstage
+    closes and removes the copy. A device-mapper failure undoes everything."""
+    from csi_driver.volumes import block_kernel as bk
+
+    calls: list[tuple[list[str], bytes | None]] = []
+    tools: list[list[str]] = []
+    rc = {"open": 0}
+
+    def runner(argv: list[str], stdin: bytes | None) -> bk.Result:
+        calls.append((argv, stdin))
+        if argv[2] == "open" and rc["open"]:
+            return bk.Result(1, "Cannot initialize device-mapper. Is dm_mod loaded?")
+        return bk.Result(0, "")
+
+    def tool(argv: list[str], what: str) -> str:
+        tools.append(argv)
+        return ""
+
+    block = rig.core.block
+    block.kernel, block.tool, block.engine = bk.KernelEngine(runner), tool, _WithHeader()
+    block.header_dir = str(tmp_path / "run-headers")
+    img = rig.image()
+    staging = rig.stage(img)
+    name = bk.mapper_name("blk-1")
+    copy = pathlib.Path(block.header_copy_path("blk-1"))
+    assert copy.stat().st_size == 16 * MiB and copy.stat().st_mode & 0o777 == 0o600
+    assert copy.read_bytes()[: 32 << 10] == img.read_bytes()[: 32 << 10]
+    (open_argv, stdin), = [(a, s) for a, s in calls if a[2] == "open"]  # fmt: skip
+    assert open_argv[-2:] == [str(img), name] and str(copy) in open_argv
+    vk = UserspaceLuks().unlock(str(img), derive_volume_password(rig.keys.root_key, "blk-1"))
+    assert stdin == vk.volume_key
+    assert tools[0][0] == "mkfs.ext4" and tools[0][-1] == f"/dev/mapper/{name}"
+    assert tools[1] == ["mount", "-o", "nosuid,nodev", f"/dev/mapper/{name}", staging]
+    pub = block.store.get(staging)
+    assert pub is not None and pub.mounter == "dm-crypt" and pub.phase == "mounted"
+    with pytest.raises(errors.FailedPrecondition, match="kernel engine"):
+        rig.core.expand("blk-1", staging, staging)
+    rig.core.unstage("blk-1", staging)
+    assert calls[-1][0] == ["cryptsetup", "--batch-mode", "close", name]
+    assert not copy.exists() and block.store.all() == []
+
+    rc["open"] = 1
+    with pytest.raises(errors.FailedPrecondition, match="device-mapper"):
+        rig.stage(img, source="encrypted")
+    assert not copy.exists() and block.store.all() == []
+    assert calls[-1][0][2] == "close"
+
+
+def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Keys) -> None:
+    import base64
+    import json
+
+    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
+
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
+    rig.core.unstage("blk-1", staging)
+    # The KBS gets a new root key; the old one stays available for the rotation.
+    new_jwk = new_volume_key_jwk().encode()
+    doc = json.loads(pathlib.Path(keys.resources_file).read_text())
+    doc["default/coco-csi/volume-root-2"] = base64.b64encode(new_jwk).decode()
+    pathlib.Path(keys.resources_file).write_text(json.dumps(doc))
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    new_res = KEY_RESOURCE + "-2"
+    before = _sha(img)
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.stage(img, source="encrypted", keyResource=new_res)
+    assert _sha(img) == before
+
+    staging = rig.stage(img, source="encrypted", keyResource=new_res,
+                        previousKeyResource=KEY_RESOURCE)  # fmt: skip
+    assert (pathlib.Path(staging) / "kept").read_bytes() == b"across the rotation"
+    rig.core.unstage("blk-1", staging)
+    old_pw = derive_volume_password(keys.root_key, "blk-1")
+    new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
+    assert oracle.passphrase_opens(img, new_pw) and not oracle.passphrase_opens(img, old_pw)
+    # From now on the new key alone opens it; a previous key outside the allowed
+    # prefixes is refused before anything is tried.
+    staging = rig.stage(img, source="encrypted", keyResource=new_res)
+    rig.core.unstage("blk-1", staging)
+    before = _sha(img)
+    with pytest.raises(errors.PermissionDenied):
+        rig.stage(img, source="encrypted", keyResource=KEY_RESOURCE,
+                  previousKeyResource="kbs:///other/repo/key")  # fmt: skip
+    assert _sha(img) == before
+
+
+def test_real_block_device_by_path_and_by_dev_id(rig: Rig) -> None:
+    """A loop device stands in for a cloud disk: no --block-image-root needed. Staged by
+    devicePath, then by deviceId MAJ:MIN; a second staging of the same disk is refused."""
+    img = rig.image()
+    loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    try:
+        staging = rig.stage(img, devicePath=loop)
+        (pathlib.Path(staging) / "f").write_bytes(b"on a block device")
+        with pytest.raises(errors.CsiError) as exc:
+            rig.stage(img, vid="blk-1", staging=rig.staging("second"), source="encrypted",
+                      devicePath=loop)  # fmt: skip
+        assert "in use" in str(exc.value)
+        assert len(rig.core.block.store.all()) == 1
+        rig.core.unstage("blk-1", staging)
+        st = os.stat(loop)
+        dev_id = f"{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+        ctx = {"sourceType": "encrypted", "deviceId": dev_id, "keyResource": KEY_RESOURCE}
+        rig.core.stage(StageRequest("blk-1", staging, RW, {}, ctx, {}))
+        assert (pathlib.Path(staging) / "f").read_bytes() == b"on a block device"
+        rig.core.unstage("blk-1", staging)
+    finally:
+        rig.core.block.shutdown()
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_read_only_stage_and_no_secrets_in_logs(rig: Rig) -> None:
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / "f").write_bytes(b"read me")
+    rig.core.unstage("blk-1", staging)
+    staging = rig.stage(img, source="encrypted", cap=RO)
+    entry = rig.core.mounts.find(staging)
+    assert entry is not None
+    assert (pathlib.Path(staging) / "f").read_bytes() == b"read me"
+    with pytest.raises(OSError) as exc:
+        (pathlib.Path(staging) / "g").write_bytes(b"x")
+    assert exc.value.errno == errno.EROFS
+    target = rig.target("a")
+    rig.publish(staging, target, ro=True)
+    assert (pathlib.Path(target) / "f").read_bytes() == b"read me"
+    pub = rig.core.block.store.get(staging)
+    assert pub is not None and pub.readonly
+    cmdline = pathlib.Path(f"/proc/{pub.pid}/cmdline").read_bytes().split(b"\0")
+    assert b"--ro" in cmdline and b"--masterkey" in cmdline
+    password = derive_volume_password(rig.keys.root_key, "blk-1")
+    vk = UserspaceLuks().unlock(str(img), password).volume_key
+    secrets = (vk.hex().encode(), password, vk)
+    assert not any(s in arg for s in secrets for arg in cmdline)
+    for path in (rig.tmp / "node-state").rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            data = path.read_bytes()
+            assert not any(s in data for s in secrets), path
+    rig.core.unpublish("blk-1", target)
+    rig.core.unstage("blk-1", staging)
