@@ -43,6 +43,7 @@ SURFACES: dict[str, list[str]] = {
         "ObjectStoreBackend",
         "Stat",
         "StorageBackend",
+        "s3",
         "transport",
     ],
     "fuse_crypt.fusefrontend": ["serve"],

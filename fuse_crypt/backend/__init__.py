@@ -25,5 +25,6 @@ __all__ = [
     "ObjectStoreBackend",
     "Stat",
     "StorageBackend",
+    "s3",  # S3Transport (boto3), imported on demand: boto3 is slow to import
     "transport",  # ObjectTransport, the seam under ObjectStoreBackend
 ]
