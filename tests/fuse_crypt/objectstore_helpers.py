@@ -61,7 +61,7 @@ def new_s3vol(moto: MotoS3, tmp: Path, prefix: str = "vol1", init: bool = True) 
 
 @contextlib.contextmanager
 def mount_ours(vol: S3Vol, mnt: Path, *extra: str) -> Iterator[Path]:
-    mnt.mkdir(exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
     proc = fc("mount", "--passfile", vol.passfile, *vol.store_args(), *extra, vol.url, mnt)
     assert proc.returncode == 0, proc.stderr
     try:
@@ -89,7 +89,7 @@ def _wait_mounted(path: Path) -> None:
 def mount_s3fs(vol: S3Vol, mnt: Path) -> Iterator[Path]:
     """s3fs 1.90 as CDH runs ossfs: bucket:/prefix, no stat cache; ``use_xattr`` so
     ``gocryptfs -fsck`` can list xattrs (without it fsck counts ENOTSUP as corruption)."""
-    mnt.mkdir(exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         [
             "s3fs",
@@ -120,7 +120,7 @@ def mount_s3fs(vol: S3Vol, mnt: Path) -> Iterator[Path]:
 
 @contextlib.contextmanager
 def mount_gocryptfs(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
-    mnt.mkdir(exist_ok=True)
+    mnt.mkdir(parents=True, exist_ok=True)
     subprocess.run(
         ["gocryptfs", "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
         check=True,
