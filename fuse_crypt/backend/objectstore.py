@@ -82,8 +82,13 @@ _COPY_MAX = 5 << 30
 _COPY_PART = 512 << 20
 _MIN_PART = 5 << 20
 _MAX_PARTS = 10000
-#: Read-ahead / cache granule: 256 cipher blocks (~1 MiB), aligned to block boundaries.
-_CHUNK = 256 * CIPHER_BS
+#: Read-ahead / cache granule: 1024 cipher blocks (~4 MiB), aligned to block boundaries.
+#: Fewer, larger GETs: per-request cost dominates (moto: 1 MiB ranges ~30 MiB/s, 4 MiB
+#: ranges ~80 MiB/s on the test VM).
+_CHUNK = 1024 * CIPHER_BS
+#: A request at least this long is streaming even if it is not exactly contiguous (the
+#: kernel's read-ahead requests arrive out of order from several FUSE threads).
+_STREAMING = 32 * CIPHER_BS
 _SYMLINK_MAX = 16384
 _LIST_PAGES_MAX = 1_000_000
 _CHILDREN_MAX_NAMES = 200_000
@@ -314,7 +319,7 @@ class ObjectStoreBackend(StorageBackend):
         part_size: int = 8 << 20,
         multipart_threshold: int = 16 << 20,
         parallel: int = 4,
-        cache_bytes: int = 16 << 20,
+        cache_bytes: int = 24 << 20,
         readahead: int = 4,
         meta_cache_entries: int = 16384,
         uid: int | None = None,
@@ -1146,7 +1151,7 @@ class ObjectStoreBackend(StorageBackend):
                 hdr = self._get_exact(key, 0, min(HEADER_LEN, limit))
                 st.header = hdr
             return hdr[s:e]
-        seq = s == 0 or abs(s - st.seq_next) <= CIPHER_BS
+        seq = s == 0 or abs(s - st.seq_next) <= CIPHER_BS or e - s >= _STREAMING
         st.seq_next = e
         first, last = self._chunk_of(s), self._chunk_of(e - 1)
         if not seq:

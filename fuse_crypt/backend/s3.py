@@ -266,10 +266,12 @@ class S3Transport:
         deadline = time.monotonic() + self.request_deadline
         parts: list[bytes] = []
         got = 0
+        complete = False
         try:
             while True:
                 piece = body.read(min(_READ_PIECE, want + 1 - got))
                 if not piece:
+                    complete = True
                     break
                 parts.append(piece)
                 got += len(piece)
@@ -284,7 +286,8 @@ class S3Transport:
                 raise
             raise TransientError(f"get: {type(e).__name__}") from None
         finally:
-            body.close()
+            if not complete:
+                body.close()  # drops the connection; a fully read one goes back to the pool
         return b"".join(parts)
 
     def put(
