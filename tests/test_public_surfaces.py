@@ -42,8 +42,11 @@ SURFACES: dict[str, list[str]] = {
         "XATTR_CREATE",
         "XATTR_REPLACE",
         "LocalDirBackend",
+        "ObjectStoreBackend",
         "Stat",
         "StorageBackend",
+        "s3",
+        "transport",
     ],
     "fuse_crypt.blockfront": [
         "DISK_NAME",

@@ -1,4 +1,7 @@
-"""Storage backends: where ciphertext lives (see :mod:`fuse_crypt.backend.base`)."""
+"""Storage backends: where ciphertext lives (see :mod:`fuse_crypt.backend.base`).
+
+A local directory (:class:`LocalDirBackend`) or a bucket prefix
+(:class:`ObjectStoreBackend` over an ``ObjectTransport``, e.g. ``s3.S3Transport``)."""
 
 from .base import (
     RENAME_EXCHANGE,
@@ -10,6 +13,7 @@ from .base import (
     StorageBackend,
 )
 from .local import LocalDirBackend
+from .objectstore import ObjectStoreBackend
 
 __all__ = [
     "DirEntry",
@@ -18,6 +22,9 @@ __all__ = [
     "XATTR_CREATE",
     "XATTR_REPLACE",
     "LocalDirBackend",
+    "ObjectStoreBackend",
     "Stat",
     "StorageBackend",
+    "s3",  # S3Transport (boto3), imported on demand: boto3 is slow to import
+    "transport",  # ObjectTransport, the seam under ObjectStoreBackend
 ]

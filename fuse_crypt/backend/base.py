@@ -97,6 +97,10 @@ class StorageBackend(abc.ABC):
     supports_hardlinks: bool = True
     #: True if xattrs are stored; otherwise the xattr calls raise ENOTSUP.
     supports_xattrs: bool = True
+    #: True if writes are buffered until :meth:`flush`/:meth:`fsync`/:meth:`close`
+    #: (object stores).  The frontend then answers FUSE FLUSH, so that ``close(2)``
+    #: reports a failed upload (EIO) instead of the kernel dropping the error.
+    buffers_writes: bool = False
 
     # -- metadata ---------------------------------------------------------------
 
@@ -331,6 +335,12 @@ class StorageBackend(abc.ABC):
         safe because it is only an ENOSPC-robustness optimisation.
         """
         del handle, mode, offset, length
+
+    def flush(self, handle: Any) -> None:
+        """Publish buffered writes of ``handle`` (``close(2)`` of one descriptor);
+        raise EIO if that fails, keeping the data for a retry.  Default: nothing
+        is buffered."""
+        del handle
 
     @abc.abstractmethod
     def close(self, handle: Any) -> None:

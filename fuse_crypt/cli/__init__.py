@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import NoReturn
 
 from fuse_crypt.cli.exitcodes import CONFIG, OTHER, PASSWORD_INCORRECT, SIGINT, USAGE, CliError
+from fuse_crypt.cli.objectloc import add_location_args
 from fuse_crypt.daemon import DaemonError
 
 PROG = "fuse-crypt"
@@ -59,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--scryptn", type=int, metavar="N", help="scrypt cost as log2(N), 10..28 (default 16)"
     )
-    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    add_location_args(p)
+    p.add_argument("cipherdir", metavar="CIPHERDIR", help="a directory, or s3://BUCKET/PREFIX")
 
     p = sub.add_parser("mount", parents=[common], help="mount CIPHERDIR on MOUNTPOINT")
     _add_key_source(p, masterkey_help="mount with this master key instead of a password")
@@ -78,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-addr", metavar="HOST:PORT", help="serve Prometheus metrics on HOST:PORT"
     )
-    p.add_argument("cipherdir", metavar="CIPHERDIR")
+    add_location_args(p)
+    p.add_argument("cipherdir", metavar="CIPHERDIR", help="a directory, or s3://BUCKET/PREFIX")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
     p = sub.add_parser("unmount", parents=[common], aliases=["umount"], help="unmount MOUNTPOINT")

@@ -7,16 +7,18 @@ CliError for the one-line message + exit code path in ``main``.
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import stat as stat_mod
 import sys
 from typing import Any
 
 from fuse_crypt import daemon, safeio
-from fuse_crypt.cli import confio, passinput
+from fuse_crypt.cli import confio, objectloc, passinput
 from fuse_crypt.cli.exitcodes import (
     CIPHERDIR,
     CIPHERDIR_NOT_NEW,
+    CONFIG,
     INIT,
     MOUNTPOINT,
     PASSWORD_INCORRECT,
@@ -116,11 +118,13 @@ def cmd_init(args: argparse.Namespace) -> int:
     still "new" or a complete volume): remove an earlier init's leftovers, write the
     root ``gocryptfs.diriv`` (fsync file and directory), then the conf via tmp + fsync +
     rename + directory fsync: the rename is the commit point."""
-    from fuse_crypt.configfile import ConfFile, format_master_key
+    from fuse_crypt.configfile import ConfFile
     from fuse_crypt.nametransform import NameTransform
 
     disable_core_dumps()
     _check_scryptn(args.scryptn)
+    if objectloc.is_object_url(args.cipherdir):
+        return _init_object(args)
     cdir = _cipherdir(args.cipherdir)
     leftovers = _init_leftovers(cdir)
     master_key = passinput.read_master_key(args.masterkey) if args.masterkey else None
@@ -138,7 +142,14 @@ def cmd_init(args: argparse.Namespace) -> int:
     except OSError as e:
         raise CliError(f"cannot create {DIRIV_NAME} in {cdir}: {e.strerror}", INIT) from None
     confio.write_conf(cdir, conf)
-    _say(f"fuse-crypt: created gocryptfs-compatible volume in {cdir}")
+    _announce(cdir, master_key)
+    return 0
+
+
+def _announce(where: str, master_key: bytes) -> None:
+    from fuse_crypt.configfile import format_master_key
+
+    _say(f"fuse-crypt: created gocryptfs-compatible volume in {where}")
     if sys.stdout.isatty():
         print(
             "Master key (shown once, only on a terminal):\n\n    "
@@ -148,6 +159,64 @@ def cmd_init(args: argparse.Namespace) -> int:
         )
     else:
         _say("fuse-crypt: not running on a terminal, suppressing master key display")
+
+
+def _store(loc: objectloc.ObjectLocation) -> Any:
+    """The volume's backend; a refused endpoint (plain http, bad URL) is a usage error."""
+    try:
+        return loc.backend()
+    except ValueError as e:
+        raise CliError(f"--endpoint: {e}", USAGE) from None
+
+
+def _object_leftovers(loc: objectloc.ObjectLocation, backend: Any) -> list[str]:
+    """Like :func:`_init_leftovers`, for a bucket prefix (absent = empty)."""
+    try:
+        entries = backend.scandir("")
+    except FileNotFoundError:
+        return []
+    except OSError as e:
+        raise objectloc.store_error(loc, e) from None
+    names = [e.name for e in entries]
+    if CONF_NAME in names:
+        raise CliError(f"{loc.display} already holds a volume", CIPHERDIR_NOT_NEW)
+    for entry in entries:
+        if entry.name not in INIT_LEFTOVERS or entry.type == stat_mod.S_IFDIR:
+            raise CliError(
+                f"{loc.display} is not empty (and not an interrupted init)", CIPHERDIR_NOT_NEW
+            )
+    return sorted(names)
+
+
+def _init_object(args: argparse.Namespace) -> int:
+    """``init s3://BUCKET/PREFIX``: same order as for a directory (leftovers removed,
+    root dir IV, then the conf as the commit point); each object is one create-only PUT."""
+    from fuse_crypt.configfile import ConfFile
+    from fuse_crypt.nametransform import NameTransform
+
+    loc = objectloc.location_from_args(args, args.cipherdir)
+    backend = _store(loc)
+    try:
+        leftovers = _object_leftovers(loc, backend)
+        master_key = passinput.read_master_key(args.masterkey) if args.masterkey else None
+        password = passinput.read_password(
+            args.passfile, prompt="Choose a password: ", confirm=True
+        )
+        logn = args.scryptn if args.scryptn is not None else 16
+        conf, master_key = ConfFile.create(password, scrypt_logn=logn, master_key=master_key)
+        if _object_leftovers(loc, backend) != leftovers:
+            raise CliError(f"{loc.display} changed during init", CIPHERDIR_NOT_NEW)
+        try:
+            for name in leftovers:
+                backend.unlink(name)
+            if "DirIV" in conf.feature_flags:
+                backend.write_small_file_excl(DIRIV_NAME, NameTransform.new_dir_iv(), 0o444)
+            backend.write_small_file_excl(CONF_NAME, conf.dumps(), 0o400)
+        except OSError as e:
+            raise CliError(f"cannot initialise {loc.display}: {e.strerror}", INIT) from None
+    finally:
+        backend.destroy()
+    _announce(loc.display, master_key)
     return 0
 
 
@@ -189,13 +258,20 @@ def _load_keys(args: argparse.Namespace, cdir: str) -> tuple[Any | None, bytes]:
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
-    from fuse_crypt.cli.mountrun import MountSpec, print_ready, run_foreground, run_in_daemon
+    from fuse_crypt.cli.mountrun import MountSpec
 
     if args.metrics_addr:
         from fuse_crypt.cli.metrics import parse_addr
 
         parse_addr(args.metrics_addr)  # a typo is a usage error, before any unlock or fork
     disable_core_dumps()
+    if objectloc.is_object_url(args.cipherdir):
+        loc = objectloc.location_from_args(args, args.cipherdir)
+        mp = _prepare_mountpoint(args.mountpoint)
+        conf, key = _load_keys_object(args, loc)
+        return _run_mount(
+            args, MountSpec(loc.display, mp, key, conf, objectstore=loc, **_mount_opts(args))
+        )
     cdir = _cipherdir(args.cipherdir)
     mp = _prepare_mountpoint(args.mountpoint)
     if os.path.realpath(mp) == os.path.realpath(cdir) or os.path.realpath(mp).startswith(
@@ -203,17 +279,58 @@ def cmd_mount(args: argparse.Namespace) -> int:
     ):
         raise CliError("mountpoint must not be inside the cipher directory", MOUNTPOINT)
     conf, key = _load_keys(args, cdir)
-    spec = MountSpec(
-        cipherdir=cdir,
-        mountpoint=mp,
-        master_key=key,
-        conf=conf,
-        read_only=args.ro,
-        allow_other=args.allow_other,
-        capacity=args.capacity,
-        metrics_addr=args.metrics_addr,
-        quiet=args.quiet,
-    )
+    return _run_mount(args, MountSpec(cdir, mp, key, conf, **_mount_opts(args)))
+
+
+def _mount_opts(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "read_only": args.ro,
+        "allow_other": args.allow_other,
+        "capacity": args.capacity,
+        "metrics_addr": args.metrics_addr,
+        "quiet": args.quiet,
+    }
+
+
+def _load_keys_object(
+    args: argparse.Namespace, loc: objectloc.ObjectLocation
+) -> tuple[Any | None, bytes]:
+    """(conf or None, master key) for a bucket volume, read in this (parent) process
+    with a transport of its own; the daemon builds its own after the fork.
+    With ``--masterkey`` the key is not checked against samples (as for a directory):
+    a wrong one mounts and shows EIO/undecryptable names only."""
+    from fuse_crypt.configfile import MAX_CONF_BYTES, ConfFile
+    from fuse_crypt.errors import ConfigError
+
+    backend = _store(loc)
+    try:
+        try:
+            data = backend.read_small_file(CONF_NAME, MAX_CONF_BYTES)
+        except FileNotFoundError:
+            data = None
+        except OSError as e:
+            if e.errno == errno.EFBIG:
+                raise CliError(f"config file in {loc.display} is too large", CONFIG) from None
+            raise objectloc.store_error(loc, e) from None
+    finally:
+        backend.destroy()
+    conf = None
+    if data is not None:
+        try:
+            conf = ConfFile.loads(data)
+        except ConfigError as e:
+            raise CliError(f"config file in {loc.display}: {e}", CONFIG) from None
+    if args.masterkey:
+        return conf, passinput.read_master_key(args.masterkey)
+    if conf is None:
+        raise CliError(f"cannot open config file in {loc.display}: no such object", CONFIG)
+    password = passinput.read_password(args.passfile)
+    return conf, _unlock(conf, password)
+
+
+def _run_mount(args: argparse.Namespace, spec: Any) -> int:
+    from fuse_crypt.cli.mountrun import print_ready, run_foreground, run_in_daemon
+
     if args.foreground:
         return run_foreground(spec)
     try:

@@ -29,14 +29,27 @@ class MountSpec:
     capacity: int = 0
     metrics_addr: str | None = None
     quiet: bool = False
+    #: An object-store volume (``cipherdir`` is then its s3:// display form).
+    objectstore: Any | None = None
 
 
 def _serve(spec: MountSpec, on_ready: Any) -> None:
     from fuse_crypt.backend import LocalDirBackend
-    from fuse_crypt.errors import ConfigError
-    from fuse_crypt.fusefrontend import serve
 
-    backend: Any = LocalDirBackend(spec.cipherdir)
+    backend: Any
+    store: Any = None
+    if spec.objectstore is not None:
+        # Built here, after the fork: boto3 clients and thread pools do not survive one.
+        store = backend = spec.objectstore.backend()
+        if not spec.read_only:
+            try:
+                store.recover_renames()
+            except OSError as e:
+                raise CliError(
+                    f"cannot finish an interrupted directory rename: {e.strerror}", FUSE_MOUNT
+                ) from None
+    else:
+        backend = LocalDirBackend(spec.cipherdir)
     counters = None
     if spec.metrics_addr:
         from fuse_crypt.cli import metrics
@@ -49,12 +62,23 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
         )
         counters = metrics.BlockCounters()
         backend = metrics.InstrumentedBackend(backend)
+    try:
+        _serve_backend(spec, backend, on_ready, counters)
+    finally:
+        if store is not None:
+            store.destroy()  # last try for failed uploads; spools and caches dropped
+
+
+def _serve_backend(spec: MountSpec, backend: Any, ready: Any, counters: Any) -> None:
+    from fuse_crypt.errors import ConfigError
+    from fuse_crypt.fusefrontend import serve
+
     live = False
 
-    def ready() -> None:
+    def ready_once() -> None:
         nonlocal live
         live = True
-        on_ready()
+        ready()
 
     try:
         serve(
@@ -64,7 +88,7 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
             spec.mountpoint,
             read_only=spec.read_only,
             foreground=True,
-            on_ready=ready,
+            on_ready=ready_once,
             allow_other=spec.allow_other,
             capacity=spec.capacity,
             block_observer=counters,

@@ -537,3 +537,9 @@ class FileTable:
 
     def fsync(self, fh: int, datasync: bool) -> None:
         self.backend.fsync(self.get(fh).handle, datasync)
+
+    def flush(self, fh: int) -> None:
+        """close(2) of a descriptor: buffering backends publish the file now."""
+        of = self.get(fh)
+        if of.writable:
+            self.backend.flush(of.handle)

@@ -74,6 +74,9 @@ class CryptOperations(mfusepy.Operations):
         self._dirs: dict[int, str] = {}
         self._dir_seq = 0
         self._dir_lock = threading.Lock()
+        if backend.buffers_writes:
+            # Only then: without a flush handler the kernel stops sending FLUSH.
+            self.flush = self._flush
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -528,8 +531,13 @@ class CryptOperations(mfusepy.Operations):
         self.files.fallocate(fh, mode, offset, size)
         return 0
 
-    # No flush(): nothing is buffered here, and leaving it unimplemented lets the
+    # No flush() for backends that write through: leaving it unimplemented lets the
     # kernel stop sending FLUSH on every close (one round trip per small file).
+    # Buffering backends (object stores) get _flush as ``flush`` (see __init__).
+
+    def _flush(self, path: str | None, fh: int) -> int:
+        self.files.flush(fh)
+        return 0
 
     def release(self, path: str | None, fh: int) -> int:
         self.files.release(fh)
