@@ -47,6 +47,7 @@ import oss2.exceptions
 import oss2.http
 import oss2.models
 import requests
+import urllib3.exceptions
 
 from .transport import (
     AccessDenied,
@@ -151,18 +152,26 @@ class _BoundedResponse(oss2.http.Response):
         self._done = False
 
     def _chunks(self, size: int) -> Iterator[bytes]:
-        try:
-            for chunk in self.response.iter_content(size):
-                if time.monotonic() > self._deadline:
-                    self.response.close()
-                    raise TransientError("OSS: response too slow")
-                yield chunk
-        except requests.RequestException as e:
-            raise _transient_from(e) from None
-        except OSError as e:
-            if isinstance(e, ObjectStoreError):
-                raise
-            raise TransientError("OSS: connection failed") from None
+        """What the socket has, ``size`` at most per read (``read1``: no waiting to fill a
+        buffer, so the deadline is checked while a slow peer trickles)."""
+        raw = self.response.raw
+        while True:
+            if time.monotonic() > self._deadline:
+                self.response.close()
+                raise TransientError("OSS: response too slow")
+            try:
+                chunk = raw.read1(size)
+            except (urllib3.exceptions.HTTPError, requests.RequestException) as e:
+                self.response.close()
+                raise _transient_from(e) from None
+            except OSError as e:
+                if isinstance(e, ObjectStoreError):
+                    raise
+                self.response.close()
+                raise TransientError("OSS: connection failed") from None
+            if not chunk:
+                return
+            yield chunk
 
     def read_at_most(self, cap: int) -> bytes:
         """The whole body; :class:`BadResponse` if it is longer than ``cap``."""
@@ -221,6 +230,26 @@ class _Session(oss2.Session):
             )
         except requests.RequestException as e:
             raise _transient_from(e) from None
+        original = getattr(resp.raw, "_original_response", None)
+        defects = getattr(getattr(original, "msg", None), "defects", None) or []
+        if defects:
+            # http.client ends the head at EOF: a connection cut mid-head looks like an
+            # answer with some headers missing.  That is a dropped connection, not data.
+            resp.close()
+            cut = any(type(d).__name__ == "MissingHeaderBodySeparatorDefect" for d in defects)
+            if cut:
+                raise TransientError("OSS: connection dropped in the response head")
+            raise BadResponse("OSS: malformed response head")
+        chunked = "chunked" in (resp.headers.get("Transfer-Encoding") or "").lower()
+        if (
+            resp.status_code not in (204, 304)
+            and "Content-Length" not in resp.headers
+            and not chunked
+        ):
+            # OSS frames every answer; one without a length was most likely cut mid-head
+            # after a whole line (http.client then sees no defect).
+            resp.close()
+            raise TransientError("OSS: response head without a length (connection dropped?)")
         encoding = (resp.headers.get("Content-Encoding") or "identity").strip().lower()
         if encoding != "identity":
             resp.close()

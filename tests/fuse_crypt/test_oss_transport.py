@@ -234,6 +234,7 @@ def hostile(oss: OssServer) -> Iterator[tuple[OssServer, OssTransport]]:
         ("redirect", lambda t: t.get("hostile/obj", 0, 10)),
         ("gzip", lambda t: t.get("hostile/obj", 0, 10)),
         ("bad-meta", lambda t: t.head("hostile/obj")),
+        ("many-meta", lambda t: t.head("hostile/obj")),
     ],
 )
 def test_hostile_answers_are_bad_response(

@@ -121,8 +121,8 @@ class OssState:
     Content-Range for another start), ``"huge-list"`` (a listing with more entries than
     max-keys), ``"same-token"`` (a truncated listing whose next token is the one given),
     ``"redirect"`` (GET/HEAD answered 307 to another host), ``"gzip"`` (a
-    ``Content-Encoding: gzip`` label), ``"bad-meta"`` (a user-metadata header that is not
-    a token / not ASCII).
+    ``Content-Encoding: gzip`` label), ``"bad-meta"`` (a user-metadata value that is not
+    ASCII), ``"many-meta"`` (80 user-metadata headers).
     """
 
     region: str = "cn-hangzhou"
@@ -571,7 +571,9 @@ class _Handler(BaseHTTPRequestHandler):
         if "gzip" in st.misbehave:
             headers["Content-Encoding"] = "gzip"
         if "bad-meta" in st.misbehave:
-            headers["x-oss-meta-bad name"] = "\u00e9"
+            headers["x-oss-meta-bad"] = "caf\u00e9"  # latin-1 on the wire, not ASCII
+        if "many-meta" in st.misbehave:
+            headers.update({f"x-oss-meta-m{i}": "1" for i in range(80)})
         self._send(status, body, headers, content_length=len(body))
 
     def _source(self) -> StoredObject:
