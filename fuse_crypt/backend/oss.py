@@ -334,7 +334,11 @@ def _meta_in(headers: Mapping[str, str]) -> dict[str, str]:
 
 
 def _check_key(key: str) -> None:
-    if not key or len(key.encode("utf-8", "surrogatepass")) > MAX_KEY_BYTES or key[0] in "/\\":
+    try:
+        size = len(key.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ObjectStoreError("OSS: object key is not valid UTF-8", errno.EINVAL) from None
+    if not key or size > MAX_KEY_BYTES or key[0] in "/\\":
         raise ObjectStoreError("OSS: invalid object key", errno.EINVAL)
 
 
@@ -395,15 +399,18 @@ class OssTransport:
             limit=max_xml,
             deadline=request_timeout,
         )
-        self._bucket = oss2.Bucket(
-            auth,
-            f"{url.scheme}://{url.netloc}",
-            bucket,
-            session=session,
-            connect_timeout=(connect_timeout, read_timeout),
-            region=region,
-            enable_crc=True,
-        )
+        try:
+            self._bucket = oss2.Bucket(
+                auth,
+                f"{url.scheme}://{url.netloc}",
+                bucket,
+                session=session,
+                connect_timeout=(connect_timeout, read_timeout),
+                region=region,
+                enable_crc=True,
+            )
+        except oss2.exceptions.OssError:
+            raise ObjectStoreError("OSS endpoint is not usable by oss2", errno.EINVAL) from None
 
     # -- error funnel ----------------------------------------------------------------------
 

@@ -178,7 +178,13 @@ def test_plain_http_needs_explicit_opt_in() -> None:
 
 @pytest.mark.parametrize(
     "endpoint",
-    ["ftp://oss.example", "https://user:pw@oss.example", "https://oss.example/path", "https://"],
+    [
+        "ftp://oss.example",
+        "https://user:pw@oss.example",
+        "https://oss.example/path",
+        "https://",
+        "https://[::1]:9000",  # oss2 cannot address IPv6 literals: refused typed
+    ],
 )
 def test_bad_endpoints_refused(endpoint: str) -> None:
     with pytest.raises(ObjectStoreError):
@@ -276,3 +282,13 @@ def test_metadata_we_send_is_checked() -> None:
     with pytest.raises(ObjectStoreError) as e:
         t.put("k", b"", metadata={f"k{i}": "v" * 200 for i in range(60)})
     assert e.value.errno == errno.E2BIG
+
+
+def test_keys_we_send_are_checked() -> None:
+    t = OssTransport(
+        "https://oss.example", BUCKET, region="cn-hangzhou", credentials=OssCredentials(AK, SK)
+    )
+    for bad in ("", "/lead", "\\lead", "x" * 1024, "lone-\udc80-surrogate"):
+        with pytest.raises(ObjectStoreError) as e:
+            t.head(bad)
+        assert e.value.errno == errno.EINVAL
