@@ -14,6 +14,7 @@ from fuse_crypt.backend.oss import OssCredentials, OssTransport
 from fuse_crypt.backend.transport import (
     AccessDenied,
     BadResponse,
+    ObjectNotFound,
     ObjectStoreError,
     ObjectTransport,
 )
@@ -292,3 +293,15 @@ def test_keys_we_send_are_checked() -> None:
         with pytest.raises(ObjectStoreError) as e:
             t.head(bad)
         assert e.value.errno == errno.EINVAL
+
+
+def test_aborted_upload_is_not_found_on_oss(oss: OssServer) -> None:
+    """Stricter than the contract (which moto's 500 there must pass): OSS says NoSuchUpload."""
+    t = transport(oss)
+    uid = t.create_multipart("abort/k", metadata={})
+    e1 = t.upload_part("abort/k", uid, 1, b"x")
+    t.abort_multipart("abort/k", uid)
+    with pytest.raises(ObjectNotFound):
+        t.upload_part("abort/k", uid, 2, b"y")
+    with pytest.raises(ObjectNotFound):
+        t.complete_multipart("abort/k", uid, [(1, e1)])
