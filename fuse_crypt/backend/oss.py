@@ -56,6 +56,7 @@ from .transport import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStoreError,
+    ObjectTransport,
     PreconditionFailed,
     TransientError,
 )
@@ -72,6 +73,7 @@ MAX_META_HEADERS = 64
 MAX_META_BYTES = 8 * 1024  # OSS's own limit on user metadata
 MAX_KEY_BYTES = 1023
 MAX_TOKEN = 4096
+MAX_OBJECT_SIZE = 1 << 50  # OSS and S3 stop at 48.8 TiB; anything bigger is a lie
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _META_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
@@ -436,7 +438,7 @@ class OssTransport:
     def _info(
         self, key: str, headers: Mapping[str, str], size: object, etag: object, mtime: object
     ) -> ObjectInfo:
-        if not isinstance(size, int) or size < 0:
+        if not isinstance(size, int) or not 0 <= size <= MAX_OBJECT_SIZE:
             raise BadResponse("OSS: malformed object size")
         if not isinstance(mtime, int):
             raise BadResponse("OSS: malformed Last-Modified")
@@ -570,7 +572,9 @@ class OssTransport:
             objects.append(
                 ObjectInfo(
                     key=o.key,
-                    size=o.size if isinstance(o.size, int) and o.size >= 0 else -1,
+                    size=o.size
+                    if isinstance(o.size, int) and 0 <= o.size <= MAX_OBJECT_SIZE
+                    else -1,
                     etag=_clean_etag(o.etag),
                     last_modified_ns=int(o.last_modified) * 1_000_000_000,
                 )
@@ -675,3 +679,8 @@ class OssTransport:
             self._call(
                 "ABORT-MULTIPART", lambda: self._bucket.abort_multipart_upload(key, upload_id)
             )
+
+
+def _conforms(t: OssTransport) -> ObjectTransport:
+    """mypy proves OssTransport is an ObjectTransport (structural check, never called)."""
+    return t

@@ -242,3 +242,8 @@ class RetryingTransport:
             return self.head(key)
         except ObjectStoreError:
             return None
+
+
+def _conforms(t: RetryingTransport) -> ObjectTransport:
+    """mypy proves RetryingTransport is an ObjectTransport (structural check, never called)."""
+    return t

@@ -22,6 +22,7 @@ from fuse_crypt.backend.transport import (
     PreconditionFailed,
     TransientError,
 )
+from tests.fuse_crypt.transport_contract import TransportContract
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.oss_server import OssServer
 
@@ -339,3 +340,22 @@ def test_access_denied_is_not_retried_through_the_proxy(proxy: FaultProxy) -> No
     with pytest.raises(AccessDenied):
         t.head("k")
     assert len(proxy.log) == 1
+
+
+class TestRetryingContract(TransportContract):
+    """The wrapper is an ObjectTransport too: same contract, through a proxy that answers
+    every tenth request with 503 SlowDown (also while 8 threads share it)."""
+
+    part_size = 100 * 1024
+
+    @pytest.fixture
+    def make_transport(self, proxy: FaultProxy) -> Any:
+        proxy.queue(*([None] * 9 + [Fault.error(503, "SlowDown")]) * 300)
+
+        def make(max_body: int | None = None) -> RetryingTransport:
+            t = stack(proxy, attempts=8)
+            if max_body is not None:
+                t.inner.max_body = max_body
+            return t
+
+        return make

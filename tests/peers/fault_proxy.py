@@ -14,9 +14,9 @@ or hit by the next scripted :class:`Fault`:
 * ``Fault.reset()``: the connection is closed without any answer;
 * ``Fault.stall()``: no answer at all until the client gives up.
 
-``queue(*faults)`` scripts the next requests (one fault each, in order); ``always`` applies
-to every request once the queue is empty (None: forward untouched).  ``log`` records
-``(method, path, fault kind or "forward")`` per request.
+``queue(*faults)`` scripts the next requests (one fault each, in order; None forwards);
+``always`` applies to every request once the queue is empty (None: forward untouched).
+``log`` records ``(method, path, fault kind or "forward")`` per request.
 """
 
 from __future__ import annotations
@@ -82,6 +82,30 @@ def _read_head(f: Any) -> bytes | None:
             return b"".join(lines)
 
 
+def _is_chunked(head: bytes) -> bool:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"transfer-encoding" and b"chunked" in value.lower():
+            return True
+    return False
+
+
+def _read_chunked(f: Any) -> bytes:
+    """The raw chunked body, framing included (forwarded as it came)."""
+    out = []
+    while True:
+        size_line = f.readline(MAX_HEAD)
+        out.append(size_line)
+        size = int(size_line.split(b";")[0].strip() or b"0", 16)
+        if size == 0:
+            while True:
+                trailer = f.readline(MAX_HEAD)
+                out.append(trailer)
+                if trailer in (b"\r\n", b"\n", b""):
+                    return b"".join(out)
+        out.append(f.read(size + 2))
+
+
 def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -99,7 +123,10 @@ class _Handler(socketserver.StreamRequestHandler):
             head = _read_head(self.rfile)
             if head is None:
                 return
-            body = self.rfile.read(_content_length(head))
+            if _is_chunked(head):  # oss2 sends an empty PUT body chunked
+                body = _read_chunked(self.rfile)
+            else:
+                body = self.rfile.read(_content_length(head))
             method, path = (head.split(b" ", 2) + [b"", b""])[:2]
             fault = proxy.next_fault()
             proxy.log.append((method.decode(), path.decode(), fault.kind if fault else "forward"))
@@ -173,7 +200,7 @@ class FaultProxy:
 
     def __init__(self, upstream: tuple[str, int]) -> None:
         self.upstream = upstream
-        self.faults: collections.deque[Fault] = collections.deque()
+        self.faults: collections.deque[Fault | None] = collections.deque()
         self.always: Fault | None = None
         self.log: list[tuple[str, str, str]] = []
         self.closing = threading.Event()
@@ -186,7 +213,7 @@ class FaultProxy:
             target=self._server.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
         )
 
-    def queue(self, *faults: Fault) -> None:
+    def queue(self, *faults: Fault | None) -> None:
         with self._lock:
             self.faults.extend(faults)
 
