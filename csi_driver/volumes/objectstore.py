@@ -209,12 +209,14 @@ def _endpoint(found: tuple[str, str] | None, policy: ObjectStorePolicy) -> tuple
     if found is None or not found[0].strip():
         raise errors.InvalidArgument("the object store endpoint (url / endpoint) is required")
     text, where = found[0].strip(), found[1]
-    url = urllib.parse.urlsplit(text if "://" in text else "https://" + text)
-    try:
+    try:  # urlsplit, .port and .hostname raise ValueError on bad IPv6 literals and ports
+        url = urllib.parse.urlsplit(text if "://" in text else "https://" + text)
         port = url.port
+        host = url.hostname or ""
     except ValueError:
-        raise errors.InvalidArgument(f"{where} has an invalid port") from None
-    host = url.hostname or ""
+        raise errors.InvalidArgument(f"{where} must be https://host[:port]") from None
+    if port == 0:
+        raise errors.InvalidArgument(f"{where} has an invalid port")
     if (
         url.scheme not in ("https", "http")
         or url.username is not None

@@ -369,8 +369,12 @@ class OssTransport:
         pool_size: int = 16,
         auth_version: str = "v4",
     ) -> None:
-        url = urllib.parse.urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
-        if url.scheme not in ("https", "http") or not url.hostname:
+        try:  # urlsplit, .port and .hostname raise ValueError on bad IPv6 literals and ports
+            url = urllib.parse.urlsplit(endpoint if "://" in endpoint else "https://" + endpoint)
+            port, host = url.port, url.hostname
+        except ValueError:
+            raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL) from None
+        if url.scheme not in ("https", "http") or not host or port == 0:
             raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL)
         if url.scheme == "http" and not allow_insecure_http:
             raise ObjectStoreError(

@@ -131,6 +131,10 @@ def test_allowed_endpoints() -> None:
         "https://oss-cn-beijing.aliyuncs.com:99999",
         "https://bad_host.example",
         "",
+        "http://[::1",  # urlsplit raises ValueError on these: must still be typed
+        "https://[x]",
+        "https://a]b",
+        "https://oss-cn-beijing.aliyuncs.com:0",
     ],
 )
 def test_bad_endpoints(url: str) -> None:

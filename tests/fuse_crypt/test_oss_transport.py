@@ -185,6 +185,10 @@ def test_plain_http_needs_explicit_opt_in() -> None:
         "https://oss.example/path",
         "https://",
         "https://[::1]:9000",  # oss2 cannot address IPv6 literals: refused typed
+        "https://[::1",  # urlsplit raises ValueError on these
+        "https://[x]",
+        "https://oss.example:0",
+        "https://oss.example:99999",
     ],
 )
 def test_bad_endpoints_refused(endpoint: str) -> None:

@@ -197,6 +197,7 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         content_length: int | None = None,
     ) -> None:
+        self.entry["status"] = status  # before the client can see the answer
         self.send_response(status)
         self.send_header("Server", "AliyunOSS")
         self.send_header("Date", _http_date(time.time()))
@@ -208,7 +209,6 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-        self.status = status
 
     def _send_xml(
         self, status: int, root: ET.Element, headers: dict[str, str] | None = None
@@ -283,7 +283,6 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         self.rid = self._request_id()
-        self.status = 0
         raw_path, _, raw_query = self.path.partition("?")
         self.query = dict(urllib.parse.parse_qsl(raw_query, keep_blank_values=True))
         self.raw_query = raw_query
@@ -291,25 +290,24 @@ class _Handler(BaseHTTPRequestHandler):
         self.bucket = urllib.parse.unquote(bucket)
         self.key = urllib.parse.unquote(raw_key)
         st = self.server.state
+        # Logged before answering, so a client that got its answer sees its request logged.
+        self.entry: dict[str, Any] = {
+            "method": self.command,
+            "bucket": self.bucket,
+            "key": self.key,
+            "query": dict(self.query),
+            "range": self.headers.get("Range"),
+            "copy_source": self.headers.get("x-oss-copy-source"),
+            "status": 0,
+        }
+        with st.lock:
+            st.requests.append(self.entry)
         try:
             body = self._read_body() if self.command in ("PUT", "POST") else b""
             self._authenticate(body)
             self._dispatch(body)
         except OssError as e:
             self._send_error(e)
-        finally:
-            with st.lock:
-                st.requests.append(
-                    {
-                        "method": self.command,
-                        "bucket": self.bucket,
-                        "key": self.key,
-                        "query": dict(self.query),
-                        "range": self.headers.get("Range"),
-                        "copy_source": self.headers.get("x-oss-copy-source"),
-                        "status": self.status,
-                    }
-                )
 
     def _dispatch(self, body: bytes) -> None:
         q, m = self.query, self.command
