@@ -212,8 +212,14 @@ _names = st.sampled_from(
         "otherOpts",
     ]
 )
+_urlish = st.builds(
+    lambda scheme, rest: scheme + rest,
+    st.sampled_from(["https://", "http://", "", "https://[", "ftp://", "//"]),
+    st.text(alphabet="ab.-:[]@/?#%1_\\ \n", max_size=30),
+)
 _values = st.one_of(
     st.text(max_size=60),
+    _urlish,
     st.sampled_from(
         [
             SEALED_AK,
@@ -233,7 +239,11 @@ _values = st.one_of(
 @long_fuzz
 @fuzz(quick=300)
 @given(
-    ctx=st.dictionaries(_names, _values, max_size=10),
+    ctx=st.builds(
+        lambda base, extra: {**base, **extra},
+        st.sampled_from([{}, CDH_SPEC]),  # a valid spec with a few values replaced, or none
+        st.dictionaries(_names, _values, max_size=10),
+    ),
     sec=st.dictionaries(_names, _values, max_size=4),
     plain=st.booleans(),
     http=st.booleans(),

@@ -8,6 +8,7 @@ returned must respect what was asked (lengths, prefixes, page sizes).
 
 from __future__ import annotations
 
+import contextlib
 import io
 from typing import Any
 from unittest import mock
@@ -175,3 +176,28 @@ def test_hostile_answers_only_raise_typed_errors(
         assert all(o.key.startswith("p/") and o.size >= 0 for o in result.objects)
     elif isinstance(result, ObjectInfo):
         assert result.size >= 0
+
+
+@long_fuzz
+@fuzz(quick=300)
+@given(
+    endpoint=st.builds(
+        lambda scheme, rest: scheme + rest,
+        st.sampled_from(["https://", "http://", "", "https://[", "ftp://"]),
+        st.text(alphabet="ab.-:[]@/?#%1_ ", max_size=30),
+    ),
+    bucket=st.text(alphabet="ab-1.A_", max_size=70),
+    region=st.text(alphabet="ab-1.A_", max_size=70),
+    insecure=st.booleans(),
+)
+def test_constructor_only_raises_typed_errors(
+    endpoint: str, bucket: str, region: str, insecure: bool
+) -> None:
+    with contextlib.suppress(ObjectStoreError):  # anything else fails the test
+        OssTransport(
+            endpoint,
+            bucket,
+            region=region,
+            credentials=OssCredentials("ak", "sk"),
+            allow_insecure_http=insecure,
+        )
