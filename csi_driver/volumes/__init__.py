@@ -4,3 +4,5 @@ Each module serves one kind of cipher location: ``block`` (a LUKS2 container on 
 host attached, staged once and bind-mounted per pod); ``objectstore`` (a bucket). The
 directory-backed gocryptfs volumes are still served by the core itself.
 """
+
+__all__: list[str] = []
