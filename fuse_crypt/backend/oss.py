@@ -490,7 +490,15 @@ class OssTransport:
                 m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range") or "")
                 if not m or int(m.group(1)) != start or int(m.group(2)) < start:
                     raise BadResponse("OSS GET: Content-Range does not match the request")
-                expected = int(m.group(2)) - start + 1
+                last = int(m.group(2))
+                if m.group(3) != "*":
+                    # Short only where the object ends: a range cut short in the middle
+                    # would pass for the whole answer.
+                    total = int(m.group(3))
+                    want = total - 1 if end is None else min(end, total - 1)
+                    if last != want:
+                        raise BadResponse("OSS GET: Content-Range does not match the request")
+                expected = last - start + 1
             elif resp.status == 200 and start == 0:
                 expected = declared
             else:

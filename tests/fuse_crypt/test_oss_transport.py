@@ -244,6 +244,8 @@ def hostile(oss: OssServer) -> Iterator[tuple[OssServer, OssTransport]]:
         ("long-body", lambda t: t.get("hostile/obj", 0, 10)),
         ("long-body", lambda t: t.get("hostile/obj")),
         ("bad-content-range", lambda t: t.get("hostile/obj", 10, 10)),
+        ("short-range", lambda t: t.get("hostile/obj", 10, 10)),
+        ("short-range", lambda t: t.get("hostile/obj", 10)),
         ("huge-list", lambda t: t.list("hostile/list/", max_keys=3)),
         ("redirect", lambda t: t.get("hostile/obj", 0, 10)),
         ("gzip", lambda t: t.get("hostile/obj", 0, 10)),
