@@ -542,11 +542,15 @@ class OssTransport:
         if metadata is None and content_type is None:
             headers = {"x-oss-metadata-directive": "COPY"}
         else:
-            if metadata is None:  # a new content type only: keep the source's metadata
-                metadata = self.head(src).metadata
+            # REPLACE sets both; the one not given is kept from the source (a chmod of a
+            # directory marker must keep application/x-directory).
+            if metadata is None or content_type is None:
+                source = self.head(src)
+                metadata = source.metadata if metadata is None else metadata
+                content_type = content_type or source.content_type or "application/octet-stream"
             headers = {
                 "x-oss-metadata-directive": "REPLACE",
-                "Content-Type": content_type or "application/octet-stream",
+                "Content-Type": content_type,
                 **_meta_out(metadata),
             }
         r = self._call(
