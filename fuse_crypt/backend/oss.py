@@ -75,6 +75,7 @@ MAX_KEY_BYTES = 1023
 MAX_TOKEN = 4096
 MAX_OBJECT_SIZE = 1 << 50  # OSS and S3 stop at 48.8 TiB; anything bigger is a lie
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")  # DNS name or IPv4
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _META_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
 _META_VALUE_RE = re.compile(r"[\x20-\x7e]*")
@@ -374,7 +375,12 @@ class OssTransport:
             port, host = url.port, url.hostname
         except ValueError:
             raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL) from None
-        if url.scheme not in ("https", "http") or not host or port == 0:
+        if (
+            url.scheme not in ("https", "http")
+            or not host
+            or port == 0
+            or not _HOST_RE.fullmatch(host)
+        ):
             raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL)
         if url.scheme == "http" and not allow_insecure_http:
             raise ObjectStoreError(
@@ -415,7 +421,7 @@ class OssTransport:
                 region=region,
                 enable_crc=True,
             )
-        except oss2.exceptions.OssError:
+        except Exception:  # oss2 re-parses the endpoint: ClientError, or ValueError
             raise ObjectStoreError("OSS endpoint is not usable by oss2", errno.EINVAL) from None
 
     # -- error funnel ----------------------------------------------------------------------
@@ -484,7 +490,15 @@ class OssTransport:
                 m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range") or "")
                 if not m or int(m.group(1)) != start or int(m.group(2)) < start:
                     raise BadResponse("OSS GET: Content-Range does not match the request")
-                expected = int(m.group(2)) - start + 1
+                last = int(m.group(2))
+                if m.group(3) != "*":
+                    # Short only where the object ends: a range cut short in the middle
+                    # would pass for the whole answer.
+                    total = int(m.group(3))
+                    want = total - 1 if end is None else min(end, total - 1)
+                    if last != want:
+                        raise BadResponse("OSS GET: Content-Range does not match the request")
+                expected = last - start + 1
             elif resp.status == 200 and start == 0:
                 expected = declared
             else:
@@ -528,11 +542,15 @@ class OssTransport:
         if metadata is None and content_type is None:
             headers = {"x-oss-metadata-directive": "COPY"}
         else:
-            if metadata is None:  # a new content type only: keep the source's metadata
-                metadata = self.head(src).metadata
+            # REPLACE sets both; the one not given is kept from the source (a chmod of a
+            # directory marker must keep application/x-directory).
+            if metadata is None or content_type is None:
+                source = self.head(src)
+                metadata = source.metadata if metadata is None else metadata
+                content_type = content_type or source.content_type or "application/octet-stream"
             headers = {
                 "x-oss-metadata-directive": "REPLACE",
-                "Content-Type": content_type or "application/octet-stream",
+                "Content-Type": content_type,
                 **_meta_out(metadata),
             }
         r = self._call(
