@@ -186,6 +186,10 @@ def mmdebstrap(rootfs: Path, wheelhouse: Path, wheel: Path, env: dict[str, str])
         f"{pip} {install} /tmp/wheels/{wheel.name}",
         # pip/setuptools only served the install; the image does not install anything later.
         f"{pip} uninstall -q -y pip setuptools",
+        # manylinux wheels assume system libraries (libstdc++ for grpcio): fail here, not at
+        # the plugin's first import in a cluster
+        f'! chroot "$1" sh -c "find {VENV} -name \'*.so*\' -type f -exec ldd {{}} +"'
+        " | grep -B20 'not found'",
         'rm -rf "$1/tmp/wheels"',
     ]
     argv = [

@@ -82,18 +82,19 @@ def test_debian_lock_current(built_image: BuiltImage) -> None:
 def test_sbom_lists_every_package(built_image: BuiltImage, podman: Podman) -> None:
     """The SBOM next to the image is the one inside, and names every deb and Python dist."""
     outside = json.loads((built_image.out / "sbom.cdx.json").read_text())
-    p = podman.run(
-        "--entrypoint=/bin/sh",
-        built_image.name,
+    def inside(entrypoint: str, *args: str) -> str:
+        p = podman.run(f"--entrypoint={entrypoint}", built_image.name, *args)
+        assert p.returncode == 0, p.stderr
+        return p.stdout
+
+    assert json.loads(inside("cat", "/usr/share/doc/coco-csi/sbom.cdx.json")) == outside
+    debs = inside("dpkg-query", "-W", "-f", "${Package}=${Version}\\n")
+    pys = inside(
+        "python",
         "-c",
-        "cat /usr/share/doc/coco-csi/sbom.cdx.json; echo '#####';"
-        " dpkg-query -W -f '${Package}=${Version}\\n';  echo '#####';"
-        " python -c 'import importlib.metadata as m;"
-        ' print("\\n".join(f"{d.metadata[\\"Name\\"]}={d.version}" for d in m.distributions()))\'',
+        "import importlib.metadata as m\n"
+        "for d in m.distributions(): print(d.metadata['Name'] + '=' + d.version)",
     )
-    assert p.returncode == 0, p.stderr
-    inside, debs, pys = p.stdout.split("#####\n")
-    assert json.loads(inside) == outside
     listed = {(c["name"], c["version"]) for c in outside["components"]}
     for line in (debs + pys).split():
         name, version = line.split("=", 1)
