@@ -82,6 +82,7 @@ def test_debian_lock_current(built_image: BuiltImage) -> None:
 def test_sbom_lists_every_package(built_image: BuiltImage, podman: Podman) -> None:
     """The SBOM next to the image is the one inside, and names every deb and Python dist."""
     outside = json.loads((built_image.out / "sbom.cdx.json").read_text())
+
     def inside(entrypoint: str, *args: str) -> str:
         p = podman.run(f"--entrypoint={entrypoint}", built_image.name, *args)
         assert p.returncode == 0, p.stderr
