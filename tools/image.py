@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -50,6 +51,12 @@ REPOSITORY = "ghcr.io/confidential-containers/coco-csi"  # charts/coco-csi/value
 SOURCE_URL = "https://github.com/confidential-containers/coco-csi"
 VENV = "/opt/coco-csi"
 SBOM_IN_IMAGE = "usr/share/doc/coco-csi/sbom.cdx.json"
+# Runtime dependencies the plugins never import, left out of the image (and its lock).
+IMAGE_EXCLUDED = {
+    # only `kubectl create sealedsecret` (a client tool) talks to the API server; the node
+    # pod has no API access at all. With its own dependencies it was 80 of 250 MB.
+    "kubernetes",
+}
 # Run-time files that differ between two otherwise identical builds, or have no place in an
 # image (paths relative to the rootfs; directories are emptied, not removed).
 EMPTIED_DIRS = (
@@ -146,20 +153,33 @@ def download_locked(dest: Path) -> None:
     )
 
 
+def image_requirements() -> list[str]:
+    """pyproject's runtime dependencies, minus IMAGE_EXCLUDED."""
+    deps = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]
+    name = re.compile(r"[A-Za-z0-9._-]+")
+    kept = []
+    for dep in deps:
+        m = name.match(dep)
+        if not m or m.group(0).lower() not in IMAGE_EXCLUDED:
+            kept.append(dep)
+    return kept
+
+
 def write_python_lock() -> None:
-    """Resolve pyproject's dependencies for this Python/platform and write the hash lock."""
+    """Resolve the image's dependencies for this Python/platform and write the hash lock."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         run(
             [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
             + ["--dry-run", "--ignore-installed", "--only-binary=:all:", "--report", str(report)]
-            + [str(REPO)]
+            + image_requirements()
         )
         items = json.loads(report.read_text())["install"]
     lines = [
         "# The coco-csi image's Python dependencies, pinned with hashes (CPython 3.11,",
         "# manylinux x86_64, as in Debian bookworm). Regenerate: `./run image lock`.",
         "# Installed with pip --require-hashes --no-deps; the project's own wheel is separate.",
+        f"# Left out (tools/image.py IMAGE_EXCLUDED): {', '.join(sorted(IMAGE_EXCLUDED))}.",
     ]
     for item in sorted(items, key=lambda i: i["metadata"]["name"].lower()):
         meta = item["metadata"]

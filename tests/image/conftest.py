@@ -118,6 +118,8 @@ class Podman:
             str(root / "storage"),
             "--runroot",
             str(root / "run"),
+            "--tmpdir",
+            str(root / "tmp"),
             "--storage-driver=vfs",
             "--runtime",
             "runc",
@@ -163,5 +165,6 @@ def podman(built_image: BuiltImage) -> Iterator[Podman]:
         with contextlib.suppress(Exception):
             pm("rm", "-af", "-t", "5", check=False)
         with contextlib.suppress(Exception):
-            pm("system", "reset", "-f", check=False, timeout=120)
+            # not `system reset`: as root that also drops host-wide podman networks
+            pm("rmi", "-af", check=False, timeout=120)
         shutil.rmtree(root, ignore_errors=True)

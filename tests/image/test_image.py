@@ -293,3 +293,22 @@ def test_chart_pods_provision_and_publish(
     finally:
         for pod in pods:
             pod.stop()
+
+
+def test_every_module_imports_in_the_image(built_image: BuiltImage, podman: Podman) -> None:
+    """The image's venv has every dependency the product modules import (the lock leaves
+    some out on purpose: image/requirements.lock)."""
+    script = (
+        "import importlib, pkgutil\n"
+        "n = 0\n"
+        "for top in ('fuse_crypt', 'sealed_secrets', 'csi_driver', 'coco_proto'):\n"
+        "    pkg = importlib.import_module(top)\n"
+        "    for m in pkgutil.walk_packages(pkg.__path__, top + '.'):\n"
+        "        if not m.name.endswith('.__main__'):  # that one runs the CLI\n"
+        "            importlib.import_module(m.name)\n"
+        "            n += 1\n"
+        "print(n)\n"
+    )
+    p = podman.run("--entrypoint=python", built_image.name, "-c", script)
+    assert p.returncode == 0, p.stderr
+    assert int(p.stdout) > 50
