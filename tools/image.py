@@ -340,12 +340,20 @@ def scrub(rootfs: Path, epoch: int) -> None:
                     child.unlink()
     for rel in REMOVED_FILES:
         (rootfs / rel).unlink(missing_ok=True)
-    # Bytecode: marshal output is not byte-stable across runs, and py3compile's caches carry
-    # no value worth that; Python compiles in memory at start-up instead.
+    # Bytecode: py3compile's (timestamp-based, compiled in whatever order dpkg ran) and none
+    # from pip (--no-compile); then one compileall pass in a fixed order with a fixed hash
+    # seed (frozenset constants) and checked-hash pycs (no mtimes): byte-identical every
+    # build, and the plugins start in ~0.2 s instead of ~0.9 s (the controller's root
+    # filesystem is read-only, so it could not cache them itself).
     for cache in list(rootfs.rglob("__pycache__")):
         shutil.rmtree(cache)
     for pyc in rootfs.rglob("*.pyc"):
         pyc.unlink()
+    libs = sorted("/" + str(p.relative_to(rootfs)) for p in (rootfs / "usr/lib").glob("python3*"))
+    run(
+        ["chroot", str(rootfs), "env", "PYTHONHASHSEED=0", "python3", "-m", "compileall", "-q"]
+        + ["--invalidation-mode", "checked-hash", VENV + "/lib", *libs]
+    )
     for dirpath, dirnames, filenames in os.walk(rootfs):
         for name in [*dirnames, *filenames, "."]:
             p = os.path.join(dirpath, name)
