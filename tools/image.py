@@ -23,6 +23,7 @@ import hashlib
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -33,6 +34,7 @@ import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from urllib.parse import quote
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_DIR = REPO / "image"
@@ -195,12 +197,13 @@ def write_python_lock() -> None:
 
 def mmdebstrap(rootfs: Path, wheelhouse: Path, wheel: Path, env: dict[str, str]) -> None:
     """The Debian rootfs with the venv installed by customize hooks (inside the chroot)."""
+    q = shlex.quote
     pip_env = "PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1"
     pip = f'chroot "$1" env {pip_env} {VENV}/bin/python -m pip'
     install = "install -q --no-index --no-compile --no-deps --find-links /tmp/wheels"
     hooks = [
-        f'mkdir "$1/tmp/wheels" && cp {wheelhouse}/*.whl {wheel} "$1/tmp/wheels/"',
-        f'cp {PY_LOCK} "$1/tmp/wheels/requirements.lock"',
+        f'mkdir "$1/tmp/wheels" && cp {q(wheelhouse)}/*.whl {q(wheel)} "$1/tmp/wheels/"',
+        f'cp {q(PY_LOCK)} "$1/tmp/wheels/requirements.lock"',
         f'chroot "$1" env {pip_env} python3 -m venv {VENV}',
         f"{pip} {install} --require-hashes -r /tmp/wheels/requirements.lock",
         f"{pip} {install} /tmp/wheels/{wheel.name}",
@@ -295,7 +298,7 @@ def sbom(src: Source, debs: list[tuple[str, str, str]], pys: list[tuple[str, str
             "type": "library" if n != "coco-csi" else "application",
             "name": n,
             "version": v,
-            "purl": f"pkg:pypi/{n.lower()}@{v}",
+            "purl": f"pkg:pypi/{re.sub(r'[-_.]+', '-', n).lower()}@{quote(v)}",
         }
         for n, v in pys
     ] + [
@@ -303,7 +306,7 @@ def sbom(src: Source, debs: list[tuple[str, str, str]], pys: list[tuple[str, str
             "type": "library",
             "name": n,
             "version": v,
-            "purl": f"pkg:deb/debian/{n}@{v}?arch={a}&distro=debian-{SUITE}",
+            "purl": f"pkg:deb/debian/{n}@{quote(v, safe='')}?arch={a}&distro=debian-{SUITE}",
         }
         for n, v, a in debs
     ]
@@ -423,6 +426,9 @@ def build(out: Path, *, update_lock: bool = False, allow_drift: bool = False) ->
     src = source_info()
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(src.epoch), LC_ALL="C.UTF-8", TZ="UTC")
     if out.exists():
+        ours = {"oci", "sbom.cdx.json", "build.json"}
+        if any(c.name not in ours and not c.name.startswith("coco-image-") for c in out.iterdir()):
+            raise BuildError(f"--out {out} holds other files; give a new or a build directory")
         shutil.rmtree(out)
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="coco-image-", dir=out) as tmp:

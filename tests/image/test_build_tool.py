@@ -1,0 +1,89 @@
+"""tools/image.py's pure parts: the Debian lock check, the SBOM, the image's Python deps."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def tool() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("coco_image_tool", REPO / "tools" / "image.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look the module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _locked(tool: ModuleType) -> list[tuple[str, str, str]]:
+    rows = []
+    for line in tool.DEBIAN_LOCK.read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, version = line.split("=", 1)
+            rows.append((name, version, "amd64"))
+    return rows
+
+
+def test_debian_lock_matches_itself(tool: ModuleType) -> None:
+    assert tool.check_debian_lock(_locked(tool), update=False) == []
+
+
+def test_debian_drift_is_named(tool: ModuleType) -> None:
+    """A newer version, a new package and a vanished one are each reported, and the build
+    error says how to proceed."""
+    rows = _locked(tool)
+    name, version, arch = rows[0]
+    drifted = [(name, version + "+1", arch), *rows[2:], ("evil-extra", "1.0", "amd64")]
+    drift = tool.check_debian_lock(drifted, update=False)
+    assert any(d.strip().startswith(f"{name}: locked {version}, got {version}+1") for d in drift)
+    assert any("evil-extra: locked (absent), got 1.0" in d for d in drift)
+    assert any(f"{rows[1][0]}: locked {rows[1][1]}, got (absent)" in d for d in drift)
+    assert "--update-lock" in str(tool.drift_error(drift))
+
+
+def test_apt_packages_cover_the_plugins_needs(tool: ModuleType) -> None:
+    wanted = {"python3", "python3-venv", "fuse3", "gocryptfs", "mount", "ca-certificates"}
+    wanted |= {"cryptsetup-bin", "e2fsprogs", "util-linux"}
+    assert wanted <= set(tool.apt_packages())
+    locked = {n for n, _, _ in _locked(tool)}
+    assert set(tool.apt_packages()) <= locked
+
+
+def test_python_lock_is_hash_pinned_and_complete(tool: ModuleType) -> None:
+    """Every locked requirement is == pinned with a sha256; every image dependency is locked;
+    the excluded ones are not."""
+    text = tool.PY_LOCK.read_text().replace("\\\n", " ")
+    pins = {}
+    for line in text.splitlines():
+        if line.strip() and not line.startswith("#"):
+            req, _, hashes = line.partition("--hash=sha256:")
+            name, version = req.strip().split("==")
+            assert len(hashes.strip()) == 64
+            pins[name.lower().replace("_", "-")] = version
+    for dep in tool.image_requirements():
+        name = dep.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
+        assert name in pins, f"{name} is not locked"
+    assert not set(tool.IMAGE_EXCLUDED) & set(pins)
+
+
+def test_sbom_is_cyclonedx_and_deterministic(tool: ModuleType) -> None:
+    src = tool.Source("0.1.0", "abc", 1700000000)
+    debs = [("libc6", "2.36-9+deb12u13", "amd64")]
+    pys = [("coco-csi", "0.1.0"), ("typing_extensions", "4.16.0")]
+    one, two = tool.sbom(src, debs, pys), tool.sbom(src, debs, pys)
+    assert one == two
+    doc = json.loads(one)
+    assert doc["bomFormat"] == "CycloneDX" and doc["specVersion"] == "1.5"
+    assert doc["serialNumber"].startswith("urn:uuid:")
+    purls = {c["purl"] for c in doc["components"]}
+    assert "pkg:pypi/typing-extensions@4.16.0" in purls
+    assert "pkg:deb/debian/libc6@2.36-9%2Bdeb12u13?arch=amd64&distro=debian-bookworm" in purls
+    assert doc["metadata"]["timestamp"] == "2023-11-14T22:13:20Z"
