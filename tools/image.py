@@ -197,7 +197,10 @@ def write_python_lock() -> None:
 
 def mmdebstrap(rootfs: Path, wheelhouse: Path, wheel: Path, env: dict[str, str]) -> None:
     """The Debian rootfs with the venv installed by customize hooks (inside the chroot)."""
-    q = shlex.quote
+
+    def q(path: Path) -> str:
+        return shlex.quote(str(path))
+
     pip_env = "PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1"
     pip = f'chroot "$1" env {pip_env} {VENV}/bin/python -m pip'
     install = "install -q --no-index --no-compile --no-deps --find-links /tmp/wheels"
