@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -65,6 +67,19 @@ def tree_key() -> str:
         if rel and p.is_file():
             h.update(rel + b"\0" + p.read_bytes())
     return h.hexdigest()[:16]
+
+
+def load_image_tool() -> ModuleType:
+    """tools/image.py as a module (it is a script, not a package)."""
+    name = "coco_image_tool"
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, REPO / "tools" / "image.py")
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # its dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @dataclass(frozen=True)

@@ -6,14 +6,13 @@ check as one command: `./run image --check-reproducible`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import tempfile
 from pathlib import Path
 
 import pytest
 
-from .conftest import REPO, BuiltImage, build_image
+from .conftest import REPO, BuiltImage, build_image, load_image_tool
 
 pytestmark = [
     pytest.mark.imagerepro,
@@ -24,11 +23,7 @@ pytestmark = [
 
 
 def _revision() -> str:
-    spec = importlib.util.spec_from_file_location("coco_image_tool", REPO / "tools" / "image.py")
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return str(mod.source_info().revision)
+    return str(load_image_tool().source_info().revision)
 
 
 def test_second_build_gives_the_same_digest(built_image: BuiltImage) -> None:
