@@ -13,7 +13,7 @@ machine ids are removed, so two builds of one commit give one image digest
 Python package) goes into the image (/usr/share/doc/coco-csi/sbom.cdx.json) and next to it.
 
     tools/image.py [--out DIR] [--update-lock] [--check-reproducible]
-    tools/image.py lock      # re-resolve image/requirements.lock from pyproject.toml
+    tools/image.py lock      # re-resolve image/requirements.lock and build-requirements.lock
 """
 
 from __future__ import annotations
@@ -41,6 +41,7 @@ IMAGE_DIR = REPO / "image"
 APT_LIST = IMAGE_DIR / "apt-packages.txt"
 DEBIAN_LOCK = IMAGE_DIR / "debian-packages.lock"
 PY_LOCK = IMAGE_DIR / "requirements.lock"
+BUILD_LOCK = IMAGE_DIR / "build-requirements.lock"  # the wheel's build backend
 DEFAULT_OUT = REPO / "build" / "image"
 
 SUITE = "bookworm"  # pinned by name: `stable` moves on
@@ -138,10 +139,17 @@ def build_wheel(work: Path, env: dict[str, str]) -> Path:
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
-    out = work / "wheel"
+    # The build backend is hash-locked too (no build isolation fetching the newest
+    # setuptools): it writes every file of the wheel.
+    venv = work / "build-venv"
+    run([sys.executable, "-m", "venv", str(venv)])
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
     run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(src)], env=env
+        [*pip, "install", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+        + ["-r", str(BUILD_LOCK)]
     )
+    out = work / "wheel"
+    run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], env=env)
     (wheel,) = out.glob("coco_csi-*.whl")
     return wheel
 
@@ -167,29 +175,39 @@ def image_requirements() -> list[str]:
     return kept
 
 
-def write_python_lock() -> None:
-    """Resolve the image's dependencies for this Python/platform and write the hash lock."""
+def resolve_locked(requirements: list[str]) -> list[str]:
+    """`name==version --hash=sha256:...` for everything these requirements install here."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
         run(
             [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
             + ["--dry-run", "--ignore-installed", "--only-binary=:all:", "--report", str(report)]
-            + image_requirements()
+            + requirements
         )
         items = json.loads(report.read_text())["install"]
-    lines = [
-        "# The coco-csi image's Python dependencies, pinned with hashes (CPython 3.11,",
-        "# manylinux x86_64, as in Debian bookworm). Regenerate: `./run image lock`.",
-        "# Installed with pip --require-hashes --no-deps; the project's own wheel is separate.",
-        f"# Left out (tools/image.py IMAGE_EXCLUDED): {', '.join(sorted(IMAGE_EXCLUDED))}.",
-    ]
+    lines = []
     for item in sorted(items, key=lambda i: i["metadata"]["name"].lower()):
         meta = item["metadata"]
-        if meta["name"] == "coco-csi":
-            continue
         sha = item["download_info"]["archive_info"]["hashes"]["sha256"]
         lines.append(f"{meta['name'].lower()}=={meta['version']} \\\n    --hash=sha256:{sha}")
-    PY_LOCK.write_text("\n".join(lines) + "\n")
+    return lines
+
+
+def write_python_locks() -> None:
+    """Resolve the image's dependencies and the wheel's build backend; write both locks."""
+    header = [
+        "# Pinned with hashes for CPython 3.11 on manylinux x86_64 (as in Debian bookworm).",
+        "# Regenerate: `./run image lock`. Installed with pip --require-hashes --no-deps.",
+    ]
+    runtime = [
+        "# The coco-csi image's Python dependencies; the project's own wheel is separate.",
+        *header,
+        f"# Left out (tools/image.py IMAGE_EXCLUDED): {', '.join(sorted(IMAGE_EXCLUDED))}.",
+    ]
+    PY_LOCK.write_text("\n".join(runtime + resolve_locked(image_requirements())) + "\n")
+    backend = tomllib.loads((REPO / "pyproject.toml").read_text())["build-system"]["requires"]
+    build = ["# What builds the coco-csi wheel (pyproject [build-system] requires).", *header]
+    BUILD_LOCK.write_text("\n".join(build + resolve_locked(list(backend))) + "\n")
 
 
 # ---------------------------------------------------------------------------------- rootfs
@@ -485,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     try:
         if a.action == "lock":
-            write_python_lock()
-            print(f"wrote {PY_LOCK.relative_to(REPO)}")
+            write_python_locks()
+            print(f"wrote {PY_LOCK.relative_to(REPO)} and {BUILD_LOCK.relative_to(REPO)}")
             return 0
         first = build(a.out, update_lock=a.update_lock, allow_drift=a.allow_drift)
         print(json.dumps(first, indent=1))

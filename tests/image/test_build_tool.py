@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -49,17 +50,26 @@ def test_apt_packages_cover_the_plugins_needs(tool: ModuleType) -> None:
     assert set(tool.apt_packages()) <= locked
 
 
-def test_python_lock_is_hash_pinned_and_complete(tool: ModuleType) -> None:
-    """Every locked requirement is == pinned with a sha256; every image dependency is locked;
-    the excluded ones are not."""
-    text = tool.PY_LOCK.read_text().replace("\\\n", " ")
+def _pins(lock: Path) -> dict[str, str]:
+    """name -> version; every line == pinned with one sha256."""
     pins = {}
-    for line in text.splitlines():
+    for line in lock.read_text().replace("\\\n", " ").splitlines():
         if line.strip() and not line.startswith("#"):
             req, _, hashes = line.partition("--hash=sha256:")
             name, version = req.strip().split("==")
-            assert len(hashes.strip()) == 64
+            assert len(hashes.strip()) == 64, line
             pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_build_backend_is_hash_pinned(tool: ModuleType) -> None:
+    assert {"setuptools", "wheel"} <= set(_pins(tool.BUILD_LOCK))
+
+
+def test_python_lock_is_hash_pinned_and_complete(tool: ModuleType) -> None:
+    """Every locked requirement is == pinned with a sha256; every image dependency is locked;
+    the excluded ones are not."""
+    pins = _pins(tool.PY_LOCK)
     for dep in tool.image_requirements():
         name = dep.split(">")[0].split("=")[0].split("<")[0].strip().lower().replace("_", "-")
         assert name in pins, f"{name} is not locked"
