@@ -346,6 +346,8 @@ class ObjectStoreBackend(StorageBackend):
         self._nodes_max = meta_cache_entries
         self._children: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
         self._children_names = 0
+        #: Bumped by every change to the caches (see :meth:`_remember`).
+        self._mut = 0
         self._states: dict[str, _State] = {}
         self._pending: set[_State] = set()
         self._cache: collections.OrderedDict[tuple[str, str, int], bytes] = (
@@ -373,8 +375,15 @@ class ObjectStoreBackend(StorageBackend):
 
     # -- metadata cache -----------------------------------------------------------------
 
-    def _remember(self, path: str, node: _Node | None) -> None:
+    def _remember(self, path: str, node: _Node | None, seen: int | None = None) -> None:
+        """Cache ``node`` for ``path``.  ``seen``: the mutation count read before the
+        store was asked; a probe that raced with one of our own changes is not cached
+        (it could say "absent" for a file just created, and a later O_CREAT would then
+        replace it)."""
         with self._lock:
+            if seen is not None and seen != self._mut:
+                return
+            self._mut += 1
             self._nodes[path] = node
             self._nodes.move_to_end(path)
             while len(self._nodes) > self._nodes_max:
@@ -382,19 +391,24 @@ class ObjectStoreBackend(StorageBackend):
 
     def _forget(self, path: str) -> None:
         with self._lock:
+            self._mut += 1
             self._nodes.pop(path, None)
 
     def _forget_tree(self, path: str) -> None:
         """Drop cached nodes and child sets of ``path`` and everything below it."""
         pre = path + "/"
         with self._lock:
+            self._mut += 1
             for p in [p for p in self._nodes if p == path or p.startswith(pre)]:
                 del self._nodes[p]
             for p in [p for p in self._children if p == path or p.startswith(pre)]:
                 self._children_names -= len(self._children.pop(p))
 
-    def _set_children(self, path: str, names: set[str]) -> None:
+    def _set_children(self, path: str, names: set[str], seen: int | None = None) -> None:
         with self._lock:
+            if seen is not None and seen != self._mut:
+                return  # changed while we listed: the listing may be stale
+            self._mut += 1
             old = self._children.pop(path, None)
             if old is not None:
                 self._children_names -= len(old)
@@ -409,6 +423,7 @@ class ObjectStoreBackend(StorageBackend):
     def _child_added(self, path: str) -> None:
         parent, name = _parent(path)
         with self._lock:
+            self._mut += 1
             s = self._children.get(parent)
             if s is not None and name not in s:
                 s.add(name)
@@ -417,6 +432,7 @@ class ObjectStoreBackend(StorageBackend):
     def _child_removed(self, path: str) -> None:
         parent, name = _parent(path)
         with self._lock:
+            self._mut += 1
             s = self._children.get(parent)
             if s is not None and name in s:
                 s.discard(name)
@@ -467,11 +483,12 @@ class ObjectStoreBackend(StorageBackend):
                 kids = self._children.get(parent)
                 if kids is not None and name not in kids:
                     return None
+            seen = self._mut
         if path == "":
             node: _Node | None = self._root_node()
         else:
             node = self._probe(path)
-        self._remember(path, node)
+        self._remember(path, node, seen)
         return node
 
     def _probe(self, path: str) -> _Node | None:
@@ -574,8 +591,10 @@ class ObjectStoreBackend(StorageBackend):
 
     def scandir(self, path: str) -> list[DirEntry]:
         self._need_dir(path)
+        with self._lock:
+            seen = self._mut
         entries = self._list_names(path)
-        self._set_children(path, {n for n, _ in entries})
+        self._set_children(path, {n for n, _ in entries}, seen)
         out = []
         for name, typ in entries:
             child = _join(path, name)
@@ -1072,10 +1091,13 @@ class ObjectStoreBackend(StorageBackend):
         meta = self._new_meta(stat_mod.S_IFREG | stat_mod.S_IMODE(mode))
         key = self._key(path)
         try:
-            etag = self.t.put(key, b"", metadata=meta, if_none_match=excl)
+            # Always create-only: a file our cache missed is opened, never emptied.
+            etag = self.t.put(key, b"", metadata=meta, if_none_match=True)
         except PreconditionFailed:
             self._forget(path)
-            raise OSError(errno.EEXIST, "exists") from None
+            if excl:
+                raise OSError(errno.EEXIST, "exists") from None
+            return self._need(path)
         info = ObjectInfo(key, 0, etag, time.time_ns(), meta, FILE_CONTENT_TYPE)
         node = _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True)
         self._remember(path, node)

@@ -455,3 +455,19 @@ def test_no_symlink_follow_or_escape(fs: FS) -> None:
 
 def test_core_unused() -> None:
     assert CryptOperations and CryptoCore  # imported for type context of FS
+
+
+def test_stale_negative_cache_never_empties_a_file(t: FakeTransport) -> None:
+    """O_CREAT on a name the cache believes absent (another writer made it meanwhile)
+    opens the existing object instead of replacing it with an empty one."""
+    be = ObjectStoreBackend(t, PRE)
+    with pytest.raises(FileNotFoundError):
+        be.lstat("x")  # cached: absent
+    t.put_raw(PRE + "x", b"existing content", {"mode": "33188"})
+    h = be.open("x", os.O_RDWR | os.O_CREAT, 0o644)
+    assert be.pread(h, 100, 0) == b"existing content"
+    be.close(h)
+    assert t.body(PRE + "x") == b"existing content"
+    with pytest.raises(FileExistsError):
+        be.open("x", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    be.destroy()
