@@ -4,6 +4,7 @@ run against both the local and the object backend."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -167,3 +168,37 @@ def test_tamper_object_backend(how: str, s3vol: S3Vol, tmp_path: Path) -> None:
                 assert e.errno == errno.EIO
                 results.append(False)
         assert sorted(results) == [False, True]  # the tampered one is EIO, the other intact
+
+
+def test_daemon_killed_mid_upload_leaves_a_whole_version(s3vol: S3Vol, tmp_path: Path) -> None:
+    """SIGKILL while close() uploads a new 24 MiB version: afterwards the object is the old
+    version or the new one, whole (it decrypts end to end), never a mix or a stub."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    old, new = os.urandom(24 << 20), os.urandom(24 << 20)
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        (m / "f").write_bytes(old)
+    mnt = tmp_path / "m2"
+    with mount_ours(s3vol, mnt) as m:
+        pids = subprocess.run(
+            ["pgrep", "-f", f"fuse_crypt.cli mount .*{mnt}"], capture_output=True, text=True
+        ).stdout.split()
+        assert pids
+        f = open(m / "f", "r+b")  # noqa: SIM115 - closed by the killer's race below
+        f.write(new)
+
+        def kill_soon() -> None:
+            time.sleep(0.3)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+        threading.Thread(target=kill_soon).start()
+        with contextlib.suppress(OSError):
+            f.close()  # the upload happens here (or dies with the daemon)
+        time.sleep(0.5)
+    with mount_ours(s3vol, tmp_path / "m3") as m:
+        assert (m / "f").read_bytes() in (old, new)
