@@ -91,6 +91,8 @@ _CHUNK = 1024 * CIPHER_BS
 _STREAMING = 32 * CIPHER_BS
 _SYMLINK_MAX = 16384
 _LIST_PAGES_MAX = 1_000_000
+#: Entries one directory listing may hold in memory (a hostile store could page forever).
+DIR_ENTRIES_MAX = 1_000_000
 _CHILDREN_MAX_NAMES = 200_000
 _DEV = 0x0B5E
 _TIME_RE = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,9})?")
@@ -571,6 +573,8 @@ class ObjectStoreBackend(StorageBackend):
                 name = p[len(dk) : -1]
                 if _valid_name(name):
                     out[name] = stat_mod.S_IFDIR
+            if len(out) > DIR_ENTRIES_MAX:
+                raise BadResponse("list: directory over the entry bound")
             if page.next_token is None:
                 break
             if page.next_token == token:

@@ -471,3 +471,26 @@ def test_stale_negative_cache_never_empties_a_file(t: FakeTransport) -> None:
     with pytest.raises(FileExistsError):
         be.open("x", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
     be.destroy()
+
+
+def test_endless_listing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that pages forever with fresh tokens and names ends in EIO, not in
+    unbounded memory."""
+    from fuse_crypt.backend import objectstore
+    from fuse_crypt.backend.transport import ListPage, ObjectInfo
+
+    class Endless(FakeTransport):
+        n = 0
+
+        def list(self, prefix: str, **kw: object) -> ListPage:  # type: ignore[override]
+            self.n += 1
+            keys = tuple(ObjectInfo(f"{prefix}n{self.n}-{i}", 0, "e", 0) for i in range(100))
+            return ListPage(keys, (), f"tok{self.n}")
+
+    monkeypatch.setattr(objectstore, "DIR_ENTRIES_MAX", 5000)
+    t = Endless()
+    be = ObjectStoreBackend(t, PRE)
+    t.put_raw(PRE + "d/", b"", {"mode": "493"}, DIR_CONTENT_TYPE)
+    with pytest.raises(OSError) as ei:
+        be.listdir("d")
+    assert ei.value.errno == errno.EIO and t.n <= 60
