@@ -202,3 +202,21 @@ def test_daemon_killed_mid_upload_leaves_a_whole_version(s3vol: S3Vol, tmp_path:
         time.sleep(0.5)
     with mount_ours(s3vol, tmp_path / "m3") as m:
         assert (m / "f").read_bytes() in (old, new)
+
+
+def test_leak_scan_of_the_bucket(s3vol: S3Vol, tmp_path: Path) -> None:
+    """Marker strings in names, contents, xattrs and symlink targets: none of them in any
+    object key, metadata value or body."""
+    marker = "LEAKMARKER"
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        d = m / f"{marker}-dir"
+        d.mkdir()
+        (d / f"{marker}-file").write_bytes(marker.encode() * 500)
+        (d / f"{marker}-link").symlink_to(f"../{marker}-target")
+        with pytest.raises(OSError) as ei:
+            os.setxattr(d / f"{marker}-file", f"user.{marker}", marker.encode())
+        assert ei.value.errno == errno.EOPNOTSUPP
+        (d / f"{marker}-file").rename(d / f"{marker}-renamed")
+    for key, o in s3vol.moto.objects(s3vol.bucket).items():
+        blob = (key + repr(o["meta"]) + o["ctype"]).encode() + o["body"]
+        assert marker.encode() not in blob and marker.lower().encode() not in blob
