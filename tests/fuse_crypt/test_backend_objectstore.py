@@ -494,3 +494,17 @@ def test_endless_listing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(OSError) as ei:
         be.listdir("d")
     assert ei.value.errno == errno.EIO and t.n <= 60
+
+
+def test_background_retry_publishes_a_failed_close(fs: FS, t: FakeTransport) -> None:
+    import time
+
+    fh = fs.ops.create("/bg", 0o644)
+    fs.ops.write("/bg", b"retry me", 0, fh)
+    t.fail_next("put", 1)
+    fs.ops.release("/bg", fh)  # the upload at close fails: kept, retried in the background
+    deadline = time.monotonic() + 10
+    while fs.backend.pending_uploads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fs.backend.pending_uploads() == 0
+    assert FS(t).read("/bg") == b"retry me"
