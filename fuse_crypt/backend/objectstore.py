@@ -90,6 +90,8 @@ _CHUNK = 1024 * CIPHER_BS
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
 _SYMLINK_MAX = 16384
+#: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
+_SMALL_CACHED = 64
 _LIST_PAGES_MAX = 1_000_000
 #: Entries one directory listing may hold in memory (a hostile store could page forever).
 DIR_ENTRIES_MAX = 1_000_000
@@ -192,7 +194,7 @@ class _Node:
     """What we know about one path: its type, the object behind it (if any) and its
     metadata.  ``marker`` is False for implicit directories and the bare root."""
 
-    __slots__ = ("ctype", "info", "marker", "meta", "mode")
+    __slots__ = ("ctype", "data", "info", "marker", "meta", "mode")
 
     def __init__(
         self, mode: int, info: ObjectInfo | None, meta: dict[str, str], ctype: str, marker: bool
@@ -202,6 +204,9 @@ class _Node:
         self.meta = meta
         self.ctype = ctype
         self.marker = marker
+        #: Content of a write-once small file (a dir IV), once read or written by us:
+        #: base.read_small_file allows caching those; any change replaces the node.
+        self.data: bytes | None = None
 
 
 class _Ranges:
@@ -1017,18 +1022,23 @@ class ObjectStoreBackend(StorageBackend):
             if st.size > max_size:
                 raise OSError(errno.EFBIG, "file too large")
             return self._read(st, 0, st.size)
-        with self._lock:
-            cached = self._nodes.get(path, False)
+        cached = self._lookup(path)
         if cached is None:
             raise OSError(errno.ENOENT, "no such object")
-        if isinstance(cached, _Node) and not stat_mod.S_ISREG(cached.mode):
+        if not stat_mod.S_ISREG(cached.mode):
             raise OSError(errno.EIO, "not a regular file")
+        if cached.data is not None and len(cached.data) <= max_size:
+            return cached.data
         try:
             data = self.t.get(key, 0, max_size + 1)
         except ObjectNotFound:
             raise OSError(errno.ENOENT, "no such object") from None
         if len(data) > max_size:
             raise OSError(errno.EFBIG, "file too large")
+        if len(data) <= _SMALL_CACHED:
+            with self._lock:
+                if self._nodes.get(path) is cached:
+                    cached.data = data
         return data
 
     def write_small_file_excl(
@@ -1044,10 +1054,10 @@ class ObjectStoreBackend(StorageBackend):
             self._forget(path)
             raise OSError(errno.EEXIST, "exists") from None
         info = ObjectInfo(key, len(data), etag, time.time_ns(), meta, FILE_CONTENT_TYPE)
-        self._remember(
-            path,
-            _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True),
-        )
+        node = _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True)
+        if len(data) <= _SMALL_CACHED:
+            node.data = bytes(data)
+        self._remember(path, node)
         self._child_added(path)
 
     # -- file handles ---------------------------------------------------------------------

@@ -508,3 +508,14 @@ def test_background_retry_publishes_a_failed_close(fs: FS, t: FakeTransport) -> 
         time.sleep(0.05)
     assert fs.backend.pending_uploads() == 0
     assert FS(t).read("/bg") == b"retry me"
+
+
+def test_creates_cost_one_put_each_once_the_dir_iv_is_known(fs: FS, t: FakeTransport) -> None:
+    """The frontend re-reads the parent's dir IV on every create (against IV swaps on
+    local disk); dir IVs are write-once, so the backend answers from its node cache."""
+    fs.ops.mkdir("/c", 0o755)
+    fs.write("/c/first", b"")
+    t.reset_counts()
+    for i in range(20):
+        fs.write(f"/c/f{i}", b"")
+    assert t.counts == {"put": 20}, t.counts
