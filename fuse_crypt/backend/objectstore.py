@@ -90,6 +90,7 @@ _CHUNK = 1024 * CIPHER_BS
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
 _SYMLINK_MAX = 16384
+_DETACH_MAX = 256 << 20
 #: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
 _SMALL_CACHED = 64
 _LIST_PAGES_MAX = 1_000_000
@@ -678,14 +679,16 @@ class ObjectStoreBackend(StorageBackend):
 
     def _detach(self, st: _State) -> None:
         """An unlinked but open file keeps its content (POSIX): pull the rest of the
-        object into the spool and stop publishing it."""
-        if st.base_etag is not None and st.base_limit:
+        object into the spool (up to 256 MiB; beyond, reads of its unwritten ranges
+        fail) and stop publishing it."""
+        if st.base_etag is not None and 0 < st.base_limit <= _DETACH_MAX:
             for s, e, written in list(st.written.pieces(0, st.base_limit)):
-                if not written:
-                    data = self._get_exact(st.key, s, e)
-                    if len(data) != e - s:
+                for a in range(s, e, self.part_size) if not written else ():
+                    b = min(e, a + self.part_size)
+                    data = self._get_exact(st.key, a, b)
+                    if len(data) != b - a:
                         raise OSError(errno.EIO, "object shorter than expected")
-                    self._spool_write(st, data, s)
+                    self._spool_write(st, data, a)
             st.base_etag = None
             st.base_limit = 0
         st.unlinked = True
