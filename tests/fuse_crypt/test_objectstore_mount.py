@@ -220,3 +220,53 @@ def test_leak_scan_of_the_bucket(s3vol: S3Vol, tmp_path: Path) -> None:
     for key, o in s3vol.moto.objects(s3vol.bucket).items():
         blob = (key + repr(o["meta"]) + o["ctype"]).encode() + o["body"]
         assert marker.encode() not in blob and marker.lower().encode() not in blob
+
+
+def test_foreground_masterkey_stdin_as_the_csi_plugin_runs_it(s3vol: S3Vol, tmp_path: Path) -> None:
+    """The CSI node plugin's form: ``mount --foreground --masterkey stdin``, credentials
+    from the 0600 file (stdin carries the key), ready line on stdout, SIGTERM unmounts."""
+    import signal
+    import subprocess
+    import sys
+
+    from fuse_crypt.configfile import ConfFile, format_master_key
+    from tests.fuse_crypt.cli_helpers import is_mounted
+
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        (m / "hello").write_bytes(b"csi")
+    t = s3vol.moto.transport(s3vol.bucket)
+    key = ConfFile.loads(t.get(f"{s3vol.prefix}/gocryptfs.conf")).unlock(PASSWORD.encode())
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    argv = [
+        sys.executable,
+        "-m",
+        "fuse_crypt.cli",
+        "mount",
+        "--foreground",
+        "--masterkey",
+        "stdin",
+        "--ro",
+        *s3vol.store_args(),
+        s3vol.url,
+        str(mnt),
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write((format_master_key(key) + "\n").encode())
+        proc.stdin.close()
+        assert proc.stdout.readline() == b"Filesystem mounted and ready.\n"
+        assert (mnt / "hello").read_bytes() == b"csi"
+        with pytest.raises(OSError) as ei:
+            (mnt / "new").write_bytes(b"x")
+        assert ei.value.errno == errno.EROFS
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
