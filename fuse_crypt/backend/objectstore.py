@@ -728,9 +728,15 @@ class ObjectStoreBackend(StorageBackend):
         okey, nkey = self._key(old), self._key(new)
         with self._lock:
             st = self._states.get(okey)
+            replaced = self._states.get(nkey)
         if st is not None:
             self._upload_or_eio(st)
             src = self._need(old)
+        if replaced is not None:
+            # The file being replaced is open: its handles keep its old content and
+            # must never publish it over the new one.
+            with replaced.lock:
+                self._detach(replaced)
         meta = dict(src.meta)
         meta["ctime"] = fmt_time(time.time_ns())
         size = src.info.size if src.info is not None else 0
@@ -742,22 +748,11 @@ class ObjectStoreBackend(StorageBackend):
                 del self._states[okey]
                 st.key, st.path = nkey, new
                 st.base_etag = etag if size else None
-                old_new = self._states.get(nkey)
-                if old_new is not None:
-                    self._detach_locked_noio(old_new)
                 self._states[nkey] = st
         self._remember(old, None)
         self._child_removed(old)
         self._remember(new, _Node(src.mode, info, meta, src.ctype, True))
         self._child_added(new)
-
-    def _detach_locked_noio(self, st: _State) -> None:
-        """A file replaced by rename while open: its handles keep their spool only."""
-        st.unlinked = True
-        st.dirty = False
-        st.base_etag = None
-        st.base_limit = 0
-        self._pending.discard(st)
 
     def _copy_object(
         self, src: str, dst: str, size: int, meta: Mapping[str, str], ctype: str

@@ -519,3 +519,19 @@ def test_creates_cost_one_put_each_once_the_dir_iv_is_known(fs: FS, t: FakeTrans
     for i in range(20):
         fs.write(f"/c/f{i}", b"")
     assert t.counts == {"put": 20}, t.counts
+
+
+def test_rename_over_an_open_file(fs: FS, t: FakeTransport) -> None:
+    """POSIX: a handle on the replaced file keeps reading its old content, and closing
+    it never publishes that content over the file that replaced it."""
+    fs.write("/a", b"A" * 5000)
+    fs.write("/b", b"B" * 7000)
+    fh = fs.ops.open("/b", os.O_RDWR)
+    assert fs.ops.read(None, 10, 0, fh) == b"B" * 10
+    fs.ops.rename("/a", "/b")
+    assert fs.ops.read(None, 7000, 0, fh) == b"B" * 7000
+    fs.ops.write(None, b"late", 0, fh)
+    fs.ops.flush(None, fh)
+    fs.ops.release(None, fh)
+    assert fs.ops.getattr("/b")["st_size"] == 5000
+    assert FS(t).read("/b") == b"A" * 5000
