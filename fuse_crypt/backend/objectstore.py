@@ -916,7 +916,10 @@ class ObjectStoreBackend(StorageBackend):
 
     def _update_meta(self, path: str, changes: Mapping[str, str], mode: int | None = None) -> None:
         node = self._need(path)
-        meta = dict(node.meta)
+        with self._lock:
+            open_st = self._states.get(self._key(path))
+        # An open file's own metadata is the newest (writes move its mtime).
+        meta = dict(open_st.meta if open_st is not None else node.meta)
         meta.update(changes)
         meta["ctime"] = fmt_time(time.time_ns())
         new_mode = node.mode if mode is None else mode

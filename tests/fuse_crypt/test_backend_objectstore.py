@@ -535,3 +535,14 @@ def test_rename_over_an_open_file(fs: FS, t: FakeTransport) -> None:
     fs.ops.release(None, fh)
     assert fs.ops.getattr("/b")["st_size"] == 5000
     assert FS(t).read("/b") == b"A" * 5000
+
+
+def test_chmod_while_dirty_keeps_the_write_mtime(fs: FS, t: FakeTransport) -> None:
+    fs.write("/m", b"old")
+    fs.ops.utimens("/m", (10**18, 10**18))
+    fh = fs.ops.open("/m", os.O_RDWR)
+    fs.ops.write(None, b"new", 0, fh)  # mtime := now
+    fs.ops.chmod("/m", 0o600)
+    fs.ops.release(None, fh)
+    st = FS(t).ops.getattr("/m")
+    assert st["st_mode"] & 0o777 == 0o600 and st["st_mtime"] != 10**18
