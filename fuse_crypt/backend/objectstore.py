@@ -1069,6 +1069,27 @@ class ObjectStoreBackend(StorageBackend):
         _check(path)
         key = self._key(path)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
+        for _ in range(100):
+            st = self._open_state(path, key, flags, mode)
+            with st.lock:
+                with self._lock:
+                    if self._states.get(key) is not st:
+                        # Closed and dropped meanwhile by another opener: take the
+                        # current one (O_EXCL was satisfied: the file is ours).
+                        flags &= ~os.O_EXCL
+                        continue
+                    self._pending.discard(st)
+                st.refs += 1
+                break
+        else:
+            raise OSError(errno.EAGAIN, "open raced with close too often")
+        h = _Handle(st, writable)
+        if writable and flags & os.O_TRUNC:
+            self.ftruncate(h, 0)
+        return h
+
+    def _open_state(self, path: str, key: str, flags: int, mode: int) -> _State:
+        """The shared state of ``key``, creating the object (O_CREAT) and/or the state."""
         with self._lock:
             st = self._states.get(key)
         if st is None:
@@ -1091,14 +1112,7 @@ class ObjectStoreBackend(StorageBackend):
                     st = self._states[key] = _State(path, key, node, _ino(key))
         elif flags & os.O_CREAT and flags & os.O_EXCL:
             raise OSError(errno.EEXIST, "exists")
-        with st.lock:
-            st.refs += 1
-            with self._lock:
-                self._pending.discard(st)
-        h = _Handle(st, writable)
-        if writable and flags & os.O_TRUNC:
-            self.ftruncate(h, 0)
-        return h
+        return st
 
     def _create_empty(self, path: str, mode: int, excl: bool) -> _Node:
         """s3fs's create: a zero-byte object with full metadata, right away."""
