@@ -546,3 +546,29 @@ def test_chmod_while_dirty_keeps_the_write_mtime(fs: FS, t: FakeTransport) -> No
     fs.ops.release(None, fh)
     st = FS(t).ops.getattr("/m")
     assert st["st_mode"] & 0o777 == 0o600 and st["st_mtime"] != 10**18
+
+
+def test_concurrent_open_write_close_of_shared_names(fs: FS, t: FakeTransport) -> None:
+    """8 threads create, overwrite and close 3 shared files: no errors, and each file ends
+    as one writer's payload, whole (a few seconds at most)."""
+    import concurrent.futures
+
+    payloads = [bytes([i]) * 9000 for i in range(8)]
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        for _ in range(25):
+            name = f"/s{rnd.randrange(3)}"
+            fh = fs.ops.create(name, 0o644)
+            try:
+                fs.ops.write(name, payloads[i], 0, fh)
+                fs.ops.flush(name, fh)
+            finally:
+                fs.ops.release(name, fh)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    cold = FS(t)
+    for n in range(3):
+        assert cold.read(f"/s{n}") in payloads
+    assert fs.backend.pending_uploads() == 0
