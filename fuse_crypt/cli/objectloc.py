@@ -6,8 +6,10 @@ They come from a file (``--credentials-file``, which must be a regular file, not
 symlink, owned by us and not readable by group or others: mode 0600 or 0400), or, when
 no file is given, from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
 ``AWS_SESSION_TOKEN``).  The file is the safer choice: the environment of a process is
-visible to its own user and root for its whole life, a file can be deleted right after
-the mount is ready.
+visible to its own user and root for its whole life.  The mount daemon re-reads the file
+about once a minute, so expiring STS credentials rewritten into it are picked up without
+a remount (if it disappears, the last keys are used until they are due, then requests
+fail with EACCES).
 
 File formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
 ``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the three variable names above.
@@ -54,6 +56,8 @@ class ObjectLocation:
     secret_key: str = dataclasses.field(repr=False)
     session_token: str | None = dataclasses.field(default=None, repr=False)
     spool_dir: str | None = None
+    #: Re-read by the daemon about once a minute, so rotated (STS) keys are picked up.
+    credentials_file: str | None = None
 
     @property
     def display(self) -> str:
@@ -63,11 +67,19 @@ class ObjectLocation:
         """A fresh S3 transport (create it in the process that uses it: after a fork)."""
         from fuse_crypt.backend.s3 import S3Transport
 
+        source = None
+        if self.credentials_file is not None:
+            path, bucket = self.credentials_file, self.bucket
+
+            def source() -> tuple[str, str, str | None]:
+                return _read_credentials_file(path, bucket)
+
         return S3Transport(
             self.bucket,
             access_key=self.access_key,
             secret_key=self.secret_key,
             session_token=self.session_token,
+            credential_source=source,
             endpoint_url=self.endpoint,
             region=self.region,
             ca_bundle=self.ca_bundle,
@@ -192,6 +204,7 @@ def location_from_args(args: argparse.Namespace, url: str) -> ObjectLocation:
         secret_key=sk,
         session_token=tok,
         spool_dir=getattr(args, "spool_dir", None),
+        credentials_file=os.path.abspath(args.credentials_file) if args.credentials_file else None,
     )
 
 
