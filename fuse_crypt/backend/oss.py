@@ -75,6 +75,7 @@ MAX_KEY_BYTES = 1023
 MAX_TOKEN = 4096
 MAX_OBJECT_SIZE = 1 << 50  # OSS and S3 stop at 48.8 TiB; anything bigger is a lie
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9-]{1,61}[a-z0-9]")
+_HOST_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]{0,251}[A-Za-z0-9])?")  # DNS name or IPv4
 _REGION_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
 _META_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_.-]{0,127}")
 _META_VALUE_RE = re.compile(r"[\x20-\x7e]*")
@@ -374,7 +375,12 @@ class OssTransport:
             port, host = url.port, url.hostname
         except ValueError:
             raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL) from None
-        if url.scheme not in ("https", "http") or not host or port == 0:
+        if (
+            url.scheme not in ("https", "http")
+            or not host
+            or port == 0
+            or not _HOST_RE.fullmatch(host)
+        ):
             raise ObjectStoreError("OSS endpoint must be an https URL", errno.EINVAL)
         if url.scheme == "http" and not allow_insecure_http:
             raise ObjectStoreError(
@@ -415,7 +421,7 @@ class OssTransport:
                 region=region,
                 enable_crc=True,
             )
-        except oss2.exceptions.OssError:
+        except Exception:  # oss2 re-parses the endpoint: ClientError, or ValueError
             raise ObjectStoreError("OSS endpoint is not usable by oss2", errno.EINVAL) from None
 
     # -- error funnel ----------------------------------------------------------------------

@@ -189,6 +189,9 @@ def test_plain_http_needs_explicit_opt_in() -> None:
         "https://[x]",
         "https://oss.example:0",
         "https://oss.example:99999",
+        "https:// ",  # a blank host reached oss2, which raised TypeError (found by fuzzing)
+        "https:// /",
+        "https://a b",
     ],
 )
 def test_bad_endpoints_refused(endpoint: str) -> None:
