@@ -85,12 +85,12 @@ class ObjectLocation:
     def display(self) -> str:
         return f"{self.kind}://{self.bucket}/{self.prefix}"
 
-    def transport(self) -> Any:
+    def transport(self, retry_budget: float = 60.0) -> Any:
         """A fresh transport wrapped for retries (create it in the process that uses it:
         after a fork). Raises ValueError for an endpoint the client refuses."""
         from fuse_crypt.backend.retrying import RetryingTransport
 
-        return RetryingTransport(self._raw_transport())
+        return RetryingTransport(self._raw_transport(), budget=retry_budget)
 
     def _raw_transport(self) -> Any:
         if self.kind == "oss":
