@@ -90,7 +90,12 @@ _CHUNK = 1024 * CIPHER_BS
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
 _SYMLINK_MAX = 16384
+_DETACH_MAX = 256 << 20
+#: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
+_SMALL_CACHED = 64
 _LIST_PAGES_MAX = 1_000_000
+#: Entries one directory listing may hold in memory (a hostile store could page forever).
+DIR_ENTRIES_MAX = 1_000_000
 _CHILDREN_MAX_NAMES = 200_000
 _DEV = 0x0B5E
 _TIME_RE = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,9})?")
@@ -190,7 +195,7 @@ class _Node:
     """What we know about one path: its type, the object behind it (if any) and its
     metadata.  ``marker`` is False for implicit directories and the bare root."""
 
-    __slots__ = ("ctype", "info", "marker", "meta", "mode")
+    __slots__ = ("ctype", "data", "info", "marker", "meta", "mode")
 
     def __init__(
         self, mode: int, info: ObjectInfo | None, meta: dict[str, str], ctype: str, marker: bool
@@ -200,6 +205,9 @@ class _Node:
         self.meta = meta
         self.ctype = ctype
         self.marker = marker
+        #: Content of a write-once small file (a dir IV), once read or written by us:
+        #: base.read_small_file allows caching those; any change replaces the node.
+        self.data: bytes | None = None
 
 
 class _Ranges:
@@ -346,6 +354,8 @@ class ObjectStoreBackend(StorageBackend):
         self._nodes_max = meta_cache_entries
         self._children: collections.OrderedDict[str, set[str]] = collections.OrderedDict()
         self._children_names = 0
+        #: Bumped by every change to the caches (see :meth:`_remember`).
+        self._mut = 0
         self._states: dict[str, _State] = {}
         self._pending: set[_State] = set()
         self._cache: collections.OrderedDict[tuple[str, str, int], bytes] = (
@@ -373,8 +383,15 @@ class ObjectStoreBackend(StorageBackend):
 
     # -- metadata cache -----------------------------------------------------------------
 
-    def _remember(self, path: str, node: _Node | None) -> None:
+    def _remember(self, path: str, node: _Node | None, seen: int | None = None) -> None:
+        """Cache ``node`` for ``path``.  ``seen``: the mutation count read before the
+        store was asked; a probe that raced with one of our own changes is not cached
+        (it could say "absent" for a file just created, and a later O_CREAT would then
+        replace it)."""
         with self._lock:
+            if seen is not None and seen != self._mut:
+                return
+            self._mut += 1
             self._nodes[path] = node
             self._nodes.move_to_end(path)
             while len(self._nodes) > self._nodes_max:
@@ -382,19 +399,24 @@ class ObjectStoreBackend(StorageBackend):
 
     def _forget(self, path: str) -> None:
         with self._lock:
+            self._mut += 1
             self._nodes.pop(path, None)
 
     def _forget_tree(self, path: str) -> None:
         """Drop cached nodes and child sets of ``path`` and everything below it."""
         pre = path + "/"
         with self._lock:
+            self._mut += 1
             for p in [p for p in self._nodes if p == path or p.startswith(pre)]:
                 del self._nodes[p]
             for p in [p for p in self._children if p == path or p.startswith(pre)]:
                 self._children_names -= len(self._children.pop(p))
 
-    def _set_children(self, path: str, names: set[str]) -> None:
+    def _set_children(self, path: str, names: set[str], seen: int | None = None) -> None:
         with self._lock:
+            if seen is not None and seen != self._mut:
+                return  # changed while we listed: the listing may be stale
+            self._mut += 1
             old = self._children.pop(path, None)
             if old is not None:
                 self._children_names -= len(old)
@@ -409,6 +431,7 @@ class ObjectStoreBackend(StorageBackend):
     def _child_added(self, path: str) -> None:
         parent, name = _parent(path)
         with self._lock:
+            self._mut += 1
             s = self._children.get(parent)
             if s is not None and name not in s:
                 s.add(name)
@@ -417,6 +440,7 @@ class ObjectStoreBackend(StorageBackend):
     def _child_removed(self, path: str) -> None:
         parent, name = _parent(path)
         with self._lock:
+            self._mut += 1
             s = self._children.get(parent)
             if s is not None and name in s:
                 s.discard(name)
@@ -467,11 +491,12 @@ class ObjectStoreBackend(StorageBackend):
                 kids = self._children.get(parent)
                 if kids is not None and name not in kids:
                     return None
+            seen = self._mut
         if path == "":
             node: _Node | None = self._root_node()
         else:
             node = self._probe(path)
-        self._remember(path, node)
+        self._remember(path, node, seen)
         return node
 
     def _probe(self, path: str) -> _Node | None:
@@ -554,6 +579,8 @@ class ObjectStoreBackend(StorageBackend):
                 name = p[len(dk) : -1]
                 if _valid_name(name):
                     out[name] = stat_mod.S_IFDIR
+            if len(out) > DIR_ENTRIES_MAX:
+                raise BadResponse("list: directory over the entry bound")
             if page.next_token is None:
                 break
             if page.next_token == token:
@@ -574,8 +601,10 @@ class ObjectStoreBackend(StorageBackend):
 
     def scandir(self, path: str) -> list[DirEntry]:
         self._need_dir(path)
+        with self._lock:
+            seen = self._mut
         entries = self._list_names(path)
-        self._set_children(path, {n for n, _ in entries})
+        self._set_children(path, {n for n, _ in entries}, seen)
         out = []
         for name, typ in entries:
             child = _join(path, name)
@@ -650,14 +679,16 @@ class ObjectStoreBackend(StorageBackend):
 
     def _detach(self, st: _State) -> None:
         """An unlinked but open file keeps its content (POSIX): pull the rest of the
-        object into the spool and stop publishing it."""
-        if st.base_etag is not None and st.base_limit:
+        object into the spool (up to 256 MiB; beyond, reads of its unwritten ranges
+        fail) and stop publishing it."""
+        if st.base_etag is not None and 0 < st.base_limit <= _DETACH_MAX:
             for s, e, written in list(st.written.pieces(0, st.base_limit)):
-                if not written:
-                    data = self._get_exact(st.key, s, e)
-                    if len(data) != e - s:
+                for a in range(s, e, self.part_size) if not written else ():
+                    b = min(e, a + self.part_size)
+                    data = self._get_exact(st.key, a, b)
+                    if len(data) != b - a:
                         raise OSError(errno.EIO, "object shorter than expected")
-                    self._spool_write(st, data, s)
+                    self._spool_write(st, data, a)
             st.base_etag = None
             st.base_limit = 0
         st.unlinked = True
@@ -994,18 +1025,23 @@ class ObjectStoreBackend(StorageBackend):
             if st.size > max_size:
                 raise OSError(errno.EFBIG, "file too large")
             return self._read(st, 0, st.size)
-        with self._lock:
-            cached = self._nodes.get(path, False)
+        cached = self._lookup(path)
         if cached is None:
             raise OSError(errno.ENOENT, "no such object")
-        if isinstance(cached, _Node) and not stat_mod.S_ISREG(cached.mode):
+        if not stat_mod.S_ISREG(cached.mode):
             raise OSError(errno.EIO, "not a regular file")
+        if cached.data is not None and len(cached.data) <= max_size:
+            return cached.data
         try:
             data = self.t.get(key, 0, max_size + 1)
         except ObjectNotFound:
             raise OSError(errno.ENOENT, "no such object") from None
         if len(data) > max_size:
             raise OSError(errno.EFBIG, "file too large")
+        if len(data) <= _SMALL_CACHED:
+            with self._lock:
+                if self._nodes.get(path) is cached:
+                    cached.data = data
         return data
 
     def write_small_file_excl(
@@ -1021,10 +1057,10 @@ class ObjectStoreBackend(StorageBackend):
             self._forget(path)
             raise OSError(errno.EEXIST, "exists") from None
         info = ObjectInfo(key, len(data), etag, time.time_ns(), meta, FILE_CONTENT_TYPE)
-        self._remember(
-            path,
-            _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True),
-        )
+        node = _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True)
+        if len(data) <= _SMALL_CACHED:
+            node.data = bytes(data)
+        self._remember(path, node)
         self._child_added(path)
 
     # -- file handles ---------------------------------------------------------------------
@@ -1072,10 +1108,13 @@ class ObjectStoreBackend(StorageBackend):
         meta = self._new_meta(stat_mod.S_IFREG | stat_mod.S_IMODE(mode))
         key = self._key(path)
         try:
-            etag = self.t.put(key, b"", metadata=meta, if_none_match=excl)
+            # Always create-only: a file our cache missed is opened, never emptied.
+            etag = self.t.put(key, b"", metadata=meta, if_none_match=True)
         except PreconditionFailed:
             self._forget(path)
-            raise OSError(errno.EEXIST, "exists") from None
+            if excl:
+                raise OSError(errno.EEXIST, "exists") from None
+            return self._need(path)
         info = ObjectInfo(key, 0, etag, time.time_ns(), meta, FILE_CONTENT_TYPE)
         node = _Node(stat_mod.S_IFREG | stat_mod.S_IMODE(mode), info, meta, FILE_CONTENT_TYPE, True)
         self._remember(path, node)

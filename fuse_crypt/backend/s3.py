@@ -9,7 +9,9 @@ Why these choices:
   system store is used.  ``AWS_CA_BUNDLE`` and friends in the environment are ignored
   when a bundle is given.
 * Credentials are only what the caller passes (never botocore's search of env vars,
-  ``~/.aws`` or instance metadata, which inside a TEE would be host-controlled).
+  ``~/.aws`` or instance metadata, which inside a TEE would be host-controlled): fixed
+  keys, or a ``credential_source`` re-read every ``refresh_seconds`` (expiring STS
+  credentials rotated into their source by the CSI plugin, without a remount).
 * Bounded in size and time: connect/read timeouts, at most ``max_body`` bytes per GET
   (read in pieces against a deadline, so a slow-drip server cannot hold a worker
   forever), listings and metadata checked against S3's own limits.
@@ -27,9 +29,10 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import datetime
 import re
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -120,6 +123,40 @@ def _size(value: object) -> int:
     return value
 
 
+class CredentialRefreshError(Exception):
+    """The credential source failed (its message is not kept: it may name secrets)."""
+
+
+def _refreshing_session(source: Callable[[], tuple[str, str, str | None]], every: float) -> Any:
+    """A botocore session whose credentials are re-read from ``source`` about every
+    ``every`` seconds (botocore refreshes them before a request once they are due), so
+    expiring STS credentials rotated into their source are picked up without a remount.
+    A failing source keeps the last credentials until they are due for good, then
+    requests fail with AccessDenied."""
+    import botocore.credentials
+    import botocore.session
+
+    def fetch() -> dict[str, Any]:
+        try:
+            ak, sk, token = source()
+        except Exception:  # noqa: BLE001 - any failure of the source, typed, no text
+            raise CredentialRefreshError("credential source failed") from None
+        expiry = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=every + 30)
+        return {
+            "access_key": ak,
+            "secret_key": sk,
+            "token": token,
+            "expiry_time": expiry.isoformat(),
+        }
+
+    creds = botocore.credentials.RefreshableCredentials.create_from_metadata(
+        fetch(), fetch, "coco-credential-source", advisory_timeout=30, mandatory_timeout=5
+    )
+    session = botocore.session.Session()
+    session._credentials = creds  # the one hook botocore offers for given credentials
+    return session
+
+
 class S3Transport:
     """One S3 bucket via boto3 (see the module docstring for the bounds and rules)."""
 
@@ -127,9 +164,11 @@ class S3Transport:
         self,
         bucket: str,
         *,
-        access_key: str,
-        secret_key: str,
+        access_key: str = "",
+        secret_key: str = "",
         session_token: str | None = None,
+        credential_source: Callable[[], tuple[str, str, str | None]] | None = None,
+        refresh_seconds: float = 60.0,
         endpoint_url: str | None = None,
         region: str = "us-east-1",
         ca_bundle: str | None = None,
@@ -168,12 +207,20 @@ class S3Transport:
             response_checksum_validation="when_required",
             proxies={},
         )
-        session = boto3.session.Session(
-            aws_access_key_id=access_key,
-            aws_secret_access_key=secret_key,
-            aws_session_token=session_token,
-            region_name=region,
-        )
+        if credential_source is not None:
+            session = boto3.session.Session(
+                botocore_session=_refreshing_session(credential_source, refresh_seconds),
+                region_name=region,
+            )
+        else:
+            if not access_key or not secret_key:
+                raise ValueError("no credentials")
+            session = boto3.session.Session(
+                aws_access_key_id=access_key,
+                aws_secret_access_key=secret_key,
+                aws_session_token=session_token,
+                region_name=region,
+            )
         verify: bool | str = ca_bundle if ca_bundle is not None else True
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config, verify=verify)
 
@@ -197,8 +244,8 @@ class S3Transport:
             bx.ResponseStreamingError,
         ) as e:
             raise TransientError(f"{op}: {type(e).__name__}") from None
-        except bx.NoCredentialsError:
-            raise AccessDenied(f"{op}: no credentials") from None
+        except (bx.NoCredentialsError, CredentialRefreshError):
+            raise AccessDenied(f"{op}: no usable credentials") from None
         except bx.SSLError:
             raise ObjectStoreError(f"{op}: TLS verification failed") from None
         except bx.BotoCoreError as e:

@@ -10,8 +10,10 @@ readable by group or others: mode 0600 or 0400), or, when neither is given, from
 environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``; for
 ``oss://`` also oss2's ``OSS_ACCESS_KEY_ID``, ``OSS_ACCESS_KEY_SECRET``,
 ``OSS_SESSION_TOKEN``).  The environment of a process is visible to its own user and root
-for its whole life; a file can be deleted right after the mount is ready; stdin is read
-once and gone.
+for its whole life; stdin is read once and gone.  The mount daemon re-reads a credentials
+file about once a minute, so expiring STS credentials rewritten into it are picked up
+without a remount (if it disappears, the last keys are used until they are due, then
+requests fail with EACCES).
 
 Formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
 ``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the variable names above.  On stdin
@@ -25,6 +27,7 @@ Every transport is wrapped in :class:`~fuse_crypt.backend.retrying.RetryingTrans
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
@@ -80,6 +83,8 @@ class ObjectLocation:
     session_token: str | None = dataclasses.field(default=None, repr=False)
     spool_dir: str | None = None
     kind: str = "s3"  # "s3" | "oss"
+    #: Re-read by the daemon about once a minute, so rotated (STS) keys are picked up.
+    credentials_file: str | None = None
 
     @property
     def display(self) -> str:
@@ -98,14 +103,15 @@ class ObjectLocation:
             from fuse_crypt.backend.transport import ObjectStoreError
 
             assert self.endpoint is not None  # location_from_args requires one for oss://
+            creds: Any = OssCredentials(self.access_key, self.secret_key, self.session_token)
+            if self.credentials_file is not None:
+                creds = _RereadOssCredentials(self.credentials_file, self.bucket, creds)
             try:
                 return OssTransport(
                     self.endpoint,
                     self.bucket,
                     region=self.region,
-                    credentials=OssCredentials(
-                        self.access_key, self.secret_key, self.session_token
-                    ),
+                    credentials=creds,
                     ca_file=self.ca_bundle,
                     allow_insecure_http=self.insecure_http,
                 )
@@ -113,11 +119,19 @@ class ObjectLocation:
                 raise ValueError(e.strerror) from None
         from fuse_crypt.backend.s3 import S3Transport
 
+        source = None
+        if self.credentials_file is not None:
+            path, bucket = self.credentials_file, self.bucket
+
+            def source() -> tuple[str, str, str | None]:
+                return _read_credentials_file(path, bucket)
+
         return S3Transport(
             self.bucket,
             access_key=self.access_key,
             secret_key=self.secret_key,
             session_token=self.session_token,
+            credential_source=source,
             endpoint_url=self.endpoint,
             region=self.region,
             ca_bundle=self.ca_bundle,
@@ -131,6 +145,34 @@ class ObjectLocation:
 
     def key(self, name: str) -> str:
         return f"{self.prefix}/{name}" if self.prefix else name
+
+
+class _RereadOssCredentials:
+    """OssTransport's credential source for ``--credentials-file``: the file re-read at
+    most once a minute (rotated STS keys apply without a remount); while it is unreadable
+    the last good keys are used (the store answers EACCES once they expire)."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, path: str, bucket: str, first: Any) -> None:
+        import threading
+        import time
+
+        self._path, self._bucket, self._creds = path, bucket, first
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+        self._next = self._clock() + self.INTERVAL
+
+    def __call__(self) -> Any:
+        from fuse_crypt.backend.oss import OssCredentials
+
+        with self._lock:
+            if self._clock() >= self._next:
+                self._next = self._clock() + self.INTERVAL
+                # Unreadable or malformed: keep the last good keys; never log the text.
+                with contextlib.suppress(CliError, OSError):
+                    self._creds = OssCredentials(*_read_credentials_file(self._path, self._bucket))
+            return self._creds
 
 
 def add_location_args(p: argparse.ArgumentParser) -> None:
@@ -305,6 +347,7 @@ def location_from_args(args: argparse.Namespace, url: str) -> ObjectLocation:
         secret_key=sk,
         session_token=tok,
         spool_dir=getattr(args, "spool_dir", None),
+        credentials_file=os.path.abspath(args.credentials_file) if args.credentials_file else None,
     )
 
 

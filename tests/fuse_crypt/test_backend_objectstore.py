@@ -455,3 +455,67 @@ def test_no_symlink_follow_or_escape(fs: FS) -> None:
 
 def test_core_unused() -> None:
     assert CryptOperations and CryptoCore  # imported for type context of FS
+
+
+def test_stale_negative_cache_never_empties_a_file(t: FakeTransport) -> None:
+    """O_CREAT on a name the cache believes absent (another writer made it meanwhile)
+    opens the existing object instead of replacing it with an empty one."""
+    be = ObjectStoreBackend(t, PRE)
+    with pytest.raises(FileNotFoundError):
+        be.lstat("x")  # cached: absent
+    t.put_raw(PRE + "x", b"existing content", {"mode": "33188"})
+    h = be.open("x", os.O_RDWR | os.O_CREAT, 0o644)
+    assert be.pread(h, 100, 0) == b"existing content"
+    be.close(h)
+    assert t.body(PRE + "x") == b"existing content"
+    with pytest.raises(FileExistsError):
+        be.open("x", os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    be.destroy()
+
+
+def test_endless_listing_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A store that pages forever with fresh tokens and names ends in EIO, not in
+    unbounded memory."""
+    from fuse_crypt.backend import objectstore
+    from fuse_crypt.backend.transport import ListPage, ObjectInfo
+
+    class Endless(FakeTransport):
+        n = 0
+
+        def list(self, prefix: str, **kw: object) -> ListPage:  # type: ignore[override]
+            self.n += 1
+            keys = tuple(ObjectInfo(f"{prefix}n{self.n}-{i}", 0, "e", 0) for i in range(100))
+            return ListPage(keys, (), f"tok{self.n}")
+
+    monkeypatch.setattr(objectstore, "DIR_ENTRIES_MAX", 5000)
+    t = Endless()
+    be = ObjectStoreBackend(t, PRE)
+    t.put_raw(PRE + "d/", b"", {"mode": "493"}, DIR_CONTENT_TYPE)
+    with pytest.raises(OSError) as ei:
+        be.listdir("d")
+    assert ei.value.errno == errno.EIO and t.n <= 60
+
+
+def test_background_retry_publishes_a_failed_close(fs: FS, t: FakeTransport) -> None:
+    import time
+
+    fh = fs.ops.create("/bg", 0o644)
+    fs.ops.write("/bg", b"retry me", 0, fh)
+    t.fail_next("put", 1)
+    fs.ops.release("/bg", fh)  # the upload at close fails: kept, retried in the background
+    deadline = time.monotonic() + 10
+    while fs.backend.pending_uploads() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fs.backend.pending_uploads() == 0
+    assert FS(t).read("/bg") == b"retry me"
+
+
+def test_creates_cost_one_put_each_once_the_dir_iv_is_known(fs: FS, t: FakeTransport) -> None:
+    """The frontend re-reads the parent's dir IV on every create (against IV swaps on
+    local disk); dir IVs are write-once, so the backend answers from its node cache."""
+    fs.ops.mkdir("/c", 0o755)
+    fs.write("/c/first", b"")
+    t.reset_counts()
+    for i in range(20):
+        fs.write(f"/c/f{i}", b"")
+    assert t.counts == {"put": 20}, t.counts

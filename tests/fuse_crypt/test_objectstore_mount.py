@@ -4,6 +4,7 @@ run against both the local and the object backend."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import errno
 import os
 from collections.abc import Callable, Iterator
@@ -167,3 +168,105 @@ def test_tamper_object_backend(how: str, s3vol: S3Vol, tmp_path: Path) -> None:
                 assert e.errno == errno.EIO
                 results.append(False)
         assert sorted(results) == [False, True]  # the tampered one is EIO, the other intact
+
+
+def test_daemon_killed_mid_upload_leaves_a_whole_version(s3vol: S3Vol, tmp_path: Path) -> None:
+    """SIGKILL while close() uploads a new 24 MiB version: afterwards the object is the old
+    version or the new one, whole (it decrypts end to end), never a mix or a stub."""
+    import signal
+    import subprocess
+    import threading
+    import time
+
+    old, new = os.urandom(24 << 20), os.urandom(24 << 20)
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        (m / "f").write_bytes(old)
+    mnt = tmp_path / "m2"
+    with mount_ours(s3vol, mnt) as m:
+        pids = subprocess.run(
+            ["pgrep", "-f", f"fuse_crypt.cli mount .*{mnt}"], capture_output=True, text=True
+        ).stdout.split()
+        assert pids
+        f = open(m / "f", "r+b")  # noqa: SIM115 - closed by the killer's race below
+        f.write(new)
+
+        def kill_soon() -> None:
+            time.sleep(0.3)
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(pid), signal.SIGKILL)
+
+        threading.Thread(target=kill_soon).start()
+        with contextlib.suppress(OSError):
+            f.close()  # the upload happens here (or dies with the daemon)
+        time.sleep(0.5)
+    with mount_ours(s3vol, tmp_path / "m3") as m:
+        assert (m / "f").read_bytes() in (old, new)
+
+
+def test_leak_scan_of_the_bucket(s3vol: S3Vol, tmp_path: Path) -> None:
+    """Marker strings in names, contents, xattrs and symlink targets: none of them in any
+    object key, metadata value or body."""
+    marker = "LEAKMARKER"
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        d = m / f"{marker}-dir"
+        d.mkdir()
+        (d / f"{marker}-file").write_bytes(marker.encode() * 500)
+        (d / f"{marker}-link").symlink_to(f"../{marker}-target")
+        with pytest.raises(OSError) as ei:
+            os.setxattr(d / f"{marker}-file", f"user.{marker}", marker.encode())
+        assert ei.value.errno == errno.EOPNOTSUPP
+        (d / f"{marker}-file").rename(d / f"{marker}-renamed")
+    for key, o in s3vol.moto.objects(s3vol.bucket).items():
+        blob = (key + repr(o["meta"]) + o["ctype"]).encode() + o["body"]
+        assert marker.encode() not in blob and marker.lower().encode() not in blob
+
+
+def test_foreground_masterkey_stdin_as_the_csi_plugin_runs_it(s3vol: S3Vol, tmp_path: Path) -> None:
+    """The CSI node plugin's form: ``mount --foreground --masterkey stdin``, credentials
+    from the 0600 file (stdin carries the key), ready line on stdout, SIGTERM unmounts."""
+    import signal
+    import subprocess
+    import sys
+
+    from fuse_crypt.configfile import ConfFile, format_master_key
+    from tests.fuse_crypt.cli_helpers import is_mounted
+
+    with mount_ours(s3vol, tmp_path / "m") as m:
+        (m / "hello").write_bytes(b"csi")
+    t = s3vol.moto.transport(s3vol.bucket)
+    key = ConfFile.loads(t.get(f"{s3vol.prefix}/gocryptfs.conf")).unlock(PASSWORD.encode())
+    mnt = tmp_path / "fg"
+    mnt.mkdir()
+    argv = [
+        sys.executable,
+        "-m",
+        "fuse_crypt.cli",
+        "mount",
+        "--foreground",
+        "--masterkey",
+        "stdin",
+        "--ro",
+        *s3vol.store_args(),
+        s3vol.url,
+        str(mnt),
+    ]
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write((format_master_key(key) + "\n").encode())
+        proc.stdin.close()
+        assert proc.stdout.readline() == b"Filesystem mounted and ready.\n"
+        assert (mnt / "hello").read_bytes() == b"csi"
+        with pytest.raises(OSError) as ei:
+            (mnt / "new").write_bytes(b"x")
+        assert ei.value.errno == errno.EROFS
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(20) == 0
+        assert not is_mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

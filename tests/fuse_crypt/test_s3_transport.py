@@ -185,3 +185,62 @@ def test_backend_over_moto_layout_and_io(moto: MotoS3, bucket: str, t: S3Transpo
     assert got == data
     be.destroy()
     be2.destroy()
+
+
+def test_credentials_are_re_read_from_their_source(
+    moto: MotoS3, bucket: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Rotated (STS) keys are picked up without a new transport; a failing source keeps
+    the last keys until they are due (then requests fail with EACCES), and its error
+    text (which may name secrets) is not logged."""
+    import logging
+
+    keys = {"n": 0, "fail": False}
+
+    def source() -> tuple[str, str, str | None]:
+        if keys["fail"]:
+            raise RuntimeError("sealed source unavailable: secret-text-not-to-leak")
+        keys["n"] += 1
+        return f"AKID{keys['n']:04d}", "secret", f"token{keys['n']}"
+
+    t = S3Transport(
+        bucket,
+        credential_source=source,
+        refresh_seconds=0,  # due at once: every request re-reads the source
+        endpoint_url=moto.url,
+        allow_insecure_http=True,
+        max_attempts=1,
+    )
+    t.put("k", b"v", metadata={})
+    t.get("k")
+    signer = t._client._request_signer  # what signed the last request
+    assert keys["n"] >= 2
+    assert signer._credentials.get_frozen_credentials().access_key == f"AKID{keys['n']:04d}"
+    keys["fail"] = True
+    with caplog.at_level(logging.DEBUG):
+        assert t.get("k") == b"v"  # not due yet: the last keys stay in use
+    assert "secret-text" not in caplog.text
+
+
+def test_a_failing_source_past_due_is_access_denied(moto: MotoS3, bucket: str) -> None:
+    from fuse_crypt.backend.transport import AccessDenied
+
+    calls = {"n": 0}
+
+    def source() -> tuple[str, str, str | None]:
+        calls["n"] += 1
+        if calls["n"] > 1:
+            raise OSError("gone")
+        return "AKID", "secret", None
+
+    t = S3Transport(
+        bucket,
+        credential_source=source,
+        refresh_seconds=-30,  # due immediately
+        endpoint_url=moto.url,
+        allow_insecure_http=True,
+        max_attempts=1,
+    )
+    with pytest.raises(AccessDenied) as ei:
+        t.head("k")
+    assert ei.value.errno == 13
