@@ -490,7 +490,15 @@ class OssTransport:
                 m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range") or "")
                 if not m or int(m.group(1)) != start or int(m.group(2)) < start:
                     raise BadResponse("OSS GET: Content-Range does not match the request")
-                expected = int(m.group(2)) - start + 1
+                last = int(m.group(2))
+                if m.group(3) != "*":
+                    # Short only where the object ends: a range cut short in the middle
+                    # would pass for the whole answer.
+                    total = int(m.group(3))
+                    want = total - 1 if end is None else min(end, total - 1)
+                    if last != want:
+                        raise BadResponse("OSS GET: Content-Range does not match the request")
+                expected = last - start + 1
             elif resp.status == 200 and start == 0:
                 expected = declared
             else:
@@ -534,11 +542,15 @@ class OssTransport:
         if metadata is None and content_type is None:
             headers = {"x-oss-metadata-directive": "COPY"}
         else:
-            if metadata is None:  # a new content type only: keep the source's metadata
-                metadata = self.head(src).metadata
+            # REPLACE sets both; the one not given is kept from the source (a chmod of a
+            # directory marker must keep application/x-directory).
+            if metadata is None or content_type is None:
+                source = self.head(src)
+                metadata = source.metadata if metadata is None else metadata
+                content_type = content_type or source.content_type or "application/octet-stream"
             headers = {
                 "x-oss-metadata-directive": "REPLACE",
-                "Content-Type": content_type or "application/octet-stream",
+                "Content-Type": content_type,
                 **_meta_out(metadata),
             }
         r = self._call(

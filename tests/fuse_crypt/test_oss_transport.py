@@ -66,6 +66,9 @@ class TestOssContractV1(TestOssContractV4):
     def test_list_pagination_past_1000_with_delimiter(self, *a: object) -> None:
         pytest.skip("covered under V4; the list request signs the same way")
 
+    def test_list_page_size_is_bounded(self, *a: object) -> None:
+        pytest.skip("covered under V4; the list request signs the same way")
+
 
 # -- credentials and signing -----------------------------------------------------------------
 
@@ -244,6 +247,8 @@ def hostile(oss: OssServer) -> Iterator[tuple[OssServer, OssTransport]]:
         ("long-body", lambda t: t.get("hostile/obj", 0, 10)),
         ("long-body", lambda t: t.get("hostile/obj")),
         ("bad-content-range", lambda t: t.get("hostile/obj", 10, 10)),
+        ("short-range", lambda t: t.get("hostile/obj", 10, 10)),
+        ("short-range", lambda t: t.get("hostile/obj", 10)),
         ("huge-list", lambda t: t.list("hostile/list/", max_keys=3)),
         ("redirect", lambda t: t.get("hostile/obj", 0, 10)),
         ("gzip", lambda t: t.get("hostile/obj", 0, 10)),

@@ -118,7 +118,8 @@ class OssState:
     ``misbehave``: hostile-server switches for client tests: ``"ignore-range"`` (answer
     200 with the whole object whatever the Range), ``"long-body"`` (send 16 extra bytes on
     GET, with a matching Content-Length), ``"bad-content-range"`` (206 with a
-    Content-Range for another start), ``"huge-list"`` (a listing with more entries than
+    Content-Range for another start), ``"short-range"`` (206 with half the range asked
+    for, Content-Range consistent with it), ``"huge-list"`` (a listing with more entries than
     max-keys), ``"same-token"`` (a truncated listing whose next token is the one given),
     ``"redirect"`` (GET/HEAD answered 307 to another host), ``"gzip"`` (a
     ``Content-Encoding: gzip`` label), ``"bad-meta"`` (a user-metadata value that is not
@@ -560,6 +561,8 @@ class _Handler(BaseHTTPRequestHandler):
             first, last = rng
             body = obj.data[first : last + 1]
             status = 206
+            if "short-range" in st.misbehave and len(body) > 1:
+                body = body[: len(body) // 2]
             shown = first + 1 if "bad-content-range" in st.misbehave else first
             headers["Content-Range"] = f"bytes {shown}-{shown + len(body) - 1}/{size}"
         if self.command == "GET" and "long-body" in st.misbehave:
