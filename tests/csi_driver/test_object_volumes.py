@@ -321,3 +321,49 @@ def test_inline_ephemeral_names_a_bucket(node: Node) -> None:
     publish(node, "csi-eph-pod2", t2, ctx, secrets)
     assert Path(t2, "scratch").read_text() == "kept in the bucket"
     unpublish(node, "csi-eph-pod2", t2)
+
+
+def test_controller_allocates_a_prefix_node_initialises_delete_keeps_data(node: Node) -> None:
+    """CreateVolume (outside the TEE) only names a prefix; the first publish initialises it
+    in the guest; DeleteVolume forgets the record and leaves the objects."""
+    from csi_driver.core.controller import LocalBackend
+    from tests.csi_driver.helpers import plain_capability
+
+    ctrl = LocalBackend(str(node.work / "ctrl"))
+    params = {
+        "bucket": OSS_BUCKET,
+        "path": "pvcs",
+        "url": node.oss.endpoint,
+        "region": "cn-hangzhou",
+        "encrypted": "gocryptfs",
+        "keyResource": KEY_RESOURCE,
+        "akId": node.seal("oss-ak"),  # sealed values may sit in the StorageClass
+        "csi.storage.k8s.io/node-publish-secret-name": "oss-creds",
+    }
+    before = set(node.oss.objects(OSS_BUCKET))
+    rec, ctx = ctrl.create("pvc-ctrl", [plain_capability()], params)
+    assert ctx["path"] == f"pvcs/{rec.volume_id}" and "cipherDir" not in ctx
+    assert set(node.oss.objects(OSS_BUCKET)) == before  # no bucket I/O in the controller
+    assert ctrl.create("pvc-ctrl", [plain_capability()], params)[0] == rec  # idempotent
+    t = node.target("ctrl")
+    publish(node, rec.volume_id, t, ctx, {"akSecret": node.seal("oss-sk")})
+    Path(t, "kept").write_text("after delete")
+    unpublish(node, rec.volume_id, t)
+    ctrl.delete(rec.volume_id)
+    ctrl.delete(rec.volume_id)  # idempotent
+    assert f"pvcs/{rec.volume_id}/gocryptfs.conf" in node.oss.objects(OSS_BUCKET)
+
+
+def test_controller_refuses_plaintext_credentials_and_unknown_parameters(tmp_path: Path) -> None:
+    from csi_driver import errors
+    from csi_driver.core.controller import LocalBackend
+    from tests.csi_driver.helpers import plain_capability
+
+    ctrl = LocalBackend(str(tmp_path / "ctrl"))
+    base = {"bucket": "b-1", "url": "https://oss-cn-hangzhou.aliyuncs.com"}
+    for bad in ({"akSecret": "plain"}, {"encPasswd": "plain"}, {"cipherDir": "/x"}, {"bogus": "1"}):
+        with pytest.raises(errors.InvalidArgument) as info:
+            ctrl.create("v", [plain_capability()], {**base, **bad})
+        assert "plain" not in str(info.value).replace("plaintext", "")
+    with pytest.raises(errors.InvalidArgument):
+        ctrl.create("v", [plain_capability()], {"objectStore": "s3"})  # no bucket
