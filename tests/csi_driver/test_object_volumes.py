@@ -56,6 +56,7 @@ class Node:
     signing_key: object
     other_key: object
     procs: list = field(default_factory=list)  # type: ignore[type-arg]
+    argv: list[str] = field(default_factory=list)
 
     def seal(self, name: str, *, key: object | None = None, kid: str = SIGNING_KID) -> str:
         return seal_vault(
@@ -123,6 +124,7 @@ def node() -> Iterator[Node]:
     ]
     n = Node(work, f"unix://{sock}", None, moto, oss, sk, other)  # type: ignore[arg-type]
     try:
+        n.argv = argv
         n.procs.append(start_plugin(argv, sock, str(work / "node.log")))
         n.client = CsiClient(n.endpoint)
         yield n
@@ -367,3 +369,50 @@ def test_controller_refuses_plaintext_credentials_and_unknown_parameters(tmp_pat
         assert "plain" not in str(info.value).replace("plaintext", "")
     with pytest.raises(errors.InvalidArgument):
         ctrl.create("v", [plain_capability()], {"objectStore": "s3"})  # no bucket
+
+
+def _daemon_pid(node: Node, target: str) -> int:
+    state = json.loads((node.work / "state" / "node-state.json").read_text())
+    return next(p["pid"] for p in state["publications"] if p["target_path"] == target)
+
+
+def test_daemon_crash_is_restarted_with_the_key_in_memory(node: Node) -> None:
+    import signal
+    import time
+
+    ctx, secrets = volume(node, "s3", "crash/vol")
+    t = node.target("crash")
+    publish(node, "pvc-crash", t, ctx, secrets)
+    Path(t, "f").write_text("survives")
+    old = _daemon_pid(node, t)
+    os.kill(old, signal.SIGKILL)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if _daemon_pid(node, t) != old and Path(t, "f").read_text() == "survives":
+                break
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, "daemon not restarted"
+        time.sleep(0.2)
+    unpublish(node, "pvc-crash", t)
+
+
+def test_plugin_restart_adopts_the_mount(node: Node) -> None:
+    """Last in the module: restarts the node plugin process."""
+    ctx, secrets = volume(node, "oss", "restart/vol")
+    t = node.target("restart")
+    publish(node, "pvc-restart", t, ctx, secrets)
+    Path(t, "f").write_text("adopted")
+    node.client.close()
+    proc = node.procs.pop()
+    proc.kill()
+    proc.wait()
+    sock = str(node.work / "node.sock")
+    os.unlink(sock)
+    node.procs.append(start_plugin(node.argv, sock, str(node.work / "node.log")))
+    node.client = CsiClient(node.endpoint)
+    assert Path(t, "f").read_text() == "adopted"  # the daemon outlived the plugin
+    publish(node, "pvc-restart", t, ctx, secrets)  # idempotent on the adopted mount
+    unpublish(node, "pvc-restart", t)
+    assert not os.path.exists(t)
