@@ -143,7 +143,12 @@ def object_location(spec: ObjectVolumeSpec) -> str:
 
 def check_object_location(text: str) -> str:
     """A recorded location (the state file is hostile) is at least well formed."""
-    if not _LOCATION.fullmatch(text) or "/../" in text + "/" or "//" in text.split("://", 1)[1]:
+    parts = text.split("://", 1)[-1].split("/")[1:]
+    if (
+        not _LOCATION.fullmatch(text)
+        or any(p in (".", "..") for p in parts)
+        or (parts != [""] and "" in parts)
+    ):
         raise errors.InvalidArgument("object-store location is malformed")
     return text
 
