@@ -519,3 +519,56 @@ def test_creates_cost_one_put_each_once_the_dir_iv_is_known(fs: FS, t: FakeTrans
     for i in range(20):
         fs.write(f"/c/f{i}", b"")
     assert t.counts == {"put": 20}, t.counts
+
+
+def test_rename_over_an_open_file(fs: FS, t: FakeTransport) -> None:
+    """POSIX: a handle on the replaced file keeps reading its old content, and closing
+    it never publishes that content over the file that replaced it."""
+    fs.write("/a", b"A" * 5000)
+    fs.write("/b", b"B" * 7000)
+    fh = fs.ops.open("/b", os.O_RDWR)
+    assert fs.ops.read(None, 10, 0, fh) == b"B" * 10
+    fs.ops.rename("/a", "/b")
+    assert fs.ops.read(None, 7000, 0, fh) == b"B" * 7000
+    fs.ops.write(None, b"late", 0, fh)
+    fs.ops.flush(None, fh)
+    fs.ops.release(None, fh)
+    assert fs.ops.getattr("/b")["st_size"] == 5000
+    assert FS(t).read("/b") == b"A" * 5000
+
+
+def test_chmod_while_dirty_keeps_the_write_mtime(fs: FS, t: FakeTransport) -> None:
+    fs.write("/m", b"old")
+    fs.ops.utimens("/m", (10**18, 10**18))
+    fh = fs.ops.open("/m", os.O_RDWR)
+    fs.ops.write(None, b"new", 0, fh)  # mtime := now
+    fs.ops.chmod("/m", 0o600)
+    fs.ops.release(None, fh)
+    st = FS(t).ops.getattr("/m")
+    assert st["st_mode"] & 0o777 == 0o600 and st["st_mtime"] != 10**18
+
+
+def test_concurrent_open_write_close_of_shared_names(fs: FS, t: FakeTransport) -> None:
+    """8 threads create, overwrite and close 3 shared files: no errors, and each file ends
+    as one writer's payload, whole (a few seconds at most)."""
+    import concurrent.futures
+
+    payloads = [bytes([i]) * 9000 for i in range(8)]
+
+    def worker(i: int) -> None:
+        rnd = random.Random(i)
+        for _ in range(25):
+            name = f"/s{rnd.randrange(3)}"
+            fh = fs.ops.create(name, 0o644)
+            try:
+                fs.ops.write(name, payloads[i], 0, fh)
+                fs.ops.flush(name, fh)
+            finally:
+                fs.ops.release(name, fh)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        list(pool.map(worker, range(8)))
+    cold = FS(t)
+    for n in range(3):
+        assert cold.read(f"/s{n}") in payloads
+    assert fs.backend.pending_uploads() == 0
