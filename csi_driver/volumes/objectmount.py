@@ -217,7 +217,7 @@ class ObjectStoreMounter(FuseCryptMounter):
     name = OBJECT_MOUNTER
 
     def __init__(self, via: Mounter | None = None, *, ca_bundle: str | None = None) -> None:
-        super().__init__(via.binary if via is not None else None)
+        super().__init__(getattr(via, "binary", None))
         self.via = via if isinstance(via, FuseCryptMounter) else None
         self.ca_bundle = ca_bundle
 
