@@ -43,6 +43,9 @@ RESOURCES = {
     "default/objcreds/s3-ak": S3_AK.encode(),
     "default/objcreds/s3-sk": S3_SK.encode(),
     "default/objcreds/enc-passwd": b"a tenant gocryptfs password",
+    "default/objcreds/sts-ak": b"STS.e2e-ak-0002",
+    "default/objcreds/sts-sk": b"e2e-sts-secret-Mn4b3v",
+    "default/objcreds/sts-token": b"CAIS-e2e-token-Xy9+/=abc",
 }
 
 
@@ -98,6 +101,7 @@ def node() -> Iterator[Node]:
     oss = OssServer()
     oss.__enter__()
     oss.add_credentials(OSS_AK, OSS_SK)
+    oss.add_credentials("STS.e2e-ak-0002", "e2e-sts-secret-Mn4b3v", "CAIS-e2e-token-Xy9+/=abc")
     oss.create_bucket(OSS_BUCKET)
     sock = str(work / "node.sock")
     argv = [
@@ -374,6 +378,30 @@ def test_controller_refuses_plaintext_credentials_and_unknown_parameters(tmp_pat
 def _daemon_pid(node: Node, target: str) -> int:
     state = json.loads((node.work / "state" / "node-state.json").read_text())
     return next(p["pid"] for p in state["publications"] if p["target_path"] == target)
+
+
+def test_sts_credentials_and_a_readonly_volume(node: Node) -> None:
+    """STS credentials (securityToken, sealed) sign every request; readonly: true in the
+    attributes mounts read-only (EROFS), and is the same publish on a retry."""
+    ctx, _ = volume(node, "oss", "sts/vol")
+    secrets = {
+        "akId": node.seal("sts-ak"),
+        "akSecret": node.seal("sts-sk"),
+        "securityToken": node.seal("sts-token"),
+    }
+    t = node.target("sts")
+    publish(node, "pvc-sts", t, ctx, secrets)
+    Path(t, "f").write_text("via sts")
+    unpublish(node, "pvc-sts", t)
+    ro = {**ctx, "readonly": "true"}
+    publish(node, "pvc-sts", t, ro, secrets)
+    publish(node, "pvc-sts", t, ro, secrets)  # idempotent with the attribute's readonly
+    assert Path(t, "f").read_text() == "via sts"
+    with pytest.raises(OSError) as info:
+        Path(t, "g").write_text("no")
+    assert info.value.errno == errno.EROFS
+    unpublish(node, "pvc-sts", t)
+    assert "CAIS-e2e-token" not in node.logs().decode("utf-8", "replace")
 
 
 def test_daemon_crash_is_restarted_with_the_key_in_memory(node: Node) -> None:
