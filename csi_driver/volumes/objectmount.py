@@ -64,7 +64,7 @@ _EXIT_PASSWORD_INCORRECT = 12
 _EXIT_CONFIG = 23
 _EXIT_NOT_NEW = 40
 _CRED_VALUE = re.compile(rb"[\x21-\x7e]{1,8192}")
-_LOCATION = re.compile(r"(s3|oss)://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]/[\x21-\x7e]{0,512}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def is_object_volume(volume_context: Mapping[str, str], secrets: Mapping[str, str]) -> bool:
@@ -142,12 +142,18 @@ def object_location(spec: ObjectVolumeSpec) -> str:
 
 
 def check_object_location(text: str) -> str:
-    """A recorded location (the state file is hostile) is at least well formed."""
-    parts = text.split("://", 1)[-1].split("/")[1:]
+    """A location as fuse-crypt's parser (fuse_crypt/cli/objectloc.py) accepts it: checked
+    for every request (the parser of parameters allows names the CLI would refuse, such as
+    C1 control characters) and for every record read back from the hostile state file."""
+    kind, sep, rest = text.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    parts = prefix.split("/") if prefix else []
     if (
-        not _LOCATION.fullmatch(text)
-        or any(p in (".", "..") for p in parts)
-        or (parts != [""] and "" in parts)
+        kind not in ("s3", "oss")
+        or not sep
+        or not _BUCKET.fullmatch(bucket)
+        or len(prefix) > 512
+        or any(p in ("", ".", "..") or not p.isprintable() or "\\" in p for p in parts)
     ):
         raise errors.InvalidArgument("object-store location is malformed")
     return text
@@ -179,6 +185,7 @@ def resolve_object_volume(
             "(start it with --allowed-object-endpoint HOST)"
         )
     spec = parse_object_volume(volume_context, secrets, policy.parser_policy())
+    check_object_location(object_location(spec))
     policy.check(spec)
     creds = (
         _credential(spec.access_key_id, resolver, allowed_kids),

@@ -110,12 +110,28 @@ def test_policy_refuses_what_the_node_did_not_allow() -> None:
 
 
 @pytest.mark.parametrize(
-    "bad", ["oss://b-1/a/../x", "oss://b-1/./x", "s3://bkt//x", "s3://bkt/x/", "ftp://bkt/x"]
+    "bad",
+    [
+        "oss://b-1/a/../x",
+        "oss://b-1/./x",
+        "s3://bkt//x",
+        "s3://bkt/x/",
+        "ftp://bkt/x",
+        "s3://bkt/\x80",  # the parameter parser allows C1 controls; fuse-crypt does not
+        "s3://bkt/a\\b",
+    ],
 )
 def test_recorded_location_refuses_dot_segments(bad: str) -> None:
     with pytest.raises(errors.InvalidArgument):
         check_object_location(bad)
     assert check_object_location("s3://bkt/") == "s3://bkt/"
+
+
+def test_a_prefix_fuse_crypt_would_refuse_is_invalid_argument_at_once() -> None:
+    """Found by the fuzz: U+0080 passed the parameter parser, then failed late in init."""
+    with pytest.raises(errors.InvalidArgument):
+        resolve({**CDH_SPEC, "path": "\x80"})
+    assert resolve({**CDH_SPEC, "path": "data sets/ünï"}).spec is not None
 
 
 def test_unsealed_credential_with_a_newline_cannot_inject_stdin_lines() -> None:
@@ -160,3 +176,4 @@ def test_fuzz_recorded_location(text: str) -> None:
     parts = rest.split("/")[1:]
     assert kind in ("s3", "oss") and "\0" not in rest
     assert not {".", ".."} & set(parts) and (parts == [""] or "" not in parts)
+    assert all(p.isprintable() for p in parts)
