@@ -565,21 +565,24 @@ class NodeCore:
         assert key.spec is not None
         location = object_location(key.spec)
         readonly = readonly or key.spec.read_only
-        for other in self.store.all():
-            if (
-                other.mounter == OBJECT_MOUNTER
-                and other.cipher_dir == location
-                and other.volume_id != req.volume_id
-                and not (readonly and other.readonly)
-            ):
-                raise errors.FailedPrecondition(
-                    f"{location} is already published writable by volume {other.volume_id}; "
-                    "two daemons must not write one prefix"
-                )
-        intent = Publication(
-            req.volume_id, target, location, OBJECT_MOUNTER, readonly, mode, phase=INTENT
-        )
-        return self._init_and_start(intent, key, deadline)
+        # One lock per location (volume ids cannot hold ':'), so two volume ids naming one
+        # prefix cannot both pass the single-writer check.
+        with self._holding(self._volume_locks, f"object:{location}", deadline, location):
+            for other in self.store.all():
+                if (
+                    other.mounter == OBJECT_MOUNTER
+                    and other.cipher_dir == location
+                    and other.volume_id != req.volume_id
+                    and not (readonly and other.readonly)
+                ):
+                    raise errors.FailedPrecondition(
+                        f"{location} is already published writable by volume {other.volume_id}; "
+                        "two daemons must not write one prefix"
+                    )
+            intent = Publication(
+                req.volume_id, target, location, OBJECT_MOUNTER, readonly, mode, phase=INTENT
+            )
+            return self._init_and_start(intent, key, deadline)
 
     def _init_and_start(
         self, intent: Publication, key: VolumeKey, deadline: Deadline

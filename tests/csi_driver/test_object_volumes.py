@@ -404,6 +404,17 @@ def test_sts_credentials_and_a_readonly_volume(node: Node) -> None:
     assert "CAIS-e2e-token" not in node.logs().decode("utf-8", "replace")
 
 
+def test_two_volume_ids_cannot_write_one_prefix(node: Node) -> None:
+    ctx, secrets = volume(node, "oss", "shared/vol")
+    t = node.target("share1")
+    publish(node, "pvc-share-a", t, ctx, secrets)
+    try:
+        details = expect(node, grpc.StatusCode.FAILED_PRECONDITION, "pvc-share-b", ctx, secrets)
+        assert "already published" in details
+    finally:
+        unpublish(node, "pvc-share-a", t)
+
+
 def test_daemon_crash_is_restarted_with_the_key_in_memory(node: Node) -> None:
     import signal
     import time
