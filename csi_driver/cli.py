@@ -90,6 +90,39 @@ def _parser() -> argparse.ArgumentParser:
         help="(repeatable) kid prefix a sealed secret's signing key must match",
     )
     n.add_argument(
+        "--allowed-object-endpoint",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="(repeatable) an object-store volume's endpoint host must be HOST (or match "
+        "*.SUFFIX); none: object-store volumes are refused",
+    )
+    n.add_argument(
+        "--allowed-object-bucket",
+        action="append",
+        default=[],
+        metavar="BUCKET[/PREFIX]",
+        help="(repeatable) object-store volumes must lie in BUCKET (under PREFIX); "
+        "none: any bucket on an allowed endpoint",
+    )
+    n.add_argument(
+        "--object-ca-bundle",
+        default=None,
+        metavar="FILE",
+        help="trust only these CAs for object-store endpoints (default: the system store)",
+    )
+    n.add_argument(
+        "--allow-plaintext-object-credentials",
+        action="store_true",
+        help="accept object-store credentials and passphrases that are not sealed "
+        "(they then passed through the host in clear)",
+    )
+    n.add_argument(
+        "--allow-insecure-object-endpoint",
+        action="store_true",
+        help="accept plain-http object-store endpoints (loopback tests only)",
+    )
+    n.add_argument(
         "--max-parallel",
         type=int,
         default=DEFAULT_MAX_PARALLEL,
@@ -167,6 +200,7 @@ def _run_node(args: argparse.Namespace) -> int:
     from csi_driver.metrics import Metrics
     from csi_driver.resolver import build
     from csi_driver.server import socket_path, start_node
+    from csi_driver.volumes.objectmount import ObjectNodePolicy
 
     socket_path(args.endpoint)  # reject a bad endpoint before touching anything
     _check_prefixes(args.allowed_key_resource, "--allowed-key-resource", kbs=True)
@@ -193,6 +227,19 @@ def _run_node(args: argparse.Namespace) -> int:
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,
+        object_policy=ObjectNodePolicy(
+            allowed_endpoints=tuple(
+                _check_prefixes(
+                    args.allowed_object_endpoint, "--allowed-object-endpoint", kbs=False
+                )
+            ),
+            allowed_buckets=tuple(
+                _check_prefixes(args.allowed_object_bucket, "--allowed-object-bucket", kbs=False)
+            ),
+            allow_plaintext_secrets=args.allow_plaintext_object_credentials,
+            allow_insecure_http=args.allow_insecure_object_endpoint,
+            ca_bundle=args.object_ca_bundle,
+        ),
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)

@@ -24,12 +24,16 @@ import stat
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING
 
 from csi_driver import errors, hostfile, proc
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 from csi_driver.proc import PidProcess, Proc, tail
 from fuse_crypt.configfile import CONF_NAME, MAX_CONF_BYTES, TMP_NAME
+
+if TYPE_CHECKING:
+    from csi_driver.core.store import Publication
 
 __all__ = [
     "CONF_NAME",
@@ -219,6 +223,17 @@ class Mounter(ABC):
     ) -> list[str]:
         """argv of a foreground mount daemon that reads its key from stdin. ``capacity``
         (bytes, 0: none) is enforced by mounters that can (fuse-crypt's --capacity)."""
+
+    def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
+        """argv of the daemon serving ``pub``. Directory mounters need only the record;
+        object-store mounts take their endpoint from the in-memory key, never the record."""
+        return self.command(
+            pub.cipher_dir,
+            pub.target_path,
+            readonly=pub.readonly,
+            allow_other=allow_other,
+            capacity=pub.capacity_bytes,
+        )
 
     @abstractmethod
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:

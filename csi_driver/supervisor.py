@@ -129,13 +129,7 @@ class MountSupervisor:
         pub: Publication,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
-        argv = mounter.command(
-            cipher_dir,
-            target,
-            readonly=readonly,
-            allow_other=self.allow_other,
-            capacity=pub.capacity_bytes,
-        )
+        argv = mounter.argv_for(pub, key, allow_other=self.allow_other)
         log_path = self.log_path(target)
         # The log dir is under the state dir, a hostPath: make sure a regular file is there
         # (a planted FIFO would block the daemon's open, a symlink would redirect its output).

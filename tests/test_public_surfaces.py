@@ -45,6 +45,8 @@ SURFACES: dict[str, list[str]] = {
         "ObjectStoreBackend",
         "Stat",
         "StorageBackend",
+        "oss",
+        "retrying",
         "s3",
         "transport",
     ],

@@ -8,6 +8,17 @@ guest, on first publish.
 Capacity is recorded, checked against the backing filesystem's free space and passed on in
 volume_context (capacityBytes); the node enforces it in the mount (fuse-crypt --capacity),
 since a plain directory has no quota of its own.
+
+Object-store StorageClasses (parameters naming a ``bucket`` or ``objectStore``,
+csi_driver/volumes/objectstore.py) get a *prefix*, not a directory: CreateVolume only
+allocates the name ``<path>/<volume_id>`` and records it; it never talks to the bucket, since
+that needs credentials and this process runs outside the TEE. Credential and passphrase
+parameters must be sealed strings (or come from the node-publish secret): the controller
+passes them on unopened. The node initialises the empty prefix at first publish, inside the
+guest. DeleteVolume forgets the record and leaves the objects: deleting them needs the
+bucket's credentials, which only the guest may unseal (use a bucket lifecycle rule, or a
+tenant job in a TEE, to remove a deleted volume's prefix; ``reclaimPolicy: Retain`` never
+calls DeleteVolume at all).
 """
 
 from __future__ import annotations
@@ -34,6 +45,15 @@ from csi_driver.constants import (
 from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
+from csi_driver.volumes.objectstore import (
+    CDH_IGNORED,
+    COMMON_NAMES,
+    OSS_NAMES,
+    PARAM_KIND,
+    S3_NAMES,
+    SECRET_FIELDS,
+)
+from sealed_secrets.resolver import is_sealed
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +61,22 @@ DEFAULT_CAPACITY = 1 << 30  # 1 GiB when the claim asks for nothing specific
 MAX_NAME_BYTES = 1024
 _BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 KNOWN_PARAMETERS = frozenset({PARAM_KEY_RESOURCE})
+OBJECT_PARAMETERS = frozenset(
+    {PARAM_KIND, PARAM_KEY_RESOURCE, *COMMON_NAMES, *OSS_NAMES, *S3_NAMES, *CDH_IGNORED}
+)
+OBJECT_SECRET_PARAMETERS = frozenset(
+    name
+    for names in (OSS_NAMES, S3_NAMES)
+    for name, field_ in names.items()
+    if field_ in SECRET_FIELDS
+)
+
+
+def is_object_parameters(parameters: Mapping[str, str]) -> bool:
+    """A StorageClass for bucket volumes (the node's test, csi_driver/volumes/objectmount)."""
+    return "bucket" in parameters or PARAM_KIND in parameters
+
+
 INDEX_DIR = ".coco-csi"
 MAX_INDEX_BYTES = 64 << 20
 
@@ -51,8 +87,16 @@ class VolumeRecord:
     name: str
     capacity_bytes: int
     parameters: dict[str, str] = field(default_factory=dict)
+    kind: str = "dir"  # "dir" | "object"
 
     def context(self, root: str) -> dict[str, str]:
+        if self.kind == "object":
+            # The StorageClass's (non-secret or sealed) parameters, with the volume's own
+            # prefix under the class's base path; no capacity (a bucket has no quota).
+            ctx = {k: v for k, v in self.parameters.items() if k != "prefix"}
+            base = (self.parameters.get("path") or self.parameters.get("prefix") or "").strip("/")
+            ctx["path"] = f"{base}/{self.volume_id}" if base else self.volume_id
+            return ctx
         ctx = {
             CTX_CIPHER_DIR: os.path.join(root, self.volume_id),
             CTX_CAPACITY: str(self.capacity_bytes),
@@ -163,6 +207,8 @@ class LocalBackend:
             raise errors.InvalidArgument(
                 "volume content sources (clone/snapshot) are not supported"
             )
+        if is_object_parameters(parameters):
+            return self._create_object(name, parameters, required_bytes, limit_bytes)
         params = self._check_parameters(parameters)
         capacity = self._capacity(required_bytes, limit_bytes)
         with self._locked() as vols:
@@ -191,15 +237,59 @@ class LocalBackend:
         )
         return rec, rec.context(self.root)
 
+    @staticmethod
+    def _check_object_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+        """Known names only; credentials and passphrases sealed (the controller must not
+        hold them in plaintext); a keyResource well formed. Everything else (endpoint,
+        bucket, allow-lists) is the node's to check against its own flags."""
+        params = {k: v for k, v in parameters.items() if not k.startswith(RESERVED_PREFIX)}
+        unknown = sorted(set(params) - OBJECT_PARAMETERS)
+        if unknown:
+            raise errors.InvalidArgument(
+                f"unknown object-store StorageClass parameters: {', '.join(unknown)}"
+            )
+        for name in sorted(OBJECT_SECRET_PARAMETERS & set(params)):
+            if params[name] and not is_sealed(params[name]):
+                raise errors.InvalidArgument(
+                    f"StorageClass parameter {name} must be a sealed secret (sealed.*) or "
+                    "come from the node-publish secret"
+                )
+        if PARAM_KEY_RESOURCE in params:
+            check_key_uri(params[PARAM_KEY_RESOURCE])
+        if not params.get("bucket"):
+            raise errors.InvalidArgument("object-store StorageClass parameter bucket is required")
+        return params
+
+    def _create_object(
+        self, name: str, parameters: Mapping[str, str], required_bytes: int, limit_bytes: int
+    ) -> tuple[VolumeRecord, dict[str, str]]:
+        """Allocate a prefix name; no bucket I/O (see the module docstring)."""
+        params = self._check_object_parameters(parameters)
+        capacity = self._capacity(required_bytes, limit_bytes)
+        with self._locked() as vols:
+            for rec in vols.values():
+                if rec.name == name:
+                    if rec.kind != "object" or rec.parameters != params:
+                        raise errors.AlreadyExists(
+                            f"volume {name!r} exists with different parameters"
+                        )
+                    return rec, rec.context(self.root)
+            rec = VolumeRecord(f"coco-{uuid.uuid4().hex}", name, capacity, params, "object")
+            vols[rec.volume_id] = rec
+            self._store(vols)
+        log.info("allocated object-store volume", extra={"fields": {"volume_id": rec.volume_id}})
+        return rec, rec.context(self.root)
+
     def delete(self, volume_id: str) -> None:
-        """DeleteVolume; unknown ids are OK (idempotent)."""
+        """DeleteVolume; unknown ids are OK (idempotent). An object-store volume's record
+        is dropped and its objects kept (see the module docstring)."""
         validate.volume_id(volume_id)
         with self._locked() as vols:
             rec = vols.pop(volume_id, None)
             if rec is None:
                 return
             path = os.path.join(self.root, volume_id)
-            if os.path.isdir(path):
+            if rec.kind != "object" and os.path.isdir(path):
                 shutil.rmtree(path)
             self._store(vols)
         log.info("deleted volume", extra={"fields": {"volume_id": volume_id}})

@@ -28,12 +28,23 @@ from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
 from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
-from csi_driver.keys import resolve_volume_key
+from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
 from csi_driver.mounts import MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from csi_driver.volumes.block import BlockVolumes, StageRequest, is_block
+from csi_driver.volumes.objectmount import (
+    OBJECT_MOUNTER,
+    ObjectKey,
+    ObjectNodePolicy,
+    ObjectStoreMounter,
+    check_object_location,
+    is_object_volume,
+    object_location,
+    object_readonly,
+    resolve_object_volume,
+)
 from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -106,6 +117,7 @@ class NodeCore:
         mount_table: MountTable | None = None,
         block_image_roots: Sequence[str] = (),
         block_require_binding: bool = True,
+        object_policy: ObjectNodePolicy | None = None,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -126,6 +138,15 @@ class NodeCore:
         if mounter not in self.mounters:
             self.mounters[mounter] = make_mounter(mounter)
         self.mounter_name = mounter
+        # Bucket volumes (csi_driver/volumes/objectmount.py): None or no allowed endpoint
+        # refuses them. Their daemon is spawned the way the node's own mounter does it.
+        self.object_policy = object_policy
+        self.mounters.setdefault(
+            OBJECT_MOUNTER,
+            ObjectStoreMounter(
+                self.mounters[mounter], ca_bundle=object_policy.ca_bundle if object_policy else None
+            ),
+        )
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
         # The one record of what this node published; the supervisor writes to it too.
         self.store = PublicationStore(self.state_dir, self._check_record)
@@ -317,7 +338,10 @@ class NodeCore:
         validate.volume_id(pub.volume_id)
         if self._target(pub.target_path) != pub.target_path:
             raise errors.InvalidArgument("target_path is not in resolved form")
-        validate.absolute_path(pub.cipher_dir, "cipher_dir")
+        if pub.mounter == OBJECT_MOUNTER:
+            check_object_location(pub.cipher_dir)
+        else:
+            validate.absolute_path(pub.cipher_dir, "cipher_dir")
         if pub.mounter not in self.mounters:
             raise errors.InvalidArgument("unknown mounter")
         if pub.ephemeral and pub.cipher_dir != self._ephemeral_dir(pub.volume_id):
@@ -404,8 +428,16 @@ class NodeCore:
         readonly = readonly or "ro" in req.capability.mount_flags
         ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
-        if req.staging_target_path and (
-            is_block(ctx) or self.block.owns(target) or self._staged_block(req.staging_target_path)
+        bucket = is_object_volume(ctx, dict(req.secrets or {}))
+        readonly = readonly or (bucket and object_readonly(ctx, dict(req.secrets or {})))
+        if (
+            req.staging_target_path
+            and not bucket
+            and (
+                is_block(ctx)
+                or self.block.owns(target)
+                or self._staged_block(req.staging_target_path)
+            )
         ):
             with (
                 self._busy(),
@@ -428,7 +460,14 @@ class NodeCore:
                 self._volume_locks, req.volume_id, deadline, f"volume {req.volume_id}"
             ):
                 self._check_conflicts(req.volume_id, target, readonly)
-                pub = self._mount_new(req, ctx, target, readonly, int(mode), ephemeral, deadline)
+                if bucket:
+                    pub = self._mount_object(
+                        req, ctx, target, readonly, int(mode), ephemeral, deadline
+                    )
+                else:
+                    pub = self._mount_new(
+                        req, ctx, target, readonly, int(mode), ephemeral, deadline
+                    )
             self._refresh_gauge()
             log.info(
                 "published",
@@ -461,6 +500,7 @@ class NodeCore:
         """
         cipher_dir = self._locate(req, ctx, ephemeral)
         capacity = 0 if ephemeral else self._capacity_hint(ctx, cipher_dir)
+        key: VolumeKey
         try:
             key = resolve_volume_key(
                 req.volume_id,
@@ -482,12 +522,6 @@ class NodeCore:
                 )
                 self._remove_ephemeral(req.volume_id)
                 os.mkdir(cipher_dir, 0o700)
-            if mounter.ensure_initialised(cipher_dir, key, deadline):
-                log.info(
-                    "initialised volume",
-                    extra={"fields": {"volume_id": req.volume_id, "key_source": key.source}},
-                )
-            deadline.check("mounting the volume")
             intent = Publication(
                 req.volume_id,
                 target,
@@ -499,28 +533,87 @@ class NodeCore:
                 phase=INTENT,
                 capacity_bytes=capacity,
             )
-            # Recorded before anything is mounted: a restart at any later step finds it
-            # and undoes the half-done publish (recover).
-            self.store.put(intent)
-            try:
-                created = self._make_target(target)
-                try:
-                    handle = self.supervisor.start(
-                        intent, key, timeout=deadline.timeout(READY_TIMEOUT)
-                    )
-                except BaseException:
-                    if created:
-                        with contextlib.suppress(errors.CsiError):
-                            self._remove_target(target)
-                    raise
-            except BaseException:
-                self.store.remove(target)
-                raise
+            return self._init_and_start(intent, key, deadline)
         except BaseException:
             if ephemeral:
                 self._remove_ephemeral(req.volume_id)
             raise
-        started = self.mounters[intent.mounter].start_time(handle.pid)
+
+    def _mount_object(
+        self,
+        req: PublishRequest,
+        ctx: Mapping[str, str],
+        target: str,
+        readonly: bool,
+        mode: int,
+        ephemeral: bool,
+        deadline: Deadline,
+    ) -> Publication:
+        """A bucket prefix (csi_driver/volumes/objectmount.py): parameters checked against
+        the node's flags, credentials and key resolved here, first publish initialises an
+        empty prefix. Recorded as not ephemeral: unpublish never deletes bucket data."""
+        key: ObjectKey = resolve_object_volume(
+            req.volume_id,
+            ctx,
+            dict(req.secrets or {}),
+            self.resolver,
+            self.object_policy,
+            ephemeral=ephemeral,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
+        )
+        assert key.spec is not None
+        location = object_location(key.spec)
+        readonly = readonly or key.spec.read_only
+        # One lock per location (volume ids cannot hold ':'), so two volume ids naming one
+        # prefix cannot both pass the single-writer check.
+        with self._holding(self._volume_locks, f"object:{location}", deadline, location):
+            for other in self.store.all():
+                if (
+                    other.mounter == OBJECT_MOUNTER
+                    and other.cipher_dir == location
+                    and other.volume_id != req.volume_id
+                    and not (readonly and other.readonly)
+                ):
+                    raise errors.FailedPrecondition(
+                        f"{location} is already published writable by volume {other.volume_id}; "
+                        "two daemons must not write one prefix"
+                    )
+            intent = Publication(
+                req.volume_id, target, location, OBJECT_MOUNTER, readonly, mode, phase=INTENT
+            )
+            return self._init_and_start(intent, key, deadline)
+
+    def _init_and_start(
+        self, intent: Publication, key: VolumeKey, deadline: Deadline
+    ) -> Publication:
+        """Initialise a new volume, record the intent, create the target, start the
+        daemon, record it mounted; undo what this call made on any failure."""
+        deadline.check("initialising the volume")
+        mounter = self.mounters[intent.mounter]
+        if mounter.ensure_initialised(intent.cipher_dir, key, deadline):
+            log.info(
+                "initialised volume",
+                extra={"fields": {"volume_id": intent.volume_id, "key_source": key.source}},
+            )
+        deadline.check("mounting the volume")
+        target = intent.target_path
+        # Recorded before anything is mounted: a restart at any later step finds it
+        # and undoes the half-done publish (recover).
+        self.store.put(intent)
+        try:
+            created = self._make_target(target)
+            try:
+                handle = self.supervisor.start(intent, key, timeout=deadline.timeout(READY_TIMEOUT))
+            except BaseException:
+                if created:
+                    with contextlib.suppress(errors.CsiError):
+                        self._remove_target(target)
+                raise
+        except BaseException:
+            self.store.remove(target)
+            raise
+        started = mounter.start_time(handle.pid)
         pub = self.store.update(target, phase=MOUNTED, pid=handle.pid, pid_start=started)
         assert pub is not None  # the target lock keeps the intent ours
         return pub

@@ -25,6 +25,8 @@ __all__ = [
     "ObjectStoreBackend",
     "Stat",
     "StorageBackend",
+    "oss",  # OssTransport (oss2), imported on demand like s3
+    "retrying",  # RetryingTransport: backoff + jitter around any ObjectTransport
     "s3",  # S3Transport (boto3), imported on demand: boto3 is slow to import
     "transport",  # ObjectTransport, the seam under ObjectStoreBackend
 ]

@@ -1,28 +1,40 @@
-"""Object-store volume locations for ``fuse-crypt init`` and ``mount``: ``s3://BUCKET/PREFIX``.
+"""Object-store volume locations for ``fuse-crypt init`` and ``mount``:
+``s3://BUCKET/PREFIX`` (boto3) and ``oss://BUCKET/PREFIX`` (oss2), the one parser of both.
 
 Why credentials never come from argv: the command line of every process is readable by
 every user of the guest (``/proc/<pid>/cmdline``) and lands in process listings and logs.
-They come from a file (``--credentials-file``, which must be a regular file, not a
-symlink, owned by us and not readable by group or others: mode 0600 or 0400), or, when
-no file is given, from the environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_SESSION_TOKEN``).  The file is the safer choice: the environment of a process is
-visible to its own user and root for its whole life.  The mount daemon re-reads the file
-about once a minute, so expiring STS credentials rewritten into it are picked up without
-a remount (if it disappears, the last keys are used until they are due, then requests
-fail with EACCES).
+They come from stdin (``--credentials-stdin``: what the CSI node plugin uses, so they touch
+neither argv, nor a long-lived environment, nor a file), from a file
+(``--credentials-file``, which must be a regular file, not a symlink, owned by us and not
+readable by group or others: mode 0600 or 0400), or, when neither is given, from the
+environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``; for
+``oss://`` also oss2's ``OSS_ACCESS_KEY_ID``, ``OSS_ACCESS_KEY_SECRET``,
+``OSS_SESSION_TOKEN``).  The environment of a process is visible to its own user and root
+for its whole life; stdin is read once and gone.  The mount daemon re-reads a credentials
+file about once a minute, so expiring STS credentials rewritten into it are picked up
+without a remount (if it disappears, the last keys are used until they are due, then
+requests fail with EACCES).
 
-File formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
-``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the three variable names above.
+Formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
+``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the variable names above.  On stdin
+the credentials end at the first empty line (or EOF); a password or master key read from
+stdin follows them.
+
+Every transport is wrapped in :class:`~fuse_crypt.backend.retrying.RetryingTransport`, so
+5xx, throttling, timeouts and dropped connections are retried with backoff and jitter.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 import re
 import stat as stat_mod
+import sys
 from typing import Any
+from urllib.parse import urlsplit
 
 from fuse_crypt.cli.exitcodes import CIPHERDIR, USAGE, CliError
 
@@ -38,8 +50,22 @@ _CRED_MAX = 4096
 _CRED_RE = re.compile(r"[\x21-\x7e]{1,2048}")
 
 
+SCHEMES = ("s3", "oss")
+_ENV_NAMES = {
+    "AWS_ACCESS_KEY_ID": "id",
+    "AWS_SECRET_ACCESS_KEY": "secret",
+    "AWS_SESSION_TOKEN": "token",
+    "OSS_ACCESS_KEY_ID": "id",
+    "OSS_ACCESS_KEY_SECRET": "secret",
+    "OSS_SESSION_TOKEN": "token",
+}
+_OSS_REGION_FROM_HOST = re.compile(
+    r"(?:[a-z0-9-]+\.)?oss-([a-z0-9-]+?)(?:-internal)?\.aliyuncs\.com"
+)
+
+
 def is_object_url(text: str) -> bool:
-    return text.startswith("s3://")
+    return any(text.startswith(f"{scheme}://") for scheme in SCHEMES)
 
 
 @dataclasses.dataclass
@@ -56,15 +82,41 @@ class ObjectLocation:
     secret_key: str = dataclasses.field(repr=False)
     session_token: str | None = dataclasses.field(default=None, repr=False)
     spool_dir: str | None = None
+    kind: str = "s3"  # "s3" | "oss"
     #: Re-read by the daemon about once a minute, so rotated (STS) keys are picked up.
     credentials_file: str | None = None
 
     @property
     def display(self) -> str:
-        return f"s3://{self.bucket}/{self.prefix}"
+        return f"{self.kind}://{self.bucket}/{self.prefix}"
 
-    def transport(self) -> Any:
-        """A fresh S3 transport (create it in the process that uses it: after a fork)."""
+    def transport(self, retry_budget: float = 60.0) -> Any:
+        """A fresh transport wrapped for retries (create it in the process that uses it:
+        after a fork). Raises ValueError for an endpoint the client refuses."""
+        from fuse_crypt.backend.retrying import RetryingTransport
+
+        return RetryingTransport(self._raw_transport(), budget=retry_budget)
+
+    def _raw_transport(self) -> Any:
+        if self.kind == "oss":
+            from fuse_crypt.backend.oss import OssCredentials, OssTransport
+            from fuse_crypt.backend.transport import ObjectStoreError
+
+            assert self.endpoint is not None  # location_from_args requires one for oss://
+            creds: Any = OssCredentials(self.access_key, self.secret_key, self.session_token)
+            if self.credentials_file is not None:
+                creds = _RereadOssCredentials(self.credentials_file, self.bucket, creds)
+            try:
+                return OssTransport(
+                    self.endpoint,
+                    self.bucket,
+                    region=self.region,
+                    credentials=creds,
+                    ca_file=self.ca_bundle,
+                    allow_insecure_http=self.insecure_http,
+                )
+            except ObjectStoreError as e:
+                raise ValueError(e.strerror) from None
         from fuse_crypt.backend.s3 import S3Transport
 
         source = None
@@ -95,10 +147,46 @@ class ObjectLocation:
         return f"{self.prefix}/{name}" if self.prefix else name
 
 
+class _RereadOssCredentials:
+    """OssTransport's credential source for ``--credentials-file``: the file re-read at
+    most once a minute (rotated STS keys apply without a remount); while it is unreadable
+    the last good keys are used (the store answers EACCES once they expire)."""
+
+    INTERVAL = 60.0
+
+    def __init__(self, path: str, bucket: str, first: Any) -> None:
+        import threading
+        import time
+
+        self._path, self._bucket, self._creds = path, bucket, first
+        self._lock = threading.Lock()
+        self._clock = time.monotonic
+        self._next = self._clock() + self.INTERVAL
+
+    def __call__(self) -> Any:
+        from fuse_crypt.backend.oss import OssCredentials
+
+        with self._lock:
+            if self._clock() >= self._next:
+                self._next = self._clock() + self.INTERVAL
+                # Unreadable or malformed: keep the last good keys; never log the text.
+                with contextlib.suppress(CliError, OSError):
+                    self._creds = OssCredentials(*_read_credentials_file(self._path, self._bucket))
+            return self._creds
+
+
 def add_location_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("object-store volumes (CIPHERDIR given as s3://BUCKET/PREFIX)")
-    g.add_argument("--endpoint", metavar="URL", help="S3 endpoint (default: AWS)")
-    g.add_argument("--region", metavar="REGION", default="us-east-1", help="signing region")
+    g = p.add_argument_group(
+        "object-store volumes (CIPHERDIR given as s3://BUCKET/PREFIX or oss://BUCKET/PREFIX)"
+    )
+    g.add_argument(
+        "--endpoint", metavar="URL", help="S3 endpoint (default: AWS); OSS endpoint (required)"
+    )
+    g.add_argument(
+        "--region",
+        metavar="REGION",
+        help="signing region (S3 default us-east-1; OSS default: from oss-REGION.aliyuncs.com)",
+    )
     g.add_argument("--ca-bundle", metavar="FILE", help="trust only these CAs for the endpoint")
     g.add_argument(
         "--insecure-http",
@@ -111,11 +199,19 @@ def add_location_args(p: argparse.ArgumentParser) -> None:
         help="access key file (0600; AKID:SECRET or AWS_* KEY=VALUE lines); "
         "default: AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY from the environment",
     )
+    g.add_argument(
+        "--credentials-stdin",
+        action="store_true",
+        help="read the credentials (same formats) from stdin, up to an empty line, "
+        "before any password or master key",
+    )
     g.add_argument("--spool-dir", metavar="DIR", help="where write spools (ciphertext) live")
 
 
-def _parse_url(url: str) -> tuple[str, str]:
-    rest = url[len("s3://") :]
+def _parse_url(url: str) -> tuple[str, str, str]:
+    kind, _, rest = url.partition("://")
+    if kind not in SCHEMES:
+        raise CliError("object-store location must be s3:// or oss://", USAGE)
     bucket, _, prefix = rest.partition("/")
     prefix = prefix.strip("/")
     if not _BUCKET_RE.fullmatch(bucket) or ".." in bucket:
@@ -124,7 +220,9 @@ def _parse_url(url: str) -> tuple[str, str]:
         parts = prefix.split("/")
         if any(p in ("", ".", "..") or not p.isprintable() for p in parts) or len(prefix) > 512:
             raise CliError("object-store location: invalid prefix", USAGE)
-    return bucket, prefix
+    if kind == "oss" and "." in bucket:
+        raise CliError("object-store location: invalid bucket name", USAGE)
+    return kind, bucket, prefix
 
 
 def _read_credentials_file(path: str, bucket: str) -> tuple[str, str, str | None]:
@@ -141,21 +239,40 @@ def _read_credentials_file(path: str, bucket: str) -> tuple[str, str, str | None
         data = os.read(fd, _CRED_MAX + 1)
     finally:
         os.close(fd)
+    return _parse_credentials(data, bucket, f"credentials file {path}")
+
+
+def _read_credentials_stdin(bucket: str) -> tuple[str, str, str | None]:
+    """Lines of stdin up to the first empty one (or EOF), 4 KiB at most, read line by
+    line so a password or master key after them stays in the stream."""
+    stream = sys.stdin.buffer
+    data = b""
+    while True:
+        line = stream.readline(_CRED_MAX + 1 - len(data))
+        if not line or line in (b"\n", b"\r\n"):
+            break
+        data += line
+        if len(data) > _CRED_MAX:
+            break
+    return _parse_credentials(data, bucket, "credentials on stdin")
+
+
+def _parse_credentials(data: bytes, bucket: str, where: str) -> tuple[str, str, str | None]:
     if len(data) > _CRED_MAX:
-        raise CliError(f"credentials file {path} is too large", USAGE)
+        raise CliError(f"{where}: too large", USAGE)
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
-        raise CliError(f"credentials file {path} is not ASCII", USAGE) from None
+        raise CliError(f"{where}: not ASCII", USAGE) from None
     env: dict[str, str] = {}
     s3fs: tuple[str, str] | None = None
     for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if "=" in line and line.split("=", 1)[0].startswith("AWS_"):
+        if "=" in line and line.split("=", 1)[0] in _ENV_NAMES:
             k, v = line.split("=", 1)
-            env[k] = v
+            env[_ENV_NAMES[k]] = v
             continue
         fields = line.split(":")
         if len(fields) == 3 and fields[0] == bucket:
@@ -163,11 +280,10 @@ def _read_credentials_file(path: str, bucket: str) -> tuple[str, str, str | None
         elif len(fields) == 2 and s3fs is None:
             s3fs = (fields[0], fields[1])
     if s3fs is not None:
-        ak, sk, tok = s3fs[0], s3fs[1], env.get("AWS_SESSION_TOKEN")
+        ak, sk, tok = s3fs[0], s3fs[1], env.get("token")
     else:
-        ak, sk = env.get("AWS_ACCESS_KEY_ID", ""), env.get("AWS_SECRET_ACCESS_KEY", "")
-        tok = env.get("AWS_SESSION_TOKEN")
-    return _check_creds(ak, sk, tok, f"credentials file {path}")
+        ak, sk, tok = env.get("id", ""), env.get("secret", ""), env.get("token")
+    return _check_creds(ak, sk, tok, where)
 
 
 def _check_creds(ak: str, sk: str, tok: str | None, where: str) -> tuple[str, str, str | None]:
@@ -178,26 +294,53 @@ def _check_creds(ak: str, sk: str, tok: str | None, where: str) -> tuple[str, st
     return ak, sk, tok
 
 
+def _region(kind: str, given: str | None, endpoint: str | None) -> str:
+    if given:
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", given):
+            raise CliError("--region is not a valid region name", USAGE)
+        return given
+    if kind == "s3":
+        return "us-east-1"
+    host = (urlsplit(endpoint or "").hostname or "").lower()
+    m = _OSS_REGION_FROM_HOST.fullmatch(host)
+    if m is None:
+        raise CliError(
+            "--region is required when the OSS endpoint is not oss-REGION.aliyuncs.com", USAGE
+        )
+    return m.group(1)
+
+
 def location_from_args(args: argparse.Namespace, url: str) -> ObjectLocation:
-    bucket, prefix = _parse_url(url)
+    kind, bucket, prefix = _parse_url(url)
     if args.endpoint and args.endpoint.startswith("http://") and not args.insecure_http:
         raise CliError("--endpoint is plain http: add --insecure-http to allow that", USAGE)
+    if kind == "oss" and not args.endpoint:
+        raise CliError("oss:// needs --endpoint (e.g. https://oss-cn-hangzhou.aliyuncs.com)", USAGE)
     if args.ca_bundle and not os.path.isfile(args.ca_bundle):
         raise CliError(f"--ca-bundle {args.ca_bundle}: no such file", USAGE)
-    if args.credentials_file:
+    region = _region(kind, getattr(args, "region", None), args.endpoint)
+    from_stdin = getattr(args, "credentials_stdin", False)
+    if from_stdin and args.credentials_file:
+        raise CliError("give --credentials-file or --credentials-stdin, not both", USAGE)
+    if from_stdin:
+        ak, sk, tok = _read_credentials_stdin(bucket)
+    elif args.credentials_file:
         ak, sk, tok = _read_credentials_file(args.credentials_file, bucket)
     else:
+        env = {
+            field: os.environ[name]
+            for name, field in _ENV_NAMES.items()
+            if name in os.environ and (kind == "oss" or name.startswith("AWS_"))
+        }
         ak, sk, tok = _check_creds(
-            os.environ.get("AWS_ACCESS_KEY_ID", ""),
-            os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
-            os.environ.get("AWS_SESSION_TOKEN"),
-            "environment",
+            env.get("id", ""), env.get("secret", ""), env.get("token"), "environment"
         )
     return ObjectLocation(
+        kind=kind,
         bucket=bucket,
         prefix=prefix,
         endpoint=args.endpoint,
-        region=args.region,
+        region=region,
         ca_bundle=args.ca_bundle,
         insecure_http=bool(args.insecure_http),
         access_key=ak,

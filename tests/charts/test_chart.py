@@ -362,6 +362,7 @@ def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
     # By default exactly the chart's own StorageClass key is allowed, nothing else.
     assert _args(plugin, "--allowed-key-resource") == ["kbs:///default/coco-csi/volume-key"]
     assert _args(plugin, "--allowed-signing-kid") == []
+    assert _args(plugin, "--allowed-object-endpoint") == []  # object volumes off by default
     micro = container(
         _node(render({"kubeletRootDir": "/var/snap/microk8s/common/var/lib/kubelet"})), "coco-csi"
     )
@@ -373,6 +374,8 @@ def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
                     "node": {
                         "allowedKeyResources": ["kbs:///team-a/", "kbs:///team-b/k"],
                         "allowedSigningKids": ["kbs:///default/signing-key/"],
+                        "allowedObjectEndpoints": ["*.aliyuncs.com", "minio.example.com"],
+                        "allowedObjectBuckets": ["tenant-data/volumes"],
                         "metricsBindAddress": "127.0.0.1",
                     }
                 }
@@ -382,6 +385,8 @@ def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
     )
     assert _args(custom, "--allowed-key-resource") == ["kbs:///team-a/", "kbs:///team-b/k"]
     assert _args(custom, "--allowed-signing-kid") == ["kbs:///default/signing-key/"]
+    assert _args(custom, "--allowed-object-endpoint") == ["*.aliyuncs.com", "minio.example.com"]
+    assert _args(custom, "--allowed-object-bucket") == ["tenant-data/volumes"]
     assert arg_value(custom, "--metrics-addr") == "127.0.0.1:8095"
 
 
@@ -391,6 +396,8 @@ def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
         {"allowedKeyResources": ["https://evil/key"]},
         {"allowedKeyResources": ["kbs:///a b"]},
         {"allowedSigningKids": ["has space"]},
+        {"allowedObjectEndpoints": ["evil.example.com --allow-plaintext-object-credentials"]},
+        {"allowedObjectBuckets": ["Bad_Bucket"]},
         {"metricsBindAddress": "0.0.0.0; rm"},
     ],
 )

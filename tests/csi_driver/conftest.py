@@ -43,6 +43,7 @@ NO_FUSE_MODULES = frozenset(
         "test_crash_matrix.py",
         "test_keys.py",
         "test_mounter.py",
+        "test_objectmount.py",
         "test_proc.py",
         "test_rpc.py",
         "test_store.py",

@@ -1,0 +1,368 @@
+"""Object-store volumes on the node: a bucket prefix published as an encrypted FUSE mount.
+
+The parameters are parsed (and checked against the node's policy) by
+:mod:`csi_driver.volumes.objectstore`; this module resolves what they name inside the
+guest and runs the one daemon that serves the volume (``fuse-crypt mount
+oss://BUCKET/PREFIX`` or ``s3://...``):
+
+* Credentials: sealed values unsealed here with the existing resolver (plaintext only
+  when the operator opted in). They reach the daemon on **stdin only**
+  (``--credentials-stdin``, before the password): never argv (``/proc/*/cmdline``), never
+  the environment of the long-lived daemon, never a file on host storage.
+* Volume key: a sealed ``encPasswd``/``passphrase`` (CDH's gocryptfs password), else the
+  StorageClass ``keyResource`` derived per volume as for directory volumes
+  (csi_driver/keys.py). An inline ephemeral volume that names a bucket derives with the
+  location (``kind://bucket/prefix``) instead of the per-pod volume id, so the next pod
+  reads what the last one wrote; it never gets a random key (its data outlives the pod).
+* Endpoint and bucket: the node's own flags decide (``--allowed-object-endpoint``, none:
+  object volumes are refused; ``--allowed-object-bucket``, none: any bucket on an allowed
+  endpoint). The control plane cannot point the guest anywhere else.
+* First publish initialises an empty prefix (``fuse-crypt init``: create-only PUTs, and it
+  refuses a prefix holding anything but an interrupted init); a prefix with a
+  ``gocryptfs.conf`` is never re-initialised.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass, field
+
+from csi_driver import errors
+from csi_driver.core.store import Publication
+from csi_driver.deadline import Deadline
+from csi_driver.keys import PASSPHRASE_SCRYPT_LOGN, VolumeKey, resolve_volume_key
+from csi_driver.mounter import INIT_TIMEOUT, FuseCryptMounter, FuseCryptPreforkMounter, Mounter
+from csi_driver.proc import Proc, tail
+from csi_driver.volumes.objectstore import (
+    PARAM_KIND,
+    ObjectStorePolicy,
+    ObjectVolumeSpec,
+    SecretValue,
+    parse_object_volume,
+)
+from fuse_crypt.configfile import CONF_NAME
+from sealed_secrets.resolver import Resolver
+
+__all__ = [
+    "OBJECT_MOUNTER",
+    "ObjectKey",
+    "ObjectNodePolicy",
+    "ObjectStoreMounter",
+    "check_object_location",
+    "is_object_volume",
+    "object_location",
+    "object_readonly",
+    "resolve_object_volume",
+]
+
+OBJECT_MOUNTER = "fuse-crypt-object"
+# What the fuse-crypt CLI exits with (fuse_crypt/cli/exitcodes.py).
+_EXIT_STORE = 6
+_EXIT_PASSWORD_INCORRECT = 12
+_EXIT_CONFIG = 23
+_EXIT_NOT_NEW = 40
+_CRED_VALUE = re.compile(rb"[\x21-\x7e]{1,8192}")
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_object_volume(volume_context: Mapping[str, str], secrets: Mapping[str, str]) -> bool:
+    """A bucket volume: ``objectStore`` given, or a ``bucket`` attribute (CDH's spec)."""
+    return PARAM_KIND in volume_context or PARAM_KIND in secrets or "bucket" in volume_context
+
+
+def object_readonly(volume_context: Mapping[str, str], secrets: Mapping[str, str]) -> bool:
+    """CDH's ``readonly`` option, read before the publish is compared with a live one
+    (the parser checks the value properly later)."""
+    return any(
+        src.get("readonly", "").strip().lower() == "true" for src in (volume_context, secrets)
+    )
+
+
+@dataclass(frozen=True)
+class ObjectNodePolicy:
+    """The node operator's object-store flags (pinned by the measured configuration)."""
+
+    allowed_endpoints: tuple[str, ...] = ()
+    allowed_buckets: tuple[str, ...] = ()  # "bucket" or "bucket/prefix/" entries
+    allow_plaintext_secrets: bool = False
+    allow_insecure_http: bool = False
+    ca_bundle: str | None = None
+
+    def parser_policy(self) -> ObjectStorePolicy:
+        return ObjectStorePolicy(
+            allow_plaintext_secrets=self.allow_plaintext_secrets,
+            allow_insecure_http=self.allow_insecure_http,
+            allowed_endpoints=self.allowed_endpoints,
+        )
+
+    def check(self, spec: ObjectVolumeSpec) -> None:
+        """The bucket allow-list (the endpoint one is applied by the parser)."""
+        if not self.allowed_buckets:
+            return
+        for entry in self.allowed_buckets:
+            bucket, _, prefix = entry.partition("/")
+            prefix = prefix.strip("/")
+            if bucket == spec.bucket and (
+                not prefix or spec.prefix == prefix + "/" or spec.prefix.startswith(prefix + "/")
+            ):
+                return
+        raise errors.PermissionDenied(
+            f"bucket {spec.bucket} (or this prefix in it) is not allowed by this node's "
+            "--allowed-object-bucket"
+        )
+
+
+@dataclass(frozen=True, repr=False)
+class ObjectKey(VolumeKey):
+    """The volume password plus what the daemon needs to reach the bucket. Kept in memory
+    only (the supervisor restarts a crashed daemon with it); never in repr or logs."""
+
+    spec: ObjectVolumeSpec | None = field(default=None, compare=False)
+    access_key: str = field(default="", compare=False)
+    secret_key: str = field(default="", compare=False)
+    session_token: str | None = field(default=None, compare=False)
+
+    @property
+    def credentials(self) -> bytes:
+        """``KEY=VALUE`` lines and an empty line: fuse-crypt's ``--credentials-stdin``."""
+        assert self.spec is not None
+        env = "OSS" if self.spec.kind == "oss" else "AWS"
+        secret = "ACCESS_KEY_SECRET" if self.spec.kind == "oss" else "SECRET_ACCESS_KEY"
+        lines = [f"{env}_ACCESS_KEY_ID={self.access_key}", f"{env}_{secret}={self.secret_key}"]
+        if self.session_token is not None:
+            lines.append(f"{env}_SESSION_TOKEN={self.session_token}")
+        return ("\n".join(lines) + "\n\n").encode("ascii")
+
+
+def object_location(spec: ObjectVolumeSpec) -> str:
+    """``kind://bucket/prefix``: the fuse-crypt CLI's location, and the record's name."""
+    return f"{spec.kind}://{spec.bucket}/{spec.prefix.rstrip('/')}"
+
+
+def check_object_location(text: str) -> str:
+    """A location as fuse-crypt's parser (fuse_crypt/cli/objectloc.py) accepts it: checked
+    for every request (the parser of parameters allows names the CLI would refuse, such as
+    C1 control characters) and for every record read back from the hostile state file."""
+    kind, sep, rest = text.partition("://")
+    bucket, _, prefix = rest.partition("/")
+    parts = prefix.split("/") if prefix else []
+    if (
+        kind not in ("s3", "oss")
+        or not sep
+        or not _BUCKET.fullmatch(bucket)
+        or len(prefix) > 512
+        or any(p in ("", ".", "..") or not p.isprintable() or "\\" in p for p in parts)
+    ):
+        raise errors.InvalidArgument("object-store location is malformed")
+    return text
+
+
+def _credential(value: SecretValue, resolver: Resolver | None, kids: Collection[str]) -> str:
+    data = value.reveal(resolver, kids).strip()
+    if not _CRED_VALUE.fullmatch(data):
+        raise errors.InvalidArgument(f"{value.where} is not a usable credential (after unsealing)")
+    return data.decode("ascii")
+
+
+def resolve_object_volume(
+    volume_id: str,
+    volume_context: Mapping[str, str],
+    secrets: Mapping[str, str],
+    resolver: Resolver | None,
+    policy: ObjectNodePolicy | None,
+    *,
+    ephemeral: bool = False,
+    allowed_key_resources: Collection[str] = (),
+    allowed_kids: Collection[str] = (),
+) -> ObjectKey:
+    """Check the parameters against the node's policy, unseal the credentials and resolve
+    the volume key, all in the guest. Raises CsiError with the CSI code to answer."""
+    if policy is None or not policy.allowed_endpoints:
+        raise errors.PermissionDenied(
+            "object-store volumes are not accepted: this node allows no endpoints "
+            "(start it with --allowed-object-endpoint HOST)"
+        )
+    spec = parse_object_volume(volume_context, secrets, policy.parser_policy())
+    check_object_location(object_location(spec))
+    policy.check(spec)
+    creds = (
+        _credential(spec.access_key_id, resolver, allowed_kids),
+        _credential(spec.access_key_secret, resolver, allowed_kids),
+        None
+        if spec.security_token is None
+        else _credential(spec.security_token, resolver, allowed_kids),
+    )
+    if spec.passphrase is not None:
+        password = spec.passphrase.reveal(resolver, allowed_kids).split(b"\n", 1)[0]
+        if not password:
+            raise errors.InvalidArgument(f"{spec.passphrase.where} unseals to an empty value")
+        return ObjectKey(password, "sealed-passphrase", PASSPHRASE_SCRYPT_LOGN, spec, *creds)
+    base = resolve_volume_key(
+        object_location(spec) if ephemeral else volume_id,
+        volume_context,
+        secrets,
+        resolver,
+        ephemeral=False,
+        allowed_key_resources=allowed_key_resources,
+        allowed_kids=allowed_kids,
+    )
+    return ObjectKey(base.password, base.source, base.scrypt_logn, spec, *creds)
+
+
+def _spec_of(key: VolumeKey) -> ObjectKey:
+    if not isinstance(key, ObjectKey) or key.spec is None:
+        raise errors.Internal("an object-store volume needs its ObjectKey")
+    return key
+
+
+class ObjectStoreMounter(FuseCryptMounter):
+    """``fuse-crypt`` over a bucket: spawned the way the node's fuse-crypt mounter does it
+    (the prefork zygote, or exec), credentials and password on stdin."""
+
+    name = OBJECT_MOUNTER
+
+    def __init__(self, via: Mounter | None = None, *, ca_bundle: str | None = None) -> None:
+        super().__init__(getattr(via, "binary", None))
+        self.via = via if isinstance(via, FuseCryptMounter) else None
+        self.ca_bundle = ca_bundle
+
+    def location_args(self, key: ObjectKey) -> list[str]:
+        assert key.spec is not None
+        spec = key.spec
+        argv = ["--endpoint", spec.endpoint, "--region", spec.region, "--credentials-stdin"]
+        if spec.insecure_http:
+            argv.append("--insecure-http")
+        if self.ca_bundle:
+            argv += ["--ca-bundle", self.ca_bundle]
+        return argv
+
+    def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
+        okey = _spec_of(key)
+        args = ["mount", "--foreground"]
+        if pub.readonly:
+            args.append("--ro")
+        if allow_other:
+            args.append("--allow-other")
+        args += [*self.location_args(okey), pub.cipher_dir, pub.target_path]
+        if isinstance(self.via, FuseCryptPreforkMounter):
+            return args
+        return [self._bin(), *args]
+
+    def command(
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
+    ) -> list[str]:
+        raise errors.Internal("object-store mounts are built by argv_for (they need the key)")
+
+    def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
+        okey = _spec_of(key)
+        return okey.credentials + okey.password + b"\n"
+
+    def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:
+        if self.via is not None:
+            return self.via.spawn(argv, stdin_data, log_path)
+        return super().spawn(argv, stdin_data, log_path)
+
+    def warm(self) -> None:
+        pass  # the node's own mounter warms the zygote
+
+    def close(self) -> None:
+        pass
+
+    # -- first publish -------------------------------------------------------------------
+
+    def is_initialised(self, cipher_dir: str) -> bool:
+        raise errors.Internal("object-store volumes are probed with their key")
+
+    def _probe_conf(self, key: ObjectKey, deadline: Deadline) -> bool:
+        """Whether the prefix holds a gocryptfs.conf: one HEAD, in this (guest) process,
+        through the same transport code the daemon uses."""
+        from fuse_crypt.backend.transport import (
+            AccessDenied,
+            ObjectNotFound,
+            ObjectStoreError,
+            TransientError,
+        )
+        from fuse_crypt.cli.objectloc import ObjectLocation
+
+        assert key.spec is not None
+        spec = key.spec
+        loc = ObjectLocation(
+            bucket=spec.bucket,
+            prefix=spec.prefix.rstrip("/"),
+            endpoint=spec.endpoint,
+            region=spec.region,
+            ca_bundle=self.ca_bundle,
+            insecure_http=spec.insecure_http,
+            access_key=key.access_key,
+            secret_key=key.secret_key,
+            session_token=key.session_token,
+            kind=spec.kind,
+        )
+        where = object_location(spec)
+        try:
+            transport = loc.transport(retry_budget=max(1.0, deadline.timeout(30.0) / 2))
+            transport.head(loc.key(CONF_NAME))
+            return True
+        except ObjectNotFound:
+            return False
+        except AccessDenied:
+            raise errors.PermissionDenied(
+                f"the object store refused these credentials for {where}"
+            ) from None
+        except TransientError as exc:
+            raise errors.Unavailable(f"object store for {where}: {exc.strerror}") from None
+        except ObjectStoreError as exc:
+            raise errors.FailedPrecondition(f"object store for {where}: {exc.strerror}") from None
+        except ValueError as exc:
+            raise errors.InvalidArgument(f"object store endpoint: {exc}") from None
+
+    def ensure_initialised(
+        self, cipher_dir: str, key: VolumeKey, deadline: Deadline | None = None
+    ) -> bool:
+        okey = _spec_of(key)
+        deadline = deadline or Deadline(INIT_TIMEOUT)
+        if self._probe_conf(okey, deadline):
+            return False
+        self._init(cipher_dir, okey, deadline)
+        return True
+
+    def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
+        okey = _spec_of(key)
+        argv = [self._bin(), "init", "--scryptn", str(key.scrypt_logn)]
+        argv += [*self.location_args(okey), cipher_dir]
+        deadline.check("initialising the volume")
+        try:
+            res = subprocess.run(
+                argv,
+                input=self.stdin_for(cipher_dir, okey),
+                capture_output=True,
+                timeout=deadline.timeout(INIT_TIMEOUT),
+            )
+        except subprocess.TimeoutExpired:
+            raise errors.DeadlineExceeded(f"initialising {cipher_dir} timed out") from None
+        if res.returncode == _EXIT_NOT_NEW:
+            raise errors.FailedPrecondition(
+                f"{cipher_dir} holds objects but no {CONF_NAME}: it has held data and is not "
+                f"re-initialised (restore its {CONF_NAME} from a backup)"
+            )
+        if res.returncode != 0:
+            raise self.failure(
+                res.returncode, tail(res.stderr.decode("utf-8", "replace")), cipher_dir
+            )
+
+    def failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
+        if returncode == _EXIT_PASSWORD_INCORRECT:
+            return errors.WrongVolumeKey(f"the volume key does not open {cipher_dir}")
+        if returncode == _EXIT_STORE:
+            return errors.Unavailable(f"object store for {cipher_dir}: {log_tail}")
+        if returncode == _EXIT_CONFIG:
+            return errors.FailedPrecondition(f"{cipher_dir}: {log_tail}")
+        return super().failure(returncode, log_tail, cipher_dir)
