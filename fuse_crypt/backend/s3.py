@@ -293,7 +293,7 @@ class S3Transport:
             return b""
         want = self.max_body if length is None else min(length, self.max_body)
         if length is not None and length > self.max_body:
-            raise ValueError("range larger than max_body")
+            raise BadResponse("get: range larger than max_body")
         # Open-ended: ask for one byte more than the cap, to tell "too large" apart.
         end = start + want - (0 if length is None else 1)
         kwargs: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{end}"}
@@ -365,9 +365,12 @@ class S3Transport:
         content_type: str | None = None,
     ) -> str:
         kwargs: dict[str, Any] = {"Key": dst, "CopySource": {"Bucket": self.bucket, "Key": src}}
-        if metadata is not None:
-            if content_type is None:
-                content_type = self.head(src).content_type or "application/octet-stream"
+        if metadata is not None or content_type is not None:
+            # REPLACE sets both: the half not given comes from the source, as OSS's copy does.
+            if metadata is None or content_type is None:
+                info = self.head(src)
+                metadata = info.metadata if metadata is None else metadata
+                content_type = content_type or info.content_type or "application/octet-stream"
             kwargs.update(
                 MetadataDirective="REPLACE", Metadata=dict(metadata), ContentType=content_type
             )

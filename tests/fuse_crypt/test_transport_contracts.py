@@ -20,23 +20,7 @@ def moto() -> Iterator[MotoS3]:
         yield m
 
 
-def _known(reason: str) -> pytest.MarkDecorator:
-    """A contract finding in a file another helper owns (h10a), reported to the lead;
-    not strict, so the fix there turns it into an XPASS rather than a red suite."""
-    return pytest.mark.xfail(reason=reason, strict=False)
-
-
 class TestS3TransportContract(TransportContract):
-    @_known("S3Transport.get raises an untyped ValueError when length > max_body")
-    def test_answer_over_max_body_is_bad_response(
-        self, make_transport: Callable[..., ObjectTransport], p: str
-    ) -> None:
-        super().test_answer_over_max_body_is_bad_response(make_transport, p)
-
-    @_known("S3Transport.copy with only content_type drops the user metadata (REPLACE)")
-    def test_copy_new_content_type_keeps_metadata(self, t: ObjectTransport, p: str) -> None:
-        super().test_copy_new_content_type_keeps_metadata(t, p)
-
     @pytest.fixture
     def make_transport(self, moto: MotoS3) -> Callable[..., ObjectTransport]:
         bucket = moto.new_bucket("contract")
@@ -47,14 +31,6 @@ class TestS3TransportContract(TransportContract):
 
 class TestFakeTransportContract(TransportContract):
     bounds_bodies = False
-
-    @_known("FakeTransport keeps metadata names as given (S3/OSS lower-case them)")
-    def test_metadata_names_are_lower_case(self, t: ObjectTransport, p: str) -> None:
-        super().test_metadata_names_are_lower_case(t, p)
-
-    @_known("FakeTransport.get from past the end raises a 416 error instead of b''")
-    def test_ranged_get_past_end_is_empty(self, t: ObjectTransport, p: str) -> None:
-        super().test_ranged_get_past_end_is_empty(t, p)
 
     @pytest.fixture
     def make_transport(self) -> Callable[..., ObjectTransport]:
