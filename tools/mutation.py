@@ -4,6 +4,7 @@
     ./run mutate                       # every module below, one after the other
     ./run mutate sealed_secrets/jws.py # just one (several may be named)
     ./run mutate --list                # the modules and the tests each is judged by
+    ./run mutate --again MODULE        # re-judge only the last run's survivors (after new tests)
 
 Why a separate command: it runs each module's tests once per mutant (hundreds of times), far
 too slow for every CI run; CI keeps the normal suite. Run it after changing one of these
@@ -51,6 +52,7 @@ MODULES: dict[str, list[str]] = {
         "tests/sealed_secrets/test_kbs_trust.py",
     ],
     "sealed_secrets/kbs_client.py": [
+        "tests/sealed_secrets/test_kbs_client_mutants.py",
         "tests/sealed_secrets/test_kbs_client.py",
         "tests/sealed_secrets/test_kbs_trust.py",
         "tests/sealed_secrets/test_no_secret_leaks_kbs.py",
@@ -112,6 +114,10 @@ FUNCTIONS: dict[str, list[str]] = {
 _MESSAGE_ONLY = re.compile(r"^\s*(raise \w+\(|.*\bwhat=|f?[\"'].*[\"'],?$|None,?$)")
 
 
+# mutmut's states that count as killed (a test failed, hung or crashed on the mutant)
+KILLED = ("killed", "timeout", "segfault", "caught by type check")
+
+
 @dataclass
 class Score:
     module: str
@@ -123,11 +129,11 @@ class Score:
 
     @property
     def killed(self) -> int:
-        return self.count("killed", "timeout", "segfault", "caught by type check")
+        return self.count(*KILLED)
 
     @property
     def survivors(self) -> list[str]:
-        return [m for m, s in self.status.items() if s not in ("killed", "timeout", "segfault")]
+        return [m for m, s in self.status.items() if s not in KILLED]
 
     @property
     def message_only(self) -> list[str]:
@@ -146,12 +152,15 @@ def _is_message_only(diff: str) -> bool:
     return bool(changed) and in_raise and all(_MESSAGE_ONLY.match(ln) for ln in changed)
 
 
-def _copy_tree(dest: Path) -> None:
-    """The files git would commit (tracked + untracked, not ignored): the tree under test."""
-    if dest.exists():
+def _copy_tree(dest: Path, under: str = "") -> None:
+    """The files git would commit (tracked + untracked, not ignored): the tree under test.
+
+    ``under``: only that top-level directory, copied over what ``dest`` has (``--again``).
+    """
+    if dest.exists() and not under:
         shutil.rmtree(dest)
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", under or "."],
         cwd=ROOT,
         capture_output=True,
         check=True,
@@ -161,6 +170,34 @@ def _copy_tree(dest: Path) -> None:
         if src.is_file() and not src.is_symlink():
             (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / src.relative_to(ROOT))
+
+
+def _refresh_tests(dest: Path, module: str, functions: list[str]) -> list[str]:
+    """``--again``: the last run's survivors, to be judged once more by today's tests.
+
+    Valid only for the same mutants, so the module must not have changed since that run;
+    the mutants killed then stay killed (tests were only added or sharpened since).
+    """
+    if not (dest / "mutants").is_dir():
+        raise SystemExit(f"mutation: no earlier run of {module} in {dest}; run it afresh")
+    if (dest / module).read_bytes() != (ROOT / module).read_bytes():
+        raise SystemExit(f"mutation: {module} changed since its last run; run it afresh")
+    survivors = [n for n, s in _statuses(dest, functions).items() if s not in KILLED]
+    _copy_tree(dest, "tests")
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    _configure(dest, module, MODULES[module])
+    return survivors
+
+
+def _statuses(dest: Path, functions: list[str]) -> dict[str, str]:
+    """mutant -> mutmut status (of ``functions`` only, if any are named)."""
+    out = {}
+    listed = _mutmut(dest, "results", "--all", "true", nice=0).stdout
+    for line in listed.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name and (not functions or name.partition("__mutmut_")[0] in functions):
+            out[name] = status
+    return out
 
 
 def _configure(dest: Path, module: str, tests: list[str]) -> None:
@@ -194,23 +231,23 @@ def _function_names(module: str) -> list[str]:
     return names
 
 
-def run_module(module: str, *, jobs: int, nice: int) -> Score:
+def run_module(module: str, *, jobs: int, nice: int, again: bool = False) -> Score:
     slug = module.removesuffix(".py").replace("/", ".")
     dest = WORK / slug
-    _copy_tree(dest)
-    _configure(dest, module, MODULES[module])
     functions = _function_names(module)
-    patterns = [f"{f}*" for f in functions]  # mutmut matches its names with fnmatch
-    ran = _mutmut(dest, "run", "--max-children", str(jobs), *patterns, nice=nice)
-    (dest / "run.log").write_text(ran.stdout + ran.stderr, encoding="utf-8")
-    if ran.returncode != 0:
-        raise SystemExit(f"mutation: mutmut failed on {module} (see {dest / 'run.log'})")
-    score = Score(module)
-    listed = _mutmut(dest, "results", "--all", "true", nice=0).stdout
-    for line in listed.splitlines():
-        name, _, status = line.strip().rpartition(": ")
-        if name and (not functions or name.partition("__mutmut_")[0] in functions):
-            score.status[name] = status
+    if again:
+        names = _refresh_tests(dest, module, functions)
+    else:
+        _copy_tree(dest)
+        _configure(dest, module, MODULES[module])
+        names = [f"{f}*" for f in functions]  # mutmut matches its names with fnmatch
+    if names or not again:  # (no names at all would mean every mutant)
+        ran = _mutmut(dest, "run", "--max-children", str(jobs), *names, nice=nice)
+        log = dest / ("again.log" if again else "run.log")
+        log.write_text(ran.stdout + ran.stderr, encoding="utf-8")
+        if ran.returncode != 0:
+            raise SystemExit(f"mutation: mutmut failed on {module} (see {log})")
+    score = Score(module, _statuses(dest, functions))
     for name in score.survivors:
         score.diffs[name] = _mutmut(dest, "show", name, nice=0).stdout
     with open(dest / "survivors.txt", "w", encoding="utf-8") as f:
@@ -226,6 +263,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the run (default 10)")
     p.add_argument("--list", action="store_true", help="print modules and their tests")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="judge only the last run's survivors again, with the current tests (the module "
+        "itself must be unchanged): minutes instead of a full run after adding tests",
+    )
     args = p.parse_args(argv)
     if args.list:
         for module, tests in MODULES.items():
@@ -238,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = []
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
-        s = run_module(module, jobs=args.jobs, nice=args.nice)
+        s = run_module(module, jobs=args.jobs, nice=args.nice, again=args.again)
         scores.append(s)
         print(_line(s), flush=True)
     print("\nmodule                          mutants killed survived msg-only  score")
