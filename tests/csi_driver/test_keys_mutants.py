@@ -137,6 +137,11 @@ def test_sealed_passphrase_is_unsealed_with_the_kid_allow_list(where: str) -> No
     assert r.unsealed == [(SEALED, ("kbs:///k/",))] and r.fetched == []
 
 
+def test_only_the_first_line_of_a_passphrase_counts() -> None:
+    r = _Resolver(sealed={SEALED: b"line one\nline two\nline three"})
+    assert _resolve(secrets={"passphrase": SEALED}, resolver=r).password == b"line one"
+
+
 def test_secrets_win_over_volume_context_and_passphrases_over_key_resources() -> None:
     r = _Resolver(sealed={SEALED: b"from secrets", "sealed.other": b"from context"})
     key = _resolve(
@@ -259,6 +264,18 @@ def test_sealed_key_resource_reference_is_unsealed_first() -> None:
         match=_exactly("volume_context[keyResource] is sealed but no key resolver is configured"),
     ):
         _resolve(ctx={"keyResource": SEALED}, resolver=None)
+
+
+@pytest.mark.parametrize("where", ["secrets", "volume_context"])
+def test_a_sealed_key_resource_failure_names_where_it_came_from(where: str) -> None:
+    place = {"keyResource": SEALED}
+    ctx, secrets = (None, place) if where == "secrets" else (place, None)
+    text = f"{where}[keyResource] is sealed but no key resolver is configured"
+    with pytest.raises(errors.FailedPrecondition, match=_exactly(text)):
+        _resolve(ctx=ctx, secrets=secrets, resolver=None)
+    text = f"cannot unseal {where}[keyResource]: UnknownKid: k"
+    with pytest.raises(errors.PermissionDenied, match=_exactly(text)):
+        _resolve(ctx=ctx, secrets=secrets, resolver=_Resolver(fail=se.UnknownKid("k")))
 
 
 def test_key_resource_without_a_resolver() -> None:

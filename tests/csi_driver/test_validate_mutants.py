@@ -22,7 +22,9 @@ def _exactly(text: str) -> str:
 # -- volume ids -------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("good", ["a", "A", "0", "pvc-1234_x.y", "a" * 128, "a..", "0-"])
+@pytest.mark.parametrize(
+    "good", ["a", "A", "0", "pvc-1234_x.y", "a" * 128, "a..", "0-", "XX.XX", "XX..XX"]
+)
 def test_volume_ids_that_pass(good: str) -> None:
     assert validate.volume_id(good) == good
 
@@ -104,6 +106,8 @@ def test_absolute_path_refusals_are_exact(path: str, text: str) -> None:
         ("/a/b//", "/a/b"),
         ("/a/...", "/a/..."),
         ("/a/.b/c..", "/a/.b/c.."),
+        ("/aX/X", "/aX/X"),
+        ("/X/", "/X"),
         ("/" + "a" * 255, "/" + "a" * 255),
     ],
 )
@@ -242,6 +246,10 @@ def test_resolved_path_longer_than_path_max_is_refused(
     """The request text is bounded, but resolving its parent can make it longer."""
     deep = "/r/" + "/".join(["d" * 200] * 21)  # 4223 bytes
     monkeypatch.setattr(validate.os.path, "realpath", lambda p: deep)
+    with pytest.raises(errors.InvalidArgument, match=_exactly("t is too long")):
+        validate.resolve_under("/r/link/" + "x" * 100, ("/r",), "t")
+    # the same bound when lstat has nothing to say (e.g. a mount point, never lstat'ed)
+    monkeypatch.setattr(validate, "_lstat", lambda path, name: None)
     with pytest.raises(errors.InvalidArgument, match=_exactly("t is too long")):
         validate.resolve_under("/r/link/" + "x" * 100, ("/r",), "t")
     monkeypatch.setattr(validate.os.path, "realpath", lambda p: deep[: 4095 - 10])
