@@ -20,9 +20,10 @@ from typing import Any
 import pytest
 
 from csi_driver import errors
-from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.core.node import PROBE_TIMEOUT, NodeCore, PublishRequest
 from csi_driver.core.store import INTENT, Publication, PublicationStore
 from csi_driver.core.volcap import AccessMode, AccessType, Capability
+from csi_driver.deadline import Deadline
 from csi_driver.metrics import Metrics
 from csi_driver.mounts import MountEntry
 from csi_driver.volume_key import new_volume_key_jwk
@@ -568,3 +569,81 @@ def test_capacity_hint_on_storage_that_does_not_answer(tmp_path: Path) -> None:
     text = "the volume's storage is not answering"
     with pytest.raises(errors.Unavailable, match=_exactly(text)):
         NodeCore._capacity_hint({"capacityBytes": "1"}, str(tmp_path / "missing"))
+
+
+# -- locks, probes and the log lines operators rely on -------------------------------------------
+
+
+def test_unpublish_waits_for_an_operation_on_the_same_target(env: Env) -> None:
+    env.publish()
+    (env.backend / "vol-2").mkdir()
+    other = env.publish(target=str(env.pods / "t2"), vol="vol-2")
+    core = env.core
+    with core._holding(core._target_locks, env.target, Deadline(), "test"):
+        text = f"an operation on target {env.target} is still in progress"
+        with pytest.raises(errors.Aborted, match=_exactly(text)):
+            core.unpublish(VOL, env.target, Deadline(0.05))
+        core.unpublish("vol-2", other, Deadline(0.05))  # another target is not held up
+    assert env.table.find(env.target) is not None and env.table.find(other) is None
+    assert core.lock_table_sizes() == (0, 0)
+
+
+def test_probes_use_the_probe_timeout(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.publish()
+    timeouts: list[float] = []
+    real = env.table.probe
+
+    def probe(target: str, timeout: float) -> str:
+        timeouts.append(timeout)
+        return real(target, timeout)
+
+    monkeypatch.setattr(env.table, "probe", probe)
+    env.core.unpublish(VOL, env.target)
+    assert timeouts and set(timeouts) == {PROBE_TIMEOUT}
+
+
+def test_unpublish_logs_volume_and_target(env: Env, caplog: pytest.LogCaptureFixture) -> None:
+    env.publish()
+    with caplog.at_level(logging.INFO, logger="csi_driver.core.node"):
+        env.core.unpublish(VOL, env.target)
+    done = [r for r in caplog.records if r.getMessage() == "unpublished"]
+    assert len(done) == 1
+    assert done[0].fields == {"volume_id": VOL, "target": env.target}  # type: ignore[attr-defined]
+
+
+def test_kept_ephemeral_directories_are_logged_with_their_volume(
+    env: Env, caplog: pytest.LogCaptureFixture
+) -> None:
+    root = Path(env.core.ephemeral_root)
+    (root / "eph-1").mkdir(parents=True)
+    (root / "eph-2").parent.mkdir(parents=True, exist_ok=True)
+    (root / "eph-2").write_bytes(b"")
+    mp = str(root / "eph-1" / "m")
+    env.table.entries[mp] = MountEntry(mp, "tmpfs", "tmpfs", "rw")
+    with caplog.at_level(logging.ERROR, logger="csi_driver.core.node"):
+        env.core._remove_ephemeral("eph-1")
+        env.core._remove_ephemeral("eph-2")
+    got = [(r.getMessage(), r.fields) for r in caplog.records]  # type: ignore[attr-defined]
+    assert got == [
+        ("ephemeral directory has a mount inside; kept", {"volume_id": "eph-1"}),
+        ("ephemeral directory is not a plain directory; kept", {"volume_id": "eph-2"}),
+    ]
+
+
+def test_ephemeral_removal_is_best_effort(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What cannot be removed stays (it is ciphertext under a key that died with the pod);
+    the unpublish itself succeeds."""
+    target = env.publish_ephemeral()
+    cipher = Path(env.core.ephemeral_root, "eph-1")
+    (cipher / "stuck").write_bytes(b"x")
+    (cipher / "gone").write_bytes(b"x")
+    real_unlink = os.unlink
+
+    def unlink(path: Any, *, dir_fd: int | None = None) -> None:
+        if os.fsdecode(path) == "stuck":
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+        real_unlink(path, dir_fd=dir_fd)
+
+    monkeypatch.setattr(os, "unlink", unlink)
+    env.core.unpublish("eph-1", target)
+    assert sorted(os.listdir(cipher)) == ["stuck"] and not os.path.exists(target)
