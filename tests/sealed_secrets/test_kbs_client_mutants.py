@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import re
 import ssl
 from collections.abc import Callable
@@ -322,6 +323,7 @@ def test_a_challenge_without_a_usable_session_cookie_is_refused(
 def test_session_cookie_among_others_and_after_a_broken_one(kbs: Kbs) -> None:
     cookies = [
         ("Set-Cookie", "broken=\x00; ;;="),
+        ("Set-Cookie", ",="),  # CookieError: skipped, the next header still counts
         ("Set-Cookie", "a=1"),
         ("Set-Cookie", "kbs-session-id=" + "s" * 512 + "; HttpOnly"),
     ]
@@ -507,6 +509,12 @@ def test_a_fresh_token_rejected_again_is_an_error(
         ),
         (404, {"detail": "gone"}, ResourceNotFound, f"KBS has no resource {PATH1}: gone"),
         (404, {}, ResourceNotFound, f"KBS has no resource {PATH1}: -"),
+        (
+            404,
+            {"type": "https://kbs/NotFound"},
+            ResourceNotFound,
+            f"KBS has no resource {PATH1}: NotFound",
+        ),
         (
             418,
             {"type": "t", "detail": "x"},
@@ -747,6 +755,8 @@ def _reply(body: bytes) -> Any:
             ("t" * 200, "d" * 200),
         ),
         (json.dumps({"type": "t", "detail": "d" * 70000}).encode(), (None, "")),
+        (b'{"detail": "' + b"d" * (65536 - 14) + b'"}', (None, "d" * 200)),  # 65536 bytes
+        (b'{"detail": "' + b"d" * (65536 - 13) + b'"}', (None, "")),  # cut: not JSON
     ],
 )
 def test_problem_documents(body: bytes, expect: tuple[str | None, str]) -> None:
@@ -865,7 +875,8 @@ def test_tls_options_trust_only_the_pins(tls: tuple[str, str]) -> None:
     ctx = pinned["ssl_context"]
     assert pinned["cert_reqs"] == ssl.CERT_REQUIRED and "assert_fingerprint" not in pinned
     assert ctx.verify_mode == ssl.CERT_REQUIRED
-    assert ctx.verify_flags & ssl.VERIFY_X509_PARTIAL_CHAIN
+    # the defaults are kept, the partial-chain flag is added
+    assert ctx.verify_flags == ssl.VERIFY_X509_TRUSTED_FIRST | ssl.VERIFY_X509_PARTIAL_CHAIN
     assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
     assert len(ctx.get_ca_certs()) == 1  # the pinned CA, nothing from the system store
     fp_only = kbs_client._tls_options(None, "ab" * 32)
@@ -916,3 +927,137 @@ def test_close_clears_the_pool(kbs: Kbs) -> None:
     c.close()
     assert cleared == [True]
     assert repr(client(Kbs())) == "KbsClient(url='http://kbs.test:8080', attested=False)"
+
+
+def test_every_attestation_counts(kbs: Kbs) -> None:
+    key = TeeKeyPair("ec")
+
+    class _Tokens:
+        def get_token(self) -> tuple[str, TeeKeyPair]:
+            return _jwt({}), key
+
+    c = KbsClient(URL, token_provider=_Tokens(), insecure_http=True)
+    c.attest()
+    c.attest()
+    assert c.attestations == 2
+    ev = client(kbs)
+    ev.attest()
+    ev.attest()
+    assert ev.attestations == 2
+
+
+# -- the log lines an operator reads (what happened, never a secret) ---------------------------
+
+_LOG = "sealed_secrets.kbs_client"
+
+
+def _logged(caplog: pytest.LogCaptureFixture) -> list[tuple[int, str, tuple[Any, ...]]]:
+    return [(r.levelno, str(r.msg), tuple(r.args or ())) for r in caplog.records if r.name == _LOG]
+
+
+def test_handshake_and_fetch_log_lines(
+    kbs: Kbs, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [1e6]
+
+    def tick() -> float:
+        now[0] += 1.0
+        return now[0]
+
+    monkeypatch.setattr(kbs_client.time, "monotonic", tick)
+    kbs.extra = {"selected-hash-algorithm": "sha512"}
+    with caplog.at_level(logging.INFO, logger=_LOG):
+        client(kbs).get_resource(R1)
+    lines = _logged(caplog)
+    (_, msg, args), (_, msg2, args2) = lines[-2:]
+    assert msg == "kbs attested url=%s tee=%s hash=%s key=%s ms=%d"
+    assert args[:4] == (URL, "sample", "sha512", "ECDH-ES+A256KW")
+    assert isinstance(args[4], int) and args[4] % 1000 == 0 and 1000 <= args[4] < 100_000
+    assert msg2 == "kbs resource ok uri=%s bytes=%d"
+    assert (str(args2[0]), args2[1]) == (R1, len(SECRET))
+
+
+def test_provider_token_and_expiry_log_lines(kbs: Kbs, caplog: pytest.LogCaptureFixture) -> None:
+    key = TeeKeyPair("ec")
+    now = [0.0]
+
+    class _Tokens:
+        def get_token(self) -> tuple[str, TeeKeyPair]:
+            return _jwt({"exp": 100}), key
+
+    with caplog.at_level(logging.INFO, logger=_LOG):
+        c = KbsClient(URL, token_provider=_Tokens(), insecure_http=True, clock=lambda: now[0])
+        c.attest()
+        now[0] = 99.0
+        c._valid_token()
+    assert _logged(caplog) == [
+        (
+            logging.WARNING,
+            "kbs INSECURE plain http url=%s: the KBS is not authenticated and any host "
+            "on the path can inject keys (insecure-http=true; tests only)",
+            (URL,),
+        ),
+        (logging.INFO, "kbs token from provider url=%s key=%s", (URL, "ECDH-ES+A256KW")),
+        (logging.INFO, "kbs token expiring, re-attesting url=%s", (URL,)),
+        (logging.INFO, "kbs token from provider url=%s key=%s", (URL, "ECDH-ES+A256KW")),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("exc", "msg", "args"),
+    [
+        (
+            urllib3.exceptions.SSLError("x"),
+            "kbs tls verification failed url=%s trust=%s",
+            ("{url}", "insecure-http"),
+        ),
+        (
+            urllib3.exceptions.NewConnectionError(None, "x"),
+            "kbs unreachable url=%s error=%s",
+            ("{url}", "NewConnectionError"),
+        ),  # type: ignore[arg-type]
+        (
+            urllib3.exceptions.ConnectTimeoutError("x"),
+            "kbs timeout method=%s url=%s timeout=%s",
+            ("POST", "{url}", 3.0),
+        ),
+        (
+            urllib3.exceptions.ProtocolError("x"),
+            "kbs unreachable url=%s error=%s",
+            ("{url}", "ProtocolError"),
+        ),
+    ],
+)
+def test_transport_failure_log_lines(
+    kbs: Kbs, caplog: pytest.LogCaptureFixture, exc: Exception, msg: str, args: tuple[Any, ...]
+) -> None:
+    def fail() -> Resp:
+        raise exc
+
+    kbs.auth = fail
+    url = URL + "/kbs/v0/auth"
+    with caplog.at_level(logging.INFO, logger=_LOG), pytest.raises(KbsError):
+        client(kbs, timeout=3.0).get_resource(R1)
+    want = tuple(a.format(url=url) if isinstance(a, str) else a for a in args)
+    assert (logging.WARNING, msg, want) in _logged(caplog)
+
+
+def test_server_error_and_rejection_log_lines(kbs: Kbs, caplog: pytest.LogCaptureFixture) -> None:
+    kbs.resource = [Resp(502, {"type": "https://x/Gateway"})]
+    with caplog.at_level(logging.INFO, logger=_LOG), pytest.raises(KbsUnavailable):
+        client(kbs).get_resource(R1)
+    assert (
+        logging.WARNING,
+        "kbs server error method=%s path=%s status=%d type=%r",
+        ("GET", PATH1, 502, "Gateway"),
+    ) in _logged(caplog)
+    caplog.clear()
+    other = Kbs()
+    other.attest = lambda: Resp(403, {"type": "https://kbs/PolicyDeny"})
+    with caplog.at_level(logging.INFO, logger=_LOG), pytest.raises(AttestationError):
+        client(other).get_resource(R1)
+    assert (
+        logging.WARNING,
+        "kbs attestation rejected url=%s tee=%r status=%d type=%r",
+        (URL, "sample", 403, "PolicyDeny"),
+    ) in _logged(caplog)
