@@ -12,6 +12,7 @@ import errno
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -647,3 +648,65 @@ def test_ephemeral_removal_is_best_effort(env: Env, monkeypatch: pytest.MonkeyPa
     monkeypatch.setattr(os, "unlink", unlink)
     env.core.unpublish("eph-1", target)
     assert sorted(os.listdir(cipher)) == ["stuck"] and not os.path.exists(target)
+
+
+# -- where the ciphertext lives ---------------------------------------------------------------
+
+
+def test_ephemeral_directories_are_private_and_reused(env: Env) -> None:
+    first = env.publish_ephemeral("eph-1")
+    root = Path(env.core.ephemeral_root)
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    assert stat.S_IMODE((root / "eph-1").stat().st_mode) == 0o700
+    env.publish_ephemeral("eph-2")  # the root exists now: fine
+    assert stat.S_IMODE((root / "eph-2").stat().st_mode) == 0o700
+    env.core.unpublish("eph-1", first)
+    (root / "eph-3").mkdir(mode=0o700)  # left by an earlier plugin instance: reused
+    env.publish_ephemeral("eph-3")
+    assert env.table.find(str(env.pods / "eph-3")) is not None
+
+
+def test_a_backend_root_names_the_volume_directory(tmp_path: Path) -> None:
+    table = FakeMountTable()
+    kubelet, backend = tmp_path / "kubelet", tmp_path / "backend"
+    (kubelet / "pods").mkdir(parents=True)
+    (backend / VOL).mkdir(parents=True)
+    core = NodeCore(
+        "node",
+        str(tmp_path / "state"),
+        _Resolver(),  # type: ignore[arg-type]
+        mounter="fake",
+        mounters={"fake": FakeMounter(table)},
+        backend_root=str(backend),
+        kubelet_dir=str(kubelet),
+        allowed_key_resources=[KEY_PREFIX],
+        monitor_interval=3600,
+        mount_table=table,
+    )
+    try:
+        target = str(kubelet / "pods" / "t")
+        core.publish(PublishRequest(VOL, target, CAP, volume_context={"keyResource": KEY}))
+        assert table.entries[target].source == str(backend / VOL)
+        with pytest.raises(errors.NotFound, match=_exactly("volume vol-2 does not exist")):
+            core.publish(
+                PublishRequest("vol-2", target + "2", CAP, volume_context={"keyResource": KEY})
+            )
+    finally:
+        core.shutdown()
+
+
+def test_capacity_probe_uses_the_probe_timeout(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    from csi_driver.core import node as node_mod
+
+    seen: list[float] = []
+    real = node_mod.fsprobe.call
+
+    def call(path: str, fn: Any, timeout: float) -> Any:
+        seen.append(timeout)
+        return real(path, fn, timeout)
+
+    monkeypatch.setattr(node_mod.fsprobe, "call", call)
+    assert NodeCore._capacity_hint({"capacityBytes": "1"}, str(tmp_path)) == 1
+    assert seen == [PROBE_TIMEOUT]
