@@ -710,3 +710,11 @@ def test_capacity_probe_uses_the_probe_timeout(
     monkeypatch.setattr(node_mod.fsprobe, "call", call)
     assert NodeCore._capacity_hint({"capacityBytes": "1"}, str(tmp_path)) == 1
     assert seen == [PROBE_TIMEOUT]
+
+
+def test_a_cipher_dir_that_cannot_be_inspected(env: Env) -> None:
+    (env.backend / "file").write_bytes(b"")
+    bad = str(env.backend / "file" / "x")
+    text = "volume vol-1: cannot inspect its directory: Not a directory"
+    with pytest.raises(errors.FailedPrecondition, match=_exactly(text)):
+        env.publish(cipherDir=bad)
