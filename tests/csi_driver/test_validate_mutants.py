@@ -87,6 +87,8 @@ def test_path_text_edges_pass() -> None:
         ("/a/../b", "p must be normalised (no '.', '..' or '//')"),
         ("/..", "p must be normalised (no '.', '..' or '//')"),
         ("/a/.", "p must be normalised (no '.', '..' or '//')"),
+        ("/a//X", "p must be normalised (no '.', '..' or '//')"),
+        ("/a/../X", "p must be normalised (no '.', '..' or '//')"),
         ("/" + "a" * 256, "p has a component longer than 255 bytes"),
         ("/x/" + "\u00e9" * 128 + "/y", "p has a component longer than 255 bytes"),
     ],
@@ -108,6 +110,7 @@ def test_absolute_path_refusals_are_exact(path: str, text: str) -> None:
         ("/a/.b/c..", "/a/.b/c.."),
         ("/aX/X", "/aX/X"),
         ("/X/", "/X"),
+        ("/a/..X", "/a/..X"),
         ("/" + "a" * 255, "/" + "a" * 255),
     ],
 )
