@@ -1061,3 +1061,32 @@ def test_server_error_and_rejection_log_lines(kbs: Kbs, caplog: pytest.LogCaptur
         "kbs attestation rejected url=%s tee=%r status=%d type=%r",
         (URL, "sample", 403, "PolicyDeny"),
     ) in _logged(caplog)
+
+
+def test_defaults_and_pool_limits() -> None:
+    c = KbsClient("https://kbs/pX/", evidence_provider=_ev(), cert_sha256="ab" * 32)
+    assert c.base_url == "https://kbs/pX"
+    assert (c.timeout, c.retries, c.backoff, c.tee_key_type, c.refresh_margin) == (
+        10.0,
+        2,
+        0.2,
+        "ec",
+        5.0,
+    )
+    plain = KbsClient("http://kbs/X", evidence_provider=_ev(), insecure_http=True)
+    assert plain.base_url == "http://kbs/X"
+    for pool in (c._pool, plain._pool):
+        assert pool.pools._maxsize == 2  # type: ignore[attr-defined]
+        assert pool.connection_pool_kw["maxsize"] == 8  # type: ignore[attr-defined]
+
+
+def test_reattestation_and_retry_log_lines(
+    kbs: Kbs, caplog: pytest.LogCaptureFixture, sleeps: list[float]
+) -> None:
+    kbs.resource = [Resp(401, {"type": "https://x/TokenExpired"}), Resp(503, b"")]
+    c = client(kbs, retries=1)
+    with caplog.at_level(logging.INFO, logger=_LOG):
+        c.get_resource(R1)
+    got = [(m, tuple(str(a) for a in args)) for _, m, args in _logged(caplog)]
+    assert ("kbs token rejected, re-attesting uri=%s type=%s", (R1, "TokenExpired")) in got
+    assert ("kbs retry uri=%s attempt=%d", (R1, "1")) in got
