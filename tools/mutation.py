@@ -13,10 +13,12 @@ surviving mutants judged equivalent).
 
 How: mutmut 3 (the ``mutation`` extra) in a scratch copy of the tree per module
 (``.mutation/<module>/``, git-ignored), so the work tree is never mutated and each module is
-judged only by its own test files (``MODULES``). mutmut copies the product packages to
-``mutants/`` and runs pytest there; the suite's own guard (tests/test_tree_under_test.py,
-PYTHONPATH from tests/conftest.py) makes spawned tools run the mutated tree too. Survivors,
-with their diffs, are written to ``.mutation/<module>/survivors.txt``.
+judged only by its own test files (``MODULES``; a fast in-process file first, so most
+mutants die in milliseconds), optionally only in named functions (``FUNCTIONS``). mutmut
+copies the product packages to ``mutants/`` and runs pytest there; the suite's own guard
+(tests/test_tree_under_test.py, PYTHONPATH from tests/conftest.py) makes spawned tools run
+the mutated tree too. Survivors, with their diffs, are written to
+``.mutation/<module>/survivors.txt``.
 
 Low impact by default (the machine is shared): ``nice -n 10`` and one worker (``--jobs``).
 """
