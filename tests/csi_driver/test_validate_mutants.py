@@ -138,6 +138,8 @@ def test_absolute_path_checks_the_text_first() -> None:
         ("/ab", "/a", False),
         ("/", "/", False),
         ("/a", "/a/b", False),
+        ("/aX/b", "/aX", True),
+        ("/a/b", "/aX", False),  # a root is taken as it is written
     ],
 )
 def test_is_below_is_strict_and_on_a_component_boundary(path: str, root: str, below: bool) -> None:
