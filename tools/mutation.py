@@ -4,6 +4,7 @@
     ./run mutate                       # every module below, one after the other
     ./run mutate sealed_secrets/jws.py # just one (several may be named)
     ./run mutate --list                # the modules and the tests each is judged by
+    ./run mutate --again MODULE        # re-judge only the last run's survivors (after new tests)
 
 Why a separate command: it runs each module's tests once per mutant (hundreds of times), far
 too slow for every CI run; CI keeps the normal suite. Run it after changing one of these
@@ -12,10 +13,12 @@ surviving mutants judged equivalent).
 
 How: mutmut 3 (the ``mutation`` extra) in a scratch copy of the tree per module
 (``.mutation/<module>/``, git-ignored), so the work tree is never mutated and each module is
-judged only by its own test files (``MODULES``). mutmut copies the product packages to
-``mutants/`` and runs pytest there; the suite's own guard (tests/test_tree_under_test.py,
-PYTHONPATH from tests/conftest.py) makes spawned tools run the mutated tree too. Survivors,
-with their diffs, are written to ``.mutation/<module>/survivors.txt``.
+judged only by its own test files (``MODULES``; a fast in-process file first, so most
+mutants die in milliseconds), optionally only in named functions (``FUNCTIONS``). mutmut
+copies the product packages to ``mutants/`` and runs pytest there; the suite's own guard
+(tests/test_tree_under_test.py, PYTHONPATH from tests/conftest.py) makes spawned tools run
+the mutated tree too. Survivors, with their diffs, are written to
+``.mutation/<module>/survivors.txt``.
 
 Low impact by default (the machine is shared): ``nice -n 10`` and one worker (``--jobs``).
 """
@@ -51,12 +54,14 @@ MODULES: dict[str, list[str]] = {
         "tests/sealed_secrets/test_kbs_trust.py",
     ],
     "sealed_secrets/kbs_client.py": [
+        "tests/sealed_secrets/test_kbs_client_mutants.py",
         "tests/sealed_secrets/test_kbs_client.py",
         "tests/sealed_secrets/test_kbs_trust.py",
         "tests/sealed_secrets/test_no_secret_leaks_kbs.py",
     ],
     "fuse_crypt/contentenc.py": [
         "tests/fuse_crypt/test_contentenc.py",
+        "tests/fuse_crypt/test_contentenc_mutants.py",
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
     "fuse_crypt/nametransform.py": [
@@ -66,6 +71,7 @@ MODULES: dict[str, list[str]] = {
     ],
     "fuse_crypt/configfile.py": [
         "tests/fuse_crypt/test_configfile.py",
+        "tests/fuse_crypt/test_configfile_mutants.py",
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
     "fuse_crypt/luks2/profile.py": [
@@ -81,20 +87,49 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_luks2_hostile.py",
     ],
     "csi_driver/keys.py": [
+        "tests/csi_driver/test_keys_mutants.py",
         "tests/sealed_secrets/test_kid_gate.py",
         "tests/csi_driver/test_node.py",
         "tests/csi_driver/test_mutation_gaps.py",
     ],
+    "csi_driver/validate.py": [
+        "tests/csi_driver/test_validate_mutants.py",
+        "tests/csi_driver/test_core_node_mutants.py",
+        "tests/csi_driver/test_attacks.py",
+    ],
     "csi_driver/core/node.py": [
+        "tests/csi_driver/test_core_node_mutants.py",
+        "tests/csi_driver/test_crash_matrix.py",
         "tests/csi_driver/test_node.py",
-        "tests/csi_driver/test_lifecycle.py",
         "tests/csi_driver/test_mutation_gaps.py",
+    ],
+}
+
+# module -> the only functions mutated in it ("func" or "Class.method"); a module not named
+# here is mutated whole. The node core's publish/stats machinery is judged by the FUSE and
+# crash suites; what mutation testing guards there is what checks a request or a state
+# record and what removes things (unpublish).
+FUNCTIONS: dict[str, list[str]] = {
+    "csi_driver/core/node.py": [
+        "_require",
+        "NodeCore._target",
+        "NodeCore._check_record",
+        "NodeCore._ephemeral_dir",
+        "NodeCore._locate",
+        "NodeCore._capacity_hint",
+        "NodeCore.unpublish",
+        "NodeCore._remove_target",
+        "NodeCore._remove_ephemeral",
     ],
 }
 
 # A surviving mutant whose only change is the text of an error message or a ``what=`` label
 # (never which error is raised, nor when) is counted apart: see docs/testing.md.
 _MESSAGE_ONLY = re.compile(r"^\s*(raise \w+\(|.*\bwhat=|f?[\"'].*[\"'],?$|None,?$)")
+
+
+# mutmut's states that count as killed (a test failed, hung or crashed on the mutant)
+KILLED = ("killed", "timeout", "segfault", "caught by type check")
 
 
 @dataclass
@@ -108,11 +143,11 @@ class Score:
 
     @property
     def killed(self) -> int:
-        return self.count("killed", "timeout", "segfault", "caught by type check")
+        return self.count(*KILLED)
 
     @property
     def survivors(self) -> list[str]:
-        return [m for m, s in self.status.items() if s not in ("killed", "timeout", "segfault")]
+        return [m for m, s in self.status.items() if s not in KILLED]
 
     @property
     def message_only(self) -> list[str]:
@@ -131,12 +166,15 @@ def _is_message_only(diff: str) -> bool:
     return bool(changed) and in_raise and all(_MESSAGE_ONLY.match(ln) for ln in changed)
 
 
-def _copy_tree(dest: Path) -> None:
-    """The files git would commit (tracked + untracked, not ignored): the tree under test."""
-    if dest.exists():
+def _copy_tree(dest: Path, under: str = "") -> None:
+    """The files git would commit (tracked + untracked, not ignored): the tree under test.
+
+    ``under``: only that top-level directory, copied over what ``dest`` has (``--again``).
+    """
+    if dest.exists() and not under:
         shutil.rmtree(dest)
     listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", "--", under or "."],
         cwd=ROOT,
         capture_output=True,
         check=True,
@@ -146,6 +184,34 @@ def _copy_tree(dest: Path) -> None:
         if src.is_file() and not src.is_symlink():
             (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / src.relative_to(ROOT))
+
+
+def _refresh_tests(dest: Path, module: str, functions: list[str]) -> list[str]:
+    """``--again``: the last run's survivors, to be judged once more by today's tests.
+
+    Valid only for the same mutants, so the module must not have changed since that run;
+    the mutants killed then stay killed (tests were only added or sharpened since).
+    """
+    if not (dest / "mutants").is_dir():
+        raise SystemExit(f"mutation: no earlier run of {module} in {dest}; run it afresh")
+    if (dest / module).read_bytes() != (ROOT / module).read_bytes():
+        raise SystemExit(f"mutation: {module} changed since its last run; run it afresh")
+    survivors = [n for n, s in _statuses(dest, functions).items() if s not in KILLED]
+    _copy_tree(dest, "tests")
+    shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
+    _configure(dest, module, MODULES[module])
+    return survivors
+
+
+def _statuses(dest: Path, functions: list[str]) -> dict[str, str]:
+    """mutant -> mutmut status (of ``functions`` only, if any are named)."""
+    out = {}
+    listed = _mutmut(dest, "results", "--all", "true", nice=0).stdout
+    for line in listed.splitlines():
+        name, _, status = line.strip().rpartition(": ")
+        if name and (not functions or name.partition("__mutmut_")[0] in functions):
+            out[name] = status
+    return out
 
 
 def _configure(dest: Path, module: str, tests: list[str]) -> None:
@@ -169,21 +235,33 @@ def _mutmut(dest: Path, *args: str, nice: int) -> subprocess.CompletedProcess[st
     return subprocess.run(cmd, cwd=dest, capture_output=True, text=True, env=env, check=False)
 
 
-def run_module(module: str, *, jobs: int, nice: int) -> Score:
+def _function_names(module: str) -> list[str]:
+    """mutmut's names of the functions in FUNCTIONS[module] (mutants: ``<name>__mutmut_N``)."""
+    dotted = module.removesuffix(".py").replace("/", ".")
+    names = []
+    for func in FUNCTIONS.get(module, []):
+        cls, _, name = func.rpartition(".")
+        names.append(f"{dotted}.x\u01c1{cls}\u01c1{name}" if cls else f"{dotted}.x_{name}")
+    return names
+
+
+def run_module(module: str, *, jobs: int, nice: int, again: bool = False) -> Score:
     slug = module.removesuffix(".py").replace("/", ".")
     dest = WORK / slug
-    _copy_tree(dest)
-    _configure(dest, module, MODULES[module])
-    ran = _mutmut(dest, "run", "--max-children", str(jobs), nice=nice)
-    (dest / "run.log").write_text(ran.stdout + ran.stderr, encoding="utf-8")
-    if ran.returncode != 0:
-        raise SystemExit(f"mutation: mutmut failed on {module} (see {dest / 'run.log'})")
-    score = Score(module)
-    listed = _mutmut(dest, "results", "--all", "true", nice=0).stdout
-    for line in listed.splitlines():
-        name, _, status = line.strip().rpartition(": ")
-        if name:
-            score.status[name] = status
+    functions = _function_names(module)
+    if again:
+        names = _refresh_tests(dest, module, functions)
+    else:
+        _copy_tree(dest)
+        _configure(dest, module, MODULES[module])
+        names = [f"{f}*" for f in functions]  # mutmut matches its names with fnmatch
+    if names or not again:  # (no names at all would mean every mutant)
+        ran = _mutmut(dest, "run", "--max-children", str(jobs), *names, nice=nice)
+        log = dest / ("again.log" if again else "run.log")
+        log.write_text(ran.stdout + ran.stderr, encoding="utf-8")
+        if ran.returncode != 0:
+            raise SystemExit(f"mutation: mutmut failed on {module} (see {log})")
+    score = Score(module, _statuses(dest, functions))
     for name in score.survivors:
         score.diffs[name] = _mutmut(dest, "show", name, nice=0).stdout
     with open(dest / "survivors.txt", "w", encoding="utf-8") as f:
@@ -199,10 +277,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=int, default=1, help="mutants tested at once (default 1)")
     p.add_argument("--nice", type=int, default=10, help="niceness of the run (default 10)")
     p.add_argument("--list", action="store_true", help="print modules and their tests")
+    p.add_argument(
+        "--again",
+        action="store_true",
+        help="judge only the last run's survivors again, with the current tests (the module "
+        "itself must be unchanged): minutes instead of a full run after adding tests",
+    )
     args = p.parse_args(argv)
     if args.list:
         for module, tests in MODULES.items():
-            print(f"{module}: {' '.join(tests)}")
+            only = f" (only {', '.join(FUNCTIONS[module])})" if module in FUNCTIONS else ""
+            print(f"{module}{only}: {' '.join(tests)}")
         return 0
     unknown = [m for m in args.modules if m not in MODULES]
     if unknown:
@@ -210,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = []
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
-        s = run_module(module, jobs=args.jobs, nice=args.nice)
+        s = run_module(module, jobs=args.jobs, nice=args.nice, again=args.again)
         scores.append(s)
         print(_line(s), flush=True)
     print("\nmodule                          mutants killed survived msg-only  score")

@@ -118,3 +118,71 @@ def test_tuning_is_real_on_glibc(monkeypatch: pytest.MonkeyPatch) -> None:
     trim = allocator.malloc_trim()
     assert trim is not None
     trim()
+
+
+# -- tune_allocator against a stand-in for mallopt (from the mutation run) --------------
+
+
+class _FakeLibc:
+    def __init__(self, answer: int) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+        outer = self
+
+        class _Mallopt:
+            argtypes: object = None
+            restype: object = None
+
+            def __call__(self, param: int, value: int) -> int:
+                outer.calls.append((param, value))
+                return outer.answer
+
+        self.mallopt = _Mallopt()
+
+
+@pytest.fixture
+def fresh_tuning(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    """Un-cache the process-wide answer and clear the user's malloc overrides."""
+    monkeypatch.setattr(allocator, "_allocator_tuned", None)
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    return monkeypatch
+
+
+def test_tuning_sets_both_thresholds_once(fresh_tuning: pytest.MonkeyPatch) -> None:
+    libc = _FakeLibc(1)
+    fresh_tuning.setattr(ctypes, "CDLL", lambda name: libc if name is None else None)
+    assert allocator.tune_allocator() is True
+    assert libc.calls == [(-3, 4 << 20), (-1, 32 << 20)]
+    assert libc.mallopt.argtypes == [ctypes.c_int, ctypes.c_int]
+    assert libc.mallopt.restype is ctypes.c_int
+    assert allocator._allocator_tuned is True
+    assert allocator.tune_allocator() is True and len(libc.calls) == 2  # cached
+
+
+def test_tuning_refused_by_libc_is_reported(fresh_tuning: pytest.MonkeyPatch) -> None:
+    libc = _FakeLibc(0)
+    fresh_tuning.setattr(ctypes, "CDLL", lambda name: libc)
+    assert allocator.tune_allocator() is False
+    assert libc.calls == [(-3, 4 << 20)]  # the second is not tried
+    assert allocator._allocator_tuned is False
+    libc.answer = 1
+    assert allocator.tune_allocator() is False and len(libc.calls) == 1  # the answer is cached
+
+
+@pytest.mark.parametrize("var", ["MALLOC_MMAP_THRESHOLD_", "GLIBC_TUNABLES"])
+def test_user_malloc_settings_are_left_alone(fresh_tuning: pytest.MonkeyPatch, var: str) -> None:
+    libc = _FakeLibc(1)
+    fresh_tuning.setattr(ctypes, "CDLL", lambda name: libc)
+    fresh_tuning.setenv(var, "")
+    assert allocator.tune_allocator() is False
+    assert libc.calls == [] and allocator._allocator_tuned is False
+
+
+@pytest.mark.parametrize("exc", [OSError, AttributeError])
+def test_no_mallopt_means_no_tuning(fresh_tuning: pytest.MonkeyPatch, exc: type) -> None:
+    def _no_libc(name: object) -> object:
+        raise exc("no mallopt here")
+
+    fresh_tuning.setattr(ctypes, "CDLL", _no_libc)
+    assert allocator.tune_allocator() is False and allocator._allocator_tuned is False
