@@ -461,6 +461,13 @@ class ConfFile:
         tmp = path + ".tmp"
         try:
             safeio.write_new_file(tmp, self.dumps(), 0o400)
+        except FileExistsError:
+            raise  # the other writer's temp file: never ours to remove
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        try:
             os.rename(tmp, path)
         except BaseException:
             with contextlib.suppress(OSError):

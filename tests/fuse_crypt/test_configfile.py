@@ -251,6 +251,8 @@ def test_write_and_read(tmp_path: Path, created: tuple[ConfFile, bytes]) -> None
     with pytest.raises(FileExistsError):
         conf.write(str(path))
     assert ConfFile.read(str(path)).unlock(b"other") == mk
+    # ...and that writer's temp file is left alone: it is theirs to rename or remove
+    assert (tmp_path / "gocryptfs.conf.tmp").read_bytes() == b"x"
     with pytest.raises(FileNotFoundError):
         ConfFile.read(str(tmp_path / "missing.conf"))
 
