@@ -15,6 +15,13 @@ first or last sector is read, decrypted, patched and re-encrypted (read-modify-w
 One lock serialises writers, so two writes into one sector cannot lose each other's
 bytes; reads take no lock (a reader racing a writer of the same bytes may see either
 version, as with any disk).
+
+Read-ahead: a read that continues where the last one ended asks the kernel
+(``posix_fadvise(WILLNEED)``) to fetch the next ``READAHEAD`` bytes of *ciphertext* into
+the device's page cache, so the following preads are memory copies that overlap our
+decryption instead of waiting for the disk. Only ciphertext is cached; the host sees
+nothing it does not already hold. No lock: the hint state is a pair of integers, and a
+lost race only means one hint more or less.
 """
 
 from __future__ import annotations
@@ -35,6 +42,10 @@ Buffer = bytes | bytearray | memoryview
 log = logging.getLogger("fuse_crypt.blockfront")
 
 _BLKGETSIZE64 = 0x80081272
+#: bytes of ciphertext hinted ahead of a sequential reader
+READAHEAD = 8 << 20
+_NEAR = 2 << 20  # "continues the last read" tolerance (two 1 MiB FUSE requests)
+_RA_MIN_REQUEST = 128 << 10  # the filesystem's own read-ahead sends at least this much
 
 
 class DeviceError(OSError):
@@ -108,6 +119,8 @@ class CryptDevice:
         self.read_only = read_only
         self.sector_size = ss
         self._wlock = threading.Lock()
+        self._next_read = -1  # where a sequential reader continues
+        self._ra_end = 0  # hinted up to here (segment bytes)
         self.size = 0
         self.refresh_size()
 
@@ -158,6 +171,26 @@ class CryptDevice:
 
     # -- plaintext I/O -------------------------------------------------------------------
 
+    def _read_ahead(self, offset: int, end: int) -> None:
+        """Hint the kernel to prefetch ciphertext after a sequential read (module doc).
+
+        The loop device splits one read-ahead of the filesystem into several requests
+        that our worker threads see slightly out of order, so "sequential" means: a large
+        request (the filesystem's read-ahead, not a small random read) that starts near
+        where the last read ended, or inside the window already hinted."""
+        last, self._next_read = self._next_read, end
+        if end - offset < _RA_MIN_REQUEST:
+            return  # small reads: random access (small files, metadata); no prefetch
+        sequential = last - _NEAR <= offset <= max(last, self._ra_end) + _NEAR
+        if not sequential or end + READAHEAD // 2 <= self._ra_end:
+            return
+        start = max(end, self._ra_end)
+        stop = min(end + READAHEAD, self.size)
+        self._ra_end = stop
+        if stop > start:
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, self.offset + start, stop - start, os.POSIX_FADV_WILLNEED)
+
     def read_into(self, out: memoryview, offset: int) -> int:
         """Fill ``out`` with plaintext from ``offset``; short at the end of the segment."""
         if offset < 0:
@@ -166,6 +199,7 @@ class CryptDevice:
         if length == 0:
             return 0
         first, last = self._span(offset, length)
+        self._read_ahead(first, last)
         if first == offset and last == offset + length:
             # Aligned (what the loop device sends): read into the caller's buffer and
             # decrypt there, no intermediate copy.
