@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fuse_crypt.blockfront import CryptDevice, DeviceError, open_device
 from fuse_crypt.luks2.segment import XtsSegment
-from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt import luks2_helpers as lh
 from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
 from tests.fuzzing import fuzz
 
@@ -164,11 +164,11 @@ def rig(tmp_path: Path) -> Iterator[BlockRig]:
 @pytest.fixture
 def luks_image(tmp_path: Path) -> tuple[Path, bytes, int]:
     """A 64 MiB image cryptsetup formatted with CDH's options; (path, VK, data offset)."""
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     img = _image(tmp_path / "disk.img", 64 * MiB)
-    oracle.luks_format(img)
-    seg = oracle.dump_json(img)["segments"]["0"]
-    return img, oracle.dump_volume_key(img), int(seg["offset"])
+    lh.cs_luks_format(img)
+    seg = lh.cs_json(img)["segments"]["0"]
+    return img, lh.cs_volume_key(img), int(seg["offset"])
 
 
 MARKER = b"coco-block-marker-7f3a9c"
@@ -202,7 +202,7 @@ def test_ext4_round_trip_through_restart(
     assert MARKER not in raw and NAME.encode() not in raw
     assert raw[:offset] == header_before  # the LUKS2 header is never written
     # cryptsetup still takes it for the same LUKS2 volume
-    assert oracle.passphrase_opens(img, b"pw")
+    assert lh.cs_opens(img, b"pw")
 
     proc = rig.serve(img, mnt, vk, offset=offset)
     loop = rig.attach(mnt / "disk")
@@ -315,9 +315,9 @@ def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) ->
     assert proc.returncode == 12 and "passphrase incorrect" in rig.log(mnt)
     assert img.read_bytes() == raw
 
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     cdh = _image(tmp_path / "cdh.img", 32 * MiB)
-    oracle.luks_format(cdh, passphrase=b"pw")
+    lh.cs_luks_format(cdh, b"pw")
     proc = rig.serve(cdh, mnt, b"", offset=0, passphrase=b"pw", expect_ready=False)
     assert proc.returncode == 23 and "LUKS2:" in rig.log(mnt)
     extra = ("--allow-regular-file", "--accept-unbound-header")
