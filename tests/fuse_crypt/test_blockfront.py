@@ -63,6 +63,41 @@ def test_unaligned_io_matches_a_model_and_the_sectors(tmp_path: Path) -> None:
     dev.close()
 
 
+def test_read_ahead_hints_sequential_large_reads_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large reads that continue each other prefetch the next ciphertext (within the
+    segment, at the device offset); small or scattered reads never do."""
+    from fuse_crypt.blockfront import device as devmod
+
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n)))
+    img = _image(tmp_path / "d.img", 8192 + 64 * MiB)
+    dev = _device(img, os.urandom(64), offset=8192)
+    buf = memoryview(bytearray(MiB))
+    for off in range(0, 8 * SS, SS):  # small sequential reads (metadata, small files)
+        dev.read_into(buf[:SS], off)
+    for off in (40 * MiB, 3 * MiB, 20 * MiB):  # large but scattered
+        dev.read_into(buf, off)
+    assert hints == []
+    for off in range(0, 10 * MiB, MiB):  # sequential 1 MiB reads
+        dev.read_into(buf, off)
+    ra = devmod.READAHEAD
+    assert hints[0] == (8192 + 2 * MiB, ra)  # from the second read's end
+    assert all(off >= 8192 and n > 0 for off, n in hints)
+    assert len(hints) <= 10 * MiB // (ra // 2) + 1  # one hint per half window, not per read
+    # out of order by a request (as the loop device's split read-ahead arrives): still hinted
+    n = len(hints)
+    for off in (12 * MiB, 11 * MiB, 13 * MiB, 14 * MiB, 15 * MiB, 16 * MiB, 17 * MiB):
+        dev.read_into(buf, off)
+    assert len(hints) > n
+    hints.clear()
+    dev.read_into(buf, dev.size - MiB)  # near the end: never past the segment
+    dev.read_into(buf, dev.size - MiB)
+    assert all(off + n <= 8192 + dev.size for off, n in hints)
+    dev.close()
+
+
 @fuzz(quick=60)
 @given(
     ops=st.lists(
