@@ -64,17 +64,21 @@ def wait_ready(proc: subprocess.Popen[bytes], mnt: Path) -> None:
     raise RuntimeError("daemon not ready")
 
 
-def workloads(mnt: Path, size_mib: int, files: int) -> dict[str, float]:
+def workloads(mnt: Path, size_mib: int, files: int, reads: int = 3) -> dict[str, float]:
     out: dict[str, float] = {}
     big = mnt / "big.bin"
     os.sync()
     t = time.perf_counter()
     sh("dd", "if=/dev/zero", f"of={big}", "bs=1M", f"count={size_mib}", "conv=fsync")
     out["seq write MB/s"] = size_mib * MiB / 1e6 / (time.perf_counter() - t)
-    drop_caches()
-    t = time.perf_counter()
-    sh("dd", f"if={big}", "of=/dev/null", "bs=1M")
-    out["seq read MB/s"] = size_mib * MiB / 1e6 / (time.perf_counter() - t)
+    # Best of `reads` cold reads: on a shared machine one read swings 3x either way.
+    best = 0.0
+    for _ in range(reads):
+        drop_caches()
+        t = time.perf_counter()
+        sh("dd", f"if={big}", "of=/dev/null", "bs=1M")
+        best = max(best, size_mib * MiB / 1e6 / (time.perf_counter() - t))
+    out["seq read MB/s"] = best
     big.unlink()
     data = os.urandom(4096)
     os.sync()
@@ -226,6 +230,7 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--files", type=int, default=5000)
     ap.add_argument("--rounds", type=int, default=5, help="stage/publish repetitions")
+    ap.add_argument("--reads", type=int, default=3, help="cold sequential reads (best kept)")
     ap.add_argument("--workdir", default="/var/tmp")
     args = ap.parse_args()
     if os.geteuid() != 0:
@@ -245,7 +250,7 @@ def main() -> int:
     try:
         for name, cfg in configs:
             with cfg(dev, work) as (mnt, pid):
-                r = workloads(mnt, args.size_mib, args.files)
+                r = workloads(mnt, args.size_mib, args.files, args.reads)
                 if pid:
                     r["daemon peak RSS MiB"] = peak_rss_mib(pid)
                 results[name] = r

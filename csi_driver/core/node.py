@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from csi_driver import errors, fsprobe, usage, validate
 from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
-from csi_driver.core.volcap import Capability, unsupported
+from csi_driver.core.volcap import AccessType, Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.metrics import Metrics
@@ -418,7 +418,18 @@ class NodeCore:
         if req.capability is None:
             raise errors.InvalidArgument("volume_capability is required")
         target = self._target(req.target_path)
-        problem = unsupported(req.capability)
+        ctx = dict(req.volume_context or {})
+        bucket = is_object_volume(ctx, dict(req.secrets or {}))
+        block_route = (
+            bool(req.staging_target_path)
+            and not bucket
+            and (
+                is_block(ctx)
+                or self.block.owns(target)
+                or self._staged_block(req.staging_target_path)
+            )
+        )
+        problem = unsupported(req.capability, allow_block=block_route)
         if problem is not None:
             raise (errors.InvalidArgument if problem.missing else errors.FailedPrecondition)(
                 problem.message
@@ -426,25 +437,20 @@ class NodeCore:
         mode = req.capability.access_mode
         readonly = bool(req.readonly) or req.capability.readonly_mode
         readonly = readonly or "ro" in req.capability.mount_flags
-        ctx = dict(req.volume_context or {})
         ephemeral = ctx.get(CTX_EPHEMERAL, "").lower() == "true"
-        bucket = is_object_volume(ctx, dict(req.secrets or {}))
         readonly = readonly or (bucket and object_readonly(ctx, dict(req.secrets or {})))
-        if (
-            req.staging_target_path
-            and not bucket
-            and (
-                is_block(ctx)
-                or self.block.owns(target)
-                or self._staged_block(req.staging_target_path)
-            )
-        ):
+        if block_route:
             with (
                 self._busy(),
                 self._holding(self._target_locks, target, deadline, f"target {target}"),
             ):
                 self.block.publish(
-                    req.volume_id, target, req.staging_target_path, readonly, int(mode)
+                    req.volume_id,
+                    target,
+                    req.staging_target_path,
+                    readonly,
+                    int(mode),
+                    raw=req.capability.access_type is AccessType.BLOCK,
                 )
             return
 
@@ -781,6 +787,9 @@ class NodeCore:
             if block.volume_id != volume_id or block.phase != MOUNTED:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
             with self._busy():
+                raw = self.block.raw_size(target)
+                if raw is not None:  # raw block access: a size, no filesystem to measure
+                    return VolumeStats(raw, 0, 0, 0, 0, 0)
                 return _vfs_stats(self.block.statvfs(target))
         pub = self.store.get(target)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:

@@ -79,10 +79,17 @@ def mode_name(mode: int) -> str:
         return f"#{mode}"
 
 
-def unsupported(cap: Capability) -> Unsupported | None:
-    """None if supported, else the typed reason."""
-    if cap.access_type is AccessType.BLOCK:
+def unsupported(cap: Capability, *, allow_block: bool = False) -> Unsupported | None:
+    """None if supported, else the typed reason. Raw block access (``allow_block``) only
+    for block volumes: a directory volume has no device to expose."""
+    if cap.access_type is AccessType.BLOCK and not allow_block:
         return Unsupported(False, "block access is not supported (filesystem volumes only)")
+    if cap.access_type is AccessType.BLOCK:
+        if cap.access_mode == AccessMode.UNKNOWN:
+            return Unsupported(True, "access_mode is required")
+        if cap.access_mode not in SUPPORTED_MODES:
+            return Unsupported(False, f"access mode {mode_name(cap.access_mode)} is not supported")
+        return None
     if cap.access_type is not AccessType.MOUNT:
         return Unsupported(True, "access_type (mount) is required")
     if cap.access_mode == AccessMode.UNKNOWN:

@@ -14,10 +14,12 @@ NodeStageVolume (userspace engine, the one that runs without device-mapper):
    --sector-size 4096`` its ``disk``, mkfs when new, mount at the staging path, record it.
 
 NodePublishVolume binds the staging mount to the target (read-only if asked); several
-targets share one staging. Unpublish/unstage undo every step, each one idempotent. A
-restarted plugin finds its staged volumes in ``<state-dir>/block/node-state.json`` (a
-PublicationStore: stage records have mounter ``fuse-crypt-block``, publish records
-``bind``) and adopts the daemons that still serve them.
+targets share one staging. Raw block access (CSI AccessType BLOCK) stops the stage after
+``losetup`` (stage records with mounter ``fuse-crypt-block-raw``) and publishes the loop
+device node, bind-mounted onto a file at the target. Unpublish/unstage undo every step,
+each one idempotent. A restarted plugin finds its staged volumes in
+``<state-dir>/block/node-state.json`` (a PublicationStore: stage records have mounter
+``fuse-crypt-block``, publish records ``bind``) and adopts the daemons that still serve them.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
 from csi_driver.core.store import INTENT, MOUNTED, Publication, PublicationStore
-from csi_driver.core.volcap import Capability, unsupported
+from csi_driver.core.volcap import AccessType, Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.mounter import Mounter, _tool
@@ -53,6 +56,9 @@ log = logging.getLogger(__name__)
 
 BLOCK_MOUNTER = "fuse-crypt-block"
 DM_CRYPT = "dm-crypt"  # stage records of the kernel engine
+#: stage records of raw block access (CSI AccessType BLOCK): the loop device, no filesystem
+BLOCK_RAW = "fuse-crypt-block-raw"
+_STAGES = (BLOCK_MOUNTER, BLOCK_RAW, DM_CRYPT)
 BIND = "bind"
 HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never the state dir
 DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
@@ -192,7 +198,7 @@ class BlockVolumes:
         validate.volume_id(pub.volume_id)
         if self._path(pub.target_path, "target_path") != pub.target_path:
             raise errors.InvalidArgument("target_path is not in resolved form")
-        if pub.mounter in (BLOCK_MOUNTER, DM_CRYPT):
+        if pub.mounter in _STAGES:
             validate.absolute_path(pub.cipher_dir, "device")
         elif pub.mounter == BIND:
             if self._path(pub.cipher_dir, "staging") != pub.cipher_dir:
@@ -211,7 +217,7 @@ class BlockVolumes:
 
     def staged(self, staging: str) -> Publication | None:
         pub = self.store.get(staging)
-        return pub if pub is not None and pub.mounter in (BLOCK_MOUNTER, DM_CRYPT) else None
+        return pub if pub is not None and pub.mounter in _STAGES else None
 
     # -- stage -----------------------------------------------------------------------------
 
@@ -221,7 +227,7 @@ class BlockVolumes:
         cap = req.capability
         if cap is None:
             raise errors.InvalidArgument("volume_capability is required")
-        why = unsupported(cap)
+        why = unsupported(cap, allow_block=True)
         if why is not None:
             raise (errors.InvalidArgument if why.missing else errors.FailedPrecondition)(str(why))
         ctx = {**(req.volume_context or {}), **(req.publish_context or {})}
@@ -230,6 +236,8 @@ class BlockVolumes:
         if existing is not None:
             if existing.volume_id != req.volume_id or existing.mounter == BIND:
                 raise errors.AlreadyExists(f"{staging} is already used by another volume")
+            if (existing.mounter == BLOCK_RAW) != (cap.access_type is AccessType.BLOCK):
+                raise errors.AlreadyExists(f"{staging} is staged for another access type")
             if existing.phase == MOUNTED and self._live_stage(existing):
                 if existing.readonly != readonly:
                     raise errors.AlreadyExists(f"{staging} is staged with another readonly flag")
@@ -283,21 +291,32 @@ class BlockVolumes:
             log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
             unlocked = self.engine.unlock(device.path, key.password)
         mode = cap.access_mode
+        raw = cap.access_type is AccessType.BLOCK
         if self.kernel is not None:
+            if raw:
+                raise errors.FailedPrecondition(
+                    "raw block access is not implemented for the kernel engine yet"
+                )
             self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
                                (fs, mkfs_opts) if new else None)  # fmt: skip
             return
+        kind = BLOCK_RAW if raw else BLOCK_MOUNTER
         intent = Publication(
-            req.volume_id, staging, device.path, BLOCK_MOUNTER, readonly, int(mode), phase=INTENT
+            req.volume_id, staging, device.path, kind, readonly, int(mode), phase=INTENT
         )
         self.store.put(intent)
         try:
             pid, started = self._bring_up(intent, unlocked, device.is_image, deadline)
-            if new:
+            if raw:
+                # No filesystem: the plaintext loop device is what publish exposes. The
+                # staging path is only a name for it (created so kubelet finds it there).
+                os.makedirs(staging, 0o750, exist_ok=True)
+            elif new:
                 loop = self._loop_of(self.daemon_dir(staging))
                 assert loop is not None
                 _run(blockdev.mkfs_argv(fs, mkfs_opts, loop), f"mkfs.{fs}")
-            self._mount_staging(intent, fs)
+            if not raw:
+                self._mount_staging(intent, fs)
         except BaseException:
             self._teardown(self.store.get(staging) or intent)
             raise
@@ -478,6 +497,10 @@ class BlockVolumes:
     def _live_stage(self, pub: Publication) -> bool:
         entry = self.mounts.find(pub.target_path)
         mnt = self.daemon_dir(pub.target_path)
+        if pub.mounter == BLOCK_RAW:
+            return self._loop_of(mnt) is not None and self.mounter.serves(
+                pub.pid, mnt, pub.pid_start
+            )
         return (
             entry is not None
             and entry.source.startswith("/dev/loop")
@@ -552,12 +575,34 @@ class BlockVolumes:
     # -- publish / unpublish -----------------------------------------------------------------
 
     def publish(
-        self, volume_id: str, target: str, staging_path: str, readonly: bool, mode: int
+        self,
+        volume_id: str,
+        target: str,
+        staging_path: str,
+        readonly: bool,
+        mode: int,
+        *,
+        raw: bool = False,
     ) -> None:
+        """Bind the staged filesystem to ``target`` (a directory), or with ``raw`` (CSI
+        AccessType BLOCK) the plaintext loop device node to ``target`` (a file we create,
+        as kubelet expects for block volumes)."""
         staging = self._path(staging_path, "staging_target_path")
         stage = self.staged(staging)
         if stage is None or stage.volume_id != volume_id or stage.phase != MOUNTED:
             raise errors.FailedPrecondition(f"volume {volume_id} is not staged at {staging}")
+        if raw != (stage.mounter == BLOCK_RAW):
+            raise errors.FailedPrecondition(
+                f"volume {volume_id} is staged for "
+                f"{'block' if stage.mounter == BLOCK_RAW else 'mount'} access, not "
+                f"{'block' if raw else 'mount'}"
+            )
+        if raw and readonly and not stage.readonly:
+            # A read-only bind does not stop writes through a device node; only a read-only
+            # loop device does, and that is chosen at stage time.
+            raise errors.FailedPrecondition(
+                "a read-only publish of a raw block volume needs a read-only stage"
+            )
         readonly = readonly or stage.readonly
         pub = self.store.get(target)
         if pub is not None:
@@ -574,9 +619,20 @@ class BlockVolumes:
             raise errors.AlreadyExists(f"target_path {target} is already a mount point")
         self.store.put(Publication(volume_id, target, staging, BIND, readonly, mode, phase=INTENT))
         try:
-            os.makedirs(target, 0o750, exist_ok=True)
-            _libc_mount(staging, target, _MS_BIND)
-            if readonly:
+            if raw:
+                loop = self._loop_of(self.daemon_dir(staging))
+                if loop is None:
+                    raise OSError(errno.ENODEV, "the volume's loop device is gone")
+                os.makedirs(os.path.dirname(target), 0o750, exist_ok=True)
+                with contextlib.suppress(FileExistsError):
+                    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+                if not stat.S_ISREG(os.lstat(target).st_mode):
+                    raise OSError(errno.EEXIST, "the target is not a regular file")
+                _libc_mount(loop, target, _MS_BIND)  # the loop is read-only if the stage is
+            else:
+                os.makedirs(target, 0o750, exist_ok=True)
+                _libc_mount(staging, target, _MS_BIND)
+            if readonly and not raw:
                 _libc_mount(
                     staging, target, _MS_BIND | _MS_REMOUNT | _MS_RDONLY | _MS_NOSUID | _MS_NODEV
                 )
@@ -597,7 +653,11 @@ class BlockVolumes:
         if self.mounts.find(target) is not None and not umount_nofollow(target):
             _run(["umount", target], "umount of the target")
         try:
-            os.rmdir(target)
+            st = os.lstat(target)
+            if stat.S_ISREG(st.st_mode) and st.st_size == 0:
+                os.unlink(target)  # a raw block target: the empty file the bind covered
+            else:
+                os.rmdir(target)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -618,6 +678,18 @@ class BlockVolumes:
         except OSError as exc:
             raise errors.NotFound(f"the block volume is not usable: {exc.strerror}") from None
 
+    def raw_size(self, path: str) -> int | None:
+        """Bytes of the loop device behind a raw block stage or publish, else None."""
+        pub = self.store.get(path)
+        if pub is not None and pub.mounter == BIND:
+            pub = self.staged(pub.cipher_dir)
+        if pub is None or pub.mounter != BLOCK_RAW:
+            return None
+        loop = self._loop_of(self.daemon_dir(pub.target_path))
+        if loop is None:
+            raise errors.NotFound("the block volume's loop device is gone")
+        return int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
+
     def expand(self, volume_id: str, volume_path: str, staging_path: str) -> int:
         """Grow the loop device to the disk's new size and the filesystem to the loop's."""
         validate.volume_id(volume_id)
@@ -635,6 +707,8 @@ class BlockVolumes:
         if loop is None:
             raise errors.FailedPrecondition(f"volume {volume_id} has no loop device")
         _run(["losetup", "-c", loop], "losetup -c")
+        if pub.mounter == BLOCK_RAW:  # no filesystem of ours: the consumer grows its own
+            return int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
         entry = self.mounts.find(pub.target_path)
         fs = entry.fstype if entry is not None else "ext4"
         if fs == "xfs":

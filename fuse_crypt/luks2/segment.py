@@ -18,9 +18,25 @@ decrypts to 4096 bytes of garbage that nobody notices here (see docs/block.md).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import Luks2Error
+
+try:
+    # What Cipher(...).encryptor()/decryptor() call after their argument checks. Those
+    # checks (isinstance through abc, key-size validation) cost twice the AES itself
+    # for a 4 KiB sector, and XTS needs one context per sector; ``XtsSegment`` runs
+    # them once, in __init__, and then goes here directly. Falls back to the public
+    # API if a cryptography release moves it.
+    from cryptography.hazmat.bindings._rust import openssl as _rust_openssl
+
+    _ENC_CTX: Callable[[Any, Any], Any] | None = _rust_openssl.ciphers.create_encryption_ctx
+    _DEC_CTX: Callable[[Any, Any], Any] | None = _rust_openssl.ciphers.create_decryption_ctx
+except (ImportError, AttributeError):  # pragma: no cover - depends on the release
+    _ENC_CTX = _DEC_CTX = None
 
 Buffer = bytes | bytearray | memoryview
 
@@ -74,6 +90,8 @@ class XtsSegment:
         self._units_per_sector = sector_size // IV_UNIT
         self._mask = (1 << 64) - 1 if cipher.endswith("plain64") else (1 << 32) - 1
         self._aes: algorithms.AES | None = algorithms.AES(bytes(volume_key))
+        # The public API's checks, once (the hot path skips them, see _ENC_CTX).
+        Cipher(self._aes, modes.XTS(bytes(16))).decryptor()
 
     def tweak(self, sector: int) -> bytes:
         """The 16-byte XTS tweak of segment sector ``sector`` (in ``sector_size`` units)."""
@@ -96,9 +114,18 @@ class XtsSegment:
         if len(out) < len(src):
             raise ValueError("output buffer is too small")
         alg, ss = self._alg(), self.sector_size
+        new_ctx = _ENC_CTX if encrypt else _DEC_CTX
+        if new_ctx is None:  # pragma: no cover - see _ENC_CTX
+            for pos in range(0, len(src), ss):
+                cipher = Cipher(alg, modes.XTS(self.tweak(sector)))
+                ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+                out[pos : pos + ss] = ctx.update(src[pos : pos + ss])
+                sector += 1
+            return
+        xts, units, mask, base = modes.XTS, self._units_per_sector, self._mask, self.iv_tweak
         for pos in range(0, len(src), ss):
-            cipher = Cipher(alg, modes.XTS(self.tweak(sector)))
-            ctx = cipher.encryptor() if encrypt else cipher.decryptor()
+            iv = (base + sector * units) & mask
+            ctx = new_ctx(alg, xts(iv.to_bytes(16, "little")))
             out[pos : pos + ss] = ctx.update(src[pos : pos + ss])
             sector += 1
 

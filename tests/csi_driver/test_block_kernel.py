@@ -10,7 +10,7 @@ import pytest
 
 from csi_driver import errors
 from csi_driver.volumes import block_kernel as bk
-from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt import luks2_helpers as lh
 
 
 class Recorder:
@@ -98,7 +98,7 @@ def test_real_cryptsetup_without_device_mapper(tmp_path: Path) -> None:
     copy (zero-padded to 16 MiB) plus the volume key on stdin passes cryptsetup's
     --test-passphrase (a wrong key is WrongVolumeKey), and the real open fails with the
     device-mapper error mapped to FAILED_PRECONDITION; --integrity format fails too."""
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     if bk.available():
         pytest.skip("device-mapper present: this test is for machines without it")
     from fuse_crypt.luks2 import KdfCost, format_volume
@@ -108,8 +108,8 @@ def test_real_cryptsetup_without_device_mapper(tmp_path: Path) -> None:
     with img.open("wb") as f:
         f.truncate(32 << 20)
     eng.format(str(img), b"pw")
-    assert oracle.passphrase_opens(img, b"pw")
-    assert oracle.dump_json(img)["segments"]["0"]["encryption"] == "aes-xts-plain64"
+    assert lh.cs_opens(img, b"pw")
+    assert lh.cs_json(img)["segments"]["0"]["encryption"] == "aes-xts-plain64"
 
     ours = tmp_path / "ours.img"
     with ours.open("wb") as f:

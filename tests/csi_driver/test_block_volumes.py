@@ -23,7 +23,7 @@ from csi_driver.volumes import blockdev
 from csi_driver.volumes.block import StageRequest
 from csi_driver.volumes.block_luks import CryptsetupOfflineLuks, UserspaceLuks
 from fuse_crypt.luks2 import XtsSegment
-from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt import luks2_helpers as lh
 from tests.fuse_crypt.block_rig import block_skip_reason
 
 from .conftest import KEY_RESOURCE, Keys, cleanup_mounts, make_node
@@ -132,11 +132,9 @@ def test_stage_publish_unstage_restage(rig: Rig) -> None:
     # cryptsetup 2.6 takes it for a LUKS2 container that opens with exactly the derived key,
     # and the volume key it prints decrypts our data sectors (the ext4 superblock magic).
     password = derive_volume_password(rig.keys.root_key, "blk-1")
-    assert oracle.passphrase_opens(img, password) and not oracle.passphrase_opens(img, b"wrong")
-    offset = int(oracle.dump_json(img)["segments"]["0"]["offset"])
-    first = XtsSegment(oracle.dump_volume_key(img, password)).decrypt(
-        0, raw[offset : offset + 4096]
-    )
+    assert lh.cs_opens(img, password) and not lh.cs_opens(img, b"wrong")
+    offset = int(lh.cs_json(img)["segments"]["0"]["offset"])
+    first = XtsSegment(lh.cs_volume_key(img, password)).decrypt(0, raw[offset : offset + 4096])
     assert first[1080:1082] == b"\x53\xef"
 
     staging = rig.stage(img, source="encrypted")
@@ -161,8 +159,8 @@ def _gpt(img: pathlib.Path) -> None:
 
 
 def _luks(img: pathlib.Path) -> None:
-    oracle.skip_without_cryptsetup()
-    oracle.luks_format(img)
+    lh.skip_without_cryptsetup()
+    lh.cs_luks_format(img)
 
 
 def _random_head(img: pathlib.Path) -> None:
@@ -221,16 +219,16 @@ def _has_cap_sys_resource() -> bool:
 def test_cdh_made_disk_needs_the_operator_flag(rig: Rig, tmp_path: pathlib.Path) -> None:
     """A disk cryptsetup formatted with CDH's options (attached header, no binding token):
     refused by default, device unchanged; the operator flag opens it to the same key."""
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     img = rig.image()
     password = derive_volume_password(rig.keys.root_key, "blk-1")
-    oracle.luks_format(img, passphrase=password)
+    lh.cs_luks_format(img, password)
     before = _sha(img)
     with pytest.raises(errors.FailedPrecondition, match="header refused"):
         rig.stage(img, source="encrypted")
     assert _sha(img) == before
     u = UserspaceLuks(require_binding=False).unlock(str(img), password)
-    assert u.volume_key == oracle.dump_volume_key(img, password)
+    assert u.volume_key == lh.cs_volume_key(img, password)
     assert (u.offset, u.size, u.sector_size, u.cipher) == (16 * MiB, None, 4096, "aes-xts-plain64")
     # the independent engine agrees
     assert CryptsetupOfflineLuks().unlock(str(img), password) == u
@@ -419,7 +417,6 @@ def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool
     """The host rewrites the header of a volume the node made (checksums recomputed, seqid
     bumped; or only a forged secondary with a higher seqid): staging refuses it and the
     device stays bit-for-bit what the host left."""
-    from tests.fuse_crypt import luks2_helpers as lh
 
     img = rig.image()
     staging = rig.stage(img)
@@ -532,7 +529,7 @@ def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Key
     rig.core.unstage("blk-1", staging)
     old_pw = derive_volume_password(keys.root_key, "blk-1")
     new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
-    assert oracle.passphrase_opens(img, new_pw) and not oracle.passphrase_opens(img, old_pw)
+    assert lh.cs_opens(img, new_pw) and not lh.cs_opens(img, old_pw)
     # From now on the new key alone opens it; a previous key outside the allowed
     # prefixes is refused before anything is tried.
     staging = rig.stage(img, source="encrypted", keyResource=new_res)

@@ -1,7 +1,9 @@
-"""Shared LUKS2 test helpers: real cryptsetup 2.6 as the oracle, and header forgery.
+"""The one home of the LUKS2 test helpers: real cryptsetup 2.6 as the oracle, and header
+forgery (the host's tools).
 
-cryptsetup's luksFormat, luksDump, open --test-passphrase, luksAddKey and luksKillSlot need
-no device-mapper, so they run on plain image files here. KDF costs are always tiny.
+cryptsetup's luksFormat, luksDump (JSON and the volume key), open --test-passphrase,
+luksAddKey, luksKillSlot and offline reencrypt need no device-mapper (luks2.md §7), so they
+run on plain image files here. KDF costs are always tiny.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from fuse_crypt.luks2 import header as hdr
 
 CRYPTSETUP = shutil.which("cryptsetup")
 needs_cryptsetup = pytest.mark.skipif(CRYPTSETUP is None, reason="cryptsetup not installed")
+#: CDH's luksFormat options (luks2.md §6.1)
+CDH_FORMAT = ["--type", "luks2", "--cipher", "aes-xts-plain64", "--sector-size", "4096"]
 
 TINY = KdfCost(time=4, memory_kib=32, cpus=1, iterations=1000)
 IMAGE_SIZE = 17 * 1024 * 1024  # header + keyslots area + 1 MiB of data
@@ -32,15 +36,24 @@ TINY_PBKDF = {
                  "--pbkdf-parallel", "1"],
     "pbkdf2": ["--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000"],
 }  # fmt: skip
+FAST_KDF = TINY_PBKDF["pbkdf2"]
+
+
+def skip_without_cryptsetup() -> None:
+    """For tests that decide at run time (the mark ``needs_cryptsetup`` otherwise)."""
+    if CRYPTSETUP is None:
+        pytest.skip("cryptsetup missing (Debian package cryptsetup-bin)")
 
 
 def cryptsetup(
     *args: str, stdin: bytes = b"", check: bool = True
 ) -> subprocess.CompletedProcess[bytes]:
+    """Run cryptsetup; with ``check`` a failure asserts with cryptsetup's own message."""
     assert CRYPTSETUP is not None
-    return subprocess.run(
-        [CRYPTSETUP, *args], input=stdin, capture_output=True, timeout=60, check=check
-    )
+    res = subprocess.run([CRYPTSETUP, *args], input=stdin, capture_output=True, timeout=60)
+    if check:
+        assert res.returncode == 0, res.stderr.decode(errors="replace")
+    return res
 
 
 def blank_image(path: Path, size: int = IMAGE_SIZE) -> Path:
@@ -49,17 +62,42 @@ def blank_image(path: Path, size: int = IMAGE_SIZE) -> Path:
     return path
 
 
+def cs_luks_format(
+    device: Path,
+    passphrase: bytes = b"pw",
+    *,
+    kdf: str = "pbkdf2",
+    header: Path | None = None,
+    volume_key: bytes | None = None,
+    extra: tuple[str, ...] = (),
+) -> None:
+    """``luksFormat`` with CDH's options on an existing ``device``; ``header``: detached
+    (created at 16 MiB if missing); ``volume_key``: ours instead of a random one."""
+    args = ["luksFormat", "--batch-mode", *CDH_FORMAT, *TINY_PBKDF[kdf], *extra]
+    if header is not None:
+        if not header.exists():
+            blank_image(header, 16 << 20)
+        args += ["--header", str(header)]
+    vkfile = device.with_name(device.name + ".vk")
+    if volume_key is not None:
+        vkfile.write_bytes(volume_key)
+        args += ["--volume-key-file", str(vkfile), "--key-size", str(len(volume_key) * 8)]
+    try:
+        cryptsetup(*args, "--key-file", "-", str(device), stdin=passphrase)
+    finally:
+        if volume_key is not None:
+            vkfile.unlink()
+
+
 def cs_format(path: Path, passphrase: bytes, kdf: str = "argon2id", *extra: str) -> Path:
-    """``cryptsetup luksFormat`` with CDH's options (luks2.md §6.1), tiny KDF costs."""
+    """A new image of IMAGE_SIZE, ``cryptsetup luksFormat``ed with CDH's options."""
     blank_image(path)
-    cryptsetup(
-        "luksFormat", "--batch-mode", "--type", "luks2", "--cipher", "aes-xts-plain64",
-        "--sector-size", "4096", *TINY_PBKDF[kdf], *extra, str(path), "-", stdin=passphrase,
-    )  # fmt: skip
+    cs_luks_format(path, passphrase, kdf=kdf, extra=extra)
     return path
 
 
-def cs_volume_key(path: Path, passphrase: bytes) -> bytes:
+def cs_volume_key(path: Path, passphrase: bytes = b"pw") -> bytes:
+    """The volume key ``luksDump --dump-volume-key`` prints."""
     out = cryptsetup(
         "luksDump", "--dump-volume-key", "--batch-mode", "-d", "-", str(path), stdin=passphrase
     ).stdout.decode()
@@ -67,10 +105,17 @@ def cs_volume_key(path: Path, passphrase: bytes) -> bytes:
     return bytes.fromhex("".join(re.findall(r"\b[0-9a-f]{2}\b", block)))
 
 
-def cs_test_passphrase(path: Path, passphrase: bytes) -> int:
+def cs_test_passphrase(path: Path, passphrase: bytes, header: Path | None = None) -> int:
+    """cryptsetup's exit code for ``open --test-passphrase`` (0 opens, 2 wrong key)."""
+    hdr_args = ["--header", str(header)] if header is not None else []
     return cryptsetup(
-        "open", "--test-passphrase", "-d", "-", str(path), stdin=passphrase, check=False
-    ).returncode
+        "open", "--test-passphrase", *hdr_args, "-d", "-", str(path), stdin=passphrase,
+        check=False,
+    ).returncode  # fmt: skip
+
+
+def cs_opens(path: Path, passphrase: bytes, header: Path | None = None) -> bool:
+    return cs_test_passphrase(path, passphrase, header) == 0
 
 
 def cs_json(path: Path) -> dict[str, Any]:

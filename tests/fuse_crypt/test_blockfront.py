@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 from fuse_crypt.blockfront import CryptDevice, DeviceError, open_device
 from fuse_crypt.luks2.segment import XtsSegment
-from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt import luks2_helpers as lh
 from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
 from tests.fuzzing import fuzz
 
@@ -60,6 +60,41 @@ def test_unaligned_io_matches_a_model_and_the_sectors(tmp_path: Path) -> None:
     raw = img.read_bytes()
     assert raw[:8192] == bytes(8192)  # the "header" area before the segment is untouched
     assert XtsSegment(key).decrypt(0, raw[8192:]) == bytes(model)
+    dev.close()
+
+
+def test_read_ahead_hints_sequential_large_reads_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large reads that continue each other prefetch the next ciphertext (within the
+    segment, at the device offset); small or scattered reads never do."""
+    from fuse_crypt.blockfront import device as devmod
+
+    hints: list[tuple[int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n)))
+    img = _image(tmp_path / "d.img", 8192 + 64 * MiB)
+    dev = _device(img, os.urandom(64), offset=8192)
+    buf = memoryview(bytearray(MiB))
+    for off in range(0, 8 * SS, SS):  # small sequential reads (metadata, small files)
+        dev.read_into(buf[:SS], off)
+    for off in (40 * MiB, 3 * MiB, 20 * MiB):  # large but scattered
+        dev.read_into(buf, off)
+    assert hints == []
+    for off in range(0, 10 * MiB, MiB):  # sequential 1 MiB reads
+        dev.read_into(buf, off)
+    ra = devmod.READAHEAD
+    assert hints[0] == (8192 + 2 * MiB, ra)  # from the second read's end
+    assert all(off >= 8192 and n > 0 for off, n in hints)
+    assert len(hints) <= 10 * MiB // (ra // 2) + 1  # one hint per half window, not per read
+    # out of order by a request (as the loop device's split read-ahead arrives): still hinted
+    n = len(hints)
+    for off in (12 * MiB, 11 * MiB, 13 * MiB, 14 * MiB, 15 * MiB, 16 * MiB, 17 * MiB):
+        dev.read_into(buf, off)
+    assert len(hints) > n
+    hints.clear()
+    dev.read_into(buf, dev.size - MiB)  # near the end: never past the segment
+    dev.read_into(buf, dev.size - MiB)
+    assert all(off + n <= 8192 + dev.size for off, n in hints)
     dev.close()
 
 
@@ -164,11 +199,11 @@ def rig(tmp_path: Path) -> Iterator[BlockRig]:
 @pytest.fixture
 def luks_image(tmp_path: Path) -> tuple[Path, bytes, int]:
     """A 64 MiB image cryptsetup formatted with CDH's options; (path, VK, data offset)."""
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     img = _image(tmp_path / "disk.img", 64 * MiB)
-    oracle.luks_format(img)
-    seg = oracle.dump_json(img)["segments"]["0"]
-    return img, oracle.dump_volume_key(img), int(seg["offset"])
+    lh.cs_luks_format(img)
+    seg = lh.cs_json(img)["segments"]["0"]
+    return img, lh.cs_volume_key(img), int(seg["offset"])
 
 
 MARKER = b"coco-block-marker-7f3a9c"
@@ -202,7 +237,7 @@ def test_ext4_round_trip_through_restart(
     assert MARKER not in raw and NAME.encode() not in raw
     assert raw[:offset] == header_before  # the LUKS2 header is never written
     # cryptsetup still takes it for the same LUKS2 volume
-    assert oracle.passphrase_opens(img, b"pw")
+    assert lh.cs_opens(img, b"pw")
 
     proc = rig.serve(img, mnt, vk, offset=offset)
     loop = rig.attach(mnt / "disk")
@@ -315,9 +350,9 @@ def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) ->
     assert proc.returncode == 12 and "passphrase incorrect" in rig.log(mnt)
     assert img.read_bytes() == raw
 
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     cdh = _image(tmp_path / "cdh.img", 32 * MiB)
-    oracle.luks_format(cdh, passphrase=b"pw")
+    lh.cs_luks_format(cdh, b"pw")
     proc = rig.serve(cdh, mnt, b"", offset=0, passphrase=b"pw", expect_ready=False)
     assert proc.returncode == 23 and "LUKS2:" in rig.log(mnt)
     extra = ("--allow-regular-file", "--accept-unbound-header")

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from fuse_crypt.luks2.segment import SegmentError, XtsSegment
-from tests.fuse_crypt import luks_oracle as oracle
+from tests.fuse_crypt import luks2_helpers as lh
 from tests.fuzzing import fuzz
 
 SS = 4096
@@ -68,6 +68,29 @@ def test_matches_independent_xts(key_len: int) -> None:
         want = reference_xts(key, (2 + i) * 8, sector, encrypt=True)
         assert ct[i * SS : (i + 1) * SS] == want
     assert seg.decrypt(2 * SS, ct) == data
+
+
+@pytest.mark.parametrize("cipher", ["aes-xts-plain64", "aes-xts-plain"])
+def test_fast_path_equals_public_api_and_reference(
+    cipher: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hot path (context constructor without Cipher's per-call checks, tweak computed
+    inline) gives what the public API and an independent XTS give, across the 32-bit
+    counter wrap of aes-xts-plain."""
+    from fuse_crypt.luks2 import segment
+
+    key, data = os.urandom(64), os.urandom(4 * SS)
+    seg = XtsSegment(key, cipher=cipher, iv_tweak=(1 << 32) - 16)
+    fast = seg.encrypt(SS, data)
+    monkeypatch.setattr(segment, "_ENC_CTX", None)
+    monkeypatch.setattr(segment, "_DEC_CTX", None)
+    assert seg.encrypt(SS, data) == fast and seg.decrypt(SS, fast) == data
+    monkeypatch.undo()
+    assert seg.decrypt(SS, fast) == data
+    for i in range(4):
+        units = int.from_bytes(seg.tweak(1 + i), "little")
+        want = reference_xts(key, units, data[i * SS : (i + 1) * SS], encrypt=True)
+        assert fast[i * SS : (i + 1) * SS] == want
 
 
 def test_in_place_and_into() -> None:
@@ -126,40 +149,36 @@ def test_round_trip(sectors: int, first: int, sector_size: int, iv_tweak: int, c
 
 
 def test_reads_what_cryptsetup_encrypted(tmp_path: Path) -> None:
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     plain = os.urandom(16 * SS)
     data = tmp_path / "data.img"
     data.write_bytes(plain)
     header = tmp_path / "h.img"
     header.write_bytes(bytes(16 << 20))
-    oracle.check(
-        [
-            "reencrypt", "--encrypt", "--force-offline-reencrypt", *oracle.CDH_FORMAT,
-            *oracle.FAST_KDF, "--header", str(header), str(data), "--key-file", "-",
-        ]
+    lh.cryptsetup(
+        "--batch-mode", "reencrypt", "--encrypt", "--force-offline-reencrypt", *lh.CDH_FORMAT,
+        *lh.FAST_KDF, "--header", str(header), str(data), "--key-file", "-", stdin=b"pw",
     )  # fmt: skip
-    seg_json = oracle.dump_json(header)["segments"]["0"]
+    seg_json = lh.cs_json(header)["segments"]["0"]
     assert seg_json["offset"] == "0" and seg_json["sector_size"] == SS
     ct = data.read_bytes()
     assert ct != plain
-    seg = XtsSegment(oracle.dump_volume_key(header), sector_size=SS)
+    seg = XtsSegment(lh.cs_volume_key(header), sector_size=SS)
     assert seg.decrypt(0, ct) == plain
 
 
 def test_cryptsetup_reads_what_we_encrypted(tmp_path: Path) -> None:
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     vk = os.urandom(64)
     plain = os.urandom(16 * SS)
     data = tmp_path / "data.img"
     data.write_bytes(bytes(len(plain)))
     header = tmp_path / "h.img"
-    oracle.luks_format(data, header=header, volume_key=vk)
+    lh.cs_luks_format(data, header=header, volume_key=vk)
     data.write_bytes(XtsSegment(vk).encrypt(0, plain))
-    oracle.check(
-        [
-            "reencrypt", "--decrypt", "--force-offline-reencrypt",
-            "--header", str(header), str(data), "--key-file", "-",
-        ]
+    lh.cryptsetup(
+        "--batch-mode", "reencrypt", "--decrypt", "--force-offline-reencrypt",
+        "--header", str(header), str(data), "--key-file", "-", stdin=b"pw",
     )  # fmt: skip
     assert data.read_bytes() == plain
 
@@ -167,21 +186,21 @@ def test_cryptsetup_reads_what_we_encrypted(tmp_path: Path) -> None:
 def test_attached_header_iv_counts_from_segment_start(tmp_path: Path) -> None:
     """Our ciphertext at the 16 MiB data offset, re-keyed by cryptsetup (which must
     decrypt it first), decrypts back to the plaintext under the new volume key."""
-    oracle.skip_without_cryptsetup()
+    lh.skip_without_cryptsetup()
     vk = os.urandom(64)
     img = tmp_path / "x.img"
     with img.open("wb") as f:
         f.truncate((16 << 20) + 8 * SS)
-    oracle.luks_format(img, volume_key=vk)
-    offset = int(oracle.dump_json(img)["segments"]["0"]["offset"])
+    lh.cs_luks_format(img, volume_key=vk)
+    offset = int(lh.cs_json(img)["segments"]["0"]["offset"])
     assert offset == 16 << 20
     plain = os.urandom(8 * SS)
     with img.open("r+b") as f:
         f.seek(offset)
         f.write(XtsSegment(vk).encrypt(0, plain))
-    oracle.check(["reencrypt", "--force-offline-reencrypt", *oracle.FAST_KDF, str(img),
-                  "--key-file", "-"])  # fmt: skip
-    new_vk = oracle.dump_volume_key(img)
+    lh.cryptsetup("--batch-mode", "reencrypt", "--force-offline-reencrypt", *lh.FAST_KDF,
+                  str(img), "--key-file", "-", stdin=b"pw")  # fmt: skip
+    new_vk = lh.cs_volume_key(img)
     assert new_vk != vk
     with img.open("rb") as f:
         f.seek(offset)
