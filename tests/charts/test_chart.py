@@ -95,9 +95,7 @@ NODE_OPT_INS: dict[str, Any] = {
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},  # i.e. KBS_MINIMAL: the chart has no working KBS default (see conftest)
     "node-opt-ins": NODE_OPT_INS,
-    "object-ca-configmap": {
-        "node": {"objectCaBundle": {"configMap": {"name": "object-ca"}}}
-    },
+    "object-ca-configmap": {"node": {"objectCaBundle": {"configMap": {"name": "object-ca"}}}},
     "everything-on": EVERYTHING_ON,
     "cdh": {"resolver": {"kind": "cdh"}},
     "offline-fs-demo": {"resolver": {"kind": "offline-fs"}},
@@ -1045,7 +1043,18 @@ def test_backend_cannot_be_fed_from_a_secret_or_configmap(chart: Any, volume) ->
         render_raw(chart, {"backend": {"volume": volume}})
 
 
-@pytest.mark.parametrize("arg", ["--masterkey=00112233", "--passphrase=x", "--secret-file=/k"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--masterkey=00112233",
+        "--passphrase=x",
+        "--secret-file=/k",
+        # opt-ins that weaken the trust boundary go through their own, named values
+        "--allow-plaintext-object-credentials",
+        "--allow-insecure-object-endpoint",
+        "--block-accept-unbound-header",
+    ],
+)
 def test_extra_args_cannot_carry_keys(chart: Any, arg: str) -> None:
     with pytest.raises(helm.HelmValuesError, match="extraArgs"):
         render_raw(chart, {"node": {"extraArgs": [arg]}})
