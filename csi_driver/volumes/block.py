@@ -243,19 +243,7 @@ class BlockVolumes:
                     raise errors.AlreadyExists(f"{staging} is staged with another readonly flag")
                 return
             self._teardown(existing)  # a half-done or dead stage: clean, then stage afresh
-        source = ctx.get(blockdev.CTX_SOURCE_TYPE, blockdev.SOURCE_ENCRYPTED)
-        if source not in (blockdev.SOURCE_EMPTY, blockdev.SOURCE_ENCRYPTED):
-            raise errors.InvalidArgument(
-                f"sourceType must be {blockdev.SOURCE_EMPTY!r} or {blockdev.SOURCE_ENCRYPTED!r}"
-            )
-        if ctx.get(blockdev.CTX_DATA_INTEGRITY, "false") == "true":
-            raise errors.FailedPrecondition(
-                "dataIntegrity needs the kernel engine (device-mapper), absent on this node"
-            )
-        fs = blockdev.fs_type(ctx, cap.fs_type)
-        mkfs_opts = blockdev.mkfs_options(fs, ctx.get(blockdev.CTX_MKFS_OPTS, ""))
-        if readonly and source == blockdev.SOURCE_EMPTY:
-            raise errors.InvalidArgument("a new (sourceType empty) volume cannot be read-only")
+        source, fs, mkfs_opts = blockdev.stage_parameters(ctx, cap.fs_type, readonly)
         device = blockdev.resolve_device(ctx, self.image_roots)
         key = resolve_volume_key(
             req.volume_id,

@@ -205,6 +205,28 @@ def _first_nonzero(data: bytes) -> int | None:
 # -- the new filesystem ---------------------------------------------------------------------
 
 
+def stage_parameters(
+    ctx: Mapping[str, str], cap_fs_type: str, readonly: bool
+) -> tuple[str, str, list[str]]:
+    """``(sourceType, fsType, mkfs options)`` of a stage request, checked before any I/O.
+
+    One home for what a PV's volumeAttributes may say besides the device and the key, so
+    that the stage step and tests/examples (which keeps the examples from drifting) agree.
+    """
+    source = ctx.get(CTX_SOURCE_TYPE, SOURCE_ENCRYPTED)
+    if source not in (SOURCE_EMPTY, SOURCE_ENCRYPTED):
+        raise errors.InvalidArgument(f"sourceType must be {SOURCE_EMPTY!r} or {SOURCE_ENCRYPTED!r}")
+    if ctx.get(CTX_DATA_INTEGRITY, "false") == "true":
+        raise errors.FailedPrecondition(
+            "dataIntegrity needs the kernel engine (device-mapper), absent on this node"
+        )
+    fs = fs_type(ctx, cap_fs_type)
+    mkfs_opts = mkfs_options(fs, ctx.get(CTX_MKFS_OPTS, ""))
+    if readonly and source == SOURCE_EMPTY:
+        raise errors.InvalidArgument("a new (sourceType empty) volume cannot be read-only")
+    return source, fs, mkfs_opts
+
+
 def fs_type(ctx: Mapping[str, str], cap_fs_type: str) -> str:
     fs = cap_fs_type or ctx.get(CTX_FS_TYPE, "") or "ext4"
     if fs not in FILESYSTEMS:

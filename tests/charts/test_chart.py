@@ -82,8 +82,20 @@ EVERYTHING_ON: dict[str, Any] = {
     },
     "metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "prom"}}},
 }
+# Every object-store / block node opt-in on (security-weakening ones included).
+NODE_OPT_INS: dict[str, Any] = {
+    "node": {
+        "allowedObjectEndpoints": ["minio.example.com"],
+        "objectCaBundle": {"hostPath": "/etc/coco/object-ca.pem"},
+        "allowPlaintextObjectCredentials": True,
+        "allowInsecureObjectEndpoint": True,
+        "blockAcceptUnboundHeader": True,
+    }
+}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},  # i.e. KBS_MINIMAL: the chart has no working KBS default (see conftest)
+    "node-opt-ins": NODE_OPT_INS,
+    "object-ca-configmap": {"node": {"objectCaBundle": {"configMap": {"name": "object-ca"}}}},
     "everything-on": EVERYTHING_ON,
     "cdh": {"resolver": {"kind": "cdh"}},
     "offline-fs-demo": {"resolver": {"kind": "offline-fs"}},
@@ -390,9 +402,78 @@ def test_node_plugin_gets_kubelet_root_and_allow_lists(render) -> None:
     assert arg_value(custom, "--metrics-addr") == "127.0.0.1:8095"
 
 
+OPT_IN_FLAGS = {
+    "allowPlaintextObjectCredentials": "--allow-plaintext-object-credentials",
+    "allowInsecureObjectEndpoint": "--allow-insecure-object-endpoint",
+    "blockAcceptUnboundHeader": "--block-accept-unbound-header",
+}
+
+
+def test_node_opt_ins_are_off_by_default_and_rendered_only_when_set(render) -> None:
+    defaults = yaml.safe_load((CHART_DIR / "values.yaml").read_text())["node"]
+    assert all(defaults[v] is False for v in OPT_IN_FLAGS)
+    plain = container(_node(render()), "coco-csi")
+    rendered = " ".join(plain["args"])
+    assert not any(f in rendered for f in [*OPT_IN_FLAGS.values(), "--object-ca-bundle"])
+    assert "--block-image-root" not in rendered  # tests only: never a value
+    assert "object-ca" not in {m["name"] for m in plain["volumeMounts"]}
+    for value, flag in OPT_IN_FLAGS.items():
+        args = container(_node(render({"node": {value: True}})), "coco-csi")["args"]
+        assert args.count(flag) == 1
+        assert not set(OPT_IN_FLAGS.values()) - {flag} & set(args)  # one value, one flag
+
+
+def test_object_ca_bundle_from_the_node_or_a_configmap(render, chart: Any) -> None:
+    ds = _node(render({"node": {"objectCaBundle": {"hostPath": "/etc/coco/object-ca.pem"}}}))
+    plugin = container(ds, "coco-csi")
+    assert arg_value(plugin, "--object-ca-bundle") == "/etc/coco-csi/object-ca/ca.pem"
+    assert mount_of(plugin, "object-ca") == {
+        "name": "object-ca", "mountPath": "/etc/coco-csi/object-ca/ca.pem", "readOnly": True,
+    }  # fmt: skip
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["object-ca"]["hostPath"] == {"path": "/etc/coco/object-ca.pem", "type": "File"}
+
+    cm = {"configMap": {"name": "oss-ca", "key": "bundle.pem"}}
+    ds = _node(render({"node": {"objectCaBundle": cm}}))
+    plugin = container(ds, "coco-csi")
+    assert arg_value(plugin, "--object-ca-bundle") == "/etc/coco-csi/object-ca/bundle.pem"
+    assert mount_of(plugin, "object-ca")["mountPath"] == "/etc/coco-csi/object-ca"
+    vols = {v["name"]: v for v in ds["spec"]["template"]["spec"]["volumes"]}
+    assert vols["object-ca"]["configMap"] == {
+        "name": "oss-ca", "items": [{"key": "bundle.pem", "path": "bundle.pem"}],
+    }  # fmt: skip
+
+    both = {"objectCaBundle": {"hostPath": "/etc/ca.pem", "configMap": {"name": "x"}}}
+    with pytest.raises(helm.HelmRenderError, match="not both"):
+        render_raw(chart, {"node": both})
+
+
+def test_node_can_stage_block_volumes(render) -> None:
+    """Staging paths below kubelet's plugins dir propagate both ways; the node's own /dev
+    (by-id links, hot-plugged disks, the loop nodes losetup makes) replaces the runtime's."""
+    ds = _node(render())
+    plugin = container(ds, "coco-csi")
+    assert plugin["securityContext"]["privileged"] is True  # losetup, mount, /sys/dev/block
+    assert mount_of(plugin, "staging-dir") == {
+        "name": "staging-dir",
+        "mountPath": "/var/lib/kubelet/plugins/kubernetes.io/csi",
+        "mountPropagation": "Bidirectional",
+    }
+    assert host_path_of(ds, "staging-dir") == "/var/lib/kubelet/plugins/kubernetes.io/csi"
+    assert mount_of(plugin, "host-dev")["mountPath"] == "/dev"
+    assert host_path_of(ds, "host-dev") == "/dev"
+    names = [m["name"] for m in plugin["volumeMounts"]]
+    assert names.index("host-dev") < names.index("fuse-device")
+
+
 @pytest.mark.parametrize(
     "node",
     [
+        {"allowPlaintextObjectCredentials": "yes"},
+        {"blockAcceptUnboundHeader": 1},
+        {"objectCaBundle": {"hostPath": "relative/ca.pem"}},
+        {"objectCaBundle": {"configMap": {"name": "Bad_Name"}}},
+        {"objectCaBundle": {"other": "x"}},
         {"allowedKeyResources": ["https://evil/key"]},
         {"allowedKeyResources": ["kbs:///a b"]},
         {"allowedSigningKids": ["has space"]},
@@ -962,7 +1043,18 @@ def test_backend_cannot_be_fed_from_a_secret_or_configmap(chart: Any, volume) ->
         render_raw(chart, {"backend": {"volume": volume}})
 
 
-@pytest.mark.parametrize("arg", ["--masterkey=00112233", "--passphrase=x", "--secret-file=/k"])
+@pytest.mark.parametrize(
+    "arg",
+    [
+        "--masterkey=00112233",
+        "--passphrase=x",
+        "--secret-file=/k",
+        # opt-ins that weaken the trust boundary go through their own, named values
+        "--allow-plaintext-object-credentials",
+        "--allow-insecure-object-endpoint",
+        "--block-accept-unbound-header",
+    ],
+)
 def test_extra_args_cannot_carry_keys(chart: Any, arg: str) -> None:
     with pytest.raises(helm.HelmValuesError, match="extraArgs"):
         render_raw(chart, {"node": {"extraArgs": [arg]}})
@@ -1050,9 +1142,11 @@ def _coco_csi_help(sub: str) -> str:
 @pytest.mark.parametrize("sub", ["node", "controller"])
 def test_rendered_flags_exist_in_the_coco_csi_cli(render, sub: str) -> None:
     help_text = _coco_csi_help(sub)
-    docs = render()
-    workload = _node(docs) if sub == "node" else _controller(docs)
-    flags = {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}
+    flags: set[str] = set()
+    for values in ({}, NODE_OPT_INS):
+        docs = render(values)
+        workload = _node(docs) if sub == "node" else _controller(docs)
+        flags |= {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}
     missing = [f for f in sorted(flags) if f not in help_text]
     assert not missing, f"coco-csi {sub} does not know {missing}"
 

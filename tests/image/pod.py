@@ -3,7 +3,8 @@
 Everything comes from the manifest: the image, the args (with kubelet's $(VAR) expansion from
 the container's env), the user, privileges and capabilities from securityContext, and every
 volumeMount with its propagation. hostPath volumes live below a fake host root (``/x`` on the
-node is ``<host_root>/x`` here) and emptyDirs get fresh directories, so one test directory
+node is ``<host_root>/x`` here; ``/dev`` and ``/dev/fuse`` are the real ones) and emptyDirs
+get fresh directories, so one test directory
 plays the node's filesystem.
 """
 
@@ -72,8 +73,8 @@ def podman_args(
         vol = volumes[m["name"]]
         src = host_source(vol, host_root)
         kind = vol.get("hostPath", {}).get("type", "")
-        if src == host_root / "dev/fuse":
-            src = Path("/dev/fuse")  # the one real host path: the FUSE device
+        if src in (host_root / "dev", host_root / "dev/fuse"):
+            src = Path("/") / src.relative_to(host_root)  # the real host paths: the devices
         elif kind == "File" or kind == "CharDevice":
             assert src.exists(), f"hostPath {vol['hostPath']['path']} ({kind}) must exist"
         else:

@@ -96,6 +96,14 @@ Path inside the node container of the KBS CA certificate (when a ConfigMap is gi
 
 {{- define "coco-csi.cdhConfigPath" -}}/etc/coco-csi/cdh-config/cdh.toml{{- end -}}
 
+{{/* The object-store CA bundle in the node container: a hostPath file mounted as itself, or
+the ConfigMap's key in its directory. */}}
+{{- define "coco-csi.objectCaDir" -}}/etc/coco-csi/object-ca{{- end -}}
+{{- define "coco-csi.objectCaPath" -}}
+{{- $b := .Values.node.objectCaBundle -}}
+{{- printf "%s/%s" (include "coco-csi.objectCaDir" .) (ternary "ca.pem" $b.configMap.key (not (empty $b.hostPath))) -}}
+{{- end -}}
+
 {{/*
 The --resolver SPEC, in the forms sealed_secrets.build_resolver understands:
   kbs:<https-url>?aa=<socket>[&ca=<path>][&cert-sha256=<hex>] | kbs:http://…&insecure-http=true
@@ -178,6 +186,12 @@ hostPath:
 {{- end -}}
 {{- if and .Values.storageClass.create (not (has "Persistent" .Values.csiDriver.volumeLifecycleModes)) -}}
 {{- fail "storageClass.create=true needs \"Persistent\" in csiDriver.volumeLifecycleModes" -}}
+{{- end -}}
+{{- if and .Values.node.objectCaBundle.hostPath .Values.node.objectCaBundle.configMap.name -}}
+{{- fail "node.objectCaBundle: set hostPath or configMap.name, not both (one source of trust)" -}}
+{{- end -}}
+{{- if and .Values.node.objectCaBundle.hostPath (not (isAbs .Values.node.objectCaBundle.hostPath)) -}}
+{{- fail "node.objectCaBundle.hostPath must be an absolute path on the node" -}}
 {{- end -}}
 {{- if and .Values.metrics.serviceMonitor.enabled (not .Values.metrics.service.enabled) -}}
 {{- fail "metrics.serviceMonitor.enabled=true needs metrics.service.enabled=true: the ServiceMonitor selects that Service" -}}
