@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 FC = [sys.executable, "-m", "fuse_crypt.cli"]
@@ -66,6 +67,30 @@ def force_unmount(path: Path) -> None:
         if not is_mounted(path):
             return
         subprocess.run(argv, capture_output=True, check=False)
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path`` and check it is gone (a refused unmount fails the test)."""
+    subprocess.run(["fusermount3", "-u", str(path)], check=True, capture_output=True)
+    assert not is_mounted(path)
+
+
+@contextlib.contextmanager
+def gocryptfs_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
+    """Debian's gocryptfs mounted on ``mountpoint`` (made if missing) for the with block."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(
+        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:

@@ -24,8 +24,9 @@ import pytest
 
 from tests.fuse_crypt.cli_helpers import (
     FC,
+    gocryptfs_mount,
     init_volume,
-    is_mounted,
+    unmount,
 )
 
 MIB = 1 << 20
@@ -197,26 +198,6 @@ def read_sparse(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- mounts
-
-
-def unmount(path: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(path)], check=True, capture_output=True)
-    assert not is_mounted(path)
-
-
-@contextlib.contextmanager
-def gocryptfs_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
-    proc = subprocess.run(
-        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield mountpoint
-    finally:
-        unmount(mountpoint)
 
 
 @contextlib.contextmanager
