@@ -76,21 +76,33 @@ def unmount(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def gocryptfs_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
-    """Debian's gocryptfs mounted on ``mountpoint`` (made if missing) for the with block."""
+def mounted(argv: list[str], mountpoint: Path) -> Iterator[Path]:
+    """Run ``argv``, a mount command that returns once it serves ``mountpoint`` (made if
+    missing), for the with block; then unmount strictly."""
     mountpoint.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(
-        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
     assert proc.returncode == 0, proc.stderr
     try:
         yield mountpoint
     finally:
         unmount(mountpoint)
+
+
+def gocryptfs_mount(
+    cipher: Path, mountpoint: Path, passfile: Path
+) -> contextlib.AbstractContextManager[Path]:
+    """Debian's gocryptfs on ``mountpoint`` for the with block."""
+    argv = ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)]
+    return mounted(argv, mountpoint)
+
+
+def fuse_crypt_mount(
+    cipher: Path, mountpoint: Path, passfile: Path
+) -> contextlib.AbstractContextManager[Path]:
+    """``fuse-crypt mount`` (daemonised) on ``mountpoint`` for the with block."""
+    return mounted(
+        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mountpoint)], mountpoint
+    )
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:

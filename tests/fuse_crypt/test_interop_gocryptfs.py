@@ -17,16 +17,16 @@ import random
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fuse_crypt.cli_helpers import (
     FC,
+    fuse_crypt_mount,
     gocryptfs_mount,
     init_volume,
-    unmount,
 )
 
 MIB = 1 << 20
@@ -198,22 +198,6 @@ def read_sparse(root: Path) -> None:
 
 
 # --------------------------------------------------------------------------- mounts
-
-
-@contextlib.contextmanager
-def fuse_crypt_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
-    proc = subprocess.run(
-        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield mountpoint
-    finally:
-        unmount(mountpoint)
 
 
 Mounter = Callable[[Path, Path, Path], contextlib.AbstractContextManager[Path]]
