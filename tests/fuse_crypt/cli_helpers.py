@@ -75,6 +75,13 @@ def unmount(path: Path) -> None:
     assert not is_mounted(path)
 
 
+def gocryptfs_init(cipher: Path, passfile: Path | str, *extra: str) -> None:
+    """``gocryptfs -init`` (logN 10, fast) of the existing, empty ``cipher``; ``extra``:
+    more init flags (``-aessiv``, ``-plaintextnames``, ...)."""
+    argv = ["gocryptfs", "-q", "-init", "-scryptn", "10", *extra, "-passfile", str(passfile)]
+    subprocess.run([*argv, "--", str(cipher)], check=True, capture_output=True, timeout=120)
+
+
 @contextlib.contextmanager
 def mounted(argv: list[str], mountpoint: Path) -> Iterator[Path]:
     """Run ``argv``, a mount command that returns once it serves ``mountpoint`` (made if

@@ -25,6 +25,7 @@ import pytest
 from tests.fuse_crypt.cli_helpers import (
     FC,
     fuse_crypt_mount,
+    gocryptfs_init,
     gocryptfs_mount,
     init_volume,
 )
@@ -250,11 +251,7 @@ def test_gocryptfs_writes_fuse_crypt_reads(
 ) -> None:
     cipher = tmp_path / "cipher"
     cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", str(passfile), str(cipher)],
-        check=True,
-        capture_output=True,
-    )
+    gocryptfs_init(cipher, passfile)
     _round_trip(cipher, mountpoint, passfile, writer=gocryptfs_mount, reader=fuse_crypt_mount)
     _gocryptfs_fsck(cipher, passfile)
 
@@ -306,12 +303,7 @@ def test_gocryptfs_variants_both_ways(
     """Non-default gocryptfs 2.3 volumes: fuse-crypt reads theirs, they read our writes."""
     cipher = tmp_path / "cipher"
     cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
-        + ["--", str(cipher)],
-        check=True,
-        capture_output=True,
-    )
+    gocryptfs_init(cipher, passfile, *init_args)
     info = subprocess.run([*FC, "info", str(cipher)], capture_output=True, text=True, check=False)
     assert info.returncode == 0, info.stderr
 
