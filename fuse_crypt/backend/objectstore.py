@@ -67,6 +67,7 @@ from .base import (
 )
 from .transport import (
     BadResponse,
+    ListPage,
     ObjectInfo,
     ObjectNotFound,
     ObjectTransport,
@@ -559,12 +560,8 @@ class ObjectStoreBackend(StorageBackend):
         1,000 entries; hostile entries (not one valid component) are skipped."""
         dk = self._dirkey(path)
         out: dict[str, int] = {}
-        token: str | None = None
-        for _ in range(_LIST_PAGES_MAX):
-            page = self.t.list(dk, delimiter="/", token=token, max_keys=1000)
+        for page in self._pages(dk, "/"):
             for o in page.objects:
-                if not o.key.startswith(dk):
-                    raise BadResponse("list: key outside the prefix")
                 name = o.key[len(dk) :]
                 if name == "" or not _valid_name(name):
                     continue
@@ -577,14 +574,24 @@ class ObjectStoreBackend(StorageBackend):
                     out[name] = stat_mod.S_IFDIR
             if len(out) > DIR_ENTRIES_MAX:
                 raise BadResponse("list: directory over the entry bound")
+        return list(out.items())
+
+    def _pages(self, dk: str, delimiter: str) -> Iterator[ListPage]:
+        """Every page of the listing of ``dk``, each object key checked to lie under it;
+        a token that does not advance, or more than _LIST_PAGES_MAX pages (a hostile store
+        could page forever), is refused."""
+        token: str | None = None
+        for _ in range(_LIST_PAGES_MAX):
+            page = self.t.list(dk, delimiter=delimiter, token=token, max_keys=1000)
+            if any(not o.key.startswith(dk) for o in page.objects):
+                raise BadResponse("list: key outside the prefix")
+            yield page
             if page.next_token is None:
-                break
+                return
             if page.next_token == token:
                 raise BadResponse("list: continuation token did not advance")
             token = page.next_token
-        else:
-            raise BadResponse("list: too many pages")
-        return list(out.items())
+        raise BadResponse("list: too many pages")
 
     def _need_dir(self, path: str) -> _Node:
         node = self._need(path)
@@ -777,19 +784,8 @@ class ObjectStoreBackend(StorageBackend):
             raise
 
     def _iter_tree(self, dk: str) -> Iterator[ObjectInfo]:
-        token: str | None = None
-        for _ in range(_LIST_PAGES_MAX):
-            page = self.t.list(dk, delimiter="", token=token, max_keys=1000)
-            for o in page.objects:
-                if not o.key.startswith(dk):
-                    raise BadResponse("list: key outside the prefix")
-                yield o
-            if page.next_token is None:
-                return
-            if page.next_token == token:
-                raise BadResponse("list: continuation token did not advance")
-            token = page.next_token
-        raise BadResponse("list: too many pages")
+        for page in self._pages(dk, ""):
+            yield from page.objects
 
     def _rename_dir(self, old: str, new: str) -> None:
         # Publish what open files under the old directory hold first: their keys move.
