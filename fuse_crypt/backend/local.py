@@ -22,14 +22,8 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..safeio import SMALL_OPEN_FLAGS, check_regular, read_capped
-from .base import (
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    DirEntry,
-    Stat,
-    StorageBackend,
-    check_path,
-)
+from . import base
+from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
 
 _T = TypeVar("_T")
 
@@ -111,7 +105,7 @@ def _to_stat(st: os.stat_result) -> Stat:
 
 def _check(path: str) -> str:
     """Map a backend path to a relative OS path; refuse anything that could escape."""
-    return check_path(path) or "."
+    return base.check_path(path) or "."
 
 
 class LocalDirBackend(StorageBackend):
