@@ -24,6 +24,7 @@ import stat
 import subprocess
 import sys
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from csi_driver import errors, hostfile, proc
@@ -151,8 +152,14 @@ class Mounter(ABC):
                 ) from None
             raise errors.MountError(f"{self.name} init timed out for {cipher_dir}") from None
         if res.returncode != 0:
-            detail = tail(res.stderr.decode("utf-8", "replace"))
-            raise errors.MountError(f"{self.name} init failed for {cipher_dir}: {detail}")
+            raise self.init_failure(
+                res.returncode, tail(res.stderr.decode("utf-8", "replace")), cipher_dir
+            )
+
+    def init_failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
+        """The error for an init that exited ``returncode`` (a mounter whose tool has
+        meaningful exit codes maps them here)."""
+        return errors.MountError(f"{self.name} init failed for {cipher_dir}: {log_tail}")
 
     @abstractmethod
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None: ...
@@ -311,10 +318,17 @@ class FuseCryptMounter(Mounter):
 
     @staticmethod
     def mount_args(
-        cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int,
+        source: Sequence[str] = ("--masterkey", "stdin"),
     ) -> list[str]:
-        """``fuse-crypt``'s arguments for a foreground mount reading its key from stdin."""
-        argv = ["mount", "--foreground", "--masterkey", "stdin"]
+        """``fuse-crypt``'s arguments for a foreground mount reading its key from stdin.
+        ``source``: where the key (and, for a bucket, the store) comes from."""
+        argv = ["mount", "--foreground", *source]
         if readonly:
             argv.append("--ro")
         if allow_other:

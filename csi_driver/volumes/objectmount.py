@@ -25,7 +25,6 @@ oss://BUCKET/PREFIX`` or ``s3://...``):
 from __future__ import annotations
 
 import re
-import subprocess
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -34,7 +33,7 @@ from csi_driver.core.store import Publication
 from csi_driver.deadline import Deadline
 from csi_driver.keys import PASSPHRASE_SCRYPT_LOGN, VolumeKey, resolve_volume_key
 from csi_driver.mounter import INIT_TIMEOUT, FuseCryptMounter, FuseCryptPreforkMounter, Mounter
-from csi_driver.proc import Proc, tail
+from csi_driver.proc import Proc
 from csi_driver.volumes.objectstore import (
     PARAM_KIND,
     ObjectStorePolicy,
@@ -239,13 +238,14 @@ class ObjectStoreMounter(FuseCryptMounter):
         return argv
 
     def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
-        okey = _spec_of(key)
-        args = ["mount", "--foreground"]
-        if pub.readonly:
-            args.append("--ro")
-        if allow_other:
-            args.append("--allow-other")
-        args += [*self.location_args(okey), pub.cipher_dir, pub.target_path]
+        args = self.mount_args(
+            pub.cipher_dir,
+            pub.target_path,
+            readonly=pub.readonly,
+            allow_other=allow_other,
+            capacity=0,
+            source=self.location_args(_spec_of(key)),
+        )
         if isinstance(self.via, FuseCryptPreforkMounter):
             return args
         return [self._bin(), *args]
@@ -338,25 +338,15 @@ class ObjectStoreMounter(FuseCryptMounter):
         okey = _spec_of(key)
         argv = [self._bin(), "init", "--scryptn", str(key.scrypt_logn)]
         argv += [*self.location_args(okey), cipher_dir]
-        deadline.check("initialising the volume")
-        try:
-            res = subprocess.run(
-                argv,
-                input=self.stdin_for(cipher_dir, okey),
-                capture_output=True,
-                timeout=deadline.timeout(INIT_TIMEOUT),
-            )
-        except subprocess.TimeoutExpired:
-            raise errors.DeadlineExceeded(f"initialising {cipher_dir} timed out") from None
-        if res.returncode == _EXIT_NOT_NEW:
-            raise errors.FailedPrecondition(
+        self._run_init(argv, self.stdin_for(cipher_dir, okey), cipher_dir, deadline)
+
+    def init_failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
+        if returncode == _EXIT_NOT_NEW:
+            return errors.FailedPrecondition(
                 f"{cipher_dir} holds objects but no {CONF_NAME}: it has held data and is not "
                 f"re-initialised (restore its {CONF_NAME} from a backup)"
             )
-        if res.returncode != 0:
-            raise self.failure(
-                res.returncode, tail(res.stderr.decode("utf-8", "replace")), cipher_dir
-            )
+        return self.failure(returncode, log_tail, cipher_dir)
 
     def failure(self, returncode: int, log_tail: str, cipher_dir: str) -> errors.CsiError:
         if returncode == _EXIT_PASSWORD_INCORRECT:

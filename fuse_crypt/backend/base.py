@@ -45,6 +45,20 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
 
+def check_path(path: str) -> str:
+    """Refuse a backend path that could escape the backend's root (absolute, NUL, empty,
+    ``.`` or ``..`` parts); ``""`` (the root) passes. The one check every backend makes
+    before it maps a path to its own namespace."""
+    if path == "":
+        return path
+    if path[0] == "/" or "\0" in path:
+        raise OSError(errno.EINVAL, "invalid backend path")
+    for part in path.split("/"):
+        if part in ("", ".", ".."):
+            raise OSError(errno.EINVAL, "invalid backend path")
+    return path
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class Stat:
     """Attributes of one backend object (what ``lstat`` returns).

@@ -22,6 +22,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..safeio import SMALL_OPEN_FLAGS, check_regular, read_capped
+from . import base
 from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
 
 _T = TypeVar("_T")
@@ -104,14 +105,7 @@ def _to_stat(st: os.stat_result) -> Stat:
 
 def _check(path: str) -> str:
     """Map a backend path to a relative OS path; refuse anything that could escape."""
-    if path == "":
-        return "."
-    if path[0] == "/" or "\0" in path:
-        raise OSError(errno.EINVAL, "invalid backend path")
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            raise OSError(errno.EINVAL, "invalid backend path")
-    return path
+    return base.check_path(path) or "."
 
 
 class LocalDirBackend(StorageBackend):

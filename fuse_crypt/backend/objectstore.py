@@ -57,9 +57,17 @@ import time
 from collections.abc import Iterator, Mapping
 
 from ..contentenc import CIPHER_BS, HEADER_LEN
-from .base import RENAME_EXCHANGE, RENAME_NOREPLACE, DirEntry, Stat, StorageBackend
+from .base import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    DirEntry,
+    Stat,
+    StorageBackend,
+    check_path,
+)
 from .transport import (
     BadResponse,
+    ListPage,
     ObjectInfo,
     ObjectNotFound,
     ObjectTransport,
@@ -102,18 +110,6 @@ _DEV = 0x0B5E
 _TIME_RE = re.compile(r"-?[0-9]{1,12}(?:\.[0-9]{1,9})?")
 _INT_RE = re.compile(r"[0-9]{1,10}")
 _NS = 1_000_000_000
-
-
-def _check(path: str) -> str:
-    """A backend path (``""`` = root); refuse anything that could escape the prefix."""
-    if path == "":
-        return path
-    if path[0] == "/" or "\0" in path:
-        raise OSError(errno.EINVAL, "invalid backend path")
-    for part in path.split("/"):
-        if part in ("", ".", ".."):
-            raise OSError(errno.EINVAL, "invalid backend path")
-    return path
 
 
 def _valid_name(name: str) -> bool:
@@ -336,7 +332,7 @@ class ObjectStoreBackend(StorageBackend):
     ) -> None:
         prefix = prefix.strip("/")
         if prefix:
-            _check(prefix)
+            check_path(prefix)
             prefix += "/"
         if part_size < _MIN_PART:
             raise ValueError("part_size must be at least 5 MiB")
@@ -518,7 +514,7 @@ class ObjectStoreBackend(StorageBackend):
         return None
 
     def _need(self, path: str) -> _Node:
-        node = self._lookup(_check(path))
+        node = self._lookup(check_path(path))
         if node is None:
             raise OSError(errno.ENOENT, "no such object")
         return node
@@ -564,12 +560,8 @@ class ObjectStoreBackend(StorageBackend):
         1,000 entries; hostile entries (not one valid component) are skipped."""
         dk = self._dirkey(path)
         out: dict[str, int] = {}
-        token: str | None = None
-        for _ in range(_LIST_PAGES_MAX):
-            page = self.t.list(dk, delimiter="/", token=token, max_keys=1000)
+        for page in self._pages(dk, "/"):
             for o in page.objects:
-                if not o.key.startswith(dk):
-                    raise BadResponse("list: key outside the prefix")
                 name = o.key[len(dk) :]
                 if name == "" or not _valid_name(name):
                     continue
@@ -582,14 +574,24 @@ class ObjectStoreBackend(StorageBackend):
                     out[name] = stat_mod.S_IFDIR
             if len(out) > DIR_ENTRIES_MAX:
                 raise BadResponse("list: directory over the entry bound")
+        return list(out.items())
+
+    def _pages(self, dk: str, delimiter: str) -> Iterator[ListPage]:
+        """Every page of the listing of ``dk``, each object key checked to lie under it;
+        a token that does not advance, or more than _LIST_PAGES_MAX pages (a hostile store
+        could page forever), is refused."""
+        token: str | None = None
+        for _ in range(_LIST_PAGES_MAX):
+            page = self.t.list(dk, delimiter=delimiter, token=token, max_keys=1000)
+            if any(not o.key.startswith(dk) for o in page.objects):
+                raise BadResponse("list: key outside the prefix")
+            yield page
             if page.next_token is None:
-                break
+                return
             if page.next_token == token:
                 raise BadResponse("list: continuation token did not advance")
             token = page.next_token
-        else:
-            raise BadResponse("list: too many pages")
-        return list(out.items())
+        raise BadResponse("list: too many pages")
 
     def _need_dir(self, path: str) -> _Node:
         node = self._need(path)
@@ -618,7 +620,7 @@ class ObjectStoreBackend(StorageBackend):
         return out
 
     def _check_creatable(self, path: str) -> None:
-        _check(path)
+        check_path(path)
         if path == "":
             raise OSError(errno.EEXIST, "exists")
         self._need_dir(_parent(path)[0])
@@ -654,7 +656,7 @@ class ObjectStoreBackend(StorageBackend):
         return not page.common_prefixes and all(o.key == dk for o in page.objects)
 
     def rmdir(self, path: str) -> None:
-        if _check(path) == "":
+        if check_path(path) == "":
             raise OSError(errno.EBUSY, "cannot remove the root")
         self._need_dir(path)
         if not self._is_empty(path):
@@ -704,7 +706,7 @@ class ObjectStoreBackend(StorageBackend):
     def rename(self, old: str, new: str, flags: int = 0) -> None:
         if flags & RENAME_EXCHANGE or flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE):
             raise OSError(errno.EINVAL, "rename exchange is not supported on object stores")
-        if _check(old) == "" or _check(new) == "":
+        if check_path(old) == "" or check_path(new) == "":
             raise OSError(errno.EBUSY, "cannot rename the root")
         src = self._need(old)
         self._need_dir(_parent(new)[0])
@@ -782,19 +784,8 @@ class ObjectStoreBackend(StorageBackend):
             raise
 
     def _iter_tree(self, dk: str) -> Iterator[ObjectInfo]:
-        token: str | None = None
-        for _ in range(_LIST_PAGES_MAX):
-            page = self.t.list(dk, delimiter="", token=token, max_keys=1000)
-            for o in page.objects:
-                if not o.key.startswith(dk):
-                    raise BadResponse("list: key outside the prefix")
-                yield o
-            if page.next_token is None:
-                return
-            if page.next_token == token:
-                raise BadResponse("list: continuation token did not advance")
-            token = page.next_token
-        raise BadResponse("list: too many pages")
+        for page in self._pages(dk, ""):
+            yield from page.objects
 
     def _rename_dir(self, old: str, new: str) -> None:
         # Publish what open files under the old directory hold first: their keys move.
@@ -867,7 +858,7 @@ class ObjectStoreBackend(StorageBackend):
                 old, new = doc["from"], doc["to"]
                 if doc.get("v") != 1 or not isinstance(old, str) or not isinstance(new, str):
                     raise ValueError
-                if not old or not new or _check(old) != old or _check(new) != new:
+                if not old or not new or check_path(old) != old or check_path(new) != new:
                     raise ValueError
                 if new.startswith(old + "/") or old.startswith(new + "/") or old == new:
                     raise ValueError
@@ -1017,7 +1008,7 @@ class ObjectStoreBackend(StorageBackend):
     # -- small whole files ------------------------------------------------------------------
 
     def read_small_file(self, path: str, max_size: int = 1 << 20) -> bytes:
-        key = self._key(_check(path))
+        key = self._key(check_path(path))
         with self._lock:
             st = self._states.get(key)
         if st is not None:
@@ -1067,7 +1058,7 @@ class ObjectStoreBackend(StorageBackend):
     def open(self, path: str, flags: int, mode: int = 0o600) -> _Handle:
         if flags & os.O_APPEND:
             raise OSError(errno.EINVAL, "O_APPEND is not allowed on backend handles")
-        _check(path)
+        check_path(path)
         key = self._key(path)
         writable = bool(flags & (os.O_WRONLY | os.O_RDWR))
         for _ in range(100):

@@ -32,6 +32,7 @@ from coco_proto import csi_pb2, csi_pb2_grpc
 from csi_driver.volume_key import new_volume_key_jwk
 from tests.console_scripts import console_script
 from tests.fuse_env import fuse_skip_reason
+from tests.image.pod import env_of, pod_info
 
 from .conftest import arg_value, container, mount_of, only
 
@@ -57,17 +58,6 @@ _FIELD_VALUES = {"spec.nodeName": NODE_NAME, "status.podIP": "127.0.0.1"}
 def new_key() -> bytes:
     """A typed coco-csi volume key, as `coco-csi volume-key new` prints it."""
     return new_volume_key_jwk().encode()
-
-
-def _downward_env(container: dict[str, Any]) -> dict[str, str]:
-    """The container's env as kubelet fills it: literal values and downward-API fields."""
-    env: dict[str, str] = {}
-    for item in container.get("env", []):
-        if "value" in item:
-            env[item["name"]] = item["value"]
-        else:
-            env[item["name"]] = _FIELD_VALUES[item["valueFrom"]["fieldRef"]["fieldPath"]]
-    return env
 
 
 def _map_args(args: list[str], mapping: dict[str, str], env: dict[str, str]) -> list[str]:
@@ -163,8 +153,8 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
     }
     for d in (sockroot / "node", sockroot / "ctrl"):
         d.mkdir()
-    node_argv = [exe, *_map_args(node_c["args"], node_map, _downward_env(node_c))]
-    ctrl_argv = [exe, *_map_args(ctrl_c["args"], ctrl_map, _downward_env(ctrl_c))]
+    node_argv = [exe, *_map_args(node_c["args"], node_map, env_of(node_c, _FIELD_VALUES))]
+    ctrl_argv = [exe, *_map_args(ctrl_c["args"], ctrl_map, env_of(ctrl_c, _FIELD_VALUES))]
     node_sock = arg_value({"name": "n", "args": node_argv}, "--endpoint").removeprefix("unix://")
     ctrl_sock = arg_value({"name": "c", "args": ctrl_argv}, "--endpoint").removeprefix("unix://")
 
@@ -222,13 +212,7 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
         assert (backend / vol.volume_id).is_dir()
 
         # kubelet: publish with the PV's volume context plus pod info (podInfoOnMount).
-        ctx = dict(vol.volume_context) | {
-            "csi.storage.k8s.io/pod.name": "app",
-            "csi.storage.k8s.io/pod.namespace": "apps",
-            "csi.storage.k8s.io/pod.uid": "uid-1",
-            "csi.storage.k8s.io/serviceAccount.name": "default",
-            "csi.storage.k8s.io/ephemeral": "false",
-        }
+        ctx = dict(vol.volume_context) | pod_info("app", "uid-1")
         target.parent.mkdir(parents=True)
         nstub = csi_pb2_grpc.NodeStub(nch)
         nstub.NodePublishVolume(
@@ -263,11 +247,7 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
                 volume_capability=cap,
                 volume_context={
                     "keyResource": key_ref,
-                    "csi.storage.k8s.io/pod.name": "app2",
-                    "csi.storage.k8s.io/pod.namespace": "apps",
-                    "csi.storage.k8s.io/pod.uid": "uid-2",
-                    "csi.storage.k8s.io/serviceAccount.name": "default",
-                    "csi.storage.k8s.io/ephemeral": "true",
+                    **pod_info("app2", "uid-2", ephemeral=True),
                 },
             ),
             timeout=120,

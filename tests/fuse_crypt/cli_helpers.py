@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 FC = [sys.executable, "-m", "fuse_crypt.cli"]
@@ -66,6 +67,49 @@ def force_unmount(path: Path) -> None:
         if not is_mounted(path):
             return
         subprocess.run(argv, capture_output=True, check=False)
+
+
+def unmount(path: Path) -> None:
+    """Unmount ``path`` and check it is gone (a refused unmount fails the test)."""
+    subprocess.run(["fusermount3", "-u", str(path)], check=True, capture_output=True)
+    assert not is_mounted(path)
+
+
+def gocryptfs_init(cipher: Path, passfile: Path | str, *extra: str) -> None:
+    """``gocryptfs -init`` (logN 10, fast) of the existing, empty ``cipher``; ``extra``:
+    more init flags (``-aessiv``, ``-plaintextnames``, ...)."""
+    argv = ["gocryptfs", "-q", "-init", "-scryptn", "10", *extra, "-passfile", str(passfile)]
+    subprocess.run([*argv, "--", str(cipher)], check=True, capture_output=True, timeout=120)
+
+
+@contextlib.contextmanager
+def mounted(argv: list[str], mountpoint: Path) -> Iterator[Path]:
+    """Run ``argv``, a mount command that returns once it serves ``mountpoint`` (made if
+    missing), for the with block; then unmount strictly."""
+    mountpoint.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    try:
+        yield mountpoint
+    finally:
+        unmount(mountpoint)
+
+
+def gocryptfs_mount(
+    cipher: Path, mountpoint: Path, passfile: Path
+) -> contextlib.AbstractContextManager[Path]:
+    """Debian's gocryptfs on ``mountpoint`` for the with block."""
+    argv = ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)]
+    return mounted(argv, mountpoint)
+
+
+def fuse_crypt_mount(
+    cipher: Path, mountpoint: Path, passfile: Path
+) -> contextlib.AbstractContextManager[Path]:
+    """``fuse-crypt mount`` (daemonised) on ``mountpoint`` for the with block."""
+    return mounted(
+        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mountpoint)], mountpoint
+    )
 
 
 def daemon_pids(mountpoint: Path) -> list[int]:

@@ -42,6 +42,8 @@ from pathlib import Path
 
 import pytest
 
+from fuse_crypt.contentenc import ContentEnc
+from fuse_crypt.cryptocore import CryptoCore
 from tests.fuse_crypt.cli_helpers import PASSWORD as CLI_PASSWORD
 from tests.fuse_crypt.cli_helpers import init_volume, stop_and_unmount, write_passfile
 from tests.fuse_env import fuse_skip_reason
@@ -208,6 +210,16 @@ def start_mount(
         time.sleep(0.02)
     m.unmount()
     raise RuntimeError(f"mount did not become ready; daemon log:\n{m.log()}")
+
+
+#: The master key of the ContentEnc tests (test_contentenc*.py).
+CONTENT_MK = bytes(range(1, 33))
+
+
+@pytest.fixture(params=[False, True], ids=["gcm", "siv"])
+def ce(request: pytest.FixtureRequest) -> ContentEnc:
+    """A ContentEnc over CONTENT_MK, once with AES-GCM and once with AES-SIV."""
+    return ContentEnc(CryptoCore(CONTENT_MK, aessiv=request.param))
 
 
 @pytest.fixture

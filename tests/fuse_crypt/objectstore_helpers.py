@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tests.fuse_crypt.cli_helpers import fc, force_unmount, is_mounted
+from tests.fuse_crypt.cli_helpers import fc, force_unmount, gocryptfs_mount, is_mounted
 from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY, MotoS3
 
 PASSWORD = "object store test password"
@@ -119,26 +119,11 @@ def mount_s3fs(vol: S3Vol, mnt: Path) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def mount_gocryptfs(cipher: Path, mnt: Path, passfile: Path) -> Iterator[Path]:
-    mnt.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["gocryptfs", "-q", "-passfile", str(passfile), str(cipher), str(mnt)],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    try:
-        yield mnt
-    finally:
-        force_unmount(mnt)
-
-
-@contextlib.contextmanager
 def mount_theirs(vol: S3Vol, tmp: Path) -> Iterator[Path]:
     """CDH's two-hop stack: s3fs, then gocryptfs on top."""
     with (
         mount_s3fs(vol, tmp / "s3fs") as cipher,
-        mount_gocryptfs(cipher, tmp / "gocryptfs", vol.passfile) as plain,
+        gocryptfs_mount(cipher, tmp / "gocryptfs", vol.passfile) as plain,
     ):
         yield plain
 

@@ -26,6 +26,7 @@ from tests.fuse_crypt.cli_helpers import (
     assert_one_line_error,
     fc,
     force_unmount,
+    gocryptfs_init,
     is_mounted,
     write_passfile,
 )
@@ -59,11 +60,7 @@ def gocryptfs_volume(tmp_path: Path, passfile: Path) -> Iterator[Path]:
     view = tmp_path / "gc-view"
     cipher.mkdir()
     view.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", passfile, cipher],
-        check=True,
-        capture_output=True,
-    )
+    gocryptfs_init(cipher, passfile)
     subprocess.run(
         ["gocryptfs", "-q", "-passfile", passfile, cipher, view], check=True, capture_output=True
     )

@@ -20,13 +20,7 @@ from fuse_crypt.contentenc import (
 )
 from fuse_crypt.cryptocore import INFO_GCM, CryptoCore, hkdf_sha256
 from fuse_crypt.errors import CorruptDataError
-
-MK = bytes(range(1, 33))
-
-
-@pytest.fixture(params=[False, True], ids=["gcm", "siv"])
-def ce(request: pytest.FixtureRequest) -> ContentEnc:
-    return ContentEnc(CryptoCore(MK, aessiv=request.param))
+from tests.fuse_crypt.conftest import CONTENT_MK as MK
 
 
 @pytest.fixture

@@ -20,14 +20,9 @@ from fuse_crypt.contentenc import (
 )
 from fuse_crypt.cryptocore import CryptoCore
 from fuse_crypt.errors import CorruptDataError
+from tests.fuse_crypt.conftest import CONTENT_MK as MK
 
-MK = bytes(range(1, 33))
 FID = bytes(range(100, 116))
-
-
-@pytest.fixture(params=[False, True], ids=["gcm", "siv"])
-def ce(request: pytest.FixtureRequest) -> ContentEnc:
-    return ContentEnc(CryptoCore(MK, aessiv=request.param))
 
 
 def _exactly(text: str) -> str:

@@ -17,15 +17,17 @@ import random
 import shutil
 import stat
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.fuse_crypt.cli_helpers import (
     FC,
+    fuse_crypt_mount,
+    gocryptfs_init,
+    gocryptfs_mount,
     init_volume,
-    is_mounted,
 )
 
 MIB = 1 << 20
@@ -199,42 +201,6 @@ def read_sparse(root: Path) -> None:
 # --------------------------------------------------------------------------- mounts
 
 
-def unmount(path: Path) -> None:
-    subprocess.run(["fusermount3", "-u", str(path)], check=True, capture_output=True)
-    assert not is_mounted(path)
-
-
-@contextlib.contextmanager
-def gocryptfs_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
-    proc = subprocess.run(
-        ["gocryptfs", "-q", "-passfile", str(passfile), "--", str(cipher), str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield mountpoint
-    finally:
-        unmount(mountpoint)
-
-
-@contextlib.contextmanager
-def fuse_crypt_mount(cipher: Path, mountpoint: Path, passfile: Path) -> Iterator[Path]:
-    proc = subprocess.run(
-        [*FC, "mount", "--passfile", str(passfile), str(cipher), str(mountpoint)],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    )
-    assert proc.returncode == 0, proc.stderr
-    try:
-        yield mountpoint
-    finally:
-        unmount(mountpoint)
-
-
 Mounter = Callable[[Path, Path, Path], contextlib.AbstractContextManager[Path]]
 
 
@@ -285,11 +251,7 @@ def test_gocryptfs_writes_fuse_crypt_reads(
 ) -> None:
     cipher = tmp_path / "cipher"
     cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-q", "-init", "-scryptn", "10", "-passfile", str(passfile), str(cipher)],
-        check=True,
-        capture_output=True,
-    )
+    gocryptfs_init(cipher, passfile)
     _round_trip(cipher, mountpoint, passfile, writer=gocryptfs_mount, reader=fuse_crypt_mount)
     _gocryptfs_fsck(cipher, passfile)
 
@@ -341,12 +303,7 @@ def test_gocryptfs_variants_both_ways(
     """Non-default gocryptfs 2.3 volumes: fuse-crypt reads theirs, they read our writes."""
     cipher = tmp_path / "cipher"
     cipher.mkdir()
-    subprocess.run(
-        ["gocryptfs", "-q", "-init", "-scryptn", "10", *init_args, "-passfile", str(passfile)]
-        + ["--", str(cipher)],
-        check=True,
-        capture_output=True,
-    )
+    gocryptfs_init(cipher, passfile, *init_args)
     info = subprocess.run([*FC, "info", str(cipher)], capture_output=True, text=True, check=False)
     assert info.returncode == 0, info.stderr
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.fuse_crypt.cli_helpers import gocryptfs_init
 from tests.fuse_crypt.conftest import fuse_available
 from tests.fuse_crypt.objectstore_helpers import (
     have_s3fs_gocryptfs,
@@ -53,21 +54,7 @@ def test_ours_to_s3fs_gocryptfs(moto: MotoS3, tmp_path: Path) -> None:
 def test_s3fs_gocryptfs_to_ours(moto: MotoS3, tmp_path: Path) -> None:
     vol = new_s3vol(moto, tmp_path, init=False)
     with mount_s3fs(vol, tmp_path / "s3fs-init") as cipher:
-        subprocess.run(
-            [
-                "gocryptfs",
-                "-init",
-                "-q",
-                "-scryptn",
-                "10",
-                "-passfile",
-                str(vol.passfile),
-                str(cipher),
-            ],
-            check=True,
-            capture_output=True,
-            timeout=120,
-        )
+        gocryptfs_init(cipher, vol.passfile)
     with mount_theirs(vol, tmp_path) as plain:
         write_tree(plain)
         want = snapshot(plain)

@@ -38,6 +38,18 @@ def env_of(c: dict[str, Any], fields: dict[str, str]) -> dict[str, str]:
     return env
 
 
+def pod_info(pod: str, uid: str, *, ephemeral: bool = False) -> dict[str, str]:
+    """What kubelet adds to NodePublishVolume's volume context (podInfoOnMount) for pod
+    ``pod`` in namespace ``apps`` under the default service account."""
+    return {
+        "csi.storage.k8s.io/pod.name": pod,
+        "csi.storage.k8s.io/pod.namespace": "apps",
+        "csi.storage.k8s.io/pod.uid": uid,
+        "csi.storage.k8s.io/serviceAccount.name": "default",
+        "csi.storage.k8s.io/ephemeral": "true" if ephemeral else "false",
+    }
+
+
 def host_source(volume: dict[str, Any], host_root: Path) -> Path:
     """Where a pod volume lives on the fake node."""
     if "hostPath" in volume:

@@ -30,7 +30,7 @@ from csi_driver.volume_key import new_volume_key_jwk
 from tests.charts.conftest import CHART_DIR, only, parse_manifests, render_raw
 
 from .conftest import BuiltImage, Podman
-from .pod import podman_args
+from .pod import pod_info, podman_args
 
 NODE_NAME = "tdx-node-1"
 FIELDS = {"spec.nodeName": NODE_NAME, "status.podIP": "127.0.0.1"}
@@ -255,13 +255,7 @@ def test_chart_pods_provision_and_publish(
             rel = f"uid-1/volumes/kubernetes.io~csi/{vol.volume_id}/mount"
             (kubelet_pods / rel).parent.mkdir(parents=True)
             target_in = f"{in_pods}/{rel}"
-            ctx = dict(vol.volume_context) | {
-                "csi.storage.k8s.io/pod.name": "app",
-                "csi.storage.k8s.io/pod.namespace": "apps",
-                "csi.storage.k8s.io/pod.uid": "uid-1",
-                "csi.storage.k8s.io/serviceAccount.name": "default",
-                "csi.storage.k8s.io/ephemeral": "false",
-            }
+            ctx = dict(vol.volume_context) | pod_info("app", "uid-1")
             n.node.NodePublishVolume(
                 csi_pb2.NodePublishVolumeRequest(
                     volume_id=vol.volume_id,
