@@ -555,6 +555,7 @@ def build(out: Path, *, update_lock: bool = False, allow_drift: bool = False) ->
     tests use it so that a Debian security update fails the one lock test, not all of them.
     """
     t0 = time.monotonic()
+    out = out.resolve()  # the sdists build in their own directory: no relative paths
     src = source_info()
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(src.epoch), LC_ALL="C.UTF-8", TZ="UTC")
     if out.exists():
