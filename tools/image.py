@@ -2,7 +2,9 @@
 
     mmdebstrap  Debian bookworm rootfs: the `essential` variant plus image/apt-packages.txt
     pip         a venv at /opt/coco-csi with image/requirements.lock (hash-checked) and this
-                project's wheel (built from the tree, installed on its own: its hash changes)
+                project's wheel (built from the tree, installed on its own: its hash changes);
+                the few dependencies that publish no wheel (SDIST_ONLY) are locked by their
+                sdist's hash and built into wheels here, with the locked build backend
     umoci       an OCI image layout, one layer, entrypoint `coco-csi`, labels, tag = version
 
 Reproducible: SOURCE_DATE_EPOCH is the commit time, every Debian version must match
@@ -60,6 +62,19 @@ IMAGE_EXCLUDED = {
     # pod has no API access at all. With its own dependencies it was 80 of 250 MB.
     "kubernetes",
 }
+# Dependencies that publish only an sdist (no wheel on PyPI). Exactly these are locked by the
+# sdist's sha256 and built into wheels during the build (build_sdists); everything else must
+# be a wheel (--only-binary), so a new sdist-only dependency fails `./run image lock` until
+# it is reviewed and named here.
+SDIST_ONLY = frozenset({"oss2", "crcmod"})
+# Compiled modules an sdist's build must produce: crcmod falls back to pure Python silently
+# when its C extension fails to build, and oss2 (enable_crc=True in fuse_crypt.backend.oss)
+# runs CRC-64 over every body it sends or receives: ~10 MB/s in pure Python, ~300 MB/s in C.
+REQUIRED_EXTENSIONS = {"crcmod": "crcmod/_crcfunext.cpython-311-x86_64-linux-gnu.so"}
+# The interpreter that builds the wheels: Debian bookworm's own CPython 3.11, the one the
+# image runs, so crcmod's extension is compiled against that interpreter's headers and ABI
+# with bookworm's gcc (`./run image` installs python3-dev and gcc).
+BUILD_PYTHON = "/usr/bin/python3.11"
 # Run-time files that differ between two otherwise identical builds, or have no place in an
 # image (paths relative to the rootfs; directories are emptied, not removed).
 EMPTIED_DIRS = (
@@ -128,7 +143,25 @@ def apt_packages() -> list[str]:
 # ---------------------------------------------------------------------------------- wheels
 
 
-def build_wheel(work: Path, env: dict[str, str]) -> Path:
+def build_venv(work: Path) -> list[str]:
+    """A venv of BUILD_PYTHON with the hash-locked build backend; its pip command line.
+
+    No build isolation anywhere: it would fetch the newest setuptools, which writes every file
+    of the wheels built here.
+    """
+    if not Path(BUILD_PYTHON).is_file():
+        raise BuildError(f"{BUILD_PYTHON} is missing: `./run image` installs python3-venv")
+    venv = work / "build-venv"
+    run([BUILD_PYTHON, "-m", "venv", str(venv)])
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
+    run(
+        [*pip, "install", "--no-deps", "--only-binary=:all:", "--require-hashes"]
+        + ["-r", str(BUILD_LOCK)]
+    )
+    return pip
+
+
+def build_wheel(work: Path, pip: list[str], env: dict[str, str]) -> Path:
     """This project's wheel, built from a clean copy of the tree (tracked and new files).
 
     Building in the worktree would reuse a stale build/lib, which can carry deleted modules.
@@ -139,28 +172,96 @@ def build_wheel(work: Path, env: dict[str, str]) -> Path:
         if (REPO / rel).is_file():
             (src / rel).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / rel, src / rel)
-    # The build backend is hash-locked too (no build isolation fetching the newest
-    # setuptools): it writes every file of the wheel.
-    venv = work / "build-venv"
-    run([sys.executable, "-m", "venv", str(venv)])
-    pip = [str(venv / "bin" / "python"), "-m", "pip", "-q", "--disable-pip-version-check"]
-    run(
-        [*pip, "install", "--no-deps", "--only-binary=:all:", "--require-hashes"]
-        + ["-r", str(BUILD_LOCK)]
-    )
     out = work / "wheel"
     run([*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(src)], env=env)
     (wheel,) = out.glob("coco_csi-*.whl")
     return wheel
 
 
-def download_locked(dest: Path) -> None:
-    """The locked dependency wheels, each checked against its sha256 in the lock."""
+def binary_flags() -> list[str]:
+    """Wheels only, except the SDIST_ONLY packages, which come only as sdists."""
+    return ["--only-binary=:all:", "--no-binary=" + ",".join(sorted(SDIST_ONLY))]
+
+
+def download_locked(dest: Path, pip: list[str]) -> None:
+    """The locked wheels and sdists, each checked against its sha256 in the lock.
+
+    pip reads an sdist's metadata by running its setup: with the locked backend
+    (--no-build-isolation), not whatever an isolated build would fetch.
+    """
     run(
-        [sys.executable, "-m", "pip", "download", "-q", "--disable-pip-version-check"]
-        + ["--no-deps", "--only-binary=:all:", "--require-hashes", "-r", str(PY_LOCK)]
-        + ["-d", str(dest)]
+        [*pip, "download", "--no-deps", "--no-build-isolation", *binary_flags()]
+        + ["--require-hashes", "-r", str(PY_LOCK), "-d", str(dest)]
     )
+    names = {_dist_name(f.name) for f in dest.glob("*.tar.gz")}
+    if names != {n for n in SDIST_ONLY if n in locked_names()}:
+        raise BuildError(f"sdists downloaded: {sorted(names)}; SDIST_ONLY: {sorted(SDIST_ONLY)}")
+
+
+def _dist_name(filename: str) -> str:
+    """The normalized project name of a wheel or sdist file name."""
+    return re.sub(r"[-_.]+", "-", re.split(r"-\d", filename, maxsplit=1)[0]).lower()
+
+
+def locked_names() -> set[str]:
+    """The normalized names pinned in image/requirements.lock."""
+    names = set()
+    for line in PY_LOCK.read_text().splitlines():
+        if "==" in line and not line.startswith("#"):
+            names.add(re.sub(r"[-_.]+", "-", line.split("==", 1)[0].strip()).lower())
+    return names
+
+
+def build_sdists(wheelhouse: Path, work: Path, pip: list[str], env: dict[str, str]) -> None:
+    """Replace each hash-checked sdist in the wheelhouse with a wheel built from it.
+
+    Reproducible: unpacked to one path per package and version, compiled without debug
+    information and with that path mapped to /usr/src/NAME-VERSION (nothing of the build
+    directory reaches the binary), SOURCE_DATE_EPOCH for the wheel's timestamps. A missing
+    REQUIRED_EXTENSIONS module fails the build instead of shipping the slow fallback.
+    """
+    import tarfile
+    import zipfile
+
+    for sdist in sorted(wheelhouse.glob("*.tar.gz")):
+        base = sdist.name.removesuffix(".tar.gz")
+        unpacked = work / "sdist"
+        with tarfile.open(sdist) as tar:
+            for m in tar.getmembers():  # hash-pinned, but still: plain files under base/
+                parts = Path(m.name).parts
+                if not (m.isfile() or m.isdir()) or not parts or parts[0] != base or ".." in parts:
+                    raise BuildError(f"{sdist.name}: unexpected member {m.name!r}")
+            tar.extractall(unpacked)  # members checked above
+        tree = unpacked / base
+        if not (tree / "setup.py").is_file() and not (tree / "pyproject.toml").is_file():
+            raise BuildError(f"{sdist.name} does not unpack to {base}/")
+        flags = f"-g0 -ffile-prefix-map={tree}=/usr/src/{base} -ffile-prefix-map={work}=/build"
+        build_env = dict(env, CFLAGS=flags)
+        out = work / "sdist-wheels"
+        run(
+            [*pip, "wheel", "--no-deps", "--no-build-isolation", "-w", str(out), str(tree)],
+            env=build_env,
+            cwd=tree,
+        )
+        name = _dist_name(sdist.name)
+        (wheel,) = (w for w in out.glob("*.whl") if _dist_name(w.name) == name)
+        need = REQUIRED_EXTENSIONS.get(name)
+        if need and need not in zipfile.ZipFile(wheel).namelist():
+            raise BuildError(f"{sdist.name}: {need} was not built (its C compiler step failed)")
+        shutil.move(wheel, wheelhouse / wheel.name)
+        sdist.unlink()
+
+
+def wheel_lock(dest: Path) -> None:
+    """image/requirements.lock without the SDIST_ONLY entries (their wheels are built here,
+    so the sdist hashes cannot match them: they were checked at download)."""
+    kept, skip = [], False
+    for line in PY_LOCK.read_text().splitlines():
+        if not line.startswith((" ", "#")):
+            skip = re.sub(r"[-_.]+", "-", line.split("==", 1)[0].strip()).lower() in SDIST_ONLY
+        if not skip:
+            kept.append(line)
+    dest.write_text("\n".join(kept) + "\n")
 
 
 def image_requirements() -> list[str]:
@@ -181,7 +282,7 @@ def resolve_locked(requirements: list[str]) -> list[str]:
         report = Path(tmp) / "report.json"
         run(
             [sys.executable, "-m", "pip", "install", "-q", "--disable-pip-version-check"]
-            + ["--dry-run", "--ignore-installed", "--only-binary=:all:", "--report", str(report)]
+            + ["--dry-run", "--ignore-installed", *binary_flags(), "--report", str(report)]
             + requirements
         )
         items = json.loads(report.read_text())["install"]
@@ -189,6 +290,8 @@ def resolve_locked(requirements: list[str]) -> list[str]:
     for item in sorted(items, key=lambda i: i["metadata"]["name"].lower()):
         meta = item["metadata"]
         sha = item["download_info"]["archive_info"]["hashes"]["sha256"]
+        if not item["download_info"]["url"].endswith(".whl"):
+            lines.append("# sdist only (tools/image.py SDIST_ONLY): built into a wheel per build")
         lines.append(f"{meta['name'].lower()}=={meta['version']} \\\n    --hash=sha256:{sha}")
     return lines
 
@@ -213,20 +316,28 @@ def write_python_locks() -> None:
 # ---------------------------------------------------------------------------------- rootfs
 
 
-def mmdebstrap(rootfs: Path, wheelhouse: Path, wheel: Path, env: dict[str, str]) -> None:
+def mmdebstrap(
+    rootfs: Path, wheelhouse: Path, lock: Path, wheel: Path, env: dict[str, str]
+) -> None:
     """The Debian rootfs with the venv installed by customize hooks (inside the chroot)."""
 
     def q(path: Path) -> str:
         return shlex.quote(str(path))
 
+    built = sorted(
+        (w for w in wheelhouse.glob("*.whl") if _dist_name(w.name) in SDIST_ONLY),
+        key=lambda w: w.name,
+    )
     pip_env = "PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1 PYTHONDONTWRITEBYTECODE=1"
     pip = f'chroot "$1" env {pip_env} {VENV}/bin/python -m pip'
     install = "install -q --no-index --no-compile --no-deps --find-links /tmp/wheels"
     hooks = [
         f'mkdir "$1/tmp/wheels" && cp {q(wheelhouse)}/*.whl {q(wheel)} "$1/tmp/wheels/"',
-        f'cp {q(PY_LOCK)} "$1/tmp/wheels/requirements.lock"',
+        f'cp {q(lock)} "$1/tmp/wheels/requirements.lock"',
         f'chroot "$1" env {pip_env} python3 -m venv {VENV}',
         f"{pip} {install} --require-hashes -r /tmp/wheels/requirements.lock",
+        # the wheels built from the SDIST_ONLY sdists (hash-checked at download)
+        *(f"{pip} {install} /tmp/wheels/{w.name}" for w in built),
         f"{pip} {install} /tmp/wheels/{wheel.name}",
         # pip/setuptools only served the install; the image does not install anything later.
         f"{pip} uninstall -q -y pip setuptools",
@@ -444,6 +555,7 @@ def build(out: Path, *, update_lock: bool = False, allow_drift: bool = False) ->
     tests use it so that a Debian security update fails the one lock test, not all of them.
     """
     t0 = time.monotonic()
+    out = out.resolve()  # the sdists build in their own directory: no relative paths
     src = source_info()
     env = dict(os.environ, SOURCE_DATE_EPOCH=str(src.epoch), LC_ALL="C.UTF-8", TZ="UTC")
     if out.exists():
@@ -454,11 +566,15 @@ def build(out: Path, *, update_lock: bool = False, allow_drift: bool = False) ->
     out.mkdir(parents=True)
     with tempfile.TemporaryDirectory(prefix="coco-image-", dir=out) as tmp:
         work = Path(tmp)
-        wheel = build_wheel(work, env)
+        pip = build_venv(work)
+        wheel = build_wheel(work, pip, env)
         wheelhouse = work / "wheelhouse"
-        download_locked(wheelhouse)
+        download_locked(wheelhouse, pip)
+        build_sdists(wheelhouse, work, pip, env)
+        lock = work / "requirements-wheels.lock"
+        wheel_lock(lock)
         rootfs = work / "rootfs"
-        mmdebstrap(rootfs, wheelhouse, wheel, env)
+        mmdebstrap(rootfs, wheelhouse, lock, wheel, env)
         debs = debian_packages(rootfs)
         drift = check_debian_lock(debs, update_lock)
         if drift and not allow_drift:

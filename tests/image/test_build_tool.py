@@ -89,3 +89,26 @@ def test_sbom_is_cyclonedx_and_deterministic(tool: ModuleType) -> None:
     assert "pkg:pypi/typing-extensions@4.16.0" in purls
     assert "pkg:deb/debian/libc6@2.36-9%2Bdeb12u13?arch=amd64&distro=debian-bookworm" in purls
     assert doc["metadata"]["timestamp"] == "2023-11-14T22:13:20Z"
+
+
+def test_sdist_only_is_short_and_locked(tool: ModuleType) -> None:
+    """Exactly the allow-listed packages come as sdists (everything else is --only-binary);
+    each is locked by its sdist's sha256 like the wheels, and the lock marks it."""
+    assert {"oss2", "crcmod"} == tool.SDIST_ONLY
+    assert set(_pins(tool.PY_LOCK)) >= tool.SDIST_ONLY
+    text = tool.PY_LOCK.read_text()
+    for name in tool.SDIST_ONLY:
+        assert f"SDIST_ONLY): built into a wheel per build\n{name}==" in text
+    flags = tool.binary_flags()
+    assert "--only-binary=:all:" in flags and "--no-binary=crcmod,oss2" in flags
+
+
+def test_wheel_lock_drops_only_the_sdists(tool: ModuleType, tmp_path: Path) -> None:
+    """The in-image --require-hashes install gets the lock minus the sdist entries (their
+    built wheels cannot match the sdist hashes) and keeps every other pin and hash."""
+    out = tmp_path / "lock"
+    tool.wheel_lock(out)
+    kept = _pins(out)
+    assert set(kept) == set(_pins(tool.PY_LOCK)) - tool.SDIST_ONLY
+    assert {"boto3", "botocore", "s3transfer", "jmespath", "requests", "six"} <= set(kept)
+    assert {"aliyun-python-sdk-core", "aliyun-python-sdk-kms", "pycryptodome"} <= set(kept)
