@@ -266,3 +266,46 @@ def test_repr_names_the_core_not_the_key() -> None:
     core = CryptoCore(MK)
     assert repr(ContentEnc(core)) == f"ContentEnc({core!r})"
     assert MK.hex() not in repr(ContentEnc(core))
+
+
+# -- the BlockObserver hook (the mount's metrics): same results, exact counts ---------------
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int]] = []
+
+    def encrypted(self, blocks: int, plain_bytes: int) -> None:
+        self.calls.append(("encrypted", blocks, plain_bytes))
+
+    def decrypted(self, blocks: int, plain_bytes: int) -> None:
+        self.calls.append(("decrypted", blocks, plain_bytes))
+
+    def auth_failed(self) -> None:
+        self.calls.append(("auth_failed", 0, 0))
+
+
+@pytest.mark.parametrize("aessiv", [False, True])
+def test_observer_sees_exact_counts_and_changes_no_result(aessiv: bool) -> None:
+    core = CryptoCore(bytes(range(1, 33)), aessiv=aessiv)
+    rec = _Recorder()
+    watched, plain = ContentEnc(core, rec), ContentEnc(core)
+    data = os.urandom(2 * PLAIN_BS + 5)  # three blocks, the last short
+    ct = watched.encrypt_blocks(7, data, FID)
+    assert plain.decrypt_blocks(7, ct, FID) == data
+    assert rec.calls == [("encrypted", 3, len(data))]
+    out = bytearray(len(data) + 3)
+    assert watched.decrypt_blocks_into(7, ct, FID, out) == len(data)
+    assert bytes(out[: len(data)]) == data
+    assert rec.calls[-1] == ("decrypted", 3, len(data))
+    assert watched.decrypt_blocks(7, ct, FID) == data
+    assert rec.calls[-1] == ("decrypted", 3, len(data))
+    # a tampered batch: counted as one auth failure, nothing counted as decrypted
+    bad = bytearray(ct)
+    bad[-1] ^= 1
+    before = len(rec.calls)
+    with pytest.raises(CorruptDataError):
+        watched.decrypt_blocks_into(7, bytes(bad), FID, bytearray(len(data)))
+    assert rec.calls[before:] == [("auth_failed", 0, 0)]
+    assert watched.encrypt_blocks_into(0, b"", FID, bytearray(0)) == 0
+    assert rec.calls[before:] == [("auth_failed", 0, 0)]  # an empty batch is no batch
