@@ -255,6 +255,14 @@ class BlockVolumes:
             allowed_kids=self.allowed_signing_kids,
         )
         new = source == blockdev.SOURCE_EMPTY
+        if new and key.source != "ephemeral-random" and self._own_container(device, key):
+            # A PV with sourceType empty is staged again after a reboot or a move: the disk
+            # now holds the container its first stage made. Opened, never formatted again.
+            new = False
+            log.info(
+                "sourceType empty: the device holds this volume's own LUKS2 container; opening it",
+                extra={"fields": {"volume_id": req.volume_id}},
+            )
         if new:
             self._prove_empty(device)
             deadline.check("formatting the volume")
@@ -400,6 +408,31 @@ class BlockVolumes:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.header_copy_path(pub.volume_id))
         self.store.remove(staging)
+
+    @staticmethod
+    def _own_container(device: blockdev.Device, key: VolumeKey) -> bool:
+        """True only for a LUKS2 container that this volume's key opens *and* whose binding
+        token (a MAC keyed from the volume key) verifies: a container this volume made.
+        Anything else, including an unbound header that the operator's
+        ``--block-accept-unbound-header`` would let ``encrypted`` volumes open, is left to
+        :meth:`_prove_empty`, which refuses it."""
+        from fuse_crypt.blockfront import DeviceError, open_device
+        from fuse_crypt.errors import FuseCryptError
+        from fuse_crypt.luks2 import is_luks, open_volume
+
+        try:
+            fd = open_device(device.path, read_only=True, allow_regular=device.is_image)
+        except DeviceError:
+            return False
+        try:
+            if not is_luks(fd):
+                return False
+            open_volume(fd, key.password, require_binding=True)
+            return True
+        except FuseCryptError:  # another key, a hostile or unbound header: not ours
+            return False
+        finally:
+            os.close(fd)
 
     def _prove_empty(self, device: blockdev.Device) -> None:
         from fuse_crypt.blockfront import DeviceError, device_size, open_device

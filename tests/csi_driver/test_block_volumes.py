@@ -197,6 +197,29 @@ def test_empty_refuses_a_device_with_data(rig: Rig, make, named: str) -> None:  
     assert rig.core.block.store.all() == []
 
 
+def test_empty_pv_restages_its_own_container_and_nothing_else(rig: Rig) -> None:
+    """A PV with sourceType empty is staged again after a reboot or a move: the container its
+    first stage made (our binding token, this volume's key) is opened, never reformatted; a
+    container another volume made stays refused, bit for bit unchanged."""
+    img = rig.image()
+    staging = rig.stage(img, vid="blk-own")
+    target = rig.target("own")
+    rig.publish(staging, target, vid="blk-own")
+    (pathlib.Path(target) / NAME).write_bytes(MARKER)
+    rig.core.unpublish("blk-own", target)
+    rig.core.unstage("blk-own", staging)
+    staging = rig.stage(img, vid="blk-own")  # sourceType empty again
+    rig.publish(staging, target, vid="blk-own")
+    assert (pathlib.Path(target) / NAME).read_bytes() == MARKER  # not reformatted
+    rig.core.unpublish("blk-own", target)
+    rig.core.unstage("blk-own", staging)
+    before = _sha(img)
+    with pytest.raises(errors.FailedPrecondition, match="LUKS") as exc:
+        rig.stage(img, vid="blk-other")  # another volume's key: not its container
+    assert "nothing was written" in str(exc.value)
+    assert _sha(img) == before
+
+
 def test_wrong_key_changes_nothing(rig: Rig) -> None:
     img = rig.image()
     staging = rig.stage(img, vid="blk-a")
