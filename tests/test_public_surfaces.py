@@ -60,7 +60,7 @@ SURFACES: dict[str, list[str]] = {
         "open_device",
         "serve_block",
     ],
-    "fuse_crypt.fusefrontend": ["MAX_IO", "CryptFUSE", "StopSignals", "serve"],
+    "fuse_crypt.fusefrontend": ["MAX_IO", "CryptFUSE", "StopSignals", "run_fuse_loop", "serve"],
     "fuse_crypt.luks2": [
         "DataSegment",
         "HeaderError",

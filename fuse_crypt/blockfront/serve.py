@@ -23,7 +23,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..backend import Stat
-from ..fusefrontend import MAX_IO, CryptFUSE, StopSignals  # selects libfuse3 first
+from ..fusefrontend import MAX_IO, CryptFUSE, StopSignals, run_fuse_loop  # libfuse3 first
 
 import mfusepy  # isort: skip
 
@@ -218,30 +218,6 @@ class BlockFUSE(CryptFUSE):
         return 0
 
 
-def _watch_ready(
-    ops: BlockOperations,
-    mountpoint: str,
-    done: threading.Event,
-    on_ready: Callable[[], None] | None,
-) -> None:
-    while not ops.initialized.wait(0.05):
-        if done.is_set():
-            return
-    while not done.is_set():
-        with contextlib.suppress(OSError):
-            if os.path.ismount(mountpoint):
-                break
-        done.wait(0.01)
-    else:
-        return
-    log.info("event=mounted mountpoint=%s", mountpoint)
-    if on_ready is not None:
-        try:
-            on_ready()
-        except Exception as e:  # noqa: BLE001 - readiness reporting must not kill the mount
-            log.error("event=on_ready_failed error=%s", type(e).__name__)
-
-
 def serve_block(
     device: CryptDevice,
     mountpoint: str,
@@ -285,25 +261,8 @@ def _serve(
     if allow_other:
         options["allow_other"] = True
         options["default_permissions"] = True
-    done = threading.Event()
-    watcher = threading.Thread(
-        target=_watch_ready, args=(ops, mountpoint, done, on_ready), daemon=True
-    )
-    watcher.start()
 
     def loop() -> None:
         BlockFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
 
-    try:
-        if stop is None:
-            loop()
-        else:
-            stop.run(loop, on_stop=done.set)
-    except RuntimeError as e:
-        if not (ops.initialized.is_set() and not os.path.ismount(mountpoint)):
-            raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
-    finally:
-        done.set()
-        with contextlib.suppress(RuntimeError):
-            watcher.join(1.0)
-        log.info("event=unmounted mountpoint=%s", mountpoint)
+    run_fuse_loop(loop, ops.initialized, mountpoint, stop, on_ready)

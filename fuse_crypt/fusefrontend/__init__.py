@@ -16,9 +16,9 @@ Modules, one job each:
 
 from . import _libfuse  # noqa: F401  (must precede any mfusepy import)
 from .files import MAX_IO
-from .mount import CryptFUSE, serve
+from .mount import CryptFUSE, run_fuse_loop, serve
 from .stopsignals import StopSignals
 
 # CryptFUSE, StopSignals and MAX_IO: the libfuse plumbing the block frontend
 # (fuse_crypt.blockfront) shares, so both daemons map errors and stop signals alike.
-__all__ = ["MAX_IO", "CryptFUSE", "StopSignals", "serve"]
+__all__ = ["MAX_IO", "CryptFUSE", "StopSignals", "run_fuse_loop", "serve"]

@@ -256,12 +256,14 @@ def _tune_readahead(mountpoint: str) -> None:
 
 
 def _watch_ready(
-    ops: CryptOperations,
+    initialized: threading.Event,
     mountpoint: str,
     done: threading.Event,
     on_ready: Callable[[], None] | None,
+    before_ready: Callable[[], None] | None,
+    after_ready: Callable[[threading.Event], None] | None,
 ) -> None:
-    while not ops.initialized.wait(0.05):
+    while not initialized.wait(0.05):
         if done.is_set():
             return
     while not done.is_set():
@@ -273,14 +275,64 @@ def _watch_ready(
         done.wait(0.01)
     else:
         return
-    _tune_readahead(mountpoint)
+    if before_ready is not None:
+        before_ready()
     log.info("event=mounted mountpoint=%s", mountpoint)
     if on_ready is not None:
         try:
             on_ready()
         except Exception as e:
             log.error("event=on_ready_failed error=%s", type(e).__name__)
-    _housekeeping(ops, done)
+    if after_ready is not None:
+        after_ready(done)
+
+
+def run_fuse_loop(
+    loop: Callable[[], None],
+    initialized: threading.Event,
+    mountpoint: str,
+    stop: StopSignals | None,
+    on_ready: Callable[[], None] | None,
+    *,
+    before_ready: Callable[[], None] | None = None,
+    after_ready: Callable[[threading.Event], None] | None = None,
+    cleanup: Callable[[], None] | None = None,
+) -> None:
+    """Run libfuse's ``loop`` in this thread, with a watcher thread that calls ``on_ready``
+    once the kernel shows the mount, and end it the one way both frontends need.
+
+    Why shared: the fuse-crypt filesystem and the block daemon are both supervised by the
+    node plugin, which reads "ready" and exit codes the same way for each. libfuse3 reports a
+    loop ended by SIGINT/SIGTERM/SIGHUP as a failure (exit code 8): that is an orderly
+    shutdown if we were mounted and the mount is gone, an OSError(EIO) otherwise.
+    ``before_ready`` runs once mounted, before ``on_ready``; ``after_ready`` runs in the
+    watcher thread afterwards until the loop ends (it gets the "done" event); ``cleanup``
+    runs after the loop, before the watcher is joined.
+    """
+    done = threading.Event()
+    watcher = threading.Thread(
+        target=_watch_ready,
+        args=(initialized, mountpoint, done, on_ready, before_ready, after_ready),
+        name="fuse-crypt-ready",
+        daemon=True,
+    )
+    watcher.start()
+    try:
+        if stop is None:
+            loop()
+        else:
+            stop.run(loop, on_stop=done.set)
+    except RuntimeError as e:
+        if not (initialized.is_set() and not os.path.ismount(mountpoint)):
+            raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
+        log.info("event=stopped_by_signal mountpoint=%s", mountpoint)
+    finally:
+        done.set()
+        if cleanup is not None:
+            cleanup()
+        with contextlib.suppress(RuntimeError):
+            watcher.join(1.0)
+        log.info("event=unmounted mountpoint=%s", mountpoint)
 
 
 def _housekeeping(ops: CryptOperations, done: threading.Event) -> None:
@@ -451,34 +503,22 @@ def _serve(
         # The daemon runs as root for other users: let the kernel check modes.
         options["allow_other"] = True
         options["default_permissions"] = True
-    done = threading.Event()
-    watcher = threading.Thread(
-        target=_watch_ready,
-        args=(ops, mountpoint, done, on_ready),
-        name="fuse-crypt-ready",
-        daemon=True,
-    )
-    watcher.start()
     log.info("event=mounting mountpoint=%s read_only=%s", mountpoint, read_only)
 
     def loop() -> None:
         CryptFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
 
-    try:
-        if stop is None:
-            loop()
-        else:
-            stop.run(loop, on_stop=done.set)
-    except RuntimeError as e:
-        # libfuse3 reports a loop ended by SIGINT/SIGTERM/SIGHUP as exit code 8;
-        # that is an orderly shutdown if we were mounted and the mount is gone.
-        if not (ops.initialized.is_set() and not os.path.ismount(mountpoint)):
-            raise OSError(errno.EIO, f"libfuse failed (exit code {e})", mountpoint) from None
-        log.info("event=stopped_by_signal mountpoint=%s", mountpoint)
-    finally:
-        done.set()
+    def cleanup() -> None:
         ops.files.close_all()
         core.wipe()
-        with contextlib.suppress(RuntimeError):
-            watcher.join(1.0)
-        log.info("event=unmounted mountpoint=%s", mountpoint)
+
+    run_fuse_loop(
+        loop,
+        ops.initialized,
+        mountpoint,
+        stop,
+        on_ready,
+        before_ready=lambda: _tune_readahead(mountpoint),
+        after_ready=lambda done: _housekeeping(ops, done),
+        cleanup=cleanup,
+    )
