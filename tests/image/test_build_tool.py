@@ -42,6 +42,21 @@ def test_debian_drift_is_named(tool: ModuleType) -> None:
     assert "--update-lock" in str(tool.drift_error(drift))
 
 
+def test_only_debian_updates_are_not_set_changes(tool: ModuleType) -> None:
+    """A newer version of a locked package is Debian's update; an added or vanished package
+    and an older version (a mirror rolled back) are changes to the image's contents."""
+    rows = _locked(tool)
+    (n0, v0, a0), (n1, v1, _), (n2, v2, a2) = rows[0], rows[1], rows[2]
+    drifted = [(n0, v0 + "+deb12u99", a0), (n2, "0:" + v2 + "~", a2), *rows[3:]]
+    drifted.append(("evil-extra", "1.0", "amd64"))
+    changes = tool.set_changes(tool.check_debian_lock(drifted, update=False))
+    assert not any(c.strip().startswith(f"{n0}:") for c in changes)
+    assert any(c.strip().startswith(f"{n1}: locked {v1}, got (absent)") for c in changes)
+    assert any(c.strip().startswith(f"{n2}:") for c in changes)
+    assert any("evil-extra" in c for c in changes)
+    assert len(changes) == 3
+
+
 def test_apt_packages_cover_the_plugins_needs(tool: ModuleType) -> None:
     wanted = {"python3", "python3-venv", "fuse3", "gocryptfs", "mount", "ca-certificates"}
     wanted |= {"cryptsetup-bin", "e2fsprogs", "util-linux"}
