@@ -101,6 +101,7 @@ def env() -> Iterator[Env]:
         json.dumps({k: base64.b64encode(v).decode() for k, v in res.items()})
     )
     (work / "kubelet").mkdir()
+    (work / "tls").mkdir()
     moto = MotoS3()
     oss = OssServer(tls_dir=str(work / "tls"))
     oss.__enter__()
@@ -158,7 +159,7 @@ def klass(e: Env, kind: str) -> tuple[dict[str, str], dict[str, str], dict[str, 
         params = {
             "bucket": OSS_BUCKET,
             "path": "pvcs",
-            "url": e.oss.endpoint.replace("http://", "https://"),
+            "url": e.oss.endpoint,  # https: the peer's CA is --object-ca-bundle
             "region": "cn-hangzhou",
             "encrypted": "gocryptfs",
             "keyResource": KEY_RESOURCE,
