@@ -340,3 +340,41 @@ def test_a_controller_without_a_resolver_says_so_and_refuses_delete_classes(
         stop_plugins([proc])
     log = (tmp_path / "plain.log").read_text()
     assert "never deletes object-store volumes" in log
+
+
+def test_hostile_s3_listing_on_the_wire_deletes_nothing_outside(env: Env) -> None:
+    """moto's real ListObjectsV2 answer, rewritten on the wire by the fault proxy to name a
+    key outside the prefix: the real S3 client parses it, the page is refused before its
+    DeleteObjects request, and the neighbour is still there."""
+    from csi_driver import errors
+    from csi_driver.deadline import Deadline
+    from csi_driver.volumes.objectdelete import delete_prefix
+    from fuse_crypt.backend.retrying import RetryingTransport
+    from fuse_crypt.backend.s3 import S3Transport
+    from tests.peers.fault_proxy import Fault, FaultProxy
+    from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY
+
+    bucket = env.moto.new_bucket("hostile")
+    plant_to = env.moto.client()
+    for k in ("pvcs/coco-7/a", "pvcs/coco-7/b", "pvcs/coco-70/kept", "pvcs/kept"):
+        plant_to.put_object(Bucket=bucket, Key=k, Body=b"x")
+    foreign = (
+        b"</Contents><Contents><Key>pvcs/kept</Key><LastModified>2026-01-01T00:00:00.000Z"
+        b"</LastModified><ETag>&quot;9dd4e461268c8034f5c8564e155c67a6&quot;</ETag><Size>1"
+        b"</Size><StorageClass>STANDARD</StorageClass></Contents>"
+    )
+    with FaultProxy(("127.0.0.1", env.moto.port)) as proxy:
+        proxy.always = Fault.rewrite(b"</Contents>", foreign)
+        t = S3Transport(
+            bucket,
+            access_key=ACCESS_KEY,
+            secret_key=SECRET_KEY,
+            endpoint_url=proxy.endpoint,
+            allow_insecure_http=True,
+        )
+        with pytest.raises(errors.FailedPrecondition, match="outside"):
+            delete_prefix(RetryingTransport(t), "pvcs/coco-7/", Deadline(30))
+        assert not [m for m, p, _ in proxy.log if m == "POST"]  # no DeleteObjects at all
+        proxy.always = None
+        assert delete_prefix(RetryingTransport(t), "pvcs/coco-7/", Deadline(30)) == 2
+    assert set(env.moto.objects(bucket)) == {"pvcs/coco-70/kept", "pvcs/kept"}
