@@ -371,3 +371,15 @@ def test_secrets_never_reach_logs_or_errors(env: Env, caplog: pytest.LogCaptureF
     text = caplog.text + repr(caplog.records) + repr(ctrl.object_deleter)
     assert SK not in text and AK not in text
     assert "deleted object-store volume prefix" in caplog.text
+
+
+def test_plaintext_credentials_only_with_the_operators_opt_in(env: Env) -> None:
+    params = env.params(akId="plain-ak-id", akSecret="plain-secret-value")
+    with pytest.raises(errors.InvalidArgument) as info:
+        env.backend().create("pvc-1", [plain_capability()], params)
+    assert "plain-secret-value" not in str(info.value)
+    ctrl = env.backend("optin", allow_plaintext_secrets=True)
+    rec, _ = ctrl.create("pvc-1", [plain_capability()], params)
+    fill(env.bucket, f"pvcs/team-a/{rec.volume_id}/", 2)
+    ctrl.delete(rec.volume_id)
+    assert env.bucket.objects == {} and env.made == [("plain-ak-id", "plain-secret-value", None)]
