@@ -102,9 +102,18 @@ def env() -> Iterator[Env]:
     )
     (work / "kubelet").mkdir()
     (work / "tls").mkdir()
-    moto = MotoS3()
-    oss = OssServer(tls_dir=str(work / "tls"))
-    oss.__enter__()
+    try:
+        moto = MotoS3()
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        oss = OssServer(tls_dir=str(work / "tls"))
+        oss.__enter__()
+    except BaseException:
+        moto.stop()
+        shutil.rmtree(work, ignore_errors=True)
+        raise
     oss.add_credentials(OSS_AK, OSS_SK)
     oss.create_bucket(OSS_BUCKET)
     assert oss.ca_path is not None
