@@ -20,8 +20,57 @@ from sealed_secrets.resource_uri import is_hostless_prefix
 if TYPE_CHECKING:
     from csi_driver.core.node import NodeCore
     from csi_driver.server import Plugin
+    from csi_driver.volumes.objectdelete import ObjectDeleter
+    from csi_driver.volumes.objectmount import ObjectNodePolicy
+    from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger("csi_driver.cli")
+
+
+def _object_flags(sp: argparse.ArgumentParser) -> None:
+    """The sealed-secret and object-store policy flags, the same for the node and the
+    controller (which uses them only to delete ``onDelete: delete`` volumes), so a
+    confidential controller is configured exactly like the node."""
+    sp.add_argument(
+        "--allowed-signing-kid",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="(repeatable) kid prefix a sealed secret's signing key must match",
+    )
+    sp.add_argument(
+        "--allowed-object-endpoint",
+        action="append",
+        default=[],
+        metavar="HOST",
+        help="(repeatable) an object-store volume's endpoint host must be HOST (or match "
+        "*.SUFFIX); none: object-store volumes are refused",
+    )
+    sp.add_argument(
+        "--allowed-object-bucket",
+        action="append",
+        default=[],
+        metavar="BUCKET[/PREFIX]",
+        help="(repeatable) object-store volumes must lie in BUCKET (under PREFIX); "
+        "none: any bucket on an allowed endpoint",
+    )
+    sp.add_argument(
+        "--object-ca-bundle",
+        default=None,
+        metavar="FILE",
+        help="trust only these CAs for object-store endpoints (default: the system store)",
+    )
+    sp.add_argument(
+        "--allow-plaintext-object-credentials",
+        action="store_true",
+        help="accept object-store credentials and passphrases that are not sealed "
+        "(they then passed through the host in clear)",
+    )
+    sp.add_argument(
+        "--allow-insecure-object-endpoint",
+        action="store_true",
+        help="accept plain-http object-store endpoints (loopback tests only)",
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -82,46 +131,7 @@ def _parser() -> argparse.ArgumentParser:
         metavar="PREFIX",
         help="(repeatable) kbs:/// prefix a keyResource must lie under (none: all refused)",
     )
-    n.add_argument(
-        "--allowed-signing-kid",
-        action="append",
-        default=[],
-        metavar="PREFIX",
-        help="(repeatable) kid prefix a sealed secret's signing key must match",
-    )
-    n.add_argument(
-        "--allowed-object-endpoint",
-        action="append",
-        default=[],
-        metavar="HOST",
-        help="(repeatable) an object-store volume's endpoint host must be HOST (or match "
-        "*.SUFFIX); none: object-store volumes are refused",
-    )
-    n.add_argument(
-        "--allowed-object-bucket",
-        action="append",
-        default=[],
-        metavar="BUCKET[/PREFIX]",
-        help="(repeatable) object-store volumes must lie in BUCKET (under PREFIX); "
-        "none: any bucket on an allowed endpoint",
-    )
-    n.add_argument(
-        "--object-ca-bundle",
-        default=None,
-        metavar="FILE",
-        help="trust only these CAs for object-store endpoints (default: the system store)",
-    )
-    n.add_argument(
-        "--allow-plaintext-object-credentials",
-        action="store_true",
-        help="accept object-store credentials and passphrases that are not sealed "
-        "(they then passed through the host in clear)",
-    )
-    n.add_argument(
-        "--allow-insecure-object-endpoint",
-        action="store_true",
-        help="accept plain-http object-store endpoints (loopback tests only)",
-    )
+    _object_flags(n)
     n.add_argument(
         "--max-parallel",
         type=int,
@@ -145,6 +155,13 @@ def _parser() -> argparse.ArgumentParser:
     common(c)
     c.add_argument("--backend-root", required=True)
     c.add_argument("--default-key-resource", default=None, help="kbs:///repo/type/tag")
+    c.add_argument(
+        "--resolver",
+        default="",
+        help="only in a confidential controller pod: unseal bucket credentials to delete "
+        "object-store volumes whose class says onDelete: delete (same specs as the node's)",
+    )
+    _object_flags(c)
 
     d = sub.add_parser("demo", help="provision, publish, use and delete a volume end to end")
     d.add_argument("--mounter", choices=sorted(MOUNTERS), default=DEFAULT_MOUNTER)
@@ -200,7 +217,6 @@ def _run_node(args: argparse.Namespace) -> int:
     from csi_driver.metrics import Metrics
     from csi_driver.resolver import build
     from csi_driver.server import socket_path, start_node
-    from csi_driver.volumes.objectmount import ObjectNodePolicy
 
     socket_path(args.endpoint)  # reject a bad endpoint before touching anything
     _check_prefixes(args.allowed_key_resource, "--allowed-key-resource", kbs=True)
@@ -227,19 +243,7 @@ def _run_node(args: argparse.Namespace) -> int:
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,
-        object_policy=ObjectNodePolicy(
-            allowed_endpoints=tuple(
-                _check_prefixes(
-                    args.allowed_object_endpoint, "--allowed-object-endpoint", kbs=False
-                )
-            ),
-            allowed_buckets=tuple(
-                _check_prefixes(args.allowed_object_bucket, "--allowed-object-bucket", kbs=False)
-            ),
-            allow_plaintext_secrets=args.allow_plaintext_object_credentials,
-            allow_insecure_http=args.allow_insecure_object_endpoint,
-            ca_bundle=args.object_ca_bundle,
-        ),
+        object_policy=_object_policy(args),
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
@@ -250,6 +254,42 @@ def _run_node(args: argparse.Namespace) -> int:
     _wait_for_signal()
     plugin.stop(unmount=args.unmount_on_exit)
     return 0
+
+
+def _object_policy(args: argparse.Namespace) -> ObjectNodePolicy:
+    from csi_driver.volumes.objectmount import ObjectNodePolicy
+
+    return ObjectNodePolicy(
+        allowed_endpoints=tuple(
+            _check_prefixes(args.allowed_object_endpoint, "--allowed-object-endpoint", kbs=False)
+        ),
+        allowed_buckets=tuple(
+            _check_prefixes(args.allowed_object_bucket, "--allowed-object-bucket", kbs=False)
+        ),
+        allow_plaintext_secrets=args.allow_plaintext_object_credentials,
+        allow_insecure_http=args.allow_insecure_object_endpoint,
+        ca_bundle=args.object_ca_bundle,
+    )
+
+
+def _object_deleter(args: argparse.Namespace, resolver: Resolver | None) -> ObjectDeleter:
+    """The controller's deleter; says at start whether it can delete object-store volumes."""
+    from csi_driver.volumes.objectdelete import ObjectDeleter
+
+    _check_prefixes(args.allowed_signing_kid, "--allowed-signing-kid", kbs=False)
+    deleter = ObjectDeleter(resolver, _object_policy(args), tuple(args.allowed_signing_kid))
+    if deleter.enabled:
+        log.info(
+            "object-store volumes of classes with onDelete: delete are deleted by this "
+            "controller (it unseals their bucket credentials: run it only as a confidential pod)"
+        )
+    else:
+        log.warning(
+            "no --resolver (or no --allowed-object-endpoint): this controller never deletes "
+            "object-store volumes; DeleteVolume keeps their objects, and classes with "
+            "onDelete: delete are refused"
+        )
+    return deleter
 
 
 def _check_with_controller(args: argparse.Namespace) -> None:
@@ -264,18 +304,28 @@ def _start_with_controller(args: argparse.Namespace, core: NodeCore) -> Plugin:
     from csi_driver.core.controller import LocalBackend
     from csi_driver.server import start_node_with_controller
 
-    backend = LocalBackend(args.backend_root, default_key_resource=args.default_key_resource)
+    backend = LocalBackend(
+        args.backend_root,
+        default_key_resource=args.default_key_resource,
+        object_deleter=_object_deleter(args, core.resolver),
+    )
     return start_node_with_controller(args.endpoint, core, backend)
 
 
 def _run_controller(args: argparse.Namespace) -> int:
     from csi_driver.core.controller import LocalBackend
     from csi_driver.metrics import Metrics
+    from csi_driver.resolver import build
     from csi_driver.server import socket_path, start_controller
 
     socket_path(args.endpoint)
     metrics = Metrics()
-    backend = LocalBackend(args.backend_root, default_key_resource=args.default_key_resource)
+    resolver = build(args.resolver) if args.resolver else None
+    backend = LocalBackend(
+        args.backend_root,
+        default_key_resource=args.default_key_resource,
+        object_deleter=_object_deleter(args, resolver),
+    )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
     plugin = start_controller(args.endpoint, backend, metrics=metrics)

@@ -7,6 +7,7 @@ import grpc
 from coco_proto import csi_pb2, csi_pb2_grpc
 from csi_driver import convert
 from csi_driver.core.controller import LocalBackend
+from csi_driver.deadline import Deadline
 from csi_driver.metrics import Metrics
 from csi_driver.rpc import csi_rpc
 
@@ -39,6 +40,7 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
             required_bytes=request.capacity_range.required_bytes,
             limit_bytes=request.capacity_range.limit_bytes,
             has_content_source=request.HasField("volume_content_source"),
+            secrets=dict(request.secrets),
         )
         return csi_pb2.CreateVolumeResponse(
             volume=csi_pb2.Volume(
@@ -50,7 +52,11 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
     def DeleteVolume(
         self, request: csi_pb2.DeleteVolumeRequest, context: grpc.ServicerContext
     ) -> csi_pb2.DeleteVolumeResponse:  # noqa: N802
-        self.backend.delete(request.volume_id)
+        self.backend.delete(
+            request.volume_id,
+            secrets=dict(request.secrets),
+            deadline=Deadline.from_grpc(context),
+        )
         return csi_pb2.DeleteVolumeResponse()
 
     @csi_rpc("ValidateVolumeCapabilities")

@@ -11,14 +11,20 @@ since a plain directory has no quota of its own.
 
 Object-store StorageClasses (parameters naming a ``bucket`` or ``objectStore``,
 csi_driver/volumes/objectstore.py) get a *prefix*, not a directory: CreateVolume only
-allocates the name ``<path>/<volume_id>`` and records it; it never talks to the bucket, since
-that needs credentials and this process runs outside the TEE. Credential and passphrase
-parameters must be sealed strings (or come from the node-publish secret): the controller
-passes them on unopened. The node initialises the empty prefix at first publish, inside the
-guest. DeleteVolume forgets the record and leaves the objects: deleting them needs the
-bucket's credentials, which only the guest may unseal (use a bucket lifecycle rule, or a
-tenant job in a TEE, to remove a deleted volume's prefix; ``reclaimPolicy: Retain`` never
-calls DeleteVolume at all).
+allocates the name ``<path>/<volume_id>`` and records it; it never writes to the bucket.
+Credential and passphrase parameters must be sealed strings (or come from a secret): the
+controller passes them on unopened. The node initialises the empty prefix at first publish,
+inside the guest (also when the controller could: initialising needs the *volume key*, and
+the controller never holds one, only bucket credentials).
+
+DeleteVolume of an object-store volume depends on the class's ``onDelete``
+(csi_driver/volumes/objectdelete.py): ``retain`` (the default) forgets the record and leaves
+the objects; ``delete`` empties exactly ``<path>/<volume_id>/``, which needs the bucket's
+credentials and so a controller that may unseal them: one started with a resolver, as a
+confidential pod configured like the node (an :class:`ObjectDeleter`). A controller without
+one refuses ``onDelete: delete`` classes at CreateVolume and fails DeleteVolume for such
+volumes (FAILED_PRECONDITION, objects kept) rather than silently keeping what the class said
+to delete.
 """
 
 from __future__ import annotations
@@ -43,8 +49,10 @@ from csi_driver.constants import (
     RESERVED_PREFIX,
 )
 from csi_driver.core.volcap import Capability, unsupported
+from csi_driver.deadline import Deadline
 from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
+from csi_driver.volumes.objectdelete import PARAM_ON_DELETE, ObjectDeleter, on_delete
 from csi_driver.volumes.objectstore import (
     CDH_IGNORED,
     COMMON_NAMES,
@@ -62,7 +70,15 @@ MAX_NAME_BYTES = 1024
 _BANNED = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")
 KNOWN_PARAMETERS = frozenset({PARAM_KEY_RESOURCE})
 OBJECT_PARAMETERS = frozenset(
-    {PARAM_KIND, PARAM_KEY_RESOURCE, *COMMON_NAMES, *OSS_NAMES, *S3_NAMES, *CDH_IGNORED}
+    {
+        PARAM_KIND,
+        PARAM_KEY_RESOURCE,
+        PARAM_ON_DELETE,
+        *COMMON_NAMES,
+        *OSS_NAMES,
+        *S3_NAMES,
+        *CDH_IGNORED,
+    }
 )
 OBJECT_SECRET_PARAMETERS = frozenset(
     name
@@ -93,7 +109,7 @@ class VolumeRecord:
         if self.kind == "object":
             # The StorageClass's (non-secret or sealed) parameters, with the volume's own
             # prefix under the class's base path; no capacity (a bucket has no quota).
-            ctx = {k: v for k, v in self.parameters.items() if k != "prefix"}
+            ctx = {k: v for k, v in self.parameters.items() if k not in ("prefix", PARAM_ON_DELETE)}
             base = (self.parameters.get("path") or self.parameters.get("prefix") or "").strip("/")
             ctx["path"] = f"{base}/{self.volume_id}" if base else self.volume_id
             return ctx
@@ -109,9 +125,17 @@ class VolumeRecord:
 class LocalBackend:
     """Volume allocation under ``root``; index in ``root/.coco-csi/volumes.json``."""
 
-    def __init__(self, root: str, *, default_key_resource: str | None = None) -> None:
+    def __init__(
+        self,
+        root: str,
+        *,
+        default_key_resource: str | None = None,
+        object_deleter: ObjectDeleter | None = None,
+    ) -> None:
         self.root = os.path.abspath(root)
         self.default_key_resource = default_key_resource
+        # None, or one without a resolver: object-store volumes are never deleted here.
+        self.object_deleter = object_deleter
         os.makedirs(os.path.join(self.root, INDEX_DIR), mode=0o700, exist_ok=True)
         self._index_path = os.path.join(self.root, INDEX_DIR, "volumes.json")
         self._lock_path = os.path.join(self.root, INDEX_DIR, "lock")
@@ -191,8 +215,11 @@ class LocalBackend:
         required_bytes: int = 0,
         limit_bytes: int = 0,
         has_content_source: bool = False,
+        secrets: Mapping[str, str] | None = None,
     ) -> tuple[VolumeRecord, dict[str, str]]:
-        """CreateVolume; idempotent by name. Returns the record and its volume_context."""
+        """CreateVolume; idempotent by name. Returns the record and its volume_context.
+        ``secrets`` (the provisioner secret) is read only for an object-store class with
+        ``onDelete: delete``, to check now that the volume can be deleted later."""
         if not name:
             raise errors.InvalidArgument("name is required")
         if len(name.encode()) > MAX_NAME_BYTES or _BANNED.search(name):
@@ -208,7 +235,7 @@ class LocalBackend:
                 "volume content sources (clone/snapshot) are not supported"
             )
         if is_object_parameters(parameters):
-            return self._create_object(name, parameters, required_bytes, limit_bytes)
+            return self._create_object(name, parameters, required_bytes, limit_bytes, secrets or {})
         params = self._check_parameters(parameters)
         capacity = self._capacity(required_bytes, limit_bytes)
         with self._locked() as vols:
@@ -237,11 +264,14 @@ class LocalBackend:
         )
         return rec, rec.context(self.root)
 
-    @staticmethod
-    def _check_object_parameters(parameters: Mapping[str, str]) -> dict[str, str]:
+    def _check_object_parameters(self, parameters: Mapping[str, str]) -> dict[str, str]:
         """Known names only; credentials and passphrases sealed (the controller must not
-        hold them in plaintext); a keyResource well formed. Everything else (endpoint,
-        bucket, allow-lists) is the node's to check against its own flags."""
+        hold them in plaintext, unless its operator opted in like the node's); a
+        keyResource well formed; onDelete delete|retain. Everything else (endpoint, bucket,
+        allow-lists) is the node's to check against its own flags (and, for onDelete:
+        delete, the controller's own, in _create_object)."""
+        deleter = self.object_deleter
+        plaintext_ok = deleter is not None and deleter.policy.allow_plaintext_secrets
         params = {k: v for k, v in parameters.items() if not k.startswith(RESERVED_PREFIX)}
         unknown = sorted(set(params) - OBJECT_PARAMETERS)
         if unknown:
@@ -249,7 +279,7 @@ class LocalBackend:
                 f"unknown object-store StorageClass parameters: {', '.join(unknown)}"
             )
         for name in sorted(OBJECT_SECRET_PARAMETERS & set(params)):
-            if params[name] and not is_sealed(params[name]):
+            if params[name] and not is_sealed(params[name]) and not plaintext_ok:
                 raise errors.InvalidArgument(
                     f"StorageClass parameter {name} must be a sealed secret (sealed.*) or "
                     "come from the node-publish secret"
@@ -258,10 +288,16 @@ class LocalBackend:
             check_key_uri(params[PARAM_KEY_RESOURCE])
         if not params.get("bucket"):
             raise errors.InvalidArgument("object-store StorageClass parameter bucket is required")
+        on_delete(params)
         return params
 
     def _create_object(
-        self, name: str, parameters: Mapping[str, str], required_bytes: int, limit_bytes: int
+        self,
+        name: str,
+        parameters: Mapping[str, str],
+        required_bytes: int,
+        limit_bytes: int,
+        secrets: Mapping[str, str],
     ) -> tuple[VolumeRecord, dict[str, str]]:
         """Allocate a prefix name; no bucket I/O (see the module docstring)."""
         params = self._check_object_parameters(parameters)
@@ -275,15 +311,42 @@ class LocalBackend:
                         )
                     return rec, rec.context(self.root)
             rec = VolumeRecord(f"coco-{uuid.uuid4().hex}", name, capacity, params, "object")
+            if on_delete(params) == "delete":
+                if self.object_deleter is None:
+                    raise errors.FailedPrecondition(
+                        f"{PARAM_ON_DELETE}: delete needs a controller started with --resolver "
+                        "(a confidential pod that may unseal bucket credentials); this one "
+                        "keeps objects, so the class is refused"
+                    )
+                self.object_deleter.check_class(params, rec.volume_id, secrets)
             vols[rec.volume_id] = rec
             self._store(vols)
         log.info("allocated object-store volume", extra={"fields": {"volume_id": rec.volume_id}})
         return rec, rec.context(self.root)
 
-    def delete(self, volume_id: str) -> None:
-        """DeleteVolume; unknown ids are OK (idempotent). An object-store volume's record
-        is dropped and its objects kept (see the module docstring)."""
+    def delete(
+        self,
+        volume_id: str,
+        *,
+        secrets: Mapping[str, str] | None = None,
+        deadline: Deadline | None = None,
+    ) -> None:
+        """DeleteVolume; unknown ids are OK (idempotent). An object-store volume's objects
+        are removed first when its class says ``onDelete: delete`` (the bucket work runs
+        without the index lock: it may take the whole call), then the record is dropped;
+        with ``retain`` only the record goes (see the module docstring)."""
         validate.volume_id(volume_id)
+        rec = self.get(volume_id)
+        if rec is not None and rec.kind == "object" and on_delete(rec.parameters) == "delete":
+            if self.object_deleter is None:
+                raise errors.FailedPrecondition(
+                    f"volume {volume_id} has {PARAM_ON_DELETE}: delete but this controller "
+                    "has no resolver: its objects are kept and the call fails so the PV stays "
+                    "until a confidential controller deletes it"
+                )
+            self.object_deleter.delete(
+                rec.parameters, volume_id, secrets or {}, deadline or Deadline()
+            )
         with self._locked() as vols:
             rec = vols.pop(volume_id, None)
             if rec is None:

@@ -54,6 +54,7 @@ __all__ = [
     "object_location",
     "object_readonly",
     "resolve_object_volume",
+    "unseal_credential",
 ]
 
 OBJECT_MOUNTER = "fuse-crypt-object"
@@ -158,7 +159,9 @@ def check_object_location(text: str) -> str:
     return text
 
 
-def _credential(value: SecretValue, resolver: Resolver | None, kids: Collection[str]) -> str:
+def unseal_credential(value: SecretValue, resolver: Resolver | None, kids: Collection[str]) -> str:
+    """One access key, secret or token, unsealed in this (guest) process and checked to be
+    one token of printable ASCII (so it cannot add lines to what the daemon reads)."""
     data = value.reveal(resolver, kids).strip()
     if not _CRED_VALUE.fullmatch(data):
         raise errors.InvalidArgument(f"{value.where} is not a usable credential (after unsealing)")
@@ -187,11 +190,11 @@ def resolve_object_volume(
     check_object_location(object_location(spec))
     policy.check(spec)
     creds = (
-        _credential(spec.access_key_id, resolver, allowed_kids),
-        _credential(spec.access_key_secret, resolver, allowed_kids),
+        unseal_credential(spec.access_key_id, resolver, allowed_kids),
+        unseal_credential(spec.access_key_secret, resolver, allowed_kids),
         None
         if spec.security_token is None
-        else _credential(spec.security_token, resolver, allowed_kids),
+        else unseal_credential(spec.security_token, resolver, allowed_kids),
     )
     if spec.passphrase is not None:
         password = spec.passphrase.reveal(resolver, allowed_kids).split(b"\n", 1)[0]

@@ -56,6 +56,7 @@ __all__ = [
     "ObjectStorePolicy",
     "ObjectVolumeSpec",
     "SecretValue",
+    "normalise_prefix",
     "parse_object_volume",
 ]
 
@@ -266,6 +267,12 @@ def _prefix(found: tuple[str, str] | None) -> str:
     except UnicodeEncodeError:
         raise errors.InvalidArgument(f"{where} is not valid UTF-8") from None
     return prefix
+
+
+def normalise_prefix(text: str, where: str) -> str:
+    """A path parameter as the parser checks it: ``""`` or ``"a/b/"`` (the controller
+    derives the prefix DeleteVolume may empty with exactly this rule)."""
+    return _prefix((text, where))
 
 
 def _bucket(found: tuple[str, str] | None, kind: str) -> str:

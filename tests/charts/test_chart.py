@@ -92,8 +92,20 @@ NODE_OPT_INS: dict[str, Any] = {
         "blockAcceptUnboundHeader": True,
     }
 }
+# A confidential controller (issue 10: DeleteVolume with onDelete: delete), configured from
+# the node's values, every object-store setting on.
+CONFIDENTIAL_CONTROLLER: dict[str, Any] = {
+    "controller": {"confidential": {"enabled": True, "runtimeClassName": "kata-qemu-tdx"}},
+    "node": {
+        "allowedSigningKids": ["kbs:///default/signing-key/"],
+        "allowedObjectEndpoints": ["*.aliyuncs.com", "s3.example.com"],
+        "allowedObjectBuckets": ["tenant-bucket/pvcs"],
+        "objectCaBundle": {"configMap": {"name": "object-ca"}},
+    },
+}
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "default": {},  # i.e. KBS_MINIMAL: the chart has no working KBS default (see conftest)
+    "confidential-controller": CONFIDENTIAL_CONTROLLER,
     "node-opt-ins": NODE_OPT_INS,
     "object-ca-configmap": {"node": {"objectCaBundle": {"configMap": {"name": "object-ca"}}}},
     "everything-on": EVERYTHING_ON,
@@ -764,6 +776,73 @@ def test_controller_and_provisioner(render) -> None:
     assert dep["spec"]["template"]["spec"]["automountServiceAccountToken"] is True
 
 
+_POLICY_FLAGS = (
+    "--resolver",
+    "--allowed-signing-kid",
+    "--allowed-object-endpoint",
+    "--allowed-object-bucket",
+    "--object-ca-bundle",
+    "--allow-plaintext-object-credentials",
+    "--allow-insecure-object-endpoint",
+)
+
+
+def _policy_args(c: dict[str, Any]) -> list[str]:
+    return [a for a in c["args"] if a.split("=", 1)[0] in _POLICY_FLAGS]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {},
+        NODE_OPT_INS,
+        {"resolver": {"kind": "cdh"}},
+        {"resolver": {"kind": "kbs", "kbs": {"cdhConfig": "/run/initdata/cdh.toml"}}},
+    ],
+    ids=["kbs", "opt-ins", "cdh", "cdh-config"],
+)
+def test_confidential_controller_is_configured_exactly_like_the_node(render, extra) -> None:
+    values = with_kbs(extra)
+    values = {**values, "controller": CONFIDENTIAL_CONTROLLER["controller"]}
+    values["node"] = {**CONFIDENTIAL_CONTROLLER["node"], **values.get("node", {})}
+    if extra.get("resolver", {}).get("kbs", {}).get("cdhConfig"):
+        values["resolver"] = extra["resolver"]
+    docs = render(values, bare=True)
+    node, ctrl = container(_node(docs), "coco-csi"), container(_controller(docs), "coco-csi")
+    assert _policy_args(ctrl) == _policy_args(node)
+    assert any(a.startswith("--allowed-object-endpoint=") for a in _policy_args(ctrl))
+    spec = _controller(docs)["spec"]["template"]["spec"]
+    assert spec["runtimeClassName"] == "kata-qemu-tdx"
+    node_spec = _node(docs)["spec"]["template"]["spec"]
+    node_vols = {v["name"]: v for v in node_spec["volumes"]}
+    for m in ctrl["volumeMounts"]:
+        if m["name"] in ("socket-dir", "backend"):
+            continue
+        assert m == mount_of(node, m["name"])  # same path, same read-only mount
+        assert next(v for v in spec["volumes"] if v["name"] == m["name"]) == node_vols[m["name"]]
+    resolver_mounts = {m["name"] for m in node["volumeMounts"]} & {
+        "guest-sockets", "kbs-ca", "cdh-config", "offline-fs", "object-ca",
+    }  # fmt: skip
+    assert resolver_mounts <= {m["name"] for m in ctrl["volumeMounts"]}
+    # Nothing else of the node's: no FUSE, no kubelet dirs, not privileged, no volume keys.
+    assert {"mountpoint-dir", "fuse-device", "host-dev"}.isdisjoint(
+        {v["name"] for v in spec["volumes"]}
+    )
+    assert ctrl["securityContext"].get("privileged") is not True
+    assert not any(a.startswith("--allowed-key-resource") for a in ctrl["args"])
+
+
+def test_confidential_controller_refuses_to_render_without_a_tee_or_endpoints(chart: Any) -> None:
+    on = {"controller": {"confidential": {"enabled": True}}}
+    with pytest.raises(helm.HelmRenderError, match="runtimeClassName"):
+        render_raw(chart, {**on, "node": {"allowedObjectEndpoints": ["s3.example.com"]}})
+    on = {"controller": {"confidential": {"enabled": True, "runtimeClassName": "kata-qemu-tdx"}}}
+    with pytest.raises(helm.HelmRenderError, match="allowedObjectEndpoints"):
+        render_raw(chart, on)
+    with pytest.raises(helm.HelmValuesError):
+        render_raw(chart, {"controller": {"confidential": {"enabled": True, "bogus": 1}}})
+
+
 def test_provisioner_rbac_is_least_privilege(render) -> None:
     docs = render()
     dep = _controller(docs)
@@ -1143,7 +1222,7 @@ def _coco_csi_help(sub: str) -> str:
 def test_rendered_flags_exist_in_the_coco_csi_cli(render, sub: str) -> None:
     help_text = _coco_csi_help(sub)
     flags: set[str] = set()
-    for values in ({}, NODE_OPT_INS):
+    for values in ({}, NODE_OPT_INS, CONFIDENTIAL_CONTROLLER):
         docs = render(values)
         workload = _node(docs) if sub == "node" else _controller(docs)
         flags |= {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}

@@ -274,3 +274,95 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
             p.stop()
         with contextlib.suppress(OSError):
             _unmount_under(tmp_path)
+
+
+def test_rendered_confidential_controller_deletes_an_object_volume(
+    render, tmp_path: Path, sockroot: Path
+) -> None:
+    """controller.confidential: the controller's rendered args (the node's resolver and
+    object-store flags) run for real against moto; an onDelete: delete volume's prefix is
+    emptied by DeleteVolume, its neighbour kept."""
+    from sealed_secrets.keys import generate_signing_key, public_jwk
+    from sealed_secrets.seal import seal_vault
+    from tests.peers.moto_s3 import MotoS3
+
+    kid = "kbs:///default/signing-key/chart-e2e"
+    docs = render(
+        {
+            "resolver": {"kind": "offline-fs"},
+            "controller": {"confidential": {"enabled": True, "runtimeClassName": "kata-qemu"}},
+            "node": {
+                "allowedObjectEndpoints": ["127.0.0.1"],
+                "allowedSigningKids": ["kbs:///default/signing-key/"],
+                "allowInsecureObjectEndpoint": True,
+            },
+        }
+    )
+    ctrl_c = container(only(docs, "Deployment", "-controller"), "coco-csi")
+    sk = generate_signing_key(kid)
+    resources = tmp_path / "resources.json"
+    resources.write_text(
+        json.dumps(
+            {
+                "default/signing-key/chart-e2e": base64.b64encode(
+                    public_jwk(sk).export().encode()
+                ).decode(),
+                "default/creds/ak": base64.b64encode(b"AKIACHARTE2E000001").decode(),
+                "default/creds/sk": base64.b64encode(b"chart-e2e-secret-Kj7").decode(),
+            }
+        )
+    )
+    (sockroot / "ctrl").mkdir()
+    ctrl_map = {
+        mount_of(ctrl_c, "socket-dir")["mountPath"]: str(sockroot / "ctrl"),
+        mount_of(ctrl_c, "backend")["mountPath"]: str(tmp_path / "backend"),
+        mount_of(ctrl_c, "offline-fs")["mountPath"]: str(resources),
+    }
+    argv = [_coco_csi(), *_map_args(ctrl_c["args"], ctrl_map, env_of(ctrl_c, _FIELD_VALUES))]
+    sock = arg_value({"name": "c", "args": argv}, "--endpoint").removeprefix("unix://")
+    moto = MotoS3()
+    ctrl = Proc(argv, tmp_path / "ctrl.log")
+    try:
+        ctrl.wait_socket(sock)
+        bucket = moto.new_bucket("chart")
+
+        def seal(name: str) -> str:
+            return seal_vault(
+                f"kbs:///default/creds/{name}", "kbs", signing_key=sk, signing_kid=kid
+            )
+
+        params = {
+            "objectStore": "s3",
+            "bucket": bucket,
+            "prefix": "pvcs",
+            "endpoint": moto.url,
+            "keyResource": "kbs:///default/coco-csi/volume-key",
+            "onDelete": "delete",
+        }
+        secrets = {"accessKeyId": seal("ak"), "secretAccessKey": seal("sk")}
+        cap = csi_pb2.VolumeCapability(
+            mount=csi_pb2.VolumeCapability.MountVolume(),
+            access_mode=csi_pb2.VolumeCapability.AccessMode(
+                mode=csi_pb2.VolumeCapability.AccessMode.SINGLE_NODE_WRITER
+            ),
+        )
+        with grpc.insecure_channel(f"unix://{sock}") as ch:
+            stub = csi_pb2_grpc.ControllerStub(ch)
+            vol = stub.CreateVolume(
+                csi_pb2.CreateVolumeRequest(
+                    name="pvc-obj", volume_capabilities=[cap], parameters=params, secrets=secrets
+                ),
+                timeout=60,
+            ).volume
+            client = moto.client()
+            for k in (f"pvcs/{vol.volume_id}/gocryptfs.conf", f"pvcs/{vol.volume_id}/x", "pvcs/k"):
+                client.put_object(Bucket=bucket, Key=k, Body=b"x")
+            stub.DeleteVolume(
+                csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id, secrets=secrets), timeout=60
+            )
+        assert set(moto.objects(bucket)) == {"pvcs/k"}
+        log = (tmp_path / "ctrl.log").read_text()
+        assert "deleted by this controller" in log and "chart-e2e-secret" not in log
+    finally:
+        ctrl.stop()
+        moto.stop()

@@ -12,7 +12,9 @@ or hit by the next scripted :class:`Fault`:
   then the connection is closed (a connection dropped mid-body); an answer with fewer
   body bytes is cut in the middle of its head instead, so a cut is always a cut;
 * ``Fault.reset()``: the connection is closed without any answer;
-* ``Fault.stall()``: no answer at all until the client gives up.
+* ``Fault.stall()``: no answer at all until the client gives up;
+* ``Fault.rewrite(old, new)``: forwarded, the first ``old`` in the answer's body replaced by
+  ``new`` (Content-Length fixed): a hostile store's answer made from a real one.
 
 ``queue(*faults)`` scripts the next requests (one fault each, in order; None forwards);
 ``always`` applies to every request once the queue is empty (None: forward untouched).
@@ -38,6 +40,8 @@ class Fault:
     code: str = "SlowDown"
     seconds: float = 0.0
     after: int = 0
+    old: bytes = b""
+    new: bytes = b""
 
     @classmethod
     def error(cls, status: int = 503, code: str = "SlowDown") -> Fault:
@@ -62,6 +66,10 @@ class Fault:
     @classmethod
     def stall(cls) -> Fault:
         return cls("stall")
+
+    @classmethod
+    def rewrite(cls, old: bytes, new: bytes) -> Fault:
+        return cls("rewrite", old=old, new=new)
 
 
 MAX_HEAD = 64 * 1024
@@ -139,6 +147,16 @@ class _Handler(socketserver.StreamRequestHandler):
                 self._error(method, fault)
                 continue
             resp_head, resp_body = self._forward(method, head, body)
+            if fault is not None and fault.kind == "rewrite" and fault.old in resp_body:
+                n = len(resp_body)
+                resp_body = resp_body.replace(fault.old, fault.new, 1)
+                resp_head = resp_head.replace(
+                    f"Content-Length: {n}\r\n".encode(),
+                    f"Content-Length: {len(resp_body)}\r\n".encode(),
+                ).replace(
+                    f"content-length: {n}\r\n".encode(),
+                    f"content-length: {len(resp_body)}\r\n".encode(),
+                )
             if fault is not None and fault.kind == "slow":
                 time.sleep(fault.seconds)
             if fault is not None and fault.kind == "cut":

@@ -203,7 +203,120 @@ hostPath:
 {{- if ne (len (uniq $ports)) 3 -}}
 {{- fail "node.metricsPort, node.healthPort and node.registrarHealthPort must be different ports" -}}
 {{- end -}}
+{{- if .Values.controller.confidential.enabled -}}
+{{- if not .Values.controller.confidential.runtimeClassName -}}
+{{- fail "controller.confidential.enabled needs controller.confidential.runtimeClassName (a CoCo RuntimeClass such as kata-qemu-tdx): outside a TEE the controller must not unseal bucket credentials" -}}
+{{- end -}}
+{{- if not .Values.node.allowedObjectEndpoints -}}
+{{- fail "controller.confidential.enabled deletes object-store volumes on node.allowedObjectEndpoints: set them (the controller takes the node's object-store flags)" -}}
+{{- end -}}
+{{- end -}}
 {{- if eq .Values.controller.healthPort .Values.controller.provisionerHttpPort -}}
 {{- fail "controller.healthPort and controller.provisionerHttpPort must be different ports" -}}
 {{- end -}}
+{{- end -}}
+
+{{/* The sealed-secret and object-store policy flags (node.allowed*, node.objectCaBundle and the
+opt-ins). The node plugin and a confidential controller (controller.confidential) get exactly
+the same list, so the controller deletes only what the node would mount. */}}
+{{- define "coco-csi.objectPolicyArgs" -}}
+{{- range .Values.node.allowedSigningKids }}
+- --allowed-signing-kid={{ . }}
+{{- end }}
+{{- range .Values.node.allowedObjectEndpoints }}
+- --allowed-object-endpoint={{ . }}
+{{- end }}
+{{- range .Values.node.allowedObjectBuckets }}
+- --allowed-object-bucket={{ . }}
+{{- end }}
+{{- if or .Values.node.objectCaBundle.hostPath .Values.node.objectCaBundle.configMap.name }}
+- --object-ca-bundle={{ include "coco-csi.objectCaPath" . }}
+{{- end }}
+{{- if .Values.node.allowPlaintextObjectCredentials }}
+# INSECURE (node.allowPlaintextObjectCredentials): unsealed credentials accepted.
+- --allow-plaintext-object-credentials
+{{- end }}
+{{- if .Values.node.allowInsecureObjectEndpoint }}
+# INSECURE (node.allowInsecureObjectEndpoint): http:// endpoints accepted.
+- --allow-insecure-object-endpoint
+{{- end }}
+{{- end -}}
+
+{{/* Mounts of what the resolver and the object-store policy read (AA/CDH socket directory,
+KBS CA, CDH config, offline-fs file, object-store CA bundle): node and confidential controller. */}}
+{{- define "coco-csi.resolverMounts" -}}
+{{- if (include "coco-csi.guestSocketDir" .) }}
+- name: guest-sockets
+  mountPath: {{ (include "coco-csi.guestSocketDir" .) }}
+  # Connecting to a socket works through a read-only mount.
+  readOnly: true
+  mountPropagation: HostToContainer
+{{- end }}
+{{- if and (eq .Values.resolver.kind "kbs") .Values.resolver.kbs.caConfigMap.name }}
+- name: kbs-ca
+  mountPath: /etc/coco-csi/kbs-ca
+  readOnly: true
+{{- end }}
+{{- if and (eq .Values.resolver.kind "kbs") .Values.resolver.kbs.cdhConfig }}
+- name: cdh-config
+  mountPath: {{ include "coco-csi.cdhConfigPath" . }}
+  readOnly: true
+{{- end }}
+{{- if eq .Values.resolver.kind "offline-fs" }}
+- name: offline-fs
+  mountPath: {{ include "coco-csi.offlineFsPath" . }}
+  readOnly: true
+{{- end }}
+{{- if or .Values.node.objectCaBundle.hostPath .Values.node.objectCaBundle.configMap.name }}
+- name: object-ca
+  mountPath: {{ ternary (include "coco-csi.objectCaPath" .) (include "coco-csi.objectCaDir" .) (not (empty .Values.node.objectCaBundle.hostPath)) }}
+  readOnly: true
+{{- end }}
+{{- end -}}
+
+{{/* The volumes behind coco-csi.resolverMounts. */}}
+{{- define "coco-csi.resolverVolumes" -}}
+{{- if (include "coco-csi.guestSocketDir" .) }}
+- name: guest-sockets
+  hostPath:
+    path: {{ (include "coco-csi.guestSocketDir" .) }}
+    type: DirectoryOrCreate
+{{- end }}
+{{- if and (eq .Values.resolver.kind "kbs") .Values.resolver.kbs.caConfigMap.name }}
+- name: kbs-ca
+  configMap:
+    name: {{ .Values.resolver.kbs.caConfigMap.name }}
+    items:
+      - key: {{ .Values.resolver.kbs.caConfigMap.key }}
+        path: {{ .Values.resolver.kbs.caConfigMap.key }}
+{{- end }}
+{{- if and (eq .Values.resolver.kind "kbs") .Values.resolver.kbs.cdhConfig }}
+# CoCo's CDH config (from measured initdata): the KBS URL and certificate to trust.
+- name: cdh-config
+  hostPath:
+    path: {{ .Values.resolver.kbs.cdhConfig }}
+    type: File
+{{- end }}
+{{- if eq .Values.resolver.kind "offline-fs" }}
+- name: offline-fs
+  hostPath:
+    path: {{ .Values.resolver.offlineFs.path }}
+    type: File
+{{- end }}
+{{- with .Values.node.objectCaBundle }}
+{{- if .hostPath }}
+# The object-store CA bundle from the node (e.g. the measured guest image).
+- name: object-ca
+  hostPath:
+    path: {{ .hostPath }}
+    type: File
+{{- else if .configMap.name }}
+- name: object-ca
+  configMap:
+    name: {{ .configMap.name }}
+    items:
+      - key: {{ .configMap.key }}
+        path: {{ .configMap.key }}
+{{- end }}
+{{- end }}
 {{- end -}}
