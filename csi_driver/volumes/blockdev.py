@@ -88,21 +88,39 @@ def _block_at(path: str, name: str) -> os.stat_result:
     return st
 
 
-def resolve_device(ctx: Mapping[str, str], image_roots: Sequence[str] = ()) -> Device:
-    """The device a stage request names (publish_context and volume_context merged)."""
+def check_device_names(ctx: Mapping[str, str]) -> None:
+    """The device naming of a request, by syntax alone (no file is looked at): exactly one
+    of ``devicePath`` (absolute, normalised) or ``deviceId`` (``MAJ:MIN``). What the
+    controller can check of a static block PV; the node resolves the name afterwards."""
     dev_id = ctx.get(CTX_DEVICE_ID, "")
     dev_path = ctx.get(CTX_DEVICE_PATH, "")
     if dev_id and dev_path:
         raise errors.InvalidArgument(f"give {CTX_DEVICE_PATH} or {CTX_DEVICE_ID}, not both")
     if dev_id:
-        return Device(_from_dev_id(dev_id))
+        if not _DEV_ID.fullmatch(dev_id):
+            raise errors.InvalidArgument(f"{CTX_DEVICE_ID} must be MAJ:MIN")
+        return
     if not dev_path:
         raise errors.InvalidArgument(f"a block volume needs {CTX_DEVICE_PATH} or {CTX_DEVICE_ID}")
-    return _from_path(dev_path, image_roots)
+    path = validate.absolute_path(dev_path, CTX_DEVICE_PATH)
+    if any(part in (".", "..") for part in path.split("/")) or os.path.normpath(path) != path:
+        raise errors.InvalidArgument(f"{CTX_DEVICE_PATH} must be a normalised absolute path")
+
+
+def resolve_device(ctx: Mapping[str, str], image_roots: Sequence[str] = ()) -> Device:
+    """The device a stage request names (publish_context and volume_context merged)."""
+    check_device_names(ctx)
+    dev_id = ctx.get(CTX_DEVICE_ID, "")
+    if dev_id:
+        return Device(_from_dev_id(dev_id))
+    return _from_path(ctx.get(CTX_DEVICE_PATH, ""), image_roots)
+
+
+_DEV_ID = re.compile(r"([0-9]{1,9}):([0-9]{1,9})")
 
 
 def _from_dev_id(dev_id: str) -> str:
-    m = re.fullmatch(r"([0-9]{1,9}):([0-9]{1,9})", dev_id)
+    m = _DEV_ID.fullmatch(dev_id)
     if not m:
         raise errors.InvalidArgument(f"{CTX_DEVICE_ID} must be MAJ:MIN")
     major, minor = int(m.group(1)), int(m.group(2))
