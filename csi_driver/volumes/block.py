@@ -835,12 +835,12 @@ class BlockVolumes:
         """The dataIntegrity of a kernel stage, from the guest's validated header copy in
         memory-backed storage (never the host's header)."""
         from fuse_crypt.errors import FuseCryptError
-        from fuse_crypt.luks2 import header, profile
+        from fuse_crypt.luks2 import inspect_header
 
         try:
             with open(self.header_copy_path(volume_id), "rb", opener=_nofollow) as f:
-                raw = f.read(header.BOTH_COPIES)
-            meta = profile.validate(header.read_pair(raw).metadata, allow_integrity=True)
+                raw = f.read(32 << 10)  # both header copies
+            segment = inspect_header(raw, allow_integrity=True)
         except FileNotFoundError:
             raise errors.FailedPrecondition(
                 "the volume's validated header copy is gone (was /run cleared?): unstage and "
@@ -848,7 +848,7 @@ class BlockVolumes:
             ) from None
         except (OSError, FuseCryptError) as exc:
             raise errors.Internal(f"the volume's header copy is unusable: {exc}") from None
-        return meta.segment.integrity
+        return segment.integrity
 
     def _expand_kernel(self, pub: Publication) -> int:
         """``cryptsetup resize`` of the mapping (from the guest's header copy; no secret,

@@ -29,6 +29,7 @@ __all__ = [
     "add_passphrase",
     "bind_volume",
     "format_volume",
+    "inspect_header",
     "is_luks",
     "open_volume",
     "remove_passphrase",
@@ -133,6 +134,16 @@ def is_luks(fd: int) -> bool:
     if _pread(fd, 6, 0) == header.MAGIC_PRIMARY:
         return True
     return any(_pread(fd, 6, off) == header.MAGIC_SECONDARY for off in _SECONDARY_OFFSETS)
+
+
+def inspect_header(raw: bytes, *, allow_integrity: bool = False) -> DataSegment:
+    """The data segment of a header copy (both copies, 32 KiB) the guest keeps, validated
+    again as on open (no unlock, no key). For the kernel engine, which asks its own
+    memory-backed copy, never the host's device, e.g. whether a volume has dataIntegrity.
+    Raises HeaderError as open_volume would."""
+    pair = header.read_pair(raw[: header.BOTH_COPIES])
+    meta = profile.validate(pair.metadata, allow_integrity=allow_integrity)
+    return _opened(b"", meta, pair.binary.uuid, b"").segment
 
 
 def _load(fd: int, allow_integrity: bool = False) -> _Loaded:

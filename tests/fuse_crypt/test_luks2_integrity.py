@@ -226,3 +226,22 @@ def test_rotation_keeps_the_96_byte_key(tmp_path: Path) -> None:
         assert open_volume(fd, b"next", allow_integrity=True).volume_key == vk
     assert cs_opens(img, b"next") and not cs_opens(img, PW)
     assert cs_volume_key(img, b"next") == vk
+
+
+def test_inspect_header_validates_a_kept_copy(tmp_path: Path) -> None:
+    """What the kernel engine asks of its own header copy: validated again, no key."""
+    from fuse_crypt.luks2 import format_volume, inspect_header
+
+    img = tmp_path / "i.img"
+    integrity_image(img, PW)
+    raw = b"".join(read_copies(img))
+    assert inspect_header(raw, allow_integrity=True).integrity == "hmac(sha256)"
+    assert inspect_header(raw, allow_integrity=True).key_size == 96
+    with pytest.raises(HeaderError, match="dm-integrity"):
+        inspect_header(raw)
+    with pytest.raises(HeaderError, match="short"):
+        inspect_header(raw[:1000], allow_integrity=True)
+    plain = blank_image(tmp_path / "p.img")
+    with opened_fd(plain) as fd:
+        opened = format_volume(fd, PW, kdf="pbkdf2", kdf_cost=TINY)
+    assert inspect_header(opened.header, allow_integrity=True).integrity is None
