@@ -469,9 +469,7 @@ class BlockVolumes:
         self.store.remove(staging)
 
     @staticmethod
-    def _own_container(
-        device: blockdev.Device, key: VolumeKey, integrity: bool
-    ) -> Unlocked | None:
+    def _own_container(device: blockdev.Device, key: VolumeKey, integrity: bool) -> Unlocked | None:
         """The volume, unlocked, if the device holds a LUKS2 container that this volume's key
         opens *and* whose binding token (a MAC keyed from the volume key) verifies: a
         container this volume made. Else None: anything else, including an unbound header

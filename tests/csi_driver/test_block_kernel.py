@@ -106,9 +106,7 @@ def test_the_real_runner_gives_no_stdin_when_there_is_no_secret(
         return real(argv, **kwargs)  # type: ignore[call-overload, no-any-return]
 
     monkeypatch.setattr(subprocess, "run", spy)
-    assert bk._subprocess_runner(["sh", "-c", "cat; echo done >&2"], None) == bk.Result(
-        0, "done\n"
-    )
+    assert bk._subprocess_runner(["sh", "-c", "cat; echo done >&2"], None) == bk.Result(0, "done\n")
     assert seen[0].get("stdin") == subprocess.DEVNULL and "input" not in seen[0]
     assert bk._subprocess_runner(["sh", "-c", "cat >&2"], b"in") == bk.Result(0, "in")
     assert seen[1].get("input") == b"in"
