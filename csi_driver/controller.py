@@ -64,7 +64,9 @@ class ControllerServicer(csi_pb2_grpc.ControllerServicer):
         self, request: csi_pb2.ValidateVolumeCapabilitiesRequest, context: grpc.ServicerContext
     ) -> csi_pb2.ValidateVolumeCapabilitiesResponse:  # noqa: N802
         reason = self.backend.validate(
-            request.volume_id, convert.capabilities(request.volume_capabilities)
+            request.volume_id,
+            convert.capabilities(request.volume_capabilities),
+            dict(request.volume_context),
         )
         if reason is not None:
             return csi_pb2.ValidateVolumeCapabilitiesResponse(message=reason)

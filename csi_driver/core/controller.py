@@ -52,6 +52,7 @@ from csi_driver.core.volcap import Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.hostfile import read_json, write_json_atomic
 from csi_driver.keys import check_key_uri
+from csi_driver.volumes import blockdev
 from csi_driver.volumes.objectdelete import PARAM_ON_DELETE, ObjectDeleter, on_delete
 from csi_driver.volumes.objectstore import (
     CDH_IGNORED,
@@ -361,15 +362,50 @@ class LocalBackend:
         with self._locked() as vols:
             return vols.get(volume_id)
 
-    def validate(self, volume_id: str, capabilities: Sequence[Capability]) -> str | None:
-        """ValidateVolumeCapabilities: None if all confirmed, else why not."""
+    def validate(
+        self,
+        volume_id: str,
+        capabilities: Sequence[Capability],
+        volume_context: Mapping[str, str] | None = None,
+    ) -> str | None:
+        """ValidateVolumeCapabilities: None if all confirmed, else why not.
+
+        Volumes of the index (directory and object-store volumes) are checked against
+        their kind: mount access only. A block volume is a static PV the controller never
+        created: it is known by the volume context the node will stage it with (a
+        ``devicePath`` or ``deviceId``), and confirmed, raw block access included, when that
+        context and each capability pass the node's own stage checks that need no device
+        (csi_driver/volumes/blockdev.py). Whether the disk exists, is empty, or opens with
+        its key, and whether the node has the kernel engine a ``dataIntegrity`` volume
+        needs, only the node can tell at NodeStageVolume.
+        """
         validate.volume_id(volume_id)
         if not capabilities:
             raise errors.InvalidArgument("volume_capabilities is required")
         if self.get(volume_id) is None:
+            if blockdev.is_block_context(volume_context):
+                assert volume_context is not None
+                return _block_problem(capabilities, volume_context)
             raise errors.NotFound(f"volume {volume_id} does not exist")
         for cap in capabilities:
             problem = unsupported(cap)
             if problem:
                 return problem.message
         return None
+
+
+def _block_problem(capabilities: Sequence[Capability], ctx: Mapping[str, str]) -> str | None:
+    """Why a static block PV's capabilities or context would not stage, or None."""
+    try:
+        blockdev.check_device_names(ctx)
+        for cap in capabilities:
+            problem = unsupported(cap, allow_block=True)
+            if problem:
+                return problem.message
+            readonly = cap.readonly_mode or "ro" in cap.mount_flags
+            blockdev.stage_parameters(ctx, cap.fs_type, readonly)
+        if ctx.get(PARAM_KEY_RESOURCE):
+            check_key_uri(ctx[PARAM_KEY_RESOURCE])
+    except errors.CsiError as exc:
+        return str(exc)
+    return None

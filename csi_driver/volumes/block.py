@@ -49,7 +49,13 @@ from csi_driver.mounts import MountTable, umount_nofollow
 from csi_driver.proc import tail
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from csi_driver.volumes import block_kernel, blockdev
-from csi_driver.volumes.block_luks import LuksEngine, Unlocked, default_engine
+from csi_driver.volumes.block_luks import (
+    LuksEngine,
+    Unlocked,
+    default_engine,
+    integrity_mismatch,
+    unlocked_from,
+)
 from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
@@ -58,7 +64,12 @@ BLOCK_MOUNTER = "fuse-crypt-block"
 DM_CRYPT = "dm-crypt"  # stage records of the kernel engine
 #: stage records of raw block access (CSI AccessType BLOCK): the loop device, no filesystem
 BLOCK_RAW = "fuse-crypt-block-raw"
-_STAGES = (BLOCK_MOUNTER, BLOCK_RAW, DM_CRYPT)
+#: the kernel engine's raw block stages: /dev/mapper/<name>, no filesystem
+DM_CRYPT_RAW = "dm-crypt-raw"
+_STAGES = (BLOCK_MOUNTER, BLOCK_RAW, DM_CRYPT, DM_CRYPT_RAW)
+_KERNEL = (DM_CRYPT, DM_CRYPT_RAW)
+_RAW = (BLOCK_RAW, DM_CRYPT_RAW)
+MAPPER_DIR = "/dev/mapper"
 BIND = "bind"
 HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never the state dir
 DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
@@ -81,10 +92,7 @@ class StageRequest:
 
 def is_block(*contexts: Mapping[str, str] | None) -> bool:
     """A block volume names its device (CDH's keys) in volume or publish context."""
-    return any(
-        ctx and (ctx.get(blockdev.CTX_DEVICE_PATH) or ctx.get(blockdev.CTX_DEVICE_ID))
-        for ctx in contexts
-    )
+    return blockdev.is_block_context(*contexts)
 
 
 class BlockServeMounter(Mounter):
@@ -139,6 +147,10 @@ def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
     return res.stdout.decode("utf-8", "replace")
 
 
+def _nofollow(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_NOFOLLOW)
+
+
 def _libc_mount(source: str, target: str, flags: int) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.mount(os.fsencode(source), os.fsencode(target), None, flags, None) != 0:
@@ -165,6 +177,7 @@ class BlockVolumes:
         kernel: block_kernel.KernelEngine | None = None,
         header_dir: str = HEADER_DIR,
         tool: Callable[[list[str], str], str] | None = None,
+        mapper_dir: str = MAPPER_DIR,
     ) -> None:
         self.root = os.path.join(state_dir, "block")
         os.makedirs(self.root, mode=0o700, exist_ok=True)
@@ -182,6 +195,7 @@ class BlockVolumes:
         self.kernel = kernel
         self.header_dir = header_dir
         self.tool = tool or _run  # mkfs/mount of the kernel path (a seam for its tests)
+        self.mapper_dir = mapper_dir  # where dm-crypt mappings appear (a seam for tests)
         self.mounter = BlockServeMounter()
         supervisor.mounters.setdefault(BLOCK_MOUNTER, self.mounter)
         mounter = supervisor.mounters[BLOCK_MOUNTER]
@@ -236,7 +250,7 @@ class BlockVolumes:
         if existing is not None:
             if existing.volume_id != req.volume_id or existing.mounter == BIND:
                 raise errors.AlreadyExists(f"{staging} is already used by another volume")
-            if (existing.mounter == BLOCK_RAW) != (cap.access_type is AccessType.BLOCK):
+            if (existing.mounter in _RAW) != (cap.access_type is AccessType.BLOCK):
                 raise errors.AlreadyExists(f"{staging} is staged for another access type")
             if existing.phase == MOUNTED and self._live_stage(existing):
                 if existing.readonly != readonly:
@@ -244,6 +258,12 @@ class BlockVolumes:
                 return
             self._teardown(existing)  # a half-done or dead stage: clean, then stage afresh
         source, fs, mkfs_opts = blockdev.stage_parameters(ctx, cap.fs_type, readonly)
+        integrity = blockdev.data_integrity(ctx)
+        if integrity and self.kernel is None:
+            raise errors.FailedPrecondition(
+                "dataIntegrity needs the kernel engine (device-mapper), absent on this node: "
+                "the userspace engine cannot serve dm-integrity"
+            )
         device = blockdev.resolve_device(ctx, self.image_roots)
         key = resolve_volume_key(
             req.volume_id,
@@ -255,46 +275,43 @@ class BlockVolumes:
             allowed_kids=self.allowed_signing_kids,
         )
         new = source == blockdev.SOURCE_EMPTY
-        if new and key.source != "ephemeral-random" and self._own_container(device, key):
+        high_entropy = key.source != "sealed-passphrase"
+        unlocked: Unlocked | None = None
+        if new and key.source != "ephemeral-random":
             # A PV with sourceType empty is staged again after a reboot or a move: the disk
-            # now holds the container its first stage made. Opened, never formatted again.
-            new = False
-            log.info(
-                "sourceType empty: the device holds this volume's own LUKS2 container; opening it",
-                extra={"fields": {"volume_id": req.volume_id}},
-            )
+            # now holds the container its first stage made. Opened, never formatted again,
+            # and that one unlock is the stage's (the KDF runs once).
+            unlocked = self._own_container(device, key, integrity)
+            if unlocked is not None:
+                new = False
+                log.info(
+                    "sourceType empty: the device holds this volume's own LUKS2 container; "
+                    "opening it",
+                    extra={"fields": {"volume_id": req.volume_id}},
+                )
         if new:
             self._prove_empty(device)
             deadline.check("formatting the volume")
-            self.engine.format(
-                device.path, key.password, high_entropy=key.source != "sealed-passphrase"
-            )
+            if integrity:
+                # Only cryptsetup writes the dm-integrity superblock (through a temporary
+                # mapping), and it writes no binding token: add ours to the header this
+                # guest just made, and take the volume from that one validation.
+                assert self.kernel is not None
+                self.kernel.format(
+                    device.path, key.password, integrity=True, high_entropy=high_entropy
+                )
+                unlocked = self.engine.bind(device.path, key.password, integrity=True)
+            else:
+                self.engine.format(device.path, key.password, high_entropy=high_entropy)
             log.info("formatted block volume", extra={"fields": {"volume_id": req.volume_id}})
-        deadline.check("unlocking the volume")
-        try:
-            unlocked = self.engine.unlock(device.path, key.password)
-        except errors.WrongVolumeKey:
-            previous = None if new else self._previous_key(req, ctx)
-            if previous is None:
-                raise
-            deadline.check("rotating the volume key")
-            self.engine.rotate(
-                device.path,
-                previous.password,
-                key.password,
-                high_entropy=key.source != "sealed-passphrase",
-            )
-            log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
-            unlocked = self.engine.unlock(device.path, key.password)
+        if unlocked is None:
+            deadline.check("unlocking the volume")
+            unlocked = self._unlock(req, ctx, device, key, integrity, new, deadline)
         mode = cap.access_mode
         raw = cap.access_type is AccessType.BLOCK
         if self.kernel is not None:
-            if raw:
-                raise errors.FailedPrecondition(
-                    "raw block access is not implemented for the kernel engine yet"
-                )
             self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
-                               (fs, mkfs_opts) if new else None)  # fmt: skip
+                               (fs, mkfs_opts) if new else None, raw=raw)  # fmt: skip
             return
         kind = BLOCK_RAW if raw else BLOCK_MOUNTER
         intent = Publication(
@@ -321,6 +338,35 @@ class BlockVolumes:
             "staged block volume",
             extra={"fields": {"volume_id": req.volume_id, "staging": staging}},
         )
+
+    def _unlock(
+        self,
+        req: StageRequest,
+        ctx: Mapping[str, str],
+        device: blockdev.Device,
+        key: VolumeKey,
+        integrity: bool,
+        new: bool,
+        deadline: Deadline,
+    ) -> Unlocked:
+        """Unlock with the current key; if it does not open and the request names the
+        previous key, rotate (add the new slot, check it, remove the old) and unlock."""
+        try:
+            return self.engine.unlock(device.path, key.password, integrity=integrity)
+        except errors.WrongVolumeKey:
+            previous = None if new else self._previous_key(req, ctx)
+            if previous is None:
+                raise
+        deadline.check("rotating the volume key")
+        self.engine.rotate(
+            device.path,
+            previous.password,
+            key.password,
+            high_entropy=key.source != "sealed-passphrase",
+            integrity=integrity,
+        )
+        log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
+        return self.engine.unlock(device.path, key.password, integrity=integrity)
 
     def _previous_key(self, req: StageRequest, ctx: Mapping[str, str]) -> VolumeKey | None:
         """The key before a rotation, if the request names one (previousKeyResource in the
@@ -360,16 +406,22 @@ class BlockVolumes:
         readonly: bool,
         mode: int,
         mkfs: tuple[str, list[str]] | None,
+        *,
+        raw: bool = False,
     ) -> None:
         """dm-crypt from the guest's validated header copy (block_kernel.py): write the copy
-        to memory-backed storage, ``cryptsetup open`` with the volume key on stdin, mkfs when
-        new, mount. Not exercised on the build machines (no device-mapper)."""
+        to memory-backed storage, ``cryptsetup open`` with the volume key on stdin, then
+        mkfs when new and mount; with ``raw`` (CSI AccessType BLOCK) no filesystem at all:
+        publish exposes ``/dev/mapper/<name>`` (read-only mapping for a read-only stage).
+        A dataIntegrity volume gets dm-integrity under dm-crypt from the same header.
+        Not exercised on the build machines (no device-mapper)."""
         assert self.kernel is not None
         if not u.header:
             raise errors.FailedPrecondition(
                 "the LUKS2 library returned no validated header copy; the kernel engine needs it"
             )
-        intent = Publication(volume_id, staging, device.path, DM_CRYPT, readonly, mode,
+        kind = DM_CRYPT_RAW if raw else DM_CRYPT
+        intent = Publication(volume_id, staging, device.path, kind, readonly, mode,
                              phase=INTENT)  # fmt: skip
         self.store.put(intent)
         try:
@@ -381,26 +433,33 @@ class BlockVolumes:
             with os.fdopen(fd, "wb") as f:
                 f.write(u.header)
                 f.truncate(block_kernel.HEADER_COPY_SIZE)
-            dev = self.kernel.open(
-                device.path, u.volume_key, block_kernel.mapper_name(volume_id), copy,
-                readonly=readonly,
-            )  # fmt: skip
-            if mkfs is not None:
-                self.tool(blockdev.mkfs_argv(mkfs[0], mkfs[1], dev), f"mkfs.{mkfs[0]}")
+            name = block_kernel.mapper_name(volume_id)
+            self.kernel.open(device.path, u.volume_key, name, copy, readonly=readonly)
+            dev = self.mapper_path(volume_id)
             os.makedirs(staging, 0o750, exist_ok=True)
-            opts = ["nosuid", "nodev"] + (["ro"] if readonly else [])
-            self.tool(["mount", "-o", ",".join(opts), dev, staging], "mount")
+            if not raw:
+                if mkfs is not None:
+                    argv = blockdev.mkfs_argv(
+                        mkfs[0], mkfs[1], dev, integrity=u.integrity is not None
+                    )
+                    self.tool(argv, f"mkfs.{mkfs[0]}")
+                opts = ["nosuid", "nodev"] + (["ro"] if readonly else [])
+                self.tool(["mount", "-o", ",".join(opts), dev, staging], "mount")
         except BaseException:
             self._teardown(self.store.get(staging) or intent)
             raise
         self.store.update(staging, phase=MOUNTED)
+
+    def mapper_path(self, volume_id: str) -> str:
+        """``/dev/mapper/<name>`` of the kernel engine's mapping for ``volume_id``."""
+        return os.path.join(self.mapper_dir, block_kernel.mapper_name(volume_id))
 
     def _teardown_kernel(self, pub: Publication) -> None:
         assert self.kernel is not None
         staging = pub.target_path
         name = block_kernel.mapper_name(pub.volume_id)
         entry = self.mounts.find(staging)
-        mapped = f"/dev/mapper/{name}"
+        mapped = self.mapper_path(pub.volume_id)
         ours = entry is not None and entry.source in (mapped, os.path.realpath(mapped))
         if ours and not umount_nofollow(staging):
             self.tool(["umount", staging], "umount of the staging path")
@@ -410,12 +469,14 @@ class BlockVolumes:
         self.store.remove(staging)
 
     @staticmethod
-    def _own_container(device: blockdev.Device, key: VolumeKey) -> bool:
-        """True only for a LUKS2 container that this volume's key opens *and* whose binding
-        token (a MAC keyed from the volume key) verifies: a container this volume made.
-        Anything else, including an unbound header that the operator's
-        ``--block-accept-unbound-header`` would let ``encrypted`` volumes open, is left to
-        :meth:`_prove_empty`, which refuses it."""
+    def _own_container(device: blockdev.Device, key: VolumeKey, integrity: bool) -> Unlocked | None:
+        """The volume, unlocked, if the device holds a LUKS2 container that this volume's key
+        opens *and* whose binding token (a MAC keyed from the volume key) verifies: a
+        container this volume made. Else None: anything else, including an unbound header
+        that the operator's ``--block-accept-unbound-header`` would let ``encrypted`` volumes
+        open, is left to :meth:`_prove_empty`, which refuses it. One unlock: the stage uses
+        this result instead of unlocking again. Our own container made with the other
+        dataIntegrity setting is refused here (FAILED_PRECONDITION, nothing written)."""
         from fuse_crypt.blockfront import DeviceError, open_device
         from fuse_crypt.errors import FuseCryptError
         from fuse_crypt.luks2 import is_luks, open_volume
@@ -423,16 +484,20 @@ class BlockVolumes:
         try:
             fd = open_device(device.path, read_only=True, allow_regular=device.is_image)
         except DeviceError:
-            return False
+            return None
         try:
             if not is_luks(fd):
-                return False
-            open_volume(fd, key.password, require_binding=True)
-            return True
+                return None
+            # allow_integrity only to recognise it: a mismatch is refused just below, so an
+            # integrity volume is never handed on as plain.
+            opened = open_volume(fd, key.password, require_binding=True, allow_integrity=True)
         except FuseCryptError:  # another key, a hostile or unbound header: not ours
-            return False
+            return None
         finally:
             os.close(fd)
+        if (opened.segment.integrity is not None) != integrity:
+            raise integrity_mismatch(integrity)
+        return unlocked_from(opened)
 
     def _prove_empty(self, device: blockdev.Device) -> None:
         from fuse_crypt.blockfront import DeviceError, device_size, open_device
@@ -515,9 +580,22 @@ class BlockVolumes:
             return None  # detached
         return source if backing.endswith("/" + DISK_NAME + " (deleted)") else None
 
+    def _raw_device(self, stage: Publication) -> str | None:
+        """The plaintext device a raw block stage exposes: the loop device over the block
+        daemon's ``disk`` (userspace) or ``/dev/mapper/<name>`` (kernel); None if gone."""
+        if stage.mounter == DM_CRYPT_RAW:
+            path = self.mapper_path(stage.volume_id)
+            return path if os.path.exists(path) else None
+        return self._loop_of(self.daemon_dir(stage.target_path))
+
     def _live_stage(self, pub: Publication) -> bool:
         entry = self.mounts.find(pub.target_path)
         mnt = self.daemon_dir(pub.target_path)
+        if pub.mounter == DM_CRYPT_RAW:
+            return self._raw_device(pub) is not None
+        if pub.mounter == DM_CRYPT:
+            mapped = self.mapper_path(pub.volume_id)
+            return entry is not None and entry.source in (mapped, os.path.realpath(mapped))
         if pub.mounter == BLOCK_RAW:
             return self._loop_of(mnt) is not None and self.mounter.serves(
                 pub.pid, mnt, pub.pid_start
@@ -548,7 +626,7 @@ class BlockVolumes:
 
     def _teardown(self, pub: Publication) -> None:
         """Undo a stage from whatever point it reached; every step tolerates 'not there'."""
-        if pub.mounter == DM_CRYPT and self.kernel is not None:
+        if pub.mounter in _KERNEL and self.kernel is not None:
             self._teardown_kernel(pub)
             return
         staging = pub.target_path
@@ -606,21 +684,22 @@ class BlockVolumes:
         raw: bool = False,
     ) -> None:
         """Bind the staged filesystem to ``target`` (a directory), or with ``raw`` (CSI
-        AccessType BLOCK) the plaintext loop device node to ``target`` (a file we create,
-        as kubelet expects for block volumes)."""
+        AccessType BLOCK) the plaintext device node (the loop device, or the kernel engine's
+        ``/dev/mapper/<name>``) to ``target`` (a file we create, as kubelet expects for block
+        volumes)."""
         staging = self._path(staging_path, "staging_target_path")
         stage = self.staged(staging)
         if stage is None or stage.volume_id != volume_id or stage.phase != MOUNTED:
             raise errors.FailedPrecondition(f"volume {volume_id} is not staged at {staging}")
-        if raw != (stage.mounter == BLOCK_RAW):
+        if raw != (stage.mounter in _RAW):
             raise errors.FailedPrecondition(
                 f"volume {volume_id} is staged for "
-                f"{'block' if stage.mounter == BLOCK_RAW else 'mount'} access, not "
+                f"{'block' if stage.mounter in _RAW else 'mount'} access, not "
                 f"{'block' if raw else 'mount'}"
             )
         if raw and readonly and not stage.readonly:
             # A read-only bind does not stop writes through a device node; only a read-only
-            # loop device does, and that is chosen at stage time.
+            # loop device or mapping does, and that is chosen at stage time.
             raise errors.FailedPrecondition(
                 "a read-only publish of a raw block volume needs a read-only stage"
             )
@@ -641,9 +720,9 @@ class BlockVolumes:
         self.store.put(Publication(volume_id, target, staging, BIND, readonly, mode, phase=INTENT))
         try:
             if raw:
-                loop = self._loop_of(self.daemon_dir(staging))
+                loop = self._raw_device(stage)
                 if loop is None:
-                    raise OSError(errno.ENODEV, "the volume's loop device is gone")
+                    raise OSError(errno.ENODEV, "the volume's device is gone")
                 os.makedirs(os.path.dirname(target), 0o750, exist_ok=True)
                 with contextlib.suppress(FileExistsError):
                     os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
@@ -704,12 +783,13 @@ class BlockVolumes:
         pub = self.store.get(path)
         if pub is not None and pub.mounter == BIND:
             pub = self.staged(pub.cipher_dir)
-        if pub is None or pub.mounter != BLOCK_RAW:
+        if pub is None or pub.mounter not in _RAW:
             return None
-        loop = self._loop_of(self.daemon_dir(pub.target_path))
-        if loop is None:
-            raise errors.NotFound("the block volume's loop device is gone")
-        return int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
+        dev = self._raw_device(pub)
+        if dev is None:
+            raise errors.NotFound("the block volume's device is gone")
+        run = self.tool if pub.mounter == DM_CRYPT_RAW else _run
+        return int(run(["blockdev", "--getsize64", dev], "blockdev").strip() or 0)
 
     def expand(self, volume_id: str, volume_path: str, staging_path: str) -> int:
         """Grow the loop device to the disk's new size and the filesystem to the loop's."""
@@ -720,32 +800,72 @@ class BlockVolumes:
             pub = self.staged(pub.cipher_dir)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not staged at {path}")
-        if pub.mounter == DM_CRYPT:
-            raise errors.FailedPrecondition(
-                "NodeExpandVolume is not implemented for the kernel engine yet"
-            )
+        if pub.mounter in _KERNEL:
+            return self._expand_kernel(pub)
         loop = self._loop_of(self.daemon_dir(pub.target_path))
         if loop is None:
             raise errors.FailedPrecondition(f"volume {volume_id} has no loop device")
         _run(["losetup", "-c", loop], "losetup -c")
         if pub.mounter == BLOCK_RAW:  # no filesystem of ours: the consumer grows its own
             return int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
-        entry = self.mounts.find(pub.target_path)
-        fs = entry.fstype if entry is not None else "ext4"
-        if fs == "xfs":
-            _run(["xfs_growfs", pub.target_path], "xfs_growfs")
-        else:
-            try:
-                _run(["resize2fs", loop], "resize2fs")
-            except errors.Internal as exc:
-                if "Permission denied" in str(exc):
-                    raise errors.FailedPrecondition(
-                        "online ext4 resize needs CAP_SYS_RESOURCE, which this node plugin "
-                        "lacks; the device grew, the filesystem did not"
-                    ) from None
-                raise
+        self._grow_fs(_run, pub.target_path, loop)
         size = int(_run(["blockdev", "--getsize64", loop], "blockdev").strip() or 0)
         return size
+
+    def _grow_fs(self, run: Callable[[list[str], str], str], mountpoint: str, dev: str) -> None:
+        """Grow the mounted filesystem at ``mountpoint`` (on ``dev``) to the device's size."""
+        entry = self.mounts.find(mountpoint)
+        fs = entry.fstype if entry is not None else "ext4"
+        if fs == "xfs":
+            run(["xfs_growfs", mountpoint], "xfs_growfs")
+            return
+        try:
+            run(["resize2fs", dev], "resize2fs")
+        except errors.Internal as exc:
+            if "Permission denied" in str(exc):
+                raise errors.FailedPrecondition(
+                    "online ext4 resize needs CAP_SYS_RESOURCE, which this node plugin "
+                    "lacks; the device grew, the filesystem did not"
+                ) from None
+            raise
+
+    def _copy_integrity(self, volume_id: str) -> str | None:
+        """The dataIntegrity of a kernel stage, from the guest's validated header copy in
+        memory-backed storage (never the host's header)."""
+        from fuse_crypt.errors import FuseCryptError
+        from fuse_crypt.luks2 import inspect_header
+
+        try:
+            with open(self.header_copy_path(volume_id), "rb", opener=_nofollow) as f:
+                raw = f.read(32 << 10)  # both header copies
+            segment = inspect_header(raw, allow_integrity=True)
+        except FileNotFoundError:
+            raise errors.FailedPrecondition(
+                "the volume's validated header copy is gone (was /run cleared?): unstage and "
+                "stage it again before growing it"
+            ) from None
+        except (OSError, FuseCryptError) as exc:
+            raise errors.Internal(f"the volume's header copy is unusable: {exc}") from None
+        return segment.integrity
+
+    def _expand_kernel(self, pub: Publication) -> int:
+        """``cryptsetup resize`` of the mapping (from the guest's header copy; no secret,
+        see block_kernel), then the filesystem (resize2fs / xfs_growfs); a raw block stage
+        only grows the mapping. A dataIntegrity volume is refused before anything runs: its
+        tags are interleaved with the data, so it cannot grow in place."""
+        assert self.kernel is not None
+        if self._copy_integrity(pub.volume_id) is not None:
+            raise errors.FailedPrecondition(
+                "a dataIntegrity volume cannot be grown: dm-integrity keeps its tags "
+                "interleaved with the data (cryptsetup refuses such a resize); nothing changed"
+            )
+        self.kernel.resize(
+            block_kernel.mapper_name(pub.volume_id), self.header_copy_path(pub.volume_id)
+        )
+        dev = self.mapper_path(pub.volume_id)
+        if pub.mounter == DM_CRYPT:
+            self._grow_fs(self.tool, pub.target_path, dev)
+        return int(self.tool(["blockdev", "--getsize64", dev], "blockdev").strip() or 0)
 
     # -- restart -------------------------------------------------------------------------------
 
@@ -763,7 +883,7 @@ class BlockVolumes:
                         "undoing a stage interrupted by a restart", extra={"fields": fields}
                     )
                     self._teardown(pub)
-                elif pub.mounter == DM_CRYPT:
+                elif pub.mounter in _KERNEL:
                     log.info("staged block volume (dm-crypt) found", extra={"fields": fields})
                 elif self._live_stage(pub):
                     mnt = self.daemon_dir(pub.target_path)

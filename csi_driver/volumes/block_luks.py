@@ -32,7 +32,9 @@ from fuse_crypt.luks2 import (
     HeaderError,
     KdfCost,
     Luks2Error,
+    Opened,
     add_passphrase,
+    bind_volume,
     format_volume,
     open_volume,
     remove_passphrase,
@@ -55,6 +57,33 @@ class Unlocked:
     # Both header copies exactly as validated (fuse_crypt.luks2 Opened.header): what the
     # kernel engine hands cryptsetup as a detached header. Empty from engines without it.
     header: bytes = field(default=b"", repr=False, compare=False)
+    # "hmac(sha256)": CDH's dataIntegrity (dm-integrity; only the kernel engine serves it).
+    integrity: str | None = None
+
+
+def unlocked_from(opened: Opened) -> Unlocked:
+    """The engine-neutral view of a volume fuse_crypt.luks2 opened."""
+    seg = opened.segment
+    return Unlocked(
+        opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher, opened.header,
+        seg.integrity,
+    )  # fmt: skip
+
+
+def _header_refused(exc: HeaderError) -> errors.FailedPrecondition:
+    msg = str(exc)
+    prefix = "LUKS2 header refused"
+    return errors.FailedPrecondition(msg if msg.startswith(prefix) else f"{prefix}: {msg}")
+
+
+def integrity_mismatch(wanted: bool) -> errors.FailedPrecondition:
+    """A volume opened with the other dataIntegrity setting than it was made with. Refused
+    before anything is written: opened the other way its sectors would read as garbage."""
+    made, asked = ("without", "with") if wanted else ("with", "without")
+    return errors.FailedPrecondition(
+        f"the volume was made {made} dataIntegrity but is staged {asked} it; refusing to "
+        "open it (nothing was written): set dataIntegrity as it was when the volume was made"
+    )
 
 
 class LuksEngine(Protocol):
@@ -63,13 +92,20 @@ class LuksEngine(Protocol):
     def format(self, device: str, passphrase: bytes, *, high_entropy: bool) -> None:
         """Write a new LUKS2 container (CDH's profile) on an empty device."""
 
-    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+    def unlock(self, device: str, passphrase: bytes, *, integrity: bool = False) -> Unlocked:
         """Unlock; WrongVolumeKey if the key does not open it, FailedPrecondition if the
-        header is not one we accept. Never writes to the device."""
+        header is not one we accept or its dataIntegrity differs from ``integrity``. Never
+        writes to the device."""
 
-    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+    def rotate(
+        self, device: str, old: bytes, new: bytes, *, high_entropy: bool, integrity: bool = False
+    ) -> None:
         """Add a keyslot for ``new`` (opened by ``old``), check it opens, then remove the
         slot of ``old``: a crash in between leaves both working, never neither."""
+
+    def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
+        """Add the binding token to a container this guest just made with cryptsetup
+        (dataIntegrity, kernel engine), then return it unlocked."""
 
 
 def check_segment(seg: dict[str, object]) -> tuple[int, int | None, int, str]:
@@ -129,10 +165,17 @@ class CryptsetupOfflineLuks:
                 f"luksFormat failed: {tail(res.stderr.decode('utf-8', 'replace'))}"
             )
 
-    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+    def rotate(
+        self, device: str, old: bytes, new: bytes, *, high_entropy: bool, integrity: bool = False
+    ) -> None:
         raise errors.FailedPrecondition("key rotation needs the userspace LUKS2 engine")
 
-    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+    def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
+        raise errors.FailedPrecondition("binding a header needs the userspace LUKS2 library")
+
+    def unlock(self, device: str, passphrase: bytes, *, integrity: bool = False) -> Unlocked:
+        if integrity:
+            raise errors.FailedPrecondition("dataIntegrity needs the kernel engine")
         meta = self._run(["luksDump", "--dump-json-metadata", device], None)
         if meta.returncode != 0:
             raise errors.FailedPrecondition("the device holds no LUKS2 container")
@@ -195,16 +238,21 @@ class UserspaceLuks:
         finally:
             os.close(fd)
 
-    def rotate(self, device: str, old: bytes, new: bytes, *, high_entropy: bool) -> None:
+    def rotate(
+        self, device: str, old: bytes, new: bytes, *, high_entropy: bool, integrity: bool = False
+    ) -> None:
         cost = KdfCost(iterations=1000) if high_entropy else None
         kdf = "pbkdf2" if high_entropy else "argon2id"
+        binding, allow = self.require_binding, integrity
         fd = self._open(device, read_only=False)
         try:
             add_passphrase(
-                fd, old, new, require_binding=self.require_binding, kdf=kdf, kdf_cost=cost
-            )
-            open_volume(fd, new, require_binding=self.require_binding)  # the new slot works
-            remove_passphrase(fd, old, require_binding=self.require_binding)
+                fd, old, new, require_binding=binding, allow_integrity=allow, kdf=kdf,
+                kdf_cost=cost,
+            )  # fmt: skip
+            # the new slot works
+            open_volume(fd, new, require_binding=binding, allow_integrity=allow)
+            remove_passphrase(fd, old, require_binding=binding, allow_integrity=allow)
         except WrongKeyError:
             raise errors.WrongVolumeKey(
                 "neither the volume key nor the previous key opens this LUKS2 container"
@@ -216,25 +264,46 @@ class UserspaceLuks:
         finally:
             os.close(fd)
 
-    def unlock(self, device: str, passphrase: bytes) -> Unlocked:
+    def unlock(self, device: str, passphrase: bytes, *, integrity: bool = False) -> Unlocked:
+        """``integrity`` (the kernel engine's dataIntegrity) is the only way an integrity
+        header opens; without it such a header is refused by the profile, never served as
+        plain XTS sectors."""
         fd = self._open(device, read_only=True)
         try:
-            opened = open_volume(fd, passphrase, require_binding=self.require_binding)
+            opened = open_volume(
+                fd, passphrase, require_binding=self.require_binding, allow_integrity=integrity
+            )
         except WrongKeyError:
             raise errors.WrongVolumeKey(
                 "the volume key does not open this LUKS2 container"
             ) from None
         except HeaderError as exc:
-            raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
+            raise _header_refused(exc) from None
         except (Luks2Error, BadInputError) as exc:
             raise errors.FailedPrecondition(f"cannot open the LUKS2 container: {exc}") from None
         finally:
             os.close(fd)
-        seg = opened.segment
-        header: bytes = getattr(opened, "header", b"")  # Opened.header: newer fuse_crypt.luks2
-        return Unlocked(
-            opened.volume_key, seg.offset, seg.size, seg.sector_size, seg.cipher, header
-        )
+        if integrity and opened.segment.integrity is None:
+            raise integrity_mismatch(True)
+        return unlocked_from(opened)
+
+    def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
+        fd = self._open(device, read_only=False)
+        try:
+            opened = bind_volume(fd, passphrase, allow_integrity=integrity)
+        except WrongKeyError:
+            raise errors.WrongVolumeKey(
+                "the volume key does not open the LUKS2 container just made"
+            ) from None
+        except HeaderError as exc:
+            raise _header_refused(exc) from None
+        except (Luks2Error, BadInputError) as exc:
+            raise errors.FailedPrecondition(f"cannot bind the LUKS2 header: {exc}") from None
+        finally:
+            os.close(fd)
+        if integrity and opened.segment.integrity is None:
+            raise integrity_mismatch(True)
+        return unlocked_from(opened)
 
 
 def default_engine(*, require_binding: bool = True) -> LuksEngine:

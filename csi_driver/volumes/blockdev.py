@@ -88,21 +88,39 @@ def _block_at(path: str, name: str) -> os.stat_result:
     return st
 
 
-def resolve_device(ctx: Mapping[str, str], image_roots: Sequence[str] = ()) -> Device:
-    """The device a stage request names (publish_context and volume_context merged)."""
+def check_device_names(ctx: Mapping[str, str]) -> None:
+    """The device naming of a request, by syntax alone (no file is looked at): exactly one
+    of ``devicePath`` (absolute, normalised) or ``deviceId`` (``MAJ:MIN``). What the
+    controller can check of a static block PV; the node resolves the name afterwards."""
     dev_id = ctx.get(CTX_DEVICE_ID, "")
     dev_path = ctx.get(CTX_DEVICE_PATH, "")
     if dev_id and dev_path:
         raise errors.InvalidArgument(f"give {CTX_DEVICE_PATH} or {CTX_DEVICE_ID}, not both")
     if dev_id:
-        return Device(_from_dev_id(dev_id))
+        if not _DEV_ID.fullmatch(dev_id):
+            raise errors.InvalidArgument(f"{CTX_DEVICE_ID} must be MAJ:MIN")
+        return
     if not dev_path:
         raise errors.InvalidArgument(f"a block volume needs {CTX_DEVICE_PATH} or {CTX_DEVICE_ID}")
-    return _from_path(dev_path, image_roots)
+    path = validate.absolute_path(dev_path, CTX_DEVICE_PATH)
+    if any(part in (".", "..") for part in path.split("/")) or os.path.normpath(path) != path:
+        raise errors.InvalidArgument(f"{CTX_DEVICE_PATH} must be a normalised absolute path")
+
+
+def resolve_device(ctx: Mapping[str, str], image_roots: Sequence[str] = ()) -> Device:
+    """The device a stage request names (publish_context and volume_context merged)."""
+    check_device_names(ctx)
+    dev_id = ctx.get(CTX_DEVICE_ID, "")
+    if dev_id:
+        return Device(_from_dev_id(dev_id))
+    return _from_path(ctx.get(CTX_DEVICE_PATH, ""), image_roots)
+
+
+_DEV_ID = re.compile(r"([0-9]{1,9}):([0-9]{1,9})")
 
 
 def _from_dev_id(dev_id: str) -> str:
-    m = re.fullmatch(r"([0-9]{1,9}):([0-9]{1,9})", dev_id)
+    m = _DEV_ID.fullmatch(dev_id)
     if not m:
         raise errors.InvalidArgument(f"{CTX_DEVICE_ID} must be MAJ:MIN")
     major, minor = int(m.group(1)), int(m.group(2))
@@ -216,15 +234,27 @@ def stage_parameters(
     source = ctx.get(CTX_SOURCE_TYPE, SOURCE_ENCRYPTED)
     if source not in (SOURCE_EMPTY, SOURCE_ENCRYPTED):
         raise errors.InvalidArgument(f"sourceType must be {SOURCE_EMPTY!r} or {SOURCE_ENCRYPTED!r}")
-    if ctx.get(CTX_DATA_INTEGRITY, "false") == "true":
-        raise errors.FailedPrecondition(
-            "dataIntegrity needs the kernel engine (device-mapper), absent on this node"
-        )
+    data_integrity(ctx)  # its value is checked here; which engine serves it, by the stage
     fs = fs_type(ctx, cap_fs_type)
     mkfs_opts = mkfs_options(fs, ctx.get(CTX_MKFS_OPTS, ""))
     if readonly and source == SOURCE_EMPTY:
         raise errors.InvalidArgument("a new (sourceType empty) volume cannot be read-only")
     return source, fs, mkfs_opts
+
+
+def data_integrity(ctx: Mapping[str, str]) -> bool:
+    """CDH's ``dataIntegrity`` ("true"/"false", default false): dm-integrity under dm-crypt
+    (``luksFormat --integrity hmac-sha256``). Anything else is refused rather than read as
+    false: a typo must not silently give a volume without the integrity it asked for."""
+    value = ctx.get(CTX_DATA_INTEGRITY, "false")
+    if value not in ("true", "false"):
+        raise errors.InvalidArgument(f'{CTX_DATA_INTEGRITY} must be "true" or "false"')
+    return value == "true"
+
+
+def is_block_context(*contexts: Mapping[str, str] | None) -> bool:
+    """A block volume names its device (CDH's keys) in volume or publish context."""
+    return any(ctx and (ctx.get(CTX_DEVICE_PATH) or ctx.get(CTX_DEVICE_ID)) for ctx in contexts)
 
 
 def fs_type(ctx: Mapping[str, str], cap_fs_type: str) -> str:
@@ -258,8 +288,16 @@ def mkfs_options(fs: str, raw: str) -> list[str]:
     return out
 
 
-def mkfs_argv(fs: str, opts: list[str], device: str) -> list[str]:
+# With dataIntegrity the tags are not initialised (--integrity-no-wipe, CDH's choice), so a
+# sector never written reads as an I/O error: ext4 must write its inode tables and journal
+# at mkfs time instead of leaving them to lazy init (CDH does the same). Last, so they win
+# over an -E in mkfsOpts.
+EXT4_INTEGRITY = ["-E", "lazy_itable_init=0,lazy_journal_init=0"]
+
+
+def mkfs_argv(fs: str, opts: list[str], device: str, *, integrity: bool = False) -> list[str]:
     if fs == "ext4":
         # -F: the loop device is ours and was just proved empty (mkfs would otherwise ask).
-        return ["mkfs.ext4", "-q", "-F", *opts, "--", device]
+        extra = EXT4_INTEGRITY if integrity else []
+        return ["mkfs.ext4", "-q", "-F", *opts, *extra, "--", device]
     return ["mkfs.xfs", "-q", *opts, device]

@@ -4,12 +4,12 @@ The host writes the header, so the parsed JSON is validated member by member aga
 exact shape cryptsetup 2.6 writes for ``luksFormat --type luks2 --cipher aes-xts-plain64
 --sector-size 4096`` (CDH's current options) and for our own format_volume. Anything else is
 refused with a HeaderError naming the check: unknown members, null or other ciphers in the
-segment or a keyslot area, integrity (the userspace engine cannot serve dm-integrity),
-requirements (reencryption), unexpected offsets, more than one segment or digest, KDF costs
-above fixed caps (a planted header must not stall or exhaust the guest: every slot is
-checked, not only the one tried), and lax encodings (``"+1"`` strings, booleans as numbers,
-non-canonical base64) that could make two parsers see two headers.
-"""
+segment or a keyslot area, integrity unless the caller asks for it (only the kernel engine
+serves dm-integrity: see ``validate``), requirements (reencryption), unexpected offsets,
+more than one segment or digest, KDF costs above fixed caps (a planted header must not stall
+or exhaust the guest: every slot is checked, not only the one tried), and lax encodings
+(``"+1"`` strings, booleans as numbers, non-canonical base64) that could make two parsers
+see two headers."""
 
 from __future__ import annotations
 
@@ -26,6 +26,8 @@ __all__ = [
     "BINDING_TOKEN_TYPE",
     "CIPHER",
     "DATA_OFFSET",
+    "INTEGRITY",
+    "INTEGRITY_KEY_SIZE",
     "JSON_SIZE_TEXT",
     "SECTOR_SIZES",
     "KEY_SIZE",
@@ -48,6 +50,14 @@ __all__ = [
 
 CIPHER = "aes-xts-plain64"  # the only data and keyslot-area cipher accepted
 KEY_SIZE = 64  # AES-256-XTS volume key and KEK
+# CDH's dataIntegrity (luksFormat --integrity hmac-sha256, luks2.md §4.2): dm-integrity under
+# dm-crypt with authenc(hmac(sha256),xts(aes)). The volume key is the XTS key followed by the
+# 32-byte HMAC key; keyslot areas stay aes-xts-plain64 with a 64-byte KEK. Journals are
+# "none" in the header whatever CDH passes (cryptsetup 2.6 ignores --integrity-no-journal
+# at format time): that is the one shape accepted.
+INTEGRITY = "hmac(sha256)"
+INTEGRITY_KEY_SIZE = KEY_SIZE + 32
+INTEGRITY_OBJECT = {"type": INTEGRITY, "journal_encryption": "none", "journal_integrity": "none"}
 DATA_OFFSET = 16 * 1024 * 1024  # attached header: data starts at 16 MiB (cryptsetup default)
 KEYSLOTS_OFFSET = 32768  # after both 16 KiB header copies
 KEYSLOTS_SIZE = DATA_OFFSET - KEYSLOTS_OFFSET  # 16744448
@@ -101,11 +111,18 @@ class Digest:
 
 @dataclass(frozen=True)
 class Segment:
-    """The data segment: byte offset, dynamic size, 512-byte-unit iv_tweak (always 0)."""
+    """The data segment: byte offset, dynamic size, 512-byte-unit iv_tweak (always 0), and
+    ``integrity`` (``"hmac(sha256)"``, only when the caller allowed it) or None."""
 
     offset: int
     sector_size: int
     iv_tweak: int
+    integrity: str | None = None
+
+    @property
+    def key_size(self) -> int:
+        """Volume-key bytes: 64 for XTS alone, 96 with the HMAC key of dm-integrity."""
+        return INTEGRITY_KEY_SIZE if self.integrity else KEY_SIZE
 
 
 @dataclass(frozen=True)
@@ -214,11 +231,13 @@ def validate_kdf(value: Any) -> Kdf:
     return _kdf(value, "kdf")
 
 
-def _keyslot(slot_id: str, value: Any) -> Keyslot:
+def _keyslot(slot_id: str, value: Any, key_size: int) -> Keyslot:
+    """One keyslot. ``key_size`` (the volume key's) comes from the segment: 64, or 96 with
+    integrity; the area's KEK is 64 bytes either way (cryptsetup's aes-xts-plain64 fallback)."""
     what = f"keyslot {slot_id}"
     obj = _obj(value, what, {"type", "key_size", "af", "area", "kdf"}, frozenset({"priority"}))
     _eq(obj["type"], "luks2", f"{what} type is not luks2")
-    _eq(obj["key_size"], KEY_SIZE, f"{what} key_size is not {KEY_SIZE}")
+    _eq(obj["key_size"], key_size, f"{what} key_size is not {key_size}")
     priority = _int(obj.get("priority", 1), f"{what} priority", 0, 2)
     af = _obj(obj["af"], f"{what} af", {"type", "stripes", "hash"})
     _eq(af["type"], "luks1", f"{what} af type is not luks1")
@@ -230,18 +249,26 @@ def _keyslot(slot_id: str, value: Any) -> Keyslot:
     _eq(area["key_size"], KEY_SIZE, f"{what} area key_size is not {KEY_SIZE}")
     offset = _u64(area["offset"], f"{what} area offset")
     size = _u64(area["size"], f"{what} area size")
-    if offset % 4096 or size % 4096 or size < material_length(KEY_SIZE):
+    if offset % 4096 or size % 4096 or size < material_length(key_size):
         raise _fail(f"{what} area offset or size is not aligned or too small")
     if offset < KEYSLOTS_OFFSET or offset + size > KEYSLOTS_OFFSET + KEYSLOTS_SIZE:
         raise _fail(f"{what} area lies outside the keyslots area")
     return Keyslot(slot_id, priority, offset, size, _kdf(obj["kdf"], f"{what} kdf"))
 
 
-def _segment(segments: Any) -> Segment:
+def _segment(segments: Any, allow_integrity: bool) -> Segment:
     segs = _obj(segments, "segments", {"0"})
-    seg = _obj(
-        segs["0"], "segment 0", {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
-    )
+    if isinstance(segs["0"], dict) and "integrity" in segs["0"] and not allow_integrity:
+        # Before anything else: dm-integrity sectors are not plain XTS sectors, so such a
+        # volume must never be served as if it were (its data would read as garbage, and
+        # writes would bypass the tags the kernel engine checks).
+        raise _fail(
+            "segment 0 uses dm-integrity (dataIntegrity): the userspace engine cannot serve "
+            "it; only the kernel engine opens it, for a volume staged with dataIntegrity"
+        )
+    members = {"type", "offset", "size", "iv_tweak", "encryption", "sector_size"}
+    optional = frozenset({"integrity"}) if allow_integrity else frozenset()
+    seg = _obj(segs["0"], "segment 0", members, optional)
     _eq(seg["type"], "crypt", "segment 0 type is not crypt")
     _eq(seg["encryption"], CIPHER, f"segment 0 encryption is not {CIPHER}")
     _eq(seg["size"], "dynamic", "segment 0 size is not dynamic")
@@ -252,7 +279,15 @@ def _segment(segments: Any) -> Segment:
     sector = seg["sector_size"]
     if type(sector) is not int or sector not in SECTOR_SIZES:
         raise _fail("segment 0 sector_size is not 512, 1024, 2048 or 4096")
-    return Segment(DATA_OFFSET, sector, 0)
+    integrity = None
+    if "integrity" in seg:
+        obj = _obj(seg["integrity"], "segment 0 integrity", set(INTEGRITY_OBJECT))
+        for name, expected in INTEGRITY_OBJECT.items():
+            _eq(obj[name], expected, f"segment 0 integrity {name} is not {expected}")
+        if sector != CDH_SECTOR_SIZE:
+            raise _fail("an integrity segment must use 4096-byte sectors (the CDH profile)")
+        integrity = INTEGRITY
+    return Segment(DATA_OFFSET, sector, 0, integrity)
 
 
 def _digest(digests: Any, slot_ids: set[str]) -> Digest:
@@ -305,16 +340,23 @@ def _binding(tokens: Any) -> tuple[bytes | None, str | None]:
     return _b64(obj["mac"], "binding token mac", BINDING_MAC_LEN), token_id
 
 
-def validate(metadata: dict[str, Any]) -> Metadata:
-    """Check the whole JSON metadata against the accepted profiles; return what opening needs."""
+def validate(metadata: dict[str, Any], *, allow_integrity: bool = False) -> Metadata:
+    """Check the whole JSON metadata against the accepted profiles; return what opening needs.
+
+    ``allow_integrity``: also accept CDH's dataIntegrity profile (segment ``integrity``
+    exactly ``hmac(sha256)`` with both journals ``none``, 4096-byte sectors, 96-byte volume
+    key in every keyslot). Only the kernel engine may ask: the userspace engine serves plain
+    XTS sectors, and without the flag such a header is refused before anything else.
+    """
     top = _obj(metadata, "metadata", {"keyslots", "tokens", "segments", "digests", "config"})
     _config(top["config"])
+    segment = _segment(top["segments"], allow_integrity)
     if not isinstance(top["keyslots"], dict) or not 1 <= len(top["keyslots"]) <= MAX_KEYSLOTS:
         raise _fail(f"keyslots is not an object of 1..{MAX_KEYSLOTS} keyslots")
     for slot_id in top["keyslots"]:
         if not _ID.fullmatch(slot_id):
             raise _fail("keyslot id is not 0..31")
-    keyslots = tuple(_keyslot(k, v) for k, v in top["keyslots"].items())
+    keyslots = tuple(_keyslot(k, v, segment.key_size) for k, v in top["keyslots"].items())
     argon2_work = sum(s.kdf.memory_kib * s.kdf.time for s in keyslots)
     pbkdf2_work = sum(s.kdf.iterations for s in keyslots)
     if argon2_work > MAX_TOTAL_ARGON2_WORK or pbkdf2_work > MAX_TOTAL_PBKDF2_ITERATIONS:
@@ -322,7 +364,6 @@ def validate(metadata: dict[str, Any]) -> Metadata:
     spans = sorted((s.area_offset, s.area_offset + s.area_size) for s in keyslots)
     if any(prev[1] > cur[0] for prev, cur in zip(spans, spans[1:], strict=False)):
         raise _fail("keyslot areas overlap")
-    segment = _segment(top["segments"])
     digest = _digest(top["digests"], {s.id for s in keyslots})
     mac, token_id = _binding(top["tokens"])
     if mac is None and segment.sector_size != CDH_SECTOR_SIZE:

@@ -27,7 +27,9 @@ __all__ = [
     "DataSegment",
     "Opened",
     "add_passphrase",
+    "bind_volume",
     "format_volume",
+    "inspect_header",
     "is_luks",
     "open_volume",
     "remove_passphrase",
@@ -35,7 +37,13 @@ __all__ = [
 
 MAX_PASSPHRASE = 8 * 1024 * 1024  # cryptsetup's key-file limit
 DIGEST_ITERATIONS = 1000  # the VK is 512 random bits: digest iterations add nothing
-_AREA_SIZE = -(-keyslot.material_length(profile.KEY_SIZE) // 4096) * 4096  # 258048
+
+
+def _area_size(key_size: int) -> int:
+    """cryptsetup's keyslot area for a volume key: 258048 (64 B), 385024 (96 B, integrity)."""
+    return -(-keyslot.material_length(key_size) // 4096) * 4096
+
+
 _SECONDARY_OFFSETS = tuple(0x4000 << i for i in range(9))  # where cryptsetup probes for SKUL
 
 
@@ -48,7 +56,9 @@ class DataSegment:
     sector_size: int  # 512..4096
     iv_tweak: int  # in 512-byte units as LUKS2 defines; always 0 here
     cipher: str  # "aes-xts-plain64"
-    key_size: int  # bytes (64)
+    key_size: int  # bytes (64; 96 with integrity: XTS key then HMAC key)
+    # "hmac(sha256)" for CDH's dataIntegrity (dm-integrity, kernel engine only), else None.
+    integrity: str | None = None
 
 
 @dataclass(frozen=True)
@@ -126,10 +136,20 @@ def is_luks(fd: int) -> bool:
     return any(_pread(fd, 6, off) == header.MAGIC_SECONDARY for off in _SECONDARY_OFFSETS)
 
 
-def _load(fd: int) -> _Loaded:
+def inspect_header(raw: bytes, *, allow_integrity: bool = False) -> DataSegment:
+    """The data segment of a header copy (both copies, 32 KiB) the guest keeps, validated
+    again as on open (no unlock, no key). For the kernel engine, which asks its own
+    memory-backed copy, never the host's device, e.g. whether a volume has dataIntegrity.
+    Raises HeaderError as open_volume would."""
+    pair = header.read_pair(raw[: header.BOTH_COPIES])
+    meta = profile.validate(pair.metadata, allow_integrity=allow_integrity)
+    return _opened(b"", meta, pair.binary.uuid, b"").segment
+
+
+def _load(fd: int, allow_integrity: bool = False) -> _Loaded:
     raw = _pread(fd, header.BOTH_COPIES, 0)
     pair = header.read_pair(raw)
-    return _Loaded(raw, pair, profile.validate(pair.metadata))
+    return _Loaded(raw, pair, profile.validate(pair.metadata, allow_integrity=allow_integrity))
 
 
 def _slot_order(meta: profile.Metadata) -> list[profile.Keyslot]:
@@ -141,7 +161,8 @@ def _slot_order(meta: profile.Metadata) -> list[profile.Keyslot]:
 def _try_slot(
     fd: int, slot: profile.Keyslot, meta: profile.Metadata, passphrase: bytes
 ) -> bytes | None:
-    length = keyslot.material_length(profile.KEY_SIZE)
+    key_size = meta.segment.key_size  # 64, or 96 with integrity; the KEK is 64 either way
+    length = keyslot.material_length(key_size)
     material = _pread(fd, length, slot.area_offset)
     if len(material) != length:
         raise HeaderError(f"LUKS2 keyslot {slot.id}: area lies beyond the end of the device")
@@ -150,7 +171,7 @@ def _try_slot(
         split = keyslot.area_decrypt(kek, material)
     except ValueError:  # a KEK OpenSSL refuses (equal XTS halves): cannot be the right one
         return None
-    candidate = keyslot.af_merge(split, profile.KEY_SIZE)
+    candidate = keyslot.af_merge(split, key_size)
     digest = meta.digest
     if keyslot.digest_matches(candidate, digest.salt, digest.iterations, digest.value):
         return candidate
@@ -194,22 +215,28 @@ def _opened(vk: bytes, meta: profile.Metadata, uuid: str, raw: bytes) -> Opened:
             sector_size=seg.sector_size,
             iv_tweak=seg.iv_tweak,
             cipher=profile.CIPHER,
-            key_size=profile.KEY_SIZE,
+            key_size=seg.key_size,
+            integrity=seg.integrity,
         ),
         uuid=uuid,
         header=raw,
     )
 
 
-def open_volume(fd: int, passphrase: bytes, *, require_binding: bool = True) -> Opened:
+def open_volume(
+    fd: int, passphrase: bytes, *, require_binding: bool = True, allow_integrity: bool = False
+) -> Opened:
     """Validate the header once, unlock from that copy, verify the binding; writes nothing.
 
     Raises HeaderError (hostile/unsupported header, missing or bad binding), WrongKeyError
     (no keyslot opens), BadInputError (empty passphrase), Luks2Error (I/O).
     ``require_binding=False`` accepts a header without our token (CDH/cryptsetup-made): the
     profile still holds, but nothing proves the header is the one the key's owner wrote.
+    ``allow_integrity=True`` (the kernel engine only) also accepts CDH's dataIntegrity
+    profile; ``Opened.segment.integrity`` then says whether the volume has it. Without it an
+    integrity header is a HeaderError: its sectors are not plain XTS sectors.
     """
-    loaded = _load(fd)
+    loaded = _load(fd, allow_integrity)
     vk, _ = _unlock(fd, loaded, passphrase, require_binding)
     return _opened(vk, loaded.meta, loaded.pair.binary.uuid, loaded.raw)
 
@@ -241,7 +268,8 @@ def _kdf_json(kind: str, cost: KdfCost) -> tuple[dict[str, Any], Kdf]:
 def _new_keyslot(
     vk: bytes, passphrase: bytes, offset: int, kind: str, cost: KdfCost
 ) -> tuple[dict[str, Any], bytes]:
-    """A keyslot object and its encrypted area bytes (AF material, zero-padded to the area)."""
+    """A keyslot object and its encrypted area bytes (AF material, zero-padded to the area).
+    The area is sized for ``vk`` as cryptsetup sizes it (64 or 96 bytes); the KEK is 64."""
     kdf_obj, kdf = _kdf_json(kind, cost)
     kek = keyslot.derive_kek(passphrase, kdf, profile.KEY_SIZE)
     material = keyslot.af_split(vk)
@@ -257,7 +285,7 @@ def _new_keyslot(
         "area": {
             "type": "raw",
             "offset": str(offset),
-            "size": str(_AREA_SIZE),
+            "size": str(_area_size(len(vk))),
             "encryption": profile.CIPHER,
             "key_size": profile.KEY_SIZE,
         },
@@ -266,15 +294,20 @@ def _new_keyslot(
     return obj, area
 
 
-def _write_headers(fd: int, binary: header.BinaryHeader, metadata: dict[str, Any]) -> None:
-    """Primary then secondary, each JSON area before its binary header, fsync after each."""
+def _write_headers(fd: int, binary: header.BinaryHeader, metadata: dict[str, Any]) -> bytes:
+    """Primary then secondary, each JSON area before its binary header, fsync after each.
+    Returns both copies as written: the caller's header copy never comes from re-reading
+    the device (the host could swap it in between)."""
     area = header.encode_json(metadata)
+    written = []
     for secondary in (False, True):
         copy_bytes = header.build_copy(binary, area, secondary=secondary)
         base = header.HDR_SIZE if secondary else 0
         _pwrite(fd, copy_bytes[header.BIN_SIZE :], base + header.BIN_SIZE)
         _pwrite(fd, copy_bytes[: header.BIN_SIZE], base)
         _fsync(fd)
+        written.append(copy_bytes)
+    return b"".join(written)
 
 
 def _rebind(vk: bytes, metadata: dict[str, Any], uuid: str) -> None:
@@ -363,8 +396,8 @@ def format_volume(
         _pwrite(fd, os.urandom(min(chunk, profile.DATA_OFFSET - offset)), offset)
     _pwrite(fd, slot_area, profile.KEYSLOTS_OFFSET)
     _fsync(fd)
-    _write_headers(fd, binary, metadata)
-    return _opened(volume_key, meta, binary.uuid, _pread(fd, header.BOTH_COPIES, 0))
+    raw = _write_headers(fd, binary, metadata)
+    return _opened(volume_key, meta, binary.uuid, raw)
 
 
 def _still_validated(fd: int, loaded: _Loaded) -> None:
@@ -373,24 +406,28 @@ def _still_validated(fd: int, loaded: _Loaded) -> None:
         raise HeaderError("LUKS2 header changed on the device during the update; not committed")
 
 
-def _commit(fd: int, loaded: _Loaded, metadata: dict[str, Any]) -> None:
-    """Write ``metadata`` with seqid+1, only if the disk still holds the header we validated."""
-    profile.validate(metadata)
+def _commit(
+    fd: int, loaded: _Loaded, metadata: dict[str, Any], allow_integrity: bool = False
+) -> bytes:
+    """Write ``metadata`` with seqid+1, only if the disk still holds the header we validated;
+    return both copies as written."""
+    profile.validate(metadata, allow_integrity=allow_integrity)
     _still_validated(fd, loaded)
     old = loaded.pair.binary
     binary = header.BinaryHeader(old.seqid + 1, old.label, old.subsystem, old.uuid)
-    _write_headers(fd, binary, metadata)
+    return _write_headers(fd, binary, metadata)
 
 
 def _free_area(meta: profile.Metadata) -> int:
     """First 4 KiB-aligned gap of one area size in the keyslots area (cryptsetup's first fit)."""
     spans = sorted((s.area_offset, s.area_offset + s.area_size) for s in meta.keyslots)
+    size = _area_size(meta.segment.key_size)
     candidate = profile.KEYSLOTS_OFFSET
     for start, end in spans:
-        if candidate + _AREA_SIZE <= start:
+        if candidate + size <= start:
             break
         candidate = max(candidate, end)
-    if candidate + _AREA_SIZE > profile.KEYSLOTS_OFFSET + profile.KEYSLOTS_SIZE:
+    if candidate + size > profile.KEYSLOTS_OFFSET + profile.KEYSLOTS_SIZE:
         raise Luks2Error("no room left in the keyslots area")
     return candidate
 
@@ -401,16 +438,18 @@ def add_passphrase(
     new_passphrase: bytes,
     *,
     require_binding: bool = True,
+    allow_integrity: bool = False,
     kdf: str = "argon2id",
     kdf_cost: KdfCost | None = None,
 ) -> None:
     """Add a keyslot for ``new_passphrase`` (rotation step 1); ``passphrase`` must open one.
 
     The new area is written and fsynced before the metadata commit, so a crash leaves at
-    worst unreferenced bytes in the keyslots area.
+    worst unreferenced bytes in the keyslots area. ``allow_integrity``: as for open_volume
+    (the new keyslot then holds the 96-byte key).
     """
     _check_passphrase(new_passphrase)
-    loaded = _load(fd)
+    loaded = _load(fd, allow_integrity)
     vk, _ = _unlock(fd, loaded, passphrase, require_binding)
     meta = loaded.meta
     used = {s.id for s in meta.keyslots}
@@ -424,20 +463,22 @@ def add_passphrase(
     metadata["digests"]["0"]["keyslots"].append(new_id)
     if meta.binding_mac is not None:
         _rebind(vk, metadata, loaded.pair.binary.uuid)
-    profile.validate(metadata)
+    profile.validate(metadata, allow_integrity=allow_integrity)
     _still_validated(fd, loaded)
     _pwrite(fd, slot_area, offset)
     _fsync(fd)
-    _commit(fd, loaded, metadata)
+    _commit(fd, loaded, metadata, allow_integrity)
 
 
-def remove_passphrase(fd: int, passphrase: bytes, *, require_binding: bool = True) -> None:
+def remove_passphrase(
+    fd: int, passphrase: bytes, *, require_binding: bool = True, allow_integrity: bool = False
+) -> None:
     """Remove the keyslot ``passphrase`` opens (rotation step 2); never the last one.
 
     The area is overwritten with random bytes and fsynced before the metadata commit
     (cryptsetup's order): after a crash the slot is dead either way.
     """
-    loaded = _load(fd)
+    loaded = _load(fd, allow_integrity)
     vk, slot_id = _unlock(fd, loaded, passphrase, require_binding)
     meta = loaded.meta
     if len(meta.keyslots) <= 1:
@@ -448,8 +489,29 @@ def remove_passphrase(fd: int, passphrase: bytes, *, require_binding: bool = Tru
     metadata["digests"]["0"]["keyslots"].remove(slot_id)
     if meta.binding_mac is not None:
         _rebind(vk, metadata, loaded.pair.binary.uuid)
-    profile.validate(metadata)
+    profile.validate(metadata, allow_integrity=allow_integrity)
     _still_validated(fd, loaded)
     _pwrite(fd, os.urandom(slot.area_size), slot.area_offset)
     _fsync(fd)
-    _commit(fd, loaded, metadata)
+    _commit(fd, loaded, metadata, allow_integrity)
+
+
+def bind_volume(fd: int, passphrase: bytes, *, allow_integrity: bool = False) -> Opened:
+    """Add our binding token to a container **this guest has just formatted** with
+    cryptsetup (the kernel engine's dataIntegrity format: only cryptsetup can write the
+    dm-integrity superblock, and it writes no token); return it opened, as open_volume would.
+
+    The header is validated and unlocked like any other first (a wrong key or a hostile
+    header changes nothing); a header that already carries a token must verify and is left
+    as it is. Never use it to adopt a disk of unknown origin: binding is what later proves
+    the header is the one the key's owner wrote.
+    """
+    loaded = _load(fd, allow_integrity)
+    vk, _ = _unlock(fd, loaded, passphrase, require_binding=False)
+    if loaded.meta.binding_mac is not None:  # _unlock verified it
+        return _opened(vk, loaded.meta, loaded.pair.binary.uuid, loaded.raw)
+    metadata = copy.deepcopy(loaded.pair.metadata)
+    _rebind(vk, metadata, loaded.pair.binary.uuid)
+    meta = profile.validate(metadata, allow_integrity=allow_integrity)
+    raw = _commit(fd, loaded, metadata, allow_integrity)
+    return _opened(vk, meta, loaded.pair.binary.uuid, raw)

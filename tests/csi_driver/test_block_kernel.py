@@ -40,11 +40,76 @@ def test_open_uses_the_guest_header_copy_and_the_volume_key_on_stdin() -> None:
     assert eng.open("/dev/vdb", vk, name, "/run/coco/h", readonly=True) == f"/dev/mapper/{name}"
     argv, stdin = rec.calls[0]
     assert argv[:6] == ["cryptsetup", "--batch-mode", "open", "--type", "luks2", "--header"]
-    assert argv[6:] == ["/run/coco/h", "--volume-key-file", "/dev/stdin", "--readonly", "--",
-                        "/dev/vdb", name]  # fmt: skip
+    assert argv[6:] == ["/run/coco/h", "--volume-key-file", "/dev/stdin", "--disable-keyring",
+                        "--readonly", "--", "/dev/vdb", name]  # fmt: skip
     assert stdin == vk and not any(vk.hex() in a for a in argv)
     eng.format("/dev/vdb", b"k3y")
     assert rec.calls[1][1] == b"k3y" and "--key-file" in rec.calls[1][0]
+
+
+def test_format_kdf_costs_are_ours() -> None:
+    """Explicit KDF costs (the userspace engine's), never cryptsetup's benchmarked ones,
+    which could exceed the header profile's caps on a fast CPU; the key only on stdin."""
+    rec = Recorder()
+    eng = bk.KernelEngine(rec)
+    eng.format("/dev/vdb", b"k" * 64, integrity=True, high_entropy=True)
+    eng.format("/dev/vdb", b"human", high_entropy=False)
+    (fast, s1), (slow, s2) = rec.calls
+    assert fast == [
+        "cryptsetup", "--batch-mode", "luksFormat", "--type", "luks2", "--cipher",
+        "aes-xts-plain64", "--sector-size", "4096", "--integrity", "hmac-sha256",
+        "--integrity-no-wipe", "--pbkdf", "pbkdf2", "--pbkdf-force-iterations", "1000",
+        "--key-file", "-", "--", "/dev/vdb",
+    ]  # fmt: skip
+    assert slow[9:19] == [
+        "--pbkdf", "argon2id", "--pbkdf-force-iterations", "4", "--pbkdf-memory", "65536",
+        "--pbkdf-parallel", "1", "--key-file", "-",
+    ]  # fmt: skip
+    assert (s1, s2) == (b"k" * 64, b"human")
+
+
+def test_resize_uses_the_header_copy_and_no_secret() -> None:
+    """cryptsetup 2.6's resize of a keyring mapping would want a passphrase and a keyslot
+    (the copy has none): the mapping is opened --disable-keyring, resize gets the copy (not
+    the host's header, whose offset it would otherwise trust) and nothing on stdin."""
+    rec = Recorder()
+    bk.KernelEngine(rec).resize("coco-1", "/run/coco/h")
+    assert rec.calls == [
+        (["cryptsetup", "--batch-mode", "resize", "--disable-keyring", "--header", "/run/coco/h",
+          "--", "coco-1"], None),
+    ]  # fmt: skip
+    with pytest.raises(errors.InvalidArgument):
+        bk.resize_argv("../x", "/run/h")
+    with pytest.raises(errors.InvalidArgument):
+        bk.resize_argv("coco-1", "run/h")
+    for rc, stderr, expected in [
+        (1, "Cannot initialize device-mapper.", errors.FailedPrecondition),
+        (4, "Device coco-1 is not active.", errors.NotFound),
+        (1, "Resize of active device requires volume key in keyring", errors.Internal),
+    ]:
+        with pytest.raises(expected):
+            bk.KernelEngine(Recorder(rc, stderr)).resize("coco-1", "/run/h")
+
+
+def test_the_real_runner_gives_no_stdin_when_there_is_no_secret(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """stdin=None is /dev/null, never the plugin's own stdin (cryptsetup would wait on it
+    for a passphrase); a secret goes in as input. Real processes, the arguments observed."""
+    import subprocess
+
+    seen: list[dict[str, object]] = []
+    real = subprocess.run
+
+    def spy(argv: list[str], **kwargs: object) -> subprocess.CompletedProcess[bytes]:
+        seen.append(kwargs)
+        return real(argv, **kwargs)  # type: ignore[call-overload, no-any-return]
+
+    monkeypatch.setattr(subprocess, "run", spy)
+    assert bk._subprocess_runner(["sh", "-c", "cat; echo done >&2"], None) == bk.Result(0, "done\n")
+    assert seen[0].get("stdin") == subprocess.DEVNULL and "input" not in seen[0]
+    assert bk._subprocess_runner(["sh", "-c", "cat >&2"], b"in") == bk.Result(0, "in")
+    assert seen[1].get("input") == b"in"
 
 
 def test_names_and_paths_are_checked() -> None:

@@ -214,3 +214,92 @@ def test_volume_context_carries_the_granted_capacity(tmp_path) -> None:
         "pvc", [plain_capability()], {"keyResource": KEY_RESOURCE}, required_bytes=64 << 20
     )
     assert ctx["capacityBytes"] == str(64 << 20) == str(rec.capacity_bytes)
+
+
+def _block_cap(mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        block=csi_pb2.VolumeCapability.BlockVolume(),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+def _fs_cap(fs_type: str, mode: int = Mode.SINGLE_NODE_WRITER) -> csi_pb2.VolumeCapability:
+    return csi_pb2.VolumeCapability(
+        mount=csi_pb2.VolumeCapability.MountVolume(fs_type=fs_type),
+        access_mode=csi_pb2.VolumeCapability.AccessMode(mode=mode),  # type: ignore[arg-type]
+    )
+
+
+STATIC_BLOCK = {
+    "devicePath": "/dev/disk/by-id/virtio-data1",
+    "sourceType": "encrypted",
+    "keyResource": KEY_RESOURCE,
+}
+
+
+def test_validate_static_block_volumes(env: Env) -> None:
+    """A block PV is static (the controller never made it): it is known by the volume
+    context the node stages it with. Block and mount access are confirmed when that context
+    and each capability pass the node's device-free stage checks; what does not fit is
+    refused with a message; a directory volume of the index still refuses block access."""
+    call = env.ctrl.controller.ValidateVolumeCapabilities
+
+    def check(ctx: dict[str, str], *caps: csi_pb2.VolumeCapability) -> str | None:
+        res = call(
+            csi_pb2.ValidateVolumeCapabilitiesRequest(
+                volume_id="pv-disk-1", volume_capabilities=list(caps), volume_context=ctx
+            )
+        )
+        if res.HasField("confirmed"):
+            assert list(res.confirmed.volume_capabilities) == list(caps)
+            assert dict(res.confirmed.volume_context) == ctx
+            return None
+        assert res.message
+        return str(res.message)
+
+    ok_sets = [
+        (STATIC_BLOCK, [_block_cap()]),
+        (STATIC_BLOCK, [_block_cap(Mode.SINGLE_NODE_READER_ONLY), _fs_cap("xfs")]),
+        (STATIC_BLOCK, [mount_capability(Mode.MULTI_NODE_READER_ONLY)]),
+        ({**STATIC_BLOCK, "devicePath": "", "deviceId": "253:16"}, [_block_cap()]),
+        ({**STATIC_BLOCK, "sourceType": "empty", "mkfsOpts": "-m 0"}, [_fs_cap("ext4")]),
+        ({**STATIC_BLOCK, "dataIntegrity": "true"}, [_block_cap()]),  # the node decides
+    ]
+    for ctx, caps in ok_sets:
+        assert check(ctx, *caps) is None, (ctx, caps)
+
+    refused = [
+        (STATIC_BLOCK, [_block_cap(Mode.MULTI_NODE_MULTI_WRITER)], "MULTI_NODE_MULTI_WRITER"),
+        (STATIC_BLOCK, [_block_cap(), _fs_cap("btrfs")], "btrfs"),
+        ({**STATIC_BLOCK, "mkfsOpts": "-d /etc"}, [_fs_cap("ext4")], "mkfsOpts"),
+        ({**STATIC_BLOCK, "sourceType": "wipe"}, [_block_cap()], "sourceType"),
+        ({**STATIC_BLOCK, "devicePath": "dev/vdb"}, [_block_cap()], "devicePath"),
+        ({**STATIC_BLOCK, "devicePath": "/dev/../etc/passwd"}, [_block_cap()], "normalised"),
+        ({**STATIC_BLOCK, "deviceId": "8:0"}, [_block_cap()], "not both"),
+        ({"deviceId": "8-0", "keyResource": KEY_RESOURCE}, [_block_cap()], "MAJ:MIN"),
+        (
+            {**STATIC_BLOCK, "sourceType": "empty"},
+            [_block_cap(Mode.SINGLE_NODE_READER_ONLY)],
+            "read-only",
+        ),
+        ({**STATIC_BLOCK, "dataIntegrity": "yes"}, [_block_cap()], "dataIntegrity"),
+        ({**STATIC_BLOCK, "keyResource": "http://kbs/x"}, [_block_cap()], "kbs"),
+    ]
+    for ctx, caps, why in refused:
+        message = check(ctx, *caps)
+        assert message is not None and why in message, (ctx, message)
+
+    vol = env.ctrl.controller.CreateVolume(_req()).volume  # a directory volume
+    res = call(
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id=vol.volume_id, volume_capabilities=[_block_cap()], volume_context=STATIC_BLOCK
+        )
+    )
+    assert not res.HasField("confirmed") and "block access is not supported" in res.message
+    expect_code(
+        grpc.StatusCode.NOT_FOUND,
+        call,
+        csi_pb2.ValidateVolumeCapabilitiesRequest(
+            volume_id="pv-unknown", volume_capabilities=[_block_cap()], volume_context={"x": "y"}
+        ),
+    )

@@ -182,3 +182,49 @@ def forge(path: Path, edit: Callable[[dict[str, Any]], None], *, primary: bool =
     if secondary:
         second = rewrite_copy(second, metadata=metadata, seqid_delta=seqid_delta)
     write_copies(path, first, second)
+
+
+def integrity_image(
+    path: Path,
+    passphrase: bytes = b"pw",
+    *,
+    bound: bool = False,
+    volume_key: bytes | None = None,
+    size: int = IMAGE_SIZE,
+) -> bytes:
+    """A container in CDH's dataIntegrity profile, header as cryptsetup 2.6 writes it for
+    ``luksFormat --integrity hmac-sha256`` (luks2.md §4.2; the segment's ``integrity``
+    object seen with ``--debug-json``, the keyslot shape checked against the one
+    ``luksAddKey`` writes in test_luks2_integrity.py): 96-byte volume key, keyslot area
+    385024 bytes under a 64-byte aes-xts-plain64 KEK. Made in Python because cryptsetup
+    cannot format integrity without device-mapper; so the data area has no dm-integrity
+    superblock (only the kernel could use it anyway). ``bound``: with our binding token, as
+    the kernel engine leaves it after ``bind_volume``. Returns the volume key."""
+    import base64
+
+    from fuse_crypt.luks2 import binding, format_volume, keyslot, profile, volume
+
+    vk = volume_key or os.urandom(profile.INTEGRITY_KEY_SIZE)
+    blank_image(path, size)
+    with opened_fd(path) as fd:
+        format_volume(fd, passphrase, kdf="pbkdf2", kdf_cost=TINY)
+    slot, area = volume._new_keyslot(vk, passphrase, profile.KEYSLOTS_OFFSET, "pbkdf2", TINY)
+    with open(path, "r+b") as f:
+        f.seek(profile.KEYSLOTS_OFFSET)
+        f.write(area)
+    uuid = hdr.parse_copy(read_copies(path)[0], secondary=False).uuid
+    salt = os.urandom(32)
+
+    def edit(md: dict[str, Any]) -> None:
+        md["keyslots"] = {"0": slot}
+        md["segments"]["0"]["integrity"] = dict(profile.INTEGRITY_OBJECT)
+        md["digests"]["0"]["salt"] = base64.b64encode(salt).decode()
+        md["digests"]["0"]["digest"] = base64.b64encode(
+            keyslot.compute_digest(vk, salt, 1000)
+        ).decode()
+        md["tokens"] = {}
+        if bound:
+            md["tokens"]["0"] = binding.token(binding.compute_mac(vk, md, uuid))
+
+    forge(path, edit)
+    return vk
