@@ -147,6 +147,13 @@ class CredentialSocket:
                 with contextlib.suppress(OSError):
                     conn.settimeout(READ_TIMEOUT)
                     conn.sendall(answer.encode("ascii") + b"\n")
+                    conn.shutdown(socket.SHUT_WR)
+                    # Drain (bounded) what a refused client still sends, so closing does
+                    # not reset the connection and lose the answer.
+                    conn.settimeout(1.0)
+                    for _ in range(4):
+                        if not conn.recv(MAX_REQUEST):
+                            break
 
     def _handle(self, conn: socket.socket) -> str:
         if _peer_uid(conn) != self.allowed_uid:
