@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from csi_driver.constants import DRIVER_NAME, VENDOR_VERSION
 from csi_driver.core.node import DEFAULT_KUBELET_DIR, DEFAULT_MAX_PARALLEL
 from csi_driver.mounter import DEFAULT_MOUNTER, MOUNTERS
+from csi_driver.volumes.objectmount import DEFAULT_CONTROL_DIR
 from sealed_secrets.resource_uri import is_hostless_prefix
 
 if TYPE_CHECKING:
@@ -116,6 +117,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="accept object-store credentials and passphrases that are not sealed "
         "(they then passed through the host in clear)",
+    )
+    n.add_argument(
+        "--object-control-dir",
+        default=DEFAULT_CONTROL_DIR,
+        metavar="DIR",
+        help="where object-store daemons' credential sockets live (guest memory: a tmpfs "
+        f"such as /run; created 0700; default {DEFAULT_CONTROL_DIR})",
     )
     n.add_argument(
         "--allow-insecure-object-endpoint",
@@ -239,6 +247,7 @@ def _run_node(args: argparse.Namespace) -> int:
             allow_plaintext_secrets=args.allow_plaintext_object_credentials,
             allow_insecure_http=args.allow_insecure_object_endpoint,
             ca_bundle=args.object_ca_bundle,
+            control_dir=args.object_control_dir,
         ),
     )
     if args.metrics_addr:
