@@ -100,7 +100,7 @@ class CredentialBox:
                 ak, sk, tok = box.get()
                 return botocore.credentials.ReadOnlyCredentials(ak, sk, tok)
 
-            @property  # type: ignore[override]
+            @property
             def access_key(self) -> str:
                 return box.get()[0]
 
@@ -108,7 +108,7 @@ class CredentialBox:
             def access_key(self, value: str) -> None:
                 pass
 
-            @property  # type: ignore[override]
+            @property
             def secret_key(self) -> str:
                 return box.get()[1]
 
@@ -116,7 +116,7 @@ class CredentialBox:
             def secret_key(self, value: str) -> None:
                 pass
 
-            @property  # type: ignore[override]
+            @property
             def token(self) -> str | None:
                 return box.get()[2]
 
