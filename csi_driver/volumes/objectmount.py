@@ -8,7 +8,9 @@ oss://BUCKET/PREFIX`` or ``s3://...``):
 * Credentials: sealed values unsealed here with the existing resolver (plaintext only
   when the operator opted in). They reach the daemon on **stdin only**
   (``--credentials-stdin``, before the password): never argv (``/proc/*/cmdline``), never
-  the environment of the long-lived daemon, never a file on host storage.
+  the environment of the long-lived daemon, never a file on host storage. Refreshed ones
+  (kubelet's republish, STS expiry) go over the daemon's root-only control socket in guest
+  memory (``--control-socket``, fuse_crypt/cli/credsocket.py), never a remount.
 * Volume key: a sealed ``encPasswd``/``passphrase`` (CDH's gocryptfs password), else the
   StorageClass ``keyResource`` derived per volume as for directory volumes
   (csi_driver/keys.py). An inline ephemeral volume that names a bucket derives with the

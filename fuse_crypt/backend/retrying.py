@@ -12,6 +12,11 @@ never past ``budget`` seconds since the first try.  When the tries or the budget
 the last :class:`TransientError` is raised (``errno`` EIO): still typed as transient, so a
 caller that keeps the data (the write spool) may try again later.
 
+Expired credentials (:class:`CredentialsRejected`, with a ``credentials`` box given): the
+store did nothing, so any operation is sent again once the box holds newer credentials,
+waiting at most ``refresh_wait`` seconds for them and at most ``MAX_REFRESH_RETRIES``
+times; then the refusal is raised with errno EIO.
+
 Which operations are safe to repeat (S3/OSS semantics):
 
 * ``head``, ``get``, ``list``, ``delete``, ``delete_many``, ``copy``, ``upload_part``,

@@ -13,7 +13,9 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOK
 for its whole life; stdin is read once and gone.  The mount daemon re-reads a credentials
 file about once a minute, so expiring STS credentials rewritten into it are picked up
 without a remount (if it disappears, the last keys are used until they are due, then
-requests fail with EACCES).
+requests fail with EACCES).  A mount daemon given ``--control-socket`` takes newer
+credentials over that root-only socket instead (fuse_crypt/cli/credsocket.py: what the CSI
+node plugin uses to refresh expiring STS keys on kubelet's republish).
 
 Formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
 ``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the variable names above.  On stdin
