@@ -6,6 +6,7 @@ Errors end in one readable line on stderr and a non-zero exit status.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import signal
 import sys
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING
 from csi_driver.constants import DRIVER_NAME, VENDOR_VERSION
 from csi_driver.core.node import DEFAULT_KUBELET_DIR, DEFAULT_MAX_PARALLEL
 from csi_driver.mounter import DEFAULT_MOUNTER, MOUNTERS
+from csi_driver.volumes.objectmount import DEFAULT_CONTROL_DIR
 from sealed_secrets.resource_uri import is_hostless_prefix
 
 if TYPE_CHECKING:
@@ -133,6 +135,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     _object_flags(n)
     n.add_argument(
+        "--object-control-dir",
+        default=DEFAULT_CONTROL_DIR,
+        metavar="DIR",
+        help="where object-store daemons' credential sockets live (guest memory: a tmpfs "
+        f"such as /run; created 0700; default {DEFAULT_CONTROL_DIR})",
+    )
+    n.add_argument(
         "--max-parallel",
         type=int,
         default=DEFAULT_MAX_PARALLEL,
@@ -243,7 +252,9 @@ def _run_node(args: argparse.Namespace) -> int:
         allowed_key_resources=args.allowed_key_resource,
         allowed_signing_kids=args.allowed_signing_kid,
         max_parallel=args.max_parallel,
-        object_policy=_object_policy(args),
+        object_policy=dataclasses.replace(
+            _object_policy(args), control_dir=args.object_control_dir
+        ),
     )
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)

@@ -119,11 +119,19 @@ def _check_key_resource(uri: str, allowed: Collection[str]) -> str:
 
 
 def _unseal(
-    resolver: Resolver | None, value: str, what: str, allowed_kids: Collection[str] = ()
+    resolver: Resolver | None,
+    value: str,
+    what: str,
+    allowed_kids: Collection[str] = (),
+    *,
+    fresh: bool = False,
 ) -> bytes:
     if resolver is None:
         raise errors.FailedPrecondition(f"{what} is sealed but no key resolver is configured")
     try:
+        unseal_fresh = getattr(resolver, "unseal_fresh", None) if fresh else None
+        if callable(unseal_fresh):  # past the resource cache (CachingResolver)
+            return bytes(unseal_fresh(value, allowed_kids=allowed_kids))
         return resolver.unseal(value, allowed_kids=allowed_kids)
     except Exception as exc:  # resolver raises SealedSecretError subclasses
         raise _map_resolver_error(exc, f"cannot unseal {what}") from None

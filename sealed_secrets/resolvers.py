@@ -111,6 +111,33 @@ class CachingResolver:
             **extra,
         )
 
+    def unseal_fresh(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes:
+        """As :meth:`unseal`, but every resource it needs (a ``vault`` payload) is fetched
+        from the broker again, past the cache (whose entry is then replaced): a caller
+        refreshing expiring credentials gets the tenant's newest value, not one cached
+        up to ``cache_ttl`` ago."""
+        from sealed_secrets.unseal import unseal_secret
+
+        def fetch(uri: str) -> bytes:
+            key = str(parse_resource_uri(uri))
+            value = self.source.get_resource(key)
+            self.cache.put(key, value)
+            log.info("resource fetched uri=%s source=%s", key, type(self.source).__name__)
+            return value
+
+        extra: dict[str, Any] = {}
+        if self.provider_options is not None:
+            extra["provider_options"] = self.provider_options
+        return unseal_secret(
+            sealed,
+            get_resource=fetch,
+            verify=self.verify,
+            allow_unsigned=self.allow_unsigned,
+            key_dir=self.key_dir,
+            allowed_kids=allowed_kids,
+            **extra,
+        )
+
     def clear_cache(self) -> None:
         self.cache.clear()
 
@@ -146,3 +173,7 @@ class CdhResolver(CachingResolver):
             log.debug("sealed secret verification failed cause=kid-not-allowed")
             raise UnsealFailed(UNSEAL_FAILED)
         return self.source.unseal(sealed)
+
+    def unseal_fresh(self, sealed: str, *, allowed_kids: Collection[str] = ()) -> bytes:
+        """CDH fetches what a sealed string names itself (this process caches nothing)."""
+        return self.unseal(sealed, allowed_kids=allowed_kids)

@@ -45,6 +45,7 @@ SURFACES: dict[str, list[str]] = {
         "ObjectStoreBackend",
         "Stat",
         "StorageBackend",
+        "credentials",
         "oss",
         "retrying",
         "s3",

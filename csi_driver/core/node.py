@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hmac
 import logging
 import os
 import shutil
@@ -144,7 +145,9 @@ class NodeCore:
         self.mounters.setdefault(
             OBJECT_MOUNTER,
             ObjectStoreMounter(
-                self.mounters[mounter], ca_bundle=object_policy.ca_bundle if object_policy else None
+                self.mounters[mounter],
+                ca_bundle=object_policy.ca_bundle if object_policy else None,
+                control_dir=object_policy.control_dir if object_policy else None,
             ),
         )
         self.ephemeral_root = os.path.join(self.state_dir, "ephemeral")
@@ -459,6 +462,8 @@ class NodeCore:
             self._holding(self._target_locks, target, deadline, f"target {target}"),
         ):
             if self._reuse_existing(req.volume_id, target, readonly, mode):
+                if bucket:  # kubelet's periodic republish (requiresRepublish)
+                    self._republish_object(req, ctx, target, ephemeral)
                 return
             # The volume lock makes "check conflicts, init, mount, record" atomic per volume,
             # so two targets of one volume cannot both pass the single-writer check.
@@ -589,6 +594,62 @@ class NodeCore:
                 req.volume_id, target, location, OBJECT_MOUNTER, readonly, mode, phase=INTENT
             )
             return self._init_and_start(intent, key, deadline)
+
+    def _republish_object(
+        self, req: PublishRequest, ctx: Mapping[str, str], target: str, ephemeral: bool
+    ) -> None:
+        """A NodePublishVolume for a live bucket publication: re-resolve the credentials
+        from the request (sealed values unsealed past the resolver cache; kubelet sends
+        the newest node-publish secret) and hand them to the running daemon if they
+        changed, without a remount. Nothing else may change: another location, endpoint,
+        region or volume key is ALREADY_EXISTS (the CSI spec's "published but
+        incompatible"), and the daemon checks location and endpoint once more itself."""
+        key: ObjectKey = resolve_object_volume(
+            req.volume_id,
+            ctx,
+            dict(req.secrets or {}),
+            self.resolver,
+            self.object_policy,
+            ephemeral=ephemeral,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
+            fresh_credentials=True,
+        )
+        assert key.spec is not None
+        pub = self.store.get(target)
+        assert pub is not None  # _reuse_existing found it live under our target lock
+        incompatible = errors.AlreadyExists(
+            f"volume {req.volume_id} is already published at {target} from another bucket, "
+            "prefix, endpoint or volume key; a republish may only refresh credentials"
+        )
+        if pub.mounter != OBJECT_MOUNTER or pub.cipher_dir != object_location(key.spec):
+            raise incompatible
+        handle = self.supervisor.get(target)
+        held = handle.key if handle is not None and isinstance(handle.key, ObjectKey) else None
+        if held is not None:
+            assert held.spec is not None
+            same_place = (held.spec.kind, held.spec.endpoint, held.spec.region) == (
+                key.spec.kind,
+                key.spec.endpoint,
+                key.spec.region,
+            )
+            same_key = held.scrypt_logn == key.scrypt_logn and hmac.compare_digest(
+                held.password, key.password
+            )
+            if not (same_place and same_key):
+                raise incompatible
+            if held.credentials_equal(key):
+                return  # the idempotent, cheap case: nothing to hand over
+        mounter = self.mounters[OBJECT_MOUNTER]
+        assert isinstance(mounter, ObjectStoreMounter)
+        changed = mounter.push_credentials(target, key)
+        if handle is not None and held is not None:
+            # A daemon restarted by the supervisor from now on starts with these.
+            handle.key = held.with_credentials(key)
+        log.info(
+            "object-store credentials refreshed",
+            extra={"fields": {"volume_id": req.volume_id, "target": target, "changed": changed}},
+        )
 
     def _init_and_start(
         self, intent: Publication, key: VolumeKey, deadline: Deadline

@@ -8,7 +8,9 @@ oss://BUCKET/PREFIX`` or ``s3://...``):
 * Credentials: sealed values unsealed here with the existing resolver (plaintext only
   when the operator opted in). They reach the daemon on **stdin only**
   (``--credentials-stdin``, before the password): never argv (``/proc/*/cmdline``), never
-  the environment of the long-lived daemon, never a file on host storage.
+  the environment of the long-lived daemon, never a file on host storage. Refreshed ones
+  (kubelet's republish, STS expiry) go over the daemon's root-only control socket in guest
+  memory (``--control-socket``, fuse_crypt/cli/credsocket.py), never a remount.
 * Volume key: a sealed ``encPasswd``/``passphrase`` (CDH's gocryptfs password), else the
   StorageClass ``keyResource`` derived per volume as for directory volumes
   (csi_driver/keys.py). An inline ephemeral volume that names a bucket derives with the
@@ -24,7 +26,12 @@ oss://BUCKET/PREFIX`` or ``s3://...``):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import hmac
+import os
 import re
+import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 
@@ -45,6 +52,7 @@ from fuse_crypt.configfile import CONF_NAME
 from sealed_secrets.resolver import Resolver
 
 __all__ = [
+    "DEFAULT_CONTROL_DIR",
     "OBJECT_MOUNTER",
     "ObjectKey",
     "ObjectNodePolicy",
@@ -63,6 +71,7 @@ _EXIT_STORE = 6
 _EXIT_PASSWORD_INCORRECT = 12
 _EXIT_CONFIG = 23
 _EXIT_NOT_NEW = 40
+DEFAULT_CONTROL_DIR = "/run/coco-csi/object-ctl"
 _CRED_VALUE = re.compile(rb"[\x21-\x7e]{1,8192}")
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
@@ -89,6 +98,9 @@ class ObjectNodePolicy:
     allow_plaintext_secrets: bool = False
     allow_insecure_http: bool = False
     ca_bundle: str | None = None
+    #: Where the daemons' credential control sockets live: guest memory (tmpfs), never a
+    #: hostPath (fuse_crypt/cli/credsocket.py).
+    control_dir: str = DEFAULT_CONTROL_DIR
 
     def parser_policy(self) -> ObjectStorePolicy:
         return ObjectStorePolicy(
@@ -123,6 +135,19 @@ class ObjectKey(VolumeKey):
     access_key: str = field(default="", compare=False)
     secret_key: str = field(default="", compare=False)
     session_token: str | None = field(default=None, compare=False)
+
+    def credentials_equal(self, other: ObjectKey) -> bool:
+        """Whether ``other`` carries the same credentials (constant time)."""
+        return hmac.compare_digest(self.credentials, other.credentials)
+
+    def with_credentials(self, other: ObjectKey) -> ObjectKey:
+        """This key with ``other``'s credentials (a refresh changes nothing else)."""
+        return dataclasses.replace(
+            self,
+            access_key=other.access_key,
+            secret_key=other.secret_key,
+            session_token=other.session_token,
+        )
 
     @property
     def credentials(self) -> bytes:
@@ -159,10 +184,12 @@ def check_object_location(text: str) -> str:
     return text
 
 
-def unseal_credential(value: SecretValue, resolver: Resolver | None, kids: Collection[str]) -> str:
+def unseal_credential(
+    value: SecretValue, resolver: Resolver | None, kids: Collection[str], fresh: bool = False
+) -> str:
     """One access key, secret or token, unsealed in this (guest) process and checked to be
     one token of printable ASCII (so it cannot add lines to what the daemon reads)."""
-    data = value.reveal(resolver, kids).strip()
+    data = value.reveal(resolver, kids, fresh=fresh).strip()
     if not _CRED_VALUE.fullmatch(data):
         raise errors.InvalidArgument(f"{value.where} is not a usable credential (after unsealing)")
     return data.decode("ascii")
@@ -178,9 +205,13 @@ def resolve_object_volume(
     ephemeral: bool = False,
     allowed_key_resources: Collection[str] = (),
     allowed_kids: Collection[str] = (),
+    fresh_credentials: bool = False,
 ) -> ObjectKey:
     """Check the parameters against the node's policy, unseal the credentials and resolve
-    the volume key, all in the guest. Raises CsiError with the CSI code to answer."""
+    the volume key, all in the guest. Raises CsiError with the CSI code to answer.
+
+    ``fresh_credentials`` (a republish): the credentials are unsealed past any resolver
+    cache, so a ``vault`` sealed secret returns the tenant's newest value from the KBS."""
     if policy is None or not policy.allowed_endpoints:
         raise errors.PermissionDenied(
             "object-store volumes are not accepted: this node allows no endpoints "
@@ -189,12 +220,13 @@ def resolve_object_volume(
     spec = parse_object_volume(volume_context, secrets, policy.parser_policy())
     check_object_location(object_location(spec))
     policy.check(spec)
+    fresh = fresh_credentials
     creds = (
-        unseal_credential(spec.access_key_id, resolver, allowed_kids),
-        unseal_credential(spec.access_key_secret, resolver, allowed_kids),
+        unseal_credential(spec.access_key_id, resolver, allowed_kids, fresh),
+        unseal_credential(spec.access_key_secret, resolver, allowed_kids, fresh),
         None
         if spec.security_token is None
-        else unseal_credential(spec.security_token, resolver, allowed_kids),
+        else unseal_credential(spec.security_token, resolver, allowed_kids, fresh),
     )
     if spec.passphrase is not None:
         password = spec.passphrase.reveal(resolver, allowed_kids).split(b"\n", 1)[0]
@@ -225,10 +257,17 @@ class ObjectStoreMounter(FuseCryptMounter):
 
     name = OBJECT_MOUNTER
 
-    def __init__(self, via: Mounter | None = None, *, ca_bundle: str | None = None) -> None:
+    def __init__(
+        self,
+        via: Mounter | None = None,
+        *,
+        ca_bundle: str | None = None,
+        control_dir: str | None = DEFAULT_CONTROL_DIR,
+    ) -> None:
         super().__init__(getattr(via, "binary", None))
         self.via = via if isinstance(via, FuseCryptMounter) else None
         self.ca_bundle = ca_bundle
+        self.control_dir = control_dir
 
     def location_args(self, key: ObjectKey) -> list[str]:
         assert key.spec is not None
@@ -240,14 +279,69 @@ class ObjectStoreMounter(FuseCryptMounter):
             argv += ["--ca-bundle", self.ca_bundle]
         return argv
 
+    # -- credential refresh (fuse_crypt/cli/credsocket.py) -----------------------------------
+
+    def control_socket(self, target: str) -> str | None:
+        """The daemon's control socket for ``target``: derived from the target alone, so a
+        restarted plugin finds the socket of a daemon it adopts."""
+        if self.control_dir is None:
+            return None
+        digest = hashlib.sha256(target.encode("utf-8", "surrogateescape")).hexdigest()[:24]
+        return os.path.join(self.control_dir, f"{digest}.sock")
+
+    def _make_control_dir(self) -> None:
+        assert self.control_dir is not None
+        os.makedirs(self.control_dir, mode=0o700, exist_ok=True)
+        st = os.lstat(self.control_dir)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+            raise errors.FailedPrecondition(
+                f"object-store control directory {self.control_dir} must be ours, mode 0700"
+            )
+
+    def push_credentials(self, target: str, key: ObjectKey, timeout: float = 10.0) -> bool:
+        """Hand ``key``'s credentials to the running daemon of ``target``; True if they
+        changed. The daemon checks that location, endpoint and region are its own."""
+        from fuse_crypt.cli.credsocket import send_credentials
+
+        assert key.spec is not None
+        path = self.control_socket(target)
+        if path is None:
+            raise errors.FailedPrecondition("this node runs object daemons without a socket")
+        identity = (object_location(key.spec), key.spec.endpoint, key.spec.region)
+        creds = bytearray(key.credentials)
+        try:
+            answer = send_credentials(path, identity, bytes(creds), timeout=timeout)
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"cannot hand refreshed credentials to the daemon of {target}: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
+        finally:
+            creds[:] = bytes(len(creds))
+        if answer == "OK changed":
+            return True
+        if answer == "OK unchanged":
+            return False
+        if "another volume location or endpoint" in answer:
+            raise errors.AlreadyExists(
+                f"the volume at {target} is mounted from another location or endpoint"
+            )
+        reason = answer.removeprefix("ERR ")[:200] if answer.startswith("ERR ") else "no answer"
+        raise errors.FailedPrecondition(f"the daemon of {target} refused the credentials: {reason}")
+
     def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
+        source = self.location_args(_spec_of(key))
+        control = self.control_socket(pub.target_path)
+        if control is not None:
+            self._make_control_dir()
+            source += ["--control-socket", control]
         args = self.mount_args(
             pub.cipher_dir,
             pub.target_path,
             readonly=pub.readonly,
             allow_other=allow_other,
             capacity=0,
-            source=self.location_args(_spec_of(key)),
+            source=source,
         )
         if isinstance(self.via, FuseCryptPreforkMounter):
             return args

@@ -120,10 +120,17 @@ class SecretValue:
     sealed: str | None = dataclasses.field(default=None, repr=False)
     plaintext: str | None = dataclasses.field(default=None, repr=False)
 
-    def reveal(self, resolver: Resolver | None, allowed_kids: Collection[str] = ()) -> bytes:
-        """The value, unsealed in the guest (the same path as a sealed passphrase)."""
+    def reveal(
+        self,
+        resolver: Resolver | None,
+        allowed_kids: Collection[str] = (),
+        *,
+        fresh: bool = False,
+    ) -> bytes:
+        """The value, unsealed in the guest (the same path as a sealed passphrase).
+        ``fresh``: past the resolver's resource cache (a republish wants the newest)."""
         if self.sealed is not None:
-            return _unseal(resolver, self.sealed, self.where, allowed_kids)
+            return _unseal(resolver, self.sealed, self.where, allowed_kids, fresh=fresh)
         assert self.plaintext is not None
         return self.plaintext.encode()
 

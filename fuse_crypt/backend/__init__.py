@@ -25,6 +25,7 @@ __all__ = [
     "ObjectStoreBackend",
     "Stat",
     "StorageBackend",
+    "credentials",  # CredentialBox: credentials swapped in a mounted daemon (STS refresh)
     "oss",  # OssTransport (oss2), imported on demand like s3
     "retrying",  # RetryingTransport: backoff + jitter around any ObjectTransport
     "s3",  # S3Transport (boto3), imported on demand: boto3 is slow to import

@@ -52,6 +52,7 @@ import urllib3.exceptions
 from .transport import (
     AccessDenied,
     BadResponse,
+    CredentialsRejected,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
@@ -260,6 +261,11 @@ class _Session(oss2.Session):
         return _BoundedResponse(resp, self._limit, started + self._deadline)
 
 
+# 403 codes that mean "these credentials are no good" (an expired or replaced STS token,
+# an unknown key), as opposed to a policy refusal: retried once newer credentials arrive.
+_CREDS_REJECTED = frozenset({"InvalidAccessKeyId", "InvalidSecurityToken", "SecurityTokenExpired"})
+
+
 def _code(e: oss2.exceptions.OssError) -> str:
     code = e.code if isinstance(e.code, str) else ""
     return code if _CODE_RE.fullmatch(code) else "?"
@@ -289,6 +295,8 @@ def _map_oss_error(op: str, e: oss2.exceptions.OssError) -> ObjectStoreError:
         return ObjectNotFound(msg)
     if status in (409, 412) or (status == 400 and code == "ObjectAlreadyExists"):
         return PreconditionFailed(msg)
+    if status == 403 and code in _CREDS_REJECTED:
+        return CredentialsRejected(msg)
     if status == 403:
         return AccessDenied(msg)
     if status in (408, 429) or 500 <= status <= 599:

@@ -12,6 +12,11 @@ never past ``budget`` seconds since the first try.  When the tries or the budget
 the last :class:`TransientError` is raised (``errno`` EIO): still typed as transient, so a
 caller that keeps the data (the write spool) may try again later.
 
+Expired credentials (:class:`CredentialsRejected`, with a ``credentials`` box given): the
+store did nothing, so any operation is sent again once the box holds newer credentials,
+waiting at most ``refresh_wait`` seconds for them and at most ``MAX_REFRESH_RETRIES``
+times; then the refusal is raised with errno EIO.
+
 Which operations are safe to repeat (S3/OSS semantics):
 
 * ``head``, ``get``, ``list``, ``delete``, ``delete_many``, ``copy``, ``upload_part``,
@@ -31,13 +36,15 @@ Which operations are safe to repeat (S3/OSS semantics):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import random as _random
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .transport import (
+    CredentialsRejected,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
@@ -47,7 +54,13 @@ from .transport import (
     TransientError,
 )
 
+if TYPE_CHECKING:
+    from .credentials import CredentialBox
+
 __all__ = ["RetryingTransport"]
+
+#: How many credential refreshes one request may wait for before it fails with EIO.
+MAX_REFRESH_RETRIES = 3
 
 T = TypeVar("T")
 
@@ -83,6 +96,8 @@ class RetryingTransport:
         sleep: Callable[[float], None] = time.sleep,
         random: Callable[[], float] = _random.random,
         on_retry: Callable[[str, int, TransientError], None] | None = None,
+        credentials: CredentialBox | None = None,
+        refresh_wait: float = 30.0,
     ) -> None:
         if attempts < 1 or base_delay < 0 or max_delay < 0 or budget < 0:
             raise ValueError("retry policy values must be positive")
@@ -93,16 +108,36 @@ class RetryingTransport:
         self.budget = budget
         self._clock, self._sleep, self._random = clock, sleep, random
         self._on_retry = on_retry
+        self.credentials = credentials
+        self.refresh_wait = refresh_wait
 
     def _run(self, op: str, fn: Callable[[], T], retried: list[bool] | None = None) -> T:
         """``fn`` until it succeeds, fails for good, or the tries or budget run out.
         ``retried[0]`` is set once an attempt has failed transiently."""
         start = self._clock()
         attempt = 0
+        refreshes = 0
         while True:
             attempt += 1
+            version = self.credentials.version if self.credentials is not None else 0
             try:
                 return fn()
+            except CredentialsRejected:
+                # Expired or replaced credentials: nothing was done by the store, so the
+                # request is safe to send again once newer ones arrive (bounded wait).
+                box = self.credentials
+                if box is None:
+                    raise
+                refreshes += 1
+                if refreshes > MAX_REFRESH_RETRIES or not box.wait_newer(
+                    version, self.refresh_wait if box.version == version else 0.0
+                ):
+                    raise CredentialsRejected(
+                        f"{op}: the object store rejected the credentials and no newer ones "
+                        f"arrived within {self.refresh_wait:.0f}s",
+                        errno.EIO,
+                    ) from None
+                attempt -= 1  # a credential refresh is not a transient failure
             except TransientError as e:
                 if retried is not None:
                     retried[0] = True

@@ -39,6 +39,7 @@ from urllib.parse import urlsplit
 from .transport import (
     AccessDenied,
     BadResponse,
+    CredentialsRejected,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
@@ -70,6 +71,11 @@ _TRANSIENT = frozenset(
 )
 _DENIED = frozenset(
     {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "ExpiredToken", "403"}
+)
+# Denials that mean "these credentials are no good" (an expired or replaced STS session, an
+# unknown key), as opposed to a policy refusal: retried once newer credentials arrive.
+_CREDS_REJECTED = frozenset(
+    {"InvalidAccessKeyId", "ExpiredToken", "InvalidToken", "TokenRefreshRequired"}
 )
 
 
@@ -168,6 +174,7 @@ class S3Transport:
         secret_key: str = "",
         session_token: str | None = None,
         credential_source: Callable[[], tuple[str, str, str | None]] | None = None,
+        credential_box: Any = None,
         refresh_seconds: float = 60.0,
         endpoint_url: str | None = None,
         region: str = "us-east-1",
@@ -207,7 +214,14 @@ class S3Transport:
             response_checksum_validation="when_required",
             proxies={},
         )
-        if credential_source is not None:
+        if credential_box is not None:
+            # Swapped credentials (fuse_crypt/backend/credentials.py) are read per request.
+            import botocore.session
+
+            bsession = botocore.session.Session()
+            bsession._credentials = credential_box.botocore_credentials()
+            session = boto3.session.Session(botocore_session=bsession, region_name=region)
+        elif credential_source is not None:
             session = boto3.session.Session(
                 botocore_session=_refreshing_session(credential_source, refresh_seconds),
                 region_name=region,
@@ -266,6 +280,8 @@ class S3Transport:
             return _RangeNotSatisfiable(msg)
         if status == 412 or code == "PreconditionFailed":
             return PreconditionFailed(msg)
+        if code in _CREDS_REJECTED and status in (0, 400, 403):
+            return CredentialsRejected(msg)
         if status == 403 or code in _DENIED:
             return AccessDenied(msg)
         if status >= 500 or status in (408, 429) or code in _TRANSIENT:

@@ -31,6 +31,7 @@ from typing import Protocol
 __all__ = [
     "AccessDenied",
     "BadResponse",
+    "CredentialsRejected",
     "ListPage",
     "ObjectInfo",
     "ObjectNotFound",
@@ -66,6 +67,12 @@ class AccessDenied(ObjectStoreError):
     """403: bad or expired credentials, or a policy refusal. Not retried."""
 
     default_errno = errno.EACCES
+
+
+class CredentialsRejected(AccessDenied):
+    """403 because the credentials themselves are no good (an expired STS token, an
+    unknown or revoked access key): worth sending again once newer credentials arrive
+    (fuse_crypt/backend/credentials.py), unlike a policy refusal."""
 
 
 class TransientError(ObjectStoreError):

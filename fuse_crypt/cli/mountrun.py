@@ -34,6 +34,28 @@ class MountSpec:
 
 
 def _serve(spec: MountSpec, on_ready: Any) -> None:
+    """Serve the mount; an object volume with ``--control-socket`` also serves its
+    credential socket (fuse_crypt/cli/credsocket.py) for as long as the mount lives."""
+    control: Any = None
+    if spec.objectstore is not None and spec.objectstore.control_socket is not None:
+        from fuse_crypt.cli.credsocket import CredentialSocket
+
+        loc = spec.objectstore
+        control = CredentialSocket(
+            loc.control_socket,
+            loc.credential_box(),
+            bucket=loc.bucket,
+            identity=(loc.display, loc.endpoint or "", loc.region),
+        )
+        loc.serving = True
+    try:
+        _serve_store(spec, on_ready)
+    finally:
+        if control is not None:
+            control.close()
+
+
+def _serve_store(spec: MountSpec, on_ready: Any) -> None:
     from fuse_crypt.backend import LocalDirBackend
 
     backend: Any

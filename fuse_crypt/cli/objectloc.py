@@ -13,7 +13,9 @@ environment (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOK
 for its whole life; stdin is read once and gone.  The mount daemon re-reads a credentials
 file about once a minute, so expiring STS credentials rewritten into it are picked up
 without a remount (if it disappears, the last keys are used until they are due, then
-requests fail with EACCES).
+requests fail with EACCES).  A mount daemon given ``--control-socket`` takes newer
+credentials over that root-only socket instead (fuse_crypt/cli/credsocket.py: what the CSI
+node plugin uses to refresh expiring STS keys on kubelet's republish).
 
 Formats (at most 4 KiB): s3fs/ossfs ``passwd_file`` lines (``AKID:SECRET`` or
 ``BUCKET:AKID:SECRET``), or ``KEY=VALUE`` lines with the variable names above.  On stdin
@@ -43,6 +45,7 @@ __all__ = [
     "add_location_args",
     "is_object_url",
     "location_from_args",
+    "parse_credentials",
 ]
 
 _BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -85,6 +88,22 @@ class ObjectLocation:
     kind: str = "s3"  # "s3" | "oss"
     #: Re-read by the daemon about once a minute, so rotated (STS) keys are picked up.
     credentials_file: str | None = None
+    #: The mount daemon's credential control socket (fuse_crypt/cli/credsocket.py).
+    control_socket: str | None = None
+    #: How long a request refused for its credentials waits for newer ones (then EIO).
+    credentials_wait: float = 30.0
+    #: Set in the mount daemon once its control socket serves: only then does a request
+    #: refused for its credentials wait for new ones (init and the parent never wait).
+    serving: bool = dataclasses.field(default=False, compare=False)
+    _box: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def credential_box(self) -> Any:
+        """The daemon's swappable credentials (one per location object, made on first use)."""
+        if self._box is None:
+            from fuse_crypt.backend.credentials import CredentialBox
+
+            self._box = CredentialBox(self.access_key, self.secret_key, self.session_token)
+        return self._box
 
     @property
     def display(self) -> str:
@@ -95,7 +114,14 @@ class ObjectLocation:
         after a fork). Raises ValueError for an endpoint the client refuses."""
         from fuse_crypt.backend.retrying import RetryingTransport
 
-        return RetryingTransport(self._raw_transport(), budget=retry_budget)
+        if self.control_socket is None or not self.serving:
+            return RetryingTransport(self._raw_transport(), budget=retry_budget)
+        return RetryingTransport(
+            self._raw_transport(),
+            budget=retry_budget,
+            credentials=self.credential_box(),
+            refresh_wait=self.credentials_wait,
+        )
 
     def _raw_transport(self) -> Any:
         if self.kind == "oss":
@@ -104,7 +130,9 @@ class ObjectLocation:
 
             assert self.endpoint is not None  # location_from_args requires one for oss://
             creds: Any = OssCredentials(self.access_key, self.secret_key, self.session_token)
-            if self.credentials_file is not None:
+            if self.control_socket is not None:
+                creds = self.credential_box().oss_source()
+            elif self.credentials_file is not None:
                 creds = _RereadOssCredentials(self.credentials_file, self.bucket, creds)
             try:
                 return OssTransport(
@@ -132,6 +160,7 @@ class ObjectLocation:
             secret_key=self.secret_key,
             session_token=self.session_token,
             credential_source=source,
+            credential_box=self.credential_box() if self.control_socket is not None else None,
             endpoint_url=self.endpoint,
             region=self.region,
             ca_bundle=self.ca_bundle,
@@ -206,6 +235,20 @@ def add_location_args(p: argparse.ArgumentParser) -> None:
         "before any password or master key",
     )
     g.add_argument("--spool-dir", metavar="DIR", help="where write spools (ciphertext) live")
+    g.add_argument(
+        "--control-socket",
+        metavar="PATH",
+        help="mount: serve a unix socket (root only) that takes new credentials "
+        "(expiring STS keys) without a remount; its directory must be ours, mode 0700",
+    )
+    g.add_argument(
+        "--credentials-wait",
+        metavar="SECONDS",
+        type=float,
+        default=30.0,
+        help="with --control-socket: how long a request refused for expired credentials "
+        "waits for new ones before it fails with EIO (default 30)",
+    )
 
 
 def _parse_url(url: str) -> tuple[str, str, str]:
@@ -239,7 +282,7 @@ def _read_credentials_file(path: str, bucket: str) -> tuple[str, str, str | None
         data = os.read(fd, _CRED_MAX + 1)
     finally:
         os.close(fd)
-    return _parse_credentials(data, bucket, f"credentials file {path}")
+    return parse_credentials(data, bucket, f"credentials file {path}")
 
 
 def _read_credentials_stdin(bucket: str) -> tuple[str, str, str | None]:
@@ -254,10 +297,10 @@ def _read_credentials_stdin(bucket: str) -> tuple[str, str, str | None]:
         data += line
         if len(data) > _CRED_MAX:
             break
-    return _parse_credentials(data, bucket, "credentials on stdin")
+    return parse_credentials(data, bucket, "credentials on stdin")
 
 
-def _parse_credentials(data: bytes, bucket: str, where: str) -> tuple[str, str, str | None]:
+def parse_credentials(data: bytes, bucket: str, where: str) -> tuple[str, str, str | None]:
     if len(data) > _CRED_MAX:
         raise CliError(f"{where}: too large", USAGE)
     try:
@@ -320,6 +363,12 @@ def location_from_args(args: argparse.Namespace, url: str) -> ObjectLocation:
         raise CliError(f"--ca-bundle {args.ca_bundle}: no such file", USAGE)
     region = _region(kind, getattr(args, "region", None), args.endpoint)
     from_stdin = getattr(args, "credentials_stdin", False)
+    control = getattr(args, "control_socket", None)
+    wait = float(getattr(args, "credentials_wait", 30.0) or 0.0)
+    if not 0.0 <= wait <= 3600.0:
+        raise CliError("--credentials-wait must be between 0 and 3600 seconds", USAGE)
+    if control is not None and args.credentials_file:
+        raise CliError("give --control-socket or --credentials-file, not both", USAGE)
     if from_stdin and args.credentials_file:
         raise CliError("give --credentials-file or --credentials-stdin, not both", USAGE)
     if from_stdin:
@@ -348,6 +397,8 @@ def location_from_args(args: argparse.Namespace, url: str) -> ObjectLocation:
         session_token=tok,
         spool_dir=getattr(args, "spool_dir", None),
         credentials_file=os.path.abspath(args.credentials_file) if args.credentials_file else None,
+        control_socket=os.path.abspath(control) if control else None,
+        credentials_wait=wait,
     )
 
 

@@ -329,11 +329,11 @@ def test_csidriver_fields(render) -> None:
     assert spec["podInfoOnMount"] is True
     assert spec["volumeLifecycleModes"] == ["Persistent", "Ephemeral"]
     assert spec["fsGroupPolicy"] == "File"
-    assert spec["requiresRepublish"] is False
+    assert spec["requiresRepublish"] is True  # STS credentials refreshed on republish
     spec2 = only(
-        render({"csiDriver": {"fsGroupPolicy": "None", "requiresRepublish": True}}), "CSIDriver"
+        render({"csiDriver": {"fsGroupPolicy": "None", "requiresRepublish": False}}), "CSIDriver"
     )["spec"]
-    assert spec2["fsGroupPolicy"] == "None" and spec2["requiresRepublish"] is True
+    assert spec2["fsGroupPolicy"] == "None" and spec2["requiresRepublish"] is False
 
 
 # --- node plugin ---------------------------------------------------------------------------

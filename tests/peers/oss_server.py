@@ -14,7 +14,9 @@ OSS API reference documents it and oss2 2.19 sends it (``docs: object-store.md �
   (``AccessDenied``), unknown AccessKeyId (``InvalidAccessKeyId``), a wrong signature
   (``SignatureDoesNotMatch``), a date more than 15 minutes off (``RequestTimeTooSkewed``),
   a V4 scope for another region or day (``SignatureDoesNotMatch``), a missing or wrong STS
-  token for a temporary key (``InvalidSecurityToken``).
+  token for a temporary key (``InvalidSecurityToken``), a temporary key past its expiry
+  (``SecurityTokenExpired``, EC 0002-00000007: :meth:`OssServer.issue_sts` hands out STS
+  triples that expire, as AssumeRole does).
 * **Objects**: PutObject (``x-oss-forbid-overwrite``, ``Content-MD5``), GetObject with one
   ``Range`` (206 + ``Content-Range``; an unsatisfiable or malformed range is ignored — 200,
   whole object — unless ``x-oss-range-behavior: standard``, then 416 ``InvalidRange`` or a
@@ -134,6 +136,8 @@ class OssState:
     misbehave: set[str] = dataclasses.field(default_factory=set)
     lock: threading.RLock = dataclasses.field(default_factory=threading.RLock)
     clock: Any = time.time  # what "now" is for the date-skew check
+    #: AccessKeyId -> when (``clock()``) its STS credentials expire.
+    expiry: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def objects(self, bucket: str) -> dict[str, StoredObject]:
         if bucket not in self.buckets:
@@ -409,6 +413,11 @@ class _Handler(BaseHTTPRequestHandler):
             self._header("x-oss-security-token").encode(), token.encode()
         ):
             raise OssError(403, "InvalidSecurityToken", "The security token is invalid.")
+        expires = self.server.state.expiry.get(ak)
+        if expires is not None and self.server.state.clock() >= expires:
+            raise OssError(
+                403, "SecurityTokenExpired", "The security token you provided has expired."
+            )
         return secret
 
     def _skew(self, when: datetime) -> None:
@@ -888,6 +897,22 @@ class OssServer:
 
     def add_credentials(self, ak: str, secret: str, token: str | None = None) -> None:
         self.state.credentials[ak] = (secret, token)
+
+    def issue_sts(self, ttl: float) -> tuple[str, str, str]:
+        """A fresh STS triple (AccessKeyId, AccessKeySecret, SecurityToken) valid for
+        ``ttl`` seconds of the state's clock, as STS AssumeRole returns one."""
+        ak = "STS." + os.urandom(9).hex()
+        secret = base64.b64encode(os.urandom(24)).decode()
+        token = base64.b64encode(os.urandom(96)).decode()
+        with self.state.lock:
+            self.state.credentials[ak] = (secret, token)
+            self.state.expiry[ak] = self.state.clock() + ttl
+        return ak, secret, token
+
+    def expire(self, ak: str) -> None:
+        """Make ``ak``'s STS credentials expire now."""
+        with self.state.lock:
+            self.state.expiry[ak] = self.state.clock()
 
     def create_bucket(self, name: str) -> None:
         with self.state.lock:
