@@ -9,6 +9,7 @@ segment start, not the device start.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -199,28 +200,34 @@ def test_shifted_overlap_is_refused() -> None:
 
 def test_threads_share_one_segment(backend: str) -> None:
     """Four threads on one segment (the FUSE workers without the device's lock): each gets
-    its own sectors' IVs, never another thread's (one OpenSSL context is shared)."""
-    key = os.urandom(64)
-    seg = XtsSegment(key)
+    its own sectors' IVs, never another thread's (one OpenSSL context is shared). The GIL
+    is handed over every microsecond so that the threads interleave between sectors."""
+    key, ss, n = os.urandom(64), 512, 64
+    seg = XtsSegment(key, sector_size=ss)
     jobs = []
     for t in range(4):
-        data = os.urandom(16 * SS)
+        data = os.urandom(n * ss)
         first = 1000 * t
-        want = per_sector_xts(key, [(first + i) * 8 for i in range(16)], data, SS, encrypt=True)
-        jobs.append((first * SS, data, want))
+        want = per_sector_xts(key, [first + i for i in range(n)], data, ss, encrypt=True)
+        jobs.append((first * ss, data, want))
     errors: list[str] = []
 
     def work(off: int, data: bytes, want: bytes) -> None:
-        for _ in range(40):
+        for _ in range(30):
             if seg.encrypt(off, data) != want or seg.decrypt(off, want) != data:
                 errors.append(f"wrong result at {off}")
                 return
 
-    threads = [threading.Thread(target=work, args=job) for job in jobs]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=work, args=job) for job in jobs]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    finally:
+        sys.setswitchinterval(old)
     assert errors == []
 
 
