@@ -28,6 +28,7 @@ pinned to an independent XTS and to cryptsetup by the tests.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -94,12 +95,20 @@ _EVP: tuple[Any, Any] | None = None
 _EVP_TRIED = False
 
 
+#: ``FUSE_CRYPT_XTS_BACKEND=cryptography`` in a daemon's environment forces the slow path:
+#: an escape hatch should a system libcrypto misbehave, and the "before" of benchmarks.
+BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"
+
+
 def _load_evp() -> tuple[Any, Any] | None:
     """libcrypto through cffi's ABI mode, once per process; None if unavailable."""
     global _EVP, _EVP_TRIED
     with _EVP_LOCK:
         if not _EVP_TRIED:
             _EVP_TRIED = True
+            if os.environ.get(BACKEND_ENV) == "cryptography":
+                log.info("XTS: %s=cryptography, one context per sector", BACKEND_ENV)
+                return None
             try:
                 from cffi import FFI
 

@@ -123,6 +123,16 @@ def test_falls_back_without_libcrypto(monkeypatch: pytest.MonkeyPatch) -> None:
     assert seg.encrypt(SS, data) == per_sector_xts(key, [8, 16, 24], data, SS, encrypt=True)
 
 
+def test_environment_forces_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(segment.BACKEND_ENV, "cryptography")
+    monkeypatch.setattr(segment, "_EVP_TRIED", False)
+    monkeypatch.setattr(segment, "_EVP", None)
+    key, data = os.urandom(64), os.urandom(2 * SS)
+    seg = XtsSegment(key)
+    assert seg.backend == "cryptography"
+    assert seg.decrypt(0, data) == per_sector_xts(key, [0, 8], data, SS, encrypt=False)
+
+
 # (cipher, iv_tweak, first sector): the 32-bit counter of aes-xts-plain wrapping, sector
 # numbers above 2**32, and plain64's 64-bit IV wrapping (iv_tweak near 2**64).
 IV_CASES = [
