@@ -26,7 +26,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
-from fuse_crypt.luks2.segment import BACKEND_ENV  # noqa: E402
+
+BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))

@@ -22,21 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fuse_crypt.luks2 import segment  # noqa: E402
-from fuse_crypt.luks2.segment import XtsSegment  # noqa: E402
+from fuse_crypt.luks2 import XtsSegment  # noqa: E402
 
 MiB = 1 << 20
 
 
 def make(backend: str, key: bytes) -> XtsSegment:
-    """A segment on ``backend`` (the loader is bypassed for the old path)."""
-    real = segment._load_evp
-    if backend == "cryptography":
-        segment._load_evp = lambda: None  # type: ignore[assignment]
-    try:
-        seg = XtsSegment(key)
-    finally:
-        segment._load_evp = real  # type: ignore[assignment]
+    seg = XtsSegment(key, backend=backend)
     assert seg.backend == backend, seg.backend
     return seg
 

@@ -222,7 +222,12 @@ class XtsSegment:
         sector_size: int = 4096,
         iv_tweak: int = 0,
         cipher: str = "aes-xts-plain64",
+        backend: str | None = None,
     ) -> None:
+        """``backend``: None picks ``libcrypto-evp`` where it loads, else ``cryptography``;
+        naming one forces it (``libcrypto-evp`` unavailable is a SegmentError)."""
+        if backend not in (None, "libcrypto-evp", "cryptography"):
+            raise SegmentError(f"unknown XTS backend {backend!r}")
         sizes = CIPHERS.get(cipher)
         if sizes is None:
             raise SegmentError(f"unsupported segment cipher {cipher!r}")
@@ -243,7 +248,9 @@ class XtsSegment:
         self._aes: algorithms.AES | None = algorithms.AES(bytes(volume_key))
         # The public API's checks, once (the hot path skips them, see _ENC_CTX).
         Cipher(self._aes, modes.XTS(bytes(16))).decryptor()
-        evp = _load_evp()
+        evp = None if backend == "cryptography" else _load_evp()
+        if evp is None and backend == "libcrypto-evp":
+            raise SegmentError("the libcrypto-evp XTS backend is unavailable here")
         self._evp: _EvpXts | None = _EvpXts(evp, bytes(volume_key)) if evp else None
 
     @property

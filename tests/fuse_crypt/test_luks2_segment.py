@@ -133,6 +133,22 @@ def test_environment_forces_the_fallback(monkeypatch: pytest.MonkeyPatch) -> Non
     assert seg.decrypt(0, data) == per_sector_xts(key, [0, 8], data, SS, encrypt=False)
 
 
+def test_backend_can_be_named() -> None:
+    key, data = os.urandom(64), os.urandom(2 * SS)
+    fast = XtsSegment(key, backend="libcrypto-evp")
+    slow = XtsSegment(key, backend="cryptography")
+    assert (fast.backend, slow.backend) == ("libcrypto-evp", "cryptography")
+    assert fast.encrypt(SS, data) == slow.encrypt(SS, data)
+    with pytest.raises(SegmentError, match="unknown XTS backend"):
+        XtsSegment(key, backend="numpy")
+
+
+def test_named_backend_unavailable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    with pytest.raises(SegmentError, match="unavailable"):
+        XtsSegment(os.urandom(64), backend="libcrypto-evp")
+
+
 # (cipher, iv_tweak, first sector): the 32-bit counter of aes-xts-plain wrapping, sector
 # numbers above 2**32, and plain64's 64-bit IV wrapping (iv_tweak near 2**64).
 IV_CASES = [
