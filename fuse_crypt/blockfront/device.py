@@ -16,11 +16,12 @@ One lock serialises writers, so two writes into one sector cannot lose each othe
 bytes; reads take no lock (a reader racing a writer of the same bytes may see either
 version, as with any disk).
 
-Crypto is serialised (``_crypto``): `cryptography` lets go of the GIL around each
-sector's AES call, so FUSE worker threads decrypting at once hand the GIL back and forth
-256 times per MiB; measured here, 4 such threads together decrypt at a third of one
-thread's rate. With the lock one thread decrypts at full speed while the others wait
-outside the GIL or do their preads, which still overlap.
+Crypto is serialised (``_crypto``): both XTS backends (libcrypto's EVP through cffi, or
+`cryptography`) let go of the GIL around each sector's C call, so FUSE worker threads
+decrypting at once hand the GIL back and forth 256 times per MiB; measured here (with
+`cryptography`), 4 such threads together decrypt at a third of one thread's rate. With
+the lock one thread decrypts at full speed while the others wait outside the GIL or do
+their preads, which still overlap.
 
 Read-ahead: a read that continues where the last one ended asks the kernel
 (``posix_fadvise(WILLNEED)``) to fetch the next ``READAHEAD`` bytes of *ciphertext* into

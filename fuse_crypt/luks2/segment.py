@@ -14,16 +14,30 @@ Only whole sectors are accepted: a partial-sector read-modify-write is the calle
 
 XTS gives confidentiality only: no integrity, no freshness. A flipped ciphertext sector
 decrypts to 4096 bytes of garbage that nobody notices here (see docs/block.md).
+
+Speed: XTS needs a fresh IV per sector, and `cryptography` can only give a new IV with a
+new cipher context (OpenSSL's context set-up and AES key schedule, plus a Python object, per
+4 KiB sector: that, not AES, was most of the time). Where the system's OpenSSL 3
+(``libcrypto.so.3``) can be loaded (always in the image: libssl3 is a dependency of python3),
+``XtsSegment`` keys one ``EVP_CIPHER_CTX`` per direction once and then only resets its IV per
+sector, through ``cffi`` (already a dependency of `cryptography`). Otherwise it falls back to
+one `cryptography` context per sector. ``XtsSegment.backend`` says which one runs. Both are
+pinned to an independent XTS and to cryptsetup by the tests.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from .errors import Luks2Error
+
+log = logging.getLogger("fuse_crypt.luks2")
 
 try:
     # What Cipher(...).encryptor()/decryptor() call after their argument checks. Those
@@ -55,6 +69,135 @@ class SegmentError(Luks2Error):
     """An unusable segment definition or key (never says anything about the key bytes)."""
 
 
+# -- libcrypto's EVP interface, for one keyed context whose IV alone changes per sector ------
+
+#: Only what ``_EvpXts`` calls. Pointer parameters are ``char *``: the same ABI as OpenSSL's
+#: ``unsigned char *``, and cffi then takes Python ``bytes`` (the IVs) without a copy.
+_CDEF = """
+typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
+typedef struct evp_cipher_st EVP_CIPHER;
+unsigned long OpenSSL_version_num(void);
+EVP_CIPHER_CTX *EVP_CIPHER_CTX_new(void);
+void EVP_CIPHER_CTX_free(EVP_CIPHER_CTX *ctx);
+const EVP_CIPHER *EVP_aes_128_xts(void);
+const EVP_CIPHER *EVP_aes_256_xts(void);
+int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
+                      const char *key, const char *iv, int enc);
+int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, char *out, int *outl, const char *in, int inl);
+void ERR_clear_error(void);
+"""
+#: OpenSSL 3's ABI (the only one the declarations above are checked against).
+_LIBCRYPTO = "libcrypto.so.3"
+_OPENSSL_3 = 0x30000000
+_EVP_LOCK = threading.Lock()
+#: (ffi, lib) once loaded; None if libcrypto cannot be used (then the slow path runs)
+_EVP: tuple[Any, Any] | None = None
+_EVP_TRIED = False
+
+
+#: ``FUSE_CRYPT_XTS_BACKEND=cryptography`` in a daemon's environment forces the slow path:
+#: an escape hatch should a system libcrypto misbehave, and the "before" of benchmarks.
+BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"
+
+
+def _load_evp() -> tuple[Any, Any] | None:
+    """libcrypto through cffi's ABI mode, once per process; None if unavailable."""
+    global _EVP, _EVP_TRIED
+    with _EVP_LOCK:
+        if not _EVP_TRIED:
+            _EVP_TRIED = True
+            if os.environ.get(BACKEND_ENV) == "cryptography":
+                log.info("XTS: %s=cryptography, one context per sector", BACKEND_ENV)
+                return None
+            try:
+                from cffi import FFI
+
+                ffi = FFI()
+                ffi.cdef(_CDEF)
+                lib = ffi.dlopen(_LIBCRYPTO)
+                if lib.OpenSSL_version_num() < _OPENSSL_3:
+                    raise OSError("libcrypto older than OpenSSL 3")
+                _EVP = (ffi, lib)
+            except Exception as exc:  # no cffi, no libcrypto.so.3, a symbol missing
+                log.info("XTS: libcrypto EVP unavailable (%s); one context per sector", exc)
+                _EVP = None
+        return _EVP
+
+
+class _EvpXts:
+    """Two keyed OpenSSL XTS contexts (encrypt, decrypt); per sector only the IV is reset.
+
+    ``EVP_CipherInit_ex`` with a NULL cipher and key keeps the key schedule and sets the IV:
+    that is the whole per-sector cost besides AES itself. A context is not thread-safe, so
+    one lock covers each call (the block device serialises its crypto anyway). The
+    contexts are freed by ``close`` (OpenSSL cleanses the key schedule on free) or, failing
+    that, when garbage-collected.
+    """
+
+    __slots__ = ("_ctx", "_ffi", "_lib", "_lock", "_outl")
+
+    def __init__(self, evp: tuple[Any, Any], key: bytes) -> None:
+        self._ffi, self._lib = evp
+        ffi, lib = evp
+        cipher = lib.EVP_aes_256_xts() if len(key) == 64 else lib.EVP_aes_128_xts()
+        self._lock = threading.Lock()
+        self._outl = ffi.new("int *")
+        self._ctx: list[Any] = []
+        for enc in (0, 1):
+            ctx = lib.EVP_CIPHER_CTX_new()
+            if ctx == ffi.NULL:
+                raise MemoryError("EVP_CIPHER_CTX_new")
+            ctx = ffi.gc(ctx, lib.EVP_CIPHER_CTX_free)
+            self._ctx.append(ctx)
+            if lib.EVP_CipherInit_ex(ctx, cipher, ffi.NULL, key, bytes(16), enc) != 1:
+                lib.ERR_clear_error()
+                self.close()
+                raise SegmentError("libcrypto refused the XTS key")
+
+    def run(
+        self, src: memoryview, out: memoryview, first_iv: int, units: int, mask: int, ss: int,
+        encrypt: bool,
+    ) -> None:  # fmt: skip
+        ffi, lib = self._ffi, self._lib
+        n = len(src)
+        inp = ffi.from_buffer(src)
+        try:
+            outp = ffi.from_buffer(out, require_writable=True)
+        except BaseException:
+            ffi.release(inp)
+            raise
+        try:
+            a_in = int(ffi.cast("uintptr_t", inp))
+            a_out = int(ffi.cast("uintptr_t", outp))
+            if a_in != a_out and a_in < a_out + n and a_out < a_in + n:
+                # In place is fine; a shifted overlap would read sectors already written.
+                raise ValueError("input and output buffers overlap")
+            init, update = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate
+            null, outl = ffi.NULL, self._outl
+            with self._lock:
+                if not self._ctx:
+                    raise SegmentError("the segment key was wiped")
+                ctx = self._ctx[1 if encrypt else 0]
+                iv = first_iv
+                for pos in range(0, n, ss):
+                    if (
+                        init(ctx, null, null, null, (iv & mask).to_bytes(16, "little"), -1) != 1
+                        or update(ctx, outp + pos, outl, inp + pos, ss) != 1
+                    ):
+                        lib.ERR_clear_error()
+                        raise SegmentError("libcrypto failed an XTS sector")
+                    iv += units
+        finally:
+            ffi.release(outp)
+            ffi.release(inp)
+
+    def close(self) -> None:
+        with self._lock:
+            ctxs, self._ctx = self._ctx, []
+        for ctx in ctxs:
+            self._ffi.release(ctx)  # EVP_CIPHER_CTX_free now (and not again at gc)
+
+
 class XtsSegment:
     """Encrypt and decrypt whole sectors of one data segment.
 
@@ -62,7 +205,15 @@ class XtsSegment:
     byte, whatever its offset on the device), multiples of ``sector_size``.
     """
 
-    __slots__ = ("_aes", "_mask", "_units_per_sector", "cipher", "iv_tweak", "sector_size")
+    __slots__ = (
+        "_aes",
+        "_evp",
+        "_mask",
+        "_units_per_sector",
+        "cipher",
+        "iv_tweak",
+        "sector_size",
+    )
 
     def __init__(
         self,
@@ -71,7 +222,12 @@ class XtsSegment:
         sector_size: int = 4096,
         iv_tweak: int = 0,
         cipher: str = "aes-xts-plain64",
+        backend: str | None = None,
     ) -> None:
+        """``backend``: None picks ``libcrypto-evp`` where it loads, else ``cryptography``;
+        naming one forces it (``libcrypto-evp`` unavailable is a SegmentError)."""
+        if backend not in (None, "libcrypto-evp", "cryptography"):
+            raise SegmentError(f"unknown XTS backend {backend!r}")
         sizes = CIPHERS.get(cipher)
         if sizes is None:
             raise SegmentError(f"unsupported segment cipher {cipher!r}")
@@ -92,6 +248,16 @@ class XtsSegment:
         self._aes: algorithms.AES | None = algorithms.AES(bytes(volume_key))
         # The public API's checks, once (the hot path skips them, see _ENC_CTX).
         Cipher(self._aes, modes.XTS(bytes(16))).decryptor()
+        evp = None if backend == "cryptography" else _load_evp()
+        if evp is None and backend == "libcrypto-evp":
+            raise SegmentError("the libcrypto-evp XTS backend is unavailable here")
+        self._evp: _EvpXts | None = _EvpXts(evp, bytes(volume_key)) if evp else None
+
+    @property
+    def backend(self) -> str:
+        """Which implementation runs: ``libcrypto-evp`` (one keyed context, IV reset per
+        sector) or ``cryptography`` (one context per sector); for logs and benchmarks."""
+        return "libcrypto-evp" if self._evp is not None else "cryptography"
 
     def tweak(self, sector: int) -> bytes:
         """The 16-byte XTS tweak of segment sector ``sector`` (in ``sector_size`` units)."""
@@ -114,6 +280,11 @@ class XtsSegment:
         if len(out) < len(src):
             raise ValueError("output buffer is too small")
         alg, ss = self._alg(), self.sector_size
+        if self._evp is not None:
+            first_iv = self.iv_tweak + sector * self._units_per_sector
+            n = len(src)
+            self._evp.run(src, out[:n], first_iv, self._units_per_sector, self._mask, ss, encrypt)
+            return
         new_ctx = _ENC_CTX if encrypt else _DEC_CTX
         if new_ctx is None:  # pragma: no cover - see _ENC_CTX
             for pos in range(0, len(src), ss):
@@ -150,5 +321,8 @@ class XtsSegment:
         self._run(offset, ciphertext, memoryview(out).cast("B"), False)
 
     def wipe(self) -> None:
-        """Drop our reference to the key schedule (best effort: Python cannot scrub it)."""
+        """Free the libcrypto contexts (OpenSSL cleanses their key schedules) and drop our
+        reference to `cryptography`'s key (best effort: Python cannot scrub it)."""
         self._aes = None
+        if self._evp is not None:
+            self._evp.close()
