@@ -1,6 +1,6 @@
 """CPU seconds the userspace LUKS2 daemon spends per GiB read, per XTS backend.
 
-    .venv/bin/python bench/block_daemon_cpu.py [--size-mib 256] [--rounds 3]   # as root
+    .venv/bin/python bench/block_daemon_cpu.py [--size-mib 256] [--rounds 3] [--readers 1]
 
 Wall-clock throughput on a shared machine says more about the other jobs than about us;
 the daemon's own CPU time (utime + stime from /proc/PID/stat) per GiB is what the XTS change
@@ -8,7 +8,10 @@ should lower, and it is far less sensitive to load. One image file (LUKS2 made b
 ``format_volume``), ``fuse-crypt block-serve --allow-regular-file`` on it, and
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
 ext4 in the way). Backends alternate, a fresh daemon each time; the "cryptography" daemon
-runs with FUSE_CRYPT_XTS_BACKEND=cryptography (the path before issue 11's change).
+runs with FUSE_CRYPT_XTS_BACKEND=cryptography (the path before issue 11's change), the
+"libcrypto-evp/shared" one with FUSE_CRYPT_XTS_THREAD_CONTEXTS=0 (one context pair under a
+lock). ``--readers N`` runs N such dd at once on N slices (what the loop device's parallel
+requests look like to the daemon's worker threads). As root.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
+THREADS_ENV = "FUSE_CRYPT_XTS_THREAD_CONTEXTS"  # fuse_crypt/luks2/segment.py
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -40,12 +44,17 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / TICK, int(fields[12]) / TICK
 
 
-def one(img: Path, mnt: Path, size_mib: int, backend: str) -> tuple[float, float, float]:
+def one(
+    img: Path, mnt: Path, size_mib: int, backend: str, readers: int
+) -> tuple[float, float, float]:
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
+    env.pop(THREADS_ENV, None)
     if backend == "cryptography":
         env[BACKEND_ENV] = "cryptography"
+    if backend == "libcrypto-evp/shared":
+        env[THREADS_ENV] = "0"
     proc = subprocess.Popen(
         [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", "--allow-regular-file", str(img),
          str(mnt)],
@@ -63,11 +72,14 @@ def one(img: Path, mnt: Path, size_mib: int, backend: str) -> tuple[float, float
         os.sync()
         Path("/proc/sys/vm/drop_caches").write_text("3")
         c0, t0 = cpu_seconds(proc.pid), time.perf_counter()
-        subprocess.run(
-            ["dd", f"if={mnt / 'disk'}", "of=/dev/null", "bs=1M", f"count={size_mib}",
-             "iflag=direct"],
-            check=True, capture_output=True,
-        )  # fmt: skip
+        part = size_mib // readers
+        dds = []
+        for i in range(readers):
+            cmd = ["dd", f"if={mnt / 'disk'}", "of=/dev/null", "bs=1M", f"count={part}",
+                   f"skip={i * part}", "iflag=direct"]  # fmt: skip
+            dds.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        if any(dd.wait() for dd in dds):
+            raise RuntimeError("dd failed")
         wall, c1 = time.perf_counter() - t0, cpu_seconds(proc.pid)
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
@@ -80,6 +92,8 @@ def main() -> int:
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp")
+    ap.add_argument("--readers", type=int, default=1, help="concurrent dd readers")
+    ap.add_argument("--configs", default="cryptography,libcrypto-evp")
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("block_daemon_cpu: run as root (drop_caches, FUSE)", file=sys.stderr)
@@ -95,18 +109,15 @@ def main() -> int:
             format_volume(fd, b"bench passphrase", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
         finally:
             os.close(fd)
-        res: dict[str, list[tuple[float, float, float]]] = {
-            "cryptography": [],
-            "libcrypto-evp": [],
-        }
+        res: dict[str, list[tuple[float, float, float]]] = {b: [] for b in args.configs.split(",")}
         for _ in range(args.rounds):
             for b in res:
-                res[b].append(one(img, mnt, args.size_mib, b))
+                res[b].append(one(img, mnt, args.size_mib, b, args.readers))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     gib = args.size_mib / 1024
-    print(f"{args.rounds} rounds, {args.size_mib} MiB read with dd iflag=direct bs=1M from "
-          f"<mnt>/disk; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+    print(f"{args.rounds} rounds, {args.size_mib} MiB read by {args.readers} dd iflag=direct "
+          f"bs=1M from <mnt>/disk; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     print("| backend | daemon CPU s/GiB min / median / max | of which user (median) "
           "| wall MB/s min / median / max |")  # fmt: skip
     print("|---|---:|---:|---:|")

@@ -5,19 +5,24 @@ in the same process, rounds alternated so that machine load hits them alike.
 
 ``cryptography`` is the path before issue 11's change (one `cryptography` context per
 4 KiB sector), ``libcrypto-evp`` the new one (one keyed OpenSSL context, IV reset per
-sector). Prints wall-clock and CPU-time MB/s per backend (min / median / max over rounds);
-CPU time is the steadier figure on a shared machine. With ``--threads N`` N threads decrypt
-concurrently on one segment (aggregate wall MB/s; CPU time is then not reported).
+sector), ``libcrypto-evp/shared`` the same with ``thread_contexts=0`` (all threads share
+one context pair under a lock, as before per-thread contexts). Prints wall-clock and
+CPU-time MB/s per configuration (min / median / max over rounds); CPU time is the steadier
+figure on a shared machine. With ``--threads N`` N threads decrypt concurrently on one
+segment, as the block device's FUSE workers do: serialised by a lock unless the segment is
+``parallel`` (aggregate wall MB/s; CPU time is the whole process's, all threads).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -27,32 +32,40 @@ from fuse_crypt.luks2 import XtsSegment  # noqa: E402
 MiB = 1 << 20
 
 
-def make(backend: str, key: bytes) -> XtsSegment:
-    seg = XtsSegment(key, backend=backend)
+CONFIGS = ["cryptography", "libcrypto-evp/shared", "libcrypto-evp"]
+
+
+def make(config: str, key: bytes) -> XtsSegment:
+    backend, _, mode = config.partition("/")
+    seg = XtsSegment(key, backend=backend, thread_contexts=0 if mode == "shared" else None)
     assert seg.backend == backend, seg.backend
     return seg
 
 
-def one_round(seg: XtsSegment, mib: int, threads: int, encrypt: bool) -> tuple[float, float]:
-    """(wall s, CPU s of this thread) for ``mib`` 1 MiB operations per thread."""
+def one_round(
+    seg: XtsSegment, mib: int, pool: ThreadPoolExecutor | None, threads: int, encrypt: bool
+) -> tuple[float, float]:
+    """(wall s, CPU s of the process) for ``mib`` 1 MiB operations per thread."""
     src = os.urandom(MiB)
+    # What CryptDevice does: a lock around each call unless the segment runs in parallel.
+    lock: contextlib.AbstractContextManager[object] = (
+        contextlib.nullcontext() if seg.parallel else threading.Lock()
+    )
 
     def work() -> None:
         out = bytearray(MiB)
         op = seg.encrypt_into if encrypt else seg.decrypt_into
         for i in range(mib):
-            op(i * MiB, src, out)
+            with lock:
+                op(i * MiB, src, out)
 
-    c, t = time.thread_time(), time.perf_counter()
-    if threads == 1:
+    c, t = time.process_time(), time.perf_counter()
+    if pool is None:
         work()
-    else:
-        ts = [threading.Thread(target=work) for _ in range(threads)]
-        for th in ts:
-            th.start()
-        for th in ts:
-            th.join()
-    return time.perf_counter() - t, time.thread_time() - c
+    else:  # long-lived threads, like libfuse's workers (each keeps its contexts)
+        for f in [pool.submit(work) for _ in range(threads)]:
+            f.result()
+    return time.perf_counter() - t, time.process_time() - c
 
 
 def main() -> int:
@@ -60,30 +73,35 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--mib", type=int, default=64, help="MiB per round and thread")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated subset")
     args = ap.parse_args()
     key = os.urandom(64)
-    backends = ["cryptography", "libcrypto-evp"]
+    ap_configs = args.configs.split(",")
+    for b in ap_configs:
+        if b not in CONFIGS:
+            ap.error(f"unknown configuration {b!r} (known: {', '.join(CONFIGS)})")
+    backends = ap_configs
     segs = {b: make(b, key) for b in backends}
     rows: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    pool = ThreadPoolExecutor(args.threads) if args.threads > 1 else None
     for _ in range(args.rounds):
         for op in ("decrypt", "encrypt"):
             for b in backends:
-                r = one_round(segs[b], args.mib, args.threads, op == "encrypt")
+                r = one_round(segs[b], args.mib, pool, args.threads, op == "encrypt")
                 rows.setdefault((op, b), []).append(r)
+    if pool is not None:
+        pool.shutdown()
     total = args.mib * args.threads * MiB / 1e6
     print(f"{args.rounds} rounds x {args.mib} MiB x {args.threads} thread(s), 1 MiB calls, "
           f"4096-byte sectors, AES-256-XTS; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-    print("| op | backend | wall MB/s min / median / max | CPU-time MB/s min / median / max |")
+    print("| op | configuration | wall MB/s min / median / max "
+          "| CPU-time MB/s min / median / max |")  # fmt: skip
     print("|---|---|---:|---:|")
     for (op, b), rs in rows.items():
         wall = sorted(total / w for w, _ in rs)
         cpu = sorted(total / c for _, c in rs if c > 0)
         w_s = f"{wall[0]:,.0f} / {statistics.median(wall):,.0f} / {wall[-1]:,.0f}"
-        c_s = (
-            "-"
-            if args.threads > 1 or not cpu
-            else f"{cpu[0]:,.0f} / {statistics.median(cpu):,.0f} / {cpu[-1]:,.0f}"
-        )
+        c_s = "-" if not cpu else f"{cpu[0]:,.0f} / {statistics.median(cpu):,.0f} / {cpu[-1]:,.0f}"
         print(f"| {op} | {b} | {w_s} | {c_s} |")
     return 0
 

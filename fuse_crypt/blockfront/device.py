@@ -126,7 +126,10 @@ class CryptDevice:
         self.read_only = read_only
         self.sector_size = ss
         self._wlock = threading.Lock()
-        self._crypto = threading.Lock()  # see the module doc
+        # see the module doc: no lock when each thread has its own libcrypto contexts
+        self._crypto: contextlib.AbstractContextManager[object] = (
+            contextlib.nullcontext() if segment.parallel else threading.Lock()
+        )
         self._next_read = -1  # where a sequential reader continues
         self._ra_end = 0  # hinted up to here (segment bytes)
         self.size = 0
