@@ -8,10 +8,9 @@ should lower, and it is far less sensitive to load. One image file (LUKS2 made b
 ``format_volume``), ``fuse-crypt block-serve --allow-regular-file`` on it, and
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
 ext4 in the way). Backends alternate, a fresh daemon each time; the "cryptography" daemon
-runs with FUSE_CRYPT_XTS_BACKEND=cryptography (the path before issue 11's change), the
-"libcrypto-evp/shared" one with FUSE_CRYPT_XTS_THREAD_CONTEXTS=0 (one context pair under a
-lock). ``--readers N`` runs N such dd at once on N slices (what the loop device's parallel
-requests look like to the daemon's worker threads). As root.
+runs with FUSE_CRYPT_XTS_BACKEND=cryptography (the path before issue 11's change).
+``--readers N`` runs N such dd at once on N slices (parallel requests for the daemon's
+worker threads, as the loop device sends them). As root.
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
-THREADS_ENV = "FUSE_CRYPT_XTS_THREAD_CONTEXTS"  # fuse_crypt/luks2/segment.py
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -50,11 +48,8 @@ def one(
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
-    env.pop(THREADS_ENV, None)
     if backend == "cryptography":
         env[BACKEND_ENV] = "cryptography"
-    if backend == "libcrypto-evp/shared":
-        env[THREADS_ENV] = "0"
     proc = subprocess.Popen(
         [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", "--allow-regular-file", str(img),
          str(mnt)],
@@ -95,6 +90,11 @@ def main() -> int:
     ap.add_argument("--readers", type=int, default=1, help="concurrent dd readers")
     ap.add_argument("--configs", default="cryptography,libcrypto-evp")
     args = ap.parse_args()
+    for b in args.configs.split(","):
+        if b not in ("cryptography", "libcrypto-evp"):
+            ap.error(f"unknown configuration {b!r}")
+    if args.readers < 1 or args.size_mib % args.readers:
+        ap.error("--size-mib must be a multiple of --readers (>= 1)")
     if os.geteuid() != 0:
         print("block_daemon_cpu: run as root (drop_caches, FUSE)", file=sys.stderr)
         return 2

@@ -5,18 +5,18 @@ in the same process, rounds alternated so that machine load hits them alike.
 
 ``cryptography`` is the path before issue 11's change (one `cryptography` context per
 4 KiB sector), ``libcrypto-evp`` the new one (one keyed OpenSSL context, IV reset per
-sector), ``libcrypto-evp/shared`` the same with ``thread_contexts=0`` (all threads share
-one context pair under a lock, as before per-thread contexts). Prints wall-clock and
-CPU-time MB/s per configuration (min / median / max over rounds); CPU time is the steadier
-figure on a shared machine. With ``--threads N`` N threads decrypt concurrently on one
-segment, as the block device's FUSE workers do: serialised by a lock unless the segment is
-``parallel`` (aggregate wall MB/s; CPU time is the whole process's, all threads).
+sector). Prints wall-clock and CPU-time MB/s per configuration (min / median / max over
+rounds); CPU time is the steadier figure on a shared machine. With ``--threads N`` N
+long-lived threads decrypt concurrently on one segment, serialised by a lock as the block
+device's FUSE workers are (aggregate wall MB/s; CPU time is the whole process's).
+
+Per-thread contexts without that lock were tried and measured slower (docs/block.md,
+"Figures"); their code is commit 3e742ec, whose version of this script compares them.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import statistics
 import sys
@@ -32,12 +32,11 @@ from fuse_crypt.luks2 import XtsSegment  # noqa: E402
 MiB = 1 << 20
 
 
-CONFIGS = ["cryptography", "libcrypto-evp/shared", "libcrypto-evp"]
+CONFIGS = ["cryptography", "libcrypto-evp"]
 
 
-def make(config: str, key: bytes) -> XtsSegment:
-    backend, _, mode = config.partition("/")
-    seg = XtsSegment(key, backend=backend, thread_contexts=0 if mode == "shared" else None)
+def make(backend: str, key: bytes) -> XtsSegment:
+    seg = XtsSegment(key, backend=backend)
     assert seg.backend == backend, seg.backend
     return seg
 
@@ -47,10 +46,7 @@ def one_round(
 ) -> tuple[float, float]:
     """(wall s, CPU s of the process) for ``mib`` 1 MiB operations per thread."""
     src = os.urandom(MiB)
-    # What CryptDevice does: a lock around each call unless the segment runs in parallel.
-    lock: contextlib.AbstractContextManager[object] = (
-        contextlib.nullcontext() if seg.parallel else threading.Lock()
-    )
+    lock = threading.Lock()  # what CryptDevice does around each call (its ``_crypto``)
 
     def work() -> None:
         out = bytearray(MiB)

@@ -21,7 +21,9 @@ Crypto is serialised (``_crypto``): both XTS backends (libcrypto's EVP through c
 decrypting at once hand the GIL back and forth 256 times per MiB; measured here (with
 `cryptography`), 4 such threads together decrypt at a third of one thread's rate. With
 the lock one thread decrypts at full speed while the others wait outside the GIL or do
-their preads, which still overlap.
+their preads, which still overlap. Per-thread libcrypto contexts without this lock were
+tried (issue 11) and were 2-5x slower with 2-4 threads on two free cores: the GIL changes
+hands at each of the 512 C calls per MiB (docs/block.md, "Figures").
 
 Read-ahead: a read that continues where the last one ended asks the kernel
 (``posix_fadvise(WILLNEED)``) to fetch the next ``READAHEAD`` bytes of *ciphertext* into
@@ -126,10 +128,7 @@ class CryptDevice:
         self.read_only = read_only
         self.sector_size = ss
         self._wlock = threading.Lock()
-        # see the module doc: no lock when each thread has its own libcrypto contexts
-        self._crypto: contextlib.AbstractContextManager[object] = (
-            contextlib.nullcontext() if segment.parallel else threading.Lock()
-        )
+        self._crypto = threading.Lock()  # see the module doc
         self._next_read = -1  # where a sequential reader continues
         self._ra_end = 0  # hinted up to here (segment bytes)
         self.size = 0

@@ -84,7 +84,6 @@ const EVP_CIPHER *EVP_aes_256_xts(void);
 int EVP_CipherInit_ex(EVP_CIPHER_CTX *ctx, const EVP_CIPHER *type, void *impl,
                       const char *key, const char *iv, int enc);
 int EVP_CipherUpdate(EVP_CIPHER_CTX *ctx, char *out, int *outl, const char *in, int inl);
-int EVP_CIPHER_CTX_copy(EVP_CIPHER_CTX *out, const EVP_CIPHER_CTX *in);
 void ERR_clear_error(void);
 """
 #: OpenSSL 3's ABI (the only one the declarations above are checked against).
@@ -99,19 +98,6 @@ _EVP_TRIED = False
 #: ``FUSE_CRYPT_XTS_BACKEND=cryptography`` in a daemon's environment forces the slow path:
 #: an escape hatch should a system libcrypto misbehave, and the "before" of benchmarks.
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"
-#: At most this many threads get their own libcrypto contexts (``_EvpXts``): the block
-#: daemon runs 4 FUSE workers, plus the main thread and slack for libfuse replacing one.
-THREAD_CONTEXTS = 8
-#: ``FUSE_CRYPT_XTS_THREAD_CONTEXTS=0`` in a daemon's environment makes every thread share
-#: one context pair under a lock (the behaviour before per-thread contexts; for benchmarks).
-THREAD_CONTEXTS_ENV = "FUSE_CRYPT_XTS_THREAD_CONTEXTS"
-
-
-def _thread_contexts_default() -> int:
-    raw = os.environ.get(THREAD_CONTEXTS_ENV, "")
-    if raw.strip().isdigit():
-        return min(int(raw), 64)
-    return THREAD_CONTEXTS
 
 
 def _load_evp() -> tuple[Any, Any] | None:
@@ -138,104 +124,35 @@ def _load_evp() -> tuple[Any, Any] | None:
         return _EVP
 
 
-class _Contexts:
-    """One decrypt and one encrypt context with the lock that guards them (see _EvpXts)."""
-
-    __slots__ = ("ctx", "lock", "outl")
-
-    def __init__(self, ctx: list[Any], outl: Any) -> None:
-        self.ctx = ctx  # [decrypt, encrypt]; [] once wiped
-        self.lock = threading.Lock()
-        self.outl = outl
-
-
 class _EvpXts:
-    """Keyed OpenSSL XTS contexts (decrypt, encrypt); per sector only the IV is reset.
+    """Two keyed OpenSSL XTS contexts (encrypt, decrypt); per sector only the IV is reset.
 
     ``EVP_CipherInit_ex`` with a NULL cipher and key keeps the key schedule and sets the IV:
-    that is the whole per-sector cost besides AES itself. A context is not thread-safe.
-
-    Threads: the pair keyed in ``__init__`` (the *template*) is shared under its lock. With
-    ``thread_contexts`` > 0, each thread that calls ``run`` gets its own pair instead, copied
-    from the template (``EVP_CIPHER_CTX_copy``: the key schedule is duplicated inside
-    OpenSSL, so no key bytes are kept in Python for it), so FUSE worker threads can run AES
-    on two cores at once (cffi drops the GIL during each C call). Pairs are found by
-    ``threading.get_ident()``, not ``threading.local``: libfuse's worker threads are C
-    threads, and ctypes gives them a fresh Python thread state per callback, which would
-    empty a ``threading.local`` on every request. Two live threads never share an ident, so
-    a pair is never used by two threads at once; a dead thread's ident may be reused by a
-    new thread, which then inherits a pair nobody else can touch. At most
-    ``thread_contexts`` pairs are made; further threads share the template under its lock
-    (correct, just serial). Each pair has its own lock, taken only by its thread and by
-    ``close``, so that ``close`` never frees a context in the middle of a sector.
-    Contexts are freed by ``close`` (OpenSSL cleanses the key schedule on free) or,
-    failing that, when garbage-collected.
+    that is the whole per-sector cost besides AES itself. A context is not thread-safe, so
+    one lock covers each call (the block device serialises its crypto anyway). The
+    contexts are freed by ``close`` (OpenSSL cleanses the key schedule on free) or, failing
+    that, when garbage-collected.
     """
 
-    __slots__ = ("_ffi", "_lib", "_limit", "_per_thread", "_reg_lock", "_template")
+    __slots__ = ("_ctx", "_ffi", "_lib", "_lock", "_outl")
 
-    def __init__(self, evp: tuple[Any, Any], key: bytes, thread_contexts: int) -> None:
+    def __init__(self, evp: tuple[Any, Any], key: bytes) -> None:
         self._ffi, self._lib = evp
         ffi, lib = evp
         cipher = lib.EVP_aes_256_xts() if len(key) == 64 else lib.EVP_aes_128_xts()
-        self._limit = thread_contexts
-        self._reg_lock = threading.Lock()
-        self._per_thread: dict[int, _Contexts] = {}
-        self._template = _Contexts([], ffi.new("int *"))
+        self._lock = threading.Lock()
+        self._outl = ffi.new("int *")
+        self._ctx: list[Any] = []
         for enc in (0, 1):
-            ctx = self._new_ctx()
-            self._template.ctx.append(ctx)
+            ctx = lib.EVP_CIPHER_CTX_new()
+            if ctx == ffi.NULL:
+                raise MemoryError("EVP_CIPHER_CTX_new")
+            ctx = ffi.gc(ctx, lib.EVP_CIPHER_CTX_free)
+            self._ctx.append(ctx)
             if lib.EVP_CipherInit_ex(ctx, cipher, ffi.NULL, key, bytes(16), enc) != 1:
                 lib.ERR_clear_error()
                 self.close()
                 raise SegmentError("libcrypto refused the XTS key")
-
-    def _new_ctx(self) -> Any:
-        ffi, lib = self._ffi, self._lib
-        ctx = lib.EVP_CIPHER_CTX_new()
-        if ctx == ffi.NULL:
-            raise MemoryError("EVP_CIPHER_CTX_new")
-        return ffi.gc(ctx, lib.EVP_CIPHER_CTX_free)
-
-    @property
-    def per_thread(self) -> bool:
-        """True when threads get their own contexts (callers need no lock of their own)."""
-        return self._limit > 0
-
-    def contexts_made(self) -> int:
-        """How many per-thread pairs exist (for tests and logs)."""
-        return len(self._per_thread)
-
-    def _mine(self) -> _Contexts:
-        """This thread's pair, made on first use; the shared template past the limit."""
-        if self._limit <= 0:
-            return self._template
-        ident = threading.get_ident()
-        mine = self._per_thread.get(ident)
-        if mine is not None:
-            return mine
-        with self._reg_lock:
-            if len(self._per_thread) >= self._limit:
-                return self._template
-            tpl = self._template
-            pair: list[Any] = []
-            with tpl.lock:
-                if not tpl.ctx:
-                    raise SegmentError("the segment key was wiped")
-                try:
-                    for src in tpl.ctx:
-                        ctx = self._new_ctx()
-                        pair.append(ctx)
-                        if self._lib.EVP_CIPHER_CTX_copy(ctx, src) != 1:
-                            self._lib.ERR_clear_error()
-                            raise SegmentError("libcrypto could not copy an XTS context")
-                except BaseException:
-                    for ctx in pair:
-                        self._ffi.release(ctx)
-                    raise
-            mine = _Contexts(pair, self._ffi.new("int *"))
-            self._per_thread[ident] = mine
-            return mine
 
     def run(
         self, src: memoryview, out: memoryview, first_iv: int, units: int, mask: int, ss: int,
@@ -256,12 +173,11 @@ class _EvpXts:
                 # In place is fine; a shifted overlap would read sectors already written.
                 raise ValueError("input and output buffers overlap")
             init, update = lib.EVP_CipherInit_ex, lib.EVP_CipherUpdate
-            mine = self._mine()
-            null, outl = ffi.NULL, mine.outl
-            with mine.lock:
-                if not mine.ctx:
+            null, outl = ffi.NULL, self._outl
+            with self._lock:
+                if not self._ctx:
                     raise SegmentError("the segment key was wiped")
-                ctx = mine.ctx[1 if encrypt else 0]
+                ctx = self._ctx[1 if encrypt else 0]
                 iv = first_iv
                 for pos in range(0, n, ss):
                     if (
@@ -276,20 +192,10 @@ class _EvpXts:
             ffi.release(inp)
 
     def close(self) -> None:
-        """Free every context: the template's and each thread's (waiting for a thread that
-        is inside a sector); later calls, from any thread, raise "wiped"."""
-        with self._reg_lock:  # no new pair can be copied from here on
-            tpl = self._template
-            with tpl.lock:
-                ctxs, tpl.ctx = tpl.ctx, []
-            pairs = list(self._per_thread.values())
+        with self._lock:
+            ctxs, self._ctx = self._ctx, []
         for ctx in ctxs:
-            self._ffi.release(ctx)
-        for pair in pairs:
-            with pair.lock:
-                ctxs, pair.ctx = pair.ctx, []
-            for ctx in ctxs:
-                self._ffi.release(ctx)  # EVP_CIPHER_CTX_free now (and not again at gc)
+            self._ffi.release(ctx)  # EVP_CIPHER_CTX_free now (and not again at gc)
 
 
 class XtsSegment:
@@ -317,20 +223,11 @@ class XtsSegment:
         iv_tweak: int = 0,
         cipher: str = "aes-xts-plain64",
         backend: str | None = None,
-        thread_contexts: int | None = None,
     ) -> None:
         """``backend``: None picks ``libcrypto-evp`` where it loads, else ``cryptography``;
-        naming one forces it (``libcrypto-evp`` unavailable is a SegmentError).
-
-        ``thread_contexts`` (``libcrypto-evp`` only): how many threads may get their own
-        keyed contexts and so run at once (0: one shared pair under a lock); None means
-        ``FUSE_CRYPT_XTS_THREAD_CONTEXTS`` or ``THREAD_CONTEXTS``."""
+        naming one forces it (``libcrypto-evp`` unavailable is a SegmentError)."""
         if backend not in (None, "libcrypto-evp", "cryptography"):
             raise SegmentError(f"unknown XTS backend {backend!r}")
-        if thread_contexts is None:
-            thread_contexts = _thread_contexts_default()
-        if isinstance(thread_contexts, bool) or not 0 <= thread_contexts <= 64:
-            raise SegmentError("thread_contexts must be 0..64")
         sizes = CIPHERS.get(cipher)
         if sizes is None:
             raise SegmentError(f"unsupported segment cipher {cipher!r}")
@@ -354,24 +251,13 @@ class XtsSegment:
         evp = None if backend == "cryptography" else _load_evp()
         if evp is None and backend == "libcrypto-evp":
             raise SegmentError("the libcrypto-evp XTS backend is unavailable here")
-        self._evp: _EvpXts | None = (
-            _EvpXts(evp, bytes(volume_key), thread_contexts) if evp else None
-        )
+        self._evp: _EvpXts | None = _EvpXts(evp, bytes(volume_key)) if evp else None
 
     @property
     def backend(self) -> str:
         """Which implementation runs: ``libcrypto-evp`` (one keyed context, IV reset per
         sector) or ``cryptography`` (one context per sector); for logs and benchmarks."""
         return "libcrypto-evp" if self._evp is not None else "cryptography"
-
-    @property
-    def parallel(self) -> bool:
-        """True if concurrent callers should *not* be serialised: each thread has its own
-        libcrypto contexts, so two can run AES on two cores. False for ``thread_contexts=0``
-        (calls serialise inside) and for `cryptography`: thread-safe too (a context per
-        sector), but its short GIL-free calls make concurrent threads slower than one
-        (docs/block.md), so the block device serialises them."""
-        return self._evp is not None and self._evp.per_thread
 
     def tweak(self, sector: int) -> bytes:
         """The 16-byte XTS tweak of segment sector ``sector`` (in ``sector_size`` units)."""
