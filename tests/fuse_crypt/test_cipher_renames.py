@@ -59,6 +59,22 @@ def _host_swap(x: Path, y: Path) -> None:
     os.rename(tmp, y)
 
 
+def _moved_entry_hidden(directory: Path, moved: str, rest: list[str]) -> bool:
+    """``directory`` lists ``rest`` and never ``moved``; True if the moved entry is hidden.
+
+    Names are EME-encrypted, not authenticated: under the wrong directory IV the moved
+    cipher name decrypts to random bytes, which pass the PKCS#7 padding check about once in
+    256 (a last byte of 0x01) and then show as one garbage name (docs/fuse_crypt.md).
+    Never the original name, never more than that one entry.
+    """
+    names = os.listdir(directory)
+    assert moved not in names
+    assert sorted(n for n in names if n in rest) == sorted(rest)
+    extra = [n for n in names if n not in rest]
+    assert len(extra) <= 1, extra
+    return not extra
+
+
 def _still_serves(mnt: Mount) -> None:
     assert mnt.proc.poll() is None, "daemon died"
     f = mnt.path / "after"
@@ -80,10 +96,11 @@ def test_file_moved_to_another_directory_is_hidden(two_dirs: tuple[Mount, Cipher
     _host_move(cv.cpath("a/secret"), cv.cpath("b"))
     time.sleep(CACHE_WAIT)
     assert os.listdir(mnt.path / "a") == []
-    assert os.listdir(mnt.path / "b") == ["resident"]  # moved entry hidden, rest intact
+    hidden = _moved_entry_hidden(mnt.path / "b", "secret", ["resident"])
     assert _errno(lambda: (mnt.path / "a" / "secret").read_bytes()) == errno.ENOENT
     assert _errno(lambda: (mnt.path / "b" / "secret").read_bytes()) == errno.ENOENT
-    assert "event=undecryptable_name" in mnt.log()
+    if hidden:
+        assert "event=undecryptable_name" in mnt.log()
     _still_serves(mnt)
 
 
@@ -98,7 +115,7 @@ def test_long_name_pair_moved_to_another_directory_is_hidden(
     _host_move(cfile.with_name(cfile.name + ".name"), cv.cpath("b"))
     time.sleep(CACHE_WAIT)
     assert os.listdir(mnt.path / "a") == []
-    assert os.listdir(mnt.path / "b") == ["resident"]
+    _moved_entry_hidden(mnt.path / "b", LONG, ["resident"])
     assert _errno(lambda: (mnt.path / "b" / LONG).read_bytes()) == errno.ENOENT
     _still_serves(mnt)
 
@@ -125,7 +142,7 @@ def test_directory_moved_into_another_directory_is_hidden(
     _host_move(cv.cpath("a/sub"), cv.cpath("b"))
     time.sleep(CACHE_WAIT)
     assert os.listdir(mnt.path / "a") == []
-    assert os.listdir(mnt.path / "b") == ["resident"]
+    _moved_entry_hidden(mnt.path / "b", "sub", ["resident"])
     assert _errno(lambda: (mnt.path / "b" / "sub" / "inner").read_bytes()) == errno.ENOENT
     _still_serves(mnt)
 
