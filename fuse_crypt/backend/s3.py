@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import copy
 import datetime
 import re
 import time
@@ -157,6 +158,110 @@ def _refreshing_session(source: Callable[[], tuple[str, str, str | None]], every
     return session
 
 
+#: The S3 operations this transport calls: the client's service model is cut down to
+#: these (and the shapes they reach), see :func:`_slim_model`.
+_OPERATIONS = frozenset(
+    {
+        "HeadObject",
+        "GetObject",
+        "PutObject",
+        "CopyObject",
+        "DeleteObject",
+        "DeleteObjects",
+        "ListObjectsV2",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPartCopy",
+        "CompleteMultipartUpload",
+        "AbortMultipartUpload",
+    }
+)
+
+
+def _slim_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The S3 service model with only :data:`_OPERATIONS` and the shapes they reach.
+
+    Why: the full model is ~100 operations and ~1,000 shapes, 3+ MiB of Python objects
+    that the client keeps for its whole life; the daemon's RSS budget (64 MiB with
+    caches full) cannot pay for operations it never calls. Shapes are walked from each
+    kept operation's input, output and errors through members, list members and map
+    keys/values."""
+    ops = {k: v for k, v in model.get("operations", {}).items() if k in _OPERATIONS}
+    shapes = model.get("shapes", {})
+    keep: set[str] = set()
+    todo: list[str] = []
+    for op in ops.values():
+        for ref in [op.get("input"), op.get("output"), *op.get("errors", [])]:
+            if isinstance(ref, Mapping) and isinstance(ref.get("shape"), str):
+                todo.append(ref["shape"])
+    while todo:
+        name = todo.pop()
+        if name in keep or name not in shapes:
+            continue
+        keep.add(name)
+        shape = shapes[name]
+        refs = list((shape.get("members") or {}).values())
+        refs += [shape.get(k) for k in ("member", "key", "value")]
+        todo += [r["shape"] for r in refs if isinstance(r, Mapping) and "shape" in r]
+    out = {k: v for k, v in model.items() if k not in ("operations", "shapes", "documentation")}
+    out["operations"] = ops
+    out["shapes"] = {k: shapes[k] for k in shapes if k in keep}
+    # A fresh copy: the kept pieces are scattered through the pages the parser filled,
+    # and would pin them all; copied, the whole parse can be freed.
+    return copy.deepcopy(out)
+
+
+def _slim_loader() -> Any:
+    """botocore's data loader, reading botocore's own data only (never ``~/.aws/models``
+    or ``AWS_DATA_PATH``: inside a TEE those are the host's), handing out a cut-down S3
+    model (:func:`_slim_model`) and a single-partition endpoints table.
+
+    Why: building one S3 client otherwise parses ~11 MiB of JSON into Python objects
+    (the endpoints table of every AWS partition and service alone is 6.7 MiB) and
+    keeps most of it; with these cuts the client costs ~2 MiB and the parse peak is
+    smaller. The loader's cache is cleared after the client is built (see
+    :meth:`S3Transport._drop_build_caches`)."""
+    import botocore.exceptions
+    import botocore.loaders
+
+    class SlimLoader(botocore.loaders.Loader):  # type: ignore[misc]
+        def load_data_with_path(self, name: str) -> Any:
+            # The two big files are cut right after parsing and never cached whole,
+            # so the full parse is freed before the client build goes on (its pages
+            # are then reused instead of pinned by what the build keeps).
+            slim = _SLIM_FILES.get(name.split("/")[0] if "/" in name else name)
+            if slim is None or not (name == "endpoints" or name.endswith("/service-2")):
+                return super().load_data_with_path(name)
+            for path in self._potential_locations(name):
+                found = self.file_loader.load_file(path)
+                if found is not None:
+                    return slim(found), path
+            raise botocore.exceptions.DataNotFoundError(data_path=name)
+
+    return SlimLoader(
+        extra_search_paths=[botocore.loaders.Loader.BUILTIN_DATA_PATH],
+        include_default_search_paths=False,
+    )
+
+
+def _slim_endpoints(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The endpoints table with every partition's ``services`` cut to ``s3`` (the
+    partitions' regions and defaults stay, so region/partition resolution is
+    unchanged)."""
+    parts = []
+    for p in data.get("partitions", []):
+        if isinstance(p, Mapping):
+            p = dict(p)
+            services = p.get("services") or {}
+            p["services"] = {k: v for k, v in services.items() if k == "s3"}
+        parts.append(p)
+    return copy.deepcopy({**data, "partitions": parts})
+
+
+#: Data files cut down as they are loaded: ``endpoints`` and ``s3/<version>/service-2``.
+_SLIM_FILES: dict[str, Callable[[Any], Any]] = {"endpoints": _slim_endpoints, "s3": _slim_model}
+
+
 class S3Transport:
     """One S3 bucket via boto3 (see the module docstring for the bounds and rules)."""
 
@@ -208,21 +313,29 @@ class S3Transport:
             proxies={},
         )
         if credential_source is not None:
-            session = boto3.session.Session(
-                botocore_session=_refreshing_session(credential_source, refresh_seconds),
-                region_name=region,
-            )
+            bsession = _refreshing_session(credential_source, refresh_seconds)
         else:
             if not access_key or not secret_key:
                 raise ValueError("no credentials")
-            session = boto3.session.Session(
-                aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
-                aws_session_token=session_token,
-                region_name=region,
-            )
+            import botocore.session
+
+            bsession = botocore.session.Session()
+            bsession.set_credentials(access_key, secret_key, session_token)
+        bsession.register_component("data_loader", _slim_loader())
+        session = boto3.session.Session(botocore_session=bsession, region_name=region)
         verify: bool | str = ca_bundle if ca_bundle is not None else True
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config, verify=verify)
+        self._drop_build_caches(bsession)
+
+    @staticmethod
+    def _drop_build_caches(bsession: Any) -> None:
+        """Free what botocore keeps only to build more clients: the loader's cache of
+        parsed JSON and the endpoints table (the client has its endpoint and its rule
+        set already). The mount daemon then collects and trims the heap once."""
+        with contextlib.suppress(Exception):
+            bsession.get_component("data_loader")._cache.clear()
+        with contextlib.suppress(Exception):
+            bsession._internal_components._components.pop("endpoint_resolver", None)
 
     def __repr__(self) -> str:
         return f"S3Transport(bucket={self.bucket!r})"
