@@ -1,0 +1,78 @@
+"""The object-store daemon's memory, measured on a real mount (FUSE over moto on
+loopback): its peak RSS (VmHWM) after a sequential read that fills the ciphertext cache
+and keeps the read-ahead busy.
+
+Why VmHWM and not VmRSS: the budget is for the worst moment (cache full, GETs in
+flight, bodies being copied), and the peak cannot be missed by sampling at the wrong
+time.  The file is written by one daemon and read by a fresh one, so only the read
+path counts (the write path's multipart buffers are a separate figure in the docs).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.fuse_crypt.conftest import fuse_available
+from tests.fuse_crypt.objectstore_helpers import mount_ours, new_s3vol
+from tests.peers.moto_s3 import moto_s3
+
+pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+
+MiB = 1 << 20
+#: Issue 10's target for the daemon with caches full.
+TARGET_MIB = 64
+#: The line this branch holds today (measured 80-84 MiB on the loaded 2-core test VM,
+#: docs/fuse_crypt.md "Daemon memory"); a regression past it goes red.
+LINE_MIB = 92
+SIZE = 48 * MiB  # > cache + read-ahead (~12 MiB), so the cache fills and turns over
+
+
+def _daemon_pid(mnt: Path) -> int:
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if b"mount" in argv and str(mnt).encode() in argv:
+            return int(pid)
+    raise AssertionError(f"no daemon found for {mnt}")
+
+
+def _status_kib(pid: int, field: str) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise AssertionError(f"{field} missing")
+
+
+def _peak_after_read(tmp_path: Path) -> tuple[float, bytes]:
+    data = os.urandom(SIZE)
+    with moto_s3() as moto:
+        vol = new_s3vol(moto, tmp_path)
+        with mount_ours(vol, tmp_path / "w") as m:
+            (m / "big").write_bytes(data)
+        with mount_ours(vol, tmp_path / "r") as m:
+            pid = _daemon_pid(m)
+            with open(m / "big", "rb") as f:
+                got = b"".join(iter(lambda: f.read(MiB), b""))
+            hwm = _status_kib(pid, "VmHWM") / 1024
+    assert got == data
+    return hwm, got
+
+
+def test_daemon_peak_rss_after_a_cache_filling_read(tmp_path: Path) -> None:
+    hwm, _ = _peak_after_read(tmp_path)
+    print(f"daemon VmHWM after a {SIZE // MiB} MiB read: {hwm:.1f} MiB")
+    assert hwm <= LINE_MIB, f"daemon peak RSS {hwm:.1f} MiB over the {LINE_MIB} MiB line"
+    if hwm > TARGET_MIB:
+        pytest.xfail(
+            f"daemon peak RSS {hwm:.1f} MiB: under the {LINE_MIB} MiB line, still over "
+            f"issue 10's {TARGET_MIB} MiB target (docs/fuse_crypt.md, Daemon memory)"
+        )
