@@ -71,9 +71,7 @@ def _top(n: int = 6) -> list[tuple[str, float]]:
     for stat in snap.statistics("filename"):
         fn = stat.traceback[0].filename
         parts = fn.split(os.sep)
-        pkg = next(
-            (parts[i + 1] for i, p in enumerate(parts) if p in ("site-packages", "lib")), fn
-        )
+        pkg = next((parts[i + 1] for i, p in enumerate(parts) if p in ("site-packages", "lib")), fn)
         if "fuse_crypt" in parts:
             pkg = "fuse_crypt"
         per[pkg] = per.get(pkg, 0) + stat.size

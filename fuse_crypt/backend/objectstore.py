@@ -313,8 +313,8 @@ class ObjectStoreBackend(StorageBackend):
     are uploaded in parts), ``parallel`` (concurrent part / copy requests),
     ``cache_bytes`` (ciphertext read cache; chunks being fetched count against it, so
     it bounds the read path's memory), ``readahead`` (chunks fetched ahead of a
-    sequential reader; skipped when the cache has no room for them).  ``spool_dir`` selects where write spools live (default: an
-    anonymous memfd in guest memory).
+    sequential reader; skipped when the cache has no room for them).  ``spool_dir``
+    selects where write spools live (default: an anonymous memfd in guest memory).
     """
 
     supports_hardlinks = False
