@@ -320,6 +320,7 @@ class ObjectStoreBackend(StorageBackend):
     supports_hardlinks = False
     supports_xattrs = False
     buffers_writes = True
+    bounded_heap = True
 
     def __init__(
         self,

@@ -489,7 +489,7 @@ def _serve(
         capacity=capacity,
         block_observer=block_observer,
     )
-    tune_process()
+    tune_process(bounded_heap=bool(getattr(backend, "bounded_heap", False)))
     options: dict[str, Any] = {
         "fsname": fsname,
         "subtype": "fuse-crypt",

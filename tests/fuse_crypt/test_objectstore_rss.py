@@ -60,10 +60,12 @@ def _peak_after_read(tmp_path: Path) -> tuple[float, bytes]:
             (m / "big").write_bytes(data)
         with mount_ours(vol, tmp_path / "r") as m:
             pid = _daemon_pid(m)
+            idle = _status_kib(pid, "VmRSS") / 1024
             with open(m / "big", "rb") as f:
                 got = b"".join(iter(lambda: f.read(MiB), b""))
             hwm = _status_kib(pid, "VmHWM") / 1024
     assert got == data
+    print(f"daemon VmRSS mounted, before the read: {idle:.1f} MiB")
     return hwm, got
 
 
