@@ -407,24 +407,63 @@ class S3Transport:
         want = self.max_body if length is None else min(length, self.max_body)
         if length is not None and length > self.max_body:
             raise BadResponse("get: range larger than max_body")
-        # Open-ended: ask for one byte more than the cap, to tell "too large" apart.
-        end = start + want - (0 if length is None else 1)
-        kwargs: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{end}"}
-        try:
-            r = self._call("get_object", **kwargs)
-        except _RangeNotSatisfiable:
-            return b""  # starts at or past the end: an empty short answer
-        return self._read_body(r.get("Body"), want, length is None)
+        body = self._get_body(key, start, want, length is None)
+        if body is None:
+            return b""
+        parts: list[bytes] = []
+        self._read_body(body, want, length is None, parts.append)
+        return b"".join(parts)
 
-    def _read_body(self, body: Any, want: int, open_ended: bool) -> bytes:
-        """At most ``want`` bytes (one more is an error unless the GET was open-ended
-        and ``want`` is the max_body cap), against an overall deadline."""
+    def get_buffer(self, key: str, start: int, length: int) -> bytearray:
+        """:meth:`get` of a bounded range into one buffer allocated up front, returned
+        as is: the body is held once (no list of pieces joined into a second copy).
+        Why: the read-ahead's chunks are the largest allocations of the daemon, which
+        has an RSS budget."""
+        if start < 0 or length <= 0:
+            raise ValueError("empty or negative range")
+        if length > self.max_body:
+            raise BadResponse("get: range larger than max_body")
+        body = self._get_body(key, start, length, False)
+        if body is None:
+            return bytearray()
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+
+        def sink(piece: bytes) -> None:
+            nonlocal got
+            view[got : got + len(piece)] = piece
+            got += len(piece)
+
+        try:
+            self._read_body(body, length, False, sink)
+        finally:
+            view.release()
+        del buf[got:]
+        return buf
+
+    def _get_body(self, key: str, start: int, want: int, open_ended: bool) -> Any:
+        """The streaming body of a ranged GET, or None when the range starts at or past
+        the end. Open-ended: one byte more than ``want`` is asked, to tell "too large"
+        apart."""
+        end = start + want - (0 if open_ended else 1)
+        try:
+            r = self._call("get_object", Key=key, Range=f"bytes={start}-{end}")
+        except _RangeNotSatisfiable:
+            return None  # starts at or past the end: an empty short answer
+        return r.get("Body")
+
+    def _read_body(
+        self, body: Any, want: int, open_ended: bool, sink: Callable[[bytes], None]
+    ) -> None:
+        """At most ``want`` bytes, handed to ``sink`` piece by piece (one more is an
+        error unless the GET was open-ended and ``want`` is the max_body cap), against
+        an overall deadline."""
         import botocore.exceptions as bx
 
         if body is None:
             raise BadResponse("get: no body")
         deadline = time.monotonic() + self.request_deadline
-        parts: list[bytes] = []
         got = 0
         complete = False
         try:
@@ -433,12 +472,12 @@ class S3Transport:
                 if not piece:
                     complete = True
                     break
-                parts.append(piece)
                 got += len(piece)
                 if got > want:
                     raise BadResponse(
                         "get: object over max_body" if open_ended else "get: longer than asked"
                     )
+                sink(piece)
                 if time.monotonic() > deadline:
                     raise TransientError("get: body too slow")
         except (bx.ReadTimeoutError, bx.ResponseStreamingError, OSError) as e:
@@ -448,7 +487,6 @@ class S3Transport:
         finally:
             if not complete:
                 body.close()  # drops the connection; a fully read one goes back to the pool
-        return b"".join(parts)
 
     def put(
         self,
