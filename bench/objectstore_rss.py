@@ -92,7 +92,7 @@ def child(kind: str, endpoint: str, size: int, trace: bool) -> None:
         rows.append(row)
 
     stage("python")
-    import fuse_crypt.backend.objectstore  # noqa: F401
+    import fuse_crypt.backend  # noqa: F401
     import fuse_crypt.cli.commands  # noqa: F401
     import fuse_crypt.fusefrontend  # noqa: F401
 
@@ -130,9 +130,18 @@ def child(kind: str, endpoint: str, size: int, trace: bool) -> None:
     stage("SDK imported")
     backend = loc.backend()
     stage("client + backend built")
-    from fuse_crypt.fusefrontend.allocator import tune_process
+    # What the daemon does before serving an object store (fusefrontend/allocator.py's
+    # bounded-heap profile, then one gc + malloc_trim), here through ctypes directly.
+    import ctypes
+    import gc
 
-    tune_process()
+    libc = ctypes.CDLL(None)
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    libc.mallopt(-1, 4 << 20)  # M_TRIM_THRESHOLD
+    libc.mallopt(-8, 2)  # M_ARENA_MAX
+    gc.collect()
+    libc.malloc_trim(0)
+    stage("allocator set, heap trimmed")
     h = backend.open("big", os.O_RDONLY)
     step = 32 * 4128
     off = 0

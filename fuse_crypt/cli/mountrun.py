@@ -48,7 +48,6 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
                 raise CliError(
                     f"cannot finish an interrupted directory rename: {e.strerror}", FUSE_MOUNT
                 ) from None
-        _release_setup_heap()
     else:
         backend = LocalDirBackend(spec.cipherdir)
     counters = None
@@ -68,21 +67,6 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
     finally:
         if store is not None:
             store.destroy()  # last try for failed uploads; spools and caches dropped
-
-
-def _release_setup_heap() -> None:
-    """Give back what building the object-store client left behind (the SDK's parsed
-    models, import-time garbage): a collection, then glibc ``malloc_trim(0)``. Once,
-    before serving, so the daemon starts from its smallest footprint (its RSS budget
-    is 64 MiB with caches full, docs/fuse_crypt.md)."""
-    import gc
-
-    from fuse_crypt.fusefrontend.allocator import malloc_trim
-
-    gc.collect()
-    trim = malloc_trim()
-    if trim is not None:
-        trim()
 
 
 def _serve_backend(spec: MountSpec, backend: Any, ready: Any, counters: Any) -> None:
