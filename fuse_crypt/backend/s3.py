@@ -54,7 +54,7 @@ _CODE_RE = re.compile(r"[A-Za-z0-9.]{1,64}")
 _ETAG_RE = re.compile(r'"?([A-Za-z0-9-]{1,80})"?')
 _META_MAX = 8192
 _LIST_MAX = 1000
-_READ_PIECE = 256 << 10  # small pieces: the transient copy next to the body stays small
+_READ_PIECE = 64 << 10  # small pieces: the transient copy next to the body stays small
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound", "404"})
 _TRANSIENT = frozenset(
     {

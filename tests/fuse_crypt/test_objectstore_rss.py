@@ -27,7 +27,7 @@ pytestmark = pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_av
 MiB = 1 << 20
 #: Issue 10's target for the daemon with caches full.
 TARGET_MIB = 64
-#: The peak this branch holds today (measured 64-66 MiB on the loaded 2-core test VM,
+#: The peak this branch holds today (measured 64.1-64.8 MiB on the loaded 2-core VM,
 #: docs/fuse_crypt.md "Daemon memory"); a regression past it goes red.
 PEAK_LINE_MIB = 70
 _QUIET = 6.0
