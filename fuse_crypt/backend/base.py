@@ -115,6 +115,10 @@ class StorageBackend(abc.ABC):
     #: (object stores).  The frontend then answers FUSE FLUSH, so that ``close(2)``
     #: reports a failed upload (EIO) instead of the kernel dropping the error.
     buffers_writes: bool = False
+    #: True if the daemon serving this backend should keep its heap small rather than
+    #: recycle large I/O buffers (network-bound object stores, whose daemon has an RSS
+    #: budget); see ``fusefrontend/allocator.py``.
+    bounded_heap: bool = False
 
     # -- metadata ---------------------------------------------------------------
 

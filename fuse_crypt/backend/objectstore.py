@@ -15,8 +15,8 @@ volumes"):
 
 Reads are ranged GETs aligned to cipher blocks (the frontend asks for whole blocks): a
 random read costs one GET of the blocks it touches; a sequential reader gets whole
-chunks (256 cipher blocks) with read-ahead in parallel.  Cached bytes are ciphertext,
-bounded by ``cache_bytes``, keyed by ETag, dropped at unmount.
+chunks (1024 cipher blocks) with read-ahead in parallel.  Cached bytes are ciphertext,
+bounded by ``cache_bytes`` (GETs in flight included), keyed by ETag, dropped at unmount.
 
 Writes go to a per-file *spool* (a memfd, or an unlinked file in ``spool_dir``) that
 only ever holds ciphertext as the crypto layer produced it, plus the set of byte
@@ -90,11 +90,17 @@ _COPY_MAX = 5 << 30
 _COPY_PART = 512 << 20
 _MIN_PART = 5 << 20
 _MAX_PARTS = 10000
-#: Read-ahead / cache granule: 2048 cipher blocks (~8 MiB), aligned to block boundaries.
+#: Read-ahead / cache granule: 1024 cipher blocks (~4 MiB), aligned to block boundaries.
 #: Fewer, larger GETs: per-request cost dominates (moto on the test VM: 1 MiB ranges
 #: ~30 MiB/s, 4 MiB ~80 MiB/s, 8 MiB ~100 MiB/s per stream; sequential reads through
 #: the mount measured 172 MiB/s with 4 MiB chunks x 4 ahead, 190-250 with 8 MiB x 2).
-_CHUNK = 2048 * CIPHER_BS
+#: 4 MiB x 1 ahead is what fits the daemon's 64 MiB RSS budget with the cache full
+#: (docs/fuse_crypt.md, "Daemon memory"; 8 MiB x 1 reads ~1.6x faster over moto but
+#: rests at ~69 MiB): the cache holds the chunk being read and the next one.
+_CHUNK = 1024 * CIPHER_BS
+#: Default ciphertext cache: the chunk being read and one chunk of read-ahead.
+DEFAULT_READAHEAD = 1
+DEFAULT_CACHE_BYTES = (1 + DEFAULT_READAHEAD) * _CHUNK + HEADER_LEN  # chunk 0 has the header
 #: A request at least this long is streaming even if it is not exactly contiguous (the
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
@@ -306,14 +312,16 @@ class ObjectStoreBackend(StorageBackend):
     ``prefix`` is the volume's key prefix (``""`` for a whole bucket).  Sizes:
     ``part_size`` (multipart part, >= 5 MiB), ``multipart_threshold`` (files above it
     are uploaded in parts), ``parallel`` (concurrent part / copy requests),
-    ``cache_bytes`` (ciphertext read cache), ``readahead`` (chunks fetched ahead of a
-    sequential reader).  ``spool_dir`` selects where write spools live (default: an
-    anonymous memfd in guest memory).
+    ``cache_bytes`` (ciphertext read cache; chunks being fetched count against it, so
+    it bounds the read path's memory), ``readahead`` (chunks fetched ahead of a
+    sequential reader; skipped when the cache has no room for them).  ``spool_dir``
+    selects where write spools live (default: an anonymous memfd in guest memory).
     """
 
     supports_hardlinks = False
     supports_xattrs = False
     buffers_writes = True
+    bounded_heap = True
 
     def __init__(
         self,
@@ -324,8 +332,8 @@ class ObjectStoreBackend(StorageBackend):
         part_size: int = 8 << 20,
         multipart_threshold: int = 16 << 20,
         parallel: int = 4,
-        cache_bytes: int = 24 << 20,
-        readahead: int = 2,
+        cache_bytes: int = DEFAULT_CACHE_BYTES,
+        readahead: int = DEFAULT_READAHEAD,
         meta_cache_entries: int = 16384,
         uid: int | None = None,
         gid: int | None = None,
@@ -355,11 +363,15 @@ class ObjectStoreBackend(StorageBackend):
         self._mut = 0
         self._states: dict[str, _State] = {}
         self._pending: set[_State] = set()
-        self._cache: collections.OrderedDict[tuple[str, str, int], bytes] = (
+        self._cache: collections.OrderedDict[tuple[str, str, int], bytes | bytearray] = (
             collections.OrderedDict()
         )
         self._cache_used = 0
-        self._inflight: dict[tuple[str, str, int], concurrent.futures.Future[bytes]] = {}
+        #: Bytes of chunk GETs in flight: reserved in the cache before the GET is sent.
+        self._cache_reserved = 0
+        self._inflight: dict[
+            tuple[str, str, int], concurrent.futures.Future[bytes | bytearray]
+        ] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-io")
         self._ra = concurrent.futures.ThreadPoolExecutor(
             max(1, self.readahead), "objstore-readahead"
@@ -1133,18 +1145,41 @@ class ObjectStoreBackend(StorageBackend):
             raise BadResponse("get: longer than asked")
         return data
 
-    def _cache_put(self, ck: tuple[str, str, int], data: bytes) -> None:
+    def _evict_for(self, need: int, reader: tuple[str, str, int] | None) -> bool:
+        """Make room for ``need`` more bytes (caller holds ``self._lock``); False if
+        there is none.  With ``reader`` (key, etag, chunk index of a sequential reader
+        asking for read-ahead) the chunks it is in or has yet to read are kept:
+        chunks of that object behind it go first, then other objects' chunks, least
+        recently used first.  Without it, anything may go (a chunk needed now)."""
+        budget = self.cache_bytes - need
+
+        def full() -> bool:
+            return self._cache_used + self._cache_reserved > budget
+
+        if reader is None:
+            while full() and self._cache:
+                self._cache_used -= len(self._cache.popitem(last=False)[1])
+            return not full()
+        key, etag, first = reader
+        mine = [c for c in self._cache if c[0] == key and c[1] == etag]
+        order = [c for c in mine if c[2] < first]
+        order += [c for c in self._cache if c[0] != key or c[1] != etag]
+        for ck in order:
+            if not full():
+                break
+            self._cache_used -= len(self._cache.pop(ck))
+        return not full()
+
+    def _cache_put(self, ck: tuple[str, str, int], data: bytes | bytearray) -> None:
         if len(data) > self.cache_bytes:
             return
         with self._lock:
             old = self._cache.pop(ck, None)
             if old is not None:
                 self._cache_used -= len(old)
+            self._evict_for(len(data), None)
             self._cache[ck] = data
             self._cache_used += len(data)
-            while self._cache_used > self.cache_bytes and self._cache:
-                _, gone = self._cache.popitem(last=False)
-                self._cache_used -= len(gone)
 
     @staticmethod
     def _chunk_bounds(i: int) -> tuple[int, int]:
@@ -1154,9 +1189,14 @@ class ObjectStoreBackend(StorageBackend):
     def _chunk_of(off: int) -> int:
         return max(0, (off - HEADER_LEN) // _CHUNK)
 
-    def _chunk(self, key: str, etag: str, i: int, limit: int, wait: bool = True) -> bytes | None:
+    def _chunk(
+        self, key: str, etag: str, i: int, limit: int, wait: bool = True, reader_at: int = 0
+    ) -> bytes | bytearray | None:
         """Chunk ``i`` of object version ``etag`` (clipped to ``limit``), from the cache,
-        an in-flight read-ahead, or a new GET."""
+        an in-flight read-ahead, or a new GET.  A read-ahead (``wait=False``) is only
+        sent when the cache has room for it (``reader_at``: the chunk the reader is in;
+        chunks before it are dropped first), so the cache plus the GETs in flight stay
+        within ``cache_bytes``."""
         ck = (key, etag, i)
         with self._lock:
             data = self._cache.get(ck)
@@ -1169,14 +1209,36 @@ class ObjectStoreBackend(StorageBackend):
                 e = min(e, limit)
                 if s >= e:
                     return b""
-                fut = self._inflight[ck] = self._ra.submit(self._fetch_chunk, ck, s, e)
+                room = self._evict_for(e - s, None if wait else (key, etag, reader_at))
+                if not room and not wait:
+                    return None
+                self._cache_reserved += e - s
+                try:
+                    fut = self._ra.submit(self._fetch_chunk, ck, s, e)
+                except BaseException:
+                    self._cache_reserved -= e - s
+                    raise
+                self._inflight[ck] = fut
         if not wait:
             return None
         return fut.result()
 
-    def _fetch_chunk(self, ck: tuple[str, str, int], s: int, e: int) -> bytes:
+    def _fetch_chunk(self, ck: tuple[str, str, int], s: int, e: int) -> bytes | bytearray:
         try:
-            data = self._get_exact(ck[0], s, e)
+            try:
+                # One buffer per chunk, kept as read: a transport with get_buffer
+                # (S3, OSS, the retrying wrapper) skips the joined copy of the body.
+                get_buffer = getattr(self.t, "get_buffer", None)
+                data: bytes | bytearray
+                if get_buffer is None:
+                    data = self._get_exact(ck[0], s, e)
+                else:
+                    data = get_buffer(ck[0], s, e - s)
+                    if not isinstance(data, bytes | bytearray) or len(data) > e - s:
+                        raise BadResponse("get: longer than asked")
+            finally:
+                with self._lock:
+                    self._cache_reserved -= e - s
             self._cache_put(ck, data)
             return data
         finally:
@@ -1202,17 +1264,17 @@ class ObjectStoreBackend(StorageBackend):
                 have = [self._cache.get((key, etag, i)) for i in range(first, last + 1)]
             if any(c is None for c in have):
                 return self._get_exact(key, s, e)
-        parts = []
+        parts: list[memoryview] = []
         for i in range(first, last + 1):
-            chunk = self._chunk(key, etag, i, limit)
+            chunk = self._chunk(key, etag, i, limit, reader_at=first)
             assert chunk is not None
             cs = self._chunk_bounds(i)[0]
-            parts.append(chunk[max(0, s - cs) : max(0, e - cs)])
+            parts.append(memoryview(chunk)[max(0, s - cs) : max(0, e - cs)])
         if seq:
             for j in range(last + 1, last + 1 + self.readahead):
                 if self._chunk_bounds(j)[0] >= limit:
                     break
-                self._chunk(key, etag, j, limit, wait=False)
+                self._chunk(key, etag, j, limit, wait=False, reader_at=first)
         data = b"".join(parts)
         if s == 0 and len(data) >= HEADER_LEN:
             st.header = data[:HEADER_LEN]
@@ -1251,7 +1313,7 @@ class ObjectStoreBackend(StorageBackend):
                     break  # the object is shorter than it said: a short read, EIO above
             if e > max(r, s):
                 out.append(bytes(e - max(r, s)))  # a hole (or truncated-then-grown range)
-        return b"".join(out)
+        return out[0] if len(out) == 1 else b"".join(out)
 
     def pread(self, handle: _Handle, size: int, offset: int) -> bytes:
         return self._read(handle.state, offset, size)

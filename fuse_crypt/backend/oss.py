@@ -179,8 +179,12 @@ class _BoundedResponse(oss2.http.Response):
 
     def read_at_most(self, cap: int) -> bytes:
         """The whole body; :class:`BadResponse` if it is longer than ``cap``."""
+        return bytes(self.read_buffer(cap))
+
+    def read_buffer(self, cap: int) -> bytearray:
+        """:meth:`read_at_most` into a buffer returned as is (no ``bytes`` copy)."""
         if self._done:
-            return b""
+            return bytearray()
         out = bytearray()
         for chunk in self._chunks(64 * 1024):
             out += chunk
@@ -188,7 +192,7 @@ class _BoundedResponse(oss2.http.Response):
                 self.response.close()
                 raise BadResponse("OSS: response body longer than expected")
         self._done = True
-        return bytes(out)
+        return out
 
     def read(self, amt: int | None = None) -> bytes:
         if amt is None:
@@ -473,21 +477,32 @@ class OssTransport:
         )
 
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
+        return bytes(self._get(key, start, length))
+
+    def get_buffer(self, key: str, start: int, length: int) -> bytearray:
+        """:meth:`get` of a bounded range, the body returned in the buffer it was read
+        into (one copy fewer; the read-ahead's chunks are the daemon's largest
+        allocations and it has an RSS budget)."""
+        if length <= 0:
+            raise ObjectStoreError("OSS GET: empty range", errno.EINVAL)
+        return self._get(key, start, length)
+
+    def _get(self, key: str, start: int, length: int | None) -> bytearray:
         _check_key(key)
         if start < 0 or (length is not None and length < 0):
             raise ObjectStoreError("OSS GET: negative range", errno.EINVAL)
         if length == 0:
-            return b""
+            return bytearray()
         cap = self.max_body if length is None else min(length, self.max_body)
         end = None if length is None else start + length - 1
         headers = {"x-oss-range-behavior": "standard"}
 
-        def fetch() -> bytes:
+        def fetch() -> bytearray:
             try:
                 result = self._bucket.get_object(key, byte_range=(start, end), headers=headers)
             except oss2.exceptions.ServerError as e:
                 if e.status == 416:
-                    return b""
+                    return bytearray()
                 raise
             resp: _BoundedResponse = result.resp
             try:
@@ -513,12 +528,12 @@ class OssTransport:
                 raise BadResponse(f"OSS GET: unexpected status {resp.status}")
             if expected > cap or declared > cap:
                 raise BadResponse("OSS GET: answer longer than asked for")
-            body = resp.read_at_most(cap)
+            body = resp.read_buffer(cap)
             if expected >= 0 and len(body) != expected:
                 raise BadResponse("OSS GET: body length does not match its headers")
             return body
 
-        data: bytes = self._call("GET", fetch)
+        data: bytearray = self._call("GET", fetch)
         return data
 
     def put(

@@ -160,6 +160,15 @@ class RetryingTransport:
     def get(self, key: str, start: int = 0, length: int | None = None) -> bytes:
         return self._run("get", lambda: self.inner.get(key, start, length))
 
+    def get_buffer(self, key: str, start: int, length: int) -> bytes | bytearray:
+        """The inner transport's ``get_buffer`` (a GET into one buffer, returned without
+        a copy) when it has one, else its ``get``; retried like :meth:`get`."""
+        fn = getattr(self.inner, "get_buffer", None)
+        if fn is None:
+            return self.get(key, start, length)
+        data: bytes | bytearray = self._run("get", lambda: fn(key, start, length))
+        return data
+
     def copy(
         self,
         src: str,

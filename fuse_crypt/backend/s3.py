@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import calendar
 import contextlib
+import copy
 import datetime
 import re
 import time
@@ -54,7 +55,7 @@ _CODE_RE = re.compile(r"[A-Za-z0-9.]{1,64}")
 _ETAG_RE = re.compile(r'"?([A-Za-z0-9-]{1,80})"?')
 _META_MAX = 8192
 _LIST_MAX = 1000
-_READ_PIECE = 1 << 20
+_READ_PIECE = 64 << 10  # small pieces: the transient copy next to the body stays small
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound", "404"})
 _TRANSIENT = frozenset(
     {
@@ -163,6 +164,110 @@ def _refreshing_session(source: Callable[[], tuple[str, str, str | None]], every
     return session
 
 
+#: The S3 operations this transport calls: the client's service model is cut down to
+#: these (and the shapes they reach), see :func:`_slim_model`.
+_OPERATIONS = frozenset(
+    {
+        "HeadObject",
+        "GetObject",
+        "PutObject",
+        "CopyObject",
+        "DeleteObject",
+        "DeleteObjects",
+        "ListObjectsV2",
+        "CreateMultipartUpload",
+        "UploadPart",
+        "UploadPartCopy",
+        "CompleteMultipartUpload",
+        "AbortMultipartUpload",
+    }
+)
+
+
+def _slim_model(model: dict[str, Any]) -> dict[str, Any]:
+    """The S3 service model with only :data:`_OPERATIONS` and the shapes they reach.
+
+    Why: the full model is ~100 operations and ~1,000 shapes, 3+ MiB of Python objects
+    that the client keeps for its whole life; the daemon's RSS budget (64 MiB with
+    caches full) cannot pay for operations it never calls. Shapes are walked from each
+    kept operation's input, output and errors through members, list members and map
+    keys/values."""
+    ops = {k: v for k, v in model.get("operations", {}).items() if k in _OPERATIONS}
+    shapes = model.get("shapes", {})
+    keep: set[str] = set()
+    todo: list[str] = []
+    for op in ops.values():
+        for ref in [op.get("input"), op.get("output"), *op.get("errors", [])]:
+            if isinstance(ref, Mapping) and isinstance(ref.get("shape"), str):
+                todo.append(ref["shape"])
+    while todo:
+        name = todo.pop()
+        if name in keep or name not in shapes:
+            continue
+        keep.add(name)
+        shape = shapes[name]
+        refs = list((shape.get("members") or {}).values())
+        refs += [shape.get(k) for k in ("member", "key", "value")]
+        todo += [r["shape"] for r in refs if isinstance(r, Mapping) and "shape" in r]
+    out = {k: v for k, v in model.items() if k not in ("operations", "shapes", "documentation")}
+    out["operations"] = ops
+    out["shapes"] = {k: shapes[k] for k in shapes if k in keep}
+    # A fresh copy: the kept pieces are scattered through the pages the parser filled,
+    # and would pin them all; copied, the whole parse can be freed.
+    return copy.deepcopy(out)
+
+
+def _slim_loader() -> Any:
+    """botocore's data loader, reading botocore's own data only (never ``~/.aws/models``
+    or ``AWS_DATA_PATH``: inside a TEE those are the host's), handing out a cut-down S3
+    model (:func:`_slim_model`) and a single-partition endpoints table.
+
+    Why: building one S3 client otherwise parses ~11 MiB of JSON into Python objects
+    (the endpoints table of every AWS partition and service alone is 6.7 MiB) and
+    keeps most of it; with these cuts the client costs ~2 MiB and the parse peak is
+    smaller. The loader's cache is cleared after the client is built (see
+    :meth:`S3Transport._drop_build_caches`)."""
+    import botocore.exceptions
+    import botocore.loaders
+
+    class SlimLoader(botocore.loaders.Loader):  # type: ignore[misc]
+        def load_data_with_path(self, name: str) -> Any:
+            # The two big files are cut right after parsing and never cached whole,
+            # so the full parse is freed before the client build goes on (its pages
+            # are then reused instead of pinned by what the build keeps).
+            slim = _SLIM_FILES.get(name.split("/")[0] if "/" in name else name)
+            if slim is None or not (name == "endpoints" or name.endswith("/service-2")):
+                return super().load_data_with_path(name)
+            for path in self._potential_locations(name):
+                found = self.file_loader.load_file(path)
+                if found is not None:
+                    return slim(found), path
+            raise botocore.exceptions.DataNotFoundError(data_path=name)
+
+    return SlimLoader(
+        extra_search_paths=[botocore.loaders.Loader.BUILTIN_DATA_PATH],
+        include_default_search_paths=False,
+    )
+
+
+def _slim_endpoints(data: Mapping[str, Any]) -> dict[str, Any]:
+    """The endpoints table with every partition's ``services`` cut to ``s3`` (the
+    partitions' regions and defaults stay, so region/partition resolution is
+    unchanged)."""
+    parts = []
+    for p in data.get("partitions", []):
+        if isinstance(p, Mapping):
+            p = dict(p)
+            services = p.get("services") or {}
+            p["services"] = {k: v for k, v in services.items() if k == "s3"}
+        parts.append(p)
+    return copy.deepcopy({**data, "partitions": parts})
+
+
+#: Data files cut down as they are loaded: ``endpoints`` and ``s3/<version>/service-2``.
+_SLIM_FILES: dict[str, Callable[[Any], Any]] = {"endpoints": _slim_endpoints, "s3": _slim_model}
+
+
 class S3Transport:
     """One S3 bucket via boto3 (see the module docstring for the bounds and rules)."""
 
@@ -220,23 +325,30 @@ class S3Transport:
 
             bsession = botocore.session.Session()
             bsession._credentials = credential_box.botocore_credentials()
-            session = boto3.session.Session(botocore_session=bsession, region_name=region)
         elif credential_source is not None:
-            session = boto3.session.Session(
-                botocore_session=_refreshing_session(credential_source, refresh_seconds),
-                region_name=region,
-            )
+            bsession = _refreshing_session(credential_source, refresh_seconds)
         else:
             if not access_key or not secret_key:
                 raise ValueError("no credentials")
-            session = boto3.session.Session(
-                aws_access_key_id=access_key,
-                aws_secret_access_key=secret_key,
-                aws_session_token=session_token,
-                region_name=region,
-            )
+            import botocore.session
+
+            bsession = botocore.session.Session()
+            bsession.set_credentials(access_key, secret_key, session_token)
+        bsession.register_component("data_loader", _slim_loader())
+        session = boto3.session.Session(botocore_session=bsession, region_name=region)
         verify: bool | str = ca_bundle if ca_bundle is not None else True
         self._client = session.client("s3", endpoint_url=endpoint_url, config=config, verify=verify)
+        self._drop_build_caches(bsession)
+
+    @staticmethod
+    def _drop_build_caches(bsession: Any) -> None:
+        """Free what botocore keeps only to build more clients: the loader's cache of
+        parsed JSON and the endpoints table (the client has its endpoint and its rule
+        set already). The mount daemon then collects and trims the heap once."""
+        with contextlib.suppress(Exception):
+            bsession.get_component("data_loader")._cache.clear()
+        with contextlib.suppress(Exception):
+            bsession._internal_components._components.pop("endpoint_resolver", None)
 
     def __repr__(self) -> str:
         return f"S3Transport(bucket={self.bucket!r})"
@@ -310,24 +422,63 @@ class S3Transport:
         want = self.max_body if length is None else min(length, self.max_body)
         if length is not None and length > self.max_body:
             raise BadResponse("get: range larger than max_body")
-        # Open-ended: ask for one byte more than the cap, to tell "too large" apart.
-        end = start + want - (0 if length is None else 1)
-        kwargs: dict[str, Any] = {"Key": key, "Range": f"bytes={start}-{end}"}
-        try:
-            r = self._call("get_object", **kwargs)
-        except _RangeNotSatisfiable:
-            return b""  # starts at or past the end: an empty short answer
-        return self._read_body(r.get("Body"), want, length is None)
+        body = self._get_body(key, start, want, length is None)
+        if body is None:
+            return b""
+        parts: list[bytes] = []
+        self._read_body(body, want, length is None, parts.append)
+        return b"".join(parts)
 
-    def _read_body(self, body: Any, want: int, open_ended: bool) -> bytes:
-        """At most ``want`` bytes (one more is an error unless the GET was open-ended
-        and ``want`` is the max_body cap), against an overall deadline."""
+    def get_buffer(self, key: str, start: int, length: int) -> bytearray:
+        """:meth:`get` of a bounded range into one buffer allocated up front, returned
+        as is: the body is held once (no list of pieces joined into a second copy).
+        Why: the read-ahead's chunks are the largest allocations of the daemon, which
+        has an RSS budget."""
+        if start < 0 or length <= 0:
+            raise ValueError("empty or negative range")
+        if length > self.max_body:
+            raise BadResponse("get: range larger than max_body")
+        body = self._get_body(key, start, length, False)
+        if body is None:
+            return bytearray()
+        buf = bytearray(length)
+        view = memoryview(buf)
+        got = 0
+
+        def sink(piece: bytes) -> None:
+            nonlocal got
+            view[got : got + len(piece)] = piece
+            got += len(piece)
+
+        try:
+            self._read_body(body, length, False, sink)
+        finally:
+            view.release()
+        del buf[got:]
+        return buf
+
+    def _get_body(self, key: str, start: int, want: int, open_ended: bool) -> Any:
+        """The streaming body of a ranged GET, or None when the range starts at or past
+        the end. Open-ended: one byte more than ``want`` is asked, to tell "too large"
+        apart."""
+        end = start + want - (0 if open_ended else 1)
+        try:
+            r = self._call("get_object", Key=key, Range=f"bytes={start}-{end}")
+        except _RangeNotSatisfiable:
+            return None  # starts at or past the end: an empty short answer
+        return r.get("Body")
+
+    def _read_body(
+        self, body: Any, want: int, open_ended: bool, sink: Callable[[bytes], None]
+    ) -> None:
+        """At most ``want`` bytes, handed to ``sink`` piece by piece (one more is an
+        error unless the GET was open-ended and ``want`` is the max_body cap), against
+        an overall deadline."""
         import botocore.exceptions as bx
 
         if body is None:
             raise BadResponse("get: no body")
         deadline = time.monotonic() + self.request_deadline
-        parts: list[bytes] = []
         got = 0
         complete = False
         try:
@@ -336,12 +487,12 @@ class S3Transport:
                 if not piece:
                     complete = True
                     break
-                parts.append(piece)
                 got += len(piece)
                 if got > want:
                     raise BadResponse(
                         "get: object over max_body" if open_ended else "get: longer than asked"
                     )
+                sink(piece)
                 if time.monotonic() > deadline:
                     raise TransientError("get: body too slow")
         except (bx.ReadTimeoutError, bx.ResponseStreamingError, OSError) as e:
@@ -351,7 +502,6 @@ class S3Transport:
         finally:
             if not complete:
                 body.close()  # drops the connection; a fully read one goes back to the pool
-        return b"".join(parts)
 
     def put(
         self,

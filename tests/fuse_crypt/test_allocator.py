@@ -96,6 +96,42 @@ def test_a_mount_tunes_the_allocator(libc: _Libc, tmp_path: Path, monkeypatch: A
     assert allocator._allocator_tuned is True
 
 
+def test_an_object_store_mount_gets_the_bounded_heap_profile(
+    libc: _Libc, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """A backend that says ``bounded_heap`` (the object store: its daemon has an RSS
+    budget) gets the small thresholds; the local one keeps the throughput ones."""
+
+    class Bounded(LocalDirBackend):
+        bounded_heap = True
+
+    monkeypatch.setattr(mount, "CryptFUSE", lambda ops, mountpoint, **kw: None)
+    vol = make_volume(tmp_path / "cipher")
+    (tmp_path / "mnt").mkdir()
+    conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
+    mount._serve(
+        Bounded(str(vol.cipherdir)),
+        vol.master_key,
+        conf,
+        str(tmp_path / "mnt"),
+        None,
+        read_only=False,
+        fsname="t",
+        on_ready=None,
+        allow_other=False,
+    )
+    assert libc.calls == [
+        ("mallopt", allocator._M_MMAP_THRESHOLD, 1 << 20),
+        ("mallopt", allocator._M_TRIM_THRESHOLD, 4 << 20),
+        ("mallopt", allocator._M_ARENA_MAX, 2),
+        ("malloc_trim", 0),  # the set-up's garbage handed back once, before serving
+    ]
+    from fuse_crypt.backend import ObjectStoreBackend
+
+    assert ObjectStoreBackend.bounded_heap is True
+    assert LocalDirBackend.bounded_heap is False
+
+
 def test_user_malloc_settings_win_over_the_thresholds(
     libc: _Libc, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -143,6 +143,36 @@ class TransportContract:
         assert t.get(p + "f", 1 << 40, 4096) == b""
         assert t.get(p + "f", 3, 0) == b""
 
+    def test_get_buffer_is_get_in_one_buffer(self, t: ObjectTransport, p: str) -> None:
+        """``get_buffer`` (the read-ahead's GET, see docs "Daemon memory"): the same
+        bytes, bounds and short answers as ``get``; through the retrying wrapper, which
+        falls back to ``get`` for a transport without it."""
+        from fuse_crypt.backend.retrying import RetryingTransport
+
+        data = bytes(range(256)) * 40
+        t.put(p + "f", data, metadata={})
+        wrapped = RetryingTransport(t)
+        for gb in (getattr(t, "get_buffer", None), wrapped.get_buffer):
+            if gb is None:
+                continue
+            assert gb(p + "f", 4096, 4096) == data[4096:8192]
+            assert gb(p + "f", 10_000, 1000) == data[10_000:]  # short at the end, not padded
+            assert gb(p + "f", 10_240, 5) == b""  # past the end
+            with pytest.raises(ObjectNotFound):
+                gb(p + "nope", 0, 10)
+
+    def test_get_buffer_over_max_body_is_bad_response(
+        self, make_transport: Callable[..., ObjectTransport], p: str
+    ) -> None:
+        small = make_transport(max_body=1000)
+        gb = getattr(small, "get_buffer", None)
+        if gb is None or not self.bounds_bodies:
+            return  # nothing to bound (the fake); the fallback is covered above
+        small.put(p + "big", os.urandom(1001), metadata={})
+        with pytest.raises(BadResponse):
+            gb(p + "big", 0, 5000)
+        assert len(gb(p + "big", 1, 1000)) == 1000
+
     def test_empty_object(self, t: ObjectTransport, p: str) -> None:
         t.put(p + "e", b"", metadata={"mode": "33188"})
         assert t.head(p + "e").size == 0
