@@ -293,8 +293,8 @@ class S3Transport:
         max_attempts: int = 3,
         max_pool: int = 16,
     ) -> None:
-        import boto3
         import botocore.config
+        import botocore.session
 
         if endpoint_url is not None:
             parts = urlsplit(endpoint_url)
@@ -321,8 +321,6 @@ class S3Transport:
         )
         if credential_box is not None:
             # Swapped credentials (fuse_crypt/backend/credentials.py) are read per request.
-            import botocore.session
-
             bsession = botocore.session.Session()
             bsession._credentials = credential_box.botocore_credentials()
         elif credential_source is not None:
@@ -330,14 +328,17 @@ class S3Transport:
         else:
             if not access_key or not secret_key:
                 raise ValueError("no credentials")
-            import botocore.session
-
             bsession = botocore.session.Session()
             bsession.set_credentials(access_key, secret_key, session_token)
         bsession.register_component("data_loader", _slim_loader())
-        session = boto3.session.Session(botocore_session=bsession, region_name=region)
         verify: bool | str = ca_bundle if ca_bundle is not None else True
-        self._client = session.client("s3", endpoint_url=endpoint_url, config=config, verify=verify)
+        # boto3's client *is* this botocore client; building it without boto3's session
+        # layer skips boto3's import and its s3transfer method injection (~3 MiB of the
+        # daemon's 64 MiB budget, docs/fuse_crypt.md "Daemon memory"); we call only
+        # the client's own operations.
+        self._client = bsession.create_client(
+            "s3", region_name=region, endpoint_url=endpoint_url, config=config, verify=verify
+        )
         self._drop_build_caches(bsession)
 
     @staticmethod
