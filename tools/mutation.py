@@ -75,6 +75,7 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
     "fuse_crypt/luks2/profile.py": [
+        "tests/fuse_crypt/test_luks2_profile_mutants.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
         "tests/fuse_crypt/test_luks2_fuzz.py",
     ],
