@@ -456,7 +456,7 @@ def test_pbkdf2_bounds_and_hash() -> None:
     for value in (999, (1 << 24) + 1, 0):
         _kdf_refused(_pbkdf2(value), " iterations is out of the accepted range")
     _kdf_refused(_pbkdf2(True), " iterations is not an integer")
-    _kdf_refused(_pbkdf2(1000.0), " iterations is not an integer")  # type: ignore[arg-type]
+    _kdf_refused(_pbkdf2(1000.0), " iterations is not an integer")
     for value in ("sha512", "SHA256", "sha1", None):
         _kdf_refused({**_pbkdf2(), "hash": value}, " hash is not sha256")
 
