@@ -89,6 +89,7 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_luks2_hostile.py",
     ],
     "fuse_crypt/luks2/keyslot.py": [
+        "tests/fuse_crypt/test_luks2_keyslot_mutants.py",
         "tests/fuse_crypt/test_luks2_keyslot.py",
         "tests/fuse_crypt/test_luks2_interop.py",
     ],
