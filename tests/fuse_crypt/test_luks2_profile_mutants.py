@@ -256,6 +256,16 @@ def test_booleans_are_not_integers_where_the_value_is_one() -> None:
     _refused(_with("keyslots.0.priority", "1"), "keyslot 0 priority is not an integer")
 
 
+def test_priority_bounds_both_sides() -> None:
+    """0 ignore, 1 normal, 2 prefer (cryptsetup's CRYPT_SLOT_PRIORITY_*): nothing else."""
+    for value in (0, 1, 2):
+        assert profile.validate(_with("keyslots.0.priority", value)).keyslots[0].priority == value
+    for value in (-1, 3, 1 << 31):
+        _refused(
+            _with("keyslots.0.priority", value), "keyslot 0 priority is out of the accepted range"
+        )
+
+
 # --- decimal u64 strings --------------------------------------------------------------------
 
 
