@@ -348,6 +348,10 @@ def test_depth_scan_directly() -> None:
     assert not hdr._json_depth_ok(b'"\\\\"' + b"[" * 7)
     assert hdr._json_depth_ok(b'"\\"' + b"[" * 7 + b'"')
     assert not hdr._json_depth_ok(b'"x"' + b"{" * 7)
+    # a closing bracket goes back exactly one level: 6, 5, then 7 is too deep
+    assert not hdr._json_depth_ok(b"[[[[[[]" + b"[[")
+    assert hdr._json_depth_ok(b"[[[[[[]" + b"[")
+    _json_refused(_area(b'{"a":[[[[[],[[]]]]]]}'), "nested too deep")
 
 
 # --- encoding -------------------------------------------------------------------------------
