@@ -75,12 +75,23 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_gocryptfs_vectors.py",
     ],
     "fuse_crypt/luks2/profile.py": [
+        "tests/fuse_crypt/test_luks2_profile_mutants.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
         "tests/fuse_crypt/test_luks2_fuzz.py",
     ],
     "fuse_crypt/luks2/header.py": [
+        "tests/fuse_crypt/test_luks2_header_mutants.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
         "tests/fuse_crypt/test_luks2_fuzz.py",
+    ],
+    "fuse_crypt/luks2/binding.py": [
+        "tests/fuse_crypt/test_luks2_binding_mutants.py",
+        "tests/fuse_crypt/test_luks2_hostile.py",
+    ],
+    "fuse_crypt/luks2/keyslot.py": [
+        "tests/fuse_crypt/test_luks2_keyslot_mutants.py",
+        "tests/fuse_crypt/test_luks2_keyslot.py",
+        "tests/fuse_crypt/test_luks2_interop.py",
     ],
     "fuse_crypt/luks2/volume.py": [
         "tests/fuse_crypt/test_luks2_interop.py",
