@@ -33,6 +33,14 @@ def test_plain_json_parses_like_json_loads() -> None:
     }
 
 
+def test_nan_and_infinity_are_refused() -> None:
+    """Not JSON (RFC 8259), though json.loads takes them; 1e999 is a number and parses."""
+    for doc in (b'{"a": NaN}', b"[Infinity]", b'{"x": [-Infinity]}'):
+        with pytest.raises(ValueError, match="non-standard JSON constant"):
+            strictjson.loads(doc)
+    assert strictjson.loads(b"[1e999]") == [float("inf")]
+
+
 def test_bytes_must_be_utf8() -> None:
     with pytest.raises(UnicodeDecodeError):
         strictjson.loads('{"a": 1}'.encode("utf-16"))
