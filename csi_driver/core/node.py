@@ -563,16 +563,7 @@ class NodeCore:
         """A bucket prefix (csi_driver/volumes/objectmount.py): parameters checked against
         the node's flags, credentials and key resolved here, first publish initialises an
         empty prefix. Recorded as not ephemeral: unpublish never deletes bucket data."""
-        key: ObjectKey = resolve_object_volume(
-            req.volume_id,
-            ctx,
-            dict(req.secrets or {}),
-            self.resolver,
-            self.object_policy,
-            ephemeral=ephemeral,
-            allowed_key_resources=self.allowed_key_resources,
-            allowed_kids=self.allowed_signing_kids,
-        )
+        key = self._resolve_object(req, ctx, ephemeral, fresh_credentials=False)
         assert key.spec is not None
         location = object_location(key.spec)
         readonly = readonly or key.spec.read_only
@@ -595,6 +586,26 @@ class NodeCore:
             )
             return self._init_and_start(intent, key, deadline)
 
+    def _resolve_object(
+        self,
+        req: PublishRequest,
+        ctx: Mapping[str, str],
+        ephemeral: bool,
+        *,
+        fresh_credentials: bool,
+    ) -> ObjectKey:
+        return resolve_object_volume(
+            req.volume_id,
+            ctx,
+            dict(req.secrets or {}),
+            self.resolver,
+            self.object_policy,
+            ephemeral=ephemeral,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_signing_kids,
+            fresh_credentials=fresh_credentials,
+        )
+
     def _republish_object(
         self, req: PublishRequest, ctx: Mapping[str, str], target: str, ephemeral: bool
     ) -> None:
@@ -604,17 +615,7 @@ class NodeCore:
         changed, without a remount. Nothing else may change: another location, endpoint,
         region or volume key is ALREADY_EXISTS (the CSI spec's "published but
         incompatible"), and the daemon checks location and endpoint once more itself."""
-        key: ObjectKey = resolve_object_volume(
-            req.volume_id,
-            ctx,
-            dict(req.secrets or {}),
-            self.resolver,
-            self.object_policy,
-            ephemeral=ephemeral,
-            allowed_key_resources=self.allowed_key_resources,
-            allowed_kids=self.allowed_signing_kids,
-            fresh_credentials=True,
-        )
+        key = self._resolve_object(req, ctx, ephemeral, fresh_credentials=True)
         assert key.spec is not None
         pub = self.store.get(target)
         assert pub is not None  # _reuse_existing found it live under our target lock

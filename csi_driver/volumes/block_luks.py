@@ -22,6 +22,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -268,37 +269,49 @@ class UserspaceLuks:
         """``integrity`` (the kernel engine's dataIntegrity) is the only way an integrity
         header opens; without it such a header is refused by the profile, never served as
         plain XTS sectors."""
-        fd = self._open(device, read_only=True)
-        try:
-            opened = open_volume(
+        return self._opened(
+            device,
+            lambda fd: open_volume(
                 fd, passphrase, require_binding=self.require_binding, allow_integrity=integrity
-            )
-        except WrongKeyError:
-            raise errors.WrongVolumeKey(
-                "the volume key does not open this LUKS2 container"
-            ) from None
-        except HeaderError as exc:
-            raise _header_refused(exc) from None
-        except (Luks2Error, BadInputError) as exc:
-            raise errors.FailedPrecondition(f"cannot open the LUKS2 container: {exc}") from None
-        finally:
-            os.close(fd)
-        if integrity and opened.segment.integrity is None:
-            raise integrity_mismatch(True)
-        return unlocked_from(opened)
+            ),
+            read_only=True,
+            integrity=integrity,
+            wrong_key="the volume key does not open this LUKS2 container",
+            failed="cannot open the LUKS2 container",
+        )
 
     def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
-        fd = self._open(device, read_only=False)
+        return self._opened(
+            device,
+            lambda fd: bind_volume(fd, passphrase, allow_integrity=integrity),
+            read_only=False,
+            integrity=integrity,
+            wrong_key="the volume key does not open the LUKS2 container just made",
+            failed="cannot bind the LUKS2 header",
+        )
+
+    def _opened(
+        self,
+        device: str,
+        how: Callable[[int], Opened],
+        *,
+        read_only: bool,
+        integrity: bool,
+        wrong_key: str,
+        failed: str,
+    ) -> Unlocked:
+        """One error mapping for unlock and bind: a wrong key is WrongVolumeKey, a refused
+        header or anything else FAILED_PRECONDITION; an integrity volume asked for must be
+        one."""
+        fd = self._open(device, read_only=read_only)
         try:
-            opened = bind_volume(fd, passphrase, allow_integrity=integrity)
+            opened = how(fd)
         except WrongKeyError:
-            raise errors.WrongVolumeKey(
-                "the volume key does not open the LUKS2 container just made"
-            ) from None
+            raise errors.WrongVolumeKey(wrong_key) from None
         except HeaderError as exc:
             raise _header_refused(exc) from None
         except (Luks2Error, BadInputError) as exc:
-            raise errors.FailedPrecondition(f"cannot bind the LUKS2 header: {exc}") from None
+            raise errors.FailedPrecondition(f"{failed}: {exc}") from None
         finally:
             os.close(fd)
         if integrity and opened.segment.integrity is None:

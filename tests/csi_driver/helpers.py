@@ -89,6 +89,37 @@ def backend_blob(path: str) -> bytes:
     return blob
 
 
+def object_node_argv(
+    work: Path, sock: str, node_id: str, key_prefix: str, signing_prefix: str, *extra: str
+) -> list[str]:
+    """``coco-csi node`` for the object-store end-to-end tests: offline-fs resolver from
+    ``work/resources.json``, state and kubelet dirs under ``work``, object stores on
+    loopback only (plain http: moto and the OSS peer), then ``extra``."""
+    return [
+        COCO_CSI,
+        "node",
+        "--endpoint",
+        f"unix://{sock}",
+        "--node-id",
+        node_id,
+        "--resolver",
+        f"offline-fs:{work / 'resources.json'}",
+        "--state-dir",
+        str(work / "state"),
+        "--kubelet-dir",
+        str(work / "kubelet"),
+        "--allowed-key-resource",
+        key_prefix,
+        "--allowed-signing-kid",
+        signing_prefix,
+        "--allowed-object-endpoint",
+        "127.0.0.1",
+        "--allow-insecure-object-endpoint",
+        "--unmount-on-exit",
+        *extra,
+    ]
+
+
 def start_plugin(argv: list[str], sock: str, log: str) -> subprocess.Popen[bytes]:
     """Start a plugin process (output to ``log``) and wait until it listens on ``sock``."""
     with open(log, "ab") as logf:

@@ -26,7 +26,7 @@ from csi_driver.volume_key import new_volume_key_jwk
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import COCO_CSI, start_plugin, stop_plugins
+from tests.csi_driver.helpers import object_node_argv, start_plugin, stop_plugins
 from tests.peers.oss_server import OssServer
 
 KEY_PREFIX = "kbs:///default/coco-csi/"
@@ -148,30 +148,15 @@ def node() -> Iterator[Node]:
     n.write_resources()
     (work / "kubelet").mkdir()
     sock = str(work / "node.sock")
-    n.argv = [
-        COCO_CSI,
-        "node",
-        "--endpoint",
-        f"unix://{sock}",
-        "--node-id",
+    n.argv = object_node_argv(
+        work,
+        sock,
         "rot-node",
-        "--resolver",
-        f"offline-fs:{work / 'resources.json'}",
-        "--state-dir",
-        str(work / "state"),
-        "--kubelet-dir",
-        str(work / "kubelet"),
-        "--allowed-key-resource",
         KEY_PREFIX,
-        "--allowed-signing-kid",
         SIGNING_PREFIX,
-        "--allowed-object-endpoint",
-        "127.0.0.1",
-        "--allow-insecure-object-endpoint",
         "--object-control-dir",
         str(work / "ctl"),
-        "--unmount-on-exit",
-    ]
+    )
     try:
         n.procs.append(start_plugin(n.argv, sock, str(work / "node.log")))
         n.client = CsiClient(f"unix://{sock}")

@@ -24,7 +24,7 @@ from csi_driver.volume_key import new_volume_key_jwk
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import COCO_CSI, start_plugin, stop_plugins
+from tests.csi_driver.helpers import object_node_argv, start_plugin, stop_plugins
 from tests.peers.moto_s3 import MotoS3
 from tests.peers.oss_server import OssServer
 
@@ -104,28 +104,7 @@ def node() -> Iterator[Node]:
     oss.add_credentials("STS.e2e-ak-0002", "e2e-sts-secret-Mn4b3v", "CAIS-e2e-token-Xy9+/=abc")
     oss.create_bucket(OSS_BUCKET)
     sock = str(work / "node.sock")
-    argv = [
-        COCO_CSI,
-        "node",
-        "--endpoint",
-        f"unix://{sock}",
-        "--node-id",
-        "obj-node",
-        "--resolver",
-        f"offline-fs:{work / 'resources.json'}",
-        "--state-dir",
-        str(work / "state"),
-        "--kubelet-dir",
-        str(work / "kubelet"),
-        "--allowed-key-resource",
-        KEY_PREFIX,
-        "--allowed-signing-kid",
-        SIGNING_PREFIX,
-        "--allowed-object-endpoint",
-        "127.0.0.1",
-        "--allow-insecure-object-endpoint",
-        "--unmount-on-exit",
-    ]
+    argv = object_node_argv(work, sock, "obj-node", KEY_PREFIX, SIGNING_PREFIX)
     n = Node(work, f"unix://{sock}", None, moto, oss, sk, other)  # type: ignore[arg-type]
     try:
         n.argv = argv
