@@ -86,6 +86,14 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_luks2_interop.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
     ],
+    "fuse_crypt/backend/retrying.py": [
+        "tests/fuse_crypt/test_retrying_mutants.py",
+        "tests/fuse_crypt/test_retrying.py",
+    ],
+    "fuse_crypt/backend/transport.py": [
+        "tests/fuse_crypt/test_transport_mutants.py",
+        "tests/fuse_crypt/test_retrying_mutants.py",
+    ],
     "csi_driver/keys.py": [
         "tests/csi_driver/test_keys_mutants.py",
         "tests/sealed_secrets/test_kid_gate.py",
