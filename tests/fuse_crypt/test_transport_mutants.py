@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import inspect
 
 import pytest
 
+from fuse_crypt.backend.oss import OssTransport
+from fuse_crypt.backend.retrying import RetryingTransport
+from fuse_crypt.backend.s3 import S3Transport
 from fuse_crypt.backend.transport import (
     AccessDenied,
     BadResponse,
@@ -20,9 +24,11 @@ from fuse_crypt.backend.transport import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStoreError,
+    ObjectTransport,
     PreconditionFailed,
     TransientError,
 )
+from tests.fuse_crypt.fake_transport import FakeTransport
 
 DEFAULTS = [
     (ObjectStoreError, errno.EIO),
@@ -74,3 +80,26 @@ def test_records_are_frozen_with_the_documented_defaults() -> None:
     page = ListPage((info,), ("p/",), None)
     with pytest.raises(dataclasses.FrozenInstanceError):
         page.next_token = "t"  # type: ignore[misc]
+
+
+def _methods() -> list[str]:
+    return [n for n in vars(ObjectTransport) if not n.startswith("_")]
+
+
+@pytest.mark.parametrize(
+    "impl",
+    [OssTransport, S3Transport, RetryingTransport, FakeTransport],
+    ids=lambda c: c.__name__,
+)
+def test_every_transport_has_the_protocols_signatures_and_defaults(impl: type) -> None:
+    """The protocol's defaults (``start=0``, ``delimiter="/"``, ``max_keys=1000``, a
+    create-only PUT only when asked, the octet-stream type) are what callers rely on when
+    they leave an argument out; mypy checks the types but not the default *values*, and the
+    protocol's own stubs never run, so each implementation is compared with them here."""
+    assert len(_methods()) == 12
+    for name in _methods():
+        want = inspect.signature(getattr(ObjectTransport, name))
+        got = inspect.signature(getattr(impl, name))
+        assert [(p.name, p.kind, p.default) for p in got.parameters.values()] == [
+            (p.name, p.kind, p.default) for p in want.parameters.values()
+        ], name
