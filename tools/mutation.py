@@ -99,6 +99,10 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_oss_transport.py",
         "tests/fuse_crypt/test_oss_fuzz.py",
     ],
+    "fuse_crypt/backend/s3.py": [
+        "tests/fuse_crypt/test_s3_mutants.py",
+        "tests/fuse_crypt/test_s3_transport.py",
+    ],
     "csi_driver/keys.py": [
         "tests/csi_driver/test_keys_mutants.py",
         "tests/sealed_secrets/test_kid_gate.py",
@@ -158,6 +162,20 @@ FUNCTIONS: dict[str, list[str]] = {
         "OssTransport._check_listed",
         "OssTransport.create_multipart",
         "OssTransport.complete_multipart",
+    ],
+    "fuse_crypt/backend/s3.py": [
+        "_code",
+        "_etag",
+        "_ns",
+        "_meta",
+        "_size",
+        "S3Transport._client_error",
+        "S3Transport.head",
+        "S3Transport.get",
+        "S3Transport._read_body",
+        "S3Transport.delete_many",
+        "S3Transport.list",
+        "S3Transport.create_multipart",
     ],
 }
 
