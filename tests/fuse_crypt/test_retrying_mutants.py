@@ -197,6 +197,7 @@ def test_multipart_etag_is_md5_of_the_binary_part_md5s_dash_count() -> None:
         "ab" * 17,  # 17 bytes
         "",  # nothing
         md5(b"a") + "-2",  # itself a multipart ETag
+        "X" + md5(b"a") + "X",  # an MD5 inside other characters than quotes
     ],
 )
 def test_multipart_etag_of_a_part_that_is_not_an_md5_is_none(etag: str) -> None:
