@@ -550,10 +550,11 @@ def test_overwriting_put_is_never_judged_by_its_landing() -> None:
         landed(b"body", {"mode": "1", "extra": "x"}),  # our body, more metadata
         landed(b"body", {}),  # our body, no metadata
         landed(b"body", {"mode": "1"}, md5(b"body") + "-1"),  # a multipart object
+        landed(b"body", {"mode": "1"}, f"X{md5(b'body')}X"),  # ours inside other characters
         AccessDenied("403"),  # cannot look
         ObjectNotFound("404"),  # gone again
     ],
-    ids=["body", "meta", "more-meta", "no-meta", "multipart", "head-403", "head-404"],
+    ids=["body", "meta", "more-meta", "no-meta", "multipart", "wrapped", "head-403", "head-404"],
 )
 def test_create_only_put_meeting_anything_but_itself_fails_with_the_original_error(
     info: ObjectInfo | Exception,
@@ -616,6 +617,7 @@ def test_complete_without_a_transient_failure_never_looks() -> None:
         md5(b"a"),  # a single-part object with our part's body
         str(multipart_etag(parts_of(b"a", b"b"))),  # other parts
         str(multipart_etag(parts_of(b"a"))).replace("-1", "-2"),  # other count
+        f"X{multipart_etag(parts_of(b'a'))}X",  # ours inside other characters than quotes
     ],
 )
 def test_complete_meeting_another_object_keeps_not_found(etag: str) -> None:
