@@ -582,6 +582,7 @@ def test_list_longest_token_is_accepted() -> None:
         ("p/a/", "p/", "/", False, "OSS LIST: entry below the delimiter"),
         ("p/a", "p/", "/", True, "OSS LIST: malformed common prefix"),
         ("p/a/b/", "p/", "/", True, "OSS LIST: malformed common prefix"),
+        ("p/a//", "p/", "/", True, "OSS LIST: malformed common prefix"),
         ("p/a/", "p/", "", True, "OSS LIST: malformed common prefix"),
         ("/", "", "/", True, "OSS LIST: malformed common prefix"),
     ],
