@@ -31,6 +31,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -283,11 +284,17 @@ def _configure(dest: Path, module: str, tests: list[str]) -> None:
         )
 
 
-def _mutmut(dest: Path, *args: str, nice: int) -> subprocess.CompletedProcess[str]:
+def _mutmut(
+    dest: Path, *args: str, nice: int, tests: Sequence[str] = ()
+) -> subprocess.CompletedProcess[str]:
+    """``tests``: the module's test files, in the order each mutant should run them
+    (tests/conftest.py sorts by ``COCO_MUTATION_TEST_ORDER``; mutmut's own order is a set's)."""
     cmd = [sys.executable, "-m", "mutmut", *args]
     if nice:
         cmd = ["nice", "-n", str(nice), *cmd]
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
+    if tests:
+        env["COCO_MUTATION_TEST_ORDER"] = os.pathsep.join(tests)
     return subprocess.run(cmd, cwd=dest, capture_output=True, text=True, env=env, check=False)
 
 
@@ -312,7 +319,9 @@ def run_module(module: str, *, jobs: int, nice: int, again: bool = False) -> Sco
         _configure(dest, module, MODULES[module])
         names = [f"{f}*" for f in functions]  # mutmut matches its names with fnmatch
     if names or not again:  # (no names at all would mean every mutant)
-        ran = _mutmut(dest, "run", "--max-children", str(jobs), *names, nice=nice)
+        ran = _mutmut(
+            dest, "run", "--max-children", str(jobs), *names, nice=nice, tests=MODULES[module]
+        )
         log = dest / ("again.log" if again else "run.log")
         log.write_text(ran.stdout + ran.stderr, encoding="utf-8")
         if ran.returncode != 0:
