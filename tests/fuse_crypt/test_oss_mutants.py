@@ -635,10 +635,10 @@ def test_create_multipart_sends_type_and_metadata_and_checks_the_upload_id() -> 
 def test_complete_multipart_checks_parts_before_sending() -> None:
     t, b = transport()
     b.answers["complete_multipart_upload"] = SimpleNamespace(etag='"M-2"')
-    assert t.complete_multipart("k", "u", [(1, '"E1"'), (3, "E3")]) == "M-2"
+    assert t.complete_multipart("k", "u", [(1, '"E1"'), (3, "E3"), (4, "XE4X")]) == "M-2"
     ((name, args, _),) = b.calls
     assert name == "complete_multipart_upload" and args[:2] == ("k", "u")
-    assert [(p.part_number, p.etag) for p in args[2]] == [(1, "E1"), (3, "E3")]
+    assert [(p.part_number, p.etag) for p in args[2]] == [(1, "E1"), (3, "E3"), (4, "XE4X")]
     for parts in ([], [(2, "a"), (1, "b")], [(1, "a"), (1, "a")]):
         with raises(
             ObjectStoreError, "OSS COMPLETE: parts must be unique and ascending", errno.EINVAL
@@ -650,3 +650,29 @@ def test_complete_multipart_checks_parts_before_sending() -> None:
     with raises(BadResponse, "OSS: malformed ETag"):
         t.complete_multipart("k", "u", [(1, "a b")])
     assert len(b.calls) == 1
+
+
+@pytest.mark.parametrize(
+    "method, op, call",
+    [
+        ("head_object", "HEAD", lambda t: t.head("k")),
+        ("get_object", "GET", lambda t: t.get("k")),
+        ("list_objects_v2", "LIST", lambda t: t.list("p/")),
+        ("init_multipart_upload", "INIT-MULTIPART", lambda t: t.create_multipart("k", metadata={})),
+        (
+            "complete_multipart_upload",
+            "COMPLETE-MULTIPART",
+            lambda t: t.complete_multipart("k", "u", [(1, "e")]),
+        ),
+    ],
+)
+def test_errors_name_the_operation(method: str, op: str, call: Any) -> None:
+    """NoSuchUpload from CompleteMultipartUpload must stay ObjectNotFound: the retrying
+    wrapper's check that an unseen completion landed depends on it."""
+    t, b = transport()
+    b.answers[method] = server_error(404, "NoSuchUpload", "R9")
+    with raises(ObjectNotFound, f"OSS {op}: 404 NoSuchUpload (request id R9)"):
+        call(t)
+    b.answers[method] = ValueError("the SDK choked on the answer")
+    with raises(BadResponse, f"OSS {op}: malformed response"):
+        call(t)

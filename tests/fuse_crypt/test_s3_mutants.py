@@ -345,8 +345,11 @@ def test_list_sends_a_clamped_request() -> None:
     ]
 
 
+WHEN = datetime.datetime(2024, 5, 6, 7, 8, 9, tzinfo=datetime.UTC)
+
+
 def entry(key: Any, size: Any = 1) -> dict[str, Any]:
-    return {"Key": key, "Size": size, "ETag": '"E"', "LastModified": None}
+    return {"Key": key, "Size": size, "ETag": '"E"', "LastModified": WHEN}
 
 
 def test_list_parses_and_bounds_the_page() -> None:
@@ -358,10 +361,18 @@ def test_list_parses_and_bounds_the_page() -> None:
         "NextContinuationToken": "t" * 4096,
     }
     got = t.list("p/")
-    assert got.objects == (ObjectInfo("p/a", 3, "E", 0),)
+    assert got.objects == (ObjectInfo("p/a", 3, "E", 1714979289 * 10**9),)
     assert got.common_prefixes == ("p/d/",) and got.next_token == "t" * 4096
-    c.answers["list_objects_v2"] = {"Contents": [entry("k" * 1024)], "NextContinuationToken": "t"}
-    assert t.list("").next_token is None  # not truncated: no token
+    c.answers["list_objects_v2"] = {
+        "Contents": [entry("k" * 1024)],
+        "CommonPrefixes": [{"Prefix": "p" * 1024}],
+        "NextContinuationToken": "t",
+    }
+    got = t.list("")
+    assert got.next_token is None  # not truncated: no token
+    assert got.common_prefixes == ("p" * 1024,)
+    c.answers["list_objects_v2"] = {"IsTruncated": True, "NextContinuationToken": "t"}
+    assert t.list("").next_token == "t"  # the shortest token
     c.answers["list_objects_v2"] = {
         "Contents": [entry("a")] * 600,
         "CommonPrefixes": [{"Prefix": "b/"}] * 400,
@@ -410,6 +421,10 @@ def test_create_multipart_checks_the_upload_id() -> None:
             {"Bucket": "bkt", "Key": "k", "Metadata": {"m": "1"}, "ContentType": "x/y"},
         )
     ]
+    c.calls.clear()
+    c.answers["create_multipart_upload"] = {"UploadId": "u"}
+    assert t.create_multipart("k", metadata={}) == "u"
+    assert c.calls[0][1]["ContentType"] == "application/octet-stream"
     for uid in ("", "u" * 1025, None, 5):
         c.answers["create_multipart_upload"] = {"UploadId": uid}
         with raises(BadResponse, "create_multipart_upload: malformed upload id"):
