@@ -165,6 +165,10 @@ def test_client_side_oss2_errors_map_to_fixed_texts() -> None:
     odd = oss2.exceptions.RequestError("no exception object")
     got = oss._map_oss_error("PUT", odd)
     assert type(got) is TransientError and got.strerror == "OSS PUT: connection failed"
+    bare = oss2.exceptions.RequestError.__new__(oss2.exceptions.RequestError)
+    oss2.exceptions.OssError.__init__(bare, -2, {}, b"", {})  # no ``exception`` attribute
+    got = oss._map_oss_error("PUT", bare)
+    assert type(got) is TransientError and got.strerror == "OSS PUT: connection failed"
     got = oss._map_oss_error("PUT", oss2.exceptions.InconsistentError("crc", "rid"))
     assert type(got) is TransientError
     assert got.strerror == "OSS PUT: CRC mismatch between client and server"
@@ -623,6 +627,9 @@ def test_create_multipart_sends_type_and_metadata_and_checks_the_upload_id() -> 
     assert b.calls == [
         ("init_multipart_upload", ("k", {"Content-Type": "x/y", "x-oss-meta-mode": "1"}), {})
     ]
+    b.calls.clear()
+    assert t.create_multipart("k", metadata={}) == "0004B9895DBBB6EC98E"
+    assert b.calls[0][1][1] == {"Content-Type": "application/octet-stream"}
     for uid in ("A" * 512, "a._~+/=-9"):
         b.answers["init_multipart_upload"] = SimpleNamespace(upload_id=uid)
         assert t.create_multipart("k", metadata={}) == uid

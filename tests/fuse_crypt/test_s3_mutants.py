@@ -213,8 +213,9 @@ def test_head_parses_the_answer() -> None:
         "ETag": '"E"',
         "Metadata": {"Mode": "1"},
         "ContentType": "t" * 256,
+        "LastModified": WHEN,
     }
-    assert t.head("k") == ObjectInfo("k", 3, "E", 0, {"mode": "1"}, "t" * 256)
+    assert t.head("k") == ObjectInfo("k", 3, "E", 1714979289 * 10**9, {"mode": "1"}, "t" * 256)
     assert c.calls == [("head_object", {"Bucket": "bkt", "Key": "k"})]
     for ctype in ("t" * 257, None, 5):
         c.answers["head_object"] = {"ContentLength": 3, "ETag": "E", "ContentType": ctype}
