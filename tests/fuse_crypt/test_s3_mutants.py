@@ -430,3 +430,21 @@ def test_create_multipart_checks_the_upload_id() -> None:
         c.answers["create_multipart_upload"] = {"UploadId": uid}
         with raises(BadResponse, "create_multipart_upload: malformed upload id"):
             t.create_multipart("k", metadata={})
+
+
+def test_get_says_which_bound_a_long_body_broke() -> None:
+    t, c = transport(max_body=4)
+    c.answers["get_object"] = {"Body": Body(b"x" * 5)}
+    with raises(BadResponse, "get: object over max_body"):
+        t.get("k")  # open-ended: the object is larger than the cap
+    c.answers["get_object"] = {"Body": Body(b"x" * 4)}
+    with raises(BadResponse, "get: longer than asked"):
+        t.get("k", 0, 3)
+
+
+def test_a_body_read_exactly_at_its_deadline_is_still_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    t, _ = transport(deadline=0.0)
+    monkeypatch.setattr(s3.time, "monotonic", lambda: 1000.0)  # the clock stands still
+    assert t._read_body(Body(b"abc"), 3, False) == b"abc"
