@@ -381,6 +381,7 @@ def test_get_content_range_must_match_the_request() -> None:
     bad = [
         Answer(206, {"Content-Length": "5"}, b"x" * 5),  # no Content-Range
         ranged(6, 10, "100"),  # another start
+        ranged(6, 9, "100", b"x" * 5),  # another start, the right end and length
         ranged(5, 4, "100", b""),  # ends before it starts
         ranged(5, 8, "100"),  # cut short in the middle
         ranged(5, 10, "100"),  # longer than asked
@@ -434,6 +435,9 @@ def test_get_length_checks_on_both_sides() -> None:
     with raises(BadResponse, "OSS GET: body length does not match its headers"):
         t.get("k")
     b.answers["get_object"] = Answer(200, {"Content-Length": "5"}, b"x" * 6)
+    with raises(BadResponse, "OSS GET: body length does not match its headers"):
+        t.get("k")
+    b.answers["get_object"] = Answer(200, {"Content-Length": "0"}, b"x")
     with raises(BadResponse, "OSS GET: body length does not match its headers"):
         t.get("k")
     b.answers["get_object"] = Answer(200, {}, b"x" * 7)  # chunked: no length to compare
