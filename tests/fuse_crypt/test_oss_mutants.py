@@ -183,6 +183,7 @@ def test_client_side_oss2_errors_map_to_fixed_texts() -> None:
 def test_etag_is_unquoted_and_bounded() -> None:
     assert oss._clean_etag(' "5D41402ABC4B2A76" ') == "5D41402ABC4B2A76"
     assert oss._clean_etag("!" + "~" * 255) == "!" + "~" * 255  # 256 printable characters
+    assert oss._clean_etag("XabcX") == "XabcX"  # only quotes and spaces are taken off
     for bad in ("a" * 257, "", '""', "a b", "a\x7f", "a\x00", None, 5, b"abc"):
         with raises(BadResponse, "OSS: malformed ETag"):
             oss._clean_etag(bad)
@@ -485,6 +486,31 @@ def test_read_is_bounded_by_the_limit_and_ends_cleanly() -> None:
     assert b"".join(bounded(b"z" * 70000, limit=70000)) == b"z" * 70000
 
 
+class Raw(io.BytesIO):
+    """A socket body that records what each ``read1`` asked for."""
+
+    def __init__(self, data: bytes) -> None:
+        super().__init__(data)
+        self.asked: list[int | None] = []
+
+    def read1(self, size: int | None = -1, /) -> bytes:
+        self.asked.append(size)
+        return super().read1(size)
+
+
+def test_read_at_most_reads_in_64_kib_pieces_and_never_again_once_done() -> None:
+    r = requests.Response()
+    r.status_code = 200
+    r.raw = raw = Raw(b"q" * (64 * 1024 + 1))
+    br = oss._BoundedResponse(r, 0, 1e18)
+    assert br.read_at_most(10**6) == b"q" * (64 * 1024 + 1)
+    assert raw.asked == [65536, 65536, 65536]  # piece, last byte, end
+    raw.write(b"more")  # the peer sends more after the end: never read
+    raw.seek(-4, io.SEEK_END)
+    assert br.read_at_most(10**6) == b"" and br.read(10) == b""
+    assert len(raw.asked) == 3
+
+
 def test_reads_past_the_deadline_fail_transiently() -> None:
     with raises(TransientError, "OSS: response too slow"):
         bounded(b"abc", limit=3, deadline=0.0).read()
@@ -553,6 +579,9 @@ def test_list_entry_bounds() -> None:
         b.answers["list_objects_v2"] = page([obj("p/a", size)], [])
         with raises(BadResponse, "OSS LIST: malformed size"):
             t.list("p/")
+    b.answers["list_objects_v2"] = page([obj("p/a/b")], [])
+    with raises(BadResponse, "OSS LIST: entry below the delimiter"):
+        t.list("p/")
     b.answers["list_objects_v2"] = page([obj("p/a", etag="a b")], [])
     with raises(BadResponse, "OSS: malformed ETag"):
         t.list("p/")
