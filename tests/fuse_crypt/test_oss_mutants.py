@@ -233,6 +233,7 @@ def test_metadata_received_is_checked_and_bounded() -> None:
 def test_object_keys_are_checked_before_any_request() -> None:
     oss._check_key("a")
     oss._check_key("a/")
+    oss._check_key("Xa")
     oss._check_key("x" * 1023)
     oss._check_key("é" * 511 + "x")  # 1,023 bytes
     for bad in ("", "/a", "\\a", "x" * 1024, "é" * 512):
@@ -509,6 +510,14 @@ def test_read_at_most_reads_in_64_kib_pieces_and_never_again_once_done() -> None
     raw.seek(-4, io.SEEK_END)
     assert br.read_at_most(10**6) == b"" and br.read(10) == b""
     assert len(raw.asked) == 3
+    r = requests.Response()
+    r.status_code = 200
+    r.raw = raw = Raw(b"abc")
+    br = oss._BoundedResponse(r, 10, 1e18)
+    assert br.read(5) == b"abc" and br.read(5) == b""
+    raw.write(b"more")
+    raw.seek(-4, io.SEEK_END)
+    assert br.read(5) == b"" and len(raw.asked) == 2  # done: the socket is not asked again
 
 
 def test_reads_past_the_deadline_fail_transiently() -> None:
