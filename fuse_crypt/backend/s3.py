@@ -592,9 +592,13 @@ class S3Transport:
             if not isinstance(v, str) or len(v) > 1024:
                 raise BadResponse("list: malformed prefix")
             cps.append(v)
-        nxt = r.get("NextContinuationToken") if r.get("IsTruncated") else None
-        if nxt is not None and (not isinstance(nxt, str) or not 0 < len(nxt) <= 4096):
-            raise BadResponse("list: malformed continuation token")
+        nxt = None
+        if r.get("IsTruncated"):
+            # A truncated page without a usable next token would end the listing early and
+            # hide entries (as OssTransport, refused, never taken as the last page).
+            nxt = r.get("NextContinuationToken")
+            if not isinstance(nxt, str) or not 0 < len(nxt) <= 4096 or nxt == token:
+                raise BadResponse("list: malformed continuation token")
         return ListPage(tuple(objs), tuple(cps), nxt)
 
     def create_multipart(

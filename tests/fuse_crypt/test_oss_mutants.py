@@ -255,7 +255,7 @@ def test_part_numbers_are_1_to_10000() -> None:
 
 
 class Answer:
-    """What ``get_object`` returns: status, headers, and a body read through ``read_at_most``."""
+    """What ``get_object`` returns: status, headers, and a body read through ``read_buffer``."""
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.resp = self
@@ -264,9 +264,9 @@ class Answer:
         self.body = body
         self.caps: list[int] = []
 
-    def read_at_most(self, cap: int) -> bytes:
+    def read_buffer(self, cap: int) -> bytearray:
         self.caps.append(cap)
-        return self.body
+        return bytearray(self.body)
 
 
 class Bucket:

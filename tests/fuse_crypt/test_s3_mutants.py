@@ -21,6 +21,7 @@ from fuse_crypt.backend.s3 import S3Transport
 from fuse_crypt.backend.transport import (
     AccessDenied,
     BadResponse,
+    CredentialsRejected,
     ObjectInfo,
     ObjectNotFound,
     ObjectStoreError,
@@ -152,9 +153,9 @@ def test_sizes_are_bounded_on_both_sides() -> None:
         (400, "PreconditionFailed", PreconditionFailed),
         (403, "X", AccessDenied),
         (400, "AccessDenied", AccessDenied),
-        (400, "InvalidAccessKeyId", AccessDenied),
+        (400, "InvalidAccessKeyId", CredentialsRejected),
         (400, "SignatureDoesNotMatch", AccessDenied),
-        (400, "ExpiredToken", AccessDenied),
+        (400, "ExpiredToken", CredentialsRejected),
         (400, "403", AccessDenied),
         (500, "X", TransientError),
         (503, "X", TransientError),
@@ -276,38 +277,45 @@ def test_get_past_the_end_is_empty_and_other_errors_pass() -> None:
         t.get("k", 50, 5)
 
 
+def read_body(t: S3Transport, body: Any, want: int, open_ended: bool) -> bytes:
+    """``_read_body`` hands pieces to a sink (no joined copy); join them for the checks."""
+    out = bytearray()
+    t._read_body(body, want, open_ended, out.extend)
+    return bytes(out)
+
+
 def test_body_reads_are_bounded_on_both_sides() -> None:
     t, _ = transport(max_body=100)
     b = Body(b"x" * 5)
-    assert t._read_body(b, 5, False) == b"x" * 5
+    assert read_body(t, b, 5, False) == b"x" * 5
     assert b.reads == [6, 1] and not b.closed  # read to its end: back to the pool
     b = Body(b"x" * 6)
     with raises(BadResponse, "get: longer than asked"):
-        t._read_body(b, 5, False)
+        read_body(t, b, 5, False)
     assert b.closed
     with raises(BadResponse, "get: object over max_body"):
-        t._read_body(Body(b"x" * 6), 5, True)
+        read_body(t, Body(b"x" * 6), 5, True)
     with raises(BadResponse, "get: no body"):
-        t._read_body(None, 5, False)
+        read_body(t, None, 5, False)
     big = b"z" * ((1 << 20) + 10)
     b = Body(big)
-    assert t._read_body(b, len(big), False) == big
-    assert b.reads == [1 << 20, 11, 1]
+    assert read_body(t, b, len(big), False) == big
+    assert b.reads == [s3._READ_PIECE] * ((1 << 20) // s3._READ_PIECE) + [11, 1]
 
 
 def test_body_read_failures_are_transient_and_close_the_connection() -> None:
     t, _ = transport()
     b = Body(b"", ConnectionResetError("reset"))
     with raises(TransientError, "get: ConnectionResetError"):
-        t._read_body(b, 5, False)
+        read_body(t, b, 5, False)
     assert b.closed
     b = Body(b"", BadResponse("inner"))
     with raises(BadResponse, "inner"):
-        t._read_body(b, 5, False)
+        read_body(t, b, 5, False)
     slow, _ = transport(deadline=-1.0)
     b = Body(b"x" * 5)
     with raises(TransientError, "get: body too slow"):
-        slow._read_body(b, 5, False)
+        read_body(slow, b, 5, False)
     assert b.closed
 
 
@@ -403,6 +411,8 @@ def test_list_parses_and_bounds_the_page() -> None:
             "list: malformed continuation token",
         ),
         ({"IsTruncated": True, "NextContinuationToken": 5}, "list: malformed continuation token"),
+        # truncated without a next token: taken as the last page, entries would go missing
+        ({"IsTruncated": True}, "list: malformed continuation token"),
     ],
 )
 def test_list_refuses_malformed_pages(answer: dict[str, Any], text: str) -> None:
@@ -410,6 +420,17 @@ def test_list_refuses_malformed_pages(answer: dict[str, Any], text: str) -> None
     c.answers["list_objects_v2"] = answer
     with raises(BadResponse, text):
         t.list("")
+
+
+def test_list_refuses_a_token_that_does_not_advance() -> None:
+    t, c = transport()
+    c.answers["list_objects_v2"] = {"IsTruncated": True, "NextContinuationToken": "same"}
+    with raises(BadResponse, "list: malformed continuation token"):
+        t.list("", token="same")
+    c.answers["list_objects_v2"] = {"IsTruncated": True, "NextContinuationToken": "next"}
+    assert t.list("", token="same").next_token == "next"
+    c.answers["list_objects_v2"] = {"IsTruncated": False, "NextContinuationToken": "ignored"}
+    assert t.list("").next_token is None
 
 
 def test_create_multipart_checks_the_upload_id() -> None:
@@ -447,4 +468,4 @@ def test_a_body_read_exactly_at_its_deadline_is_still_in_time(
 ) -> None:
     t, _ = transport(deadline=0.0)
     monkeypatch.setattr(s3.time, "monotonic", lambda: 1000.0)  # the clock stands still
-    assert t._read_body(Body(b"abc"), 3, False) == b"abc"
+    assert read_body(t, Body(b"abc"), 3, False) == b"abc"
