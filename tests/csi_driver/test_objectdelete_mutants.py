@@ -358,9 +358,9 @@ class Recorder:
         return self.transport
 
 
-def _deleter(env: Env, factory: Callable[..., Any], **kw: Any) -> ObjectDeleter:
+def _deleter(e: Env, factory: Callable[..., Any], **kw: Any) -> ObjectDeleter:
     pol = kw.pop("policy", None) or _policy(ca_bundle="/etc/ca.pem")
-    return ObjectDeleter(env.resolver, pol, ("kbs:///default/signing-key/",), factory, **kw)
+    return ObjectDeleter(e.resolver, pol, ("kbs:///default/signing-key/",), factory, **kw)
 
 
 def test_delete_passes_what_it_unsealed_and_derived(
