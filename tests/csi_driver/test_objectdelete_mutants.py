@@ -118,7 +118,12 @@ def test_volume_prefix_shapes() -> None:
     assert volume_prefix("/a/", "v.1_x-Y") == "a/v.1_x-Y/"
     with pytest.raises(errors.InvalidArgument) as info:
         volume_prefix("a//b", "v")
-    assert "StorageClass parameter path" in _msg(info)  # the normaliser's label
+    assert _msg(info) == (  # the normaliser's text, with this caller's label
+        "StorageClass parameter path must be normalised (no '.', '..' or '//')"
+    )
+    # slashes are what is stripped, nothing else (an X, say)
+    assert volume_prefix("", "X") == "X/"
+    assert volume_prefix("X", "XX") == "X/XX/"
 
 
 def test_volume_prefix_length_bound_in_bytes_both_sides() -> None:
@@ -193,8 +198,10 @@ def test_delete_prefix_refusal_text_and_shapes() -> None:
             delete_prefix(t, bad, Deadline(5))
         assert _msg(info) == "refusing to delete an empty or root prefix"
         assert t.calls == []
-    t = Scripted([])
-    assert delete_prefix(t, "v/", Deadline(5)) == 0  # a one-component prefix is fine
+    for good in ("v/", "X/", "XX/X/"):  # a one-component prefix is fine; only / is stripped
+        t = Scripted([])
+        assert delete_prefix(t, good, Deadline(5)) == 0
+        assert t.lists == [(good, {"delimiter": "", "token": None, "max_keys": 1000})]
 
 
 def test_pages_batches_tokens_and_the_count() -> None:
@@ -455,6 +462,10 @@ def test_spec_uses_path_then_prefix_and_drops_its_own_parameters(
     params["path"] = "new"
     assert d._spec(params, "coco-7", {})[1] == "new/coco-7/"  # path wins over prefix
     assert d._spec(env.params(path=""), "coco-7", {})[1] == "coco-7/"
+    # only slashes are stripped from the class path (as the node's parser does)
+    assert d._spec(env.params(path="Xp/aX"), "coco-X", {})[1] == "Xp/aX/coco-X/"
+    assert seen[-1]["path"] == "Xp/aX/coco-X"
+    assert d._spec(env.params(path=" a b /"), "coco-7", {})[1] == " a b /coco-7/"
 
 
 def test_spec_refuses_a_parsed_prefix_that_differs(
@@ -501,7 +512,7 @@ def test_default_transport_builds_the_location(monkeypatch: pytest.MonkeyPatch) 
         endpoint="http://s3.example:9000",
         region="eu-1",
         bucket="the-bucket",
-        prefix="pvcs/coco-7/",
+        prefix="pvcs/coco-X/",
         access_key_id=None,  # type: ignore[arg-type]
         access_key_secret=None,  # type: ignore[arg-type]
         security_token=None,
@@ -513,7 +524,7 @@ def test_default_transport_builds_the_location(monkeypatch: pytest.MonkeyPatch) 
     assert budget == 7.5
     assert (loc.bucket, loc.prefix, loc.endpoint, loc.region, loc.kind) == (
         "the-bucket",
-        "pvcs/coco-7",
+        "pvcs/coco-X",
         "http://s3.example:9000",
         "eu-1",
         "s3",
