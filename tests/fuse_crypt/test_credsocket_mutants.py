@@ -10,6 +10,7 @@ in a forked child (SO_PEERCRED), is in tests/fuse_crypt/test_oss_rotation.py.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -543,3 +544,226 @@ def test_client_default_timeout(monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     with pytest.raises(OSError):
         send_credentials(str(tmp_path / "missing"), IDENT, NEW)
     assert seen == [6.0]
+
+
+# -- what the parser raises, and the body's trailing lines -----------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "text"),
+    [
+        (HEAD + NEW.rstrip(b"\n"), "malformed request"),
+        (b"\xff=1\n\n" + NEW, "malformed request"),
+        (b"X=1\n\n" + NEW, "malformed request"),
+        (
+            HEAD.replace(b"/vol", b"/v") + b"\n" + NEW,
+            "the request is for another volume location or endpoint",
+        ),
+    ],
+)
+def test_parse_refusals_are_usage_errors(server: CredentialSocket, data: bytes, text: str) -> None:
+    with pytest.raises(CliError) as info:
+        server._parse(data)
+    assert str(info.value) == text and info.value.code == USAGE
+
+
+def test_only_trailing_newlines_are_stripped_from_the_body(server: CredentialSocket) -> None:
+    body = b"OSS_ACCESS_KEY_ID=AKIDNEWX\nOSS_ACCESS_KEY_SECRET=secret-endsX\n\n"
+    assert server._parse(HEAD + b"\n" + body) == ("AKIDNEWX", "secret-endsX", None)
+    # a trailing space counts towards the 4096-byte bound (only newlines are stripped)
+    creds = NEW.rstrip(b"\n") + b"\n"
+    body = b"#" * (4095 - len(creds)) + b"\n" + creds[:-1] + b" "
+    assert len(body) == 4096
+    with pytest.raises(CliError) as info:
+        server._parse(HEAD + b"\n" + body + b"\n\n")
+    assert str(info.value) == "new credentials: too large"
+
+
+def test_client_refuses_an_identity_of_the_wrong_size(tmp_path: Path) -> None:
+    for ident in (IDENT[:2], (*IDENT, "extra")):
+        with pytest.raises(ValueError):
+            send_credentials(str(tmp_path / "none"), ident, NEW)  # type: ignore[arg-type]
+
+
+def test_client_collects_an_answer_sent_in_parts(tmp_path: Path) -> None:
+    path = str(tmp_path / "d")
+    with socket.socket(socket.AF_UNIX) as srv:
+        srv.bind(path)
+        srv.listen(1)
+
+        def answer() -> None:
+            conn, _ = srv.accept()
+            with conn:
+                while conn.recv(65536):
+                    pass
+                conn.sendall(b"OK ")
+                time.sleep(0.2)
+                conn.sendall(b"changed\n")
+
+        t = threading.Thread(target=answer, daemon=True)
+        t.start()
+        assert send_credentials(path, IDENT, NEW) == "OK changed"
+        t.join(5)
+
+
+def test_close_after_the_file_is_gone(tmp_path: Path) -> None:
+    d = _sock_dir(tmp_path)
+    srv = CredentialSocket(str(d / "s"), CredentialBox(*FIRST), bucket="bkt", identity=IDENT)
+    os.unlink(d / "s")
+    srv.close()  # nothing raised
+    assert not srv._thread.is_alive()
+
+
+def test_close_waits_for_a_request_being_read(
+    server: CredentialSocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(cs, "READ_TIMEOUT", 0.5)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.path)
+        s.sendall(b"LOCATION=")
+        time.sleep(0.1)  # accepted: the thread is reading it, for up to 0.5 s
+        server.close()
+        assert not server._thread.is_alive()
+
+
+# -- the serving loop ------------------------------------------------------------------------
+
+
+class ConnSpy:
+    """A connection that records its timeouts and the receives after the answer."""
+
+    def __init__(self, conn: socket.socket, log: list[tuple[str, Any]]) -> None:
+        self._conn, self.log = conn, log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._conn, name)
+
+    def __enter__(self) -> ConnSpy:
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self._conn.close()
+
+    def settimeout(self, t: float | None) -> None:
+        self.log.append(("timeout", t))
+        self._conn.settimeout(t)
+
+    def sendall(self, data: bytes) -> None:
+        self.log.append(("sendall", data))
+        self._conn.sendall(data)
+
+    def recv(self, n: int) -> bytes:
+        data = self._conn.recv(n)
+        self.log.append(("recv", (n, len(data))))
+        return data
+
+
+class SockSpy:
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self.logs: list[list[tuple[str, Any]]] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._sock, name)
+
+    def accept(self) -> tuple[ConnSpy, Any]:
+        conn, addr = self._sock.accept()
+        self.logs.append([])
+        return ConnSpy(conn, self.logs[-1]), addr
+
+
+def _spied(server: CredentialSocket) -> SockSpy:
+    spy = SockSpy(server._sock)
+    server._sock = spy  # type: ignore[assignment]
+    assert raw(server.path, b"x") == b"ERR malformed request\n"  # the loop now uses the spy
+    return spy
+
+
+def test_answer_timeouts_and_a_drain_that_stops_at_end_of_stream(
+    server: CredentialSocket,
+) -> None:
+    spy = _spied(server)
+    assert raw(server.path, HEAD + b"\n" + NEW) == b"OK changed\n"
+    (log,) = spy.logs
+    deadline = time.monotonic() + 5  # the daemon drains after the client saw the answer
+    while log[-1][0] != "recv" and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(0.1)
+    after = log[[e[0] for e in log].index("sendall") - 1 :]
+    assert after == [
+        ("timeout", 5.0),
+        ("sendall", b"OK changed\n"),
+        ("timeout", 1.0),
+        ("recv", (MAX_REQUEST, 0)),  # the client had finished: one receive, then done
+    ]
+
+
+def test_drain_is_bounded_to_four_receives(server: CredentialSocket) -> None:
+    spy = _spied(server)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(10)
+        s.connect(server.path)
+        s.sendall(b"A" * (MAX_REQUEST + 1))
+        got = s.recv(100)
+        assert got == b"ERR request too large or too slow\n"
+        with contextlib.suppress(OSError):  # (the daemon hangs up after draining)
+            for _ in range(8):  # keeps sending past the answer
+                s.sendall(b"B" * MAX_REQUEST)
+        time.sleep(0.3)
+        deadline = time.monotonic() + 5
+        while len(spy.logs[0]) < 9 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    log = spy.logs[0]
+    drained = log[[e[0] for e in log].index("sendall") + 2 :]
+    assert [e[0] for e in drained] == ["recv"] * 4
+    assert all(e[1][0] == MAX_REQUEST and e[1][1] > 0 for e in drained)
+
+
+def test_a_failing_connection_does_not_stop_the_server(
+    server: CredentialSocket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = server._handle
+    calls: list[int] = []
+
+    def flaky(conn: socket.socket) -> str:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ConnectionResetError("peer went away")
+        if len(calls) == 2:
+            time.sleep(0.3)  # the client is gone by then: the answer cannot be sent
+        return real(conn)
+
+    monkeypatch.setattr(server, "_handle", flaky)
+    got: bytes | None = None
+    with contextlib.suppress(OSError):  # closed, or reset (its request was never read)
+        got = raw(server.path, HEAD + b"\n" + NEW)
+    assert got in (None, b"")  # no answer for that one
+    with socket.socket(socket.AF_UNIX) as s:
+        s.connect(server.path)
+        s.sendall(HEAD + b"\n" + NEW)
+        s.shutdown(socket.SHUT_WR)
+    time.sleep(0.5)
+    assert send_credentials(server.path, IDENT, NEW, timeout=3) == "OK unchanged"
+    assert len(calls) == 3
+
+
+def test_accept_errors_are_retried_after_a_short_pause(tmp_path: Path) -> None:
+    srv = CredentialSocket(
+        str(_sock_dir(tmp_path) / "s"), CredentialBox(*FIRST), bucket="b", identity=IDENT
+    )
+    srv.close()
+    accepts: list[float] = []
+
+    class Failing:
+        def accept(self) -> Any:
+            accepts.append(time.monotonic())
+            if len(accepts) == 3:
+                srv._closed.set()
+            raise OSError(errno.EMFILE, "Too many open files")
+
+    srv._closed.clear()
+    srv._sock = Failing()  # type: ignore[assignment]
+    t0 = time.monotonic()
+    srv._serve()  # returns once closed
+    assert len(accepts) == 3
+    assert 0.09 <= time.monotonic() - t0 < 0.9  # two pauses of 0.05 s
