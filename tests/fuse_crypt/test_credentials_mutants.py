@@ -165,3 +165,16 @@ def test_botocore_credentials_read_the_box_and_ignore_writes() -> None:
 def _frozen(c: Any) -> tuple[str, str, str | None]:
     f = c.get_frozen_credentials()
     return (f.access_key, f.secret_key, f.token)
+
+
+def test_same_compares_each_element_on_its_own() -> None:
+    """Joined with separators, two different triples could compare equal (a NUL moved from
+    one field to the next, or a token of one byte ``\\x01`` against no token), and a swap
+    would be skipped as "unchanged". Producers only hand over printable ASCII today, so
+    this guards the box, not a reachable path."""
+    assert cr._same(("a\0b", "c", None), ("a", "b\0c", None)) is False
+    assert cr._same(("a", "b", None), ("a", "b", "\1")) is False
+    assert cr._same(("a", "b", "\1"), ("a", "b", None)) is False
+    assert cr._same(("a", "b", "t"), ("a", "b", "t")) is True
+    box = CredentialBox("a\0b", "c")
+    assert box.set("a", "b\0c", None) is True and box.get() == ("a", "b\0c", None)
