@@ -132,6 +132,17 @@ MODULES: dict[str, list[str]] = {
         "tests/csi_driver/test_node.py",
         "tests/csi_driver/test_mutation_gaps.py",
     ],
+    "csi_driver/volumes/objectdelete.py": [
+        "tests/csi_driver/test_objectdelete_mutants.py",
+        "tests/csi_driver/test_object_delete.py",
+    ],
+    "fuse_crypt/cli/credsocket.py": [
+        "tests/fuse_crypt/test_credsocket_mutants.py",
+    ],
+    "fuse_crypt/backend/credentials.py": [
+        "tests/fuse_crypt/test_credentials_mutants.py",
+        "tests/fuse_crypt/test_credential_refresh.py",
+    ],
 }
 
 # module -> the only functions mutated in it ("func" or "Class.method"); a module not named

@@ -128,7 +128,13 @@ class CredentialBox:
 
 
 def _same(a: tuple[str, str, str | None], b: tuple[str, str, str | None]) -> bool:
-    """Constant-time comparison of two credential triples."""
-    ea = "\0".join((a[0], a[1], a[2] if a[2] is not None else "\1")).encode()
-    eb = "\0".join((b[0], b[1], b[2] if b[2] is not None else "\1")).encode()
-    return hmac.compare_digest(ea, eb)
+    """Constant-time comparison of two credential triples, element by element: joined with
+    separators, a NUL moved from one field to the next (or a token ``"\\x01"`` against no
+    token) would compare equal and a real swap would be skipped as unchanged."""
+    keys = (
+        hmac.compare_digest(a[0].encode(), b[0].encode()),
+        hmac.compare_digest(a[1].encode(), b[1].encode()),
+    )
+    if a[2] is None or b[2] is None:
+        return all(keys) and a[2] is None and b[2] is None
+    return all(keys) and hmac.compare_digest(a[2].encode(), b[2].encode())

@@ -99,7 +99,8 @@ class CredentialSocket:
             self._sock.bind(path)
         except OSError as e:
             self._sock.close()
-            raise CliError(f"--control-socket {path}: {e.strerror}", USAGE) from None
+            # Some bind errors carry no strerror (a path longer than sun_path): their text.
+            raise CliError(f"--control-socket {path}: {e.strerror or e}", USAGE) from None
         finally:
             os.umask(old)
         os.chmod(path, 0o600)
