@@ -298,6 +298,9 @@ class MountSupervisor:
         except errors.CsiError as exc:
             log.error("mount restart failed", extra={"fields": {**fields, "err": exc}})
             return
+        # Counted before the handle shows the new pid, so whoever sees the new daemon also
+        # sees the restart in the metric (a test read them in that order and raced).
+        self.on_restart()
         handle.proc = proc
         with self._lock:
             stopping = handle.stopping
@@ -308,7 +311,6 @@ class MountSupervisor:
         # The store, not this handle, is what a restarted plugin reads: the new pid goes
         # there at once, or a later plugin could not adopt (and supervise) this daemon.
         self.store.update(handle.target, pid=proc.pid, pid_start=mounter.start_time(proc.pid))
-        self.on_restart()
         log.info(
             "mount daemon restarted", extra={"fields": {"target": handle.target, "pid": proc.pid}}
         )

@@ -567,9 +567,11 @@ class BlockVolumes:
         return None
 
     @staticmethod
-    def _our_dead_loop(source: str) -> str | None:
-        """``source`` if it is a loop device still backed by a block daemon's ``disk``
-        whose FUSE mount is gone (the kernel then shows the file as ``/disk (deleted)``)."""
+    def _our_dead_loop(source: str, mnt: str) -> str | None:
+        """``source`` if it is a loop device still backed by this stage's block daemon
+        ``disk`` when ``losetup -j`` cannot say so: the daemon died and its FUSE mount is
+        either still there (ENOTCONN: the kernel still names ``mnt/disk``) or detached
+        (the kernel then shows the file as ``/disk (deleted)``)."""
         m = re.fullmatch(r"/dev/(loop[0-9]{1,6})", source)
         if not m:
             return None
@@ -578,7 +580,11 @@ class BlockVolumes:
                 backing = f.read(4096).strip()
         except OSError:
             return None  # detached
-        return source if backing.endswith("/" + DISK_NAME + " (deleted)") else None
+        if backing == os.path.join(mnt, DISK_NAME) or backing.endswith(
+            "/" + DISK_NAME + " (deleted)"
+        ):
+            return source
+        return None
 
     def _raw_device(self, stage: Publication) -> str | None:
         """The plaintext device a raw block stage exposes: the loop device over the block
@@ -634,9 +640,9 @@ class BlockVolumes:
         loop = self._loop_of(mnt)
         entry = self.mounts.find(staging)
         if loop is None and entry is not None:
-            # A dead daemon's FUSE mount was detached: losetup -j cannot find the loop by
-            # its path any more; the staging mount still names it.
-            loop = self._our_dead_loop(entry.source)
+            # A dead daemon: losetup -j cannot find the loop by its path (ENOTCONN, or the
+            # FUSE mount already detached); the staging mount still names it.
+            loop = self._our_dead_loop(entry.source, mnt)
         ours = entry is not None and loop is not None and entry.source == loop
         if ours and not umount_nofollow(staging):
             _run(["umount", staging], "umount of the staging path")
@@ -646,7 +652,7 @@ class BlockVolumes:
             with contextlib.suppress(errors.Internal):
                 _run(["losetup", "-d", loop], "losetup -d")
             time.sleep(0.05)
-            gone = self._our_dead_loop(loop) is None
+            gone = self._our_dead_loop(loop, mnt) is None
             loop = self._loop_of(mnt) or (None if gone else loop)
         else:
             raise errors.Internal(f"loop device {loop} stays attached (still in use?)")

@@ -410,6 +410,33 @@ def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
     assert fsck.returncode == 0, fsck.stdout.decode()
 
 
+def test_unstage_right_after_the_daemon_died_before_the_supervisor_noticed(rig: Rig) -> None:
+    """The daemon SIGKILLed and unstage called before the supervisor has detached its dead
+    FUSE mount (ENOTCONN: losetup -j cannot stat ``disk``): unstage must still unmount the
+    staging path and detach the loop device (it once returned OK with both left behind)."""
+    import signal
+    import time
+
+    img = rig.image()
+    staging = rig.stage(img)
+    pub = rig.core.block.store.get(staging)
+    assert pub is not None and pub.pid > 0
+    rig.core.block.supervisor.shutdown()  # nobody notices the death
+    os.kill(pub.pid, signal.SIGKILL)
+    disk = pathlib.Path(rig.core.block.daemon_dir(staging), "disk")
+    for _ in range(200):  # the FUSE connection is gone: ENOTCONN or ECONNABORTED
+        try:
+            disk.stat()
+        except OSError as exc:
+            assert exc.errno in (errno.ENOTCONN, errno.ECONNABORTED)
+            break
+        time.sleep(0.05)
+    else:
+        raise AssertionError("the killed daemon's mount still answers")
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == [] and not os.path.ismount(staging)
+
+
 def _null_cipher(m: dict) -> None:  # type: ignore[type-arg]
     m["segments"]["0"]["encryption"] = "cipher_null-ecb"
 

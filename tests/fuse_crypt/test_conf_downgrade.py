@@ -130,7 +130,7 @@ RAW_HOSTILE: list[tuple[str, bytes, str]] = [
     ("deep nesting", b'{"Creator": ' + b"[" * 30000 + b"]" * 30000 + b"}", "JSON"),
     ("huge JSON", b'{"Creator": "' + b"x" * MAX_CONF_BYTES + b'"}', "larger than"),
     ("huge number", b'{"Version": ' + b"9" * 20000 + b"}", "JSON"),
-    ("NaN", _BASE_JSON.replace('"Version": 2', '"Version": NaN').encode(), "Version"),
+    ("NaN", _BASE_JSON.replace('"Version": 2', '"Version": NaN').encode(), "not valid JSON"),
     ("not UTF-8", b'{"Creator": "\xff"}', "JSON"),
     ("BOM", b"\xef\xbb\xbf" + _BASE_JSON.encode(), "JSON"),
 ]

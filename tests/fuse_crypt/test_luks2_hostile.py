@@ -313,7 +313,7 @@ def _area(text: bytes) -> bytes:
         ("depth bomb", _area(b'{"a":' + b"[" * 5000 + b"]" * 5000 + b"}"), "deep"),
         ("string bomb", _area(b'{"a":"' + b"x" * 12000 + b'"}'), "unknown member|lacks"),
         ("duplicate member", _area(b'{"keyslots":{},"keyslots":{}}'), "duplicate"),
-        ("NaN", _area(b'{"keyslots":NaN}'), "lacks|not an object"),
+        ("NaN", _area(b'{"keyslots":NaN}'), "not valid JSON"),  # strictjson refuses NaN
         ("huge int", _area(b'{"a":' + b"9" * 5000 + b"}"), "not valid JSON"),
         ("bytes after NUL", _area(b"{}\0x"), "after"),
         ("not an object", _area(b"{]"), "not valid JSON"),
