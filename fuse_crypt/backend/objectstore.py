@@ -1283,15 +1283,17 @@ class ObjectStoreBackend(StorageBackend):
         ``(key, etag)`` when it stands at ``s``; None tells the caller to send a ranged
         GET.  Why: a ranged GET costs a round trip (and O(object size) on moto), so a
         sequential reader is served by one long GET, as rclone does.  Only chunks of
-        sequential readers come here (:meth:`_chunk`).  A chunk ahead of the stream
-        re-opens it at ``s``; one behind it, or a stream another thread holds, is a
-        ranged GET.  A stream that fails or ends early is closed and the chunk fetched
-        by a ranged GET (through the retrying transport): never short or wrong bytes.
+        sequential readers come here (:meth:`_chunk`).  A stream is opened at chunk 0,
+        or at a chunk whose predecessor is cached (the reader just had it); a chunk
+        ahead of the stream re-opens it there; one behind it, or a stream another
+        thread holds, is a ranged GET.  A stream that fails or ends early is closed and
+        the chunk fetched by a ranged GET (through the retrying transport): never short
+        or wrong bytes.
         Memory: the chunk's buffer only (the socket applies backpressure)."""
         open_stream = getattr(self.t, "open_stream", None)
         if open_stream is None or s >= limit or self._closed.is_set():
             return None
-        key, etag, _ = ck
+        key, etag, i = ck
         sk = (key, etag)
         drop: list[_Stream] = []
         with self._lock:
@@ -1305,6 +1307,11 @@ class ObjectStoreBackend(StorageBackend):
                 cur = None  # held by another thread, or behind: a ranged GET
             elif cur is not None and s == cur.pos:
                 cur.busy = True
+            elif i > 0 and (key, etag, i - 1) not in self._cache:
+                # No sign of a reader going on from here (large reads at random
+                # offsets also count as sequential): a stream dropped after one chunk
+                # would cost a new connection, so a ranged GET it is.
+                cur = None
             else:
                 if cur is not None:  # a forward jump: re-open at s
                     drop.append(self._streams.pop(sk))
