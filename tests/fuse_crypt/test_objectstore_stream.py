@@ -51,6 +51,23 @@ def test_sequential_read_is_one_stream(t: FakeTransport) -> None:
     assert not cold.backend._streams  # closed at the end of the object / unmount
 
 
+def test_reader_starting_mid_file_streams_from_its_second_chunk(t: FakeTransport) -> None:
+    data = os.urandom(20 * MiB)
+    FS(t).write("/m", data)
+    cold = FS(t)
+    fh = cold.ops.open("/m", os.O_RDONLY)
+    cold.ops.read(None, 1, 0, fh)
+    t.reset_counts()
+    off = 14 * MiB  # chunk 3: past where the stream opened by the first read stands
+    while off < len(data):
+        assert cold.ops.read(None, MiB, off, fh) == data[off : off + MiB]
+        off += MiB
+    # The first chunk has no predecessor in the cache: a ranged GET; then one stream.
+    assert t.counts["stream"] == 1 and len(_ranged_gets(t)) == 1, t.log
+    cold.ops.release(None, fh)
+    cold.close()
+
+
 def test_sequential_read_through_the_retrying_wrapper_streams(t: FakeTransport) -> None:
     data = os.urandom(12 * MiB)
     FS(t).write("/seq", data)
