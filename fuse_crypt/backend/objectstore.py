@@ -1347,7 +1347,7 @@ class ObjectStoreBackend(StorageBackend):
             cur.pos = e
             cur.used = time.monotonic()
             cur.busy = False
-            done = e >= cur.limit or self._streams.get(sk) is not cur
+            done = e >= cur.limit or self._streams.get(sk) is not cur or self._closed.is_set()
             if done and self._streams.get(sk) is cur:
                 del self._streams[sk]
         if done:
