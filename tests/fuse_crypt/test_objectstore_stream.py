@@ -11,19 +11,21 @@ from __future__ import annotations
 import errno
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
 from fuse_crypt.backend.objectstore import _STREAMS_MAX
 from fuse_crypt.backend.retrying import RetryingTransport
-from fuse_crypt.backend.transport import TransientError
+from fuse_crypt.backend.transport import BadResponse, TransientError
 from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN
 from fuse_crypt.nametransform import DIRIV_NAME, NameTransform
 from tests.fuse_crypt.fake_transport import FakeTransport
 from tests.fuse_crypt.test_backend_objectstore import FS, PRE, MiB, _init
 from tests.fuse_crypt.test_retrying import AK, BUCKET, SK, stack
 from tests.peers.fault_proxy import Fault, FaultProxy
+from tests.peers.moto_s3 import MotoS3, moto_s3
 from tests.peers.oss_server import OssServer
 
 
@@ -226,3 +228,45 @@ def test_stream_over_the_wire_and_cut_mid_body(proxy: FaultProxy, cut: int | Non
     cold.ops.release(None, fh)
     assert not cold.backend._streams
     cold.close()
+
+
+# -- S3 over moto: the stream's answer is checked like get_buffer's -------------------------
+
+
+@pytest.fixture(scope="module")
+def moto() -> Iterator[MotoS3]:
+    with moto_s3() as m:
+        yield m
+
+
+@pytest.mark.parametrize(
+    "bend",
+    [
+        lambda r: r.update(ContentRange="bytes 1-9999/10000"),  # another range
+        lambda r: r.update(ContentRange=None),  # a 200 with the whole object
+        lambda r: r.update(ContentLength=r["ContentLength"] + 1),
+    ],
+    ids=["range", "no-range", "length"],
+)
+def test_s3_stream_answer_must_match_the_request(
+    moto: MotoS3, bend: Callable[[dict[str, Any]], None]
+) -> None:
+    t = moto.transport(moto.new_bucket("streams"))
+    data = os.urandom(10000)
+    t.put("k", data, metadata={})
+    s = t.open_stream("k", 10, 10000)
+    assert s.read_exact(90) == data[10:100]
+    s.close()
+    real = t._call
+    bodies: list[Any] = []
+
+    def bent(op: str, **kw: Any) -> Any:
+        r = dict(real(op, **kw))
+        bodies.append(r["Body"])
+        bend(r)
+        return r
+
+    t._call = bent  # type: ignore[method-assign]
+    with pytest.raises(BadResponse):
+        t.open_stream("k", 10, 10000)
+    assert bodies and bodies[0]._raw_stream.closed  # the connection was dropped
