@@ -1307,10 +1307,11 @@ class ObjectStoreBackend(StorageBackend):
                 cur = None  # held by another thread, or behind: a ranged GET
             elif cur is not None and s == cur.pos:
                 cur.busy = True
-            elif i > 0 and (key, etag, i - 1) not in self._cache:
-                # No sign of a reader going on from here (large reads at random
-                # offsets also count as sequential): a stream dropped after one chunk
-                # would cost a new connection, so a ranged GET it is.
+            elif e >= limit or (i > 0 and (key, etag, i - 1) not in self._cache):
+                # The object's last chunk (a small file: one GET either way), or no
+                # sign of a reader going on from here (large reads at random offsets
+                # count as sequential too): a ranged GET, not a stream dropped after
+                # one chunk.
                 cur = None
             else:
                 if cur is not None:  # a forward jump: re-open at s

@@ -241,6 +241,7 @@ class _OssStream:
         self._left = left
         self._max = max_body
         self._seconds = seconds
+        self._broken = False
 
     def read_exact(self, n: int) -> bytearray:
         if n <= 0 or n > self._max or n > self._left:
@@ -248,15 +249,20 @@ class _OssStream:
         try:
             data = self._resp.read_exact(n, self._seconds)
         except BaseException:
+            self._broken = True
             self.close()
             raise
         self._left -= n
         return data
 
     def close(self) -> None:
-        self._left = 0
-        with contextlib.suppress(Exception):
-            self._resp.response.close()
+        """Drop the connection, unless the body was read to its end (as after a
+        ranged GET's :meth:`_BoundedResponse.read_buffer`, which leaves it as is)."""
+        whole = self._left == 0 and not self._broken
+        self._left, self._broken = 0, True
+        if not whole:
+            with contextlib.suppress(Exception):
+                self._resp.response.close()
 
 
 class _Session(oss2.Session):

@@ -279,6 +279,7 @@ class _S3Stream:
         self._left = left
         self._max = max_body
         self._deadline = deadline
+        self._broken = False
 
     def read_exact(self, n: int) -> bytearray:
         import botocore.exceptions as bx
@@ -299,7 +300,7 @@ class _S3Stream:
                 if time.monotonic() > deadline:
                     raise TransientError("stream: body too slow")
         except (bx.ReadTimeoutError, bx.ResponseStreamingError, bx.BotoCoreError, OSError) as e:
-            self._left = 0
+            self._left, self._broken = 0, True
             if isinstance(e, ObjectStoreError):
                 raise
             raise TransientError(f"stream: {type(e).__name__}") from None
@@ -309,9 +310,17 @@ class _S3Stream:
         return buf
 
     def close(self) -> None:
-        self._left = 0
+        """Drop the connection, unless the body was read to its end: that one goes
+        back to the pool (as after :meth:`S3Transport.get_buffer`)."""
+        whole = self._left == 0 and not self._broken
+        self._left, self._broken = 0, True
+        if not whole:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            return
         with contextlib.suppress(Exception):
-            self._body.close()
+            if self._body.read(1):  # the end of the body, which releases the connection
+                self._body.close()
 
 
 class S3Transport:

@@ -54,7 +54,7 @@ def test_sequential_read_is_one_stream(t: FakeTransport) -> None:
 
 
 def test_reader_starting_mid_file_streams_from_its_second_chunk(t: FakeTransport) -> None:
-    data = os.urandom(20 * MiB)
+    data = os.urandom(28 * MiB)
     FS(t).write("/m", data)
     cold = FS(t)
     fh = cold.ops.open("/m", os.O_RDONLY)
@@ -67,6 +67,16 @@ def test_reader_starting_mid_file_streams_from_its_second_chunk(t: FakeTransport
     # The first chunk has no predecessor in the cache: a ranged GET; then one stream.
     assert t.counts["stream"] == 1 and len(_ranged_gets(t)) == 1, t.log
     cold.ops.release(None, fh)
+    cold.close()
+
+
+def test_one_chunk_file_is_a_ranged_get_not_a_stream(t: FakeTransport) -> None:
+    data = os.urandom(100_000)
+    FS(t).write("/small", data)
+    cold = FS(t)
+    t.reset_counts()
+    assert cold.read("/small") == data
+    assert t.counts["stream"] == 0 and t.counts["get"] >= 1, t.log
     cold.close()
 
 
