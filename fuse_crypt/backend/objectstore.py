@@ -70,6 +70,7 @@ from .transport import (
     ListPage,
     ObjectInfo,
     ObjectNotFound,
+    ObjectStream,
     ObjectTransport,
     PreconditionFailed,
 )
@@ -104,6 +105,10 @@ DEFAULT_CACHE_BYTES = (1 + DEFAULT_READAHEAD) * _CHUNK + HEADER_LEN  # chunk 0 h
 #: A request at least this long is streaming even if it is not exactly contiguous (the
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
+#: Streaming GETs a daemon keeps open for sequential readers (one per (key, etag)),
+#: and how long one may sit unused before the next stream read closes it.
+_STREAMS_MAX = 2
+_STREAM_IDLE = 30.0
 _SYMLINK_MAX = 16384
 _DETACH_MAX = 256 << 20
 #: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
@@ -297,6 +302,26 @@ class _State:
             self.spool = None
 
 
+class _Stream:
+    """One open GET ``[pos, limit)`` of an object version whose chunks are read from it
+    in order.  ``busy`` while one thread opens or reads it (a stream is never shared);
+    ``body`` is None until it is open."""
+
+    __slots__ = ("body", "busy", "limit", "pos", "used")
+
+    def __init__(self, pos: int, limit: int) -> None:
+        self.body: ObjectStream | None = None
+        self.pos = pos
+        self.limit = limit
+        self.busy = True
+        self.used = time.monotonic()
+
+    def close(self) -> None:
+        if self.body is not None:
+            with contextlib.suppress(OSError):
+                self.body.close()
+
+
 class _Handle:
     __slots__ = ("state", "writable")
 
@@ -376,6 +401,8 @@ class ObjectStoreBackend(StorageBackend):
         self._ra = concurrent.futures.ThreadPoolExecutor(
             max(1, self.readahead), "objstore-readahead"
         )
+        #: Open streaming GETs of sequential readers (see :meth:`_stream_read`).
+        self._streams: collections.OrderedDict[tuple[str, str], _Stream] = collections.OrderedDict()
         self._retry_thread: threading.Thread | None = None
         self._closed = threading.Event()
 
@@ -1214,7 +1241,7 @@ class ObjectStoreBackend(StorageBackend):
                     return None
                 self._cache_reserved += e - s
                 try:
-                    fut = self._ra.submit(self._fetch_chunk, ck, s, e)
+                    fut = self._ra.submit(self._fetch_chunk, ck, s, e, limit)
                 except BaseException:
                     self._cache_reserved -= e - s
                     raise
@@ -1223,14 +1250,18 @@ class ObjectStoreBackend(StorageBackend):
             return None
         return fut.result()
 
-    def _fetch_chunk(self, ck: tuple[str, str, int], s: int, e: int) -> bytes | bytearray:
+    def _fetch_chunk(
+        self, ck: tuple[str, str, int], s: int, e: int, limit: int
+    ) -> bytes | bytearray:
         try:
             try:
                 # One buffer per chunk, kept as read: a transport with get_buffer
                 # (S3, OSS, the retrying wrapper) skips the joined copy of the body.
                 get_buffer = getattr(self.t, "get_buffer", None)
-                data: bytes | bytearray
-                if get_buffer is None:
+                data: bytes | bytearray | None = self._stream_read(ck, s, e, limit)
+                if data is not None:
+                    pass
+                elif get_buffer is None:
                     data = self._get_exact(ck[0], s, e)
                 else:
                     data = get_buffer(ck[0], s, e - s)
@@ -1244,6 +1275,97 @@ class ObjectStoreBackend(StorageBackend):
         finally:
             with self._lock:
                 self._inflight.pop(ck, None)
+
+    def _stream_read(
+        self, ck: tuple[str, str, int], s: int, e: int, limit: int
+    ) -> bytearray | None:
+        """Chunk bytes ``[s, e)`` read from the streaming GET ``[.., limit)`` of
+        ``(key, etag)`` when it stands at ``s``; None tells the caller to send a ranged
+        GET.  Why: a ranged GET costs a round trip (and O(object size) on moto), so a
+        sequential reader is served by one long GET, as rclone does.  Only chunks of
+        sequential readers come here (:meth:`_chunk`).  A stream is opened at chunk 0,
+        or at a chunk whose predecessor is cached (the reader just had it); a chunk
+        ahead of the stream re-opens it there; one behind it, or a stream another
+        thread holds, is a ranged GET.  A stream that fails or ends early is closed and
+        the chunk fetched by a ranged GET (through the retrying transport): never short
+        or wrong bytes.
+        Memory: the chunk's buffer only (the socket applies backpressure)."""
+        open_stream = getattr(self.t, "open_stream", None)
+        if open_stream is None or s >= limit or self._closed.is_set():
+            return None
+        key, etag, i = ck
+        sk = (key, etag)
+        drop: list[_Stream] = []
+        with self._lock:
+            now = time.monotonic()
+            for k, v in list(self._streams.items()):
+                if not v.busy and (now - v.used > _STREAM_IDLE or (k[0] == key and k != sk)):
+                    drop.append(self._streams.pop(k))
+            cur = self._streams.get(sk)
+            opening = False
+            if cur is not None and (cur.busy or s < cur.pos):
+                cur = None  # held by another thread, or behind: a ranged GET
+            elif cur is not None and s == cur.pos:
+                cur.busy = True
+            elif e >= limit or (i > 0 and (key, etag, i - 1) not in self._cache):
+                # The object's last chunk (a small file: one GET either way), or no
+                # sign of a reader going on from here (large reads at random offsets
+                # count as sequential too): a ranged GET, not a stream dropped after
+                # one chunk.
+                cur = None
+            else:
+                if cur is not None:  # a forward jump: re-open at s
+                    drop.append(self._streams.pop(sk))
+                while len(self._streams) >= _STREAMS_MAX:
+                    victim = next((k for k, v in self._streams.items() if not v.busy), None)
+                    if victim is None:
+                        break
+                    drop.append(self._streams.pop(victim))
+                if len(self._streams) < _STREAMS_MAX:
+                    cur = self._streams[sk] = _Stream(s, limit)
+                    opening = True
+                else:
+                    cur = None
+        for old in drop:
+            old.close()
+        if cur is None:
+            return None
+        try:
+            if opening:
+                cur.body = open_stream(key, s, limit)
+            assert cur.body is not None
+            data: bytearray = cur.body.read_exact(e - s)
+            if len(data) != e - s:
+                raise BadResponse("stream: short chunk")
+        except OSError as exc:
+            log.info("event=stream_fallback errno=%s", exc.errno)
+            with self._lock:
+                if self._streams.get(sk) is cur:
+                    del self._streams[sk]
+            cur.close()
+            return None
+        with self._lock:
+            cur.pos = e
+            cur.used = time.monotonic()
+            cur.busy = False
+            done = e >= cur.limit or self._streams.get(sk) is not cur or self._closed.is_set()
+            if done and self._streams.get(sk) is cur:
+                del self._streams[sk]
+        if done:
+            cur.close()
+        return data
+
+    def _close_streams(self, key: str | None) -> None:
+        """Close the idle streams of ``key`` (all of them with None): at release and
+        unmount.  A stream in use is closed by its reader when it is done."""
+        with self._lock:
+            drop = [
+                self._streams.pop(k)
+                for k, v in list(self._streams.items())
+                if (key is None or k[0] == key) and not v.busy
+            ]
+        for old in drop:
+            old.close()
 
     def _remote(self, st: _State, etag: str, limit: int, s: int, e: int) -> bytes:
         """Bytes ``[s, e)`` of published version ``etag`` (``e <= limit``).  A random
@@ -1499,6 +1621,7 @@ class ObjectStoreBackend(StorageBackend):
                 if self._states.get(st.key) is st:
                     del self._states[st.key]
             st.close_spool()
+            self._close_streams(st.key)
 
     # -- background retry of failed uploads ----------------------------------------------------
 
@@ -1552,6 +1675,7 @@ class ObjectStoreBackend(StorageBackend):
             self._children.clear()
         for st in states:
             st.close_spool()
+        self._close_streams(None)
         self._io.shutdown(wait=False, cancel_futures=True)
         self._ra.shutdown(wait=False, cancel_futures=True)
 

@@ -194,6 +194,25 @@ class _BoundedResponse(oss2.http.Response):
         self._done = True
         return out
 
+    def read_exact(self, n: int, seconds: float) -> bytearray:
+        """The next ``n`` bytes of a stream (:class:`_OssStream`) within ``seconds``;
+        the whole answer's length was checked against the request when it opened."""
+        self._deadline = time.monotonic() + seconds
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                piece = next(iter(self._chunks(min(64 * 1024, n - got))), b"")
+                if not piece:
+                    self.response.close()
+                    raise TransientError("OSS stream: ended early")
+                view[got : got + len(piece)] = piece
+                got += len(piece)
+        finally:
+            view.release()
+        return buf
+
     def read(self, amt: int | None = None) -> bytes:
         if amt is None:
             return self.read_at_most(self._limit)
@@ -211,6 +230,39 @@ class _BoundedResponse(oss2.http.Response):
     def __iter__(self) -> Iterator[bytes]:
         while chunk := self.read(64 * 1024):
             yield chunk
+
+
+class _OssStream:
+    """An open GET read in exact pieces (:class:`ObjectStream`), each bounded in size
+    (``max_body``) and time (the request timeout)."""
+
+    def __init__(self, resp: _BoundedResponse, left: int, max_body: int, seconds: float):
+        self._resp = resp
+        self._left = left
+        self._max = max_body
+        self._seconds = seconds
+        self._broken = False
+
+    def read_exact(self, n: int) -> bytearray:
+        if n <= 0 or n > self._max or n > self._left:
+            raise BadResponse("OSS stream: read past the requested range")
+        try:
+            data = self._resp.read_exact(n, self._seconds)
+        except BaseException:
+            self._broken = True
+            self.close()
+            raise
+        self._left -= n
+        return data
+
+    def close(self) -> None:
+        """Drop the connection, unless the body was read to its end (as after a
+        ranged GET's :meth:`_BoundedResponse.read_buffer`, which leaves it as is)."""
+        whole = self._left == 0 and not self._broken
+        self._left, self._broken = 0, True
+        if not whole:
+            with contextlib.suppress(Exception):
+                self._resp.response.close()
 
 
 class _Session(oss2.Session):
@@ -411,6 +463,7 @@ class OssTransport:
             raise ObjectStoreError("OSS bounds must be positive", errno.EINVAL)
         self.bucket_name = bucket
         self.max_body = max_body
+        self._request_timeout = request_timeout
         provider = _Provider(credentials)
         auth: Any
         if auth_version == "v4":
@@ -535,6 +588,32 @@ class OssTransport:
 
         data: bytearray = self._call("GET", fetch)
         return data
+
+    def open_stream(self, key: str, start: int, end: int) -> _OssStream:
+        """One GET of ``[start, end)`` read chunk by chunk (:class:`ObjectStream`); the
+        answer must be exactly that range (206, Content-Range, Content-Length)."""
+        _check_key(key)
+        if start < 0 or end <= start:
+            raise ObjectStoreError("OSS GET: empty or negative range", errno.EINVAL)
+        headers = {"x-oss-range-behavior": "standard"}
+
+        def fetch() -> _OssStream:
+            result = self._bucket.get_object(key, byte_range=(start, end - 1), headers=headers)
+            resp: _BoundedResponse = result.resp
+            m = _CONTENT_RANGE_RE.fullmatch(resp.headers.get("Content-Range") or "")
+            if (
+                resp.status != 206
+                or m is None
+                or int(m.group(1)) != start
+                or int(m.group(2)) != end - 1
+                or resp.headers.get("Content-Length") != str(end - start)
+            ):
+                resp.response.close()
+                raise BadResponse("OSS stream: answer does not match the requested range")
+            return _OssStream(resp, end - start, self.max_body, self._request_timeout)
+
+        stream: _OssStream = self._call("GET", fetch)
+        return stream
 
     def put(
         self,

@@ -49,6 +49,7 @@ from .transport import (
     ObjectInfo,
     ObjectNotFound,
     ObjectStoreError,
+    ObjectStream,
     ObjectTransport,
     PreconditionFailed,
     TransientError,
@@ -168,6 +169,16 @@ class RetryingTransport:
             return self.get(key, start, length)
         data: bytes | bytearray = self._run("get", lambda: fn(key, start, length))
         return data
+
+    @property
+    def open_stream(self) -> Callable[[str, int, int], ObjectStream] | None:
+        """The inner transport's ``open_stream`` (None when it has none), not retried:
+        a stream that fails to open or breaks makes the backend fall back to
+        :meth:`get_buffer`, which is."""
+        fn: Callable[[str, int, int], ObjectStream] | None = getattr(
+            self.inner, "open_stream", None
+        )
+        return fn
 
     def copy(
         self,

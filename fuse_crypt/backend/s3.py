@@ -268,6 +268,61 @@ def _slim_endpoints(data: Mapping[str, Any]) -> dict[str, Any]:
 _SLIM_FILES: dict[str, Callable[[Any], Any]] = {"endpoints": _slim_endpoints, "s3": _slim_model}
 
 
+_CRANGE = re.compile(r"bytes ([0-9]{1,19})-([0-9]{1,19})/(?:[0-9]{1,19}|\*)")
+
+
+class _S3Stream:
+    """An open GET's body read in exact pieces (:class:`ObjectStream`)."""
+
+    def __init__(self, body: Any, left: int, max_body: int, deadline: float) -> None:
+        self._body = body
+        self._left = left
+        self._max = max_body
+        self._deadline = deadline
+        self._broken = False
+
+    def read_exact(self, n: int) -> bytearray:
+        import botocore.exceptions as bx
+
+        if n <= 0 or n > self._max or n > self._left:
+            raise BadResponse("stream: read past the requested range")
+        deadline = time.monotonic() + self._deadline
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        try:
+            while got < n:
+                piece = self._body.read(min(_READ_PIECE, n - got))
+                if not piece:
+                    raise TransientError("stream: ended early")
+                view[got : got + len(piece)] = piece
+                got += len(piece)
+                if time.monotonic() > deadline:
+                    raise TransientError("stream: body too slow")
+        except (bx.ReadTimeoutError, bx.ResponseStreamingError, bx.BotoCoreError, OSError) as e:
+            self._left, self._broken = 0, True
+            if isinstance(e, ObjectStoreError):
+                raise
+            raise TransientError(f"stream: {type(e).__name__}") from None
+        finally:
+            view.release()
+        self._left -= n
+        return buf
+
+    def close(self) -> None:
+        """Drop the connection, unless the body was read to its end: that one goes
+        back to the pool (as after :meth:`S3Transport.get_buffer`)."""
+        whole = self._left == 0 and not self._broken
+        self._left, self._broken = 0, True
+        if not whole:
+            with contextlib.suppress(Exception):
+                self._body.close()
+            return
+        with contextlib.suppress(Exception):
+            if self._body.read(1):  # the end of the body, which releases the connection
+                self._body.close()
+
+
 class S3Transport:
     """One S3 bucket via boto3 (see the module docstring for the bounds and rules)."""
 
@@ -457,6 +512,28 @@ class S3Transport:
             view.release()
         del buf[got:]
         return buf
+
+    def open_stream(self, key: str, start: int, end: int) -> _S3Stream:
+        """One GET of ``[start, end)`` to be read chunk by chunk (see
+        :class:`ObjectStream`); the answer must be exactly that range (206, the same
+        Content-Range, the same length), or it is :class:`BadResponse`."""
+        if start < 0 or end <= start:
+            raise ValueError("empty or negative range")
+        r = self._call("get_object", Key=key, Range=f"bytes={start}-{end - 1}")
+        body = r.get("Body")
+        if body is None:
+            raise BadResponse("stream: no body")
+        crange = r.get("ContentRange")
+        m = _CRANGE.fullmatch(crange) if isinstance(crange, str) else None
+        if (
+            m is None
+            or int(m.group(1)) != start
+            or int(m.group(2)) != end - 1
+            or r.get("ContentLength") != end - start
+        ):
+            body.close()
+            raise BadResponse("stream: answer does not match the requested range")
+        return _S3Stream(body, end - start, self.max_body, self.request_deadline)
 
     def _get_body(self, key: str, start: int, want: int, open_ended: bool) -> Any:
         """The streaming body of a ranged GET, or None when the range starts at or past

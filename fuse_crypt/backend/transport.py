@@ -36,6 +36,7 @@ __all__ = [
     "ObjectInfo",
     "ObjectNotFound",
     "ObjectStoreError",
+    "ObjectStream",
     "ObjectTransport",
     "PreconditionFailed",
     "TransientError",
@@ -106,6 +107,23 @@ class ListPage:
     objects: tuple[ObjectInfo, ...]
     common_prefixes: tuple[str, ...]
     next_token: str | None
+
+
+class ObjectStream(Protocol):
+    """One open ranged GET ``[start, end)`` read in order, chunk by chunk (optional:
+    a transport may offer ``open_stream(key, start, end) -> ObjectStream``).  Why: a
+    sequential reader pays one round trip for the whole object instead of one per
+    chunk.  The transport checked the answer's status, Content-Range and length when
+    it opened; each read is bounded in size (at most ``max_body``) and time."""
+
+    def read_exact(self, n: int) -> bytearray:
+        """The next ``n`` bytes, in one buffer; an early end or a slow body is an
+        :class:`ObjectStoreError` (the stream is then unusable: close it)."""
+        ...
+
+    def close(self) -> None:
+        """Drop the connection (idempotent)."""
+        ...
 
 
 class ObjectTransport(Protocol):

@@ -39,6 +39,28 @@ class _Obj:
         self.mtime_ns = time.time_ns()
 
 
+class FakeStream:
+    """An open GET of one object version (the body as it was when it opened)."""
+
+    def __init__(self, t: FakeTransport, body: bytes, start: int, end: int) -> None:
+        self._t = t
+        self._body = body
+        self.pos = start
+        self.end = end
+        self.closed = False
+
+    def read_exact(self, n: int) -> bytearray:
+        if self.closed or n <= 0 or self.pos + n > self.end:
+            raise BadResponse("stream: read past the range")
+        self._t._stream_fault()
+        data = bytearray(self._body[self.pos : self.pos + n])
+        self.pos += n
+        return data
+
+    def close(self) -> None:
+        self.closed = True
+
+
 class FakeTransport:
     """One bucket in a dict; thread-safe; see the module docstring."""
 
@@ -125,6 +147,25 @@ class FakeTransport:
         data = o.body[start:end]
         self._req("get", key, len(data))
         return data
+
+    def open_stream(self, key: str, start: int, end: int) -> FakeStream:
+        """One GET of ``[start, end)`` read in pieces (counted once, as "stream");
+        ``fail_next("stream_read")`` breaks the next piece read from any stream."""
+        with self._lock:
+            o = self.objects.get(key)
+        self._req("stream", key, max(0, end - start))
+        if o is None:
+            raise ObjectNotFound("stream: 404")
+        if start < 0 or end <= start or end > len(o.body):
+            raise BadResponse("stream: range not satisfiable")
+        return FakeStream(self, o.body, start, end)
+
+    def _stream_fault(self) -> None:
+        with self._lock:
+            for i, (fop, make) in enumerate(self._faults):
+                if fop == "stream_read":
+                    del self._faults[i]
+                    raise make()
 
     def put(
         self,

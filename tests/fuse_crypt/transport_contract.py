@@ -173,6 +173,37 @@ class TransportContract:
             gb(p + "big", 0, 5000)
         assert len(gb(p + "big", 1, 1000)) == 1000
 
+    def test_open_stream_reads_chunks_in_order(self, t: ObjectTransport, p: str) -> None:
+        """``open_stream`` (sequential readers, issue 10): one GET ``[start, end)`` read
+        in exact pieces; reading past the range is refused, a missing key is typed; the
+        retrying wrapper hands the inner one out unretried (None when there is none)."""
+        from fuse_crypt.backend.retrying import RetryingTransport
+
+        data = os.urandom(3 * MiB + 5000)
+        t.put(p + "f", data, metadata={})
+        wrapped = RetryingTransport(t)
+        for opener in (getattr(t, "open_stream", None), wrapped.open_stream):
+            if opener is None:
+                continue
+            s = opener(p + "f", 1000, len(data))
+            try:
+                got = s.read_exact(MiB)
+                assert isinstance(got, bytearray) and got == data[1000 : 1000 + MiB]
+                assert s.read_exact(2 * MiB) == data[1000 + MiB : 1000 + 3 * MiB]
+                rest = len(data) - 1000 - 3 * MiB
+                with pytest.raises(ObjectStoreError):
+                    s.read_exact(rest + 1)  # past the requested range
+            finally:
+                s.close()
+                s.close()  # idempotent
+            s = opener(p + "f", 5, 10)
+            assert s.read_exact(5) == data[5:10]
+            s.close()
+            with pytest.raises(ObjectNotFound):
+                opener(p + "nope", 0, 10)
+            with pytest.raises(ObjectStoreError):
+                opener(p + "f", len(data) + 10, len(data) + 20)  # not satisfiable
+
     def test_empty_object(self, t: ObjectTransport, p: str) -> None:
         t.put(p + "e", b"", metadata={"mode": "33188"})
         assert t.head(p + "e").size == 0
