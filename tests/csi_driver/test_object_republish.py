@@ -21,12 +21,17 @@ import grpc
 import pytest
 
 from coco_proto import csi_pb2
-from csi_driver.client import CsiClient, mount_capability
+from csi_driver.client import CsiClient
 from csi_driver.volume_key import new_volume_key_jwk
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import object_node_argv, start_plugin, stop_plugins
+from tests.csi_driver.helpers import (
+    object_node_argv,
+    publish_request,
+    start_plugin,
+    stop_plugins,
+)
 from tests.peers.oss_server import OssServer
 
 KEY_PREFIX = "kbs:///default/coco-csi/"
@@ -92,13 +97,7 @@ class Node:
     def publish(self, vid: str, target: str, ctx: dict[str, str], secrets: dict[str, str]) -> None:
         assert self.client is not None
         self.client.node.NodePublishVolume(
-            csi_pb2.NodePublishVolumeRequest(
-                volume_id=vid,
-                target_path=target,
-                volume_capability=mount_capability(),
-                volume_context=ctx,
-                secrets=secrets,
-            ),
+            publish_request(None, target, volume_id=vid, context=ctx, secrets=secrets),
             timeout=120,
         )
 
