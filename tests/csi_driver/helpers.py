@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from coco_proto import csi_pb2
-from csi_driver.client import Mode, mount_capability
+from csi_driver.client import CsiClient, Mode, mount_capability
 from csi_driver.core.volcap import AccessType, Capability
 
 from .conftest import KEY_RESOURCE, Env
@@ -132,6 +132,18 @@ def start_plugin(argv: list[str], sock: str, log: str) -> subprocess.Popen[bytes
                 pytest.fail(f"plugin did not start: {f.read()[-2000:]}")
         time.sleep(0.05)
     return proc
+
+
+def restart_plugin(procs: list[subprocess.Popen[bytes]], argv: list[str], work: Path) -> CsiClient:
+    """Kill the last plugin in ``procs`` (its daemons live on) and start it again on
+    ``work/node.sock``, logging to ``work/node.log``; returns a client for it."""
+    proc = procs.pop()
+    proc.kill()
+    proc.wait()
+    sock = str(work / "node.sock")
+    os.unlink(sock)
+    procs.append(start_plugin(argv, sock, str(work / "node.log")))
+    return CsiClient(f"unix://{sock}")
 
 
 def stop_plugins(procs: Iterable[subprocess.Popen[bytes]]) -> None:

@@ -29,6 +29,7 @@ from tests.csi_driver.conftest import cleanup_mounts
 from tests.csi_driver.helpers import (
     object_node_argv,
     publish_request,
+    restart_plugin,
     start_plugin,
     stop_plugins,
 )
@@ -118,13 +119,7 @@ class Node:
     def restart_plugin(self) -> None:
         assert self.client is not None
         self.client.close()
-        proc = self.procs.pop()
-        proc.kill()
-        proc.wait()
-        sock = str(self.work / "node.sock")
-        os.unlink(sock)
-        self.procs.append(start_plugin(self.argv, sock, str(self.work / "node.log")))
-        self.client = CsiClient(f"unix://{sock}")
+        self.client = restart_plugin(self.procs, self.argv, self.work)
 
 
 @pytest.fixture(scope="module")

@@ -24,7 +24,13 @@ from csi_driver.volume_key import new_volume_key_jwk
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import object_node_argv, publish_request, start_plugin, stop_plugins
+from tests.csi_driver.helpers import (
+    object_node_argv,
+    publish_request,
+    restart_plugin,
+    start_plugin,
+    stop_plugins,
+)
 from tests.peers.moto_s3 import MotoS3
 from tests.peers.oss_server import OssServer
 
@@ -417,13 +423,7 @@ def test_plugin_restart_adopts_the_mount(node: Node) -> None:
     publish(node, "pvc-restart", t, ctx, secrets)
     Path(t, "f").write_text("adopted")
     node.client.close()
-    proc = node.procs.pop()
-    proc.kill()
-    proc.wait()
-    sock = str(node.work / "node.sock")
-    os.unlink(sock)
-    node.procs.append(start_plugin(node.argv, sock, str(node.work / "node.log")))
-    node.client = CsiClient(node.endpoint)
+    node.client = restart_plugin(node.procs, node.argv, node.work)
     assert Path(t, "f").read_text() == "adopted"  # the daemon outlived the plugin
     publish(node, "pvc-restart", t, ctx, secrets)  # idempotent on the adopted mount
     unpublish(node, "pvc-restart", t)
