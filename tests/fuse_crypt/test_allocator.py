@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -64,20 +65,14 @@ def test_building_and_using_content_enc_leaves_the_allocator_alone(libc: _Libc) 
     assert allocator._allocator_tuned is None
 
 
-def test_a_mount_tunes_the_allocator(libc: _Libc, tmp_path: Path, monkeypatch: Any) -> None:
-    """serve()'s own path up to the libfuse loop (the loop itself is stubbed: the
-    recorder must see the calls, and a real mount runs in another process)."""
-    looped: list[str] = []
-
-    def fake_loop(ops: Any, mountpoint: str, **kw: Any) -> None:
-        looped.append(mountpoint)
-
-    monkeypatch.setattr(mount, "CryptFUSE", fake_loop)
+def _serve_once(tmp_path: Path, backend: Callable[[str], LocalDirBackend]) -> None:
+    """serve()'s own path up to the libfuse loop, over a fresh volume in ``tmp_path``
+    (the caller stubs the loop)."""
     vol = make_volume(tmp_path / "cipher")
     (tmp_path / "mnt").mkdir()
     conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
     mount._serve(
-        LocalDirBackend(str(vol.cipherdir)),
+        backend(str(vol.cipherdir)),
         vol.master_key,
         conf,
         str(tmp_path / "mnt"),
@@ -87,6 +82,18 @@ def test_a_mount_tunes_the_allocator(libc: _Libc, tmp_path: Path, monkeypatch: A
         on_ready=None,
         allow_other=False,
     )
+
+
+def test_a_mount_tunes_the_allocator(libc: _Libc, tmp_path: Path, monkeypatch: Any) -> None:
+    """serve()'s own path up to the libfuse loop (the loop itself is stubbed: the
+    recorder must see the calls, and a real mount runs in another process)."""
+    looped: list[str] = []
+
+    def fake_loop(ops: Any, mountpoint: str, **kw: Any) -> None:
+        looped.append(mountpoint)
+
+    monkeypatch.setattr(mount, "CryptFUSE", fake_loop)
+    _serve_once(tmp_path, LocalDirBackend)
     assert looped == [str(tmp_path / "mnt")]
     assert libc.calls == [
         ("mallopt", allocator._M_MMAP_THRESHOLD, 4 << 20),
@@ -106,20 +113,7 @@ def test_an_object_store_mount_gets_the_bounded_heap_profile(
         bounded_heap = True
 
     monkeypatch.setattr(mount, "CryptFUSE", lambda ops, mountpoint, **kw: None)
-    vol = make_volume(tmp_path / "cipher")
-    (tmp_path / "mnt").mkdir()
-    conf = ConfFile.read(str(vol.cipherdir / CONF_NAME))
-    mount._serve(
-        Bounded(str(vol.cipherdir)),
-        vol.master_key,
-        conf,
-        str(tmp_path / "mnt"),
-        None,
-        read_only=False,
-        fsname="t",
-        on_ready=None,
-        allow_other=False,
-    )
+    _serve_once(tmp_path, Bounded)
     assert libc.calls == [
         ("mallopt", allocator._M_MMAP_THRESHOLD, 1 << 20),
         ("mallopt", allocator._M_TRIM_THRESHOLD, 4 << 20),
