@@ -387,3 +387,55 @@ def test_hostile_s3_listing_on_the_wire_deletes_nothing_outside(env: Env) -> Non
         proxy.always = None
         assert delete_prefix(RetryingTransport(t), "pvcs/coco-7/", Deadline(30)) == 2
     assert set(env.moto.objects(bucket)) == {"pvcs/coco-70/kept", "pvcs/kept"}
+
+
+def start_uploads(e: Env, kind: str, keys: list[str]) -> None:
+    """Unfinished multipart uploads, as a daemon killed mid-upload leaves them."""
+    if kind == "oss":
+        from tests.peers.oss_server import Upload
+
+        with e.oss.state.lock:
+            for k in keys:
+                uid = os.urandom(16).hex().upper()
+                e.oss.state.uploads[uid] = (OSS_BUCKET, Upload(k, {}, "", False))
+        return
+    c = e.moto.client()
+    for k in keys:
+        up = c.create_multipart_upload(Bucket=e.s3_bucket, Key=k)
+        c.upload_part(
+            Bucket=e.s3_bucket, Key=k, UploadId=up["UploadId"], PartNumber=1, Body=b"cipher"
+        )
+
+
+def uploads(e: Env, kind: str) -> list[str]:
+    if kind == "oss":
+        with e.oss.state.lock:
+            return sorted(u.key for b, u in e.oss.state.uploads.values() if b == OSS_BUCKET)
+    r = e.moto.client().list_multipart_uploads(Bucket=e.s3_bucket)
+    return sorted(u["Key"] for u in r.get("Uploads", []))
+
+
+@pytest.mark.parametrize("kind", ["s3", "oss"])
+def test_delete_volume_aborts_its_unfinished_uploads(env: Env, kind: str) -> None:
+    """Uploads under the prefix (on OSS more than one 1,000-upload page) are aborted, the
+    objects deleted; uploads of the neighbours stay; a second DeleteVolume is OK."""
+    e = env
+    params, prov_secrets, _ = klass(e, kind)
+    vol = create(e, f"pvc-up-{kind}", params, prov_secrets)
+    base = params.get("path") or params["prefix"]
+    prefix = f"{base}/{vol.volume_id}/"
+    mine = [f"{prefix}big{i:04d}" for i in range(1005 if kind == "oss" else 6)]
+    neighbours = [f"{base}/{vol.volume_id}0/x", f"{base}/{vol.volume_id}", f"{base}/other/y"]
+    before = set(uploads(e, kind))
+    start_uploads(e, kind, mine + neighbours)
+    plant(e, kind, [prefix + "gocryptfs.conf"])
+    started = time.monotonic()
+    delete(e, vol.volume_id, prov_secrets)
+    took = time.monotonic() - started
+    left = set(uploads(e, kind))
+    assert not [k for k in left if k.startswith(prefix)]
+    assert left == before | set(neighbours)
+    assert not [k for k in keys(e, kind) if k.startswith(prefix)]
+    delete(e, vol.volume_id, prov_secrets)  # idempotent
+    assert '"uploads_aborted": %d' % len(mine) in e.logs() or f"uploads_aborted={len(mine)}" in e.logs()
+    print(f"{kind}: aborted {len(mine)} uploads in {took:.2f}s (DeleteVolume, loaded machine)")
