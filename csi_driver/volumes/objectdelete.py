@@ -374,9 +374,7 @@ class ObjectDeleter:
 
     # -- CreateVolume: initialise the prefix ----------------------------------------------
 
-    def _can_initialise(
-        self, context: Mapping[str, str], secrets: Mapping[str, str]
-    ) -> str | None:
+    def _can_initialise(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> str | None:
         """Why this controller leaves the init to the node (None: it initialises).
 
         Only what the node would use anyway decides: the credentials and the key must be
@@ -441,11 +439,10 @@ class ObjectDeleter:
         if not created:
             self._check_conf_opens(key, where, deadline)
         log.info(
-            "initialised object-store volume prefix" if created else "object-store volume "
-            "prefix already initialised with this volume's key",
-            extra={
-                "fields": {"volume_id": volume_id, "location": where, "key_source": key.source}
-            },
+            "initialised object-store volume prefix"
+            if created
+            else "object-store volume prefix already initialised with this volume's key",
+            extra={"fields": {"volume_id": volume_id, "location": where, "key_source": key.source}},
         )
         return True
 

@@ -236,7 +236,12 @@ class UploadLister(Protocol):
     protocol leaves every existing transport and test fake valid as it is."""
 
     def list_uploads(
-        self, prefix: str, *, key_marker: str = "", upload_id_marker: str = "", max_uploads: int = 1000
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
     ) -> UploadPage:
         """One page of ListMultipartUploads under ``prefix`` (no delimiter), from after
         ``(key_marker, upload_id_marker)``; pass ``next_marker`` back for the next page."""

@@ -789,7 +789,9 @@ class _Handler(BaseHTTPRequestHandler):
         todo = [
             (k, uid, u)
             for k, uid, u in found
-            if not key_marker or k > key_marker or (k == key_marker and id_marker and uid > id_marker)
+            if not key_marker
+            or k > key_marker
+            or (k == key_marker and id_marker and uid > id_marker)
         ]
         page, truncated = todo[:max_uploads], len(todo) > max_uploads
         next_key, next_id = (page[-1][0], page[-1][1]) if truncated else ("", "")
