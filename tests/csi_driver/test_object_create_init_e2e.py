@@ -214,7 +214,8 @@ def test_create_volume_initialises_the_prefix_the_node_then_mounts(
 ) -> None:
     e = env
     assert e.ctrl is not None
-    vol = create(e.ctrl, "pvc-init", e.params())
+    params = e.params()  # sealed values are new each time: one class, one set
+    vol = create(e.ctrl, "pvc-init", params)
     vid = vol.volume_id
     prefix = f"tenant/pvcs/{vid}/"
     objs = e.objects()
@@ -223,7 +224,7 @@ def test_create_volume_initialises_the_prefix_the_node_then_mounts(
     password = e.password(vid)
     ConfFile.loads(conf).unlock(password)  # opens with the key the node derives
     # Idempotent: the same volume, the same conf, nothing rewritten.
-    again = create(e.ctrl, "pvc-init", e.params())
+    again = create(e.ctrl, "pvc-init", params)
     assert again.volume_id == vid
     assert bytes(e.objects()[prefix + "gocryptfs.conf"]["body"]) == conf
     # The node mounts it without initialising again, and works through it.
@@ -267,19 +268,20 @@ def test_a_passphrase_class_is_initialised_with_the_passphrase(env: Env, tmp_pat
 def test_a_conf_the_key_does_not_open_is_refused_and_kept(env: Env) -> None:
     e = env
     assert e.ctrl is not None
-    vol = create(e.ctrl, "pvc-hostile", e.params())
+    params = e.params()
+    vol = create(e.ctrl, "pvc-hostile", params)
     key = f"tenant/pvcs/{vol.volume_id}/gocryptfs.conf"
     foreign, _ = ConfFile.create(b"someone else's password", scrypt_logn=10)
     c = e.moto.client()
     c.put_object(Bucket=e.bucket, Key=key, Body=foreign.dumps())
     with pytest.raises(grpc.RpcError) as info:
-        create(e.ctrl, "pvc-hostile", e.params())
+        create(e.ctrl, "pvc-hostile", params)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "does not open" in (info.value.details() or "")
     assert bytes(e.objects()[key]["body"]) == foreign.dumps()  # never overwritten
     c.put_object(Bucket=e.bucket, Key=key, Body=b'{"not": "a conf"')
     with pytest.raises(grpc.RpcError) as info:
-        create(e.ctrl, "pvc-hostile", e.params())
+        create(e.ctrl, "pvc-hostile", params)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert bytes(e.objects()[key]["body"]) == b'{"not": "a conf"'
 
@@ -287,13 +289,14 @@ def test_a_conf_the_key_does_not_open_is_refused_and_kept(env: Env) -> None:
 def test_a_prefix_with_data_but_no_conf_is_not_initialised(env: Env) -> None:
     e = env
     assert e.ctrl is not None
-    vol = create(e.ctrl, "pvc-lost", e.params())
+    params = e.params()
+    vol = create(e.ctrl, "pvc-lost", params)
     prefix = f"tenant/pvcs/{vol.volume_id}/"
     c = e.moto.client()
     c.delete_object(Bucket=e.bucket, Key=prefix + "gocryptfs.conf")
     c.put_object(Bucket=e.bucket, Key=prefix + "SomeCipherName", Body=b"data")
     with pytest.raises(grpc.RpcError) as info:
-        create(e.ctrl, "pvc-lost", e.params())
+        create(e.ctrl, "pvc-lost", params)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert prefix + "gocryptfs.conf" not in e.objects()
     assert prefix + "SomeCipherName" in e.objects()
