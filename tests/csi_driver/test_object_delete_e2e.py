@@ -45,6 +45,7 @@ SIGNING_KID = SIGNING_PREFIX + "del-e2e"
 OSS_AK, OSS_SK = "LTAI-del-e2e-ak-01", "del-e2e-oss-secret-W3e4"
 S3_AK, S3_SK = "AKIADELE2ETESTKEY01", "del-e2e-s3-secret-R5t6"
 OSS_BUCKET = "coco-del-e2e"
+PASSPHRASE = "del-e2e passphrase Vb7n"
 FILLER = 1100  # more than one 1,000-key listing page and one DeleteObjects batch
 
 
@@ -94,6 +95,7 @@ def env() -> Iterator[Env]:
         "default/objcreds/oss-sk": OSS_SK.encode(),
         "default/objcreds/s3-ak": S3_AK.encode(),
         "default/objcreds/s3-sk": S3_SK.encode(),
+        "default/objcreds/pass": PASSPHRASE.encode(),
         "default/coco-csi/volume-root": new_volume_key_jwk().encode(),
         "default/signing-key/del-e2e": public_jwk(sk).export().encode(),
     }
@@ -439,3 +441,47 @@ def test_delete_volume_aborts_its_unfinished_uploads(env: Env, kind: str) -> Non
     delete(e, vol.volume_id, prov_secrets)  # idempotent
     assert f"uploads_aborted={len(mine)}" in e.logs()
     print(f"{kind}: aborted {len(mine)} uploads in {took:.2f}s (DeleteVolume, loaded machine)")
+
+
+def test_oss_create_volume_initialises_the_prefix_with_the_passphrase(env: Env) -> None:
+    """On OSS (TLS, V4 signatures verified): a class whose passphrase and credentials reach
+    the controller (provisioner secret) is initialised in CreateVolume, by the controller;
+    CreateVolume again is idempotent; the node publishes without initialising again."""
+    from fuse_crypt.configfile import ConfFile
+
+    e = env
+    assert e.node is not None
+    params, secrets, _ = klass(e, "oss")
+    params = {k: v for k, v in params.items() if k != "keyResource"}
+    secrets = {**secrets, "encPasswd": e.seal("pass")}
+    vol = create(e, "pvc-oss-init", params, secrets)
+    conf_key = f"pvcs/{vol.volume_id}/gocryptfs.conf"
+    found = e.oss.objects(OSS_BUCKET)
+    assert conf_key in found and f"pvcs/{vol.volume_id}/gocryptfs.diriv" in found
+    conf = found[conf_key].data
+    ConfFile.loads(conf).unlock(PASSPHRASE.encode())
+    assert create(e, "pvc-oss-init", params, secrets).volume_id == vol.volume_id
+    assert e.oss.objects(OSS_BUCKET)[conf_key].data == conf
+    target = e.work / "kubelet" / "pods" / "oss-init" / "volumes" / "mount"
+    target.parent.mkdir(parents=True)
+    e.node.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            target_path=str(target),
+            volume_capability=mount_capability(),
+            volume_context=dict(vol.volume_context),
+            secrets=secrets,
+        ),
+        timeout=120,
+    )
+    (target / "f").write_text("through the node")
+    e.node.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(target)),
+        timeout=60,
+    )
+    assert e.oss.objects(OSS_BUCKET)[conf_key].data == conf
+    node_log = (e.work / "node.log").read_text().splitlines()
+    assert not [ln for ln in node_log if "initialised volume" in ln and vol.volume_id in ln]
+    assert PASSPHRASE not in e.logs()
+    delete(e, vol.volume_id, secrets)
+    assert conf_key not in e.oss.objects(OSS_BUCKET)
