@@ -3,7 +3,8 @@
 The controller runs outside the TEE and never sees a key: it only allocates ciphertext
 directories and passes the StorageClass's key resource *reference* on to the node in
 volume_context. The gocryptfs volume itself is initialised by the node plugin, inside the
-guest, on first publish.
+guest, on first publish (object-store prefixes: see below, a confidential controller
+initialises them in CreateVolume).
 
 Capacity is recorded, checked against the backing filesystem's free space and passed on in
 volume_context (capacityBytes); the node enforces it in the mount (fuse-crypt --capacity),
