@@ -168,7 +168,17 @@ def _parser() -> argparse.ArgumentParser:
         "--resolver",
         default="",
         help="only in a confidential controller pod: unseal bucket credentials to delete "
-        "object-store volumes whose class says onDelete: delete (same specs as the node's)",
+        "object-store volumes whose class says onDelete: delete, and initialise new "
+        "object-store prefixes in CreateVolume (same specs as the node's)",
+    )
+    c.add_argument(
+        "--allowed-key-resource",
+        action="append",
+        default=[],
+        metavar="PREFIX",
+        help="(repeatable; confidential controller) kbs:/// prefix a keyResource must lie "
+        "under for CreateVolume to derive the key and initialise an object-store prefix "
+        "(the node's list; none: keyResource volumes are initialised by the node)",
     )
     _object_flags(c)
 
@@ -288,11 +298,19 @@ def _object_deleter(args: argparse.Namespace, resolver: Resolver | None) -> Obje
     from csi_driver.volumes.objectdelete import ObjectDeleter
 
     _check_prefixes(args.allowed_signing_kid, "--allowed-signing-kid", kbs=False)
-    deleter = ObjectDeleter(resolver, _object_policy(args), tuple(args.allowed_signing_kid))
+    key_prefixes = getattr(args, "allowed_key_resource", [])
+    _check_prefixes(key_prefixes, "--allowed-key-resource", kbs=True)
+    deleter = ObjectDeleter(
+        resolver,
+        _object_policy(args),
+        tuple(args.allowed_signing_kid),
+        allowed_key_resources=tuple(key_prefixes),
+    )
     if deleter.enabled:
         log.info(
             "object-store volumes of classes with onDelete: delete are deleted by this "
-            "controller (it unseals their bucket credentials: run it only as a confidential pod)"
+            "controller, and new object-store prefixes are initialised in CreateVolume (it "
+            "unseals bucket credentials and volume keys: run it only as a confidential pod)"
         )
     else:
         log.warning(

@@ -3,19 +3,22 @@
 The controller runs outside the TEE and never sees a key: it only allocates ciphertext
 directories and passes the StorageClass's key resource *reference* on to the node in
 volume_context. The gocryptfs volume itself is initialised by the node plugin, inside the
-guest, on first publish.
+guest, on first publish (object-store prefixes: see below, a confidential controller
+initialises them in CreateVolume).
 
 Capacity is recorded, checked against the backing filesystem's free space and passed on in
 volume_context (capacityBytes); the node enforces it in the mount (fuse-crypt --capacity),
 since a plain directory has no quota of its own.
 
 Object-store StorageClasses (parameters naming a ``bucket`` or ``objectStore``,
-csi_driver/volumes/objectstore.py) get a *prefix*, not a directory: CreateVolume only
-allocates the name ``<path>/<volume_id>`` and records it; it never writes to the bucket.
-Credential and passphrase parameters must be sealed strings (or come from a secret): the
-controller passes them on unopened. The node initialises the empty prefix at first publish,
-inside the guest (also when the controller could: initialising needs the *volume key*, and
-the controller never holds one, only bucket credentials).
+csi_driver/volumes/objectstore.py) get a *prefix*, not a directory: CreateVolume allocates
+the name ``<path>/<volume_id>`` and records it. Credential and passphrase parameters must be
+sealed strings (or come from a secret): the controller passes them on unopened. Who writes
+the prefix's ``gocryptfs.conf`` and root diriv: a *confidential* controller (started with a
+resolver, like the node; an :class:`ObjectDeleter`) does it in CreateVolume, by the node's
+own code and with the same volume key, when the class parameters and the provisioner
+secret carry the credentials and the key (``ObjectDeleter.initialise``); otherwise the node
+initialises the empty prefix at first publish, inside the guest, as before.
 
 DeleteVolume of an object-store volume depends on the class's ``onDelete``
 (csi_driver/volumes/objectdelete.py): ``retain`` (the default) forgets the record and leaves
@@ -95,6 +98,7 @@ def is_object_parameters(parameters: Mapping[str, str]) -> bool:
 
 
 INDEX_DIR = ".coco-csi"
+INIT_BUDGET = 60.0  # seconds for a CreateVolume's prefix init (HEAD, scrypt, create-only PUTs)
 MAX_INDEX_BYTES = 64 << 20
 
 
@@ -300,30 +304,53 @@ class LocalBackend:
         limit_bytes: int,
         secrets: Mapping[str, str],
     ) -> tuple[VolumeRecord, dict[str, str]]:
-        """Allocate a prefix name; no bucket I/O (see the module docstring)."""
+        """Allocate a prefix name (idempotent by name); then, with a confidential
+        controller, initialise the prefix (see the module docstring)."""
         params = self._check_object_parameters(parameters)
         capacity = self._capacity(required_bytes, limit_bytes)
         with self._locked() as vols:
-            for rec in vols.values():
-                if rec.name == name:
-                    if rec.kind != "object" or rec.parameters != params:
-                        raise errors.AlreadyExists(
-                            f"volume {name!r} exists with different parameters"
-                        )
-                    return rec, rec.context(self.root)
-            rec = VolumeRecord(f"coco-{uuid.uuid4().hex}", name, capacity, params, "object")
-            if on_delete(params) == "delete":
-                if self.object_deleter is None:
-                    raise errors.FailedPrecondition(
-                        f"{PARAM_ON_DELETE}: delete needs a controller started with --resolver "
-                        "(a confidential pod that may unseal bucket credentials); this one "
-                        "keeps objects, so the class is refused"
-                    )
-                self.object_deleter.check_class(params, rec.volume_id, secrets)
-            vols[rec.volume_id] = rec
-            self._store(vols)
-        log.info("allocated object-store volume", extra={"fields": {"volume_id": rec.volume_id}})
+            rec = next((r for r in vols.values() if r.name == name), None)
+            if rec is not None:
+                # A repeated CreateVolume: its init may have failed or not run yet.
+                if rec.kind != "object" or rec.parameters != params:
+                    raise errors.AlreadyExists(f"volume {name!r} exists with different parameters")
+            else:
+                rec = self._new_object_record(name, capacity, params, secrets)
+                vols[rec.volume_id] = rec
+                self._store(vols)
+                log.info(
+                    "allocated object-store volume",
+                    extra={"fields": {"volume_id": rec.volume_id}},
+                )
+        self._initialise_object(rec, secrets)
         return rec, rec.context(self.root)
+
+    def _new_object_record(
+        self, name: str, capacity: int, params: dict[str, str], secrets: Mapping[str, str]
+    ) -> VolumeRecord:
+        """A new record; a class with ``onDelete: delete`` only if it can be deleted later."""
+        rec = VolumeRecord(f"coco-{uuid.uuid4().hex}", name, capacity, params, "object")
+        if on_delete(params) == "delete":
+            if self.object_deleter is None:
+                raise errors.FailedPrecondition(
+                    f"{PARAM_ON_DELETE}: delete needs a controller started with --resolver "
+                    "(a confidential pod that may unseal bucket credentials); this one "
+                    "keeps objects, so the class is refused"
+                )
+            self.object_deleter.check_class(params, rec.volume_id, secrets)
+        return rec
+
+    def _initialise_object(self, rec: VolumeRecord, secrets: Mapping[str, str]) -> None:
+        """With a confidential controller, initialise the new prefix now (the node's own
+        code, csi_driver/volumes/objectdelete.py ``ObjectDeleter.initialise``); without
+        one, the node initialises it at first publish.  Runs after the record is stored
+        and without the index lock: a failure leaves the record, and the provisioner's
+        retry of CreateVolume (same name, same volume id) finishes the init idempotently."""
+        if self.object_deleter is None:
+            return
+        self.object_deleter.initialise(
+            rec.volume_id, rec.context(self.root), secrets, Deadline(INIT_BUDGET)
+        )
 
     def delete(
         self,

@@ -26,9 +26,17 @@ What may be deleted is derived here, never taken from the bucket or the request 
   deletes are batched (at most 1,000 keys per request, the S3/OSS limit), every request goes
   through the retrying transport, and the whole operation is bounded by the call's deadline.
 
+Unfinished multipart uploads (a daemon killed mid-upload leaves them; ListObjectsV2 does not
+show them, yet they hold ciphertext and cost the tenant money) are aborted too
+(:func:`abort_uploads`): ListMultipartUploads with the same prefix, paged by the
+``(key-marker, upload-id-marker)`` pair (which must move on, at most ``MAX_PAGES`` pages of
+at most 1,000), every listed key checked against the prefix exactly as for objects (a page
+naming one key outside it is refused before any abort of that page), every upload id one
+printable token, then one AbortMultipartUpload per upload (``NoSuchUpload`` = already gone).
+Uploads are aborted before the objects are deleted (a completing upload then fails instead
+of landing an object after the listing) and listed once more after.
+
 Idempotent: a prefix that is already empty (or a volume deleted before) is success.
-Unfinished multipart uploads are not listed by ListObjectsV2 and are left to the bucket's
-lifecycle rule (they are invisible to readers and hold only ciphertext).
 """
 
 from __future__ import annotations
@@ -41,9 +49,12 @@ from typing import Any
 from csi_driver import errors, validate
 from csi_driver.deadline import Deadline
 from csi_driver.volumes.objectmount import (
+    ObjectKey,
     ObjectNodePolicy,
+    ObjectStoreMounter,
     check_object_location,
     object_location,
+    resolve_object_volume,
     unseal_credential,
 )
 from csi_driver.volumes.objectstore import (
@@ -58,6 +69,7 @@ __all__ = [
     "DEFAULT_ON_DELETE",
     "PARAM_ON_DELETE",
     "ObjectDeleter",
+    "abort_uploads",
     "delete_prefix",
     "on_delete",
     "volume_prefix",
@@ -72,6 +84,7 @@ DELETE_BATCH = 1000  # S3 DeleteObjects / OSS DeleteMultipleObjects limit
 MAX_PAGES = 100_000  # 100 M objects: more is a store paging forever
 MAX_PASSES = 3  # list-and-delete passes until a listing comes back empty
 MAX_KEY_BYTES = 1024
+MAX_UPLOAD_ID = 1024
 DEFAULT_BUDGET = 120.0  # seconds per DeleteVolume call; the provisioner retries the rest
 
 #: (spec, access key, secret key, session token, ca bundle, retry budget) -> transport
@@ -170,6 +183,73 @@ def delete_prefix(transport: Any, prefix: str, deadline: Deadline) -> int:
     )
 
 
+def _check_uploads(uploads: Any, prefix: str) -> list[tuple[str, str]]:
+    """(key, upload id) pairs of one hostile page, or FailedPrecondition (nothing echoed)."""
+    if not isinstance(uploads, tuple | list) or len(uploads) > DELETE_BATCH:
+        raise errors.FailedPrecondition("the object store listed an oversize page of uploads")
+    keys = [getattr(u, "key", None) for u in uploads]
+    _check_keys(keys, prefix)  # type: ignore[arg-type]  # checked there, str or refused
+    out = []
+    for key, u in zip(keys, uploads, strict=True):
+        uid = getattr(u, "upload_id", None)
+        if (
+            not isinstance(uid, str)
+            or not 0 < len(uid) <= MAX_UPLOAD_ID
+            or not all(0x21 <= ord(c) <= 0x7E for c in uid)
+        ):
+            raise errors.FailedPrecondition(
+                "the object store listed a malformed upload id; nothing of that page was aborted"
+            )
+        assert isinstance(key, str)
+        out.append((key, uid))
+    return out
+
+
+def abort_uploads(transport: Any, prefix: str, deadline: Deadline) -> int:
+    """Abort every unfinished multipart upload under ``prefix`` (which must come from
+    :func:`volume_prefix`); returns how many were aborted.  Errors map as in
+    :func:`delete_prefix`."""
+    from fuse_crypt.backend.transport import AccessDenied, ObjectStoreError, TransientError
+
+    if not prefix.endswith("/") or not prefix.strip("/"):
+        raise errors.InvalidArgument("refusing to abort uploads under an empty or root prefix")
+    aborted = 0
+    marker = ("", "")
+    try:
+        for _page in range(MAX_PAGES):
+            deadline.check("listing the volume's unfinished uploads")
+            page = transport.list_uploads(
+                prefix, key_marker=marker[0], upload_id_marker=marker[1], max_uploads=DELETE_BATCH
+            )
+            for key, uid in _check_uploads(page.uploads, prefix):
+                deadline.check("aborting the volume's unfinished uploads")
+                transport.abort_multipart(key, uid)
+                aborted += 1
+            nxt = page.next_marker
+            if nxt is None:
+                return aborted
+            if (
+                not isinstance(nxt, tuple)
+                or len(nxt) != 2
+                or not all(isinstance(m, str) for m in nxt)
+                or nxt == marker
+                or nxt[0] < marker[0]
+            ):
+                raise errors.FailedPrecondition(
+                    "the object store's upload listing markers did not advance"
+                )
+            marker = nxt
+        raise errors.FailedPrecondition("the object store listed too many pages of uploads")
+    except AccessDenied:
+        raise errors.PermissionDenied(
+            "the object store refused these credentials for aborting the volume's uploads"
+        ) from None
+    except TransientError as exc:
+        raise errors.Unavailable(f"object store: {exc.strerror}") from None
+    except ObjectStoreError as exc:
+        raise errors.FailedPrecondition(f"object store: {exc.strerror}") from None
+
+
 def _default_transport(
     spec: ObjectVolumeSpec,
     access_key: str,
@@ -209,6 +289,11 @@ class ObjectDeleter:
     # Not in repr: a factory (a test's, say) may hold what it was called with.
     transport_factory: TransportFactory = field(default=_default_transport, repr=False)
     budget: float = DEFAULT_BUDGET
+    #: ``--allowed-key-resource`` (the node's): kbs:/// prefixes a class's keyResource may
+    #: name for the controller to derive the volume key and initialise the prefix.
+    allowed_key_resources: tuple[str, ...] = ()
+    #: The fuse-crypt binary (None: next to our interpreter or on $PATH, as on the node).
+    fuse_crypt: str | None = None
 
     @property
     def enabled(self) -> bool:
@@ -271,7 +356,9 @@ class ObjectDeleter:
             spec, *creds, self.policy.ca_bundle, max(1.0, budget / 2)
         )
         bounded = Deadline(budget)
+        uploads = abort_uploads(transport, prefix, bounded)
         count = delete_prefix(transport, prefix, bounded)
+        uploads += abort_uploads(transport, prefix, bounded)
         log.info(
             "deleted object-store volume prefix",
             extra={
@@ -279,7 +366,131 @@ class ObjectDeleter:
                     "volume_id": volume_id,
                     "location": f"{spec.kind}://{spec.bucket}/{prefix}",
                     "objects": count,
+                    "uploads_aborted": uploads,
                 }
             },
         )
         return count
+
+    # -- CreateVolume: initialise the prefix ----------------------------------------------
+
+    def _can_initialise(self, context: Mapping[str, str], secrets: Mapping[str, str]) -> str | None:
+        """Why this controller leaves the init to the node (None: it initialises).
+
+        Only what the node would use anyway decides: the credentials and the key must be
+        in the class parameters or the provisioner secret (a class that passes them only in
+        the node-publish secret keeps today's behaviour: the node initialises at first
+        publish), and a keyResource needs ``--allowed-key-resource``, as on the node."""
+        from csi_driver.volumes.objectstore import OSS_NAMES, S3_NAMES
+
+        if not self.enabled:
+            return "this controller has no resolver or --allowed-object-endpoint"
+        names = {**OSS_NAMES, **S3_NAMES}
+        seen = {names[n] for n in (*context, *secrets) if n in names}
+        if not {"access_key_id", "access_key_secret"} <= seen:
+            return "the bucket credentials come only with the node-publish secret"
+        if "passphrase" in seen:
+            return None
+        if "keyResource" not in context and "keyResource" not in secrets:
+            return "the volume key comes only with the node-publish secret"
+        if not self.allowed_key_resources:
+            return "this controller has no --allowed-key-resource"
+        return None
+
+    def initialise(
+        self,
+        volume_id: str,
+        context: Mapping[str, str],
+        secrets: Mapping[str, str],
+        deadline: Deadline,
+    ) -> bool:
+        """CreateVolume's half of "allocates and initialises a prefix": write
+        ``gocryptfs.conf`` and the root diriv at ``<path>/<volume_id>/`` exactly as the node
+        would at first publish, by the node's own code: the key from
+        :func:`resolve_object_volume` (same derivation from the same volume id and
+        context), the conf by :meth:`ObjectStoreMounter.ensure_initialised` (one HEAD, then
+        ``fuse-crypt init``: create-only PUTs).  Idempotent: a conf already there must open
+        with the volume key (then success, nothing written); one that does not is
+        FAILED_PRECONDITION and is never overwritten; a prefix holding objects but no conf
+        is refused by ``fuse-crypt init``.  Returns False when the node is left to
+        initialise (see :meth:`_can_initialise`), True when the prefix is initialised."""
+        why = self._can_initialise(context, secrets)
+        if why is not None:
+            log.info(
+                "object-store volume left for the node to initialise at first publish",
+                extra={"fields": {"volume_id": volume_id, "reason": why}},
+            )
+            return False
+        key = resolve_object_volume(
+            volume_id,
+            context,
+            secrets,
+            self.resolver,
+            self.policy,
+            allowed_key_resources=self.allowed_key_resources,
+            allowed_kids=self.allowed_kids,
+        )
+        assert key.spec is not None
+        where = object_location(key.spec)
+        mounter = ObjectStoreMounter(ca_bundle=self.policy.ca_bundle, control_dir=None)
+        if self.fuse_crypt is not None:
+            mounter.binary = self.fuse_crypt
+        created = mounter.ensure_initialised(where, key, deadline)
+        if not created:
+            self._check_conf_opens(key, where, deadline)
+        log.info(
+            "initialised object-store volume prefix"
+            if created
+            else "object-store volume prefix already initialised with this volume's key",
+            extra={"fields": {"volume_id": volume_id, "location": where, "key_source": key.source}},
+        )
+        return True
+
+    def _check_conf_opens(self, key: ObjectKey, where: str, deadline: Deadline) -> None:
+        """Read the prefix's conf (bounded: the one conf reader's cap) and unlock it with
+        the volume key, in this process; never written or replaced."""
+        from fuse_crypt.backend.transport import (
+            AccessDenied,
+            ObjectNotFound,
+            ObjectStoreError,
+            TransientError,
+        )
+        from fuse_crypt.configfile import CONF_NAME, MAX_CONF_BYTES, ConfFile
+        from fuse_crypt.errors import ConfigError, WrongKeyError
+
+        assert key.spec is not None
+        budget = max(1.0, min(self.budget, deadline.remaining()) / 2)
+        transport = self.transport_factory(
+            key.spec,
+            key.access_key,
+            key.secret_key,
+            key.session_token,
+            self.policy.ca_bundle,
+            budget,
+        )
+        try:
+            data = transport.get(key.spec.prefix + CONF_NAME, 0, MAX_CONF_BYTES + 1)
+        except ObjectNotFound:
+            raise errors.Unavailable(f"{CONF_NAME} at {where} vanished while checked") from None
+        except AccessDenied:
+            raise errors.PermissionDenied(
+                f"the object store refused these credentials for {where}"
+            ) from None
+        except TransientError as exc:
+            raise errors.Unavailable(f"object store for {where}: {exc.strerror}") from None
+        except ObjectStoreError as exc:
+            raise errors.FailedPrecondition(f"object store for {where}: {exc.strerror}") from None
+        if len(data) > MAX_CONF_BYTES:
+            raise errors.FailedPrecondition(f"{CONF_NAME} at {where} is implausibly large")
+        try:
+            ConfFile.loads(bytes(data)).unlock(key.password)
+        except WrongKeyError:
+            raise errors.FailedPrecondition(
+                f"{where} already holds a {CONF_NAME} that this volume's key does not open: "
+                "it is not overwritten (remove the prefix, or restore the right key)"
+            ) from None
+        except ConfigError:
+            raise errors.FailedPrecondition(
+                f"{where} already holds a {CONF_NAME} that is not a valid gocryptfs config: "
+                "it is not overwritten"
+            ) from None

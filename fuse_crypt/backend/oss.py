@@ -60,6 +60,9 @@ from .transport import (
     ObjectTransport,
     PreconditionFailed,
     TransientError,
+    UploadInfo,
+    UploadLister,
+    UploadPage,
 )
 
 __all__ = ["OssCredentials", "OssTransport"]
@@ -803,6 +806,57 @@ class OssTransport:
             self._call(
                 "ABORT-MULTIPART", lambda: self._bucket.abort_multipart_upload(key, upload_id)
             )
+
+    def list_uploads(
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> UploadPage:
+        """One page of ListMultipartUploads (``GET /?uploads``, no delimiter), checked as
+        :meth:`list` checks its pages: every key under ``prefix``, ids well formed, no
+        longer than asked for, and a truncated page's markers must move on."""
+        if not 1 <= max_uploads <= 1000:
+            raise ObjectStoreError("OSS LIST-UPLOADS: max_uploads must be 1..1000", errno.EINVAL)
+        if len(prefix.encode()) > MAX_KEY_BYTES:
+            raise ObjectStoreError("OSS LIST-UPLOADS: invalid prefix", errno.EINVAL)
+        r = self._call(
+            "LIST-UPLOADS",
+            lambda: self._bucket.list_multipart_uploads(
+                prefix=prefix,
+                key_marker=key_marker,
+                upload_id_marker=upload_id_marker if key_marker else "",
+                max_uploads=max_uploads,
+            ),
+        )
+        if r.prefix_list or len(r.upload_list) > max_uploads:
+            raise BadResponse("OSS LIST-UPLOADS: more entries than asked for")
+        uploads = []
+        for u in r.upload_list:
+            self._check_listed(u.key, prefix, "", is_prefix=False)
+            if not isinstance(u.upload_id, str) or not _UPLOAD_ID_RE.fullmatch(u.upload_id):
+                raise BadResponse("OSS LIST-UPLOADS: malformed upload id")
+            uploads.append(UploadInfo(u.key, u.upload_id))
+        next_marker: tuple[str, str] | None = None
+        if r.is_truncated:
+            nk, nu = r.next_key_marker, r.next_upload_id_marker
+            if (
+                not isinstance(nk, str)
+                or not isinstance(nu, str)
+                or not 0 < len(nk.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
+                or len(nu) > MAX_TOKEN
+                or (nk, nu) == (key_marker, upload_id_marker)
+            ):
+                raise BadResponse("OSS LIST-UPLOADS: bad or stuck markers")
+            next_marker = (nk, nu)
+        return UploadPage(tuple(uploads), next_marker)
+
+
+def _lists_uploads(t: OssTransport) -> UploadLister:
+    """mypy proves OssTransport is an UploadLister (structural check, never called)."""
+    return t
 
 
 def _conforms(t: OssTransport) -> ObjectTransport:

@@ -53,6 +53,8 @@ from .transport import (
     ObjectTransport,
     PreconditionFailed,
     TransientError,
+    UploadLister,
+    UploadPage,
 )
 
 if TYPE_CHECKING:
@@ -237,6 +239,28 @@ class RetryingTransport:
     def abort_multipart(self, key: str, upload_id: str) -> None:
         self._run("abort_multipart", lambda: self.inner.abort_multipart(key, upload_id))
 
+    def list_uploads(
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> UploadPage:
+        """The inner transport's ListMultipartUploads (a read: repeated as it is)."""
+        fn: Callable[..., UploadPage] | None = getattr(self.inner, "list_uploads", None)
+        if fn is None:
+            raise ObjectStoreError("list_uploads: this transport cannot list uploads")
+        return self._run(
+            "list_uploads",
+            lambda: fn(
+                prefix,
+                key_marker=key_marker,
+                upload_id_marker=upload_id_marker,
+                max_uploads=max_uploads,
+            ),
+        )
+
     # -- the two whose retry can meet its own success ----------------------------------------
 
     def put(
@@ -301,4 +325,9 @@ class RetryingTransport:
 
 def _conforms(t: RetryingTransport) -> ObjectTransport:
     """mypy proves RetryingTransport is an ObjectTransport (structural check, never called)."""
+    return t
+
+
+def _lists_uploads(t: RetryingTransport) -> UploadLister:
+    """mypy proves RetryingTransport is an UploadLister (structural check, never called)."""
     return t

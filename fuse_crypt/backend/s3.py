@@ -47,11 +47,15 @@ from .transport import (
     ObjectStoreError,
     PreconditionFailed,
     TransientError,
+    UploadInfo,
+    UploadLister,
+    UploadPage,
 )
 
 __all__ = ["S3Transport"]
 
 _CODE_RE = re.compile(r"[A-Za-z0-9.]{1,64}")
+_UPLOAD_ID_RE = re.compile(r"[\x21-\x7e]{1,1024}")
 _ETAG_RE = re.compile(r'"?([A-Za-z0-9-]{1,80})"?')
 _META_MAX = 8192
 _LIST_MAX = 1000
@@ -180,6 +184,7 @@ _OPERATIONS = frozenset(
         "UploadPartCopy",
         "CompleteMultipartUpload",
         "AbortMultipartUpload",
+        "ListMultipartUploads",
     }
 )
 
@@ -724,3 +729,58 @@ class S3Transport:
     def abort_multipart(self, key: str, upload_id: str) -> None:
         with contextlib.suppress(ObjectNotFound):
             self._call("abort_multipart_upload", Key=key, UploadId=upload_id)
+
+    def list_uploads(
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> UploadPage:
+        """One page of ListMultipartUploads (DeleteVolume's cleanup, never the daemon):
+        every key must lie under ``prefix``, every id be one printable token, the page no
+        longer than asked for, and a truncated page must name markers that move on."""
+        limit = max(1, min(max_uploads, _LIST_MAX))
+        kwargs: dict[str, Any] = {"Prefix": prefix, "MaxUploads": limit}
+        if key_marker:
+            kwargs["KeyMarker"] = key_marker
+            if upload_id_marker:
+                kwargs["UploadIdMarker"] = upload_id_marker
+        r = self._call("list_multipart_uploads", **kwargs)
+        uploads = r.get("Uploads") or []
+        if not isinstance(uploads, list):
+            raise BadResponse("list_uploads: malformed")
+        if len(uploads) > limit:
+            raise BadResponse("list_uploads: page longer than asked for")
+        out = []
+        for u in uploads:
+            key = u.get("Key") if isinstance(u, Mapping) else None
+            uid = u.get("UploadId") if isinstance(u, Mapping) else None
+            if (
+                not isinstance(key, str)
+                or not key.startswith(prefix)
+                or not 0 < len(key.encode("utf-8", "surrogatepass")) <= 1024
+            ):
+                raise BadResponse("list_uploads: key outside the prefix or malformed")
+            if not isinstance(uid, str) or not _UPLOAD_ID_RE.fullmatch(uid):
+                raise BadResponse("list_uploads: malformed upload id")
+            out.append(UploadInfo(key, uid))
+        nxt = None
+        if r.get("IsTruncated"):
+            nk, nu = r.get("NextKeyMarker"), r.get("NextUploadIdMarker") or ""
+            if (
+                not isinstance(nk, str)
+                or not isinstance(nu, str)
+                or not 0 < len(nk) <= 1024
+                or len(nu) > 1024
+                or (nk, nu) == (key_marker, upload_id_marker)
+            ):
+                raise BadResponse("list_uploads: malformed or stuck markers")
+            nxt = (nk, nu)
+        return UploadPage(tuple(out), nxt)
+
+
+def _lists_uploads(t: S3Transport) -> UploadLister:
+    """mypy proves S3Transport is an UploadLister (structural check, never called)."""
+    return t

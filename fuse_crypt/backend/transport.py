@@ -40,6 +40,9 @@ __all__ = [
     "ObjectTransport",
     "PreconditionFailed",
     "TransientError",
+    "UploadInfo",
+    "UploadLister",
+    "UploadPage",
 ]
 
 
@@ -107,6 +110,23 @@ class ListPage:
     objects: tuple[ObjectInfo, ...]
     common_prefixes: tuple[str, ...]
     next_token: str | None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UploadInfo:
+    """One unfinished multipart upload (ListMultipartUploads' ``Upload``)."""
+
+    key: str
+    upload_id: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UploadPage:
+    """One page of ListMultipartUploads; ``next_marker`` is the ``(key-marker,
+    upload-id-marker)`` pair to pass back, ``None`` on the last page."""
+
+    uploads: tuple[UploadInfo, ...]
+    next_marker: tuple[str, str] | None
 
 
 class ObjectStream(Protocol):
@@ -202,6 +222,29 @@ class ObjectTransport(Protocol):
     def complete_multipart(self, key: str, upload_id: str, parts: Sequence[tuple[int, str]]) -> str:
         """Publish the object from ``(part_number, etag)`` pairs; returns the ETag.
         Until this call succeeds the previous version of ``key`` stays readable."""
+        ...
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        """Drop an unfinished upload; an unknown upload id is not an error."""
+        ...
+
+
+class UploadLister(Protocol):
+    """The transports that can list unfinished multipart uploads (S3, OSS, the retrying
+    wrapper, the fake).  Why apart from :class:`ObjectTransport`: only DeleteVolume needs
+    it (the mount daemon never lists uploads), and keeping it out of the daemon's
+    protocol leaves every existing transport and test fake valid as it is."""
+
+    def list_uploads(
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> UploadPage:
+        """One page of ListMultipartUploads under ``prefix`` (no delimiter), from after
+        ``(key_marker, upload_id_marker)``; pass ``next_marker`` back for the next page."""
         ...
 
     def abort_multipart(self, key: str, upload_id: str) -> None:

@@ -824,12 +824,14 @@ def test_confidential_controller_is_configured_exactly_like_the_node(render, ext
         "guest-sockets", "kbs-ca", "cdh-config", "offline-fs", "object-ca",
     }  # fmt: skip
     assert resolver_mounts <= {m["name"] for m in ctrl["volumeMounts"]}
-    # Nothing else of the node's: no FUSE, no kubelet dirs, not privileged, no volume keys.
+    # Nothing else of the node's: no FUSE, no kubelet dirs, not privileged; the node's key
+    # resource list exactly (CreateVolume derives the key to initialise object prefixes).
     assert {"mountpoint-dir", "fuse-device", "host-dev"}.isdisjoint(
         {v["name"] for v in spec["volumes"]}
     )
     assert ctrl["securityContext"].get("privileged") is not True
-    assert not any(a.startswith("--allowed-key-resource") for a in ctrl["args"])
+    keys = [a for a in ctrl["args"] if a.startswith("--allowed-key-resource")]
+    assert keys and keys == [a for a in node["args"] if a.startswith("--allowed-key-resource")]
 
 
 def test_confidential_controller_refuses_to_render_without_a_tee_or_endpoints(chart: Any) -> None:

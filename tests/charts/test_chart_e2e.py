@@ -279,9 +279,11 @@ def test_rendered_plugins_provision_and_publish(render, tmp_path: Path, sockroot
 def test_rendered_confidential_controller_deletes_an_object_volume(
     render, tmp_path: Path, sockroot: Path
 ) -> None:
-    """controller.confidential: the controller's rendered args (the node's resolver and
-    object-store flags) run for real against moto; an onDelete: delete volume's prefix is
-    emptied by DeleteVolume, its neighbour kept."""
+    """controller.confidential: the controller's rendered args (the node's resolver,
+    object-store flags and key resource list) run for real against moto; CreateVolume
+    initialises the prefix (conf + diriv), an onDelete: delete volume's prefix is emptied by
+    DeleteVolume, its neighbour kept."""
+    from csi_driver.volume_key import new_volume_key_jwk
     from sealed_secrets.keys import generate_signing_key, public_jwk
     from sealed_secrets.seal import seal_vault
     from tests.peers.moto_s3 import MotoS3
@@ -309,6 +311,9 @@ def test_rendered_confidential_controller_deletes_an_object_volume(
                 ).decode(),
                 "default/creds/ak": base64.b64encode(b"AKIACHARTE2E000001").decode(),
                 "default/creds/sk": base64.b64encode(b"chart-e2e-secret-Kj7").decode(),
+                "default/coco-csi/volume-key": base64.b64encode(
+                    new_volume_key_jwk().encode()
+                ).decode(),
             }
         )
     )
@@ -354,8 +359,13 @@ def test_rendered_confidential_controller_deletes_an_object_volume(
                 ),
                 timeout=60,
             ).volume
+            prefix = f"pvcs/{vol.volume_id}/"
+            assert set(moto.objects(bucket)) == {
+                prefix + "gocryptfs.conf",
+                prefix + "gocryptfs.diriv",
+            }  # initialised by the controller (it got the node's --allowed-key-resource)
             client = moto.client()
-            for k in (f"pvcs/{vol.volume_id}/gocryptfs.conf", f"pvcs/{vol.volume_id}/x", "pvcs/k"):
+            for k in (prefix + "x", "pvcs/k"):
                 client.put_object(Bucket=bucket, Key=k, Body=b"x")
             stub.DeleteVolume(
                 csi_pb2.DeleteVolumeRequest(volume_id=vol.volume_id, secrets=secrets), timeout=60

@@ -45,6 +45,7 @@ SIGNING_KID = SIGNING_PREFIX + "del-e2e"
 OSS_AK, OSS_SK = "LTAI-del-e2e-ak-01", "del-e2e-oss-secret-W3e4"
 S3_AK, S3_SK = "AKIADELE2ETESTKEY01", "del-e2e-s3-secret-R5t6"
 OSS_BUCKET = "coco-del-e2e"
+PASSPHRASE = "del-e2e passphrase Vb7n"
 FILLER = 1100  # more than one 1,000-key listing page and one DeleteObjects batch
 
 
@@ -94,6 +95,7 @@ def env() -> Iterator[Env]:
         "default/objcreds/oss-sk": OSS_SK.encode(),
         "default/objcreds/s3-ak": S3_AK.encode(),
         "default/objcreds/s3-sk": S3_SK.encode(),
+        "default/objcreds/pass": PASSPHRASE.encode(),
         "default/coco-csi/volume-root": new_volume_key_jwk().encode(),
         "default/signing-key/del-e2e": public_jwk(sk).export().encode(),
     }
@@ -387,3 +389,99 @@ def test_hostile_s3_listing_on_the_wire_deletes_nothing_outside(env: Env) -> Non
         proxy.always = None
         assert delete_prefix(RetryingTransport(t), "pvcs/coco-7/", Deadline(30)) == 2
     assert set(env.moto.objects(bucket)) == {"pvcs/coco-70/kept", "pvcs/kept"}
+
+
+def start_uploads(e: Env, kind: str, keys: list[str]) -> None:
+    """Unfinished multipart uploads, as a daemon killed mid-upload leaves them."""
+    if kind == "oss":
+        from tests.peers.oss_server import Upload
+
+        with e.oss.state.lock:
+            for k in keys:
+                uid = os.urandom(16).hex().upper()
+                e.oss.state.uploads[uid] = (OSS_BUCKET, Upload(k, {}, "", False))
+        return
+    c = e.moto.client()
+    for k in keys:
+        up = c.create_multipart_upload(Bucket=e.s3_bucket, Key=k)
+        c.upload_part(
+            Bucket=e.s3_bucket, Key=k, UploadId=up["UploadId"], PartNumber=1, Body=b"cipher"
+        )
+
+
+def uploads(e: Env, kind: str) -> list[str]:
+    if kind == "oss":
+        with e.oss.state.lock:
+            return sorted(u.key for b, u in e.oss.state.uploads.values() if b == OSS_BUCKET)
+    r = e.moto.client().list_multipart_uploads(Bucket=e.s3_bucket)
+    return sorted(u["Key"] for u in r.get("Uploads", []))
+
+
+@pytest.mark.parametrize("kind", ["s3", "oss"])
+def test_delete_volume_aborts_its_unfinished_uploads(env: Env, kind: str) -> None:
+    """Uploads under the prefix (on OSS more than one 1,000-upload page) are aborted, the
+    objects deleted; uploads of the neighbours stay; a second DeleteVolume is OK."""
+    e = env
+    params, prov_secrets, _ = klass(e, kind)
+    vol = create(e, f"pvc-up-{kind}", params, prov_secrets)
+    base = params.get("path") or params["prefix"]
+    prefix = f"{base}/{vol.volume_id}/"
+    mine = [f"{prefix}big{i:04d}" for i in range(1005 if kind == "oss" else 6)]
+    neighbours = [f"{base}/{vol.volume_id}0/x", f"{base}/{vol.volume_id}", f"{base}/other/y"]
+    before = set(uploads(e, kind))
+    start_uploads(e, kind, mine + neighbours)
+    plant(e, kind, [prefix + "gocryptfs.conf"])
+    started = time.monotonic()
+    delete(e, vol.volume_id, prov_secrets)
+    took = time.monotonic() - started
+    left = set(uploads(e, kind))
+    assert not [k for k in left if k.startswith(prefix)]
+    assert left == before | set(neighbours)
+    assert not [k for k in keys(e, kind) if k.startswith(prefix)]
+    delete(e, vol.volume_id, prov_secrets)  # idempotent
+    assert f"uploads_aborted={len(mine)}" in e.logs()
+    print(f"{kind}: aborted {len(mine)} uploads in {took:.2f}s (DeleteVolume, loaded machine)")
+
+
+def test_oss_create_volume_initialises_the_prefix_with_the_passphrase(env: Env) -> None:
+    """On OSS (TLS, V4 signatures verified): a class whose passphrase and credentials reach
+    the controller (provisioner secret) is initialised in CreateVolume, by the controller;
+    CreateVolume again is idempotent; the node publishes without initialising again."""
+    from fuse_crypt.configfile import ConfFile
+
+    e = env
+    assert e.node is not None
+    params, secrets, _ = klass(e, "oss")
+    params = {k: v for k, v in params.items() if k != "keyResource"}
+    secrets = {**secrets, "encPasswd": e.seal("pass")}
+    vol = create(e, "pvc-oss-init", params, secrets)
+    conf_key = f"pvcs/{vol.volume_id}/gocryptfs.conf"
+    found = e.oss.objects(OSS_BUCKET)
+    assert conf_key in found and f"pvcs/{vol.volume_id}/gocryptfs.diriv" in found
+    conf = found[conf_key].data
+    ConfFile.loads(conf).unlock(PASSPHRASE.encode())
+    assert create(e, "pvc-oss-init", params, secrets).volume_id == vol.volume_id
+    assert e.oss.objects(OSS_BUCKET)[conf_key].data == conf
+    target = e.work / "kubelet" / "pods" / "oss-init" / "volumes" / "mount"
+    target.parent.mkdir(parents=True)
+    e.node.node.NodePublishVolume(
+        csi_pb2.NodePublishVolumeRequest(
+            volume_id=vol.volume_id,
+            target_path=str(target),
+            volume_capability=mount_capability(),
+            volume_context=dict(vol.volume_context),
+            secrets=secrets,
+        ),
+        timeout=120,
+    )
+    (target / "f").write_text("through the node")
+    e.node.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=str(target)),
+        timeout=60,
+    )
+    assert e.oss.objects(OSS_BUCKET)[conf_key].data == conf
+    node_log = (e.work / "node.log").read_text().splitlines()
+    assert not [ln for ln in node_log if "initialised volume" in ln and vol.volume_id in ln]
+    assert PASSPHRASE not in e.logs()
+    delete(e, vol.volume_id, secrets)
+    assert conf_key not in e.oss.objects(OSS_BUCKET)

@@ -29,6 +29,7 @@ from fuse_crypt.backend.transport import (
     ListPage,
     ObjectInfo,
     TransientError,
+    UploadPage,
 )
 from tests.csi_driver.test_object_delete import AK, SK, Env, env  # noqa: F401 (fixture)
 
@@ -59,6 +60,10 @@ class Scripted:
         if isinstance(page, Exception):
             raise page
         return page
+
+    def list_uploads(self, prefix: str, **kw: Any) -> UploadPage:
+        self.calls.append(("list_uploads", (prefix, kw)))
+        return UploadPage((), None)  # none here: tests/csi_driver/test_object_uploads.py
 
     def delete_many(self, keys: Sequence[str]) -> None:
         self.calls.append(("delete_many", list(keys)))
@@ -390,6 +395,7 @@ def test_delete_passes_what_it_unsealed_and_derived(
         "volume_id": "coco-7",
         "location": "oss://tenant-bucket/pvcs/team-a/coco-7/",
         "objects": 2,
+        "uploads_aborted": 0,
     }
     assert SK not in caplog.text and AK not in caplog.text
 
@@ -430,6 +436,7 @@ def test_budgets(
         return 0
 
     monkeypatch.setattr(od, "delete_prefix", fake_delete_prefix)
+    monkeypatch.setattr(od, "abort_uploads", lambda t, p, d: 0)
     call = Deadline(60)
     monkeypatch.setattr(call, "remaining", lambda: remaining)
     rec = Recorder(object())

@@ -23,6 +23,8 @@ from fuse_crypt.backend.transport import (
     ObjectStoreError,
     PreconditionFailed,
     TransientError,
+    UploadInfo,
+    UploadPage,
 )
 
 MAX_OBJECT = 256 << 20
@@ -316,3 +318,28 @@ class FakeTransport:
         self._req("abort_multipart", key)
         with self._lock:
             self.uploads.pop(upload_id, None)
+
+    def list_uploads(
+        self,
+        prefix: str,
+        *,
+        key_marker: str = "",
+        upload_id_marker: str = "",
+        max_uploads: int = 1000,
+    ) -> UploadPage:
+        """ListMultipartUploads: sorted by (key, upload id), paged by the marker pair
+        (an upload-id-marker counts only with a key-marker, as S3 and OSS document)."""
+        self._req("list_uploads", prefix)
+        cap = max(1, min(max_uploads, self.max_keys_cap))
+        with self._lock:
+            found = sorted((k, uid) for uid, (k, *_rest) in self.uploads.items())
+        after = (key_marker, upload_id_marker if key_marker else "")
+        todo = [
+            (k, uid)
+            for k, uid in found
+            if k.startswith(prefix)
+            and (not key_marker or k > after[0] or (k == after[0] and after[1] and uid > after[1]))
+        ]
+        page = todo[:cap]
+        nxt = page[-1] if len(todo) > cap else None
+        return UploadPage(tuple(UploadInfo(k, uid) for k, uid in page), nxt)

@@ -28,7 +28,9 @@ OSS API reference documents it and oss2 2.19 sends it (``docs: object-store.md �
   ``encoding-type=url``; root without xmlns as oss2 parses it).
 * **Multipart**: InitiateMultipartUpload, UploadPart, UploadPartCopy
   (``x-oss-copy-source-range``), CompleteMultipartUpload (ascending parts, ETags checked,
-  all but the last part ≥ 100 KB), AbortMultipartUpload; ``NoSuchUpload`` afterwards.
+  all but the last part ≥ 100 KB), AbortMultipartUpload; ``NoSuchUpload`` afterwards;
+  ListMultipartUploads (``GET /?uploads``: prefix, key-marker/upload-id-marker paging,
+  max-uploads ≤ 1,000, ``encoding-type=url``; no delimiter).
 * ``x-oss-meta-*`` user metadata (≤ 8 KB), ETags as upper-case MD5 hex (multipart
   ``"<HEX>-<n>"``), ``x-oss-hash-crc64ecma`` (so oss2's CRC checks run), every response
   with ``x-oss-request-id`` and ``Server: AliyunOSS``, errors as the documented XML.
@@ -110,6 +112,7 @@ class Upload:
     content_type: str
     forbid_overwrite: bool
     parts: dict[int, tuple[bytes, str]] = dataclasses.field(default_factory=dict)
+    initiated: float = dataclasses.field(default_factory=time.time)
 
 
 @dataclasses.dataclass
@@ -321,6 +324,8 @@ class _Handler(BaseHTTPRequestHandler):
         if not self.key:
             if m == "GET" and q.get("list-type") == "2":
                 return self._list_v2()
+            if m == "GET" and "uploads" in q:
+                return self._list_uploads()
             if m == "POST" and "delete" in q:
                 return self._delete_multiple(body)
             raise OssError(400, "NotImplemented", "This bucket operation is not implemented.")
@@ -748,6 +753,73 @@ class _Handler(BaseHTTPRequestHandler):
         root = ET.Element("InitiateMultipartUploadResult")
         for tag, text in (("Bucket", self.bucket), ("Key", self.key), ("UploadId", upload_id)):
             ET.SubElement(root, tag).text = text
+        self._send_xml(200, root)
+
+    def _list_uploads(self) -> None:
+        """ListMultipartUploads (``GET /?uploads``): uploads sorted by key, then by upload
+        id (OSS documents the markers that way: keys after ``key-marker``, and, with an
+        ``upload-id-marker``, the same key's uploads with a greater id), at most
+        ``max-uploads`` (default and maximum 1,000); ``NextKeyMarker`` and
+        ``NextUploadIdMarker`` always present (oss2's parser requires both), ``Initiated``
+        as ISO 8601. ``misbehave``: ``"same-token"`` answers a truncated page whose next
+        markers are the ones given."""
+        q = self.query
+        prefix = q.get("prefix", "")
+        delim = q.get("delimiter", "")
+        encoding = q.get("encoding-type", "")
+        if encoding not in ("", "url"):
+            raise OssError(400, "InvalidArgument", "encoding-type is invalid.")
+        if delim:
+            raise OssError(400, "NotImplemented", "delimiter is not implemented here.")
+        try:
+            max_uploads = int(q.get("max-uploads") or 1000)
+        except ValueError:
+            raise OssError(400, "InvalidArgument", "max-uploads is invalid.") from None
+        if not 1 <= max_uploads <= MAX_KEYS:
+            raise OssError(400, "InvalidArgument", "max-uploads is invalid.")
+        key_marker = q.get("key-marker", "")
+        id_marker = q.get("upload-id-marker", "") if key_marker else ""
+        st = self.server.state
+        with st.lock:
+            found = sorted(
+                (u.key, uid, u)
+                for uid, (bucket, u) in st.uploads.items()
+                if bucket == self.bucket and u.key.startswith(prefix)
+            )
+        todo = [
+            (k, uid, u)
+            for k, uid, u in found
+            if not key_marker
+            or k > key_marker
+            or (k == key_marker and id_marker and uid > id_marker)
+        ]
+        page, truncated = todo[:max_uploads], len(todo) > max_uploads
+        next_key, next_id = (page[-1][0], page[-1][1]) if truncated else ("", "")
+        if truncated and "same-token" in st.misbehave and key_marker:
+            next_key, next_id = key_marker, id_marker
+        enc = urllib.parse.quote if encoding == "url" else (lambda s: s)
+        root = ET.Element("ListMultipartUploadsResult")
+        for tag, text in (
+            ("Bucket", self.bucket),
+            *([("EncodingType", "url")] if encoding else []),
+            ("KeyMarker", enc(key_marker)),
+            ("UploadIdMarker", id_marker),
+            ("NextKeyMarker", enc(next_key)),
+            ("NextUploadIdMarker", next_id),
+            ("Delimiter", enc(delim)),
+            ("Prefix", enc(prefix)),
+            ("MaxUploads", str(max_uploads)),
+            ("IsTruncated", "true" if truncated else "false"),
+        ):
+            ET.SubElement(root, tag).text = text
+        for k, uid, u in page:
+            node = ET.SubElement(root, "Upload")
+            for tag, text in (
+                ("Key", enc(k)),
+                ("UploadId", uid),
+                ("Initiated", _iso(u.initiated)),
+            ):
+                ET.SubElement(node, tag).text = text
         self._send_xml(200, root)
 
     def _upload(self) -> Upload:
