@@ -1677,8 +1677,20 @@ class ObjectStoreBackend(StorageBackend):
                 for n in range(s // early.psize + 1, last + 1):
                     early.version[n] = early.version.get(n, 0) + 1
                     early.etags.pop(n, None)
-        if st.unlinked or st.spool is None or not st.written.r or st.written.r[0][0] != 0:
+        if st.unlinked or st.spool is None or not st.written.r:
             return
+        head = st.written.r[0][0]
+        if head != 0:
+            # An existing file overwritten from its start keeps its header (the file ID):
+            # bring those bytes into the spool (usually cached: no request), or wait.
+            if early is not None or head > HEADER_LEN or st.base_etag is None:
+                return
+            if st.written.r[0][1] - CIPHER_BS <= self.multipart_threshold:
+                return
+            hdr = self._read(st, 0, head, locked=True)
+            if len(hdr) != head:
+                return
+            self._spool_write(st, hdr, 0)
         # A cipher block of margin: the frontend rewrites a partial last block in place.
         end = st.written.r[0][1] - CIPHER_BS
         if early is None:
