@@ -458,8 +458,9 @@ class ObjectStoreBackend(StorageBackend):
             tuple[str, str, int], concurrent.futures.Future[bytes | bytearray]
         ] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-io")
-        #: Streaming multipart parts (see :class:`_Early`): a pool of their own, because
-        #: ``_io`` workers may wait on ``st.lock`` held by an fsync waiting for these.
+        #: Streaming multipart parts (see :class:`_Early`): a pool of their own, so they
+        #: never queue behind (or hold up) the parts of an fsync, which waits for both
+        #: while holding ``st.lock``.
         self._early_io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-early")
         self._ra = concurrent.futures.ThreadPoolExecutor(
             max(1, self.readahead), "objstore-readahead"
