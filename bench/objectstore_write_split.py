@@ -1,7 +1,8 @@
 """Where a sequential write to an object-store volume spends its time: the write phase
 (writes into the mount) against the fsync phase (what is left to upload, then
 CompleteMultipartUpload), with the CPU seconds the daemon and the moto server used in
-each.  coco-csi only, one moto server (the counting one of objectstore_vs_s3fs.py).
+each, and their peak RSS.  coco-csi only, one moto server (the counting one of
+objectstore_vs_s3fs.py).
 
 Why: issue 10's sequential-write target; with a CPU-bound peer on a 2-core VM, whether
 an upload overlaps the writes shows in these two columns, not in one MiB/s figure.
@@ -38,6 +39,18 @@ def _cpu(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _hwm_mib(pid: int) -> float:
+    """Peak RSS (VmHWM) of ``pid`` in MiB (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _daemons(needle: str) -> list[int]:
@@ -82,6 +95,7 @@ def main() -> None:
                     os.fsync(f.fileno())
                     t2 = time.perf_counter()
                     c2 = {p: _cpu(p) for p in pids}
+                hwm = {p: _hwm_mib(p) for p in pids}
         load = os.getloadavg()
     finally:
         moto.stop()
@@ -91,7 +105,10 @@ def main() -> None:
     )
     for p in pids:
         who = "moto" if p == moto.proc.pid else "daemon"
-        print(f"  {who} cpu: write {c1[p] - c0[p]:.2f} s, fsync {c2[p] - c1[p]:.2f} s")
+        print(
+            f"  {who} cpu: write {c1[p] - c0[p]:.2f} s, fsync {c2[p] - c1[p]:.2f} s, "
+            f"peak RSS {hwm[p]:.1f} MiB"
+        )
 
 
 if __name__ == "__main__":
