@@ -194,6 +194,23 @@ def _mode_of(meta: Mapping[str, str], content_type: str, key_is_dir: bool) -> in
     return fmt | stat_mod.S_IMODE(mode)
 
 
+_TIME_KEYS = ("atime", "mtime", "ctime")
+
+
+def _pread_full(fd: int, size: int, offset: int) -> bytes | None:
+    """Exactly ``size`` bytes at ``offset``, or None if the file is shorter."""
+    data = os.pread(fd, size, offset)  # one read from a memfd or a regular file
+    if len(data) == size:
+        return data
+    out = bytearray(data)
+    while len(out) < size:
+        chunk = os.pread(fd, size - len(out), offset + len(out))
+        if not chunk:
+            return None
+        out += chunk
+    return bytes(out)
+
+
 def _ino(key: str) -> int:
     h = hashlib.blake2b(key.encode("utf-8", "surrogateescape"), digest_size=8).digest()
     return (int.from_bytes(h, "little") & ((1 << 63) - 1)) or 1
@@ -294,12 +311,55 @@ class _State:
         self.unlinked = False
         self.header: bytes | None = None
         self.seq_next = -1
+        #: The streaming multipart upload of this dirty cycle, if one was started.
+        self.early: _Early | None = None
+        #: Bumped by chmod/chown/utimens on the open file (see :meth:`_finish_early`).
+        self.meta_gen = 0
 
     def close_spool(self) -> None:
         if self.spool is not None:
             with contextlib.suppress(OSError):
                 os.close(self.spool)
             self.spool = None
+
+
+class _Early:
+    """A multipart upload started while a file is still being written sequentially
+    (issue 10: an upload at fsync/close cost spool time + upload time; streaming the
+    complete parts while the writer goes on leaves only the tail for fsync).
+
+    Part ``n`` (1-based) is ``[(n-1)*psize, n*psize)`` of the spool.  Workers read the
+    part from ``fd`` (their own dup of the spool, so closing or replacing the state's
+    spool never hands them another file's descriptor) and never take ``st.lock``, so the
+    fsync that waits for them while holding it cannot deadlock.  A write into a part
+    already taken bumps ``version[n]`` and drops its ETag; a worker records its ETag only
+    if the version it read under is still current, so a stale part is never listed in
+    CompleteMultipartUpload: finalisation uploads it again under the same number."""
+
+    def __init__(
+        self, key: str, fd: int, psize: int, meta: dict[str, str], ctype: str, meta_gen: int
+    ) -> None:
+        self.key = key
+        self.meta_gen = meta_gen
+        self.fd = fd
+        self.psize = psize
+        self.meta = meta
+        self.ctype = ctype
+        self.lock = threading.Lock()
+        self.idle = threading.Condition(self.lock)
+        self.upload_id: str | None = None
+        #: Parts ``1..ready`` are complete in the spool; ``1..next-1`` were handed out.
+        self.ready = 0
+        self.next = 1
+        self.version: dict[int, int] = {}
+        self.etags: dict[int, str] = {}
+        #: Jobs submitted and not finished (0: the CreateMultipartUpload job).
+        self.inflight: set[int] = set()
+        self.failed = False
+        #: ``closing``: finalisation waits, no new parts; ``stop``: abandoned, abort it.
+        self.closing = False
+        self.stop = False
+        self.ended = False
 
 
 class _Stream:
@@ -398,6 +458,10 @@ class ObjectStoreBackend(StorageBackend):
             tuple[str, str, int], concurrent.futures.Future[bytes | bytearray]
         ] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-io")
+        #: Streaming multipart parts (see :class:`_Early`): a pool of their own, so they
+        #: never queue behind (or hold up) the parts of an fsync, which waits for both
+        #: while holding ``st.lock``.
+        self._early_io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-early")
         self._ra = concurrent.futures.ThreadPoolExecutor(
             max(1, self.readahead), "objstore-readahead"
         )
@@ -735,6 +799,7 @@ class ObjectStoreBackend(StorageBackend):
             st.base_limit = 0
         st.unlinked = True
         st.dirty = False
+        self._early_drop(st)
         with self._lock:
             self._pending.discard(st)
             if self._states.get(st.key) is st:
@@ -976,6 +1041,7 @@ class ObjectStoreBackend(StorageBackend):
             with st.lock:
                 st.meta.update(meta)
                 st.mode = new_mode
+                st.meta_gen += 1
                 if st.dirty:
                     self._remember(
                         path, _Node(new_mode, node.info, dict(st.meta), node.ctype, True)
@@ -1478,12 +1544,15 @@ class ObjectStoreBackend(StorageBackend):
             self._spool_write(st, data, offset)
             st.size = max(st.size, offset + n)
             self._touch(st)
+            if n:
+                self._early_written(st, offset, offset + n)
         return n
 
     def ftruncate(self, handle: _Handle, size: int) -> None:
         st = handle.state
         with st.lock:
             if size < st.size:
+                self._early_drop(st)  # its parts may hold cut-off bytes: start over
                 st.written.clip(size)
                 st.base_limit = min(st.base_limit, size)
                 if st.spool is not None:
@@ -1527,10 +1596,16 @@ class ObjectStoreBackend(StorageBackend):
         meta["mode"] = str(st.mode)
         size = st.size
         if size <= self.multipart_threshold or st.base_etag is None and size <= self.part_size:
+            self._early_drop(st)
             body = self._compose(st, 0, size)
             etag = self.t.put(st.key, body, metadata=meta, content_type=st.ctype)
         else:
-            etag = self._upload_multipart(st, size, meta)
+            done = self._finish_early(st, size, meta) if st.early is not None else None
+            if done is None:
+                etag = self._upload_multipart(st, size, meta)
+            else:
+                etag, meta = done
+                st.meta.update({k: meta[k] for k in _TIME_KEYS if k in meta})
         st.base_etag = etag if size else None
         st.base_limit = size if size else 0
         st.written.clear()
@@ -1557,29 +1632,238 @@ class ObjectStoreBackend(StorageBackend):
                 parts.append((a, b, clean))
         return parts
 
+    def _send_parts(
+        self, st: _State, upload: str, jobs: list[tuple[int, int, int, bool]]
+    ) -> list[tuple[int, str]]:
+        """Upload (or UploadPartCopy, ``copy``) parts ``(n, start, end, copy)`` of the
+        file, ``parallel`` at a time (caller holds ``st.lock``); their (n, ETag)."""
+        sem = threading.Semaphore(self.parallel)
+
+        def one(n: int, a: int, b: int, copy: bool) -> str:
+            try:
+                if copy:
+                    return self.t.upload_part_copy(st.key, upload, n, st.key, a, b - a)
+                return self.t.upload_part(st.key, upload, n, self._compose(st, a, b))
+            finally:
+                sem.release()
+
+        futs = []
+        for n, a, b, copy in jobs:
+            sem.acquire()  # bounds the part bodies held in memory
+            futs.append((n, self._io.submit(one, n, a, b, copy)))
+        return [(n, f.result()) for n, f in futs]
+
     def _upload_multipart(self, st: _State, size: int, meta: dict[str, str]) -> str:
         upload = self.t.create_multipart(st.key, metadata=meta, content_type=st.ctype)
         try:
-            sem = threading.Semaphore(self.parallel)
-
-            def one(n: int, a: int, b: int, copy: bool) -> str:
-                try:
-                    if copy:
-                        return self.t.upload_part_copy(st.key, upload, n, st.key, a, b - a)
-                    return self.t.upload_part(st.key, upload, n, self._compose(st, a, b))
-                finally:
-                    sem.release()
-
-            futs = []
-            for n, (a, b, copy) in enumerate(self._plan_parts(st, size), 1):
-                sem.acquire()  # bounds the part bodies held in memory
-                futs.append((n, self._io.submit(one, n, a, b, copy)))
-            parts = [(n, f.result()) for n, f in futs]
+            jobs = [(n, a, b, c) for n, (a, b, c) in enumerate(self._plan_parts(st, size), 1)]
+            parts = self._send_parts(st, upload, jobs)
             return self.t.complete_multipart(st.key, upload, parts)
         except BaseException:
             with contextlib.suppress(OSError):
                 self.t.abort_multipart(st.key, upload)
             raise
+
+    # -- streaming multipart upload of sequential writes (issue 10) ---------------------------
+
+    def _early_written(self, st: _State, s: int, e: int) -> None:
+        """After a write of ``[s, e)`` (``st.lock`` held): dirty the streamed parts it
+        touched, then start or feed the streaming upload once the spool holds one written
+        range from offset 0 past the multipart threshold.  Files that never get there
+        (small ones, random writers) are uploaded at flush/fsync/close exactly as before."""
+        early = st.early
+        if early is not None:
+            with early.lock:
+                last = min((e - 1) // early.psize + 1, early.next - 1)
+                for n in range(s // early.psize + 1, last + 1):
+                    early.version[n] = early.version.get(n, 0) + 1
+                    early.etags.pop(n, None)
+        if st.unlinked or st.spool is None or not st.written.r:
+            return
+        head = st.written.r[0][0]
+        if head != 0:
+            # An existing file overwritten from its start keeps its header (the file ID):
+            # bring those bytes into the spool (usually cached: no request), or wait.
+            if early is not None or head > HEADER_LEN or st.base_etag is None:
+                return
+            if st.written.r[0][1] - CIPHER_BS <= self.multipart_threshold:
+                return
+            hdr = self._read(st, 0, head, locked=True)
+            if len(hdr) != head:
+                return
+            self._spool_write(st, hdr, 0)
+        # A cipher block of margin: the frontend rewrites a partial last block in place.
+        end = st.written.r[0][1] - CIPHER_BS
+        if early is None:
+            if end <= self.multipart_threshold:
+                return
+            meta = dict(st.meta)
+            meta["mode"] = str(st.mode)
+            early = _Early(st.key, os.dup(st.spool), self.part_size, meta, st.ctype, st.meta_gen)
+            st.early = early
+            with early.lock:
+                early.inflight.add(0)
+                try:
+                    self._early_io.submit(self._early_job, early, 0)
+                except RuntimeError:  # shut down: unmounting
+                    early.inflight.discard(0)
+                    early.failed = True
+                    return
+        with early.lock:
+            early.ready = max(early.ready, end // early.psize)
+            self._early_pump(early)
+
+    def _early_pump(self, early: _Early) -> None:
+        """Hand out complete parts, at most ``parallel`` in flight per file, each read
+        from the spool by its worker only when it runs (``early.lock`` held)."""
+        if early.upload_id is None or early.failed or early.closing or early.stop:
+            return
+        while early.next <= min(early.ready, _MAX_PARTS) and len(early.inflight) < self.parallel:
+            n = early.next
+            early.next += 1
+            early.inflight.add(n)
+            try:
+                self._early_io.submit(self._early_job, early, n)
+            except RuntimeError:
+                early.inflight.discard(n)
+                early.failed = True
+                return
+
+    def _early_job(self, early: _Early, n: int) -> None:
+        """Worker: CreateMultipartUpload (``n == 0``) or part ``n``.  Any failure marks
+        the upload failed (finalisation then falls back to a whole upload); the last
+        worker of an abandoned upload aborts it."""
+        try:
+            if n == 0:
+                uid = self.t.create_multipart(
+                    early.key, metadata=early.meta, content_type=early.ctype
+                )
+                with early.lock:
+                    early.upload_id = uid
+            else:
+                with early.lock:
+                    if early.stop or early.failed:
+                        return
+                    version = early.version.get(n, 0)
+                    upload_id = early.upload_id
+                assert upload_id is not None
+                data = _pread_full(early.fd, early.psize, (n - 1) * early.psize)
+                if data is None:
+                    return  # cut by a truncate meanwhile, which dropped this upload
+                etag = self.t.upload_part(early.key, upload_id, n, data)
+                del data
+                with early.lock:
+                    if early.version.get(n, 0) == version:
+                        early.etags[n] = etag
+        except Exception as exc:  # noqa: BLE001 - a background worker records, never vanishes
+            with early.lock:
+                early.failed = True
+            log.warning(
+                "event=stream_part_failed key=%s part=%d error=%s errno=%s",
+                early.key,
+                n,
+                type(exc).__name__,
+                getattr(exc, "errno", None),
+            )
+        finally:
+            with early.lock:
+                early.inflight.discard(n)
+                self._early_pump(early)
+                last = early.stop and not early.inflight and not early.ended
+                if last:
+                    early.ended = True
+                early.idle.notify_all()
+            if last:
+                self._early_abort(early)
+
+    def _early_abort(self, early: _Early) -> None:
+        """Abort an abandoned streaming upload (its parts are deleted; the object was
+        never touched) and release its spool descriptor."""
+        if early.upload_id is not None:
+            try:
+                self.t.abort_multipart(early.key, early.upload_id)
+            except Exception as exc:  # noqa: BLE001 - best effort: left for the lifecycle rule
+                log.warning(
+                    "event=stream_abort_failed key=%s error=%s", early.key, type(exc).__name__
+                )
+        with contextlib.suppress(OSError):
+            os.close(early.fd)
+
+    def _early_drop(self, st: _State) -> None:
+        """Abandon the streaming upload (truncate, unlink, rename over, small final size,
+        unmount); ``st.lock`` held.  Aborted now, or by its last worker when it ends."""
+        early = st.early
+        if early is None:
+            return
+        st.early = None
+        with early.lock:
+            early.stop = True
+            last = not early.inflight and not early.ended
+            if last:
+                early.ended = True
+        if last:
+            self._early_abort(early)
+
+    def _finish_early(
+        self, st: _State, size: int, meta: dict[str, str]
+    ) -> tuple[str, dict[str, str]] | None:
+        """Complete the streaming upload (``st.lock`` held): wait for the parts in flight,
+        upload the tail and every part written again since it was sent (same number: it
+        replaces), then CompleteMultipartUpload.  Returns the ETag and the metadata the
+        object got, or None when the upload is unusable (a part failed, the file outgrew
+        10,000 parts): the caller then uploads the file whole, as without streaming.
+
+        The object gets the metadata of the moment the upload was created: its times
+        (mtime, ctime) are those of the write that started the stream, not of the last
+        write.  Correcting them would cost a server-side copy of the whole object (on moto
+        as long as the upload).  A chmod/chown/utimens on the open file meanwhile is
+        honoured with that copy."""
+        early = st.early
+        assert early is not None
+        st.early = None
+        with early.lock:
+            early.closing = True
+            while early.inflight:
+                early.idle.wait()
+            early.ended = True
+            upload = early.upload_id
+            usable = (
+                not early.failed
+                and upload is not None
+                and early.key == st.key
+                and size <= early.psize * _MAX_PARTS
+            )
+            etags = dict(early.etags)
+        if not usable or upload is None:
+            self._early_abort(early)
+            return None
+        psize = early.psize
+        try:
+            jobs = []
+            have: list[tuple[int, str]] = []
+            for n in range(1, -(-size // psize) + 1):
+                a, b = (n - 1) * psize, min(size, n * psize)
+                if n in etags and b - a == psize:
+                    have.append((n, etags[n]))
+                    continue
+                clean = (
+                    st.base_etag is not None
+                    and b <= st.base_limit
+                    and not st.written.overlaps(a, b)
+                )
+                jobs.append((n, a, b, clean))
+            parts = sorted(have + self._send_parts(st, upload, jobs))
+            etag = self.t.complete_multipart(st.key, upload, parts)
+        except BaseException:
+            self._early_abort(early)
+            raise
+        with contextlib.suppress(OSError):
+            os.close(early.fd)
+        stored = dict(early.meta)
+        if st.meta_gen != early.meta_gen:
+            etag = self._copy_object(st.key, st.key, size, meta, st.ctype)
+            stored = dict(meta)
+        return etag, stored
 
     def _upload_or_eio(self, st: _State) -> None:
         with st.lock:
@@ -1674,9 +1958,14 @@ class ObjectStoreBackend(StorageBackend):
             self._nodes.clear()
             self._children.clear()
         for st in states:
+            with st.lock:
+                self._early_drop(st)  # an upload never completed: aborted, not left behind
             st.close_spool()
         self._close_streams(None)
         self._io.shutdown(wait=False, cancel_futures=True)
+        # Not cancelled: a queued job of a dropped upload returns at once, and the last
+        # one of each aborts it (bounded by the transport's retry budget).
+        self._early_io.shutdown(wait=True)
         self._ra.shutdown(wait=False, cancel_futures=True)
 
     # -- test / tooling helpers ------------------------------------------------------------------
