@@ -91,17 +91,30 @@ _COPY_MAX = 5 << 30
 _COPY_PART = 512 << 20
 _MIN_PART = 5 << 20
 _MAX_PARTS = 10000
-#: Read-ahead / cache granule: 1024 cipher blocks (~4 MiB), aligned to block boundaries.
-#: Fewer, larger GETs: per-request cost dominates (moto on the test VM: 1 MiB ranges
-#: ~30 MiB/s, 4 MiB ~80 MiB/s, 8 MiB ~100 MiB/s per stream; sequential reads through
-#: the mount measured 172 MiB/s with 4 MiB chunks x 4 ahead, 190-250 with 8 MiB x 2).
-#: 4 MiB x 1 ahead is what fits the daemon's 64 MiB RSS budget with the cache full
-#: (docs/fuse_crypt.md, "Daemon memory"; 8 MiB x 1 reads ~1.6x faster over moto but
-#: rests at ~69 MiB): the cache holds the chunk being read and the next one.
-_CHUNK = 1024 * CIPHER_BS
-#: Default ciphertext cache: the chunk being read and one chunk of read-ahead.
-DEFAULT_READAHEAD = 1
+#: Read-ahead / cache granule: 256 cipher blocks (~1 MiB, one 1 MiB FUSE read when the
+#: reader is aligned), aligned to block boundaries.  Why this small: a sequential
+#: reader is served by one streaming GET (:meth:`ObjectStoreBackend._stream_read`), so
+#: the granule no longer sets the number of requests, only how finely the bounded
+#: cache turns over.  With 4 MiB chunks x 1 ahead (the 64 MiB RSS budget allowed no
+#: more) the stream stood idle between chunks and the chunk the reader had just left
+#: had to go before the next could be fetched, so a kernel read-ahead request
+#: arriving late for it cost a ranged GET (O(object size) on moto: ~0.4 s at 256 MiB)
+#: and the eviction cascaded.  The same ~8 MiB in 1 MiB chunks keeps 2 chunks behind
+#: the reader and up to 5 ahead, filled back to back by one pump thread.
+_CHUNK = 256 * CIPHER_BS
+#: Default ciphertext cache: 8 chunks (as many bytes as the old 4 MiB x 2).
+DEFAULT_READAHEAD = 7
 DEFAULT_CACHE_BYTES = (1 + DEFAULT_READAHEAD) * _CHUNK + HEADER_LEN  # chunk 0 has the header
+#: Chunks a sequential reader has read to their end go first when its read-ahead needs
+#: room (each is read once: the kernel's page cache keeps the plaintext).  Chunks up to
+#: this many behind it that it has *not* finished are kept: the kernel's read-ahead
+#: requests (1 MiB each, up to 4 outstanding measured) reach the daemon out of order
+#: from several FUSE threads, so a request for an earlier chunk can come after one for
+#: a later chunk, and a chunk evicted under it costs a ranged GET.
+_KEEP_BEHIND = 4
+#: Finished chunks remembered (keys only) for the eviction order and to let a stream
+#: open after the chunk before it was already dropped.
+_DONE_MAX = 64
 #: A request at least this long is streaming even if it is not exactly contiguous (the
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
@@ -392,15 +405,19 @@ class ObjectStoreBackend(StorageBackend):
             collections.OrderedDict()
         )
         self._cache_used = 0
+        #: Chunks a sequential reader finished (see ``_KEEP_BEHIND``), bounded.
+        self._done: collections.OrderedDict[tuple[str, str, int], None] = collections.OrderedDict()
         #: Bytes of chunk GETs in flight: reserved in the cache before the GET is sent.
         self._cache_reserved = 0
         self._inflight: dict[
             tuple[str, str, int], concurrent.futures.Future[bytes | bytearray]
         ] = {}
         self._io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-io")
-        self._ra = concurrent.futures.ThreadPoolExecutor(
-            max(1, self.readahead), "objstore-readahead"
-        )
+        #: One pump thread runs every chunk fetch in the order asked (FIFO): a
+        #: sequential reader's chunks are read from its stream back to back, each
+        #: fetch starting the moment the one before it ends (and it owns the stream,
+        #: so a chunk never waits on another thread holding it).
+        self._ra = concurrent.futures.ThreadPoolExecutor(1, "objstore-readahead")
         #: Open streaming GETs of sequential readers (see :meth:`_stream_read`).
         self._streams: collections.OrderedDict[tuple[str, str], _Stream] = collections.OrderedDict()
         self._retry_thread: threading.Thread | None = None
@@ -1176,8 +1193,9 @@ class ObjectStoreBackend(StorageBackend):
         """Make room for ``need`` more bytes (caller holds ``self._lock``); False if
         there is none.  With ``reader`` (key, etag, chunk index of a sequential reader
         asking for read-ahead) the chunks it is in or has yet to read are kept:
-        chunks of that object behind it go first, then other objects' chunks, least
-        recently used first.  Without it, anything may go (a chunk needed now)."""
+        chunks of that object it has finished go first, then its chunks more than
+        ``_KEEP_BEHIND`` behind it, then other objects' chunks, least recently used
+        first.  Without it, anything may go (a chunk needed now)."""
         budget = self.cache_bytes - need
 
         def full() -> bool:
@@ -1189,7 +1207,9 @@ class ObjectStoreBackend(StorageBackend):
             return not full()
         key, etag, first = reader
         mine = [c for c in self._cache if c[0] == key and c[1] == etag]
-        order = [c for c in mine if c[2] < first]
+        done = self._done
+        order = [c for c in mine if c in done]
+        order += [c for c in mine if c[2] < first - _KEEP_BEHIND and c not in done]
         order += [c for c in self._cache if c[0] != key or c[1] != etag]
         for ck in order:
             if not full():
@@ -1216,39 +1236,48 @@ class ObjectStoreBackend(StorageBackend):
     def _chunk_of(off: int) -> int:
         return max(0, (off - HEADER_LEN) // _CHUNK)
 
-    def _chunk(
-        self, key: str, etag: str, i: int, limit: int, wait: bool = True, reader_at: int = 0
-    ) -> bytes | bytearray | None:
-        """Chunk ``i`` of object version ``etag`` (clipped to ``limit``), from the cache,
-        an in-flight read-ahead, or a new GET.  A read-ahead (``wait=False``) is only
-        sent when the cache has room for it (``reader_at``: the chunk the reader is in;
-        chunks before it are dropped first), so the cache plus the GETs in flight stay
-        within ``cache_bytes``."""
-        ck = (key, etag, i)
+    def _chunk(self, key: str, etag: str, i: int, limit: int) -> bytes | bytearray:
+        """Chunk ``i`` of object version ``etag`` (clipped to ``limit``), needed now:
+        from the cache, an in-flight read-ahead, or a new fetch (room is made by
+        evicting anything, least recently used first)."""
+        got = self._start((key, etag, i), limit, None)
+        assert got is not None
+        return got.result() if isinstance(got, concurrent.futures.Future) else got
+
+    def _start(
+        self, ck: tuple[str, str, int], limit: int, reader: tuple[str, str, int] | None
+    ) -> bytes | bytearray | concurrent.futures.Future[bytes | bytearray] | None:
+        """Chunk ``ck`` if cached, else the fetch that will bring it (joined if in
+        flight, else queued on the pump).  With ``reader`` (a read-ahead for the
+        sequential reader at that (key, etag, chunk)) the fetch is only queued when
+        the cache has room for it without evicting what the reader still needs;
+        None when it has not, so the cache plus the fetches in flight stay within
+        ``cache_bytes``."""
         with self._lock:
             data = self._cache.get(ck)
             if data is not None:
                 self._cache.move_to_end(ck)
                 return data
             fut = self._inflight.get(ck)
-            if fut is None:
-                s, e = self._chunk_bounds(i)
-                e = min(e, limit)
-                if s >= e:
-                    return b""
-                room = self._evict_for(e - s, None if wait else (key, etag, reader_at))
-                if not room and not wait:
-                    return None
-                self._cache_reserved += e - s
-                try:
-                    fut = self._ra.submit(self._fetch_chunk, ck, s, e, limit)
-                except BaseException:
-                    self._cache_reserved -= e - s
-                    raise
-                self._inflight[ck] = fut
-        if not wait:
-            return None
-        return fut.result()
+            if fut is not None:
+                return fut
+            if reader is not None and ck in self._done:
+                # A late request's read-ahead: the reader is past this chunk already.
+                return b""
+            s, e = self._chunk_bounds(ck[2])
+            e = min(e, limit)
+            if s >= e:
+                return b""
+            if not self._evict_for(e - s, reader) and reader is not None:
+                return None
+            self._cache_reserved += e - s
+            try:
+                fut = self._ra.submit(self._fetch_chunk, ck, s, e, limit)
+            except BaseException:
+                self._cache_reserved -= e - s
+                raise
+            self._inflight[ck] = fut
+            return fut
 
     def _fetch_chunk(
         self, ck: tuple[str, str, int], s: int, e: int, limit: int
@@ -1307,7 +1336,9 @@ class ObjectStoreBackend(StorageBackend):
                 cur = None  # held by another thread, or behind: a ranged GET
             elif cur is not None and s == cur.pos:
                 cur.busy = True
-            elif e >= limit or (i > 0 and (key, etag, i - 1) not in self._cache):
+            elif e >= limit or (
+                i > 0 and (prev := (key, etag, i - 1)) not in self._cache and prev not in self._done
+            ):
                 # The object's last chunk (a small file: one GET either way), or no
                 # sign of a reader going on from here (large reads at random offsets
                 # count as sequential too): a ranged GET, not a stream dropped after
@@ -1388,15 +1419,26 @@ class ObjectStoreBackend(StorageBackend):
                 return self._get_exact(key, s, e)
         parts: list[memoryview] = []
         for i in range(first, last + 1):
-            chunk = self._chunk(key, etag, i, limit, reader_at=first)
-            assert chunk is not None
+            chunk = self._chunk(key, etag, i, limit)
             cs = self._chunk_bounds(i)[0]
             parts.append(memoryview(chunk)[max(0, s - cs) : max(0, e - cs)])
         if seq:
+            finished = last if e >= min(self._chunk_bounds(last)[1], limit) else last - 1
+            if finished >= first:
+                with self._lock:
+                    for i in range(first, finished + 1):
+                        self._done[(key, etag, i)] = None
+                        self._done.move_to_end((key, etag, i))
+                    while len(self._done) > _DONE_MAX:
+                        self._done.popitem(last=False)
+            # In order, and none after one that found no room: the pump then reads
+            # the stream without gaps (a gap would re-open it further on).
+            reader = (key, etag, first)
             for j in range(last + 1, last + 1 + self.readahead):
                 if self._chunk_bounds(j)[0] >= limit:
                     break
-                self._chunk(key, etag, j, limit, wait=False, reader_at=first)
+                if self._start((key, etag, j), limit, reader) is None:
+                    break
         data = b"".join(parts)
         if s == 0 and len(data) >= HEADER_LEN:
             st.header = data[:HEADER_LEN]
@@ -1670,6 +1712,7 @@ class ObjectStoreBackend(StorageBackend):
             self._states.clear()
             self._pending.clear()
             self._cache.clear()
+            self._done.clear()
             self._cache_used = 0
             self._nodes.clear()
             self._children.clear()
