@@ -1398,26 +1398,36 @@ class ObjectStoreBackend(StorageBackend):
         for old in drop:
             old.close()
 
-    def _remote(self, st: _State, etag: str, limit: int, s: int, e: int) -> bytes:
-        """Bytes ``[s, e)`` of published version ``etag`` (``e <= limit``).  A random
-        read costs one GET of exactly the blocks asked for (the frontend aligns to
-        cipher blocks); a sequential reader gets whole chunks plus read-ahead."""
+    def _remote(
+        self, st: _State, etag: str, limit: int, s: int, e: int
+    ) -> list[bytes | memoryview]:
+        """Bytes ``[s, e)`` of published version ``etag`` (``e <= limit``), as pieces
+        (views of cached chunks are handed out, never copied here: the caller copies
+        once into its own buffer).  A random read costs one GET of exactly the blocks
+        asked for (the frontend aligns to cipher blocks); a sequential reader gets
+        whole chunks plus read-ahead."""
         key = st.key
         if e <= HEADER_LEN:  # the file header alone (the frontend's file-ID read)
             hdr = st.header
             if hdr is None:
                 hdr = self._get_exact(key, 0, min(HEADER_LEN, limit))
                 st.header = hdr
-            return hdr[s:e]
+            return [hdr[s:e]]
         seq = s == 0 or abs(s - st.seq_next) <= CIPHER_BS or e - s >= _STREAMING
         st.seq_next = e
         first, last = self._chunk_of(s), self._chunk_of(e - 1)
         if not seq:
+            # A small read off the sequence (a random reader, or a page the kernel
+            # asks for alone): served from chunks cached or on their way, else one
+            # GET of exactly its blocks.
             with self._lock:
-                have = [self._cache.get((key, etag, i)) for i in range(first, last + 1)]
-            if any(c is None for c in have):
-                return self._get_exact(key, s, e)
-        parts: list[memoryview] = []
+                near = all(
+                    (key, etag, i) in self._cache or (key, etag, i) in self._inflight
+                    for i in range(first, last + 1)
+                )
+            if not near:
+                return [self._get_exact(key, s, e)]
+        parts: list[bytes | memoryview] = []
         for i in range(first, last + 1):
             chunk = self._chunk(key, etag, i, limit)
             cs = self._chunk_bounds(i)[0]
@@ -1439,16 +1449,25 @@ class ObjectStoreBackend(StorageBackend):
                     break
                 if self._start((key, etag, j), limit, reader) is None:
                     break
-        data = b"".join(parts)
-        if s == 0 and len(data) >= HEADER_LEN:
-            st.header = data[:HEADER_LEN]
-        return data
+        if s == 0 and parts and len(parts[0]) >= HEADER_LEN:
+            st.header = bytes(parts[0][:HEADER_LEN])
+        return parts
 
     def _read(self, st: _State, offset: int, size: int, *, locked: bool = False) -> bytes:
         """File bytes ``[offset, offset+size)``: written ranges from the spool, the rest
-        from the published object, zeros past its end (holes).  The spool is read
-        under ``st.lock`` (an upload may be emptying it); GETs happen outside it.
-        ``locked``: the caller (an upload's part worker) has the state frozen."""
+        from the published object, zeros past its end (holes).  ``locked``: the
+        caller (an upload's part worker) has the state frozen."""
+        out = self._pieces(st, offset, size, locked=locked)
+        if len(out) == 1 and isinstance(out[0], bytes):
+            return out[0]
+        return b"".join(out)
+
+    def _pieces(
+        self, st: _State, offset: int, size: int, *, locked: bool = False
+    ) -> list[bytes | memoryview]:
+        """:meth:`_read` as pieces in order (short at the end of the file, or where the
+        object turned out shorter than it said).  The spool is read under
+        ``st.lock`` (an upload may be emptying it); GETs happen outside it."""
         ctx = contextlib.nullcontext() if locked else st.lock
         plan: list[bytes | tuple[int, int, int]] = []
         with ctx:
@@ -1463,7 +1482,7 @@ class ObjectStoreBackend(StorageBackend):
                     plan.append(data + bytes(e - s - len(data)))
                 else:
                     plan.append((s, min(e, limit) if etag is not None else s, e))
-        out = []
+        out: list[bytes | memoryview] = []
         for item in plan:
             if isinstance(item, bytes):
                 out.append(item)
@@ -1471,16 +1490,27 @@ class ObjectStoreBackend(StorageBackend):
             s, r, e = item
             if r > s:
                 assert etag is not None
-                data = self._remote(st, etag, limit, s, r)
-                out.append(data)
-                if len(data) < r - s:
+                got = self._remote(st, etag, limit, s, r)
+                out += got
+                if sum(len(p) for p in got) < r - s:
                     break  # the object is shorter than it said: a short read, EIO above
             if e > max(r, s):
                 out.append(bytes(e - max(r, s)))  # a hole (or truncated-then-grown range)
-        return out[0] if len(out) == 1 else b"".join(out)
+        return out
 
     def pread(self, handle: _Handle, size: int, offset: int) -> bytes:
         return self._read(handle.state, offset, size)
+
+    def pread_into(self, handle: _Handle, buf: memoryview, offset: int) -> int:
+        """Copy the pieces straight into the frontend's buffer.  Why: joining them
+        first cost a fresh 1 MiB allocation per FUSE read (page-faulted in: the
+        bounded-heap profile mmaps buffers >= 1 MiB) and a second copy."""
+        n = 0
+        for p in self._pieces(handle.state, offset, len(buf)):
+            m = len(p)
+            buf[n : n + m] = p
+            n += m
+        return n
 
     # -- writing ----------------------------------------------------------------------------
 
