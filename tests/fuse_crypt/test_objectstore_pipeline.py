@@ -15,16 +15,21 @@ test_objectstore_rss.py.
 
 from __future__ import annotations
 
+import errno
 import os
 import threading
+from pathlib import Path
 
 import pytest
 
 from fuse_crypt.backend import objectstore
 from fuse_crypt.backend.objectstore import _CHUNK, ObjectStoreBackend
 from fuse_crypt.contentenc import HEADER_LEN, PLAIN_BS
+from tests.fuse_crypt.conftest import fuse_available
 from tests.fuse_crypt.fake_transport import FakeStream, FakeTransport
+from tests.fuse_crypt.objectstore_helpers import mount_ours, new_s3vol
 from tests.fuse_crypt.test_backend_objectstore import FS, MiB, _init
+from tests.peers.moto_s3 import moto_s3
 
 #: Plaintext bytes per cache chunk (one aligned 1 MiB FUSE read).
 CHUNK_PLAIN = _CHUNK // (PLAIN_BS + 32) * PLAIN_BS
@@ -196,3 +201,33 @@ def test_random_reader_is_not_served_by_the_pump(t: FakeTransport) -> None:
 def test_default_cache_holds_eight_chunks() -> None:
     assert objectstore.DEFAULT_CACHE_BYTES == 8 * _CHUNK + HEADER_LEN
     assert 9 * MiB > objectstore.DEFAULT_CACHE_BYTES
+
+
+# -- a real mount over moto: the kernel's own request pattern ----------------------------------
+
+
+@pytest.mark.skipif(fuse_available() is not None, reason=str(fuse_available()))
+def test_real_mount_reads_a_large_file_through_the_pipeline_and_catches_a_flip(
+    tmp_path: Path,
+) -> None:
+    data = os.urandom(24 * MiB + 4321)
+    with moto_s3() as moto:
+        vol = new_s3vol(moto, tmp_path)
+        with mount_ours(vol, tmp_path / "w") as m:
+            (m / "big").write_bytes(data)
+        with mount_ours(vol, tmp_path / "r") as m, open(m / "big", "rb") as f:
+            got = b"".join(iter(lambda: f.read(MiB), b""))
+        assert got == data
+        objs = moto.objects(vol.bucket, vol.prefix + "/")
+        (key,) = [k for k, o in objs.items() if len(o["body"]) > MiB]
+        body = bytearray(objs[key]["body"])
+        body[HEADER_LEN + 13 * _CHUNK + 100] ^= 1  # deep in the stream, chunk 13
+        moto.client().put_object(
+            Bucket=vol.bucket, Key=key, Body=bytes(body), Metadata=objs[key]["meta"]
+        )
+        with mount_ours(vol, tmp_path / "r2") as m, open(m / "big", "rb") as f:
+            with pytest.raises(OSError) as ei:
+                while f.read(MiB):
+                    pass
+            assert ei.value.errno == errno.EIO
+            assert f.tell() <= 13 * MiB  # everything before the flip read fine
