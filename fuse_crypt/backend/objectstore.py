@@ -15,8 +15,9 @@ volumes"):
 
 Reads are ranged GETs aligned to cipher blocks (the frontend asks for whole blocks): a
 random read costs one GET of the blocks it touches; a sequential reader gets whole
-chunks (1024 cipher blocks) with read-ahead in parallel.  Cached bytes are ciphertext,
-bounded by ``cache_bytes`` (GETs in flight included), keyed by ETag, dropped at unmount.
+chunks (256 cipher blocks) read ahead from one streaming GET by one pump thread, back to
+back.  Cached bytes are ciphertext, bounded by ``cache_bytes`` (GETs in flight
+included), keyed by ETag, dropped at unmount.
 
 Writes go to a per-file *spool* (a memfd, or an unlinked file in ``spool_dir``) that
 only ever holds ciphertext as the crypto layer produced it, plus the set of byte
