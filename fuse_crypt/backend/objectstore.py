@@ -1474,7 +1474,7 @@ class ObjectStoreBackend(StorageBackend):
         with ctx:
             end = min(st.size, offset + size)
             if offset >= end:
-                return b""
+                return []
             etag, limit = st.base_etag, st.base_limit
             for s, e, written in st.written.pieces(offset, end):
                 if written:
