@@ -100,8 +100,9 @@ _MAX_PARTS = 10000
 #: more) the stream stood idle between chunks and the chunk the reader had just left
 #: had to go before the next could be fetched, so a kernel read-ahead request
 #: arriving late for it cost a ranged GET (O(object size) on moto: ~0.4 s at 256 MiB)
-#: and the eviction cascaded.  The same ~8 MiB in 1 MiB chunks keeps 2 chunks behind
-#: the reader and up to 5 ahead, filled back to back by one pump thread.
+#: and the eviction cascaded.  The same ~8 MiB in 1 MiB chunks drops each chunk as
+#: soon as the reader has finished it and keeps up to 7 ahead, filled back to back by
+#: one pump thread.
 _CHUNK = 256 * CIPHER_BS
 #: Default ciphertext cache: 8 chunks (as many bytes as the old 4 MiB x 2).
 DEFAULT_READAHEAD = 7
@@ -1435,13 +1436,20 @@ class ObjectStoreBackend(StorageBackend):
             parts.append(memoryview(chunk)[max(0, s - cs) : max(0, e - cs)])
         if seq:
             finished = last if e >= min(self._chunk_bounds(last)[1], limit) else last - 1
-            if finished >= first:
-                with self._lock:
-                    for i in range(first, finished + 1):
-                        self._done[(key, etag, i)] = None
-                        self._done.move_to_end((key, etag, i))
-                    while len(self._done) > _DONE_MAX:
-                        self._done.popitem(last=False)
+            with self._lock:
+                done = self._done
+                mine = [c for c in done if c[0] == key and c[1] == etag]
+                if mine and first + _KEEP_BEHIND < max(c[2] for c in mine):
+                    # Far behind what a reader of this object finished: a new pass
+                    # over it (not a late request), which needs its read-ahead.
+                    for c in mine:
+                        if c[2] >= first:
+                            del done[c]
+                for i in range(first, finished + 1):
+                    done[(key, etag, i)] = None
+                    done.move_to_end((key, etag, i))
+                while len(done) > _DONE_MAX:
+                    done.popitem(last=False)
             # In order, and none after one that found no room: the pump then reads
             # the stream without gaps (a gap would re-open it further on).
             reader = (key, etag, first)

@@ -231,3 +231,25 @@ def test_real_mount_reads_a_large_file_through_the_pipeline_and_catches_a_flip(
                     pass
             assert ei.value.errno == errno.EIO
             assert f.tell() <= 13 * MiB  # everything before the flip read fine
+
+
+def test_a_second_pass_over_a_file_gets_read_ahead_again(t: FakeTransport) -> None:
+    # The finished-chunk marks of the first pass must not stop the second pass's
+    # read-ahead (they only stand for late requests just behind the reader).
+    data = os.urandom(12 * MiB)
+    FS(t).write("/f", data)
+    cold = FS(t)
+    assert cold.read("/f") == data
+    fh = cold.ops.open("/f", os.O_RDONLY)
+    t.reset_counts()
+    assert cold.ops.read(None, MiB, 0, fh) == data[:MiB]
+    _drain(cold.backend)
+    # Read ahead again (chunks of the first pass still cached stay: they are valid).
+    assert 1 in _cached(cold.backend), _cached(cold.backend)
+    off = MiB
+    while off < len(data):
+        assert cold.ops.read(None, MiB, off, fh) == data[off : off + MiB]
+        off += MiB
+    assert t.counts["stream"] == 1 and _ranged_gets(t) == [], t.log
+    cold.ops.release(None, fh)
+    cold.close()
