@@ -15,8 +15,9 @@ volumes"):
 
 Reads are ranged GETs aligned to cipher blocks (the frontend asks for whole blocks): a
 random read costs one GET of the blocks it touches; a sequential reader gets whole
-chunks (1024 cipher blocks) with read-ahead in parallel.  Cached bytes are ciphertext,
-bounded by ``cache_bytes`` (GETs in flight included), keyed by ETag, dropped at unmount.
+chunks (256 cipher blocks) read ahead from one streaming GET by one pump thread, back to
+back.  Cached bytes are ciphertext, bounded by ``cache_bytes`` (GETs in flight
+included), keyed by ETag, dropped at unmount.
 
 Writes go to a per-file *spool* (a memfd, or an unlinked file in ``spool_dir``) that
 only ever holds ciphertext as the crypto layer produced it, plus the set of byte
@@ -91,17 +92,31 @@ _COPY_MAX = 5 << 30
 _COPY_PART = 512 << 20
 _MIN_PART = 5 << 20
 _MAX_PARTS = 10000
-#: Read-ahead / cache granule: 1024 cipher blocks (~4 MiB), aligned to block boundaries.
-#: Fewer, larger GETs: per-request cost dominates (moto on the test VM: 1 MiB ranges
-#: ~30 MiB/s, 4 MiB ~80 MiB/s, 8 MiB ~100 MiB/s per stream; sequential reads through
-#: the mount measured 172 MiB/s with 4 MiB chunks x 4 ahead, 190-250 with 8 MiB x 2).
-#: 4 MiB x 1 ahead is what fits the daemon's 64 MiB RSS budget with the cache full
-#: (docs/fuse_crypt.md, "Daemon memory"; 8 MiB x 1 reads ~1.6x faster over moto but
-#: rests at ~69 MiB): the cache holds the chunk being read and the next one.
-_CHUNK = 1024 * CIPHER_BS
-#: Default ciphertext cache: the chunk being read and one chunk of read-ahead.
-DEFAULT_READAHEAD = 1
+#: Read-ahead / cache granule: 256 cipher blocks (~1 MiB, one 1 MiB FUSE read when the
+#: reader is aligned), aligned to block boundaries.  Why this small: a sequential
+#: reader is served by one streaming GET (:meth:`ObjectStoreBackend._stream_read`), so
+#: the granule no longer sets the number of requests, only how finely the bounded
+#: cache turns over.  With 4 MiB chunks x 1 ahead (the 64 MiB RSS budget allowed no
+#: more) the stream stood idle between chunks and the chunk the reader had just left
+#: had to go before the next could be fetched, so a kernel read-ahead request
+#: arriving late for it cost a ranged GET (O(object size) on moto: ~0.4 s at 256 MiB)
+#: and the eviction cascaded.  The same ~8 MiB in 1 MiB chunks drops each chunk as
+#: soon as the reader has finished it and keeps up to 7 ahead, filled back to back by
+#: one pump thread.
+_CHUNK = 256 * CIPHER_BS
+#: Default ciphertext cache: 8 chunks (as many bytes as the old 4 MiB x 2).
+DEFAULT_READAHEAD = 7
 DEFAULT_CACHE_BYTES = (1 + DEFAULT_READAHEAD) * _CHUNK + HEADER_LEN  # chunk 0 has the header
+#: Chunks a sequential reader has read to their end go first when its read-ahead needs
+#: room (each is read once: the kernel's page cache keeps the plaintext).  Chunks up to
+#: this many behind it that it has *not* finished are kept: the kernel's read-ahead
+#: requests (1 MiB each, up to 4 outstanding measured) reach the daemon out of order
+#: from several FUSE threads, so a request for an earlier chunk can come after one for
+#: a later chunk, and a chunk evicted under it costs a ranged GET.
+_KEEP_BEHIND = 4
+#: Finished chunks remembered (keys only) for the eviction order and to let a stream
+#: open after the chunk before it was already dropped.
+_DONE_MAX = 64
 #: A request at least this long is streaming even if it is not exactly contiguous (the
 #: kernel's read-ahead requests arrive out of order from several FUSE threads).
 _STREAMING = 32 * CIPHER_BS
@@ -452,6 +467,8 @@ class ObjectStoreBackend(StorageBackend):
             collections.OrderedDict()
         )
         self._cache_used = 0
+        #: Chunks a sequential reader finished (see ``_KEEP_BEHIND``), bounded.
+        self._done: collections.OrderedDict[tuple[str, str, int], None] = collections.OrderedDict()
         #: Bytes of chunk GETs in flight: reserved in the cache before the GET is sent.
         self._cache_reserved = 0
         self._inflight: dict[
@@ -462,9 +479,11 @@ class ObjectStoreBackend(StorageBackend):
         #: never queue behind (or hold up) the parts of an fsync, which waits for both
         #: while holding ``st.lock``.
         self._early_io = concurrent.futures.ThreadPoolExecutor(self.parallel, "objstore-early")
-        self._ra = concurrent.futures.ThreadPoolExecutor(
-            max(1, self.readahead), "objstore-readahead"
-        )
+        #: One pump thread runs every chunk fetch in the order asked (FIFO): a
+        #: sequential reader's chunks are read from its stream back to back, each
+        #: fetch starting the moment the one before it ends (and it owns the stream,
+        #: so a chunk never waits on another thread holding it).
+        self._ra = concurrent.futures.ThreadPoolExecutor(1, "objstore-readahead")
         #: Open streaming GETs of sequential readers (see :meth:`_stream_read`).
         self._streams: collections.OrderedDict[tuple[str, str], _Stream] = collections.OrderedDict()
         self._retry_thread: threading.Thread | None = None
@@ -1242,8 +1261,9 @@ class ObjectStoreBackend(StorageBackend):
         """Make room for ``need`` more bytes (caller holds ``self._lock``); False if
         there is none.  With ``reader`` (key, etag, chunk index of a sequential reader
         asking for read-ahead) the chunks it is in or has yet to read are kept:
-        chunks of that object behind it go first, then other objects' chunks, least
-        recently used first.  Without it, anything may go (a chunk needed now)."""
+        chunks of that object it has finished go first, then its chunks more than
+        ``_KEEP_BEHIND`` behind it, then other objects' chunks, least recently used
+        first.  Without it, anything may go (a chunk needed now)."""
         budget = self.cache_bytes - need
 
         def full() -> bool:
@@ -1255,7 +1275,9 @@ class ObjectStoreBackend(StorageBackend):
             return not full()
         key, etag, first = reader
         mine = [c for c in self._cache if c[0] == key and c[1] == etag]
-        order = [c for c in mine if c[2] < first]
+        done = self._done
+        order = [c for c in mine if c in done]
+        order += [c for c in mine if c[2] < first - _KEEP_BEHIND and c not in done]
         order += [c for c in self._cache if c[0] != key or c[1] != etag]
         for ck in order:
             if not full():
@@ -1282,39 +1304,48 @@ class ObjectStoreBackend(StorageBackend):
     def _chunk_of(off: int) -> int:
         return max(0, (off - HEADER_LEN) // _CHUNK)
 
-    def _chunk(
-        self, key: str, etag: str, i: int, limit: int, wait: bool = True, reader_at: int = 0
-    ) -> bytes | bytearray | None:
-        """Chunk ``i`` of object version ``etag`` (clipped to ``limit``), from the cache,
-        an in-flight read-ahead, or a new GET.  A read-ahead (``wait=False``) is only
-        sent when the cache has room for it (``reader_at``: the chunk the reader is in;
-        chunks before it are dropped first), so the cache plus the GETs in flight stay
-        within ``cache_bytes``."""
-        ck = (key, etag, i)
+    def _chunk(self, key: str, etag: str, i: int, limit: int) -> bytes | bytearray:
+        """Chunk ``i`` of object version ``etag`` (clipped to ``limit``), needed now:
+        from the cache, an in-flight read-ahead, or a new fetch (room is made by
+        evicting anything, least recently used first)."""
+        got = self._start((key, etag, i), limit, None)
+        assert got is not None
+        return got.result() if isinstance(got, concurrent.futures.Future) else got
+
+    def _start(
+        self, ck: tuple[str, str, int], limit: int, reader: tuple[str, str, int] | None
+    ) -> bytes | bytearray | concurrent.futures.Future[bytes | bytearray] | None:
+        """Chunk ``ck`` if cached, else the fetch that will bring it (joined if in
+        flight, else queued on the pump).  With ``reader`` (a read-ahead for the
+        sequential reader at that (key, etag, chunk)) the fetch is only queued when
+        the cache has room for it without evicting what the reader still needs;
+        None when it has not, so the cache plus the fetches in flight stay within
+        ``cache_bytes``."""
         with self._lock:
             data = self._cache.get(ck)
             if data is not None:
                 self._cache.move_to_end(ck)
                 return data
             fut = self._inflight.get(ck)
-            if fut is None:
-                s, e = self._chunk_bounds(i)
-                e = min(e, limit)
-                if s >= e:
-                    return b""
-                room = self._evict_for(e - s, None if wait else (key, etag, reader_at))
-                if not room and not wait:
-                    return None
-                self._cache_reserved += e - s
-                try:
-                    fut = self._ra.submit(self._fetch_chunk, ck, s, e, limit)
-                except BaseException:
-                    self._cache_reserved -= e - s
-                    raise
-                self._inflight[ck] = fut
-        if not wait:
-            return None
-        return fut.result()
+            if fut is not None:
+                return fut
+            if reader is not None and ck in self._done:
+                # A late request's read-ahead: the reader is past this chunk already.
+                return b""
+            s, e = self._chunk_bounds(ck[2])
+            e = min(e, limit)
+            if s >= e:
+                return b""
+            if not self._evict_for(e - s, reader) and reader is not None:
+                return None
+            self._cache_reserved += e - s
+            try:
+                fut = self._ra.submit(self._fetch_chunk, ck, s, e, limit)
+            except BaseException:
+                self._cache_reserved -= e - s
+                raise
+            self._inflight[ck] = fut
+            return fut
 
     def _fetch_chunk(
         self, ck: tuple[str, str, int], s: int, e: int, limit: int
@@ -1373,7 +1404,9 @@ class ObjectStoreBackend(StorageBackend):
                 cur = None  # held by another thread, or behind: a ranged GET
             elif cur is not None and s == cur.pos:
                 cur.busy = True
-            elif e >= limit or (i > 0 and (key, etag, i - 1) not in self._cache):
+            elif e >= limit or (
+                i > 0 and (prev := (key, etag, i - 1)) not in self._cache and prev not in self._done
+            ):
                 # The object's last chunk (a small file: one GET either way), or no
                 # sign of a reader going on from here (large reads at random offsets
                 # count as sequential too): a ranged GET, not a stream dropped after
@@ -1433,52 +1466,89 @@ class ObjectStoreBackend(StorageBackend):
         for old in drop:
             old.close()
 
-    def _remote(self, st: _State, etag: str, limit: int, s: int, e: int) -> bytes:
-        """Bytes ``[s, e)`` of published version ``etag`` (``e <= limit``).  A random
-        read costs one GET of exactly the blocks asked for (the frontend aligns to
-        cipher blocks); a sequential reader gets whole chunks plus read-ahead."""
+    def _remote(
+        self, st: _State, etag: str, limit: int, s: int, e: int
+    ) -> list[bytes | memoryview]:
+        """Bytes ``[s, e)`` of published version ``etag`` (``e <= limit``), as pieces
+        (views of cached chunks are handed out, never copied here: the caller copies
+        once into its own buffer).  A random read costs one GET of exactly the blocks
+        asked for (the frontend aligns to cipher blocks); a sequential reader gets
+        whole chunks plus read-ahead."""
         key = st.key
         if e <= HEADER_LEN:  # the file header alone (the frontend's file-ID read)
             hdr = st.header
             if hdr is None:
                 hdr = self._get_exact(key, 0, min(HEADER_LEN, limit))
                 st.header = hdr
-            return hdr[s:e]
+            return [hdr[s:e]]
         seq = s == 0 or abs(s - st.seq_next) <= CIPHER_BS or e - s >= _STREAMING
         st.seq_next = e
         first, last = self._chunk_of(s), self._chunk_of(e - 1)
         if not seq:
+            # A small read off the sequence (a random reader, or a page the kernel
+            # asks for alone): served from chunks cached or on their way, else one
+            # GET of exactly its blocks.
             with self._lock:
-                have = [self._cache.get((key, etag, i)) for i in range(first, last + 1)]
-            if any(c is None for c in have):
-                return self._get_exact(key, s, e)
-        parts: list[memoryview] = []
+                near = all(
+                    (key, etag, i) in self._cache or (key, etag, i) in self._inflight
+                    for i in range(first, last + 1)
+                )
+            if not near:
+                return [self._get_exact(key, s, e)]
+        parts: list[bytes | memoryview] = []
         for i in range(first, last + 1):
-            chunk = self._chunk(key, etag, i, limit, reader_at=first)
-            assert chunk is not None
+            chunk = self._chunk(key, etag, i, limit)
             cs = self._chunk_bounds(i)[0]
             parts.append(memoryview(chunk)[max(0, s - cs) : max(0, e - cs)])
         if seq:
+            finished = last if e >= min(self._chunk_bounds(last)[1], limit) else last - 1
+            with self._lock:
+                done = self._done
+                mine = [c for c in done if c[0] == key and c[1] == etag]
+                if mine and first + _KEEP_BEHIND < max(c[2] for c in mine):
+                    # Far behind what a reader of this object finished: a new pass
+                    # over it (not a late request), which needs its read-ahead.
+                    for c in mine:
+                        if c[2] >= first:
+                            del done[c]
+                for i in range(first, finished + 1):
+                    done[(key, etag, i)] = None
+                    done.move_to_end((key, etag, i))
+                while len(done) > _DONE_MAX:
+                    done.popitem(last=False)
+            # In order, and none after one that found no room: the pump then reads
+            # the stream without gaps (a gap would re-open it further on).
+            reader = (key, etag, first)
             for j in range(last + 1, last + 1 + self.readahead):
                 if self._chunk_bounds(j)[0] >= limit:
                     break
-                self._chunk(key, etag, j, limit, wait=False, reader_at=first)
-        data = b"".join(parts)
-        if s == 0 and len(data) >= HEADER_LEN:
-            st.header = data[:HEADER_LEN]
-        return data
+                if self._start((key, etag, j), limit, reader) is None:
+                    break
+        if s == 0 and parts and len(parts[0]) >= HEADER_LEN:
+            st.header = bytes(parts[0][:HEADER_LEN])
+        return parts
 
     def _read(self, st: _State, offset: int, size: int, *, locked: bool = False) -> bytes:
         """File bytes ``[offset, offset+size)``: written ranges from the spool, the rest
-        from the published object, zeros past its end (holes).  The spool is read
-        under ``st.lock`` (an upload may be emptying it); GETs happen outside it.
-        ``locked``: the caller (an upload's part worker) has the state frozen."""
+        from the published object, zeros past its end (holes).  ``locked``: the
+        caller (an upload's part worker) has the state frozen."""
+        out = self._pieces(st, offset, size, locked=locked)
+        if len(out) == 1 and isinstance(out[0], bytes):
+            return out[0]
+        return b"".join(out)
+
+    def _pieces(
+        self, st: _State, offset: int, size: int, *, locked: bool = False
+    ) -> list[bytes | memoryview]:
+        """:meth:`_read` as pieces in order (short at the end of the file, or where the
+        object turned out shorter than it said).  The spool is read under
+        ``st.lock`` (an upload may be emptying it); GETs happen outside it."""
         ctx = contextlib.nullcontext() if locked else st.lock
         plan: list[bytes | tuple[int, int, int]] = []
         with ctx:
             end = min(st.size, offset + size)
             if offset >= end:
-                return b""
+                return []
             etag, limit = st.base_etag, st.base_limit
             for s, e, written in st.written.pieces(offset, end):
                 if written:
@@ -1487,7 +1557,7 @@ class ObjectStoreBackend(StorageBackend):
                     plan.append(data + bytes(e - s - len(data)))
                 else:
                     plan.append((s, min(e, limit) if etag is not None else s, e))
-        out = []
+        out: list[bytes | memoryview] = []
         for item in plan:
             if isinstance(item, bytes):
                 out.append(item)
@@ -1495,16 +1565,27 @@ class ObjectStoreBackend(StorageBackend):
             s, r, e = item
             if r > s:
                 assert etag is not None
-                data = self._remote(st, etag, limit, s, r)
-                out.append(data)
-                if len(data) < r - s:
+                got = self._remote(st, etag, limit, s, r)
+                out += got
+                if sum(len(p) for p in got) < r - s:
                     break  # the object is shorter than it said: a short read, EIO above
             if e > max(r, s):
                 out.append(bytes(e - max(r, s)))  # a hole (or truncated-then-grown range)
-        return out[0] if len(out) == 1 else b"".join(out)
+        return out
 
     def pread(self, handle: _Handle, size: int, offset: int) -> bytes:
         return self._read(handle.state, offset, size)
+
+    def pread_into(self, handle: _Handle, buf: memoryview, offset: int) -> int:
+        """Copy the pieces straight into the frontend's buffer.  Why: joining them
+        first cost a fresh 1 MiB allocation per FUSE read (page-faulted in: the
+        bounded-heap profile mmaps buffers >= 1 MiB) and a second copy."""
+        n = 0
+        for p in self._pieces(handle.state, offset, len(buf)):
+            m = len(p)
+            buf[n : n + m] = p
+            n += m
+        return n
 
     # -- writing ----------------------------------------------------------------------------
 
@@ -1954,6 +2035,7 @@ class ObjectStoreBackend(StorageBackend):
             self._states.clear()
             self._pending.clear()
             self._cache.clear()
+            self._done.clear()
             self._cache_used = 0
             self._nodes.clear()
             self._children.clear()

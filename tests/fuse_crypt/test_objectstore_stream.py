@@ -213,7 +213,7 @@ def _gets(log: list[tuple[str, str, str]]) -> list[str]:
     return [kind for method, _, kind in log if method == "GET"]
 
 
-@pytest.mark.parametrize("cut", [None, 0, 3 * MiB + 17])
+@pytest.mark.parametrize("cut", [None, 0, 3 * MiB + 17, 7 * MiB + 5])  # 7 MiB: mid-pipeline
 def test_stream_over_the_wire_and_cut_mid_body(proxy: FaultProxy, cut: int | None) -> None:
     t = stack(proxy)
     t.put(PRE + DIRIV_NAME, NameTransform.new_dir_iv(), metadata={"mode": "33060"})
