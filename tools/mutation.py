@@ -95,8 +95,18 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_luks2_interop.py",
     ],
     "fuse_crypt/luks2/volume.py": [
-        "tests/fuse_crypt/test_luks2_interop.py",
+        "tests/fuse_crypt/test_luks2_volume_mutants.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
+        "tests/fuse_crypt/test_luks2_interop.py",
+        "tests/fuse_crypt/test_luks2_integrity.py",
+    ],
+    "fuse_crypt/luks2/segment.py": [
+        "tests/fuse_crypt/test_luks2_segment_mutants.py",
+        "tests/fuse_crypt/test_luks2_segment.py",
+    ],
+    "fuse_crypt/blockfront/device.py": [
+        "tests/fuse_crypt/test_blockfront_mutants.py",
+        "tests/fuse_crypt/test_blockfront.py",
     ],
     "fuse_crypt/backend/retrying.py": [
         "tests/fuse_crypt/test_retrying_mutants.py",
