@@ -7,10 +7,13 @@ span or read-modify-write shows as a byte difference, not only as a failed round
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
-from fuse_crypt.blockfront import CryptDevice, open_device
+import pytest
+
+from fuse_crypt.blockfront import CryptDevice, DeviceError, open_device
 from fuse_crypt.luks2.segment import XtsSegment
 
 SS = 4096
@@ -35,5 +38,225 @@ def test_unaligned_write_lands_encrypted_at_the_segment_offset(tmp_path: Path) -
         raw = (tmp_path / "img").read_bytes()
         assert raw[SS : 3 * SS] == XtsSegment(KEY).encrypt(0, bytes(plain))
         assert dev.read(50, len(data)) == data
+    finally:
+        dev.close()
+
+
+def _img(path: Path, size: int) -> Path:
+    with path.open("wb") as f:
+        f.truncate(size)
+    return path
+
+
+def test_open_device_flags(tmp_path: Path) -> None:
+    """Blocking after the non-blocking open, close-on-exec, read-only means read-only, and
+    each refusal carries its errno (callers map it to a CSI code)."""
+    img = _img(tmp_path / "img", SS)
+    fd = open_device(str(img))
+    try:
+        assert os.get_blocking(fd) and not os.get_inheritable(fd)
+        assert os.pwrite(fd, b"w", 0) == 1
+    finally:
+        os.close(fd)
+    fd = open_device(str(img), read_only=True)
+    try:
+        assert os.get_blocking(fd)
+        with pytest.raises(OSError) as exc:
+            os.pwrite(fd, b"w", 0)
+        assert exc.value.errno == errno.EBADF
+    finally:
+        os.close(fd)
+    link = tmp_path / "link"
+    link.symlink_to(img)
+    for path, kw, code in (
+        (link, {}, errno.ELOOP),
+        (img, {"allow_regular": False}, errno.ENOTBLK),
+        (Path("/dev/null"), {}, errno.ENOTBLK),
+        (tmp_path / "missing", {}, errno.ENOENT),
+    ):
+        with pytest.raises(DeviceError) as err:
+            open_device(str(path), **kw)  # type: ignore[arg-type]
+        assert err.value.errno == code, path
+
+
+def test_open_device_closes_what_it_refuses(tmp_path: Path) -> None:
+    before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(DeviceError):
+        open_device("/dev/null")
+    assert set(os.listdir("/proc/self/fd")) == before
+
+
+def test_geometry_checks_on_both_sides(tmp_path: Path) -> None:
+    img = _img(tmp_path / "img", 4 * SS)
+    seg = XtsSegment(KEY)
+    for offset, size in ((-512, None), (100, None), (0, 0), (0, -SS), (0, SS + 512)):
+        with pytest.raises(DeviceError) as err:
+            CryptDevice(open_device(str(img)), seg, offset=offset, size=size)
+        assert err.value.errno == errno.EINVAL, (offset, size)
+    # the smallest accepted values on each side
+    dev = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=512, size=None)
+    assert dev.size == 3 * SS  # 4 SS - 512 rounded down to whole sectors
+    dev.close()
+    exact = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=SS, size=3 * SS)
+    assert exact.size == 3 * SS  # the segment ends exactly at the device's end
+    exact.close()
+    one = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=3 * SS, size=None)
+    assert one.size == SS  # exactly one sector after the header
+    one.close()
+    with pytest.raises(DeviceError) as err:
+        CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=3 * SS + 512, size=None)
+    assert err.value.errno == errno.ENOSPC
+    with pytest.raises(DeviceError) as err:
+        CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=SS + 512, size=3 * SS)
+    assert err.value.errno == errno.ENOSPC
+
+
+def test_reads_past_the_end_and_negative_offsets(tmp_path: Path) -> None:
+    dev = _dev(tmp_path / "img", 2 * SS)
+    try:
+        assert dev.read(2 * SS + 5, 10) == b""
+        assert dev.read_into(memoryview(bytearray(10)), 3 * SS) == 0
+        assert len(dev.read(2 * SS - 3, 10)) == 3
+        for call in (lambda: dev.read(-1, 1), lambda: dev.write(b"x", -1)):
+            with pytest.raises(DeviceError) as err:
+                call()
+            assert err.value.errno == errno.EINVAL
+        assert dev.write(b"", 2 * SS) == 0  # nothing to write: not ENOSPC
+        with pytest.raises(DeviceError) as err:
+            dev.write(b"x", 2 * SS)
+        assert err.value.errno == errno.ENOSPC
+        assert dev.write(b"x", 2 * SS - 1) == 1
+    finally:
+        dev.close()
+
+
+def test_read_only_refuses_even_empty_writes(tmp_path: Path) -> None:
+    img = _img(tmp_path / "img", 2 * SS)
+    dev = CryptDevice(
+        open_device(str(img), read_only=True), XtsSegment(KEY), offset=0, size=None,
+        read_only=True,
+    )  # fmt: skip
+    try:
+        with pytest.raises(DeviceError) as err:
+            dev.write(b"", 0)
+        assert err.value.errno == errno.EROFS
+    finally:
+        dev.close()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length"),
+    [(0, SS), (SS, 2 * SS), (1, 10), (SS - 1, 2), (10, SS), (SS + 7, 2 * SS), (0, 3 * SS - 1),
+     (1, 3 * SS - 1)],
+)  # fmt: skip
+def test_write_keeps_every_other_byte_and_encrypts_exact_sectors(
+    tmp_path: Path, offset: int, length: int
+) -> None:
+    """Aligned, head-only, tail-only, head and tail in one or in two sectors: the bytes
+    around the write keep their old plaintext and the whole 4-sector image is exactly the
+    independent encryption of the model."""
+    path = tmp_path / "img"
+    dev = _dev(path, 4 * SS)
+    try:
+        model = bytearray(os.urandom(4 * SS))
+        dev.write(bytes(model), 0)
+        data = os.urandom(length)
+        assert dev.write(data, offset) == length
+        model[offset : offset + length] = data
+        assert path.read_bytes() == XtsSegment(KEY).encrypt(0, bytes(model))
+        assert dev.read(0, 4 * SS) == bytes(model)
+        out = bytearray(length + 3)
+        assert dev.read_into(memoryview(out), offset) == min(length + 3, 4 * SS - offset)
+        assert out[:length] == data
+    finally:
+        dev.close()
+
+
+def test_aligned_read_decrypts_in_the_callers_buffer(tmp_path: Path) -> None:
+    path = tmp_path / "img"
+    dev = _dev(path, 4 * SS, offset=SS)
+    try:
+        plain = os.urandom(3 * SS)
+        dev.write(plain, 0)
+        buf = bytearray(b"\xee" * (2 * SS + 5))
+        assert dev.read_into(memoryview(buf), SS) == 2 * SS  # short: the segment ends
+        assert buf[: 2 * SS] == plain[SS:] and buf[2 * SS :] == b"\xee" * 5
+    finally:
+        dev.close()
+
+
+def test_sync_and_close(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = _dev(tmp_path / "img", 2 * SS)
+    synced: list[int] = []
+    monkeypatch.setattr(os, "fdatasync", synced.append)
+    dev.sync()
+    assert synced == [dev.fd]
+    monkeypatch.undo()
+    fd, seg = dev.fd, dev.segment
+    dev.close()
+    assert dev.fd == -1
+    with pytest.raises(OSError):
+        os.fstat(fd)
+    with pytest.raises(Exception, match="wiped"):
+        seg.encrypt(0, bytes(SS))
+    dev.close()  # twice is harmless
+
+
+def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hint's position and length, each threshold on both sides."""
+    from fuse_crypt.blockfront import device as devmod
+
+    hints: list[tuple[int, int, int]] = []
+    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n, adv)))
+    mib, ra, req = 1 << 20, devmod.READAHEAD, devmod._RA_MIN_REQUEST
+    assert (ra, devmod._NEAR, req) == (8 * mib, 2 * mib, 128 << 10)
+    dev = _dev(tmp_path / "img", 512 + 64 * mib, offset=512)
+    try:
+        small = memoryview(bytearray(req - SS))
+        dev.read_into(small, 0)
+        dev.read_into(small, req - SS)  # sequential but below the minimum request
+        assert hints == []
+        big = memoryview(bytearray(req))
+        dev.read_into(big, 2 * req - 2 * SS)  # sequential, exactly the minimum: hinted
+        end = 3 * req - 2 * SS
+        assert hints == [(512 + end, ra, os.POSIX_FADV_WILLNEED)]
+        hints.clear()
+        # the next read inside the first half of the window: no new hint
+        dev.read_into(big, end)
+        assert hints == []
+        # ending exactly half a window before its end: still no hint
+        dev.read_into(big, end + ra // 2 - req)
+        assert hints == []
+        # one sector further: the window is extended from where it ended
+        dev.read_into(big, end + ra // 2 - req + SS)
+        assert hints == [(512 + end + ra, ra // 2 + SS, os.POSIX_FADV_WILLNEED)]
+        hints.clear()
+        # a jump of more than _NEAR past both the last read and the window: random
+        dev2 = _dev(tmp_path / "img2", 512 + 64 * mib, offset=512)
+        try:
+            dev2.read_into(big, 20 * mib)
+            assert hints == []  # a first read away from the start has no predecessor
+            dev2.read_into(big, 20 * mib + req + 2 * mib)  # exactly _NEAR after: hinted
+            assert len(hints) == 1
+            hints.clear()
+            dev2.read_into(big, 40 * mib)  # further: not
+            dev2.read_into(big, 40 * mib + req + 2 * mib + SS)  # a sector more than _NEAR
+            assert hints == []
+            back = 40 * mib + 2 * req + 2 * mib + SS - 2 * mib  # exactly _NEAR before the end
+            dev2.read_into(big, back)
+            assert len(hints) == 1
+            hints.clear()
+            dev2.read_into(big, back + req - 2 * mib - SS)  # a sector more than _NEAR before
+            assert hints == []
+            hints.clear()
+            # at the end of the segment: the hint stops there
+            dev2.read_into(big, dev2.size - 4 * mib - 2 * req)
+            dev2.read_into(big, dev2.size - 4 * mib - req)
+            assert hints == [(512 + dev2.size - 4 * mib, 4 * mib, os.POSIX_FADV_WILLNEED)]
+            hints.clear()
+            dev2.read_into(big, dev2.size - req)  # nothing left to hint
+            assert hints == []
+        finally:
+            dev2.close()
     finally:
         dev.close()

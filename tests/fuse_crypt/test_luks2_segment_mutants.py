@@ -24,8 +24,7 @@ def test_each_backend_equals_the_reference_per_sector(backend: str) -> None:
     data = os.urandom(3 * 512)
     ct = seg.encrypt(1024, data)
     want = b"".join(
-        reference_xts(key, 5 + 2 + i, data[i * 512 : (i + 1) * 512], encrypt=True)
-        for i in range(3)
+        reference_xts(key, 5 + 2 + i, data[i * 512 : (i + 1) * 512], encrypt=True) for i in range(3)
     )
     assert ct == want
     assert seg.decrypt(1024, ct) == data
