@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from fuse_crypt.luks2.segment import XtsSegment
+from fuse_crypt.luks2.segment import SegmentError, XtsSegment
 from tests.fuse_crypt.test_luks2_segment import reference_xts
 
 BACKENDS = ("libcrypto-evp", "cryptography")
@@ -28,3 +28,98 @@ def test_each_backend_equals_the_reference_per_sector(backend: str) -> None:
     )
     assert ct == want
     assert seg.decrypt(1024, ct) == data
+
+
+def test_read_only_output_is_refused_and_left_alone() -> None:
+    """libcrypto writes through a raw pointer: an immutable ``bytes`` given as the output
+    must be refused before OpenSSL runs (else it would rewrite a bytes object in place),
+    and the input's buffer is released on that path (the error is the output's)."""
+    for backend, error in (("libcrypto-evp", BufferError), ("cryptography", TypeError)):
+        seg = XtsSegment(os.urandom(64), backend=backend)
+        out = bytes(2 * 4096)
+        with pytest.raises(error):
+            seg.encrypt_into(0, bytearray(os.urandom(2 * 4096)), out)
+        with pytest.raises(error):
+            seg.decrypt_into(0, bytearray(os.urandom(2 * 4096)), out)
+        assert out == bytes(2 * 4096), backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_wiped_segment_refuses_on_every_backend(backend: str) -> None:
+    seg = XtsSegment(os.urandom(64), backend=backend)
+    seg.wipe()
+    for call in (seg.encrypt, seg.decrypt):
+        with pytest.raises(SegmentError, match="wiped"):
+            call(0, bytes(4096))
+
+
+def test_adjacent_buffers_are_not_an_overlap() -> None:
+    """Output right after or right before the input (no shared byte) is fine; one shared
+    byte either way is an overlap."""
+    key = os.urandom(64)
+    seg = XtsSegment(key, backend="libcrypto-evp")
+    data = os.urandom(2 * 4096)
+    want = XtsSegment(key, backend="cryptography").encrypt(0, data)
+    for in_at, out_at in ((0, 2 * 4096), (2 * 4096, 0)):
+        buf = bytearray(4 * 4096)
+        buf[in_at : in_at + len(data)] = data
+        view = memoryview(buf)
+        seg.encrypt_into(0, view[in_at : in_at + len(data)], view[out_at : out_at + len(data)])
+        assert bytes(view[out_at : out_at + len(data)]) == want
+    buf = bytearray(4 * 4096 + 1)
+    view = memoryview(buf)
+    for in_at, out_at in ((0, 2 * 4096 - 1), (2 * 4096 - 1, 0), (1, 2 * 4096), (2 * 4096, 1)):
+        if abs(in_at - out_at) >= 2 * 4096:
+            continue
+        with pytest.raises(ValueError, match="overlap"):
+            seg.encrypt_into(0, view[in_at : in_at + 2 * 4096], view[out_at : out_at + 2 * 4096])
+
+
+def test_iv_tweak_must_be_a_plain_non_negative_int() -> None:
+    key = os.urandom(64)
+    for bad in (True, False, 1.0, "1", -1, None):
+        with pytest.raises(SegmentError, match="iv_tweak"):
+            XtsSegment(key, iv_tweak=bad)  # type: ignore[arg-type]
+    assert XtsSegment(key, iv_tweak=0).tweak(0) == bytes(16)
+    assert XtsSegment(key, iv_tweak=1).tweak(0) == (1).to_bytes(16, "little")
+
+
+def test_whole_sector_rule_on_every_side() -> None:
+    seg = XtsSegment(os.urandom(64))
+    for offset, length in ((-4096, 4096), (-1, 4096), (4096 + 512, 4096), (0, 4096 - 512)):
+        with pytest.raises(ValueError, match="whole sectors"):
+            seg.encrypt(offset, bytes(length))
+    assert seg.decrypt(0, b"") == b""
+    small = XtsSegment(os.urandom(64), sector_size=512)
+    assert len(small.encrypt(512, bytes(1024))) == 1024
+
+
+def test_libcrypto_refuses_equal_halves_itself() -> None:
+    """The second line of defence: OpenSSL's own XTS key check surfaces as SegmentError
+    (and the half-made contexts are freed), should the first check ever be bypassed."""
+    from fuse_crypt.luks2 import segment
+
+    evp = segment._load_evp()
+    assert evp is not None
+    half = os.urandom(32)
+    with pytest.raises(SegmentError, match="libcrypto refused the XTS key"):
+        segment._EvpXts(evp, half + half)
+    good = segment._EvpXts(evp, os.urandom(64))
+    good.close()
+    assert good._ctx == []
+
+
+@pytest.mark.parametrize("sector_size", [512, 1024, 2048, 4096])
+def test_tweak_units_per_sector(sector_size: int) -> None:
+    key = os.urandom(64)
+    seg = XtsSegment(key, sector_size=sector_size, iv_tweak=3)
+    units = sector_size // 512
+    data = os.urandom(2 * sector_size)
+    got = seg.encrypt(5 * sector_size, data)
+    want = b"".join(
+        reference_xts(key, 3 + (5 + i) * units, data[i * sector_size : (i + 1) * sector_size],
+                      encrypt=True)
+        for i in range(2)
+    )  # fmt: skip
+    assert got == want
+    assert seg.tweak(5) == (3 + 5 * units).to_bytes(16, "little")
