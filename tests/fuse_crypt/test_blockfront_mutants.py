@@ -260,3 +260,62 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             dev2.close()
     finally:
         dev.close()
+
+
+def test_short_writes_and_reads_are_completed_at_the_right_offsets(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel may return short counts: the rest goes to (comes from) the next bytes."""
+    path = tmp_path / "img"
+    dev = _dev(path, 6 * SS, offset=SS)
+    real_pwrite, real_preadv = os.pwrite, os.preadv
+    chunks: list[int] = []
+
+    def pwrite(fd: int, data: memoryview, off: int) -> int:
+        chunks.append(off)
+        return real_pwrite(fd, bytes(data)[:1000], off)
+
+    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        part = bufs[0][:777]
+        return real_preadv(fd, [part], off)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        data = os.urandom(3 * SS)
+        dev.write(data, SS)
+        assert chunks[:3] == [2 * SS, 2 * SS + 1000, 2 * SS + 2000]
+        assert dev.read(SS, 3 * SS) == data
+        assert dev.read(SS + 5, 10) == data[5:15]
+        monkeypatch.undo()
+        raw = path.read_bytes()
+        assert raw[2 * SS : 5 * SS] == XtsSegment(KEY).encrypt(SS, data)
+    finally:
+        monkeypatch.undo()
+        dev.close()
+
+
+def test_a_write_that_makes_no_progress_is_eio(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = _dev(tmp_path / "img", 2 * SS)
+    real_pwrite = os.pwrite
+    calls: list[int] = []
+
+    def pwrite(fd: int, data: memoryview, off: int) -> int:
+        calls.append(off)
+        return 0 if len(calls) == 1 else real_pwrite(fd, data, off)
+
+    monkeypatch.setattr(os, "pwrite", pwrite)
+    try:
+        with pytest.raises(DeviceError) as err:
+            dev.write(bytes(SS), 0)
+        assert err.value.errno == errno.EIO
+        assert err.value.strerror == "short write to the device"
+        assert calls == [0]
+        calls.clear()
+        monkeypatch.setattr(os, "pwrite", lambda fd, data, off: real_pwrite(fd, data[:1], off))
+        assert dev.write(b"ab", 0) == 2  # one byte at a time is progress, not an error
+    finally:
+        monkeypatch.undo()
+        dev.close()
