@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -319,3 +320,60 @@ def test_a_write_that_makes_no_progress_is_eio(
     finally:
         monkeypatch.undo()
         dev.close()
+
+
+def test_every_refusal_says_what_and_has_its_errno(tmp_path: Path) -> None:
+    """The exact (errno, text) of each refusal: the daemon maps errno to the FUSE reply and
+    logs the text, so both are behaviour."""
+    img = _img(tmp_path / "img", 4 * SS)
+    link = tmp_path / "link"
+    link.symlink_to(img)
+
+    def refused(call: Any) -> tuple[int | None, str | None]:
+        with pytest.raises(DeviceError) as err:
+            call()
+        return err.value.errno, err.value.strerror
+
+    def dev(**kw: Any) -> CryptDevice:
+        return CryptDevice(open_device(str(img)), XtsSegment(KEY), **kw)
+
+    assert refused(lambda: open_device(str(link))) == (
+        errno.ELOOP, "the device path is a symbolic link"
+    )  # fmt: skip
+    assert refused(lambda: open_device(str(img), allow_regular=False)) == (
+        errno.ENOTBLK, "the device is a regular file"
+    )  # fmt: skip
+    assert refused(lambda: open_device("/dev/null")) == (
+        errno.ENOTBLK, "the device is not a block device"
+    )  # fmt: skip
+    assert refused(lambda: open_device(str(tmp_path / "missing"))) == (
+        errno.ENOENT, "cannot open the device: No such file or directory"
+    )  # fmt: skip
+    assert refused(lambda: dev(offset=100, size=None)) == (
+        errno.EINVAL, "the segment offset must be a multiple of 512"
+    )  # fmt: skip
+    assert refused(lambda: dev(offset=0, size=100)) == (
+        errno.EINVAL, "the segment size must be whole sectors"
+    )  # fmt: skip
+    assert refused(lambda: dev(offset=SS, size=4 * SS)) == (
+        errno.ENOSPC, "the device is smaller than its segment"
+    )  # fmt: skip
+    assert refused(lambda: dev(offset=4 * SS, size=None)) == (
+        errno.ENOSPC, "the device is smaller than its header"
+    )  # fmt: skip
+    d = dev(offset=0, size=None)
+    ro = CryptDevice(open_device(str(img), read_only=True), XtsSegment(KEY), offset=0,
+                     size=None, read_only=True)  # fmt: skip
+    try:
+        assert refused(lambda: d.read(-1, 1)) == (errno.EINVAL, "negative offset")
+        assert refused(lambda: d.write(b"x", -1)) == (errno.EINVAL, "negative offset")
+        assert refused(lambda: d.write(b"x", 4 * SS)) == (
+            errno.ENOSPC, "write past the end of the volume"
+        )  # fmt: skip
+        assert refused(lambda: ro.write(b"x", 0)) == (errno.EROFS, "read-only")
+        with img.open("r+b") as f:
+            f.truncate(SS)
+        assert refused(lambda: d.read(2 * SS, 1)) == (errno.EIO, "short read from the device")
+    finally:
+        d.close()
+        ro.close()

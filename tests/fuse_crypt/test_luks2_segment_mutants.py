@@ -123,3 +123,19 @@ def test_tweak_units_per_sector(sector_size: int) -> None:
     )  # fmt: skip
     assert got == want
     assert seg.tweak(5) == (3 + 5 * units).to_bytes(16, "little")
+
+
+def test_closed_libcrypto_contexts_refuse_by_themselves() -> None:
+    """``_EvpXts.run`` after ``close`` (XtsSegment checks its own key first; this is the
+    context's own guard, for any other caller)."""
+    from fuse_crypt.luks2 import segment
+
+    evp = segment._load_evp()
+    assert evp is not None
+    ctx = segment._EvpXts(evp, os.urandom(64))
+    ctx.close()
+    buf = memoryview(bytearray(4096))
+    with pytest.raises(SegmentError) as err:
+        ctx.run(buf, buf, 0, 8, (1 << 64) - 1, 4096, True)
+    assert str(err.value) == "the segment key was wiped"
+    ctx.close()  # twice is harmless
