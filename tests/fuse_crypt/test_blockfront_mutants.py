@@ -377,3 +377,30 @@ def test_every_refusal_says_what_and_has_its_errno(tmp_path: Path) -> None:
     finally:
         d.close()
         ro.close()
+
+
+@pytest.mark.parametrize(
+    ("offset", "length", "reads"),
+    [(0, SS, []), (SS, 2 * SS, []), (5, 10, [0]), (SS + 1, SS - 1, [SS]), (SS, SS - 1, [SS]),
+     (SS - 1, 2, [0, SS]), (1, 2 * SS, [0, 2 * SS])],
+)  # fmt: skip
+def test_only_partial_sectors_are_read_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, offset: int, length: int, reads: list[int]
+) -> None:
+    """Whole sectors are encrypted straight from the caller's bytes; a partial head and a
+    partial tail are each read once (one sector inside a single sector, not twice)."""
+    dev = _dev(tmp_path / "img", 4 * SS, offset=SS)
+    real = os.preadv
+    seen: list[int] = []
+
+    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        seen.append(off - SS)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        dev.write(os.urandom(length), offset)
+        assert seen == reads
+    finally:
+        monkeypatch.undo()
+        dev.close()

@@ -8,6 +8,7 @@ backends against the independent reference in ``test_luks2_segment.py``.
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 
@@ -71,7 +72,7 @@ def test_adjacent_buffers_are_not_an_overlap() -> None:
     for in_at, out_at in ((0, 2 * 4096 - 1), (2 * 4096 - 1, 0), (1, 2 * 4096), (2 * 4096, 1)):
         if abs(in_at - out_at) >= 2 * 4096:
             continue
-        with pytest.raises(ValueError, match="overlap"):
+        with pytest.raises(ValueError, match="^input and output buffers overlap$"):
             seg.encrypt_into(0, view[in_at : in_at + 2 * 4096], view[out_at : out_at + 2 * 4096])
 
 
@@ -139,3 +140,35 @@ def test_closed_libcrypto_contexts_refuse_by_themselves() -> None:
         ctx.run(buf, buf, 0, 8, (1 << 64) - 1, 4096, True)
     assert str(err.value) == "the segment key was wiped"
     ctx.close()  # twice is harmless
+
+
+def test_a_failing_libcrypto_call_is_a_segment_error() -> None:
+    """OpenSSL reporting failure (it does not here) must not leave unencrypted or stale
+    bytes looking like a result: a SegmentError, and OpenSSL's error queue cleared."""
+    from fuse_crypt.luks2 import segment
+
+    evp = segment._load_evp()
+    assert evp is not None
+    ffi, lib = evp
+
+    class Failing:
+        cleared = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(lib, name)
+
+        def EVP_CipherUpdate(self, *args: Any) -> int:  # noqa: N802 - OpenSSL's name
+            return 0
+
+        def ERR_clear_error(self) -> None:  # noqa: N802
+            Failing.cleared += 1
+
+    ctx = segment._EvpXts(evp, os.urandom(64))
+    ctx._lib = Failing()
+    buf = memoryview(bytearray(4096))
+    with pytest.raises(SegmentError) as err:
+        ctx.run(buf, buf, 0, 8, (1 << 64) - 1, 4096, True)
+    assert str(err.value) == "libcrypto failed an XTS sector"
+    assert Failing.cleared == 1
+    ctx.close()
+
