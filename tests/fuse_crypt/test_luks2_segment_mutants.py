@@ -172,3 +172,22 @@ def test_a_failing_libcrypto_call_is_a_segment_error() -> None:
     assert Failing.cleared == 1
     ctx.close()
 
+
+
+def test_no_context_from_libcrypto_is_a_memory_error() -> None:
+    from fuse_crypt.luks2 import segment
+
+    evp = segment._load_evp()
+    assert evp is not None
+    ffi, lib = evp
+
+    class NoMemory:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(lib, name)
+
+        def EVP_CIPHER_CTX_new(self) -> Any:  # noqa: N802 - OpenSSL's name
+            return ffi.NULL
+
+    with pytest.raises(MemoryError) as err:
+        segment._EvpXts((ffi, NoMemory()), os.urandom(64))
+    assert str(err.value) == "EVP_CIPHER_CTX_new"
