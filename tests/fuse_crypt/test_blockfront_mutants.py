@@ -404,3 +404,16 @@ def test_only_partial_sectors_are_read_back(
     finally:
         monkeypatch.undo()
         dev.close()
+
+
+def test_one_byte_reads_are_progress(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    dev = _dev(tmp_path / "img", 2 * SS)
+    try:
+        data = os.urandom(SS)
+        dev.write(data, 0)
+        real = os.preadv
+        monkeypatch.setattr(os, "preadv", lambda fd, bufs, off: real(fd, [bufs[0][:1]], off))
+        assert dev.read(0, SS) == data
+    finally:
+        monkeypatch.undo()
+        dev.close()

@@ -103,8 +103,9 @@ def test_libcrypto_refuses_equal_halves_itself() -> None:
     evp = segment._load_evp()
     assert evp is not None
     half = os.urandom(32)
-    with pytest.raises(SegmentError, match="libcrypto refused the XTS key"):
+    with pytest.raises(SegmentError) as err:
         segment._EvpXts(evp, half + half)
+    assert str(err.value) == "libcrypto refused the XTS key"
     good = segment._EvpXts(evp, os.urandom(64))
     good.close()
     assert good._ctx == []
@@ -173,7 +174,6 @@ def test_a_failing_libcrypto_call_is_a_segment_error() -> None:
     ctx.close()
 
 
-
 def test_no_context_from_libcrypto_is_a_memory_error() -> None:
     from fuse_crypt.luks2 import segment
 
@@ -191,3 +191,23 @@ def test_no_context_from_libcrypto_is_a_memory_error() -> None:
     with pytest.raises(MemoryError) as err:
         segment._EvpXts((ffi, NoMemory()), os.urandom(64))
     assert str(err.value) == "EVP_CIPHER_CTX_new"
+
+
+def test_libcrypto_is_loaded_once_and_the_override_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fuse_crypt.luks2 import segment
+
+    monkeypatch.setattr(segment, "_EVP_TRIED", False)
+    monkeypatch.setattr(segment, "_EVP", None)
+    first = segment._load_evp()
+    assert first is not None and segment._EVP_TRIED is True
+    assert segment._load_evp() is first  # cached: one FFI and one dlopen per process
+    monkeypatch.setattr(segment, "_EVP_TRIED", False)
+    monkeypatch.setattr(segment, "_EVP", None)
+    monkeypatch.setenv(segment.BACKEND_ENV, "cryptography")
+    with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
+        assert segment._load_evp() is None
+    assert caplog.messages == ["XTS: FUSE_CRYPT_XTS_BACKEND=cryptography, one context per sector"]
+    monkeypatch.delenv(segment.BACKEND_ENV)
+    assert segment._load_evp() is None  # tried once: the override holds for the process

@@ -299,11 +299,13 @@ def test_bind_volume_binds_once(tmp_path: Path) -> None:
     assert o.header == first + second
     assert _seqid(path) == (seq[0] + 1, seq[1] + 1)
     assert _open(path).volume_key == o.volume_key  # the binding is required now, and holds
+    assert o.uuid == _meta_uuid(path) and o.segment == _open(path).segment
     before = path.read_bytes()
     with opened_fd(path) as fd:
         again = volume.bind_volume(fd, PW)
     assert path.read_bytes() == before  # already bound: nothing written
     assert again.header == first + second and again.volume_key == o.volume_key
+    assert again.uuid == o.uuid and again.segment == o.segment
     with opened_fd(path) as fd, pytest.raises(WrongKeyError):
         volume.bind_volume(fd, b"wrong")
     assert path.read_bytes() == before
