@@ -211,3 +211,31 @@ def test_libcrypto_is_loaded_once_and_the_override_is_logged(
     assert caplog.messages == ["XTS: FUSE_CRYPT_XTS_BACKEND=cryptography, one context per sector"]
     monkeypatch.delenv(segment.BACKEND_ENV)
     assert segment._load_evp() is None  # tried once: the override holds for the process
+
+
+@pytest.mark.parametrize(
+    ("patch", "reason"),
+    [
+        (("_LIBCRYPTO", "libcrypto-absent.so.99"), "libcrypto-absent.so.99"),
+        (("_OPENSSL_3", 0x7FFFFFFF), "libcrypto older than OpenSSL 3"),
+    ],
+)
+def test_why_libcrypto_is_not_used_is_logged(
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    patch: tuple[str, Any],
+    reason: str,
+) -> None:
+    from fuse_crypt.luks2 import segment
+
+    monkeypatch.setattr(segment, "_EVP_TRIED", False)
+    monkeypatch.setattr(segment, "_EVP", None)
+    monkeypatch.setattr(segment, *patch)
+    with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
+        assert segment._load_evp() is None
+    assert len(caplog.messages) == 1
+    msg = caplog.messages[0]
+    assert msg.startswith("XTS: libcrypto EVP unavailable (") and reason in msg
+    assert msg.endswith("); one context per sector")
+    if patch[0] == "_OPENSSL_3":
+        assert msg == f"XTS: libcrypto EVP unavailable ({reason}); one context per sector"
