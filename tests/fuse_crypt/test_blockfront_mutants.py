@@ -208,7 +208,13 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from fuse_crypt.blockfront import device as devmod
 
     hints: list[tuple[int, int, int]] = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n, adv)))
+    fds: set[int] = set()
+
+    def fadvise(fd: int, off: int, n: int, adv: int) -> None:
+        fds.add(fd)
+        hints.append((off, n, adv))
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     mib, ra, req = 1 << 20, devmod.READAHEAD, devmod._RA_MIN_REQUEST
     assert (ra, devmod._NEAR, req) == (8 * mib, 2 * mib, 128 << 10)
     dev = _dev(tmp_path / "img", 512 + 64 * mib, offset=512)
@@ -237,6 +243,7 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         try:
             dev2.read_into(big, 20 * mib)
             assert hints == []  # a first read away from the start has no predecessor
+            assert fds == {dev.fd}  # the hints so far went to the first device's descriptor
             dev2.read_into(big, 20 * mib + req + 2 * mib)  # exactly _NEAR after: hinted
             assert len(hints) == 1
             hints.clear()
@@ -417,3 +424,80 @@ def test_one_byte_reads_are_progress(tmp_path: Path, monkeypatch: pytest.MonkeyP
     finally:
         monkeypatch.undo()
         dev.close()
+
+
+def test_a_refused_hint_does_not_fail_the_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fadvise(fd: int, off: int, n: int, adv: int) -> None:
+        raise OSError(errno.ESPIPE, "no hints here")
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    dev = _dev(tmp_path / "img", 4 << 20)
+    try:
+        data = os.urandom(1 << 20)
+        dev.write(data, 0)
+        assert dev.read(0, 1 << 20) == data  # sequential from the start: a hint is tried
+    finally:
+        dev.close()
+
+
+def test_aligned_reads_decrypt_in_place_unaligned_through_a_bounce_buffer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dev = _dev(tmp_path / "img", 4 * SS)
+    real = os.preadv
+    into: list[object] = []
+
+    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        into.append(bufs[0].obj)
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        out = bytearray(2 * SS)
+        dev.read_into(memoryview(out), SS)
+        assert into and all(o is out for o in into)
+        into.clear()
+        dev.read_into(memoryview(out), SS + 1)
+        assert into and all(o is not out for o in into)
+    finally:
+        monkeypatch.undo()
+        dev.close()
+
+
+def test_a_block_device_is_sized_and_claimed(tmp_path: Path) -> None:
+    """A real loop device: BLKGETSIZE64 gives its size, a writer claims it exclusively."""
+    import subprocess
+
+    from fuse_crypt.blockfront.device import device_size
+    from tests.fuse_crypt.block_rig import block_skip_reason
+
+    reason = block_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    img = _img(tmp_path / "img", 8 * SS + 512)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(img)], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    try:
+        fd = open_device(loop)
+        try:
+            assert device_size(fd) == 8 * SS + 512
+            with pytest.raises(DeviceError) as err:
+                open_device(loop)
+            assert (err.value.errno, err.value.strerror) == (
+                errno.EBUSY, "the device is in use (mounted or open)"
+            )  # fmt: skip
+            dev = CryptDevice(fd, XtsSegment(KEY), offset=SS, size=None)
+            assert dev.size == 7 * SS
+            data = os.urandom(SS)
+            dev.write(data, 6 * SS)
+            assert dev.read(6 * SS, SS) == data
+            dev.close()  # closes fd
+            fd = -1
+        finally:
+            if fd >= 0:
+                os.close(fd)
+    finally:
+        subprocess.run(["losetup", "-d", loop], check=False)
