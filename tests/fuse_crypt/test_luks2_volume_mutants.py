@@ -179,8 +179,9 @@ def test_add_then_remove_rotates_and_rebinds(tmp_path: Path) -> None:
 def test_the_last_keyslot_is_never_removed(tmp_path: Path) -> None:
     path = _fmt(tmp_path)
     before = path.read_bytes()
-    with pytest.raises(Luks2Error, match="last keyslot"):
+    with pytest.raises(Luks2Error) as err:
         _remove(path, PW)
+    assert str(err.value) == "refusing to remove the last keyslot: the volume would be lost"
     assert path.read_bytes() == before
     _add(path, PW, b"two")
     _remove(path, b"two")  # two slots: one may go
@@ -353,3 +354,24 @@ def test_short_reads_and_writes_are_completed(
     assert _open(path, b"two").volume_key == vk
     with opened_fd(path) as fd:
         assert volume._pread(fd, 100, SIZE - 10) == real_pread(fd, 10, SIZE - 10)
+
+
+def test_every_entry_point_requires_the_binding_by_default(tmp_path: Path) -> None:
+    """A header without our token (stripped by the host) opens, re-keys and loses a slot
+    only when the caller says so; by default each refuses and writes nothing."""
+    path = _fmt(tmp_path)
+    _add(path, PW, b"two")
+    forge(path, lambda m: m.update(tokens={}))
+    before = path.read_bytes()
+    with opened_fd(path) as fd:
+        for call in (
+            lambda: volume.open_volume(fd, PW),
+            lambda: volume.add_passphrase(fd, PW, b"three", kdf="pbkdf2", kdf_cost=TINY),
+            lambda: volume.remove_passphrase(fd, b"two"),
+        ):
+            with pytest.raises(HeaderError, match="no coco-csi binding token"):
+                call()
+    assert path.read_bytes() == before
+    _remove(path, b"two", require_binding=False)
+    assert sorted(_meta(path)["keyslots"]) == ["0"]
+    assert "tokens" in _meta(path) and _meta(path)["tokens"] == {}  # not bound behind our back
