@@ -501,3 +501,49 @@ def test_a_block_device_is_sized_and_claimed(tmp_path: Path) -> None:
                 os.close(fd)
     finally:
         subprocess.run(["losetup", "-d", loop], check=False)
+
+
+def test_a_fifo_opened_read_only_does_not_wait_for_a_writer(tmp_path: Path) -> None:
+    """O_RDONLY on a FIFO blocks until a writer appears unless O_NONBLOCK is given (O_RDWR
+    never blocks on Linux, so only the read-only probe shows it). A helper opens it for
+    writing after 3 s, so a regression fails on the clock instead of hanging."""
+    import threading
+    import time
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    done = threading.Event()
+
+    def rescue() -> None:
+        if not done.wait(3):
+            os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+
+    threading.Thread(target=rescue, daemon=True).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(DeviceError) as err:
+            open_device(str(fifo), read_only=True)
+    finally:
+        done.set()
+    assert time.monotonic() - t0 < 3
+    assert err.value.errno == errno.ENOTBLK
+
+
+def test_close_releases_descriptor_zero_too(tmp_path: Path) -> None:
+    """A daemon whose stdin is closed (the key was read from it) may get fd 0 for its
+    device; close must release that one as well."""
+    img = _img(tmp_path / "img", 2 * SS)
+    saved = os.dup(0)
+    try:
+        fd = open_device(str(img))
+        os.dup2(fd, 0)
+        os.close(fd)
+        dev = CryptDevice(0, XtsSegment(KEY), offset=0, size=None)
+        dev.close()
+        assert dev.fd == -1
+        with pytest.raises(OSError) as err:
+            os.fstat(0)
+        assert err.value.errno == errno.EBADF
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
