@@ -239,3 +239,37 @@ def test_why_libcrypto_is_not_used_is_logged(
     assert msg.endswith("); one context per sector")
     if patch[0] == "_OPENSSL_3":
         assert msg == f"XTS: libcrypto EVP unavailable ({reason}); one context per sector"
+
+
+def test_each_refusal_by_its_exact_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    from fuse_crypt.luks2 import segment
+
+    key = os.urandom(64)
+
+    def text(call: Any, error: type[Exception] = SegmentError) -> str:
+        with pytest.raises(error) as err:
+            call()
+        return str(err.value)
+
+    assert text(lambda: XtsSegment(key[:32] * 2)) == "the volume key's two XTS halves are equal"
+    assert text(lambda: XtsSegment(key, iv_tweak=-1)) == "iv_tweak must be a non-negative integer"
+    assert text(lambda: XtsSegment(key, backend="x")) == "unknown XTS backend 'x'"
+    assert text(lambda: XtsSegment(key, cipher="aes-cbc")) == "unsupported segment cipher 'aes-cbc'"
+    assert text(lambda: XtsSegment(key[:48])) == "aes-xts-plain64 needs a key of [32, 64] bytes"
+    assert text(lambda: XtsSegment(key, sector_size=256)) == "unsupported sector size 256"
+    seg = XtsSegment(key, cipher="aes-xts-plain", sector_size=512)
+    assert (seg.cipher, seg.sector_size, seg.iv_tweak) == ("aes-xts-plain", 512, 0)
+    assert (
+        text(lambda: seg.encrypt(1, bytes(512)), ValueError) == "segment I/O must be whole sectors"
+    )
+    assert (
+        text(lambda: seg.encrypt_into(0, bytes(1024), bytearray(512)), ValueError)
+        == "output buffer is too small"
+    )
+    seg.wipe()
+    assert text(lambda: seg.decrypt(0, bytes(512))) == "the segment key was wiped"
+    monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    assert (
+        text(lambda: XtsSegment(key, backend="libcrypto-evp"))
+        == "the libcrypto-evp XTS backend is unavailable here"
+    )
