@@ -95,8 +95,18 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_luks2_interop.py",
     ],
     "fuse_crypt/luks2/volume.py": [
-        "tests/fuse_crypt/test_luks2_interop.py",
+        "tests/fuse_crypt/test_luks2_volume_mutants.py",
         "tests/fuse_crypt/test_luks2_hostile.py",
+        "tests/fuse_crypt/test_luks2_interop.py",
+        "tests/fuse_crypt/test_luks2_integrity.py",
+    ],
+    "fuse_crypt/luks2/segment.py": [
+        "tests/fuse_crypt/test_luks2_segment_mutants.py",
+        "tests/fuse_crypt/test_luks2_segment.py",
+    ],
+    "fuse_crypt/blockfront/device.py": [
+        "tests/fuse_crypt/test_blockfront_mutants.py",
+        "tests/fuse_crypt/test_blockfront.py",
     ],
     "fuse_crypt/backend/retrying.py": [
         "tests/fuse_crypt/test_retrying_mutants.py",
@@ -160,6 +170,28 @@ FUNCTIONS: dict[str, list[str]] = {
         "NodeCore.unpublish",
         "NodeCore._remove_target",
         "NodeCore._remove_ephemeral",
+    ],
+    # the unlock, re-key and commit paths and the I/O under them: what decides which key
+    # opens, what is written where, and that a header changed under us is not overwritten.
+    # Not the format path (format_volume, _kdf_json, _new_keyslot): what it writes is judged
+    # by profile.validate on its own output and by cryptsetup (test_luks2_interop.py).
+    "fuse_crypt/luks2/volume.py": [
+        "_pread",
+        "_pwrite",
+        "_check_passphrase",
+        "is_luks",
+        "_slot_order",
+        "_try_slot",
+        "_unlock",
+        "_opened",
+        "open_volume",
+        "_write_headers",
+        "_still_validated",
+        "_commit",
+        "_free_area",
+        "add_passphrase",
+        "remove_passphrase",
+        "bind_volume",
     ],
     # the one function that runs: the ObjectTransport protocol's stubs (``...``) never
     # execute, so mutating their default values changes nothing (8 mutants, "no tests");

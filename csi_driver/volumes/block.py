@@ -570,8 +570,13 @@ class BlockVolumes:
     def _our_dead_loop(source: str, mnt: str) -> str | None:
         """``source`` if it is a loop device still backed by this stage's block daemon
         ``disk`` when ``losetup -j`` cannot say so: the daemon died and its FUSE mount is
-        either still there (ENOTCONN: the kernel still names ``mnt/disk``) or detached
-        (the kernel then shows the file as ``/disk (deleted)``)."""
+        either still there (ENOTCONN: the kernel still names ``mnt/disk``) or detached by
+        the supervisor (lazily: the kernel then names the file from the detached mount's
+        own root, ``/disk``). Either form gets " (deleted)" appended once a lookup on the
+        dead connection has invalidated the dentry; whether that happened first is a race
+        (a writer on the volume usually wins it), so all four forms are ours. Only the
+        staging mount's own source is ever tested, so a bare ``/disk`` means nothing else.
+        """
         m = re.fullmatch(r"/dev/(loop[0-9]{1,6})", source)
         if not m:
             return None
@@ -580,9 +585,8 @@ class BlockVolumes:
                 backing = f.read(4096).strip()
         except OSError:
             return None  # detached
-        if backing == os.path.join(mnt, DISK_NAME) or backing.endswith(
-            "/" + DISK_NAME + " (deleted)"
-        ):
+        backing = backing.removesuffix(" (deleted)")
+        if backing in (os.path.join(mnt, DISK_NAME), "/" + DISK_NAME):
             return source
         return None
 
@@ -644,6 +648,14 @@ class BlockVolumes:
             # FUSE mount already detached); the staging mount still names it.
             loop = self._our_dead_loop(entry.source, mnt)
         ours = entry is not None and loop is not None and entry.source == loop
+        if entry is not None and not ours and entry.source.startswith("/dev/loop"):
+            # Never report an unstage done with a loop-backed filesystem still mounted
+            # here: a dead daemon's loop in a form _our_dead_loop does not know once made
+            # unstage return OK with the mount and the loop device left behind.
+            raise errors.Internal(
+                f"the staging path is mounted from {entry.source}, which is not this "
+                "volume's loop device; left in place"
+            )
         if ours and not umount_nofollow(staging):
             _run(["umount", staging], "umount of the staging path")
         for _ in range(100):  # a busy loop device is only marked for auto-clear
