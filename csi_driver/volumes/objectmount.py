@@ -333,19 +333,21 @@ class ObjectStoreMounter(FuseCryptMounter):
         reason = answer.removeprefix("ERR ")[:200] if answer.startswith("ERR ") else "no answer"
         raise errors.FailedPrecondition(f"the daemon of {target} refused the credentials: {reason}")
 
-    def volume_usage(self, target: str, location: str) -> VolumeUsage | None:
+    def volume_usage(
+        self, target: str, location: str, timeout: float | None = None
+    ) -> VolumeUsage | None:
         """What the daemon of ``target`` measured of its prefix (bytes and objects from a
         listing it caches; fuse_crypt/cli/credsocket.py, STATS).  None when the daemon
         cannot say: no control socket (a node without ``--object-control-dir``, or a
         daemon started before it had one) or a daemon that predates STATS.  A daemon that
         does not answer in time -> UNAVAILABLE, as for a hung mount."""
-        from fuse_crypt.cli.credsocket import UsageRefused, query_usage
+        from fuse_crypt.cli.credsocket import USAGE_TIMEOUT, UsageRefused, query_usage
 
         path = self.control_socket(target)
         if path is None:
             return None
         try:
-            return query_usage(path, location)
+            return query_usage(path, location, timeout=timeout or USAGE_TIMEOUT)
         except FileNotFoundError:
             return None
         except OSError as exc:

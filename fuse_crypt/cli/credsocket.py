@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 from fuse_crypt.backend.credentials import CredentialBox
 from fuse_crypt.cli.exitcodes import USAGE, CliError
-from fuse_crypt.cli.usagecache import UsageCache
+from fuse_crypt.cli.usagecache import StillListing, UsageCache
 
 __all__ = [
     "MAX_REQUEST",
@@ -239,7 +239,7 @@ class CredentialSocket:
             return "ERR volume usage not available yet"
         try:
             (stored, objects, pending), age = cache.get()
-        except TimeoutError:
+        except StillListing:
             log.warning("event=volume_usage_failed reason=listing-still-running")
             return "ERR the listing is still running"
         except OSError as e:

@@ -7,7 +7,7 @@ answer is kept for ``max(min_ttl, ttl_factor x the listing's duration)``: a smal
 is fresh within 30 s, a slow listing costs the daemon at most ~1/30 of its time.
 
 One listing at a time (single flight): callers that arrive while it runs wait for the
-same result, at most ``wait`` seconds each (then :class:`TimeoutError`; the listing goes
+same result, at most ``wait`` seconds each (then :class:`StillListing`; the listing goes
 on in its thread and the next caller gets its answer).  Failures are not cached.
 """
 
@@ -17,10 +17,15 @@ import threading
 import time
 from collections.abc import Callable
 
-__all__ = ["Usage", "UsageCache"]
+__all__ = ["StillListing", "Usage", "UsageCache"]
 
 #: (bytes stored, objects, bytes written but not yet uploaded)
 Usage = tuple[int, int, int]
+
+
+class StillListing(Exception):
+    """The listing did not finish within the caller's wait (not an OSError: a listing
+    that ran out of its own budget is one, ETIMEDOUT, and must not be confused with it)."""
 
 
 class _Run:
@@ -69,7 +74,7 @@ class UsageCache:
                     target=self._run, args=(run,), name="usage-listing", daemon=True
                 ).start()
         if not run.done.wait(self.wait):
-            raise TimeoutError("the listing is still running")
+            raise StillListing("the listing is still running")
         if run.error is not None:
             raise run.error
         assert run.value is not None
