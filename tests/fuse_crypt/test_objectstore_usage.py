@@ -475,3 +475,24 @@ def test_client_bounds_and_refuses_odd_answers(tmp_path: Path) -> None:
         query_usage(path, LOC + "\nREGION=x")
     with pytest.raises(FileNotFoundError):
         query_usage(path + "-gone", LOC)
+
+
+def test_stats_from_another_uid_is_refused_before_any_listing(tmp_path: Path) -> None:
+    """SO_PEERCRED is checked before the request is even read: a peer that is not the
+    allowed uid learns nothing and costs no listing."""
+    box = CredentialBox("AKIDOLD0001", "secret-old-0001", None)
+    srv = CredentialSocket(
+        str(_sock_dir(tmp_path) / "s"),
+        box,
+        bucket="bkt",
+        identity=IDENT,
+        allowed_uid=os.geteuid() + 1,
+    )
+    try:
+        srv.usage = UsageCache(lambda: (1, 1, 0))
+        with pytest.raises(UsageRefused) as ei:
+            query_usage(srv.path, LOC)
+        assert ei.value.reason == "permission denied"
+        assert srv.usage.listings == 0
+    finally:
+        srv.close()
