@@ -38,6 +38,7 @@ from tests.csi_driver.test_object_volumes import (
     S3_AK,
     S3_SK,
     Node,
+    expect,
     node,
     publish,
     unpublish,
@@ -168,6 +169,17 @@ def test_a_dead_daemons_socket_is_unavailable(mounter: ObjectStoreMounter) -> No
         mounter.volume_usage(TARGET, LOC)
 
 
+def test_create_volume_records_the_capacity_for_an_object_volume(tmp_path: Path) -> None:
+    """No bucket I/O: the controller only names the prefix and the requested size."""
+    from csi_driver.core.controller import LocalBackend
+    from tests.csi_driver.helpers import plain_capability
+
+    ctrl = LocalBackend(str(tmp_path / "ctrl"))
+    params = {"bucket": "b-1", "url": "https://oss-cn-hangzhou.aliyuncs.com"}
+    _, ctx = ctrl.create("pvc-cap", [plain_capability()], params, required_bytes=3 << 30)
+    assert ctx["capacityBytes"] == str(3 << 30)
+
+
 # -- end to end: coco-csi node, real mounts, moto and the OSS peer ---------------------------
 
 
@@ -223,6 +235,14 @@ def test_stats_are_the_ciphertext_bytes_and_objects_in_the_bucket(node: Node, ki
     logs = node.logs()
     for secret in (OSS_SK, S3_SK, OSS_AK, S3_AK):
         assert secret.encode() not in logs, secret
+
+
+@pytest.mark.parametrize("bad", ["12x", "-1", "1" * 19, "１２", ""])
+def test_a_malformed_capacity_is_invalid_argument(node: Node, bad: str) -> None:
+    ctx, secrets = volume(node, "s3", "stats/badcap")
+    ctx["capacityBytes"] = bad
+    details = expect(node, grpc.StatusCode.INVALID_ARGUMENT, "pvc-stats-badcap", ctx, secrets)
+    assert "capacityBytes" in details
 
 
 def test_without_a_capacity_total_is_the_synthetic_size(node: Node) -> None:
