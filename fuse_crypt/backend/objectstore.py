@@ -1059,10 +1059,9 @@ class ObjectStoreBackend(StorageBackend):
                 if st.dirty and not st.unlinked
             }
         listed = dict.fromkeys(dirty, 0)
-        stored = objects = pages = 0
+        stored = objects = 0
         deadline = clock() + budget
-        for page in self._pages(self.prefix, ""):
-            pages += 1
+        for pages, page in enumerate(self._pages(self.prefix, ""), 1):
             for o in page.objects:
                 if not 0 <= o.size <= _OBJECT_SIZE_MAX:
                     raise BadResponse("list: object size out of range")

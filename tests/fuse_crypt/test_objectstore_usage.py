@@ -434,8 +434,7 @@ def test_more_clients_than_the_bound_are_told_busy(server: CredentialSocket) -> 
 
     server.usage = UsageCache(compute, wait=10)
     threads = [
-        threading.Thread(target=query_usage, args=(server.path, LOC))
-        for _ in range(cs.MAX_CLIENTS)
+        threading.Thread(target=query_usage, args=(server.path, LOC)) for _ in range(cs.MAX_CLIENTS)
     ]
     for th in threads:
         th.start()
