@@ -115,9 +115,11 @@ _DETACH_MAX = 256 << 20
 _SMALL_CACHED = 64
 _LIST_PAGES_MAX = 1_000_000
 #: :meth:`ObjectStoreBackend.usage` bounds: objects listed, seconds, and the largest
-#: object size believed (S3 allows 5 TiB, OSS 48.8 TiB).
+#: object size believed (S3 allows 5 TiB, OSS 48.8 TiB).  The listing runs in the
+#: daemon's background (fuse_crypt/cli/usagecache.py: a stats call waits at most 6 s), so
+#: its budget can be long enough for 1M objects (1,000 pages) on a real store.
 USAGE_MAX_OBJECTS = 1_000_000
-USAGE_BUDGET = 5.0
+USAGE_BUDGET = 60.0
 _OBJECT_SIZE_MAX = 64 << 40
 #: Entries one directory listing may hold in memory (a hostile store could page forever).
 DIR_ENTRIES_MAX = 1_000_000

@@ -64,7 +64,7 @@ MAX_CLIENTS = 4
 MAX_ANSWER = 512
 _STATS = b"STATS\n"
 #: How long the plugin waits for a stats answer: the daemon waits up to 6 s for its listing
-#: (UsageCache.wait) and the listing itself stops after 5 s (objectstore.USAGE_BUDGET).
+#: (UsageCache.wait), then answers from its last listing or ERR.
 USAGE_TIMEOUT = 8.0
 _USAGE_ANSWER = re.compile(
     r"OK bytes=([0-9]{1,20}) objects=([0-9]{1,20}) pending=([0-9]{1,20}) age=([0-9]{1,10})"

@@ -7,8 +7,13 @@ answer is kept for ``max(min_ttl, ttl_factor x the listing's duration)``: a smal
 is fresh within 30 s, a slow listing costs the daemon at most ~1/30 of its time.
 
 One listing at a time (single flight): callers that arrive while it runs wait for the
-same result, at most ``wait`` seconds each (then :class:`StillListing`; the listing goes
-on in its thread and the next caller gets its answer).  Failures are not cached.
+same result, at most ``wait`` seconds each; the listing goes on in its thread and the next
+caller gets its answer.  A caller that gives up gets the last answer (stale: its age says
+so) if there is one, else :class:`StillListing`.  Why: the listing's own bound (a minute,
+objectstore.USAGE_BUDGET) is far longer than a stats call may take, since a store lists a
+few thousand objects per second at best (moto on the test VM: ~550/s), so a large volume
+is measured in the background and reported from the previous listing meanwhile.
+Failures are not cached.
 """
 
 from __future__ import annotations
@@ -74,6 +79,9 @@ class UsageCache:
                     target=self._run, args=(run,), name="usage-listing", daemon=True
                 ).start()
         if not run.done.wait(self.wait):
+            with self._lock:
+                if self._value is not None:  # stale, while the new listing runs
+                    return self._value, max(0.0, self._clock() - self._at)
             raise StillListing("the listing is still running")
         if run.error is not None:
             raise run.error

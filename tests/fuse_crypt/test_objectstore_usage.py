@@ -193,7 +193,7 @@ def test_a_listing_past_its_budget_is_etimedout() -> None:
 
 def test_default_bounds_are_the_documented_ones() -> None:
     assert objectstore.USAGE_MAX_OBJECTS == 1_000_000
-    assert objectstore.USAGE_BUDGET == 5.0
+    assert objectstore.USAGE_BUDGET == 60.0
 
 
 # -- UsageCache --------------------------------------------------------------------------
@@ -270,6 +270,28 @@ def test_one_listing_at_a_time_and_waiters_give_up() -> None:
     cache.wait = 5
     assert cache.get()[0] == (7, 7, 0)
     assert cache.listings == 1  # the three waiters and the last caller shared one listing
+
+
+def test_a_slow_refresh_serves_the_last_answer_with_its_age() -> None:
+    clock = _Clock()
+    go = threading.Event()
+    results = [(1, 1, 0), (2, 2, 0)]
+
+    def compute() -> Usage:
+        if len(results) == 1:
+            assert go.wait(10)
+        return results.pop(0)
+
+    cache = UsageCache(compute, clock=clock, wait=0.2)
+    assert cache.get() == ((1, 1, 0), 0.0)
+    clock.now += 45.0
+    assert cache.get() == ((1, 1, 0), 45.0)  # stale, while the second listing runs
+    go.set()
+    deadline = time.monotonic() + 5
+    while cache.listings < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert cache.get() == ((2, 2, 0), 0.0)
 
 
 def test_failures_are_not_cached() -> None:
