@@ -216,7 +216,15 @@ def test_stats_are_the_ciphertext_bytes_and_objects_in_the_bucket(node: Node, ki
         (root / "sub").mkdir()
         for i, size in enumerate(SIZES):
             (root / ("sub" if i % 2 else "") / f"f{i}").write_bytes(os.urandom(size))
+        t0 = time.monotonic()
         got = _stats(node, vid, t)
+        first = time.monotonic() - t0
+        t0 = time.monotonic()
+        assert _stats(node, vid, t) == got  # the daemon's cached answer
+        cached = time.monotonic() - t0
+        print(
+            f"\n{kind}: stats with a listing {first * 1000:.0f} ms, cached {cached * 1000:.1f} ms"
+        )
         objs = _objects(node, kind, ctx, prefix)
         # conf, two dir IVs, the sub/ marker, 21 files
         assert len(objs) == 1 + 2 + 1 + len(SIZES)
