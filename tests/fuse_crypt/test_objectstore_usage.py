@@ -517,3 +517,55 @@ def test_stats_from_another_uid_is_refused_before_any_listing(tmp_path: Path) ->
         assert srv.usage.listings == 0
     finally:
         srv.close()
+
+
+def test_cache_defaults_are_the_documented_ones() -> None:
+    cache = UsageCache(lambda: (0, 0, 0))
+    assert (cache.min_ttl, cache.ttl_factor, cache.wait) == (30.0, 30.0, 6.0)
+
+
+def test_the_listing_thread_never_keeps_the_daemon_alive() -> None:
+    """A listing stuck on the store must not block the daemon's exit at unmount."""
+    go = threading.Event()
+
+    def compute() -> Usage:
+        assert go.wait(10)
+        return (1, 1, 0)
+
+    cache = UsageCache(compute, wait=0.05)
+    with pytest.raises(StillListing):
+        cache.get()
+    try:
+        listing = [th for th in threading.enumerate() if th.name == "usage-listing"]
+        assert len(listing) == 1 and listing[0].daemon
+    finally:
+        go.set()
+
+
+def test_a_stale_answer_younger_than_a_second_reports_its_real_age() -> None:
+    clock = _Clock()
+    go = threading.Event()
+    runs: list[int] = []
+
+    def compute() -> Usage:
+        runs.append(1)
+        if len(runs) > 1:  # the second listing blocks
+            assert go.wait(10)
+        return (1, 1, 0)
+
+    cache = UsageCache(compute, clock=clock, min_ttl=0.0, ttl_factor=0.0, wait=0.05)
+    assert cache.get() == ((1, 1, 0), 0.0)
+    clock.now += 0.5
+    try:
+        assert cache.get() == ((1, 1, 0), 0.5)
+    finally:
+        go.set()
+
+
+def test_an_unexpected_exception_is_named_by_its_type_only() -> None:
+    def compute() -> Usage:
+        raise KeyError("secret-in-exception")
+
+    with pytest.raises(OSError) as ei:
+        UsageCache(compute).get()
+    assert str(ei.value) == "listing failed: KeyError"
