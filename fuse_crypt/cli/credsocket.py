@@ -228,10 +228,14 @@ class CredentialSocket:
         """``LOCATION=<ours>\n\n`` and nothing else: the volume's usage, or ERR."""
         head, sep, rest = data.partition(b"\n\n")
         name, eq, value = head.partition(b"=")
-        if not sep or rest or name != b"LOCATION" or not eq:
+        try:
+            location = value.decode("utf-8")  # a prefix may be any printable text
+        except UnicodeDecodeError:
+            location = None
+        if not sep or rest or name != b"LOCATION" or not eq or location is None:
             log.warning("event=credsocket_refused reason=invalid")
             return "ERR malformed request"
-        if value.decode("ascii", "replace") != self.identity["LOCATION"]:
+        if location != self.identity["LOCATION"]:
             log.warning("event=credsocket_refused reason=other-location")
             return "ERR the request is for another volume location or endpoint"
         cache = self.usage

@@ -382,7 +382,8 @@ def test_stats_before_the_store_exists(server: CredentialSocket) -> None:
         (b"STATS\nENDPOINT=https://s3.example.com\n\n", b"ERR malformed request"),
         (b"STATS\n" + LOC.encode() + b"\n\n", b"ERR malformed request"),
         (b"STATS\n\n", b"ERR malformed request"),
-        (b"STATS\nLOCATION=\xff\n\n", b"ERR the request is for another volume"),
+        (b"STATS\nLOCATION=\xff\n\n", b"ERR malformed request"),  # not UTF-8
+        ("STATS\nLOCATION=s3://bkt/vols/v1é\n\n".encode(), b"ERR the request is for another"),
     ],
 )
 def test_malformed_stats_requests(server: CredentialSocket, request_: bytes, answer: bytes) -> None:
@@ -569,3 +570,17 @@ def test_an_unexpected_exception_is_named_by_its_type_only() -> None:
     with pytest.raises(OSError) as ei:
         UsageCache(compute).get()
     assert str(ei.value) == "listing failed: KeyError"
+
+
+def test_stats_of_a_prefix_that_is_not_ascii(tmp_path: Path) -> None:
+    """fuse-crypt accepts any printable prefix; the location travels as UTF-8."""
+    loc = "oss://bkt/données/卷"
+    box = CredentialBox("AKIDOLD0001", "secret-old-0001", None)
+    srv = CredentialSocket(
+        str(_sock_dir(tmp_path) / "s"), box, bucket="bkt", identity=(loc, "", "")
+    )
+    try:
+        srv.usage = UsageCache(lambda: (9, 3, 0))
+        assert query_usage(srv.path, loc) == VolumeUsage(9, 3, 0, 0)
+    finally:
+        srv.close()
