@@ -119,6 +119,8 @@ class CredentialSocket:
         #: a STATS request is answered "ERR ... not available yet".
         self.usage: UsageCache | None = None
         self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._client_threads: set[threading.Thread] = set()
+        self._client_lock = threading.Lock()
         self._check_dir(os.path.dirname(path) or ".")
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
@@ -159,6 +161,13 @@ class CredentialSocket:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(timeout=READ_TIMEOUT + 1)
+        # Requests being read or answered finish first (each is bounded in time), so no
+        # credentials are swapped after close() returns.
+        deadline = time.monotonic() + READ_TIMEOUT + 1
+        with self._client_lock:
+            clients = list(self._client_threads)
+        for th in clients:
+            th.join(timeout=max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -177,9 +186,12 @@ class CredentialSocket:
                 with conn:
                     self._answer(conn, "ERR busy")
                 continue
-            threading.Thread(
+            th = threading.Thread(
                 target=self._serve_one, args=(conn,), name="credsocket-client", daemon=True
-            ).start()
+            )
+            with self._client_lock:
+                self._client_threads.add(th)
+            th.start()
 
     def _serve_one(self, conn: socket.socket) -> None:
         try:
@@ -190,6 +202,8 @@ class CredentialSocket:
                     return
                 self._answer(conn, answer)
         finally:
+            with self._client_lock:
+                self._client_threads.discard(threading.current_thread())
             self._clients.release()
 
     @staticmethod
