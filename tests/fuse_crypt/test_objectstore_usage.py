@@ -584,3 +584,140 @@ def test_stats_of_a_prefix_that_is_not_ascii(tmp_path: Path) -> None:
         assert query_usage(srv.path, loc) == VolumeUsage(9, 3, 0, 0)
     finally:
         srv.close()
+
+
+def test_stats_log_lines_are_exact_and_carry_no_request_bytes(
+    server: CredentialSocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fuse_crypt.credsocket")
+    results: list[object] = [OSError(errno.E2BIG, "x")]
+
+    def compute() -> Usage:
+        raise results.pop()  # type: ignore[misc]
+
+    server.usage = UsageCache(compute)
+    raw(server.path, b"STATS\nLOCATION=\xff-planted\n\n")
+    raw(server.path, b"STATS\nLOCATION=s3://bkt/planted\n\n")
+    raw(server.path, b"STATS\nLOCATION=" + LOC.encode() + b"\n\n")
+    msgs = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert msgs == [
+        (logging.WARNING, "event=credsocket_refused reason=invalid"),
+        (logging.WARNING, "event=credsocket_refused reason=other-location"),
+        (logging.WARNING, "event=volume_usage_failed reason=too-many-objects-to-measure"),
+    ]
+    assert "planted" not in caplog.text
+
+
+def test_still_listing_is_logged(
+    server: CredentialSocket, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fuse_crypt.credsocket")
+    go = threading.Event()
+
+    def compute() -> Usage:
+        assert go.wait(10)
+        return (1, 1, 0)
+
+    server.usage = UsageCache(compute, wait=0.05)
+    try:
+        raw(server.path, b"STATS\nLOCATION=" + LOC.encode() + b"\n\n")
+    finally:
+        go.set()
+    assert [r.getMessage() for r in caplog.records] == [
+        "event=volume_usage_failed reason=listing-still-running"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("tail", "answer"),
+    [
+        (b"\n\n\n\n", b"ERR malformed request\n"),  # the request ends at its first empty line
+        (b"=x\n\n", b"ERR the request is for another volume location or endpoint\n"),
+    ],
+)
+def test_stats_request_is_split_at_the_first_separators(
+    server: CredentialSocket, tail: bytes, answer: bytes
+) -> None:
+    server.usage = UsageCache(lambda: (1, 1, 0))
+    assert raw(server.path, b"STATS\nLOCATION=" + LOC.encode() + tail) == answer
+
+
+def test_a_location_holding_an_equals_sign(tmp_path: Path) -> None:
+    loc = "s3://bkt/a=b/c"
+    box = CredentialBox("AKIDOLD0001", "secret-old-0001", None)
+    srv = CredentialSocket(
+        str(_sock_dir(tmp_path) / "s"), box, bucket="bkt", identity=(loc, "", "")
+    )
+    try:
+        srv.usage = UsageCache(lambda: (5, 1, 0))
+        assert query_usage(srv.path, loc) == VolumeUsage(5, 1, 0, 0)
+    finally:
+        srv.close()
+
+
+def test_store_failure_names_only_the_error_type(server: CredentialSocket) -> None:
+    def compute() -> Usage:
+        raise BadResponse("list: key outside the prefix")
+
+    server.usage = UsageCache(compute)
+    with pytest.raises(UsageRefused) as ei:
+        query_usage(server.path, LOC)
+    assert ei.value.reason == "the object store failed (BadResponse)"
+    assert str(ei.value) == ei.value.reason
+
+
+def test_client_thread_is_a_daemon_thread(server: CredentialSocket) -> None:
+    """A client stuck behind a listing must not keep the mount daemon from exiting."""
+    go = threading.Event()
+
+    def compute() -> Usage:
+        assert go.wait(10)
+        return (1, 1, 0)
+
+    server.usage = UsageCache(compute, wait=5)
+    th = threading.Thread(
+        target=raw, args=(server.path, b"STATS\nLOCATION=" + LOC.encode() + b"\n\n")
+    )
+    th.start()
+    try:
+        time.sleep(0.3)
+        clients = [t for t in threading.enumerate() if t.name == "credsocket-client"]
+        assert len(clients) == 1 and clients[0].daemon
+    finally:
+        go.set()
+        th.join(10)
+
+
+def test_client_refuses_a_carriage_return_bounds_the_reason_and_times_out(
+    tmp_path: Path,
+) -> None:
+    d = _sock_dir(tmp_path)
+    path = str(d / "fake")
+    with pytest.raises(UsageRefused):
+        query_usage(path, LOC + "\rX")
+    srv = socket.socket(socket.AF_UNIX)
+    srv.bind(path)
+    srv.listen(4)
+    answers = [b"ERR " + b"r" * 300 + b"\n", None]
+
+    def serve() -> None:
+        for a in answers:
+            conn, _ = srv.accept()
+            with conn, contextlib.suppress(OSError):
+                conn.recv(4096)
+                if a is None:
+                    time.sleep(3)
+                else:
+                    conn.sendall(a)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        with pytest.raises(UsageRefused) as ei:
+            query_usage(path, LOC, timeout=5)
+        assert ei.value.reason == "r" * 200
+        t0 = time.monotonic()
+        with pytest.raises(TimeoutError):
+            query_usage(path, LOC, timeout=0.5)
+        assert time.monotonic() - t0 < 2
+    finally:
+        srv.close()
