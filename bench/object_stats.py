@@ -17,7 +17,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fuse_crypt.backend.objectstore import ObjectStoreBackend  # noqa: E402
+from fuse_crypt.backend import ObjectStoreBackend  # noqa: E402
 from fuse_crypt.backend.retrying import RetryingTransport  # noqa: E402
 from fuse_crypt.cli.usagecache import UsageCache  # noqa: E402
 from tests.peers.moto_s3 import MotoS3  # noqa: E402
