@@ -721,3 +721,38 @@ def test_client_refuses_a_carriage_return_bounds_the_reason_and_times_out(
         assert time.monotonic() - t0 < 2
     finally:
         srv.close()
+
+
+def test_finished_client_threads_are_forgotten(server: CredentialSocket) -> None:
+    """kubelet asks every minute for months: nothing may pile up per request."""
+    server.usage = UsageCache(lambda: (1, 1, 0))
+    for _ in range(5):
+        query_usage(server.path, LOC)
+    deadline = time.monotonic() + 5
+    while server._client_threads:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_busy_is_logged(server: CredentialSocket, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="fuse_crypt.credsocket")
+    go = threading.Event()
+
+    def compute() -> Usage:
+        assert go.wait(10)
+        return (1, 1, 0)
+
+    server.usage = UsageCache(compute, wait=10)
+    threads = [
+        threading.Thread(target=query_usage, args=(server.path, LOC)) for _ in range(cs.MAX_CLIENTS)
+    ]
+    for th in threads:
+        th.start()
+    time.sleep(0.5)
+    try:
+        assert raw(server.path, b"STATS\nLOCATION=" + LOC.encode() + b"\n\n") == b"ERR busy\n"
+    finally:
+        go.set()
+        for th in threads:
+            th.join(10)
+    assert [r.getMessage() for r in caplog.records] == ["event=credsocket_refused reason=busy"]
