@@ -148,6 +148,10 @@ MODULES: dict[str, list[str]] = {
     ],
     "fuse_crypt/cli/credsocket.py": [
         "tests/fuse_crypt/test_credsocket_mutants.py",
+        "tests/fuse_crypt/test_objectstore_usage.py",
+    ],
+    "fuse_crypt/cli/usagecache.py": [
+        "tests/fuse_crypt/test_objectstore_usage.py",
     ],
     "fuse_crypt/backend/credentials.py": [
         "tests/fuse_crypt/test_credentials_mutants.py",

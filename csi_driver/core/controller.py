@@ -113,10 +113,13 @@ class VolumeRecord:
     def context(self, root: str) -> dict[str, str]:
         if self.kind == "object":
             # The StorageClass's (non-secret or sealed) parameters, with the volume's own
-            # prefix under the class's base path; no capacity (a bucket has no quota).
+            # prefix under the class's base path. A bucket has no quota: the capacity is
+            # recorded only so NodeGetVolumeStats can report it as the volume's total.
             ctx = {k: v for k, v in self.parameters.items() if k not in ("prefix", PARAM_ON_DELETE)}
             base = (self.parameters.get("path") or self.parameters.get("prefix") or "").strip("/")
             ctx["path"] = f"{base}/{self.volume_id}" if base else self.volume_id
+            if self.capacity_bytes:
+                ctx[CTX_CAPACITY] = str(self.capacity_bytes)
             return ctx
         ctx = {
             CTX_CIPHER_DIR: os.path.join(root, self.volume_id),

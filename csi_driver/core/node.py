@@ -56,6 +56,8 @@ DEFAULT_KUBELET_DIR = "/var/lib/kubelet"
 DEFAULT_MAX_PARALLEL = 8
 # How long a stat/statfs of a mount may take before it counts as hung (csi_driver/fsprobe.py).
 PROBE_TIMEOUT = 5.0
+# CSI's VolumeUsage fields are int64.
+_INT64_MAX = (1 << 63) - 1
 
 
 class _LockEntry:
@@ -413,6 +415,20 @@ class NodeCore:
             raise errors.Unavailable("the volume's storage is not answering") from None
         return min(int(raw), st.f_blocks * st.f_frsize)
 
+    @staticmethod
+    def _object_capacity(ctx: Mapping[str, str]) -> int:
+        """A bucket volume's recorded capacity (0: none): the size its PVC asked for, which
+        NodeGetVolumeStats reports as total. A bucket has no quota, so nothing clamps or
+        enforces it; the control plane is untrusted, so a decimal count or INVALID_ARGUMENT."""
+        raw = ctx.get(CTX_CAPACITY)
+        if raw is None:
+            return 0
+        if not (raw.isascii() and raw.isdigit() and len(raw) <= 18):
+            raise errors.InvalidArgument(
+                f"volume_context {CTX_CAPACITY} must be a decimal number of bytes"
+            )
+        return int(raw)
+
     def publish(self, req: PublishRequest, deadline: Deadline | None = None) -> None:
         """NodePublishVolume: idempotent; see module docstring for the rules."""
         deadline = deadline or Deadline()
@@ -582,7 +598,14 @@ class NodeCore:
                         "two daemons must not write one prefix"
                     )
             intent = Publication(
-                req.volume_id, target, location, OBJECT_MOUNTER, readonly, mode, phase=INTENT
+                req.volume_id,
+                target,
+                location,
+                OBJECT_MOUNTER,
+                readonly,
+                mode,
+                phase=INTENT,
+                capacity_bytes=self._object_capacity(ctx),
             )
             return self._init_and_start(intent, key, deadline)
 
@@ -869,9 +892,35 @@ class NodeCore:
                 raise errors.NotFound(
                     f"volume {volume_id} at {target} is not usable: {exc.strerror}"
                 ) from None
+            if pub.mounter == OBJECT_MOUNTER:
+                return self._object_stats(pub, st)
             if pub.capacity_bytes:
                 return self._own_stats(pub, st)
         return _vfs_stats(st)
+
+    def _object_stats(self, pub: Publication, st: os.statvfs_result) -> VolumeStats:
+        """A bucket volume's own numbers, measured by its daemon (which holds the
+        credentials and the listing code) over its control socket: BYTES used = the
+        ciphertext stored under the prefix plus what open files have grown by and not yet
+        uploaded, INODES used = objects (directory markers included). Total = the recorded
+        capacity, else the mount's synthetic statfs size (a bucket has no size); inodes
+        total = the synthetic statfs count. A daemon that cannot say (no socket, from
+        before STATS) leaves the synthetic statfs numbers, as before."""
+        mounter = self.mounters[OBJECT_MOUNTER]
+        assert isinstance(mounter, ObjectStoreMounter)
+        got = mounter.volume_usage(pub.target_path, pub.cipher_dir)
+        if got is None:
+            return _vfs_stats(st)
+        used = min(got.stored_bytes + got.pending_bytes, _INT64_MAX)
+        total = pub.capacity_bytes or min(st.f_blocks * st.f_frsize, _INT64_MAX)
+        return VolumeStats(
+            bytes_total=total,
+            bytes_available=max(0, total - used),
+            bytes_used=used,
+            inodes_total=st.f_files,
+            inodes_available=max(0, st.f_files - got.objects),
+            inodes_used=min(got.objects, _INT64_MAX),
+        )
 
     def _own_stats(self, pub: Publication, st: os.statvfs_result) -> VolumeStats:
         """The volume's own numbers: its recorded capacity and what its ciphertext

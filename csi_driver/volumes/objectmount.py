@@ -34,6 +34,7 @@ import re
 import stat
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from csi_driver import errors
 from csi_driver.core.store import Publication
@@ -50,6 +51,9 @@ from csi_driver.volumes.objectstore import (
 )
 from fuse_crypt.configfile import CONF_NAME
 from sealed_secrets.resolver import Resolver
+
+if TYPE_CHECKING:
+    from fuse_crypt.cli.credsocket import VolumeUsage
 
 __all__ = [
     "DEFAULT_CONTROL_DIR",
@@ -328,6 +332,39 @@ class ObjectStoreMounter(FuseCryptMounter):
             )
         reason = answer.removeprefix("ERR ")[:200] if answer.startswith("ERR ") else "no answer"
         raise errors.FailedPrecondition(f"the daemon of {target} refused the credentials: {reason}")
+
+    def volume_usage(
+        self, target: str, location: str, timeout: float | None = None
+    ) -> VolumeUsage | None:
+        """What the daemon of ``target`` measured of its prefix (bytes and objects from a
+        listing it caches; fuse_crypt/cli/credsocket.py, STATS).  None when the daemon
+        cannot say: no control socket (a node without ``--object-control-dir``, or a
+        daemon started before it had one) or a daemon that predates STATS.  A daemon that
+        does not answer in time -> UNAVAILABLE, as for a hung mount."""
+        from fuse_crypt.cli.credsocket import USAGE_TIMEOUT, UsageRefused, query_usage
+
+        path = self.control_socket(target)
+        if path is None:
+            return None
+        try:
+            return query_usage(path, location, timeout=timeout or USAGE_TIMEOUT)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise errors.Unavailable(
+                f"the daemon of {target} did not report the volume's usage: "
+                f"{exc.strerror or type(exc).__name__}"
+            ) from None
+        except UsageRefused as exc:
+            if exc.reason == "malformed request":
+                return None  # a daemon from before STATS
+            if exc.reason == "too many objects to measure":
+                raise errors.FailedPrecondition(
+                    f"the volume at {target} holds too many objects to measure"
+                ) from None
+            raise errors.Unavailable(
+                f"the daemon of {target} could not measure the volume: {exc.reason}"
+            ) from None
 
     def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
         source = self.location_args(_spec_of(key))

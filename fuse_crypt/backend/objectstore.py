@@ -55,7 +55,7 @@ import stat as stat_mod
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 from ..contentenc import CIPHER_BS, HEADER_LEN
 from .base import (
@@ -129,6 +129,13 @@ _DETACH_MAX = 256 << 20
 #: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
 _SMALL_CACHED = 64
 _LIST_PAGES_MAX = 1_000_000
+#: :meth:`ObjectStoreBackend.usage` bounds: objects listed, seconds, and the largest
+#: object size believed (S3 allows 5 TiB, OSS 48.8 TiB).  The listing runs in the
+#: daemon's background (fuse_crypt/cli/usagecache.py: a stats call waits at most 6 s), so
+#: its budget can be long enough for 1M objects (1,000 pages) on a real store.
+USAGE_MAX_OBJECTS = 1_000_000
+USAGE_BUDGET = 60.0
+_OBJECT_SIZE_MAX = 64 << 40
 #: Entries one directory listing may hold in memory (a hostile store could page forever).
 DIR_ENTRIES_MAX = 1_000_000
 _CHILDREN_MAX_NAMES = 200_000
@@ -1113,6 +1120,48 @@ class ObjectStoreBackend(StorageBackend):
             "f_favail": 1 << 32,
             "f_namemax": 255,
         }
+
+    def usage(
+        self,
+        *,
+        max_objects: int = USAGE_MAX_OBJECTS,
+        budget: float = USAGE_BUDGET,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> tuple[int, int, int]:
+        """``(bytes stored, objects, bytes written but not yet uploaded)`` under the
+        prefix: what NodeGetVolumeStats reports for the volume (statfs above is synthetic).
+
+        Why a full listing: object stores keep no per-prefix totals, so the sizes are
+        summed from a paged listing without delimiter (markers, ``gocryptfs.conf`` and
+        ``gocryptfs.diriv`` objects included: they are stored bytes too).  The store is
+        hostile: keys outside the prefix, a token that does not advance and sizes out of
+        range are :class:`BadResponse`; more than ``max_objects`` objects or pages, or
+        pages still coming after ``budget`` seconds, are refused too (E2BIG, ETIMEDOUT)
+        rather than trusted or waited for.  The third number is how much open files
+        have grown past what the listing saw (their spools hold the ciphertext)."""
+        with self._lock:
+            dirty = {
+                st.key: st.size
+                for st in (*self._states.values(), *self._pending)
+                if st.dirty and not st.unlinked
+            }
+        listed = dict.fromkeys(dirty, 0)
+        stored = objects = 0
+        deadline = clock() + budget
+        for pages, page in enumerate(self._pages(self.prefix, ""), 1):
+            for o in page.objects:
+                if not 0 <= o.size <= _OBJECT_SIZE_MAX:
+                    raise BadResponse("list: object size out of range")
+                stored += o.size
+                if o.key in listed:
+                    listed[o.key] = o.size
+            objects += len(page.objects)
+            if objects > max_objects or pages > max_objects // 100 + 10:
+                raise OSError(errno.E2BIG, f"more than {max_objects} objects to measure")
+            if page.next_token is not None and clock() > deadline:
+                raise OSError(errno.ETIMEDOUT, f"listing took longer than {budget:g} s")
+        pending = sum(max(0, size - listed[k]) for k, size in dirty.items())
+        return stored, objects, pending
 
     # -- xattrs: s3fs without -o use_xattr (CDH's default) answers EOPNOTSUPP ---------------
 

@@ -18,29 +18,57 @@ Rules, each one a check here:
   format and pass the same validation as the first ones.
 * The answer is ``OK changed``, ``OK unchanged`` or ``ERR <reason>``; the reason never
   contains request bytes.
+
+A second request type serves NodeGetVolumeStats (a bucket has no size: only the daemon,
+which holds the credentials and the listing code, can measure the volume):
+``STATS\nLOCATION=<location>\n\n`` (the location must be the daemon's own) is answered
+``OK bytes=N objects=N pending=N age=N`` from the daemon's
+:class:`~fuse_crypt.cli.usagecache.UsageCache`, or ``ERR <reason>``.  A listing may take
+seconds, so each connection is served in its own thread (at most ``MAX_CLIENTS`` at once,
+more are answered ``ERR busy``): a credential refresh never waits behind a listing.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
+import re
 import socket
 import stat
 import struct
 import threading
 import time
+from dataclasses import dataclass
 
 from fuse_crypt.backend.credentials import CredentialBox
 from fuse_crypt.cli.exitcodes import USAGE, CliError
+from fuse_crypt.cli.usagecache import StillListing, UsageCache
 
-__all__ = ["MAX_REQUEST", "CredentialSocket", "send_credentials"]
+__all__ = [
+    "MAX_REQUEST",
+    "CredentialSocket",
+    "UsageRefused",
+    "VolumeUsage",
+    "query_usage",
+    "send_credentials",
+]
 
 log = logging.getLogger("fuse_crypt.credsocket")
 
 MAX_REQUEST = 16 * 1024
 READ_TIMEOUT = 5.0
 _IDENTITY = ("LOCATION", "ENDPOINT", "REGION")
+MAX_CLIENTS = 4
+MAX_ANSWER = 512
+_STATS = b"STATS\n"
+#: How long the plugin waits for a stats answer: the daemon waits up to 6 s for its listing
+#: (UsageCache.wait), then answers from its last listing or ERR.
+USAGE_TIMEOUT = 8.0
+_USAGE_ANSWER = re.compile(
+    r"OK bytes=([0-9]{1,20}) objects=([0-9]{1,20}) pending=([0-9]{1,20}) age=([0-9]{1,10})"
+)
 
 
 def _peer_uid(conn: socket.socket) -> int:
@@ -87,6 +115,12 @@ class CredentialSocket:
         self.bucket = bucket
         self.identity = dict(zip(_IDENTITY, identity, strict=True))
         self.allowed_uid = allowed_uid
+        #: Set by the mount once its store exists (fuse_crypt/cli/mountrun.py); until then
+        #: a STATS request is answered "ERR ... not available yet".
+        self.usage: UsageCache | None = None
+        self._clients = threading.BoundedSemaphore(MAX_CLIENTS)
+        self._client_threads: set[threading.Thread] = set()
+        self._client_lock = threading.Lock()
         self._check_dir(os.path.dirname(path) or ".")
         with contextlib.suppress(FileNotFoundError):
             st = os.lstat(path)
@@ -127,6 +161,13 @@ class CredentialSocket:
             self._sock.shutdown(socket.SHUT_RDWR)
         self._sock.close()
         self._thread.join(timeout=READ_TIMEOUT + 1)
+        # Requests being read or answered finish first (each is bounded in time), so no
+        # credentials are swapped after close() returns.
+        deadline = time.monotonic() + READ_TIMEOUT + 1
+        with self._client_lock:
+            clients = list(self._client_threads)
+        for th in clients:
+            th.join(timeout=max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(OSError):
             if stat.S_ISSOCK(os.lstat(self.path).st_mode):
                 os.unlink(self.path)
@@ -140,21 +181,43 @@ class CredentialSocket:
                     return
                 time.sleep(0.05)
                 continue
+            if not self._clients.acquire(blocking=False):
+                log.warning("event=credsocket_refused reason=busy")
+                with conn:
+                    self._answer(conn, "ERR busy")
+                continue
+            th = threading.Thread(
+                target=self._serve_one, args=(conn,), name="credsocket-client", daemon=True
+            )
+            with self._client_lock:
+                self._client_threads.add(th)
+            th.start()
+
+    def _serve_one(self, conn: socket.socket) -> None:
+        try:
             with conn:
                 try:
                     answer = self._handle(conn)
                 except OSError:
-                    continue
-                with contextlib.suppress(OSError):
-                    conn.settimeout(READ_TIMEOUT)
-                    conn.sendall(answer.encode("ascii") + b"\n")
-                    conn.shutdown(socket.SHUT_WR)
-                    # Drain (bounded) what a refused client still sends, so closing does
-                    # not reset the connection and lose the answer.
-                    conn.settimeout(1.0)
-                    for _ in range(4):
-                        if not conn.recv(MAX_REQUEST):
-                            break
+                    return
+                self._answer(conn, answer)
+        finally:
+            with self._client_lock:
+                self._client_threads.discard(threading.current_thread())
+            self._clients.release()
+
+    @staticmethod
+    def _answer(conn: socket.socket, answer: str) -> None:
+        with contextlib.suppress(OSError):
+            conn.settimeout(READ_TIMEOUT)
+            conn.sendall(answer.encode("ascii") + b"\n")
+            conn.shutdown(socket.SHUT_WR)
+            # Drain (bounded) what a refused client still sends, so closing does
+            # not reset the connection and lose the answer.
+            conn.settimeout(1.0)
+            for _ in range(4):
+                if not conn.recv(MAX_REQUEST):
+                    break
 
     def _handle(self, conn: socket.socket) -> str:
         if _peer_uid(conn) != self.allowed_uid:
@@ -164,6 +227,8 @@ class CredentialSocket:
         if data is None:
             log.warning("event=credsocket_refused reason=too-large-or-slow")
             return "ERR request too large or too slow"
+        if data.startswith(_STATS):
+            return self._stats(data[len(_STATS) :])
         try:
             creds = self._parse(data)
         except CliError as e:
@@ -172,6 +237,34 @@ class CredentialSocket:
         changed = self.box.set(*creds)
         log.info("event=credentials_swapped changed=%s version=%d", changed, self.box.version)
         return "OK changed" if changed else "OK unchanged"
+
+    def _stats(self, data: bytes) -> str:
+        """``LOCATION=<ours>\n\n`` and nothing else: the volume's usage, or ERR."""
+        head, sep, rest = data.partition(b"\n\n")
+        name, eq, value = head.partition(b"=")
+        try:
+            location = value.decode("utf-8")  # a prefix may be any printable text
+        except UnicodeDecodeError:
+            location = None
+        if not sep or rest or name != b"LOCATION" or not eq or location is None:
+            log.warning("event=credsocket_refused reason=invalid")
+            return "ERR malformed request"
+        if location != self.identity["LOCATION"]:
+            log.warning("event=credsocket_refused reason=other-location")
+            return "ERR the request is for another volume location or endpoint"
+        cache = self.usage
+        if cache is None:
+            return "ERR volume usage not available yet"
+        try:
+            (stored, objects, pending), age = cache.get()
+        except StillListing:
+            log.warning("event=volume_usage_failed reason=listing-still-running")
+            return "ERR the listing is still running"
+        except OSError as e:
+            reason = _usage_reason(e)
+            log.warning("event=volume_usage_failed reason=%s", reason.replace(" ", "-"))
+            return f"ERR {reason}"
+        return f"OK bytes={stored} objects={objects} pending={pending} age={int(age)}"
 
     def _parse(self, data: bytes) -> tuple[str, str, str | None]:
         from fuse_crypt.cli.objectloc import parse_credentials
@@ -194,6 +287,66 @@ class CredentialSocket:
         return parse_credentials(body.rstrip(b"\n") + b"\n", self.bucket, "new credentials")
 
 
+def _usage_reason(e: OSError) -> str:
+    """A fixed phrase per failure: store error texts are hostile input, never echoed."""
+    if e.errno == errno.E2BIG:
+        return "too many objects to measure"
+    if e.errno == errno.ETIMEDOUT:
+        return "the listing took too long"
+    return f"the object store failed ({type(e).__name__})"
+
+
+@dataclass(frozen=True)
+class VolumeUsage:
+    """The daemon's answer to STATS: ciphertext bytes and objects under the prefix, bytes
+    written and not yet uploaded, and how old (seconds) the listing behind it is."""
+
+    stored_bytes: int
+    objects: int
+    pending_bytes: int
+    age: int
+
+
+class UsageRefused(Exception):
+    """The daemon answered ERR (``reason``: its phrase, at most 200 printable characters)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _exchange(path: str, req: bytes | bytearray, timeout: float) -> str:
+    """One request, the daemon's answer (at most MAX_ANSWER bytes), as text."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect(path)
+        s.sendall(req)
+        s.shutdown(socket.SHUT_WR)
+        answer = bytearray()
+        while len(answer) < MAX_ANSWER:
+            chunk = s.recv(MAX_ANSWER)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("ascii", "replace").strip()
+
+
+def query_usage(path: str, location: str, *, timeout: float = USAGE_TIMEOUT) -> VolumeUsage:
+    """The client side of STATS (the CSI node plugin).  Raises OSError when the daemon
+    cannot be reached or does not answer in time, UsageRefused on an ERR answer (or
+    one that is not well formed)."""
+    if "\n" in location or "\r" in location:
+        raise UsageRefused("malformed location")
+    answer = _exchange(path, _STATS + f"LOCATION={location}\n\n".encode(), timeout)
+    m = _USAGE_ANSWER.fullmatch(answer)
+    if m is not None:
+        return VolumeUsage(*(int(g) for g in m.groups()))
+    if answer.startswith("ERR "):
+        reason = answer[4:204]
+        raise UsageRefused(reason if reason.isprintable() else "unprintable reason")
+    raise UsageRefused("no answer" if not answer else "malformed answer")
+
+
 def send_credentials(
     path: str,
     identity: tuple[str, str, str],
@@ -208,17 +361,6 @@ def send_credentials(
     req = bytearray(head.encode("ascii"))
     req += credentials
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as s:
-            s.settimeout(timeout)
-            s.connect(path)
-            s.sendall(req)
-            s.shutdown(socket.SHUT_WR)
-            answer = bytearray()
-            while len(answer) < 512:
-                chunk = s.recv(512)
-                if not chunk:
-                    break
-                answer += chunk
+        return _exchange(path, req, timeout)
     finally:
         req[:] = bytes(len(req))
-    return answer.decode("ascii", "replace").strip()

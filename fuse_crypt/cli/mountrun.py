@@ -49,13 +49,13 @@ def _serve(spec: MountSpec, on_ready: Any) -> None:
         )
         loc.serving = True
     try:
-        _serve_store(spec, on_ready)
+        _serve_store(spec, on_ready, control)
     finally:
         if control is not None:
             control.close()
 
 
-def _serve_store(spec: MountSpec, on_ready: Any) -> None:
+def _serve_store(spec: MountSpec, on_ready: Any, control: Any = None) -> None:
     from fuse_crypt.backend import LocalDirBackend
 
     backend: Any
@@ -70,6 +70,11 @@ def _serve_store(spec: MountSpec, on_ready: Any) -> None:
                 raise CliError(
                     f"cannot finish an interrupted directory rename: {e.strerror}", FUSE_MOUNT
                 ) from None
+        if control is not None:
+            # NodeGetVolumeStats asks over the control socket (fuse_crypt/cli/credsocket.py).
+            from fuse_crypt.cli.usagecache import UsageCache
+
+            control.usage = UsageCache(store.usage)
     else:
         backend = LocalDirBackend(spec.cipherdir)
     counters = None

@@ -624,6 +624,7 @@ def test_close_waits_for_a_request_being_read(
         time.sleep(0.1)  # accepted: the thread is reading it, for up to 0.5 s
         server.close()
         assert not server._thread.is_alive()
+        assert not [th for th in threading.enumerate() if th.name == "credsocket-client"]
 
 
 # -- the serving loop ------------------------------------------------------------------------
