@@ -273,7 +273,7 @@ class CredentialSocket:
         if not sep:
             raise CliError("malformed request", USAGE)
         try:
-            lines = head.decode("ascii").split("\n")
+            lines = head.decode("utf-8").split("\n")  # a prefix may be any printable text
         except UnicodeDecodeError:
             raise CliError("malformed request", USAGE) from None
         given: dict[str, str] = {}
@@ -358,7 +358,7 @@ def send_credentials(
     ``credentials`` are ``--credentials-stdin`` lines (ending with an empty line).
     Raises OSError when the daemon cannot be reached or does not answer in time."""
     head = "".join(f"{k}={v}\n" for k, v in zip(_IDENTITY, identity, strict=True)) + "\n"
-    req = bytearray(head.encode("ascii"))
+    req = bytearray(head.encode("utf-8"))
     req += credentials
     try:
         return _exchange(path, req, timeout)

@@ -98,7 +98,11 @@ def test_client_round_trip_with_a_token(server: CredentialSocket) -> None:
     ("request_", "answer"),
     [
         (HEAD + NEW.rstrip(b"\n") + b"\n", b"ERR malformed request\n"),  # no empty line
-        (HEAD.replace(b"oss://", "ö".encode()) + b"\n" + NEW, b"ERR malformed request\n"),
+        (HEAD.replace(b"oss://", b"\xff") + b"\n" + NEW, b"ERR malformed request\n"),  # not UTF-8
+        (  # UTF-8 (a prefix may be any printable text), but not this daemon's location
+            HEAD.replace(b"oss://", "ö".encode()) + b"\n" + NEW,
+            b"ERR the request is for another volume location or endpoint\n",
+        ),
         (HEAD + b"NOEQUALS\n\n" + NEW, b"ERR malformed request\n"),
         (HEAD + b"BUCKET=bkt\n\n" + NEW, b"ERR malformed request\n"),
         (HEAD + b"REGION=cn-hangzhou\n\n" + NEW, b"ERR malformed request\n"),  # twice
@@ -153,6 +157,22 @@ def test_identity_values_may_hold_equals_signs(tmp_path: Path) -> None:
         body = b"bkt:AKIDS3FS001:secret-s3fs-1\n\n"  # s3fs format for our own bucket
         assert send_credentials(srv.path, ident, body) == "OK changed"
         assert srv.box.get() == ("AKIDS3FS001", "secret-s3fs-1", None)
+    finally:
+        srv.close()
+
+
+def test_identity_of_a_non_ascii_prefix_round_trips(tmp_path: Path) -> None:
+    """A prefix may be any printable text (fuse-crypt accepts it): the refresh of such a
+    volume must reach its daemon, not crash the plugin on an ASCII-only header."""
+    ident = ("oss://bkt/données/ü", "https://oss-cn-hangzhou.aliyuncs.com", "cn-hangzhou")
+    srv = CredentialSocket(
+        str(_sock_dir(tmp_path) / "s"), CredentialBox(*FIRST), bucket="bkt", identity=ident
+    )
+    try:
+        assert send_credentials(srv.path, ident, NEW) == "OK changed"
+        assert srv.box.get() == ("AKIDNEW0002", "secret-new-0002", None)
+        other = ("oss://bkt/donnees/u", *ident[1:])
+        assert send_credentials(srv.path, other, NEW).startswith("ERR the request is for another")
     finally:
         srv.close()
 
