@@ -40,6 +40,7 @@ from urllib.parse import urlsplit
 from .transport import (
     AccessDenied,
     BadResponse,
+    Body,
     CredentialsRejected,
     ListPage,
     ObjectInfo,
@@ -50,6 +51,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    rewind,
 )
 
 __all__ = ["S3Transport"]
@@ -589,7 +591,7 @@ class S3Transport:
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -597,7 +599,7 @@ class S3Transport:
     ) -> str:
         kwargs: dict[str, Any] = {
             "Key": key,
-            "Body": bytes(body),
+            "Body": rewind(body),
             "Metadata": dict(metadata),
             "ContentType": content_type,
         }
@@ -698,9 +700,9 @@ class S3Transport:
             raise BadResponse("create_multipart_upload: malformed upload id")
         return uid
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
         r = self._call(
-            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=bytes(body)
+            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=rewind(body)
         )
         return _etag(r.get("ETag"))
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 __all__ = [
     "AccessDenied",
     "BadResponse",
+    "Body",
     "CredentialsRejected",
     "ListPage",
     "ObjectInfo",
@@ -39,10 +42,13 @@ __all__ = [
     "ObjectStream",
     "ObjectTransport",
     "PreconditionFailed",
+    "SpoolRange",
     "TransientError",
     "UploadInfo",
     "UploadLister",
     "UploadPage",
+    "body_md5_hex",
+    "rewind",
 ]
 
 
@@ -89,6 +95,137 @@ class BadResponse(ObjectStoreError):
     """The store answered something malformed or over a bound. Not retried."""
 
     default_errno = errno.EIO
+
+
+#: How much of a :class:`SpoolRange` one ``pread`` brings into memory at most.
+SPOOL_PIECE = 256 << 10
+
+
+class SpoolRange:
+    """A read-only, seekable file view of bytes ``[offset, offset+length)`` of a spool
+    descriptor: an upload body that is never whole in memory.
+
+    Why: the daemon's budget is 64 MiB of RSS (issue 10) and a multipart upload has up
+    to ``parallel`` parts of 8 MiB in flight; as ``bytes`` each part was in memory once
+    here and often again in the HTTP client.  botocore and oss2/requests accept a file
+    body: they take its length from ``len()``, read it in pieces to sign it (SHA-256)
+    and to send it, and ``seek(0)`` before a retry.  Each ``read`` is served by
+    ``os.pread`` in pieces of at most :data:`SPOOL_PIECE` (positional: no shared file
+    offset, so several views of one spool can be read at once from several threads).
+
+    The view does not own ``fd`` (closing it is a no-op).  The caller keeps the range
+    unchanged while the view is in use; a spool found shorter than the range is an
+    ``OSError(EIO)``, never zeros or a short body (which the store would store)."""
+
+    __slots__ = ("_fd", "_len", "_off", "_pos")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError("negative range")
+        self._fd, self._off, self._len, self._pos = fd, offset, length, 0
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"SpoolRange(offset={self._off}, length={self._len})"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}.get(whence)
+        if base is None:
+            raise ValueError("bad whence")
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (the rest when ``size`` is None or negative: only for
+        small ranges), exactly that many unless the range ends first."""
+        left = max(0, self._len - self._pos)
+        want = left if size is None or size < 0 else min(size, left)
+        if want == 0:
+            return b""
+        out = bytearray()
+        while len(out) < want:
+            at = self._off + self._pos + len(out)
+            piece = os.pread(self._fd, min(SPOOL_PIECE, want - len(out)), at)
+            if not piece:
+                raise OSError(errno.EIO, "spool shorter than the upload range")
+            out += piece
+        self._pos += want
+        return bytes(out)
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        memoryview(buf)[: len(data)] = data
+        return len(data)
+
+    def __iter__(self) -> SpoolRange:
+        return self
+
+    def __next__(self) -> bytes:
+        piece = self.read(SPOOL_PIECE)
+        if not piece:
+            raise StopIteration
+        return piece
+
+    def __bytes__(self) -> bytes:
+        """The whole range (for small bodies and test fakes); the position is kept."""
+        pos = self._pos
+        try:
+            self._pos = 0
+            return self.read()
+        finally:
+            self._pos = pos
+
+    def md5_hex(self) -> str:
+        """MD5 of the whole range, read piece by piece; the position is kept."""
+        h = hashlib.md5(usedforsecurity=False)
+        pos = self._pos
+        try:
+            self._pos = 0
+            while piece := self.read(SPOOL_PIECE):
+                h.update(piece)
+        finally:
+            self._pos = pos
+        return h.hexdigest()
+
+    def close(self) -> None:
+        """Nothing to release: the spool descriptor belongs to the caller."""
+
+
+#: What ``put`` and ``upload_part`` send: bytes, or a view of the spool.
+Body = bytes | SpoolRange
+
+
+def body_md5_hex(body: Body) -> str:
+    """MD5 (hex) of an upload body, without holding a :class:`SpoolRange` whole."""
+    if isinstance(body, SpoolRange):
+        return body.md5_hex()
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+
+def rewind(body: Body) -> Body:
+    """``body`` ready to be sent from its first byte, as ``bytes`` or a view: a
+    :class:`SpoolRange` is sought back to 0 (an attempt that failed may have read some
+    of it), any other bytes-like value is made ``bytes`` (the SDKs want exactly that)."""
+    if isinstance(body, SpoolRange):
+        body.seek(0)
+        return body
+    return bytes(body)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,7 +299,7 @@ class ObjectTransport(Protocol):
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -208,8 +345,9 @@ class ObjectTransport(Protocol):
         """Start a multipart upload; returns the upload id."""
         ...
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
-        """Upload part ``part_number`` (1-based); returns its ETag."""
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        """Upload part ``part_number`` (1-based); returns its ETag.  ``body`` may be a
+        :class:`SpoolRange` (sent from its start, read in pieces)."""
         ...
 
     def upload_part_copy(
