@@ -12,12 +12,15 @@ import errno
 import hashlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
 from fuse_crypt.backend.retrying import RetryingTransport
 from fuse_crypt.backend.s3 import S3Transport
-from fuse_crypt.backend.transport import SPOOL_PIECE, SpoolRange, body_md5_hex, rewind
+from fuse_crypt.backend.transport import SPOOL_PIECE, Body, SpoolRange, body_md5_hex, rewind
+from tests.fuse_crypt.fake_transport import FakeTransport
+from tests.fuse_crypt.test_backend_objectstore import FS, _init
 from tests.fuse_crypt.test_retrying import AK, BUCKET, SK, stack
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY, MotoS3, moto_s3
@@ -203,3 +206,56 @@ def test_s3_part_retried_sends_the_spool_bytes(
     got = direct.get_object(Bucket=bucket, Key="sv/mp")["Body"].read()
     assert got == data
     assert direct.get_object(Bucket=bucket, Key="sv/put")["Body"].read() == data[3 : 3 + 3 * MiB]
+
+
+# -- which uploads are views (in-process, over the strict fake) -----------------------------
+
+
+class BodyLog(FakeTransport):
+    """The strict fake, recording each upload body's kind and length."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bodies: list[tuple[str, str, int]] = []
+
+    def put(self, key: str, body: Body, **kw: Any) -> str:
+        self.bodies.append(("put", type(body).__name__, len(body)))
+        return super().put(key, body, **kw)
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        self.bodies.append(("part", type(body).__name__, len(body)))
+        return super().upload_part(key, upload_id, part_number, body)
+
+
+def _big(log: BodyLog, op: str) -> list[str]:
+    return [kind for o, kind, n in log.bodies if o == op and n >= MiB]
+
+
+def test_single_put_and_fsync_time_parts_are_views() -> None:
+    """Not only the streamed parts: a single PUT of a sequentially written file and the
+    parts an overwrite uploads at fsync (no stream: it does not start at offset 0) go
+    as views; ranges mixing the spool with the published object stay composed bytes.
+    Read back through a fresh backend (MAC-checked), byte for byte."""
+    t = BodyLog()
+    _init(t)
+    fs = FS(t, part_size=5 * MiB, multipart_threshold=6 * MiB)
+    small = os.urandom(3 * MiB)
+    fs.write("/small", small)
+    assert _big(t, "put") == ["SpoolRange"], t.bodies
+    data = bytearray(os.urandom(20 * MiB))
+    fs.write("/f", bytes(data))
+    t.bodies.clear()
+    fh = fs.ops.open("/f", os.O_WRONLY)
+    new = os.urandom(12 * MiB)
+    for off in range(0, len(new), MiB):  # plaintext [4, 16) MiB: parts 2 and 3 whole
+        fs.ops.write("/f", new[off : off + MiB], 4 * MiB + off, fh)
+    fs.ops.fsync("/f", 0, fh)
+    fs.ops.release("/f", fh)
+    data[4 * MiB : 16 * MiB] = new
+    parts = _big(t, "part")
+    assert parts.count("SpoolRange") >= 2 and "bytes" in parts, t.bodies
+    fs.close()
+    fresh = FS(t)
+    assert fresh.read("/f") == bytes(data)
+    assert fresh.read("/small") == small
+    fresh.close()
