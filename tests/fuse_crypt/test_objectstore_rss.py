@@ -6,8 +6,9 @@ Two figures: VmRSS right after the read (what the benchmark reports as "daemon R
 after the reads"; must be <= 64 MiB) and VmHWM, the worst moment (cache full, GETs in
 flight, bodies being copied), which cannot be missed by sampling at the wrong time; both
 are held to the target.  The
-file is written by one daemon and read by a fresh one, so only the read path counts
-(the write path's multipart buffers are a separate figure in the docs).
+file is written by one daemon and read by a fresh one, so only the read path counts.
+The write path has its own test: the peak RSS of the daemon that writes >= 128 MiB
+sequentially and fsyncs (part bodies are views of the spool, never whole in memory).
 """
 
 from __future__ import annotations
