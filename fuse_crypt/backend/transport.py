@@ -97,7 +97,7 @@ class BadResponse(ObjectStoreError):
     default_errno = errno.EIO
 
 
-#: How much of a :class:`SpoolRange` one ``pread`` brings into memory at most.
+#: The piece a :class:`SpoolRange` yields when iterated.
 SPOOL_PIECE = 256 << 10
 
 
@@ -108,10 +108,11 @@ class SpoolRange:
     Why: the daemon's budget is 64 MiB of RSS (issue 10) and a multipart upload has up
     to ``parallel`` parts of 8 MiB in flight; as ``bytes`` each part was in memory once
     here and often again in the HTTP client.  botocore and oss2/requests accept a file
-    body: they take its length from ``len()``, read it in pieces to sign it (SHA-256)
-    and to send it, and ``seek(0)`` before a retry.  Each ``read`` is served by
-    ``os.pread`` in pieces of at most :data:`SPOOL_PIECE` (positional: no shared file
-    offset, so several views of one spool can be read at once from several threads).
+    body: they take its length from ``len()``, read it in pieces to sign it (SHA-256,
+    1 MiB reads) and to send it (16 KiB blocks), and ``seek(0)`` before a retry.  Each
+    ``read(n)`` is one ``os.pread`` of ``n`` bytes into the returned object (positional:
+    no shared file offset, so several views of one spool can be read at once from
+    several threads); iteration yields pieces of :data:`SPOOL_PIECE`.
 
     The view does not own ``fd`` (closing it is a no-op).  The caller keeps the range
     unchanged while the view is in use; a spool found shorter than the range is an
@@ -158,15 +159,21 @@ class SpoolRange:
         want = left if size is None or size < 0 else min(size, left)
         if want == 0:
             return b""
-        out = bytearray()
-        while len(out) < want:
-            at = self._off + self._pos + len(out)
-            piece = os.pread(self._fd, min(SPOOL_PIECE, want - len(out)), at)
-            if not piece:
-                raise OSError(errno.EIO, "spool shorter than the upload range")
-            out += piece
+        # One pread into the bytes returned (no second buffer to join or copy: a
+        # client's read(n) costs n bytes, not 2n); a short read (the spool's end) loops.
+        out = os.pread(self._fd, want, self._off + self._pos)
+        if len(out) < want:
+            pieces = [out]
+            got = len(out)
+            while got < want:
+                piece = os.pread(self._fd, want - got, self._off + self._pos + got)
+                if not piece:
+                    raise OSError(errno.EIO, "spool shorter than the upload range")
+                pieces.append(piece)
+                got += len(piece)
+            out = b"".join(pieces)
         self._pos += want
-        return bytes(out)
+        return out
 
     def readinto(self, buf: bytearray | memoryview) -> int:
         data = self.read(len(buf))
