@@ -38,6 +38,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .transport import (
+    SPOOL_PIECE,
     AccessDenied,
     BadResponse,
     Body,
@@ -47,11 +48,11 @@ from .transport import (
     ObjectNotFound,
     ObjectStoreError,
     PreconditionFailed,
+    SpoolRange,
     TransientError,
     UploadInfo,
     UploadLister,
     UploadPage,
-    rewind,
 )
 
 __all__ = ["S3Transport"]
@@ -93,6 +94,15 @@ class _RangeNotSatisfiable(ObjectStoreError):
 def _code(err: Mapping[str, Any]) -> str:
     code = err.get("Code")
     return code if isinstance(code, str) and _CODE_RE.fullmatch(code) else "?"
+
+
+def _body(body: Body) -> Any:
+    """What botocore is given to send: bytes, or a spool view from its start whose reads
+    are short (<= SPOOL_PIECE): botocore hashes the payload in 1 MiB reads, with up
+    to ``parallel`` parts in flight that was a few MiB of the daemon's 64 MiB budget."""
+    if isinstance(body, SpoolRange):
+        return body.capped(SPOOL_PIECE)
+    return bytes(body)
 
 
 def _etag(value: object) -> str:
@@ -599,7 +609,7 @@ class S3Transport:
     ) -> str:
         kwargs: dict[str, Any] = {
             "Key": key,
-            "Body": rewind(body),
+            "Body": _body(body),
             "Metadata": dict(metadata),
             "ContentType": content_type,
         }
@@ -702,7 +712,7 @@ class S3Transport:
 
     def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
         r = self._call(
-            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=rewind(body)
+            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=_body(body)
         )
         return _etag(r.get("ETag"))
 

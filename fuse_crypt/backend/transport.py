@@ -118,12 +118,20 @@ class SpoolRange:
     unchanged while the view is in use; a spool found shorter than the range is an
     ``OSError(EIO)``, never zeros or a short body (which the store would store)."""
 
-    __slots__ = ("_fd", "_len", "_off", "_pos")
+    __slots__ = ("_cap", "_fd", "_len", "_off", "_pos")
 
-    def __init__(self, fd: int, offset: int, length: int) -> None:
-        if offset < 0 or length < 0:
+    def __init__(self, fd: int, offset: int, length: int, max_read: int | None = None) -> None:
+        if offset < 0 or length < 0 or (max_read is not None and max_read < 1):
             raise ValueError("negative range")
         self._fd, self._off, self._len, self._pos = fd, offset, length, 0
+        self._cap = max_read
+
+    def capped(self, max_read: int) -> SpoolRange:
+        """A new view of the same range, from its start, whose reads return at most
+        ``max_read`` bytes (short reads, as a raw file's).  For clients that loop until
+        EOF anyway (botocore hashes in 1 MiB reads); not for oss2, whose CRC adapter
+        counts the bytes it asked for, not those it got."""
+        return SpoolRange(self._fd, self._off, self._len, max_read)
 
     def __len__(self) -> int:
         return self._len
@@ -157,6 +165,8 @@ class SpoolRange:
         small ranges), exactly that many unless the range ends first."""
         left = max(0, self._len - self._pos)
         want = left if size is None or size < 0 else min(size, left)
+        if self._cap is not None:
+            want = min(want, self._cap)
         if want == 0:
             return b""
         # One pread into the bytes returned (no second buffer to join or copy: a
@@ -194,7 +204,7 @@ class SpoolRange:
         pos = self._pos
         try:
             self._pos = 0
-            return self.read()
+            return b"".join(iter(lambda: self.read(SPOOL_PIECE), b""))
         finally:
             self._pos = pos
 

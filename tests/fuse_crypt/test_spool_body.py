@@ -69,6 +69,9 @@ def test_view_reads_seeks_and_never_leaves_its_range(spool: tuple[int, bytes]) -
     with pytest.raises(ValueError):
         SpoolRange(fd, -1, 5)
     assert rewind(bytearray(b"xy")) == b"xy" and type(rewind(bytearray(b"xy"))) is bytes
+    c = v.capped(1000)  # short reads, from the range's start, for botocore
+    assert c.tell() == 0 and len(c) == n and c.read(MiB) == data[a : a + 1000]
+    assert bytes(c) == data[a : a + n] and c.md5_hex() == v.md5_hex()
 
 
 def test_view_of_a_spool_cut_short_is_eio_never_zeros(spool: tuple[int, bytes]) -> None:
