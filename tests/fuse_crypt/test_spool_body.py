@@ -11,6 +11,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,9 +19,17 @@ import pytest
 
 from fuse_crypt.backend.retrying import RetryingTransport
 from fuse_crypt.backend.s3 import S3Transport
-from fuse_crypt.backend.transport import SPOOL_PIECE, Body, SpoolRange, body_md5_hex, rewind
+from fuse_crypt.backend.transport import (
+    SPOOL_PIECE,
+    Body,
+    SpoolRange,
+    TransientError,
+    body_md5_hex,
+    rewind,
+)
 from tests.fuse_crypt.fake_transport import FakeTransport
 from tests.fuse_crypt.test_backend_objectstore import FS, _init
+from tests.fuse_crypt.test_objectstore_upload_stream import PartLog, _wait
 from tests.fuse_crypt.test_retrying import AK, BUCKET, SK, stack
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY, MotoS3, moto_s3
@@ -267,3 +276,44 @@ def test_single_put_and_fsync_time_parts_are_views() -> None:
     assert fresh.read("/f") == bytes(data)
     assert fresh.read("/small") == small
     fresh.close()
+
+
+class RefusesPart1(PartLog):
+    """Part 1 is held on the wire (``gate[1]``), then refused, as S3 refuses a body whose
+    bytes changed between signing and sending (XAmzContentSHA256Mismatch)."""
+
+    refused = False
+
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        ev = self.gate.get(part_number)
+        if part_number == 1 and ev is not None and not self.refused:
+            self.refused = True
+            assert ev.wait(20), "gate never opened"
+            raise TransientError("upload_part: HTTP 400 XAmzContentSHA256Mismatch")
+        return super().upload_part(key, upload_id, part_number, body)
+
+
+def test_part_rewritten_while_sent_and_refused_is_only_stale() -> None:
+    """The view is read while it is sent, so a writer changing the part meanwhile can
+    make the store refuse it: that part is re-sent at fsync, the stream is kept (no
+    second CreateMultipartUpload, no whole upload), and the object is what was written."""
+    t = RefusesPart1()
+    _init(t)
+    fs = FS(t, part_size=5 * MiB, multipart_threshold=6 * MiB)
+    t.gate[1] = threading.Event()
+    data = bytearray(os.urandom(20 * MiB))
+    fh = fs.ops.create("/f", 0o644)
+    for off in range(0, len(data), MiB):
+        fs.ops.write("/f", bytes(data[off : off + MiB]), off, fh)
+    _wait(lambda: t.counts["upload_part"] >= 1, "parts on the wire")
+    fs.ops.write("/f", b"LATE", 4096, fh)  # into part 1, held on the wire
+    data[4096:4100] = b"LATE"
+    t.gate[1].set()
+    fs.ops.fsync("/f", 0, fh)
+    fs.ops.release("/f", fh)
+    # one PUT: the empty object of the create; one CreateMultipartUpload: the stream
+    assert t.counts["create_multipart"] == 1 and t.counts["put"] == 1, t.counts
+    assert t.parts.count(1) == 1, t.parts  # the refused one never reached the store
+    assert FS(t).read("/f") == bytes(data)
+    assert not t.uploads
+    fs.close()
