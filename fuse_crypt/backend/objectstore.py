@@ -68,12 +68,14 @@ from .base import (
 )
 from .transport import (
     BadResponse,
+    Body,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
     ObjectStream,
     ObjectTransport,
     PreconditionFailed,
+    SpoolRange,
 )
 
 __all__ = ["DIR_CONTENT_TYPE", "INTENT_PREFIX", "ObjectStoreBackend"]
@@ -92,6 +94,8 @@ _COPY_MAX = 5 << 30
 _COPY_PART = 512 << 20
 _MIN_PART = 5 << 20
 _MAX_PARTS = 10000
+#: Upload bodies at least this long are sent as a view of the spool, not as bytes.
+_VIEW_MIN = 1 << 20
 #: Read-ahead / cache granule: 256 cipher blocks (~1 MiB, one 1 MiB FUSE read when the
 #: reader is aligned), aligned to block boundaries.  Why this small: a sequential
 #: reader is served by one streaming GET (:meth:`ObjectStoreBackend._stream_read`), so
@@ -217,20 +221,6 @@ def _mode_of(meta: Mapping[str, str], content_type: str, key_is_dir: bool) -> in
 
 
 _TIME_KEYS = ("atime", "mtime", "ctime")
-
-
-def _pread_full(fd: int, size: int, offset: int) -> bytes | None:
-    """Exactly ``size`` bytes at ``offset``, or None if the file is shorter."""
-    data = os.pread(fd, size, offset)  # one read from a memfd or a regular file
-    if len(data) == size:
-        return data
-    out = bytearray(data)
-    while len(out) < size:
-        chunk = os.pread(fd, size - len(out), offset + len(out))
-        if not chunk:
-            return None
-        out += chunk
-    return bytes(out)
 
 
 def _ino(key: str) -> int:
@@ -1718,6 +1708,21 @@ class ObjectStoreBackend(StorageBackend):
             raise OSError(errno.EIO, "object shorter than expected")
         return data
 
+    def _body(self, st: _State, s: int, e: int) -> Body:
+        """The upload body of file bytes ``[s, e)`` (caller holds ``st.lock``, so the
+        spool stays as it is until the upload returns): a :class:`SpoolRange` view when
+        the range was written whole into the spool (a sequential write: the part is
+        then never whole in memory, issue 10's 64 MiB budget), else the composed bytes
+        (spool, published object and holes), as are ranges under a piece."""
+        if (
+            e - s >= _VIEW_MIN
+            and st.spool is not None
+            and next(st.written.pieces(s, e)) == (s, e, True)
+            and os.fstat(st.spool).st_size >= e
+        ):
+            return SpoolRange(st.spool, s, e - s)
+        return self._compose(st, s, e)
+
     def _upload(self, st: _State) -> None:
         """Publish the file whole (caller holds ``st.lock``)."""
         if not st.dirty or st.unlinked:
@@ -1727,7 +1732,7 @@ class ObjectStoreBackend(StorageBackend):
         size = st.size
         if size <= self.multipart_threshold or st.base_etag is None and size <= self.part_size:
             self._early_drop(st)
-            body = self._compose(st, 0, size)
+            body = self._body(st, 0, size)
             etag = self.t.put(st.key, body, metadata=meta, content_type=st.ctype)
         else:
             done = self._finish_early(st, size, meta) if st.early is not None else None
@@ -1773,7 +1778,7 @@ class ObjectStoreBackend(StorageBackend):
             try:
                 if copy:
                     return self.t.upload_part_copy(st.key, upload, n, st.key, a, b - a)
-                return self.t.upload_part(st.key, upload, n, self._compose(st, a, b))
+                return self.t.upload_part(st.key, upload, n, self._body(st, a, b))
             finally:
                 sem.release()
 
@@ -1863,6 +1868,7 @@ class ObjectStoreBackend(StorageBackend):
         """Worker: CreateMultipartUpload (``n == 0``) or part ``n``.  Any failure marks
         the upload failed (finalisation then falls back to a whole upload); the last
         worker of an abandoned upload aborts it."""
+        version = 0
         try:
             if n == 0:
                 uid = self.t.create_multipart(
@@ -1877,17 +1883,24 @@ class ObjectStoreBackend(StorageBackend):
                     version = early.version.get(n, 0)
                     upload_id = early.upload_id
                 assert upload_id is not None
-                data = _pread_full(early.fd, early.psize, (n - 1) * early.psize)
-                if data is None:
+                start = (n - 1) * early.psize
+                if os.fstat(early.fd).st_size < start + early.psize:
                     return  # cut by a truncate meanwhile, which dropped this upload
-                etag = self.t.upload_part(early.key, upload_id, n, data)
-                del data
+                # A view of the spool, read in small pieces as the client signs and
+                # sends it: the part is never whole in memory (the 64 MiB budget).
+                body = SpoolRange(early.fd, start, early.psize)
+                etag = self.t.upload_part(early.key, upload_id, n, body)
                 with early.lock:
                     if early.version.get(n, 0) == version:
                         early.etags[n] = etag
         except Exception as exc:  # noqa: BLE001 - a background worker records, never vanishes
             with early.lock:
-                early.failed = True
+                # A part rewritten while it was being sent (the store may then refuse
+                # it: its bytes changed between signing and sending) is only stale:
+                # finalisation sends it again.  Anything else spoils the upload.
+                stale = n > 0 and (early.stop or early.version.get(n, 0) != version)
+                if not stale:
+                    early.failed = True
             log.warning(
                 "event=stream_part_failed key=%s part=%d error=%s errno=%s",
                 early.key,

@@ -52,6 +52,7 @@ import urllib3.exceptions
 from .transport import (
     AccessDenied,
     BadResponse,
+    Body,
     CredentialsRejected,
     ListPage,
     ObjectInfo,
@@ -63,6 +64,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    rewind,
 )
 
 __all__ = ["OssCredentials", "OssTransport"]
@@ -621,7 +623,7 @@ class OssTransport:
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -631,7 +633,7 @@ class OssTransport:
         headers = {"Content-Type": content_type, **_meta_out(metadata)}
         if if_none_match:
             headers["x-oss-forbid-overwrite"] = "true"
-        r = self._call("PUT", lambda: self._bucket.put_object(key, bytes(body), headers=headers))
+        r = self._call("PUT", lambda: self._bucket.put_object(key, rewind(body), headers=headers))
         return _clean_etag(r.etag)
 
     def copy(
@@ -755,12 +757,12 @@ class OssTransport:
             raise BadResponse("OSS INIT-MULTIPART: malformed upload id")
         return upload_id
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
         _check_key(key)
         _check_part(part_number)
         r = self._call(
             "UPLOAD-PART",
-            lambda: self._bucket.upload_part(key, upload_id, part_number, bytes(body)),
+            lambda: self._bucket.upload_part(key, upload_id, part_number, rewind(body)),
         )
         return _clean_etag(r.etag)
 

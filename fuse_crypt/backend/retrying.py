@@ -44,6 +44,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from .transport import (
+    Body,
     CredentialsRejected,
     ListPage,
     ObjectInfo,
@@ -55,6 +56,8 @@ from .transport import (
     TransientError,
     UploadLister,
     UploadPage,
+    body_md5_hex,
+    rewind,
 )
 
 if TYPE_CHECKING:
@@ -221,9 +224,12 @@ class RetryingTransport:
             lambda: self.inner.create_multipart(key, metadata=metadata, content_type=content_type),
         )
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        # Every attempt sends the body from its first byte (a SpoolRange the failed
+        # attempt read part of is sought back; bytes are unchanged).
         return self._run(
-            "upload_part", lambda: self.inner.upload_part(key, upload_id, part_number, body)
+            "upload_part",
+            lambda: self.inner.upload_part(key, upload_id, part_number, rewind(body)),
         )
 
     def upload_part_copy(
@@ -266,7 +272,7 @@ class RetryingTransport:
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -278,7 +284,7 @@ class RetryingTransport:
                 "put",
                 lambda: self.inner.put(
                     key,
-                    body,
+                    rewind(body),
                     metadata=metadata,
                     content_type=content_type,
                     if_none_match=if_none_match,
@@ -292,7 +298,7 @@ class RetryingTransport:
             want = {k.lower(): v for k, v in metadata.items()}
             if (
                 info is None
-                or info.etag.strip('"').lower() != _md5_hex(bytes(body))
+                or info.etag.strip('"').lower() != body_md5_hex(body)
                 or dict(info.metadata) != want
             ):
                 raise

@@ -38,14 +38,17 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from .transport import (
+    SPOOL_PIECE,
     AccessDenied,
     BadResponse,
+    Body,
     CredentialsRejected,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
     ObjectStoreError,
     PreconditionFailed,
+    SpoolRange,
     TransientError,
     UploadInfo,
     UploadLister,
@@ -91,6 +94,15 @@ class _RangeNotSatisfiable(ObjectStoreError):
 def _code(err: Mapping[str, Any]) -> str:
     code = err.get("Code")
     return code if isinstance(code, str) and _CODE_RE.fullmatch(code) else "?"
+
+
+def _body(body: Body) -> Any:
+    """What botocore is given to send: bytes, or a spool view from its start whose reads
+    are short (<= SPOOL_PIECE): botocore hashes the payload in 1 MiB reads, with up
+    to ``parallel`` parts in flight that was a few MiB of the daemon's 64 MiB budget."""
+    if isinstance(body, SpoolRange):
+        return body.capped(SPOOL_PIECE)
+    return bytes(body)
 
 
 def _etag(value: object) -> str:
@@ -589,7 +601,7 @@ class S3Transport:
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -597,7 +609,7 @@ class S3Transport:
     ) -> str:
         kwargs: dict[str, Any] = {
             "Key": key,
-            "Body": bytes(body),
+            "Body": _body(body),
             "Metadata": dict(metadata),
             "ContentType": content_type,
         }
@@ -698,9 +710,9 @@ class S3Transport:
             raise BadResponse("create_multipart_upload: malformed upload id")
         return uid
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
         r = self._call(
-            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=bytes(body)
+            "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=_body(body)
         )
         return _etag(r.get("ETag"))
 

@@ -25,12 +25,15 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import hashlib
+import os
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 __all__ = [
     "AccessDenied",
     "BadResponse",
+    "Body",
     "CredentialsRejected",
     "ListPage",
     "ObjectInfo",
@@ -39,10 +42,13 @@ __all__ = [
     "ObjectStream",
     "ObjectTransport",
     "PreconditionFailed",
+    "SpoolRange",
     "TransientError",
     "UploadInfo",
     "UploadLister",
     "UploadPage",
+    "body_md5_hex",
+    "rewind",
 ]
 
 
@@ -89,6 +95,154 @@ class BadResponse(ObjectStoreError):
     """The store answered something malformed or over a bound. Not retried."""
 
     default_errno = errno.EIO
+
+
+#: The piece a :class:`SpoolRange` yields when iterated.
+SPOOL_PIECE = 256 << 10
+
+
+class SpoolRange:
+    """A read-only, seekable file view of bytes ``[offset, offset+length)`` of a spool
+    descriptor: an upload body that is never whole in memory.
+
+    Why: the daemon's budget is 64 MiB of RSS (issue 10) and a multipart upload has up
+    to ``parallel`` parts of 8 MiB in flight; as ``bytes`` each part was in memory once
+    here and often again in the HTTP client.  botocore and oss2/requests accept a file
+    body: they take its length from ``len()``, read it in pieces to sign it (SHA-256,
+    1 MiB reads) and to send it (16 KiB blocks), and ``seek(0)`` before a retry.  Each
+    ``read(n)`` is one ``os.pread`` of ``n`` bytes into the returned object (positional:
+    no shared file offset, so several views of one spool can be read at once from
+    several threads); iteration yields pieces of :data:`SPOOL_PIECE`.
+
+    The view does not own ``fd`` (closing it is a no-op).  The caller keeps the range
+    unchanged while the view is in use; a spool found shorter than the range is an
+    ``OSError(EIO)``, never zeros or a short body (which the store would store)."""
+
+    __slots__ = ("_cap", "_fd", "_len", "_off", "_pos")
+
+    def __init__(self, fd: int, offset: int, length: int, max_read: int | None = None) -> None:
+        if offset < 0 or length < 0 or (max_read is not None and max_read < 1):
+            raise ValueError("negative range")
+        self._fd, self._off, self._len, self._pos = fd, offset, length, 0
+        self._cap = max_read
+
+    def capped(self, max_read: int) -> SpoolRange:
+        """A new view of the same range, from its start, whose reads return at most
+        ``max_read`` bytes (short reads, as a raw file's).  For clients that loop until
+        EOF anyway (botocore hashes in 1 MiB reads); not for oss2, whose CRC adapter
+        counts the bytes it asked for, not those it got."""
+        return SpoolRange(self._fd, self._off, self._len, max_read)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __repr__(self) -> str:
+        return f"SpoolRange(offset={self._off}, length={self._len})"
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return False
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, pos: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._pos, os.SEEK_END: self._len}.get(whence)
+        if base is None:
+            raise ValueError("bad whence")
+        if base + pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = base + pos
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        """Up to ``size`` bytes (the rest when ``size`` is None or negative: only for
+        small ranges), exactly that many unless the range ends first."""
+        left = max(0, self._len - self._pos)
+        want = left if size is None or size < 0 else min(size, left)
+        if self._cap is not None:
+            want = min(want, self._cap)
+        if want == 0:
+            return b""
+        # One pread into the bytes returned (no second buffer to join or copy: a
+        # client's read(n) costs n bytes, not 2n); a short read (the spool's end) loops.
+        out = os.pread(self._fd, want, self._off + self._pos)
+        if len(out) < want:
+            pieces = [out]
+            got = len(out)
+            while got < want:
+                piece = os.pread(self._fd, want - got, self._off + self._pos + got)
+                if not piece:
+                    raise OSError(errno.EIO, "spool shorter than the upload range")
+                pieces.append(piece)
+                got += len(piece)
+            out = b"".join(pieces)
+        self._pos += want
+        return out
+
+    def readinto(self, buf: bytearray | memoryview) -> int:
+        data = self.read(len(buf))
+        memoryview(buf)[: len(data)] = data
+        return len(data)
+
+    def __iter__(self) -> SpoolRange:
+        return self
+
+    def __next__(self) -> bytes:
+        piece = self.read(SPOOL_PIECE)
+        if not piece:
+            raise StopIteration
+        return piece
+
+    def __bytes__(self) -> bytes:
+        """The whole range (for small bodies and test fakes); the position is kept."""
+        pos = self._pos
+        try:
+            self._pos = 0
+            return b"".join(iter(lambda: self.read(SPOOL_PIECE), b""))
+        finally:
+            self._pos = pos
+
+    def md5_hex(self) -> str:
+        """MD5 of the whole range, read piece by piece; the position is kept."""
+        h = hashlib.md5(usedforsecurity=False)
+        pos = self._pos
+        try:
+            self._pos = 0
+            while piece := self.read(SPOOL_PIECE):
+                h.update(piece)
+        finally:
+            self._pos = pos
+        return h.hexdigest()
+
+    def close(self) -> None:
+        """Nothing to release: the spool descriptor belongs to the caller."""
+
+
+#: What ``put`` and ``upload_part`` send: bytes, or a view of the spool.
+Body = bytes | SpoolRange
+
+
+def body_md5_hex(body: Body) -> str:
+    """MD5 (hex) of an upload body, without holding a :class:`SpoolRange` whole."""
+    if isinstance(body, SpoolRange):
+        return body.md5_hex()
+    return hashlib.md5(body, usedforsecurity=False).hexdigest()
+
+
+def rewind(body: Body) -> Body:
+    """``body`` ready to be sent from its first byte, as ``bytes`` or a view: a
+    :class:`SpoolRange` is sought back to 0 (an attempt that failed may have read some
+    of it), any other bytes-like value is made ``bytes`` (the SDKs want exactly that)."""
+    if isinstance(body, SpoolRange):
+        body.seek(0)
+        return body
+    return bytes(body)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,7 +316,7 @@ class ObjectTransport(Protocol):
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
@@ -208,8 +362,9 @@ class ObjectTransport(Protocol):
         """Start a multipart upload; returns the upload id."""
         ...
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
-        """Upload part ``part_number`` (1-based); returns its ETag."""
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        """Upload part ``part_number`` (1-based); returns its ETag.  ``body`` may be a
+        :class:`SpoolRange` (sent from its start, read in pieces)."""
         ...
 
     def upload_part_copy(

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from fuse_crypt.backend.transport import (
     BadResponse,
+    Body,
     ListPage,
     ObjectInfo,
     ObjectNotFound,
@@ -172,12 +173,13 @@ class FakeTransport:
     def put(
         self,
         key: str,
-        body: bytes,
+        body: Body,
         *,
         metadata: Mapping[str, str],
         content_type: str = "application/octet-stream",
         if_none_match: bool = False,
     ) -> str:
+        body = bytes(body)  # a SpoolRange is read whole, as a client sends it
         self._req("put", key, len(body))
         if len(body) > MAX_OBJECT:
             raise BadResponse("put: too large")
@@ -271,7 +273,8 @@ class FakeTransport:
             raise ObjectNotFound("NoSuchUpload")
         return up[1]
 
-    def upload_part(self, key: str, upload_id: str, part_number: int, body: bytes) -> str:
+    def upload_part(self, key: str, upload_id: str, part_number: int, body: Body) -> str:
+        body = bytes(body)  # a SpoolRange is read whole, as a client sends it
         self._req("upload_part", key, len(body))
         with self._lock:
             parts = self._upload(key, upload_id)

@@ -114,6 +114,14 @@ def _read_chunked(f: Any) -> bytes:
         out.append(f.read(size + 2))
 
 
+def _expects_continue(head: bytes) -> bool:
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"expect" and value.strip().lower() == b"100-continue":
+            return True
+    return False
+
+
 def _content_length(head: bytes) -> int:
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
@@ -131,6 +139,11 @@ class _Handler(socketserver.StreamRequestHandler):
             head = _read_head(self.rfile)
             if head is None:
                 return
+            if _expects_continue(head):
+                # botocore sends every file-like PUT body (parts, put_object) after
+                # "Expect: 100-continue"; answer it here so the body comes at once.
+                self.wfile.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                self.wfile.flush()
             if _is_chunked(head):  # oss2 sends an empty PUT body chunked
                 body = _read_chunked(self.rfile)
             else:
@@ -200,6 +213,9 @@ class _Handler(socketserver.StreamRequestHandler):
             f = s.makefile("rb")
             resp_head = _read_head(f) or b""
             status = int((resp_head.split(b" ", 2) + [b"0"])[1] or 0)
+            while 100 <= status < 200:  # an interim answer (100 Continue): not the answer
+                resp_head = _read_head(f) or b""
+                status = int((resp_head.split(b" ", 2) + [b"0"])[1] or 0)
             n = 0 if method == b"HEAD" or status in (204, 304) else _content_length(resp_head)
             return resp_head, f.read(n)
 
