@@ -47,6 +47,8 @@ from fuse_crypt.cryptocore import CryptoCore
 from tests.fuse_crypt.cli_helpers import PASSWORD as CLI_PASSWORD
 from tests.fuse_crypt.cli_helpers import init_volume, stop_and_unmount, write_passfile
 from tests.fuse_env import fuse_skip_reason
+from tests.peers.fault_proxy import FaultProxy
+from tests.peers.oss_server import OssServer
 
 PASSWORD = CLI_PASSWORD.encode()
 MOUNT_TIMEOUT = 20.0
@@ -273,3 +275,22 @@ def mountpoint(tmp_path: Path) -> Iterator[Path]:
     m.mkdir()
     yield m
     stop_and_unmount(m)
+
+
+#: The OSS peer of the over-the-wire backend tests (one per module, behind a fault proxy per
+#: test): oss2's real signatures checked, faults injected on the wire.
+OSS_AK, OSS_SK, OSS_BUCKET = "LTAI-retry", "retry-secret", "retry-bucket"
+
+
+@pytest.fixture(scope="module")
+def oss_peer() -> Iterator[OssServer]:
+    with OssServer() as server:
+        server.add_credentials(OSS_AK, OSS_SK)
+        server.create_bucket(OSS_BUCKET)
+        yield server
+
+
+@pytest.fixture
+def oss_proxy(oss_peer: OssServer) -> Iterator[FaultProxy]:
+    with FaultProxy(("127.0.0.1", oss_peer.port)) as p:
+        yield p

@@ -23,10 +23,9 @@ from fuse_crypt.contentenc import CIPHER_BS, HEADER_LEN
 from fuse_crypt.nametransform import DIRIV_NAME, NameTransform
 from tests.fuse_crypt.fake_transport import FakeTransport
 from tests.fuse_crypt.test_backend_objectstore import FS, PRE, MiB, _init
-from tests.fuse_crypt.test_retrying import AK, BUCKET, SK, stack
+from tests.fuse_crypt.test_retrying import stack
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.moto_s3 import MotoS3, moto_s3
-from tests.peers.oss_server import OssServer
 
 
 @pytest.fixture
@@ -195,42 +194,28 @@ def test_tampered_object_read_by_stream_is_eio(t: FakeTransport, where: int) -> 
 # -- over the wire: the OSS peer behind the fault proxy ---------------------------------------
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[OssServer]:
-    with OssServer() as server:
-        server.add_credentials(AK, SK)
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture
-def proxy(peer: OssServer) -> Iterator[FaultProxy]:
-    with FaultProxy(("127.0.0.1", peer.port)) as p:
-        yield p
-
-
 def _gets(log: list[tuple[str, str, str]]) -> list[str]:
     return [kind for method, _, kind in log if method == "GET"]
 
 
 @pytest.mark.parametrize("cut", [None, 0, 3 * MiB + 17, 7 * MiB + 5])  # 7 MiB: mid-pipeline
-def test_stream_over_the_wire_and_cut_mid_body(proxy: FaultProxy, cut: int | None) -> None:
-    t = stack(proxy)
+def test_stream_over_the_wire_and_cut_mid_body(oss_proxy: FaultProxy, cut: int | None) -> None:
+    t = stack(oss_proxy)
     t.put(PRE + DIRIV_NAME, NameTransform.new_dir_iv(), metadata={"mode": "33060"})
     data = os.urandom(10 * MiB)
     FS(t).write("/f", data)  # type: ignore[arg-type]
-    cold = FS(stack(proxy))  # type: ignore[arg-type]
+    cold = FS(stack(oss_proxy))  # type: ignore[arg-type]
     fh = cold.ops.open("/f", os.O_RDONLY)
-    n = len(proxy.log)
+    n = len(oss_proxy.log)
     if cut is not None:
-        proxy.queue(Fault.cut(after=cut))  # the stream's GET is the next request
+        oss_proxy.queue(Fault.cut(after=cut))  # the stream's GET is the next request
     out = b""
     while len(out) < len(data):
         piece = cold.ops.read(None, MiB, len(out), fh)
         assert piece
         out += piece
     assert out == data
-    gets = _gets(proxy.log[n:])
+    gets = _gets(oss_proxy.log[n:])
     if cut is None:
         assert gets == ["forward"], gets  # one GET for the whole file
     else:

@@ -36,7 +36,7 @@ from tests.fuse_crypt.objectstore_helpers import (
     new_s3vol,
 )
 from tests.fuse_crypt.test_backend_objectstore import FS, PRE, MiB, _init
-from tests.fuse_crypt.test_retrying import BUCKET, stack
+from tests.fuse_crypt.test_retrying import stack
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.moto_s3 import MotoS3, moto_s3
 from tests.peers.oss_server import OssServer
@@ -278,40 +278,24 @@ def test_chmod_during_the_stream_is_honoured(t: PartLog) -> None:
 # -- over the wire: the OSS peer behind the fault proxy ---------------------------------
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[OssServer]:
-    from tests.fuse_crypt.test_retrying import AK, SK
-
-    with OssServer() as server:
-        server.add_credentials(AK, SK)
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture
-def proxy(peer: OssServer) -> Iterator[FaultProxy]:
-    with FaultProxy(("127.0.0.1", peer.port)) as p:
-        yield p
-
-
 @pytest.mark.parametrize(
     "fault,n",
     [(Fault.error(503, "SlowDown"), 3), (Fault.cut(after=0), 3), (Fault.reset(), 12)],
     ids=["5xx-burst", "cut", "reset-past-retries"],
 )
 def test_faults_during_a_streamed_part(
-    peer: OssServer, proxy: FaultProxy, fault: Fault, n: int
+    oss_peer: OssServer, oss_proxy: FaultProxy, fault: Fault, n: int
 ) -> None:
-    t = stack(proxy, attempts=3)
+    t = stack(oss_proxy, attempts=3)
     t.put(PRE + DIRIV_NAME, NameTransform.new_dir_iv(), metadata={"mode": "33060"})
     fs = FS(t, **SIZES)  # type: ignore[arg-type]
     data = os.urandom(20 * MiB)
     fh = fs.ops.create("/f", 0o644)
     _write_seq(fs, "/f", data[: 6 * MiB], fh)  # below the threshold: nothing sent yet
-    sent = len(proxy.log)
-    proxy.queue(None, *[fault] * n)  # CreateMultipartUpload passes, then the parts
+    sent = len(oss_proxy.log)
+    oss_proxy.queue(None, *[fault] * n)  # CreateMultipartUpload passes, then the parts
     _write_seq(fs, "/f", data[6 * MiB :], fh, start=6 * MiB)
-    _wait(lambda: any(k != "forward" for _, _, k in proxy.log[sent:]), "faults hit")
+    _wait(lambda: any(k != "forward" for _, _, k in oss_proxy.log[sent:]), "faults hit")
     for attempt in range(5):
         try:
             fs.ops.fsync("/f", 0, fh)
@@ -319,9 +303,9 @@ def test_faults_during_a_streamed_part(
         except OSError as e:
             assert e.errno == errno.EIO and attempt < 4
     fs.ops.release("/f", fh)
-    assert FS(stack(proxy)).read("/f") == data  # type: ignore[arg-type]
-    assert not peer.state.uploads, "a multipart upload was left behind"
-    hit = [(m, k) for m, _, k in proxy.log[sent:] if k != "forward"]
+    assert FS(stack(oss_proxy)).read("/f") == data  # type: ignore[arg-type]
+    assert not oss_peer.state.uploads, "a multipart upload was left behind"
+    hit = [(m, k) for m, _, k in oss_proxy.log[sent:] if k != "forward"]
     assert hit and all(m == "PUT" for m, _ in hit), hit  # the faults hit streamed parts
     fs.close()
 

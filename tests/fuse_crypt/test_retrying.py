@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
@@ -22,9 +22,9 @@ from fuse_crypt.backend.transport import (
     PreconditionFailed,
     TransientError,
 )
+from tests.fuse_crypt.conftest import OSS_AK, OSS_BUCKET, OSS_SK
 from tests.fuse_crypt.transport_contract import TransportContract
 from tests.peers.fault_proxy import Fault, FaultProxy
-from tests.peers.oss_server import OssServer
 
 # -- in-process ------------------------------------------------------------------------------
 
@@ -212,26 +212,12 @@ def test_multipart_etag() -> None:
 
 # -- through the fault proxy, with the OSS peer ---------------------------------------------------
 
-AK, SK, BUCKET = "LTAI-retry", "retry-secret", "retry-bucket"
+AK, SK, BUCKET = OSS_AK, OSS_SK, OSS_BUCKET
 
 
-@pytest.fixture(scope="module")
-def peer() -> Iterator[OssServer]:
-    with OssServer() as server:
-        server.add_credentials(AK, SK)
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture
-def proxy(peer: OssServer) -> Iterator[FaultProxy]:
-    with FaultProxy(("127.0.0.1", peer.port)) as p:
-        yield p
-
-
-def stack(proxy: FaultProxy, **kw: Any) -> RetryingTransport:
+def stack(oss_proxy: FaultProxy, **kw: Any) -> RetryingTransport:
     oss = OssTransport(
-        proxy.endpoint,
+        oss_proxy.endpoint,
         BUCKET,
         region="cn-hangzhou",
         credentials=OssCredentials(AK, SK),
@@ -257,64 +243,64 @@ def stack(proxy: FaultProxy, **kw: Any) -> RetryingTransport:
     ],
     ids=lambda f: f"{f.kind}-{f.status}-{f.after}",
 )
-def test_recovers_from_bursts(proxy: FaultProxy, fault: Fault) -> None:
-    t = stack(proxy)
-    proxy.queue(fault, fault, fault)
+def test_recovers_from_bursts(oss_proxy: FaultProxy, fault: Fault) -> None:
+    t = stack(oss_proxy)
+    oss_proxy.queue(fault, fault, fault)
     t.put("burst/k", b"0123456789" * 10, metadata={"mode": "33188"})
-    proxy.queue(fault, fault, fault)
-    assert t.get("burst/k", 10, 20) == (b"0123456789" * 10)[10:30], proxy.log
-    proxy.queue(fault, fault)
+    oss_proxy.queue(fault, fault, fault)
+    assert t.get("burst/k", 10, 20) == (b"0123456789" * 10)[10:30], oss_proxy.log
+    oss_proxy.queue(fault, fault)
     assert t.head("burst/k").metadata["mode"] == "33188"
-    assert [kind for _, _, kind in proxy.log].count("forward") == 3
+    assert [kind for _, _, kind in oss_proxy.log].count("forward") == 3
 
 
-def test_multipart_recovers_from_bursts(proxy: FaultProxy) -> None:
-    t = stack(proxy)
+def test_multipart_recovers_from_bursts(oss_proxy: FaultProxy) -> None:
+    t = stack(oss_proxy)
     t.put("mp/src", b"s" * 200_000, metadata={})
-    proxy.queue(Fault.error(503, "SlowDown"))
+    oss_proxy.queue(Fault.error(503, "SlowDown"))
     uid = t.create_multipart("mp/dst", metadata={"mode": "1"})
-    proxy.queue(Fault.cut(after=0), Fault.error(500, "InternalError"))
+    oss_proxy.queue(Fault.cut(after=0), Fault.error(500, "InternalError"))
     e1 = t.upload_part_copy("mp/dst", uid, 1, "mp/src", 0, 150_000)
-    proxy.queue(Fault.reset())
+    oss_proxy.queue(Fault.reset())
     e2 = t.upload_part("mp/dst", uid, 2, b"tail")
-    proxy.queue(Fault.error(503, "SlowDown"))
+    oss_proxy.queue(Fault.error(503, "SlowDown"))
     t.complete_multipart("mp/dst", uid, [(1, e1), (2, e2)])
     assert t.get("mp/dst", 149_998) == b"sstail"
 
 
-def test_complete_whose_answer_is_cut_is_recognised(proxy: FaultProxy) -> None:
+def test_complete_whose_answer_is_cut_is_recognised(oss_proxy: FaultProxy) -> None:
     """The upstream completed the upload but the client never saw the answer."""
-    t = stack(proxy)
+    t = stack(oss_proxy)
     uid = t.create_multipart("mp/cut", metadata={})
     e1 = t.upload_part("mp/cut", uid, 1, b"only part")
-    proxy.queue(Fault.cut(after=5))
+    oss_proxy.queue(Fault.cut(after=5))
     t.complete_multipart("mp/cut", uid, [(1, e1)])
     assert t.get("mp/cut") == b"only part"
 
 
-def test_slow_answer_times_out_and_is_retried(proxy: FaultProxy) -> None:
-    t = stack(proxy, read_timeout=0.3)
+def test_slow_answer_times_out_and_is_retried(oss_proxy: FaultProxy) -> None:
+    t = stack(oss_proxy, read_timeout=0.3)
     t.put("slow/k", b"v", metadata={})
-    proxy.queue(Fault.slow(1.0))
+    oss_proxy.queue(Fault.slow(1.0))
     started = time.monotonic()
     assert t.get("slow/k") == b"v"
     assert time.monotonic() - started < 5
 
 
-def test_persistent_throttling_fails_typed_and_bounded(proxy: FaultProxy) -> None:
-    t = stack(proxy, attempts=4)
-    proxy.always = Fault.error(503, "SlowDown")
+def test_persistent_throttling_fails_typed_and_bounded(oss_proxy: FaultProxy) -> None:
+    t = stack(oss_proxy, attempts=4)
+    oss_proxy.always = Fault.error(503, "SlowDown")
     started = time.monotonic()
     with pytest.raises(TransientError, match="503 SlowDown.*gave up after 4") as e:
         t.get("anything")
     assert e.value.errno == errno.EIO
-    assert len(proxy.log) == 4
+    assert len(oss_proxy.log) == 4
     assert time.monotonic() - started < 5
 
 
-def test_stalled_server_fails_typed_and_bounded(proxy: FaultProxy) -> None:
-    t = stack(proxy, attempts=3, read_timeout=0.3)
-    proxy.always = Fault.stall()
+def test_stalled_server_fails_typed_and_bounded(oss_proxy: FaultProxy) -> None:
+    t = stack(oss_proxy, attempts=3, read_timeout=0.3)
+    oss_proxy.always = Fault.stall()
     started = time.monotonic()
     with pytest.raises(TransientError, match="timed out") as e:
         t.head("anything")
@@ -322,24 +308,24 @@ def test_stalled_server_fails_typed_and_bounded(proxy: FaultProxy) -> None:
     assert time.monotonic() - started < 5
 
 
-def test_trickling_body_hits_the_request_deadline(proxy: FaultProxy) -> None:
+def test_trickling_body_hits_the_request_deadline(oss_proxy: FaultProxy) -> None:
     """Each byte arrives within the read timeout, but the whole answer takes too long."""
-    t = stack(proxy, attempts=2, read_timeout=1.0, request_timeout=0.5)
-    proxy.always = None
+    t = stack(oss_proxy, attempts=2, read_timeout=1.0, request_timeout=0.5)
+    oss_proxy.always = None
     t.put("trickle/k", b"x" * 64, metadata={})
-    proxy.always = Fault.trickle(0.05)
+    oss_proxy.always = Fault.trickle(0.05)
     started = time.monotonic()
     with pytest.raises(TransientError, match="too slow"):
         t.get("trickle/k")
     assert time.monotonic() - started < 5
 
 
-def test_access_denied_is_not_retried_through_the_proxy(proxy: FaultProxy) -> None:
-    t = stack(proxy)
-    proxy.queue(Fault.error(403, "AccessDenied"))
+def test_access_denied_is_not_retried_through_the_proxy(oss_proxy: FaultProxy) -> None:
+    t = stack(oss_proxy)
+    oss_proxy.queue(Fault.error(403, "AccessDenied"))
     with pytest.raises(AccessDenied):
         t.head("k")
-    assert len(proxy.log) == 1
+    assert len(oss_proxy.log) == 1
 
 
 class TestRetryingContract(TransportContract):
@@ -349,11 +335,11 @@ class TestRetryingContract(TransportContract):
     part_size = 100 * 1024
 
     @pytest.fixture
-    def make_transport(self, proxy: FaultProxy) -> Any:
-        proxy.queue(*([None] * 9 + [Fault.error(503, "SlowDown")]) * 300)
+    def make_transport(self, oss_proxy: FaultProxy) -> Any:
+        oss_proxy.queue(*([None] * 9 + [Fault.error(503, "SlowDown")]) * 300)
 
         def make(max_body: int | None = None) -> RetryingTransport:
-            t = stack(proxy, attempts=8)
+            t = stack(oss_proxy, attempts=8)
             if max_body is not None:
                 t.inner.max_body = max_body
             return t

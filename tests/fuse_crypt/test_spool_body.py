@@ -30,10 +30,9 @@ from fuse_crypt.backend.transport import (
 from tests.fuse_crypt.fake_transport import FakeTransport
 from tests.fuse_crypt.test_backend_objectstore import FS, _init
 from tests.fuse_crypt.test_objectstore_upload_stream import PartLog, _wait
-from tests.fuse_crypt.test_retrying import AK, BUCKET, SK, stack
+from tests.fuse_crypt.test_retrying import stack
 from tests.peers.fault_proxy import Fault, FaultProxy
 from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY, MotoS3, moto_s3
-from tests.peers.oss_server import OssServer
 
 MiB = 1 << 20
 
@@ -116,20 +115,6 @@ def test_view_reads_only_what_is_asked(
 
 
 # -- through the real clients, with faults on the wire -------------------------------------
-
-
-@pytest.fixture(scope="module")
-def peer() -> Iterator[OssServer]:
-    with OssServer() as server:
-        server.add_credentials(AK, SK)
-        server.create_bucket(BUCKET)
-        yield server
-
-
-@pytest.fixture
-def oss_proxy(peer: OssServer) -> Iterator[FaultProxy]:
-    with FaultProxy(("127.0.0.1", peer.port)) as p:
-        yield p
 
 
 _FAULTS = [
