@@ -55,6 +55,7 @@ from csi_driver.volumes.objectmount import (
     check_object_location,
     object_location,
     resolve_object_volume,
+    store_errors,
     unseal_credential,
 )
 from csi_driver.volumes.objectstore import (
@@ -138,12 +139,10 @@ def delete_prefix(transport: Any, prefix: str, deadline: Deadline) -> int:
     """Delete every object under ``prefix`` (which must come from :func:`volume_prefix`);
     returns how many keys were sent for deletion.  Raises CsiError; store errors map to
     UNAVAILABLE (transient) or FAILED_PRECONDITION / PERMISSION_DENIED."""
-    from fuse_crypt.backend.transport import AccessDenied, ObjectStoreError, TransientError
-
     if not prefix.endswith("/") or not prefix.strip("/"):
         raise errors.InvalidArgument("refusing to delete an empty or root prefix")
     deleted = 0
-    try:
+    with store_errors("deleting the volume"):
         for _ in range(MAX_PASSES):
             found = 0
             token: str | None = None
@@ -170,14 +169,6 @@ def delete_prefix(transport: Any, prefix: str, deadline: Deadline) -> int:
             deleted += found
             if not found:
                 return deleted
-    except AccessDenied:
-        raise errors.PermissionDenied(
-            "the object store refused these credentials for deleting the volume"
-        ) from None
-    except TransientError as exc:
-        raise errors.Unavailable(f"object store: {exc.strerror}") from None
-    except ObjectStoreError as exc:
-        raise errors.FailedPrecondition(f"object store: {exc.strerror}") from None
     raise errors.Unavailable(
         "objects kept appearing under the volume's prefix while it was deleted; retry"
     )
@@ -209,13 +200,11 @@ def abort_uploads(transport: Any, prefix: str, deadline: Deadline) -> int:
     """Abort every unfinished multipart upload under ``prefix`` (which must come from
     :func:`volume_prefix`); returns how many were aborted.  Errors map as in
     :func:`delete_prefix`."""
-    from fuse_crypt.backend.transport import AccessDenied, ObjectStoreError, TransientError
-
     if not prefix.endswith("/") or not prefix.strip("/"):
         raise errors.InvalidArgument("refusing to abort uploads under an empty or root prefix")
     aborted = 0
     marker = ("", "")
-    try:
+    with store_errors("aborting the volume's uploads"):
         for _page in range(MAX_PAGES):
             deadline.check("listing the volume's unfinished uploads")
             page = transport.list_uploads(
@@ -240,14 +229,6 @@ def abort_uploads(transport: Any, prefix: str, deadline: Deadline) -> int:
                 )
             marker = nxt
         raise errors.FailedPrecondition("the object store listed too many pages of uploads")
-    except AccessDenied:
-        raise errors.PermissionDenied(
-            "the object store refused these credentials for aborting the volume's uploads"
-        ) from None
-    except TransientError as exc:
-        raise errors.Unavailable(f"object store: {exc.strerror}") from None
-    except ObjectStoreError as exc:
-        raise errors.FailedPrecondition(f"object store: {exc.strerror}") from None
 
 
 def _default_transport(
@@ -450,10 +431,7 @@ class ObjectDeleter:
         """Read the prefix's conf (bounded: the one conf reader's cap) and unlock it with
         the volume key, in this process; never written or replaced."""
         from fuse_crypt.backend.transport import (
-            AccessDenied,
             ObjectNotFound,
-            ObjectStoreError,
-            TransientError,
         )
         from fuse_crypt.configfile import CONF_NAME, MAX_CONF_BYTES, ConfFile
         from fuse_crypt.errors import ConfigError, WrongKeyError
@@ -468,18 +446,11 @@ class ObjectDeleter:
             self.policy.ca_bundle,
             budget,
         )
-        try:
-            data = transport.get(key.spec.prefix + CONF_NAME, 0, MAX_CONF_BYTES + 1)
-        except ObjectNotFound:
-            raise errors.Unavailable(f"{CONF_NAME} at {where} vanished while checked") from None
-        except AccessDenied:
-            raise errors.PermissionDenied(
-                f"the object store refused these credentials for {where}"
-            ) from None
-        except TransientError as exc:
-            raise errors.Unavailable(f"object store for {where}: {exc.strerror}") from None
-        except ObjectStoreError as exc:
-            raise errors.FailedPrecondition(f"object store for {where}: {exc.strerror}") from None
+        with store_errors(where, where):
+            try:
+                data = transport.get(key.spec.prefix + CONF_NAME, 0, MAX_CONF_BYTES + 1)
+            except ObjectNotFound:
+                raise errors.Unavailable(f"{CONF_NAME} at {where} vanished while checked") from None
         if len(data) > MAX_CONF_BYTES:
             raise errors.FailedPrecondition(f"{CONF_NAME} at {where} is implausibly large")
         try:

@@ -26,13 +26,14 @@ oss://BUCKET/PREFIX`` or ``s3://...``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import hmac
 import os
 import re
 import stat
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -68,6 +69,29 @@ __all__ = [
     "resolve_object_volume",
     "unseal_credential",
 ]
+
+
+@contextlib.contextmanager
+def store_errors(purpose: str, where: str | None = None) -> Iterator[None]:
+    """Object-store failures as the codes the CSI spec names, for every caller (publish,
+    CreateVolume's initialisation, DeleteVolume): one mapping, so a refused credential is
+    PERMISSION_DENIED and a store that is down is UNAVAILABLE wherever it shows.  Only the
+    exception's own fixed text is kept (never a response body).  ``ObjectNotFound`` is an
+    ``ObjectStoreError`` too: callers that expect it catch it inside."""
+    from fuse_crypt.backend.transport import AccessDenied, ObjectStoreError, TransientError
+
+    store = "object store" if where is None else f"object store for {where}"
+    try:
+        yield
+    except AccessDenied:
+        raise errors.PermissionDenied(
+            f"the object store refused these credentials for {purpose}"
+        ) from None
+    except TransientError as exc:
+        raise errors.Unavailable(f"{store}: {exc.strerror}") from None
+    except ObjectStoreError as exc:
+        raise errors.FailedPrecondition(f"{store}: {exc.strerror}") from None
+
 
 OBJECT_MOUNTER = "fuse-crypt-object"
 # What the fuse-crypt CLI exits with (fuse_crypt/cli/exitcodes.py).
@@ -418,12 +442,7 @@ class ObjectStoreMounter(FuseCryptMounter):
     def _probe_conf(self, key: ObjectKey, deadline: Deadline) -> bool:
         """Whether the prefix holds a gocryptfs.conf: one HEAD, in this (guest) process,
         through the same transport code the daemon uses."""
-        from fuse_crypt.backend.transport import (
-            AccessDenied,
-            ObjectNotFound,
-            ObjectStoreError,
-            TransientError,
-        )
+        from fuse_crypt.backend.transport import ObjectNotFound
         from fuse_crypt.cli.objectloc import ObjectLocation
 
         assert key.spec is not None
@@ -441,22 +460,15 @@ class ObjectStoreMounter(FuseCryptMounter):
             kind=spec.kind,
         )
         where = object_location(spec)
-        try:
-            transport = loc.transport(retry_budget=max(1.0, deadline.timeout(30.0) / 2))
-            transport.head(loc.key(CONF_NAME))
-            return True
-        except ObjectNotFound:
-            return False
-        except AccessDenied:
-            raise errors.PermissionDenied(
-                f"the object store refused these credentials for {where}"
-            ) from None
-        except TransientError as exc:
-            raise errors.Unavailable(f"object store for {where}: {exc.strerror}") from None
-        except ObjectStoreError as exc:
-            raise errors.FailedPrecondition(f"object store for {where}: {exc.strerror}") from None
-        except ValueError as exc:
-            raise errors.InvalidArgument(f"object store endpoint: {exc}") from None
+        with store_errors(where, where):
+            try:
+                transport = loc.transport(retry_budget=max(1.0, deadline.timeout(30.0) / 2))
+                transport.head(loc.key(CONF_NAME))
+                return True
+            except ObjectNotFound:
+                return False
+            except ValueError as exc:
+                raise errors.InvalidArgument(f"object store endpoint: {exc}") from None
 
     def ensure_initialised(
         self, cipher_dir: str, key: VolumeKey, deadline: Deadline | None = None
