@@ -128,6 +128,10 @@ _STREAMING = 32 * CIPHER_BS
 #: and how long one may sit unused before the next stream read closes it.
 _STREAMS_MAX = 2
 _STREAM_IDLE = 30.0
+#: Streaming uploads whose abort failed, kept to abort again (background retry, unmount):
+#: their parts cost the tenant storage until a lifecycle rule removes them.  Bounded: past
+#: this many the oldest is left to the lifecycle rule.
+_ORPHANS_MAX = 64
 _SYMLINK_MAX = 16384
 _DETACH_MAX = 256 << 20
 #: Small files (dir IVs: 16 bytes) whose content the node cache keeps.
@@ -460,6 +464,8 @@ class ObjectStoreBackend(StorageBackend):
         self._mut = 0
         self._states: dict[str, _State] = {}
         self._pending: set[_State] = set()
+        #: (key, upload id) of abandoned streaming uploads whose abort failed.
+        self._orphans: collections.deque[tuple[str, str]] = collections.deque(maxlen=_ORPHANS_MAX)
         self._cache: collections.OrderedDict[tuple[str, str, int], bytes | bytearray] = (
             collections.OrderedDict()
         )
@@ -1925,10 +1931,14 @@ class ObjectStoreBackend(StorageBackend):
         if early.upload_id is not None:
             try:
                 self.t.abort_multipart(early.key, early.upload_id)
-            except Exception as exc:  # noqa: BLE001 - best effort: left for the lifecycle rule
+            except Exception as exc:  # noqa: BLE001 - retried in the background and at unmount
                 log.warning(
                     "event=stream_abort_failed key=%s error=%s", early.key, type(exc).__name__
                 )
+                with self._lock:
+                    self._orphans.append((early.key, early.upload_id))
+                if not self._closed.is_set():
+                    self._start_retry()
         with contextlib.suppress(OSError):
             os.close(early.fd)
 
@@ -2059,9 +2069,25 @@ class ObjectStoreBackend(StorageBackend):
             )
             self._retry_thread.start()
 
+    def _abort_orphans(self) -> int:
+        """Abort again the streaming uploads whose abort failed; returns how many are left."""
+        with self._lock:
+            todo = list(self._orphans)
+            self._orphans.clear()
+        for key, upload in todo:
+            try:
+                self.t.abort_multipart(key, upload)  # an upload already gone is not an error
+            except Exception as exc:  # noqa: BLE001 - kept for the next try
+                log.warning("event=stream_abort_failed key=%s error=%s", key, type(exc).__name__)
+                with self._lock:
+                    self._orphans.append((key, upload))
+        with self._lock:
+            return len(self._orphans)
+
     def retry_pending(self) -> int:
-        """Try once more to publish files whose last upload failed; returns how many
-        are still pending."""
+        """Try once more to publish files whose last upload failed (and to abort
+        abandoned streaming uploads); returns how many files are still pending."""
+        self._abort_orphans()
         with self._lock:
             todo = list(self._pending)
         for st in todo:
@@ -2082,7 +2108,7 @@ class ObjectStoreBackend(StorageBackend):
     def _retry_loop(self) -> None:
         delay = 0.5
         while not self._closed.wait(delay):
-            if self.retry_pending() == 0:
+            if self.retry_pending() == 0 and not self._orphans:
                 return
             delay = min(delay * 2, 30.0)
 
@@ -2111,6 +2137,9 @@ class ObjectStoreBackend(StorageBackend):
         # one of each aborts it (bounded by the transport's retry budget).
         self._early_io.shutdown(wait=True)
         self._ra.shutdown(wait=False, cancel_futures=True)
+        left = self._abort_orphans()  # the aborts that failed above or earlier: one last try
+        if left:
+            log.warning("event=uploads_orphaned count=%d", left)
 
     # -- test / tooling helpers ------------------------------------------------------------------
 

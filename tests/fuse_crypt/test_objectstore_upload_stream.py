@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_crypt.backend.transport import TransientError
+from fuse_crypt.backend.transport import AccessDenied, TransientError
 from fuse_crypt.nametransform import DIRIV_NAME, NameTransform
 from tests.fuse_crypt.conftest import fuse_available
 from tests.fuse_crypt.fake_transport import FakeTransport
@@ -161,6 +161,32 @@ def test_unlink_mid_write_aborts_and_completes_nothing(t: PartLog) -> None:
     assert t.counts["complete_multipart"] == 0 and t.counts["abort_multipart"] == 1
     assert PRE + fs.cpath("/u") not in t.objects
     fs.close()
+
+
+def test_a_failed_abort_is_retried_in_the_background(t: PartLog) -> None:
+    """An abandoned upload whose abort fails is not left to cost the tenant storage: the
+    background retry aborts it once the store answers again."""
+    fs = FS(t, **SIZES)
+    fh = _write_seq(fs, "/o", os.urandom(20 * MiB))
+    _wait(lambda: _streamed(t) >= 2, "parts streamed")
+    t.fail_next("abort_multipart", 2)
+    fs.ops.unlink("/o")
+    fs.ops.release("/o", fh)
+    _wait(lambda: not t.uploads, "the orphaned upload aborted")
+    assert t.counts["abort_multipart"] == 3 and t.counts["complete_multipart"] == 0
+    fs.close()
+
+
+def test_a_failed_abort_gets_a_last_try_at_unmount(t: PartLog) -> None:
+    """Unmount with a file still streaming drops its upload; an abort that fails then gets
+    one more try before the daemon exits."""
+    fs = FS(t, **SIZES)
+    _write_seq(fs, "/o", os.urandom(20 * MiB))
+    _wait(lambda: _streamed(t) >= 2, "parts streamed")
+    t.fail_next("abort_multipart", 1, exc=lambda: AccessDenied("injected 403"))
+    fs.backend.destroy()  # never released: what a forced unmount does to the backend
+    assert not t.uploads and t.counts["abort_multipart"] == 2
+    assert t.counts["complete_multipart"] == 0
 
 
 def test_truncate_mid_write_drops_the_stream(t: PartLog) -> None:
@@ -304,10 +330,13 @@ def test_faults_during_a_streamed_part(
             assert e.errno == errno.EIO and attempt < 4
     fs.ops.release("/f", fh)
     assert FS(stack(oss_proxy)).read("/f") == data  # type: ignore[arg-type]
-    assert not oss_peer.state.uploads, "a multipart upload was left behind"
     hit = [(m, k) for m, _, k in oss_proxy.log[sent:] if k != "forward"]
-    assert hit and all(m == "PUT" for m, _ in hit), hit  # the faults hit streamed parts
+    # the faults hit streamed parts, and perhaps the abort of the abandoned stream
+    assert hit and all(m in ("PUT", "DELETE") for m, _ in hit), hit
+    assert any(m == "PUT" for m, _ in hit), hit
+    oss_proxy.reset()  # the outage ends: an abort that failed in it is retried
     fs.close()
+    assert not oss_peer.state.uploads, "a multipart upload was left behind"
 
 
 # -- a real FUSE mount over moto ------------------------------------------------------------
