@@ -714,6 +714,10 @@ class S3Transport:
         r = self._call(
             "upload_part", Key=key, UploadId=upload_id, PartNumber=part_number, Body=_body(body)
         )
+        if r.get("ETag") is None:
+            # The answer lost its headers (a connection cut inside them): the part may or
+            # may not have landed, and sending it again under its number replaces it.
+            raise TransientError("S3: upload_part answer without an ETag")
         return _etag(r.get("ETag"))
 
     def upload_part_copy(

@@ -103,6 +103,20 @@ def test_etag_is_unquoted_and_bounded() -> None:
             s3._etag(missing)
 
 
+def test_a_part_answer_without_etag_is_transient_a_bad_one_is_not() -> None:
+    """A part upload whose answer lost its ETag (a cut inside the headers) is retried: the
+    same part number replaces whatever landed.  A malformed ETag stays a hostile answer."""
+    t, c = transport()
+    c.answers["upload_part"] = {}
+    with raises(TransientError, "S3: upload_part answer without an ETag"):
+        t.upload_part("k", "u", 1, b"x")
+    c.answers["upload_part"] = {"ETag": "a b"}
+    with raises(BadResponse, "malformed ETag"):
+        t.upload_part("k", "u", 1, b"x")
+    c.answers["upload_part"] = {"ETag": '"abc"'}
+    assert t.upload_part("k", "u", 1, b"x") == "abc"
+
+
 def test_times_become_nanoseconds_or_zero() -> None:
     utc = datetime.UTC
     when = datetime.datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=utc)
