@@ -120,6 +120,30 @@ def object_node_argv(
     ]
 
 
+def object_controller_argv(
+    work: Path, sock: str, signing_prefix: str, *extra: str, backend_root: Path | None = None
+) -> list[str]:
+    """``coco-csi controller`` as a confidential controller for the object-store end-to-end
+    tests: the same resolver and object-store policy as :func:`object_node_argv`, records
+    under ``backend_root`` (default ``work/ctrl``), then ``extra``."""
+    return [
+        COCO_CSI,
+        "controller",
+        "--endpoint",
+        f"unix://{sock}",
+        "--backend-root",
+        str(backend_root or work / "ctrl"),
+        "--resolver",
+        f"offline-fs:{work / 'resources.json'}",
+        "--allowed-signing-kid",
+        signing_prefix,
+        "--allowed-object-endpoint",
+        "127.0.0.1",
+        "--allow-insecure-object-endpoint",
+        *extra,
+    ]
+
+
 def start_plugin(argv: list[str], sock: str, log: str) -> subprocess.Popen[bytes]:
     """Start a plugin process (output to ``log``) and wait until it listens on ``sock``."""
     with open(log, "ab") as logf:

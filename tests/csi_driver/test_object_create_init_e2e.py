@@ -37,7 +37,12 @@ from fuse_crypt.configfile import ConfFile
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import COCO_CSI, start_plugin, stop_plugins
+from tests.csi_driver.helpers import (
+    object_controller_argv,
+    object_node_argv,
+    start_plugin,
+    stop_plugins,
+)
 from tests.fuse_crypt.conftest import fuse_available
 from tests.fuse_crypt.objectstore_helpers import S3Vol, have_s3fs_gocryptfs, mount_theirs
 from tests.peers.moto_s3 import ACCESS_KEY, SECRET_KEY, MotoS3
@@ -92,18 +97,6 @@ class Env:
         return self.moto.objects(self.bucket)
 
 
-def _flags(work: Path) -> list[str]:
-    return [
-        "--resolver",
-        f"offline-fs:{work / 'resources.json'}",
-        "--allowed-signing-kid",
-        SIGNING_PREFIX,
-        "--allowed-object-endpoint",
-        "127.0.0.1",
-        "--allow-insecure-object-endpoint",
-    ]
-
-
 @pytest.fixture(scope="module")
 def env() -> Iterator[Env]:
     work = Path(tempfile.mkdtemp(prefix="objinit", dir="/tmp"))
@@ -129,33 +122,10 @@ def env() -> Iterator[Env]:
     try:
         e.bucket = moto.new_bucket("init")
         node_sock, ctrl_sock = str(work / "node.sock"), str(work / "ctrl.sock")
-        node_argv = [
-            COCO_CSI,
-            "node",
-            "--endpoint",
-            f"unix://{node_sock}",
-            "--node-id",
-            "init-node",
-            "--state-dir",
-            str(work / "state"),
-            "--kubelet-dir",
-            str(work / "kubelet"),
-            "--allowed-key-resource",
-            KEY_PREFIX,
-            "--unmount-on-exit",
-            *_flags(work),
-        ]
-        ctrl_argv = [
-            COCO_CSI,
-            "controller",
-            "--endpoint",
-            f"unix://{ctrl_sock}",
-            "--backend-root",
-            str(work / "ctrl"),
-            "--allowed-key-resource",
-            KEY_PREFIX,
-            *_flags(work),
-        ]
+        node_argv = object_node_argv(work, node_sock, "init-node", KEY_PREFIX, SIGNING_PREFIX)
+        ctrl_argv = object_controller_argv(
+            work, ctrl_sock, SIGNING_PREFIX, "--allowed-key-resource", KEY_PREFIX
+        )
         e.procs.append(start_plugin(node_argv, node_sock, str(work / "node.log")))
         e.procs.append(start_plugin(ctrl_argv, ctrl_sock, str(work / "ctrl.log")))
         e.node = CsiClient(f"unix://{node_sock}")
@@ -305,15 +275,7 @@ def test_a_prefix_with_data_but_no_conf_is_not_initialised(env: Env) -> None:
 def test_without_allowed_key_resources_the_node_initialises(env: Env, tmp_path: Path) -> None:
     e = env
     sock = str(tmp_path / "plain.sock")
-    argv = [
-        COCO_CSI,
-        "controller",
-        "--endpoint",
-        f"unix://{sock}",
-        "--backend-root",
-        str(tmp_path / "root"),
-        *_flags(e.work),
-    ]
+    argv = object_controller_argv(e.work, sock, SIGNING_PREFIX, backend_root=tmp_path / "root")
     proc = start_plugin(argv, sock, str(tmp_path / "plain.log"))
     try:
         with CsiClient(f"unix://{sock}") as c:

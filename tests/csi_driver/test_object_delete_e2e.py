@@ -34,7 +34,13 @@ from csi_driver.volume_key import new_volume_key_jwk
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
-from tests.csi_driver.helpers import COCO_CSI, start_plugin, stop_plugins
+from tests.csi_driver.helpers import (
+    COCO_CSI,
+    object_controller_argv,
+    object_node_argv,
+    start_plugin,
+    stop_plugins,
+)
 from tests.peers.moto_s3 import MotoS3
 from tests.peers.oss_server import OssServer, StoredObject
 
@@ -70,20 +76,6 @@ class Env:
 
     def logs(self) -> str:
         return "".join(p.read_text(errors="replace") for p in self.work.glob("*.log"))
-
-
-def _flags(work: Path, ca: str) -> list[str]:
-    return [
-        "--resolver",
-        f"offline-fs:{work / 'resources.json'}",
-        "--allowed-signing-kid",
-        SIGNING_PREFIX,
-        "--allowed-object-endpoint",
-        "127.0.0.1",
-        "--allow-insecure-object-endpoint",
-        "--object-ca-bundle",
-        ca,
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -123,31 +115,9 @@ def env() -> Iterator[Env]:
     try:
         e.s3_bucket = moto.new_bucket("del")
         node_sock, ctrl_sock = str(work / "node.sock"), str(work / "ctrl.sock")
-        node_argv = [
-            COCO_CSI,
-            "node",
-            "--endpoint",
-            f"unix://{node_sock}",
-            "--node-id",
-            "del-node",
-            "--state-dir",
-            str(work / "state"),
-            "--kubelet-dir",
-            str(work / "kubelet"),
-            "--allowed-key-resource",
-            KEY_PREFIX,
-            "--unmount-on-exit",
-            *_flags(work, oss.ca_path),
-        ]
-        ctrl_argv = [
-            COCO_CSI,
-            "controller",
-            "--endpoint",
-            f"unix://{ctrl_sock}",
-            "--backend-root",
-            str(work / "ctrl"),
-            *_flags(work, oss.ca_path),
-        ]
+        ca = ("--object-ca-bundle", oss.ca_path)
+        node_argv = object_node_argv(work, node_sock, "del-node", KEY_PREFIX, SIGNING_PREFIX, *ca)
+        ctrl_argv = object_controller_argv(work, ctrl_sock, SIGNING_PREFIX, *ca)
         e.procs.append(start_plugin(node_argv, node_sock, str(work / "node.log")))
         e.procs.append(start_plugin(ctrl_argv, ctrl_sock, str(work / "ctrl.log")))
         e.node = CsiClient(f"unix://{node_sock}")
