@@ -64,6 +64,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    next_upload_markers,
     rewind,
 )
 
@@ -843,16 +844,14 @@ class OssTransport:
             uploads.append(UploadInfo(u.key, u.upload_id))
         next_marker: tuple[str, str] | None = None
         if r.is_truncated:
-            nk, nu = r.next_key_marker, r.next_upload_id_marker
-            if (
-                not isinstance(nk, str)
-                or not isinstance(nu, str)
-                or not 0 < len(nk.encode("utf-8", "surrogatepass")) <= MAX_KEY_BYTES
-                or len(nu) > MAX_TOKEN
-                or (nk, nu) == (key_marker, upload_id_marker)
-            ):
-                raise BadResponse("OSS LIST-UPLOADS: bad or stuck markers")
-            next_marker = (nk, nu)
+            next_marker = next_upload_markers(
+                r.next_key_marker,
+                r.next_upload_id_marker,
+                (key_marker, upload_id_marker),
+                max_key_bytes=MAX_KEY_BYTES,
+                max_id=MAX_TOKEN,
+                what="OSS LIST-UPLOADS",
+            )
         return UploadPage(tuple(uploads), next_marker)
 
 

@@ -53,6 +53,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    next_upload_markers,
 )
 
 __all__ = ["S3Transport"]
@@ -784,16 +785,14 @@ class S3Transport:
             out.append(UploadInfo(key, uid))
         nxt = None
         if r.get("IsTruncated"):
-            nk, nu = r.get("NextKeyMarker"), r.get("NextUploadIdMarker") or ""
-            if (
-                not isinstance(nk, str)
-                or not isinstance(nu, str)
-                or not 0 < len(nk) <= 1024
-                or len(nu) > 1024
-                or (nk, nu) == (key_marker, upload_id_marker)
-            ):
-                raise BadResponse("list_uploads: malformed or stuck markers")
-            nxt = (nk, nu)
+            nxt = next_upload_markers(
+                r.get("NextKeyMarker"),
+                r.get("NextUploadIdMarker") or "",
+                (key_marker, upload_id_marker),
+                max_key_bytes=1024,
+                max_id=1024,
+                what="list_uploads",
+            )
         return UploadPage(tuple(out), nxt)
 
 

@@ -283,6 +283,29 @@ class UploadPage:
     next_marker: tuple[str, str] | None
 
 
+def next_upload_markers(
+    key_marker: object,
+    upload_id_marker: object,
+    given: tuple[str, str],
+    *,
+    max_key_bytes: int,
+    max_id: int,
+    what: str,
+) -> tuple[str, str]:
+    """The markers a truncated ListMultipartUploads page names, checked for both clients:
+    strings, a non-empty bounded key marker, a bounded upload-id marker, and a pair that
+    moves on from ``given`` (a page naming the markers it was asked with would loop)."""
+    if (
+        not isinstance(key_marker, str)
+        or not isinstance(upload_id_marker, str)
+        or not 0 < len(key_marker.encode("utf-8", "surrogatepass")) <= max_key_bytes
+        or len(upload_id_marker) > max_id
+        or (key_marker, upload_id_marker) == given
+    ):
+        raise BadResponse(f"{what}: malformed or stuck markers")
+    return key_marker, upload_id_marker
+
+
 class ObjectStream(Protocol):
     """One open ranged GET ``[start, end)`` read in order, chunk by chunk (optional:
     a transport may offer ``open_stream(key, start, end) -> ObjectStream``).  Why: a
