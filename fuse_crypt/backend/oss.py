@@ -64,6 +64,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    exact_buffer,
     next_upload_markers,
     rewind,
 )
@@ -200,11 +201,12 @@ class _BoundedResponse(oss2.http.Response):
         self._done = True
         return out
 
-    def read_exact(self, n: int, seconds: float) -> bytearray:
-        """The next ``n`` bytes of a stream (:class:`_OssStream`) within ``seconds``;
-        the whole answer's length was checked against the request when it opened."""
+    def read_exact(self, n: int, seconds: float, into: bytearray | None = None) -> bytearray:
+        """The next ``n`` bytes of a stream (:class:`_OssStream`) within ``seconds``,
+        into ``into`` when given; the whole answer's length was checked against the
+        request when it opened."""
+        buf = exact_buffer(n, into)
         self._deadline = time.monotonic() + seconds
-        buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         try:
@@ -249,11 +251,12 @@ class _OssStream:
         self._seconds = seconds
         self._broken = False
 
-    def read_exact(self, n: int) -> bytearray:
+    def read_exact(self, n: int, into: bytearray | None = None) -> bytearray:
         if n <= 0 or n > self._max or n > self._left:
             raise BadResponse("OSS stream: read past the requested range")
+        buf = exact_buffer(n, into)  # a wrong-sized buffer is refused, the stream kept
         try:
-            data = self._resp.read_exact(n, self._seconds)
+            data = self._resp.read_exact(n, self._seconds, buf)
         except BaseException:
             self._broken = True
             self.close()

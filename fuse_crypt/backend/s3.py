@@ -53,6 +53,7 @@ from .transport import (
     UploadInfo,
     UploadLister,
     UploadPage,
+    exact_buffer,
     next_upload_markers,
 )
 
@@ -299,13 +300,13 @@ class _S3Stream:
         self._deadline = deadline
         self._broken = False
 
-    def read_exact(self, n: int) -> bytearray:
+    def read_exact(self, n: int, into: bytearray | None = None) -> bytearray:
         import botocore.exceptions as bx
 
         if n <= 0 or n > self._max or n > self._left:
             raise BadResponse("stream: read past the requested range")
+        buf = exact_buffer(n, into)
         deadline = time.monotonic() + self._deadline
-        buf = bytearray(n)
         view = memoryview(buf)
         got = 0
         try:

@@ -48,6 +48,7 @@ __all__ = [
     "UploadLister",
     "UploadPage",
     "body_md5_hex",
+    "exact_buffer",
     "rewind",
 ]
 
@@ -235,6 +236,17 @@ def body_md5_hex(body: Body) -> str:
     return hashlib.md5(body, usedforsecurity=False).hexdigest()
 
 
+def exact_buffer(n: int, into: bytearray | None) -> bytearray:
+    """The buffer an :meth:`ObjectStream.read_exact` fills: ``into`` (which must be
+    exactly ``n`` bytes: a reused buffer of another size would leave stale bytes or
+    be overrun), or a new one."""
+    if into is None:
+        return bytearray(n)
+    if len(into) != n:
+        raise ValueError("read_exact: buffer is not the size asked for")
+    return into
+
+
 def rewind(body: Body) -> Body:
     """``body`` ready to be sent from its first byte, as ``bytes`` or a view: a
     :class:`SpoolRange` is sought back to 0 (an attempt that failed may have read some
@@ -313,9 +325,12 @@ class ObjectStream(Protocol):
     chunk.  The transport checked the answer's status, Content-Range and length when
     it opened; each read is bounded in size (at most ``max_body``) and time."""
 
-    def read_exact(self, n: int) -> bytearray:
+    def read_exact(self, n: int, into: bytearray | None = None) -> bytearray:
         """The next ``n`` bytes, in one buffer; an early end or a slow body is an
-        :class:`ObjectStoreError` (the stream is then unusable: close it)."""
+        :class:`ObjectStoreError` (the stream is then unusable: close it).  With
+        ``into`` (exactly ``n`` bytes long) that buffer is filled and returned, so a
+        caller can reuse its buffers instead of faulting in fresh pages per chunk;
+        after an error its contents are undefined."""
         ...
 
     def close(self) -> None:

@@ -26,6 +26,7 @@ from fuse_crypt.backend.transport import (
     TransientError,
     UploadInfo,
     UploadPage,
+    exact_buffer,
 )
 
 MAX_OBJECT = 256 << 20
@@ -52,11 +53,12 @@ class FakeStream:
         self.end = end
         self.closed = False
 
-    def read_exact(self, n: int) -> bytearray:
+    def read_exact(self, n: int, into: bytearray | None = None) -> bytearray:
         if self.closed or n <= 0 or self.pos + n > self.end:
             raise BadResponse("stream: read past the range")
+        data = exact_buffer(n, into)
         self._t._stream_fault()
-        data = bytearray(self._body[self.pos : self.pos + n])
+        data[:] = self._body[self.pos : self.pos + n]
         self.pos += n
         return data
 

@@ -189,7 +189,11 @@ class TransportContract:
             try:
                 got = s.read_exact(MiB)
                 assert isinstance(got, bytearray) and got == data[1000 : 1000 + MiB]
-                assert s.read_exact(2 * MiB) == data[1000 + MiB : 1000 + 3 * MiB]
+                with pytest.raises(ValueError):
+                    s.read_exact(2 * MiB, bytearray(MiB))  # a reused buffer of another size
+                mine = bytearray(b"x" * 2 * MiB)
+                got = s.read_exact(2 * MiB, mine)  # filled in place (a reused buffer)
+                assert got is mine and mine == data[1000 + MiB : 1000 + 3 * MiB]
                 rest = len(data) - 1000 - 3 * MiB
                 with pytest.raises(ObjectStoreError):
                     s.read_exact(rest + 1)  # past the requested range
