@@ -404,20 +404,85 @@ def run_stack(stack: Stack, size: int, files: int) -> dict[str, float]:
     return out
 
 
+PEER = "moto alone (boto3, no FUSE, no crypto)"
+
+
+def run_peer(moto: Moto, bucket: str, size: int) -> dict[str, float]:
+    """The most any client could get from this moto server on this machine: the same
+    bytes uploaded straight from memory by boto3 (multipart, 8 MiB parts, 4 at a time,
+    as our daemon sends them) and read back by one streaming GET, with no FUSE, no
+    encryption, no spool.  Why: on a 2-vCPU VM the server's own CPU (it copies every
+    part again in CompleteMultipartUpload) bounds every stack; a target above this
+    ceiling cannot be met on this peer, whatever the client does."""
+    import concurrent.futures
+
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=moto.url,
+        aws_access_key_id=AK,
+        aws_secret_access_key=SK,
+        region_name="us-east-1",
+        config=Config(
+            max_pool_connections=8,
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        ),
+    )
+    data = os.urandom(size)
+    part = 8 * MiB
+    key = "peer/big"
+
+    def write() -> None:
+        up = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+
+        def send(i: int) -> dict[str, object]:
+            body = data[i * part : (i + 1) * part]
+            r = client.upload_part(Bucket=bucket, Key=key, UploadId=up, PartNumber=i + 1, Body=body)
+            return {"PartNumber": i + 1, "ETag": r["ETag"]}
+
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            parts = list(pool.map(send, range((size + part - 1) // part)))
+        client.complete_multipart_upload(
+            Bucket=bucket, Key=key, UploadId=up, MultipartUpload={"Parts": parts}
+        )
+
+    def read() -> None:
+        body = client.get_object(Bucket=bucket, Key=key)["Body"]
+        got = 0
+        while piece := body.read(MiB):
+            got += len(piece)
+        if got != size:
+            raise RuntimeError("peer read: short")
+
+    return {
+        "seq_write_MiBps": size / MiB / _timed(write),
+        "seq_read_MiBps": size / MiB / _timed(read),
+    }
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--files", type=int, default=1000)
-    ap.add_argument("--stacks", default="ours,s3fs,rclone")
+    ap.add_argument("--stacks", default="ours,s3fs,rclone,peer")
     args = ap.parse_args()
     size = args.size_mib * MiB
     classes = {"ours": Ours, "s3fs": S3fsGocryptfs, "rclone": Rclone}
     moto = Moto()
     results: dict[str, dict[str, float]] = {}
+    peer: dict[str, float] = {}
     try:
         bucket = "bench-bucket"
         moto.client().create_bucket(Bucket=bucket)
         for key in args.stacks.split(","):
+            if key == "peer":
+                print(f"== {PEER}", flush=True)
+                peer = run_peer(moto, bucket, size)
+                print(json.dumps(peer, indent=1), flush=True)
+                continue
             if key == "s3fs" and not (shutil.which("s3fs") and shutil.which("gocryptfs")):
                 continue
             if key == "rclone" and not shutil.which("rclone"):
@@ -429,6 +494,8 @@ def main() -> int:
                 print(json.dumps(results[stack.name], indent=1), flush=True)
     finally:
         moto.stop()
+    if not results:
+        return 0
     names = list(results)
     metrics = list(next(iter(results.values())))
     print(f"\n{'metric':<26}" + "".join(f"{n:>26}" for n in names))
@@ -442,6 +509,24 @@ def main() -> int:
                 f"ours / {other}: seq read {ours['seq_read_MiBps'] / o['seq_read_MiBps']:.2f}x, "
                 f"seq write {ours['seq_write_MiBps'] / o['seq_write_MiBps']:.2f}x, "
                 f"small write {ours['small_write_files_per_s'] / o['small_write_files_per_s']:.2f}x"
+            )
+        if peer:
+            print(
+                f"ours / {PEER}: seq read "
+                f"{ours['seq_read_MiBps'] / peer['seq_read_MiBps']:.2f}x, seq write "
+                f"{ours['seq_write_MiBps'] / peer['seq_write_MiBps']:.2f}x"
+            )
+    if peer:
+        print(
+            f"{PEER}: seq write {peer['seq_write_MiBps']:.1f} MiB/s, "
+            f"seq read {peer['seq_read_MiBps']:.1f} MiB/s (the ceiling on this server)"
+        )
+        s3 = results.get(S3fsGocryptfs.name)
+        if s3:
+            need = 1.5 * s3["seq_write_MiBps"]
+            print(
+                f"1.5x s3fs+gocryptfs write = {need:.1f} MiB/s = "
+                f"{need / peer['seq_write_MiBps']:.2f}x the ceiling"
             )
     return 0
 
