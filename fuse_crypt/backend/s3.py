@@ -64,7 +64,11 @@ _UPLOAD_ID_RE = re.compile(r"[\x21-\x7e]{1,1024}")
 _ETAG_RE = re.compile(r'"?([A-Za-z0-9-]{1,80})"?')
 _META_MAX = 8192
 _LIST_MAX = 1000
-_READ_PIECE = 64 << 10  # small pieces: the transient copy next to the body stays small
+#: Body pieces read per call: 4 per 1 MiB chunk (each read through urllib3 costs tens of
+#: microseconds of Python; 64 KiB pieces cost ~15% more daemon CPU on a sequential read,
+#: 1.46-1.70 against 1.15-1.41 CPU-s per 256 MiB in an A/B over moto), while the transient
+#: copy next to the chunk buffer stays small.
+_READ_PIECE = 256 << 10
 _NOT_FOUND = frozenset({"NoSuchKey", "NoSuchUpload", "NotFound", "404"})
 _TRANSIENT = frozenset(
     {
