@@ -313,3 +313,44 @@ def test_policy_refusal_of_a_head_is_not_waited_for(moto_auth: MotoS3) -> None:
             op()
         assert type(e.value) is AccessDenied and e.value.errno == errno.EACCES
     assert time.monotonic() - t0 < 5
+
+
+def test_head_refusal_explained_only_by_a_credential_code() -> None:
+    """In-process (botocore's Stubber): what the explaining GET answers decides. Only a
+    credential code turns the bare HEAD refusal into CredentialsRejected; a successful
+    GET, a 404 or a policy refusal leave it as it was. AWS answers an expired session's
+    HEAD with a bare 400 and its GET with 400 ExpiredToken (moto never expires)."""
+    import io
+
+    from botocore.response import StreamingBody
+    from botocore.stub import Stubber
+
+    box = CredentialBox("AKIDHEAD", "secret", "token")
+    t = S3Transport("bucket", credential_box=box, endpoint_url="https://s3.invalid", max_attempts=1)
+    cases: list[tuple[int, Any, type[Exception], int]] = [
+        (400, ("ExpiredToken", 400), CredentialsRejected, errno.EACCES),
+        (403, ("InvalidAccessKeyId", 403), CredentialsRejected, errno.EACCES),
+        (403, ("AccessDenied", 403), AccessDenied, errno.EACCES),
+        (403, ("NoSuchKey", 404), AccessDenied, errno.EACCES),
+        (403, None, AccessDenied, errno.EACCES),  # the GET succeeds
+        (400, None, Exception, errno.EIO),  # a bare 400 stays what it was: EIO, not waited
+    ]
+    for head_status, probe, want, want_errno in cases:
+        with Stubber(t._client) as stub:
+            stub.add_client_error(
+                "head_object",
+                service_error_code=str(head_status),
+                http_status_code=head_status,
+            )
+            if probe is None:
+                body = StreamingBody(io.BytesIO(b"x"), 1)
+                stub.add_response("get_object", {"Body": body, "ContentLength": 1})
+            else:
+                stub.add_client_error(
+                    "get_object", service_error_code=probe[0], http_status_code=probe[1]
+                )
+            with pytest.raises(OSError) as e:
+                t.head("k")
+            stub.assert_no_pending_responses()
+        assert isinstance(e.value, want) and e.value.errno == want_errno, (head_status, probe)
+        assert (type(e.value) is CredentialsRejected) == (want is CredentialsRejected)
