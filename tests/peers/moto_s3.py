@@ -166,9 +166,7 @@ class MotoS3:
             aws_session_token=tok,
             region_name="us-east-1",
             verify=self.ca_path if self.ca_path else False,
-            config=botocore.config.Config(
-                s3={"addressing_style": "path"}, retries={"max_attempts": 1}
-            ),
+            config=botocore.config.Config(s3={"addressing_style": "path"}),
         )
 
     # -- IAM and STS (meaningful with ``auth=True``) ---------------------------------------
