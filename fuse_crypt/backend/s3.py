@@ -93,6 +93,15 @@ _CREDS_REJECTED = frozenset(
 )
 
 
+def _bodiless_refusal(e: Any) -> bool:
+    """A 400 or 403 whose answer had no error document (botocore then names the code
+    after the status): what S3 answers a refused HEAD."""
+    resp = e.response if isinstance(e.response, Mapping) else {}
+    err = resp.get("Error") or {}
+    status = (resp.get("ResponseMetadata") or {}).get("HTTPStatusCode")
+    return status in (400, 403) and isinstance(err, Mapping) and err.get("Code") == str(status)
+
+
 class _RangeNotSatisfiable(ObjectStoreError):
     """416: a GET that starts at or past the end (answered as an empty read)."""
 
@@ -187,9 +196,14 @@ def _refreshing_session(source: Callable[[], tuple[str, str, str | None]], every
 
 
 #: The S3 operations this transport calls: the client's service model is cut down to
-#: these (and the shapes they reach), see :func:`_slim_model`.
+#: these (and the shapes they reach), see :func:`_slim_model`.  ``HeadBucket`` is called by
+#: botocore itself, not by us: its region redirector answers a HEAD refused with a bare
+#: 301/400 (an expired or replaced session token, on HEAD) by a HEAD of the bucket to look
+#: for ``x-amz-bucket-region``; without the operation that lookup died with an
+#: AttributeError that escaped the error mapping.
 _OPERATIONS = frozenset(
     {
+        "HeadBucket",
         "HeadObject",
         "GetObject",
         "PutObject",
@@ -440,6 +454,8 @@ class S3Transport:
         try:
             return getattr(self._client, op)(Bucket=self.bucket, **kwargs)
         except bx.ClientError as e:
+            if op == "head_object" and _bodiless_refusal(e):
+                raise self._explain_head_refusal(kwargs["Key"], e) from None
             raise self._client_error(op, e) from None
         except (
             bx.ConnectTimeoutError,
@@ -455,6 +471,32 @@ class S3Transport:
             raise ObjectStoreError(f"{op}: TLS verification failed") from None
         except bx.BotoCoreError as e:
             raise ObjectStoreError(f"{op}: {type(e).__name__}") from None
+
+    def _explain_head_refusal(self, key: str, e: Any) -> ObjectStoreError:
+        """Why a HEAD was refused, when its answer could not say: a HEAD answer has no
+        body, so a revoked key, a replaced or expired session token and a policy refusal
+        all arrive as a bare 403 (or 400), and only the first two are worth waiting for
+        newer credentials (CredentialsRejected; a bare 403 was AccessDenied, EACCES at
+        once, so ``stat`` failed for good while the plugin was rotating keys).  The same
+        request as a GET of the object's first byte is refused for the same reason, with
+        an error document that names it.  Only a credential code from that answer changes
+        the HEAD's classification; anything else (success, 404, another refusal, a
+        transport failure) leaves it as it was.  Costs one request, on refusals only."""
+        import botocore.exceptions as bx
+
+        first = self._client_error("head_object", e)
+        try:
+            r = self._client.get_object(Bucket=self.bucket, Key=key, Range="bytes=0-0")
+        except bx.ClientError as pe:
+            probe = self._client_error("head_object", pe)
+            return probe if isinstance(probe, CredentialsRejected) else first
+        except (bx.BotoCoreError, OSError, ValueError):
+            return first
+        body = r.get("Body") if isinstance(r, Mapping) else None
+        with contextlib.suppress(Exception):
+            if body is not None:
+                body.close()  # not read: a hostile answer's size does not matter
+        return first
 
     @staticmethod
     def _client_error(op: str, e: Any) -> ObjectStoreError:
