@@ -170,16 +170,25 @@ def _refused(fn: Any) -> CredentialsRejected:
     return e.value
 
 
-def test_revoked_key_is_refused_then_the_refresh_is_used(moto_auth: MotoS3) -> None:
-    """Key A deleted in IAM: every operation, HEAD included (whose answer has no body), is
-    CredentialsRejected; the wait picks up key B and the request succeeds, one refused try
-    and one re-send, no remount, no storm."""
+def _keyed_wire(
+    moto_auth: MotoS3, wait: float, first: bytes
+) -> tuple[str, str, tuple[str, str], CredentialBox, Wire]:
+    """A new bucket and IAM user with one key (A) in the box, and object ``k`` written
+    with it: (bucket, user, key A, box, wire)."""
     bucket = moto_auth.new_bucket()
     user = moto_auth.new_user()
     a = moto_auth.create_key(user)
     box = CredentialBox(a[0], a[1])
-    w = Wire(moto_auth, box, bucket, wait=10.0)
-    w.t.put("k", b"signed with A", metadata={})
+    w = Wire(moto_auth, box, bucket, wait=wait)
+    w.t.put("k", first, metadata={})
+    return bucket, user, a, box, w
+
+
+def test_revoked_key_is_refused_then_the_refresh_is_used(moto_auth: MotoS3) -> None:
+    """Key A deleted in IAM: every operation, HEAD included (whose answer has no body), is
+    CredentialsRejected; the wait picks up key B and the request succeeds, one refused try
+    and one re-send, no remount, no storm."""
+    bucket, user, a, box, w = _keyed_wire(moto_auth, 10.0, b"signed with A")
     assert w.t.head("k").size == len(b"signed with A")
     moto_auth.delete_key(user, a[0])
     for op in (
@@ -212,12 +221,7 @@ def test_revoked_key_is_refused_then_the_refresh_is_used(moto_auth: MotoS3) -> N
 
 
 def test_revoked_key_without_a_refresh_is_eio_after_the_wait(moto_auth: MotoS3) -> None:
-    bucket = moto_auth.new_bucket()
-    user = moto_auth.new_user()
-    a = moto_auth.create_key(user)
-    box = CredentialBox(a[0], a[1])
-    w = Wire(moto_auth, box, bucket, wait=0.5)
-    w.t.put("k", b"v", metadata={})
+    bucket, user, a, box, w = _keyed_wire(moto_auth, 0.5, b"v")
     moto_auth.delete_key(user, a[0])
     ops = (lambda: w.t.get("k"), lambda: w.t.head("k"), lambda: w.t.put("k", b"w", metadata={}))
     for op in ops:
