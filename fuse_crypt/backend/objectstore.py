@@ -127,8 +127,9 @@ _DONE_MAX = 64
 _STREAMING = 32 * CIPHER_BS
 #: Evicted chunk buffers kept for the next chunk fetch (see
 #: :meth:`ObjectStoreBackend._recycle`), outside ``cache_bytes``: a sequential reader's
-#: eviction frees one buffer just before its next fetch takes one, so two is plenty.
-_SPARE_CHUNKS = 2
+#: eviction frees one buffer just before its next fetch takes it, so one is enough, and
+#: each more would be 1 MiB more at the daemon's peak (its RSS budget has ~1 MiB left).
+_SPARE_CHUNKS = 1
 #: Streaming GETs a daemon keeps open for sequential readers (one per (key, etag)),
 #: and how long one may sit unused before the next stream read closes it.
 _STREAMS_MAX = 2
