@@ -531,10 +531,13 @@ def test_unpublish_of_a_busy_target_fails_clearly_and_changes_nothing(rig: Rig) 
     assert not os.path.ismount(staging)
 
 
-def test_unpublish_waits_out_a_holder_that_lets_go(rig: Rig) -> None:
-    """A file in the target closed 0.3 s after NodeUnpublishVolume started (a process
-    exiting, a fork releasing an inherited descriptor): the call succeeds instead of
-    failing with "target is busy" (it failed before the bounded wait on EBUSY)."""
+@pytest.mark.parametrize("holder", ["this process", "a child that exits"])
+def test_unpublish_waits_out_a_holder_that_lets_go(rig: Rig, holder: str) -> None:
+    """A file in the target let go of 0.3 s after NodeUnpublishVolume started: closed by
+    this process, or held by a child that inherited the descriptor and then exits (as a
+    ``fusermount3`` the supervisor forks while a pod writes holds a copy until its exec).
+    The call succeeds instead of failing with "target is busy", as it did before the
+    bounded wait on EBUSY."""
     import threading
 
     img = rig.image()
@@ -542,12 +545,20 @@ def test_unpublish_waits_out_a_holder_that_lets_go(rig: Rig) -> None:
     target = rig.target("a")
     rig.publish(staging, target)
     fd = os.open(pathlib.Path(target) / "f", os.O_CREAT | os.O_WRONLY, 0o600)
-    closer = threading.Timer(0.3, os.close, (fd,))
-    closer.start()
+    child = None
+    if holder == "this process":
+        letgo = threading.Timer(0.3, os.close, (fd,))
+        letgo.start()
+    else:
+        child = subprocess.Popen(["sleep", "0.3"], pass_fds=(fd,))
+        os.close(fd)
     try:
         rig.core.unpublish("blk-1", target)
     finally:
-        closer.join(5)
+        if child is None:
+            letgo.join(5)
+        else:
+            child.wait(5)
     assert not os.path.exists(target) and rig.core.block.store.get(target) is None
     assert os.path.ismount(staging)
 
