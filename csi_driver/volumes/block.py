@@ -811,6 +811,8 @@ class BlockVolumes:
             if self.mounts.find(target) is None:  # someone else unmounted it meanwhile
                 return
             left = give_up - time.monotonic()
+            if delay == 0.05:  # once per call: how often this happens is worth knowing
+                log.info("target busy; waiting", extra={"fields": {"target": target}})
             if left <= 0:
                 raise errors.FailedPrecondition(
                     f"target_path {target} is busy (a process still has a file or its "
