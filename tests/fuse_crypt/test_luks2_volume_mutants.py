@@ -345,13 +345,22 @@ def test_short_reads_and_writes_are_completed(
 ) -> None:
     path = _fmt(tmp_path)
     real_pread, real_pwrite = os.pread, os.pwrite
-    monkeypatch.setattr(os, "pread", lambda fd, n, off: real_pread(fd, min(n, 1000), off))
+    calls = [0]
+
+    def counted(real: Any, fd: int, arg: Any, off: int) -> Any:
+        """A loop that never completes fails here in a moment, not at a timeout."""
+        calls[0] += 1
+        assert calls[0] < 20_000, "a short read or write is retried without progress"
+        return real(fd, arg, off)
+
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: counted(real_pread, fd, min(n, 1000), off))
     monkeypatch.setattr(
-        os, "pwrite", lambda fd, data, off: real_pwrite(fd, bytes(data)[:1000], off)
+        os, "pwrite", lambda fd, data, off: counted(real_pwrite, fd, bytes(data)[:1000], off)
     )
     vk = _open(path).volume_key
     _add(path, PW, b"two")
     monkeypatch.undo()
+    assert calls[0] > 600  # 1000 bytes at a time: both were really cut short
     assert _open(path, b"two").volume_key == vk
     with opened_fd(path) as fd:
         assert volume._pread(fd, 100, SIZE - 10) == real_pread(fd, 10, SIZE - 10)
