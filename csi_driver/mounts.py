@@ -10,6 +10,7 @@ hung FUSE daemon cannot wedge the caller.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 
 from csi_driver import fsprobe
@@ -19,7 +20,7 @@ from fuse_crypt.mounttable import MountEntry
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
 
-__all__ = ["MountEntry", "MountTable", "umount_nofollow"]
+__all__ = ["MountEntry", "MountTable", "umount_nofollow", "umount_nofollow_errno"]
 
 
 def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
@@ -30,15 +31,23 @@ def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
     flag closes that window. False (caller falls back to mounttable.detach) when not root,
     busy or anything else fails.
     """
+    return umount_nofollow_errno(target, lazy=lazy) == 0
+
+
+def umount_nofollow_errno(target: str, *, lazy: bool = False) -> int | None:
+    """As umount_nofollow, but why it failed: 0 if it unmounted, else umount2's errno
+    (EBUSY: something still holds a file or a working directory in the mount), None if
+    umount2 cannot be called here (not root, no libc symbol). A caller that waits out a
+    transient EBUSY needs to tell it from the failures that no wait cures."""
     if os.geteuid() != 0:
-        return False
+        return None
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         flags = _UMOUNT_NOFOLLOW | (_MNT_DETACH if lazy else 0)
         rc: int = libc.umount2(os.fsencode(target), flags)
-        return rc == 0
     except (OSError, AttributeError):
-        return False
+        return None
+    return 0 if rc == 0 else ctypes.get_errno() or errno.EIO
 
 
 class MountTable:

@@ -356,20 +356,23 @@ def _mutmut(
     return subprocess.run(cmd, cwd=dest, capture_output=True, text=True, env=env, check=False)
 
 
-def _function_names(module: str) -> list[str]:
-    """mutmut's names of the functions in FUNCTIONS[module] (mutants: ``<name>__mutmut_N``)."""
+def _function_names(module: str, only: Sequence[str] = ()) -> list[str]:
+    """mutmut's names of the functions in FUNCTIONS[module] (mutants: ``<name>__mutmut_N``),
+    or of ``only`` (``--functions``: a subset, to finish a run that was stopped part-way)."""
     dotted = module.removesuffix(".py").replace("/", ".")
     names = []
-    for func in FUNCTIONS.get(module, []):
+    for func in only or FUNCTIONS.get(module, []):
         cls, _, name = func.rpartition(".")
         names.append(f"{dotted}.x\u01c1{cls}\u01c1{name}" if cls else f"{dotted}.x_{name}")
     return names
 
 
-def run_module(module: str, *, jobs: int, nice: int, again: bool = False) -> Score:
+def run_module(
+    module: str, *, jobs: int, nice: int, again: bool = False, only: Sequence[str] = ()
+) -> Score:
     slug = module.removesuffix(".py").replace("/", ".")
     dest = WORK / slug
-    functions = _function_names(module)
+    functions = _function_names(module, only)
     if again:
         names = _refresh_tests(dest, module, functions)
     else:
@@ -406,7 +409,16 @@ def main(argv: list[str] | None = None) -> int:
         help="judge only the last run's survivors again, with the current tests (the module "
         "itself must be unchanged): minutes instead of a full run after adding tests",
     )
+    p.add_argument(
+        "--functions",
+        default="",
+        help="comma-separated: mutate only these functions (\"func\" or \"Class.method\") of "
+        "the one module named, e.g. the part of a run a deadline stopped; the score is theirs",
+    )
     args = p.parse_args(argv)
+    only = [f for f in args.functions.split(",") if f]
+    if only and len(args.modules) != 1:
+        p.error("--functions needs exactly one module")
     if args.list:
         for module, tests in MODULES.items():
             only = f" (only {', '.join(FUNCTIONS[module])})" if module in FUNCTIONS else ""
@@ -418,7 +430,7 @@ def main(argv: list[str] | None = None) -> int:
     scores = []
     for module in args.modules or list(MODULES):
         print(f"mutation: {module} ...", flush=True)
-        s = run_module(module, jobs=args.jobs, nice=args.nice, again=args.again)
+        s = run_module(module, jobs=args.jobs, nice=args.nice, again=args.again, only=only)
         scores.append(s)
         print(_line(s), flush=True)
     print("\nmodule                          mutants killed survived msg-only  score")

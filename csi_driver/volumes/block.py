@@ -45,7 +45,7 @@ from csi_driver.core.volcap import AccessType, Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.mounter import Mounter, _tool
-from csi_driver.mounts import MountTable, umount_nofollow
+from csi_driver.mounts import MountTable, umount_nofollow, umount_nofollow_errno
 from csi_driver.proc import tail
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from csi_driver.volumes import block_kernel, blockdev
@@ -75,6 +75,11 @@ HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never t
 DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
 TOOL_TIMEOUT = 120.0
 PROBE_TIMEOUT = 5.0
+# How long unpublish waits out EBUSY on a pod target (backoff from 50 ms): a process that
+# has just exited, or a fork that briefly inherited a descriptor, can still pin the mount
+# for a moment. Longer holders get a clear error and kubelet's own retry, never a lazy
+# detach (that would leave the pod writing to a volume the node thinks is unpublished).
+BUSY_WAIT = 2.0
 _MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_NOSUID, _MS_NODEV = 1, 32, 4096, 2, 4
 
 
@@ -768,8 +773,8 @@ class BlockVolumes:
         self._unbind(target)
 
     def _unbind(self, target: str) -> None:
-        if self.mounts.find(target) is not None and not umount_nofollow(target):
-            _run(["umount", target], "umount of the target")
+        if self.mounts.find(target) is not None:
+            self._umount_target(target)
         try:
             st = os.lstat(target)
             if stat.S_ISREG(st.st_mode) and st.st_size == 0:
@@ -785,6 +790,37 @@ class BlockVolumes:
                 ) from None
             raise errors.Internal(f"cannot remove {target}: {exc.strerror}") from None
         self.store.remove(target)
+
+    def _umount_target(self, target: str) -> None:
+        """Unmount a pod target, waiting up to BUSY_WAIT while it is busy (EBUSY).
+
+        Once seen in the e2e tests under load: umount answered "target is busy" right after
+        the only writer had ended. Past the wait: FAILED_PRECONDITION naming the target,
+        with the mount and its record left as they were, so kubelet's retry (or the next
+        call) finds a consistent state and finishes the job once the holder is gone.
+        """
+        delay = 0.05
+        give_up = time.monotonic() + BUSY_WAIT
+        while True:
+            err = umount_nofollow_errno(target)
+            if err == 0:
+                return
+            if err != errno.EBUSY:  # not root, or not a busy mount: umount(8) decides
+                _run(["umount", target], "umount of the target")
+                return
+            if self.mounts.find(target) is None:  # someone else unmounted it meanwhile
+                return
+            left = give_up - time.monotonic()
+            if delay == 0.05:  # once per call: how often this happens is worth knowing
+                log.info("target busy; waiting", extra={"fields": {"target": target}})
+            if left <= 0:
+                raise errors.FailedPrecondition(
+                    f"target_path {target} is busy (a process still has a file or its "
+                    f"working directory in it) after {BUSY_WAIT:g} s; nothing was unmounted, "
+                    "retry once it is closed"
+                )
+            time.sleep(min(delay, left))
+            delay *= 2
 
     # -- stats / expand ------------------------------------------------------------------------
 

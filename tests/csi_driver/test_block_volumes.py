@@ -479,6 +479,90 @@ def test_unstage_right_after_the_daemon_died_before_the_supervisor_noticed(rig: 
     assert _loops_of(img) == [] and not os.path.ismount(staging)
 
 
+def _mount_source(path: str) -> str | None:
+    """The mount entry at exactly ``path`` (its source and fstype), None if not a mount."""
+    for line in pathlib.Path("/proc/self/mountinfo").read_text().splitlines():
+        fields = line.split()
+        if fields[4] == path:
+            return fields[3] + " " + line.split(" - ", 1)[1]
+    return None
+
+
+def test_unpublish_of_a_busy_target_fails_clearly_and_changes_nothing(rig: Rig) -> None:
+    """A pod target held by an open file: NodeUnpublishVolume waits a bounded time, then
+    fails with FAILED_PRECONDITION naming the target, and leaves everything as it was (the
+    target still mounted and recorded, the other target and the staging mount untouched,
+    the open file still usable). Once the file is closed the same call succeeds. (The
+    unpublish flake: "target is busy" right after the writer had ended.)"""
+    import time
+
+    from csi_driver.volumes import block
+
+    img = rig.image()
+    staging = rig.stage(img)
+    busy, other = rig.target("busy"), rig.target("other")
+    rig.publish(staging, busy)
+    rig.publish(staging, other)
+    before = {p: _mount_source(p) for p in (busy, other, staging)}
+    assert all(before.values())
+    f = open(pathlib.Path(busy) / "held", "wb")  # noqa: SIM115 (held across the call)
+    try:
+        f.write(b"first")
+        f.flush()
+        started = time.monotonic()
+        with pytest.raises(errors.FailedPrecondition) as exc:
+            rig.core.unpublish("blk-1", busy)
+        took = time.monotonic() - started
+        assert busy in str(exc.value) and "busy" in str(exc.value)
+        assert block.BUSY_WAIT <= took < block.BUSY_WAIT + 10, took  # bounded, not instant
+        assert {p: _mount_source(p) for p in (busy, other, staging)} == before
+        assert rig.core.block.store.get(busy) is not None
+        f.write(b" second")  # the pod's descriptor still works
+        f.flush()
+        assert (pathlib.Path(other) / "held").read_bytes() == b"first second"
+    finally:
+        f.close()
+    rig.core.unpublish("blk-1", busy)
+    assert not os.path.exists(busy) and rig.core.block.store.get(busy) is None
+    assert _mount_source(other) == before[other] and _mount_source(staging) == before[staging]
+    assert (pathlib.Path(other) / "held").read_bytes() == b"first second"
+    rig.core.unpublish("blk-1", other)
+    rig.core.unstage("blk-1", staging)
+    assert not os.path.ismount(staging)
+
+
+@pytest.mark.parametrize("holder", ["this process", "a child that exits"])
+def test_unpublish_waits_out_a_holder_that_lets_go(rig: Rig, holder: str) -> None:
+    """A file in the target let go of 0.3 s after NodeUnpublishVolume started: closed by
+    this process, or held by a child that inherited the descriptor and then exits (as a
+    ``fusermount3`` the supervisor forks while a pod writes holds a copy until its exec).
+    The call succeeds instead of failing with "target is busy", as it did before the
+    bounded wait on EBUSY."""
+    import threading
+
+    img = rig.image()
+    staging = rig.stage(img)
+    target = rig.target("a")
+    rig.publish(staging, target)
+    fd = os.open(pathlib.Path(target) / "f", os.O_CREAT | os.O_WRONLY, 0o600)
+    child = None
+    if holder == "this process":
+        letgo = threading.Timer(0.3, os.close, (fd,))
+        letgo.start()
+    else:
+        child = subprocess.Popen(["sleep", "0.3"], pass_fds=(fd,))
+        os.close(fd)
+    try:
+        rig.core.unpublish("blk-1", target)
+    finally:
+        if child is None:
+            letgo.join(5)
+        else:
+            child.wait(5)
+    assert not os.path.exists(target) and rig.core.block.store.get(target) is None
+    assert os.path.ismount(staging)
+
+
 def _null_cipher(m: dict) -> None:  # type: ignore[type-arg]
     m["segments"]["0"]["encryption"] = "cipher_null-ecb"
 

@@ -345,13 +345,22 @@ def test_short_reads_and_writes_are_completed(
 ) -> None:
     path = _fmt(tmp_path)
     real_pread, real_pwrite = os.pread, os.pwrite
-    monkeypatch.setattr(os, "pread", lambda fd, n, off: real_pread(fd, min(n, 1000), off))
+    calls = [0]
+
+    def counted(real: Any, fd: int, arg: Any, off: int) -> Any:
+        """A loop that never completes fails here in a moment, not at a timeout."""
+        calls[0] += 1
+        assert calls[0] < 20_000, "a short read or write is retried without progress"
+        return real(fd, arg, off)
+
+    monkeypatch.setattr(os, "pread", lambda fd, n, off: counted(real_pread, fd, min(n, 1000), off))
     monkeypatch.setattr(
-        os, "pwrite", lambda fd, data, off: real_pwrite(fd, bytes(data)[:1000], off)
+        os, "pwrite", lambda fd, data, off: counted(real_pwrite, fd, bytes(data)[:1000], off)
     )
     vk = _open(path).volume_key
     _add(path, PW, b"two")
     monkeypatch.undo()
+    assert calls[0] > 600  # 1000 bytes at a time: both were really cut short
     assert _open(path, b"two").volume_key == vk
     with opened_fd(path) as fd:
         assert volume._pread(fd, 100, SIZE - 10) == real_pread(fd, 10, SIZE - 10)
@@ -379,3 +388,47 @@ def test_every_entry_point_requires_the_binding_by_default(tmp_path: Path) -> No
     _remove(path, b"two", require_binding=False)
     assert sorted(_meta(path)["keyslots"]) == ["0"]
     assert "tokens" in _meta(path) and _meta(path)["tokens"] == {}  # not bound behind our back
+
+
+def test_each_refusal_says_exactly_what_happened(tmp_path: Path) -> None:
+    """The operator's only clue is the text: a wrong key must read as a wrong key, not as a
+    hostile header (and the other way round), with nothing else in it."""
+    path = _fmt(tmp_path)
+    with pytest.raises(WrongKeyError) as wrong:
+        _open(path, b"wrong")
+    assert str(wrong.value) == "no LUKS2 keyslot opens with this passphrase"
+    texts = {
+        b"": "the LUKS2 passphrase is empty",
+        "text": "the LUKS2 passphrase must be bytes",
+        b"x" * (volume.MAX_PASSPHRASE + 1): "the LUKS2 passphrase is longer than 8 MiB",
+    }
+    for bad, text in texts.items():
+        with pytest.raises(BadInputError) as exc:
+            _open(path, bad)  # type: ignore[arg-type]
+        assert str(exc.value) == text
+    forge(path, lambda m: m.update(tokens={}))
+    with pytest.raises(HeaderError) as unbound:
+        _open(path)
+    assert str(unbound.value) == (
+        "LUKS2 header refused: no coco-csi binding token (not made by coco-csi, or "
+        "stripped); open with require_binding=False only for trusted CDH-made disks"
+    )
+    mac = _meta(_fmt(tmp_path, "other.img"))["tokens"]["0"]
+    forge(path, lambda m: m.update(tokens={"0": mac}))
+    with pytest.raises(HeaderError) as foreign:
+        _open(path)
+    assert str(foreign.value) == (
+        "LUKS2 header refused: the binding MAC does not verify (header parameters were "
+        "changed, or the header belongs to another volume key)"
+    )
+
+
+def test_a_swapped_header_is_named_as_such(tmp_path: Path) -> None:
+    path = _fmt(tmp_path)
+    with opened_fd(path) as fd:
+        loaded = volume._load(fd)
+        volume._still_validated(fd, loaded)  # unchanged: no error
+        forge(path, lambda m: m["config"].update(flags=["allow-discards"]))
+        with pytest.raises(HeaderError) as exc:
+            volume._still_validated(fd, loaded)
+    assert str(exc.value) == "LUKS2 header changed on the device during the update; not committed"
