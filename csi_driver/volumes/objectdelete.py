@@ -42,8 +42,9 @@ show them, yet they hold ciphertext and cost the tenant money) are aborted too
 ``(key-marker, upload-id-marker)`` pair (which must move on, at most ``MAX_PAGES`` pages of
 at most 1,000), every listed key checked against the prefix exactly as for objects (a page
 naming one key outside it is refused before any abort of that page), every upload id one
-printable token, then one AbortMultipartUpload per upload (``NoSuchUpload`` = already gone), at most
-``ABORT_PARALLEL`` at a time, every abort of a page ended before the next page is listed.
+printable token, then one AbortMultipartUpload per upload (``NoSuchUpload`` = already
+gone), at most ``ABORT_PARALLEL`` at a time, every abort of a page ended before the next
+page is listed.
 Uploads are aborted before the objects are deleted (a completing upload then fails instead
 of landing an object after the listing) and listed once more after.
 
@@ -264,6 +265,10 @@ def delete_prefix(
                 if len(keys) > DELETE_BATCH:
                     raise errors.FailedPrecondition("the object store listed an oversize page")
                 _check_keys(keys, prefix)  # the whole page, before its delete is sent
+                # Its batch runs while the next page is listed: S3's and OSS's tokens name
+                # the last key listed, so deleting what came before does not move them (a
+                # store paging by offset would skip keys in this pass; the next pass, of
+                # MAX_PASSES, lists them again).
                 if keys:
                     io.submit(
                         partial(transport.delete_many, keys),
