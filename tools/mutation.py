@@ -147,6 +147,7 @@ MODULES: dict[str, list[str]] = {
         "tests/csi_driver/test_object_delete.py",
         "tests/csi_driver/test_object_uploads.py",
         "tests/csi_driver/test_object_delete_parallel.py",
+        "tests/csi_driver/test_object_uploads_mutants.py",
     ],
     "fuse_crypt/cli/credsocket.py": [
         "tests/fuse_crypt/test_credsocket_mutants.py",
