@@ -59,6 +59,8 @@ def test_refusal_texts_and_the_page_size_asked_for() -> None:
     t = Pages([UploadPage(ups((P + "a", "U1")), None)])
     assert abort_uploads(t, P, Deadline(5)) == 1
     assert t.asked == [{"key_marker": "", "upload_id_marker": "", "max_uploads": 1000}]
+    for good in ("v/", "X/", "XX/X/"):  # a one-component prefix is fine; only / is stripped
+        assert abort_uploads(Pages([]), good, Deadline(5)) == 0
 
 
 def test_a_full_page_is_fine_and_one_more_is_refused_by_its_text() -> None:
