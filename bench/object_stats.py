@@ -1,9 +1,10 @@
 """NodeGetVolumeStats of a bucket volume on a moto server: what the daemon's listing costs.
 
 Fills ``pvcs/coco-1/`` with N objects of 1 byte (16 parallel PUTs) plus a sibling prefix
-that must not be counted, then times ``ObjectStoreBackend.usage()`` (the daemon's side of
-STATS: ListObjectsV2 pages of 1,000 through the retrying S3 transport) with the default
-bounds (1,000,000 objects, 5 s), and once more through the daemon's cache.
+that must not be counted (bench/objectfill.py), then times ``ObjectStoreBackend.usage()``
+(the daemon's side of STATS: ListObjectsV2 pages of 1,000 through the retrying S3
+transport) with the default bounds (1,000,000 objects, 5 s), and once more through the
+daemon's cache.
 
     .venv/bin/python bench/object_stats.py [N]   # default 10000
 """
@@ -12,30 +13,20 @@ from __future__ import annotations
 
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.objectfill import PREFIX, fill_objects, moto_bucket  # noqa: E402
 from fuse_crypt.backend import ObjectStoreBackend  # noqa: E402
 from fuse_crypt.backend.retrying import RetryingTransport  # noqa: E402
 from fuse_crypt.cli.usagecache import UsageCache  # noqa: E402
-from tests.peers.moto_s3 import MotoS3  # noqa: E402
 
 
 def main(n: int) -> None:
-    moto = MotoS3()
-    try:
-        bucket = moto.new_bucket("bench")
-        client = moto.client()
-
-        def put(i: int) -> None:
-            client.put_object(Bucket=bucket, Key=f"pvcs/coco-1/f{i:06d}", Body=b"x")
-
-        with ThreadPoolExecutor(16) as pool:
-            list(pool.map(put, range(n)))
-        client.put_object(Bucket=bucket, Key="pvcs/coco-1-sibling/x", Body=b"x")
-        backend = ObjectStoreBackend(RetryingTransport(moto.transport(bucket)), "pvcs/coco-1")
+    with moto_bucket() as (moto, bucket, client):
+        fill_objects(client, bucket, n)
+        backend = ObjectStoreBackend(RetryingTransport(moto.transport(bucket)), PREFIX.rstrip("/"))
         try:
             cache = UsageCache(backend.usage, wait=60)
             t0 = time.monotonic()
@@ -53,8 +44,6 @@ def main(n: int) -> None:
             print(f"{n} objects: refused: {e}")
         finally:
             backend.destroy()
-    finally:
-        moto.stop()
 
 
 if __name__ == "__main__":

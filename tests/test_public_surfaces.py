@@ -100,6 +100,18 @@ ALLOWED: dict[tuple[str, str], str] = {
         "bench.object_delete",
         "csi_driver.volumes.objectdelete.delete_prefix",
     ): "the benchmark times DeleteVolume's bucket loop alone, without a resolver or gRPC",
+    (
+        "bench.object_delete",
+        "csi_driver.volumes.objectdelete.abort_uploads",
+    ): "the benchmark times DeleteVolume's abort loop alone, without a resolver or gRPC",
+    (
+        "bench.object_delete",
+        "csi_driver.volumes.objectdelete.ABORT_PARALLEL",
+    ): "the benchmark compares DeleteVolume's abort concurrency with one at a time",
+    (
+        "bench.object_delete",
+        "csi_driver.volumes.objectdelete.BATCHES_IN_FLIGHT",
+    ): "the benchmark compares DeleteVolume's batch pipeline with one at a time",
     ("bench.object_delete", "csi_driver.deadline.Deadline"): "delete_prefix's time bound",
 }
 

@@ -145,6 +145,9 @@ MODULES: dict[str, list[str]] = {
     "csi_driver/volumes/objectdelete.py": [
         "tests/csi_driver/test_objectdelete_mutants.py",
         "tests/csi_driver/test_object_delete.py",
+        "tests/csi_driver/test_object_uploads.py",
+        "tests/csi_driver/test_object_delete_parallel.py",
+        "tests/csi_driver/test_object_uploads_mutants.py",
     ],
     "fuse_crypt/cli/credsocket.py": [
         "tests/fuse_crypt/test_credsocket_mutants.py",

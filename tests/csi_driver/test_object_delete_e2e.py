@@ -455,3 +455,46 @@ def test_oss_create_volume_initialises_the_prefix_with_the_passphrase(env: Env) 
     assert PASSPHRASE not in e.logs()
     delete(e, vol.volume_id, secrets)
     assert conf_key not in e.oss.objects(OSS_BUCKET)
+
+
+def test_a_delete_that_fails_half_way_through_the_aborts_is_finished_by_the_retry(
+    env: Env,
+) -> None:
+    """The S3 class's endpoint is the fault proxy in front of moto.  DeleteVolume's 12th
+    request (ListMultipartUploads, then aborts 8 at a time) is refused with 403: the call
+    is PERMISSION_DENIED as when aborts ran one at a time, only the aborts already in
+    flight were sent after it, nothing was deleted (uploads go first), and the record is
+    kept; the provisioner's retry then aborts the rest and deletes the objects."""
+    from tests.peers.fault_proxy import Fault, FaultProxy
+
+    e = env
+    with FaultProxy(("127.0.0.1", e.moto.port)) as proxy:
+        params, secrets, _ = klass(e, "s3")
+        params = {**params, "endpoint": proxy.endpoint}
+        vol = create(e, "pvc-half", params, secrets)
+        base = params["prefix"]
+        prefix = f"{base}/{vol.volume_id}/"
+        mine = [f"{prefix}big{i:03d}" for i in range(40)]
+        neighbours = [f"{base}/{vol.volume_id}0/x"]
+        before = set(uploads(e, "s3"))
+        start_uploads(e, "s3", mine + neighbours)  # straight to moto, not through the proxy
+        plant(e, "s3", [prefix + "obj"])
+        proxy.reset()
+        proxy.queue(*([None] * 11), Fault.error(403, "AccessDenied"))
+        with pytest.raises(grpc.RpcError) as info:
+            delete(e, vol.volume_id, secrets)
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        sent = list(proxy.log)
+        assert sent[0][0] == "GET" and "uploads" in sent[0][1]
+        aborts = [p for m, p, _ in sent if m == "DELETE"]
+        assert all("uploadId=" in p for p in aborts)
+        assert 11 <= len(aborts) <= 11 + 8  # the refused one and at most the rest in flight
+        assert not [m for m, _, _ in sent if m == "POST"]  # no DeleteObjects
+        left = [k for k in uploads(e, "s3") if k.startswith(prefix)]
+        assert len(left) == len(mine) - (len(aborts) - 1)
+        assert prefix + "obj" in keys(e, "s3")
+        delete(e, vol.volume_id, secrets)  # the provisioner's retry: same record, same proxy
+    assert not [k for k in uploads(e, "s3") if k.startswith(prefix)]
+    assert set(uploads(e, "s3")) == before | set(neighbours)
+    assert not [k for k in keys(e, "s3") if k.startswith(prefix)]
+    assert S3_SK not in e.logs()

@@ -221,7 +221,8 @@ def test_pages_batches_tokens_and_the_count() -> None:
         (P, {"delimiter": "", "token": "t2", "max_keys": 1000}),
         (P, {"delimiter": "", "token": None, "max_keys": 1000}),  # second pass: empty
     ]
-    assert t.deleted == [first, [P + "b"]]  # no delete for an empty page
+    # No delete for an empty page; two batches may start in either order (they overlap).
+    assert sorted(t.deleted) == sorted([first, [P + "b"]])
     assert d.steps == [
         "listing the volume's objects",
         "deleting the volume's objects",
