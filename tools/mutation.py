@@ -415,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--functions",
         default="",
-        help="comma-separated: mutate only these functions (\"func\" or \"Class.method\") of "
+        help='comma-separated: mutate only these functions ("func" or "Class.method") of '
         "the one module named, e.g. the part of a run a deadline stopped; the score is theirs",
     )
     args = p.parse_args(argv)
