@@ -201,11 +201,11 @@ class _BoundedResponse(oss2.http.Response):
         self._done = True
         return out
 
-    def read_exact(self, n: int, seconds: float, into: bytearray | None = None) -> bytearray:
-        """The next ``n`` bytes of a stream (:class:`_OssStream`) within ``seconds``,
-        into ``into`` when given; the whole answer's length was checked against the
-        request when it opened."""
-        buf = exact_buffer(n, into)
+    def fill(self, buf: bytearray, seconds: float) -> None:
+        """The next ``len(buf)`` bytes of a stream (:class:`_OssStream`, which sized
+        ``buf``) into ``buf`` within ``seconds``; the whole answer's length was checked
+        against the request when it opened."""
+        n = len(buf)
         self._deadline = time.monotonic() + seconds
         view = memoryview(buf)
         got = 0
@@ -219,7 +219,6 @@ class _BoundedResponse(oss2.http.Response):
                 got += len(piece)
         finally:
             view.release()
-        return buf
 
     def read(self, amt: int | None = None) -> bytes:
         if amt is None:
@@ -256,13 +255,13 @@ class _OssStream:
             raise BadResponse("OSS stream: read past the requested range")
         buf = exact_buffer(n, into)  # a wrong-sized buffer is refused, the stream kept
         try:
-            data = self._resp.read_exact(n, self._seconds, buf)
+            self._resp.fill(buf, self._seconds)
         except BaseException:
             self._broken = True
             self.close()
             raise
         self._left -= n
-        return data
+        return buf
 
     def close(self) -> None:
         """Drop the connection, unless the body was read to its end (as after a
