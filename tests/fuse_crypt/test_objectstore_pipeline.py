@@ -88,6 +88,11 @@ class _Watched(FakeTransport):
     backend: ObjectStoreBackend | None = None
     worst = 0
 
+    def __init__(self) -> None:
+        super().__init__()
+        #: Per stream read: the id of the reused buffer filled, or 0 for a new one.
+        self.fills: list[int] = []
+
     def open_stream(self, key: str, start: int, end: int) -> FakeStream:
         s = super().open_stream(key, start, end)
         real = s.read_exact
@@ -97,7 +102,10 @@ class _Watched(FakeTransport):
             if b is not None:
                 with b._lock:
                     self.worst = max(self.worst, b._cache_used + b._cache_reserved)
-            return real(n, into)
+            got = real(n, into)
+            assert into is None or got is into
+            self.fills.append(0 if into is None else id(got))
+            return got
 
         s.read_exact = read_exact  # type: ignore[method-assign]
         return s
@@ -255,36 +263,21 @@ def test_a_second_pass_over_a_file_gets_read_ahead_again(t: FakeTransport) -> No
     cold.close()
 
 
-def test_a_sequential_read_reuses_evicted_chunk_buffers(t: FakeTransport) -> None:
+def test_a_sequential_read_reuses_evicted_chunk_buffers() -> None:
     """A reader going through 20 MiB turns the 8-chunk cache over ~12 times: the
     buffers of the chunks it finished are handed to the next fetches instead of a
     fresh (page-faulted, zeroed) buffer each, and every byte still reads right."""
+    t = _Watched()
+    _init(t)
     data = os.urandom(20 * MiB)
     FS(t).write("/f", data)
     cold = FS(t)
     b = cold.backend
-    fills: list[int] = []
-    real_open = t.open_stream
-
-    def open_stream(key: str, start: int, end: int) -> FakeStream:
-        s = real_open(key, start, end)
-        real = s.read_exact
-
-        def read_exact(n: int, into: bytearray | None = None) -> bytearray:
-            got = real(n, into)
-            assert into is None or got is into
-            fills.append(id(got) if into is not None else 0)
-            return got
-
-        s.read_exact = read_exact  # type: ignore[method-assign]
-        return s
-
-    t.open_stream = open_stream  # type: ignore[method-assign]
     fh = cold.ops.open("/f", os.O_RDONLY)
     got = b"".join(cold.ops.read(None, MiB, i * MiB, fh) for i in range(20))
     assert got == data
-    reused = [f for f in fills if f]
-    assert len(reused) >= 8, fills  # most fetches after the cache first filled
+    reused = [f for f in t.fills if f]
+    assert len(reused) >= 8, t.fills  # most fetches after the cache first filled
     assert len(set(reused)) <= objectstore._SPARE_CHUNKS + 8  # a few buffers, turned over
     with b._lock:
         assert len(b._spare) <= objectstore._SPARE_CHUNKS
