@@ -97,7 +97,7 @@ class Moto:
         with urllib.request.urlopen(f"{self.url}/__{'reset' if reset else 'stats'}") as r:
             return dict(json.loads(r.read()))
 
-    def client(self):  # type: ignore[no-untyped-def]
+    def client(self, config=None):  # type: ignore[no-untyped-def]
         import boto3
 
         return boto3.client(
@@ -106,6 +106,7 @@ class Moto:
             aws_access_key_id=AK,
             aws_secret_access_key=SK,
             region_name="us-east-1",
+            config=config,
         )
 
     def stored(self, bucket: str, prefix: str) -> int:
@@ -416,20 +417,14 @@ def run_peer(moto: Moto, bucket: str, size: int) -> dict[str, float]:
     ceiling cannot be met on this peer, whatever the client does."""
     import concurrent.futures
 
-    import boto3
     from botocore.config import Config
 
-    client = boto3.client(
-        "s3",
-        endpoint_url=moto.url,
-        aws_access_key_id=AK,
-        aws_secret_access_key=SK,
-        region_name="us-east-1",
-        config=Config(
+    client = moto.client(
+        Config(
             max_pool_connections=8,
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
-        ),
+        )
     )
     data = os.urandom(size)
     part = 8 * MiB
