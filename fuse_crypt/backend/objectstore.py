@@ -105,12 +105,19 @@ _VIEW_MIN = 1 << 20
 #: more) the stream stood idle between chunks and the chunk the reader had just left
 #: had to go before the next could be fetched, so a kernel read-ahead request
 #: arriving late for it cost a ranged GET (O(object size) on moto: ~0.4 s at 256 MiB)
-#: and the eviction cascaded.  The same ~8 MiB in 1 MiB chunks drops each chunk as
-#: soon as the reader has finished it and keeps up to 7 ahead, filled back to back by
-#: one pump thread.
+#: and the eviction cascaded.  1 MiB chunks drop each chunk as soon as the reader has
+#: finished it and keep up to ``DEFAULT_READAHEAD`` ahead, filled back to back by one
+#: pump thread.
 _CHUNK = 256 * CIPHER_BS
-#: Default ciphertext cache: 8 chunks (as many bytes as the old 4 MiB x 2).
-DEFAULT_READAHEAD = 7
+#: Default ciphertext cache: 5 chunks (~5 MiB).  Why 4 ahead and not the 7 it was: each
+#: chunk ahead is ~1 MiB at the daemon's peak, and with 7 the peak RSS of a sequential
+#: read sat at 62.8-65.0 MiB against the 64 MiB budget (one CI run failed at 64.3).
+#: Measured 2026-12-03 (scratch harness, 3 interleaved rounds: 48 MiB read for VmHWM,
+#: 256 MiB remounted read for MiB/s, over moto): 7 ahead 62.8-63.0 MiB / 279-292 MiB/s,
+#: 5 ahead 60.7-60.9 / 259-290, 4 ahead 59.7-60.0 / 274-298, 3 ahead 58.8-59.0 /
+#: 260-291: a sequential reader is served by one streaming GET, so the depth only
+#: absorbs jitter; 4 MiB ahead covers ~40 ms at 100 MB/s.
+DEFAULT_READAHEAD = 4
 DEFAULT_CACHE_BYTES = (1 + DEFAULT_READAHEAD) * _CHUNK + HEADER_LEN  # chunk 0 has the header
 #: Chunks a sequential reader has read to their end go first when its read-ahead needs
 #: room (each is read once: the kernel's page cache keeps the plaintext).  Chunks up to
@@ -128,7 +135,7 @@ _STREAMING = 32 * CIPHER_BS
 #: Evicted chunk buffers kept for the next chunk fetch (see
 #: :meth:`ObjectStoreBackend._recycle`), outside ``cache_bytes``: a sequential reader's
 #: eviction frees one buffer just before its next fetch takes it, so one is enough, and
-#: each more would be 1 MiB more at the daemon's peak (its RSS budget has ~1 MiB left).
+#: each more would be 1 MiB more at the daemon's peak.
 _SPARE_CHUNKS = 1
 #: Streaming GETs a daemon keeps open for sequential readers (one per (key, etag)),
 #: and how long one may sit unused before the next stream read closes it.

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from fuse_crypt.backend import objectstore
-from fuse_crypt.backend.objectstore import _CHUNK, ObjectStoreBackend
+from fuse_crypt.backend.objectstore import _CHUNK, DEFAULT_READAHEAD, ObjectStoreBackend
 from fuse_crypt.contentenc import HEADER_LEN, PLAIN_BS
 from tests.fuse_crypt.conftest import fuse_available
 from tests.fuse_crypt.fake_transport import FakeStream, FakeTransport
@@ -69,13 +69,13 @@ def test_read_ahead_runs_several_chunks_ahead_within_the_bound(t: FakeTransport)
     assert cold.ops.read(None, MiB, 0, fh) == data[:MiB]
     _drain(cold.backend)
     ahead = [i for i in _cached(cold.backend) if i > 0]
-    # The whole budget minus the reader's chunk: 7 chunks of ~1 MiB in 8 MiB.
-    assert ahead == list(range(1, 8)), ahead
+    # The whole budget minus the reader's chunk: DEFAULT_READAHEAD chunks of ~1 MiB.
+    assert ahead == list(range(1, 1 + DEFAULT_READAHEAD)), ahead
     assert cold.backend.cache_bytes_used() <= cold.backend.cache_bytes
     # The next read finds its chunk cached (no wait) and tops the read-ahead up.
     assert cold.ops.read(None, MiB, MiB, fh) == data[MiB : 2 * MiB]
     _drain(cold.backend)
-    assert max(_cached(cold.backend)) == 8
+    assert max(_cached(cold.backend)) == 1 + DEFAULT_READAHEAD
     assert t.counts["stream"] == 1 and _ranged_gets(t) == [], t.log
     cold.ops.release(None, fh)
     cold.close()
@@ -165,6 +165,7 @@ def test_small_request_for_a_chunk_on_its_way_waits_for_it(t: FakeTransport) -> 
     FS(t).write("/f", data)
     cold = FS(t)
     b = cold.backend
+    last = 1 + DEFAULT_READAHEAD  # the chunk the second read's read-ahead adds
     fh = cold.ops.open("/f", os.O_RDONLY)
     assert cold.ops.read(None, MiB, 0, fh) == data[:MiB]
     _drain(b)
@@ -174,10 +175,10 @@ def test_small_request_for_a_chunk_on_its_way_waits_for_it(t: FakeTransport) -> 
     try:
         assert cold.ops.read(None, MiB, MiB, fh) == data[MiB : 2 * MiB]  # cached
         with b._lock:
-            assert 8 in {c[2] for c in b._inflight}, b._inflight
+            assert last in {c[2] for c in b._inflight}, b._inflight
         t.reset_counts()
-        # A lone page far off the reader's sequence, in chunk 8 (queued, not fetched).
-        o = 8 * MiB + 8192
+        # A lone page far off the reader's sequence, in the last chunk queued (not fetched).
+        o = last * MiB + 8192
         reader = threading.Thread(target=lambda: got.append(cold.ops.read(None, 4096, o, fh)))
         reader.start()
     finally:
@@ -206,9 +207,10 @@ def test_random_reader_is_not_served_by_the_pump(t: FakeTransport) -> None:
     cold.close()
 
 
-def test_default_cache_holds_eight_chunks() -> None:
-    assert objectstore.DEFAULT_CACHE_BYTES == 8 * _CHUNK + HEADER_LEN
-    assert 9 * MiB > objectstore.DEFAULT_CACHE_BYTES
+def test_default_cache_holds_the_reader_chunk_and_the_read_ahead() -> None:
+    # Each chunk is ~1 MiB of the daemon's 64 MiB peak budget (test_objectstore_rss.py).
+    assert objectstore.DEFAULT_CACHE_BYTES == 5 * _CHUNK + HEADER_LEN
+    assert 6 * MiB > objectstore.DEFAULT_CACHE_BYTES
 
 
 # -- a real mount over moto: the kernel's own request pattern ----------------------------------
