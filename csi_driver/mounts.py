@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import logging
 import os
+import time
+from collections.abc import Callable
 
 from csi_driver import fsprobe
 from fuse_crypt import mounttable
@@ -19,8 +22,40 @@ from fuse_crypt.mounttable import MountEntry
 
 _MNT_DETACH = 2
 _UMOUNT_NOFOLLOW = 8
+#: How long an unmount waits out EBUSY before it gives up and leaves the mount as it was.
+#: Once seen in the e2e tests under load: umount answered "target is busy" right after the
+#: only writer had ended, so a short wait saves kubelet a retry round (seconds).
+BUSY_WAIT = 2.0
 
-__all__ = ["MountEntry", "MountTable", "umount_nofollow", "umount_nofollow_errno"]
+__all__ = [
+    "BUSY_WAIT",
+    "MountBusy",
+    "MountEntry",
+    "MountTable",
+    "umount_nofollow",
+    "umount_nofollow_errno",
+    "umount_when_idle",
+]
+
+log = logging.getLogger(__name__)
+
+
+class MountBusy(OSError):
+    """Still in use after :data:`BUSY_WAIT`: nothing was unmounted.
+
+    Why not the lazy detach this used to fall back to: a lazily detached FUSE mount keeps
+    serving whoever holds it, but its daemon is then stopped (and killed when it does not
+    exit), so a pod process still writing loses what the daemon had not yet stored (an
+    object-store volume's spooled writes) and gets ENOTCONN. Failing leaves a consistent
+    state for kubelet's retry, which succeeds once the holder is gone.
+    """
+
+    def __init__(self, target: str, waited: float) -> None:
+        super().__init__(
+            errno.EBUSY,
+            f"{target} is busy (a process still has a file or its working directory in "
+            f"it) after {waited:g} s; nothing was unmounted, retry once it is closed",
+        )
 
 
 def umount_nofollow(target: str, *, lazy: bool = False) -> bool:
@@ -50,6 +85,32 @@ def umount_nofollow_errno(target: str, *, lazy: bool = False) -> int | None:
     return 0 if rc == 0 else ctypes.get_errno() or errno.EIO
 
 
+def umount_when_idle(
+    target: str, still_mounted: Callable[[], bool], wait: float = BUSY_WAIT
+) -> int | None:
+    """umount2(target, UMOUNT_NOFOLLOW), waiting up to ``wait`` while it is busy.
+
+    Returns 0 once unmounted (or once ``still_mounted()`` says someone else unmounted it
+    meanwhile), and umount_nofollow_errno's answer for what no wait cures (None: not root;
+    another errno), for the caller's fallback. Raises MountBusy when still busy at the end.
+    """
+    delay = 0.05
+    give_up = time.monotonic() + wait
+    while True:
+        err = umount_nofollow_errno(target)
+        if err != errno.EBUSY:
+            return err
+        if not still_mounted():
+            return 0
+        left = give_up - time.monotonic()
+        if delay == 0.05:  # once per call: how often this happens is worth knowing
+            log.info("mount busy; waiting", extra={"fields": {"target": target}})
+        if left <= 0:
+            raise MountBusy(target, wait)
+        time.sleep(min(delay, left))
+        delay *= 2
+
+
 class MountTable:
     """The kernel's mounts. Paths are compared exactly (callers pass resolved paths)."""
 
@@ -64,14 +125,21 @@ class MountTable:
         mounttable.detach(target, lazy=lazy)
 
     def unmount(self, target: str, *, lazy: bool = False) -> None:
-        """Unmount without following a symlink swapped in at ``target`` when we can; a busy
-        mount falls back to a lazy detach."""
-        if self.find(target) is None or umount_nofollow(target, lazy=lazy):
+        """Unmount without following a symlink swapped in at ``target`` when we can.
+
+        ``lazy`` (a dead or hung daemon: nothing left to lose, and a plain unmount would
+        wait on it) detaches even a busy mount. Otherwise a busy mount is waited on for
+        BUSY_WAIT and then left as it was (MountBusy), never detached lazily.
+        """
+        if self.find(target) is None:
             return
-        try:
-            self.detach(target, lazy=lazy)
-        except OSError:
-            self.detach(target, lazy=True)
+        if lazy:
+            if not umount_nofollow(target, lazy=True):
+                self.detach(target, lazy=True)
+            return
+        if umount_when_idle(target, lambda: self.find(target) is not None) == 0:
+            return
+        self.detach(target)  # not root, or umount2 refused for another reason
 
     def probe(self, target: str, timeout: float) -> str:
         """``"live"``, ``"dead"`` (ENOTCONN), ``"hung"`` or ``"error"`` (csi_driver/fsprobe.py)."""

@@ -24,7 +24,7 @@ from csi_driver import errors, hostfile
 from csi_driver.core.store import Publication, PublicationStore
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter
-from csi_driver.mounts import MountTable
+from csi_driver.mounts import MountBusy, MountTable
 from csi_driver.proc import Proc, tail
 
 log = logging.getLogger(__name__)
@@ -198,19 +198,27 @@ class MountSupervisor:
         with self._lock:
             self._handles.pop(target, None)
 
-    def stop(self, target: str, *, hung: bool = False) -> None:
+    def stop(self, target: str, *, hung: bool = False, dead: bool = False) -> None:
         """Unmount ``target`` and make sure its daemon is gone; idempotent.
 
         ``target`` is the resolved path and is matched against mountinfo exactly: resolving
         it again here would let a symlink planted in between point the unmount at another
         volume. ``hung``: the daemon does not answer, so detach lazily (a plain unmount
-        would wait on it) and kill it instead of waiting for it to exit.
+        would wait on it) and kill it instead of waiting for it to exit. ``dead``: the
+        daemon is gone (ENOTCONN), nothing is left to lose, so detach lazily too. A live
+        mount still busy after mounts.BUSY_WAIT raises MountBusy with the mount and its
+        daemon left serving (the supervisor keeps watching it).
         """
         with self._lock:
             handle = self._handles.get(target)
             if handle is not None:
                 handle.stopping = True
-        self.mounts.unmount(target, lazy=hung)
+        try:
+            self.mounts.unmount(target, lazy=hung or dead)
+        except MountBusy:
+            if handle is not None:
+                handle.stopping = False
+            raise
         if handle is not None:
             if hung:
                 self._kill(handle.pid)

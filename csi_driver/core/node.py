@@ -32,7 +32,7 @@ from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
-from csi_driver.mounts import MountEntry, MountTable
+from csi_driver.mounts import MountBusy, MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from csi_driver.volumes.block import BlockVolumes, StageRequest, is_block
 from csi_driver.volumes.objectmount import (
@@ -324,7 +324,7 @@ class NodeCore:
         target = pub.target_path
         if self._is_ours(pub, entry):
             try:
-                self.supervisor.stop(target, hung=self._dead(target))
+                self.supervisor.stop(target, dead=self._dead(target))
             except OSError as exc:
                 log.error("cannot undo interrupted mount", extra={"fields": {"err": exc}})
                 return  # keep the intent: the next start tries again
@@ -733,7 +733,7 @@ class NodeCore:
             return True
         # Recorded but dead (daemon crashed, or the plugin restarted): clean and remount.
         log.warning("remounting dead publication", extra={"fields": {"target": target}})
-        self.supervisor.stop(target)
+        self.supervisor.stop(target, dead=True)
         self.store.remove(target)
         return False
 
@@ -803,9 +803,11 @@ class NodeCore:
                     f"target_path {target} has {len(below)} other mount(s) below it; "
                     "not unmounting or removing anything"
                 )
-            hung = entry is not None and self.mounts.probe(target, PROBE_TIMEOUT) == "hung"
+            state = self.mounts.probe(target, PROBE_TIMEOUT) if entry is not None else ""
             try:
-                self.supervisor.stop(target, hung=hung)
+                self.supervisor.stop(target, hung=state == "hung", dead=state == "dead")
+            except MountBusy as exc:
+                raise errors.FailedPrecondition(f"target_path {exc.strerror}") from None
             except OSError as exc:
                 raise errors.Internal(f"cannot unmount {target}: {exc.strerror or exc}") from None
             self.store.remove(target)

@@ -45,7 +45,7 @@ from csi_driver.core.volcap import AccessType, Capability, unsupported
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey, resolve_volume_key
 from csi_driver.mounter import Mounter, _tool
-from csi_driver.mounts import MountTable, umount_nofollow, umount_nofollow_errno
+from csi_driver.mounts import MountBusy, MountTable, umount_when_idle
 from csi_driver.proc import tail
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
 from csi_driver.volumes import block_kernel, blockdev
@@ -75,11 +75,6 @@ HEADER_DIR = "/run/coco-csi/luks-headers"  # memory-backed in the guest: never t
 DISK_NAME = "disk"  # fuse_crypt.blockfront.DISK_NAME
 TOOL_TIMEOUT = 120.0
 PROBE_TIMEOUT = 5.0
-# How long unpublish waits out EBUSY on a pod target (backoff from 50 ms): a process that
-# has just exited, or a fork that briefly inherited a descriptor, can still pin the mount
-# for a moment. Longer holders get a clear error and kubelet's own retry, never a lazy
-# detach (that would leave the pod writing to a volume the node thinks is unpublished).
-BUSY_WAIT = 2.0
 _MS_RDONLY, _MS_REMOUNT, _MS_BIND, _MS_NOSUID, _MS_NODEV = 1, 32, 4096, 2, 4
 
 
@@ -466,8 +461,8 @@ class BlockVolumes:
         entry = self.mounts.find(staging)
         mapped = self.mapper_path(pub.volume_id)
         ours = entry is not None and entry.source in (mapped, os.path.realpath(mapped))
-        if ours and not umount_nofollow(staging):
-            self.tool(["umount", staging], "umount of the staging path")
+        if ours:
+            self._umount(staging, "staging path", self.tool)
         self.kernel.close(name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.header_copy_path(pub.volume_id))
@@ -661,8 +656,8 @@ class BlockVolumes:
                 f"the staging path is mounted from {entry.source}, which is not this "
                 "volume's loop device; left in place"
             )
-        if ours and not umount_nofollow(staging):
-            _run(["umount", staging], "umount of the staging path")
+        if ours:
+            self._umount(staging, "staging path", _run)
         for _ in range(100):  # a busy loop device is only marked for auto-clear
             if loop is None:
                 break
@@ -774,7 +769,7 @@ class BlockVolumes:
 
     def _unbind(self, target: str) -> None:
         if self.mounts.find(target) is not None:
-            self._umount_target(target)
+            self._umount(target, "target_path", _run)
         try:
             st = os.lstat(target)
             if stat.S_ISREG(st.st_mode) and st.st_size == 0:
@@ -791,36 +786,21 @@ class BlockVolumes:
             raise errors.Internal(f"cannot remove {target}: {exc.strerror}") from None
         self.store.remove(target)
 
-    def _umount_target(self, target: str) -> None:
-        """Unmount a pod target, waiting up to BUSY_WAIT while it is busy (EBUSY).
+    def _umount(self, path: str, what: str, run: Callable[[list[str], str], object]) -> None:
+        """Unmount a pod target or the staging path, waiting out a short EBUSY.
 
-        Once seen in the e2e tests under load: umount answered "target is busy" right after
-        the only writer had ended. Past the wait: FAILED_PRECONDITION naming the target,
-        with the mount and its record left as they were, so kubelet's retry (or the next
-        call) finds a consistent state and finishes the job once the holder is gone.
+        Never a lazy detach: that would leave a pod writing to a volume the node thinks is
+        gone (and, at unstage, a loop device and daemon torn down under it). Past
+        BUSY_WAIT: FAILED_PRECONDITION naming the path, with the mount and its record left
+        as they were, so kubelet's retry finds a consistent state and finishes the job once
+        the holder is gone. Failures no wait cures go to umount(8), which says why.
         """
-        delay = 0.05
-        give_up = time.monotonic() + BUSY_WAIT
-        while True:
-            err = umount_nofollow_errno(target)
-            if err == 0:
-                return
-            if err != errno.EBUSY:  # not root, or not a busy mount: umount(8) decides
-                _run(["umount", target], "umount of the target")
-                return
-            if self.mounts.find(target) is None:  # someone else unmounted it meanwhile
-                return
-            left = give_up - time.monotonic()
-            if delay == 0.05:  # once per call: how often this happens is worth knowing
-                log.info("target busy; waiting", extra={"fields": {"target": target}})
-            if left <= 0:
-                raise errors.FailedPrecondition(
-                    f"target_path {target} is busy (a process still has a file or its "
-                    f"working directory in it) after {BUSY_WAIT:g} s; nothing was unmounted, "
-                    "retry once it is closed"
-                )
-            time.sleep(min(delay, left))
-            delay *= 2
+        try:
+            err = umount_when_idle(path, lambda: self.mounts.find(path) is not None)
+        except MountBusy as exc:
+            raise errors.FailedPrecondition(f"{what} {exc.strerror}") from None
+        if err != 0:
+            run(["umount", path], f"umount of the {what}")
 
     # -- stats / expand ------------------------------------------------------------------------
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from csi_driver.deadline import Deadline
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import CONF_NAME, Mounter
-from csi_driver.mounts import MountEntry, MountTable
+from csi_driver.mounts import MountBusy, MountEntry, MountTable
 
 # Beyond any kernel's pid_max: a fake pid never names a real process.
 FIRST_FAKE_PID = 10_000_000
@@ -32,6 +32,7 @@ class FakeMountTable(MountTable):
     owner: dict[str, int] = field(default_factory=dict)  # mount point -> daemon pid
     procs: dict[int, str] = field(default_factory=dict)  # live daemon pid -> its target
     states: dict[str, str] = field(default_factory=dict)  # probe answer if not "live"
+    busy: set[str] = field(default_factory=set)  # mounts a "pod process" still holds
     _pids: itertools.count = field(default_factory=lambda: itertools.count(FIRST_FAKE_PID))
 
     # -- what a daemon does --------------------------------------------------------------
@@ -69,6 +70,8 @@ class FakeMountTable(MountTable):
 
     def unmount(self, target: str, *, lazy: bool = False) -> None:
         if target in self.entries:
+            if target in self.busy and not lazy:
+                raise MountBusy(target, 0)  # the real table waits BUSY_WAIT first
             self.detach(target, lazy=lazy)
 
     def probe(self, target: str, timeout: float) -> str:

@@ -19,6 +19,7 @@ from csi_driver import errors
 from csi_driver.core.node import NodeCore, PublishRequest
 from csi_driver.core.volcap import AccessType, Capability
 from csi_driver.keys import derive_volume_password
+from csi_driver.mounts import BUSY_WAIT
 from csi_driver.volumes import blockdev
 from csi_driver.volumes.block import StageRequest
 from csi_driver.volumes.block_luks import CryptsetupOfflineLuks, UserspaceLuks
@@ -496,8 +497,6 @@ def test_unpublish_of_a_busy_target_fails_clearly_and_changes_nothing(rig: Rig) 
     unpublish flake: "target is busy" right after the writer had ended.)"""
     import time
 
-    from csi_driver.volumes import block
-
     img = rig.image()
     staging = rig.stage(img)
     busy, other = rig.target("busy"), rig.target("other")
@@ -514,7 +513,7 @@ def test_unpublish_of_a_busy_target_fails_clearly_and_changes_nothing(rig: Rig) 
             rig.core.unpublish("blk-1", busy)
         took = time.monotonic() - started
         assert busy in str(exc.value) and "busy" in str(exc.value)
-        assert block.BUSY_WAIT <= took < block.BUSY_WAIT + 10, took  # bounded, not instant
+        assert BUSY_WAIT <= took < BUSY_WAIT + 10, took  # bounded, not instant
         assert {p: _mount_source(p) for p in (busy, other, staging)} == before
         assert rig.core.block.store.get(busy) is not None
         f.write(b" second")  # the pod's descriptor still works
@@ -529,6 +528,38 @@ def test_unpublish_of_a_busy_target_fails_clearly_and_changes_nothing(rig: Rig) 
     rig.core.unpublish("blk-1", other)
     rig.core.unstage("blk-1", staging)
     assert not os.path.ismount(staging)
+
+
+def test_unstage_of_a_busy_staging_path_fails_clearly_and_changes_nothing(rig: Rig) -> None:
+    """A process holds a file in the staging mount itself (no pod target is published):
+    NodeUnstageVolume waits BUSY_WAIT, then FAILED_PRECONDITION naming the staging path,
+    with the mount, its loop device, the daemon and the record left as they were and the
+    holder's descriptor still working. Once it is closed, the same call finishes."""
+    img = rig.image()
+    staging = rig.stage(img)
+    before = _mount_source(staging)
+    pub = rig.core.block.store.get(staging)
+    assert before and pub is not None
+    f = open(pathlib.Path(staging) / "held", "wb")  # noqa: SIM115 (held across the call)
+    try:
+        f.write(b"first")
+        f.flush()
+        with pytest.raises(errors.FailedPrecondition) as exc:
+            rig.core.unstage("blk-1", staging)
+        assert staging in str(exc.value) and "busy" in str(exc.value), exc.value
+        assert _mount_source(staging) == before
+        assert rig.core.block.store.get(staging) == pub
+        f.write(b" second")
+        f.flush()
+        os.fsync(f.fileno())
+    finally:
+        f.close()
+    assert (pathlib.Path(staging) / "held").read_bytes() == b"first second"
+    rig.core.unstage("blk-1", staging)
+    assert _mount_source(staging) is None and rig.core.block.store.get(staging) is None
+    staging = rig.stage(img, source="encrypted")
+    assert (pathlib.Path(staging) / "held").read_bytes() == b"first second"
+    rig.core.unstage("blk-1", staging)
 
 
 @pytest.mark.parametrize("holder", ["this process", "a child that exits"])

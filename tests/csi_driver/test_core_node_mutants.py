@@ -74,12 +74,12 @@ class Env:
             monitor_interval=3600,
             mount_table=self.table,
         )
-        self.stops: list[tuple[str, bool]] = []
+        self.stops: list[tuple[str, bool, bool]] = []
         real_stop = self.core.supervisor.stop
 
-        def _stop(target: str, *, hung: bool = False) -> None:
-            self.stops.append((target, hung))
-            real_stop(target, hung=hung)
+        def _stop(target: str, *, hung: bool = False, dead: bool = False) -> None:
+            self.stops.append((target, hung, dead))
+            real_stop(target, hung=hung, dead=dead)
 
         self.core.supervisor.stop = _stop  # type: ignore[method-assign]
 
@@ -150,7 +150,7 @@ def test_unpublish_removes_the_mount_record_and_target_and_keeps_the_data(env: E
     assert env.mounted() == 1
     env.core.unpublish(VOL, env.target)
     assert env.table.find(env.target) is None and not os.path.exists(env.target)
-    assert env.stops == [(env.target, False)]
+    assert env.stops == [(env.target, False, False)]
     assert env.core.publications() == []
     assert PublicationStore(env.core.state_dir).load() == []
     assert env.mounted() == 0
@@ -186,7 +186,7 @@ def test_our_own_fs_types_without_a_record_are_unmounted(env: Env, fstype: str) 
     os.mkdir(env.target)
     env.table.entries[env.target] = MountEntry(env.target, fstype, "x", "rw")
     env.core.unpublish(VOL, env.target)
-    assert env.table.find(env.target) is None and env.stops == [(env.target, False)]
+    assert env.table.find(env.target) is None and env.stops == [(env.target, False, False)]
 
 
 def test_a_recorded_target_is_unmounted_whatever_its_fs_type_now(env: Env) -> None:
@@ -226,15 +226,37 @@ def test_a_hung_mount_is_detached_lazily(env: Env) -> None:
     env.publish()
     env.table.states[env.target] = "hung"
     env.core.unpublish(VOL, env.target)
-    assert env.stops == [(env.target, True)]
+    assert env.stops == [(env.target, True, False)]
     assert env.table.find(env.target) is None and not os.path.exists(env.target)
 
 
-def test_a_live_or_dead_mount_is_not_hung(env: Env) -> None:
+def test_a_dead_mount_is_detached_lazily_but_not_hung(env: Env) -> None:
     env.publish()
     env.table.states[env.target] = "dead"
+    env.table.busy.add(env.target)  # a pod process still holds the ENOTCONN mount
     env.core.unpublish(VOL, env.target)
-    assert env.stops == [(env.target, False)]
+    assert env.stops == [(env.target, False, True)]
+    assert env.table.find(env.target) is None and not os.path.exists(env.target)
+
+
+def test_a_busy_live_mount_fails_and_is_left_serving(env: Env) -> None:
+    env.publish()
+    (pub,) = env.core.publications()
+    env.table.busy.add(env.target)
+    text = (
+        f"target_path {env.target} is busy (a process still has a file or its working "
+        "directory in it) after 0 s; nothing was unmounted, retry once it is closed"
+    )
+    with pytest.raises(errors.FailedPrecondition, match=_exactly(text)):
+        env.core.unpublish(VOL, env.target)
+    assert env.stops == [(env.target, False, False)]
+    assert env.core.publications() == [pub] and env.table.find(env.target) is not None
+    assert env.table.daemons() == {pub.pid: env.target}
+    handle = env.core.supervisor.get(env.target)
+    assert handle is not None and not handle.stopping  # still watched: restarted if it dies
+    env.table.busy.clear()
+    env.core.unpublish(VOL, env.target)
+    assert env.core.publications() == [] and not os.path.exists(env.target)
 
 
 def test_no_mount_means_not_hung_whatever_the_probe_says(
@@ -243,7 +265,7 @@ def test_no_mount_means_not_hung_whatever_the_probe_says(
     os.mkdir(env.target)
     monkeypatch.setattr(env.table, "probe", lambda target, timeout: "hung")
     env.core.unpublish(VOL, env.target)
-    assert env.stops == [(env.target, False)] and not os.path.exists(env.target)
+    assert env.stops == [(env.target, False, False)] and not os.path.exists(env.target)
 
 
 @pytest.mark.parametrize(

@@ -201,6 +201,48 @@ def test_unpublish_is_idempotent_and_removes_target(env: Env) -> None:
     )
 
 
+def test_unpublish_of_a_busy_target_fails_and_loses_nothing(any_env: Env) -> None:
+    """A pod process still holds a file in the target: NodeUnpublishVolume waits
+    BUSY_WAIT, then FAILED_PRECONDITION naming the target, with the mount, its daemon and
+    its record left serving; what the holder writes afterwards is stored (the old lazy
+    detach stopped the daemon under it). Once closed, the same call succeeds."""
+    import time
+
+    from csi_driver.mounts import BUSY_WAIT
+
+    env = any_env
+    vol = create_volume(env)
+    target = env.target()
+    env.node.node.NodePublishVolume(publish_request(vol, target))
+    req = csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=target)
+    held = open(os.path.join(target, "held"), "wb")  # noqa: SIM115 (held across the call)
+    try:
+        held.write(b"before ")
+        held.flush()
+        started = time.monotonic()
+        err = expect_code(
+            grpc.StatusCode.FAILED_PRECONDITION, env.node.node.NodeUnpublishVolume, req
+        )
+        took = time.monotonic() - started
+        assert target in err.details() and "busy" in err.details(), err.details()
+        assert BUSY_WAIT <= took < BUSY_WAIT + 10, took
+        assert f" {target} " in _mountinfo()
+        held.write(b"after")  # the daemon still serves the holder
+        held.flush()
+        os.fsync(held.fileno())
+    finally:
+        held.close()
+    assert _read(os.path.join(target, "held")) == b"before after"
+    env.node.node.NodeUnpublishVolume(req)
+    assert not os.path.exists(target) and f" {target} " not in _mountinfo()
+    again = env.target("again")
+    env.node.node.NodePublishVolume(publish_request(vol, again))
+    assert _read(os.path.join(again, "held")) == b"before after"
+    env.node.node.NodeUnpublishVolume(
+        csi_pb2.NodeUnpublishVolumeRequest(volume_id=vol.volume_id, target_path=again)
+    )
+
+
 def test_volume_stats(env: Env) -> None:
     vol = create_volume(env)
     target = env.target()
