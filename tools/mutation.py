@@ -148,6 +148,9 @@ MODULES: dict[str, list[str]] = {
         "tests/csi_driver/test_object_uploads.py",
         "tests/csi_driver/test_object_delete_parallel.py",
         "tests/csi_driver/test_object_uploads_mutants.py",
+        "tests/csi_driver/test_object_create_init_mutants.py",
+        "tests/csi_driver/test_object_create_init.py",
+        "tests/csi_driver/test_object_create_init_e2e.py",
     ],
     "fuse_crypt/cli/credsocket.py": [
         "tests/fuse_crypt/test_credsocket_mutants.py",
