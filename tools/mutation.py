@@ -148,6 +148,9 @@ MODULES: dict[str, list[str]] = {
         "tests/csi_driver/test_object_uploads.py",
         "tests/csi_driver/test_object_delete_parallel.py",
         "tests/csi_driver/test_object_uploads_mutants.py",
+        "tests/csi_driver/test_object_create_init_mutants.py",
+        "tests/csi_driver/test_object_create_init.py",
+        "tests/csi_driver/test_object_create_init_e2e.py",
     ],
     "fuse_crypt/cli/credsocket.py": [
         "tests/fuse_crypt/test_credsocket_mutants.py",
@@ -304,8 +307,9 @@ def _copy_tree(dest: Path, under: str = "") -> None:
             shutil.copy2(src, dest / src.relative_to(ROOT))
 
 
-def _refresh_tests(dest: Path, module: str, functions: list[str]) -> list[str]:
-    """``--again``: the last run's survivors, to be judged once more by today's tests.
+def _refresh_tests(dest: Path, module: str, functions: list[str]) -> dict[str, str]:
+    """``--again``: the last run's statuses (its survivors are judged once more by today's
+    tests).
 
     Valid only for the same mutants, so the module must not have changed since that run;
     the mutants killed then stay killed (tests were only added or sharpened since).
@@ -314,11 +318,11 @@ def _refresh_tests(dest: Path, module: str, functions: list[str]) -> list[str]:
         raise SystemExit(f"mutation: no earlier run of {module} in {dest}; run it afresh")
     if (dest / module).read_bytes() != (ROOT / module).read_bytes():
         raise SystemExit(f"mutation: {module} changed since its last run; run it afresh")
-    survivors = [n for n, s in _statuses(dest, functions).items() if s not in KILLED]
+    before = _statuses(dest, functions)
     _copy_tree(dest, "tests")
     shutil.copy2(ROOT / "pyproject.toml", dest / "pyproject.toml")
     _configure(dest, module, MODULES[module])
-    return survivors
+    return before
 
 
 def _statuses(dest: Path, functions: list[str]) -> dict[str, str]:
@@ -376,8 +380,10 @@ def run_module(
     slug = module.removesuffix(".py").replace("/", ".")
     dest = WORK / slug
     functions = _function_names(module, only)
+    before: dict[str, str] = {}
     if again:
-        names = _refresh_tests(dest, module, functions)
+        before = _refresh_tests(dest, module, functions)
+        names = [n for n, s in before.items() if s not in KILLED]
     else:
         _copy_tree(dest)
         _configure(dest, module, MODULES[module])
@@ -390,7 +396,14 @@ def run_module(
         log.write_text(ran.stdout + ran.stderr, encoding="utf-8")
         if ran.returncode != 0:
             raise SystemExit(f"mutation: mutmut failed on {module} (see {log})")
-    score = Score(module, _statuses(dest, functions))
+    status = _statuses(dest, functions)
+    if again:
+        # mutmut forgets every verdict when the test list changed (a test file added to
+        # MODULES): a mutant killed before and not re-run now keeps its earlier verdict
+        for name, was in before.items():
+            if was in KILLED and status.get(name) == "not checked":
+                status[name] = was
+    score = Score(module, status)
     for name in score.survivors:
         score.diffs[name] = _mutmut(dest, "show", name, nice=0).stdout
     with open(dest / "survivors.txt", "w", encoding="utf-8") as f:

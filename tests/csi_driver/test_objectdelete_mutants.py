@@ -29,6 +29,7 @@ from fuse_crypt.backend.transport import (
     ListPage,
     ObjectInfo,
     TransientError,
+    UploadInfo,
     UploadPage,
 )
 from tests.csi_driver.test_object_delete import AK, SK, Env, env  # noqa: F401 (fixture)
@@ -399,6 +400,44 @@ def test_delete_passes_what_it_unsealed_and_derived(
         "uploads_aborted": 0,
     }
     assert SK not in caplog.text and AK not in caplog.text
+
+
+class UploadsInBothPasses(Scripted):
+    """One object; one unfinished upload before the objects are deleted and two after (a
+    client still uploading while the volume went away)."""
+
+    def __init__(self) -> None:
+        super().__init__([page(["pvcs/team-a/coco-7/x"]), page([])])
+        self.upload_pages = [
+            UploadPage((UploadInfo("pvcs/team-a/coco-7/a", "U1"),), None),
+            UploadPage(
+                (
+                    UploadInfo("pvcs/team-a/coco-7/b", "U2"),
+                    UploadInfo("pvcs/team-a/coco-7/c", "U3"),
+                ),
+                None,
+            ),
+        ]
+        self.aborted: list[tuple[str, str]] = []
+
+    def list_uploads(self, prefix: str, **kw: Any) -> UploadPage:
+        self.calls.append(("list_uploads", (prefix, kw)))
+        return self.upload_pages.pop(0) if self.upload_pages else UploadPage((), None)
+
+    def abort_multipart(self, key: str, upload_id: str) -> None:
+        self.aborted.append((key, upload_id))
+
+
+def test_the_log_counts_the_uploads_of_both_passes(
+    env: Env,  # noqa: F811
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    t = UploadsInBothPasses()
+    caplog.set_level(logging.INFO, logger="csi_driver.volumes.objectdelete")
+    assert _deleter(env, Recorder(t)).delete(env.params(), "coco-7", {}, Deadline(60)) == 1
+    assert sorted(u for _, u in t.aborted) == ["U1", "U2", "U3"]
+    (record,) = [r for r in caplog.records if r.name == "csi_driver.volumes.objectdelete"]
+    assert record.fields["uploads_aborted"] == 3  # type: ignore[attr-defined]
 
 
 def test_no_token_is_none_and_the_kid_allow_list_applies(env: Env) -> None:  # noqa: F811
