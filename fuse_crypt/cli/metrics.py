@@ -1,4 +1,4 @@
-"""Prometheus metrics for one mount daemon (``mount --metrics-addr HOST:PORT``).
+"""Prometheus metrics for one daemon (``mount`` or ``block-serve --metrics-addr HOST:PORT``).
 
 Why a backend proxy: the frontend talks to storage only through the StorageBackend
 interface, so counting at that seam measures every ciphertext byte and operation without
@@ -6,43 +6,78 @@ touching the crypto or FUSE code. Block crypto and authentication failures are c
 :class:`BlockCounters`, the observer the daemon hands to its ContentEnc
 (``serve(block_observer=...)``): nothing is patched, and no other ContentEnc counts.
 Only counts and sizes are exported: never names, paths below the mount, or keys.
+
+Shared by both daemons: :func:`parse_addr`, :func:`start` and the start time / uptime
+gauges. Each daemon's own metrics are built unregistered (``registry=None``) and handed to
+:func:`start`, so a scrape shows only the daemon's own series: a block daemon does not
+export the mount's ``fuse_crypt_plain_bytes_read_total 0`` beside its real counts. The
+block daemon's are in :mod:`fuse_crypt.blockfront.metrics`.
 """
 
 from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from prometheus_client import REGISTRY, Counter, Gauge, Info
+from prometheus_client.registry import Collector
 
 from fuse_crypt import metricsserver
 from fuse_crypt.cli.exitcodes import OTHER, USAGE, CliError
 
-MOUNT_INFO = Info("fuse_crypt_mount", "The mounted fuse-crypt volume")
-START_TIME = Gauge("fuse_crypt_start_time_seconds", "Unix time the mount daemon started")
-UPTIME = Gauge("fuse_crypt_uptime_seconds", "Seconds since the mount daemon started")
+START_TIME = Gauge("fuse_crypt_start_time_seconds", "Unix time the daemon started")
+UPTIME = Gauge("fuse_crypt_uptime_seconds", "Seconds since the daemon started")
+
+# The mount daemon's own (registered by start(), see the module doc).
+MOUNT_INFO = Info("fuse_crypt_mount", "The mounted fuse-crypt volume", registry=None)
 BACKEND_OPS = Counter(
-    "fuse_crypt_backend_ops_total", "Storage backend operations by method", ["op"]
+    "fuse_crypt_backend_ops_total", "Storage backend operations by method", ["op"], registry=None
 )
 BACKEND_ERRORS = Counter(
-    "fuse_crypt_backend_errors_total", "Storage backend operations that raised", ["op"]
+    "fuse_crypt_backend_errors_total",
+    "Storage backend operations that raised",
+    ["op"],
+    registry=None,
 )
 CIPHER_BYTES_READ = Counter(
-    "fuse_crypt_cipher_bytes_read_total", "Ciphertext bytes read from the backend"
+    "fuse_crypt_cipher_bytes_read_total", "Ciphertext bytes read from the backend", registry=None
 )
 CIPHER_BYTES_WRITTEN = Counter(
-    "fuse_crypt_cipher_bytes_written_total", "Ciphertext bytes written to the backend"
+    "fuse_crypt_cipher_bytes_written_total",
+    "Ciphertext bytes written to the backend",
+    registry=None,
 )
 BLOCKS_DECRYPTED = Counter(
-    "fuse_crypt_blocks_decrypted_total", "4 KiB content blocks decrypted (holes included)"
+    "fuse_crypt_blocks_decrypted_total",
+    "4 KiB content blocks decrypted (holes included)",
+    registry=None,
 )
-BLOCKS_ENCRYPTED = Counter("fuse_crypt_blocks_encrypted_total", "4 KiB content blocks encrypted")
-PLAIN_BYTES_READ = Counter("fuse_crypt_plain_bytes_read_total", "Plaintext bytes decrypted")
-PLAIN_BYTES_WRITTEN = Counter("fuse_crypt_plain_bytes_written_total", "Plaintext bytes encrypted")
+BLOCKS_ENCRYPTED = Counter(
+    "fuse_crypt_blocks_encrypted_total", "4 KiB content blocks encrypted", registry=None
+)
+PLAIN_BYTES_READ = Counter(
+    "fuse_crypt_plain_bytes_read_total", "Plaintext bytes decrypted", registry=None
+)
+PLAIN_BYTES_WRITTEN = Counter(
+    "fuse_crypt_plain_bytes_written_total", "Plaintext bytes encrypted", registry=None
+)
 AUTH_FAILURES = Counter(
-    "fuse_crypt_auth_failures_total", "Content blocks whose authentication failed (EIO)"
+    "fuse_crypt_auth_failures_total",
+    "Content blocks whose authentication failed (EIO)",
+    registry=None,
+)
+MOUNT_METRICS: tuple[Collector, ...] = (
+    BACKEND_OPS,
+    BACKEND_ERRORS,
+    CIPHER_BYTES_READ,
+    CIPHER_BYTES_WRITTEN,
+    BLOCKS_DECRYPTED,
+    BLOCKS_ENCRYPTED,
+    PLAIN_BYTES_READ,
+    PLAIN_BYTES_WRITTEN,
+    AUTH_FAILURES,
 )
 
 
@@ -57,13 +92,23 @@ def parse_addr(addr: str) -> tuple[str, int]:
     return host, port
 
 
-def start(addr: str, *, cipherdir: str, mountpoint: str, read_only: bool) -> None:
-    """Serve /metrics on ``addr`` from a daemon thread (call after any fork)."""
+def start(
+    addr: str,
+    info: Info,
+    collectors: Iterable[Collector],
+    *,
+    read_only: bool,
+    **labels: str,
+) -> None:
+    """Serve /metrics on ``addr`` from a daemon thread (once per process, after any fork).
+
+    ``info`` (set to ``labels`` and ``read_only``) and ``collectors`` are the daemon's own
+    metrics, registered here beside the shared start time and uptime."""
     parse_addr(addr)
     started = time.time()
-    MOUNT_INFO.info(
-        {"cipherdir": cipherdir, "mountpoint": mountpoint, "read_only": str(read_only).lower()}
-    )
+    for collector in (info, *collectors):
+        REGISTRY.register(collector)
+    info.info({**labels, "read_only": str(read_only).lower()})
     START_TIME.set(started)
     UPTIME.set_function(lambda: time.time() - started)
     try:

@@ -83,6 +83,8 @@ def _serve_store(spec: MountSpec, on_ready: Any, control: Any = None) -> None:
 
         metrics.start(
             spec.metrics_addr,
+            metrics.MOUNT_INFO,
+            metrics.MOUNT_METRICS,
             cipherdir=spec.cipherdir,
             mountpoint=spec.mountpoint,
             read_only=spec.read_only,
