@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import TYPE_CHECKING
 
 from fuse_crypt.cli.exitcodes import (
     CONFIG,
@@ -27,6 +28,10 @@ from fuse_crypt.cli.exitcodes import (
     CliError,
 )
 from fuse_crypt.luks2 import SegmentError, XtsSegment
+
+if TYPE_CHECKING:
+    from .device import CryptDevice
+    from .metrics import BlockMetrics
 
 MAX_KEY_LINE = 1024
 MAX_PASSPHRASE = 8 << 20
@@ -95,6 +100,11 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
         help="accept an image file as DEVICE (tests; default: block devices only)",
     )
     p.add_argument("--allow-other", action="store_true", help="let other users access the mount")
+    p.add_argument(
+        "--metrics-addr",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics on HOST:PORT (empty HOST = 127.0.0.1)",
+    )
     p.add_argument("device", metavar="DEVICE")
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
 
@@ -153,6 +163,10 @@ def cmd_block_serve(args: argparse.Namespace) -> int:
 
     if args.masterkey and args.offset is None:
         raise CliError("--masterkey needs --offset", USAGE)
+    if args.metrics_addr:
+        from fuse_crypt.cli.metrics import parse_addr
+
+        parse_addr(args.metrics_addr)  # a typo is a usage error, before any secret is read
     try:
         fd = open_device(args.device, read_only=args.ro, allow_regular=args.allow_regular_file)
     except DeviceError as e:
@@ -172,18 +186,50 @@ def cmd_block_serve(args: argparse.Namespace) -> int:
         os.close(fd)
         raise CliError(f"device {args.device}: {e.strerror}", OTHER) from None
 
+    observer = _start_metrics(args, device) if args.metrics_addr else None
+
     def ready() -> None:
         if not getattr(args, "quiet", False):
             print("Filesystem mounted and ready.", flush=True)
 
     _setup_logging(daemon=False)
     try:
-        serve_block(device, args.mountpoint, on_ready=ready, allow_other=args.allow_other)
+        serve_block(
+            device,
+            args.mountpoint,
+            on_ready=ready,
+            allow_other=args.allow_other,
+            metrics=observer,
+        )
     except KeyboardInterrupt:
         return 0
     except OSError as e:
         raise CliError(f"cannot mount {args.mountpoint}: {e.strerror or e}", FUSE_MOUNT) from None
     return 0
+
+
+def _start_metrics(args: argparse.Namespace, device: CryptDevice) -> BlockMetrics:
+    """Serve /metrics before mounting: a port in use fails the daemon (exit 11) with the
+    key wiped and nothing mounted."""
+    from fuse_crypt.cli import metrics
+
+    from .metrics import BLOCK_INFO, BLOCK_METRICS, BlockMetrics
+
+    observer = BlockMetrics(device)
+    try:
+        metrics.start(
+            args.metrics_addr,
+            BLOCK_INFO,
+            BLOCK_METRICS,
+            read_only=device.read_only,
+            device=os.path.abspath(args.device),
+            mountpoint=os.path.abspath(args.mountpoint),
+            sector_size=str(device.sector_size),
+        )
+    except BaseException:
+        device.close()
+        raise
+    return observer
 
 
 __all__ = ["add_parser", "cmd_block_serve"]

@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..backend import Stat
 from ..fusefrontend import MAX_IO, CryptFUSE, StopSignals, run_fuse_loop  # libfuse3 first
@@ -29,6 +29,9 @@ import mfusepy  # isort: skip
 
 from ..errors import FuseCryptError
 from .device import CryptDevice
+
+if TYPE_CHECKING:  # prometheus_client is imported only with --metrics-addr
+    from .metrics import BlockMetrics
 
 log = logging.getLogger("fuse_crypt.blockfront")
 
@@ -44,10 +47,14 @@ def _err(code: int) -> OSError:
 
 
 class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
-    """The two-entry filesystem: ``/`` and ``/disk``; nothing can be created or renamed."""
+    """The two-entry filesystem: ``/`` and ``/disk``; nothing can be created or renamed.
 
-    def __init__(self, device: CryptDevice) -> None:
+    ``metrics`` (``--metrics-addr``) sees every answered read, write and fsync; without it
+    the request paths only test ``metrics is None`` (no Prometheus work at all)."""
+
+    def __init__(self, device: CryptDevice, metrics: BlockMetrics | None = None) -> None:
         self.dev = device
+        self.metrics = metrics
         self.initialized = threading.Event()
         self._t = time.time_ns()
         self._uid = os.getuid()
@@ -166,11 +173,29 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
     def read_into(self, fh: int, out: memoryview, offset: int) -> int:
         """Hot path used by CryptFUSE.read: decrypt into libfuse's buffer."""
         self.io_count += 1
-        return self.dev.read_into(out, offset)
+        m = self.metrics
+        if m is None:
+            return self.dev.read_into(out, offset)
+        try:
+            n = self.dev.read_into(out, offset)
+        except Exception as e:
+            m.failed("read", e)
+            raise
+        m.read(n)
+        return n
 
     def write(self, path: str | None, data: memoryview, offset: int, fh: int) -> int:
         self.io_count += 1
-        return self.dev.write(data, offset)
+        m = self.metrics
+        if m is None:
+            return self.dev.write(data, offset)
+        try:
+            n = self.dev.write(data, offset)
+        except Exception as e:
+            m.failed("write", e)
+            raise
+        m.wrote(n)
+        return n
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         # O_TRUNC and ftruncate: the size is the device's; only a no-op passes.
@@ -180,7 +205,16 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        self.dev.sync()
+        m = self.metrics
+        if m is None:
+            self.dev.sync()
+            return 0
+        try:
+            self.dev.sync()
+        except Exception as e:
+            m.failed("fsync", e)
+            raise
+        m.synced()
         return 0
 
     def flush(self, path: str | None, fh: int) -> int:
@@ -224,13 +258,15 @@ def serve_block(
     *,
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
+    metrics: BlockMetrics | None = None,
 ) -> None:
     """Mount ``device``'s plaintext as ``<mountpoint>/disk`` and serve until unmounted or
     stopped by SIGINT/SIGTERM/SIGHUP. Takes ownership of ``device`` (closed, key wiped, at
-    the end). Raises OSError if the mount point is unusable or libfuse fails."""
+    the end). Raises OSError if the mount point is unusable or libfuse fails. ``metrics``:
+    the ``--metrics-addr`` observer, or None."""
     stop = StopSignals.install()
     try:
-        _serve(device, os.path.abspath(mountpoint), stop, on_ready, allow_other)
+        _serve(device, os.path.abspath(mountpoint), stop, on_ready, allow_other, metrics)
     finally:
         if stop is not None:
             stop.restore()
@@ -243,12 +279,13 @@ def _serve(
     stop: StopSignals | None,
     on_ready: Callable[[], None] | None,
     allow_other: bool,
+    metrics: BlockMetrics | None,
 ) -> None:
     if not os.path.isdir(mountpoint):
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
-    ops = BlockOperations(device)
+    ops = BlockOperations(device, metrics)
     options: dict[str, Any] = {
         "fsname": FSNAME,
         "subtype": FSNAME,

@@ -1,0 +1,84 @@
+"""Prometheus metrics of ``fuse-crypt block-serve --metrics-addr HOST:PORT``.
+
+:class:`BlockMetrics` is the observer :class:`.serve.BlockOperations` calls once per
+answered request on ``disk`` (read, write, fsync): two ``Counter.inc`` calls for a read or
+write (~0.45 µs each here, against a ~43 µs round trip for one 4 KiB read), one for an
+fsync. Without ``--metrics-addr`` the daemon has no observer, never imports this module
+or prometheus_client, and the hot path only tests ``self.metrics is None``.
+
+Sectors decrypted/encrypted are not counted: it would be a third ``inc`` per request, and
+the loop device sends whole sectors, so they are the plaintext bytes divided by the
+``sector_size`` in ``fuse_crypt_block_info``.
+
+The server, the address check, ``start`` (which registers these), the start time and
+uptime are the mount daemon's (:mod:`fuse_crypt.cli.metrics`). Only counts and sizes are
+exported, plus the device path and mount point in the info labels (as the mount names its
+cipherdir): never data, keys or the passphrase.
+"""
+
+from __future__ import annotations
+
+import errno
+
+from prometheus_client import Counter, Gauge, Info
+
+from .device import CryptDevice
+
+BLOCK_INFO = Info("fuse_crypt_block", "The LUKS2 data segment this daemon serves", registry=None)
+SIZE = Gauge("fuse_crypt_block_size_bytes", "Plaintext size of the served disk", registry=None)
+REQUESTS = Counter(
+    "fuse_crypt_block_requests_total",
+    "Requests on disk answered, by op (read, write, fsync), errors included",
+    ["op"],
+    registry=None,
+)
+ERRORS = Counter(
+    "fuse_crypt_block_errors_total",
+    "Requests on disk answered with an errno, by op and errno name",
+    ["op", "errno"],
+    registry=None,
+)
+BYTES_READ = Counter(
+    "fuse_crypt_block_plain_bytes_read_total", "Plaintext bytes returned to reads", registry=None
+)
+BYTES_WRITTEN = Counter(
+    "fuse_crypt_block_plain_bytes_written_total",
+    "Plaintext bytes accepted from writes",
+    registry=None,
+)
+BLOCK_METRICS = (SIZE, REQUESTS, ERRORS, BYTES_READ, BYTES_WRITTEN)
+
+
+class BlockMetrics:
+    """The counting side of BlockOperations (children resolved once, not per request)."""
+
+    def __init__(self, device: CryptDevice) -> None:
+        SIZE.set_function(lambda: device.size)
+        self._reads = REQUESTS.labels(op="read")
+        self._writes = REQUESTS.labels(op="write")
+        self._fsyncs = REQUESTS.labels(op="fsync")
+        self._bytes_read = BYTES_READ
+        self._bytes_written = BYTES_WRITTEN
+
+    def read(self, n: int) -> None:
+        self._reads.inc()
+        self._bytes_read.inc(n)
+
+    def wrote(self, n: int) -> None:
+        self._writes.inc()
+        self._bytes_written.inc(n)
+
+    def synced(self) -> None:
+        self._fsyncs.inc()
+
+    def failed(self, op: str, exc: BaseException) -> None:
+        """A request of ``op`` that raised: counted with the errno FUSE answers (an
+        OSError's own, EIO for anything else, as CryptFUSE maps it)."""
+        code = getattr(exc, "errno", None) if isinstance(exc, OSError) else None
+        if not isinstance(code, int) or code <= 0:
+            code = errno.EIO
+        REQUESTS.labels(op=op).inc()
+        ERRORS.labels(op=op, errno=errno.errorcode.get(code, str(code))).inc()
+
+
+__all__ = ["BLOCK_INFO", "BLOCK_METRICS", "BlockMetrics"]
