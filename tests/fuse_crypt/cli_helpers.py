@@ -10,8 +10,10 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -41,6 +43,31 @@ def assert_one_line_error(proc: subprocess.CompletedProcess[str], code: int) -> 
     assert lines[0].startswith("fuse-crypt: "), lines[0]
     assert "Traceback" not in proc.stderr
     return lines[0]
+
+
+def free_port() -> int:
+    """A TCP port free on loopback right now (for ``--metrics-addr 127.0.0.1:PORT``)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def metrics_text(port: int) -> str:
+    """The body of a real HTTP GET of ``/metrics`` on loopback ``port``."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        body: bytes = r.read()
+    return body.decode()
+
+
+def scrape_metrics(port: int) -> dict[str, float]:
+    """``/metrics`` as {series with labels: value}."""
+    out: dict[str, float] = {}
+    for line in metrics_text(port).splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            out[name] = float(value)
+    return out
 
 
 def write_passfile(path: Path, password: str) -> Path:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -24,6 +25,13 @@ from fuse_crypt.blockfront import CryptDevice, DeviceError, open_device
 from fuse_crypt.luks2.segment import XtsSegment
 from tests.fuse_crypt import luks2_helpers as lh
 from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
+from tests.fuse_crypt.cli_helpers import (
+    FC,
+    assert_one_line_error,
+    free_port,
+    metrics_text,
+    scrape_metrics,
+)
 from tests.fuzzing import fuzz
 
 SS = 4096
@@ -326,17 +334,23 @@ def test_daemon_killed_mid_write_then_fsck_clean(
     rig.stop(proc, mnt)
 
 
+def _format_ours(img: Path, passphrase: bytes) -> bytes:
+    """Format ``img`` as our own (bound) LUKS2 volume, data at 16 MiB; the volume key."""
+    from fuse_crypt.luks2 import KdfCost, format_volume
+
+    fd = os.open(img, os.O_RDWR)
+    try:
+        opened = format_volume(fd, passphrase, kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
+    finally:
+        os.close(fd)
+    return bytes(opened.volume_key)
+
+
 def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) -> None:
     """--passphrase stdin: key and geometry from our own validated, bound header; a wrong
     passphrase is exit 12; a cryptsetup-made (unbound) header needs --accept-unbound-header."""
-    from fuse_crypt.luks2 import KdfCost, format_volume
-
     img = _image(tmp_path / "ours.img", 32 * MiB)
-    fd = os.open(img, os.O_RDWR)
-    try:
-        opened = format_volume(fd, b"s3cret", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
-    finally:
-        os.close(fd)
+    volume_key = _format_ours(img, b"s3cret")
     mnt = tmp_path / "mnt"
     proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"s3cret")
     assert (mnt / "disk").stat().st_size == 16 * MiB
@@ -344,7 +358,7 @@ def test_passphrase_mode_reads_the_header_once(rig: BlockRig, tmp_path: Path) ->
         f.write(b"through the header")
     rig.stop(proc, mnt)
     raw = img.read_bytes()
-    seg = XtsSegment(opened.volume_key)
+    seg = XtsSegment(volume_key)
     assert seg.decrypt(0, raw[16 * MiB : 16 * MiB + SS]).startswith(b"through the header")
     proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"wrong", expect_ready=False)
     assert proc.returncode == 12 and "passphrase incorrect" in rig.log(mnt)
@@ -375,3 +389,151 @@ def test_a_block_device_is_claimed_exclusively(rig: BlockRig, tmp_path: Path) ->
     finally:
         os.close(fd)
     os.close(open_device(loop))  # released with the first descriptor
+
+
+# -- block-serve --metrics-addr: real daemon, real HTTP scrape -------------------------------
+
+REQS = "fuse_crypt_block_requests_total"
+
+
+def _series(m: dict[str, float], prefix: str) -> list[str]:
+    return [k for k in m if k.startswith(prefix)]
+
+
+def _assert_secret_free(body: str, secrets: list[str]) -> None:
+    for secret in secrets:
+        assert secret not in body, "a secret is in the /metrics body"
+
+
+def test_metrics_count_exact_bytes_requests_and_errors(rig: BlockRig, tmp_path: Path) -> None:
+    """O_DIRECT reads and writes of known sizes move the counters by exactly those bytes and
+    one request each; ENOSPC past the end and EIO from a device shrunk under the daemon are
+    counted by op and errno; the scrape holds the block daemon's series, not the mount's."""
+    import mmap
+
+    img = _image(tmp_path / "d.img", 32 * MiB)
+    _format_ours(img, b"pw")
+    port = free_port()
+    mnt = tmp_path / "mnt"
+    extra = ("--allow-regular-file", "--metrics-addr", f"127.0.0.1:{port}")
+    proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"pw", extra=extra)
+    m0 = scrape_metrics(port)
+    (info,) = _series(m0, "fuse_crypt_block_info{")
+    labels = f'device="{img}"', f'mountpoint="{mnt}"', 'read_only="false"', 'sector_size="4096"'
+    assert all(label in info for label in labels), info
+    assert m0["fuse_crypt_block_size_bytes"] == 16 * MiB
+    assert m0["fuse_crypt_uptime_seconds"] > 0
+    assert _series(m0, "fuse_crypt_block_errors_total") == []
+    # only this daemon's series: none of the mount daemon's backend/crypto counters
+    shared = {"fuse_crypt_start_time_seconds", "fuse_crypt_uptime_seconds"}
+    foreign = [
+        k
+        for k in m0
+        if k.startswith("fuse_crypt_") and not k.startswith("fuse_crypt_block_") and k not in shared
+    ]
+    assert foreign == []
+
+    buf = mmap.mmap(-1, 5 * SS)
+    buf[:] = os.urandom(5 * SS)
+    fd = os.open(mnt / "disk", os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pwritev(fd, [memoryview(buf)[: 3 * SS]], 8 * SS) == 3 * SS
+        os.fsync(fd)
+        assert os.preadv(fd, [buf], 7 * SS) == 5 * SS
+        m1 = scrape_metrics(port)
+        assert m1[REQS + '{op="write"}'] - m0.get(REQS + '{op="write"}', 0) == 1
+        assert m1[REQS + '{op="read"}'] - m0.get(REQS + '{op="read"}', 0) == 1
+        assert m1[REQS + '{op="fsync"}'] - m0.get(REQS + '{op="fsync"}', 0) == 1
+        assert (
+            m1["fuse_crypt_block_plain_bytes_written_total"]
+            - m0["fuse_crypt_block_plain_bytes_written_total"]
+            == 3 * SS
+        )
+        assert (
+            m1["fuse_crypt_block_plain_bytes_read_total"]
+            - m0["fuse_crypt_block_plain_bytes_read_total"]
+            == 5 * SS
+        )
+        assert _series(m1, "fuse_crypt_block_errors_total") == []
+
+        with pytest.raises(OSError) as exc:  # 8 KiB from the last sector: past the end
+            os.pwritev(fd, [memoryview(buf)[: 2 * SS]], 16 * MiB - SS)
+        assert exc.value.errno == errno.ENOSPC
+        with img.open("r+b") as f:  # the host shrinks the disk under the daemon
+            f.truncate(16 * MiB + 4 * SS)
+        with pytest.raises(OSError) as exc:
+            os.preadv(fd, [memoryview(buf)[:SS]], 8 * SS)
+        assert exc.value.errno == errno.EIO
+    finally:
+        os.close(fd)
+    m2 = scrape_metrics(port)
+    assert m2['fuse_crypt_block_errors_total{errno="ENOSPC",op="write"}'] == 1
+    assert m2['fuse_crypt_block_errors_total{errno="EIO",op="read"}'] == 1
+    assert len(_series(m2, "fuse_crypt_block_errors_total{")) == 2
+    assert m2[REQS + '{op="write"}'] == m1[REQS + '{op="write"}'] + 1  # failed ones count
+    assert m2[REQS + '{op="read"}'] == m1[REQS + '{op="read"}'] + 1
+    for name in ("read", "written"):  # a refused request moved no bytes
+        key = f"fuse_crypt_block_plain_bytes_{name}_total"
+        assert m2[key] == m1[key]
+    assert rig.stop(proc, mnt) == 0
+
+
+def test_metrics_never_show_the_passphrase_or_key(rig: BlockRig, tmp_path: Path) -> None:
+    """The body is scanned for the passphrase and the volume key (hex, either case); the
+    same scan finds a marker planted in the mount point's name, which the info label
+    exports, so it does read what the daemon serves."""
+    passphrase = b"pass-" + os.urandom(12).hex().encode()
+    img = _image(tmp_path / "d.img", 32 * MiB)
+    vk = _format_ours(img, passphrase)
+    planted = "planted-" + os.urandom(8).hex()
+    mnt = tmp_path / f"mnt-{planted}"
+    port = free_port()
+    extra = ("--allow-regular-file", "--ro", "--metrics-addr", f"127.0.0.1:{port}")
+    proc = rig.serve(img, mnt, b"", offset=0, passphrase=passphrase, extra=extra)
+    with (mnt / "disk").open("rb", buffering=0) as f:
+        assert len(f.read(SS)) == SS
+    body = metrics_text(port)
+    assert 'read_only="true"' in body
+    assert 'fuse_crypt_block_requests_total{op="read"}' in body
+    _assert_secret_free(body, [passphrase.decode(), vk.hex(), vk.hex().upper()])
+    with pytest.raises(AssertionError, match="a secret"):
+        _assert_secret_free(body, [planted])
+    assert rig.stop(proc, mnt) == 0
+
+
+def test_metrics_addr_refusals(rig: BlockRig, tmp_path: Path) -> None:
+    """A malformed --metrics-addr is a one-line usage error before the passphrase is read
+    (stdin stays open and unwritten: reading it would block) or the device is touched; a
+    port in use fails the daemon (exit 11) before anything is mounted."""
+    img = _image(tmp_path / "d.img", 32 * MiB)
+    _format_ours(img, b"pw")
+    before = img.read_bytes()
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    for bad in ("localhost", "host:port", "127.0.0.1:0", "127.0.0.1:70000"):
+        argv = [*FC, "block-serve", "--passphrase", "stdin", "--allow-regular-file"]
+        argv += ["--metrics-addr", bad, str(img), str(mnt)]
+        p = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        try:
+            rc = p.wait(30)
+        finally:
+            assert p.stdin is not None
+            p.stdin.close()
+        assert p.stderr is not None and p.stdout is not None
+        done = subprocess.CompletedProcess(argv, rc, p.stdout.read(), p.stderr.read())
+        p.stdout.close()
+        p.stderr.close()
+        assert "HOST:PORT" in assert_one_line_error(done, 1)
+    assert img.read_bytes() == before
+    assert not os.path.ismount(mnt)
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        extra = ("--allow-regular-file", "--metrics-addr", f"127.0.0.1:{taken.getsockname()[1]}")
+        proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"pw", extra=extra, expect_ready=False)
+    assert proc.returncode == 11
+    assert "cannot serve metrics" in rig.log(mnt) and "Traceback" not in rig.log(mnt)
+    assert not os.path.ismount(mnt)

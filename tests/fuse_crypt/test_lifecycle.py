@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -27,7 +26,9 @@ from tests.fuse_crypt.cli_helpers import (
     assert_one_line_error,
     daemon_pids,
     fc,
+    free_port,
     is_mounted,
+    scrape_metrics,
 )
 from tests.fuse_env import needs_fuse
 
@@ -277,32 +278,15 @@ def test_tampered_block_reads_as_eio(cipherdir: Path, mountpoint: Path, passfile
         assert info.value.errno == errno.EIO
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _scrape(port: int) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            out[name] = float(value)
-    return out
-
-
 def test_metrics_endpoint(cipherdir: Path, mountpoint: Path, passfile: Path) -> None:
-    port = _free_port()
+    port = free_port()
     mount(cipherdir, mountpoint, passfile, "--metrics-addr", f"127.0.0.1:{port}")
     payload = os.urandom(10000)
     (mountpoint / "m").write_bytes(payload)
     with open(mountpoint / "m", "rb", buffering=0) as f:
         os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
         assert f.read() == payload
-    m = _scrape(port)
+    m = scrape_metrics(port)
     info = [k for k in m if k.startswith("fuse_crypt_mount_info{")]
     assert info and f'mountpoint="{mountpoint}"' in info[0]
     assert m["fuse_crypt_uptime_seconds"] > 0
@@ -321,7 +305,7 @@ def test_metrics_endpoint(cipherdir: Path, mountpoint: Path, passfile: Path) -> 
         with pytest.raises(OSError) as e:
             f.read()
         assert e.value.errno == errno.EIO
-    m = _scrape(port)
+    m = scrape_metrics(port)
     assert m["fuse_crypt_auth_failures_total"] >= 1
     assert m["fuse_crypt_blocks_decrypted_total"] >= 3
 
