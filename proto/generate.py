@@ -1,7 +1,9 @@
 """Regenerate the Python gRPC stubs in coco_proto/ from the .proto files in proto/.
 
-The stubs are committed so that an install needs no code generator; tests/test_proto_stubs.py
-regenerates them into a temporary directory and fails if the committed copies differ.
+setup.py runs this at build time (grpcio-tools is a build requirement): into the wheel's
+build directory, or into the source tree for an editable install. The stubs are not
+committed; tests/test_proto_stubs.py regenerates them into a temporary directory and fails
+if the installed copies differ (a .proto changed since the install).
 Run: python proto/generate.py [OUTDIR]
 """
 

@@ -300,8 +300,10 @@ def _copy_tree(dest: Path, under: str = "") -> None:
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
-    for name in filter(None, listed):
-        src = ROOT / os.fsdecode(name)
+    # The gRPC stubs are build outputs git ignores (setup.py writes them at install): the
+    # copy needs them all the same, or nothing that imports coco_proto runs there.
+    stubs = [] if under not in ("", "coco_proto") else sorted(ROOT.glob("coco_proto/*_pb2*.py*"))
+    for src in [ROOT / os.fsdecode(name) for name in filter(None, listed)] + stubs:
         if src.is_file() and not src.is_symlink():
             (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / src.relative_to(ROOT))

@@ -43,7 +43,8 @@ def tools_skip_reason() -> str | None:
 
 
 # What goes into the image; edits elsewhere (tests, docs) reuse the cached build.
-IMAGE_INPUTS = ("pyproject.toml", "tools/image.py", "image", "README.md") + (
+IMAGE_INPUTS = ("pyproject.toml", "setup.py", "MANIFEST.in", "proto", "tools/image.py", "image") + (
+    "README.md",
     "fuse_crypt",
     "sealed_secrets",
     "csi_driver",
