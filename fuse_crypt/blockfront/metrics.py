@@ -19,10 +19,14 @@ cipherdir): never data, keys or the passphrase.
 from __future__ import annotations
 
 import errno
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Info
 
 from .device import CryptDevice
+
+T = TypeVar("T")
 
 BLOCK_INFO = Info("fuse_crypt_block", "The LUKS2 data segment this daemon serves", registry=None)
 SIZE = Gauge("fuse_crypt_block_size_bytes", "Plaintext size of the served disk", registry=None)
@@ -60,6 +64,23 @@ class BlockMetrics:
         self._bytes_read = BYTES_READ
         self._bytes_written = BYTES_WRITTEN
 
+        self._done: dict[str, Callable[[Any], None]] = {
+            "read": self.read,
+            "write": self.wrote,
+            "fsync": self.synced,
+        }
+
+    def run(self, op: str, call: Callable[..., T], *args: Any) -> T:
+        """Answer one ``op`` request through ``call(*args)`` and count it: its bytes when
+        it returns (reads and writes return how many), its errno when it raises."""
+        try:
+            n = call(*args)
+        except Exception as e:
+            self.failed(op, e)
+            raise
+        self._done[op](n)
+        return n
+
     def read(self, n: int) -> None:
         self._reads.inc()
         self._bytes_read.inc(n)
@@ -68,7 +89,7 @@ class BlockMetrics:
         self._writes.inc()
         self._bytes_written.inc(n)
 
-    def synced(self) -> None:
+    def synced(self, _: object = None) -> None:
         self._fsyncs.inc()
 
     def failed(self, op: str, exc: BaseException) -> None:

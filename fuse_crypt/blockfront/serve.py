@@ -173,29 +173,15 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
     def read_into(self, fh: int, out: memoryview, offset: int) -> int:
         """Hot path used by CryptFUSE.read: decrypt into libfuse's buffer."""
         self.io_count += 1
-        m = self.metrics
-        if m is None:
+        if self.metrics is None:
             return self.dev.read_into(out, offset)
-        try:
-            n = self.dev.read_into(out, offset)
-        except Exception as e:
-            m.failed("read", e)
-            raise
-        m.read(n)
-        return n
+        return self.metrics.run("read", self.dev.read_into, out, offset)
 
     def write(self, path: str | None, data: memoryview, offset: int, fh: int) -> int:
         self.io_count += 1
-        m = self.metrics
-        if m is None:
+        if self.metrics is None:
             return self.dev.write(data, offset)
-        try:
-            n = self.dev.write(data, offset)
-        except Exception as e:
-            m.failed("write", e)
-            raise
-        m.wrote(n)
-        return n
+        return self.metrics.run("write", self.dev.write, data, offset)
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         # O_TRUNC and ftruncate: the size is the device's; only a no-op passes.
@@ -205,16 +191,10 @@ class BlockOperations(mfusepy.Operations):  # type: ignore[misc]
         return 0
 
     def fsync(self, path: str | None, datasync: int, fh: int) -> int:
-        m = self.metrics
-        if m is None:
+        if self.metrics is None:
             self.dev.sync()
-            return 0
-        try:
-            self.dev.sync()
-        except Exception as e:
-            m.failed("fsync", e)
-            raise
-        m.synced()
+        else:
+            self.metrics.run("fsync", self.dev.sync)
         return 0
 
     def flush(self, path: str | None, fh: int) -> int:
