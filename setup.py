@@ -1,9 +1,17 @@
-"""Build hook: the gRPC stubs in coco_proto/ are generated from proto/ at build time.
+"""Build hooks: the gRPC stubs in coco_proto/ are generated from proto/ at build time, and
+the XTS sector loop (fuse_crypt/luks2/xts_sectors.c) is compiled.
 
 Why not commit them: they are build outputs of grpcio-tools (pinned in [build-system]
 requires, so every build makes the same bytes), and a committed copy can drift from its
 .proto. A wheel gets them in its build directory; an editable install (``./run`` uses
 ``pip install -e``) writes them into the source tree, where git ignores them.
+
+The sector loop is a plain C shared library, not a Python extension module: segment.py
+loads it through cffi's ABI mode, so building it needs gcc but no Python headers. Its file
+name (``xts_sectors.so.0``) is deliberately not an importable module name. It links against
+``libcrypto.so.3`` by soname, which needs no OpenSSL headers either. segment.py still works
+without it (two Python calls into libcrypto per sector, ~2.5x slower); the tests check that
+it was built.
 Everything else about the project is in pyproject.toml.
 """
 
@@ -12,7 +20,8 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
-from setuptools import setup
+from setuptools import Extension, setup
+from setuptools.command.build_ext import build_ext
 from setuptools.command.build_py import build_py
 
 ROOT = pathlib.Path(__file__).resolve().parent
@@ -33,4 +42,29 @@ class BuildPyWithStubs(build_py):
         super().run()
 
 
-setup(cmdclass={"build_py": BuildPyWithStubs})
+#: the sector loop's dotted name, and the file name it gets instead of an extension suffix
+XTS_LOOP = "fuse_crypt.luks2.xts_sectors"
+XTS_LOOP_FILE = "xts_sectors.so.0"
+
+
+class BuildExtPlainLibrary(build_ext):
+    """build_ext that names the sector loop ``xts_sectors.so.0`` (see the docstring above)."""
+
+    def get_ext_filename(self, fullname: str) -> str:
+        # setuptools asks with the dotted name, distutils' build step with its last part
+        if fullname in (XTS_LOOP, XTS_LOOP.rpartition(".")[2]):
+            return str(pathlib.Path(*fullname.split(".")[:-1], XTS_LOOP_FILE))
+        return super().get_ext_filename(fullname)
+
+
+setup(
+    cmdclass={"build_py": BuildPyWithStubs, "build_ext": BuildExtPlainLibrary},
+    ext_modules=[
+        Extension(
+            XTS_LOOP,
+            sources=["fuse_crypt/luks2/xts_sectors.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Werror"],
+            extra_link_args=["-l:libcrypto.so.3"],
+        )
+    ],
+)

@@ -7,8 +7,8 @@ the daemon's own CPU time (utime + stime from /proc/PID/stat) per GiB is what th
 should lower, and it is far less sensitive to load. One image file (LUKS2 made by
 ``format_volume``), ``fuse-crypt block-serve --allow-regular-file`` on it, and
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
-ext4 in the way). Backends alternate, a fresh daemon each time; the "cryptography" daemon
-runs with FUSE_CRYPT_XTS_BACKEND=cryptography (the path before issue 11's change).
+ext4 in the way). Backends alternate, a fresh daemon each time, each forced by
+FUSE_CRYPT_XTS_BACKEND (the default, libcrypto-evp-batch, runs without it).
 ``--readers N`` runs N such dd at once on N slices (parallel requests for the daemon's
 worker threads, as the loop device sends them). As root.
 """
@@ -30,6 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
+CONFIGS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -48,8 +49,8 @@ def one(
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
-    if backend == "cryptography":
-        env[BACKEND_ENV] = "cryptography"
+    if backend != "libcrypto-evp-batch":  # the default
+        env[BACKEND_ENV] = backend
     proc = subprocess.Popen(
         [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", "--allow-regular-file", str(img),
          str(mnt)],
@@ -88,10 +89,10 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--workdir", default="/var/tmp")
     ap.add_argument("--readers", type=int, default=1, help="concurrent dd readers")
-    ap.add_argument("--configs", default="cryptography,libcrypto-evp")
+    ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
     for b in args.configs.split(","):
-        if b not in ("cryptography", "libcrypto-evp"):
+        if b not in CONFIGS:
             ap.error(f"unknown configuration {b!r}")
     if args.readers < 1 or args.size_mib % args.readers:
         ap.error("--size-mib must be a multiple of --readers (>= 1)")

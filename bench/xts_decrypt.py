@@ -3,9 +3,10 @@ in the same process, rounds alternated so that machine load hits them alike.
 
     .venv/bin/python bench/xts_decrypt.py [--rounds 9] [--mib 64] [--threads 1]
 
-``cryptography`` is the path before issue 11's change (one `cryptography` context per
-4 KiB sector), ``libcrypto-evp`` the new one (one keyed OpenSSL context, IV reset per
-sector). Prints wall-clock and CPU-time MB/s per configuration (min / median / max over
+``cryptography`` is the first path (one `cryptography` context per 4 KiB sector),
+``libcrypto-evp`` the second (one keyed OpenSSL context, IV reset per sector, the loop in
+Python), ``libcrypto-evp-batch`` the default (the same context, the sector loop in C: one
+call per 1 MiB). Prints wall-clock and CPU-time MB/s per configuration (min / median / max over
 rounds); CPU time is the steadier figure on a shared machine. With ``--threads N`` N
 long-lived threads decrypt concurrently on one segment, serialised by a lock as the block
 device's FUSE workers are (aggregate wall MB/s; CPU time is the whole process's).
@@ -32,7 +33,7 @@ from fuse_crypt.luks2 import XtsSegment  # noqa: E402
 MiB = 1 << 20
 
 
-CONFIGS = ["cryptography", "libcrypto-evp"]
+CONFIGS = ["cryptography", "libcrypto-evp", "libcrypto-evp-batch"]
 
 
 def make(backend: str, key: bytes) -> XtsSegment:

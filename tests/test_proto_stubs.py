@@ -1,4 +1,5 @@
-"""coco_proto's stubs: generated at build time (setup.py), never committed, never stale."""
+"""setup.py's build outputs (coco_proto's stubs, the XTS sector loop): generated at build
+time, never committed, never stale."""
 
 from __future__ import annotations
 
@@ -52,3 +53,26 @@ def test_stubs_are_not_committed() -> None:
         ["git", "-C", str(ROOT), "check-ignore", "-q", str(stub)], capture_output=True
     )
     assert ignored.returncode == 0, f"{stub.name} is not ignored by git"
+
+
+@pytest.mark.skipif(
+    not (ROOT / ".git").exists() or shutil.which("git") is None,
+    reason="not a git checkout: nothing to say about what is committed",
+)
+def test_the_compiled_sector_loop_is_not_committed() -> None:
+    """setup.py's other build output, the XTS sector loop: built at install, ignored by git
+    (a committed binary could not be reviewed, and would not match this machine's build)."""
+    loop = ROOT / "fuse_crypt" / "luks2" / "xts_sectors.so.0"
+    assert loop.is_file(), "the install did not build the sector loop"
+    tracked = subprocess.run(
+        ["git", "-C", str(ROOT), "ls-files", "fuse_crypt/luks2"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    assert "fuse_crypt/luks2/xts_sectors.c" in tracked
+    assert not [t for t in tracked if ".so" in t], tracked
+    ignored = subprocess.run(
+        ["git", "-C", str(ROOT), "check-ignore", "-q", str(loop)], capture_output=True
+    )
+    assert ignored.returncode == 0, f"{loop.name} is not ignored by git"

@@ -300,9 +300,12 @@ def _copy_tree(dest: Path, under: str = "") -> None:
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
-    # The gRPC stubs are build outputs git ignores (setup.py writes them at install): the
-    # copy needs them all the same, or nothing that imports coco_proto runs there.
+    # The gRPC stubs and the XTS sector loop are build outputs git ignores (setup.py writes
+    # them at install): the copy needs them all the same, or nothing that imports coco_proto
+    # runs there and the block tests lose their default XTS backend.
     stubs = [] if under not in ("", "coco_proto") else sorted(ROOT.glob("coco_proto/*_pb2*.py*"))
+    if under in ("", "fuse_crypt"):
+        stubs += sorted(ROOT.glob("fuse_crypt/luks2/xts_sectors.so.0"))
     for src in [ROOT / os.fsdecode(name) for name in filter(None, listed)] + stubs:
         if src.is_file() and not src.is_symlink():
             (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)

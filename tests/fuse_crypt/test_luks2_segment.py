@@ -92,15 +92,22 @@ def expected_units(cipher: str, iv_tweak: int, first: int, n: int, sector_size: 
     return [(iv_tweak + (first + i) * (sector_size // 512)) & mask for i in range(n)]
 
 
-BACKENDS = ["libcrypto-evp", "cryptography", "cryptography-public"]
+BACKENDS = ["libcrypto-evp-batch", "libcrypto-evp", "cryptography", "cryptography-public"]
+
+
+def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make ``name`` the one that segments made without ``backend=`` pick."""
+    if name == "libcrypto-evp":
+        monkeypatch.setattr(segment, "_load_loop", lambda: None)
+    elif name != "libcrypto-evp-batch":
+        monkeypatch.setattr(segment, "_load_evp", lambda: None)
 
 
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each implementation in turn: segments made inside the test use it."""
     name: str = request.param
-    if name != "libcrypto-evp":
-        monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    use_backend(monkeypatch, name.removesuffix("-public"))
     if name == "cryptography-public":
         monkeypatch.setattr(segment, "_ENC_CTX", None)
         monkeypatch.setattr(segment, "_DEC_CTX", None)
@@ -109,8 +116,46 @@ def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_libcrypto_backend_is_used_here() -> None:
     """The fast path must really run where the tests run (and in the image, which ships
-    libssl3): without libcrypto.so.3 this fails rather than quietly testing the fallback."""
+    libssl3 and the loop setup.py built): without libcrypto.so.3 or xts_sectors.so.0 this
+    fails rather than quietly testing a fallback."""
+    assert segment.LOOP_FILE.is_file(), "setup.py did not build the C sector loop"
+    assert XtsSegment(os.urandom(64)).backend == "libcrypto-evp-batch"
+
+
+def test_falls_back_to_the_python_loop_without_the_c_loop(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setattr(segment, "LOOP_FILE", tmp_path / "absent.so.0")
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_LOOP", None)
+    key, data = os.urandom(64), os.urandom(3 * SS)
+    seg = XtsSegment(key)
+    assert seg.backend == "libcrypto-evp"
+    assert seg.encrypt(SS, data) == per_sector_xts(key, [8, 16, 24], data, SS, encrypt=True)
+    with pytest.raises(SegmentError, match="the libcrypto-evp-batch XTS backend is unavailable"):
+        XtsSegment(key, backend="libcrypto-evp-batch")
+
+
+def test_a_library_without_the_loop_symbol_is_not_used(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A stale or foreign file at LOOP_FILE (here: libcrypto itself) is refused."""
+    import ctypes.util
+
+    monkeypatch.setattr(segment, "LOOP_FILE", Path(ctypes.util.find_library("crypto") or "x"))
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_LOOP", None)
     assert XtsSegment(os.urandom(64)).backend == "libcrypto-evp"
+
+
+def test_environment_forces_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(segment.BACKEND_ENV, "libcrypto-evp")
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_LOOP", None)
+    key, data = os.urandom(64), os.urandom(2 * SS)
+    seg = XtsSegment(key)
+    assert seg.backend == "libcrypto-evp"
+    assert seg.decrypt(0, data) == per_sector_xts(key, [0, 8], data, SS, encrypt=False)
 
 
 def test_falls_back_without_libcrypto(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -135,18 +180,18 @@ def test_environment_forces_the_fallback(monkeypatch: pytest.MonkeyPatch) -> Non
 
 def test_backend_can_be_named() -> None:
     key, data = os.urandom(64), os.urandom(2 * SS)
-    fast = XtsSegment(key, backend="libcrypto-evp")
-    slow = XtsSegment(key, backend="cryptography")
-    assert (fast.backend, slow.backend) == ("libcrypto-evp", "cryptography")
-    assert fast.encrypt(SS, data) == slow.encrypt(SS, data)
+    segs = [XtsSegment(key, backend=b) for b in segment.BACKENDS]
+    assert [s.backend for s in segs] == list(segment.BACKENDS)
+    assert len({s.encrypt(SS, data) for s in segs}) == 1
     with pytest.raises(SegmentError, match="unknown XTS backend"):
         XtsSegment(key, backend="numpy")
 
 
 def test_named_backend_unavailable_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segment, "_load_evp", lambda: None)
-    with pytest.raises(SegmentError, match="unavailable"):
-        XtsSegment(os.urandom(64), backend="libcrypto-evp")
+    for name in ("libcrypto-evp", "libcrypto-evp-batch"):
+        with pytest.raises(SegmentError, match=f"the {name} XTS backend is unavailable"):
+            XtsSegment(os.urandom(64), backend=name)
 
 
 # (cipher, iv_tweak, first sector): the 32-bit counter of aes-xts-plain wrapping, sector
@@ -325,14 +370,19 @@ def test_round_trip(sectors: int, first: int, sector_size: int, iv_tweak: int, c
 
 @pytest.mark.parametrize(
     ("impl", "sector_size", "key_bits"),
-    [("libcrypto-evp", 4096, 512), ("libcrypto-evp", 512, 256), ("cryptography", 4096, 512)],
+    [
+        ("libcrypto-evp-batch", 4096, 512),
+        ("libcrypto-evp-batch", 512, 256),
+        ("libcrypto-evp", 4096, 512),
+        ("libcrypto-evp", 512, 256),
+        ("cryptography", 4096, 512),
+    ],
 )
 def test_reads_what_cryptsetup_encrypted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str, sector_size: int, key_bits: int
 ) -> None:
     lh.skip_without_cryptsetup()
-    if impl == "cryptography":
-        monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    use_backend(monkeypatch, impl)
     plain = os.urandom(64 * 4096)
     data = tmp_path / "data.img"
     data.write_bytes(plain)
@@ -357,13 +407,12 @@ def test_reads_what_cryptsetup_encrypted(
     assert buf == plain[5 * sector_size : 37 * sector_size]
 
 
-@pytest.mark.parametrize("impl", ["libcrypto-evp", "cryptography"])
+@pytest.mark.parametrize("impl", list(segment.BACKENDS))
 def test_cryptsetup_reads_what_we_encrypted(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, impl: str
 ) -> None:
     lh.skip_without_cryptsetup()
-    if impl == "cryptography":
-        monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    use_backend(monkeypatch, impl)
     vk = os.urandom(64)
     plain = os.urandom(16 * SS)
     data = tmp_path / "data.img"

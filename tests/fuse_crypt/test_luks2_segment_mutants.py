@@ -1,8 +1,9 @@
 """Fast in-process checks of ``luks2/segment.py`` that mutation testing runs first.
 
 Each test pins one behaviour whose change would silently corrupt or expose a data sector:
-the tweak arithmetic, the key and sector-size checks, the whole-sector rule, and both XTS
-backends against the independent reference in ``test_luks2_segment.py``.
+the tweak arithmetic, the key and sector-size checks, the whole-sector rule, and the three
+XTS backends against the independent reference in ``test_luks2_segment.py``, including
+the C sector loop's own argument checks.
 """
 
 from __future__ import annotations
@@ -12,10 +13,12 @@ from typing import Any
 
 import pytest
 
+from fuse_crypt.luks2 import segment as _segment
 from fuse_crypt.luks2.segment import SegmentError, XtsSegment
 from tests.fuse_crypt.test_luks2_segment import reference_xts
 
-BACKENDS = ("libcrypto-evp", "cryptography")
+BACKENDS = _segment.BACKENDS
+EVP_BACKENDS = ("libcrypto-evp-batch", "libcrypto-evp")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -35,7 +38,11 @@ def test_read_only_output_is_refused_and_left_alone() -> None:
     """libcrypto writes through a raw pointer: an immutable ``bytes`` given as the output
     must be refused before OpenSSL runs (else it would rewrite a bytes object in place),
     and the input's buffer is released on that path (the error is the output's)."""
-    for backend, error in (("libcrypto-evp", BufferError), ("cryptography", TypeError)):
+    for backend, error in (
+        ("libcrypto-evp-batch", BufferError),
+        ("libcrypto-evp", BufferError),
+        ("cryptography", TypeError),
+    ):
         seg = XtsSegment(os.urandom(64), backend=backend)
         out = bytes(2 * 4096)
         with pytest.raises(error):
@@ -54,11 +61,12 @@ def test_wiped_segment_refuses_on_every_backend(backend: str) -> None:
             call(0, bytes(4096))
 
 
-def test_adjacent_buffers_are_not_an_overlap() -> None:
+@pytest.mark.parametrize("backend", EVP_BACKENDS)
+def test_adjacent_buffers_are_not_an_overlap(backend: str) -> None:
     """Output right after or right before the input (no shared byte) is fine; one shared
     byte either way is an overlap."""
     key = os.urandom(64)
-    seg = XtsSegment(key, backend="libcrypto-evp")
+    seg = XtsSegment(key, backend=backend)
     data = os.urandom(2 * 4096)
     want = XtsSegment(key, backend="cryptography").encrypt(0, data)
     for in_at, out_at in ((0, 2 * 4096), (2 * 4096, 0)):
@@ -127,14 +135,15 @@ def test_tweak_units_per_sector(sector_size: int) -> None:
     assert seg.tweak(5) == (3 + 5 * units).to_bytes(16, "little")
 
 
-def test_closed_libcrypto_contexts_refuse_by_themselves() -> None:
+@pytest.mark.parametrize("batch", [True, False])
+def test_closed_libcrypto_contexts_refuse_by_themselves(batch: bool) -> None:
     """``_EvpXts.run`` after ``close`` (XtsSegment checks its own key first; this is the
     context's own guard, for any other caller)."""
     from fuse_crypt.luks2 import segment
 
     evp = segment._load_evp()
     assert evp is not None
-    ctx = segment._EvpXts(evp, os.urandom(64))
+    ctx = segment._EvpXts(evp, os.urandom(64), segment._load_loop() if batch else None)
     ctx.close()
     buf = memoryview(bytearray(4096))
     with pytest.raises(SegmentError) as err:
@@ -171,6 +180,64 @@ def test_a_failing_libcrypto_call_is_a_segment_error() -> None:
         ctx.run(buf, buf, 0, 8, (1 << 64) - 1, 4096, True)
     assert str(err.value) == "libcrypto failed an XTS sector"
     assert Failing.cleared == 1
+    ctx.close()
+
+
+def test_a_failing_c_loop_is_a_segment_error() -> None:
+    """The C loop's failure return (its own argument checks here: a zero sector size)
+    raises, clears OpenSSL's error queue, and leaves the output as it was."""
+    from fuse_crypt.luks2 import segment
+
+    evp, loop = segment._load_evp(), segment._load_loop()
+    assert evp is not None and loop is not None
+    ffi, lib = evp
+
+    class Clearing:
+        cleared = 0
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(lib, name)
+
+        def ERR_clear_error(self) -> None:  # noqa: N802 - OpenSSL's name
+            Clearing.cleared += 1
+
+    ctx = segment._EvpXts(evp, os.urandom(64), loop)
+    ctx._lib = Clearing()
+    src, out = memoryview(bytes(range(256)) * 16), memoryview(bytearray(4096))
+    with pytest.raises(SegmentError) as err:
+        ctx.run(src, out, 0, 8, (1 << 64) - 1, 0, False)
+    assert str(err.value) == "libcrypto failed an XTS sector"
+    assert Clearing.cleared == 1 and out == bytes(4096)
+    ctx.close()
+
+
+def test_the_c_loop_checks_its_own_arguments() -> None:
+    """Called directly (a caller other than ``_EvpXts``): partial sectors, a zero or huge
+    sector size and NULL pointers return 0 before any byte is written."""
+    from fuse_crypt.luks2 import segment
+
+    evp, loop = segment._load_evp(), segment._load_loop()
+    assert evp is not None and loop is not None
+    ffi, lib = evp
+    ctx = segment._EvpXts(evp, os.urandom(64), loop)
+    key_ctx = ctx._ctx[1]
+    src = ffi.from_buffer(bytearray(os.urandom(8192)))
+    out_buf = bytearray(8192)
+    out = ffi.from_buffer(out_buf)
+    m = (1 << 64) - 1
+    for args in (
+        (key_ctx, out, src, 8192, 3000, 0, 8, m),  # not whole sectors
+        (key_ctx, out, src, 8192, 0, 0, 8, m),
+        (key_ctx, out, src, 1 << 32, 1 << 32, 0, 8, m),  # ss > INT_MAX
+        (ffi.NULL, out, src, 8192, 4096, 0, 8, m),
+        (key_ctx, ffi.NULL, src, 8192, 4096, 0, 8, m),
+        (key_ctx, out, ffi.NULL, 8192, 4096, 0, 8, m),
+    ):
+        assert loop.coco_xts_sectors(*args) == 0
+        assert out_buf == bytes(8192)
+    assert loop.coco_xts_sectors(key_ctx, out, src, 8192, 4096, 0, 8, m) == 1
+    assert out_buf != bytes(8192)
+    assert loop.coco_xts_sectors(key_ctx, out, src, 0, 4096, 0, 8, m) == 1  # nothing to do
     ctx.close()
 
 
@@ -211,6 +278,39 @@ def test_libcrypto_is_loaded_once_and_the_override_is_logged(
     assert caplog.messages == ["XTS: FUSE_CRYPT_XTS_BACKEND=cryptography, one context per sector"]
     monkeypatch.delenv(segment.BACKEND_ENV)
     assert segment._load_evp() is None  # tried once: the override holds for the process
+
+
+def test_the_c_loop_is_loaded_once_and_the_override_is_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    from fuse_crypt.luks2 import segment
+
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_LOOP", None)
+    first = segment._load_loop()
+    assert first is not None and segment._LOOP_TRIED is True
+    assert segment._load_loop() is first
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_LOOP", None)
+    monkeypatch.setenv(segment.BACKEND_ENV, "libcrypto-evp")
+    with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
+        assert segment._load_loop() is None
+    assert caplog.messages == [
+        "XTS: FUSE_CRYPT_XTS_BACKEND=libcrypto-evp, the sector loop runs in Python"
+    ]
+    monkeypatch.delenv(segment.BACKEND_ENV)
+    assert segment._load_loop() is None
+    caplog.clear()
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "LOOP_FILE", segment.LOOP_FILE.with_name("absent.so.0"))
+    with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
+        assert segment._load_loop() is None
+    (msg,) = caplog.messages
+    assert msg.startswith("XTS: no C sector loop (") and "absent.so.0" in msg
+    assert msg.endswith("); it runs in Python")
+    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
+    monkeypatch.setattr(segment, "_load_evp", lambda: None)
+    assert segment._load_loop() is None and segment._LOOP_TRIED is False  # needs libcrypto
 
 
 @pytest.mark.parametrize(
@@ -268,6 +368,12 @@ def test_each_refusal_by_its_exact_text(monkeypatch: pytest.MonkeyPatch) -> None
     )
     seg.wipe()
     assert text(lambda: seg.decrypt(0, bytes(512))) == "the segment key was wiped"
+    monkeypatch.setattr(segment, "_load_loop", lambda: None)
+    assert XtsSegment(key, backend="libcrypto-evp").backend == "libcrypto-evp"
+    assert (
+        text(lambda: XtsSegment(key, backend="libcrypto-evp-batch"))
+        == "the libcrypto-evp-batch XTS backend is unavailable here"
+    )
     monkeypatch.setattr(segment, "_load_evp", lambda: None)
     assert (
         text(lambda: XtsSegment(key, backend="libcrypto-evp"))
