@@ -119,8 +119,8 @@ def start(
     except OSError as e:
         raise CliError(f"cannot serve metrics on {addr}: {e.strerror}", OTHER) from None
     if port == 0:
-        bound = server.server_address
-        print(f"Serving metrics on {bound[0]}:{bound[1]}", flush=True)
+        host, bound = str(server.server_address[0]), int(server.server_address[1])
+        print(f"Serving metrics on {host}:{bound}", flush=True)
 
 
 def _count_call(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
