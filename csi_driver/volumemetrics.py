@@ -18,7 +18,10 @@ not parse is dropped, and each such daemon is left out of this scrape and counte
 Only the daemons' ``fuse_crypt_*`` and ``process_*`` families pass: counts, sizes and the
 volume's location (cipher dir or device, mount point), as the daemons document; never keys
 or passphrases, which the daemons do not export. ``python_*`` (the client library's GC
-and version series, alike in every daemon) are dropped.
+and version series, alike in every daemon) are dropped, and so are the ``*_created``
+gauges the client library adds beside every counter: in the text format each is one more
+series per volume that says only when the daemon started (``fuse_crypt_start_time_seconds``
+says it once).
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class VolumeMetricsCollector:
         exposition format allows a name once), each sample with the volume's labels."""
         extra = {"volume_id": ep.volume_id, "target_path": ep.target_path}
         for fam in families:
-            if not fam.name.startswith(PASSED_PREFIXES):
+            if not fam.name.startswith(PASSED_PREFIXES) or fam.name.endswith("_created"):
                 continue
             out = merged.get(fam.name)
             if out is None:

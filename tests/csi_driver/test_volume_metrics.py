@@ -98,6 +98,7 @@ def test_each_daemons_series_carry_its_volume(daemons: FakeDaemons) -> None:
     assert got[f'fuse_crypt_backend_errors_total{{op="pread",{L2}}}'] == 3
     assert got[f"process_resident_memory_bytes{{{L1}}}"] == 1e7
     assert not [k for k in got if k.startswith("python_")], "GC noise passed"
+    assert not [k for k in got if "_created" in k and "vol-" in k]
     assert got["coco_csi_mounted_volumes"] == 2  # the plugin's own are still there
     assert got['coco_csi_volume_metrics_daemons{result="ok"}'] == 2
     assert got['coco_csi_volume_metrics_daemons{result="failed"}'] == 0
