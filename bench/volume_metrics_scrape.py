@@ -25,11 +25,10 @@ import urllib.request
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from csi_driver import cli  # noqa: E402
 from csi_driver.core.controller import LocalBackend  # noqa: E402
 from csi_driver.core.node import NodeCore, PublishRequest  # noqa: E402
 from csi_driver.core.volcap import AccessType, Capability  # noqa: E402
-from csi_driver.metrics import Metrics  # noqa: E402
-from csi_driver.volume_key import new_volume_key_jwk  # noqa: E402
 from sealed_secrets.resolver import build_resolver  # noqa: E402
 
 KEY = "kbs:///default/coco-csi/volume-root"
@@ -51,10 +50,11 @@ def main() -> None:
     counts = sorted(int(n) for n in args.volumes.split(","))
     tmp = tempfile.mkdtemp(prefix="volmetrics-", dir="/var/tmp")
     res = os.path.join(tmp, "resources.json")
+    cli.main(["volume-key", "new", "-o", os.path.join(tmp, "root.jwk")])
+    with open(os.path.join(tmp, "root.jwk"), "rb") as f:
+        jwk = f.read()
     with open(res, "w") as f:
-        jwk = new_volume_key_jwk().encode()
         json.dump({"default/coco-csi/volume-root": base64.b64encode(jwk).decode()}, f)
-    metrics = Metrics()
     core = NodeCore(
         "bench",
         os.path.join(tmp, "state"),
@@ -62,9 +62,9 @@ def main() -> None:
         kubelet_dir=tmp,
         cipher_roots=[os.path.join(tmp, "backend")],
         allowed_key_resources=["kbs:///default/coco-csi/"],
-        metrics=metrics,
         daemon_metrics=True,
     )
+    metrics = core.metrics
     metrics.add_volume_daemons(core.supervisor.metric_endpoints)
     _, port = metrics.serve("127.0.0.1:0")
     backend = LocalBackend(os.path.join(tmp, "backend"))
