@@ -147,6 +147,14 @@ def _parser() -> argparse.ArgumentParser:
         default=DEFAULT_MAX_PARALLEL,
         help="publish/unpublish/stats calls at once; more get RESOURCE_EXHAUSTED",
     )
+    n.add_argument(
+        "--volume-metrics",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start each volume daemon with /metrics on a loopback port and show its series "
+        "on this plugin's /metrics, labelled volume_id and target_path (default: on when "
+        "--metrics-addr is set)",
+    )
     n.add_argument("--max-volumes", type=int, default=0)
     n.add_argument("--no-allow-other", action="store_true", help="mount without allow_other")
     n.add_argument("--unmount-on-exit", action="store_true", help="unmount everything on exit")
@@ -242,6 +250,7 @@ def _run_node(args: argparse.Namespace) -> int:
     _check_prefixes(args.allowed_signing_kid, "--allowed-signing-kid", kbs=False)
     if not args.allowed_key_resource:
         log.warning("no --allowed-key-resource: volumes with a keyResource cannot publish")
+    volume_metrics = _volume_metrics(args)
     resolver = build(args.resolver) if args.resolver else None
     if resolver is None:
         log.warning("no --resolver: Probe reports not ready and keyed volumes cannot publish")
@@ -265,7 +274,10 @@ def _run_node(args: argparse.Namespace) -> int:
         object_policy=dataclasses.replace(
             _object_policy(args), control_dir=args.object_control_dir
         ),
+        daemon_metrics=volume_metrics,
     )
+    if volume_metrics:
+        metrics.add_volume_daemons(core.supervisor.metric_endpoints)
     if args.metrics_addr:
         metrics.serve(args.metrics_addr)
     if args.with_controller:
@@ -275,6 +287,16 @@ def _run_node(args: argparse.Namespace) -> int:
     _wait_for_signal()
     plugin.stop(unmount=args.unmount_on_exit)
     return 0
+
+
+def _volume_metrics(args: argparse.Namespace) -> bool:
+    """--volume-metrics: on with --metrics-addr unless --no-volume-metrics; asked for
+    without --metrics-addr it is an error (daemons would serve what nobody can scrape)."""
+    if args.volume_metrics is None:
+        return bool(args.metrics_addr)
+    if args.volume_metrics and not args.metrics_addr:
+        raise ValueError("--volume-metrics needs --metrics-addr")
+    return bool(args.volume_metrics)
 
 
 def _object_policy(args: argparse.Namespace) -> ObjectNodePolicy:

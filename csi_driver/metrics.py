@@ -4,15 +4,23 @@ Each plugin gets its own CollectorRegistry so that several plugins (node and con
 `coco-csi demo`, many in the tests) can live in one process without name clashes.
 
 The /metrics server itself is fuse_crypt.metricsserver's (bounded connections and time,
-loopback unless told otherwise).
+loopback unless told otherwise). With ``--volume-metrics`` the node plugin's registry also
+holds the volume daemons' series (csi_driver/volumemetrics.py, fetched at scrape time).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from fuse_crypt import metricsserver
 from fuse_crypt.metricsserver import CONNECTION_TIMEOUT, MAX_CONNECTIONS
+
+if TYPE_CHECKING:
+    from csi_driver.supervisor import DaemonEndpoint
+    from csi_driver.volumemetrics import Fetch, VolumeMetricsCollector
 
 __all__ = ["Metrics"]
 
@@ -53,6 +61,26 @@ class Metrics:
             registry=self.registry,
         )
 
+    def add_volume_daemons(
+        self,
+        sources: Callable[[], Iterable[DaemonEndpoint]],
+        fetch: Fetch | None = None,
+        **limits: Any,
+    ) -> VolumeMetricsCollector:
+        """Export the volume daemons' series too, fetched from ``sources()`` at each scrape
+        (``fetch``: the loopback HTTP GET unless a test gives its own; ``limits``: the
+        collector's timeout, budget, max_bytes, workers)."""
+        from csi_driver.volumemetrics import VolumeMetricsCollector
+
+        if fetch is None:
+            from csi_driver.loopscrape import fetch as http_fetch
+
+            fetch = http_fetch
+        collector = VolumeMetricsCollector(sources, fetch, **limits)
+        self.registry.register(collector)
+        self.volume_daemons = collector
+        return collector
+
     def serve(
         self,
         addr: str,
@@ -69,6 +97,9 @@ class Metrics:
         return str(bound[0]), int(bound[1])
 
     def close(self) -> None:
+        collector = getattr(self, "volume_daemons", None)
+        if collector is not None:
+            collector.close()
         server = getattr(self, "server", None)
         if server is not None:
             server.shutdown()

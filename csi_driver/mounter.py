@@ -80,9 +80,19 @@ class Mounter(ABC):
     # mountinfo earlier: go-fuse (gocryptfs) still opens a file in its own mount after that
     # (its epoll hack), and a request racing with it can deadlock the mount.
     READY_LINE = b"Filesystem mounted and ready."
+    # Whether the daemon takes ``--metrics-addr HOST:PORT`` (fuse-crypt's do, gocryptfs not).
+    serves_metrics = False
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary
+
+    def with_metrics(self, argv: list[str], addr: str) -> list[str]:
+        """``argv`` asking the daemon to serve /metrics on ``addr``; unchanged for a daemon
+        that cannot. The option goes before the two positional arguments (source, mount
+        point) that every fuse-crypt daemon's command line ends with."""
+        if not self.serves_metrics:
+            return argv
+        return [*argv[:-2], "--metrics-addr", addr, *argv[-2:]]
 
     def is_initialised(self, cipher_dir: str) -> bool:
         """True if the directory has a gocryptfs.conf that is a plain, sane-sized file.
@@ -296,6 +306,7 @@ class FuseCryptMounter(Mounter):
     name = "fuse-crypt"
     fs_type = "fuse.fuse-crypt"
     tool = "fuse-crypt"
+    serves_metrics = True
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]

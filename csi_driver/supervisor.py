@@ -25,7 +25,7 @@ from csi_driver.core.store import Publication, PublicationStore
 from csi_driver.keys import VolumeKey
 from csi_driver.mounter import Mounter
 from csi_driver.mounts import MountBusy, MountTable
-from csi_driver.proc import Proc, tail
+from csi_driver.proc import Proc, loopback_listen_port, tail
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +33,18 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0
+# What a daemon is told with --daemon-metrics: loopback only, a port the kernel picks while
+# the daemon binds it (found again from /proc: proc.loopback_listen_port).
+DAEMON_METRICS_ADDR = "127.0.0.1:0"
+
+
+@dataclass(frozen=True)
+class DaemonEndpoint:
+    """Where a live daemon serves its /metrics, and the volume it serves."""
+
+    volume_id: str
+    target_path: str
+    port: int
 
 
 @dataclass
@@ -47,6 +59,9 @@ class MountHandle:
     stopping: bool = False
     dead: bool = False
     restarts: list[float] = field(default_factory=list)
+    volume_id: str = ""
+    # (pid, its /metrics port or None): looked up once per daemon process, not per scrape.
+    metrics_port: tuple[int, int | None] = (0, None)
 
     @property
     def pid(self) -> int:
@@ -67,8 +82,11 @@ class MountSupervisor:
         on_change: Callable[[], None] | None = None,
         on_restart: Callable[[], None] | None = None,
         monitor_interval: float = 0.5,
+        daemon_metrics: bool = False,
     ) -> None:
         self.mounters = mounters
+        # Start daemons that can with --metrics-addr DAEMON_METRICS_ADDR (node --volume-metrics).
+        self.daemon_metrics = daemon_metrics
         self.log_dir = log_dir
         self.store = store
         self.mounts = mounts or MountTable()
@@ -94,6 +112,27 @@ class MountSupervisor:
         with self._lock:
             return list(self._handles.values())
 
+    def metric_endpoints(self) -> list[DaemonEndpoint]:
+        """The live daemons that serve /metrics on loopback, with their volume.
+
+        A daemon the plugin is stopping, has given up on, or that is gone is left out (its
+        port could by now be another process's). The port is the one the daemon's process
+        holds (proc.loopback_listen_port), looked up once per daemon pid: restarted and
+        adopted daemons are found the same way, and one without metrics (gocryptfs, or one
+        started while the option was off) costs nothing after its first lookup."""
+        found = []
+        for handle in self.handles():
+            if handle.stopping or handle.dead or not self._alive(handle):
+                continue
+            pid = handle.pid
+            cached_pid, port = handle.metrics_port
+            if cached_pid != pid:
+                port = loopback_listen_port(pid)
+                handle.metrics_port = (pid, port)
+            if port is not None:
+                found.append(DaemonEndpoint(handle.volume_id, handle.target, port))
+        return found
+
     def log_path(self, target: str) -> str:
         digest = hashlib.sha256(target.encode()).hexdigest()[:16]
         return os.path.join(self.log_dir, f"mount-{digest}.log")
@@ -113,7 +152,7 @@ class MountSupervisor:
         proc = self._spawn(
             mounter, pub.target_path, pub.cipher_dir, key, pub.readonly, timeout, pub
         )
-        handle = MountHandle(pub.target_path, proc, key=key)
+        handle = MountHandle(pub.target_path, proc, key=key, volume_id=pub.volume_id)
         with self._lock:
             self._handles[pub.target_path] = handle
         return handle
@@ -130,6 +169,8 @@ class MountSupervisor:
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
         argv = mounter.argv_for(pub, key, allow_other=self.allow_other)
+        if self.daemon_metrics:
+            argv = mounter.with_metrics(argv, DAEMON_METRICS_ADDR)
         log_path = self.log_path(target)
         # The log dir is under the state dir, a hostPath: make sure a regular file is there
         # (a planted FIFO would block the daemon's open, a symlink would redirect its output).
@@ -189,7 +230,8 @@ class MountSupervisor:
         """Take over the daemon of ``pub``, started by a previous plugin instance (watched by
         pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies)."""
         target = pub.target_path
-        handle = MountHandle(target, self.mounters[pub.mounter].attach(pub.pid, pub.pid_start))
+        proc = self.mounters[pub.mounter].attach(pub.pid, pub.pid_start)
+        handle = MountHandle(target, proc, volume_id=pub.volume_id)
         with self._lock:
             self._handles[target] = handle
         return handle

@@ -121,6 +121,7 @@ class NodeCore:
         block_image_roots: Sequence[str] = (),
         block_require_binding: bool = True,
         object_policy: ObjectNodePolicy | None = None,
+        daemon_metrics: bool = False,
     ) -> None:
         self.node_id = node_id
         os.makedirs(os.path.abspath(state_dir), mode=0o700, exist_ok=True)
@@ -168,6 +169,7 @@ class NodeCore:
             on_change=self._refresh_gauge,
             on_restart=self.metrics.mount_restarts.inc,
             monitor_interval=monitor_interval,
+            daemon_metrics=daemon_metrics,
         )
         # Block volumes keep their own records (<state-dir>/block/node-state.json).
         self.block = BlockVolumes(

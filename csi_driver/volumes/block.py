@@ -101,6 +101,7 @@ class BlockServeMounter(Mounter):
     name = BLOCK_MOUNTER
     fs_type = "fuse." + BLOCK_MOUNTER
     tool = "fuse-crypt"
+    serves_metrics = True
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary

@@ -82,14 +82,12 @@ MOUNT_METRICS: tuple[Collector, ...] = (
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
-    """``HOST:PORT`` (empty HOST = loopback); a usage error otherwise."""
+    """``HOST:PORT`` (empty HOST = loopback; PORT 0 = any free port, printed once bound);
+    a usage error otherwise."""
     try:
-        host, port = metricsserver.parse_addr(addr)
+        return metricsserver.parse_addr(addr)
     except ValueError:
         raise CliError(f"--metrics-addr must be HOST:PORT, got {addr!r}", USAGE) from None
-    if port == 0:
-        raise CliError(f"--metrics-addr must be HOST:PORT with a port, got {addr!r}", USAGE)
-    return host, port
 
 
 def start(
@@ -103,8 +101,13 @@ def start(
     """Serve /metrics on ``addr`` from a daemon thread (once per process, after any fork).
 
     ``info`` (set to ``labels`` and ``read_only``) and ``collectors`` are the daemon's own
-    metrics, registered here beside the shared start time and uptime."""
-    parse_addr(addr)
+    metrics, registered here beside the shared start time and uptime.
+
+    Port 0 binds a free port chosen by the kernel (no window in which another process can
+    take it, as there is when a caller picks a "free" port and passes it in) and prints
+    ``Serving metrics on HOST:PORT``, so a person can find it; the CSI node plugin finds it
+    from /proc instead (csi_driver/proc.py ``loopback_listen_port``)."""
+    _, port = parse_addr(addr)
     started = time.time()
     for collector in (info, *collectors):
         REGISTRY.register(collector)
@@ -112,9 +115,12 @@ def start(
     START_TIME.set(started)
     UPTIME.set_function(lambda: time.time() - started)
     try:
-        metricsserver.serve(addr, REGISTRY)
+        server = metricsserver.serve(addr, REGISTRY)
     except OSError as e:
         raise CliError(f"cannot serve metrics on {addr}: {e.strerror}", OTHER) from None
+    if port == 0:
+        host, bound = str(server.server_address[0]), int(server.server_address[1])
+        print(f"Serving metrics on {host}:{bound}", flush=True)
 
 
 def _count_call(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:

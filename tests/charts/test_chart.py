@@ -435,6 +435,18 @@ def test_node_opt_ins_are_off_by_default_and_rendered_only_when_set(render) -> N
         assert not set(OPT_IN_FLAGS.values()) - {flag} & set(args)  # one value, one flag
 
 
+def test_volume_metrics_on_by_default_and_no_port_of_their_own(render) -> None:
+    """The daemons' metrics reach Prometheus through the plugin's one port: the default
+    passes no flag (on, because --metrics-addr is), false passes --no-volume-metrics, and
+    either way the pod exposes the same ports."""
+    on = container(_node(render()), "coco-csi")
+    off = container(_node(render({"node": {"volumeMetrics": False}})), "coco-csi")
+    assert not [a for a in on["args"] if "volume-metrics" in a]
+    assert arg_value(on, "--metrics-addr") == "$(POD_IP):8095"
+    assert [a for a in off["args"] if "volume-metrics" in a] == ["--no-volume-metrics"]
+    assert on["ports"] == off["ports"]
+
+
 def test_object_ca_bundle_from_the_node_or_a_configmap(render, chart: Any) -> None:
     ds = _node(render({"node": {"objectCaBundle": {"hostPath": "/etc/coco/object-ca.pem"}}}))
     plugin = container(ds, "coco-csi")
@@ -1224,7 +1236,7 @@ def _coco_csi_help(sub: str) -> str:
 def test_rendered_flags_exist_in_the_coco_csi_cli(render, sub: str) -> None:
     help_text = _coco_csi_help(sub)
     flags: set[str] = set()
-    for values in ({}, NODE_OPT_INS, CONFIDENTIAL_CONTROLLER):
+    for values in ({}, NODE_OPT_INS, CONFIDENTIAL_CONTROLLER, {"node": {"volumeMetrics": False}}):
         docs = render(values)
         workload = _node(docs) if sub == "node" else _controller(docs)
         flags |= {a.split("=", 1)[0] for a in container(workload, "coco-csi")["args"][1:]}

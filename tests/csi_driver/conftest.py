@@ -49,6 +49,7 @@ NO_FUSE_MODULES = frozenset(
         "test_store.py",
         "test_supervisor.py",
         "test_usage.py",
+        "test_volume_metrics.py",
         "test_zygote.py",  # its one mount test is marked needs_fuse itself
     }
 )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import subprocess
 import sys
 
@@ -107,3 +109,72 @@ def test_parse_stat_never_fails(raw: bytes) -> None:
 def test_tail_never_fails(text: str) -> None:
     out = proc.tail(text)
     assert len(out) <= 400 and "\n" not in out
+
+
+_LISTENER = """
+import socket, sys, time
+socks = []
+for host in sys.argv[1:]:
+    s = socket.socket()
+    s.bind((host, 0))
+    s.listen()
+    socks.append(s)
+    print(s.getsockname()[1], flush=True)
+time.sleep(60)
+"""
+
+
+def _listener(*hosts: str) -> tuple[subprocess.Popen[str], list[int]]:
+    child = subprocess.Popen(
+        [sys.executable, "-c", _LISTENER, *hosts], stdout=subprocess.PIPE, text=True
+    )
+    assert child.stdout is not None
+    return child, [int(child.stdout.readline()) for _ in hosts]
+
+
+def test_loopback_listen_port_is_the_one_the_process_holds() -> None:
+    """The daemon's port comes from the kernel: a port this process (not the child) listens
+    on, one on another address, and several at once are never taken for it."""
+    from csi_driver.proc import loopback_listen_port
+
+    with socket.socket() as mine:
+        mine.bind(("127.0.0.1", 0))
+        mine.listen()
+        child, (port,) = _listener("127.0.0.1")
+        try:
+            assert loopback_listen_port(child.pid) == port != mine.getsockname()[1]
+        finally:
+            child.kill()
+            child.wait()
+    assert loopback_listen_port(child.pid) is None  # gone
+    child, _ = _listener("0.0.0.0")
+    try:
+        assert loopback_listen_port(child.pid) is None  # not loopback: not a daemon's
+    finally:
+        child.kill()
+        child.wait()
+    child, _ = _listener("127.0.0.1", "127.0.0.1")
+    try:
+        assert loopback_listen_port(child.pid) is None  # two: no guessing
+    finally:
+        child.kill()
+        child.wait()
+
+
+def test_parse_tcp_listeners() -> None:
+    from csi_driver.proc import parse_tcp_listeners
+
+    head = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when ... inode\n"
+    # As the kernel prints it: the network-order address read as a native 32-bit word.
+    lo_hex = f"{struct.unpack('=I', socket.inet_aton('127.0.0.1'))[0]:08X}"
+    rows = [
+        f"   0: {lo_hex}:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 111 1",
+        f"   1: {lo_hex}:1F91 0100007F:D000 01 00000000:00000000 00:00000000 00000000 0 0 112 1",
+        "   2: 00000000:1F92 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 113 1",
+        f"   3: {lo_hex}:1F93 00000000:0000 0A 00000000:00000000 00:00000000 00000000 0 0 999 1",
+        "   4: garbage",
+        f"   5: {lo_hex}:ZZZZ 00000000:0000 0A 0 0 0 0 0 114 1",
+    ]
+    table = head + "\n".join(rows)
+    assert parse_tcp_listeners(table, {111, 112, 113, 114}) == [0x1F90]
+    assert parse_tcp_listeners(table, set()) == []

@@ -510,7 +510,7 @@ def test_metrics_addr_refusals(rig: BlockRig, tmp_path: Path) -> None:
     before = img.read_bytes()
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    for bad in ("localhost", "host:port", "127.0.0.1:0", "127.0.0.1:70000"):
+    for bad in ("localhost", "host:port", "127.0.0.1:70000"):
         argv = [*FC, "block-serve", "--passphrase", "stdin", "--allow-regular-file"]
         argv += ["--metrics-addr", bad, str(img), str(mnt)]
         p = subprocess.Popen(
@@ -537,3 +537,25 @@ def test_metrics_addr_refusals(rig: BlockRig, tmp_path: Path) -> None:
     assert proc.returncode == 11
     assert "cannot serve metrics" in rig.log(mnt) and "Traceback" not in rig.log(mnt)
     assert not os.path.ismount(mnt)
+
+
+def test_metrics_port_zero_binds_a_free_port_and_prints_it(rig: BlockRig, tmp_path: Path) -> None:
+    """``--metrics-addr 127.0.0.1:0``: the kernel picks the port while the daemon binds it
+    (nobody can take it in between) and the daemon prints it before it is ready; that port
+    serves this daemon's metrics."""
+    import re
+
+    img = _image(tmp_path / "d.img", 32 * MiB)
+    _format_ours(img, b"pw")
+    mnt = tmp_path / "mnt"
+    extra = ("--allow-regular-file", "--metrics-addr", "127.0.0.1:0")
+    proc = rig.serve(img, mnt, b"", offset=0, passphrase=b"pw", extra=extra)
+    log = rig.log(mnt)
+    found = re.findall(r"Serving metrics on 127\.0\.0\.1:(\d+)\n", log)
+    assert len(found) == 1, log
+    assert log.index("Serving metrics") < log.index("Filesystem mounted and ready.")
+    port = int(found[0])
+    assert port > 0
+    (info,) = _series(scrape_metrics(port), "fuse_crypt_block_info{")
+    assert f'mountpoint="{mnt}"' in info
+    assert rig.stop(proc, mnt) == 0

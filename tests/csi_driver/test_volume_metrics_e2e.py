@@ -1,0 +1,177 @@
+"""Real daemons, real HTTP: I/O through a volume shows on the node plugin's /metrics with the
+volume's labels; a stopped daemon is skipped within the budget, a restarted one is found
+again; no key or passphrase in the body."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import signal
+import time
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from csi_driver.core.controller import LocalBackend
+from csi_driver.core.node import NodeCore, PublishRequest
+from csi_driver.core.volcap import AccessType, Capability
+from csi_driver.keys import derive_volume_password
+from csi_driver.volumes.block import StageRequest
+from fuse_crypt.configfile import ConfFile
+from fuse_crypt.daemon import wait_until
+from tests.fuse_crypt.block_rig import block_skip_reason
+
+from .conftest import KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts, make_node
+from .helpers import plain_capability
+
+SIZE = 256 * 1024
+FAIL = "coco_csi_volume_metrics_failures_total"
+
+
+@dataclass
+class World:
+    tmp: pathlib.Path
+    core: NodeCore
+    backend: LocalBackend
+    keys: Keys
+    port: int
+
+    def publish(self, name: str) -> tuple[str, str]:
+        rec, ctx = self.backend.create(name, [plain_capability()], {"keyResource": KEY_RESOURCE})
+        parent = self.tmp / "pods" / name
+        parent.mkdir(parents=True)
+        target = str(parent / "mount")
+        self.core.publish(PublishRequest(rec.volume_id, target, plain_capability(), False, {}, ctx))
+        return rec.volume_id, target
+
+    def body(self) -> str:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
+            return r.read().decode()
+
+    def scrape(self) -> dict[tuple[str, str, str], float]:
+        """{(sample name, volume_id, target_path): value} of the daemons' summed-free series,
+        plus the plugin's own under ("name{labels}", "", "")."""
+        out: dict[tuple[str, str, str], float] = {}
+        for fam in text_string_to_metric_families(self.body()):
+            for s in fam.samples:
+                if "volume_id" in s.labels:
+                    if len(s.labels) == 2:
+                        out[(s.name, s.labels["volume_id"], s.labels["target_path"])] = s.value
+                else:
+                    labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                    out[(f"{s.name}{{{labels}}}" if labels else s.name, "", "")] = s.value
+        return out
+
+
+@pytest.fixture
+def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
+    (tmp_path / "images").mkdir()
+    core = make_node(
+        tmp_path,
+        keys,
+        "fuse-crypt-prefork",
+        daemon_metrics=True,
+        block_image_roots=[str(tmp_path / "images")],
+    )
+    core.metrics.add_volume_daemons(core.supervisor.metric_endpoints, timeout=0.5, budget=1.0)
+    _, port = core.metrics.serve("127.0.0.1:0")
+    try:
+        yield World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
+    finally:
+        for handle in core.supervisor.handles():  # a test that stopped one must not hang this
+            os.kill(handle.pid, signal.SIGCONT)
+        core.metrics.close()
+        core.shutdown(unmount=True)
+        cleanup_mounts(str(tmp_path))
+
+
+def _read_uncached(path: pathlib.Path) -> bytes:
+    with open(path, "rb", buffering=0) as f:
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
+        return f.read()
+
+
+def test_reads_and_writes_show_per_volume_on_the_plugin(world: World) -> None:
+    v1, t1 = world.publish("pvc-read")
+    v2, t2 = world.publish("pvc-write")
+    data = os.urandom(SIZE)
+    (pathlib.Path(t1) / "f").write_bytes(data)
+    before = world.scrape()
+    assert _read_uncached(pathlib.Path(t1) / "f") == data
+    (pathlib.Path(t2) / "g").write_bytes(data)
+    got = world.scrape()
+
+    read = "fuse_crypt_plain_bytes_read_total"
+    assert got[(read, v1, t1)] - before.get((read, v1, t1), 0) >= SIZE
+    assert got[(read, v2, t2)] < SIZE  # the other volume did not read it
+    assert got[("fuse_crypt_plain_bytes_written_total", v2, t2)] >= SIZE
+    assert got[("fuse_crypt_uptime_seconds", v1, t1)] > 0
+    assert got[("process_resident_memory_bytes", v2, t2)] > 0
+    assert got[("coco_csi_volume_metrics_daemons{result=ok}", "", "")] == 2
+    assert got[("coco_csi_mounted_volumes", "", "")] == 2
+
+    # Nothing secret: the root key, the derived volume password, the volume's master key.
+    body = world.body()
+    password = derive_volume_password(world.keys.root_key, v1)
+    conf = ConfFile.read(os.path.join(world.tmp / "backend", v1, "gocryptfs.conf"))
+    master = conf.unlock(password)
+    for secret in (world.keys.root_key, password, master, PASSPHRASE):
+        for form in (secret.hex(), secret.hex().upper(), secret.decode("latin-1")):
+            assert form not in body, "a key or passphrase is on /metrics"
+
+
+def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: World) -> None:
+    v1, t1 = world.publish("pvc-a")
+    v2, t2 = world.publish("pvc-b")
+    h1, h2 = world.core.supervisor.get(t1), world.core.supervisor.get(t2)
+    assert h1 is not None and h2 is not None
+    uptime = "fuse_crypt_uptime_seconds"
+
+    os.kill(h2.pid, signal.SIGSTOP)  # alive, port open, never answers
+    try:
+        t0 = time.monotonic()
+        got = world.scrape()
+        assert time.monotonic() - t0 < 1.0 + 1.0
+    finally:
+        os.kill(h2.pid, signal.SIGCONT)
+    assert (uptime, v1, t1) in got and (uptime, v2, t2) not in got
+    assert got[(f"{FAIL}{{reason=timeout}}", "", "")] == 1
+    assert got[("coco_csi_volume_metrics_daemons{result=failed}", "", "")] == 1
+
+    old_pid, old_port = h1.pid, h1.metrics_port[1]
+    os.kill(old_pid, signal.SIGKILL)  # the supervisor restarts it (it holds the key)
+    assert wait_until(lambda: h1.pid != old_pid and world.core.mounts.find(t1), timeout=20)
+    got = world.scrape()
+    assert got[(uptime, v1, t1)] < got[(uptime, v2, t2)]  # the new daemon's series
+    assert h1.metrics_port[0] == h1.pid and h1.metrics_port[1] != old_port
+    assert got[("coco_csi_volume_metrics_daemons{result=ok}", "", "")] == 2
+
+
+def test_a_block_volume_read_shows_on_the_plugin(world: World) -> None:
+    reason = block_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    img = world.tmp / "images" / "disk.img"
+    with img.open("wb") as f:
+        f.truncate(64 << 20)
+    staging = world.tmp / "plugins" / "blk" / "globalmount"
+    staging.parent.mkdir(parents=True)
+    context = {"devicePath": str(img), "sourceType": "empty", "keyResource": KEY_RESOURCE}
+    rw = Capability(AccessType.MOUNT, 1)
+    world.core.stage(StageRequest("blk-1", str(staging), rw, {}, context, {}))
+    try:
+        (staging / "f").write_bytes(os.urandom(SIZE))
+        os.sync()
+        got = world.scrape()
+        daemon_dir = next(t for (n, v, t) in got if v == "blk-1")
+        reads = got[("fuse_crypt_block_plain_bytes_read_total", "blk-1", daemon_dir)]
+        assert reads > 0  # mkfs and the mount read the disk through the daemon
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", daemon_dir)] >= SIZE
+        key = derive_volume_password(world.keys.root_key, "blk-1")
+        assert key.hex() not in world.body()
+    finally:
+        world.core.unstage("blk-1", str(staging))
