@@ -34,45 +34,40 @@ def test_installed_stubs_match_regeneration(tmp_path: pathlib.Path) -> None:
     assert installed_names == {p.name for p in generated}, "coco_proto holds stubs of no proto"
 
 
-@pytest.mark.skipif(
-    not (ROOT / ".git").exists() or shutil.which("git") is None,
-    reason="not a git checkout: nothing to say about what is committed",
-)
-def test_stubs_are_not_committed() -> None:
-    """They are build outputs: git tracks only the package's __init__.py and ignores the
-    rest, so a stub can never be committed by accident."""
-    tracked = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "coco_proto"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert tracked == ["coco_proto/__init__.py"], tracked
-    stub = next((ROOT / "coco_proto").glob("*_pb2.py"))
-    ignored = subprocess.run(
-        ["git", "-C", str(ROOT), "check-ignore", "-q", str(stub)], capture_output=True
-    )
-    assert ignored.returncode == 0, f"{stub.name} is not ignored by git"
+def _git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True)
+
+
+# (directory, what git may track there, one build output that must exist and be ignored)
+BUILD_OUTPUTS = [
+    # the stubs: git tracks only the package's __init__.py
+    ("coco_proto", ["coco_proto/__init__.py"], next((ROOT / "coco_proto").glob("*_pb2.py"), None)),
+    # the XTS sector loop: its source only (a committed binary could not be reviewed, and
+    # would not match this machine's build)
+    (
+        "fuse_crypt/luks2",
+        None,
+        ROOT / "fuse_crypt" / "luks2" / "xts_sectors.so.0",
+    ),
+]
 
 
 @pytest.mark.skipif(
     not (ROOT / ".git").exists() or shutil.which("git") is None,
     reason="not a git checkout: nothing to say about what is committed",
 )
-def test_the_compiled_sector_loop_is_not_committed() -> None:
-    """setup.py's other build output, the XTS sector loop: built at install, ignored by git
-    (a committed binary could not be reviewed, and would not match this machine's build)."""
-    loop = ROOT / "fuse_crypt" / "luks2" / "xts_sectors.so.0"
-    assert loop.is_file(), "the install did not build the sector loop"
-    tracked = subprocess.run(
-        ["git", "-C", str(ROOT), "ls-files", "fuse_crypt/luks2"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    assert "fuse_crypt/luks2/xts_sectors.c" in tracked
-    assert not [t for t in tracked if ".so" in t], tracked
-    ignored = subprocess.run(
-        ["git", "-C", str(ROOT), "check-ignore", "-q", str(loop)], capture_output=True
-    )
-    assert ignored.returncode == 0, f"{loop.name} is not ignored by git"
+@pytest.mark.parametrize(("folder", "tracked_only", "output"), BUILD_OUTPUTS)
+def test_build_outputs_are_not_committed(
+    folder: str, tracked_only: list[str] | None, output: pathlib.Path | None
+) -> None:
+    """Build outputs exist after the install, and git ignores them, so one can never be
+    committed by accident."""
+    assert output is not None and output.is_file(), f"the install did not build {folder}'s"
+    tracked = _git("ls-files", folder).stdout.split()
+    if tracked_only is not None:
+        assert tracked == tracked_only, tracked
+    else:
+        assert "fuse_crypt/luks2/xts_sectors.c" in tracked
+        assert not [t for t in tracked if ".so" in t], tracked
+    ignored = _git("check-ignore", "-q", str(output))
+    assert ignored.returncode == 0, f"{output.name} is not ignored by git"

@@ -103,6 +103,14 @@ def use_backend(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
         monkeypatch.setattr(segment, "_load_evp", lambda: None)
 
 
+def reload_backends(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Forget what was loaded, so the next segment loads libcrypto and the C loop again
+    (under the test's patches; monkeypatch restores the process's state afterwards)."""
+    for name, value in (("_EVP_TRIED", False), ("_EVP", None), ("_LOOP_TRIED", False)):
+        monkeypatch.setattr(segment, name, value)
+    monkeypatch.setattr(segment, "_LOOP", None)
+
+
 @pytest.fixture(params=BACKENDS)
 def backend(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """Each implementation in turn: segments made inside the test use it."""
@@ -126,8 +134,7 @@ def test_falls_back_to_the_python_loop_without_the_c_loop(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(segment, "LOOP_FILE", tmp_path / "absent.so.0")
-    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
-    monkeypatch.setattr(segment, "_LOOP", None)
+    reload_backends(monkeypatch)
     key, data = os.urandom(64), os.urandom(3 * SS)
     seg = XtsSegment(key)
     assert seg.backend == "libcrypto-evp"
@@ -143,38 +150,26 @@ def test_a_library_without_the_loop_symbol_is_not_used(
     import ctypes.util
 
     monkeypatch.setattr(segment, "LOOP_FILE", Path(ctypes.util.find_library("crypto") or "x"))
-    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
-    monkeypatch.setattr(segment, "_LOOP", None)
+    reload_backends(monkeypatch)
     assert XtsSegment(os.urandom(64)).backend == "libcrypto-evp"
-
-
-def test_environment_forces_the_python_loop(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(segment.BACKEND_ENV, "libcrypto-evp")
-    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
-    monkeypatch.setattr(segment, "_LOOP", None)
-    key, data = os.urandom(64), os.urandom(2 * SS)
-    seg = XtsSegment(key)
-    assert seg.backend == "libcrypto-evp"
-    assert seg.decrypt(0, data) == per_sector_xts(key, [0, 8], data, SS, encrypt=False)
 
 
 def test_falls_back_without_libcrypto(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(segment, "_LIBCRYPTO", "libcrypto-absent.so.99")
-    monkeypatch.setattr(segment, "_EVP_TRIED", False)
-    monkeypatch.setattr(segment, "_EVP", None)
+    reload_backends(monkeypatch)
     key, data = os.urandom(64), os.urandom(3 * SS)
     seg = XtsSegment(key)
     assert seg.backend == "cryptography"
     assert seg.encrypt(SS, data) == per_sector_xts(key, [8, 16, 24], data, SS, encrypt=True)
 
 
-def test_environment_forces_the_fallback(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv(segment.BACKEND_ENV, "cryptography")
-    monkeypatch.setattr(segment, "_EVP_TRIED", False)
-    monkeypatch.setattr(segment, "_EVP", None)
+@pytest.mark.parametrize("forced", ["libcrypto-evp", "cryptography"])
+def test_environment_forces_an_older_backend(monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
+    monkeypatch.setenv(segment.BACKEND_ENV, forced)
+    reload_backends(monkeypatch)
     key, data = os.urandom(64), os.urandom(2 * SS)
     seg = XtsSegment(key)
-    assert seg.backend == "cryptography"
+    assert seg.backend == forced
     assert seg.decrypt(0, data) == per_sector_xts(key, [0, 8], data, SS, encrypt=False)
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from fuse_crypt.luks2 import segment as _segment
 from fuse_crypt.luks2.segment import SegmentError, XtsSegment
-from tests.fuse_crypt.test_luks2_segment import reference_xts
+from tests.fuse_crypt.test_luks2_segment import reference_xts, reload_backends
 
 BACKENDS = _segment.BACKENDS
 EVP_BACKENDS = ("libcrypto-evp-batch", "libcrypto-evp")
@@ -265,13 +265,11 @@ def test_libcrypto_is_loaded_once_and_the_override_is_logged(
 ) -> None:
     from fuse_crypt.luks2 import segment
 
-    monkeypatch.setattr(segment, "_EVP_TRIED", False)
-    monkeypatch.setattr(segment, "_EVP", None)
+    reload_backends(monkeypatch)
     first = segment._load_evp()
     assert first is not None and segment._EVP_TRIED is True
     assert segment._load_evp() is first  # cached: one FFI and one dlopen per process
-    monkeypatch.setattr(segment, "_EVP_TRIED", False)
-    monkeypatch.setattr(segment, "_EVP", None)
+    reload_backends(monkeypatch)
     monkeypatch.setenv(segment.BACKEND_ENV, "cryptography")
     with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
         assert segment._load_evp() is None
@@ -285,13 +283,11 @@ def test_the_c_loop_is_loaded_once_and_the_override_is_logged(
 ) -> None:
     from fuse_crypt.luks2 import segment
 
-    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
-    monkeypatch.setattr(segment, "_LOOP", None)
+    reload_backends(monkeypatch)
     first = segment._load_loop()
     assert first is not None and segment._LOOP_TRIED is True
     assert segment._load_loop() is first
-    monkeypatch.setattr(segment, "_LOOP_TRIED", False)
-    monkeypatch.setattr(segment, "_LOOP", None)
+    reload_backends(monkeypatch)
     monkeypatch.setenv(segment.BACKEND_ENV, "libcrypto-evp")
     with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
         assert segment._load_loop() is None
@@ -328,8 +324,7 @@ def test_why_libcrypto_is_not_used_is_logged(
 ) -> None:
     from fuse_crypt.luks2 import segment
 
-    monkeypatch.setattr(segment, "_EVP_TRIED", False)
-    monkeypatch.setattr(segment, "_EVP", None)
+    reload_backends(monkeypatch)
     monkeypatch.setattr(segment, *patch)
     with caplog.at_level("INFO", logger="fuse_crypt.luks2"):
         assert segment._load_evp() is None
