@@ -338,6 +338,23 @@ def test_sdist_built_deps_work_in_the_image(built_image: BuiltImage, podman: Pod
     assert p.stdout.strip() == "0x995dc9bbdf1939fa"  # CRC-64/XZ check value
 
 
+def test_xts_sector_loop_runs_in_the_image(built_image: BuiltImage, podman: Podman) -> None:
+    """The block daemon's default XTS backend in the image is the C sector loop (the wheel's
+    one compiled file, linked against the image's libcrypto.so.3), and it encrypts sectors
+    as `cryptography`'s XTS does there."""
+    script = (
+        "from fuse_crypt.luks2.segment import XtsSegment\n"
+        "key, data = bytes(range(64)), bytes(range(256)) * 16\n"
+        "fast = XtsSegment(key, iv_tweak=8)\n"
+        "ref = XtsSegment(key, iv_tweak=8, backend='cryptography')\n"
+        "assert fast.encrypt(4096, data * 3) == ref.encrypt(4096, data * 3) != data * 3\n"
+        "print(fast.backend)\n"
+    )
+    p = podman.run("--entrypoint=python", built_image.name, "-c", script)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.strip() == "libcrypto-evp-batch"
+
+
 @pytest.mark.parametrize(
     ("url", "said"),
     [("oss://bkt-a/p", "OSS: connection failed"), ("s3://bkt-a/p", "EndpointConnectionError")],
