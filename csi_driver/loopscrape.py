@@ -26,23 +26,26 @@ def fetch(port: int, timeout: float, max_bytes: int) -> bytes:
     seconds in total, OSError if nothing listens, FetchError("too_large") past
     ``max_bytes``, FetchError("bad_response") for anything but a 200 with a body."""
     deadline = time.monotonic() + timeout
-    with socket.create_connection((HOST, port), timeout=timeout) as sock:
-        sock.sendall(_REQUEST)
-        limit = max_bytes + _MAX_HEAD
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise TimeoutError(f"no complete answer from 127.0.0.1:{port}")
-            sock.settimeout(left)
-            chunk = sock.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if size > limit:
-                raise FetchError("too_large")
+    limit = max_bytes + _MAX_HEAD
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        with socket.create_connection((HOST, port), timeout=timeout) as sock:
+            sock.sendall(_REQUEST)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError
+                sock.settimeout(left)
+                chunk = sock.recv(65536)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+                if size > limit:
+                    raise FetchError("too_large")
+    except TimeoutError:  # the connect, a recv, or the deadline between two of them
+        raise TimeoutError(f"no complete answer from 127.0.0.1:{port} in {timeout:g} s") from None
     raw = b"".join(chunks)
     head, sep, body = raw.partition(b"\r\n\r\n")
     if not sep or len(head) > _MAX_HEAD:

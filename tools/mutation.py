@@ -163,6 +163,12 @@ MODULES: dict[str, list[str]] = {
         "tests/fuse_crypt/test_credentials_mutants.py",
         "tests/fuse_crypt/test_credential_refresh.py",
     ],
+    # the node plugin's bounded fetch of each volume daemon's /metrics, and what it re-exports
+    "csi_driver/loopscrape.py": [
+        "tests/csi_driver/test_loopscrape_mutants.py",
+        "tests/csi_driver/test_volume_metrics.py",
+    ],
+    "csi_driver/volumemetrics.py": ["tests/csi_driver/test_volume_metrics.py"],
 }
 
 # module -> the only functions mutated in it ("func" or "Class.method"); a module not named
