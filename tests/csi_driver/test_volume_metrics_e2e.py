@@ -79,25 +79,33 @@ class World:
         return out
 
 
-@pytest.fixture
-def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
-    (tmp_path / "images").mkdir()
+def _plugin(tmp: pathlib.Path, keys: Keys) -> tuple[NodeCore, int]:
+    """A node plugin with volume metrics on, serving /metrics on a loopback port; on a state
+    dir already in use it adopts what a previous instance left running."""
     core = make_node(
-        tmp_path,
+        tmp,
         keys,
         "fuse-crypt-prefork",
         daemon_metrics=True,
-        block_image_roots=[str(tmp_path / "images")],
+        block_image_roots=[str(tmp / "images")],
     )
     core.metrics.add_volume_daemons(core.supervisor.metric_endpoints, timeout=0.5, budget=1.0)
     _, port = core.metrics.serve("127.0.0.1:0")
+    return core, port
+
+
+@pytest.fixture
+def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
+    (tmp_path / "images").mkdir()
+    core, port = _plugin(tmp_path, keys)
+    w = World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
     try:
-        yield World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
+        yield w
     finally:
-        for handle in core.supervisor.handles():  # a test that stopped one must not hang this
+        for handle in w.core.supervisor.handles():  # a test that stopped one must not hang
             os.kill(handle.pid, signal.SIGCONT)
-        core.metrics.close()
-        core.shutdown(unmount=True)
+        w.core.metrics.close()
+        w.core.shutdown(unmount=True)
         cleanup_mounts(str(tmp_path))
 
 
@@ -163,7 +171,10 @@ def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: Worl
     assert got[("coco_csi_volume_metrics_daemons{result=ok}", "", "")] == 2
 
 
-def test_a_block_volume_read_shows_on_the_plugin(world: World) -> None:
+def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: World) -> None:
+    """A block daemon mounts a private directory under <state-dir>/block/: its series carry
+    the staging path kubelet gave NodeStageVolume instead, and still do once a restarted
+    plugin has adopted the daemon."""
     reason = block_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -179,12 +190,19 @@ def test_a_block_volume_read_shows_on_the_plugin(world: World) -> None:
         (staging / "f").write_bytes(os.urandom(SIZE))
         os.sync()
         got = world.scrape()
-        daemon_dir = next(t for (n, v, t) in got if v == "blk-1")
-        reads = got[("fuse_crypt_block_plain_bytes_read_total", "blk-1", daemon_dir)]
+        assert {t for (_, v, t) in got if v == "blk-1"} == {str(staging)}
+        reads = got[("fuse_crypt_block_plain_bytes_read_total", "blk-1", str(staging))]
         assert reads > 0  # mkfs and the mount read the disk through the daemon
-        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", daemon_dir)] >= SIZE
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
         key = derive_volume_password(world.keys.root_key, "blk-1")
         assert key.hex() not in world.body()
+
+        world.core.metrics.close()
+        world.core.shutdown()  # the plugin stops; the staged volume and its daemon stay
+        world.core, world.port = _plugin(world.tmp, world.keys)
+        got = world.scrape()
+        assert {t for (_, v, t) in got if v == "blk-1"} == {str(staging)}
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
     finally:
         world.core.unstage("blk-1", str(staging))
 
