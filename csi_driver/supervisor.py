@@ -43,7 +43,7 @@ class DaemonEndpoint:
     """Where a live daemon serves its /metrics, and the volume it serves."""
 
     volume_id: str
-    target_path: str
+    target_path: str  # as kubelet named it (a block volume's staging path: MountHandle)
     port: int
 
 
@@ -62,6 +62,10 @@ class MountHandle:
     volume_id: str = ""
     # (pid, its /metrics port or None): looked up once per daemon process, not per scrape.
     metrics_port: tuple[int, int | None] = (0, None)
+    # The path kubelet knows the volume by, when the daemon mounts somewhere else: a block
+    # daemon mounts a private directory under <state-dir>/block/ and this is the volume's
+    # staging path. Shown as the daemon's target_path label on /metrics (volumemetrics.py).
+    kubelet_path: str = ""
 
     @property
     def pid(self) -> int:
@@ -119,7 +123,8 @@ class MountSupervisor:
         port could by now be another process's). The port is the one the daemon's process
         holds (proc.loopback_listen_port), looked up once per daemon pid: restarted and
         adopted daemons are found the same way, and one without metrics (gocryptfs, or one
-        started while the option was off) costs nothing after its first lookup."""
+        started while the option was off) costs nothing after its first lookup. The path is
+        the one kubelet gave (a block volume's staging path, not its daemon's directory)."""
         found = []
         for handle in self.handles():
             if handle.stopping or handle.dead or not self._alive(handle):
@@ -130,7 +135,8 @@ class MountSupervisor:
                 port = loopback_listen_port(pid)
                 handle.metrics_port = (pid, port)
             if port is not None:
-                found.append(DaemonEndpoint(handle.volume_id, handle.target, port))
+                shown = handle.kubelet_path or handle.target
+                found.append(DaemonEndpoint(handle.volume_id, shown, port))
         return found
 
     def log_path(self, target: str) -> str:
@@ -140,19 +146,27 @@ class MountSupervisor:
     # -- lifecycle -----------------------------------------------------------------------
 
     def start(
-        self, pub: Publication, key: VolumeKey, *, timeout: float = READY_TIMEOUT
+        self,
+        pub: Publication,
+        key: VolumeKey,
+        *,
+        timeout: float = READY_TIMEOUT,
+        kubelet_path: str = "",
     ) -> MountHandle:
         """Spawn the daemon of ``pub`` (an intent) and return once the kernel mount is live
         (or raise). Recording it as mounted is the caller's step.
 
         ``pub.target_path`` must be the already-resolved path: it is compared with mountinfo
         exactly, never re-resolved, so a symlink cannot redirect the check or the unmount.
+        ``kubelet_path``: see MountHandle (empty: ``pub.target_path`` is kubelet's path).
         """
         mounter = self.mounters[pub.mounter]
         proc = self._spawn(
             mounter, pub.target_path, pub.cipher_dir, key, pub.readonly, timeout, pub
         )
-        handle = MountHandle(pub.target_path, proc, key=key, volume_id=pub.volume_id)
+        handle = MountHandle(
+            pub.target_path, proc, key=key, volume_id=pub.volume_id, kubelet_path=kubelet_path
+        )
         with self._lock:
             self._handles[pub.target_path] = handle
         return handle
@@ -226,12 +240,13 @@ class MountSupervisor:
             time.sleep(delay)
             delay = min(delay * 1.5, 0.002)
 
-    def adopt(self, pub: Publication) -> MountHandle:
+    def adopt(self, pub: Publication, *, kubelet_path: str = "") -> MountHandle:
         """Take over the daemon of ``pub``, started by a previous plugin instance (watched by
-        pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies)."""
+        pid + recorded start time; no key, so it is cleaned up, not restarted, if it dies).
+        ``kubelet_path`` as for :meth:`start`."""
         target = pub.target_path
         proc = self.mounters[pub.mounter].attach(pub.pid, pub.pid_start)
-        handle = MountHandle(target, proc, volume_id=pub.volume_id)
+        handle = MountHandle(target, proc, volume_id=pub.volume_id, kubelet_path=kubelet_path)
         with self._lock:
             self._handles[target] = handle
         return handle

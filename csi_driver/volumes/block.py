@@ -529,7 +529,12 @@ class BlockVolumes:
             intent.volume_id, mnt, intent.cipher_dir, BLOCK_MOUNTER, intent.readonly, 0
         )
         try:
-            handle = self.supervisor.start(daemon_pub, key, timeout=deadline.timeout(READY_TIMEOUT))
+            handle = self.supervisor.start(
+                daemon_pub,
+                key,
+                timeout=deadline.timeout(READY_TIMEOUT),
+                kubelet_path=intent.target_path,
+            )
         finally:
             self.mounter.unplan(mnt)
         # The supervisor keeps no key for these: a dead block daemon cannot be restarted
@@ -680,7 +685,8 @@ class BlockVolumes:
                     0,
                     pid=pub.pid,
                     pid_start=pub.pid_start,
-                )
+                ),
+                kubelet_path=staging,
             )
         try:
             self.supervisor.stop(mnt)
@@ -932,7 +938,8 @@ class BlockVolumes:
                             0,
                             pid=pub.pid,
                             pid_start=pub.pid_start,
-                        )
+                        ),
+                        kubelet_path=pub.target_path,
                     )
                     log.info("adopted staged block volume", extra={"fields": fields})
                 else:

@@ -6,6 +6,7 @@ offline KBS resources), the volume key derived from a KBS key resource per volum
 from __future__ import annotations
 
 import base64
+import contextlib
 import errno
 import json
 import os
@@ -20,7 +21,7 @@ import pytest
 
 from coco_proto import csi_pb2
 from csi_driver.client import CsiClient
-from csi_driver.volume_key import new_volume_key_jwk
+from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
 from sealed_secrets.keys import generate_signing_key, public_jwk
 from sealed_secrets.seal import seal_vault
 from tests.csi_driver.conftest import cleanup_mounts
@@ -66,6 +67,7 @@ class Node:
     other_key: object
     procs: list = field(default_factory=list)  # type: ignore[type-arg]
     argv: list[str] = field(default_factory=list)
+    root_key: bytes = b""  # the volume root key (the KBS key resource's 32 bytes)
 
     def seal(self, name: str, *, key: object | None = None, kid: str = SIGNING_KID) -> str:
         return seal_vault(
@@ -89,14 +91,17 @@ class Node:
         return blob
 
 
-@pytest.fixture(scope="module")
-def node() -> Iterator[Node]:
+@contextlib.contextmanager
+def object_node(*extra: str) -> Iterator[Node]:
+    """A ``coco-csi node`` process (``extra`` added to its argv) with moto, the OSS peer
+    and the offline KBS resources; everything stopped and removed on exit."""
     work = Path(tempfile.mkdtemp(prefix="objv", dir="/tmp"))
     sk = generate_signing_key(SIGNING_KID)
     other = generate_signing_key("kbs:///default/other/kid")
+    root_jwk = new_volume_key_jwk()
     res = {
         **RESOURCES,
-        "default/coco-csi/volume-root": new_volume_key_jwk().encode(),
+        "default/coco-csi/volume-root": root_jwk.encode(),
         "default/signing-key/obj-test": public_jwk(sk).export().encode(),
     }
     (work / "resources.json").write_text(
@@ -110,8 +115,9 @@ def node() -> Iterator[Node]:
     oss.add_credentials("STS.e2e-ak-0002", "e2e-sts-secret-Mn4b3v", "CAIS-e2e-token-Xy9+/=abc")
     oss.create_bucket(OSS_BUCKET)
     sock = str(work / "node.sock")
-    argv = object_node_argv(work, sock, "obj-node", KEY_PREFIX, SIGNING_PREFIX)
+    argv = object_node_argv(work, sock, "obj-node", KEY_PREFIX, SIGNING_PREFIX, *extra)
     n = Node(work, f"unix://{sock}", None, moto, oss, sk, other)  # type: ignore[arg-type]
+    n.root_key = parse_volume_key(root_jwk.encode())
     try:
         n.argv = argv
         n.procs.append(start_plugin(argv, sock, str(work / "node.log")))
@@ -125,6 +131,12 @@ def node() -> Iterator[Node]:
         oss.__exit__(None, None, None)
         moto.stop()
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[Node]:
+    with object_node() as n:
+        yield n
 
 
 def volume(node: Node, kind: str, path: str, **extra: str) -> tuple[dict[str, str], dict[str, str]]:

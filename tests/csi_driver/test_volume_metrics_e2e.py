@@ -11,6 +11,7 @@ import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
+from urllib.parse import quote
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -19,6 +20,7 @@ from csi_driver.core.controller import LocalBackend
 from csi_driver.core.node import NodeCore, PublishRequest
 from csi_driver.core.volcap import AccessType, Capability
 from csi_driver.keys import derive_volume_password
+from csi_driver.proc import loopback_listen_port
 from csi_driver.volumes.block import StageRequest
 from fuse_crypt.configfile import ConfFile
 from fuse_crypt.daemon import wait_until
@@ -26,6 +28,16 @@ from tests.fuse_crypt.block_rig import block_skip_reason
 
 from .conftest import KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts, make_node
 from .helpers import plain_capability
+from .test_object_volumes import (
+    RESOURCES,
+    S3_AK,
+    S3_SK,
+    Node,
+    object_node,
+    publish,
+    unpublish,
+    volume,
+)
 
 SIZE = 256 * 1024
 FAIL = "coco_csi_volume_metrics_failures_total"
@@ -67,25 +79,33 @@ class World:
         return out
 
 
-@pytest.fixture
-def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
-    (tmp_path / "images").mkdir()
+def _plugin(tmp: pathlib.Path, keys: Keys) -> tuple[NodeCore, int]:
+    """A node plugin with volume metrics on, serving /metrics on a loopback port; on a state
+    dir already in use it adopts what a previous instance left running."""
     core = make_node(
-        tmp_path,
+        tmp,
         keys,
         "fuse-crypt-prefork",
         daemon_metrics=True,
-        block_image_roots=[str(tmp_path / "images")],
+        block_image_roots=[str(tmp / "images")],
     )
     core.metrics.add_volume_daemons(core.supervisor.metric_endpoints, timeout=0.5, budget=1.0)
     _, port = core.metrics.serve("127.0.0.1:0")
+    return core, port
+
+
+@pytest.fixture
+def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
+    (tmp_path / "images").mkdir()
+    core, port = _plugin(tmp_path, keys)
+    w = World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
     try:
-        yield World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
+        yield w
     finally:
-        for handle in core.supervisor.handles():  # a test that stopped one must not hang this
+        for handle in w.core.supervisor.handles():  # a test that stopped one must not hang
             os.kill(handle.pid, signal.SIGCONT)
-        core.metrics.close()
-        core.shutdown(unmount=True)
+        w.core.metrics.close()
+        w.core.shutdown(unmount=True)
         cleanup_mounts(str(tmp_path))
 
 
@@ -151,7 +171,10 @@ def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: Worl
     assert got[("coco_csi_volume_metrics_daemons{result=ok}", "", "")] == 2
 
 
-def test_a_block_volume_read_shows_on_the_plugin(world: World) -> None:
+def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: World) -> None:
+    """A block daemon mounts a private directory under <state-dir>/block/: its series carry
+    the staging path kubelet gave NodeStageVolume instead, and still do once a restarted
+    plugin has adopted the daemon."""
     reason = block_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -167,11 +190,93 @@ def test_a_block_volume_read_shows_on_the_plugin(world: World) -> None:
         (staging / "f").write_bytes(os.urandom(SIZE))
         os.sync()
         got = world.scrape()
-        daemon_dir = next(t for (n, v, t) in got if v == "blk-1")
-        reads = got[("fuse_crypt_block_plain_bytes_read_total", "blk-1", daemon_dir)]
+        assert {t for (_, v, t) in got if v == "blk-1"} == {str(staging)}
+        reads = got[("fuse_crypt_block_plain_bytes_read_total", "blk-1", str(staging))]
         assert reads > 0  # mkfs and the mount read the disk through the daemon
-        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", daemon_dir)] >= SIZE
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
         key = derive_volume_password(world.keys.root_key, "blk-1")
         assert key.hex() not in world.body()
+
+        world.core.metrics.close()
+        world.core.shutdown()  # the plugin stops; the staged volume and its daemon stay
+        world.core, world.port = _plugin(world.tmp, world.keys)
+        got = world.scrape()
+        assert {t for (_, v, t) in got if v == "blk-1"} == {str(staging)}
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
     finally:
         world.core.unstage("blk-1", str(staging))
+
+
+# -- an object-store volume: a real ``coco-csi node --metrics-addr`` over an S3 bucket --------
+
+
+@pytest.fixture(scope="module")
+def object_plugin() -> Iterator[tuple[Node, int]]:
+    """The object-store tests' plugin process with ``--metrics-addr 127.0.0.1:0`` (volume
+    metrics on by default), and the port it bound, found as the plugin finds its daemons'."""
+    with object_node("--metrics-addr", "127.0.0.1:0") as n:
+        pid = n.procs[-1].pid
+        assert wait_until(lambda: loopback_listen_port(pid) is not None, timeout=10)
+        port = loopback_listen_port(pid)
+        assert port is not None
+        yield n, port
+
+
+def _families(port: int) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+        body = r.read().decode()
+    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    for fam in text_string_to_metric_families(body):
+        for s in fam.samples:
+            out.setdefault(s.name, []).append((s.labels, s.value))
+    return body, out
+
+
+def _of(got: dict[str, list[tuple[dict[str, str], float]]], name: str, vid: str) -> float:
+    """The value of ``name`` for volume ``vid``, summed over the daemon's own labels."""
+    return sum(v for labels, v in got.get(name, []) if labels.get("volume_id") == vid)
+
+
+def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
+    object_plugin: tuple[Node, int],
+) -> None:
+    node, port = object_plugin
+    vid = "pvc-s3-metrics"
+    ctx, secrets = volume(node, "s3", f"vols/{vid}")
+    secrets["sessionToken"] = node.seal("sts-token")  # moto (no auth) accepts any token
+    target = node.target("s3-metrics")
+    publish(node, vid, target, ctx, secrets)
+    try:
+        data = os.urandom(SIZE)
+        _, before = _families(port)
+        (pathlib.Path(target) / "f").write_bytes(data)
+        assert _read_uncached(pathlib.Path(target) / "f") == data
+        body, got = _families(port)
+
+        ours = [labels for labels, _ in got["fuse_crypt_uptime_seconds"]]
+        assert {"volume_id": vid, "target_path": target} in ours
+        assert _of(got, "fuse_crypt_plain_bytes_written_total", vid) >= SIZE
+        assert _of(got, "fuse_crypt_plain_bytes_read_total", vid) >= SIZE
+        # What went to and came back from the bucket: the object store's own traffic.
+        sent = "fuse_crypt_cipher_bytes_written_total"
+        assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
+        ops = "fuse_crypt_backend_ops_total"
+        assert _of(got, ops, vid) > _of(before, ops, vid)
+        assert ({"result": "ok"}, 1.0) in got["coco_csi_volume_metrics_daemons"]
+        info = [labels for labels, _ in got["fuse_crypt_mount_info"] if labels["volume_id"] == vid]
+        assert [i["cipherdir"] for i in info] == [f"s3://{ctx['bucket']}/vols/{vid}"]
+        stored = node.moto.objects(ctx["bucket"], f"vols/{vid}/")
+        assert sum(len(o["body"]) for o in stored.values()) >= SIZE  # it did reach moto
+
+        # No credential, sealed reference, key or password on the page, in any spelling.
+        password = derive_volume_password(node.root_key, vid)
+        master = ConfFile.loads(stored[f"vols/{vid}/gocryptfs.conf"]["body"]).unlock(password)
+        plain = [S3_AK, S3_SK, RESOURCES["default/objcreds/sts-token"].decode()]
+        plain += [secrets["accessKeyId"], secrets["secretAccessKey"], secrets["sessionToken"]]
+        for secret in plain:
+            assert secret not in body and quote(secret) not in body, "a credential on /metrics"
+        for raw in (node.root_key, password, master):
+            for form in (raw.hex(), raw.hex().upper(), raw.decode("latin-1")):
+                assert form not in body, "key material on /metrics"
+    finally:
+        unpublish(node, vid, target)
