@@ -168,7 +168,10 @@ MODULES: dict[str, list[str]] = {
         "tests/csi_driver/test_loopscrape_mutants.py",
         "tests/csi_driver/test_volume_metrics.py",
     ],
-    "csi_driver/volumemetrics.py": ["tests/csi_driver/test_volume_metrics.py"],
+    "csi_driver/volumemetrics.py": [
+        "tests/csi_driver/test_volume_metrics_mutants.py",
+        "tests/csi_driver/test_volume_metrics.py",
+    ],
 }
 
 # module -> the only functions mutated in it ("func" or "Class.method"); a module not named
