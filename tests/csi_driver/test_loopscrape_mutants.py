@@ -19,37 +19,9 @@ import pytest
 
 from csi_driver import loopscrape
 from csi_driver.volumemetrics import FetchError
+from tests.csi_driver.loopback_server import serve as _serve
 
 OK = b"HTTP/1.0 200 OK\r\n"
-
-
-def _serve(handler: Callable[[socket.socket, threading.Event], None]) -> Iterator[int]:
-    """A loopback listener that runs ``handler`` on each connection after reading the
-    request; yields its port, stops and closes on exit."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                try:
-                    conn.recv(4096)
-                    handler(conn, stop)
-                except OSError:
-                    pass
-
-    threading.Thread(target=run, daemon=True).start()
-    try:
-        yield srv.getsockname()[1]
-    finally:
-        stop.set()
-        srv.close()
 
 
 @pytest.fixture

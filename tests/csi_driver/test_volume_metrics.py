@@ -21,6 +21,7 @@ from csi_driver.mounter import FuseCryptMounter, GocryptfsMounter
 from csi_driver.supervisor import DaemonEndpoint
 from csi_driver.volumemetrics import FetchError, VolumeMetricsCollector
 from fuse_crypt import metricsserver
+from tests.csi_driver.loopback_server import answering
 
 
 def daemon_body(read: float, *, errors: float = 0.0) -> bytes:
@@ -191,39 +192,7 @@ def test_no_daemons_no_series() -> None:
 # -- the loopback fetch against real sockets ------------------------------------------------
 
 
-def _server(answer: bytes, *, drip: bool = False) -> Iterator[int]:
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen()
-    stop = threading.Event()
-
-    def run() -> None:
-        while not stop.is_set():
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            with conn:
-                conn.recv(4096)
-                try:
-                    if drip:
-                        for b in answer:
-                            if stop.wait(0.05):
-                                break
-                            conn.sendall(bytes([b]))
-                    else:
-                        conn.sendall(answer)
-                except OSError:
-                    pass
-
-    t = threading.Thread(target=run, daemon=True)
-    t.start()
-    yield srv.getsockname()[1]
-    stop.set()
-    srv.close()
-
-
-def test_fetch_reads_a_real_metrics_server() -> None:
+def test_fetch_reads_a_real_metricsanswering() -> None:
     reg = CollectorRegistry()
     Counter("fuse_crypt_y", "y", registry=reg).inc(2)
     server = metricsserver.serve("127.0.0.1:0", reg)
@@ -242,13 +211,13 @@ def test_fetch_refusals() -> None:
     with pytest.raises(ConnectionRefusedError):
         loopscrape.fetch(free, 1.0, 1000)
     for answer in (b"HTTP/1.0 404 Not Found\r\n\r\nno", b"garbage without a head"):
-        gen = _server(answer)
+        gen = answering(answer)
         port = next(gen)
         with pytest.raises(FetchError) as exc:
             loopscrape.fetch(port, 1.0, 1000)
         assert exc.value.reason == "bad_response"
         gen.close()
-    gen = _server(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 100_000)
+    gen = answering(b"HTTP/1.0 200 OK\r\n\r\n" + b"x" * 100_000)
     port = next(gen)
     with pytest.raises(FetchError) as exc:
         loopscrape.fetch(port, 2.0, 1000)
@@ -258,7 +227,7 @@ def test_fetch_refusals() -> None:
 
 def test_a_dripping_daemon_is_cut_at_the_total_timeout() -> None:
     """One byte every 50 ms never trips a per-read timeout; the deadline still holds."""
-    gen = _server(b"HTTP/1.0 200 OK\r\n\r\n" + b"y" * 1000, drip=True)
+    gen = answering(b"HTTP/1.0 200 OK\r\n\r\n" + b"y" * 1000, drip=True)
     port = next(gen)
     t0 = time.monotonic()
     with pytest.raises(TimeoutError):
