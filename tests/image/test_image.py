@@ -304,6 +304,13 @@ def test_chart_pods_provision_and_publish(
             pod.stop()
 
 
+def _python_in(image: BuiltImage, podman: Podman, script: str) -> str:
+    """What ``script`` prints run by the image's own Python (it must exit 0)."""
+    p = podman.run("--entrypoint=python", image.name, "-c", script)
+    assert p.returncode == 0, p.stderr
+    return p.stdout.strip()
+
+
 def test_every_module_imports_in_the_image(built_image: BuiltImage, podman: Podman) -> None:
     """The image's venv has every dependency the product modules import (the lock leaves
     some out on purpose: image/requirements.lock)."""
@@ -318,9 +325,7 @@ def test_every_module_imports_in_the_image(built_image: BuiltImage, podman: Podm
         "            n += 1\n"
         "print(n)\n"
     )
-    p = podman.run("--entrypoint=python", built_image.name, "-c", script)
-    assert p.returncode == 0, p.stderr
-    assert int(p.stdout) > 50
+    assert int(_python_in(built_image, podman, script)) > 50
 
 
 def test_sdist_built_deps_work_in_the_image(built_image: BuiltImage, podman: Podman) -> None:
@@ -333,9 +338,7 @@ def test_sdist_built_deps_work_in_the_image(built_image: BuiltImage, podman: Pod
         "crc = oss2.utils.Crc64(0); crc.update(b'123456789')\n"
         "print(hex(crc.crc))\n"
     )
-    p = podman.run("--entrypoint=python", built_image.name, "-c", script)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "0x995dc9bbdf1939fa"  # CRC-64/XZ check value
+    assert _python_in(built_image, podman, script) == "0x995dc9bbdf1939fa"  # CRC-64/XZ check value
 
 
 def test_xts_sector_loop_runs_in_the_image(built_image: BuiltImage, podman: Podman) -> None:
@@ -350,9 +353,7 @@ def test_xts_sector_loop_runs_in_the_image(built_image: BuiltImage, podman: Podm
         "assert fast.encrypt(4096, data * 3) == ref.encrypt(4096, data * 3) != data * 3\n"
         "print(fast.backend)\n"
     )
-    p = podman.run("--entrypoint=python", built_image.name, "-c", script)
-    assert p.returncode == 0, p.stderr
-    assert p.stdout.strip() == "libcrypto-evp-batch"
+    assert _python_in(built_image, podman, script) == "libcrypto-evp-batch"
 
 
 @pytest.mark.parametrize(
