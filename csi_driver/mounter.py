@@ -80,19 +80,9 @@ class Mounter(ABC):
     # mountinfo earlier: go-fuse (gocryptfs) still opens a file in its own mount after that
     # (its epoll hack), and a request racing with it can deadlock the mount.
     READY_LINE = b"Filesystem mounted and ready."
-    # Whether the daemon takes ``--metrics-addr HOST:PORT`` (fuse-crypt's do, gocryptfs not).
-    serves_metrics = False
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary
-
-    def with_metrics(self, argv: list[str], addr: str) -> list[str]:
-        """``argv`` asking the daemon to serve /metrics on ``addr``; unchanged for a daemon
-        that cannot. The option goes before the two positional arguments (source, mount
-        point) that every fuse-crypt daemon's command line ends with."""
-        if not self.serves_metrics:
-            return argv
-        return [*argv[:-2], "--metrics-addr", addr, *argv[-2:]]
 
     def is_initialised(self, cipher_dir: str) -> bool:
         """True if the directory has a gocryptfs.conf that is a plain, sane-sized file.
@@ -237,11 +227,21 @@ class Mounter(ABC):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         """argv of a foreground mount daemon that reads its key from stdin. ``capacity``
-        (bytes, 0: none) is enforced by mounters that can (fuse-crypt's --capacity)."""
+        (bytes, 0: none) is enforced by mounters that can (fuse-crypt's --capacity);
+        ``metrics_addr`` (HOST:PORT) is where a daemon that can (fuse-crypt's
+        --metrics-addr) serves /metrics, and ignored by one that cannot (gocryptfs)."""
 
-    def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
+    def argv_for(
+        self,
+        pub: Publication,
+        key: VolumeKey,
+        *,
+        allow_other: bool,
+        metrics_addr: str | None = None,
+    ) -> list[str]:
         """argv of the daemon serving ``pub``. Directory mounters need only the record;
         object-store mounts take their endpoint from the in-memory key, never the record."""
         return self.command(
@@ -250,6 +250,7 @@ class Mounter(ABC):
             readonly=pub.readonly,
             allow_other=allow_other,
             capacity=pub.capacity_bytes,
+            metrics_addr=metrics_addr,
         )
 
     @abstractmethod
@@ -283,6 +284,7 @@ class GocryptfsMounter(Mounter):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         argv = [self._bin(), "-fg", "-nosyslog", "-passfile", "/dev/stdin"]
         if readonly:
@@ -306,7 +308,6 @@ class FuseCryptMounter(Mounter):
     name = "fuse-crypt"
     fs_type = "fuse.fuse-crypt"
     tool = "fuse-crypt"
-    serves_metrics = True
 
     def _init(self, cipher_dir: str, key: VolumeKey, deadline: Deadline) -> None:
         argv = [self._bin(), "init", "--passfile", "/dev/stdin"]
@@ -321,9 +322,15 @@ class FuseCryptMounter(Mounter):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         args = self.mount_args(
-            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+            cipher_dir,
+            target,
+            readonly=readonly,
+            allow_other=allow_other,
+            capacity=capacity,
+            metrics_addr=metrics_addr,
         )
         return [self._bin(), *args]
 
@@ -335,10 +342,12 @@ class FuseCryptMounter(Mounter):
         readonly: bool,
         allow_other: bool,
         capacity: int,
+        metrics_addr: str | None = None,
         source: Sequence[str] = ("--masterkey", "stdin"),
     ) -> list[str]:
         """``fuse-crypt``'s arguments for a foreground mount reading its key from stdin.
-        ``source``: where the key (and, for a bucket, the store) comes from."""
+        ``source``: where the key (and, for a bucket, the store) comes from;
+        ``metrics_addr``: where the daemon serves /metrics (None: it does not)."""
         argv = ["mount", "--foreground", *source]
         if readonly:
             argv.append("--ro")
@@ -346,6 +355,8 @@ class FuseCryptMounter(Mounter):
             argv.append("--allow-other")
         if capacity:
             argv += ["--capacity", str(capacity)]
+        if metrics_addr is not None:
+            argv += ["--metrics-addr", metrics_addr]
         return [*argv, cipher_dir, target]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:
@@ -391,10 +402,16 @@ class FuseCryptPreforkMounter(FuseCryptMounter):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         """No program: the zygote runs these arguments through ``fuse_crypt.cli.main``."""
         return self.mount_args(
-            cipher_dir, target, readonly=readonly, allow_other=allow_other, capacity=capacity
+            cipher_dir,
+            target,
+            readonly=readonly,
+            allow_other=allow_other,
+            capacity=capacity,
+            metrics_addr=metrics_addr,
         )
 
     def spawn(self, argv: list[str], stdin_data: bytes, log_path: str) -> Proc:

@@ -33,7 +33,7 @@ READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 MAX_RESTARTS = 3
 RESTART_WINDOW = 60.0
-# What a daemon is told with --daemon-metrics: loopback only, a port the kernel picks while
+# What a daemon is told with --metrics-addr: loopback only, a port the kernel picks while
 # the daemon binds it (found again from /proc: proc.loopback_listen_port).
 DAEMON_METRICS_ADDR = "127.0.0.1:0"
 
@@ -182,9 +182,8 @@ class MountSupervisor:
         pub: Publication,
     ) -> Proc:
         stdin_data = mounter.stdin_for(cipher_dir, key)
-        argv = mounter.argv_for(pub, key, allow_other=self.allow_other)
-        if self.daemon_metrics:
-            argv = mounter.with_metrics(argv, DAEMON_METRICS_ADDR)
+        addr = DAEMON_METRICS_ADDR if self.daemon_metrics else None
+        argv = mounter.argv_for(pub, key, allow_other=self.allow_other, metrics_addr=addr)
         log_path = self.log_path(target)
         # The log dir is under the state dir, a hostPath: make sure a regular file is there
         # (a planted FIFO would block the daemon's open, a symlink would redirect its output).

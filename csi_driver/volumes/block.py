@@ -101,7 +101,6 @@ class BlockServeMounter(Mounter):
     name = BLOCK_MOUNTER
     fs_type = "fuse." + BLOCK_MOUNTER
     tool = "fuse-crypt"
-    serves_metrics = True
 
     def __init__(self, binary: str | None = None) -> None:
         self.binary = binary
@@ -120,7 +119,14 @@ class BlockServeMounter(Mounter):
         raise errors.Internal("block volumes are formatted by the stage step")
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         u, is_image = self._plans[target]
         argv = [self._bin(), "block-serve", "--masterkey", "stdin", "--offset", str(u.offset)]
@@ -130,6 +136,8 @@ class BlockServeMounter(Mounter):
             argv.append("--ro")
         if is_image:
             argv.append("--allow-regular-file")
+        if metrics_addr is not None:
+            argv += ["--metrics-addr", metrics_addr]
         return [*argv, cipher_dir, target]
 
     def stdin_for(self, cipher_dir: str, key: VolumeKey) -> bytes:

@@ -390,7 +390,14 @@ class ObjectStoreMounter(FuseCryptMounter):
                 f"the daemon of {target} could not measure the volume: {exc.reason}"
             ) from None
 
-    def argv_for(self, pub: Publication, key: VolumeKey, *, allow_other: bool) -> list[str]:
+    def argv_for(
+        self,
+        pub: Publication,
+        key: VolumeKey,
+        *,
+        allow_other: bool,
+        metrics_addr: str | None = None,
+    ) -> list[str]:
         source = self.location_args(_spec_of(key))
         control = self.control_socket(pub.target_path)
         if control is not None:
@@ -402,6 +409,7 @@ class ObjectStoreMounter(FuseCryptMounter):
             readonly=pub.readonly,
             allow_other=allow_other,
             capacity=0,
+            metrics_addr=metrics_addr,
             source=source,
         )
         if isinstance(self.via, FuseCryptPreforkMounter):
@@ -416,6 +424,7 @@ class ObjectStoreMounter(FuseCryptMounter):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         raise errors.Internal("object-store mounts are built by argv_for (they need the key)")
 

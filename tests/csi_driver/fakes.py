@@ -123,6 +123,7 @@ class FakeMounter(Mounter):
         readonly: bool,
         allow_other: bool,
         capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         return ["fake", cipher_dir, target, "ro" if readonly else "rw"]
 

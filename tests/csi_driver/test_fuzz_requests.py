@@ -91,7 +91,14 @@ class FakeMounter(Mounter):
         pathlib.Path(cipher_dir, CONF_NAME).write_bytes(b"{}")
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
+        metrics_addr: str | None = None,
     ):
         return ["/bin/true"]
 

@@ -86,7 +86,14 @@ class ProcessMounter(Mounter):
         raise AssertionError("not used")
 
     def command(
-        self, cipher_dir: str, target: str, *, readonly: bool, allow_other: bool, capacity: int = 0
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
+        metrics_addr: str | None = None,
     ) -> list[str]:
         return [sys.executable, "-c", _DAEMON, target, str(self.keydir), self.mode]
 

@@ -5,7 +5,9 @@ same through real daemons is test_volume_metrics_e2e.py."""
 from __future__ import annotations
 
 import argparse
+import pathlib
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -15,13 +17,22 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from csi_driver import loopscrape
+from csi_driver import supervisor as supervisor_mod
 from csi_driver.cli import _volume_metrics
+from csi_driver.core.store import Publication, PublicationStore
+from csi_driver.keys import VolumeKey
 from csi_driver.metrics import Metrics
-from csi_driver.mounter import FuseCryptMounter, GocryptfsMounter
-from csi_driver.supervisor import DaemonEndpoint
+from csi_driver.mounter import FuseCryptMounter, FuseCryptPreforkMounter, GocryptfsMounter
+from csi_driver.supervisor import DAEMON_METRICS_ADDR, DaemonEndpoint, MountSupervisor
 from csi_driver.volumemetrics import FetchError, VolumeMetricsCollector
+from csi_driver.volumes.block import BlockServeMounter
+from csi_driver.volumes.block_luks import Unlocked
+from csi_driver.volumes.objectmount import ObjectStoreMounter
 from fuse_crypt import metricsserver
+from tests.csi_driver.fakes import FakeMounter, FakeMountTable
 from tests.csi_driver.loopback_server import answering
+from tests.csi_driver.test_objectmount import resolve
+from tests.csi_driver.test_objectstore_params import CDH_SPEC
 
 
 def daemon_body(read: float, *, errors: float = 0.0) -> bytes:
@@ -250,13 +261,146 @@ def test_volume_metrics_follow_metrics_addr_unless_told() -> None:
         _volume_metrics(ns("", True))
 
 
-def test_only_fuse_crypt_daemons_are_asked_for_metrics() -> None:
-    argv = FuseCryptMounter.mount_args("/c", "/t", readonly=True, allow_other=False, capacity=0)
-    assert FuseCryptMounter().with_metrics(argv, "127.0.0.1:0")[-4:] == [
-        "--metrics-addr",
-        "127.0.0.1:0",
-        "/c",
-        "/t",
-    ]
-    gargv = ["gocryptfs", "-fg", "--", "/c", "/t"]
-    assert GocryptfsMounter().with_metrics(gargv, "127.0.0.1:0") == gargv
+ADDR = "127.0.0.1:0"
+
+
+def test_each_metrics_serving_builder_places_the_option_itself() -> None:
+    """Every fuse-crypt command line (exec'd, zygote, block, object store) has
+    ``--metrics-addr`` exactly where its own builder puts it when asked, and not otherwise;
+    gocryptfs cannot serve metrics and its argv does not change."""
+    fc = FuseCryptMounter(binary=sys.executable)
+    argv = fc.command(
+        "/c", "/t", readonly=True, allow_other=False, capacity=4096, metrics_addr=ADDR
+    )
+    assert argv == [sys.executable, "mount", "--foreground", "--masterkey", "stdin", "--ro"] + [
+        "--capacity", "4096", "--metrics-addr", ADDR, "/c", "/t"
+    ]  # fmt: skip
+    plain = fc.command("/c", "/t", readonly=True, allow_other=False, capacity=4096)
+    assert plain == [a for a in argv if a not in ("--metrics-addr", ADDR)]
+    zygote = FuseCryptPreforkMounter()  # builds the argv only: no zygote starts
+    zargv = zygote.command("/c", "/t", readonly=True, allow_other=False, metrics_addr=ADDR)
+    assert zargv == argv[1:3] + ["--masterkey", "stdin", "--ro", "--metrics-addr", ADDR, "/c", "/t"]
+
+    block = BlockServeMounter(binary="/bin/fuse-crypt")
+    block.plan("/t", Unlocked(b"k" * 64, 4096, None, 512, "aes-xts-plain64"), True)
+    bargv = block.command("/dev/c", "/t", readonly=False, allow_other=False, metrics_addr=ADDR)
+    assert bargv[-5:] == ["--allow-regular-file", "--metrics-addr", ADDR, "/dev/c", "/t"]
+    assert "--metrics-addr" not in block.command("/dev/c", "/t", readonly=False, allow_other=False)
+
+    key = resolve(CDH_SPEC)
+    obj = ObjectStoreMounter()
+    obj.binary = sys.executable
+    loc = "oss://tenant-models/datasets/v1"
+    pub = Publication("vol-1", "/k/t", loc, obj.name, False, 1)
+    oargv = obj.argv_for(pub, key, allow_other=True, metrics_addr=ADDR)
+    assert oargv[-4:] == ["--metrics-addr", ADDR, loc, "/k/t"]
+    assert "--metrics-addr" not in obj.argv_for(pub, key, allow_other=True)
+
+    gc = GocryptfsMounter(binary=sys.executable)
+    gargv = gc.command("/c", "/t", readonly=False, allow_other=False)
+    assert gc.command("/c", "/t", readonly=False, allow_other=False, metrics_addr=ADDR) == gargv
+
+
+# -- the supervisor: which daemons are asked, and where each is found ----------------------
+
+
+class _Recording(FakeMounter):
+    """The fake mounter, remembering the metrics address each daemon was started with."""
+
+    def __init__(self, table: FakeMountTable) -> None:
+        super().__init__(table)
+        self.asked: list[str | None] = []
+
+    def command(
+        self,
+        cipher_dir: str,
+        target: str,
+        *,
+        readonly: bool,
+        allow_other: bool,
+        capacity: int = 0,
+        metrics_addr: str | None = None,
+    ) -> list[str]:
+        self.asked.append(metrics_addr)
+        return super().command(cipher_dir, target, readonly=readonly, allow_other=allow_other)
+
+
+def _supervisor(
+    tmp: pathlib.Path, *, daemon_metrics: bool = True
+) -> tuple[MountSupervisor, _Recording, FakeMountTable]:
+    table = FakeMountTable()
+    mounter = _Recording(table)
+    sup = MountSupervisor(
+        {mounter.name: mounter},
+        str(tmp / "logs"),
+        PublicationStore(str(tmp)),
+        mounts=table,
+        monitor_interval=3600,  # no restarts behind the test's back
+        daemon_metrics=daemon_metrics,
+    )
+    return sup, mounter, table
+
+
+def _pub(vid: str, target: str) -> Publication:
+    return Publication(vid, target, f"/c/{vid}", FakeMounter.name, False, 1)
+
+
+KEY = VolumeKey(b"unit-volume-key", "kbs-derived", 10)
+
+
+@pytest.mark.parametrize("on", [True, False])
+def test_the_supervisor_asks_for_metrics_only_when_told(tmp_path: pathlib.Path, on: bool) -> None:
+    sup, mounter, _ = _supervisor(tmp_path, daemon_metrics=on)
+    try:
+        sup.start(_pub("vol-1", "/k/pods/a/mount"), KEY)
+        assert mounter.asked == [DAEMON_METRICS_ADDR if on else None]
+    finally:
+        sup.shutdown()
+
+
+def test_endpoints_show_a_block_daemon_by_its_staging_path(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The path on each endpoint is the one kubelet gave (a block volume's staging path, not
+    the private directory its daemon mounts), for started and adopted daemons alike; a
+    daemon's port is looked up once per pid; stopping, dead and port-less daemons are left
+    out."""
+    ports: dict[int, int | None] = {}
+    lookups: list[int] = []
+
+    def listen_port(pid: int) -> int | None:
+        lookups.append(pid)
+        return ports.get(pid)
+
+    monkeypatch.setattr(supervisor_mod, "loopback_listen_port", listen_port)
+    sup, _, table = _supervisor(tmp_path)
+    private, staging = "/state/block/blk-1", "/k/plugins/csi/pv/blk-1/globalmount"
+    try:
+        h_dir = sup.start(_pub("vol-1", "/k/pods/a/mount"), KEY)
+        h_blk = sup.start(_pub("blk-1", private), KEY, kubelet_path=staging)
+        ports.update({h_dir.pid: 4001, h_blk.pid: 4002})
+        want = {
+            DaemonEndpoint("vol-1", "/k/pods/a/mount", 4001),
+            DaemonEndpoint("blk-1", staging, 4002),
+        }
+        assert set(sup.metric_endpoints()) == want
+        assert set(sup.metric_endpoints()) == want
+        assert sorted(lookups) == sorted([h_dir.pid, h_blk.pid])  # cached per pid
+
+        # A restarted plugin adopts the block daemon; it is still shown by its staging path.
+        adopted_pid = table.mount("/state/block/blk-2", "/dev/x")
+        ports[adopted_pid] = 4003
+        adopted = Publication("blk-2", "/state/block/blk-2", "/dev/x", "fake", False, 1)
+        sup.adopt(
+            Publication(**{**adopted.__dict__, "pid": adopted_pid}), kubelet_path=staging + "2"
+        )
+        assert DaemonEndpoint("blk-2", staging + "2", 4003) in sup.metric_endpoints()
+
+        h_dir.stopping = True  # being unpublished: its port may soon be another's
+        table.kill(h_blk.pid)  # gone
+        nometrics = sup.start(_pub("vol-3", "/k/pods/c/mount"), KEY)  # no port: not listed
+        assert sup.metric_endpoints() == [DaemonEndpoint("blk-2", staging + "2", 4003)]
+        assert nometrics.metrics_port == (nometrics.pid, None)
+    finally:
+        h_dir.stopping = False
+        sup.shutdown()
