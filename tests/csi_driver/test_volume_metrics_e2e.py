@@ -1,6 +1,8 @@
 """Real daemons, real HTTP: I/O through a volume shows on the node plugin's /metrics with the
-volume's labels; a stopped daemon is skipped within the budget, a restarted one is found
-again; no key or passphrase in the body."""
+volume's labels, for daemons forked from the zygote and exec'd (``--mounter fuse-crypt``),
+block daemons and object-store daemons (S3 on moto, OSS on the signature-checking peer);
+a stopped daemon is skipped within the budget, a restarted one is found again; no key,
+passphrase or credential in the body."""
 
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ from tests.fuse_crypt.block_rig import block_skip_reason
 from .conftest import KEY_RESOURCE, PASSPHRASE, Keys, cleanup_mounts, make_node
 from .helpers import plain_capability
 from .test_object_volumes import (
+    OSS_AK,
+    OSS_BUCKET,
+    OSS_SK,
     RESOURCES,
     S3_AK,
     S3_SK,
@@ -50,6 +55,7 @@ class World:
     backend: LocalBackend
     keys: Keys
     port: int
+    mounter: str
 
     def publish(self, name: str) -> tuple[str, str]:
         rec, ctx = self.backend.create(name, [plain_capability()], {"keyResource": KEY_RESOURCE})
@@ -79,13 +85,14 @@ class World:
         return out
 
 
-def _plugin(tmp: pathlib.Path, keys: Keys) -> tuple[NodeCore, int]:
-    """A node plugin with volume metrics on, serving /metrics on a loopback port; on a state
-    dir already in use it adopts what a previous instance left running."""
+def _plugin(tmp: pathlib.Path, keys: Keys, mounter: str) -> tuple[NodeCore, int]:
+    """A node plugin (directory volumes by ``mounter``) with volume metrics on, serving
+    /metrics on a loopback port; on a state dir already in use it adopts what a previous
+    instance left running."""
     core = make_node(
         tmp,
         keys,
-        "fuse-crypt-prefork",
+        mounter,
         daemon_metrics=True,
         block_image_roots=[str(tmp / "images")],
     )
@@ -95,10 +102,13 @@ def _plugin(tmp: pathlib.Path, keys: Keys) -> tuple[NodeCore, int]:
 
 
 @pytest.fixture
-def world(tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
+def world(request: pytest.FixtureRequest, tmp_path: pathlib.Path, keys: Keys) -> Iterator[World]:
+    """The plugin; its directory mounter is the test's indirect parameter (default: the
+    node's default, daemons forked from the zygote)."""
+    mounter = getattr(request, "param", "fuse-crypt-prefork")
     (tmp_path / "images").mkdir()
-    core, port = _plugin(tmp_path, keys)
-    w = World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port)
+    core, port = _plugin(tmp_path, keys, mounter)
+    w = World(tmp_path, core, LocalBackend(str(tmp_path / "backend")), keys, port, mounter)
     try:
         yield w
     finally:
@@ -115,9 +125,18 @@ def _read_uncached(path: pathlib.Path) -> bytes:
         return f.read()
 
 
+@pytest.mark.parametrize("world", ["fuse-crypt-prefork", "fuse-crypt"], indirect=True)
 def test_reads_and_writes_show_per_volume_on_the_plugin(world: World) -> None:
     v1, t1 = world.publish("pvc-read")
     v2, t2 = world.publish("pvc-write")
+    if world.mounter == "fuse-crypt":  # an exec'd `fuse-crypt mount`, told on its argv
+        for target in (t1, t2):
+            handle, pub = world.core.supervisor.get(target), world.core.store.get(target)
+            assert handle is not None and pub is not None
+            argv = pathlib.Path(f"/proc/{handle.pid}/cmdline").read_bytes().split(b"\0")[:-1]
+            assert os.path.basename(argv[1]) == b"fuse-crypt" and argv[2] == b"mount"
+            tail = [b"--metrics-addr", b"127.0.0.1:0", pub.cipher_dir.encode(), target.encode()]
+            assert argv[-4:] == tail
     data = os.urandom(SIZE)
     (pathlib.Path(t1) / "f").write_bytes(data)
     before = world.scrape()
@@ -199,7 +218,7 @@ def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: Wo
 
         world.core.metrics.close()
         world.core.shutdown()  # the plugin stops; the staged volume and its daemon stay
-        world.core, world.port = _plugin(world.tmp, world.keys)
+        world.core, world.port = _plugin(world.tmp, world.keys, world.mounter)
         got = world.scrape()
         assert {t for (_, v, t) in got if v == "blk-1"} == {str(staging)}
         assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
@@ -268,15 +287,67 @@ def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
         stored = node.moto.objects(ctx["bucket"], f"vols/{vid}/")
         assert sum(len(o["body"]) for o in stored.values()) >= SIZE  # it did reach moto
 
-        # No credential, sealed reference, key or password on the page, in any spelling.
-        password = derive_volume_password(node.root_key, vid)
-        master = ConfFile.loads(stored[f"vols/{vid}/gocryptfs.conf"]["body"]).unlock(password)
         plain = [S3_AK, S3_SK, RESOURCES["default/objcreds/sts-token"].decode()]
         plain += [secrets["accessKeyId"], secrets["secretAccessKey"], secrets["sessionToken"]]
-        for secret in plain:
-            assert secret not in body and quote(secret) not in body, "a credential on /metrics"
-        for raw in (node.root_key, password, master):
-            for form in (raw.hex(), raw.hex().upper(), raw.decode("latin-1")):
-                assert form not in body, "key material on /metrics"
+        _assert_no_secrets(body, node, vid, stored[f"vols/{vid}/gocryptfs.conf"]["body"], plain)
     finally:
         unpublish(node, vid, target)
+
+
+def test_an_oss_volume_shows_on_the_plugin_without_its_credentials(
+    object_plugin: tuple[Node, int],
+) -> None:
+    """The same through the OSS peer, which checks every request's signature: STS
+    credentials (key id, secret, security token, all sealed) sign the daemon's traffic."""
+    node, port = object_plugin
+    vid = "pvc-oss-metrics"
+    ctx, _ = volume(node, "oss", f"vols/{vid}")
+    secrets = {
+        "akId": node.seal("sts-ak"),
+        "akSecret": node.seal("sts-sk"),
+        "securityToken": node.seal("sts-token"),
+    }
+    target = node.target("oss-metrics")
+    publish(node, vid, target, ctx, secrets)
+    try:
+        data = os.urandom(SIZE)
+        _, before = _families(port)
+        (pathlib.Path(target) / "f").write_bytes(data)
+        assert _read_uncached(pathlib.Path(target) / "f") == data
+        body, got = _families(port)
+
+        ours = [labels for labels, _ in got["fuse_crypt_uptime_seconds"]]
+        assert {"volume_id": vid, "target_path": target} in ours
+        assert _of(got, "fuse_crypt_plain_bytes_written_total", vid) >= SIZE
+        assert _of(got, "fuse_crypt_plain_bytes_read_total", vid) >= SIZE
+        sent = "fuse_crypt_cipher_bytes_written_total"
+        assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
+        ops = "fuse_crypt_backend_ops_total"
+        assert _of(got, ops, vid) > _of(before, ops, vid)
+        info = [labels for labels, _ in got["fuse_crypt_mount_info"] if labels["volume_id"] == vid]
+        assert [i["cipherdir"] for i in info] == [f"oss://{OSS_BUCKET}/vols/{vid}"]
+        assert [i["target_path"] for i in info] == [target]
+        stored = node.oss.objects(OSS_BUCKET)
+        mine = [o for k, o in stored.items() if k.startswith(f"vols/{vid}/")]
+        assert sum(len(o.data) for o in mine) >= SIZE  # it did reach the peer
+
+        plain = [OSS_AK, OSS_SK, *secrets.values()]  # and the sealed refs the plugin got
+        plain += [RESOURCES[f"default/objcreds/{n}"].decode() for n in ("sts-ak", "sts-sk")]
+        plain.append(RESOURCES["default/objcreds/sts-token"].decode())
+        _assert_no_secrets(body, node, vid, stored[f"vols/{vid}/gocryptfs.conf"].data, plain)
+    finally:
+        unpublish(node, vid, target)
+
+
+def _assert_no_secrets(body: str, node: Node, vid: str, conf: bytes, plain: list[str]) -> None:
+    """No credential (``plain``), sealed reference, key or password on the page, in any
+    spelling: the root key, the volume's derived password and the master key its
+    gocryptfs.conf (``conf``, as stored in the bucket) wraps."""
+    assert plain and all(plain)
+    for secret in plain:
+        assert secret not in body and quote(secret) not in body, "a credential on /metrics"
+    password = derive_volume_password(node.root_key, vid)
+    master = ConfFile.loads(conf).unlock(password)
+    for raw in (node.root_key, password, master):
+        for form in (raw.hex(), raw.hex().upper(), raw.decode("latin-1")):
+            assert form not in body, "key material on /metrics"
