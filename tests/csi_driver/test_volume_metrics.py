@@ -390,10 +390,10 @@ def test_endpoints_show_a_block_daemon_by_its_staging_path(
         # A restarted plugin adopts the block daemon; it is still shown by its staging path.
         adopted_pid = table.mount("/state/block/blk-2", "/dev/x")
         ports[adopted_pid] = 4003
-        adopted = Publication("blk-2", "/state/block/blk-2", "/dev/x", "fake", False, 1)
-        sup.adopt(
-            Publication(**{**adopted.__dict__, "pid": adopted_pid}), kubelet_path=staging + "2"
+        adopted = Publication(
+            "blk-2", "/state/block/blk-2", "/dev/x", "fake", False, 1, adopted_pid
         )
+        sup.adopt(adopted, kubelet_path=staging + "2")
         assert DaemonEndpoint("blk-2", staging + "2", 4003) in sup.metric_endpoints()
 
         h_dir.stopping = True  # being unpublished: its port may soon be another's
@@ -402,5 +402,4 @@ def test_endpoints_show_a_block_daemon_by_its_staging_path(
         assert sup.metric_endpoints() == [DaemonEndpoint("blk-2", staging + "2", 4003)]
         assert nometrics.metrics_port == (nometrics.pid, None)
     finally:
-        h_dir.stopping = False
         sup.shutdown()
