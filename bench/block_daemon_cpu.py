@@ -9,6 +9,9 @@ should lower, and it is far less sensitive to load. One image file (LUKS2 made b
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
 ext4 in the way). Backends alternate, a fresh daemon each time, each forced by
 FUSE_CRYPT_XTS_BACKEND (the default, libcrypto-evp-batch, runs without it).
+A configuration ``BACKEND+buffered`` also sets FUSE_CRYPT_BLOCK_READS=buffered: the
+ciphertext is read through the image's page cache instead of past it (``O_DIRECT``, the
+default for these 1 MiB requests).
 ``--readers N`` runs N such dd at once on N slices (parallel requests for the daemon's
 worker threads, as the loop device sends them). As root.
 """
@@ -30,7 +33,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
-CONFIGS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
+BACKENDS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
+READS_ENV = "FUSE_CRYPT_BLOCK_READS"  # fuse_crypt/blockfront/device.py
+BUFFERED = "+buffered"
+CONFIGS = (*BACKENDS, "libcrypto-evp-batch" + BUFFERED)
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -49,6 +55,10 @@ def one(
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
+    env.pop(READS_ENV, None)
+    if backend.endswith(BUFFERED):
+        backend = backend.removesuffix(BUFFERED)
+        env[READS_ENV] = "buffered"
     if backend != "libcrypto-evp-batch":  # the default
         env[BACKEND_ENV] = backend
     proc = subprocess.Popen(
@@ -92,7 +102,7 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
     for b in args.configs.split(","):
-        if b not in CONFIGS:
+        if b.removesuffix(BUFFERED) not in BACKENDS:
             ap.error(f"unknown configuration {b!r}")
     if args.readers < 1 or args.size_mib % args.readers:
         ap.error("--size-mib must be a multiple of --readers (>= 1)")

@@ -273,3 +273,22 @@ def test_the_direct_descriptor_is_the_same_file_and_read_only(tmp_path: Path) ->
         finally:
             os.close(dfd)
             os.close(fd)
+
+
+def test_a_bad_read_mode_in_the_environment_is_a_usage_error(tmp_path: Path) -> None:
+    """FUSE_CRYPT_BLOCK_READS is direct or buffered; a typo must not silently pick one.
+    Refused before the device is opened or the key read: exit 1, one line."""
+    import sys
+
+    img = _image(tmp_path / "d.img", 2 * MiB)
+    (tmp_path / "mnt").mkdir()
+    mnt = str(tmp_path / "mnt")
+    argv = [sys.executable, "-m", "fuse_crypt.cli", "block-serve", "--masterkey", "stdin",
+            "--offset", str(MiB), "--allow-regular-file", str(img), mnt]  # fmt: skip
+    env = {**os.environ, devmod.READS_ENV: "Direct"}
+    res = subprocess.run(argv, input=KEY.hex().encode() + b"\n", capture_output=True, env=env,
+                         timeout=60)  # fmt: skip
+    assert res.returncode == 1
+    err = res.stderr.decode().strip()
+    assert err.count("\n") == 0 and "FUSE_CRYPT_BLOCK_READS must be direct or buffered" in err
+    assert KEY.hex() not in err and not os.path.ismount(tmp_path / "mnt")
