@@ -163,7 +163,7 @@ def cmd_block_serve(args: argparse.Namespace) -> int:
 
     if args.masterkey and args.offset is None:
         raise CliError("--masterkey needs --offset", USAGE)
-    reads = os.environ.get(READS_ENV, "direct")
+    reads = os.environ.get(READS_ENV, "buffered")
     if reads not in ("direct", "buffered"):
         raise CliError(f"{READS_ENV} must be direct or buffered", USAGE)
     direct = reads == "direct"

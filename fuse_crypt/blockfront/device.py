@@ -25,27 +25,26 @@ their preads, which still overlap. Per-thread libcrypto contexts without this lo
 tried (issue 11) and were 2-5x slower with 2-4 threads on two free cores: the GIL changes
 hands at each of the 512 C calls per MiB (docs/block.md, "Figures").
 
-Large ciphertext reads bypass the page cache (``O_DIRECT``) wherever the device allows
-it: a second, read-only descriptor on the same open file (``/proc/self/fd``, so nothing
-is looked up by name again) reads each request of at least ``DIRECT_MIN`` bytes (pieces of
-the filesystem's read-ahead, i.e. sequential reading) into this thread's page-aligned buffer,
-and the sectors are decrypted from there straight into libfuse's reply buffer. Why: read
-buffered, every ciphertext byte was first copied into freshly allocated page-cache pages
-of the device, then out again, and kept there. Measured on the 2-vCPU VM (docs/block.md,
-"Large reads past the page cache"), sequential reads got faster and the daemon's CPU per
-GiB fell; and guest memory (private, and in a TDX guest accepted page by page) no longer
-holds a second, ciphertext copy of everything read.
-Small reads (metadata, small files) stay buffered: the device's own read-ahead then
-brings their neighbours in with them, which direct reads lost (small-file reads were
-slower with every read direct). Writes stay buffered too: the kernel's write-back
-overlaps them with our encryption, and a direct read of a range with dirty pages waits for
-their write-back first (the kernel keeps the two paths coherent; with every read direct,
-ext4's metadata reads during file creation kept forcing such write-backs and
-create+sync got slower). A device (or a request) that cannot take direct I/O (alignment,
-a filesystem without it) is read buffered; ``EINVAL`` from a direct read switches the
-device to buffered reads for good (logged once).
+Direct reads (opt-in, ``direct_reads=True``; ``FUSE_CRYPT_BLOCK_READS=direct`` for the
+daemon): large ciphertext reads bypass the page cache (``O_DIRECT``). A second, read-only
+descriptor on the same open file (``/proc/self/fd``, so nothing is looked up by name
+again) reads each request of at least ``DIRECT_MIN`` bytes (pieces of the filesystem's
+read-ahead, i.e. sequential reading), from our own read-ahead (``readahead.py``) or into
+this thread's page-aligned buffer, and the sectors are decrypted from there straight into
+libfuse's reply buffer. What it buys: no second, ciphertext copy of everything read in
+guest memory (private, and in a TDX guest accepted page by page), and 10-25 % less daemon
+CPU per GiB. Why it is not the default: with real data on this VM's disk it read no faster
+than buffered reads, sometimes 10-20 % slower, and it adds read-ahead threads and up to
+20 MiB of buffers (docs/block.md, "Direct reads").
+Small reads (metadata, small files) stay buffered: the device's own read-ahead brings
+their neighbours in with them. Writes stay buffered too: the kernel's write-back overlaps
+them with our encryption, and a direct read of a range with dirty pages waits for their
+write-back first (the kernel keeps the two paths coherent); each write drops our
+read-ahead. A device (or a request) that cannot take direct I/O (alignment, a filesystem
+without it) is read buffered; ``EINVAL`` from a direct read switches the device to
+buffered reads for good (logged once).
 
-Read-ahead (buffered reads only): a read that continues where the last one ended asks the kernel
+Read-ahead of buffered reads: a read that continues where the last one ended asks the kernel
 (``posix_fadvise(WILLNEED)``) to fetch the next ``READAHEAD`` bytes of *ciphertext* into
 the device's page cache, so the following preads are memory copies that overlap our
 decryption instead of waiting for the disk. Only ciphertext is cached; the host sees
@@ -66,6 +65,7 @@ import struct
 import threading
 
 from ..luks2 import XtsSegment
+from .readahead import DirectReadAhead
 
 Buffer = bytes | bytearray | memoryview
 
@@ -184,7 +184,7 @@ class CryptDevice:
         offset: int,
         size: int | None,
         read_only: bool = False,
-        direct_reads: bool = True,
+        direct_reads: bool = False,
     ) -> None:
         ss = segment.sector_size
         if offset < 0 or offset % 512:
@@ -208,10 +208,13 @@ class CryptDevice:
         # call in through ctypes, whose Python thread state (and so threading.local) does
         # not outlive one callback.
         self._bounce: dict[int, mmap.mmap] = {}
+        self._ra: DirectReadAhead | None = None
         if direct_reads:
             self._dfd, self._dio_align, why = open_direct_reader(fd)
             if why:
                 log.info("ciphertext reads go through the page cache: %s", why)
+            elif offset % self._dio_align == 0:
+                self._ra = DirectReadAhead(self._dfd, offset, lambda: self.size)
 
     @property
     def direct_reads(self) -> bool:
@@ -324,10 +327,22 @@ class CryptDevice:
             return 0
         first, last = self._span(offset, length)
         if first == offset and last == offset + length and length >= DIRECT_MIN:
+            ra = self._ra if self._dfd >= 0 else None
+
+            def sink(pos: int, ciphertext: memoryview) -> None:
+                with self._crypto:
+                    self.segment.decrypt_into(
+                        first + pos, ciphertext, out[pos : pos + len(ciphertext)]
+                    )
+
+            if ra is not None and ra.serve(first, length, sink):
+                ra.advance(first, last)
+                return length
             raw = self._read_direct(first, length)
             if raw is not None:  # decrypt from our aligned buffer into the caller's
-                with self._crypto:
-                    self.segment.decrypt_into(first, raw, out[:length])
+                sink(0, raw)
+                if ra is not None:
+                    ra.advance(first, last)
                 return length
         self._read_ahead(first, last)
         if first == offset and last == offset + length:
@@ -379,7 +394,11 @@ class CryptDevice:
                 buf[offset - first : offset - first + len(src)] = src
             with self._crypto:
                 self.segment.encrypt_into(first, buf, buf)
-            self._write_raw(first, buf)
+            try:
+                self._write_raw(first, buf)
+            finally:
+                if self._ra is not None:  # after the pwrite: readahead.py's module doc
+                    self._ra.invalidate()
         return len(src)
 
     def sync(self) -> None:
@@ -388,6 +407,8 @@ class CryptDevice:
 
     def close(self) -> None:
         self.segment.wipe()
+        if self._ra is not None:  # its workers read dfd: stop them first
+            self._ra.close()
         dfd, self._dfd = self._dfd, -1
         if dfd >= 0:
             os.close(dfd)

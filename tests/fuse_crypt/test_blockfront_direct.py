@@ -112,7 +112,9 @@ def test_direct_reads_see_unsynced_buffered_writes(tmp_path: Path, where: str) -
     img = _image(tmp_path / "d.img", 9 * MiB)
     with contextlib.ExitStack() as stack:
         path = stack.enter_context(_loop(img)) if where == "loop" else str(img)
-        dev = CryptDevice(open_device(path), XtsSegment(KEY), offset=MiB, size=None)
+        dev = CryptDevice(
+            open_device(path), XtsSegment(KEY), offset=MiB, size=None, direct_reads=True
+        )
         stack.callback(dev.close)
         assert dev.direct_reads
         model = bytearray(_read_all(dev))
@@ -133,7 +135,9 @@ def test_concurrent_direct_readers_do_not_share_a_buffer(tmp_path: Path) -> None
     """Four threads reading different sectors at once, as libfuse's workers do: each must
     decrypt its own ciphertext (one shared read buffer would mix them up)."""
     img = _image(tmp_path / "d.img", MiB + 12 * devmod.DIRECT_MIN)
-    dev = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=MiB, size=None)
+    dev = CryptDevice(
+        open_device(str(img)), XtsSegment(KEY), offset=MiB, size=None, direct_reads=True
+    )
     try:
         assert dev.direct_reads
         model = os.urandom(dev.size)
@@ -176,7 +180,7 @@ def test_no_direct_io_falls_back_to_the_page_cache(
     fd = open_device(str(img))
     monkeypatch.setattr(os, "open", no_direct)
     with caplog.at_level(logging.INFO, logger="fuse_crypt.blockfront"):
-        dev = CryptDevice(fd, XtsSegment(KEY), offset=MiB, size=None)
+        dev = CryptDevice(fd, XtsSegment(KEY), offset=MiB, size=None, direct_reads=True)
     monkeypatch.undo()
     try:
         assert not dev.direct_reads
@@ -192,7 +196,9 @@ def test_einval_at_run_time_switches_to_buffered_reads_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
     img = _image(tmp_path / "d.img", 3 * MiB)
-    dev = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=MiB, size=None)
+    dev = CryptDevice(
+        open_device(str(img)), XtsSegment(KEY), offset=MiB, size=None, direct_reads=True
+    )
     try:
         data = os.urandom(dev.size)
         dev.write(data, 0)
@@ -223,7 +229,9 @@ def test_misaligned_requests_and_segments_read_buffered(tmp_path: Path) -> None:
     assumed for files) or a request that is not whole sectors goes through the page cache,
     with the same bytes."""
     img = _image(tmp_path / "d.img", 2 * MiB + 512)
-    dev = CryptDevice(open_device(str(img)), XtsSegment(KEY), offset=512, size=None)
+    dev = CryptDevice(
+        open_device(str(img)), XtsSegment(KEY), offset=512, size=None, direct_reads=True
+    )
     try:
         assert dev.direct_reads  # the descriptor exists; this segment cannot use it
         assert dev._read_direct(0, SS) is None
@@ -233,7 +241,9 @@ def test_misaligned_requests_and_segments_read_buffered(tmp_path: Path) -> None:
     finally:
         dev.close()
     img2 = _image(tmp_path / "e.img", 2 * MiB)
-    dev = CryptDevice(open_device(str(img2)), XtsSegment(KEY), offset=MiB, size=None)
+    dev = CryptDevice(
+        open_device(str(img2)), XtsSegment(KEY), offset=MiB, size=None, direct_reads=True
+    )
     try:
         assert dev._read_direct(0, SS) is not None
         assert dev._read_direct(0, 1000) is None  # not whole blocks
@@ -292,3 +302,160 @@ def test_a_bad_read_mode_in_the_environment_is_a_usage_error(tmp_path: Path) -> 
     err = res.stderr.decode().strip()
     assert err.count("\n") == 0 and "FUSE_CRYPT_BLOCK_READS must be direct or buffered" in err
     assert KEY.hex() not in err and not os.path.ismount(tmp_path / "mnt")
+
+
+# -- our read-ahead for direct reads (fuse_crypt/blockfront/readahead.py) --------------------
+
+
+def _direct_dev(tmp_path: Path, mib: int) -> tuple[CryptDevice, bytearray]:
+    img = _image(tmp_path / "ra.img", (mib + 1) * MiB)
+    dev = CryptDevice(
+        open_device(str(img)), XtsSegment(KEY), offset=MiB, size=None, direct_reads=True
+    )
+    model = bytearray(os.urandom(dev.size))
+    dev.write(model, 0)
+    dev.sync()
+    return dev, model
+
+
+def test_read_ahead_serves_a_sequential_reader(tmp_path: Path) -> None:
+    from fuse_crypt.blockfront import readahead
+
+    dev, model = _direct_dev(tmp_path, 48)
+    try:
+        ra = dev._ra
+        assert ra is not None
+        out = memoryview(bytearray(MiB))
+        for off in range(0, 40 * MiB, MiB):
+            dev.read_into(out, off)
+            assert out == model[off : off + MiB], off
+        assert ra.hits >= 30  # all but the first few requests came from the read-ahead
+        assert ra._allocated <= readahead.WINDOW + readahead.SLACK
+        # the loop device's requests arrive slightly out of order: still served
+        hits = ra.hits
+        for off in (41 * MiB, 40 * MiB, 43 * MiB, 42 * MiB, 44 * MiB):
+            dev.read_into(out, off)
+            assert out == model[off : off + MiB], off
+        assert ra.hits > hits
+    finally:
+        dev.close()
+
+
+def test_a_write_drops_what_was_read_ahead(tmp_path: Path) -> None:
+    """The read-ahead holds ciphertext fetched before a write: a read after the write must
+    return the written bytes, not the read-ahead's."""
+    dev, model = _direct_dev(tmp_path, 32)
+    try:
+        out = memoryview(bytearray(MiB))
+        for off in range(0, 4 * MiB, MiB):
+            dev.read_into(out, off)
+        assert dev._ra is not None and dev._ra._chunks  # chunks ahead are in flight or read
+        for off, n in ((6 * MiB, MiB), (5 * MiB + 3 * SS, SS), (9 * MiB + 5, 100)):
+            data = os.urandom(n)
+            dev.write(data, off)
+            model[off : off + n] = data
+        for off in range(4 * MiB, 16 * MiB, MiB):
+            dev.read_into(out, off)
+            assert out == model[off : off + MiB], off
+    finally:
+        dev.close()
+
+
+def test_read_ahead_interleaved_with_writes_matches_a_model(tmp_path: Path) -> None:
+    """A sequential reader (the loop device's request sizes, restarting now and then) with
+    writes landing ahead of, behind and under it: every read returns the model's bytes."""
+    import random
+
+    dev, model = _direct_dev(tmp_path, 24)
+    rnd = random.Random(7)
+    try:
+        out = memoryview(bytearray(MiB))
+        pos = 0
+        for step in range(400):
+            if rnd.random() < 0.2:
+                off = rnd.randrange(0, dev.size - 2 * SS)
+                data = os.urandom(rnd.choice((SS, 2 * SS, 17)))
+                dev.write(data, off)
+                model[off : off + len(data)] = data
+            n = rnd.choice((MiB, 768 << 10, 256 << 10))
+            if pos + n > dev.size:
+                pos = rnd.choice((0, rnd.randrange(0, dev.size // MiB) * MiB))
+                continue
+            dev.read_into(out[:n], pos)
+            assert out[:n] == model[pos : pos + n], (step, pos, n)
+            pos += n
+        assert _read_all(dev) == bytes(model)
+    finally:
+        dev.close()
+
+
+def test_read_ahead_workers_stop_before_the_descriptor_closes(tmp_path: Path) -> None:
+    dev, _ = _direct_dev(tmp_path, 24)
+    out = memoryview(bytearray(MiB))
+    for off in range(0, 8 * MiB, MiB):
+        dev.read_into(out, off)
+    ra = dev._ra
+    assert ra is not None and any(
+        t.name.startswith("fuse-crypt-readahead") for t in threading.enumerate()
+    )
+    dev.close()
+    assert ra._pool is None and ra._chunks == {} and ra._free == []
+    assert not any(t.name.startswith("fuse-crypt-readahead") for t in threading.enumerate())
+
+
+def test_failed_read_ahead_leaves_the_reader_its_own_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A chunk the workers could not read (EIO from the device) is not an error by itself:
+    the reader reads the range again and gets the device's answer."""
+    dev, model = _direct_dev(tmp_path, 16)
+    real = os.preadv
+    failing = threading.local()
+
+    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
+        if threading.current_thread().name.startswith("fuse-crypt-readahead"):
+            failing.hit = True
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real(fd, bufs, off)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    try:
+        out = memoryview(bytearray(MiB))
+        for off in range(0, 12 * MiB, MiB):
+            dev.read_into(out, off)
+            assert out == model[off : off + MiB], off
+        assert dev._ra is not None and dev._ra.hits == 0
+    finally:
+        monkeypatch.undo()
+        dev.close()
+
+
+def test_read_ahead_unit_partial_and_short_chunks(tmp_path: Path) -> None:
+    """DirectReadAhead alone, over a file shorter than the size it is told (a device the
+    host shrank): a chunk read short is never served (its buffer may hold another chunk's
+    bytes), and a request only partly read ahead is left to the caller."""
+    from fuse_crypt.blockfront.readahead import CHUNK, DirectReadAhead
+
+    img = tmp_path / "short.img"
+    img.write_bytes(os.urandom(2 * CHUNK + CHUNK // 2))  # chunk 2 is short
+    fd = os.open(img, os.O_RDONLY | os.O_DIRECT)
+    ra = DirectReadAhead(fd, 0, lambda: 8 * CHUNK, window=4)
+    got: list[tuple[int, bytes]] = []
+
+    def sink(pos: int, view: memoryview) -> None:
+        got.append((pos, bytes(view)))
+
+    try:
+        ra.advance(0, CHUNK // 2)  # a reader at the start counts as sequential
+        ra.advance(CHUNK // 2, CHUNK)  # the window: chunks 0..4 go in flight
+        assert sorted(ra._chunks) == [0, 1, 2, 3, 4]
+        assert ra.serve(CHUNK, CHUNK, sink)  # chunk 1: whole, served
+        assert got == [(0, img.read_bytes()[CHUNK : 2 * CHUNK])]
+        got.clear()
+        assert not ra.serve(2 * CHUNK, SS, sink)  # chunk 2 came back short
+        assert not ra.serve(3 * CHUNK, SS, sink)  # chunk 3: nothing there at all
+        assert not ra.serve(4 * CHUNK + CHUNK // 2, CHUNK, sink)  # chunk 5 was not read ahead
+        assert got == []
+    finally:
+        ra.close()
+        os.close(fd)
