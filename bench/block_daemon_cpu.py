@@ -7,11 +7,9 @@ the daemon's own CPU time (utime + stime from /proc/PID/stat) per GiB is what th
 should lower, and it is far less sensitive to load. One image file (LUKS2 made by
 ``format_volume``), ``fuse-crypt block-serve --allow-regular-file`` on it, and
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
-ext4 in the way). Backends alternate, a fresh daemon each time, each forced by
-FUSE_CRYPT_XTS_BACKEND (the default, libcrypto-evp-batch, runs without it).
-A configuration ``BACKEND+direct`` also sets FUSE_CRYPT_BLOCK_READS=direct: the
-ciphertext is read past the image's page cache (``O_DIRECT``, with our own read-ahead)
-instead of through it. The image is filled with random bytes first.
+ext4 in the way); the image is filled with random bytes first. Backends alternate, a fresh
+daemon each time, each forced by FUSE_CRYPT_XTS_BACKEND (the default, libcrypto-evp-batch,
+runs without it).
 ``--readers N`` runs N such dd at once on N slices (parallel requests for the daemon's
 worker threads, as the loop device sends them). As root.
 """
@@ -33,10 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
-BACKENDS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
-READS_ENV = "FUSE_CRYPT_BLOCK_READS"  # fuse_crypt/blockfront/device.py
-DIRECT = "+direct"
-CONFIGS = (*BACKENDS, "libcrypto-evp-batch" + DIRECT)
+CONFIGS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -55,10 +50,6 @@ def one(
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
-    env.pop(READS_ENV, None)
-    if backend.endswith(DIRECT):
-        backend = backend.removesuffix(DIRECT)
-        env[READS_ENV] = "direct"
     if backend != "libcrypto-evp-batch":  # the default
         env[BACKEND_ENV] = backend
     proc = subprocess.Popen(
@@ -102,7 +93,7 @@ def main() -> int:
     ap.add_argument("--configs", default=",".join(CONFIGS))
     args = ap.parse_args()
     for b in args.configs.split(","):
-        if b.removesuffix(DIRECT) not in BACKENDS:
+        if b not in CONFIGS:
             ap.error(f"unknown configuration {b!r}")
     if args.readers < 1 or args.size_mib % args.readers:
         ap.error("--size-mib must be a multiple of --readers (>= 1)")
@@ -118,8 +109,8 @@ def main() -> int:
         fd = os.open(img, os.O_RDWR)
         try:
             format_volume(fd, b"bench passphrase", kdf="pbkdf2", kdf_cost=KdfCost(iterations=1000))
-            # Real bytes on the disk: a sparse image's holes are read without any I/O
-            # (a direct read of a hole costs nothing), which flattered direct reads 2x.
+            # Real bytes on the disk: a sparse image's holes are read without any I/O, which
+            # hides the device (and flattered a direct-read experiment 2x; docs/block.md).
             chunk = os.urandom(MiB)
             for i in range(args.size_mib):
                 os.pwrite(fd, chunk, (16 + i) * MiB)

@@ -158,15 +158,11 @@ def _from_header(fd: int, args: argparse.Namespace) -> tuple[XtsSegment, int, in
 def cmd_block_serve(args: argparse.Namespace) -> int:
     from fuse_crypt.cli.mountrun import _setup_logging
 
-    from .device import READS_ENV, CryptDevice, DeviceError, open_device
+    from .device import CryptDevice, DeviceError, open_device
     from .serve import serve_block
 
     if args.masterkey and args.offset is None:
         raise CliError("--masterkey needs --offset", USAGE)
-    reads = os.environ.get(READS_ENV, "buffered")
-    if reads not in ("direct", "buffered"):
-        raise CliError(f"{READS_ENV} must be direct or buffered", USAGE)
-    direct = reads == "direct"
     if args.metrics_addr:
         from fuse_crypt.cli.metrics import parse_addr
 
@@ -184,9 +180,7 @@ def cmd_block_serve(args: argparse.Namespace) -> int:
         os.close(fd)
         raise
     try:
-        device = CryptDevice(
-            fd, segment, offset=offset, size=size, read_only=args.ro, direct_reads=direct
-        )
+        device = CryptDevice(fd, segment, offset=offset, size=size, read_only=args.ro)
     except DeviceError as e:
         segment.wipe()
         os.close(fd)

@@ -25,26 +25,7 @@ their preads, which still overlap. Per-thread libcrypto contexts without this lo
 tried (issue 11) and were 2-5x slower with 2-4 threads on two free cores: the GIL changes
 hands at each of the 512 C calls per MiB (docs/block.md, "Figures").
 
-Direct reads (opt-in, ``direct_reads=True``; ``FUSE_CRYPT_BLOCK_READS=direct`` for the
-daemon): large ciphertext reads bypass the page cache (``O_DIRECT``). A second, read-only
-descriptor on the same open file (``/proc/self/fd``, so nothing is looked up by name
-again) reads each request of at least ``DIRECT_MIN`` bytes (pieces of the filesystem's
-read-ahead, i.e. sequential reading), from our own read-ahead (``readahead.py``) or into
-this thread's page-aligned buffer, and the sectors are decrypted from there straight into
-libfuse's reply buffer. What it buys: no second, ciphertext copy of everything read in
-guest memory (private, and in a TDX guest accepted page by page), and 10-25 % less daemon
-CPU per GiB. Why it is not the default: with real data on this VM's disk it read no faster
-than buffered reads, sometimes 10-20 % slower, and it adds read-ahead threads and up to
-20 MiB of buffers (docs/block.md, "Direct reads").
-Small reads (metadata, small files) stay buffered: the device's own read-ahead brings
-their neighbours in with them. Writes stay buffered too: the kernel's write-back overlaps
-them with our encryption, and a direct read of a range with dirty pages waits for their
-write-back first (the kernel keeps the two paths coherent); each write drops our
-read-ahead. A device (or a request) that cannot take direct I/O (alignment, a filesystem
-without it) is read buffered; ``EINVAL`` from a direct read switches the device to
-buffered reads for good (logged once).
-
-Read-ahead of buffered reads: a read that continues where the last one ended asks the kernel
+Read-ahead: a read that continues where the last one ended asks the kernel
 (``posix_fadvise(WILLNEED)``) to fetch the next ``READAHEAD`` bytes of *ciphertext* into
 the device's page cache, so the following preads are memory copies that overlap our
 decryption instead of waiting for the disk. Only ciphertext is cached; the host sees
@@ -58,36 +39,22 @@ import contextlib
 import errno
 import fcntl
 import logging
-import mmap
 import os
 import stat
 import struct
 import threading
 
 from ..luks2 import XtsSegment
-from .readahead import DirectReadAhead
 
 Buffer = bytes | bytearray | memoryview
 
 log = logging.getLogger("fuse_crypt.blockfront")
 
 _BLKGETSIZE64 = 0x80081272
-_BLKSSZGET = 0x1268  # logical block size: the unit O_DIRECT offsets and lengths need
-#: O_DIRECT alignment assumed for an image file (no statx(STATX_DIOALIGN) in Python 3.11)
-FILE_DIO_ALIGN = 4096
-#: ``FUSE_CRYPT_BLOCK_READS=buffered`` in the daemon's environment reads ciphertext through
-#: the page cache as before (escape hatch, benchmark baseline); ``direct`` is the default.
-READS_ENV = "FUSE_CRYPT_BLOCK_READS"
-#: a read of at least this many bytes goes direct: what the loop device sends for a
-#: sequential reader (1 MiB, 768 KiB or 256 KiB pieces of the filesystem's read-ahead).
-#: ext4's inode-table read-ahead (32 blocks, 128 KiB) and small files stay buffered,
-#: where the device's read-ahead brings their neighbours in with them
-DIRECT_MIN = 256 << 10
-_RA_MIN_REQUEST = 128 << 10  # buffered: smaller reads are random access, never hinted
-_MAX_BOUNCE = 16  # read buffers kept (one per worker thread; libfuse runs 4)
 #: bytes of ciphertext hinted ahead of a sequential reader
 READAHEAD = 8 << 20
 _NEAR = 2 << 20  # "continues the last read" tolerance (two 1 MiB FUSE requests)
+_RA_MIN_REQUEST = 128 << 10  # the filesystem's own read-ahead sends at least this much
 
 
 class DeviceError(OSError):
@@ -127,42 +94,6 @@ def open_device(path: str, *, read_only: bool = False, allow_regular: bool = Tru
     return fd
 
 
-def open_direct_reader(fd: int) -> tuple[int, int, str]:
-    """A read-only ``O_DIRECT`` descriptor on the file ``fd`` has open, and its alignment.
-
-    Reopened through ``/proc/self/fd/N``, which leads to the open file itself: a host that
-    renamed or replaced the device path since cannot slip another file in (the identity is
-    checked again anyway). Returns ``(-1, 0, reason)`` when direct reads cannot work here
-    (no /proc, a filesystem without O_DIRECT, an alignment the probe read refuses)."""
-    st = os.fstat(fd)
-    if stat.S_ISBLK(st.st_mode):
-        buf = fcntl.ioctl(fd, _BLKSSZGET, b"\0" * 4)
-        align: int = max(512, struct.unpack("=i", buf)[0])
-    elif stat.S_ISREG(st.st_mode):
-        align = FILE_DIO_ALIGN
-    else:
-        return -1, 0, "not a block device or file"
-    try:
-        dfd = os.open(
-            f"/proc/self/fd/{fd}",
-            os.O_RDONLY | os.O_DIRECT | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOCTTY,
-        )
-    except OSError as exc:
-        return -1, 0, f"cannot reopen the device for direct reads: {exc.strerror}"
-    try:
-        dst = os.fstat(dfd)
-        if (dst.st_dev, dst.st_ino, dst.st_rdev) != (st.st_dev, st.st_ino, st.st_rdev):
-            raise OSError(errno.ESTALE, "the reopened descriptor is another file")
-        os.set_blocking(dfd, True)
-        if device_size(fd) >= align:  # the probe: one aligned block from the start
-            with mmap.mmap(-1, align) as probe:
-                os.preadv(dfd, [probe], 0)
-    except OSError as exc:
-        os.close(dfd)
-        return -1, 0, f"direct reads refused: {exc.strerror}"
-    return dfd, align, ""
-
-
 def device_size(fd: int) -> int:
     """Bytes of a block device (BLKGETSIZE64) or regular file (st_size)."""
     st = os.fstat(fd)
@@ -184,7 +115,6 @@ class CryptDevice:
         offset: int,
         size: int | None,
         read_only: bool = False,
-        direct_reads: bool = False,
     ) -> None:
         ss = segment.sector_size
         if offset < 0 or offset % 512:
@@ -203,23 +133,6 @@ class CryptDevice:
         self._ra_end = 0  # hinted up to here (segment bytes)
         self.size = 0
         self.refresh_size()
-        self._dfd, self._dio_align = -1, 0
-        # One aligned read buffer per FUSE worker thread, by OS thread id: libfuse's threads
-        # call in through ctypes, whose Python thread state (and so threading.local) does
-        # not outlive one callback.
-        self._bounce: dict[int, mmap.mmap] = {}
-        self._ra: DirectReadAhead | None = None
-        if direct_reads:
-            self._dfd, self._dio_align, why = open_direct_reader(fd)
-            if why:
-                log.info("ciphertext reads go through the page cache: %s", why)
-            elif offset % self._dio_align == 0:
-                self._ra = DirectReadAhead(self._dfd, offset, lambda: self.size)
-
-    @property
-    def direct_reads(self) -> bool:
-        """Whether ciphertext reads bypass the page cache now (module doc)."""
-        return self._dfd >= 0
 
     def refresh_size(self) -> int:
         """(Re)compute the plaintext size from the device; returns it."""
@@ -241,36 +154,6 @@ class CryptDevice:
         buf = bytearray(length)
         self._read_raw_into(memoryview(buf), start)
         return buf
-
-    def _read_direct(self, start: int, length: int) -> memoryview | None:
-        """Ciphertext ``[start, start+length)`` read past the page cache into this thread's
-        aligned buffer (valid until the thread's next read), or None when this request
-        cannot go direct (no direct descriptor, misaligned)."""
-        dfd, pos = self._dfd, self.offset + start
-        if dfd < 0 or pos % self._dio_align or length % self._dio_align:
-            return None
-        tid = threading.get_ident()
-        buf = self._bounce.get(tid)
-        if buf is None or len(buf) < length:
-            if len(self._bounce) >= _MAX_BOUNCE:  # threads came and went: start over
-                self._bounce.clear()
-            # Page-aligned. Never closed here: a view of the old buffer may still be alive.
-            buf = self._bounce[tid] = mmap.mmap(-1, length)
-        view = memoryview(buf)[:length]
-        try:
-            n = os.preadv(dfd, [view], pos)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # The device changed its mind about direct I/O (or its alignment): read
-            # through the page cache from now on; never fail the request for it.
-            if self._dfd >= 0:
-                log.warning("direct reads refused by the device (EINVAL); reading buffered")
-                self._dfd = -1
-            return None
-        if n != length:  # the host shrank the device under us (a direct read is all-or-end)
-            raise DeviceError(errno.EIO, "short read from the device")
-        return view
 
     def _read_raw_into(self, view: memoryview, start: int) -> None:
         done, length = 0, len(view)
@@ -326,24 +209,6 @@ class CryptDevice:
         if length == 0:
             return 0
         first, last = self._span(offset, length)
-        if first == offset and last == offset + length and length >= DIRECT_MIN:
-            ra = self._ra if self._dfd >= 0 else None
-
-            def sink(pos: int, ciphertext: memoryview) -> None:
-                with self._crypto:
-                    self.segment.decrypt_into(
-                        first + pos, ciphertext, out[pos : pos + len(ciphertext)]
-                    )
-
-            if ra is not None and ra.serve(first, length, sink):
-                ra.advance(first, last)
-                return length
-            raw = self._read_direct(first, length)
-            if raw is not None:  # decrypt from our aligned buffer into the caller's
-                sink(0, raw)
-                if ra is not None:
-                    ra.advance(first, last)
-                return length
         self._read_ahead(first, last)
         if first == offset and last == offset + length:
             # Aligned (what the loop device sends): read into the caller's buffer and
@@ -394,11 +259,7 @@ class CryptDevice:
                 buf[offset - first : offset - first + len(src)] = src
             with self._crypto:
                 self.segment.encrypt_into(first, buf, buf)
-            try:
-                self._write_raw(first, buf)
-            finally:
-                if self._ra is not None:  # after the pwrite: readahead.py's module doc
-                    self._ra.invalidate()
+            self._write_raw(first, buf)
         return len(src)
 
     def sync(self) -> None:
@@ -407,11 +268,6 @@ class CryptDevice:
 
     def close(self) -> None:
         self.segment.wipe()
-        if self._ra is not None:  # its workers read dfd: stop them first
-            self._ra.close()
-        dfd, self._dfd = self._dfd, -1
-        if dfd >= 0:
-            os.close(dfd)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1

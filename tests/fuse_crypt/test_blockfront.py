@@ -44,12 +44,8 @@ def _image(path: Path, size: int) -> Path:
     return path
 
 
-def _device(
-    path: Path, key: bytes, *, offset: int = 0, size: int | None = None, direct: bool = True
-) -> CryptDevice:
-    return CryptDevice(
-        open_device(str(path)), XtsSegment(key), offset=offset, size=size, direct_reads=direct
-    )
+def _device(path: Path, key: bytes, *, offset: int = 0, size: int | None = None) -> CryptDevice:
+    return CryptDevice(open_device(str(path)), XtsSegment(key), offset=offset, size=size)
 
 
 # -- CryptDevice, no FUSE --------------------------------------------------------------------
@@ -78,16 +74,14 @@ def test_unaligned_io_matches_a_model_and_the_sectors(tmp_path: Path) -> None:
 def test_read_ahead_hints_sequential_large_reads_only(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Buffered reads only: large reads that continue each other prefetch the next
-    ciphertext (within the segment, at the device offset); small or scattered reads never
-    do."""
+    """Large reads that continue each other prefetch the next ciphertext (within the
+    segment, at the device offset); small or scattered reads never do."""
     from fuse_crypt.blockfront import device as devmod
 
     hints: list[tuple[int, int]] = []
     monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n)))
     img = _image(tmp_path / "d.img", 8192 + 64 * MiB)
-    dev = _device(img, os.urandom(64), offset=8192, direct=False)
-    assert not dev.direct_reads
+    dev = _device(img, os.urandom(64), offset=8192)
     buf = memoryview(bytearray(MiB))
     for off in range(0, 8 * SS, SS):  # small sequential reads (metadata, small files)
         dev.read_into(buf[:SS], off)

@@ -21,12 +21,10 @@ SS = 4096
 KEY = bytes(range(64))
 
 
-def _dev(path: Path, size: int, *, offset: int = 0, direct: bool = True) -> CryptDevice:
+def _dev(path: Path, size: int, *, offset: int = 0) -> CryptDevice:
     with path.open("wb") as f:
         f.truncate(size)
-    return CryptDevice(
-        open_device(str(path)), XtsSegment(KEY), offset=offset, size=None, direct_reads=direct
-    )
+    return CryptDevice(open_device(str(path)), XtsSegment(KEY), offset=offset, size=None)
 
 
 def test_unaligned_write_lands_encrypted_at_the_segment_offset(tmp_path: Path) -> None:
@@ -219,7 +217,7 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.setattr(os, "posix_fadvise", fadvise)
     mib, ra, req = 1 << 20, devmod.READAHEAD, devmod._RA_MIN_REQUEST
     assert (ra, devmod._NEAR, req) == (8 * mib, 2 * mib, 128 << 10)
-    dev = _dev(tmp_path / "img", 512 + 64 * mib, offset=512, direct=False)
+    dev = _dev(tmp_path / "img", 512 + 64 * mib, offset=512)
     try:
         small = memoryview(bytearray(req - SS))
         dev.read_into(small, 0)
@@ -447,8 +445,7 @@ def test_a_refused_hint_does_not_fail_the_read(
 def test_aligned_reads_decrypt_in_place_unaligned_through_a_bounce_buffer(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Buffered reads: aligned ones land in the caller's buffer, unaligned ones do not."""
-    dev = _dev(tmp_path / "img", 4 * SS, direct=False)
+    dev = _dev(tmp_path / "img", 4 * SS)
     real = os.preadv
     into: list[object] = []
 
@@ -464,42 +461,6 @@ def test_aligned_reads_decrypt_in_place_unaligned_through_a_bounce_buffer(
         into.clear()
         dev.read_into(memoryview(out), SS + 1)
         assert into and all(o is not out for o in into)
-    finally:
-        monkeypatch.undo()
-        dev.close()
-
-
-def test_direct_reads_land_in_an_aligned_buffer_then_decrypt_into_the_callers(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Direct reads (large ones): the ciphertext goes to the thread's page-aligned buffer
-    (O_DIRECT needs it), never the caller's; the plaintext lands in the caller's buffer.
-    One sector less than DIRECT_MIN is read buffered, into the caller's buffer."""
-    import mmap
-
-    from fuse_crypt.blockfront.device import DIRECT_MIN
-
-    dev = _dev(tmp_path / "img", 2 * DIRECT_MIN)
-    assert dev.direct_reads
-    data = os.urandom(dev.size)
-    dev.write(data, 0)
-    real = os.preadv
-    into: list[object] = []
-
-    def preadv(fd: int, bufs: list[memoryview], off: int) -> int:
-        into.append(bufs[0].obj)
-        return real(fd, bufs, off)
-
-    monkeypatch.setattr(os, "preadv", preadv)
-    try:
-        out = bytearray(DIRECT_MIN)
-        assert dev.read_into(memoryview(out), SS) == DIRECT_MIN
-        assert out == data[SS : SS + DIRECT_MIN]
-        assert len(into) == 1 and isinstance(into[0], mmap.mmap)
-        into.clear()
-        assert dev.read_into(memoryview(out)[: DIRECT_MIN - SS], 0) == DIRECT_MIN - SS
-        assert out[: DIRECT_MIN - SS] == data[: DIRECT_MIN - SS]
-        assert len(into) == 1 and into[0] is out
     finally:
         monkeypatch.undo()
         dev.close()
