@@ -241,19 +241,38 @@ def object_plugin() -> Iterator[tuple[Node, int]]:
         yield n, port
 
 
-def _families(port: int) -> tuple[str, dict[str, list[tuple[dict[str, str], float]]]]:
+Families = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def _families(port: int) -> tuple[str, Families]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         body = r.read().decode()
-    out: dict[str, list[tuple[dict[str, str], float]]] = {}
+    out: Families = {}
     for fam in text_string_to_metric_families(body):
         for s in fam.samples:
             out.setdefault(s.name, []).append((s.labels, s.value))
     return body, out
 
 
-def _of(got: dict[str, list[tuple[dict[str, str], float]]], name: str, vid: str) -> float:
+def _of(got: Families, name: str, vid: str) -> float:
     """The value of ``name`` for volume ``vid``, summed over the daemon's own labels."""
     return sum(v for labels, v in got.get(name, []) if labels.get("volume_id") == vid)
+
+
+def _write_read_and_scrape(port: int, target: str, vid: str) -> tuple[str, Families, Families]:
+    """Write and read back SIZE bytes through ``target``; the plugin's /metrics body and
+    families after, and the families before. Checks the volume's labels and plaintext
+    counters, which every volume kind shares."""
+    data = os.urandom(SIZE)
+    _, before = _families(port)
+    (pathlib.Path(target) / "f").write_bytes(data)
+    assert _read_uncached(pathlib.Path(target) / "f") == data
+    body, got = _families(port)
+    ours = [labels for labels, _ in got["fuse_crypt_uptime_seconds"]]
+    assert {"volume_id": vid, "target_path": target} in ours
+    assert _of(got, "fuse_crypt_plain_bytes_written_total", vid) >= SIZE
+    assert _of(got, "fuse_crypt_plain_bytes_read_total", vid) >= SIZE
+    return body, got, before
 
 
 def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
@@ -266,17 +285,8 @@ def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
     target = node.target("s3-metrics")
     publish(node, vid, target, ctx, secrets)
     try:
-        data = os.urandom(SIZE)
-        _, before = _families(port)
-        (pathlib.Path(target) / "f").write_bytes(data)
-        assert _read_uncached(pathlib.Path(target) / "f") == data
-        body, got = _families(port)
-
-        ours = [labels for labels, _ in got["fuse_crypt_uptime_seconds"]]
-        assert {"volume_id": vid, "target_path": target} in ours
-        assert _of(got, "fuse_crypt_plain_bytes_written_total", vid) >= SIZE
-        assert _of(got, "fuse_crypt_plain_bytes_read_total", vid) >= SIZE
-        # What went to and came back from the bucket: the object store's own traffic.
+        body, got, before = _write_read_and_scrape(port, target, vid)
+        # What went to the bucket: the object store's own traffic.
         sent = "fuse_crypt_cipher_bytes_written_total"
         assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
         ops = "fuse_crypt_backend_ops_total"
@@ -310,16 +320,7 @@ def test_an_oss_volume_shows_on_the_plugin_without_its_credentials(
     target = node.target("oss-metrics")
     publish(node, vid, target, ctx, secrets)
     try:
-        data = os.urandom(SIZE)
-        _, before = _families(port)
-        (pathlib.Path(target) / "f").write_bytes(data)
-        assert _read_uncached(pathlib.Path(target) / "f") == data
-        body, got = _families(port)
-
-        ours = [labels for labels, _ in got["fuse_crypt_uptime_seconds"]]
-        assert {"volume_id": vid, "target_path": target} in ours
-        assert _of(got, "fuse_crypt_plain_bytes_written_total", vid) >= SIZE
-        assert _of(got, "fuse_crypt_plain_bytes_read_total", vid) >= SIZE
+        body, got, before = _write_read_and_scrape(port, target, vid)
         sent = "fuse_crypt_cipher_bytes_written_total"
         assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
         ops = "fuse_crypt_backend_ops_total"
