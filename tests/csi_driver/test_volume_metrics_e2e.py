@@ -275,6 +275,20 @@ def _write_read_and_scrape(port: int, target: str, vid: str) -> tuple[str, Famil
     return body, got, before
 
 
+def _bucket_traffic(
+    got: Families, before: Families, vid: str, cipherdir: str
+) -> list[dict[str, str]]:
+    """What went to the bucket (the object store's own traffic) rose, and the daemon says
+    which bucket prefix it serves; returns the volume's mount-info labels."""
+    sent = "fuse_crypt_cipher_bytes_written_total"
+    assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
+    ops = "fuse_crypt_backend_ops_total"
+    assert _of(got, ops, vid) > _of(before, ops, vid)
+    info = [labels for labels, _ in got["fuse_crypt_mount_info"] if labels["volume_id"] == vid]
+    assert [i["cipherdir"] for i in info] == [cipherdir]
+    return info
+
+
 def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
     object_plugin: tuple[Node, int],
 ) -> None:
@@ -286,14 +300,8 @@ def test_an_object_store_volume_shows_on_the_plugin_without_its_credentials(
     publish(node, vid, target, ctx, secrets)
     try:
         body, got, before = _write_read_and_scrape(port, target, vid)
-        # What went to the bucket: the object store's own traffic.
-        sent = "fuse_crypt_cipher_bytes_written_total"
-        assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
-        ops = "fuse_crypt_backend_ops_total"
-        assert _of(got, ops, vid) > _of(before, ops, vid)
+        _bucket_traffic(got, before, vid, f"s3://{ctx['bucket']}/vols/{vid}")
         assert ({"result": "ok"}, 1.0) in got["coco_csi_volume_metrics_daemons"]
-        info = [labels for labels, _ in got["fuse_crypt_mount_info"] if labels["volume_id"] == vid]
-        assert [i["cipherdir"] for i in info] == [f"s3://{ctx['bucket']}/vols/{vid}"]
         stored = node.moto.objects(ctx["bucket"], f"vols/{vid}/")
         assert sum(len(o["body"]) for o in stored.values()) >= SIZE  # it did reach moto
 
@@ -321,12 +329,7 @@ def test_an_oss_volume_shows_on_the_plugin_without_its_credentials(
     publish(node, vid, target, ctx, secrets)
     try:
         body, got, before = _write_read_and_scrape(port, target, vid)
-        sent = "fuse_crypt_cipher_bytes_written_total"
-        assert _of(got, sent, vid) - _of(before, sent, vid) >= SIZE
-        ops = "fuse_crypt_backend_ops_total"
-        assert _of(got, ops, vid) > _of(before, ops, vid)
-        info = [labels for labels, _ in got["fuse_crypt_mount_info"] if labels["volume_id"] == vid]
-        assert [i["cipherdir"] for i in info] == [f"oss://{OSS_BUCKET}/vols/{vid}"]
+        info = _bucket_traffic(got, before, vid, f"oss://{OSS_BUCKET}/vols/{vid}")
         assert [i["target_path"] for i in info] == [target]
         stored = node.oss.objects(OSS_BUCKET)
         mine = [o for k, o in stored.items() if k.startswith(f"vols/{vid}/")]
