@@ -12,6 +12,11 @@ name (``xts_sectors.so.0``) is deliberately not an importable module name. It li
 ``libcrypto.so.3`` by soname, which needs no OpenSSL headers either. segment.py still works
 without it (two Python calls into libcrypto per sector, ~2.5x slower); the tests check that
 it was built.
+
+The block daemon's request loop (fuse_crypt/blockfront/blockloop.c, ``blockloop.so.0``) is
+built the same way, against libfuse3's headers (Debian's libfuse3-dev, which ``./run``
+installs) and ``libfuse3.so.3``; the block daemon falls back to its Python loop without it,
+and the tests check that it was built.
 Everything else about the project is in pyproject.toml.
 """
 
@@ -45,15 +50,20 @@ class BuildPyWithStubs(build_py):
 #: the sector loop's dotted name, and the file name it gets instead of an extension suffix
 XTS_LOOP = "fuse_crypt.luks2.xts_sectors"
 XTS_LOOP_FILE = "xts_sectors.so.0"
+#: the block daemon's request loop (fuse_crypt/blockfront/native.py), likewise
+BLOCK_LOOP = "fuse_crypt.blockfront.blockloop"
+BLOCK_LOOP_FILE = "blockloop.so.0"
+PLAIN_LIBRARIES = {XTS_LOOP: XTS_LOOP_FILE, BLOCK_LOOP: BLOCK_LOOP_FILE}
 
 
 class BuildExtPlainLibrary(build_ext):
-    """build_ext that names the sector loop ``xts_sectors.so.0`` (see the docstring above)."""
+    """build_ext that names the two C libraries ``*.so.0`` (see the docstring above)."""
 
     def get_ext_filename(self, fullname: str) -> str:
         # setuptools asks with the dotted name, distutils' build step with its last part
-        if fullname in (XTS_LOOP, XTS_LOOP.rpartition(".")[2]):
-            return str(pathlib.Path(*fullname.split(".")[:-1], XTS_LOOP_FILE))
+        for dotted, file in PLAIN_LIBRARIES.items():
+            if fullname in (dotted, dotted.rpartition(".")[2]):
+                return str(pathlib.Path(*fullname.split(".")[:-1], file))
         return super().get_ext_filename(fullname)
 
 
@@ -65,6 +75,14 @@ setup(
             sources=["fuse_crypt/luks2/xts_sectors.c"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
             extra_link_args=["-l:libcrypto.so.3"],
-        )
+        ),
+        Extension(
+            BLOCK_LOOP,
+            # the sector loop is compiled in too: one source, no second copy of it
+            sources=["fuse_crypt/blockfront/blockloop.c", "fuse_crypt/luks2/xts_sectors.c"],
+            include_dirs=["/usr/include/fuse3"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra"],
+            extra_link_args=["-l:libfuse3.so.3", "-l:libcrypto.so.3", "-lpthread"],
+        ),
     ],
 )

@@ -49,6 +49,12 @@ BUILD_OUTPUTS = [
         None,
         ROOT / "fuse_crypt" / "luks2" / "xts_sectors.so.0",
     ),
+    # the block daemon's request loop, likewise
+    (
+        "fuse_crypt/blockfront",
+        None,
+        ROOT / "fuse_crypt" / "blockfront" / "blockloop.so.0",
+    ),
 ]
 
 

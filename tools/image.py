@@ -71,9 +71,10 @@ SDIST_ONLY = frozenset({"oss2", "crcmod"})
 # when its C extension fails to build, and oss2 (enable_crc=True in fuse_crypt.backend.oss)
 # runs CRC-64 over every body it sends or receives: ~10 MB/s in pure Python, ~300 MB/s in C.
 REQUIRED_EXTENSIONS = {"crcmod": "crcmod/_crcfunext.cpython-311-x86_64-linux-gnu.so"}
-# This project's own compiled part: the XTS sector loop (setup.py; without it the block
-# daemon decrypts at ~40 % of the speed).
-OWN_EXTENSION = "fuse_crypt/luks2/xts_sectors.so.0"
+# This project's own compiled parts (setup.py): the XTS sector loop (without it the block
+# daemon decrypts at ~40 % of the speed) and the block daemon's request loop (built against
+# libfuse3-dev's headers, which `./run` installs on the build host).
+OWN_EXTENSIONS = ("fuse_crypt/luks2/xts_sectors.so.0", "fuse_crypt/blockfront/blockloop.so.0")
 # The interpreter that builds the wheels: Debian bookworm's own CPython 3.11, the one the
 # image runs, so crcmod's extension is compiled against that interpreter's headers and ABI
 # with bookworm's gcc (`./run image` installs python3-dev and gcc).
@@ -186,8 +187,10 @@ def build_wheel(work: Path, pip: list[str], env: dict[str, str]) -> Path:
         env=dict(env, CFLAGS=flags),
     )
     (wheel,) = out.glob("coco_csi-*.whl")
-    if OWN_EXTENSION not in zipfile.ZipFile(wheel).namelist():
-        raise BuildError(f"{wheel.name}: {OWN_EXTENSION} was not built")
+    names = zipfile.ZipFile(wheel).namelist()
+    for own in OWN_EXTENSIONS:
+        if own not in names:
+            raise BuildError(f"{wheel.name}: {own} was not built")
     return wheel
 
 

@@ -309,12 +309,12 @@ def _copy_tree(dest: Path, under: str = "") -> None:
         capture_output=True,
         check=True,
     ).stdout.split(b"\0")
-    # The gRPC stubs and the XTS sector loop are build outputs git ignores (setup.py writes
+    # The gRPC stubs and the two C libraries are build outputs git ignores (setup.py writes
     # them at install): the copy needs them all the same, or nothing that imports coco_proto
-    # runs there and the block tests lose their default XTS backend.
+    # runs there and the block tests lose their default XTS backend and request loop.
     stubs = [] if under not in ("", "coco_proto") else sorted(ROOT.glob("coco_proto/*_pb2*.py*"))
     if under in ("", "fuse_crypt"):
-        stubs += sorted(ROOT.glob("fuse_crypt/luks2/xts_sectors.so.0"))
+        stubs += sorted(ROOT.glob("fuse_crypt/*/*.so.0"))
     for src in [ROOT / os.fsdecode(name) for name in filter(None, listed)] + stubs:
         if src.is_file() and not src.is_symlink():
             (dest / src.relative_to(ROOT)).parent.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,8 @@ file (``<mountpoint>/disk``) for ``losetup --direct-io=on``; a second frontend b
 
 * :mod:`.device` -- the device, opened once and checked; byte-granular plaintext I/O with
   read-modify-write of partial sectors (crypto: :mod:`fuse_crypt.luks2.segment`);
-* :mod:`.serve` -- the FUSE mount (libfuse3 via mfusepy, same plumbing as fusefrontend);
+* :mod:`.serve` -- the FUSE mount: the request loop in C (:mod:`.native`, ``blockloop.c``)
+  where it was built, else libfuse3 via mfusepy (same plumbing as fusefrontend);
 * :mod:`.cli` -- ``fuse-crypt block-serve``.
 """
 

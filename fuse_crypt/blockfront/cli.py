@@ -213,14 +213,15 @@ def _start_metrics(args: argparse.Namespace, device: CryptDevice) -> BlockMetric
     key wiped and nothing mounted."""
     from fuse_crypt.cli import metrics
 
-    from .metrics import BLOCK_INFO, BLOCK_METRICS, BlockMetrics
+    from . import native
+    from .metrics import BLOCK_INFO, BlockMetrics
 
-    observer = BlockMetrics(device)
+    observer = BlockMetrics(device, native=native.chosen(device))
     try:
         metrics.start(
             args.metrics_addr,
             BLOCK_INFO,
-            BLOCK_METRICS,
+            observer.collectors(),
             read_only=device.read_only,
             device=os.path.abspath(args.device),
             mountpoint=os.path.abspath(args.mountpoint),

@@ -19,12 +19,18 @@ cipherdir): never data, keys or the passphrase.
 from __future__ import annotations
 
 import errno
-from collections.abc import Callable
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from prometheus_client import Counter, Gauge, Info
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from .device import CryptDevice
+from .native import OPS
+
+if TYPE_CHECKING:
+    from .native import NativeLoop
 
 T = TypeVar("T")
 
@@ -53,11 +59,46 @@ BYTES_WRITTEN = Counter(
 BLOCK_METRICS = (SIZE, REQUESTS, ERRORS, BYTES_READ, BYTES_WRITTEN)
 
 
-class BlockMetrics:
-    """The counting side of BlockOperations (children resolved once, not per request)."""
+class NativeCounts(Collector):
+    """The C request loop's counters (:mod:`.native`), read at each scrape under the same
+    names as the Python loop's Counters: the loop counts with atomic adds, no Python runs
+    per request."""
 
-    def __init__(self, device: CryptDevice) -> None:
-        SIZE.set_function(lambda: device.size)
+    def __init__(self, owner: BlockMetrics) -> None:
+        self._owner = owner
+
+    def collect(self) -> Iterator[Metric]:
+        loop = self._owner.loop
+        if loop is not None:
+            requests, read, written, errors = loop.counts()
+        else:
+            requests, read, written, errors = {op: 0 for op in OPS}, 0, 0, {}
+        fam = CounterMetricFamily(REQUESTS._name, REQUESTS._documentation, labels=["op"])
+        for op, n in requests.items():
+            fam.add_metric([op], n)
+        yield fam
+        fam = CounterMetricFamily(ERRORS._name, ERRORS._documentation, labels=["op", "errno"])
+        for (op, code), n in sorted(errors.items()):
+            fam.add_metric([op, errno.errorcode.get(code, str(code))], n)
+        yield fam
+        yield CounterMetricFamily(BYTES_READ._name, BYTES_READ._documentation, value=read)
+        yield CounterMetricFamily(BYTES_WRITTEN._name, BYTES_WRITTEN._documentation, value=written)
+
+
+class BlockMetrics:
+    """The counting side of BlockOperations (children resolved once, not per request), or
+    with ``native`` the reader of the C loop's counters (:meth:`attach`)."""
+
+    def __init__(self, device: CryptDevice, *, native: bool = False) -> None:
+        #: the C loop while it serves (``native``); its counters and size are the truth
+        self.loop: NativeLoop | None = None
+        self.native = native
+
+        def size() -> int:
+            loop = self.loop
+            return loop.size() if loop is not None else device.size
+
+        SIZE.set_function(size)
         self._reads = REQUESTS.labels(op="read")
         self._writes = REQUESTS.labels(op="write")
         self._fsyncs = REQUESTS.labels(op="fsync")
@@ -69,6 +110,18 @@ class BlockMetrics:
             "write": self.wrote,
             "fsync": self.synced,
         }
+
+    def collectors(self) -> tuple[Collector, ...]:
+        """What ``fuse_crypt.cli.metrics.start`` registers for this daemon."""
+        if self.native:
+            return (SIZE, NativeCounts(self))
+        return BLOCK_METRICS
+
+    def attach(self, loop: NativeLoop) -> None:
+        self.loop = loop
+
+    def detach(self) -> None:
+        self.loop = None
 
     def run(self, op: str, call: Callable[..., T], *args: Any) -> T:
         """Answer one ``op`` request through ``call(*args)`` and count it: its bytes when

@@ -6,8 +6,12 @@ the loop device's reads and writes reach the daemon as they are issued, a flush/
 the filesystem's journal becomes our ``fsync`` and an ``fdatasync`` of the device, and
 no second copy of the plaintext sits in the kernel's cache of this FUSE file.
 
-The mount reuses the gocryptfs frontend's libfuse plumbing (``CryptFUSE``: error mapping,
-zero-copy read/write buffers; ``StopSignals``: SIGINT/SIGTERM/SIGHUP always end it).
+Two loops answer the requests, with the same semantics (tests/fuse_crypt/test_blockloop.py
+runs both): the C loop of :mod:`.native` by default, and ``BlockOperations`` below through
+the gocryptfs frontend's libfuse plumbing (``CryptFUSE``: error mapping, zero-copy
+read/write buffers) where the C loop was not built or ``FUSE_CRYPT_BLOCK_LOOP=python``.
+Either way ``StopSignals`` makes SIGINT/SIGTERM/SIGHUP always end it and ``run_fuse_loop``
+reports readiness and exit the same way to the supervising node plugin.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from ..fusefrontend import MAX_IO, CryptFUSE, StopSignals, run_fuse_loop  # libf
 import mfusepy  # isort: skip
 
 from ..errors import FuseCryptError
+from . import native
 from .device import CryptDevice
 
 if TYPE_CHECKING:  # prometheus_client is imported only with --metrics-addr
@@ -40,6 +45,8 @@ FSNAME = "fuse-crypt-block"
 _ROOT_INO = 1
 _DISK_INO = 2
 _DISK_FH = 1
+#: libfuse worker threads (both loops); idle ones are kept, never retired
+_THREADS = 4
 
 
 def _err(code: int) -> OSError:
@@ -265,13 +272,16 @@ def _serve(
         raise OSError(errno.ENOTDIR, "mount point is not a directory", mountpoint)
     if mfusepy.fuse_version_major != 3:
         raise FuseCryptError("libfuse3 is required (mfusepy loaded libfuse2)")
+    if native.chosen(device):
+        _serve_native(device, mountpoint, stop, on_ready, allow_other, metrics)
+        return
     ops = BlockOperations(device, metrics)
     options: dict[str, Any] = {
         "fsname": FSNAME,
         "subtype": FSNAME,
         "max_read": MAX_IO,
-        "max_threads": 4,
-        "max_idle_threads": 4,
+        "max_threads": _THREADS,
+        "max_idle_threads": _THREADS,
     }
     if device.read_only:
         options["ro"] = True
@@ -283,3 +293,34 @@ def _serve(
         BlockFUSE(ops, mountpoint, foreground=True, nothreads=False, **options)
 
     run_fuse_loop(loop, ops.initialized, mountpoint, stop, on_ready)
+
+
+def _serve_native(
+    device: CryptDevice,
+    mountpoint: str,
+    stop: StopSignals | None,
+    on_ready: Callable[[], None] | None,
+    allow_other: bool,
+    metrics: BlockMetrics | None,
+) -> None:
+    """The same mount served by the C request loop (:mod:`.native`): mounted here, INIT
+    answered by the loop's first worker (a request that comes first waits in the kernel),
+    ended by StopSignals through the loop's own exit call."""
+    loop = native.NativeLoop(
+        device, mountpoint, fsname=FSNAME, allow_other=allow_other, threads=_THREADS
+    )
+    log.info("event=block_loop engine=c mountpoint=%s", mountpoint)
+    mounted = threading.Event()
+    mounted.set()
+    if metrics is not None:
+        metrics.attach(loop)
+    if stop is not None:
+        stop.on_session(loop.exit)
+    try:
+        run_fuse_loop(loop.run, mounted, mountpoint, stop, on_ready)
+    finally:
+        if stop is not None:
+            stop.on_destroy()
+        if metrics is not None:
+            metrics.detach()
+        loop.close()

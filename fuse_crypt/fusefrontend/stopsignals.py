@@ -60,7 +60,9 @@ class StopSignals:
         #: A plain flag, not an Event: the handler runs in the main thread between
         #: any two bytecodes, possibly inside Event.set()'s non-reentrant lock.
         self.requested = False
-        self._fuse_ptr: int | None = None
+        #: ends the running session (``fuse_exit`` on mfusepy's, or the C block loop's
+        #: own); None before ``init`` and after ``destroy``
+        self._exit: Callable[[], None] | None = None
         self._rfd, self._wfd = os.pipe()
         os.set_blocking(self._rfd, False)
         os.set_blocking(self._wfd, False)
@@ -68,7 +70,7 @@ class StopSignals:
         self._old_wakeup = -1
         self._installed = False
         self._signum = 0
-        #: Guards ``_fuse_ptr``: libfuse frees the session right after ``destroy``.
+        #: Guards ``_exit``: libfuse frees the session right after ``destroy``.
         self._ptr_lock = threading.Lock()
 
     # -- setup (main thread) ------------------------------------------------------------
@@ -117,12 +119,20 @@ class StopSignals:
     # -- the loop ------------------------------------------------------------------------
 
     def on_init(self, fuse_ptr: int | None) -> None:
+        """mfusepy's session started: a stop calls ``fuse_exit`` on it."""
+
+        def exit_session() -> None:
+            mfusepy._libfuse.fuse_exit(ctypes.c_void_p(fuse_ptr))
+
+        self.on_session(None if fuse_ptr is None else exit_session)
+
+    def on_session(self, exit_call: Callable[[], None] | None) -> None:
+        """A session started that ``exit_call`` ends (None: no session)."""
         with self._ptr_lock:
-            self._fuse_ptr = fuse_ptr
+            self._exit = exit_call
 
     def on_destroy(self) -> None:
-        with self._ptr_lock:
-            self._fuse_ptr = None
+        self.on_session(None)
 
     def run(self, loop: Callable[[], None], on_stop: Callable[[], None]) -> None:
         """Run ``loop`` (the blocking libfuse call) in a helper thread and wait for it,
@@ -185,9 +195,9 @@ class StopSignals:
         """Mark the session exited and interrupt the loop thread's ``sem_wait``
         (its SIGHUP handler is ours, so this only wakes it)."""
         with self._ptr_lock:
-            if self._fuse_ptr is None:
+            if self._exit is None:
                 return  # destroyed: the loop is already over
-            mfusepy._libfuse.fuse_exit(ctypes.c_void_p(self._fuse_ptr))
+            self._exit()
         ident = loop_thread.ident
         if ident is not None and loop_thread.is_alive():
             with contextlib.suppress(ProcessLookupError, OSError):

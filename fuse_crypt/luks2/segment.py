@@ -242,6 +242,14 @@ class _EvpXts:
             ffi.release(outp)
             ffi.release(inp)
 
+    def addresses(self) -> tuple[int, int] | None:
+        """The (decrypt, encrypt) contexts' addresses, or None once wiped."""
+        with self._lock:
+            if not self._ctx:
+                return None
+            cast = self._ffi.cast
+            return int(cast("uintptr_t", self._ctx[0])), int(cast("uintptr_t", self._ctx[1]))
+
     def close(self) -> None:
         with self._lock:
             ctxs, self._ctx = self._ctx, []
@@ -317,6 +325,21 @@ class XtsSegment:
         if self._evp is None:
             return "cryptography"
         return "libcrypto-evp" if self._evp._loop is None else "libcrypto-evp-batch"
+
+    def native_xts(self) -> tuple[int, int, int, int, int] | None:
+        """For the block daemon's C request loop only (fuse_crypt/blockfront/native.py):
+        the keyed decrypt and encrypt contexts' addresses, the tweak of sector 0, the tweak
+        step per sector and the IV mask; None unless the C sector loop runs here.
+
+        No key bytes: the loop uses the contexts as this object does, through the same C
+        sector loop. They stay valid until :meth:`wipe`, which the caller must not run
+        while the loop serves."""
+        if self._evp is None or self._evp._loop is None:
+            return None
+        addresses = self._evp.addresses()
+        if addresses is None:
+            return None
+        return (*addresses, self.iv_tweak, self._units_per_sector, self._mask)
 
     def tweak(self, sector: int) -> bytes:
         """The 16-byte XTS tweak of segment sector ``sector`` (in ``sector_size`` units)."""

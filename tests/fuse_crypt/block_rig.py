@@ -56,7 +56,9 @@ class BlockRig:
         extra: tuple[str, ...] = ("--allow-regular-file",),
         expect_ready: bool = True,
         passphrase: bytes | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
+        """``env``: added to the daemon's environment (e.g. FUSE_CRYPT_BLOCK_LOOP)."""
         mnt.mkdir(parents=True, exist_ok=True)
         log = mnt.with_name(mnt.name + ".log")
         argv = [sys.executable, "-m", "fuse_crypt.cli", "block-serve"]
@@ -68,8 +70,9 @@ class BlockRig:
         with log.open("ab") as lf:
             start = lf.tell()
             proc = subprocess.Popen(
-                argv, stdin=subprocess.PIPE, stdout=lf, stderr=lf, start_new_session=True
-            )
+                argv, stdin=subprocess.PIPE, stdout=lf, stderr=lf, start_new_session=True,
+                env=None if env is None else {**os.environ, **env},
+            )  # fmt: skip
         assert proc.stdin is not None
         proc.stdin.write(key.hex().encode() + b"\n" if passphrase is None else passphrase)
         proc.stdin.close()
