@@ -9,7 +9,8 @@ should lower, and it is far less sensitive to load. One image file (LUKS2 made b
 ``dd iflag=direct bs=1M`` of ``<mnt>/disk`` (what the loop device does, without loop and
 ext4 in the way); the image is filled with random bytes first. Backends alternate, a fresh
 daemon each time, each forced by FUSE_CRYPT_XTS_BACKEND (the default, libcrypto-evp-batch,
-runs without it).
+runs without it, and with it the C request loop); ``python-loop`` is the default backend
+with ``FUSE_CRYPT_BLOCK_LOOP=python``, the request loop in Python.
 ``--readers N`` runs N such dd at once on N slices (parallel requests for the daemon's
 worker threads, as the loop device sends them). As root.
 """
@@ -31,7 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from fuse_crypt.luks2 import KdfCost, format_volume  # noqa: E402
 
 BACKEND_ENV = "FUSE_CRYPT_XTS_BACKEND"  # fuse_crypt/luks2/segment.py
-CONFIGS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch")  # segment.BACKENDS
+LOOP_ENV = "FUSE_CRYPT_BLOCK_LOOP"  # fuse_crypt/blockfront/native.py
+# segment.BACKENDS, then the default backend with the request loop in Python: the first two
+# run the Python loop anyway (the C loop needs the C sector loop), the third the C loop
+CONFIGS = ("cryptography", "libcrypto-evp", "libcrypto-evp-batch", "python-loop")
 
 MiB = 1 << 20
 FUSE_CRYPT = str(Path(sys.executable).with_name("fuse-crypt"))
@@ -50,7 +54,10 @@ def one(
     """(wall s, daemon user CPU s, daemon system CPU s) of one cold read."""
     env = dict(os.environ)
     env.pop(BACKEND_ENV, None)
-    if backend != "libcrypto-evp-batch":  # the default
+    env.pop(LOOP_ENV, None)
+    if backend == "python-loop":
+        env[LOOP_ENV] = "python"
+    elif backend != "libcrypto-evp-batch":  # the default
         env[BACKEND_ENV] = backend
     proc = subprocess.Popen(
         [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", "--allow-regular-file", str(img),

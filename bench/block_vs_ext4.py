@@ -146,7 +146,9 @@ def fuse_crypt_over_ext4(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
 
 
 @contextlib.contextmanager
-def userspace_luks(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
+def userspace_luks(
+    dev: str, work: Path, env: dict[str, str] | None = None
+) -> Iterator[tuple[Path, int]]:
     from fuse_crypt.luks2 import KdfCost, format_volume
 
     fd = os.open(dev, os.O_RDWR)
@@ -160,6 +162,7 @@ def userspace_luks(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
     proc = subprocess.Popen(
         [FUSE_CRYPT, "block-serve", "--passphrase", "stdin", dev, str(daemon_mnt)],
         stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=None if env is None else {**os.environ, **env},
     )  # fmt: skip
     assert proc.stdin is not None
     proc.stdin.write(b"bench passphrase")
@@ -178,6 +181,11 @@ def userspace_luks(dev: str, work: Path) -> Iterator[tuple[Path, int]]:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
         subprocess.run(["fusermount3", "-u", str(daemon_mnt)], capture_output=True)
         proc.wait(30)
+
+
+def userspace_luks_python_loop(dev: str, work: Path) -> Config:
+    """The same engine with the block daemon's request loop in Python (the fallback)."""
+    return userspace_luks(dev, work, {"FUSE_CRYPT_BLOCK_LOOP": "python"})
 
 
 def stage_latency(dev: str, img: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
@@ -234,7 +242,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=5, help="stage/publish repetitions")
     ap.add_argument("--reads", type=int, default=3, help="cold sequential reads (best kept)")
     ap.add_argument("--workdir", default="/var/tmp")
-    ap.add_argument("--cycles", type=int, default=1, help="repeat the three configurations")
+    ap.add_argument("--cycles", type=int, default=1, help="repeat the configurations")
+    ap.add_argument(
+        "--python-loop",
+        action="store_true",
+        help="add a column: the userspace engine with its request loop in Python "
+        "(FUSE_CRYPT_BLOCK_LOOP=python), right after the default (C) loop",
+    )
     ap.add_argument(
         "--backing-direct-io",
         action="store_true",
@@ -257,6 +271,7 @@ def main() -> int:
     configs: list[tuple[str, Callable[[str, Path], Config]]] = [
         ("plain ext4", plain_ext4),
         ("LUKS2 userspace", userspace_luks),
+        *([("LUKS2 python loop", userspace_luks_python_loop)] if args.python_loop else []),
         ("fuse-crypt/ext4", fuse_crypt_over_ext4),
     ]  # fmt: skip
     try:
@@ -289,26 +304,30 @@ def main() -> int:
           + (" (--direct-io=on)" if args.backing_direct_io else "")
           + (f"; medians of {n} cycles, ratio = median of the per-cycle ratios (min-max)"
              if n > 1 else ""))  # fmt: skip
-    print("| workload | plain ext4 | fuse-crypt/ext4 | LUKS2 userspace | LUKS2/ext4 | target |")
-    print("|---|---:|---:|---:|---:|---|")
+    py = "LUKS2 python loop" if "LUKS2 python loop" in runs else None
+    engines = ["LUKS2 userspace", *([py] if py else [])]
+    head = ["workload", "plain ext4", "fuse-crypt/ext4", "LUKS2 userspace"]
+    head += [py, "LUKS2/ext4", "python loop/ext4"] if py else ["LUKS2/ext4"]
+    print("| " + " | ".join([*head, "target"]) + " |")
+    print("|---" + "|---:" * (len(head) - 1) + "|---|")
+
+    def ratio(name: str, key: str) -> tuple[float, str]:
+        rs = sorted(e[key] / p[key] for p, e in zip(runs["plain ext4"], runs[name], strict=True))
+        return statistics.median(rs), (f" ({rs[0]:.2f}-{rs[-1]:.2f})" if n > 1 else "")
+
     for key in base:
-        ratios = sorted(
-            lk[key] / pl[key]
-            for pl, lk in zip(runs["plain ext4"], runs["LUKS2 userspace"], strict=True)
-        )
-        ratio = statistics.median(ratios)
-        spread = f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if n > 1 else ""
+        r, spread = ratio("LUKS2 userspace", key)
         tgt = targets.get(key)
-        mark = "" if tgt is None else (f">= {tgt}x" + ("" if ratio >= tgt else " NO"))
-        pl, fc, lk = (
-            med("plain ext4", key),
-            med("fuse-crypt/ext4", key),
-            med("LUKS2 userspace", key),
-        )
-        print(f"| {key} | {pl:,.1f} | {fc:,.1f} | {lk:,.1f} | {ratio:.2f}x{spread} | {mark} |")
+        mark = "" if tgt is None else (f">= {tgt}x" + ("" if r >= tgt else " NO"))
+        cells = [f"{med(c, key):,.1f}" for c in ("plain ext4", "fuse-crypt/ext4", *engines)]
+        cells.append(f"{r:.2f}x{spread}")
+        if py:
+            pr, pspread = ratio(py, key)
+            cells.append(f"{pr:.2f}x{pspread}")
+        print(f"| {key} | " + " | ".join(cells) + f" | {mark} |")
     for key in ("daemon peak RSS MiB",):
-        print(f"| {key} | - | {med('fuse-crypt/ext4', key):.1f} | "
-              f"{med('LUKS2 userspace', key):.1f} | | |")  # fmt: skip
+        cells = ["-", *(f"{med(c, key):.1f}" for c in ("fuse-crypt/ext4", *engines))]
+        print(f"| {key} | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells)))
     p50s, p50p = statistics.median(stages), statistics.median(publishes)
     print(
         f"| NodeStageVolume p50 s ({len(stages)} runs) | | | {p50s:.3f} | | <= 1 s"

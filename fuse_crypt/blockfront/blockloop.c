@@ -30,6 +30,7 @@
 #include <fcntl.h>
 #include <fuse_lowlevel.h>
 #include <linux/fs.h>
+#include <linux/fuse.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdint.h>
@@ -39,6 +40,7 @@
 #include <sys/ioctl.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
@@ -78,7 +80,7 @@ struct coco_blk_params {
 struct coco_blk {
     struct coco_blk_params p;
     struct fuse_session *se;
-    pthread_mutex_t wlock;  /* writers (read-modify-write of partial sectors) */
+    pthread_rwlock_t wlock; /* shared: whole-sector writes; exclusive: read-modify-write */
     pthread_mutex_t clock;  /* the two EVP contexts */
     _Atomic uint64_t size;  /* plaintext bytes */
     _Atomic int64_t next_read, ra_end;
@@ -315,10 +317,17 @@ static void op_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
         return;
     }
     refresh_size(b); /* a device that grew shows its new size at the next open */
-    fi->fh = 1;
-    fi->direct_io = 1; /* the filesystem on the loop device has its own page cache */
-    fi->keep_cache = 0;
-    fuse_reply_open(req, fi);
+    /* Uncached (the filesystem on the loop device has its own page cache), and direct
+     * writes in parallel: the kernel otherwise takes the inode lock around each one, so the
+     * loop device's writes would reach us one at a time. libfuse 3.14 has no field for
+     * FOPEN_PARALLEL_DIRECT_WRITES (3.15 added one), so the open reply is built here; it is
+     * what fuse_reply_open sends, plus that flag. */
+    struct fuse_open_out out;
+    memset(&out, 0, sizeof out);
+    out.fh = 1;
+    out.open_flags = FOPEN_DIRECT_IO | FOPEN_PARALLEL_DIRECT_WRITES;
+    struct iovec iov = {.iov_base = &out, .iov_len = sizeof out};
+    fuse_reply_iov(req, &iov, 1);
 }
 
 static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -379,7 +388,13 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t si
     if (err == 0 && size > 0) {
         uint64_t o = (uint64_t)off, end = o + size;
         uint64_t first = o - o % ss, last = end + (ss - end % ss) % ss, n = last - first;
-        pthread_mutex_lock(&b->wlock);
+        int whole = first == o && last == end;
+        /* Whole-sector writes run side by side (what the loop device sends); a partial
+         * sector's read-modify-write excludes every other writer, so no bytes are lost. */
+        if (whole)
+            pthread_rwlock_rdlock(&b->wlock);
+        else
+            pthread_rwlock_wrlock(&b->wlock);
         unsigned char *buf = scratch(n);
         if (buf == NULL)
             err = ENOMEM;
@@ -393,7 +408,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t si
             if (err == 0)
                 err = xts(b, 0, buf + n - ss, buf + n - ss, ss, last - ss);
         }
-        if (err == 0 && first == o && last == end) {
+        if (err == 0 && whole) {
             err = xts(b, 1, buf, (const unsigned char *)data, n, first); /* no extra copy */
         } else if (err == 0) {
             memcpy(buf + (o - first), data, size);
@@ -401,7 +416,7 @@ static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t si
         }
         if (err == 0)
             err = pwrite_all(b, buf, n, first);
-        pthread_mutex_unlock(&b->wlock);
+        pthread_rwlock_unlock(&b->wlock);
     }
     if (err != 0) {
         count_error(b, OP_WRITE, err);
@@ -563,7 +578,7 @@ struct coco_blk *coco_blk_new(const struct coco_blk_params *p, const char *mount
     if (b == NULL)
         return NULL;
     b->p = *p;
-    pthread_mutex_init(&b->wlock, NULL);
+    pthread_rwlock_init(&b->wlock, NULL);
     pthread_mutex_init(&b->clock, NULL);
     atomic_store(&b->next_read, -1);
     uint64_t dev;
@@ -643,7 +658,7 @@ void coco_blk_free(struct coco_blk *b)
         return;
     fuse_session_unmount(b->se);
     fuse_session_destroy(b->se);
-    pthread_mutex_destroy(&b->wlock);
+    pthread_rwlock_destroy(&b->wlock);
     pthread_mutex_destroy(&b->clock);
     free(b);
 }
