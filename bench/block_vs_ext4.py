@@ -247,7 +247,7 @@ def main() -> int:
         "--python-loop",
         action="store_true",
         help="add a column: the userspace engine with its request loop in Python "
-        "(FUSE_CRYPT_BLOCK_LOOP=python), right after the default (C) loop",
+        "(FUSE_CRYPT_BLOCK_LOOP=python); the two loops take turns going first",
     )
     ap.add_argument(
         "--backing-direct-io",
@@ -281,7 +281,10 @@ def main() -> int:
             sh("dd", f"if={dev}", "of=/dev/null", "bs=1M", f"count={args.size_mib}")
             raw = args.size_mib * MiB / 1e6 / (time.perf_counter() - t)
             print(f"[cycle {cycle + 1}] device cold read MB/s {raw:,.1f}", flush=True)
-            for name, cfg in configs:
+            order = list(configs)
+            if args.python_loop and cycle % 2:  # the two loops take turns going first
+                order[1], order[2] = order[2], order[1]
+            for name, cfg in order:
                 with cfg(dev, work) as (mnt, pid):
                     r = workloads(mnt, args.size_mib, args.files, args.reads)
                     if pid:

