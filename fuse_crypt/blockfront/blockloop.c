@@ -366,6 +366,9 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     count(b, OP_READ, len);
     fuse_reply_buf(req, (const char *)buf + (o - first), len);
+    if (last - first >= RA_MIN_REQUEST) /* device.py drop_behind */
+        posix_fadvise(b->p.fd, (off_t)(b->p.offset + first), (off_t)(last - first),
+                      POSIX_FADV_DONTNEED);
 }
 
 static void op_write(fuse_req_t req, fuse_ino_t ino, const char *data, size_t size, off_t off,

@@ -31,6 +31,15 @@ the device's page cache, so the following preads are memory copies that overlap 
 decryption instead of waiting for the disk. Only ciphertext is cached; the host sees
 nothing it does not already hold. No lock: the hint state is a pair of integers, and a
 lost race only means one hint more or less.
+
+Drop-behind: once a large read (the filesystem's read-ahead, whose plaintext the filesystem
+above now caches) is decrypted, its ciphertext is dropped from the device's page cache
+(``posix_fadvise(DONTNEED)``). A second copy of every byte read would only cost memory,
+and on this VM the pages it frees are the next read-ahead's: reused pages are cheap to fill,
+where fresh ones fault on the host (its balloon reports freed memory). Measured: cold 1 GiB
+sequential reads through ext4 on the loop device at 996-1,273 MB/s (best of two per round,
+four rounds) against 424-1,010 without (docs/block.md, "The request loop in C"). Small reads
+(metadata, small files) keep their ciphertext cached.
 """
 
 from __future__ import annotations
@@ -216,11 +225,14 @@ class CryptDevice:
             self._read_raw_into(out[:length], first)
             with self._crypto:
                 self.segment.decrypt_into(first, out[:length], out[:length])
-            return length
-        buf = self._read_raw(first, last - first)
-        with self._crypto:
-            self.segment.decrypt_into(first, buf, buf)
-        out[:length] = memoryview(buf)[offset - first : offset - first + length]
+        else:
+            buf = self._read_raw(first, last - first)
+            with self._crypto:
+                self.segment.decrypt_into(first, buf, buf)
+            out[:length] = memoryview(buf)[offset - first : offset - first + length]
+        if last - first >= _RA_MIN_REQUEST:  # drop-behind (module doc)
+            with contextlib.suppress(OSError):
+                os.posix_fadvise(self.fd, self.offset + first, last - first, os.POSIX_FADV_DONTNEED)
         return length
 
     def read(self, offset: int, length: int) -> bytes:

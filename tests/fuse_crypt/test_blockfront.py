@@ -79,15 +79,24 @@ def test_read_ahead_hints_sequential_large_reads_only(
     from fuse_crypt.blockfront import device as devmod
 
     hints: list[tuple[int, int]] = []
-    monkeypatch.setattr(os, "posix_fadvise", lambda fd, off, n, adv: hints.append((off, n)))
+    drops: list[tuple[int, int]] = []
+
+    def fadvise(fd: int, off: int, n: int, adv: int) -> None:
+        (hints if adv == os.POSIX_FADV_WILLNEED else drops).append((off, n))
+        assert adv in (os.POSIX_FADV_WILLNEED, os.POSIX_FADV_DONTNEED)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
     img = _image(tmp_path / "d.img", 8192 + 64 * MiB)
     dev = _device(img, os.urandom(64), offset=8192)
     buf = memoryview(bytearray(MiB))
     for off in range(0, 8 * SS, SS):  # small sequential reads (metadata, small files)
         dev.read_into(buf[:SS], off)
+    assert drops == []  # small reads keep their ciphertext cached
     for off in (40 * MiB, 3 * MiB, 20 * MiB):  # large but scattered
         dev.read_into(buf, off)
     assert hints == []
+    # drop-behind: each large read's ciphertext, at the device offset, once decrypted
+    assert drops == [(8192 + off, MiB) for off in (40 * MiB, 3 * MiB, 20 * MiB)]
     for off in range(0, 10 * MiB, MiB):  # sequential 1 MiB reads
         dev.read_into(buf, off)
     ra = devmod.READAHEAD

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import mmap
 import os
 import random
 import subprocess
@@ -272,3 +273,51 @@ def test_c_loop_in_process_tweak_and_counters(rig: BlockRig, tmp_path: Path) -> 
         loop.close()
         dev.close()
     assert not served.is_alive() and not os.path.ismount(mnt)
+
+
+def _cached_pages(path: Path, off: int, n: int) -> int:
+    """Pages of ``path`` in the page cache in [off, off+n): cachestat(2), Linux 6.5+."""
+
+    class Range(ctypes.Structure):
+        _fields_ = [("off", ctypes.c_uint64), ("len", ctypes.c_uint64)]
+
+    class Stat(ctypes.Structure):
+        _fields_ = [(f, ctypes.c_uint64) for f in
+                    ("cache", "dirty", "writeback", "evicted", "recently_evicted")]  # fmt: skip
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        rng, st = Range(off, n), Stat()
+        if libc.syscall(451, fd, ctypes.byref(rng), ctypes.byref(st), 0) != 0:
+            pytest.skip(f"cachestat(2) unavailable: {os.strerror(ctypes.get_errno())}")
+        return int(st.cache)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_large_reads_drop_their_ciphertext_small_ones_keep_it(
+    rig: BlockRig, tmp_path: Path, loop: str
+) -> None:
+    """Drop-behind: the filesystem above caches what a large (read-ahead) read returned, so
+    its ciphertext leaves the device's cache once decrypted; a small read's stays."""
+    s = Served(rig, tmp_path, loop, sectors=1024)  # 4 MiB
+    mib = 1 << 20
+    buf = mmap.mmap(-1, mib)
+    buf.write(os.urandom(mib))
+    fd = os.open(s.img, os.O_WRONLY | os.O_DIRECT)  # real data, past the page cache
+    try:
+        for i in range(4):
+            os.pwritev(fd, [buf], OFFSET + i * mib)
+    finally:
+        os.close(fd)
+    assert _cached_pages(s.img, 0, OFFSET + 4 * mib) == 0
+    fd = os.open(s.disk, os.O_RDONLY | os.O_DIRECT)
+    try:
+        assert os.preadv(fd, [buf], mib) == mib  # one large read at 1 MiB
+        assert _cached_pages(s.img, OFFSET + mib, mib) == 0  # read, decrypted, dropped
+        assert os.preadv(fd, [memoryview(buf)[:SS]], 3 * mib) == SS  # one small read
+        assert _cached_pages(s.img, OFFSET + 3 * mib, SS) == 1  # its page stays
+    finally:
+        os.close(fd)
