@@ -26,6 +26,11 @@ For tests that drive the real ``fuse-crypt`` command (helpers in ``cli_helpers``
 * ``cipherdir`` fixture: the path of a fresh volume made by ``fuse-crypt init``;
 * ``mountpoint`` fixture: an empty directory; any daemon still serving it is stopped and
   it is unmounted at teardown.
+
+For the block daemon (``fuse-crypt block-serve``):
+
+* ``rig`` fixture: a :class:`~tests.fuse_crypt.block_rig.BlockRig` (daemons, loop devices,
+  mounts, all undone at teardown); skips with the reason where root or a tool is missing.
 """
 
 from __future__ import annotations
@@ -44,6 +49,7 @@ import pytest
 
 from fuse_crypt.contentenc import ContentEnc
 from fuse_crypt.cryptocore import CryptoCore
+from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
 from tests.fuse_crypt.cli_helpers import PASSWORD as CLI_PASSWORD
 from tests.fuse_crypt.cli_helpers import init_volume, stop_and_unmount, write_passfile
 from tests.fuse_env import fuse_skip_reason
@@ -294,3 +300,15 @@ def oss_peer() -> Iterator[OssServer]:
 def oss_proxy(oss_peer: OssServer) -> Iterator[FaultProxy]:
     with FaultProxy(("127.0.0.1", oss_peer.port)) as p:
         yield p
+
+
+@pytest.fixture
+def rig(tmp_path: Path) -> Iterator[BlockRig]:
+    reason = block_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    r = BlockRig(tmp_path)
+    try:
+        yield r
+    finally:
+        r.close()

@@ -14,7 +14,6 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,7 +23,7 @@ from hypothesis import strategies as st
 from fuse_crypt.blockfront import CryptDevice, DeviceError, open_device
 from fuse_crypt.luks2.segment import XtsSegment
 from tests.fuse_crypt import luks2_helpers as lh
-from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
+from tests.fuse_crypt.block_rig import BlockRig
 from tests.fuse_crypt.cli_helpers import (
     FC,
     assert_one_line_error,
@@ -199,18 +198,6 @@ def test_shrunk_device_is_eio_not_garbage(tmp_path: Path) -> None:
 
 
 # -- real daemon, loop devices, ext4 ---------------------------------------------------------
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[BlockRig]:
-    reason = block_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    r = BlockRig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 @pytest.fixture

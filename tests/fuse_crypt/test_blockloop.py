@@ -15,30 +15,17 @@ import os
 import random
 import subprocess
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from fuse_crypt.blockfront import CryptDevice, native, open_device
 from fuse_crypt.luks2.segment import XtsSegment
-from tests.fuse_crypt.block_rig import BlockRig, block_skip_reason
+from tests.fuse_crypt.block_rig import BlockRig
 
 SS = 4096
 OFFSET = 8192  # a "header" area before the segment, never touched
 LOOPS = ("c", "python")
-
-
-@pytest.fixture
-def rig(tmp_path: Path) -> Iterator[BlockRig]:
-    reason = block_skip_reason()
-    if reason:
-        pytest.skip(reason)
-    r = BlockRig(tmp_path)
-    try:
-        yield r
-    finally:
-        r.close()
 
 
 def _env(loop: str) -> dict[str, str]:
