@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import mmap
 import os
 import random
 import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -217,49 +219,79 @@ def test_read_only_daemon(rig: BlockRig, tmp_path: Path, loop: str) -> None:
     assert s.img.read_bytes() == before
 
 
-def test_c_loop_in_process_tweak_and_counters(rig: BlockRig, tmp_path: Path) -> None:
-    """NativeLoop itself, in this process: a segment whose tweak does not start at 0 (the
-    tweak base reaches C), and the counters --metrics-addr exports, exactly."""
+#: A child that serves ``NativeLoop`` itself (not through the CLI): the key comes on stdin,
+#: "counts" on stdin prints the loop's counters and size as JSON, EOF ends it. A child, not a
+#: thread of pytest: a loop that stops answering then cannot wedge the test runner.
+_CHILD = r"""
+import json, os, sys, threading
+from fuse_crypt.blockfront import CryptDevice, native, open_device
+from fuse_crypt.luks2.segment import XtsSegment
+img, mnt, offset, tweak = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+key = bytes.fromhex(sys.stdin.readline())
+dev = CryptDevice(open_device(img), XtsSegment(key, iv_tweak=tweak), offset=offset, size=None)
+loop = native.NativeLoop(dev, mnt, fsname="fuse-crypt-test")
+served = threading.Thread(target=loop.run, daemon=True)
+served.start()
+print("ready", flush=True)
+for line in sys.stdin:
+    requests, read, written, errors = loop.counts()
+    print(json.dumps({"requests": requests, "read": read, "written": written,
+                      "errors": [[op, code, n] for (op, code), n in errors.items()],
+                      "size": loop.size(), "initialized": loop.initialized()}), flush=True)
+loop.exit()
+os.system(f"fusermount3 -u {mnt}")
+served.join(15)
+loop.close()
+dev.close()
+print("stopped" if not served.is_alive() else "still serving", flush=True)
+"""
+
+
+def test_c_loop_tweak_base_and_counters(rig: BlockRig, tmp_path: Path) -> None:
+    """NativeLoop itself: a segment whose tweak does not start at 0 (the tweak base
+    reaches C), and the counters --metrics-addr exports, exactly."""
     key = os.urandom(64)
     img = tmp_path / "d.img"
     with img.open("wb") as f:
         f.truncate(OFFSET + 8 * SS)
-    seg = XtsSegment(key, iv_tweak=24)
-    dev = CryptDevice(open_device(str(img)), seg, offset=OFFSET, size=None)
     mnt = tmp_path / "m"
     mnt.mkdir()
-    loop = native.NativeLoop(dev, str(mnt), fsname="fuse-crypt-test")
-    served = threading.Thread(target=loop.run, daemon=True)
-    served.start()
+    child = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(img), str(mnt), str(OFFSET), "24"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, start_new_session=True,
+    )  # fmt: skip
+    rig.daemons.append((child, mnt))  # type: ignore[arg-type]  # stopped and unmounted at teardown
+    assert child.stdin is not None and child.stdout is not None
+    child.stdin.write(key.hex() + "\n")
+    child.stdin.flush()
+    assert child.stdout.readline().strip() == "ready"
+    disk = mnt / "disk"
+    fd = os.open(disk, os.O_RDWR)
     try:
-        disk = mnt / "disk"
-        fd = os.open(disk, os.O_RDWR)
-        try:
-            plain = bytearray(os.pread(fd, 8 * SS, 0))
-            data = os.urandom(2 * SS + 10)
-            assert os.pwrite(fd, data, SS - 5) == len(data)
-            plain[SS - 5 : SS - 5 + len(data)] = data
-            assert os.pread(fd, 3 * SS, SS - 5)[: len(data)] == data
-            with pytest.raises(OSError):
-                os.pwrite(fd, b"x" * 10, 8 * SS - 5)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        raw = img.read_bytes()[OFFSET:]
-        assert raw == XtsSegment(key, iv_tweak=24).encrypt(0, bytes(plain))
-        assert raw != XtsSegment(key).encrypt(0, bytes(plain))
-        requests, read, written, errors = loop.counts()
-        assert requests == {"read": 2, "write": 2, "fsync": 1}
-        assert (read, written) == (8 * SS + 3 * SS, len(data))
-        assert errors == {("write", errno.ENOSPC): 1}
-        assert loop.size() == 8 * SS and loop.initialized()
+        plain = bytearray(os.pread(fd, 8 * SS, 0))
+        data = os.urandom(2 * SS + 10)
+        assert os.pwrite(fd, data, SS - 5) == len(data)
+        plain[SS - 5 : SS - 5 + len(data)] = data
+        assert os.pread(fd, 3 * SS, SS - 5)[: len(data)] == data
+        with pytest.raises(OSError):
+            os.pwrite(fd, b"x" * 10, 8 * SS - 5)
+        os.fsync(fd)
     finally:
-        loop.exit()
-        subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True, timeout=30)
-        served.join(15)
-        loop.close()
-        dev.close()
-    assert not served.is_alive() and not os.path.ismount(mnt)
+        os.close(fd)
+    raw = img.read_bytes()[OFFSET:]
+    assert raw == XtsSegment(key, iv_tweak=24).encrypt(0, bytes(plain))
+    assert raw != XtsSegment(key).encrypt(0, bytes(plain))
+    child.stdin.write("counts\n")
+    child.stdin.flush()
+    got = json.loads(child.stdout.readline())
+    assert got["requests"] == {"read": 2, "write": 2, "fsync": 1}
+    assert (got["read"], got["written"]) == (8 * SS + 3 * SS, len(data))
+    assert got["errors"] == [["write", errno.ENOSPC, 1]]
+    assert got["size"] == 8 * SS and got["initialized"]
+    child.stdin.close()
+    assert child.stdout.readline().strip() == "stopped"
+    assert child.wait(15) == 0
+    assert not os.path.ismount(mnt)
 
 
 def _cached_pages(path: Path, off: int, n: int) -> int:
