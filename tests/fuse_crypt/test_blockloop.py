@@ -51,14 +51,15 @@ def _maps_blockloop(pid: int) -> bool:
 
 class Served:
     def __init__(self, rig: BlockRig, tmp_path: Path, loop: str, sectors: int = 64,
-                 extra: tuple[str, ...] = ("--allow-regular-file",)) -> None:  # fmt: skip
+                 extra: tuple[str, ...] = ("--allow-regular-file",),
+                 size: str = "dynamic") -> None:  # fmt: skip
         self.key = os.urandom(64)
         self.img = tmp_path / "d.img"
         with self.img.open("wb") as f:
             f.truncate(OFFSET + sectors * SS)
         self.mnt = tmp_path / "m"
         self.proc = rig.serve(self.img, self.mnt, self.key, offset=OFFSET, extra=extra,
-                              env=_env(loop))  # fmt: skip
+                              env=_env(loop), size=size)  # fmt: skip
         self.disk = self.mnt / "disk"
 
     def plaintext_on_disk(self) -> bytes:
@@ -205,6 +206,24 @@ def test_racing_writers_of_one_sector_lose_nothing(
     got = s.plaintext_on_disk()[SS : 3 * SS]
     for i in range(len(fds)):
         assert all(got[p] == i + 1 for p in positions(i)), i
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_fixed_size_segment(rig: BlockRig, tmp_path: Path, loop: str) -> None:
+    """``--size``: the segment ends there, whatever the device does afterwards."""
+    s = Served(rig, tmp_path, loop, sectors=8, size=str(4 * SS))
+    assert s.disk.stat().st_size == 4 * SS
+    with s.img.open("r+b") as f:
+        f.truncate(OFFSET + 16 * SS)  # the host grows the disk: a fixed segment stays
+    assert s.disk.stat().st_size == 4 * SS
+    fd = os.open(s.disk, os.O_RDWR)
+    try:
+        with pytest.raises(OSError) as exc:
+            os.pwrite(fd, b"x", 4 * SS)
+        assert exc.value.errno == errno.ENOSPC
+        assert os.pread(fd, 2 * SS, 3 * SS) == os.pread(fd, SS, 3 * SS)  # short at its end
+    finally:
+        os.close(fd)
 
 
 @pytest.mark.parametrize("loop", LOOPS)
