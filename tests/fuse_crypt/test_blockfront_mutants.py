@@ -208,9 +208,13 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     from fuse_crypt.blockfront import device as devmod
 
     hints: list[tuple[int, int, int]] = []
+    drops: list[tuple[int, int]] = []  # drop-behind (DONTNEED), checked once below
     fds: set[int] = set()
 
     def fadvise(fd: int, off: int, n: int, adv: int) -> None:
+        if adv == os.POSIX_FADV_DONTNEED:
+            drops.append((off, n))
+            return
         fds.add(fd)
         hints.append((off, n, adv))
 
@@ -224,9 +228,11 @@ def test_read_ahead_window_exactly(tmp_path: Path, monkeypatch: pytest.MonkeyPat
         dev.read_into(small, req - SS)  # sequential but below the minimum request
         assert hints == []
         big = memoryview(bytearray(req))
+        assert drops == []  # small reads keep their ciphertext
         dev.read_into(big, 2 * req - 2 * SS)  # sequential, exactly the minimum: hinted
         end = 3 * req - 2 * SS
         assert hints == [(512 + end, ra, os.POSIX_FADV_WILLNEED)]
+        assert drops == [(512 + 2 * req - 2 * SS, req)]  # and dropped once decrypted
         hints.clear()
         # the next read inside the first half of the window: no new hint
         dev.read_into(big, end)
