@@ -50,9 +50,6 @@ int coco_xts_sectors(EVP_CIPHER_CTX *ctx, unsigned char *out, const unsigned cha
 #define ROOT_INO 1
 #define DISK_INO 2
 #define DISK_NAME "disk"
-#define READAHEAD (8 << 20) /* device.py READAHEAD, _NEAR, _RA_MIN_REQUEST */
-#define RA_NEAR (2 << 20)
-#define RA_MIN_REQUEST (128 << 10)
 
 /* Counter slots (coco_blk_counters): requests by op, plaintext bytes, errors by op and errno. */
 enum { OP_READ, OP_WRITE, OP_FSYNC, N_OPS };
@@ -65,6 +62,9 @@ struct coco_blk_params {
     int allow_other;
     int threads;         /* libfuse worker threads */
     uint32_t max_io;     /* max_read and max_write (fusefrontend MAX_IO) */
+    int64_t ra_bytes;    /* device.py READAHEAD, _NEAR, _RA_MIN_REQUEST (one definition) */
+    int64_t ra_near;
+    int64_t ra_min_request;
     uint64_t offset;     /* segment start on the device, bytes */
     uint64_t fixed_size; /* segment bytes, or 0: to the device's end (dynamic) */
     uint32_t sector_size;
@@ -170,18 +170,19 @@ static int xts(struct coco_blk *b, int enc, unsigned char *out, const unsigned c
 }
 
 /* device.py _read_ahead: after a large read that continues the last one, hint the next
- * READAHEAD bytes of ciphertext to the kernel. Lost races only mean a hint more or less. */
+ * ra_bytes of ciphertext to the kernel. Lost races only mean a hint more or less. */
 static void read_ahead(struct coco_blk *b, int64_t first, int64_t end)
 {
     int64_t last = atomic_exchange(&b->next_read, end);
-    if (end - first < RA_MIN_REQUEST)
+    if (end - first < b->p.ra_min_request)
         return;
     int64_t ra_end = atomic_load(&b->ra_end);
     int64_t hi = last > ra_end ? last : ra_end;
-    if (!(last - RA_NEAR <= first && first <= hi + RA_NEAR) || end + READAHEAD / 2 <= ra_end)
+    int64_t near = b->p.ra_near, window = b->p.ra_bytes;
+    if (!(last - near <= first && first <= hi + near) || end + window / 2 <= ra_end)
         return;
     int64_t start = end > ra_end ? end : ra_end;
-    int64_t stop = end + READAHEAD;
+    int64_t stop = end + window;
     int64_t size = (int64_t)atomic_load(&b->size);
     if (stop > size)
         stop = size;
@@ -366,7 +367,7 @@ static void op_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     }
     count(b, OP_READ, len);
     fuse_reply_buf(req, (const char *)buf + (o - first), len);
-    if (last - first >= RA_MIN_REQUEST) /* device.py drop_behind */
+    if ((int64_t)(last - first) >= b->p.ra_min_request) /* device.py drop-behind */
         posix_fadvise(b->p.fd, (off_t)(b->p.offset + first), (off_t)(last - first),
                       POSIX_FADV_DONTNEED);
 }
@@ -573,7 +574,8 @@ struct coco_blk *coco_blk_new(const struct coco_blk_params *p, const char *mount
     uint64_t ss = p->sector_size;
     if (p->fd < 0 || p->dec == NULL || p->enc == NULL || ss < 512 || ss > 4096 ||
         (ss & (ss - 1)) != 0 || p->offset % 512 != 0 || p->fixed_size % ss != 0 ||
-        p->units == 0 || p->threads < 1 || p->max_io < 4096 || p->max_io > (64u << 20) || strchr(fsname, ',') != NULL) {
+        p->units == 0 || p->threads < 1 || p->max_io < 4096 || p->max_io > (64u << 20) ||
+        p->ra_bytes < 0 || p->ra_near < 0 || p->ra_min_request < 1 || strchr(fsname, ',') != NULL) {
         errno = EINVAL;
         return NULL;
     }

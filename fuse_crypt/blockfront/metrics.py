@@ -36,26 +36,24 @@ T = TypeVar("T")
 
 BLOCK_INFO = Info("fuse_crypt_block", "The LUKS2 data segment this daemon serves", registry=None)
 SIZE = Gauge("fuse_crypt_block_size_bytes", "Plaintext size of the served disk", registry=None)
-REQUESTS = Counter(
+#: (name, help) of each counter; the Python loop's Counters and the C loop's families share them
+_REQUESTS = (
     "fuse_crypt_block_requests_total",
     "Requests on disk answered, by op (read, write, fsync), errors included",
-    ["op"],
-    registry=None,
 )
-ERRORS = Counter(
+_ERRORS = (
     "fuse_crypt_block_errors_total",
     "Requests on disk answered with an errno, by op and errno name",
-    ["op", "errno"],
-    registry=None,
 )
-BYTES_READ = Counter(
-    "fuse_crypt_block_plain_bytes_read_total", "Plaintext bytes returned to reads", registry=None
-)
-BYTES_WRITTEN = Counter(
+_BYTES_READ = ("fuse_crypt_block_plain_bytes_read_total", "Plaintext bytes returned to reads")
+_BYTES_WRITTEN = (
     "fuse_crypt_block_plain_bytes_written_total",
     "Plaintext bytes accepted from writes",
-    registry=None,
 )
+REQUESTS = Counter(*_REQUESTS, ["op"], registry=None)
+ERRORS = Counter(*_ERRORS, ["op", "errno"], registry=None)
+BYTES_READ = Counter(*_BYTES_READ, registry=None)
+BYTES_WRITTEN = Counter(*_BYTES_WRITTEN, registry=None)
 BLOCK_METRICS = (SIZE, REQUESTS, ERRORS, BYTES_READ, BYTES_WRITTEN)
 
 
@@ -73,16 +71,16 @@ class NativeCounts(Collector):
             requests, read, written, errors = loop.counts()
         else:
             requests, read, written, errors = {op: 0 for op in OPS}, 0, 0, {}
-        fam = CounterMetricFamily(REQUESTS._name, REQUESTS._documentation, labels=["op"])
+        fam = CounterMetricFamily(*_REQUESTS, labels=["op"])
         for op, n in requests.items():
             fam.add_metric([op], n)
         yield fam
-        fam = CounterMetricFamily(ERRORS._name, ERRORS._documentation, labels=["op", "errno"])
+        fam = CounterMetricFamily(*_ERRORS, labels=["op", "errno"])
         for (op, code), n in sorted(errors.items()):
             fam.add_metric([op, errno.errorcode.get(code, str(code))], n)
         yield fam
-        yield CounterMetricFamily(BYTES_READ._name, BYTES_READ._documentation, value=read)
-        yield CounterMetricFamily(BYTES_WRITTEN._name, BYTES_WRITTEN._documentation, value=written)
+        yield CounterMetricFamily(*_BYTES_READ, value=read)
+        yield CounterMetricFamily(*_BYTES_WRITTEN, value=written)
 
 
 class BlockMetrics:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from ..fusefrontend import MAX_IO
-from .device import CryptDevice
+from .device import _NEAR, _RA_MIN_REQUEST, READAHEAD, CryptDevice
 
 log = logging.getLogger("fuse_crypt.blockfront")
 
@@ -33,12 +33,12 @@ LOOP_ENV = "FUSE_CRYPT_BLOCK_LOOP"
 LIB_FILE = Path(__file__).with_name("blockloop.so.0")
 #: the ops counted, in blockloop.c's order
 OPS = ("read", "write", "fsync")
-_N_ERRNO = 256  # blockloop.c N_ERRNO
 
 _CDEF = """
 typedef struct evp_cipher_ctx_st EVP_CIPHER_CTX;
 struct coco_blk_params {
     int fd; int read_only; int allow_other; int threads; uint32_t max_io;
+    int64_t ra_bytes; int64_t ra_near; int64_t ra_min_request;
     uint64_t offset; uint64_t fixed_size; uint32_t sector_size;
     EVP_CIPHER_CTX *dec; EVP_CIPHER_CTX *enc;
     uint64_t iv_base; uint64_t units; uint64_t mask;
@@ -115,6 +115,7 @@ class NativeLoop:
         p.allow_other = int(allow_other)
         p.threads = threads
         p.max_io = MAX_IO
+        p.ra_bytes, p.ra_near, p.ra_min_request = READAHEAD, _NEAR, _RA_MIN_REQUEST
         p.offset = device.offset
         p.fixed_size = device.fixed_size or 0
         p.sector_size = device.sector_size
@@ -132,7 +133,11 @@ class NativeLoop:
             code = ffi.errno or errno.EIO
             raise OSError(code, f"cannot mount the block loop: {os.strerror(code)}", mountpoint)
         self._handle: Any = handle
-        self._counts = ffi.new("uint64_t[]", len(OPS) * (_N_ERRNO + 1) + 2)
+        # the counter layout (blockloop.c): requests by op, bytes read, bytes written, then
+        # errors by op and errno; the C side says how many there are
+        total = int(lib.coco_blk_counters(handle, ffi.NULL, 0))
+        self._n_errno = (total - len(OPS) - 2) // len(OPS)
+        self._counts = ffi.new("uint64_t[]", total)
 
     def run(self) -> None:
         """Serve (GIL released) until unmounted or :meth:`exit`; then unmount. Raises
@@ -156,15 +161,14 @@ class NativeLoop:
 
     def counts(self) -> tuple[dict[str, int], int, int, dict[tuple[str, int], int]]:
         """(requests by op, plaintext bytes read, written, errors by (op, errno))."""
-        c = self._counts
-        n = len(OPS)
-        self._lib.coco_blk_counters(self._handle, c, n * (_N_ERRNO + 1) + 2)
+        c, n, n_errno = self._counts, len(OPS), self._n_errno
+        self._lib.coco_blk_counters(self._handle, c, len(c))
         requests = {op: int(c[i]) for i, op in enumerate(OPS)}
         errors: dict[tuple[str, int], int] = {}
         base = n + 2
         for i, op in enumerate(OPS):
-            for code in range(1, _N_ERRNO):
-                v = int(c[base + i * _N_ERRNO + code])
+            for code in range(1, n_errno):
+                v = int(c[base + i * n_errno + code])
                 if v:
                     errors[op, code] = v
         return requests, int(c[n]), int(c[n + 1]), errors
