@@ -50,6 +50,15 @@ def drop_caches() -> None:
         f.write("3")
 
 
+def cpu_ticks() -> tuple[int, int]:
+    """(steal, total) jiffies of all CPUs so far, from /proc/stat. Steal is time the
+    hypervisor gave our vCPUs to someone else: on this VM it comes in bursts of seconds,
+    and the userspace engine, with more context switches per file, loses more to it than
+    plain ext4 does (docs/block.md "Figures"), so each phase prints its share."""
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    return f[7], sum(f)
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -277,6 +286,7 @@ def main() -> int:
     dio = ["--direct-io=on"] if args.backing_direct_io else []
     dev = sh("losetup", *dio, "--find", "--show", str(img)).strip()
     runs: dict[str, list[dict[str, float]]] = {}
+    steals: dict[str, list[float]] = {}
     # LUKS2 right after plain ext4: the two compared phases lie close in time (this VM's
     # disk changes speed from one minute to the next; docs/block.md "Figures").
     configs: list[tuple[str, Callable[[str, Path], Config]]] = [
@@ -296,12 +306,17 @@ def main() -> int:
             if args.python_loop and cycle % 2:  # the two loops take turns going first
                 order[1], order[2] = order[2], order[1]
             for name, cfg in order:
+                s0 = cpu_ticks()
                 with cfg(dev, work) as (mnt, pid):
                     r = workloads(mnt, args.size_mib, args.files, args.reads)
                     if pid:
                         r["daemon peak RSS MiB"] = peak_rss_mib(pid)
+                s1 = cpu_ticks()
+                steal = 100 * (s1[0] - s0[0]) / max(1, s1[1] - s0[1])
                 runs.setdefault(name, []).append(r)
-                print(f"[{name}] " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items()), flush=True)
+                steals.setdefault(name, []).append(steal)
+                print(f"[{name}] " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items())
+                      + f", host CPU steal {steal:.1f}%", flush=True)  # fmt: skip
         stages, publishes = stage_latency(dev, img, work, args.rounds)
     finally:
         subprocess.run(["losetup", "-d", dev], capture_output=True)
@@ -342,6 +357,10 @@ def main() -> int:
     for key in ("daemon peak RSS MiB",):
         cells = ["-", *(f"{med(c, key):.1f}" for c in ("fuse-crypt/ext4", *engines))]
         print(f"| {key} | " + " | ".join(cells) + " |" + " |" * (len(head) - len(cells)))
+    cells = [f"{statistics.median(steals[c]):.1f} ({max(steals[c]):.1f})"
+             for c in ("plain ext4", "fuse-crypt/ext4", *engines)]  # fmt: skip
+    print("| host CPU steal %, median (max) | " + " | ".join(cells) + " |"
+          + " |" * (len(head) - len(cells)))  # fmt: skip
     p50s, p50p = statistics.median(stages), statistics.median(publishes)
     print(
         f"| NodeStageVolume p50 s ({len(stages)} runs) | | | {p50s:.3f} | | <= 1 s"
