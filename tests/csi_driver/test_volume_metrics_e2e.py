@@ -193,7 +193,9 @@ def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: Worl
 def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: World) -> None:
     """A block daemon mounts a private directory under <state-dir>/block/: its series carry
     the staging path kubelet gave NodeStageVolume instead, and still do once a restarted
-    plugin has adopted the daemon."""
+    plugin has adopted the daemon. A stopped one is skipped within the budget. (A killed
+    block daemon is not restarted, as its loop device still holds the dead daemon's file:
+    unstage and stage again is the way back, so there is no restart to show here.)"""
     reason = block_skip_reason()
     if reason:
         pytest.skip(reason)
@@ -215,6 +217,22 @@ def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: Wo
         assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
         key = derive_volume_password(world.keys.root_key, "blk-1")
         assert key.hex() not in world.body()
+
+        # A stopped block daemon (its port open, never answering) is skipped within the
+        # budget like any other, and found again once it runs.
+        (handle,) = [h for h in world.core.supervisor.handles() if h.volume_id == "blk-1"]
+        os.kill(handle.pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            stopped = world.scrape()
+            assert time.monotonic() - t0 < 1.0 + 1.0
+        finally:
+            os.kill(handle.pid, signal.SIGCONT)
+        assert not [k for k in stopped if k[1] == "blk-1"]
+        assert stopped[(f"{FAIL}{{reason=timeout}}", "", "")] == 1
+        assert stopped[("coco_csi_volume_metrics_daemons{result=failed}", "", "")] == 1
+        got = world.scrape()
+        assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
 
         world.core.metrics.close()
         world.core.shutdown()  # the plugin stops; the staged volume and its daemon stay
