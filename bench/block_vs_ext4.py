@@ -216,8 +216,9 @@ def userspace_luks_python_loop(dev: str, work: Path) -> Config:
 def stage_latency(dev: str, img: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
     """NodeStageVolume (sourceType encrypted, the volume exists) and NodePublishVolume
     through the node core, on the same loop device; seconds per call."""
-    from csi_driver.core.node import NodeCore, PublishRequest, StageRequest
+    from csi_driver.core.node import NodeCore, PublishRequest
     from csi_driver.core.volcap import AccessType, Capability
+    from csi_driver.volumes.block import StageRequest
     from sealed_secrets.resolver import build_resolver
 
     res = work / "resources.json"
@@ -376,11 +377,11 @@ def _run(args: argparse.Namespace) -> int:
         return statistics.median(rs), (f" ({rs[0]:.2f}-{rs[-1]:.2f})" if n > 1 else "")
 
     for key in base:
-        r, spread = ratio("LUKS2 userspace", key)
+        rat, spread = ratio("LUKS2 userspace", key)
         tgt = targets.get(key)
-        mark = "" if tgt is None else (f">= {tgt}x" + ("" if r >= tgt else " NO"))
+        mark = "" if tgt is None else (f">= {tgt}x" + ("" if rat >= tgt else " NO"))
         cells = [f"{med(c, key):,.1f}" for c in ("plain ext4", "fuse-crypt/ext4", *engines)]
-        cells.append(f"{r:.2f}x{spread}")
+        cells.append(f"{rat:.2f}x{spread}")
         if py:
             pr, pspread = ratio(py, key)
             cells.append(f"{pr:.2f}x{pspread}")
