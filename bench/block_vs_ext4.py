@@ -216,9 +216,8 @@ def userspace_luks_python_loop(dev: str, work: Path) -> Config:
 def stage_latency(dev: str, img: Path, work: Path, rounds: int) -> tuple[list[float], list[float]]:
     """NodeStageVolume (sourceType encrypted, the volume exists) and NodePublishVolume
     through the node core, on the same loop device; seconds per call."""
-    from csi_driver.core.node import NodeCore, PublishRequest
+    from csi_driver.core.node import NodeCore, PublishRequest, StageRequest
     from csi_driver.core.volcap import AccessType, Capability
-    from csi_driver.volumes.block import StageRequest
     from sealed_secrets.resolver import build_resolver
 
     res = work / "resources.json"

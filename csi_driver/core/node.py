@@ -34,7 +34,8 @@ from csi_driver.metrics import Metrics
 from csi_driver.mounter import DEFAULT_MOUNTER, Mounter, make_mounter
 from csi_driver.mounts import MountBusy, MountEntry, MountTable
 from csi_driver.supervisor import READY_TIMEOUT, MountSupervisor
-from csi_driver.volumes.block import BlockVolumes, StageRequest, is_block
+from csi_driver.volumes.block import BlockVolumes, is_block
+from csi_driver.volumes.block import StageRequest as StageRequest  # NodeCore.stage's argument
 from csi_driver.volumes.objectmount import (
     OBJECT_MOUNTER,
     ObjectKey,
