@@ -70,6 +70,20 @@ class World:
         with urllib.request.urlopen(url, timeout=10) as r:
             return r.read().decode()
 
+    def scrape_while_stopped(self, pid: int) -> dict[tuple[str, str, str], float]:
+        """A scrape while daemon ``pid`` is stopped (alive, port open, never answering): it
+        ends within the daemon's timeout plus slack and counts that one daemon failed."""
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            got = self.scrape()
+            assert time.monotonic() - t0 < 1.0 + 1.0
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert got[(f"{FAIL}{{reason=timeout}}", "", "")] == 1
+        assert got[("coco_csi_volume_metrics_daemons{result=failed}", "", "")] == 1
+        return got
+
     def scrape(self) -> dict[tuple[str, str, str], float]:
         """{(sample name, volume_id, target_path): value} of the daemons' summed-free series,
         plus the plugin's own under ("name{labels}", "", "")."""
@@ -170,16 +184,8 @@ def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: Worl
     assert h1 is not None and h2 is not None
     uptime = "fuse_crypt_uptime_seconds"
 
-    os.kill(h2.pid, signal.SIGSTOP)  # alive, port open, never answers
-    try:
-        t0 = time.monotonic()
-        got = world.scrape()
-        assert time.monotonic() - t0 < 1.0 + 1.0
-    finally:
-        os.kill(h2.pid, signal.SIGCONT)
+    got = world.scrape_while_stopped(h2.pid)
     assert (uptime, v1, t1) in got and (uptime, v2, t2) not in got
-    assert got[(f"{FAIL}{{reason=timeout}}", "", "")] == 1
-    assert got[("coco_csi_volume_metrics_daemons{result=failed}", "", "")] == 1
 
     old_pid, old_port = h1.pid, h1.metrics_port[1]
     os.kill(old_pid, signal.SIGKILL)  # the supervisor restarts it (it holds the key)
@@ -221,16 +227,8 @@ def test_a_block_volume_shows_by_its_staging_path_also_after_a_restart(world: Wo
         # A stopped block daemon (its port open, never answering) is skipped within the
         # budget like any other, and found again once it runs.
         (handle,) = [h for h in world.core.supervisor.handles() if h.volume_id == "blk-1"]
-        os.kill(handle.pid, signal.SIGSTOP)
-        try:
-            t0 = time.monotonic()
-            stopped = world.scrape()
-            assert time.monotonic() - t0 < 1.0 + 1.0
-        finally:
-            os.kill(handle.pid, signal.SIGCONT)
+        stopped = world.scrape_while_stopped(handle.pid)
         assert not [k for k in stopped if k[1] == "blk-1"]
-        assert stopped[(f"{FAIL}{{reason=timeout}}", "", "")] == 1
-        assert stopped[("coco_csi_volume_metrics_daemons{result=failed}", "", "")] == 1
         got = world.scrape()
         assert got[("fuse_crypt_block_plain_bytes_written_total", "blk-1", str(staging))] >= SIZE
 
