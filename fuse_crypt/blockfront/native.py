@@ -141,13 +141,15 @@ class NativeLoop:
 
     def run(self) -> None:
         """Serve (GIL released) until unmounted or :meth:`exit`; then unmount. Raises
-        RuntimeError(code) if libfuse's loop failed, as mfusepy does."""
+        OSError(EIO) if libfuse's loop failed. Not mfusepy's RuntimeError: that one
+        ``run_fuse_loop`` takes for a stop signal when the mount is gone, and this loop
+        is always unmounted by then, while a stop through :meth:`exit` returns 0."""
         try:
             code = self._lib.coco_blk_run(self._handle)
         finally:
             self._lib.coco_blk_unmount(self._handle)
         if code != 0:
-            raise RuntimeError(code)
+            raise OSError(errno.EIO, f"the block request loop failed (libfuse returned {code})")
 
     def exit(self) -> None:
         """End the loop (StopSignals then interrupts the loop thread's wait)."""

@@ -88,6 +88,30 @@ def test_the_c_loop_is_built_and_chosen(tmp_path: Path) -> None:
         dev.close()
 
 
+def test_a_failed_c_loop_is_an_error_not_an_orderly_stop() -> None:
+    """libfuse's loop failing (not ended by exit) must reach the supervisor as a failure:
+    run() unmounts, then raises OSError(EIO), which run_fuse_loop does not read as a
+    signal-ended loop the way it reads mfusepy's RuntimeError."""
+    calls: list[str] = []
+
+    class Lib:
+        def coco_blk_run(self, handle: object) -> int:
+            calls.append("run")
+            return -errno.ENOMEM
+
+        def coco_blk_unmount(self, handle: object) -> None:
+            calls.append("unmount")
+
+    loop = native.NativeLoop.__new__(native.NativeLoop)
+    loop._lib, loop._handle = Lib(), object()
+    with pytest.raises(OSError) as exc:
+        loop.run()
+    assert exc.value.errno == errno.EIO and not isinstance(exc.value, RuntimeError)
+    assert calls == ["run", "unmount"]
+    Lib.coco_blk_run = lambda self, handle: 0  # type: ignore[method-assign]
+    loop.run()  # an orderly end raises nothing
+
+
 @pytest.mark.parametrize("loop", LOOPS)
 def test_unaligned_io_matches_a_model_and_the_sectors(
     rig: BlockRig, tmp_path: Path, loop: str
