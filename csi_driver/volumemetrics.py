@@ -104,9 +104,12 @@ class VolumeMetricsCollector:
         started = time.monotonic()
         deadline = started + self.budget
         endpoints = list(self._sources())
-        futures: dict[Future[list[Metric]], DaemonEndpoint] = {
-            self._pool.submit(self._one, ep, deadline): ep for ep in endpoints
-        }
+        futures: dict[Future[list[Metric]], DaemonEndpoint] = {}
+        for ep in endpoints:
+            try:
+                futures[self._pool.submit(self._one, ep, deadline)] = ep
+            except RuntimeError:  # closed (the plugin is stopping): ask no one else
+                break
         # Each fetch ends by the deadline on its own; the margin only covers thread wake-up.
         done, pending = wait_all(futures, timeout=max(0.0, deadline - time.monotonic()) + 0.5)
         merged: dict[str, Metric] = {}

@@ -143,7 +143,15 @@ def test_close_during_a_scrape_returns_at_once_and_asks_no_one_else(
     the queued two be asked once it is released."""
     daemons.answers = {1001: "hang", 1002: daemon_body(1), 1003: daemon_body(1)}
     c = VolumeMetricsCollector(lambda: [EP1, EP2, EP3], daemons, workers=1, budget=3.0)
-    scrape = threading.Thread(target=lambda: list(c.collect()), daemon=True)
+    raised: list[BaseException] = []
+
+    def collect() -> None:
+        try:
+            list(c.collect())
+        except BaseException as exc:  # the scrape must end quietly, not raise
+            raised.append(exc)
+
+    scrape = threading.Thread(target=collect, daemon=True)
     scrape.start()
     for _ in range(200):
         if daemons.calls:
@@ -155,6 +163,13 @@ def test_close_during_a_scrape_returns_at_once_and_asks_no_one_else(
     assert time.monotonic() - t < 0.5
     daemons.release.set()
     scrape.join(10)
-    assert not scrape.is_alive()
+    assert not scrape.is_alive() and raised == []
     time.sleep(0.1)
+    assert [p for p, _, _ in daemons.calls] == [1001]
+    # a scrape that starts after close asks no one and still answers with the plugin's own
+    got = {m.name: m for m in c.collect()}
+    failed = [
+        s for s in got["coco_csi_volume_metrics_daemons"].samples if s.labels["result"] == "failed"
+    ]
+    assert [s.value for s in failed] == [3]
     assert [p for p, _, _ in daemons.calls] == [1001]
