@@ -70,6 +70,11 @@ def cpu_ticks() -> tuple[int, int]:
     return f[7], sum(f)
 
 
+def steal_percent(before: tuple[int, int], after: tuple[int, int]) -> float:
+    """The host's share of the vCPUs between two :func:`cpu_ticks` readings, in %."""
+    return 100 * (after[0] - before[0]) / max(1, after[1] - before[1])
+
+
 def peak_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmHWM:"):
@@ -166,8 +171,9 @@ def interleaved_small_files(
         for i in range(2):
             loops.append(sh("losetup", *dio, "--offset", str(i * half), "--sizelimit",
                             str(half), "--find", "--show", str(img)).strip())  # fmt: skip
-        for side in range(2):  # the two swap halves after the first half of the pairs
-            ks = range(side * pairs // 2, (side + 1) * pairs // 2) if pairs > 1 else range(1)
+        sides = 2 if pairs > 1 else 1  # the two swap halves after the first half of the pairs
+        for side in range(sides):
+            ks = range(side * pairs // sides, (side + 1) * pairs // sides)
             with (
                 plain_ext4(loops[side], work) as (plain, _),
                 userspace_luks(loops[1 - side], work) as (luks, _),
@@ -181,15 +187,13 @@ def interleaved_small_files(
                         s0 = cpu_ticks()
                         r[f"{name} create"], r[f"{name} read"] = small_file_pass(mnt, files, data)
                         s1 = cpu_ticks()
-                        r[f"{name} steal"] = 100 * (s1[0] - s0[0]) / max(1, s1[1] - s0[1])
+                        r[f"{name} steal"] = steal_percent(s0, s1)
                     out.append(r)
                     print(f"[pair {k + 1}, {order[0][0]} first, plain on half {side + 1}] "
                           f"create+sync files/s plain {r['plain create']:,.0f} LUKS2 "
                           f"{r['luks create']:,.0f}, read plain {r['plain read']:,.0f} LUKS2 "
                           f"{r['luks read']:,.0f}, host CPU steal {r['plain steal']:.1f}% / "
                           f"{r['luks steal']:.1f}%", flush=True)  # fmt: skip
-            if pairs <= 1:
-                break
     finally:
         for loop in loops:
             subprocess.run(["losetup", "-d", loop], capture_output=True)
@@ -369,16 +373,16 @@ def main() -> int:
     old_halt_poll = halt_poll.read_text().strip() if halt_poll.exists() else "-"
     if args.guest_halt_poll_ns is not None:
         halt_poll.write_text(str(args.guest_halt_poll_ns))
+    polling = str(args.guest_halt_poll_ns) if args.guest_halt_poll_ns is not None else old_halt_poll
     try:
-        return _run(args)
+        return _run(args, polling)
     finally:
         if args.guest_halt_poll_ns is not None:
             halt_poll.write_text(old_halt_poll)
 
 
-def _run(args: argparse.Namespace) -> int:
-    halt_poll = Path(HALT_POLL)
-    polling = halt_poll.read_text().strip() if halt_poll.exists() else "-"
+def _run(args: argparse.Namespace, polling: str) -> int:
+    """The run itself; ``polling`` is the guest_halt_poll_ns in effect, for the table."""
     work = Path(tempfile.mkdtemp(prefix="blkbench", dir=args.workdir))
     img = work / "device.img"
     with img.open("wb") as f:
@@ -412,7 +416,7 @@ def _run(args: argparse.Namespace) -> int:
                     if pid:
                         r["daemon peak RSS MiB"] = peak_rss_mib(pid)
                 s1 = cpu_ticks()
-                steal = 100 * (s1[0] - s0[0]) / max(1, s1[1] - s0[1])
+                steal = steal_percent(s0, s1)
                 runs.setdefault(name, []).append(r)
                 steals.setdefault(name, []).append(steal)
                 print(f"[{name}] " + ", ".join(f"{k} {v:,.1f}" for k, v in r.items())
