@@ -7,6 +7,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 
 from hypothesis import given
 from hypothesis import strategies as st
@@ -51,10 +52,13 @@ def test_command_names_with_parentheses_and_spaces() -> None:
         "time.sleep(30)",
     )
     try:
-        for _ in range(200):
+        deadline = time.monotonic() + 20  # the child needs the interpreter's start first
+        while True:
             with open(f"/proc/{p.pid}/comm") as f:
                 if f.read().startswith("a) b"):
                     break
+            assert time.monotonic() < deadline, "the child never renamed itself"
+            time.sleep(0.01)
         fields = proc.stat_fields(p.pid)
         assert fields is not None and fields[0] in "RSD"
         assert proc.alive(p.pid) and proc.start_time(p.pid) > 0

@@ -187,12 +187,13 @@ def test_a_stopped_daemon_is_skipped_and_a_restarted_one_found_again(world: Worl
     got = world.scrape_while_stopped(h2.pid)
     assert (uptime, v1, t1) in got and (uptime, v2, t2) not in got
 
-    old_pid, old_port = h1.pid, h1.metrics_port[1]
+    old_pid = h1.pid
     os.kill(old_pid, signal.SIGKILL)  # the supervisor restarts it (it holds the key)
     assert wait_until(lambda: h1.pid != old_pid and world.core.mounts.find(t1), timeout=20)
     got = world.scrape()
     assert got[(uptime, v1, t1)] < got[(uptime, v2, t2)]  # the new daemon's series
-    assert h1.metrics_port[0] == h1.pid and h1.metrics_port[1] != old_port
+    # The port was looked up again for the new pid (it may be the old number by chance).
+    assert h1.metrics_port[0] == h1.pid
     assert got[("coco_csi_volume_metrics_daemons{result=ok}", "", "")] == 2
 
 
