@@ -226,7 +226,7 @@ def test_crash_then_retry(tmp_path: pathlib.Path, scenario: tuple[Any, ...]) -> 
             assert_nothing_left(node)
     finally:
         node.core.shutdown()
-    assert time.perf_counter() - t0 < 1.0
+    assert time.perf_counter() - t0 < 2.5  # no real waits (loose: a loaded CI VM)
 
 
 # -- idempotency, conflicts, recovery and deadlines, in-process ------------------------
@@ -276,7 +276,7 @@ def test_deadline_undoes_a_daemon_that_never_gets_ready(tmp_path: pathlib.Path) 
         t0 = time.perf_counter()
         with pytest.raises(errors.DeadlineExceeded):
             node.core.publish(node.request(), Deadline(0.2))
-        assert time.perf_counter() - t0 < 1.0
+        assert time.perf_counter() - t0 < 2.5  # the 0.2 s deadline, not a daemon timeout
         assert node.records() == [] and node.table.entries == {}
         assert not os.path.exists(node.target)
     finally:

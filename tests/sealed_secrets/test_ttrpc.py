@@ -170,11 +170,11 @@ def test_cdh_unavailable_and_deadlines(ttrpc_cdh: CdhServer) -> None:
     ttrpc_cdh.inject("GetResource", grpc.StatusCode.UNAVAILABLE)
     with pytest.raises(KbsUnavailable, match="UNAVAILABLE"):
         CdhClient(ttrpc_cdh.target).get_resource(R1)
-    ttrpc_cdh.inject("GetResource", 1.0)
+    ttrpc_cdh.inject("GetResource", 3.0)
     started = time.monotonic()
     with pytest.raises(KbsUnavailable, match="DEADLINE_EXCEEDED"):
         CdhClient(ttrpc_cdh.target, timeout=0.3).get_resource(R1)
-    assert time.monotonic() - started < 0.9  # the client's deadline, not the server's delay
+    assert time.monotonic() - started < 2.0  # the client's deadline, not the server's delay
 
 
 def test_server_side_timeout_nano_is_deadline_exceeded(ttrpc_cdh: CdhServer) -> None:
@@ -254,7 +254,7 @@ def test_peer_answers_oversized_request_frame(ttrpc_cdh: CdhServer) -> None:
 
 def test_concurrent_calls_multiplex_and_overtake(ttrpc_cdh: CdhServer) -> None:
     client = CdhClient(ttrpc_cdh.target, timeout=5)
-    ttrpc_cdh.inject("GetResource", 0.5)  # the first call is slow
+    ttrpc_cdh.inject("GetResource", 2.0)  # the first call is slow
     results: dict[str, bytes] = {}
 
     def slow() -> None:
@@ -265,7 +265,7 @@ def test_concurrent_calls_multiplex_and_overtake(ttrpc_cdh: CdhServer) -> None:
     time.sleep(0.1)
     started = time.monotonic()
     assert client.get_resource("kbs:///default/sealed-secret/test") == PLAIN
-    assert time.monotonic() - started < 0.4  # answered while the slow call was pending
+    assert time.monotonic() - started < 1.5  # answered while the slow call was pending
     t.join(5)
     assert results["slow"] == CDH_RESOURCES["default/key/1"]
     assert sorted(sid for sid, *_ in ttrpc_log(ttrpc_cdh)) == [1, 3]
