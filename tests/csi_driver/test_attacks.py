@@ -394,7 +394,7 @@ def test_probe_answers_while_many_publishes_hang(env: Env) -> None:
         t0 = time.monotonic()
         ready = env.node.identity.Probe(csi_pb2.ProbeRequest(), timeout=5)
         assert ready.ready.value
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # not queued behind the hung publishes (loaded VM)
         slow.release.set()
         codes = []
         for f in futs:
