@@ -7,12 +7,12 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 
 from hypothesis import given
 from hypothesis import strategies as st
 
 from csi_driver import proc
+from fuse_crypt.daemon import wait_until
 from tests.fuzzing import fuzz, long_fuzz
 
 
@@ -44,6 +44,11 @@ def test_a_reused_pid_is_not_the_recorded_process() -> None:
     assert proc.PidProcess(me).poll() is None
 
 
+def _comm(pid: int) -> str:
+    with open(f"/proc/{pid}/comm") as f:
+        return f.read()
+
+
 def test_command_names_with_parentheses_and_spaces() -> None:
     """The name field may hold ') ' itself: fields are taken after the last ')'."""
     p = _child(
@@ -52,13 +57,10 @@ def test_command_names_with_parentheses_and_spaces() -> None:
         "time.sleep(30)",
     )
     try:
-        deadline = time.monotonic() + 20  # the child needs the interpreter's start first
-        while True:
-            with open(f"/proc/{p.pid}/comm") as f:
-                if f.read().startswith("a) b"):
-                    break
-            assert time.monotonic() < deadline, "the child never renamed itself"
-            time.sleep(0.01)
+        # The child renames itself once its interpreter has started.
+        assert wait_until(lambda: _comm(p.pid).startswith("a) b"), timeout=20), (
+            "the child never renamed itself"
+        )
         fields = proc.stat_fields(p.pid)
         assert fields is not None and fields[0] in "RSD"
         assert proc.alive(p.pid) and proc.start_time(p.pid) > 0
