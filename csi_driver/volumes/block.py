@@ -359,13 +359,39 @@ class BlockVolumes:
         deadline: Deadline,
     ) -> Unlocked:
         """Unlock with the current key; if it does not open and the request names the
-        previous key, rotate (add the new slot, check it, remove the old) and unlock."""
+        previous key, rotate (add the new slot, check it, remove the old) and unlock.
+
+        If the current key opens and the request still names the previous key, the old
+        slot must not outlive the rotation: a crash between its two steps leaves both
+        slots, and without this the old (perhaps revoked) key would open the volume for
+        good. So the old slot is removed now, if the previous key still opens one."""
         try:
-            return self.engine.unlock(device.path, key.password, integrity=integrity)
+            unlocked = self.engine.unlock(device.path, key.password, integrity=integrity)
         except errors.WrongVolumeKey:
             previous = None if new else self._previous_key(req, ctx)
             if previous is None:
                 raise
+        else:
+            try:
+                previous = None if new else self._previous_key(req, ctx)
+            except (errors.Unavailable, errors.FailedPrecondition) as exc:
+                # The old key may be gone from the KBS after the rotation; the volume opens
+                # with its current key either way. A bad reference still fails the stage.
+                log.warning(
+                    "previous key not checked",
+                    extra={"fields": {"volume_id": req.volume_id, "error": str(exc)}},
+                )
+                return unlocked
+            if previous is None or previous.password == key.password:
+                return unlocked
+            deadline.check("removing the previous volume key")
+            if not self.engine.retire(device.path, previous.password, integrity=integrity):
+                return unlocked
+            log.info(
+                "removed the previous block volume key left by an interrupted rotation",
+                extra={"fields": {"volume_id": req.volume_id}},
+            )
+            return self.engine.unlock(device.path, key.password, integrity=integrity)
         deadline.check("rotating the volume key")
         self.engine.rotate(
             device.path,

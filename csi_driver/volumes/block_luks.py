@@ -104,6 +104,11 @@ class LuksEngine(Protocol):
         """Add a keyslot for ``new`` (opened by ``old``), check it opens, then remove the
         slot of ``old``: a crash in between leaves both working, never neither."""
 
+    def retire(self, device: str, old: bytes, *, integrity: bool = False) -> bool:
+        """Remove the keyslot ``old`` still opens, if any (a rotation's second step that a
+        crash cut off). The caller has just unlocked with the new key, so ``old`` is never
+        the only way in. False when ``old`` opens no slot: nothing was written."""
+
     def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
         """Add the binding token to a container this guest just made with cryptsetup
         (dataIntegrity, kernel engine), then return it unlocked."""
@@ -169,6 +174,9 @@ class CryptsetupOfflineLuks:
     def rotate(
         self, device: str, old: bytes, new: bytes, *, high_entropy: bool, integrity: bool = False
     ) -> None:
+        raise errors.FailedPrecondition("key rotation needs the userspace LUKS2 engine")
+
+    def retire(self, device: str, old: bytes, *, integrity: bool = False) -> bool:
         raise errors.FailedPrecondition("key rotation needs the userspace LUKS2 engine")
 
     def bind(self, device: str, passphrase: bytes, *, integrity: bool) -> Unlocked:
@@ -264,6 +272,21 @@ class UserspaceLuks:
             raise errors.FailedPrecondition(f"key rotation failed: {exc}") from None
         finally:
             os.close(fd)
+
+    def retire(self, device: str, old: bytes, *, integrity: bool = False) -> bool:
+        binding, allow = self.require_binding, integrity
+        fd = self._open(device, read_only=False)
+        try:
+            remove_passphrase(fd, old, require_binding=binding, allow_integrity=allow)
+        except WrongKeyError:
+            return False
+        except HeaderError as exc:
+            raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
+        except (Luks2Error, BadInputError) as exc:
+            raise errors.FailedPrecondition(f"removing the previous key failed: {exc}") from None
+        finally:
+            os.close(fd)
+        return True
 
     def unlock(self, device: str, passphrase: bytes, *, integrity: bool = False) -> Unlocked:
         """``integrity`` (the kernel engine's dataIntegrity) is the only way an integrity

@@ -677,6 +677,75 @@ def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Key
     assert _sha(img) == before
 
 
+def _head_sha(path: pathlib.Path) -> str:
+    """The LUKS2 header and keyslots area (the first 16 MiB): what a key change writes."""
+    with path.open("rb") as f:
+        return hashlib.sha256(f.read(16 * MiB)).hexdigest()
+
+
+def test_a_rotation_cut_off_after_the_new_slot_is_finished_at_the_next_stage(
+    rig: Rig, keys: Keys
+) -> None:
+    """A crash between a rotation's two steps leaves the old slot too. The next stage that
+    names the previous key must remove it, or the old (revoked) key opens the volume for
+    good; once it is gone, naming it again writes nothing, and a previous key the KBS no
+    longer has does not stop the volume opening with its current key."""
+    import base64
+    import json
+
+    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
+    from fuse_crypt.luks2 import add_passphrase
+
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
+    rig.core.unstage("blk-1", staging)
+    new_jwk = new_volume_key_jwk().encode()
+    resources = pathlib.Path(keys.resources_file)
+    doc = json.loads(resources.read_text())
+    doc["default/coco-csi/volume-root-2"] = base64.b64encode(new_jwk).decode()
+    resources.write_text(json.dumps(doc))
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    old_pw = derive_volume_password(keys.root_key, "blk-1")
+    new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
+    # The plugin died right after step 1 (the new slot is committed, the old one kept).
+    fd = os.open(img, os.O_RDWR)
+    try:
+        add_passphrase(fd, old_pw, new_pw, kdf="pbkdf2")
+    finally:
+        os.close(fd)
+    assert lh.cs_opens(img, new_pw) and lh.cs_opens(img, old_pw)
+
+    new_res = KEY_RESOURCE + "-2"
+    staging = rig.stage(img, source="encrypted", keyResource=new_res,
+                        previousKeyResource=KEY_RESOURCE)  # fmt: skip
+    assert (pathlib.Path(staging) / "kept").read_bytes() == b"across the rotation"
+    rig.core.unstage("blk-1", staging)
+    assert lh.cs_opens(img, new_pw) and not lh.cs_opens(img, old_pw)
+    assert len(lh.cs_json(img)["keyslots"]) == 1
+
+    before = _head_sha(img)
+    staging = rig.stage(img, source="encrypted", keyResource=new_res,
+                        previousKeyResource=KEY_RESOURCE)  # fmt: skip
+    rig.core.unstage("blk-1", staging)
+    assert _head_sha(img) == before  # nothing left to remove: the header is not rewritten
+
+    del doc["default/coco-csi/volume-root"]
+    resources.write_text(json.dumps(doc))
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    staging = rig.stage(img, source="encrypted", keyResource=new_res,
+                        previousKeyResource=KEY_RESOURCE)  # fmt: skip
+    assert (pathlib.Path(staging) / "kept").read_bytes() == b"across the rotation"
+    rig.core.unstage("blk-1", staging)
+    assert _head_sha(img) == before
+    # A previous key the node would never accept is still a bad request.
+    with pytest.raises(errors.PermissionDenied):
+        rig.stage(img, source="encrypted", keyResource=new_res,
+                  previousKeyResource="kbs:///other/repo/key")  # fmt: skip
+
+
 def test_real_block_device_by_path_and_by_dev_id(rig: Rig) -> None:
     """A loop device stands in for a cloud disk: no --block-image-root needed. Staged by
     devicePath, then by deviceId MAJ:MIN; a second staging of the same disk is refused."""
