@@ -320,7 +320,7 @@ class BlockVolumes:
         raw = cap.access_type is AccessType.BLOCK
         if self.kernel is not None:
             self._stage_kernel(req.volume_id, staging, device, unlocked, readonly, int(mode),
-                               (fs, mkfs_opts) if new else None, raw=raw)  # fmt: skip
+                               (fs, mkfs_opts) if new else None, deadline, raw=raw)  # fmt: skip
             return
         kind = BLOCK_RAW if raw else BLOCK_MOUNTER
         intent = Publication(
@@ -338,7 +338,7 @@ class BlockVolumes:
                 assert loop is not None
                 _run(blockdev.mkfs_argv(fs, mkfs_opts, loop), f"mkfs.{fs}")
             if not raw:
-                self._mount_staging(intent, fs)
+                self._mount_staging(intent, fs, deadline)
         except BaseException:
             self._teardown(self.store.get(staging) or intent)
             raise
@@ -441,13 +441,15 @@ class BlockVolumes:
         readonly: bool,
         mode: int,
         mkfs: tuple[str, list[str]] | None,
+        deadline: Deadline,
         *,
         raw: bool = False,
     ) -> None:
         """dm-crypt from the guest's validated header copy (block_kernel.py): write the copy
         to memory-backed storage, ``cryptsetup open`` with the volume key on stdin, then
-        mkfs when new and mount; with ``raw`` (CSI AccessType BLOCK) no filesystem at all:
-        publish exposes ``/dev/mapper/<name>`` (read-only mapping for a read-only stage).
+        mkfs when new (an ext4 whose device grew is grown offline) and mount; with ``raw``
+        (CSI AccessType BLOCK) no filesystem at all: publish exposes ``/dev/mapper/<name>``
+        (read-only mapping for a read-only stage).
         A dataIntegrity volume gets dm-integrity under dm-crypt from the same header.
         Not exercised on the build machines (no device-mapper)."""
         assert self.kernel is not None
@@ -478,6 +480,8 @@ class BlockVolumes:
                         mkfs[0], mkfs[1], dev, integrity=u.integrity is not None
                     )
                     self.tool(argv, f"mkfs.{mkfs[0]}")
+                elif not readonly:
+                    self._grow_unmounted(volume_id, dev, deadline)
                 opts = ["nosuid", "nodev"] + (["ro"] if readonly else [])
                 self.tool(["mount", "-o", ",".join(opts), dev, staging], "mount")
         except BaseException:
@@ -580,16 +584,31 @@ class BlockVolumes:
         _run([*argv, "--find", "--show", os.path.join(mnt, DISK_NAME)], "losetup")
         return handle.pid, self.mounter.start_time(handle.pid)
 
-    def _mount_staging(self, pub: Publication, fs: str) -> None:
+    def _mount_staging(self, pub: Publication, fs: str, deadline: Deadline) -> None:
+        """Mount the filesystem on the plaintext loop device at the staging path; an ext4
+        whose device grew while it could not grow online (no CAP_SYS_RESOURCE for
+        NodeExpandVolume) grows first, offline (blockdev.grow_ext4_unmounted)."""
         staging = pub.target_path
         loop = self._loop_of(self.daemon_dir(staging))
         if loop is None:
             raise errors.Internal("the loop device vanished")
+        if fs == "ext4" and not pub.readonly:
+            self._grow_unmounted(pub.volume_id, loop, deadline)
         os.makedirs(staging, 0o750, exist_ok=True)
         opts = ["nosuid", "nodev"] + (["ro"] if pub.readonly else [])
         if fs == "xfs" and pub.readonly:
             opts.append("norecovery")
         _run(["mount", "-t", fs, "-o", ",".join(opts), loop, staging], "mount")
+
+    @staticmethod
+    def _grow_unmounted(volume_id: str, dev: str, deadline: Deadline) -> None:
+        deadline.check("growing the filesystem")
+        grown = blockdev.grow_ext4_unmounted(dev, deadline.timeout(TOOL_TIMEOUT))
+        if grown is not None:
+            log.info(
+                "grew the filesystem to its device before mounting it",
+                extra={"fields": {"volume_id": volume_id, "bytes": grown}},
+            )
 
     # -- state probes ----------------------------------------------------------------------
 
@@ -900,7 +919,8 @@ class BlockVolumes:
             if "Permission denied" in str(exc):
                 raise errors.FailedPrecondition(
                     "online ext4 resize needs CAP_SYS_RESOURCE, which this node plugin "
-                    "lacks; the device grew, the filesystem did not"
+                    "lacks; the device grew, the filesystem grows when the volume is next "
+                    "staged"
                 ) from None
             raise
 

@@ -22,6 +22,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from csi_driver import errors, hostfile, validate
+from csi_driver.proc import tail
 
 CTX_DEVICE_PATH = "devicePath"
 CTX_DEVICE_ID = "deviceId"
@@ -301,3 +302,71 @@ def mkfs_argv(fs: str, opts: list[str], device: str, *, integrity: bool = False)
         extra = EXT4_INTEGRITY if integrity else []
         return ["mkfs.ext4", "-q", "-F", *opts, *extra, "--", device]
     return ["mkfs.xfs", "-q", *opts, device]
+
+
+# -- growing an ext4 that is not mounted ----------------------------------------------------
+
+#: A stage grows the filesystem only when its device is at least this much larger: below
+#: it, the gap may be a tail resize2fs leaves unused (shorter than a block group's overhead),
+#: and checking the filesystem at every stage for nothing would cost an e2fsck each time.
+GROW_MIN = 16 << 20
+
+
+def ext4_size(dumpe2fs_header: str) -> int | None:
+    """Bytes of the filesystem from ``dumpe2fs -h`` (block count x block size)."""
+    count = re.search(r"^Block count:\s+([0-9]{1,20})$", dumpe2fs_header, re.M)
+    size = re.search(r"^Block size:\s+([0-9]{1,7})$", dumpe2fs_header, re.M)
+    if count is None or size is None:
+        return None
+    return int(count.group(1)) * int(size.group(1))
+
+
+def _tool_out(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+    try:
+        return subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired:
+        raise errors.DeadlineExceeded(f"{argv[0]} timed out") from None
+    except FileNotFoundError:
+        raise errors.FailedPrecondition(f"{argv[0]} is not installed") from None
+
+
+def _size_of(device: str) -> int | None:
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        return os.lseek(fd, 0, os.SEEK_END)
+    finally:
+        os.close(fd)
+
+
+def grow_ext4_unmounted(device: str, timeout: float) -> int | None:
+    """Grow the ext4 on ``device`` (ours: the plaintext loop device or mapping, not mounted)
+    to the device's size if the device grew by GROW_MIN or more; the new size, or None when
+    nothing was done.
+
+    Why at stage: online growth (NodeExpandVolume on a mounted ext4) is an ioctl that needs
+    CAP_SYS_RESOURCE, which a node plugin may lack; offline growth needs none, so a volume
+    whose expansion was refused grows when it is next staged. resize2fs asks for a checked
+    filesystem first: ``e2fsck -f -p`` (preen: only the fixes that are always safe). A
+    filesystem e2fsck cannot preen is left as it is (the mount then decides), and the device
+    is never shrunk: only a larger device leads here.
+    """
+    device_size = _size_of(device)
+    if device_size is None:
+        return None
+    head = _tool_out(["dumpe2fs", "-h", "--", device], timeout)
+    fs_size = ext4_size(head.stdout.decode("utf-8", "replace")) if head.returncode == 0 else None
+    if fs_size is None or device_size < fs_size + GROW_MIN:
+        return None
+    check = _tool_out(["e2fsck", "-f", "-p", "--", device], timeout)
+    if check.returncode not in (0, 1):  # 1: errors corrected; anything else: not ours to fix
+        return None
+    grown = _tool_out(["resize2fs", "--", device], timeout)
+    if grown.returncode != 0:
+        raise errors.Internal(
+            "growing the filesystem to its device failed (run e2fsck -fy on it): "
+            + tail(grown.stderr.decode("utf-8", "replace"))
+        )
+    return device_size
