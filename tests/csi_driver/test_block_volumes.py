@@ -819,3 +819,201 @@ def test_read_only_stage_and_no_secrets_in_logs(rig: Rig) -> None:
             assert not any(s in data for s in secrets), path
     rig.core.unpublish("blk-1", target)
     rig.core.unstage("blk-1", staging)
+
+
+# -- key sources, mkfsOpts and device names at stage --------------------------------------------
+
+
+def _keyslot_kdfs(img: pathlib.Path) -> list[str]:
+    """The KDF type of every keyslot, as cryptsetup reads the header."""
+    return [slot["kdf"]["type"] for slot in lh.cs_json(img)["keyslots"].values()]
+
+
+def _staged_loop(staging: str) -> str:
+    """The plaintext loop device mounted at ``staging``, by findmnt (not the node's view)."""
+    out = subprocess.run(["findmnt", "-n", "-o", "SOURCE", "--mountpoint", staging],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    return out.strip()
+
+
+def test_sealed_passphrase_is_the_block_volume_key(rig: Rig, keys: Keys) -> None:
+    """A sealed ``passphrase`` in NodeStage secrets (no keyResource) is the LUKS2 passphrase
+    itself: cryptsetup opens the container with the unsealed bytes, in an Argon2id keyslot (a
+    human passphrase, low entropy). The volume restages as ``encrypted`` with it and keeps its
+    data; another sealed passphrase, one byte apart, is WrongVolumeKey with the image unchanged."""
+    import base64
+    import json
+
+    from sealed_secrets.seal import seal_vault
+
+    from .conftest import PASSPHRASE, SIGNING_KID
+
+    lh.skip_without_cryptsetup()
+    other = PASSPHRASE[:-1] + b"E"  # differs in the last byte only
+    resources = pathlib.Path(keys.resources_file)
+    doc = json.loads(resources.read_text())
+    doc["default/passphrases/other"] = base64.b64encode(other).decode()
+    resources.write_text(json.dumps(doc))
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    img = rig.image()
+    staging = rig.staging()
+    secrets = {"passphrase": keys.seal_passphrase()}
+    ctx = {"devicePath": str(img), "sourceType": "empty"}
+    rig.core.stage(StageRequest("blk-pp", staging, RW, secrets, ctx, {}))
+    (pathlib.Path(staging) / NAME).write_bytes(MARKER)
+    rig.core.unstage("blk-pp", staging)
+    assert not os.path.ismount(staging)
+    assert lh.cs_opens(img, PASSPHRASE)
+    assert not lh.cs_opens(img, other)
+    assert not lh.cs_opens(img, derive_volume_password(keys.root_key, "blk-pp"))
+    assert _keyslot_kdfs(img) == ["argon2id"]
+    assert MARKER not in img.read_bytes()
+
+    ctx["sourceType"] = "encrypted"
+    rig.core.stage(StageRequest("blk-pp", staging, RW, secrets, ctx, {}))
+    assert (pathlib.Path(staging) / NAME).read_bytes() == MARKER
+    rig.core.unstage("blk-pp", staging)
+
+    before = _sha(img)
+    wrong = seal_vault("kbs:///default/passphrases/other", "kbs", signing_key=keys.signing_key,
+                       signing_kid=SIGNING_KID)  # fmt: skip
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.core.stage(StageRequest("blk-pp", staging, RW, {"passphrase": wrong}, ctx, {}))
+    assert _sha(img) == before
+    assert not os.path.ismount(staging) and rig.core.block.store.all() == []
+
+
+def test_ephemeral_block_volume_key_dies_with_its_stage(rig: Rig, keys: Keys) -> None:
+    """``sourceType: empty`` with no key source at all (no keyResource, no passphrase): CDH's
+    ephemeral volume, a random key. It formats, mounts and holds data while staged; after
+    unstage nothing opens it again: a restage as ``encrypted`` without a key is
+    INVALID_ARGUMENT (no key source) before the device is touched, a second ephemeral stage
+    meets the old LUKS header and refuses to format over it, and neither the KBS resource's
+    key for this volume nor the root key opens it (WrongVolumeKey); the image never changes."""
+    lh.skip_without_cryptsetup()
+    img = rig.image()
+    staging = rig.staging()
+    ctx = {"devicePath": str(img), "sourceType": "empty"}
+    rig.core.stage(StageRequest("blk-eph", staging, RW, {}, ctx, {}))
+    entry = rig.core.mounts.find(staging)
+    assert entry is not None and entry.fstype == "ext4"
+    (pathlib.Path(staging) / NAME).write_bytes(MARKER)
+    assert (pathlib.Path(staging) / NAME).read_bytes() == MARKER
+    rig.core.unstage("blk-eph", staging)
+    assert not os.path.ismount(staging) and rig.core.block.store.all() == []
+    assert _keyslot_kdfs(img) == ["pbkdf2"]  # a random key: no Argon2id cost
+    raw = img.read_bytes()
+    assert MARKER not in raw and NAME.encode() not in raw
+    before = _sha(img)
+
+    encrypted = {**ctx, "sourceType": "encrypted"}
+    with pytest.raises(errors.InvalidArgument, match="no key source"):
+        rig.core.stage(StageRequest("blk-eph", staging, RW, {}, encrypted, {}))
+    assert _sha(img) == before
+    with pytest.raises(errors.FailedPrecondition, match="LUKS") as exc:
+        rig.core.stage(StageRequest("blk-eph", staging, RW, {}, ctx, {}))
+    assert "nothing was written" in str(exc.value)
+    assert _sha(img) == before
+
+    derived = derive_volume_password(keys.root_key, "blk-eph")
+    for candidate in (derived, keys.root_key.hex().encode(), keys.root_key):
+        assert not lh.cs_opens(img, candidate)
+    with pytest.raises(errors.WrongVolumeKey):
+        rig.stage(img, vid="blk-eph", staging=staging, source="encrypted")  # keyResource
+    assert _sha(img) == before
+    assert not os.path.ismount(staging) and rig.core.block.store.all() == []
+
+
+@pytest.mark.parametrize(("fs", "opts"), [("ext4", "-L data -m 0"), ("xfs", "-L data")])
+def test_mkfs_options_shape_the_new_filesystem(rig: Rig, fs: str, opts: str) -> None:
+    """``mkfsOpts`` reach mkfs: the label reads back from the plaintext loop device mounted
+    at the staging path (blkid's low-level probe), and for ext4 ``-m 0`` (the option after
+    the label) leaves a reserved block count of 0 in the superblock, not the default 5 %."""
+    import re
+    import shutil
+
+    if fs == "xfs" and shutil.which("mkfs.xfs") is None:
+        pytest.skip("mkfs.xfs is not installed (xfsprogs): the xfs label cannot be checked")
+    img = rig.image(size=(400 if fs == "xfs" else 64) * MiB)  # xfs wants >= 300 MiB
+    staging = rig.stage(img, fsType=fs, mkfsOpts=opts)
+    loop = _staged_loop(staging)
+    assert loop.startswith("/dev/loop")
+    assert loop == rig.core.block._loop_of(rig.core.block.daemon_dir(staging))
+
+    def probe(tag: str) -> str:
+        return subprocess.run(["blkid", "-p", "-o", "value", "-s", tag, loop],
+                              capture_output=True, text=True).stdout.strip()  # fmt: skip
+
+    assert probe("TYPE") == fs
+    assert probe("LABEL") == "data"
+    if fs == "ext4":
+        head = subprocess.run(["dumpe2fs", "-h", loop], capture_output=True, text=True).stdout
+        assert re.search(r"^Reserved block count:\s+0$", head, re.M), head  # default: 5 %
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == [] and not os.path.ismount(staging)
+
+
+def test_device_named_only_in_publish_context(rig: Rig) -> None:
+    """CDH's keys may come in publish_context (what ControllerPublishVolume returned) rather
+    than volumeAttributes: ``devicePath`` there alone stages the volume, new and again as
+    ``encrypted``, on that very image (the stage record names it; the data reads back)."""
+    img = rig.image()
+    staging = rig.staging()
+    vctx = {"sourceType": "empty", "keyResource": KEY_RESOURCE}
+    pctx = {"devicePath": str(img)}
+    rig.core.stage(StageRequest("blk-1", staging, RW, {}, vctx, pctx))
+    pub = rig.core.block.store.get(staging)
+    assert pub is not None and pub.cipher_dir == str(img)
+    assert _staged_loop(staging).startswith("/dev/loop")
+    (pathlib.Path(staging) / NAME).write_bytes(MARKER)
+    rig.core.unstage("blk-1", staging)
+    assert not os.path.ismount(staging) and MARKER not in img.read_bytes()
+    assert lh.cs_opens(img, derive_volume_password(rig.keys.root_key, "blk-1"))
+
+    vctx["sourceType"] = "encrypted"
+    rig.core.stage(StageRequest("blk-1", staging, RW, {}, vctx, pctx))
+    assert (pathlib.Path(staging) / NAME).read_bytes() == MARKER
+    rig.core.unstage("blk-1", staging)
+    assert _loops_of(img) == [] and rig.core.block.store.all() == []
+
+
+def test_device_by_id_link(rig: Rig) -> None:
+    """A ``/dev/disk/by-id`` name (a link into /dev, as udev makes for cloud disks) stages:
+    resolved once, so the record and the block daemon hold the loop device itself, never the
+    link; the same disk under its kernel name cannot be staged a second time beside it; it
+    restages by the link as ``encrypted`` and reads back."""
+    img = rig.image()
+    loop = subprocess.run(["losetup", "--find", "--show", str(img)], capture_output=True,
+                          text=True, check=True).stdout.strip()  # fmt: skip
+    by_id = pathlib.Path("/dev/disk/by-id")
+    made = [p for p in (by_id.parent, by_id) if not p.exists()]
+    link = by_id / f"coco-csi-test-{os.urandom(6).hex()}"
+    try:
+        for p in made:
+            p.mkdir(mode=0o755)
+        link.symlink_to(f"../../{os.path.basename(loop)}")
+        assert os.path.realpath(link) == loop
+        staging = rig.stage(img, devicePath=str(link))
+        (pathlib.Path(staging) / "f").write_bytes(b"by id")
+        pub = rig.core.block.store.get(staging)
+        assert pub is not None and pub.cipher_dir == loop
+        cmdline = pathlib.Path(f"/proc/{pub.pid}/cmdline").read_bytes().split(b"\0")
+        assert loop.encode() in cmdline and not any(str(link).encode() in a for a in cmdline)
+        with pytest.raises(errors.CsiError) as exc:
+            rig.stage(img, staging=rig.staging("second"), source="encrypted", devicePath=loop)
+        assert "in use" in str(exc.value)
+        assert len(rig.core.block.store.all()) == 1
+        rig.core.unstage("blk-1", staging)
+        staging = rig.stage(img, source="encrypted", devicePath=str(link))
+        assert (pathlib.Path(staging) / "f").read_bytes() == b"by id"
+        rig.core.unstage("blk-1", staging)
+        assert not os.path.ismount(staging) and rig.core.block.store.all() == []
+    finally:
+        rig.core.block.shutdown()
+        with contextlib.suppress(FileNotFoundError):
+            link.unlink()
+        for p in reversed(made):
+            with contextlib.suppress(OSError):
+                p.rmdir()
+        subprocess.run(["losetup", "-d", loop], capture_output=True)
