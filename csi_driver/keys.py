@@ -5,6 +5,9 @@ Two sources, in this order:
 1. an explicit per-volume passphrase carried as a *sealed* secret (NodePublishVolume
    ``secrets["passphrase"]`` or ``volume_context["passphrase"]``); the guest unseals it. A
    plaintext passphrase is refused: it would have passed through the host and etcd in clear.
+   Directory and object volumes use its first line (gocryptfs's passfile rule); block
+   volumes use every byte (cryptsetup's ``--key-file`` rule, which CDH follows), so a disk
+   CDH keyed with a resource that ends in a newline opens with the same resource.
 2. a KBS key resource named by the StorageClass parameter ``keyResource``
    (``kbs:///repo/type/tag``). One resource serves every volume of the class; each volume
    gets a distinct 256-bit key via HKDF-SHA256 with the volume id as ``info``, so learning
@@ -55,6 +58,9 @@ class VolumeKey:
     password: bytes = field(repr=False)
     source: str  # "kbs-derived" | "sealed-passphrase" | "ephemeral-random"
     scrypt_logn: int
+    #: A whole-bytes passphrase (``whole_passphrase``) that spans lines: its first line,
+    #: which block volumes staged before whole passphrases were used were keyed with.
+    first_line: bytes | None = field(default=None, repr=False, kw_only=True)
 
     def __repr__(self) -> str:
         return f"VolumeKey(source={self.source}, scrypt_logn={self.scrypt_logn})"
@@ -157,12 +163,15 @@ def resolve_volume_key(
     ephemeral: bool = False,
     allowed_key_resources: Collection[str] = (),
     allowed_kids: Collection[str] = (),
+    whole_passphrase: bool = False,
 ) -> VolumeKey:
     """Pick the key source for a NodePublishVolume request and produce the volume's password.
 
     ``allowed_key_resources``: kbs:/// prefixes a ``keyResource`` must lie under (none: every
     ``keyResource`` is refused). ``allowed_kids``: kid prefixes sealed values may be signed
-    with, passed on to the resolver's unseal.
+    with, passed on to the resolver's unseal. ``whole_passphrase``: a sealed passphrase is
+    used byte for byte, newlines included, as cryptsetup's ``--key-file`` and CDH use a LUKS2
+    key (block volumes); otherwise only its first line counts, as gocryptfs reads a passfile.
     """
     for where, source in (("secrets", secrets), ("volume_context", volume_context)):
         value = source.get(PARAM_PASSPHRASE)
@@ -174,10 +183,14 @@ def resolve_volume_key(
                 "a plaintext passphrase would be visible outside the TEE"
             )
         password = _unseal(resolver, value, f"{where}[{PARAM_PASSPHRASE}]", allowed_kids)
-        password = password.split(b"\n", 1)[0]
-        if not password:
+        line = password.split(b"\n", 1)[0]
+        if whole_passphrase and password != line:
+            return VolumeKey(
+                password, "sealed-passphrase", PASSPHRASE_SCRYPT_LOGN, first_line=line or None
+            )
+        if not line:
             raise errors.InvalidArgument(f"{where}[{PARAM_PASSPHRASE}] unseals to an empty value")
-        return VolumeKey(password, "sealed-passphrase", PASSPHRASE_SCRYPT_LOGN)
+        return VolumeKey(line, "sealed-passphrase", PASSPHRASE_SCRYPT_LOGN)
 
     for where, source in (("secrets", secrets), ("volume_context", volume_context)):
         ref = source.get(PARAM_KEY_RESOURCE)

@@ -156,6 +156,13 @@ def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
     return res.stdout.decode("utf-8", "replace")
 
 
+def _passphrases(key: VolumeKey) -> list[bytes]:
+    """What a key may open a container with, in order: the whole passphrase, then the first
+    line of one that spans lines (how block volumes staged before whole passphrases were
+    keyed: they keep opening, and their slot is never rewritten for it)."""
+    return [key.password, key.first_line] if key.first_line else [key.password]
+
+
 def _nofollow(path: str, flags: int) -> int:
     return os.open(path, flags | os.O_NOFOLLOW)
 
@@ -282,6 +289,7 @@ class BlockVolumes:
             ephemeral=source == blockdev.SOURCE_EMPTY,
             allowed_key_resources=self.allowed_key_resources,
             allowed_kids=self.allowed_signing_kids,
+            whole_passphrase=True,
         )
         new = source == blockdev.SOURCE_EMPTY
         high_entropy = key.source != "sealed-passphrase"
@@ -366,42 +374,67 @@ class BlockVolumes:
         slots, and without this the old (perhaps revoked) key would open the volume for
         good. So the old slot is removed now, if the previous key still opens one."""
         try:
-            unlocked = self.engine.unlock(device.path, key.password, integrity=integrity)
+            unlocked = self._unlock_with(device, key, integrity)
         except errors.WrongVolumeKey:
             previous = None if new else self._previous_key(req, ctx)
             if previous is None:
                 raise
-        else:
-            try:
-                previous = None if new else self._previous_key(req, ctx)
-            except (errors.Unavailable, errors.FailedPrecondition) as exc:
-                # The old key may be gone from the KBS after the rotation; the volume opens
-                # with its current key either way. A bad reference still fails the stage.
-                log.warning(
-                    "previous key not checked",
-                    extra={"fields": {"volume_id": req.volume_id, "error": str(exc)}},
-                )
-                return unlocked
-            if previous is None or previous.password == key.password:
-                return unlocked
-            deadline.check("removing the previous volume key")
-            if not self.engine.retire(device.path, previous.password, integrity=integrity):
-                return unlocked
-            log.info(
-                "removed the previous block volume key left by an interrupted rotation",
-                extra={"fields": {"volume_id": req.volume_id}},
-            )
+            deadline.check("rotating the volume key")
+            self._rotate_from(device, previous, key, integrity)
+            log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
             return self.engine.unlock(device.path, key.password, integrity=integrity)
-        deadline.check("rotating the volume key")
+        if new:
+            return unlocked
+        try:
+            previous = self._previous_key(req, ctx)
+        except (errors.Unavailable, errors.FailedPrecondition) as exc:
+            # The old key may be gone from the KBS after the rotation; the volume opens
+            # with its current key either way. A bad reference still fails the stage.
+            log.warning(
+                "previous key not checked",
+                extra={"fields": {"volume_id": req.volume_id, "error": str(exc)}},
+            )
+            return unlocked
+        if previous is None:
+            return unlocked
+        deadline.check("removing the previous volume key")
+        old = [pw for pw in _passphrases(previous) if pw not in _passphrases(key)]
+        if not any(self.engine.retire(device.path, pw, integrity=integrity) for pw in old):
+            return unlocked
+        log.info(
+            "removed the previous block volume key left by an interrupted rotation",
+            extra={"fields": {"volume_id": req.volume_id}},
+        )
+        return self._unlock_with(device, key, integrity)
+
+    def _unlock_with(self, device: blockdev.Device, key: VolumeKey, integrity: bool) -> Unlocked:
+        """Unlock with the key's whole passphrase, or its first line: the key of a volume
+        staged before block volumes used whole passphrases."""
+        *firsts, last = _passphrases(key)
+        for pw in firsts:
+            with contextlib.suppress(errors.WrongVolumeKey):
+                return self.engine.unlock(device.path, pw, integrity=integrity)
+        return self.engine.unlock(device.path, last, integrity=integrity)
+
+    def _rotate_from(
+        self, device: blockdev.Device, previous: VolumeKey, key: VolumeKey, integrity: bool
+    ) -> None:
+        *firsts, last = _passphrases(previous)
+        for pw in firsts:
+            try:
+                return self._rotate(device, pw, key, integrity)
+            except errors.WrongVolumeKey:
+                continue
+        self._rotate(device, last, key, integrity)
+
+    def _rotate(self, device: blockdev.Device, old: bytes, key: VolumeKey, integrity: bool) -> None:
         self.engine.rotate(
             device.path,
-            previous.password,
+            old,
             key.password,
             high_entropy=key.source != "sealed-passphrase",
             integrity=integrity,
         )
-        log.info("rotated block volume key", extra={"fields": {"volume_id": req.volume_id}})
-        return self.engine.unlock(device.path, key.password, integrity=integrity)
 
     def _previous_key(self, req: StageRequest, ctx: Mapping[str, str]) -> VolumeKey | None:
         """The key before a rotation, if the request names one (previousKeyResource in the
@@ -425,6 +458,7 @@ class BlockVolumes:
             self.resolver,
             allowed_key_resources=self.allowed_key_resources,
             allowed_kids=self.allowed_signing_kids,
+            whole_passphrase=True,
         )
 
     # -- the kernel engine --------------------------------------------------------------------
@@ -529,8 +563,14 @@ class BlockVolumes:
                 return None
             # allow_integrity only to recognise it: a mismatch is refused just below, so an
             # integrity volume is never handed on as plain.
-            opened = open_volume(fd, key.password, require_binding=True, allow_integrity=True)
-        except FuseCryptError:  # another key, a hostile or unbound header: not ours
+            opened = None
+            for pw in _passphrases(key):
+                with contextlib.suppress(FuseCryptError):  # another key, a hostile header
+                    opened = open_volume(fd, pw, require_binding=True, allow_integrity=True)
+                    break
+            if opened is None:
+                return None
+        except FuseCryptError:  # an unbound or hostile header: not ours
             return None
         finally:
             os.close(fd)

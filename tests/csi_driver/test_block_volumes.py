@@ -824,6 +824,25 @@ def test_read_only_stage_and_no_secrets_in_logs(rig: Rig) -> None:
 # -- key sources, mkfsOpts and device names at stage --------------------------------------------
 
 
+def _sealed_resource(keys: Keys, name: str, value: bytes) -> str:
+    """Store ``value`` as the KBS resource ``name`` and return a sealed reference to it
+    (CoCo's vault form: the node fetches the bytes when it unseals). Restart the node to
+    reload the resources."""
+    import base64
+    import json
+
+    from sealed_secrets.seal import seal_vault
+
+    from .conftest import SIGNING_KID
+
+    resources = pathlib.Path(keys.resources_file)
+    doc = json.loads(resources.read_text())
+    doc[name] = base64.b64encode(value).decode()
+    resources.write_text(json.dumps(doc))
+    return seal_vault(f"kbs:///{name}", "kbs", signing_key=keys.signing_key,
+                      signing_kid=SIGNING_KID)  # fmt: skip
+
+
 def _keyslot_kdfs(img: pathlib.Path) -> list[str]:
     """The KDF type of every keyslot, as cryptsetup reads the header."""
     return [slot["kdf"]["type"] for slot in lh.cs_json(img)["keyslots"].values()]
@@ -841,19 +860,11 @@ def test_sealed_passphrase_is_the_block_volume_key(rig: Rig, keys: Keys) -> None
     itself: cryptsetup opens the container with the unsealed bytes, in an Argon2id keyslot (a
     human passphrase, low entropy). The volume restages as ``encrypted`` with it and keeps its
     data; another sealed passphrase, one byte apart, is WrongVolumeKey with the image unchanged."""
-    import base64
-    import json
-
-    from sealed_secrets.seal import seal_vault
-
-    from .conftest import PASSPHRASE, SIGNING_KID
+    from .conftest import PASSPHRASE
 
     lh.skip_without_cryptsetup()
     other = PASSPHRASE[:-1] + b"E"  # differs in the last byte only
-    resources = pathlib.Path(keys.resources_file)
-    doc = json.loads(resources.read_text())
-    doc["default/passphrases/other"] = base64.b64encode(other).decode()
-    resources.write_text(json.dumps(doc))
+    wrong = _sealed_resource(keys, "default/passphrases/other", other)
     rig.core.shutdown()
     rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
     img = rig.image()
@@ -876,8 +887,6 @@ def test_sealed_passphrase_is_the_block_volume_key(rig: Rig, keys: Keys) -> None
     rig.core.unstage("blk-pp", staging)
 
     before = _sha(img)
-    wrong = seal_vault("kbs:///default/passphrases/other", "kbs", signing_key=keys.signing_key,
-                       signing_kid=SIGNING_KID)  # fmt: skip
     with pytest.raises(errors.WrongVolumeKey):
         rig.core.stage(StageRequest("blk-pp", staging, RW, {"passphrase": wrong}, ctx, {}))
     assert _sha(img) == before
@@ -1017,3 +1026,80 @@ def test_device_by_id_link(rig: Rig) -> None:
             with contextlib.suppress(OSError):
                 p.rmdir()
         subprocess.run(["losetup", "-d", loop], capture_output=True)
+
+
+def test_a_cdh_disk_keyed_with_bytes_that_end_in_a_newline_opens_through_the_node(
+    rig: Rig, keys: Keys
+) -> None:
+    """CDH hands a LUKS2 key to cryptsetup byte for byte (``-d -``); a KBS resource made
+    with ``echo`` ends in a newline, and that newline is part of the key. A disk cryptsetup
+    formatted that way, with CDH's options and no binding token, stages through the node
+    (raw block, with the operator's --block-accept-unbound-header) from a sealed reference
+    to the same resource; what the node writes decrypts under the volume key cryptsetup
+    dumps for those bytes, with nothing written to the header."""
+    from .test_block_raw import BLK
+
+    lh.skip_without_cryptsetup()
+    cdh_key = b"tenant disk key\n"
+    sealed = _sealed_resource(keys, "default/passphrases/cdh", cdh_key)
+    img = rig.image()
+    lh.cs_luks_format(img, cdh_key)
+    assert not lh.cs_opens(img, cdh_key[:-1])  # the first line alone is not the key
+    head = _head_sha(img)
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")],
+                         block_require_binding=False)  # fmt: skip
+    staging = rig.staging()
+    ctx = {"devicePath": str(img), "sourceType": "encrypted"}
+    rig.core.stage(StageRequest("blk-cdh", staging, BLK, {"passphrase": sealed}, ctx, {}))
+    loop = rig.core.block._loop_of(rig.core.block.daemon_dir(staging))
+    assert loop is not None
+    data = MARKER * (4096 // len(MARKER)) + bytes(4096 % len(MARKER))
+    fd = os.open(loop, os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 3 * 4096)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    rig.core.unstage("blk-cdh", staging)
+    assert _head_sha(img) == head
+    seg = XtsSegment(lh.cs_volume_key(img, cdh_key))
+    with img.open("rb") as f:
+        f.seek(16 * MiB + 3 * 4096)
+        assert seg.decrypt(3 * 4096, f.read(4096)) == data
+
+
+def test_a_volume_keyed_with_the_first_line_of_its_passphrase_still_opens(
+    rig: Rig, keys: Keys
+) -> None:
+    """Before block volumes used whole passphrases, a sealed passphrase that spans lines
+    keyed the volume with its first line. Such a volume still stages with the same sealed
+    value, as ``encrypted`` and as its own ``empty`` PV, and its header is not rewritten."""
+    from .test_block_raw import BLK
+
+    sealed = _sealed_resource(keys, "default/passphrases/legacy", b"legacy pass\n")
+    img = rig.image()
+    UserspaceLuks().format(str(img), b"legacy pass", high_entropy=False)
+    head = _head_sha(img)
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    staging = rig.staging()
+    for source in ("encrypted", "empty"):
+        ctx = {"devicePath": str(img), "sourceType": source}
+        rig.core.stage(StageRequest("blk-old", staging, BLK, {"passphrase": sealed}, ctx, {}))
+        rig.core.unstage("blk-old", staging)
+    assert _head_sha(img) == head
+    other = _sealed_resource(keys, "default/passphrases/legacy2", b"legacy pass2\n")
+    rig.core.shutdown()
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    with pytest.raises(errors.WrongVolumeKey):
+        ctx = {"devicePath": str(img), "sourceType": "encrypted"}
+        rig.core.stage(StageRequest("blk-old", staging, BLK, {"passphrase": other}, ctx, {}))
+    assert _head_sha(img) == head
+    # Rotated away from: the previous passphrase's first line is what opens the old slot.
+    ctx = {"devicePath": str(img), "sourceType": "encrypted", "keyResource": KEY_RESOURCE,
+           "previousPassphrase": sealed}  # fmt: skip
+    rig.core.stage(StageRequest("blk-old", staging, BLK, {}, ctx, {}))
+    rig.core.unstage("blk-old", staging)
+    new_pw = derive_volume_password(keys.root_key, "blk-old")
+    assert lh.cs_opens(img, new_pw) and not lh.cs_opens(img, b"legacy pass")

@@ -142,6 +142,26 @@ def test_only_the_first_line_of_a_passphrase_counts() -> None:
     assert _resolve(secrets={"passphrase": SEALED}, resolver=r).password == b"line one"
 
 
+def test_block_volumes_use_the_whole_passphrase_and_keep_its_first_line_apart() -> None:
+    """cryptsetup's --key-file and CDH use every byte of a LUKS2 key; gocryptfs reads one
+    line. The first line stays on the key only for volumes keyed with it before."""
+    r = _Resolver(sealed={SEALED: b"line one\nline two\n"})
+    key = _resolve(secrets={"passphrase": SEALED}, resolver=r, whole_passphrase=True)
+    assert key.password == b"line one\nline two\n" and key.first_line == b"line one"
+    assert "line" not in repr(key)
+    r = _Resolver(sealed={SEALED: b"one line"})
+    key = _resolve(secrets={"passphrase": SEALED}, resolver=r, whole_passphrase=True)
+    assert key.password == b"one line" and key.first_line is None
+    r = _Resolver(sealed={SEALED: b"\nafter an empty first line"})
+    key = _resolve(secrets={"passphrase": SEALED}, resolver=r, whole_passphrase=True)
+    assert key.password == b"\nafter an empty first line" and key.first_line is None
+    with pytest.raises(errors.InvalidArgument, match="empty"):
+        _resolve(secrets={"passphrase": SEALED}, resolver=r)
+    r = _Resolver(sealed={SEALED: b""})
+    with pytest.raises(errors.InvalidArgument, match="empty"):
+        _resolve(secrets={"passphrase": SEALED}, resolver=r, whole_passphrase=True)
+
+
 def test_secrets_win_over_volume_context_and_passphrases_over_key_resources() -> None:
     r = _Resolver(sealed={SEALED: b"from secrets", "sealed.other": b"from context"})
     key = _resolve(
