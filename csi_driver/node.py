@@ -27,7 +27,12 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
     ) -> csi_pb2.NodeGetCapabilitiesResponse:  # noqa: N802
         caps = [
             csi_pb2.NodeServiceCapability(rpc=csi_pb2.NodeServiceCapability.RPC(type=t))
-            for t in (RPC.STAGE_UNSTAGE_VOLUME, RPC.GET_VOLUME_STATS, RPC.EXPAND_VOLUME)
+            for t in (
+                RPC.STAGE_UNSTAGE_VOLUME,
+                RPC.GET_VOLUME_STATS,
+                RPC.EXPAND_VOLUME,
+                RPC.VOLUME_CONDITION,
+            )
         ]
         return csi_pb2.NodeGetCapabilitiesResponse(capabilities=caps)
 
@@ -103,5 +108,9 @@ class NodeServicer(csi_pb2_grpc.NodeServicer):
                     available=st.inodes_available,
                     used=st.inodes_used,
                 ),
-            ]
+            ],
+            # Required with the VOLUME_CONDITION capability (CSI spec), message included.
+            volume_condition=csi_pb2.VolumeCondition(
+                abnormal=st.abnormal is not None, message=st.abnormal or "the volume is served"
+            ),
         )

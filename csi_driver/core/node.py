@@ -22,7 +22,7 @@ import shutil
 import stat
 import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from csi_driver import errors, fsprobe, usage, validate
 from csi_driver.constants import CTX_CAPACITY, CTX_CIPHER_DIR, CTX_EPHEMERAL
@@ -90,6 +90,8 @@ class VolumeStats:
     inodes_total: int
     inodes_available: int
     inodes_used: int
+    #: Why the volume is abnormal (CSI VolumeCondition), None while it is served normally.
+    abnormal: str | None = None
 
 
 def _require(value: str, name: str) -> None:
@@ -877,10 +879,11 @@ class NodeCore:
             if block.volume_id != volume_id or block.phase != MOUNTED:
                 raise errors.NotFound(f"volume {volume_id} is not published at {target}")
             with self._busy():
+                why = self.block.condition(target)
                 raw = self.block.raw_size(target)
                 if raw is not None:  # raw block access: a size, no filesystem to measure
-                    return VolumeStats(raw, 0, 0, 0, 0, 0)
-                return _vfs_stats(self.block.statvfs(target))
+                    return VolumeStats(raw, 0, 0, 0, 0, 0, abnormal=why)
+                return replace(_vfs_stats(self.block.statvfs(target)), abnormal=why)
         pub = self.store.get(target)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not published at {target}")

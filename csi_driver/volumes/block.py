@@ -912,6 +912,24 @@ class BlockVolumes:
         except OSError as exc:
             raise errors.NotFound(f"the block volume is not usable: {exc.strerror}") from None
 
+    def condition(self, path: str) -> str | None:
+        """Why the block volume at ``path`` (its staging path or a target) is abnormal, or
+        None. A userspace stage whose daemon has exited fails every read and write: its
+        loop device holds the dead daemon's file, so the daemon cannot be restarted under
+        it (the supervisor does not try) and only unstage + stage bring the volume back.
+        Statistics alone would not show it (the filesystem's counters stay in memory)."""
+        pub = self.store.get(path)
+        if pub is not None and pub.mounter == BIND:
+            pub = self.staged(pub.cipher_dir)
+        if pub is None or pub.phase != MOUNTED or pub.mounter not in (BLOCK_MOUNTER, BLOCK_RAW):
+            return None
+        if self.mounter.serves(pub.pid, self.daemon_dir(pub.target_path), pub.pid_start):
+            return None
+        return (
+            f"the block daemon of volume {pub.volume_id} has exited: its reads and writes "
+            "fail until the volume is unstaged and staged again (restart the pods using it)"
+        )
+
     def raw_size(self, path: str) -> int | None:
         """Bytes of the loop device behind a raw block stage or publish, else None."""
         pub = self.store.get(path)

@@ -416,9 +416,14 @@ def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
     time.sleep(0.8)
     pub = rig.core.block.store.get(staging)
     assert pub is not None and pub.pid > 0
+    assert rig.core.stats("blk-1", target).abnormal is None
     os.kill(pub.pid, signal.SIGKILL)
     stop.set()
     t.join(30)
+    # Reported through NodeGetVolumeStats (VolumeCondition) for the target and the stage.
+    for path in (target, staging):
+        why = rig.core.stats("blk-1", path).abnormal
+        assert why is not None and "has exited" in why and "staged again" in why
     rig.core.unpublish("blk-1", target)
     rig.core.unstage("blk-1", staging)
     # (the loop is over the daemon's ``disk``, never over the image: _loops_of(img) is

@@ -94,6 +94,7 @@ def test_restarted_plugin_adopts_live_mounts(node_world, mounter: str) -> None:
         csi_pb2.NodeGetVolumeStatsRequest(volume_id=vols[0][0], volume_path=targets[0])
     )
     assert stats.usage
+    assert stats.HasField("volume_condition") and not stats.volume_condition.abnormal
     for (vid, _ctx), t in zip(vols, targets, strict=True):
         _unpublish(client2, vid, t)
         assert not os.path.exists(t)

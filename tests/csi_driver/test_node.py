@@ -443,8 +443,33 @@ def test_identity_and_capabilities(env: Env) -> None:
     ncaps = env.node.node.NodeGetCapabilities(csi_pb2.NodeGetCapabilitiesRequest())
     types = [c.rpc.type for c in ncaps.capabilities]
     rpc = csi_pb2.NodeServiceCapability.RPC
-    assert types == [rpc.STAGE_UNSTAGE_VOLUME, rpc.GET_VOLUME_STATS, rpc.EXPAND_VOLUME]
+    assert types == [
+        rpc.STAGE_UNSTAGE_VOLUME,
+        rpc.GET_VOLUME_STATS,
+        rpc.EXPAND_VOLUME,
+        rpc.VOLUME_CONDITION,
+    ]
     assert env.node.node.NodeGetInfo(csi_pb2.NodeGetInfoRequest()).node_id == "test-node"
+
+
+def test_volume_condition_is_in_every_stats_response() -> None:
+    """With VOLUME_CONDITION advertised the spec requires volume_condition, message too, in
+    every NodeGetVolumeStats response; an abnormal volume carries the core's reason."""
+    from types import SimpleNamespace
+
+    from csi_driver.core.node import VolumeStats
+    from csi_driver.node import NodeServicer
+
+    req = csi_pb2.NodeGetVolumeStatsRequest(volume_id="v", volume_path="/p")
+    for abnormal in (None, "the block daemon of volume v has exited"):
+        stats = VolumeStats(10, 4, 6, 3, 1, 2, abnormal=abnormal)
+        core = SimpleNamespace(stats=lambda vid, path, st=stats: st, metrics=None)
+        resp = NodeServicer(core).NodeGetVolumeStats(req, None)  # type: ignore[arg-type]
+        assert resp.HasField("volume_condition") and resp.volume_condition.message
+        assert resp.volume_condition.abnormal is (abnormal is not None)
+        if abnormal:
+            assert resp.volume_condition.message == abnormal
+        assert [(u.total, u.available, u.used) for u in resp.usage] == [(10, 4, 6), (3, 1, 2)]
 
 
 def test_probe_not_ready_without_resolver(tmp_path) -> None:
