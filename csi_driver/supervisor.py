@@ -337,7 +337,15 @@ class MountSupervisor:
         handle.restarts = [t for t in handle.restarts if now - t < RESTART_WINDOW]
         if handle.key is None or len(handle.restarts) >= MAX_RESTARTS:
             handle.dead = True
-            log.error("mount left down; next NodePublishVolume remounts", extra={"fields": fields})
+            if handle.key is None:  # block daemons: their loop device holds the dead file
+                log.error(
+                    "mount left down: not restartable; unstage and stage the volume",
+                    extra={"fields": fields},
+                )
+            else:
+                log.error(
+                    "mount left down; next NodePublishVolume remounts", extra={"fields": fields}
+                )
             self.on_change()
             return
         with self._lock:

@@ -381,7 +381,9 @@ def test_mkfs_options_allow_list() -> None:
         blockdev.fs_type({}, "btrfs")
 
 
-def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
+def test_daemon_killed_mid_write_unstage_and_restage(
+    rig: Rig, caplog: pytest.LogCaptureFixture
+) -> None:
     """The block daemon SIGKILLed under a writer: unstage still cleans everything (dead
     FUSE, loop device with I/O errors), the next stage opens the volume and the journal
     replay leaves a consistent filesystem with the committed data."""
@@ -420,10 +422,14 @@ def test_daemon_killed_mid_write_unstage_and_restage(rig: Rig) -> None:
     os.kill(pub.pid, signal.SIGKILL)
     stop.set()
     t.join(30)
-    # Reported through NodeGetVolumeStats (VolumeCondition) for the target and the stage.
+    # Reported through NodeGetVolumeStats (VolumeCondition) for the target and the stage,
+    # and logged by the supervisor as not restartable (it keeps no key for block daemons).
     for path in (target, staging):
         why = rig.core.stats("blk-1", path).abnormal
         assert why is not None and "has exited" in why and "staged again" in why
+    from fuse_crypt.daemon import wait_until
+
+    assert wait_until(lambda: "not restartable" in caplog.text, 10)
     rig.core.unpublish("blk-1", target)
     rig.core.unstage("blk-1", staging)
     # (the loop is over the daemon's ``disk``, never over the image: _loops_of(img) is
