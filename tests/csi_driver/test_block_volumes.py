@@ -1114,3 +1114,55 @@ def test_a_volume_keyed_with_the_first_line_of_its_passphrase_still_opens(
     rig.core.unstage("blk-old", staging)
     new_pw = derive_volume_password(keys.root_key, "blk-old")
     assert lh.cs_opens(img, new_pw) and not lh.cs_opens(img, b"legacy pass")
+
+
+def test_a_stage_killed_before_its_mount_is_undone_by_the_next_plugin(rig: Rig, keys: Keys) -> None:
+    """kill -9 of the plugin after the block daemon started and its loop device was
+    attached, before the filesystem was mounted (the stage record still says INTENT, with
+    no pid yet): the next plugin undoes it at start (daemon stopped, loop detached, record
+    gone), and the retried stage succeeds with the data of an earlier stage intact."""
+    from csi_driver.core.store import INTENT
+
+    class Killed(BaseException):
+        pass
+
+    img = rig.image()
+    staging = rig.stage(img)
+    (pathlib.Path(staging) / NAME).write_bytes(MARKER)
+    rig.core.unstage("blk-1", staging)
+    block = rig.core.block
+
+    def killed(*args: object) -> None:
+        raise Killed
+
+    block._mount_staging = killed  # type: ignore[method-assign]
+    block._teardown = lambda pub: None  # type: ignore[method-assign]  # no cleanup runs
+    with pytest.raises(Killed):
+        rig.stage(img, source="encrypted")
+    rec = block.store.get(staging)
+    assert rec is not None and rec.phase == INTENT
+    mnt = block.daemon_dir(staging)
+    loop = block._loop_of(mnt)
+    assert loop is not None and os.path.ismount(mnt)
+    assert _processes_naming(mnt)  # the daemon serves it
+    rig.core.shutdown()
+
+    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    assert rig.core.block.store.get(staging) is None
+    assert rig.core.block._loop_of(mnt) is None and not os.path.ismount(mnt)
+    assert not pathlib.Path(f"/sys/block/{loop.removeprefix('/dev/')}/loop").exists()
+    from fuse_crypt.daemon import wait_until
+
+    assert wait_until(lambda: not _processes_naming(mnt), 10)
+    staging = rig.stage(img, source="encrypted")
+    assert (pathlib.Path(staging) / NAME).read_bytes() == MARKER
+
+
+def _processes_naming(path: str) -> list[int]:
+    """Live processes whose command line names ``path`` (a daemon serving it)."""
+    found = []
+    for d in pathlib.Path("/proc").glob("[0-9]*"):
+        with contextlib.suppress(OSError):
+            if path.encode() in (d / "cmdline").read_bytes().split(b"\0"):
+                found.append(int(d.name))
+    return found
