@@ -44,7 +44,8 @@ def test_a_tiny_run_prints_every_row_and_leaves_nothing_behind(tmp_path: Path) -
     for row in ("seq write MB/s", "seq read MB/s", "small create+sync files/s",
                 "small read files/s", "small create+sync files/s, 2 ABBA pairs",
                 "small read files/s, 2 ABBA pairs", "daemon peak RSS MiB",
-                "NodeStageVolume p50 s (1 runs)"):  # fmt: skip
+                "NodeStageVolume p50 s (1 runs)",
+                "NodeStageVolume p50 s, new volume (format + mkfs)"):  # fmt: skip
         assert row in rows, res.stdout
     assert res.stdout.count("[pair ") == 2
     assert list(tmp_path.iterdir()) == []  # its work directory is gone
