@@ -253,8 +253,8 @@ class UserspaceLuks:
         cost = KdfCost(iterations=1000) if high_entropy else None
         kdf = "pbkdf2" if high_entropy else "argon2id"
         binding, allow = self.require_binding, integrity
-        fd = self._open(device, read_only=False)
-        try:
+
+        def change(fd: int) -> None:
             add_passphrase(
                 fd, old, new, require_binding=binding, allow_integrity=allow, kdf=kdf,
                 kdf_cost=cost,
@@ -262,31 +262,42 @@ class UserspaceLuks:
             # the new slot works
             open_volume(fd, new, require_binding=binding, allow_integrity=allow)
             remove_passphrase(fd, old, require_binding=binding, allow_integrity=allow)
+
+        try:
+            self._change_keyslots(device, change, "key rotation failed")
         except WrongKeyError:
             raise errors.WrongVolumeKey(
                 "neither the volume key nor the previous key opens this LUKS2 container"
             ) from None
-        except HeaderError as exc:
-            raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
-        except (Luks2Error, BadInputError) as exc:
-            raise errors.FailedPrecondition(f"key rotation failed: {exc}") from None
-        finally:
-            os.close(fd)
 
     def retire(self, device: str, old: bytes, *, integrity: bool = False) -> bool:
         binding, allow = self.require_binding, integrity
-        fd = self._open(device, read_only=False)
         try:
-            remove_passphrase(fd, old, require_binding=binding, allow_integrity=allow)
+            self._change_keyslots(
+                device,
+                lambda fd: remove_passphrase(
+                    fd, old, require_binding=binding, allow_integrity=allow
+                ),
+                "removing the previous key failed",
+            )
         except WrongKeyError:
             return False
+        return True
+
+    def _change_keyslots(self, device: str, change: Callable[[int], None], failed: str) -> None:
+        """One descriptor and one error mapping for keyslot changes; a wrong key
+        (WrongKeyError) is the caller's to judge."""
+        fd = self._open(device, read_only=False)
+        try:
+            change(fd)
+        except WrongKeyError:
+            raise
         except HeaderError as exc:
             raise errors.FailedPrecondition(f"LUKS2 header refused: {exc}") from None
         except (Luks2Error, BadInputError) as exc:
-            raise errors.FailedPrecondition(f"removing the previous key failed: {exc}") from None
+            raise errors.FailedPrecondition(f"{failed}: {exc}") from None
         finally:
             os.close(fd)
-        return True
 
     def unlock(self, device: str, passphrase: bytes, *, integrity: bool = False) -> Unlocked:
         """``integrity`` (the kernel engine's dataIntegrity) is the only way an integrity
