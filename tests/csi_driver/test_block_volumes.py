@@ -975,8 +975,8 @@ def test_mkfs_options_shape_the_new_filesystem(rig: Rig, fs: str, opts: str) -> 
 
 
 def test_device_named_only_in_publish_context(rig: Rig) -> None:
-    """CDH's keys may come in publish_context (what ControllerPublishVolume returned) rather
-    than volumeAttributes: ``devicePath`` there alone stages the volume, new and again as
+    """The device may be named in publish_context (what ControllerPublishVolume returned)
+    rather than in volumeAttributes: ``devicePath`` there alone stages the volume, new and again as
     ``encrypted``, on that very image (the stage record names it; the data reads back)."""
     img = rig.image()
     staging = rig.staging()
