@@ -33,7 +33,6 @@ import os
 import re
 import shutil
 import stat
-import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -145,12 +144,7 @@ class BlockServeMounter(Mounter):
 
 
 def _run(argv: list[str], what: str, timeout: float = TOOL_TIMEOUT) -> str:
-    try:
-        res = subprocess.run(argv, capture_output=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        raise errors.DeadlineExceeded(f"{what} timed out") from None
-    except FileNotFoundError:
-        raise errors.FailedPrecondition(f"{argv[0]} is not installed") from None
+    res = blockdev.run_tool(argv, timeout, what)
     if res.returncode != 0:
         raise errors.Internal(f"{what} failed: {tail(res.stderr.decode('utf-8', 'replace'))}")
     return res.stdout.decode("utf-8", "replace")

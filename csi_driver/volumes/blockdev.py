@@ -321,22 +321,28 @@ def ext4_size(dumpe2fs_header: str) -> int | None:
     return int(count.group(1)) * int(size.group(1))
 
 
-def _tool_out(argv: list[str], timeout: float) -> subprocess.CompletedProcess[bytes]:
+def run_tool(
+    argv: list[str], timeout: float, what: str | None = None
+) -> subprocess.CompletedProcess[bytes]:
+    """Run a system tool with a bound on its time; its exit code is the caller's to judge.
+    A timeout is DEADLINE_EXCEEDED, a missing tool FAILED_PRECONDITION."""
     try:
         return subprocess.run(argv, capture_output=True, timeout=timeout, stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise errors.DeadlineExceeded(f"{argv[0]} timed out") from None
+        raise errors.DeadlineExceeded(f"{what or argv[0]} timed out") from None
     except FileNotFoundError:
         raise errors.FailedPrecondition(f"{argv[0]} is not installed") from None
 
 
 def _size_of(device: str) -> int | None:
+    from fuse_crypt.blockfront import device_size
+
     try:
         fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
     try:
-        return os.lseek(fd, 0, os.SEEK_END)
+        return device_size(fd)
     finally:
         os.close(fd)
 
@@ -356,14 +362,14 @@ def grow_ext4_unmounted(device: str, timeout: float) -> int | None:
     device_size = _size_of(device)
     if device_size is None:
         return None
-    head = _tool_out(["dumpe2fs", "-h", "--", device], timeout)
+    head = run_tool(["dumpe2fs", "-h", "--", device], timeout)
     fs_size = ext4_size(head.stdout.decode("utf-8", "replace")) if head.returncode == 0 else None
     if fs_size is None or device_size < fs_size + GROW_MIN:
         return None
-    check = _tool_out(["e2fsck", "-f", "-p", "--", device], timeout)
+    check = run_tool(["e2fsck", "-f", "-p", "--", device], timeout)
     if check.returncode not in (0, 1):  # 1: errors corrected; anything else: not ours to fix
         return None
-    grown = _tool_out(["resize2fs", "--", device], timeout)
+    grown = run_tool(["resize2fs", "--", device], timeout)
     if grown.returncode != 0:
         raise errors.Internal(
             "growing the filesystem to its device failed (run e2fsck -fy on it): "
