@@ -36,6 +36,7 @@ import stat
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 from csi_driver import errors, fsprobe, validate
 from csi_driver.constants import PARAM_KEY_RESOURCE, PARAM_PASSPHRASE
@@ -58,6 +59,7 @@ from csi_driver.volumes.block_luks import (
 from sealed_secrets.resolver import Resolver
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 BLOCK_MOUNTER = "fuse-crypt-block"
 DM_CRYPT = "dm-crypt"  # stage records of the kernel engine
@@ -155,6 +157,16 @@ def _passphrases(key: VolumeKey) -> list[bytes]:
     line of one that spans lines (how block volumes staged before whole passphrases were
     keyed: they keep opening, and their slot is never rewritten for it)."""
     return [key.password, key.first_line] if key.first_line else [key.password]
+
+
+def _with_each(passphrases: list[bytes], attempt: Callable[[bytes], _T]) -> _T:
+    """``attempt`` with each passphrase in turn: a wrong key moves on to the next, and the
+    last one's error is the one raised."""
+    *firsts, last = passphrases
+    for pw in firsts:
+        with contextlib.suppress(errors.WrongVolumeKey):
+            return attempt(pw)
+    return attempt(last)
 
 
 def _nofollow(path: str, flags: int) -> int:
@@ -404,30 +416,19 @@ class BlockVolumes:
     def _unlock_with(self, device: blockdev.Device, key: VolumeKey, integrity: bool) -> Unlocked:
         """Unlock with the key's whole passphrase, or its first line: the key of a volume
         staged before block volumes used whole passphrases."""
-        *firsts, last = _passphrases(key)
-        for pw in firsts:
-            with contextlib.suppress(errors.WrongVolumeKey):
-                return self.engine.unlock(device.path, pw, integrity=integrity)
-        return self.engine.unlock(device.path, last, integrity=integrity)
+        return _with_each(
+            _passphrases(key), lambda pw: self.engine.unlock(device.path, pw, integrity=integrity)
+        )
 
     def _rotate_from(
         self, device: blockdev.Device, previous: VolumeKey, key: VolumeKey, integrity: bool
     ) -> None:
-        *firsts, last = _passphrases(previous)
-        for pw in firsts:
-            try:
-                return self._rotate(device, pw, key, integrity)
-            except errors.WrongVolumeKey:
-                continue
-        self._rotate(device, last, key, integrity)
-
-    def _rotate(self, device: blockdev.Device, old: bytes, key: VolumeKey, integrity: bool) -> None:
-        self.engine.rotate(
-            device.path,
-            old,
-            key.password,
-            high_entropy=key.source != "sealed-passphrase",
-            integrity=integrity,
+        high_entropy = key.source != "sealed-passphrase"
+        _with_each(
+            _passphrases(previous),
+            lambda old: self.engine.rotate(
+                device.path, old, key.password, high_entropy=high_entropy, integrity=integrity
+            ),
         )
 
     def _previous_key(self, req: StageRequest, ctx: Mapping[str, str]) -> VolumeKey | None:
@@ -906,15 +907,20 @@ class BlockVolumes:
         except OSError as exc:
             raise errors.NotFound(f"the block volume is not usable: {exc.strerror}") from None
 
+    def _stage_of(self, path: str) -> Publication | None:
+        """The stage record behind ``path``: its own, or the staging one of a target."""
+        pub = self.store.get(path)
+        if pub is not None and pub.mounter == BIND:
+            return self.staged(pub.cipher_dir)
+        return pub
+
     def condition(self, path: str) -> str | None:
         """Why the block volume at ``path`` (its staging path or a target) is abnormal, or
         None. A userspace stage whose daemon has exited fails every read and write: its
         loop device holds the dead daemon's file, so the daemon cannot be restarted under
         it (the supervisor does not try) and only unstage + stage bring the volume back.
         Statistics alone would not show it (the filesystem's counters stay in memory)."""
-        pub = self.store.get(path)
-        if pub is not None and pub.mounter == BIND:
-            pub = self.staged(pub.cipher_dir)
+        pub = self._stage_of(path)
         if pub is None or pub.phase != MOUNTED or pub.mounter not in (BLOCK_MOUNTER, BLOCK_RAW):
             return None
         if self.mounter.serves(pub.pid, self.daemon_dir(pub.target_path), pub.pid_start):
@@ -926,9 +932,7 @@ class BlockVolumes:
 
     def raw_size(self, path: str) -> int | None:
         """Bytes of the loop device behind a raw block stage or publish, else None."""
-        pub = self.store.get(path)
-        if pub is not None and pub.mounter == BIND:
-            pub = self.staged(pub.cipher_dir)
+        pub = self._stage_of(path)
         if pub is None or pub.mounter not in _RAW:
             return None
         dev = self._raw_device(pub)
@@ -941,9 +945,7 @@ class BlockVolumes:
         """Grow the loop device to the disk's new size and the filesystem to the loop's."""
         validate.volume_id(volume_id)
         path = self._path(staging_path or volume_path, "volume_path")
-        pub = self.store.get(path)
-        if pub is not None and pub.mounter == BIND:
-            pub = self.staged(pub.cipher_dir)
+        pub = self._stage_of(path)
         if pub is None or pub.volume_id != volume_id or pub.phase != MOUNTED:
             raise errors.NotFound(f"volume {volume_id} is not staged at {path}")
         if pub.mounter in _KERNEL:
