@@ -15,7 +15,6 @@ from csi_driver.core.node import PublishRequest
 from csi_driver.core.volcap import AccessType, Capability
 
 # `rig`: the block volume fixture of test_block_volumes (real images, loops, daemons).
-from .conftest import Keys, make_node
 from .test_block_volumes import MARKER, RW, Rig, _loops_of, rig  # noqa: F401
 
 BLK = Capability(AccessType.BLOCK, 1)  # SINGLE_NODE_WRITER
@@ -121,15 +120,14 @@ def test_raw_block_refusals(rig: Rig) -> None:  # noqa: F811 - the fixture
         rig.core.publish(PublishRequest("dir-1", rig.target("d"), BLK, False, {}, {}, ""))
 
 
-def test_raw_block_survives_a_plugin_restart(rig: Rig, keys: Keys) -> None:  # noqa: F811
+def test_raw_block_survives_a_plugin_restart(rig: Rig) -> None:  # noqa: F811
     img = rig.image()
     staging = rig.stage(img, cap=BLK)
     target = rig.target("a")
     _publish(rig, staging, target)
     with open(target, "r+b") as f:
         f.write(MARKER)
-    rig.core.shutdown()  # the plugin stops; the daemon, loop device and bind stay
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.restart()  # the plugin stops; the daemon, loop device and bind stay
     rig.stage(img, cap=BLK, source="encrypted")  # adopted: idempotent, not restaged
     _publish(rig, staging, target)  # idempotent against the adopted state
     with open(target, "rb") as f:

@@ -66,6 +66,13 @@ class Rig:
         self.core.stage(StageRequest(vid, staging, cap, {}, context, {}))
         return staging
 
+    def restart(self, **kw: object) -> None:
+        """A new plugin on the same state (its mounts and daemons stay up), which also
+        rereads the KBS resources."""
+        self.core.shutdown()
+        self.core = make_node(self.tmp, self.keys, "gocryptfs",
+                              block_image_roots=[str(self.tmp / "images")], **kw)  # fmt: skip
+
     def publish(self, staging: str, target: str, *, vid: str = "blk-1", ro: bool = False) -> None:
         ctx = {"devicePath": "x"}
         self.core.publish(PublishRequest(vid, target, RO if ro else RW, ro, {}, ctx, staging))
@@ -311,15 +318,13 @@ def test_xfs_and_mkfs_options(rig: Rig) -> None:
         rig.stage(img2, vid="blk-2", staging=rig.staging("v2"), mkfsOpts="-L ../../x")
 
 
-def test_plugin_restart_adopts_and_cleans(rig: Rig, keys: Keys) -> None:
+def test_plugin_restart_adopts_and_cleans(rig: Rig) -> None:
     img = rig.image()
     staging = rig.stage(img)
     target = rig.target("a")
     rig.publish(staging, target)
     (pathlib.Path(target) / "f").write_bytes(b"survives")
-    rig.core.shutdown()  # plugin stops; mounts and the daemon stay
-    core2 = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
-    rig.core = core2
+    rig.restart()  # plugin stops; mounts and the daemon stay
     assert (pathlib.Path(target) / "f").read_bytes() == b"survives"
     rig.publish(staging, target)  # idempotent against the adopted state
     rig.core.unpublish("blk-1", target)
@@ -666,9 +671,6 @@ def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool
 
 
 def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Keys) -> None:
-    import base64
-    import json
-
     from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
 
     img = rig.image()
@@ -677,11 +679,8 @@ def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Key
     rig.core.unstage("blk-1", staging)
     # The KBS gets a new root key; the old one stays available for the rotation.
     new_jwk = new_volume_key_jwk().encode()
-    doc = json.loads(pathlib.Path(keys.resources_file).read_text())
-    doc["default/coco-csi/volume-root-2"] = base64.b64encode(new_jwk).decode()
-    pathlib.Path(keys.resources_file).write_text(json.dumps(doc))
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    _set_resource(keys, "default/coco-csi/volume-root-2", new_jwk)
+    rig.restart()
     new_res = KEY_RESOURCE + "-2"
     before = _sha(img)
     with pytest.raises(errors.WrongVolumeKey):
@@ -719,9 +718,6 @@ def test_a_rotation_cut_off_after_the_new_slot_is_finished_at_the_next_stage(
     names the previous key must remove it, or the old (revoked) key opens the volume for
     good; once it is gone, naming it again writes nothing, and a previous key the KBS no
     longer has does not stop the volume opening with its current key."""
-    import base64
-    import json
-
     from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
     from fuse_crypt.luks2 import add_passphrase
 
@@ -730,12 +726,8 @@ def test_a_rotation_cut_off_after_the_new_slot_is_finished_at_the_next_stage(
     (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
     rig.core.unstage("blk-1", staging)
     new_jwk = new_volume_key_jwk().encode()
-    resources = pathlib.Path(keys.resources_file)
-    doc = json.loads(resources.read_text())
-    doc["default/coco-csi/volume-root-2"] = base64.b64encode(new_jwk).decode()
-    resources.write_text(json.dumps(doc))
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    _set_resource(keys, "default/coco-csi/volume-root-2", new_jwk)
+    rig.restart()
     old_pw = derive_volume_password(keys.root_key, "blk-1")
     new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
     # The plugin died right after step 1 (the new slot is committed, the old one kept).
@@ -760,10 +752,8 @@ def test_a_rotation_cut_off_after_the_new_slot_is_finished_at_the_next_stage(
     rig.core.unstage("blk-1", staging)
     assert _head_sha(img) == before  # nothing left to remove: the header is not rewritten
 
-    del doc["default/coco-csi/volume-root"]
-    resources.write_text(json.dumps(doc))
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    _set_resource(keys, "default/coco-csi/volume-root", None)
+    rig.restart()
     staging = rig.stage(img, source="encrypted", keyResource=new_res,
                         previousKeyResource=KEY_RESOURCE)  # fmt: skip
     assert (pathlib.Path(staging) / "kept").read_bytes() == b"across the rotation"
@@ -835,21 +825,29 @@ def test_read_only_stage_and_no_secrets_in_logs(rig: Rig) -> None:
 # -- key sources, mkfsOpts and device names at stage --------------------------------------------
 
 
-def _sealed_resource(keys: Keys, name: str, value: bytes) -> str:
-    """Store ``value`` as the KBS resource ``name`` and return a sealed reference to it
-    (CoCo's vault form: the node fetches the bytes when it unseals). Restart the node to
-    reload the resources."""
+def _set_resource(keys: Keys, name: str, value: bytes | None) -> None:
+    """Store ``value`` as the KBS resource ``name`` (None: delete it). Restart the node
+    (Rig.restart) to reload the resources."""
     import base64
     import json
 
+    resources = pathlib.Path(keys.resources_file)
+    doc = json.loads(resources.read_text())
+    if value is None:
+        del doc[name]
+    else:
+        doc[name] = base64.b64encode(value).decode()
+    resources.write_text(json.dumps(doc))
+
+
+def _sealed_resource(keys: Keys, name: str, value: bytes) -> str:
+    """Store ``value`` as the KBS resource ``name`` and return a sealed reference to it
+    (CoCo's vault form: the node fetches the bytes when it unseals)."""
     from sealed_secrets.seal import seal_vault
 
     from .conftest import SIGNING_KID
 
-    resources = pathlib.Path(keys.resources_file)
-    doc = json.loads(resources.read_text())
-    doc[name] = base64.b64encode(value).decode()
-    resources.write_text(json.dumps(doc))
+    _set_resource(keys, name, value)
     return seal_vault(f"kbs:///{name}", "kbs", signing_key=keys.signing_key,
                       signing_kid=SIGNING_KID)  # fmt: skip
 
@@ -876,8 +874,7 @@ def test_sealed_passphrase_is_the_block_volume_key(rig: Rig, keys: Keys) -> None
     lh.skip_without_cryptsetup()
     other = PASSPHRASE[:-1] + b"E"  # differs in the last byte only
     wrong = _sealed_resource(keys, "default/passphrases/other", other)
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.restart()
     img = rig.image()
     staging = rig.staging()
     secrets = {"passphrase": keys.seal_passphrase()}
@@ -1057,9 +1054,7 @@ def test_a_cdh_disk_keyed_with_bytes_that_end_in_a_newline_opens_through_the_nod
     lh.cs_luks_format(img, cdh_key)
     assert not lh.cs_opens(img, cdh_key[:-1])  # the first line alone is not the key
     head = _head_sha(img)
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")],
-                         block_require_binding=False)  # fmt: skip
+    rig.restart(block_require_binding=False)
     staging = rig.staging()
     ctx = {"devicePath": str(img), "sourceType": "encrypted"}
     rig.core.stage(StageRequest("blk-cdh", staging, BLK, {"passphrase": sealed}, ctx, {}))
@@ -1092,8 +1087,7 @@ def test_a_volume_keyed_with_the_first_line_of_its_passphrase_still_opens(
     img = rig.image()
     UserspaceLuks().format(str(img), b"legacy pass", high_entropy=False)
     head = _head_sha(img)
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.restart()
     staging = rig.staging()
     for source in ("encrypted", "empty"):
         ctx = {"devicePath": str(img), "sourceType": source}
@@ -1101,8 +1095,7 @@ def test_a_volume_keyed_with_the_first_line_of_its_passphrase_still_opens(
         rig.core.unstage("blk-old", staging)
     assert _head_sha(img) == head
     other = _sealed_resource(keys, "default/passphrases/legacy2", b"legacy pass2\n")
-    rig.core.shutdown()
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.restart()
     with pytest.raises(errors.WrongVolumeKey):
         ctx = {"devicePath": str(img), "sourceType": "encrypted"}
         rig.core.stage(StageRequest("blk-old", staging, BLK, {"passphrase": other}, ctx, {}))
@@ -1116,7 +1109,7 @@ def test_a_volume_keyed_with_the_first_line_of_its_passphrase_still_opens(
     assert lh.cs_opens(img, new_pw) and not lh.cs_opens(img, b"legacy pass")
 
 
-def test_a_stage_killed_before_its_mount_is_undone_by_the_next_plugin(rig: Rig, keys: Keys) -> None:
+def test_a_stage_killed_before_its_mount_is_undone_by_the_next_plugin(rig: Rig) -> None:
     """kill -9 of the plugin after the block daemon started and its loop device was
     attached, before the filesystem was mounted (the stage record still says INTENT, with
     no pid yet): the next plugin undoes it at start (daemon stopped, loop detached, record
@@ -1145,9 +1138,7 @@ def test_a_stage_killed_before_its_mount_is_undone_by_the_next_plugin(rig: Rig, 
     loop = block._loop_of(mnt)
     assert loop is not None and os.path.ismount(mnt)
     assert _processes_naming(mnt)  # the daemon serves it
-    rig.core.shutdown()
-
-    rig.core = make_node(rig.tmp, keys, "gocryptfs", block_image_roots=[str(rig.tmp / "images")])
+    rig.restart()
     assert rig.core.block.store.get(staging) is None
     assert rig.core.block._loop_of(mnt) is None and not os.path.ismount(mnt)
     assert not pathlib.Path(f"/sys/block/{loop.removeprefix('/dev/')}/loop").exists()
