@@ -670,17 +670,25 @@ def test_hostile_header_is_refused_at_stage(rig: Rig, edit, secondary_only: bool
     assert rig.core.block.store.all() == [] and not os.path.ismount(staging)
 
 
-def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Keys) -> None:
-    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
+def _volume_and_a_new_root_key(rig: Rig, keys: Keys) -> tuple[pathlib.Path, bytes]:
+    """A staged-then-unstaged volume holding ``kept``, and a new root key in the KBS
+    (KEY_RESOURCE + "-2") beside the old one, as a rotation starts; the node restarted."""
+    from csi_driver.volume_key import new_volume_key_jwk
 
     img = rig.image()
     staging = rig.stage(img)
     (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
     rig.core.unstage("blk-1", staging)
-    # The KBS gets a new root key; the old one stays available for the rotation.
     new_jwk = new_volume_key_jwk().encode()
     _set_resource(keys, "default/coco-csi/volume-root-2", new_jwk)
     rig.restart()
+    return img, new_jwk
+
+
+def test_key_rotation_adds_the_new_slot_then_removes_the_old(rig: Rig, keys: Keys) -> None:
+    from csi_driver.volume_key import parse_volume_key
+
+    img, new_jwk = _volume_and_a_new_root_key(rig, keys)
     new_res = KEY_RESOURCE + "-2"
     before = _sha(img)
     with pytest.raises(errors.WrongVolumeKey):
@@ -718,16 +726,10 @@ def test_a_rotation_cut_off_after_the_new_slot_is_finished_at_the_next_stage(
     names the previous key must remove it, or the old (revoked) key opens the volume for
     good; once it is gone, naming it again writes nothing, and a previous key the KBS no
     longer has does not stop the volume opening with its current key."""
-    from csi_driver.volume_key import new_volume_key_jwk, parse_volume_key
+    from csi_driver.volume_key import parse_volume_key
     from fuse_crypt.luks2 import add_passphrase
 
-    img = rig.image()
-    staging = rig.stage(img)
-    (pathlib.Path(staging) / "kept").write_bytes(b"across the rotation")
-    rig.core.unstage("blk-1", staging)
-    new_jwk = new_volume_key_jwk().encode()
-    _set_resource(keys, "default/coco-csi/volume-root-2", new_jwk)
-    rig.restart()
+    img, new_jwk = _volume_and_a_new_root_key(rig, keys)
     old_pw = derive_volume_password(keys.root_key, "blk-1")
     new_pw = derive_volume_password(parse_volume_key(new_jwk), "blk-1")
     # The plugin died right after step 1 (the new slot is committed, the old one kept).
